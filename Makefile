@@ -1,0 +1,26 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each creates .venv if it is missing, installs twigvlm (editable) with what it needs, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.twigvlm-installed
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/twigvlm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,14 @@
+"""twigvlm: grow a twig on a frozen vision-language model to prune visual tokens and draft tokens.
+
+Public API: `load`, `VLM`, `TwigConfig`, `GenConfig`, `GenerationResult`, `TwigVLMError`.
+"""
+
+from .api import VLM, load
+from .config import GenConfig, TwigConfig
+from .errors import TwigVLMError
+from .generate import GenerationResult, GenerationStats
+
+__version__ = "0.1.0"
+
+__all__ = ["GenConfig", "GenerationResult", "GenerationStats", "TwigConfig", "TwigVLMError", "VLM", "load",
+           "__version__"]

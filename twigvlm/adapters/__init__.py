@@ -1,0 +1,69 @@
+"""Adapter registry and model loading: a model directory (or an in-memory model) → the right `VLMAdapter`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TwigVLMError
+from .base import Encoded, ModelSpec, Prompt, VLMAdapter
+from .llava import LlavaAdapter
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+__all__ = ["ADAPTERS", "DTYPES", "Encoded", "ModelSpec", "Prompt", "VLMAdapter", "adapter_for", "load_adapter",
+           "parse_dtype"]
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise TwigVLMError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _supported() -> str:
+    return ", ".join(sorted(ADAPTERS))
+
+
+def adapter_for(model: Any, processor: Any) -> VLMAdapter:
+    """Wrap an already loaded stock Hugging Face model and its processor."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise TwigVLMError(f"model type {model_type!r} is not a supported VLM: supported types are {_supported()}")
+    return ADAPTERS[model_type](model, processor)
+
+
+def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
+    """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TwigVLMError(f"model directory {path} does not exist: pass a directory written by save_pretrained")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise TwigVLMError(f"{path} has no config.json: pass a Hugging Face model directory (save_pretrained output)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, OSError) as e:
+        raise TwigVLMError(f"{config_file} is not readable JSON ({e})") from None
+    if model_type not in ADAPTERS:
+        raise TwigVLMError(
+            f"{path} holds model type {model_type!r}, which is not a supported VLM: supported types are {_supported()}")
+    torch_dtype = parse_dtype(dtype)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True).to(device)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TwigVLMError(f"could not load the model in {path}: {first}") from None
+    return adapter_for(model, processor)

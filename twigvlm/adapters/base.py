@@ -1,0 +1,151 @@
+"""The adapter interface: everything the engine needs from a Hugging Face VLM, and nothing more.
+
+An adapter wraps one stock model family. It turns images and a prompt into input embeddings, position ids and
+a visual-token mask (`Encoded`), and exposes the decoder layers, the rotary embedding, the final norm and the
+LM head. The engine never imports transformers; a new family (Qwen2-VL's 3-D M-RoPE, LLaVA-NeXT's tiles,
+Idefics3, video frames) is a new subclass, with no change to the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..cache import LayerKV
+
+# A prompt is either plain user text or a list of chat messages in the Hugging Face chat format
+# ({"role": ..., "content": str | [{"type": "image"} | {"type": "text", "text": ...}]}).
+Prompt = str | list[dict[str, Any]]
+
+
+@dataclass
+class Encoded:
+    """A prompt ready for the decoder.
+
+    input_ids:     [B, T]  token ids, image placeholders included
+    inputs_embeds: [B, T, H]  text embeddings with the projected visual features scattered in
+    position_ids:  [B, T] (1-D RoPE) or [3, B, T] (M-RoPE) position ids
+    visual_mask:   [B, T]  True at visual-token positions
+    next_position: the position id of the first generated token
+    encode_s:      seconds spent in the processor and the vision tower
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    visual_mask: torch.Tensor
+    next_position: int
+    encode_s: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[-1]
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return int(self.visual_mask.sum())
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The facts about a base model that a twig depends on."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tied_embeddings: bool
+
+
+class VLMAdapter(ABC):
+    """Wraps one stock Hugging Face VLM. Subclasses are the only code that touches HF internals."""
+
+    model: nn.Module
+    processor: Any
+
+    # ---- identity -------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any: ...
+
+    @property
+    @abstractmethod
+    def eos_token_ids(self) -> list[int]: ...
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = ()) -> Encoded:
+        """Apply the model's processor and chat template, run the vision tower, embed the prompt."""
+
+    @abstractmethod
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, n] → input embeddings [B, n, H]."""
+
+    @abstractmethod
+    def text_positions(self, start: int, n: int, batch: int = 1) -> torch.Tensor:
+        """Position ids for n text tokens whose first position is `start` ([B, n], or [3, B, n] for M-RoPE)."""
+
+    # ---- the decoder ----------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def layers(self) -> Sequence[nn.Module]:
+        """The base decoder layers, in order."""
+
+    @abstractmethod
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for these positions, as the decoder layers expect them."""
+
+    @abstractmethod
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+                   position_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   kv: LayerKV | None) -> torch.Tensor:
+        """Run one decoder layer (a base layer or a twig layer) on hidden [B, q, H] → [B, q, H].
+
+        mask is a boolean [B or 1, 1, q, k] (True = attend) or None for plain causal attention over q == k keys
+        (or a single query); kv, if given, receives this block's keys/values and supplies the earlier ones.
+        """
+
+    @property
+    @abstractmethod
+    def final_norm(self) -> nn.Module: ...
+
+    @property
+    @abstractmethod
+    def lm_head(self) -> nn.Module: ...
+
+    # ---- text -----------------------------------------------------------------------------------------------
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    # ---- identity of the weights, for twig fingerprints -----------------------------------------------------
+    @abstractmethod
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        """A few base tensors whose values identify this checkpoint."""
+
+    def weights_hash(self, max_elements: int = 65536) -> str:
+        """sha256 over the fingerprint tensors, rounded to bfloat16 so that fp32/fp16/bf16 loads agree."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.fingerprint_tensors().items()):
+            flat = t.detach().reshape(-1)[:max_elements].to("cpu", torch.bfloat16)
+            h.update(name.encode())
+            h.update(flat.view(torch.int16).numpy().tobytes())
+        return h.hexdigest()[:16]

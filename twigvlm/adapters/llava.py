@@ -1,0 +1,161 @@
+"""Adapter for stock `LlavaForConditionalGeneration` (transformers 5.x).
+
+Covers Llama / Mistral / Qwen2 text backbones with CLIP or SigLIP towers and either
+`vision_feature_select_strategy` ("default" drops CLS, "full" keeps every patch). Prompts go through the
+model's own processor and chat template; the vision features come from the model's public
+`get_image_features`, scattered into the text embeddings exactly as `LlavaModel.forward` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..cache import LayerKV
+from ..errors import TwigVLMError
+from .base import Encoded, ModelSpec, Prompt, VLMAdapter
+
+
+class LlavaAdapter(VLMAdapter):
+    """LLaVA-1.5-style models: one image → a fixed grid of visual tokens, 1-D RoPE positions."""
+
+    model_types = ("llava",)
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self._lm = model.model.language_model  # LlamaModel / MistralModel / Qwen2Model
+        cfg = model.config
+        text = cfg.text_config
+        self._spec = ModelSpec(
+            model_type=f"{cfg.model_type}/{text.model_type}",
+            num_layers=len(self._lm.layers),
+            hidden_size=text.hidden_size,
+            vocab_size=model.lm_head.out_features,
+            tied_embeddings=model.lm_head.weight is self._lm.embed_tokens.weight,
+        )
+        self.image_token_id = int(cfg.image_token_id)
+        self.image_token = getattr(processor, "image_token", "<image>")
+
+    # ---- identity -------------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def render(self, prompt: Prompt, num_images: int) -> str:
+        """The prompt text with one image placeholder per image, through the model's chat template."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise TwigVLMError("the prompt is empty: pass the question or instruction as text")
+            if self.image_token in prompt:  # the user placed the images already
+                return self._check_placeholders(prompt, num_images)
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+            messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        else:
+            messages = prompt
+            if not messages:
+                raise TwigVLMError("the chat has no messages: pass at least one user message")
+        if getattr(self.processor, "chat_template", None):
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # no template shipped: placeholders, then the plain text of the messages
+            parts = []
+            for m in messages:
+                c = m["content"]
+                parts.append(c if isinstance(c, str) else "".join(
+                    self.image_token + "\n" if item["type"] == "image" else item.get("text", "") for item in c))
+            text = "\n".join(parts)
+        return self._check_placeholders(text, num_images)
+
+    def _check_placeholders(self, text: str, num_images: int) -> str:
+        found = text.count(self.image_token)
+        if found != num_images:
+            raise TwigVLMError(
+                f"the prompt has {found} image placeholder(s) but {num_images} image(s) were given: "
+                "give one image per placeholder")
+        return text
+
+    @torch.inference_mode()
+    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = ()) -> Encoded:
+        t0 = time.perf_counter()
+        text = self.render(prompt, len(images))
+        batch = self.processor(images=list(images) if images else None, text=text, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)  # [1, T]
+        embeds = self.embed(input_ids)  # [1, T, H]
+        visual_mask = input_ids == self.image_token_id  # [1, T]
+        if images:
+            pixel_values = batch["pixel_values"].to(self.device, self.dtype)  # [N, 3, h, w]
+            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)  # [N·M, H]
+            if features.shape[0] != int(visual_mask.sum()):
+                raise TwigVLMError(
+                    f"the processor made {int(visual_mask.sum())} image tokens but the vision tower gave "
+                    f"{features.shape[0]} features: the processor's patch_size or "
+                    "vision_feature_select_strategy does not match the model config")
+            embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), features)
+        n = input_ids.shape[1]
+        return Encoded(
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            position_ids=self.text_positions(0, n),
+            visual_mask=visual_mask,
+            next_position=n,
+            encode_s=time.perf_counter() - t0,
+        )
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._lm.embed_tokens(token_ids)
+
+    def text_positions(self, start: int, n: int, batch: int = 1) -> torch.Tensor:
+        return torch.arange(start, start + n, device=self.device).unsqueeze(0).expand(batch, n)  # [B, n]
+
+    # ---- the decoder ----------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self._lm.layers
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._lm.rotary_emb(hidden, position_ids=position_ids)
+
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+                   position_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   kv: LayerKV | None) -> torch.Tensor:
+        out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
+                    position_embeddings=rope)
+        return out[0] if isinstance(out, tuple) else out
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._lm.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        first, last = self._lm.layers[0], self._lm.layers[-1]
+        return {
+            "embed_tokens": self._lm.embed_tokens.weight,
+            "layers.0.q_proj": first.self_attn.q_proj.weight,
+            "layers.-1.down_proj": last.mlp.down_proj.weight,
+            "norm": self._lm.norm.weight,
+            "projector": next(self.model.model.multi_modal_projector.parameters()),
+        }

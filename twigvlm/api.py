@@ -1,0 +1,110 @@
+"""The Python API: `VLM` loads a stock Hugging Face VLM (and optionally a twig) and generates from it.
+
+    vlm = twigvlm.load("path/to/llava", twig="path/to/twig")
+    out = vlm.generate("What is in the picture?", image="photo.jpg", max_new_tokens=64)
+    for piece in vlm.stream("Describe it.", image="photo.jpg"):
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import VLMAdapter, adapter_for, load_adapter
+from .adapters.base import Encoded, Prompt
+from .config import GenConfig, TwigConfig
+from .engine import Engine
+from .errors import TwigVLMError
+from .generate import Generation, GenerationResult, generate
+from .images import ImageInput, load_images
+from .twig import Twig, grow_twig, load_twig, save_twig
+
+_GEN_FIELDS = {f.name for f in fields(GenConfig)}
+
+
+class VLM:
+    """A stock VLM wrapped by its adapter, an engine, and optionally a twig."""
+
+    def __init__(self, adapter: VLMAdapter, twig: Twig | None = None) -> None:
+        self.adapter = adapter
+        self.engine = Engine(adapter, twig)
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32",
+             device: str = "cpu") -> "VLM":
+        """Load a saved Hugging Face VLM directory, and a twig directory if given."""
+        vlm = cls(load_adapter(model, dtype=dtype, device=device))
+        if twig is not None:
+            vlm.load_twig(twig)
+        return vlm
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, twig: Twig | None = None) -> "VLM":
+        """Wrap a model and processor you already loaded."""
+        return cls(adapter_for(model, processor), twig)
+
+    # ---- the twig -------------------------------------------------------------------------------------------
+    @property
+    def twig(self) -> Twig | None:
+        return self.engine.twig
+
+    def grow_twig(self, config: TwigConfig | None = None, **kwargs: Any) -> Twig:
+        """Grow a twig (copies of base layers K+1..K+T) and attach it. kwargs: K, T, head."""
+        twig = grow_twig(self.adapter, config or TwigConfig(**kwargs))
+        self.engine.twig = twig
+        return twig
+
+    def load_twig(self, path: str | Path) -> Twig:
+        twig = load_twig(self.adapter, path)
+        self.engine.twig = twig
+        return twig
+
+    def save_twig(self, path: str | Path) -> Path:
+        if self.twig is None:
+            raise TwigVLMError("no twig to save: grow or load one first")
+        return save_twig(self.twig, path)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None) -> Encoded:
+        """Prompt + images → embeddings, positions and the visual-token mask."""
+        return self.adapter.encode(prompt, load_images(image))
+
+    def stream(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
+               config: GenConfig | None = None, **kwargs: Any) -> Generation:
+        """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
+
+        kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
+        """
+        cfg = self._gen_config(config, kwargs)
+        return Generation(self.engine, self.encode(prompt, image), cfg)
+
+    def generate(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
+                 config: GenConfig | None = None, **kwargs: Any) -> GenerationResult:
+        """Generate to the end: text, token ids and statistics."""
+        cfg = self._gen_config(config, kwargs)
+        return generate(self.engine, self.encode(prompt, image), cfg)
+
+    @staticmethod
+    def _gen_config(config: GenConfig | None, kwargs: dict[str, Any]) -> GenConfig:
+        unknown = set(kwargs) - _GEN_FIELDS
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {sorted(unknown)}; valid: {sorted(_GEN_FIELDS)}")
+        if "stop" in kwargs and isinstance(kwargs["stop"], str):
+            kwargs["stop"] = (kwargs["stop"],)
+        elif "stop" in kwargs:
+            kwargs["stop"] = tuple(kwargs["stop"])
+        cfg = replace(config or GenConfig(), **kwargs)
+        cfg.validate()
+        return cfg
+
+
+def load(model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32",
+         device: str = "cpu") -> VLM:
+    """Load a Hugging Face VLM directory (and a twig directory) — see `VLM.load`."""
+    return VLM.load(model, twig=twig, dtype=dtype, device=device)

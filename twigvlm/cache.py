@@ -1,0 +1,115 @@
+"""Per-layer key/value cache with named operations: append, keep(indices), crop(length).
+
+Each layer owns a growable buffer, so layers may hold different lengths (token pruning keeps fewer keys in the
+deep layers). A `LayerKV` also answers the one call a Hugging Face attention module makes on its cache,
+`update(key_states, value_states, layer_idx)`, so stock decoder layers run on it unchanged; the layer index
+is ignored because the engine hands each layer its own `LayerKV`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+_MIN_CAPACITY = 64
+
+
+class LayerKV:
+    """Keys and values of one attention layer: buffers [B, H_kv, capacity, D], valid prefix [:length]."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None  # [B, H_kv, cap, D]
+        self.v: torch.Tensor | None = None  # [B, H_kv, cap, D]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def keys(self) -> torch.Tensor:
+        """Valid keys, [B, H_kv, length, D] (a view)."""
+        assert self.k is not None, "empty cache"
+        return self.k[:, :, : self.length]
+
+    def values(self) -> torch.Tensor:
+        """Valid values, [B, H_kv, length, D] (a view)."""
+        assert self.v is not None, "empty cache"
+        return self.v[:, :, : self.length]
+
+    def _reserve(self, needed: int, like: torch.Tensor) -> None:
+        if needed <= self.capacity:
+            return
+        cap = max(_MIN_CAPACITY, needed, 2 * self.capacity)
+        b, h, _, d = like.shape
+        k = like.new_empty((b, h, cap, d))
+        v = like.new_empty((b, h, cap, d))
+        if self.length:
+            k[:, :, : self.length] = self.keys()
+            v[:, :, : self.length] = self.values()
+        self.k, self.v = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append [B, H_kv, n, D] keys/values; return all valid keys/values [B, H_kv, length + n, D]."""
+        n = k.shape[2]
+        self._reserve(self.length + n, k)
+        assert self.k is not None and self.v is not None
+        self.k[:, :, self.length : self.length + n] = k
+        self.v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.keys(), self.values()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Hugging Face cache protocol: append and return the full keys/values."""
+        return self.append(key_states, value_states)
+
+    def keep(self, indices: torch.Tensor | Sequence[int]) -> None:
+        """Keep only the entries at `indices` (strictly increasing positions in [0, length)), in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=None if self.k is None else self.k.device)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.length):
+            raise IndexError(f"keep indices out of range for a layer of length {self.length}")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError("keep indices must be strictly increasing (the cache stays in time order)")
+        if self.k is None:
+            return
+        n = idx.numel()
+        self.k[:, :, :n] = self.k.index_select(2, idx)
+        self.v[:, :, :n] = self.v.index_select(2, idx)
+        self.length = n
+
+    def crop(self, length: int) -> None:
+        """Drop everything after the first `length` entries."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a layer of length {self.length} to {length}")
+        self.length = length
+
+
+class KVCache:
+    """One `LayerKV` per layer. Operations take an optional iterable of layer indices (default: all)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerKV() for _ in range(num_layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> LayerKV:
+        return self.layers[i]
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+    def _select(self, layers: Iterable[int] | None) -> list[LayerKV]:
+        return self.layers if layers is None else [self.layers[i] for i in layers]
+
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[i].append(k, v)
+
+    def keep(self, indices: torch.Tensor | Sequence[int], layers: Iterable[int] | None = None) -> None:
+        for layer in self._select(layers):
+            layer.keep(indices)
+
+    def crop(self, length: int, layers: Iterable[int] | None = None) -> None:
+        for layer in self._select(layers):
+            layer.crop(length)

@@ -1,0 +1,71 @@
+"""Dataclass configurations shared by the library and the CLI: the twig's shape and generation settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import TwigVLMError
+
+HEAD_MODES = ("shared", "copy")
+
+
+@dataclass(frozen=True)
+class TwigConfig:
+    """Shape of a twig: T new decoder layers attached after base layer K (1-based), plus a norm and a head.
+
+    head: "shared" reuses the frozen base LM head; "copy" trains a copy of it. None picks "shared" when the
+    base ties its input and output embeddings and "copy" otherwise.
+    """
+
+    K: int = 2
+    T: int = 3
+    head: str | None = None
+
+    def validate(self, num_layers: int) -> None:
+        if not isinstance(self.K, int) or self.K < 1:
+            raise TwigVLMError(f"K={self.K} is invalid: the twig attaches after base layer K, so K must be >= 1")
+        if not isinstance(self.T, int) or self.T < 1:
+            raise TwigVLMError(f"T={self.T} is invalid: a twig needs at least one layer (T >= 1)")
+        if self.K + self.T > num_layers:
+            raise TwigVLMError(
+                f"K+T={self.K + self.T} exceeds the base model's {num_layers} decoder layers: "
+                f"the twig copies base layers K+1..K+T, so choose K+T <= {num_layers}"
+            )
+        if self.head is not None and self.head not in HEAD_MODES:
+            raise TwigVLMError(f"head={self.head!r} is invalid: use one of {', '.join(HEAD_MODES)}")
+
+    def resolved(self, tied_embeddings: bool) -> "TwigConfig":
+        """This config with `head` decided ("shared" for tied embeddings, else "copy")."""
+        if self.head is not None:
+            return self
+        return TwigConfig(K=self.K, T=self.T, head="shared" if tied_embeddings else "copy")
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """How to pick tokens and when to stop. temperature == 0 means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise TwigVLMError(f"max_new_tokens={self.max_new_tokens} is invalid: it must be a positive integer")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise TwigVLMError(f"temperature={self.temperature} is invalid: use 0 for greedy or a positive value")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise TwigVLMError(f"top_k={self.top_k} is invalid: use 0 to disable or a positive integer")
+        if not (0.0 < self.top_p <= 1.0):
+            raise TwigVLMError(f"top_p={self.top_p} is invalid: it must be in (0, 1]; 1 disables nucleus sampling")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise TwigVLMError("stop strings must be non-empty strings")

@@ -1,0 +1,127 @@
+"""The one place that runs decoder layers: a range of base layers, the twig, the head — each on its own cache.
+
+The engine is model-agnostic: it asks the adapter for embeddings, positions, rotary tables and a layer call,
+and it keeps its own per-layer `KVCache` (lengths may differ per layer). Attention masks are built explicitly
+for a query block of q tokens against k >= q keys, causal and aligned to the end, so SDPA stays the attention
+implementation; where that mask is plain causal (q == k) or trivial (q == 1) no mask is passed, which is
+exactly what the stock model does and keeps the results bit-identical to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters.base import Encoded, VLMAdapter
+from .cache import KVCache, LayerKV
+from .twig import Twig
+
+
+def causal_mask(q: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Boolean mask [1, 1, q, k] (True = attend) for the last q of k tokens; None when plain causal or q == 1.
+
+    Query i (0-based within the block) sits at absolute index k - q + i and sees keys 0 .. k - q + i.
+    """
+    if k < q:
+        raise ValueError(f"a block of {q} queries cannot attend to only {k} keys")
+    if q == 1 or q == k:
+        return None
+    rows = torch.arange(q, device=device).unsqueeze(1) + (k - q)  # [q, 1]
+    cols = torch.arange(k, device=device).unsqueeze(0)  # [1, k]
+    return (cols <= rows).view(1, 1, q, k)
+
+
+@dataclass
+class DecodeState:
+    """Everything one generation carries between engine calls."""
+
+    cache: KVCache  # base layers 0..L-1
+    twig_cache: KVCache | None  # twig layers 0..T-1, when a twig is attached
+    next_position: int = 0  # position id of the next token to be fed
+
+
+class Engine:
+    """Runs base layers, the twig and the heads of one adapter."""
+
+    def __init__(self, adapter: VLMAdapter, twig: Twig | None = None) -> None:
+        self.adapter = adapter
+        self.twig = twig
+        self.num_layers = adapter.spec.num_layers
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def new_state(self) -> DecodeState:
+        twig_cache = KVCache(len(self.twig.layers)) if self.twig is not None else None
+        return DecodeState(cache=KVCache(self.num_layers), twig_cache=twig_cache)
+
+    # ---- layers ---------------------------------------------------------------------------------------------
+    def run_layers(self, layers: Sequence[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor,
+                   caches: Sequence[LayerKV | None]) -> torch.Tensor:
+        """hidden [B, q, H] through `layers` in order, layer i reading and extending caches[i]."""
+        rope = self.adapter.rotary(hidden, position_ids)
+        q = hidden.shape[1]
+        masks: dict[int, torch.Tensor | None] = {}
+        for layer, kv in zip(layers, caches, strict=True):
+            k = q + (kv.length if kv is not None else 0)
+            if k not in masks:
+                masks[k] = causal_mask(q, k, hidden.device)
+            hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
+        return hidden
+
+    def forward(self, state: DecodeState | None, hidden: torch.Tensor, position_ids: torch.Tensor,
+                start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Base layers[start:end] (0-based, end exclusive) on hidden [B, q, H]; no cache when state is None."""
+        end = self.num_layers if end is None else end
+        layers = self.adapter.layers[start:end]
+        caches = [None] * len(layers) if state is None else state.cache.layers[start:end]
+        return self.run_layers(layers, hidden, position_ids, caches)
+
+    def forward_twig(self, state: DecodeState | None, hidden_k: torch.Tensor,
+                     position_ids: torch.Tensor) -> torch.Tensor:
+        """Twig layers on the layer-K hidden states [B, q, H] → twig hidden states [B, q, H] (before its norm)."""
+        if self.twig is None:
+            raise RuntimeError("no twig is attached: grow or load one first")
+        caches = [None] * len(self.twig.layers) if state is None else state.twig_cache.layers
+        return self.run_layers(self.twig.layers, hidden_k, position_ids, caches)
+
+    # ---- heads ----------------------------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Base final norm + LM head: [B, q, H] → [B, q, V]."""
+        return self.adapter.lm_head(self.adapter.final_norm(hidden))
+
+    def twig_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Twig norm + twig head (the base head when shared): [B, q, H] → [B, q, V]."""
+        assert self.twig is not None
+        head = self.twig.head if self.twig.head is not None else self.adapter.lm_head
+        return head(self.twig.norm(hidden))
+
+    # ---- whole passes ---------------------------------------------------------------------------------------
+    def embed_step(self, state: DecodeState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, n, H] and position ids of n new tokens; advances the state's position."""
+        b, n = token_ids.shape
+        positions = self.adapter.text_positions(state.next_position, n, b)
+        state.next_position += n
+        return self.adapter.embed(token_ids), positions
+
+    def prefill(self, state: DecodeState, encoded: Encoded) -> torch.Tensor:
+        """Run the whole prompt through every base layer, filling the cache; logits of the last token [B, V]."""
+        hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids)
+        state.next_position = encoded.next_position
+        return self.logits(hidden[:, -1:])[:, 0]
+
+    def step(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed n new tokens [B, n] through every base layer; logits [B, n, V]."""
+        hidden, positions = self.embed_step(state, token_ids)
+        return self.logits(self.forward(state, hidden, positions))
+
+    def shallow_logits(self, encoded: Encoded) -> torch.Tensor:
+        """The shallow net without a cache (layers 1..K → twig → norm → head): logits [B, T, V]."""
+        assert self.twig is not None, "no twig is attached"
+        hidden = self.forward(None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K)
+        return self.twig_logits(self.forward_twig(None, hidden, encoded.position_ids))
+
+    def full_logits(self, encoded: Encoded) -> torch.Tensor:
+        """The whole base model without a cache: logits [B, T, V] (a reference for tests and scorers)."""
+        return self.logits(self.forward(None, encoded.inputs_embeds, encoded.position_ids))

@@ -1,0 +1,160 @@
+"""Autoregressive generation on the engine: the token loop, stopping rules, streaming text and statistics.
+
+`Generation` is an iterator of text pieces (streaming) that leaves a `GenerationResult` behind when it ends;
+`generate` runs one to the end. Stopping: an EOS token (kept in `token_ids`, not in `text`), a stop string
+(the text ends before it; the tokens that completed it are kept), or `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .adapters.base import Encoded
+from .config import GenConfig
+from .engine import DecodeState, Engine
+from .sampling import make_generator, pick_tokens
+
+
+@dataclass
+class GenerationStats:
+    """Counts and times of one generation. tokens_per_s counts everything from the prompt to the last token."""
+
+    prompt_tokens: int
+    visual_tokens: int
+    new_tokens: int
+    encode_s: float
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": asdict(self.stats)}
+
+
+class TextStream:
+    """Incremental detokenization that never emits text it might have to take back.
+
+    Pieces are released only when they are complete characters and cannot be the start of a stop string.
+    The concatenation of all pieces is the final text, cut before the first stop string.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+        self._decode = decode
+        self._stop = tuple(stop)
+        self._ids: list[int] = []
+        self.text = ""  # everything released so far
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly releasable text ('' if none)."""
+        self._ids.append(token_id)
+        full = self._decode(self._ids).rstrip("\ufffd")  # an incomplete multi-byte character waits
+        cut = self._find_stop(full)
+        if cut is not None:
+            self.stopped = True
+            return self._release(full[:cut])
+        return self._release(full[: len(full) - self._held_back(full)])
+
+    def finish(self) -> str:
+        """Release whatever is still held back (the generation ended without a stop string)."""
+        if self.stopped:
+            return ""
+        return self._release(self._decode(self._ids))
+
+    def _release(self, upto: str) -> str:
+        piece = upto[len(self.text):]  # decode(ids[:n]) is a prefix of decode(ids[:n+1]) for real tokenizers
+        self.text += piece
+        return piece
+
+    def _find_stop(self, full: str) -> int | None:
+        start = max(0, len(self.text) - max((len(s) for s in self._stop), default=0))
+        hits = [i for i in (full.find(s, start) for s in self._stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, full: str) -> int:
+        """Length of the longest suffix of `full` that is a proper prefix of some stop string."""
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(full)), best, -1):
+                if full.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+@torch.inference_mode()
+def _prefill(engine: Engine, state: DecodeState, encoded: Encoded) -> torch.Tensor:
+    return engine.prefill(state, encoded)
+
+
+@torch.inference_mode()
+def _step(engine: Engine, state: DecodeState, token: int, device: torch.device) -> torch.Tensor:
+    return engine.step(state, torch.tensor([[token]], device=device))[:, -1]
+
+
+class Generation:
+    """Iterate for text pieces as they are produced; `result` is set when the iteration ends."""
+
+    def __init__(self, engine: Engine, encoded: Encoded, cfg: GenConfig) -> None:
+        cfg.validate()
+        self.engine, self.encoded, self.cfg = engine, encoded, cfg
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine, encoded, cfg = self.engine, self.encoded, self.cfg
+        adapter = engine.adapter
+        eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
+        text = TextStream(adapter.decode, cfg.stop)
+        generator = make_generator(cfg, encoded.inputs_embeds.device)
+        t0 = time.perf_counter()
+        state = engine.new_state()
+        logits = _prefill(engine, state, encoded)  # [1, V]
+        t_prefill = time.perf_counter()
+        ids: list[int] = []
+        reason = "length"
+        while True:
+            token = int(pick_tokens(logits, cfg, generator)[0])
+            ids.append(token)
+            if token in eos:
+                reason = "eos"
+                break
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                reason = "stop"
+                break
+            if len(ids) >= cfg.max_new_tokens:
+                break
+            logits = _step(engine, state, token, encoded.inputs_embeds.device)
+        tail = text.finish()
+        if tail:
+            yield tail
+        t_end = time.perf_counter()
+        total = encoded.encode_s + (t_end - t0)
+        stats = GenerationStats(
+            prompt_tokens=encoded.num_tokens, visual_tokens=encoded.num_visual_tokens, new_tokens=len(ids),
+            encode_s=encoded.encode_s, prefill_s=t_prefill - t0, decode_s=t_end - t_prefill,
+            tokens_per_s=len(ids) / total if total > 0 else 0.0, finish_reason=reason)
+        self.result = GenerationResult(text=text.text, token_ids=ids, stats=stats)
+
+
+def generate(engine: Engine, encoded: Encoded, cfg: GenConfig) -> GenerationResult:
+    """Run a generation to the end."""
+    gen = Generation(engine, encoded, cfg)
+    for _ in gen:
+        pass
+    assert gen.result is not None
+    return gen.result
