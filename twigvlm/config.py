@@ -22,12 +22,13 @@ class TwigConfig:
     T: int = 3
     head: str | None = None
 
-    def validate(self, num_layers: int) -> None:
+    def validate(self, num_layers: int | None = None) -> None:
+        """Check K, T and head; with `num_layers`, also that K+T fits in the base."""
         if not isinstance(self.K, int) or self.K < 1:
             raise TwigVLMError(f"K={self.K} is invalid: the twig attaches after base layer K, so K must be >= 1")
         if not isinstance(self.T, int) or self.T < 1:
             raise TwigVLMError(f"T={self.T} is invalid: a twig needs at least one layer (T >= 1)")
-        if self.K + self.T > num_layers:
+        if num_layers is not None and self.K + self.T > num_layers:
             raise TwigVLMError(
                 f"K+T={self.K + self.T} exceeds the base model's {num_layers} decoder layers: "
                 f"the twig copies base layers K+1..K+T, so choose K+T <= {num_layers}"

@@ -133,3 +133,22 @@ def save_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def demo_image(path: str | Path, size: int = 96, seed: int = 0) -> Path:
+    """Write a small PNG of a few colored shapes (an input for demos and tests)."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(img)
+    colors = [(220, 40, 40), (40, 90, 220), (40, 170, 60), (240, 200, 30)]
+    for color in colors:
+        x, y, r = rng.randrange(10, size - 10), rng.randrange(10, size - 10), rng.randrange(6, size // 5)
+        box = (x - r, y - r, x + r, y + r)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+    path = Path(path)
+    img.save(path)
+    return path

@@ -43,6 +43,7 @@ def adapter_for(model: Any, processor: Any) -> VLMAdapter:
 def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
     """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention."""
     path = Path(path)
+    torch_dtype = parse_dtype(dtype)
     if not path.is_dir():
         raise TwigVLMError(f"model directory {path} does not exist: pass a directory written by save_pretrained")
     config_file = path / "config.json"
@@ -55,7 +56,6 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device:
     if model_type not in ADAPTERS:
         raise TwigVLMError(
             f"{path} holds model type {model_type!r}, which is not a supported VLM: supported types are {_supported()}")
-    torch_dtype = parse_dtype(dtype)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

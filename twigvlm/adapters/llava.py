@@ -93,7 +93,7 @@ class LlavaAdapter(VLMAdapter):
                 "give one image per placeholder")
         return text
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
     def encode(self, prompt: Prompt, images: Sequence[Image.Image] = ()) -> Encoded:
         t0 = time.perf_counter()
         text = self.render(prompt, len(images))

@@ -1,0 +1,56 @@
+"""Fixtures: tiny random LLaVA models built offline from configs, saved, and loaded back through the API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import twigvlm
+from twigvlm.tiny import TinySpec, save_tiny_llava
+
+# Llama backbone with grouped-query attention (4 heads, 2 KV heads) + CLIP tower ("default": CLS dropped),
+# untied head; Qwen2 backbone + SigLIP tower ("full"), tied embeddings.
+SPECS = {
+    "llama-clip": TinySpec(backbone="llama", tower="clip", tie_embeddings=False),
+    "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", tie_embeddings=True, seed=1),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: str(save_tiny_llava(root / name, spec)) for name, spec in SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def vlms(model_dirs) -> dict[str, twigvlm.VLM]:
+    return {name: twigvlm.load(path) for name, path in model_dirs.items()}
+
+
+@pytest.fixture(params=sorted(SPECS))
+def vlm(request, vlms) -> twigvlm.VLM:
+    v = vlms[request.param]
+    v.engine.twig = None
+    return v
+
+
+def random_image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def random_prompt(seed: int, words: int) -> str:
+    vocab = "what color shape left right red blue green circle square how many is the a of on".split()
+    rng = np.random.RandomState(seed)
+    return " ".join(rng.choice(vocab, size=words)) + "?"
+
+
+def hf_greedy(vlm: twigvlm.VLM, prompt: str, images: list, max_new_tokens: int) -> list[int]:
+    """Stock `model.generate(do_sample=False)` on the same processed inputs; EOS disabled."""
+    adapter = vlm.adapter
+    batch = adapter.processor(images=images or None, text=adapter.render(prompt, len(images)), return_tensors="pt")
+    with torch.inference_mode():
+        out = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+    return out[0, batch["input_ids"].shape[1]:].tolist()

@@ -1,0 +1,134 @@
+"""The twig: grown from the right layers, base frozen, save → load bit-exact, wrong base refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+import twigvlm
+from twigvlm import TwigConfig, TwigVLMError
+from twigvlm.tiny import TinySpec, build_tiny_llava, save_tiny_llava
+
+from .conftest import random_image, random_prompt
+
+
+def _base_hash(vlm) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(vlm.adapter.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def fresh_vlm():
+    model, processor = build_tiny_llava(TinySpec(num_layers=6, tie_embeddings=False, seed=3))
+    return twigvlm.VLM.from_model(model, processor)
+
+
+@pytest.mark.parametrize("K,T", [(1, 1), (2, 3), (3, 3), (1, 5)])
+def test_grown_layers_equal_the_base_layers_they_copy(fresh_vlm, K, T):
+    twig = fresh_vlm.grow_twig(K=K, T=T, head="copy")
+    base = fresh_vlm.adapter
+    assert len(twig.layers) == T
+    for t in range(T):
+        ours, theirs = twig.layers[t].state_dict(), base.layers[K + t].state_dict()  # base layer K+t+1, 1-based
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+        assert twig.layers[t] is not base.layers[K + t]
+    assert torch.equal(twig.norm.weight, base.final_norm.weight)
+    assert torch.equal(twig.head.weight, base.lm_head.weight)
+    assert twig.head.weight.data_ptr() != base.lm_head.weight.data_ptr()
+
+
+def test_head_mode_defaults_follow_tied_embeddings(vlms, fresh_vlm):
+    assert fresh_vlm.grow_twig().config.head == "copy"  # untied base
+    tied = vlms["qwen2-siglip"]
+    try:
+        twig = tied.grow_twig()
+        assert twig.config.head == "shared" and twig.head is None
+        assert not any(n.startswith("head") for n in twig.state_dict())
+    finally:
+        tied.engine.twig = None
+
+
+def test_base_is_frozen_and_unchanged_by_training_the_twig(fresh_vlm):
+    before = _base_hash(fresh_vlm)
+    twig = fresh_vlm.grow_twig(K=2, T=3)
+    assert not any(p.requires_grad for p in fresh_vlm.adapter.model.parameters())
+    assert all(p.requires_grad for p in twig.parameters())
+    twig_before = {n: t.clone() for n, t in twig.state_dict().items()}
+    enc = fresh_vlm.encode(random_prompt(0, 6), random_image(0))
+    opt = torch.optim.SGD(twig.parameters(), lr=0.5)
+    for _ in range(2):
+        logits = fresh_vlm.engine.shallow_logits(enc)[0, :-1]  # [T-1, V]
+        loss = torch.nn.functional.cross_entropy(logits, enc.input_ids[0, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert _base_hash(fresh_vlm) == before
+    assert any(not torch.equal(twig_before[n], t) for n, t in twig.state_dict().items())
+
+
+@pytest.mark.parametrize("head", ["copy", "shared"])
+def test_twig_covering_all_remaining_layers_reproduces_the_base(fresh_vlm, head):
+    # Oracle for the shallow path: with K+T = L and copied norm/head, layers 1..K → twig ≡ the full model.
+    fresh_vlm.grow_twig(K=2, T=4, head=head)
+    enc = fresh_vlm.encode(random_prompt(1, 9), random_image(1))
+    with torch.no_grad():
+        assert torch.equal(fresh_vlm.engine.shallow_logits(enc), fresh_vlm.engine.full_logits(enc))
+
+
+def test_save_load_is_bit_exact(tmp_path, model_dirs):
+    vlm = twigvlm.load(model_dirs["llama-clip"])
+    twig = vlm.grow_twig(K=2, T=3)
+    with torch.no_grad():
+        for p in twig.parameters():
+            p.add_(torch.randn_like(p))  # make it differ from a fresh grow
+    vlm.save_twig(tmp_path / "twig")
+    meta = json.loads((tmp_path / "twig" / "twig.json").read_text())
+    assert (meta["K"], meta["T"], meta["head"], meta["dtype"]) == (2, 3, "copy", "float32")
+    assert meta["base"]["num_layers"] == 6 and meta["base"]["model_type"] == "llava/llama"
+    loaded = twigvlm.load(model_dirs["llama-clip"], twig=tmp_path / "twig").twig
+    a, b = twig.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert sorted(p.name for p in (tmp_path / "twig").iterdir()) == ["twig.json", "twig.safetensors"]
+
+
+def test_twig_for_another_base_is_refused(tmp_path, model_dirs):
+    twigvlm.load(model_dirs["llama-clip"]).grow_twig(K=1, T=2)
+    src = twigvlm.load(model_dirs["llama-clip"])
+    src.grow_twig(K=1, T=2)
+    src.save_twig(tmp_path / "twig")
+    with pytest.raises(TwigVLMError, match="model_type"):
+        twigvlm.load(model_dirs["qwen2-siglip"], twig=tmp_path / "twig")
+    same_shape = save_tiny_llava(tmp_path / "other", TinySpec(tie_embeddings=False, seed=99))
+    with pytest.raises(TwigVLMError, match="weights differ"):
+        twigvlm.load(same_shape, twig=tmp_path / "twig")
+    deeper = save_tiny_llava(tmp_path / "deeper", TinySpec(tie_embeddings=False, num_layers=8))
+    with pytest.raises(TwigVLMError, match="num_layers"):
+        twigvlm.load(deeper, twig=tmp_path / "twig")
+
+
+def test_fingerprint_survives_a_dtype_change(tmp_path, model_dirs):
+    vlm = twigvlm.load(model_dirs["llama-clip"])
+    vlm.grow_twig()
+    vlm.save_twig(tmp_path / "twig")
+    bf16 = twigvlm.load(model_dirs["llama-clip"], twig=tmp_path / "twig", dtype="bfloat16")
+    assert next(bf16.twig.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"K": 0}, "K must be >= 1"), ({"T": 0}, "T >= 1"), ({"K": 4, "T": 3}, "exceeds"), ({"head": "x"}, "head"),
+])
+def test_bad_twig_configs(fresh_vlm, kwargs, message):
+    with pytest.raises(TwigVLMError, match=message):
+        fresh_vlm.grow_twig(TwigConfig(**kwargs))
+
+
+def test_not_a_twig_directory(tmp_path, model_dirs):
+    with pytest.raises(TwigVLMError, match="not a twig directory"):
+        twigvlm.load(model_dirs["llama-clip"], twig=tmp_path)

@@ -1,0 +1,176 @@
+"""The `twigvlm` console script: grow, generate, tiny, demo.
+
+Bad input ends in one line on stderr that names the problem and exit code 2, never a traceback; nothing is
+written on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from .config import GenConfig, TwigConfig
+from .errors import TwigVLMError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive: give an integer >= 1")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a Hugging Face VLM directory (save_pretrained output)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute dtype (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="twigvlm", description="Grow a twig on a frozen VLM; prune visual tokens; draft tokens.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("grow", help="grow a twig from base layers K+1..K+T and save it")
+    _add_model_args(g)
+    g.add_argument("--K", type=int, default=2, help="attach after base layer K (1-based, default 2)")
+    g.add_argument("--T", type=int, default=3, help="number of twig layers (default 3)")
+    g.add_argument("--head", choices=["shared", "copy"], default=None,
+                   help="share the base LM head or train a copy (default: shared if embeddings are tied)")
+    g.add_argument("--out", required=True, help="output twig directory")
+
+    gen = sub.add_parser("generate", help="answer a prompt about image(s)")
+    _add_model_args(gen)
+    gen.add_argument("--twig", default=None, help="a twig directory (from grow or train)")
+    gen.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
+    gen.add_argument("--prompt", required=True, help="the question or instruction")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    gen.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
+
+    t = sub.add_parser("tiny", help="write a tiny random LLaVA (offline) for trying things out")
+    t.add_argument("--out", required=True)
+    t.add_argument("--backbone", choices=["llama", "mistral", "qwen2"], default="llama")
+    t.add_argument("--tower", choices=["clip", "siglip"], default="clip")
+    t.add_argument("--layers", type=_positive_int, default=6)
+    t.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("demo", help="the main job on the embedded default model")
+    return parser
+
+
+def _gen_config(args: argparse.Namespace) -> GenConfig:
+    cfg = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    cfg.validate()
+    return cfg
+
+
+def cmd_grow(args: argparse.Namespace) -> None:
+    from .api import VLM
+
+    TwigConfig(K=args.K, T=args.T, head=args.head).validate()  # before the slow model load
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TwigVLMError(f"--out {out} exists and is not a directory: choose another path")
+    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
+    twig = vlm.grow_twig(TwigConfig(K=args.K, T=args.T, head=args.head))
+    vlm.save_twig(out)
+    n = sum(p.numel() for p in twig.parameters())
+    print(f"grew a twig K={twig.config.K} T={twig.config.T} head={twig.config.head} "
+          f"({n / 1e6:.2f}M parameters) → {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .api import VLM
+    from .images import load_images
+
+    if not args.prompt.strip():
+        raise TwigVLMError("--prompt is empty: give the question or instruction")
+    cfg = _gen_config(args)
+    images = load_images(args.image)  # read images before the (slow) model load
+    vlm = VLM.load(args.model, twig=args.twig, dtype=args.dtype, device=args.device)
+    stream = vlm.stream(args.prompt, image=images, config=cfg)
+    if args.json:
+        for _ in stream:
+            pass
+        print(json.dumps(stream.result.to_dict()))
+        return
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = stream.result.stats
+    print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, prefill {s.prefill_s * 1000:.0f} ms, "
+          f"{s.visual_tokens} visual tokens, finished by {s.finish_reason}]", file=sys.stderr)
+
+
+def cmd_tiny(args: argparse.Namespace) -> None:
+    from .tiny import TinySpec, save_tiny_llava
+
+    out = save_tiny_llava(args.out, TinySpec(backbone=args.backbone, tower=args.tower, num_layers=args.layers,
+                                             seed=args.seed))
+    print(f"wrote a tiny random LLaVA ({args.backbone} + {args.tower}, {args.layers} layers) → {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .tiny import TinySpec, demo_image, save_tiny_llava
+
+    print("note: the embedded demo model is not built yet, so this runs on a tiny random LLaVA built on the fly "
+          "(its text is gibberish)")
+    from transformers.utils import logging as hf_logging
+
+    with tempfile.TemporaryDirectory(prefix="twigvlm-demo-") as tmp:
+        hf_logging.disable_progress_bar()  # a tiny model saves and loads in milliseconds
+        model_dir = save_tiny_llava(Path(tmp) / "tiny-llava", TinySpec(tie_embeddings=False))
+        image = demo_image(Path(tmp) / "shapes.png")
+        parser = build_parser()
+        cmd_grow(parser.parse_args(["grow", "--model", str(model_dir), "--out", str(Path(tmp) / "twig")]))
+        gen_args = parser.parse_args(["generate", "--model", str(model_dir), "--twig", str(Path(tmp) / "twig"),
+                                      "--image", str(image), "--prompt", "Describe the image in detail.",
+                                      "--max-new-tokens", "32", "--ignore-eos"])
+        print(f"$ twigvlm generate --model <tiny-llava> --twig <twig> --image shapes.png "
+              f"--prompt {gen_args.prompt!r} --max-new-tokens 32")
+        cmd_generate(gen_args)
+
+
+COMMANDS = {"grow": cmd_grow, "generate": cmd_generate, "tiny": cmd_tiny, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except TwigVLMError as e:
+        print(f"twigvlm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
