@@ -142,8 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "(its text is gibberish)")
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a tiny model saves and loads in milliseconds
     with tempfile.TemporaryDirectory(prefix="twigvlm-demo-") as tmp:
-        hf_logging.disable_progress_bar()  # a tiny model saves and loads in milliseconds
         model_dir = save_tiny_llava(Path(tmp) / "tiny-llava", TinySpec(tie_embeddings=False))
         image = demo_image(Path(tmp) / "shapes.png")
         parser = build_parser()
@@ -159,8 +159,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 COMMANDS = {"grow": cmd_grow, "generate": cmd_generate, "tiny": cmd_tiny, "demo": cmd_demo}
 
 
+def _quiet_transformers() -> None:
+    """Only errors from transformers' logger; its progress bars only on a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         COMMANDS[args.command](args)
     except TwigVLMError as e:

@@ -1,0 +1,117 @@
+"""The `twigvlm` CLI: happy paths, and every bad input → one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from twigvlm.cli import main
+from twigvlm.tiny import TinySpec, save_tiny_llava
+
+from .conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    random_image(0).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def twig_dir(tmp_path_factory, model_dirs) -> str:
+    out = tmp_path_factory.mktemp("twig") / "twig"
+    assert main(["grow", "--model", model_dirs["llama-clip"], "--K", "2", "--T", "3", "--out", str(out)]) == 0
+    return str(out)
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json(capsys, model_dirs, image, twig_dir):
+    code, out, err = _run(capsys, ["generate", "--model", model_dirs["llama-clip"], "--twig", twig_dir, "--image",
+                                   image, "--prompt", "what is it?", "--max-new-tokens", "5", "--ignore-eos",
+                                   "--json"])
+    assert code == 0, err
+    obj = json.loads(out)
+    assert set(obj) == {"text", "token_ids", "stats"} and len(obj["token_ids"]) == 5
+    assert {"new_tokens", "prefill_s", "decode_s", "tokens_per_s"} <= set(obj["stats"])
+    assert obj["stats"]["new_tokens"] == 5 and obj["stats"]["visual_tokens"] == 16
+
+
+def test_generate_streams_text(capsys, model_dirs, image):
+    code, out, err = _run(capsys, ["generate", "--model", model_dirs["qwen2-siglip"], "--image", image, "--image",
+                                   image, "--prompt", "compare", "--max-new-tokens", "4", "--temperature", "0.8",
+                                   "--seed", "1"])
+    assert code == 0 and out.endswith("\n") and "32 visual tokens" in err
+
+
+def test_grow_writes_a_twig(capsys, model_dirs, tmp_path):
+    code, out, _ = _run(capsys, ["grow", "--model", model_dirs["qwen2-siglip"], "--K", "1", "--T", "2", "--out",
+                                 str(tmp_path / "t")])
+    assert code == 0 and "head=shared" in out
+    assert json.loads((tmp_path / "t" / "twig.json").read_text())["K"] == 1
+
+
+def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
+    (tmp / "notes.png").write_text("not an image")
+    Image.fromarray(np.zeros((4, 4), dtype=np.float32)).save(tmp / "float.tiff")
+    (tmp / "bert").mkdir()
+    (tmp / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    other = save_tiny_llava(tmp / "other", TinySpec(backbone="qwen2", tower="siglip"))
+    m = model_dirs["llama-clip"]
+    gen = ["generate", "--model", m, "--prompt", "hi"]
+    return {
+        "missing image": (gen + ["--image", str(tmp / "missing.png")], "does not exist"),
+        "unreadable image": (gen + ["--image", str(tmp / "notes.png")], "not a readable image"),
+        "unsupported mode": (gen + ["--image", str(tmp / "float.tiff")], "mode 'F'"),
+        "empty prompt": (["generate", "--model", m, "--image", image, "--prompt", " "], "prompt is empty"),
+        "K < 1": (["grow", "--model", m, "--K", "0", "--out", str(tmp / "g1")], "K must be >= 1"),
+        "K+T > L": (["grow", "--model", m, "--K", "4", "--T", "3", "--out", str(tmp / "g2")], "exceeds"),
+        "not a VLM": (["generate", "--model", str(tmp / "bert"), "--prompt", "hi"], "not a supported VLM"),
+        "no model dir": (["grow", "--model", str(tmp / "nowhere"), "--out", str(tmp / "g3")], "does not exist"),
+        "twig for another base": (["generate", "--model", str(other), "--twig", twig_dir, "--prompt", "hi"],
+                                  "another base model"),
+        "max-new-tokens 0": (gen + ["--max-new-tokens", "0"], "not positive"),
+        "max-new-tokens -3": (gen + ["--max-new-tokens=-3"], "not positive"),
+        "bad top-p": (gen + ["--top-p", "0"], "top_p"),
+        "unknown flag": (gen + ["--bogus"], "unrecognized arguments"),
+    }
+
+
+def test_bad_inputs_exit_2_with_one_line(capsys, model_dirs, image, twig_dir, tmp_path):
+    cases = _bad_inputs(model_dirs, image, twig_dir, tmp_path)
+    capsys.readouterr()
+    for name, (argv, message) in cases.items():
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        with pytest.raises(SystemExit) as exc:  # argparse errors exit; ours return 2
+            raise SystemExit(main(argv))
+        out, err = capsys.readouterr()
+        assert exc.value.code == 2, name
+        assert out == "", name
+        assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, (name, err)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before, f"{name} wrote files"
+
+
+def test_console_script_end_to_end(model_dirs, image, tmp_path):
+    # The real entry point, in a fresh process: a bad input gives exit 2 and one line; a good one prints text.
+    script = Path(sys.executable).with_name("twigvlm")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "twigvlm.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run(cmd + ["generate", "--model", model_dirs["llama-clip"], "--image", str(tmp_path / "x.png"),
+                                "--prompt", "hi"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+    good = subprocess.run(cmd + ["generate", "--model", model_dirs["llama-clip"], "--image", image, "--prompt", "hi",
+                                 "--max-new-tokens", "3", "--json"], capture_output=True, text=True, env=env)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["stats"]["new_tokens"] <= 3
