@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,15 @@ def test_chat_messages_and_explicit_placeholders_render_like_plain_text(vlm):
     plain = vlm.adapter.render("what color?", 1)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
     assert vlm.adapter.render(messages, 1) == plain
-    assert vlm.adapter.render("<image>\nwhat color?", 1) == "<image>\nwhat color?"  # the user's own layout
+    assert vlm.adapter.render("<image>\nwhat color?", 1) == plain  # the user's own placeholder, same template
+    assert vlm.adapter.render("what <image> color?", 1).count("<image>") == 1
+
+
+def test_processor_without_chat_template_uses_the_llava15_format(vlm, monkeypatch):
+    monkeypatch.setattr(vlm.adapter.processor, "chat_template", None)
+    assert vlm.adapter.render("what color?", 1) == "USER: <image>\nwhat color? ASSISTANT:"
+    enc = vlm.encode("what color?", [random_image(0)])
+    assert enc.num_visual_tokens == 16
 
 
 @pytest.mark.parametrize("prompt,n,message", [
@@ -76,6 +86,14 @@ def test_loading_errors(tmp_path):
         load_adapter(tmp_path)
     with pytest.raises(TwigVLMError, match="dtype"):
         twigvlm.load(tmp_path, dtype="int8")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(TwigVLMError, match="not a model config"):
+        load_adapter(tmp_path)
+    with pytest.raises(TwigVLMError, match="not a torch device"):
+        load_adapter(tmp_path, device="banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(TwigVLMError, match="not available"):
+            load_adapter(tmp_path, device="cuda")
 
 
 def test_llava_directory_without_weights(tmp_path, model_dirs):
@@ -92,6 +110,19 @@ def test_image_modes(tmp_path):
         load_image(Image.fromarray(np.zeros((4, 4), dtype=np.float32)))
     with pytest.raises(TwigVLMError, match="does not exist"):
         load_image(tmp_path / "nope.png")
+    with pytest.raises(TwigVLMError, match="is a directory"):
+        load_image(tmp_path)
+    (tmp_path / "bomb.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(TwigVLMError, match="too large"):
+        load_image(tmp_path / "bomb.png")
     (tmp_path / "fake.png").write_text("not an image")
     with pytest.raises(TwigVLMError, match="not a readable image"):
         load_image(tmp_path / "fake.png")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size (PIL refuses decompression bombs from the header alone)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

@@ -86,6 +86,11 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "max-new-tokens -3": (gen + ["--max-new-tokens=-3"], "not positive"),
         "bad top-p": (gen + ["--top-p", "0"], "top_p"),
         "unknown flag": (gen + ["--bogus"], "unrecognized arguments"),
+        "image is a directory": (gen + ["--image", str(tmp)], "is a directory"),
+        "huge seed": (gen + ["--seed", str(2**70), "--temperature", "1"], "seed"),
+        "no such device": (gen + ["--device", "banana"], "not a torch device"),
+        "grow into a file": (["grow", "--model", m, "--out", str(tmp / "notes.png" / "twig")], "not a directory"),
+        "tiny onto a file": (["tiny", "--out", str(tmp / "notes.png")], "not a directory"),
     }
 
 

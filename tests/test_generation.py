@@ -115,3 +115,32 @@ def test_gen_config_object_and_unknown_option(vlm):
     assert out.stats.new_tokens == 3 and out.stats.tokens_per_s > 0
     with pytest.raises(TypeError, match="max_tokens"):
         vlm.generate("hello", max_tokens=3)
+
+
+def test_gen_config_takes_one_stop_string_and_checks_the_seed():
+    assert GenConfig(stop="###").stop == ("###",) and GenConfig(stop=["a", "b"]).stop == ("a", "b")
+    with pytest.raises(TwigVLMError, match="seed"):
+        GenConfig(seed=2**70).validate()
+
+
+def test_a_special_token_as_stop_string_stops_on_its_id():
+    model, processor = build_tiny_llava(TinySpec(tie_embeddings=False, seed=7))
+    vlm = twigvlm.VLM.from_model(model, processor)
+    args = dict(prompt="what shape is it?", image=random_image(7), max_new_tokens=24, ignore_eos=True)
+    free = vlm.generate(**args).token_ids
+    special = vlm.adapter.special_token_id("<|im_start|>")
+    assert special is not None and special < min(free)
+    with torch.no_grad():  # make <|im_start|> tie with the 4th token (argmax takes the lower id) so it is produced
+        model.lm_head.weight[special] = model.lm_head.weight[free[3]]
+    out = vlm.generate(**args, stop=["<|im_start|>"])
+    first = free.index(free[3])
+    assert out.token_ids == free[:first] + [special] and out.stats.finish_reason == "stop"
+
+
+def test_sliding_window_longer_than_the_sequence_is_refused():
+    model, processor = build_tiny_llava(TinySpec(backbone="mistral"))
+    model.config.text_config.sliding_window = 40
+    vlm = twigvlm.VLM.from_model(model, processor)
+    with pytest.raises(TwigVLMError, match="sliding-window"):
+        vlm.generate("what is it?", image=random_image(0), max_new_tokens=16)
+    assert vlm.generate("hi", max_new_tokens=4).stats.new_tokens <= 4  # fits in the window: allowed

@@ -132,3 +132,38 @@ def test_bad_twig_configs(fresh_vlm, kwargs, message):
 def test_not_a_twig_directory(tmp_path, model_dirs):
     with pytest.raises(TwigVLMError, match="not a twig directory"):
         twigvlm.load(model_dirs["llama-clip"], twig=tmp_path)
+
+
+def test_fingerprint_accepts_float16_and_refuses_broken_configs(tmp_path, model_dirs):
+    vlm = twigvlm.load(model_dirs["llama-clip"])
+    vlm.grow_twig()
+    twig_dir = vlm.save_twig(tmp_path / "twig")
+    fp16 = twigvlm.load(model_dirs["llama-clip"], twig=twig_dir, dtype="float16")  # double rounding: hash differs
+    assert next(fp16.twig.parameters()).dtype == torch.float16
+    cfg_file = twig_dir / "twig.json"
+    good = json.loads(cfg_file.read_text())
+    broken = {
+        "no fingerprint": ({**good, "base": {}}, "no base fingerprint"),
+        "base missing": ({k: v for k, v in good.items() if k != "base"}, "base fingerprint is missing"),
+        "a list": ([good], "JSON object"),
+        "K as text": ({**good, "K": "2"}, "K must be an integer"),
+        "bad head": ({**good, "head": "tree"}, "head must be one of"),
+        "other format": ({**good, "format": "lora"}, "format 'lora'"),
+    }
+    for meta, message in broken.values():
+        cfg_file.write_text(json.dumps(meta))
+        with pytest.raises(TwigVLMError, match=message):
+            vlm.load_twig(twig_dir)
+    cfg_file.write_text(json.dumps(good))
+    (twig_dir / "twig.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TwigVLMError, match="not a readable safetensors"):
+        vlm.load_twig(twig_dir)
+
+
+def test_save_into_an_unwritable_place_writes_nothing(tmp_path, fresh_vlm):
+    fresh_vlm.grow_twig()
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(TwigVLMError):
+            fresh_vlm.save_twig(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

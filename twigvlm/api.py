@@ -37,7 +37,7 @@ class VLM:
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32",
-             device: str = "cpu") -> "VLM":
+             device: str = "cpu") -> VLM:
         """Load a saved Hugging Face VLM directory, and a twig directory if given."""
         vlm = cls(load_adapter(model, dtype=dtype, device=device))
         if twig is not None:
@@ -45,7 +45,7 @@ class VLM:
         return vlm
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any, twig: Twig | None = None) -> "VLM":
+    def from_model(cls, model: Any, processor: Any, twig: Twig | None = None) -> VLM:
         """Wrap a model and processor you already loaded."""
         return cls(adapter_for(model, processor), twig)
 
@@ -95,10 +95,6 @@ class VLM:
         unknown = set(kwargs) - _GEN_FIELDS
         if unknown:
             raise TypeError(f"unknown generation option(s) {sorted(unknown)}; valid: {sorted(_GEN_FIELDS)}")
-        if "stop" in kwargs and isinstance(kwargs["stop"], str):
-            kwargs["stop"] = (kwargs["stop"],)
-        elif "stop" in kwargs:
-            kwargs["stop"] = tuple(kwargs["stop"])
         cfg = replace(config or GenConfig(), **kwargs)
         cfg.validate()
         return cfg

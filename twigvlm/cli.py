@@ -93,8 +93,9 @@ def cmd_grow(args: argparse.Namespace) -> None:
 
     TwigConfig(K=args.K, T=args.T, head=args.head).validate()  # before the slow model load
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise TwigVLMError(f"--out {out} exists and is not a directory: choose another path")
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise TwigVLMError(f"--out {out}: {blocker} exists and is not a directory; choose another path")
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
     twig = vlm.grow_twig(TwigConfig(K=args.K, T=args.T, head=args.head))
     vlm.save_twig(out)
@@ -130,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tiny(args: argparse.Namespace) -> None:
     from .tiny import TinySpec, save_tiny_llava
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise TwigVLMError(f"--out {args.out} exists and is not a directory: choose another path")
     out = save_tiny_llava(args.out, TinySpec(backbone=args.backbone, tower=args.tower, num_layers=args.layers,
                                              seed=args.seed))
     print(f"wrote a tiny random LLaVA ({args.backbone} + {args.tower}, {args.layers} layers) → {out}")

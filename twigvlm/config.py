@@ -36,7 +36,7 @@ class TwigConfig:
         if self.head is not None and self.head not in HEAD_MODES:
             raise TwigVLMError(f"head={self.head!r} is invalid: use one of {', '.join(HEAD_MODES)}")
 
-    def resolved(self, tied_embeddings: bool) -> "TwigConfig":
+    def resolved(self, tied_embeddings: bool) -> TwigConfig:
         """This config with `head` decided ("shared" for tied embeddings, else "copy")."""
         if self.head is not None:
             return self
@@ -55,6 +55,12 @@ class GenConfig:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not one per character
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
@@ -68,5 +74,7 @@ class GenConfig:
             raise TwigVLMError(f"top_k={self.top_k} is invalid: use 0 to disable or a positive integer")
         if not (0.0 < self.top_p <= 1.0):
             raise TwigVLMError(f"top_p={self.top_p} is invalid: it must be in (0, 1]; 1 disables nucleus sampling")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise TwigVLMError(f"seed={self.seed} is invalid: use an integer in [0, 2**63)")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise TwigVLMError("stop strings must be non-empty strings")

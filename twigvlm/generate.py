@@ -16,6 +16,7 @@ import torch
 from .adapters.base import Encoded
 from .config import GenConfig
 from .engine import DecodeState, Engine
+from .errors import TwigVLMError
 from .sampling import make_generator, pick_tokens
 
 
@@ -94,12 +95,12 @@ class TextStream:
         return best
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: callers may edit the cache between steps
 def _prefill(engine: Engine, state: DecodeState, encoded: Encoded) -> torch.Tensor:
     return engine.prefill(state, encoded)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _step(engine: Engine, state: DecodeState, token: int, device: torch.device) -> torch.Tensor:
     return engine.step(state, torch.tensor([[token]], device=device))[:, -1]
 
@@ -109,6 +110,12 @@ class Generation:
 
     def __init__(self, engine: Engine, encoded: Encoded, cfg: GenConfig) -> None:
         cfg.validate()
+        window = engine.adapter.attention_window
+        if window is not None and encoded.num_tokens + cfg.max_new_tokens > window:
+            raise TwigVLMError(
+                f"this model uses sliding-window attention (window {window}) and the prompt ({encoded.num_tokens} "
+                f"tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds it, which twigvlm does not support "
+                "yet: shorten the prompt or lower max_new_tokens")
         self.engine, self.encoded, self.cfg = engine, encoded, cfg
         self.result: GenerationResult | None = None
 
@@ -116,7 +123,10 @@ class Generation:
         engine, encoded, cfg = self.engine, self.encoded, self.cfg
         adapter = engine.adapter
         eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
-        text = TextStream(adapter.decode, cfg.stop)
+        # Stop strings that are special tokens never show in decoded text: they stop on their token id.
+        special = {s: adapter.special_token_id(s) for s in cfg.stop}
+        stop_ids = {i for i in special.values() if i is not None}
+        text = TextStream(adapter.decode, [s for s, i in special.items() if i is None])
         generator = make_generator(cfg, encoded.inputs_embeds.device)
         t0 = time.perf_counter()
         state = engine.new_state()
@@ -129,6 +139,9 @@ class Generation:
             ids.append(token)
             if token in eos:
                 reason = "eos"
+                break
+            if token in stop_ids:
+                reason = "stop"
                 break
             piece = text.push(token)
             if piece:

@@ -21,11 +21,16 @@ def load_image(image: ImageInput) -> Image.Image:
         img, source = image, "the given image"
     else:
         path = Path(image)
+        if path.is_dir():
+            raise TwigVLMError(f"image {path} is a directory: pass the path of an image file")
         if not path.is_file():
             raise TwigVLMError(f"image {path} does not exist: pass the path of an image file")
         try:
             img = Image.open(path)
             img.load()
+        except Image.DecompressionBombError:
+            raise TwigVLMError(f"image {path} is too large to decode safely "
+                               f"(over {Image.MAX_IMAGE_PIXELS} pixels): downscale it first") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise TwigVLMError(f"image {path} is not a readable image ({type(e).__name__}): "
                                "pass a PNG, JPEG or other file PIL can open") from None

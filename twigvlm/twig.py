@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.base import VLMAdapter
-from .config import TwigConfig
+from .config import HEAD_MODES, TwigConfig
 from .errors import TwigVLMError
 
 WEIGHTS_NAME = "twig.safetensors"
@@ -45,11 +46,44 @@ class Twig(nn.Module):
         return f"K={self.config.K}, T={self.config.T}, head={self.config.head}"
 
 
+ARCH_KEYS = ("model_type", "num_layers", "hidden_size", "vocab_size")
+# A base loaded in another dtype rounds its weights: bf16 keeps 8 bits of mantissa, so samples of the same
+# checkpoint agree within 1%; other checkpoints differ far more.
+SAMPLE_RTOL, SAMPLE_ATOL = 1e-2, 1e-5
+
+
 def base_fingerprint(adapter: VLMAdapter) -> dict[str, Any]:
-    """What identifies the base a twig belongs to: architecture facts plus a hash of a few weights."""
+    """What identifies the base a twig belongs to: architecture facts, a hash and a sample of a few weights."""
     spec = adapter.spec
     return {"model_type": spec.model_type, "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
-            "vocab_size": spec.vocab_size, "weights_hash": adapter.weights_hash()}
+            "vocab_size": spec.vocab_size, "weights_hash": adapter.weights_hash(),
+            "weights_sample": adapter.weights_sample()}
+
+
+def _same_weights(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
+    if expected["weights_hash"] == actual["weights_hash"]:
+        return True  # same checkpoint, loaded in fp32 or bf16
+    a, b = expected["weights_sample"], actual["weights_sample"]
+    if not isinstance(a, dict) or a.keys() != b.keys():
+        return False
+    return all(len(a[k]) == len(b[k]) and all(abs(x - y) <= SAMPLE_ATOL + SAMPLE_RTOL * abs(y)
+                                              for x, y in zip(a[k], b[k], strict=True)) for k in a)
+
+
+def check_fingerprint(expected: dict[str, Any], adapter: VLMAdapter, source: str) -> None:
+    """Refuse a twig grown on another base, naming the first mismatch."""
+    actual = base_fingerprint(adapter)
+    missing = [k for k in actual if k not in expected]
+    if missing:
+        raise TwigVLMError(f"the twig in {source} has no base fingerprint ({', '.join(missing)} missing from "
+                           f"{CONFIG_NAME}): grow or train it again with this version of twigvlm")
+    for key in ARCH_KEYS:
+        if expected[key] != actual[key]:
+            raise TwigVLMError(f"the twig in {source} was grown for another base model: {key} is "
+                               f"{expected[key]!r} there but {actual[key]!r} here; grow or train a twig for this model")
+    if not _same_weights(expected, actual):
+        raise TwigVLMError(f"the twig in {source} was grown for another base model: same architecture, but the "
+                           "weights differ; grow or train a twig for this model")
 
 
 def freeze_base(adapter: VLMAdapter) -> None:
@@ -58,9 +92,10 @@ def freeze_base(adapter: VLMAdapter) -> None:
         p.requires_grad_(False)
 
 
-def grow_twig(adapter: VLMAdapter, config: TwigConfig = TwigConfig()) -> Twig:
+def grow_twig(adapter: VLMAdapter, config: TwigConfig | None = None) -> Twig:
     """A new twig initialised from base layers K+1..K+T, the base final norm and (for "copy") the LM head."""
     spec = adapter.spec
+    config = config or TwigConfig()
     config.validate(spec.num_layers)
     config = config.resolved(spec.tied_embeddings)
     layers = nn.ModuleList(copy.deepcopy(adapter.layers[config.K + t]) for t in range(config.T))
@@ -72,34 +107,45 @@ def grow_twig(adapter: VLMAdapter, config: TwigConfig = TwigConfig()) -> Twig:
     return twig
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_twig(twig: Twig, out_dir: str | Path) -> Path:
-    """Write twig.safetensors (twig tensors only) and twig.json (config, dtype, base fingerprint)."""
+    """Write twig.safetensors (twig tensors only) and twig.json (config, dtype, base fingerprint).
+
+    Both files are written to temporary names first and renamed at the end, so a failure leaves nothing.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise TwigVLMError(f"{out} exists and is not a directory: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+        raise TwigVLMError(f"{out} exists and is not a directory: choose another output directory")
     tensors = {name: t.detach().contiguous().cpu() for name, t in twig.state_dict().items()}
     dtype = str(next(twig.parameters()).dtype).removeprefix("torch.")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "K": twig.config.K, "T": twig.config.T,
             "head": twig.config.head, "dtype": dtype, "base": twig.base_fingerprint}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    created = not out.exists()
+    temps: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+            os.close(fd)
+            temps.append(Path(tmp))
+        save_file(tensors, str(temps[0]), metadata={"format": "pt"})
+        temps[1].write_text(json.dumps(meta, indent=2) + "\n")
+        for tmp, name in zip(temps, (WEIGHTS_NAME, CONFIG_NAME), strict=True):
+            os.replace(tmp, out / name)
+    except OSError as e:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise TwigVLMError(f"cannot write the twig to {out} ({e.strerror or e}): choose a writable directory") from None
     return out
 
 
+def _bad_config(cfg_file: Path, why: str) -> TwigVLMError:
+    return TwigVLMError(f"{cfg_file} is not a valid twig config: {why}; grow or train the twig again")
+
+
 def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
-    """twig.json of a twig directory, checked for format."""
+    """twig.json of a twig directory, checked for format and field types."""
     d = Path(twig_dir)
     cfg_file, weights = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not d.is_dir() or not cfg_file.is_file() or not weights.is_file():
@@ -107,22 +153,21 @@ def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
                            "(made by `twigvlm grow` or `twigvlm train`)")
     try:
         meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise TwigVLMError(f"{cfg_file} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad_config(cfg_file, f"not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _bad_config(cfg_file, "a JSON object is expected")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise TwigVLMError(f"{cfg_file} is not a twigvlm twig (format {meta.get('format')!r} "
-                           f"version {meta.get('version')!r})")
+        raise _bad_config(cfg_file, f"format {meta.get('format')!r} version {meta.get('version')!r}, "
+                                    f"expected {FORMAT!r} version {FORMAT_VERSION}")
+    for key in ("K", "T"):
+        if type(meta.get(key)) is not int:
+            raise _bad_config(cfg_file, f"{key} must be an integer, got {meta.get(key)!r}")
+    if meta.get("head") not in HEAD_MODES:
+        raise _bad_config(cfg_file, f"head must be one of {', '.join(HEAD_MODES)}, got {meta.get('head')!r}")
+    if not isinstance(meta.get("base"), dict):
+        raise _bad_config(cfg_file, "the base fingerprint is missing")
     return meta
-
-
-def check_fingerprint(expected: dict[str, Any], adapter: VLMAdapter, source: str) -> None:
-    """Refuse a twig grown on another base, naming the first mismatch."""
-    actual = base_fingerprint(adapter)
-    for key, value in expected.items():
-        if actual.get(key) != value:
-            what = "its weights differ" if key == "weights_hash" else f"{key} is {actual.get(key)!r}"
-            raise TwigVLMError(f"the twig in {source} was grown for another base model ({key}={value!r}, but this "
-                               f"model's {what}): grow or train a twig for this model")
 
 
 def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
@@ -130,12 +175,17 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     meta = read_twig_config(twig_dir)
     check_fingerprint(meta["base"], adapter, str(twig_dir))
     twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"]))
-    state = load_file(str(Path(twig_dir) / WEIGHTS_NAME))
-    expected = set(twig.state_dict())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise TwigVLMError(f"{twig_dir}/{WEIGHTS_NAME} does not match its {CONFIG_NAME}: "
-                           f"missing {missing[:3]}, unexpected {extra[:3]}")
+    weights = Path(twig_dir) / WEIGHTS_NAME
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise TwigVLMError(f"{weights} is not a readable safetensors file ({e}): "
+                           "grow or train the twig again") from None
+    expected = twig.state_dict()
+    bad = sorted(set(expected) ^ set(state)) or [n for n in state if state[n].shape != expected[n].shape]
+    if bad:
+        raise TwigVLMError(f"{weights} does not match its {CONFIG_NAME} (first mismatching tensor: {bad[0]}): "
+                           "grow or train the twig again")
     with torch.no_grad():
         twig.load_state_dict(state, strict=True)
     return twig

@@ -28,6 +28,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str) -> torch.device:
+    """A torch device that exists on this machine, or a one-line error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TwigVLMError(f"device {device!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise TwigVLMError(f"device {device!r} is not available on this machine: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TwigVLMError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def _supported() -> str:
     return ", ".join(sorted(ADAPTERS))
 
@@ -44,15 +58,19 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device:
     """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention."""
     path = Path(path)
     torch_dtype = parse_dtype(dtype)
+    check_device(device)
     if not path.is_dir():
         raise TwigVLMError(f"model directory {path} does not exist: pass a directory written by save_pretrained")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise TwigVLMError(f"{path} has no config.json: pass a Hugging Face model directory (save_pretrained output)")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, OSError) as e:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         raise TwigVLMError(f"{config_file} is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise TwigVLMError(f"{config_file} is not a model config (a JSON object is expected)")
+    model_type = config.get("model_type")
     if model_type not in ADAPTERS:
         raise TwigVLMError(
             f"{path} holds model type {model_type!r}, which is not a supported VLM: supported types are {_supported()}")
@@ -63,7 +81,7 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True).to(device)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 — any failure inside transformers' loader is a bad model directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TwigVLMError(f"could not load the model in {path}: {first}") from None
+        raise TwigVLMError(f"could not load the model in {path} ({type(e).__name__}: {first[:300]})") from None
     return adapter_for(model, processor)

@@ -84,6 +84,11 @@ class VLMAdapter(ABC):
     def eos_token_ids(self) -> list[int]: ...
 
     @property
+    def attention_window(self) -> int | None:
+        """The sliding-window size if any layer uses one (the engine's masks are full causal), else None."""
+        return None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -136,10 +141,27 @@ class VLMAdapter(ABC):
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` if it is one special token (such stop strings never appear in decoded text)."""
+        tok = self.tokenizer
+        if text in set(tok.all_special_tokens) | set(getattr(tok, "added_tokens_encoder", {})):
+            ids = tok.convert_tokens_to_ids([text])
+            return int(ids[0]) if ids and ids[0] is not None else None
+        return None
+
     # ---- identity of the weights, for twig fingerprints -----------------------------------------------------
     @abstractmethod
     def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
         """A few base tensors whose values identify this checkpoint."""
+
+    def weights_sample(self, n: int = 32) -> dict[str, list[float]]:
+        """n values spread evenly over each fingerprint tensor, as floats (compared with a tolerance)."""
+        sample = {}
+        for name, t in sorted(self.fingerprint_tensors().items()):
+            flat = t.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel()), device=flat.device).long()
+            sample[name] = [float(x) for x in flat[idx].float().cpu()]
+        return sample
 
     def weights_hash(self, max_elements: int = 65536) -> str:
         """sha256 over the fingerprint tensors, rounded to bfloat16 so that fp32/fp16/bf16 loads agree."""

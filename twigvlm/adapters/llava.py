@@ -52,6 +52,15 @@ class LlavaAdapter(VLMAdapter):
         return self.processor.tokenizer
 
     @property
+    def attention_window(self) -> int | None:
+        text = self.model.config.text_config
+        window = getattr(text, "sliding_window", None)
+        layer_types = getattr(text, "layer_types", None)
+        if window is None or (layer_types and "sliding_attention" not in layer_types):
+            return None
+        return int(window)
+
+    @property
     def eos_token_ids(self) -> list[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
@@ -66,24 +75,29 @@ class LlavaAdapter(VLMAdapter):
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise TwigVLMError("the prompt is empty: pass the question or instruction as text")
-            if self.image_token in prompt:  # the user placed the images already
-                return self._check_placeholders(prompt, num_images)
-            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-            messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+            # Images go first, unless the user placed the placeholders in the text themselves.
+            placed = self.image_token in prompt
+            content = [{"type": "image"} for _ in range(0 if placed else num_images)]
+            messages: list[dict[str, Any]] = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
         else:
             messages = prompt
             if not messages:
                 raise TwigVLMError("the chat has no messages: pass at least one user message")
         if getattr(self.processor, "chat_template", None):
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # no template shipped: placeholders, then the plain text of the messages
-            parts = []
-            for m in messages:
-                c = m["content"]
-                parts.append(c if isinstance(c, str) else "".join(
-                    self.image_token + "\n" if item["type"] == "image" else item.get("text", "") for item in c))
-            text = "\n".join(parts)
+        else:
+            text = self._llava15_format(messages)
         return self._check_placeholders(text, num_images)
+
+    def _llava15_format(self, messages: list[dict[str, Any]]) -> str:
+        """For processors without a chat template: LLaVA-1.5's "USER: <image>\n... ASSISTANT:" convention."""
+        turns = []
+        for m in messages:
+            c = m["content"]
+            text = c if isinstance(c, str) else "".join(
+                self.image_token + "\n" if item["type"] == "image" else item.get("text", "") for item in c)
+            turns.append(f"{m['role'].upper()}: {text}")
+        return " ".join(turns) + " ASSISTANT:"
 
     def _check_placeholders(self, text: str, num_images: int) -> str:
         found = text.count(self.image_token)
@@ -97,13 +111,18 @@ class LlavaAdapter(VLMAdapter):
     def encode(self, prompt: Prompt, images: Sequence[Image.Image] = ()) -> Encoded:
         t0 = time.perf_counter()
         text = self.render(prompt, len(images))
-        batch = self.processor(images=list(images) if images else None, text=text, return_tensors="pt")
+        # A template that writes the BOS itself must not get a second one (as HF's own chat path does).
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        batch = self.processor(images=list(images) if images else None, text=text, return_tensors="pt",
+                               add_special_tokens=add_special)
         input_ids = batch["input_ids"].to(self.device)  # [1, T]
         embeds = self.embed(input_ids)  # [1, T, H]
         visual_mask = input_ids == self.image_token_id  # [1, T]
         if images:
             pixel_values = batch["pixel_values"].to(self.device, self.dtype)  # [N, 3, h, w]
-            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            extra = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
+            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
             features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)  # [N·M, H]
             if features.shape[0] != int(visual_mask.sum()):
                 raise TwigVLMError(
