@@ -67,8 +67,13 @@ def test_processor_without_chat_template_uses_the_llava15_format(vlm, monkeypatc
     ("", 0, "prompt is empty"), ("   ", 1, "prompt is empty"), ([], 0, "no messages"),
     ("<image> and <image>", 1, "2 image placeholder"),
     ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], 1, "0 image placeholder"),
+    ([{"content": "hi"}], 0, "needs a 'role'"), ([{"role": "user", "content": [{"type": "video"}]}], 0, "content item"),
+    ([{"role": "user", "content": 3}], 0, "content of type int"), ("hi", 0, None),
 ])
 def test_bad_prompts(vlm, prompt, n, message):
+    if message is None:  # the control case: a good prompt encodes
+        assert vlm.encode(prompt, [random_image(0)] * n).num_tokens > 0
+        return
     with pytest.raises(TwigVLMError, match=message):
         vlm.encode(prompt, [random_image(0)] * n)
 

@@ -80,9 +80,7 @@ class LlavaAdapter(VLMAdapter):
             content = [{"type": "image"} for _ in range(0 if placed else num_images)]
             messages: list[dict[str, Any]] = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
         else:
-            messages = prompt
-            if not messages:
-                raise TwigVLMError("the chat has no messages: pass at least one user message")
+            messages = _checked_messages(prompt)
         if getattr(self.processor, "chat_template", None):
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:
@@ -178,3 +176,22 @@ class LlavaAdapter(VLMAdapter):
             "norm": self._lm.norm.weight,
             "projector": next(self.model.model.multi_modal_projector.parameters()),
         }
+
+
+def _checked_messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages in the HF format, or a one-line error naming the first malformed one."""
+    if not isinstance(messages, list) or not messages:
+        raise TwigVLMError("the chat has no messages: pass a list with at least one user message")
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or content is None:
+            raise TwigVLMError(f"chat message {i} needs a 'role' string and a 'content' (text or a list of items)")
+        if isinstance(content, list):
+            for item in content:
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind not in ("image", "text") or (kind == "text" and not isinstance(item.get("text"), str)):
+                    raise TwigVLMError(f"chat message {i} has a content item {item!r}: use {{'type': 'image'}} "
+                                       "or {'type': 'text', 'text': ...}")
+        elif not isinstance(content, str):
+            raise TwigVLMError(f"chat message {i} has content of type {type(content).__name__}: use text or a list")
+    return messages
