@@ -17,12 +17,13 @@ import torch
 
 from .adapters import VLMAdapter, adapter_for, load_adapter
 from .adapters.base import Encoded, Prompt
-from .config import GenConfig, TwigConfig
+from .config import GenConfig, PruneConfig, TwigConfig
 from .engine import Engine
 from .errors import TwigVLMError
-from .generate import Generation, GenerationResult, generate
+from .generate import Generation, GenerationResult
 from .images import ImageInput, load_images
 from .twig import Twig, grow_twig, load_twig, save_twig
+from .visionzip import VisionZip
 
 _GEN_FIELDS = {f.name for f in fields(GenConfig)}
 
@@ -71,24 +72,34 @@ class VLM:
         return save_twig(self.twig, path)
 
     # ---- generation -----------------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None) -> Encoded:
-        """Prompt + images → embeddings, positions and the visual-token mask."""
-        return self.adapter.encode(prompt, load_images(image))
+    def encode(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
+               prune: PruneConfig | str | None = None) -> Encoded:
+        """Prompt + images → embeddings, positions and the visual-token mask (VisionZip reduces here)."""
+        prune = _prune_config(prune)
+        reducer = VisionZip(prune) if prune is not None and prune.method == "visionzip" else None
+        return self.adapter.encode(prompt, load_images(image), reducer=reducer)
 
     def stream(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
-               config: GenConfig | None = None, **kwargs: Any) -> Generation:
+               config: GenConfig | None = None, prune: PruneConfig | str | None = None,
+               **kwargs: Any) -> Generation:
         """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
 
+        prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip") at the default 11.1% budget.
         kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
         """
         cfg = self._gen_config(config, kwargs)
-        return Generation(self.engine, self.encode(prompt, image), cfg)
+        prune = _prune_config(prune)
+        return Generation(self.engine, self.encode(prompt, image, prune), cfg, prune)
 
     def generate(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
-                 config: GenConfig | None = None, **kwargs: Any) -> GenerationResult:
+                 config: GenConfig | None = None, prune: PruneConfig | str | None = None,
+                 **kwargs: Any) -> GenerationResult:
         """Generate to the end: text, token ids and statistics."""
-        cfg = self._gen_config(config, kwargs)
-        return generate(self.engine, self.encode(prompt, image), cfg)
+        gen = self.stream(prompt, image, config, prune, **kwargs)
+        for _ in gen:
+            pass
+        assert gen.result is not None
+        return gen.result
 
     @staticmethod
     def _gen_config(config: GenConfig | None, kwargs: dict[str, Any]) -> GenConfig:
@@ -98,6 +109,14 @@ class VLM:
         cfg = replace(config or GenConfig(), **kwargs)
         cfg.validate()
         return cfg
+
+
+def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
+    if isinstance(prune, str):
+        prune = PruneConfig(method=prune)
+    if prune is not None:
+        prune.validate()
+    return prune
 
 
 def load(model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32",

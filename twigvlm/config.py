@@ -78,3 +78,55 @@ class GenConfig:
             raise TwigVLMError(f"seed={self.seed} is invalid: use an integer in [0, 2**63)")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise TwigVLMError("stop strings must be non-empty strings")
+
+
+PRUNE_METHODS = ("none", "twig", "fastv", "visionzip")
+QUERY_MODES = ("last", "text")
+DEFAULT_KEEP_RATIO = 1 / 9  # 64 of LLaVA-1.5's 576 visual tokens: the paper's main budget
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Which visual tokens the deep layers keep.
+
+    keep:        R̄, the average number of visual tokens per layer (the paper's budget), or
+    keep_ratio:  R̄ / M; neither → DEFAULT_KEEP_RATIO (11.1%).
+    wipe_layer:  K_f (1-based): after base layer K_f no visual token remains (FinalWipe); None → round(0.75·L);
+                 L disables the wipe.
+    layer:       K, the layer after which pruning happens; None → the twig's K (fastv: 2 without a twig).
+    query:       "last" scores with the last prompt token's attention row (as the paper's code);
+                 "text" with the mean over the text tokens after the image.
+    """
+
+    method: str = "none"
+    keep: float | None = None
+    keep_ratio: float | None = None
+    wipe_layer: int | None = None
+    layer: int | None = None
+    query: str = "last"
+
+    def validate(self) -> None:
+        if self.method not in PRUNE_METHODS:
+            raise TwigVLMError(f"prune method {self.method!r} is unknown: use one of {', '.join(PRUNE_METHODS)}")
+        if self.query not in QUERY_MODES:
+            raise TwigVLMError(f"query {self.query!r} is unknown: use one of {', '.join(QUERY_MODES)}")
+        if self.keep is not None and self.keep_ratio is not None:
+            raise TwigVLMError("give either keep (average visual tokens per layer) or keep_ratio, not both")
+        if self.keep is not None and not (math.isfinite(self.keep) and self.keep > 0):
+            raise TwigVLMError(f"keep={self.keep} is invalid: give a positive number of visual tokens")
+        if self.keep_ratio is not None and not (0 < self.keep_ratio <= 1):
+            raise TwigVLMError(f"keep_ratio={self.keep_ratio} is invalid: it must be in (0, 1]")
+        if self.wipe_layer is not None and (not isinstance(self.wipe_layer, int) or self.wipe_layer < 1):
+            raise TwigVLMError(f"wipe_layer={self.wipe_layer} is invalid: give a layer number >= 1")
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 1):
+            raise TwigVLMError(f"layer={self.layer} is invalid: give a layer number >= 1")
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none"
+
+    def average_budget(self, num_visual: int) -> float:
+        """R̄ for an image of `num_visual` tokens."""
+        if self.keep is not None:
+            return float(self.keep)
+        return (self.keep_ratio if self.keep_ratio is not None else DEFAULT_KEEP_RATIO) * num_visual

@@ -70,6 +70,17 @@ class Engine:
             hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
         return hidden
 
+    def run_and_score(self, layers: Sequence[nn.Module], caches: Sequence[LayerKV], hidden: torch.Tensor,
+                      position_ids: torch.Tensor, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `layers` on a fresh prompt (caches empty before), and return the output [B, T, H] with the last
+        layer's attention probabilities [B, heads, q, T] for the queries at `query_index` [q]."""
+        assert all(kv.length == 0 for kv in caches), "scoring runs on the prompt, before any cached tokens"
+        below = self.run_layers(layers[:-1], hidden, position_ids, caches[:-1]) if len(layers) > 1 else hidden
+        out = self.run_layers(layers[-1:], below, position_ids, caches[-1:])
+        rope = self.adapter.rotary(below, position_ids[..., query_index])
+        probs = self.adapter.attention_probs(layers[-1], below[:, query_index], rope, caches[-1].keys(), query_index)
+        return out, probs
+
     def forward(self, state: DecodeState | None, hidden: torch.Tensor, position_ids: torch.Tensor,
                 start: int = 0, end: int | None = None) -> torch.Tensor:
         """Base layers[start:end] (0-based, end exclusive) on hidden [B, q, H]; no cache when state is None."""

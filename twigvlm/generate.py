@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .adapters.base import Encoded
-from .config import GenConfig
+from .config import GenConfig, PruneConfig
 from .engine import DecodeState, Engine
 from .errors import TwigVLMError
+from .prune import PruneStats, pruned_prefill
 from .sampling import make_generator, pick_tokens
 
 
@@ -32,6 +33,10 @@ class GenerationStats:
     decode_s: float
     tokens_per_s: float
     finish_reason: str  # "eos" | "stop" | "length"
+    prune_method: str = "none"
+    kept: int | None = None  # R', visual tokens the deep layers keep (None: no pruning)
+    avg_kept: float | None = None  # realised R̄, visual tokens per layer averaged over all layers
+    kept_indices: list[int] | None = None  # kept positions within the image tokens, 0-based
 
 
 @dataclass
@@ -96,8 +101,11 @@ class TextStream:
 
 
 @torch.no_grad()  # not inference_mode: callers may edit the cache between steps
-def _prefill(engine: Engine, state: DecodeState, encoded: Encoded) -> torch.Tensor:
-    return engine.prefill(state, encoded)
+def _prefill(engine: Engine, state: DecodeState, encoded: Encoded,
+             prune: PruneConfig | None) -> tuple[torch.Tensor, PruneStats | None]:
+    if prune is None or not prune.active or prune.method == "visionzip":  # visionzip pruned before the LM
+        return engine.prefill(state, encoded), None
+    return pruned_prefill(engine, state, encoded, prune)
 
 
 @torch.no_grad()
@@ -108,15 +116,17 @@ def _step(engine: Engine, state: DecodeState, token: int, device: torch.device) 
 class Generation:
     """Iterate for text pieces as they are produced; `result` is set when the iteration ends."""
 
-    def __init__(self, engine: Engine, encoded: Encoded, cfg: GenConfig) -> None:
+    def __init__(self, engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None) -> None:
         cfg.validate()
+        if prune is not None:
+            prune.validate()
         window = engine.adapter.attention_window
         if window is not None and encoded.num_tokens + cfg.max_new_tokens > window:
             raise TwigVLMError(
                 f"this model uses sliding-window attention (window {window}) and the prompt ({encoded.num_tokens} "
                 f"tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds it, which twigvlm does not support "
                 "yet: shorten the prompt or lower max_new_tokens")
-        self.engine, self.encoded, self.cfg = engine, encoded, cfg
+        self.engine, self.encoded, self.cfg, self.prune = engine, encoded, cfg, prune
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -130,7 +140,7 @@ class Generation:
         generator = make_generator(cfg, encoded.inputs_embeds.device)
         t0 = time.perf_counter()
         state = engine.new_state()
-        logits = _prefill(engine, state, encoded)  # [1, V]
+        logits, pruned = _prefill(engine, state, encoded, self.prune)  # [1, V]
         t_prefill = time.perf_counter()
         ids: list[int] = []
         reason = "length"
@@ -161,12 +171,20 @@ class Generation:
             prompt_tokens=encoded.num_tokens, visual_tokens=encoded.num_visual_tokens, new_tokens=len(ids),
             encode_s=encoded.encode_s, prefill_s=t_prefill - t0, decode_s=t_end - t_prefill,
             tokens_per_s=len(ids) / total if total > 0 else 0.0, finish_reason=reason)
+        reduced = encoded.reduction
+        if pruned is not None:
+            stats.prune_method, stats.visual_tokens, stats.kept = pruned.method, pruned.visual_tokens, pruned.kept
+            stats.avg_kept, stats.kept_indices = pruned.avg_kept, pruned.kept_indices
+        elif reduced is not None:  # VisionZip: fewer visual tokens in every layer
+            stats.prune_method, stats.visual_tokens = reduced.method, reduced.visual_tokens
+            stats.kept = stats.avg_kept = encoded.num_visual_tokens
+            stats.kept_indices = reduced.kept_indices
         self.result = GenerationResult(text=text.text, token_ids=ids, stats=stats)
 
 
-def generate(engine: Engine, encoded: Encoded, cfg: GenConfig) -> GenerationResult:
+def generate(engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None) -> GenerationResult:
     """Run a generation to the end."""
-    gen = Generation(engine, encoded, cfg)
+    gen = Generation(engine, encoded, cfg, prune)
     for _ in gen:
         pass
     assert gen.result is not None

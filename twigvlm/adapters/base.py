@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,19 @@ from ..cache import LayerKV
 # A prompt is either plain user text or a list of chat messages in the Hugging Face chat format
 # ({"role": ..., "content": str | [{"type": "image"} | {"type": "text", "text": ...}]}).
 Prompt = str | list[dict[str, Any]]
+
+# (vision features [P, Hv] before the projector, attention scores [P], keys [P, Dk], M in the prompt)
+#   → (reduced features [R, Hv], kept indices [R])
+Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Reduction:
+    """How the visual tokens were reduced before the language model (VisionZip)."""
+
+    method: str
+    visual_tokens: int  # M before the reduction
+    kept_indices: list[int]  # the kept (dominant and representative) tokens among the M, 0-based
 
 
 @dataclass
@@ -43,6 +56,7 @@ class Encoded:
     visual_mask: torch.Tensor
     next_position: int
     encode_s: float = 0.0
+    reduction: Reduction | None = None  # set when visual tokens were dropped before the language model
 
     @property
     def num_tokens(self) -> int:
@@ -98,8 +112,11 @@ class VLMAdapter(ABC):
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     @abstractmethod
-    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = ()) -> Encoded:
-        """Apply the model's processor and chat template, run the vision tower, embed the prompt."""
+    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = (), reducer: Reducer | None = None) -> Encoded:
+        """Apply the model's processor and chat template, run the vision tower, embed the prompt.
+
+        A reducer (VisionZip) shrinks each image's tokens before the language model sees them.
+        """
 
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -127,6 +144,16 @@ class VLMAdapter(ABC):
 
         mask is a boolean [B or 1, 1, q, k] (True = attend) or None for plain causal attention over q == k keys
         (or a single query); kv, if given, receives this block's keys/values and supplies the earlier ones.
+        """
+
+    @abstractmethod
+    def attention_probs(self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                        keys: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        """One layer's attention probabilities for a few queries, computed explicitly (the model keeps SDPA).
+
+        hidden: [B, q, H] the layer's *input* at the query positions; rope: (cos, sin) for those positions;
+        keys: [B, H_kv, k, D] that layer's cached keys (after RoPE); query_index: [q] index of each query among
+        the keys (a query sees keys 0..index). Returns float32 [B, heads, q, k].
         """
 
     @property

@@ -8,6 +8,7 @@ model's own processor and chat template; the vision features come from the model
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..cache import LayerKV
 from ..errors import TwigVLMError
-from .base import Encoded, ModelSpec, Prompt, VLMAdapter
+from .base import Encoded, ModelSpec, Prompt, Reducer, Reduction, VLMAdapter
 
 
 class LlavaAdapter(VLMAdapter):
@@ -106,7 +107,7 @@ class LlavaAdapter(VLMAdapter):
         return text
 
     @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
-    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = ()) -> Encoded:
+    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = (), reducer: Reducer | None = None) -> Encoded:
         t0 = time.perf_counter()
         text = self.render(prompt, len(images))
         # A template that writes the BOS itself must not get a second one (as HF's own chat path does).
@@ -115,13 +116,20 @@ class LlavaAdapter(VLMAdapter):
         batch = self.processor(images=list(images) if images else None, text=text, return_tensors="pt",
                                add_special_tokens=add_special)
         input_ids = batch["input_ids"].to(self.device)  # [1, T]
-        embeds = self.embed(input_ids)  # [1, T, H]
         visual_mask = input_ids == self.image_token_id  # [1, T]
+        reduction = None
         if images:
             pixel_values = batch["pixel_values"].to(self.device, self.dtype)  # [N, 3, h, w]
-            extra = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
-            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
-            features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)  # [N·M, H]
+            if reducer is None:
+                extra = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
+                out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+                features = torch.cat(list(out.pooler_output), dim=0)  # [N·P, H]
+            else:
+                features, input_ids, reduction = self._reduce(pixel_values, input_ids, reducer)
+                visual_mask = input_ids == self.image_token_id
+        embeds = self.embed(input_ids)  # [1, T, H]
+        if images:
+            features = features.to(embeds.dtype)
             if features.shape[0] != int(visual_mask.sum()):
                 raise TwigVLMError(
                     f"the processor made {int(visual_mask.sum())} image tokens but the vision tower gave "
@@ -136,7 +144,50 @@ class LlavaAdapter(VLMAdapter):
             visual_mask=visual_mask,
             next_position=n,
             encode_s=time.perf_counter() - t0,
+            reduction=reduction,
         )
+
+    def _vision_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vision features before the projector [N, P, Hv], their attention scores [N, P] and keys [N, P, Dk],
+        from the encoder layer that produces the selected features (CLS row, else mean received attention)."""
+        cfg = self.model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise TwigVLMError("VisionZip needs a single vision_feature_layer; this model concatenates several")
+        tower = self.model.model.vision_tower
+        hidden = tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        i = cfg.vision_feature_layer % len(hidden)  # hidden[i] is the output of encoder layer i-1
+        layer = getattr(tower, "vision_model", tower).encoder.layers[i - 1]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden[i - 1])  # [N, S, Hv], the layer's attention input
+        n, s, _ = x.shape
+        q = attn.q_proj(x).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [N, heads, S, D]
+        k = attn.k_proj(x).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = ((q @ k.transpose(2, 3)).float() * attn.scale).softmax(dim=-1)  # [N, heads, S, S]
+        keys = k.mean(dim=1)  # [N, S, D]
+        if cfg.vision_feature_select_strategy == "default":  # CLS at 0 is dropped; its row scores the patches
+            return hidden[i][:, 1:], probs[:, :, 0, 1:].mean(dim=1), keys[:, 1:]
+        return hidden[i], probs.mean(dim=(1, 2)), keys
+
+    def _reduce(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                reducer: Reducer) -> tuple[torch.Tensor, torch.Tensor, Reduction]:
+        """Reduce each image's tokens; projected features [R, H], input ids without the dropped placeholders."""
+        pre, scores, keys = self._vision_scores(pixel_values)
+        n, per_image = scores.shape
+        visual = (input_ids[0] == self.image_token_id).nonzero().flatten()  # [M]
+        if visual.numel() != n * per_image:
+            raise TwigVLMError(f"the prompt has {visual.numel()} image tokens for {n} image(s) of {per_image}: "
+                               "the processor does not match the model config")
+        reduced, kept, drop = [], [], []
+        for j in range(n):
+            feats, idx = reducer(pre[j], scores[j], keys[j], visual.numel())
+            reduced.append(feats)
+            kept.append(idx + j * per_image)
+            drop.append(visual[j * per_image + feats.shape[0]: (j + 1) * per_image])  # surplus placeholders
+        keep = torch.ones(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+        keep[torch.cat(drop)] = False
+        features = self.model.model.multi_modal_projector(torch.cat(reduced))  # [R, H]
+        kept_indices = torch.cat(kept).sort().values.tolist()
+        return features, input_ids[:, keep], Reduction("visionzip", visual.numel(), kept_indices)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._lm.embed_tokens(token_ids)
@@ -158,6 +209,18 @@ class LlavaAdapter(VLMAdapter):
         out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
                     position_embeddings=rope)
         return out[0] if isinstance(out, tuple) else out
+
+    def attention_probs(self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                        keys: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        b, q, _ = hidden.shape
+        query = attn.q_proj(layer.input_layernorm(hidden)).view(b, q, -1, attn.head_dim).transpose(1, 2)
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own RoPE function
+        query, _ = rotary(query, query, *rope)  # [B, heads, q, D]
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # GQA: [B, heads, k, D]
+        scores = (query @ keys.transpose(2, 3)).float() * attn.scaling  # [B, heads, q, k]
+        visible = torch.arange(keys.shape[2], device=keys.device) <= query_index.view(-1, 1)  # [q, k]
+        return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
     @property
     def final_norm(self) -> nn.Module:

@@ -1,0 +1,193 @@
+"""Oracle 3: pruning at layer K ≡ the full model with per-layer masks; budget formula; scorers; VisionZip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import twigvlm
+from twigvlm import PruneConfig, TwigVLMError
+from twigvlm.prune import default_wipe_layer, kept_per_layer, plan_pruning, pruned_prefill, query_positions
+from twigvlm.tiny import TinySpec, build_tiny_llava
+from twigvlm.visionzip import VisionZip
+
+from .conftest import hf_greedy, random_image, random_prompt
+
+
+@pytest.fixture(scope="module", params=["llama-clip", "qwen2-siglip"])
+def model(request):
+    # 8 layers and 64 visual tokens per image, so that several K, K_f and R' are feasible.
+    spec = {"llama-clip": TinySpec(num_layers=8, image_size=64, tie_embeddings=False, seed=4),
+            "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", num_layers=8, image_size=64, seed=5)}
+    model, processor = build_tiny_llava(spec[request.param])
+    vlm = twigvlm.VLM.from_model(model, processor)
+    vlm.grow_twig(K=2, T=3)
+    with torch.no_grad():  # a twig that differs from the base layers it was copied from
+        for p in vlm.twig.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vlm
+
+
+def test_budget_on_the_papers_numbers():
+    assert kept_per_layer(64, num_layers=32, num_visual=576, K=2, wipe=24) == 41
+    plan = plan_pruning(PruneConfig("twig", keep=64), num_layers=32, num_visual=576, K=2)
+    assert (plan.wipe, plan.kept) == (24, 41) and plan.avg_kept == pytest.approx((2 * 576 + 41 * 22) / 32)
+    assert default_wipe_layer(32) == 24 and default_wipe_layer(30) == 23 and default_wipe_layer(6) == 5
+    assert plan_pruning(PruneConfig("twig", keep_ratio=1.0, wipe_layer=32), 32, 576, 2).kept == 576
+    assert plan_pruning(PruneConfig("fastv", keep_ratio=1 / 9), 32, 576, 2).kept == 41  # 11.1% = 64 of 576
+    exact = plan_pruning(PruneConfig("twig", keep=(2 * 576 + 10 * 22) / 32), 32, 576, 2)
+    assert exact.kept == 10 and exact.avg_kept == pytest.approx((2 * 576 + 10 * 22) / 32)  # no float creep
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (PruneConfig("twig", keep=20), "between 36.7 and 432.0"),
+    (PruneConfig("twig", keep=500), "between 36.7 and 432.0"),
+    (PruneConfig("twig", keep=64, wipe_layer=2), "wipe_layer=2 is invalid"),
+    (PruneConfig("twig", keep=64, wipe_layer=33), "wipe_layer=33 is invalid"),
+])
+def test_budget_errors_name_the_feasible_range(cfg, message):
+    with pytest.raises(TwigVLMError, match=message):
+        plan_pruning(cfg, num_layers=32, num_visual=576, K=2)
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (PruneConfig("tree"), "unknown"), (PruneConfig("twig", keep=3, keep_ratio=0.1), "not both"),
+    (PruneConfig("twig", keep_ratio=0), "keep_ratio"), (PruneConfig("twig", keep=-1), "keep=-1"),
+    (PruneConfig("twig", query="first"), "query"),
+])
+def test_bad_prune_configs(cfg, message):
+    with pytest.raises(TwigVLMError, match=message):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("method", ["twig", "fastv", "visionzip"])
+def test_keep_all_without_wipe_is_the_unpruned_model(model, method):
+    cfg = PruneConfig(method, keep_ratio=1.0, wipe_layer=8)
+    for seed in range(3):
+        args = dict(prompt=random_prompt(seed, 5), image=[random_image(seed)], max_new_tokens=8, ignore_eos=True)
+        pruned = model.generate(**args, prune=cfg)
+        assert pruned.token_ids == model.generate(**args).token_ids == hf_greedy(model, args["prompt"],
+                                                                                  args["image"], 8)
+        assert pruned.stats.kept == 64
+
+
+def _masked_reference_logits(vlm, ids, embeds, visual, kept, K, wipe):
+    """The full model, no cache, with per-layer masks: pruned visual keys hidden from layers > K, every visual key
+    hidden from layers > K_f, original position ids. Logits at every position [T, V]."""
+    adapter, T = vlm.adapter, ids.shape[1]
+    pruned = visual.clone()
+    pruned[visual.nonzero().flatten()[kept]] = False
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    pos = torch.arange(T).unsqueeze(0)
+    hidden, rope = embeds, adapter.rotary(embeds, pos)
+    for i, layer in enumerate(adapter.layers):  # i is 0-based: layer i+1 in the paper's numbering
+        hidden_keys = pruned if K <= i < wipe else (visual if i >= wipe else torch.zeros_like(visual))
+        mask = (causal & ~hidden_keys.unsqueeze(0)).view(1, 1, T, T)
+        hidden = adapter.call_layer(layer, hidden, mask, pos, rope, None)
+    return vlm.engine.logits(hidden)[0]
+
+
+@pytest.mark.parametrize("method,query", [("twig", "last"), ("twig", "text"), ("fastv", "last")])
+@pytest.mark.parametrize("K,wipe,keep", [(2, 6, 50.0), (2, 8, 70.0), (1, 5, 40.0), (3, 7, 75.0)])
+def test_pruning_equals_the_masked_full_model(model, method, query, K, wipe, keep):
+    if method == "twig" and K != model.twig.config.K:
+        model = copy.copy(model)
+        model.engine = twigvlm.engine.Engine(model.adapter, None)
+        model.grow_twig(K=K, T=2)
+    cfg = PruneConfig(method, keep=keep, wipe_layer=wipe, layer=K, query=query)
+    enc = model.encode(random_prompt(K + wipe, 6), [random_image(K), random_image(wipe)])
+    engine = model.engine
+    with torch.no_grad():
+        state = engine.new_state()
+        logits, stats = pruned_prefill(engine, state, enc, cfg)
+        ours, ids = [logits[0]], []
+        for _ in range(6):
+            ids.append(int(ours[-1].argmax()))
+            ours.append(engine.step(state, torch.tensor([[ids[-1]]]))[0, -1])
+        M, R, L = enc.num_visual_tokens, stats.kept, engine.num_layers
+        all_ids = torch.cat([enc.input_ids, torch.tensor([ids])], 1)
+        embeds = torch.cat([enc.inputs_embeds, model.adapter.embed(torch.tensor([ids]))], 1)
+        visual = torch.cat([enc.visual_mask[0], torch.zeros(len(ids), dtype=torch.bool)])
+        ref = _masked_reference_logits(model, all_ids, embeds, visual, torch.tensor(stats.kept_indices), K, wipe)
+    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1: -1], rtol=1e-4, atol=1e-5)
+    assert ids == ref[enc.num_tokens - 1: -1].argmax(-1).tolist()
+    assert stats.kept == R == kept_per_layer(keep, L, M, K, wipe) and len(stats.kept_indices) == R
+    # Cache invariant: layers 1..K and the twig hold everything, K+1..K_f the kept visual tokens, then text only.
+    fed = len(ids)  # every greedy token was fed back
+    T = enc.num_tokens
+    assert state.cache.lengths() == [T + fed] * K + [T - M + R + fed] * (wipe - K) + [T - M + fed] * (L - wipe)
+    if method == "twig":
+        assert state.twig_cache.lengths() == [T] * len(model.twig.layers)
+
+
+def test_twig_scores_equal_an_eager_attention_reference(model):
+    enc = model.encode(random_prompt(9, 4), [random_image(9)])
+    engine, twig = model.engine, model.twig
+    pos = enc.position_ids
+    with torch.no_grad():
+        state = engine.new_state()
+        hidden = engine.forward(state, enc.inputs_embeds, pos, 0, twig.config.K)
+        qidx = query_positions(enc, "text")
+        _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden, pos, qidx)
+        below = hidden
+        for layer in twig.layers[:-1]:
+            below = model.adapter.call_layer(layer, below, None, pos, model.adapter.rotary(below, pos), None)
+        eager = copy.deepcopy(twig.layers[-1])
+        eager.self_attn.config = copy.copy(eager.self_attn.config)
+        eager.self_attn.config._attn_implementation = "eager"
+        T = enc.num_tokens
+        mask = torch.full((T, T), float("-inf")).triu(1).view(1, 1, T, T)
+        _, weights = eager.self_attn(hidden_states=eager.input_layernorm(below), attention_mask=mask,
+                                     position_embeddings=model.adapter.rotary(below, pos))
+    torch.testing.assert_close(probs[0], weights[0][:, qidx], rtol=1e-5, atol=1e-6)
+
+
+def test_scorers_choose_differently_and_query_modes_work(model):
+    enc = model.encode(random_prompt(3, 4), [random_image(3)])
+    kept = {}
+    for method, query in [("twig", "last"), ("twig", "text"), ("fastv", "last")]:
+        with torch.no_grad():
+            _, stats = pruned_prefill(model.engine, model.engine.new_state(), enc, PruneConfig(method, keep=30,
+                                                                                               query=query))
+        kept[(method, query)] = stats.kept_indices
+    assert len({tuple(v) for v in kept.values()}) > 1
+
+
+def test_pruning_errors(model):
+    bare = twigvlm.VLM(model.adapter)
+    with pytest.raises(TwigVLMError, match="needs a twig"):
+        bare.generate("hi", image=random_image(0), prune=PruneConfig("twig", keep=30))
+    with pytest.raises(TwigVLMError, match="infeasible"):
+        model.generate("hi", image=random_image(0), prune="twig")  # 11.1% of 64 is below layers 1..K's share
+    with pytest.raises(TwigVLMError, match="after the twig's layer K=2"):
+        model.generate("hi", image=random_image(0), prune=PruneConfig("twig", keep=30, layer=3))
+    out = model.generate("text only", prune=PruneConfig("twig", keep=30), max_new_tokens=3)
+    assert out.stats.visual_tokens == 0  # nothing to prune: plain prefill
+
+
+def test_visionzip_keeps_dominant_tokens_and_merges_the_rest():
+    P, dim = 16, 4
+    features = torch.arange(P * dim, dtype=torch.float32).view(P, dim)
+    scores = torch.zeros(P)
+    scores[[3, 7, 11]] = torch.tensor([0.9, 0.8, 0.7])
+    keys = torch.eye(P)[:, :8] + 0.01  # every token most similar to itself or to nothing in particular
+    reduced, kept = VisionZip(PruneConfig("visionzip", keep=4))(features, scores, keys, total_visual=P)
+    assert kept[:3].tolist() == [3, 7, 11]  # round(4 · 54/64) = 3 dominant tokens, in order
+    assert torch.equal(reduced[:3], features[[3, 7, 11]])
+    rest = [i for i in range(P) if i not in (3, 7, 11)]
+    assert torch.allclose(reduced[3], features[rest].mean(0))  # one contextual token: the mean of the rest
+    with pytest.raises(TwigVLMError, match="infeasible"):
+        VisionZip(PruneConfig("visionzip", keep=0.2))(features, scores, keys, total_visual=P)
+
+
+def test_visionzip_shortens_the_sequence(model):
+    full = model.encode("what is it?", [random_image(1), random_image(2)])
+    zipped = model.encode("what is it?", [random_image(1), random_image(2)], prune=PruneConfig("visionzip", keep=20))
+    assert full.num_visual_tokens == 128 and zipped.num_visual_tokens == 20
+    assert zipped.num_tokens == full.num_tokens - 108
+    assert zipped.reduction.visual_tokens == 128 and len(zipped.reduction.kept_indices) == 20
+    out = model.generate("what is it?", image=[random_image(1)], prune=PruneConfig("visionzip", keep=10),
+                         max_new_tokens=3, ignore_eos=True)
+    assert (out.stats.prune_method, out.stats.visual_tokens, out.stats.kept) == ("visionzip", 64, 10)

@@ -1,0 +1,146 @@
+"""Visual-token pruning in the language model: the R̄ ↔ R' budget, the twig and FastV scorers, FinalWipe,
+and the pruned prefill that leaves each layer group's cache at its own length.
+
+Prefill with pruning: base layers 1..K see the whole prompt. A scorer gives one score per visual token (the
+twig's last layer, or base layer K for FastV: the attention row of the last prompt token, or the mean row of
+the text after the image, averaged over heads). Base layers K+1..K_f see the text and the top-R' visual tokens
+(original order, original position ids); layers after K_f see the text only. Decoding then runs on caches of
+lengths T (layers 1..K, twig), T − M + R' (K+1..K_f) and T − M (after K_f). VisionZip, which prunes before
+the language model, lives in `visionzip.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.base import Encoded
+from .config import PruneConfig
+from .engine import DecodeState, Engine
+from .errors import TwigVLMError
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """The numbers of one pruned prefill. Layers are 1-based: K = last full layer, wipe = K_f."""
+
+    method: str
+    num_layers: int  # L
+    num_visual: int  # M
+    K: int
+    wipe: int  # K_f
+    kept: int  # R'
+
+    @property
+    def avg_kept(self) -> float:
+        """Realised R̄: visual tokens per layer averaged over all L layers."""
+        return (self.K * self.num_visual + self.kept * (self.wipe - self.K)) / self.num_layers
+
+
+def default_wipe_layer(num_layers: int) -> int:
+    """round(0.75·L), half up: 24 of LLaVA-1.5-7B's 32 layers."""
+    return int(math.floor(0.75 * num_layers + 0.5))
+
+
+def kept_per_layer(avg: float, num_layers: int, num_visual: int, K: int, wipe: int) -> int:
+    """R' = ceil((L·R̄ − K·M) / (K_f − K)) — the paper's budget, inverted."""
+    return math.ceil((num_layers * avg - K * num_visual) / (wipe - K) - 1e-9)
+
+
+def plan_pruning(cfg: PruneConfig, num_layers: int, num_visual: int, K: int) -> PrunePlan:
+    """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range."""
+    wipe = cfg.wipe_layer if cfg.wipe_layer is not None else max(K + 1, default_wipe_layer(num_layers))
+    if not K < wipe <= num_layers:
+        raise TwigVLMError(f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} "
+                           f"(L disables FinalWipe)")
+    if not 1 <= K < num_layers:
+        raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
+    avg = cfg.average_budget(num_visual)
+    kept = kept_per_layer(avg, num_layers, num_visual, K, wipe)
+    if not 1 <= kept <= num_visual:
+        low = (K * num_visual + (wipe - K)) / num_layers
+        high = num_visual * wipe / num_layers
+        raise TwigVLMError(
+            f"a budget of {avg:.1f} visual tokens per layer is infeasible for this model and prompt (M={num_visual}, "
+            f"L={num_layers}, K={K}, K_f={wipe}): choose an average between {low:.1f} and {high:.1f}")
+    return PrunePlan(cfg.method, num_layers, num_visual, K, wipe, kept)
+
+
+@dataclass
+class PruneStats:
+    method: str
+    visual_tokens: int  # M
+    kept: int  # R'
+    avg_kept: float  # realised R̄
+    kept_indices: list[int]  # 0-based positions within the image tokens
+    score_s: float = 0.0
+
+
+def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:
+    """Indices of the scoring queries: the last prompt token, or the text tokens after the last image."""
+    last = encoded.num_tokens - 1
+    if mode == "text":
+        visual = encoded.visual_mask[0].nonzero().flatten()
+        start = int(visual[-1]) + 1 if visual.numel() else last
+        return torch.arange(min(start, last), last + 1, device=encoded.input_ids.device)
+    return torch.tensor([last], device=encoded.input_ids.device)
+
+
+def _score(engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan,
+           query: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, T, H] and scores [M]."""
+    pos, qidx = encoded.position_ids, query_positions(encoded, query)
+    if plan.method == "twig":
+        twig = engine.twig
+        if twig is None:
+            raise TwigVLMError("twig-guided pruning needs a twig: load one (--twig DIR) or use --prune fastv")
+        hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K)
+        _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden_k, pos, qidx)
+    elif plan.method == "fastv":  # base layer K's own attention
+        below = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K - 1)
+        layers = engine.adapter.layers[plan.K - 1: plan.K]
+        hidden_k, probs = engine.run_and_score(layers, state.cache.layers[plan.K - 1: plan.K], below, pos, qidx)
+    else:
+        raise ValueError(f"no language-model scorer for {plan.method!r}")
+    visual = encoded.visual_mask[0]  # [T]
+    scores = probs.mean(dim=(1, 2))[0, : visual.shape[0]][visual]  # heads, queries → [M]
+    return hidden_k, scores
+
+
+def select_kept(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """Indices (within the visual tokens, increasing) of the `kept` highest scores."""
+    return scores.topk(kept).indices.sort().values
+
+
+def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded,
+                   cfg: PruneConfig) -> tuple[torch.Tensor, PruneStats]:
+    """Prefill with pruning after layer K and FinalWipe after K_f; logits of the last prompt token [B, V]."""
+    L, M = engine.num_layers, encoded.num_visual_tokens
+    K = cfg.layer if cfg.layer is not None else (engine.twig.config.K if engine.twig is not None else 2)
+    if cfg.method == "twig" and engine.twig is not None and K != engine.twig.config.K:
+        raise TwigVLMError(f"twig pruning happens after the twig's layer K={engine.twig.config.K}, not {K}: "
+                           "drop the layer option or grow a twig at that layer")
+    if M == 0:  # nothing to prune
+        return engine.prefill(state, encoded), PruneStats(cfg.method, 0, 0, 0.0, [])
+    plan = plan_pruning(cfg, L, M, K)
+    t0 = time.perf_counter()
+    hidden, scores = _score(engine, state, encoded, plan, cfg.query)
+    score_s = time.perf_counter() - t0
+    keep_visual = select_kept(scores, plan.kept)  # [R']
+    visual = encoded.visual_mask[0]  # [T]
+    keep = ~visual
+    keep[visual.nonzero().flatten()[keep_visual]] = True
+    keep[-1] = True  # the last prompt token carries the next-token logits
+    idx = keep.nonzero().flatten()  # [T − M + R'] positions the deep layers see
+    pos = encoded.position_ids[..., idx]
+    hidden = engine.forward(state, hidden[:, idx], pos, plan.K, plan.wipe)
+    if plan.wipe < L:  # FinalWipe: only text from here on
+        text = ~visual[idx]
+        text[-1] = True
+        hidden = engine.forward(state, hidden[:, text], pos[..., text], plan.wipe, L)
+    state.next_position = encoded.next_position
+    stats = PruneStats(plan.method, M, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s)
+    return engine.logits(hidden[:, -1:])[:, 0], stats
