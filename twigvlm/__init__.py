@@ -10,5 +10,5 @@ from .generate import GenerationResult, GenerationStats
 
 __version__ = "0.1.0"
 
-__all__ = ["GenConfig", "PruneConfig", "GenerationResult", "GenerationStats", "TwigConfig", "TwigVLMError", "VLM", "load",
-           "__version__"]
+__all__ = ["GenConfig", "GenerationResult", "GenerationStats", "PruneConfig", "TwigConfig", "TwigVLMError", "VLM",
+           "load", "__version__"]
