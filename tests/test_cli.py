@@ -56,6 +56,27 @@ def test_generate_streams_text(capsys, model_dirs, image):
     assert code == 0 and out.endswith("\n") and "32 visual tokens" in err
 
 
+@pytest.mark.parametrize("method", ["twig", "fastv", "visionzip"])
+def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(capsys, model_dirs, image, twig_dir, tmp_path,
+                                                                     method):
+    png = tmp_path / "kept.png"
+    code, out, err = _run(capsys, ["generate", "--model", model_dirs["llama-clip"], "--twig", twig_dir, "--image",
+                                   image, "--prompt", "what is it?", "--max-new-tokens", "3", "--prune", method,
+                                   "--keep", "8", "--json", "--save-kept", str(png)])
+    assert code == 0, err
+    stats = json.loads(out)["stats"]
+    assert stats["visual_tokens"] == 16 and stats["prune_method"] == method
+    assert len(stats["kept_indices"]) == stats["kept"] and 0 < stats["kept"] < 16
+    assert stats["avg_kept"] == pytest.approx(8, abs=1.0)
+    picture = Image.open(png)
+    side = picture.size[0]
+    assert picture.size == (side, side) and side >= 336  # a 32-px model view, enlarged; 4×4 patches
+    cell = side // 4
+    dark = sum(1 for r in range(4) for c in range(4)
+               if sum(picture.getpixel((c * cell + cell // 2, r * cell + cell // 2))) < 200)
+    assert 16 - stats["kept"] <= dark <= 16 - stats["kept"] + 2  # pruned patches are dimmed (a kept one rarely is)
+
+
 def test_grow_writes_a_twig(capsys, model_dirs, tmp_path):
     code, out, _ = _run(capsys, ["grow", "--model", model_dirs["qwen2-siglip"], "--K", "1", "--T", "2", "--out",
                                  str(tmp_path / "t")])
@@ -91,6 +112,12 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "no such device": (gen + ["--device", "banana"], "not a torch device"),
         "grow into a file": (["grow", "--model", m, "--out", str(tmp / "notes.png" / "twig")], "not a directory"),
         "tiny onto a file": (["tiny", "--out", str(tmp / "notes.png")], "not a directory"),
+        "twig pruning without a twig": (gen + ["--image", image, "--prune", "twig"], "needs a twig"),
+        "infeasible budget": (gen + ["--image", image, "--prune", "fastv", "--keep", "1"], "infeasible"),
+        "keep and keep-ratio": (gen + ["--keep", "3", "--keep-ratio", "0.1"], "not allowed with"),
+        "unknown prune method": (gen + ["--prune", "random"], "invalid choice"),
+        "save-kept into nowhere": (gen + ["--image", image, "--save-kept", str(tmp / "no" / "k.png")],
+                                   "not a writable file path"),
     }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .config import GenConfig, TwigConfig
+from .config import PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, TwigConfig
 from .errors import TwigVLMError
 
 EXIT_USAGE = 2
@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
+    pr = gen.add_argument_group("visual-token pruning")
+    pr.add_argument("--prune", choices=list(PRUNE_METHODS), default="none",
+                    help="twig (TTP, needs --twig), fastv, visionzip or none (default)")
+    budget = pr.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
+    budget.add_argument("--keep-ratio", type=float, default=None, help="R̄ / M (default 0.111)")
+    pr.add_argument("--wipe-layer", type=int, default=None, help="K_f: no visual token after this layer "
+                                                                   "(default round(0.75·L); L disables)")
+    pr.add_argument("--prune-layer", type=int, default=None, help="K for fastv (default: the twig's K, else 2)")
+    pr.add_argument("--query", choices=list(QUERY_MODES), default="last",
+                    help="score with the last prompt token (default) or the text after the image")
+    pr.add_argument("--save-kept", default=None, metavar="PNG", help="write the image(s) with pruned patches dimmed")
 
     t = sub.add_parser("tiny", help="write a tiny random LLaVA (offline) for trying things out")
     t.add_argument("--out", required=True)
@@ -104,28 +116,54 @@ def cmd_grow(args: argparse.Namespace) -> None:
           f"({n / 1e6:.2f}M parameters) → {out}")
 
 
+def _prune_config(args: argparse.Namespace) -> PruneConfig:
+    cfg = PruneConfig(method=args.prune, keep=args.keep, keep_ratio=args.keep_ratio, wipe_layer=args.wipe_layer,
+                      layer=args.prune_layer, query=args.query)
+    cfg.validate()
+    if args.prune == "twig" and args.twig is None:
+        raise TwigVLMError("--prune twig needs a twig: pass --twig DIR (from `twigvlm grow` or `twigvlm train`)")
+    return cfg
+
+
+def _check_writable_file(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        raise TwigVLMError(f"{flag} {path} is not a writable file path: its folder must exist and it must not be one")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import VLM
     from .images import load_images
+    from .picture import save_kept_picture
 
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
-    cfg = _gen_config(args)
+    cfg, prune = _gen_config(args), _prune_config(args)
+    _check_writable_file(args.save_kept, "--save-kept")
+    if args.save_kept and not args.image:
+        raise TwigVLMError("--save-kept needs an --image")
     images = load_images(args.image)  # read images before the (slow) model load
     vlm = VLM.load(args.model, twig=args.twig, dtype=args.dtype, device=args.device)
-    stream = vlm.stream(args.prompt, image=images, config=cfg)
+    stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune)
     if args.json:
         for _ in stream:
             pass
+    else:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    s = stream.result.stats
+    if args.save_kept:
+        save_kept_picture(vlm.adapter.visual_layout(images), s.kept_indices, args.save_kept)
+    if args.json:
         print(json.dumps(stream.result.to_dict()))
         return
-    for piece in stream:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    s = stream.result.stats
+    kept = f", kept {s.kept}/{s.visual_tokens} visual tokens ({s.prune_method})" if s.kept is not None else ""
     print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, prefill {s.prefill_s * 1000:.0f} ms, "
-          f"{s.visual_tokens} visual tokens, finished by {s.finish_reason}]", file=sys.stderr)
+          f"{s.visual_tokens} visual tokens{kept}, finished by {s.finish_reason}]", file=sys.stderr)
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:

@@ -71,12 +71,22 @@ class Engine:
         return hidden
 
     def run_and_score(self, layers: Sequence[nn.Module], caches: Sequence[LayerKV], hidden: torch.Tensor,
-                      position_ids: torch.Tensor, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      position_ids: torch.Tensor, query_index: torch.Tensor,
+                      last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `layers` on a fresh prompt (caches empty before), and return the output [B, T, H] with the last
-        layer's attention probabilities [B, heads, q, T] for the queries at `query_index` [q]."""
+        layer's attention probabilities [B, heads, q, T] for the queries at `query_index` [q].
+
+        last_only: the caller needs the output at the last position only ([B, 1, H]); the last layer then
+        projects the other positions' keys/values into its cache and runs on the last position alone.
+        """
         assert all(kv.length == 0 for kv in caches), "scoring runs on the prompt, before any cached tokens"
         below = self.run_layers(layers[:-1], hidden, position_ids, caches[:-1]) if len(layers) > 1 else hidden
-        out = self.run_layers(layers[-1:], below, position_ids, caches[-1:])
+        if last_only:
+            head = position_ids[..., :-1]
+            caches[-1].append(*self.adapter.project_kv(layers[-1], below[:, :-1], self.adapter.rotary(below, head)))
+            out = self.run_layers(layers[-1:], below[:, -1:], position_ids[..., -1:], caches[-1:])
+        else:
+            out = self.run_layers(layers[-1:], below, position_ids, caches[-1:])
         rope = self.adapter.rotary(below, position_ids[..., query_index])
         probs = self.adapter.attention_probs(layers[-1], below[:, query_index], rope, caches[-1].keys(), query_index)
         return out, probs

@@ -98,7 +98,8 @@ def _score(engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan
         if twig is None:
             raise TwigVLMError("twig-guided pruning needs a twig: load one (--twig DIR) or use --prune fastv")
         hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K)
-        _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden_k, pos, qidx)
+        # The twig's output matters at the last position only (a first draft); its keys everywhere.
+        _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden_k, pos, qidx, last_only=True)
     elif plan.method == "fastv":  # base layer K's own attention
         below = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K - 1)
         layers = engine.adapter.layers[plan.K - 1: plan.K]

@@ -119,6 +119,11 @@ class VLMAdapter(ABC):
         """
 
     @abstractmethod
+    def visual_layout(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, int, int]]:
+        """Each image as the vision tower sees it (after resizing and cropping), with its token grid (rows, cols);
+        the image's visual tokens are numbered row by row."""
+
+    @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, n] → input embeddings [B, n, H]."""
 
@@ -156,6 +161,12 @@ class VLMAdapter(ABC):
         the keys (a query sees keys 0..index). Returns float32 [B, heads, q, k].
         """
 
+    @abstractmethod
+    def project_kv(self, layer: nn.Module, hidden: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys (after RoPE) and values [B, H_kv, n, D] that `layer` would cache for its input hidden [B, n, H],
+        without running the rest of the layer."""
+
     @property
     @abstractmethod
     def final_norm(self) -> nn.Module: ...
@@ -186,7 +197,8 @@ class VLMAdapter(ABC):
         sample = {}
         for name, t in sorted(self.fingerprint_tensors().items()):
             flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel()), device=flat.device).long()
+            count = min(n, flat.numel())
+            idx = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)  # exact ints
             sample[name] = [float(x) for x in flat[idx].float().cpu()]
         return sample
 

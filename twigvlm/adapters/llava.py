@@ -189,6 +189,17 @@ class LlavaAdapter(VLMAdapter):
         kept_indices = torch.cat(kept).sort().values.tolist()
         return features, input_ids[:, keep], Reduction("visionzip", visual.numel(), kept_indices)
 
+    def visual_layout(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, int, int]]:
+        ip = self.processor.image_processor
+        pixels = ip(images=list(images), return_tensors="pt")["pixel_values"]  # [N, 3, h, w], normalised
+        mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
+        scale = getattr(ip, "rescale_factor", 1 / 255)
+        raw = ((pixels * std + mean) / scale).round().clamp(0, 255).to(torch.uint8)  # [N, 3, h, w]
+        patch = self.model.config.vision_config.patch_size
+        return [(Image.fromarray(img.permute(1, 2, 0).numpy()), img.shape[1] // patch, img.shape[2] // patch)
+                for img in raw]
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._lm.embed_tokens(token_ids)
 
@@ -221,6 +232,17 @@ class LlavaAdapter(VLMAdapter):
         scores = (query @ keys.transpose(2, 3)).float() * attn.scaling  # [B, heads, q, k]
         visible = torch.arange(keys.shape[2], device=keys.device) <= query_index.view(-1, 1)  # [q, k]
         return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+    def project_kv(self, layer: nn.Module, hidden: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = layer.self_attn
+        b, n, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, n, D]
+        v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        k, _ = rotary(k, k, *rope)
+        return k, v
 
     @property
     def final_norm(self) -> nn.Module:

@@ -1,0 +1,54 @@
+"""The kept-token picture: each image as the model saw it, with pruned patches dimmed, side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .errors import TwigVLMError
+
+DIM = 0.25  # brightness left to a pruned patch
+MIN_SIDE = 336  # small inputs are enlarged (nearest neighbour) so that patches stay visible
+GAP = 8
+
+
+def kept_picture(layout: Sequence[tuple[Image.Image, int, int]], kept_indices: Sequence[int] | None) -> Image.Image:
+    """layout: (image, rows, cols) per image (`VLMAdapter.visual_layout`); kept_indices: kept tokens among all
+    images' tokens, 0-based (None: all kept)."""
+    kept = None if kept_indices is None else set(kept_indices)
+    panels, offset = [], 0
+    for image, rows, cols in layout:
+        factor = max(1, -(-MIN_SIDE // min(image.size)))
+        panel = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+        dimmed = Image.eval(panel, lambda v: int(v * DIM))
+        ph, pw = panel.height / rows, panel.width / cols
+        mask = Image.new("L", panel.size, 0)  # 255 where the patch was pruned
+        draw = ImageDraw.Draw(mask)
+        for r in range(rows):
+            for c in range(cols):
+                if kept is not None and offset + r * cols + c not in kept:
+                    draw.rectangle([round(c * pw), round(r * ph), round((c + 1) * pw) - 1, round((r + 1) * ph) - 1],
+                                   fill=255)
+        panels.append(Image.composite(dimmed, panel, mask))
+        offset += rows * cols
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + GAP * (len(panels) - 1),
+                               max(p.height for p in panels)), (255, 255, 255))
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width + GAP
+    return canvas
+
+
+def save_kept_picture(layout: Sequence[tuple[Image.Image, int, int]], kept_indices: Sequence[int] | None,
+                      path: str | Path) -> Path:
+    path = Path(path)
+    if not layout:
+        raise TwigVLMError("--save-kept needs at least one image")
+    try:
+        kept_picture(layout, kept_indices).save(path, format="PNG")
+    except OSError as e:
+        raise TwigVLMError(f"cannot write {path} ({e.strerror or e}): choose a writable path") from None
+    return path
