@@ -4,11 +4,11 @@ Public API: `load`, `VLM`, `TwigConfig`, `GenConfig`, `GenerationResult`, `TwigV
 """
 
 from .api import VLM, load
-from .config import GenConfig, PruneConfig, TwigConfig
+from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
 from .generate import GenerationResult, GenerationStats
 
 __version__ = "0.1.0"
 
-__all__ = ["GenConfig", "GenerationResult", "GenerationStats", "PruneConfig", "TwigConfig", "TwigVLMError", "VLM",
-           "load", "__version__"]
+__all__ = ["GenConfig", "GenerationResult", "GenerationStats", "PruneConfig", "SpecConfig", "TwigConfig",
+           "TwigVLMError", "VLM", "load", "__version__"]

@@ -17,7 +17,7 @@ import torch
 
 from .adapters import VLMAdapter, adapter_for, load_adapter
 from .adapters.base import Encoded, Prompt
-from .config import GenConfig, PruneConfig, TwigConfig
+from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .engine import Engine
 from .errors import TwigVLMError
 from .generate import Generation, GenerationResult
@@ -81,21 +81,23 @@ class VLM:
 
     def stream(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
                config: GenConfig | None = None, prune: PruneConfig | str | None = None,
-               **kwargs: Any) -> Generation:
+               speculative: SpecConfig | bool = False, **kwargs: Any) -> Generation:
         """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
 
         prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip") at the default 11.1% budget.
+        speculative: True (or a SpecConfig) drafts with the twig and verifies with the full model (lossless).
         kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
         """
         cfg = self._gen_config(config, kwargs)
         prune = _prune_config(prune)
-        return Generation(self.engine, self.encode(prompt, image, prune), cfg, prune)
+        spec = SpecConfig() if speculative is True else (speculative or None)
+        return Generation(self.engine, self.encode(prompt, image, prune), cfg, prune, spec)
 
     def generate(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
                  config: GenConfig | None = None, prune: PruneConfig | str | None = None,
-                 **kwargs: Any) -> GenerationResult:
+                 speculative: SpecConfig | bool = False, **kwargs: Any) -> GenerationResult:
         """Generate to the end: text, token ids and statistics."""
-        gen = self.stream(prompt, image, config, prune, **kwargs)
+        gen = self.stream(prompt, image, config, prune, speculative, **kwargs)
         for _ in gen:
             pass
         assert gen.result is not None

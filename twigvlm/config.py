@@ -130,3 +130,26 @@ class PruneConfig:
         if self.keep is not None:
             return float(self.keep)
         return (self.keep_ratio if self.keep_ratio is not None else DEFAULT_KEEP_RATIO) * num_visual
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Self-speculative decoding: the shallow net (layers 1..K + twig) drafts, the full model verifies.
+
+    draft_len:  γ, the most tokens drafted per verification (upstream: 5).
+    threshold:  τ, stop drafting when the drafted token's probability under the twig falls below it (0 disables).
+    adaptive:   raise γ by one after a fully accepted draft, lower it by one after a rejection (1..max_draft_len).
+    """
+
+    draft_len: int = 5
+    threshold: float = 0.6
+    adaptive: bool = False
+    max_draft_len: int = 10
+
+    def validate(self) -> None:
+        if not isinstance(self.draft_len, int) or self.draft_len < 1:
+            raise TwigVLMError(f"draft_len={self.draft_len} is invalid: draft at least one token per step")
+        if not (0.0 <= self.threshold < 1.0):
+            raise TwigVLMError(f"draft threshold={self.threshold} is invalid: it must be in [0, 1); 0 disables it")
+        if not isinstance(self.max_draft_len, int) or self.max_draft_len < self.draft_len:
+            raise TwigVLMError(f"max_draft_len={self.max_draft_len} must be an integer >= draft_len={self.draft_len}")

@@ -126,11 +126,28 @@ class Engine:
         state.next_position += n
         return self.adapter.embed(token_ids), positions
 
-    def prefill(self, state: DecodeState, encoded: Encoded) -> torch.Tensor:
-        """Run the whole prompt through every base layer, filling the cache; logits of the last token [B, V]."""
-        hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids)
+    def prefill(self, state: DecodeState, encoded: Encoded, prime_twig: bool = False) -> torch.Tensor:
+        """Run the whole prompt through every base layer, filling the cache; logits of the last token [B, V].
+
+        prime_twig: also fill the twig's cache from the layer-K states (speculative decoding drafts from it).
+        """
+        if prime_twig:
+            K = self.twig.config.K
+            hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids, 0, K)
+            self.prime_twig(state, hidden, encoded.position_ids)
+            hidden = self.forward(state, hidden, encoded.position_ids, K, self.num_layers)
+        else:
+            hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids)
         state.next_position = encoded.next_position
         return self.logits(hidden[:, -1:])[:, 0]
+
+    def prime_twig(self, state: DecodeState, hidden_k: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Fill the twig's cache for a prompt from its layer-K states [B, T, H]; the twig's last layer only
+        projects keys/values (its outputs on the prompt are never needed)."""
+        assert self.twig is not None and state.twig_cache is not None
+        layers, caches = self.twig.layers, state.twig_cache.layers
+        below = self.run_layers(layers[:-1], hidden_k, position_ids, caches[:-1]) if len(layers) > 1 else hidden_k
+        caches[-1].append(*self.adapter.project_kv(layers[-1], below, self.adapter.rotary(below, position_ids)))
 
     def step(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed n new tokens [B, n] through every base layer; logits [B, n, V]."""

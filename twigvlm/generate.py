@@ -7,18 +7,20 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .adapters.base import Encoded
-from .config import GenConfig, PruneConfig
+from .config import GenConfig, PruneConfig, SpecConfig
 from .engine import DecodeState, Engine
 from .errors import TwigVLMError
 from .prune import PruneStats, pruned_prefill
 from .sampling import make_generator, pick_tokens
+from .speculative import SpecStats, TwigSpecModel, speculative_blocks
 
 
 @dataclass
@@ -37,6 +39,13 @@ class GenerationStats:
     kept: int | None = None  # R', visual tokens the deep layers keep (None: no pruning)
     avg_kept: float | None = None  # realised R̄, visual tokens per layer averaged over all layers
     kept_indices: list[int] | None = None  # kept positions within the image tokens, 0-based
+    drafted: int | None = None  # speculative decoding (None without it)
+    accepted: int | None = None
+    verifications: int | None = None
+    acceptance_rate: float | None = None
+    mean_accepted_per_step: float | None = None  # tokens emitted per verification
+    draft_s: float | None = None
+    verify_s: float | None = None
 
 
 @dataclass
@@ -100,33 +109,76 @@ class TextStream:
         return best
 
 
+def emit(blocks: Iterable[list[int]], text: TextStream, max_new_tokens: int, eos: set[int], stop_ids: set[int],
+         ids: list[int]) -> Generator[str, None, str]:
+    """Take tokens from blocks into `ids` and yield text pieces until a stopping rule fires; return the reason.
+
+    Tokens after the stopping one in the same block (a speculative step emits several) are dropped; EOS and
+    special-token stops end the text before themselves but stay in `ids`.
+    """
+    reason = "length"
+    for token in itertools.chain.from_iterable(blocks):  # the next block is computed only when needed
+        ids.append(token)
+        if token in eos:
+            reason = "eos"
+            break
+        if token in stop_ids:
+            reason = "stop"
+            break
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            reason = "stop"
+            break
+        if len(ids) >= max_new_tokens:
+            break
+    tail = text.finish()
+    if tail:
+        yield tail
+    return reason
+
+
 @torch.no_grad()  # not inference_mode: callers may edit the cache between steps
-def _prefill(engine: Engine, state: DecodeState, encoded: Encoded,
-             prune: PruneConfig | None) -> tuple[torch.Tensor, PruneStats | None]:
+def _prefill(engine: Engine, state: DecodeState, encoded: Encoded, prune: PruneConfig | None,
+             prime_twig: bool) -> tuple[torch.Tensor, PruneStats | None]:
     if prune is None or not prune.active or prune.method == "visionzip":  # visionzip pruned before the LM
-        return engine.prefill(state, encoded), None
-    return pruned_prefill(engine, state, encoded, prune)
+        return engine.prefill(state, encoded, prime_twig), None
+    return pruned_prefill(engine, state, encoded, prune, prime_twig)
 
 
-@torch.no_grad()
-def _step(engine: Engine, state: DecodeState, token: int, device: torch.device) -> torch.Tensor:
-    return engine.step(state, torch.tensor([[token]], device=device))[:, -1]
+def _ar_blocks(engine: Engine, state: DecodeState, first: int, cfg: GenConfig,
+               generator: torch.Generator | None) -> Iterator[list[int]]:
+    """Plain autoregressive decoding: one token per block; a step runs only when the next block is asked for."""
+    token = first
+    device = state.cache[0].keys().device
+    while True:
+        yield [token]
+        with torch.no_grad():
+            logits = engine.step(state, torch.tensor([[token]], device=device))[:, -1]
+        token = int(pick_tokens(logits, cfg, generator)[0])
 
 
 class Generation:
     """Iterate for text pieces as they are produced; `result` is set when the iteration ends."""
 
-    def __init__(self, engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None) -> None:
+    def __init__(self, engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None,
+                 spec: SpecConfig | None = None) -> None:
         cfg.validate()
         if prune is not None:
             prune.validate()
+        if spec is not None:
+            spec.validate()
+            if engine.twig is None:
+                raise TwigVLMError("speculative decoding drafts with a twig: load one (--twig DIR) or grow one")
         window = engine.adapter.attention_window
         if window is not None and encoded.num_tokens + cfg.max_new_tokens > window:
             raise TwigVLMError(
                 f"this model uses sliding-window attention (window {window}) and the prompt ({encoded.num_tokens} "
                 f"tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds it, which twigvlm does not support "
                 "yet: shorten the prompt or lower max_new_tokens")
-        self.engine, self.encoded, self.cfg, self.prune = engine, encoded, cfg, prune
+        self.engine, self.encoded, self.cfg, self.prune, self.spec = engine, encoded, cfg, prune, spec
+        self.state: DecodeState | None = None  # the caches, for inspection after (or during) a run
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -139,37 +191,29 @@ class Generation:
         text = TextStream(adapter.decode, [s for s, i in special.items() if i is None])
         generator = make_generator(cfg, encoded.inputs_embeds.device)
         t0 = time.perf_counter()
-        state = engine.new_state()
-        logits, pruned = _prefill(engine, state, encoded, self.prune)  # [1, V]
+        self.state = state = engine.new_state()
+        logits, pruned = _prefill(engine, state, encoded, self.prune, prime_twig=self.spec is not None)  # [1, V]
+        first = int(pick_tokens(logits, cfg, generator)[0])
         t_prefill = time.perf_counter()
+        spec_stats = SpecStats() if self.spec is not None else None
+        if self.spec is not None:
+            model = TwigSpecModel(engine, state, cfg, generator)
+            blocks = speculative_blocks(model, first, cfg, self.spec, generator, spec_stats, eos | stop_ids)
+        else:
+            blocks = _ar_blocks(engine, state, first, cfg, generator)
         ids: list[int] = []
-        reason = "length"
-        while True:
-            token = int(pick_tokens(logits, cfg, generator)[0])
-            ids.append(token)
-            if token in eos:
-                reason = "eos"
-                break
-            if token in stop_ids:
-                reason = "stop"
-                break
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                reason = "stop"
-                break
-            if len(ids) >= cfg.max_new_tokens:
-                break
-            logits = _step(engine, state, token, encoded.inputs_embeds.device)
-        tail = text.finish()
-        if tail:
-            yield tail
+        reason = yield from emit(blocks, text, cfg.max_new_tokens, eos, stop_ids, ids)
         t_end = time.perf_counter()
-        total = encoded.encode_s + (t_end - t0)
+        self.result = GenerationResult(text=text.text, token_ids=ids, stats=self._stats(
+            ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats))
+
+    def _stats(self, ids: list[int], reason: str, prefill_s: float, decode_s: float,
+               pruned: PruneStats | None, spec: SpecStats | None) -> GenerationStats:
+        encoded = self.encoded
+        total = encoded.encode_s + prefill_s + decode_s
         stats = GenerationStats(
             prompt_tokens=encoded.num_tokens, visual_tokens=encoded.num_visual_tokens, new_tokens=len(ids),
-            encode_s=encoded.encode_s, prefill_s=t_prefill - t0, decode_s=t_end - t_prefill,
+            encode_s=encoded.encode_s, prefill_s=prefill_s, decode_s=decode_s,
             tokens_per_s=len(ids) / total if total > 0 else 0.0, finish_reason=reason)
         reduced = encoded.reduction
         if pruned is not None:
@@ -179,12 +223,17 @@ class Generation:
             stats.prune_method, stats.visual_tokens = reduced.method, reduced.visual_tokens
             stats.kept = stats.avg_kept = encoded.num_visual_tokens
             stats.kept_indices = reduced.kept_indices
-        self.result = GenerationResult(text=text.text, token_ids=ids, stats=stats)
+        if spec is not None:
+            stats.drafted, stats.accepted, stats.verifications = spec.drafted, spec.accepted, spec.steps
+            stats.acceptance_rate, stats.mean_accepted_per_step = spec.acceptance_rate, spec.mean_accepted_per_step
+            stats.draft_s, stats.verify_s = spec.draft_s, spec.verify_s
+        return stats
 
 
-def generate(engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None) -> GenerationResult:
+def generate(engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None,
+             spec: SpecConfig | None = None) -> GenerationResult:
     """Run a generation to the end."""
-    gen = Generation(engine, encoded, cfg, prune)
+    gen = Generation(engine, encoded, cfg, prune, spec)
     for _ in gen:
         pass
     assert gen.result is not None

@@ -116,20 +116,28 @@ def select_kept(scores: torch.Tensor, kept: int) -> torch.Tensor:
     return scores.topk(kept).indices.sort().values
 
 
-def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded,
-                   cfg: PruneConfig) -> tuple[torch.Tensor, PruneStats]:
-    """Prefill with pruning after layer K and FinalWipe after K_f; logits of the last prompt token [B, V]."""
+def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded, cfg: PruneConfig,
+                   prime_twig: bool = False) -> tuple[torch.Tensor, PruneStats]:
+    """Prefill with pruning after layer K and FinalWipe after K_f; logits of the last prompt token [B, V].
+
+    prime_twig: make sure the twig's cache holds the whole prompt (for drafting; the twig scorer fills it anyway).
+    """
     L, M = engine.num_layers, encoded.num_visual_tokens
     K = cfg.layer if cfg.layer is not None else (engine.twig.config.K if engine.twig is not None else 2)
     if cfg.method == "twig" and engine.twig is not None and K != engine.twig.config.K:
         raise TwigVLMError(f"twig pruning happens after the twig's layer K={engine.twig.config.K}, not {K}: "
                            "drop the layer option or grow a twig at that layer")
     if M == 0:  # nothing to prune
-        return engine.prefill(state, encoded), PruneStats(cfg.method, 0, 0, 0.0, [])
+        return engine.prefill(state, encoded, prime_twig), PruneStats(cfg.method, 0, 0, 0.0, [])
     plan = plan_pruning(cfg, L, M, K)
     t0 = time.perf_counter()
     hidden, scores = _score(engine, state, encoded, plan, cfg.query)
     score_s = time.perf_counter() - t0
+    if prime_twig and state.twig_cache is not None and state.twig_cache[0].length == 0:
+        if plan.K != engine.twig.config.K:
+            raise TwigVLMError(f"speculative decoding drafts from the twig at layer {engine.twig.config.K}, but "
+                               f"pruning happens after layer {plan.K}: use the same layer")
+        engine.prime_twig(state, hidden, encoded.position_ids)
     keep_visual = select_kept(scores, plan.kept)  # [R']
     visual = encoded.visual_mask[0]  # [T]
     keep = ~visual
