@@ -1,0 +1,322 @@
+"""Oracles 4 and 5: speculative decoding is lossless — greedy ids ≡ AR, sampling ≡ AR in distribution; stub
+models with hand-written logits for accept/reject; the cache invariant after every step."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import twigvlm
+from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
+from twigvlm.generate import TextStream, emit
+from twigvlm.prune import pruned_prefill
+from twigvlm.sampling import make_generator, pick_tokens
+from twigvlm.speculative import Draft, SpecStats, TwigSpecModel, accept, speculative_blocks
+
+from .conftest import random_image, random_prompt
+
+# χ² critical values at a false-alarm rate of 1e-3, by degrees of freedom.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
+            11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+
+
+# ---- stub models ------------------------------------------------------------------------------------------------
+class StubModel:
+    """Target: a fixed continuation (one-hot logits). Drafter: `propose_fn(pos)` gives its guesses."""
+
+    def __init__(self, target: list[int], propose_fn, vocab: int = 26) -> None:
+        self.target, self.propose_fn, self.vocab = target, propose_fn, vocab
+        self.pos = 1  # index in `target` of the token after `last`; target[0] came from the prefill
+        self.requested: list[int] = []
+
+    def propose(self, last, max_len, threshold, stop_ids):
+        self.requested.append(max_len)
+        ids = []
+        for t in self.propose_fn(self.pos)[:max_len]:
+            ids.append(t)
+            if t in stop_ids:
+                break
+        return Draft(ids)
+
+    def verify(self, draft):
+        logits = torch.full((len(draft.ids) + 1, self.vocab), -10.0)
+        for i in range(len(draft.ids) + 1):
+            logits[i, self.target[self.pos + i]] = 10.0
+        return logits
+
+    def commit(self, accepted):
+        self.pos += accepted + 1
+
+
+def _letters(ids):
+    return "".join(chr(ord("a") + i) for i in ids)
+
+
+def _run(model, max_new, gamma, eos=frozenset(), stop=()):
+    stats, cfg = SpecStats(), GenConfig(max_new_tokens=max_new)
+    blocks = speculative_blocks(model, model.target[0], cfg, SpecConfig(draft_len=gamma, threshold=0), None, stats,
+                                set(eos))
+    ids, pieces = [], []
+    gen = emit(blocks, TextStream(_letters, stop), max_new, set(eos), set(), ids)
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as done:
+            return ids, done.value, stats, "".join(pieces)
+
+
+TARGET = list(range(26)) * 2
+
+
+def test_stub_all_drafts_accepted():
+    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 10])
+    ids, reason, stats, text = _run(model, max_new=12, gamma=3)
+    assert ids == TARGET[:12] and reason == "length" and text == _letters(TARGET[:12])
+    assert stats.acceptance_rate == 1.0 and stats.steps == 3 and model.requested == [3, 3, 2]
+    assert stats.mean_accepted_per_step == pytest.approx(11 / 3)
+
+
+def test_stub_no_draft_accepted():
+    model = StubModel(TARGET, lambda pos: [(t + 1) % 26 for t in TARGET[pos: pos + 10]])
+    ids, _, stats, _ = _run(model, max_new=8, gamma=4)
+    assert ids == TARGET[:8] and stats.accepted == 0 and stats.steps == 7 and stats.mean_accepted_per_step == 1
+
+
+def test_stub_rejection_in_the_middle():
+    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 2] + [25, 25])  # two right, then wrong
+    ids, _, stats, _ = _run(model, max_new=10, gamma=4)
+    assert ids == TARGET[:10] and stats.accepted == 2 * 3 and stats.steps == 3
+    assert stats.drafted == 4 + 4 + 2  # the last step may emit only 3 more tokens: 2 drafts + 1
+
+
+def test_stub_eos_inside_a_draft():
+    target = [0, 1, 2, 3, 4, 9, 5, 6, 7, 8]  # 9 is EOS
+    model = StubModel(target, lambda pos: target[pos: pos + 10])
+    ids, reason, stats, text = _run(model, max_new=20, gamma=5, eos={9})
+    assert ids == [0, 1, 2, 3, 4, 9] and reason == "eos" and text == "abcde"
+    assert stats.steps == 1 and model.requested == [5]  # the drafter stopped at EOS: 5 drafts, the last one EOS
+
+
+@pytest.mark.parametrize("max_new,requested", [(7, [5]), (5, [3]), (2, [0]), (9, [5, 1])])
+def test_stub_max_new_tokens_reached_mid_draft(max_new, requested):
+    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 10])
+    ids, reason, _, _ = _run(model, max_new=max_new, gamma=5)
+    assert ids == TARGET[:max_new] and reason == "length" and model.requested == requested
+
+
+def test_stub_stop_string_spanning_an_accepted_block():
+    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 10])
+    ids, reason, stats, text = _run(model, max_new=20, gamma=5, stop=("cde",))
+    assert text == "ab" and reason == "stop" and ids == TARGET[:5] and stats.steps == 1
+
+
+# ---- sampling is lossless (stub distributions, exact reference) ----------------------------------------------------
+def _table(seed: int, vocab: int):
+    """A distribution over the next token for every prefix (logits uniform in [-1, 1])."""
+    cache = {}
+
+    def logits(prefix: tuple[int, ...]) -> torch.Tensor:
+        if prefix not in cache:
+            g = torch.Generator().manual_seed(hash((seed, prefix)) % 2**31)
+            cache[prefix] = torch.rand(vocab, generator=g) * 2 - 1
+        return cache[prefix]
+    return logits
+
+
+class SamplingStub:
+    def __init__(self, p, q, first: int, generator: torch.Generator) -> None:
+        self.p, self.q, self.prefix, self.generator = p, q, (first,), generator
+
+    def propose(self, last, max_len, threshold, stop_ids):
+        ids, probs = [], []
+        for _ in range(max_len):
+            dist = self.q(self.prefix + tuple(ids)).softmax(-1)
+            ids.append(int(torch.multinomial(dist, 1, generator=self.generator)))
+            probs.append(dist)
+        self._draft = ids
+        return Draft(ids, torch.stack(probs) if probs else None)
+
+    def verify(self, draft):
+        return torch.stack([self.p(self.prefix + tuple(draft.ids[:i])) for i in range(len(draft.ids) + 1)])
+
+    def commit(self, accepted):
+        pass  # the test sets `prefix` to everything emitted after each block
+
+
+def _chi2(counts: dict, probs: dict, n: int) -> tuple[float, int]:
+    """χ² statistic and degrees of freedom, pooling cells whose expected count is below 5."""
+    cells = sorted(probs, key=lambda c: probs[c])
+    groups, current = [], ([], 0.0)
+    for c in cells:
+        current = (current[0] + [c], current[1] + probs[c])
+        if current[1] * n >= 5:
+            groups.append(current)
+            current = ([], 0.0)
+    if current[0]:
+        groups[-1] = (groups[-1][0] + current[0], groups[-1][1] + current[1])
+    stat = sum((sum(counts.get(c, 0) for c in g) - p * n) ** 2 / (p * n) for g, p in groups)
+    return stat, len(groups) - 1
+
+
+def test_sampling_is_lossless_against_the_exact_distribution():
+    vocab, runs, length = 2, 4000, 3
+    p, q = _table(1, vocab), _table(2, vocab)
+    cfg = GenConfig(max_new_tokens=length, temperature=1.0)
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(runs):
+        g = torch.Generator().manual_seed(seed)
+        first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
+        stub = SamplingStub(p, q, first, g)
+        out = []
+        for block in speculative_blocks(stub, first, cfg, SpecConfig(draft_len=2, threshold=0), g, SpecStats(),
+                                        set()):
+            out += block
+            stub.prefix = tuple(out)
+            if len(out) >= length:
+                break
+        key = tuple(out[:length])
+        counts[key] = counts.get(key, 0) + 1
+    exact = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        prob = 1.0
+        for i in range(length):
+            prob *= float(p(seq[:i]).softmax(-1)[seq[i]])
+        exact[seq] = prob
+    stat, dof = _chi2(counts, exact, runs)
+    assert stat < CHI2_999[dof], (stat, dof, counts)
+
+
+def test_accept_keeps_drafts_from_the_target_itself():
+    logits = torch.randn(4, 6)
+    cfg = GenConfig(temperature=0.8, max_new_tokens=5)
+    from twigvlm.sampling import probs_from_logits
+    q = probs_from_logits(logits[:3], cfg)
+    n, _ = accept(Draft([int(q[i].argmax()) for i in range(3)], q), logits, cfg, torch.Generator().manual_seed(0))
+    assert n == 3  # p == q: min(1, p/q) = 1 for every draft
+
+
+# ---- the real engine ----------------------------------------------------------------------------------------------
+def _with_twig(vlm, K, T, head="copy", noise=0.0, seed=0):
+    v = twigvlm.VLM(vlm.adapter)
+    v.grow_twig(K=K, T=T, head=head)
+    if noise:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for prm in v.twig.parameters():
+                prm.add_(noise * torch.randn(prm.shape, generator=g))
+    return v
+
+
+@pytest.mark.parametrize("K,T", [(1, 2), (2, 3), (3, 1)])
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10)], ids=["unpruned", "pruned"])
+def test_greedy_speculation_equals_greedy_ar(vlms, K, T, prune):
+    # Random twigs (almost no draft accepted) and eos disabled: every run compares the full 16 tokens, and a
+    # mismatch anywhere in the draft/verify/crop bookkeeping would show as a different id.
+    for name, base in vlms.items():
+        vlm = _with_twig(base, K, T, noise=0.3, seed=K * 10 + T)
+        for seed, gamma in itertools.product(range(4), (1, 2, 5)):
+            args = dict(prompt=random_prompt(seed, 2 + 5 * seed), image=random_image(seed), max_new_tokens=16,
+                        ignore_eos=True, prune=prune)
+            ar = vlm.generate(**args)
+            sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
+            assert sd.token_ids == ar.token_ids, (name, seed, gamma)
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 5])
+def test_a_twig_copying_the_deep_layers_is_always_accepted(vlms, gamma):
+    # The twig is base layers K+1..L with the base norm and a copied head: the shallow net *is* the full model.
+    for name, base in vlms.items():
+        vlm = _with_twig(base, 2, base.adapter.spec.num_layers - 2)
+        args = dict(prompt=random_prompt(gamma, 6), image=random_image(gamma), max_new_tokens=20, ignore_eos=True)
+        sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
+        assert sd.token_ids == vlm.generate(**args).token_ids, name
+        s = sd.stats
+        assert s.acceptance_rate == 1.0 and s.verifications == -(-19 // (gamma + 1)), name  # ceil(19 / (γ+1))
+        assert s.mean_accepted_per_step == pytest.approx(19 / s.verifications)
+
+
+def test_cache_invariant_after_every_step(vlms):
+    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    engine, L = vlm.engine, vlm.adapter.spec.num_layers
+    enc = vlm.encode(random_prompt(1, 6), random_image(1))
+    cfg, prune = GenConfig(max_new_tokens=24, ignore_eos=True), PruneConfig("twig", keep=10, wipe_layer=5)
+    with torch.no_grad():
+        state = engine.new_state()
+        logits, pstats = pruned_prefill(engine, state, enc, prune, prime_twig=True)
+        first = int(pick_tokens(logits, cfg, None)[0])
+        model = TwigSpecModel(engine, state, cfg, None)
+        T, M, R, K, wipe = enc.num_tokens, pstats.visual_tokens, pstats.kept, 2, 5
+        produced = 0
+        for block in speculative_blocks(model, first, cfg, SpecConfig(draft_len=3, threshold=0), None, SpecStats(),
+                                        set()):
+            produced += len(block)
+            n = T + produced - 1  # everything but the newest token is in the caches
+            assert state.cache.lengths() == [n] * K + [n - M + R] * (wipe - K) + [n - M] * (L - wipe)
+            assert all(x + len(model._pending) == n for x in state.twig_cache.lengths())
+            assert state.next_position == n
+
+
+def test_sampling_speculation_matches_ar_in_distribution(vlms):
+    # Real model, top-k 2 at temperature 1: the first three tokens take at most 8 values; the exact AR
+    # distribution comes from the model's own logits, and speculative samples must follow it.
+    vlm = _with_twig(vlms["qwen2-siglip"], 2, 2, noise=0.2)
+    cfg = GenConfig(max_new_tokens=3, temperature=1.0, top_k=2, ignore_eos=True)
+    enc = vlm.encode(random_prompt(4, 3), random_image(4))
+    engine = vlm.engine
+    from twigvlm.sampling import probs_from_logits
+    exact = {}
+    with torch.no_grad():
+        def dist(prefix):
+            state = engine.new_state()
+            logits = engine.prefill(state, enc)
+            for t in prefix:
+                logits = engine.step(state, torch.tensor([[t]]))[:, -1]
+            return probs_from_logits(logits[0], cfg)
+        p1 = dist(())
+        for a in p1.nonzero().flatten().tolist():
+            p2 = dist((a,))
+            for b in p2.nonzero().flatten().tolist():
+                p3 = dist((a, b))
+                for c in p3.nonzero().flatten().tolist():
+                    exact[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    runs, counts = 400, {}
+    from twigvlm.generate import Generation
+    for seed in range(runs):
+        gen = Generation(engine, enc, GenConfig(**{**cfg.__dict__, "seed": seed}), spec=SpecConfig(2, threshold=0))
+        for _ in gen:
+            pass
+        key = tuple(gen.result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(exact)
+    stat, dof = _chi2(counts, exact, runs)
+    assert stat < CHI2_999[dof], (stat, dof)
+
+
+def test_seeded_speculative_sampling_is_reproducible(vlms):
+    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.1)
+    args = dict(prompt="what is it?", image=random_image(0), max_new_tokens=12, temperature=1.2, top_p=0.9,
+                ignore_eos=True, speculative=SpecConfig(draft_len=3, threshold=0.0))
+    assert vlm.generate(**args, seed=3).token_ids == vlm.generate(**args, seed=3).token_ids
+
+
+def test_adaptive_drafting_and_threshold(vlms):
+    vlm = _with_twig(vlms["llama-clip"], 2, 4)  # exact copy: always accepted, so γ grows
+    args = dict(prompt="describe", image=random_image(2), max_new_tokens=30, ignore_eos=True)
+    ar = vlm.generate(**args).token_ids
+    adaptive = vlm.generate(**args, speculative=SpecConfig(draft_len=2, threshold=0, adaptive=True, max_draft_len=6))
+    fixed = vlm.generate(**args, speculative=SpecConfig(draft_len=2, threshold=0))
+    assert adaptive.token_ids == ar == fixed.token_ids
+    assert adaptive.stats.verifications < fixed.stats.verifications
+    picky = vlm.generate(**args, speculative=SpecConfig(draft_len=5, threshold=0.999))  # stops after each draft
+    assert picky.token_ids == ar and picky.stats.drafted == picky.stats.verifications - 1
+
+
+def test_speculation_errors(vlms):
+    with pytest.raises(TwigVLMError, match="drafts with a twig"):
+        twigvlm.VLM(vlms["llama-clip"].adapter).generate("hi", speculative=True)
+    for bad in (SpecConfig(draft_len=0), SpecConfig(threshold=1.0), SpecConfig(draft_len=4, max_draft_len=3)):
+        with pytest.raises(TwigVLMError):
+            bad.validate()
+    assert make_generator(GenConfig()) is None
