@@ -77,6 +77,21 @@ def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(capsys, mode
     assert 16 - stats["kept"] <= dark <= 16 - stats["kept"] + 2  # pruned patches are dimmed (a kept one rarely is)
 
 
+def test_generate_speculative_json(capsys, model_dirs, image, twig_dir):
+    base = ["generate", "--model", model_dirs["llama-clip"], "--twig", twig_dir, "--image", image, "--prompt",
+            "describe", "--max-new-tokens", "12", "--ignore-eos", "--json"]
+    code, out, err = _run(capsys, base)
+    ar = json.loads(out)
+    code, out, err = _run(capsys, base + ["--speculative", "--draft-len", "3", "--draft-threshold", "0",
+                                          "--adaptive-draft", "--prune", "twig", "--keep", "8"])
+    assert code == 0, err
+    sd = json.loads(out)
+    stats = sd["stats"]
+    assert {"drafted", "accepted", "acceptance_rate", "mean_accepted_per_step", "draft_s", "verify_s",
+            "prefill_s"} <= set(stats) and stats["drafted"] > 0
+    assert len(sd["token_ids"]) == 12 and len(ar["token_ids"]) == 12
+
+
 def test_grow_writes_a_twig(capsys, model_dirs, tmp_path):
     code, out, _ = _run(capsys, ["grow", "--model", model_dirs["qwen2-siglip"], "--K", "1", "--T", "2", "--out",
                                  str(tmp_path / "t")])
@@ -113,6 +128,9 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "grow into a file": (["grow", "--model", m, "--out", str(tmp / "notes.png" / "twig")], "not a directory"),
         "tiny onto a file": (["tiny", "--out", str(tmp / "notes.png")], "not a directory"),
         "twig pruning without a twig": (gen + ["--image", image, "--prune", "twig"], "needs a twig"),
+        "speculative without a twig": (gen + ["--speculative"], "drafts with a twig"),
+        "draft-len 0": (gen + ["--speculative", "--draft-len", "0"], "not positive"),
+        "draft-threshold 1": (gen + ["--speculative", "--draft-threshold", "1"], "threshold"),
         "infeasible budget": (gen + ["--image", image, "--prune", "fastv", "--keep", "1"], "infeasible"),
         "keep and keep-ratio": (gen + ["--keep", "3", "--keep-ratio", "0.1"], "not allowed with"),
         "unknown prune method": (gen + ["--prune", "random"], "invalid choice"),

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .config import PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, TwigConfig
+from .config import PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
 
 EXIT_USAGE = 2
@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--query", choices=list(QUERY_MODES), default="last",
                     help="score with the last prompt token (default) or the text after the image")
     pr.add_argument("--save-kept", default=None, metavar="PNG", help="write the image(s) with pruned patches dimmed")
+    sp = gen.add_argument_group("self-speculative decoding (needs --twig)")
+    sp.add_argument("--speculative", action="store_true", help="the twig drafts, the full model verifies (lossless)")
+    sp.add_argument("--draft-len", type=_positive_int, default=5, help="γ, tokens drafted per step (default 5)")
+    sp.add_argument("--draft-threshold", type=float, default=0.6,
+                    help="τ: stop drafting below this draft probability (default 0.6; 0 disables)")
+    sp.add_argument("--adaptive-draft", action="store_true", help="adapt γ to the recent acceptance")
 
     t = sub.add_parser("tiny", help="write a tiny random LLaVA (offline) for trying things out")
     t.add_argument("--out", required=True)
@@ -125,6 +131,17 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
     return cfg
 
 
+def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
+    if not args.speculative:
+        return None
+    spec = SpecConfig(draft_len=args.draft_len, threshold=args.draft_threshold, adaptive=args.adaptive_draft,
+                      max_draft_len=max(10, args.draft_len))
+    spec.validate()
+    if args.twig is None:
+        raise TwigVLMError("--speculative drafts with a twig: pass --twig DIR (from `twigvlm grow` or `twigvlm train`)")
+    return spec
+
+
 def _check_writable_file(path: str | None, flag: str) -> None:
     if path is None:
         return
@@ -140,13 +157,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
-    cfg, prune = _gen_config(args), _prune_config(args)
+    cfg, prune, spec = _gen_config(args), _prune_config(args), _spec_config(args)
     _check_writable_file(args.save_kept, "--save-kept")
     if args.save_kept and not args.image:
         raise TwigVLMError("--save-kept needs an --image")
     images = load_images(args.image)  # read images before the (slow) model load
     vlm = VLM.load(args.model, twig=args.twig, dtype=args.dtype, device=args.device)
-    stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune)
+    stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune, speculative=spec or False)
     if args.json:
         for _ in stream:
             pass
@@ -162,8 +179,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(json.dumps(stream.result.to_dict()))
         return
     kept = f", kept {s.kept}/{s.visual_tokens} visual tokens ({s.prune_method})" if s.kept is not None else ""
+    drafts = (f", {s.acceptance_rate:.0%} of drafts accepted, {s.mean_accepted_per_step:.2f} tokens per verification"
+              if s.drafted is not None else "")
     print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, prefill {s.prefill_s * 1000:.0f} ms, "
-          f"{s.visual_tokens} visual tokens{kept}, finished by {s.finish_reason}]", file=sys.stderr)
+          f"{s.visual_tokens} visual tokens{kept}{drafts}, finished by {s.finish_reason}]", file=sys.stderr)
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:
@@ -191,9 +210,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         cmd_grow(parser.parse_args(["grow", "--model", str(model_dir), "--out", str(Path(tmp) / "twig")]))
         gen_args = parser.parse_args(["generate", "--model", str(model_dir), "--twig", str(Path(tmp) / "twig"),
                                       "--image", str(image), "--prompt", "Describe the image in detail.",
-                                      "--max-new-tokens", "32", "--ignore-eos"])
+                                      "--max-new-tokens", "32", "--ignore-eos", "--speculative"])
         print(f"$ twigvlm generate --model <tiny-llava> --twig <twig> --image shapes.png "
-              f"--prompt {gen_args.prompt!r} --max-new-tokens 32")
+              f"--prompt {gen_args.prompt!r} --max-new-tokens 32 --speculative")
         cmd_generate(gen_args)
 
 
