@@ -131,3 +131,26 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_tokenize_chat_marks_only_assistant_tokens(vlm):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "and the shape?"},
+                {"role": "assistant", "content": "a circle"}]
+    ids, assistant, pixels = vlm.adapter.tokenize_chat(messages, [random_image(0)])
+    tok = vlm.adapter.tokenizer
+    spans, current = [], []
+    for i, flag in zip(ids, assistant, strict=True):
+        if flag:
+            current.append(i)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    spans.append(tok.decode(current)) if current else None
+    assert spans == ["red<|im_end|>\n", "a circle<|im_end|>\n"]
+    assert pixels.shape[0] == 1 and ids.count(vlm.adapter.image_token_id) == 16
+    # The prompt part is tokenized exactly as inference tokenizes it.
+    first_prompt = vlm.adapter.render([messages[0]], 1)
+    enc = vlm.encode([messages[0]], [random_image(0)])
+    assert ids[: enc.num_tokens] == enc.input_ids[0].tolist() and first_prompt.endswith("assistant\n")

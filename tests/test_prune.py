@@ -42,8 +42,8 @@ def test_budget_on_the_papers_numbers():
 
 
 @pytest.mark.parametrize("cfg,message", [
-    (PruneConfig("twig", keep=20), "between 36.7 and 432.0"),
-    (PruneConfig("twig", keep=500), "between 36.7 and 432.0"),
+    (PruneConfig("twig", keep=20), "above 36.0 and at most 432.0"),
+    (PruneConfig("twig", keep=500), "at most 432.0; a larger wipe layer"),
     (PruneConfig("twig", keep=64, wipe_layer=2), "wipe_layer=2 is invalid"),
     (PruneConfig("twig", keep=64, wipe_layer=33), "wipe_layer=33 is invalid"),
 ])
@@ -179,7 +179,7 @@ def test_visionzip_keeps_dominant_tokens_and_merges_the_rest():
     rest = [i for i in range(P) if i not in (3, 7, 11)]
     assert torch.allclose(reduced[3], features[rest].mean(0))  # one contextual token: the mean of the rest
     with pytest.raises(TwigVLMError, match="infeasible"):
-        VisionZip(PruneConfig("visionzip", keep=0.2))(features, scores, keys, total_visual=P)
+        VisionZip(PruneConfig("visionzip", keep=20))(features, scores, keys, total_visual=P)
 
 
 def test_visionzip_shortens_the_sequence(model):
@@ -191,3 +191,17 @@ def test_visionzip_shortens_the_sequence(model):
     out = model.generate("what is it?", image=[random_image(1)], prune=PruneConfig("visionzip", keep=10),
                          max_new_tokens=3, ignore_eos=True)
     assert (out.stats.prune_method, out.stats.visual_tokens, out.stats.kept) == ("visionzip", 64, 10)
+
+
+def test_kept_picture_skips_a_leading_cls_token():
+    from PIL import Image as PILImage
+
+    from twigvlm.picture import kept_picture
+    img = PILImage.new("RGB", (4, 4), (200, 200, 200))
+    pic = kept_picture([(img, 2, 2, 1), (img, 2, 2, 1)], kept_indices=[1, 7])  # patch (0,0) of each image
+    cell = pic.height // 2
+    assert pic.getpixel((cell // 2, cell // 2)) == (200, 200, 200)  # first image, patch 0: kept
+    assert pic.getpixel((cell + cell // 2, cell // 2)) == (50, 50, 50)  # first image, patch 1: dimmed
+    second = pic.width - 2 * cell
+    assert pic.getpixel((second + cell + cell // 2, cell // 2)) == (200, 200, 200)  # token 7: CLS 5, patch 1
+    assert pic.getpixel((second + cell // 2, cell // 2)) == (50, 50, 50)

@@ -320,3 +320,15 @@ def test_speculation_errors(vlms):
         with pytest.raises(TwigVLMError):
             bad.validate()
     assert make_generator(GenConfig()) is None
+
+
+def test_twig_lag_survives_a_step_without_drafts(vlms):
+    # γ=2 with 5 tokens: the last step has no draft budget while the twig still lags one token behind.
+    vlm = _with_twig(vlms["llama-clip"], 2, vlms["llama-clip"].adapter.spec.num_layers - 2)
+    enc = vlm.encode("describe", [random_image(5)])
+    from twigvlm.generate import Generation
+    gen = Generation(vlm.engine, enc, GenConfig(max_new_tokens=5, ignore_eos=True), spec=SpecConfig(2, threshold=0))
+    list(gen)
+    n = enc.num_tokens + 5 - 1
+    assert gen.state.cache.lengths() == [n] * vlm.adapter.spec.num_layers
+    assert all(x <= n for x in gen.state.twig_cache.lengths())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .adapters.base import Layout
 from .errors import TwigVLMError
 
 DIM = 0.25  # brightness left to a pruned patch
@@ -14,12 +15,13 @@ MIN_SIDE = 336  # small inputs are enlarged (nearest neighbour) so that patches 
 GAP = 8
 
 
-def kept_picture(layout: Sequence[tuple[Image.Image, int, int]], kept_indices: Sequence[int] | None) -> Image.Image:
-    """layout: (image, rows, cols) per image (`VLMAdapter.visual_layout`); kept_indices: kept tokens among all
-    images' tokens, 0-based (None: all kept)."""
+def kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None) -> Image.Image:
+    """layout: (image, rows, cols, leading tokens) per image (`VLMAdapter.visual_layout`); kept_indices: kept
+    tokens among all images' tokens, 0-based (None: all kept)."""
     kept = None if kept_indices is None else set(kept_indices)
     panels, offset = [], 0
-    for image, rows, cols in layout:
+    for image, rows, cols, lead in layout:
+        offset += lead  # a CLS token has no patch to draw
         factor = max(1, -(-MIN_SIDE // min(image.size)))
         panel = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
         dimmed = Image.eval(panel, lambda v: int(v * DIM))
@@ -42,7 +44,7 @@ def kept_picture(layout: Sequence[tuple[Image.Image, int, int]], kept_indices: S
     return canvas
 
 
-def save_kept_picture(layout: Sequence[tuple[Image.Image, int, int]], kept_indices: Sequence[int] | None,
+def save_kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None,
                       path: str | Path) -> Path:
     path = Path(path)
     if not layout:

@@ -52,20 +52,21 @@ def kept_per_layer(avg: float, num_layers: int, num_visual: int, K: int, wipe: i
 
 def plan_pruning(cfg: PruneConfig, num_layers: int, num_visual: int, K: int) -> PrunePlan:
     """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range."""
+    if not 1 <= K < num_layers:
+        raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
     wipe = cfg.wipe_layer if cfg.wipe_layer is not None else max(K + 1, default_wipe_layer(num_layers))
     if not K < wipe <= num_layers:
         raise TwigVLMError(f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} "
                            f"(L disables FinalWipe)")
-    if not 1 <= K < num_layers:
-        raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
     avg = cfg.average_budget(num_visual)
     kept = kept_per_layer(avg, num_layers, num_visual, K, wipe)
     if not 1 <= kept <= num_visual:
-        low = (K * num_visual + (wipe - K)) / num_layers
-        high = num_visual * wipe / num_layers
+        low, high = K * num_visual / num_layers, num_visual * wipe / num_layers
+        hint = (f"; a larger wipe layer (up to --wipe-layer {num_layers}) allows more" if kept > num_visual
+                and wipe < num_layers else "")
         raise TwigVLMError(
             f"a budget of {avg:.1f} visual tokens per layer is infeasible for this model and prompt (M={num_visual}, "
-            f"L={num_layers}, K={K}, K_f={wipe}): choose an average between {low:.1f} and {high:.1f}")
+            f"L={num_layers}, K={K}, K_f={wipe}): choose an average above {low:.1f} and at most {high:.1f}{hint}")
     return PrunePlan(cfg.method, num_layers, num_visual, K, wipe, kept)
 
 

@@ -160,7 +160,7 @@ class TwigSpecModel:
                 confidence = float(q[token])
             else:
                 token = int(logits.argmax())
-                confidence = float(logits.float().softmax(-1)[token])
+                confidence = float(logits.float().softmax(-1)[token]) if threshold > 0 else 1.0
             ids.append(token)
             self._hidden.append(self._shallow_base(token))
             if token in stop_ids or confidence < threshold:
@@ -185,5 +185,5 @@ class TwigSpecModel:
             for kv in self.state.twig_cache.layers:
                 kv.crop(kv.length - (self._twig_fed - keep))
         else:
-            self._pending = self._hidden[self._twig_fed: keep]
+            self._pending += self._hidden[self._twig_fed: keep]  # pending only empties when the twig runs
         self.state.next_position = self._start + keep

@@ -9,6 +9,8 @@ visual tokens per image from layer 1 on, with consecutive position ids.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import PruneConfig
@@ -26,7 +28,7 @@ class VisionZip:
     def budget(self, per_image: int, total_visual: int) -> int:
         """Tokens this image keeps: its share of R̄ (VisionZip keeps R̄ tokens in every layer)."""
         total = self.cfg.average_budget(total_visual)
-        keep = round(total * per_image / total_visual)
+        keep = math.ceil(total * per_image / total_visual - 1e-9)  # rounded up, as the twig's R'
         if not 1 <= keep <= per_image:
             raise TwigVLMError(f"a VisionZip budget of {total:.1f} visual tokens is infeasible for this prompt "
                                f"(M={total_visual}): choose between {total_visual / per_image:.0f} and {total_visual}")

@@ -26,6 +26,7 @@ Prompt = str | list[dict[str, Any]]
 
 # (vision features [P, Hv] before the projector, attention scores [P], keys [P, Dk], M in the prompt)
 #   → (reduced features [R, Hv], kept indices [R])
+Layout = tuple[Image.Image, int, int, int]
 Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -119,9 +120,18 @@ class VLMAdapter(ABC):
         """
 
     @abstractmethod
-    def visual_layout(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, int, int]]:
-        """Each image as the vision tower sees it (after resizing and cropping), with its token grid (rows, cols);
-        the image's visual tokens are numbered row by row."""
+    def visual_layout(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, int, int, int]]:
+        """Each image as the vision tower sees it (after resizing and cropping), with its token grid (rows, cols)
+        and the number of its tokens that precede the grid (a CLS token); grid tokens are numbered row by row."""
+
+    @abstractmethod
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings [B, T, H] of a padded batch of token ids with its images' features scattered in (training)."""
+
+    @abstractmethod
+    def tokenize_chat(self, messages: list[dict[str, Any]],
+                      images: Sequence[Image.Image] = ()) -> tuple[list[int], list[bool], torch.Tensor | None]:
+        """(token ids, per-token "written by the assistant" mask, pixel values or None) of a conversation."""
 
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

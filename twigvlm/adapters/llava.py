@@ -82,21 +82,18 @@ class LlavaAdapter(VLMAdapter):
             messages: list[dict[str, Any]] = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
         else:
             messages = _checked_messages(prompt)
-        if getattr(self.processor, "chat_template", None):
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = self._llava15_format(messages)
-        return self._check_placeholders(text, num_images)
+        return self._check_placeholders(self._render(messages, True), num_images)
 
-    def _llava15_format(self, messages: list[dict[str, Any]]) -> str:
+    def _llava15_format(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         """For processors without a chat template: LLaVA-1.5's "USER: <image>\n... ASSISTANT:" convention."""
         turns = []
         for m in messages:
             c = m["content"]
             text = c if isinstance(c, str) else "".join(
                 self.image_token + "\n" if item["type"] == "image" else item.get("text", "") for item in c)
-            turns.append(f"{m['role'].upper()}: {text}")
-        return " ".join(turns) + " ASSISTANT:"
+            end = self.tokenizer.eos_token or "" if m["role"] == "assistant" else ""
+            turns.append(f"{m['role'].upper()}: {text}{end}")
+        return " ".join(turns) + (" ASSISTANT:" if add_generation_prompt else "")
 
     def _check_placeholders(self, text: str, num_images: int) -> str:
         found = text.count(self.image_token)
@@ -118,24 +115,16 @@ class LlavaAdapter(VLMAdapter):
         input_ids = batch["input_ids"].to(self.device)  # [1, T]
         visual_mask = input_ids == self.image_token_id  # [1, T]
         reduction = None
+        embeds = self.embed(input_ids)  # [1, T, H]
         if images:
             pixel_values = batch["pixel_values"].to(self.device, self.dtype)  # [N, 3, h, w]
             if reducer is None:
-                extra = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
-                out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
-                features = torch.cat(list(out.pooler_output), dim=0)  # [N·P, H]
+                features = self.image_features(pixel_values, batch.get("image_sizes"))  # [N·P, H]
             else:
                 features, input_ids, reduction = self._reduce(pixel_values, input_ids, reducer)
                 visual_mask = input_ids == self.image_token_id
-        embeds = self.embed(input_ids)  # [1, T, H]
-        if images:
-            features = features.to(embeds.dtype)
-            if features.shape[0] != int(visual_mask.sum()):
-                raise TwigVLMError(
-                    f"the processor made {int(visual_mask.sum())} image tokens but the vision tower gave "
-                    f"{features.shape[0]} features: the processor's patch_size or "
-                    "vision_feature_select_strategy does not match the model config")
-            embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), features)
+                embeds = self.embed(input_ids)
+            embeds = self._scatter(input_ids, embeds, features)
         n = input_ids.shape[1]
         return Encoded(
             input_ids=input_ids,
@@ -146,6 +135,73 @@ class LlavaAdapter(VLMAdapter):
             encode_s=time.perf_counter() - t0,
             reduction=reduction,
         )
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected visual features of a batch of images [N, 3, h, w] → [N·P, H] (the model's own path)."""
+        extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        out = self.model.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype),
+                                                  return_dict=True, **extra)
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.embed(input_ids)  # [B, T, H]
+        if pixel_values is None or pixel_values.numel() == 0:
+            return embeds
+        return self._scatter(input_ids, embeds, self.image_features(pixel_values))
+
+    def _scatter(self, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Visual features [N·P, H] into the image-placeholder positions of embeds [B, T, H], in order."""
+        visual_mask = input_ids == self.image_token_id  # [B, T]
+        if features.shape[0] != int(visual_mask.sum()):
+            raise TwigVLMError(
+                f"the processor made {int(visual_mask.sum())} image tokens but the vision tower gave "
+                f"{features.shape[0]} features: the processor's patch_size or "
+                "vision_feature_select_strategy does not match the model config")
+        return embeds.masked_scatter(visual_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def tokenize_chat(self, messages: list[dict[str, Any]],
+                      images: Sequence[Image.Image] = ()) -> tuple[list[int], list[bool], torch.Tensor | None]:
+        """Token ids of a whole conversation, a per-token "written by the assistant" mask, and pixel values.
+
+        Each stretch is tokenized as inference sees it: the prompt up to an assistant turn rendered with the
+        generation prompt, then the assistant's text with its end-of-turn marker.
+        """
+        messages = _checked_messages(messages)
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix, full = self._render(messages[:i], True), self._render(messages[: i + 1], False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise TwigVLMError("the chat template does not render a conversation turn by turn (each prefix "
+                                   "must begin the next rendering): labels cannot be placed")
+            segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+            done = full
+        placeholders = sum(text.count(self.image_token) for text, _ in segments)
+        if placeholders != len(images):
+            raise TwigVLMError(f"the conversation has {placeholders} image placeholder(s) in its answered turns but "
+                               f"{len(images)} image(s) were given")
+        ids: list[int] = []
+        assistant: list[bool] = []
+        pixels, used = [], 0
+        bos = self.tokenizer.bos_token
+        for k, (text, is_assistant) in enumerate(segments):
+            n_img = text.count(self.image_token)
+            batch = self.processor(images=list(images[used: used + n_img]) or None, text=text, return_tensors="pt",
+                                   add_special_tokens=k == 0 and not (bos and text.startswith(bos)))
+            used += n_img
+            if n_img:
+                pixels.append(batch["pixel_values"])
+            ids += batch["input_ids"][0].tolist()
+            assistant += [is_assistant] * batch["input_ids"].shape[1]
+        return ids, assistant, torch.cat(pixels) if pixels else None
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        return self._llava15_format(messages, add_generation_prompt)
 
     def _vision_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Vision features before the projector [N, P, Hv], their attention scores [N, P] and keys [N, P, Dk],
@@ -189,7 +245,7 @@ class LlavaAdapter(VLMAdapter):
         kept_indices = torch.cat(kept).sort().values.tolist()
         return features, input_ids[:, keep], Reduction("visionzip", visual.numel(), kept_indices)
 
-    def visual_layout(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, int, int]]:
+    def visual_layout(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, int, int, int]]:
         ip = self.processor.image_processor
         pixels = ip(images=list(images), return_tensors="pt")["pixel_values"]  # [N, 3, h, w], normalised
         mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
@@ -197,7 +253,10 @@ class LlavaAdapter(VLMAdapter):
         scale = getattr(ip, "rescale_factor", 1 / 255)
         raw = ((pixels * std + mean) / scale).round().clamp(0, 255).to(torch.uint8)  # [N, 3, h, w]
         patch = self.model.config.vision_config.patch_size
-        return [(Image.fromarray(img.permute(1, 2, 0).numpy()), img.shape[1] // patch, img.shape[2] // patch)
+        # Tokens before the patch grid (CLIP's CLS, kept by the "full" strategy).
+        lead = max(0, getattr(self.processor, "num_additional_image_tokens", 0)
+                   - (1 if self.model.config.vision_feature_select_strategy == "default" else 0))
+        return [(Image.fromarray(img.permute(1, 2, 0).numpy()), img.shape[1] // patch, img.shape[2] // patch, lead)
                 for img in raw]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
