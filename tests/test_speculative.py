@@ -285,8 +285,7 @@ def test_sampling_speculation_matches_ar_in_distribution(vlms):
     from twigvlm.generate import Generation
     for seed in range(runs):
         gen = Generation(engine, enc, GenConfig(**{**cfg.__dict__, "seed": seed}), spec=SpecConfig(2, threshold=0))
-        for _ in gen:
-            pass
+        gen.run()
         key = tuple(gen.result.token_ids)
         counts[key] = counts.get(key, 0) + 1
     assert set(counts) <= set(exact)

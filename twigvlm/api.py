@@ -97,11 +97,7 @@ class VLM:
                  config: GenConfig | None = None, prune: PruneConfig | str | None = None,
                  speculative: SpecConfig | bool = False, **kwargs: Any) -> GenerationResult:
         """Generate to the end: text, token ids and statistics."""
-        gen = self.stream(prompt, image, config, prune, speculative, **kwargs)
-        for _ in gen:
-            pass
-        assert gen.result is not None
-        return gen.result
+        return self.stream(prompt, image, config, prune, speculative, **kwargs).run()
 
     @staticmethod
     def _gen_config(config: GenConfig | None, kwargs: dict[str, Any]) -> GenConfig:

@@ -165,8 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     vlm = VLM.load(args.model, twig=args.twig, dtype=args.dtype, device=args.device)
     stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune, speculative=spec or False)
     if args.json:
-        for _ in stream:
-            pass
+        stream.run()
     else:
         for piece in stream:
             sys.stdout.write(piece)

@@ -80,10 +80,9 @@ class Engine:
         projects the other positions' keys/values into its cache and runs on the last position alone.
         """
         assert all(kv.length == 0 for kv in caches), "scoring runs on the prompt, before any cached tokens"
-        below = self.run_layers(layers[:-1], hidden, position_ids, caches[:-1]) if len(layers) > 1 else hidden
+        below = self._all_but_last(layers, hidden, position_ids, caches)
         if last_only:
-            head = position_ids[..., :-1]
-            caches[-1].append(*self.adapter.project_kv(layers[-1], below[:, :-1], self.adapter.rotary(below, head)))
+            self._project_into(layers[-1], caches[-1], below[:, :-1], position_ids[..., :-1])
             out = self.run_layers(layers[-1:], below[:, -1:], position_ids[..., -1:], caches[-1:])
         else:
             out = self.run_layers(layers[-1:], below, position_ids, caches[-1:])
@@ -146,8 +145,17 @@ class Engine:
         projects keys/values (its outputs on the prompt are never needed)."""
         assert self.twig is not None and state.twig_cache is not None
         layers, caches = self.twig.layers, state.twig_cache.layers
-        below = self.run_layers(layers[:-1], hidden_k, position_ids, caches[:-1]) if len(layers) > 1 else hidden_k
-        caches[-1].append(*self.adapter.project_kv(layers[-1], below, self.adapter.rotary(below, position_ids)))
+        below = self._all_but_last(layers, hidden_k, position_ids, caches)
+        self._project_into(layers[-1], caches[-1], below, position_ids)
+
+    def _all_but_last(self, layers: Sequence[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor,
+                      caches: Sequence[LayerKV]) -> torch.Tensor:
+        """The input of the last of `layers`: the others run on hidden [B, T, H] with their caches."""
+        return self.run_layers(layers[:-1], hidden, position_ids, caches[:-1]) if len(layers) > 1 else hidden
+
+    def _project_into(self, layer: nn.Module, kv: LayerKV, hidden: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Append the keys/values `layer` would cache for its input hidden [B, n, H], without running it."""
+        kv.append(*self.adapter.project_kv(layer, hidden, self.adapter.rotary(hidden, position_ids)))
 
     def step(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed n new tokens [B, n] through every base layer; logits [B, n, V]."""

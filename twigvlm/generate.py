@@ -1,7 +1,7 @@
-"""Autoregressive generation on the engine: the token loop, stopping rules, streaming text and statistics.
+"""Generation on the engine: plain or speculative token blocks, stopping rules, streaming text and statistics.
 
 `Generation` is an iterator of text pieces (streaming) that leaves a `GenerationResult` behind when it ends;
-`generate` runs one to the end. Stopping: an EOS token (kept in `token_ids`, not in `text`), a stop string
+`Generation.run()` runs one to the end. Stopping: an EOS token (kept in `token_ids`, not in `text`), a stop string
 (the text ends before it; the tokens that completed it are kept), or `max_new_tokens`.
 """
 
@@ -207,6 +207,13 @@ class Generation:
         self.result = GenerationResult(text=text.text, token_ids=ids, stats=self._stats(
             ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats))
 
+    def run(self) -> GenerationResult:
+        """Generate to the end (without streaming) and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
     def _stats(self, ids: list[int], reason: str, prefill_s: float, decode_s: float,
                pruned: PruneStats | None, spec: SpecStats | None) -> GenerationStats:
         encoded = self.encoded
@@ -229,12 +236,3 @@ class Generation:
             stats.draft_s, stats.verify_s = spec.draft_s, spec.verify_s
         return stats
 
-
-def generate(engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None,
-             spec: SpecConfig | None = None) -> GenerationResult:
-    """Run a generation to the end."""
-    gen = Generation(engine, encoded, cfg, prune, spec)
-    for _ in gen:
-        pass
-    assert gen.result is not None
-    return gen.result
