@@ -54,3 +54,43 @@ def hf_greedy(vlm: twigvlm.VLM, prompt: str, images: list, max_new_tokens: int) 
     with torch.inference_mode():
         out = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
     return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+COLORS = {"red": (220, 40, 40), "blue": (40, 90, 220), "green": (40, 170, 60)}
+
+
+def write_llava_data(folder, n: int, seed: int = 0, name: str = "data.json") -> str:
+    """A small LLaVA-format set: solid-colour images, "what color" questions (every third record has a second
+    turn), and one text-only record at the end. Returns the data file's path; images are relative to it."""
+    import json
+    import random
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        color = rng.choice(sorted(COLORS))
+        image = f"images/{seed}-{i}.png"
+        Image.new("RGB", (40, 40), COLORS[color]).save(folder / image)
+        conv = [{"from": "human", "value": "<image>\nWhat color is the picture?"},
+                {"from": "gpt", "value": f"The picture is {color}."}]
+        if i % 3 == 0:
+            conv += [{"from": "human", "value": "Is it red?"},
+                     {"from": "gpt", "value": "yes" if color == "red" else "no"}]
+        records.append({"id": f"{seed}-{i}", "image": image, "conversations": conv})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Say hello."},
+                                                     {"from": "gpt", "value": "hello"}]})
+    path = folder / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def llava_data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("llava-data")
+    return {"train": write_llava_data(root / "train", 24, seed=0), "eval": write_llava_data(root / "eval", 6, seed=1)}

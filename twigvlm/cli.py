@@ -1,4 +1,4 @@
-"""The `twigvlm` console script: grow, generate, tiny, demo.
+"""The `twigvlm` console script: grow, generate, train, distill-data, tiny, demo.
 
 Bad input ends in one line on stderr that names the problem and exit code 2, never a traceback; nothing is
 written on failure.
@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from .config import PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
+from .train import cli as train_cli
 
 EXIT_USAGE = 2
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("demo", help="the main job on the embedded default model")
+    train_cli.add_parsers(sub)
     return parser
 
 
@@ -215,7 +217,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         cmd_generate(gen_args)
 
 
-COMMANDS = {"grow": cmd_grow, "generate": cmd_generate, "tiny": cmd_tiny, "demo": cmd_demo}
+COMMANDS = {"grow": cmd_grow, "generate": cmd_generate, "tiny": cmd_tiny, "demo": cmd_demo,
+            "train": train_cli.cmd_train, "distill-data": train_cli.cmd_distill_data}
 
 
 def _quiet_transformers() -> None:

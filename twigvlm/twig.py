@@ -61,9 +61,9 @@ def base_fingerprint(adapter: VLMAdapter) -> dict[str, Any]:
 
 
 def _same_weights(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
-    if expected["weights_hash"] == actual["weights_hash"]:
+    if expected.get("weights_hash") == actual["weights_hash"]:
         return True  # same checkpoint, loaded in fp32 or bf16
-    a, b = expected["weights_sample"], actual["weights_sample"]
+    a, b = expected.get("weights_sample"), actual["weights_sample"]
     if not isinstance(a, dict) or a.keys() != b.keys():
         return False
     return all(len(a[k]) == len(b[k]) and all(abs(x - y) <= SAMPLE_ATOL + SAMPLE_RTOL * abs(y)
@@ -107,16 +107,22 @@ def grow_twig(adapter: VLMAdapter, config: TwigConfig | None = None) -> Twig:
     return twig
 
 
-def save_twig(twig: Twig, out_dir: str | Path) -> Path:
+def save_twig(twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None,
+              tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write twig.safetensors (twig tensors only) and twig.json (config, dtype, base fingerprint).
 
-    Both files are written to temporary names first and renamed at the end, so a failure leaves nothing.
+    dtype: cast the saved tensors (default: the twig's own dtype). tensors: the state dict to write instead of
+    the twig's own (a gathered copy, when training sharded it). Both files are written to temporary names first
+    and renamed at the end, so a failure leaves nothing.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TwigVLMError(f"{out} exists and is not a directory: choose another output directory")
-    tensors = {name: t.detach().contiguous().cpu() for name, t in twig.state_dict().items()}
-    dtype = str(next(twig.parameters()).dtype).removeprefix("torch.")
+    state = twig.state_dict() if tensors is None else tensors
+    dtype = dtype or next(iter(state.values())).dtype
+    tensors = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+               for name, t in state.items()}
+    dtype = str(dtype).removeprefix("torch.")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "K": twig.config.K, "T": twig.config.T,
             "head": twig.config.head, "dtype": dtype, "base": twig.base_fingerprint}
     created = not out.exists()
@@ -175,6 +181,24 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     meta = read_twig_config(twig_dir)
     check_fingerprint(meta["base"], adapter, str(twig_dir))
     twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"]))
+    _load_weights(twig, twig_dir)
+    return twig
+
+
+def load_twig_weights(twig: Twig, twig_dir: str | Path) -> None:
+    """Load a saved twig's tensors into an existing twig of the same shape grown on the same base (resuming)."""
+    meta = read_twig_config(twig_dir)
+    for key in ("K", "T", "head"):
+        if meta[key] != getattr(twig.config, key):
+            raise TwigVLMError(f"the twig in {twig_dir} has {key}={meta[key]!r} but this one has "
+                               f"{key}={getattr(twig.config, key)!r}: use the same K, T and head")
+    base = twig.base_fingerprint
+    if any(meta["base"].get(k) != base[k] for k in ARCH_KEYS) or not _same_weights(meta["base"], base):
+        raise TwigVLMError(f"the twig in {twig_dir} was grown for another base model than this one")
+    _load_weights(twig, twig_dir)
+
+
+def _load_weights(twig: Twig, twig_dir: str | Path) -> None:
     weights = Path(twig_dir) / WEIGHTS_NAME
     try:
         state = load_file(str(weights))
@@ -188,4 +212,3 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
                            "grow or train the twig again")
     with torch.no_grad():
         twig.load_state_dict(state, strict=True)
-    return twig

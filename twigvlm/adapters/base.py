@@ -84,6 +84,7 @@ class VLMAdapter(ABC):
 
     model: nn.Module
     processor: Any
+    image_token_id: int  # the placeholder id in input_ids that an image's features replace
 
     # ---- identity -------------------------------------------------------------------------------------------
     @property

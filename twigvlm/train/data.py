@@ -1,0 +1,241 @@
+"""LLaVA-format instruction data → token ids, assistant-only labels and pixel values, and the batch collator.
+
+A data file is a JSON list (or JSONL, one record a line) of
+`{"id", "image": "a.jpg" | ["a.jpg", ...] | absent, "conversations": [{"from": "human"|"gpt"|"system", "value"}]}`
+where `<image>` in a human turn marks where an image goes. Records are checked when the file is read, so a
+malformed one stops the run before any training with an error naming the file and the record's index.
+Prompts are built by the model's own processor and chat template (`adapter.tokenize_chat`), exactly as
+inference builds them; labels are the token ids of assistant turns and −100 everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..adapters.base import VLMAdapter
+from ..errors import TwigVLMError
+from ..images import load_images
+from .config import DataConfig
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Record:
+    """One checked conversation: HF roles, texts with `<image>` placeholders, and its image files in order."""
+
+    index: int  # 0-based position in the data file
+    id: str | None
+    turns: list[tuple[str, str]]  # (role, text)
+    images: list[Path]
+
+    def answered(self) -> Record:
+        """The record without trailing turns that have no answer (and without the images only they use)."""
+        last = max((i for i, (role, _) in enumerate(self.turns) if role == "assistant"), default=-1)
+        turns = self.turns[: last + 1]
+        used = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role != "assistant")
+        return Record(self.index, self.id, turns, self.images[:used])
+
+
+def read_records(path: str | Path) -> list[Any]:
+    """The raw records of a JSON list or a JSONL file, or a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TwigVLMError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TwigVLMError(f"cannot read data file {path} ({e})") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise TwigVLMError(f"{path} line {line_no} (record {len(records)}) is not JSON: {e.msg}") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TwigVLMError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); JSONL files must end in "
+                           ".jsonl") from None
+    if not isinstance(records, list):
+        raise TwigVLMError(f"{path} holds a JSON {type(records).__name__}: a list of records is expected")
+    return records
+
+
+def parse_record(raw: Any, index: int, source: Path, image_folder: Path) -> Record:
+    """Check one raw LLaVA record and turn it into a `Record`; errors name the file and the record index."""
+    def bad(why: str) -> TwigVLMError:
+        return TwigVLMError(f"{source} record {index}: {why}")
+
+    if not isinstance(raw, dict):
+        raise bad(f"a JSON object is expected, got {type(raw).__name__}")
+    conv = raw.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise bad("'conversations' must be a non-empty list of {from, value} turns")
+    turns = []
+    for j, turn in enumerate(conv):
+        who = turn.get("from") if isinstance(turn, dict) else None
+        value = turn.get("value") if isinstance(turn, dict) else None
+        if who not in ROLES:
+            raise bad(f"turn {j} has 'from': {who!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(value, str):
+            raise bad(f"turn {j} needs a text 'value', got {type(value).__name__}")
+        turns.append((ROLES[who], value))
+    image = raw.get("image")
+    names = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise bad("'image' must be a file name or a list of file names")
+    placed = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role != "assistant")
+    if any(IMAGE_PLACEHOLDER in text for role, text in turns if role == "assistant"):
+        raise bad(f"an answer contains {IMAGE_PLACEHOLDER}: images belong in human turns")
+    if placed == 0 and names:  # LLaVA's convention: the image opens the first human turn
+        first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+        if first is None:
+            raise bad("it has an image but no human turn to put it in")
+        turns[first] = ("user", IMAGE_PLACEHOLDER * len(names) + "\n" + turns[first][1])
+    elif placed != len(names):
+        raise bad(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) in the human turns but {len(names)} image(s)")
+    rid = raw.get("id")
+    return Record(index, None if rid is None else str(rid), turns, [image_folder / n for n in names])
+
+
+def load_records(path: str | Path, image_folder: str | Path | None, skip_missing_images: bool = False,
+                 require_answer: bool = True) -> tuple[list[Record], int]:
+    """Checked records of a data file and how many were skipped for a missing image.
+
+    require_answer: a record must have an assistant turn (training); trailing unanswered turns are dropped.
+    """
+    source = Path(path)
+    folder = Path(image_folder) if image_folder is not None else source.parent
+    if image_folder is not None and not folder.is_dir():
+        raise TwigVLMError(f"image folder {folder} does not exist")
+    records, skipped = [], 0
+    for i, raw in enumerate(read_records(source)):
+        rec = parse_record(raw, i, source, folder)
+        if require_answer:
+            if not any(role == "assistant" for role, _ in rec.turns):
+                raise TwigVLMError(f"{source} record {i} has no answer (no 'gpt' turn): answer such prompts with "
+                                   "`twigvlm distill-data` first")
+            rec = rec.answered()
+        missing = next((p for p in rec.images if not p.is_file()), None)
+        if missing is not None:
+            if not skip_missing_images:
+                raise TwigVLMError(f"{source} record {i}: image {missing} does not exist (pass "
+                                   "--skip-missing-images to skip such records)")
+            skipped += 1
+            continue
+        records.append(rec)
+    if not records:
+        raise TwigVLMError(f"{source} has no usable records" + (f" ({skipped} skipped for missing images)"
+                                                                  if skipped else ""))
+    return records, skipped
+
+
+def to_messages(turns: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """(role, text) turns → HF chat messages; `<image>` in a user turn becomes an image item."""
+    messages = []
+    for role, text in turns:
+        if role == "assistant" or IMAGE_PLACEHOLDER not in text:
+            messages.append({"role": role, "content": text})
+            continue
+        items: list[dict[str, Any]] = []
+        for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if k > 0:
+                items.append({"type": "image"})
+                piece = piece.removeprefix("\n")  # the template writes the image's own line break
+            if piece:
+                items.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": items})
+    return messages
+
+
+def open_images(record: Record, source: str | Path) -> list[Image.Image]:
+    """The record's images as RGB, or an error naming the data file and the record."""
+    try:
+        return load_images(record.images)
+    except TwigVLMError as e:
+        raise TwigVLMError(f"{source} record {record.index}: {e}") from None
+
+
+def truncate(ids: list[int], labels: list[int], image_token_id: int, tokens_per_image: int,
+             max_length: int) -> tuple[list[int], list[int], int]:
+    """Cut to max_length tokens, moving the cut back to an image's first token if it would fall inside one.
+
+    Returns the ids, the labels and how many images are still whole (their pixel values are the first ones).
+    """
+    where = [j for j, t in enumerate(ids) if t == image_token_id]
+    cut = min(max_length, len(ids))
+    seen = sum(1 for j in where if j < cut)
+    whole = seen // tokens_per_image if tokens_per_image else 0
+    if seen % max(tokens_per_image, 1):
+        cut = where[whole * tokens_per_image]  # the partial image's first token
+    return ids[:cut], labels[:cut], whole
+
+
+class LlavaDataset(Dataset):
+    """Training examples of one LLaVA-format file, tokenized when read: dicts of input_ids [T], labels [T] and
+    pixel_values [N, 3, h, w] (or None)."""
+
+    def __init__(self, path: str | Path, adapter: VLMAdapter, cfg: DataConfig) -> None:
+        cfg.validate()
+        self.source = str(path)
+        self.adapter = adapter
+        self.max_length = cfg.max_length
+        self.records, self.skipped_missing = load_records(path, cfg.image_folder, cfg.skip_missing_images)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        images = open_images(rec, self.source)
+        try:
+            ids, is_answer, pixels = self.adapter.tokenize_chat(to_messages(rec.turns), images)
+        except TwigVLMError as e:
+            raise TwigVLMError(f"{self.source} record {rec.index}: {e}") from None
+        labels = [t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)]
+        image_id = self.adapter.image_token_id
+        per_image = ids.count(image_id) // len(images) if images else 0
+        ids, labels, whole = truncate(ids, labels, image_id, per_image, self.max_length)
+        pixels = pixels[:whole] if pixels is not None and whole else None
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of examples into a batch. Right padding keeps every real token's causal view intact,
+    so no attention mask is needed; padded positions carry label −100."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+        n = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), n), self.pad_token_id, dtype=torch.long)  # [B, T]
+        labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+        for b, e in enumerate(examples):
+            ids[b, : len(e["input_ids"])] = e["input_ids"]
+            labels[b, : len(e["labels"])] = e["labels"]
+        pixels = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
+        return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(pixels) if pixels else None}
+
+
+def pad_token_id(adapter: VLMAdapter) -> int:
+    """A padding id that is not the image token (its value never reaches a real token's output)."""
+    tok = adapter.tokenizer
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0, 1):
+        if candidate is not None and candidate != adapter.image_token_id:
+            return int(candidate)
+    raise AssertionError("unreachable: 0 and 1 cannot both be the image token")
