@@ -44,6 +44,7 @@ class TinySpec:
     tower: str = "clip"
     num_layers: int = 6
     hidden_size: int = 64
+    intermediate_size: int | None = None  # MLP width; None → 2 × hidden_size
     num_heads: int = 4
     num_kv_heads: int = 2
     image_size: int = 32
@@ -76,7 +77,8 @@ def build_tokenizer(vocab_size: int = 512):
 def _text_config(spec: TinySpec, vocab: int):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
+    common = dict(vocab_size=vocab, hidden_size=spec.hidden_size,
+                  intermediate_size=spec.intermediate_size or 2 * spec.hidden_size,
                   num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
                   num_key_value_heads=spec.num_kv_heads, max_position_embeddings=1024,
                   tie_word_embeddings=spec.tie_embeddings, initializer_range=spec.init_std,
