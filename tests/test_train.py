@@ -164,7 +164,7 @@ def test_resume_reaches_the_uninterrupted_parameters(vlms, model_dirs, llava_dat
 
 def test_two_process_gloo_run_writes_one_twig(model_dirs, llava_data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "twigvlm.cli", "train", "--model", model_dirs["llama-clip"], "--data", llava_data["train"],
            "--out", str(out), "--max-steps", "4", "--batch-size", "2", "--save-steps", "2", "--lr", "1e-3",
            "--distill", "kl", "--eval-data", llava_data["eval"]]
