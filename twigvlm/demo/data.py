@@ -1,0 +1,126 @@
+"""The demo's training and test examples: scene questions, scene descriptions and easy-VQA, as (image, question,
+answer) triples generated deterministically, and written as LLaVA-format sets for the twig recipe.
+
+Short answers follow LLaVA's convention: the question ends with "Answer with a single word or phrase." Every
+example is a pure function of (split, index), so a training run that resumes at step s sees exactly the
+examples it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..data import easyvqa
+from ..data.scenes import DESCRIBE, describe, make_scene, questions, scene_seed
+from .model import IMAGE_SIZE
+
+SHORT = "\nAnswer with a single word or phrase."
+SOURCES = ("scenes", "describe", "easyvqa")
+MIX = {"scenes": 0.45, "describe": 0.2, "easyvqa": 0.35}  # training mixture
+
+
+@dataclass(frozen=True)
+class Example:
+    source: str  # scenes | describe | easyvqa
+    key: str  # stable id: split and index
+    question: str  # the user's text, without the image
+    answer: str
+    kind: str = ""  # question kind (scenes), for per-kind scores
+
+    def image(self) -> Image.Image:
+        split, index = self.key.split(":")[1:3]
+        if self.source == "easyvqa":
+            return _easyvqa(split)[int(index)].image_rgb()
+        return make_scene(scene_seed(split, int(index))).render(IMAGE_SIZE)
+
+
+class _EasyVQAItem:
+    def __init__(self, q: easyvqa.Question) -> None:
+        self.q = q
+
+    def image_rgb(self) -> Image.Image:
+        with Image.open(self.q.image) as im:
+            return im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
+
+
+_EASYVQA: dict[str, list[_EasyVQAItem]] = {}
+
+
+def _easyvqa(split: str) -> list[_EasyVQAItem]:
+    if split not in _EASYVQA:
+        _EASYVQA[split] = [_EasyVQAItem(q) for q in easyvqa.load("test" if split == "test" else "train")]
+    return _EASYVQA[split]
+
+
+def _easyvqa_indices(split: str) -> list[int]:
+    """easy-VQA has train and test only: our val split is the last 10% of its train pictures."""
+    items = _easyvqa(split)
+    if split == "test":
+        return list(range(len(items)))
+    cut = max(q.q.image_id for q in items) * 9 // 10
+    return [i for i, q in enumerate(items) if (q.q.image_id > cut) == (split == "val")]
+
+
+def scene_question(split: str, index: int) -> Example:
+    scene = make_scene(scene_seed(split, index))
+    kind, question, answer = questions(scene, random.Random(scene.seed * 31 + 7))[0]
+    return Example("scenes", f"scenes:{split}:{index}", question + SHORT, answer, kind)
+
+
+def scene_description(split: str, index: int) -> Example:
+    scene = make_scene(scene_seed(split, index))
+    return Example("describe", f"describe:{split}:{index}", DESCRIBE, describe(scene))
+
+
+def easyvqa_question(split: str, index: int) -> Example:
+    q = _easyvqa(split)[index].q
+    return Example("easyvqa", f"easyvqa:{split}:{index}", q.question[0].upper() + q.question[1:] + SHORT, q.answer)
+
+
+def example(split: str, source: str, index: int) -> Example:
+    """The index-th example of a source in a split."""
+    if source == "scenes":
+        return scene_question(split, index)
+    if source == "describe":
+        return scene_description(split, index)
+    if source == "easyvqa":
+        pool = _easyvqa_indices(split)
+        return easyvqa_question(split, pool[index % len(pool)])
+    raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
+
+
+def training_stream(seed: int, start: int = 0) -> Iterator[Example]:
+    """The training mixture from example number `start` on (deterministic: example n depends on seed and n)."""
+    n = start
+    while True:
+        rng = random.Random(seed * 1_000_003 + n)
+        source = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+        yield example("train", source, rng.randrange(10**7 if source != "easyvqa" else 10**6))
+        n += 1
+
+
+def test_set(source: str, n: int, split: str = "test") -> list[Example]:
+    """The first n examples of a source's test (or val) split."""
+    return [example(split, source, i) for i in range(n)]
+
+
+def write_llava(out_dir: str | Path, examples: list[Example]) -> Path:
+    """Write examples as a LLaVA-format set (data.json + images/) for `twigvlm train`."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for ex in examples:
+        name = "images/" + ex.key.replace(":", "-") + ".png"
+        if not (out / name).exists():
+            ex.image().save(out / name)
+        records.append({"id": ex.key, "image": name, "conversations": [
+            {"from": "human", "value": "<image>\n" + ex.question}, {"from": "gpt", "value": ex.answer}]})
+    path = out / "data.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return path

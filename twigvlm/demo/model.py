@@ -1,0 +1,96 @@
+"""Assembly of the demo VLM: a stock `LlavaForConditionalGeneration` from the SmolLM2 decoder and our vision parts.
+
+The vision tower is a small SigLIP ViT (192-px images, 16-px patches → 144 visual tokens, every patch kept) and
+the projector LLaVA's two-layer MLP; both are trained by `twigvlm.demo.train_vision` and shipped in
+`assets/vision.safetensors` (half precision). The image placeholder is an existing special token of SmolLM2's
+vocabulary that the model never writes (`<empty_output>`), so the decoder's embedding and head stay exactly the
+packaged ones. The chat template is SmolLM2's ChatML without its default system prompt, with image items.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TwigVLMError
+from .decoder import load_decoder
+
+ASSETS = Path(__file__).parent / "assets"
+VISION_WEIGHTS = "vision.safetensors"
+IMAGE_TOKEN = "<empty_output>"
+IMAGE_SIZE, PATCH_SIZE = 192, 16
+VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN + "\n{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def vision_prefixes() -> tuple[str, ...]:
+    """State-dict prefixes of the parts we train and ship (everything else is the packaged decoder)."""
+    return ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def build_demo(vision_state: dict[str, torch.Tensor] | None = None, seed: int = 0, progress: bool = True,
+               use_assets: bool = True) -> tuple[Any, Any]:
+    """(LlavaForConditionalGeneration, LlavaProcessor) in fp32: the packaged decoder, and the vision tower and
+    projector from `vision_state` (else from the shipped assets when use_assets, else freshly initialised with
+    `seed`)."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    decoder, tokenizer = load_decoder(torch.float32, progress)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = LlavaConfig(vision_config=SiglipVisionConfig(**VISION), text_config=decoder.config,
+                         image_token_id=image_token_id, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+                         vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         projector_hidden_act="gelu", tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(decoder.model.state_dict())
+    model.tie_weights()
+    if vision_state is None and use_assets and (ASSETS / VISION_WEIGHTS).is_file():
+        vision_state = read_vision_weights(ASSETS / VISION_WEIGHTS)
+    if vision_state is not None:
+        missing = [k for k in model.state_dict() if k.startswith(vision_prefixes()) and k not in vision_state]
+        if missing:
+            raise TwigVLMError(f"the demo vision weights lack {missing[0]}: rebuild them with "
+                               "`python -m twigvlm.demo.train_vision`")
+        model.load_state_dict({k: v.float() for k, v in vision_state.items()}, strict=False)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config._attn_implementation = "sdpa"
+    processor = LlavaProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=0)
+    return model.eval(), processor
+
+
+def vision_state(model: Any, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The trained (shipped) tensors of a demo model, in `dtype`."""
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+            if k.startswith(vision_prefixes())}
+
+
+def read_vision_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise TwigVLMError(f"the demo vision weights {path} are unreadable ({e}): reinstall twigvlm") from None
