@@ -105,7 +105,7 @@ def training_stream(seed: int, start: int = 0) -> Iterator[Example]:
         n += 1
 
 
-def test_set(source: str, n: int, split: str = "test") -> list[Example]:
+def eval_set(source: str, n: int, split: str = "test") -> list[Example]:
     """The first n examples of a source's test (or val) split."""
     return [example(split, source, i) for i in range(n)]
 

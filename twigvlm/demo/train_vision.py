@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import easyvqa
 from ..data.scenes import COLORS, SHAPES, SIZES, make_scene, scene_seed
-from .data import Example, _easyvqa, _easyvqa_indices, test_set, training_stream
+from .data import Example, _easyvqa, _easyvqa_indices, eval_set, training_stream
 from .model import ASSETS, IMAGE_SIZE, PATCH_SIZE, VISION_WEIGHTS, build_demo, vision_state
 
 GRID = IMAGE_SIZE // PATCH_SIZE  # 12 patches a side; a scene cell is GRID/3 patches a side
@@ -151,7 +151,7 @@ def evaluate(vlm, n: int) -> dict[str, float]:  # noqa: ANN001
     scores = {}
     for source in ("scenes", "easyvqa"):
         hits = [vlm.generate(ex.question, ex.image(), max_new_tokens=8).text.strip().lower() == ex.answer
-                for ex in test_set(source, n, split="val")]
+                for ex in eval_set(source, n, split="val")]
         scores[source] = sum(hits) / len(hits)
     return scores
 
