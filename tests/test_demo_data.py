@@ -10,7 +10,7 @@ import pytest
 
 from twigvlm.data import easyvqa
 from twigvlm.demo import decoder
-from twigvlm.demo.data import _easyvqa_indices, example, eval_set, training_stream, write_llava
+from twigvlm.demo.data import _easyvqa_indices, eval_set, example, training_stream, write_llava
 from twigvlm.errors import TwigVLMError
 from twigvlm.train.data import load_records
 

@@ -62,6 +62,11 @@ class VLM:
         return twig
 
     def load_twig(self, path: str | Path) -> Twig:
+        """Load a twig directory ("demo": the demo model's shipped twig) and attach it."""
+        if str(path) == "demo":
+            from .demo.model import demo_twig_dir
+
+            path = demo_twig_dir()
         twig = load_twig(self.adapter, path)
         self.engine.twig = twig
         return twig

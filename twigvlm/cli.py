@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=_positive_int, default=6)
     t.add_argument("--seed", type=int, default=0)
 
-    sub.add_parser("demo", help="the main job on the embedded default model")
+    d = sub.add_parser("demo", help="the main job on the embedded demo model: HF generate vs TTP+SSD")
+    d.add_argument("--out", default="out/demo", help="folder for the kept-token pictures (default: out/demo)")
     train_cli.add_parsers(sub)
     return parser
 
@@ -197,24 +199,45 @@ def cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .tiny import TinySpec, demo_image, save_tiny_llava
+    from .api import VLM
+    from .demo.model import twig_ready, vision_ready
+    from .demo.run import main_job
 
-    print("note: the embedded demo model is not built yet, so this runs on a tiny random LLaVA built on the fly "
-          "(its text is gibberish)")
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TwigVLMError(f"--out {out} exists and is not a directory: choose another path")
+    if vision_ready() and twig_ready():
+        from .demo.data import eval_set
+
+        print("loading the demo VLM (SmolLM2-135M-Instruct decoder + our vision tower + trained twig)", flush=True)
+        vlm = VLM.load("demo", twig="demo")
+        short, scene, desc = eval_set("easyvqa", 1)[0], eval_set("scenes", 1)[0], eval_set("describe", 1)[0]
+        requests = [("easy-vqa", short.question, short.image(), 8), ("scene", scene.question, scene.image(), 8),
+                    ("describe", desc.question, desc.image(), 160)]
+        main_job(vlm, requests, out)
+    else:
+        _tiny_demo(out)
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _tiny_demo(out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
+    from .api import VLM
+    from .demo.run import main_job
+    from .images import load_image
+    from .tiny import TinySpec, demo_image, save_tiny_llava
+
+    print("note: the embedded demo model's trained weights are not in this installation yet, so this runs the main "
+          "job on a tiny random LLaVA with an untrained twig (its text is gibberish and its speed means nothing)")
     hf_logging.disable_progress_bar()  # a tiny model saves and loads in milliseconds
     with tempfile.TemporaryDirectory(prefix="twigvlm-demo-") as tmp:
         model_dir = save_tiny_llava(Path(tmp) / "tiny-llava", TinySpec(tie_embeddings=False))
-        image = demo_image(Path(tmp) / "shapes.png")
-        parser = build_parser()
-        cmd_grow(parser.parse_args(["grow", "--model", str(model_dir), "--out", str(Path(tmp) / "twig")]))
-        gen_args = parser.parse_args(["generate", "--model", str(model_dir), "--twig", str(Path(tmp) / "twig"),
-                                      "--image", str(image), "--prompt", "Describe the image in detail.",
-                                      "--max-new-tokens", "32", "--ignore-eos", "--speculative"])
-        print(f"$ twigvlm generate --model <tiny-llava> --twig <twig> --image shapes.png "
-              f"--prompt {gen_args.prompt!r} --max-new-tokens 32 --speculative")
-        cmd_generate(gen_args)
+        vlm = VLM.load(model_dir)
+        vlm.grow_twig()
+        image = load_image(demo_image(Path(tmp) / "shapes.png"))
+        main_job(vlm, [("describe", "Describe the image in detail.", image, 32)], out, keep_ratio=0.5)
 
 
 COMMANDS = {"grow": cmd_grow, "generate": cmd_generate, "tiny": cmd_tiny, "demo": cmd_demo,

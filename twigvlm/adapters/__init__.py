@@ -55,10 +55,15 @@ def adapter_for(model: Any, processor: Any) -> VLMAdapter:
 
 
 def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
-    """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention."""
-    path = Path(path)
+    """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention; "demo" is the
+    embedded demo model."""
     torch_dtype = parse_dtype(dtype)
     check_device(device)
+    if str(path) == "demo":
+        from ..demo.model import demo_adapter
+
+        return demo_adapter(torch_dtype, device)
+    path = Path(path)
     if not path.is_dir():
         raise TwigVLMError(f"model directory {path} does not exist: pass a directory written by save_pretrained")
     config_file = path / "config.json"

@@ -186,6 +186,13 @@ class VLMAdapter(ABC):
     @abstractmethod
     def lm_head(self) -> nn.Module: ...
 
+    # ---- the baseline ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def hf_generate(self, prompt: Prompt, images: Sequence[Image.Image], max_new_tokens: int,
+                    ignore_eos: bool = False) -> list[int]:
+        """New token ids from the stock model's own greedy `generate` on the same processed inputs (the baseline
+        every speed-up is measured against)."""
+
     # ---- text -----------------------------------------------------------------------------------------------
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

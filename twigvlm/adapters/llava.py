@@ -197,6 +197,19 @@ class LlavaAdapter(VLMAdapter):
             assistant += [is_assistant] * batch["input_ids"].shape[1]
         return ids, assistant, torch.cat(pixels) if pixels else None
 
+    @torch.inference_mode()
+    def hf_generate(self, prompt: Prompt, images: Sequence[Image.Image], max_new_tokens: int,
+                    ignore_eos: bool = False) -> list[int]:
+        text = self.render(prompt, len(images))
+        bos = self.tokenizer.bos_token
+        batch = self.processor(images=list(images) or None, text=text, return_tensors="pt",
+                               add_special_tokens=not (bos and text.startswith(bos))).to(self.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        extra = {"eos_token_id": None} if ignore_eos else {}
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+        return out[0, batch["input_ids"].shape[1]:].tolist()
+
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,

@@ -94,3 +94,33 @@ def read_vision_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise TwigVLMError(f"the demo vision weights {path} are unreadable ({e}): reinstall twigvlm") from None
+
+
+TWIG_DIR = ASSETS / "twig"
+BUILD_HINT = "build them with `python -m twigvlm.demo.build` (see the README's demo section)"
+
+
+def vision_ready() -> bool:
+    return (ASSETS / VISION_WEIGHTS).is_file()
+
+
+def twig_ready() -> bool:
+    return (TWIG_DIR / "twig.json").is_file()
+
+
+def demo_adapter(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """The demo VLM wrapped by its adapter (what `--model demo` loads)."""
+    from ..adapters import adapter_for
+
+    if not vision_ready():
+        raise TwigVLMError(f"the demo model's trained vision weights ({ASSETS / VISION_WEIGHTS}) are not in this "
+                           f"installation: {BUILD_HINT}")
+    model, processor = build_demo()
+    return adapter_for(model.to(device=device, dtype=dtype), processor)
+
+
+def demo_twig_dir() -> Path:
+    """The shipped twig (what `--twig demo` loads)."""
+    if not twig_ready():
+        raise TwigVLMError(f"the demo twig ({TWIG_DIR}) is not in this installation: {BUILD_HINT}")
+    return TWIG_DIR

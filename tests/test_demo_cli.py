@@ -1,0 +1,38 @@
+"""`twigvlm demo` (the main job) and `--model demo` / `--twig demo` when the demo's trained parts are absent."""
+
+from __future__ import annotations
+
+import pytest
+
+from twigvlm.cli import main
+from twigvlm.demo import model as demo_model
+
+
+@pytest.fixture
+def no_assets(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo_model, "ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(demo_model, "TWIG_DIR", tmp_path / "assets" / "twig")
+
+
+def test_demo_without_trained_parts_runs_the_main_job_on_a_tiny_model(no_assets, capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny random LLaVA" in out and "HF generate" in out and "TTP + SSD" in out and "× HF" in out
+    assert "of drafted tokens accepted" in out and "kept 6/16 visual tokens" in out
+    assert (tmp_path / "out" / "kept-describe.png").is_file()
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["generate", "--model", "demo", "--prompt", "hi"], "vision weights"),
+    (["train", "--model", "demo", "--data", "d.json", "--out", "x"], "vision weights"),
+])
+def test_model_demo_without_assets_says_how_to_build(no_assets, capsys, argv, why):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert why in err and "python -m twigvlm.demo.build" in err and err.count("\n") == 1
+
+
+def test_twig_demo_without_assets_says_how_to_build(no_assets, capsys, model_dirs):
+    assert main(["generate", "--model", model_dirs["llama-clip"], "--twig", "demo", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "demo twig" in err and "python -m twigvlm.demo.build" in err
