@@ -237,6 +237,31 @@ def test_a_twig_copying_the_deep_layers_is_always_accepted(vlms, gamma):
         assert s.mean_accepted_per_step == pytest.approx(19 / s.verifications)
 
 
+def test_draft_vocabulary_keeps_greedy_output_exact(vlms):
+    # A twig copying the deep layers drafts exactly the AR tokens: with a draft vocabulary holding all of them
+    # every draft is accepted; without one of them, drafts of it are impossible and some are rejected, but the
+    # output is still the AR output.
+    base = vlms["llama-clip"]
+    vlm = _with_twig(base, 2, base.adapter.spec.num_layers - 2)
+    args = dict(prompt=random_prompt(3, 6), image=random_image(3), max_new_tokens=20, ignore_eos=True)
+    ar = vlm.generate(**args).token_ids
+    spec = SpecConfig(draft_len=4, threshold=0)
+    vlm.twig.set_draft_vocab(ar)
+    full = vlm.generate(**args, speculative=spec)
+    assert full.token_ids == ar and full.stats.acceptance_rate == 1.0
+    vlm.twig.set_draft_vocab([t for t in ar if t != ar[5]] or [0])
+    partial = vlm.generate(**args, speculative=spec)
+    assert partial.token_ids == ar and partial.stats.acceptance_rate < 1.0
+    with torch.no_grad():  # the restricted head scores the vocabulary's rows exactly, and nothing else
+        h = torch.randn(1, 2, base.adapter.spec.hidden_size)
+        sub, whole = vlm.engine.twig_logits(h, draft=True), vlm.engine.twig_logits(h)
+        vocab = vlm.twig.draft_vocab
+        assert torch.allclose(sub[..., vocab], whole[..., vocab], atol=1e-6)
+        outside = torch.ones(whole.shape[-1], dtype=torch.bool)
+        outside[vocab] = False
+        assert torch.isinf(sub[..., outside]).all()
+
+
 def test_cache_invariant_after_every_step(vlms):
     vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
     engine, L = vlm.engine, vlm.adapter.spec.num_layers
@@ -258,10 +283,14 @@ def test_cache_invariant_after_every_step(vlms):
             assert state.next_position == n
 
 
-def test_sampling_speculation_matches_ar_in_distribution(vlms):
+@pytest.mark.parametrize("draft_vocab", [None, "even ids"])
+def test_sampling_speculation_matches_ar_in_distribution(vlms, draft_vocab):
     # Real model, top-k 2 at temperature 1: the first three tokens take at most 8 values; the exact AR
-    # distribution comes from the model's own logits, and speculative samples must follow it.
+    # distribution comes from the model's own logits, and speculative samples must follow it — also when the
+    # twig drafts from a restricted vocabulary (its q is then zero outside it).
     vlm = _with_twig(vlms["qwen2-siglip"], 2, 2, noise=0.2)
+    if draft_vocab:
+        vlm.twig.set_draft_vocab(range(0, vlm.adapter.spec.vocab_size, 2))
     cfg = GenConfig(max_new_tokens=3, temperature=1.0, top_k=2, ignore_eos=True)
     enc = vlm.encode(random_prompt(4, 3), random_image(4))
     engine = vlm.engine

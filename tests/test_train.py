@@ -185,6 +185,12 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     assert main(args) == 0
     assert "twig written to" in capsys.readouterr().out
     assert json.loads((out / "twig.json").read_text())["dtype"] == "bfloat16"
+    vocab_out = tmp_path / "vocab"
+    assert main(["train", "--model", model, "--data", data, "--out", str(vocab_out), "--max-steps", "1",
+                 "--draft-vocab", "5"]) == 0
+    twig = twigvlm.load(model, twig=vocab_out).twig
+    eos = set(twigvlm.load(model).adapter.eos_token_ids)
+    assert eos <= set(twig.draft_vocab.tolist()) and len(twig.draft_vocab) <= 5 + len(eos)
     cases = [
         (args, "already holds checkpoint-2 from an earlier run: pass --resume"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "new"), "--resume"],

@@ -167,3 +167,19 @@ def test_save_into_an_unwritable_place_writes_nothing(tmp_path, fresh_vlm):
         with pytest.raises(TwigVLMError):
             fresh_vlm.save_twig(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_draft_vocabulary_round_trips_and_is_checked(vlm, tmp_path):
+    twig = vlm.grow_twig(K=2, T=2)
+    twig.set_draft_vocab([7, 3, 3, 11])
+    vlm.save_twig(tmp_path / "t")
+    assert torch.equal(vlm.load_twig(tmp_path / "t").draft_vocab, torch.tensor([3, 7, 11]))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "t" / "twig.safetensors"))
+    state["draft_vocab"] = torch.tensor([1, 10**6])
+    save_file(state, str(tmp_path / "t" / "twig.safetensors"))
+    with pytest.raises(twigvlm.TwigVLMError, match="draft vocabulary with ids outside"):
+        vlm.load_twig(tmp_path / "t")
+    twig.set_draft_vocab(None)
+    assert "draft_vocab" not in twig.state_dict()

@@ -111,11 +111,31 @@ class Engine:
         """Base final norm + LM head: [B, q, H] → [B, q, V]."""
         return self.adapter.lm_head(self.adapter.final_norm(hidden))
 
-    def twig_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Twig norm + twig head (the base head when shared): [B, q, H] → [B, q, V]."""
+    def twig_logits(self, hidden: torch.Tensor, draft: bool = False) -> torch.Tensor:
+        """Twig norm + twig head (the base head when shared): [B, q, H] → [B, q, V].
+
+        draft: score only the twig's draft vocabulary, if it has one (−inf elsewhere).
+        """
         assert self.twig is not None
         head = self.twig.head if self.twig.head is not None else self.adapter.lm_head
-        return head(self.twig.norm(hidden))
+        normed = self.twig.norm(hidden)
+        vocab = self.twig.draft_vocab if draft else None
+        if vocab is None:
+            return head(normed)
+        weight, bias = self._draft_head(head, vocab)  # [Vd, H], [Vd] | None
+        sub = nn.functional.linear(normed, weight, bias)  # [B, q, Vd]
+        full = sub.new_full((*sub.shape[:-1], head.weight.shape[0]), float("-inf"))  # [B, q, V]
+        full[..., vocab] = sub
+        return full
+
+    def _draft_head(self, head: nn.Module, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's rows for the draft vocabulary, cached until the head's weights or the vocabulary change."""
+        key = (head.weight.data_ptr(), head.weight._version, vocab.data_ptr(), vocab.numel(), head.weight.dtype)
+        if getattr(self, "_draft_key", None) != key:
+            bias = getattr(head, "bias", None)
+            self._draft_rows = (head.weight.detach()[vocab], None if bias is None else bias.detach()[vocab])
+            self._draft_key = key
+        return self._draft_rows
 
     # ---- whole passes ---------------------------------------------------------------------------------------
     def embed_step(self, state: DecodeState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

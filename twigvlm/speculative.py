@@ -144,7 +144,7 @@ class TwigSpecModel:
         pos = self.engine.adapter.text_positions(end - block.shape[1], block.shape[1])
         self._pending = []
         out = self.engine.forward_twig(self.state, block, pos)
-        return self.engine.twig_logits(out[:, -1:])[0, -1]
+        return self.engine.twig_logits(out[:, -1:], draft=True)[0, -1]
 
     @torch.no_grad()
     def propose(self, last: int, max_len: int, threshold: float, stop_ids: set[int]) -> Draft:

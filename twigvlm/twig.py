@@ -31,7 +31,11 @@ FORMAT_VERSION = 1
 
 
 class Twig(nn.Module):
-    """T decoder layers + norm (+ head, unless shared with the base). Layer i is a stock HF decoder layer."""
+    """T decoder layers + norm (+ head, unless shared with the base). Layer i is a stock HF decoder layer.
+
+    draft_vocab (optional buffer, sorted token ids [Vd]): drafting scores only these tokens, a much cheaper head
+    than the full vocabulary; the full model still verifies every token, so output stays exact.
+    """
 
     def __init__(self, config: TwigConfig, layers: nn.ModuleList, norm: nn.Module, head: nn.Module | None,
                  base_fingerprint: dict[str, Any]) -> None:
@@ -41,9 +45,21 @@ class Twig(nn.Module):
         self.norm = norm
         self.head = head
         self.base_fingerprint = base_fingerprint
+        self.register_buffer("draft_vocab", None, persistent=True)
+
+    def set_draft_vocab(self, token_ids: Any | None) -> None:
+        """Restrict drafting to these token ids (None: the whole vocabulary)."""
+        if token_ids is None:
+            self.draft_vocab = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted, distinct
+        if ids.numel() == 0:
+            raise TwigVLMError("a draft vocabulary needs at least one token id")
+        self.draft_vocab = ids.to(next(self.parameters()).device)
 
     def extra_repr(self) -> str:
-        return f"K={self.config.K}, T={self.config.T}, head={self.config.head}"
+        vocab = "" if self.draft_vocab is None else f", draft_vocab={self.draft_vocab.numel()}"
+        return f"K={self.config.K}, T={self.config.T}, head={self.config.head}{vocab}"
 
 
 ARCH_KEYS = ("model_type", "num_layers", "hidden_size", "vocab_size")
@@ -124,7 +140,8 @@ def save_twig(twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None,
                for name, t in state.items()}
     dtype = str(dtype).removeprefix("torch.")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "K": twig.config.K, "T": twig.config.T,
-            "head": twig.config.head, "dtype": dtype, "base": twig.base_fingerprint}
+            "head": twig.config.head, "dtype": dtype, "base": twig.base_fingerprint,
+            "draft_vocab": int(tensors["draft_vocab"].numel()) if "draft_vocab" in tensors else None}
     created = not out.exists()
     temps: list[Path] = []
     try:
@@ -205,6 +222,12 @@ def _load_weights(twig: Twig, twig_dir: str | Path) -> None:
     except (SafetensorError, OSError) as e:
         raise TwigVLMError(f"{weights} is not a readable safetensors file ({e}): "
                            "grow or train the twig again") from None
+    if "draft_vocab" in state:
+        twig.set_draft_vocab(state["draft_vocab"])
+        vocab_size = twig.base_fingerprint["vocab_size"]
+        if int(state["draft_vocab"].min()) < 0 or int(state["draft_vocab"].max()) >= vocab_size:
+            raise TwigVLMError(f"{weights} has a draft vocabulary with ids outside 0..{vocab_size - 1}: "
+                               "grow or train the twig again")
     expected = twig.state_dict()
     bad = sorted(set(expected) ^ set(state)) or [n for n in state if state[n].shape != expected[n].shape]
     if bad:

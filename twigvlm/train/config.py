@@ -73,6 +73,8 @@ class TrainConfig(DataConfig):
                                   "fp32 either way)", choices=PRECISIONS)
     device: str = _opt("auto", "auto: the GPU when there is one", choices=DEVICES)
     save_dtype: str = _opt("float32", "dtype of the saved twig", choices=SAVE_DTYPES)
+    draft_vocab: int | None = _opt(None, "draft only among the N most frequent answer tokens of the data (a far "
+                                         "cheaper draft head; the full model still verifies, output unchanged)")
     logging_steps: int = _opt(10, "log the loss every N steps")
     num_workers: int = _opt(0, "data-loading worker processes")
 
@@ -97,6 +99,8 @@ class TrainConfig(DataConfig):
             raise TwigVLMError(f"--epochs {self.epochs} must be positive")
         if self.num_workers < 0:
             raise TwigVLMError(f"--num-workers {self.num_workers} must be >= 0")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise TwigVLMError(f"--draft-vocab {self.draft_vocab} must be >= 1")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise TwigVLMError(f"--save-total-limit {self.save_total_limit} must be >= 1")
 

@@ -14,6 +14,7 @@ devices, mixed precision, gradient accumulation, the schedule and the checkpoint
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,17 @@ class TrainResult:
     eval_after: dict[str, float] = field(default_factory=dict)
 
 
+def answer_vocab(dataset: LlavaDataset, size: int, always: list[int]) -> list[int]:
+    """The `size` most frequent token ids in the data's answers, plus `always` (the stop tokens)."""
+    counts: Counter[int] = Counter()
+    tokenizer = dataset.adapter.tokenizer
+    for record in dataset.records:
+        for role, text in record.turns:
+            if role == "assistant":
+                counts.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return sorted({t for t, _ in counts.most_common(size)} | set(always))
+
+
 def resume_point(out: Path, resume: bool) -> str | None:
     """The checkpoint to resume from, or None; refuses to overwrite an earlier run's checkpoints or twig."""
     if out.exists() and not out.is_dir():
@@ -211,6 +223,8 @@ def train_twig(cfg: TrainConfig, adapter: VLMAdapter | None = None,
     after = trainer.evaluate() if eval_set is not None else {}
 
     # ---- save ----
+    if cfg.draft_vocab is not None:
+        twig.set_draft_vocab(answer_vocab(train_set, cfg.draft_vocab, adapter.eos_token_ids))
     trainer.save_dtype = parse_dtype(cfg.save_dtype)
     trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
