@@ -191,6 +191,7 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     twig = twigvlm.load(model, twig=vocab_out).twig
     eos = set(twigvlm.load(model).adapter.eos_token_ids)
     assert eos <= set(twig.draft_vocab.tolist()) and len(twig.draft_vocab) <= 5 + len(eos)
+    capsys.readouterr()
     cases = [
         (args, "already holds checkpoint-2 from an earlier run: pass --resume"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "new"), "--resume"],
