@@ -10,7 +10,7 @@ import pytest
 
 from twigvlm.data import easyvqa
 from twigvlm.demo import decoder
-from twigvlm.demo.data import _easyvqa_indices, eval_set, example, training_stream, write_llava
+from twigvlm.demo.data import easyvqa_pool, eval_set, example, training_stream, write_llava
 from twigvlm.errors import TwigVLMError
 from twigvlm.train.data import load_records
 
@@ -38,11 +38,11 @@ def test_training_stream_is_a_function_of_the_position():
 
 def test_val_pictures_are_not_training_pictures():
     items = {split: {example(split, "easyvqa", i).key for i in range(0, 40000, 97)} for split in ("train", "val")}
-    from twigvlm.demo.data import _easyvqa
+    from twigvlm.demo.data import easyvqa_items
 
-    pictures = {s: {_easyvqa(s)[int(k.split(":")[2])].q.image_id for k in keys} for s, keys in items.items()}
+    pictures = {s: {easyvqa_items(s)[int(k.split(":")[2])].q.image_id for k in keys} for s, keys in items.items()}
     assert not pictures["train"] & pictures["val"]
-    assert len(_easyvqa_indices("val")) < len(_easyvqa_indices("train")) / 5
+    assert len(easyvqa_pool("val")) < len(easyvqa_pool("train")) / 5
 
 
 def test_written_llava_set_reads_back(tmp_path):

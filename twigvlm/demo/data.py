@@ -36,7 +36,7 @@ class Example:
     def image(self) -> Image.Image:
         split, index = self.key.split(":")[1:3]
         if self.source == "easyvqa":
-            return _easyvqa(split)[int(index)].image_rgb()
+            return easyvqa_items(split)[int(index)].image_rgb()
         return make_scene(scene_seed(split, int(index))).render(IMAGE_SIZE)
 
 
@@ -49,18 +49,18 @@ class _EasyVQAItem:
             return im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
 
 
-_EASYVQA: dict[str, list[_EasyVQAItem]] = {}
+_EASYVQA_CACHE: dict[str, list[_EasyVQAItem]] = {}
 
 
-def _easyvqa(split: str) -> list[_EasyVQAItem]:
-    if split not in _EASYVQA:
-        _EASYVQA[split] = [_EasyVQAItem(q) for q in easyvqa.load("test" if split == "test" else "train")]
-    return _EASYVQA[split]
+def easyvqa_items(split: str) -> list[_EasyVQAItem]:
+    if split not in _EASYVQA_CACHE:
+        _EASYVQA_CACHE[split] = [_EasyVQAItem(q) for q in easyvqa.load("test" if split == "test" else "train")]
+    return _EASYVQA_CACHE[split]
 
 
-def _easyvqa_indices(split: str) -> list[int]:
+def easyvqa_pool(split: str) -> list[int]:
     """easy-VQA has train and test only: our val split is the last 10% of its train pictures."""
-    items = _easyvqa(split)
+    items = easyvqa_items(split)
     if split == "test":
         return list(range(len(items)))
     cut = max(q.q.image_id for q in items) * 9 // 10
@@ -79,7 +79,7 @@ def scene_description(split: str, index: int) -> Example:
 
 
 def easyvqa_question(split: str, index: int) -> Example:
-    q = _easyvqa(split)[index].q
+    q = easyvqa_items(split)[index].q
     return Example("easyvqa", f"easyvqa:{split}:{index}", q.question[0].upper() + q.question[1:] + SHORT, q.answer)
 
 
@@ -90,7 +90,7 @@ def example(split: str, source: str, index: int) -> Example:
     if source == "describe":
         return scene_description(split, index)
     if source == "easyvqa":
-        pool = _easyvqa_indices(split)
+        pool = easyvqa_pool(split)
         return easyvqa_question(split, pool[index % len(pool)])
     raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import easyvqa
 from ..data.scenes import COLORS, SHAPES, SIZES, make_scene, scene_seed
-from .data import Example, _easyvqa, _easyvqa_indices, eval_set, training_stream
+from .data import Example, easyvqa_items, easyvqa_pool, eval_set, training_stream
 from .model import ASSETS, IMAGE_SIZE, PATCH_SIZE, VISION_WEIGHTS, build_demo, vision_state
 
 GRID = IMAGE_SIZE // PATCH_SIZE  # 12 patches a side; a scene cell is GRID/3 patches a side
@@ -62,8 +62,8 @@ def _pretrain_batch(step: int, batch: int, processor, labels) -> dict[str, torch
     rng = random.Random(10_007 * step + 3)
     half = batch // 2
     scene_ids = [rng.randrange(10**7) for _ in range(half)]
-    pool = _easyvqa_indices("train")
-    evqa = [_easyvqa("train")[pool[rng.randrange(len(pool))]] for _ in range(batch - half)]
+    pool = easyvqa_pool("train")
+    evqa = [easyvqa_items("train")[pool[rng.randrange(len(pool))]] for _ in range(batch - half)]
     images = [make_scene(scene_seed("train", i)).render(IMAGE_SIZE) for i in scene_ids] + [e.image_rgb() for e in evqa]
     whole = torch.full((batch - half, 2), -100, dtype=torch.long)
     for k, e in enumerate(evqa):
