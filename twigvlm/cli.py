@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from .bench import cli as bench_cli
 from .config import PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
 from .train import cli as train_cli
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded demo model: HF generate vs TTP+SSD")
     d.add_argument("--out", default="out/demo", help="folder for the kept-token pictures (default: out/demo)")
     train_cli.add_parsers(sub)
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -241,7 +243,7 @@ def _tiny_demo(out: Path) -> None:
 
 
 COMMANDS = {"grow": cmd_grow, "generate": cmd_generate, "tiny": cmd_tiny, "demo": cmd_demo,
-            "train": train_cli.cmd_train, "distill-data": train_cli.cmd_distill_data}
+            "train": train_cli.cmd_train, "bench": bench_cli.cmd_bench, "distill-data": train_cli.cmd_distill_data}
 
 
 def _quiet_transformers() -> None:

@@ -189,9 +189,9 @@ class VLMAdapter(ABC):
     # ---- the baseline ---------------------------------------------------------------------------------------
     @abstractmethod
     def hf_generate(self, prompt: Prompt, images: Sequence[Image.Image], max_new_tokens: int,
-                    ignore_eos: bool = False) -> list[int]:
+                    ignore_eos: bool = False, early_exit: int | None = None) -> list[int]:
         """New token ids from the stock model's own greedy `generate` on the same processed inputs (the baseline
-        every speed-up is measured against)."""
+        every speed-up is measured against); early_exit: its built-in early-exit self-speculation."""
 
     # ---- text -----------------------------------------------------------------------------------------------
     def decode(self, token_ids: Sequence[int]) -> str:

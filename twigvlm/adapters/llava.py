@@ -199,14 +199,16 @@ class LlavaAdapter(VLMAdapter):
 
     @torch.inference_mode()
     def hf_generate(self, prompt: Prompt, images: Sequence[Image.Image], max_new_tokens: int,
-                    ignore_eos: bool = False) -> list[int]:
+                    ignore_eos: bool = False, early_exit: int | None = None) -> list[int]:
         text = self.render(prompt, len(images))
         bos = self.tokenizer.bos_token
         batch = self.processor(images=list(images) or None, text=text, return_tensors="pt",
                                add_special_tokens=not (bos and text.startswith(bos))).to(self.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        extra = {"eos_token_id": None} if ignore_eos else {}
+        extra: dict[str, Any] = {"eos_token_id": None} if ignore_eos else {}
+        if early_exit is not None:  # transformers' own self-speculation: draft with the first `early_exit` layers
+            extra["assistant_early_exit"] = early_exit
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
         return out[0, batch["input_ids"].shape[1]:].tolist()
 

@@ -1,0 +1,98 @@
+"""`twigvlm bench`: run methods × tasks, print the table, write results.json, samples.jsonl, table.md, plot.png."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import TwigVLMError
+from .harness import BASELINE, Variant
+from .methods import METHODS, NEEDS_TWIG, MethodConfig
+
+ABLATIONS = ("none", "budget", "draft")
+DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
+
+
+def add_parser(sub) -> None:  # noqa: ANN001
+    b = sub.add_parser("bench", help="accuracy retention and speed of every method against stock HF generate")
+    b.add_argument("--model", required=True, help="a Hugging Face VLM directory, or demo")
+    b.add_argument("--twig", default=None, help="a twig directory (needed by twig, ssd, twig+ssd), or demo")
+    b.add_argument("--tasks", default="easyvqa,scenes,describe",
+                   help="comma-separated: easyvqa, scenes, describe, or NAME=QUESTIONS.jsonl,IMAGES,ANSWERS.jsonl "
+                        "(separate several file tasks with ';')")
+    b.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHODS)}")
+    b.add_argument("--ablation", default="none", choices=ABLATIONS,
+                   help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ")
+    b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
+    b.add_argument("--keep-ratio", type=float, default=1 / 9, help="R̄/M for every pruning method (default 1/9)")
+    b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
+    b.add_argument("--wipe-layer", type=int, default=None, help="K_f (default round(0.75·L))")
+    b.add_argument("--draft-len", type=int, default=5)
+    b.add_argument("--draft-threshold", type=float, default=0.6)
+    b.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap every answer at N tokens (default: 16 for short answers, 200 for describe)")
+    b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
+    b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")
+    b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--device", default="cpu")
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
+                      wipe_layer=args.wipe_layer, draft_len=args.draft_len, threshold=args.draft_threshold)
+    if args.ablation == "budget":
+        out = [Variant(BASELINE, BASELINE, mc)]
+        for k in (1, 2, 3):
+            out += [Variant(f"{m}@{k}M/9", m, replace(mc, keep=None, keep_ratio=k / 9))
+                    for m in ("fastv", "visionzip", "twig")]
+        return out
+    if args.ablation == "draft":
+        out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
+        return out + [Variant(f"ssd γ={g} τ={t}", "ssd", replace(mc, draft_len=g, threshold=t))
+                      for g in (1, 3, 5, 8) for t in (0.0, 0.6)]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise TwigVLMError(f"unknown method {unknown[0]!r}: use {', '.join(METHODS)}")
+    if BASELINE not in names:
+        names.insert(0, BASELINE)  # every ratio is against it
+    return [Variant(m, m, mc) for m in dict.fromkeys(names)]
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from ..api import VLM
+    from .harness import run_bench, summarize
+    from .report import markdown, write_outputs
+    from .tasks import parse_task_spec
+
+    if args.limit < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        raise TwigVLMError("--limit and --max-new-tokens must be positive")
+    chosen = variants(args)
+    if args.twig is None and any(v.method in NEEDS_TWIG | {"hf-early-exit"} for v in chosen):
+        raise TwigVLMError("twig, ssd, twig+ssd and hf-early-exit need a twig: pass --twig DIR (or leave them out "
+                           "with --methods)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TwigVLMError(f"--out {out} exists and is not a directory")
+    specs = [s for part in args.tasks.split(";") for s in (part.split(",") if "=" not in part else [part]) if s]
+    tasks = {}
+    for spec in specs:
+        samples = parse_task_spec(spec.strip(), args.limit, args.split)
+        if args.seed:
+            random.Random(args.seed).shuffle(samples)
+        if args.max_new_tokens is not None:
+            for sample in samples:
+                sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
+        tasks[samples[0].task] = samples
+    vlm = VLM.load(args.model, twig=args.twig, dtype=args.dtype, device=args.device)
+    rows, unsupported = run_bench(vlm, tasks, chosen)
+    summary = summarize(rows, chosen)
+    table = markdown(summary, list(tasks), unsupported)
+    print(table)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["variants"] = [{"name": v.name, "method": v.method, **v.config.__dict__} for v in chosen]
+    write_outputs(out, rows, summary, config, unsupported, table)
+    print(f"\nwrote {out}/results.json, samples.jsonl, table.md and plot.png")

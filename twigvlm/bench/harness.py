@@ -1,0 +1,109 @@
+"""The benchmark loop and its statistics: every method on every sample, interleaved, after a warm-up.
+
+Methods run sample by sample in a rotating order (A B C, B C A, ...), so slow drifts of a shared machine hit all
+of them alike. Speed is compared per sample: RelSpd is the median over samples of a method's tokens/s divided by
+`hf`'s on the same sample (min and max given too); RelAcc is the mean over tasks of a method's score divided by
+`hf`'s. Lossless pairs (ssd ≡ ar, twig+ssd ≡ twig, ar ≡ hf) are checked token for token and mismatches counted.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..api import VLM
+from ..errors import TwigVLMError
+from .methods import SAME_AS, MethodConfig, run_method
+from .tasks import Sample
+
+BASELINE = "hf"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named method configuration (an ablation point is a variant of a method)."""
+
+    name: str
+    method: str
+    config: MethodConfig = MethodConfig()
+
+
+def run_bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], warmup: int = 1,
+              progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Per-sample rows for every variant, and the variants that cannot run on this model (with the reason)."""
+    unsupported: dict[str, str] = {}
+    first = next(iter(tasks.values()))
+    for v in variants:  # warm-up: not recorded
+        for sample in first[:warmup]:
+            try:
+                run_method(vlm, v.method, sample, v.config)
+            except TwigVLMError as e:
+                unsupported[v.name] = str(e)
+    active = [v for v in variants if v.name not in unsupported]
+    rows: list[dict[str, Any]] = []
+    for task, samples in tasks.items():
+        for i, sample in enumerate(tqdm(samples, desc=task, unit="sample", disable=not progress)):
+            order = active[i % len(active):] + active[: i % len(active)]
+            for v in order:
+                run = run_method(vlm, v.method, sample, v.config)
+                row = {"task": task, "sample": sample.id, "variant": v.name, "method": v.method,
+                       "score": sample.score(run.text), "tokens_per_s": run.new_tokens / run.seconds,
+                       **{k: val for k, val in asdict(run).items() if k != "extra"}, "new_tokens": run.new_tokens}
+                rows.append(row)
+    return rows, unsupported
+
+
+def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], variants: list[Variant]) -> dict[str, Any]:
+    """Accuracy per task, RelAcc, RelSpd, tokens/s, acceptance and lossless-pair mismatches, per variant."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cells = _by(rows, "variant", "task")
+    per_sample = {(r["variant"], r["task"], r["sample"]): r for r in rows}
+    names = [v.name for v in variants if any(r["variant"] == v.name for r in rows)]
+    summary: dict[str, Any] = {}
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        acc = {t: statistics.fmean(r["score"] for r in cells[(name, t)]) for t in tasks if (name, t) in cells}
+        entry: dict[str, Any] = {"accuracy": acc, "tokens_per_s": _spread([r["tokens_per_s"] for r in mine]),
+                                 "new_tokens": sum(r["new_tokens"] for r in mine)}
+        base_ok = all((BASELINE, t) in cells for t in acc)
+        if base_ok and name != BASELINE:
+            base = {t: statistics.fmean(r["score"] for r in cells[(BASELINE, t)]) for t in acc}
+            rel = [acc[t] / base[t] for t in acc if base[t] > 0]
+            entry["rel_acc"] = statistics.fmean(rel) if rel else None
+            ratios = [r["tokens_per_s"] / per_sample[(BASELINE, r["task"], r["sample"])]["tokens_per_s"]
+                      for r in mine]
+            entry["rel_spd"] = _spread(ratios)
+            entry["rel_spd_by_task"] = {t: _spread([r["tokens_per_s"] / per_sample[(BASELINE, t, r["sample"])]
+                                                    ["tokens_per_s"] for r in cells[(name, t)]]) for t in acc}
+        elif name == BASELINE:
+            entry["rel_acc"], entry["rel_spd"] = 1.0, _spread([1.0])
+        drafted = sum(r["drafted"] or 0 for r in mine)
+        if drafted:
+            verifications = sum(r["verifications"] or 0 for r in mine)
+            entry["acceptance"] = sum(r["accepted"] or 0 for r in mine) / drafted
+            entry["tokens_per_verification"] = (sum(r["accepted"] or 0 for r in mine) + verifications) / verifications
+        if any(r["kept"] is not None for r in mine):
+            entry["kept"] = statistics.fmean(r["kept"] for r in mine if r["kept"] is not None)
+        method = mine[0]["method"]
+        twin = SAME_AS.get(method) or ("hf" if method == "ar" else None)
+        twin_name = next((v.name for v in variants if v.method == twin and v.name in names), None)
+        if twin_name is not None:
+            entry["same_as"] = twin_name
+            entry["mismatches"] = sum(per_sample[(twin_name, r["task"], r["sample"])]["token_ids"] != r["token_ids"]
+                                      for r in mine)
+        summary[name] = entry
+    return summary
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -1,0 +1,96 @@
+"""Benchmark methods: named configurations of one engine, plus stock HF `generate` (the baseline) and its
+built-in early-exit self-speculation (a peer anchor). Each runs one sample, greedy, batch 1, and is timed from
+the prompt text to the last token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..api import VLM
+from ..config import PruneConfig, SpecConfig
+from ..errors import TwigVLMError
+from .tasks import Sample
+
+METHODS = ("hf", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")
+NEEDS_TWIG = {"twig", "ssd", "twig+ssd"}
+# Methods whose output must equal another's token for token (lossless speculation).
+SAME_AS = {"ssd": "ar", "twig+ssd": "twig"}
+
+
+@dataclass
+class Run:
+    """One method on one sample."""
+
+    text: str
+    token_ids: list[int]
+    seconds: float
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    drafted: int | None = None
+    accepted: int | None = None
+    verifications: int | None = None
+    kept: int | None = None
+    visual: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The shared budget and drafting settings (every pruning method gets the same budget)."""
+
+    keep_ratio: float | None = 1 / 9
+    keep: float | None = None
+    wipe_layer: int | None = None
+    draft_len: int = 5
+    threshold: float = 0.6
+
+
+def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
+    """The pruning of a method. FastV scores with base layer K's attention and prunes after layer K, like the
+    twig: the two differ only in the attention source (the paper's ablation: layer K vs the twig)."""
+    name = {"fastv": "fastv", "visionzip": "visionzip", "twig": "twig", "twig+ssd": "twig"}.get(method)
+    if name is None:
+        return None
+    budget = {"keep": mc.keep} if mc.keep is not None else {"keep_ratio": mc.keep_ratio}
+    return PruneConfig(name, wipe_layer=mc.wipe_layer, **budget)
+
+
+def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
+    """Run one method on one sample (greedy)."""
+    images = [sample.image()] if sample.image is not None else []
+    if method in ("hf", "hf-early-exit"):
+        early = None
+        if method == "hf-early-exit":
+            if vlm.twig is None:
+                raise TwigVLMError("hf-early-exit exits at layer K+T of a twig: load one (--twig)")
+            early = vlm.twig.config.K + vlm.twig.config.T
+        t = time.perf_counter()
+        try:
+            ids = vlm.adapter.hf_generate(sample.prompt, images, sample.max_new_tokens, early_exit=early)
+        except Exception as e:  # noqa: BLE001 — transformers' early exit supports only some model classes
+            if early is None:
+                raise
+            raise TwigVLMError(f"transformers' assistant_early_exit does not run on this model "
+                               f"({type(e).__name__}: {str(e)[:120]})") from None
+        seconds = time.perf_counter() - t
+        eos = set(vlm.adapter.eos_token_ids)
+        return Run(vlm.adapter.decode([i for i in ids if i not in eos]), ids, seconds)
+    if method not in METHODS:
+        raise TwigVLMError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    if method in NEEDS_TWIG and vlm.twig is None:
+        raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
+    prune = prune_config(method, mc)
+    spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold) if method.endswith("ssd") else None
+    t = time.perf_counter()
+    out = vlm.generate(sample.prompt, images or None, max_new_tokens=sample.max_new_tokens, prune=prune,
+                       speculative=spec or False)
+    seconds = time.perf_counter() - t
+    s = out.stats
+    return Run(out.text, out.token_ids, seconds, s.prefill_s, s.decode_s, s.drafted, s.accepted, s.verifications,
+               s.kept, s.visual_tokens)

@@ -1,0 +1,105 @@
+"""Benchmark outputs: the markdown table, results.json (every number, the configuration, versions, machine),
+samples.jsonl (one line per method and sample) and plot.png (RelAcc against RelSpd, one point per method)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+
+def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, str]) -> str:
+    head = ["method", "RelAcc", *tasks, "RelSpd (median, min–max)", "tokens/s", "acceptance", "tok/verif",
+            "identical to"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in summary.items():
+        spd = e.get("rel_spd")
+        cells = [name, _f(e.get("rel_acc"), "{:.3f}"),
+                 *[_f(e["accuracy"].get(t), "{:.3f}") for t in tasks],
+                 f"{spd['median']:.2f}× ({spd['min']:.2f}–{spd['max']:.2f})" if spd else "–",
+                 f"{e['tokens_per_s']['median']:.1f}", _f(e.get("acceptance"), "{:.2f}"),
+                 _f(e.get("tokens_per_verification"), "{:.2f}"),
+                 f"{e['same_as']}: {'yes' if e['mismatches'] == 0 else str(e['mismatches']) + ' differ'}"
+                 if "same_as" in e else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, why in unsupported.items():
+        lines.append(f"\n`{name}` did not run: {why}")
+    return "\n".join(lines)
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def machine() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "twigvlm": __version__, "threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
+        info["device"] = f"CPU: {model or platform.processor() or platform.machine()}"
+    return info
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def write_outputs(out: Path, rows: list[dict], summary: dict, config: dict, unsupported: dict[str, str],
+                  table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"config": config, "machine": machine(), "summary": summary,
+                                                  "unsupported": unsupported}, indent=2) + "\n")
+    with open(out / "samples.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    plot(summary, out / "plot.png")
+
+
+def plot(summary: dict[str, Any], path: Path, size: tuple[int, int] = (640, 480)) -> None:
+    """RelAcc (y) against RelSpd (x), one labelled point per method, drawn with PIL."""
+    points = [(name, e["rel_spd"]["median"], e["rel_acc"]) for name, e in summary.items()
+              if e.get("rel_spd") and e.get("rel_acc") is not None]
+    w, h = size
+    left, right, top, bottom = 70, 30, 30, 60
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = [p[1] for p in points] + [0.0, 1.0]
+    ys = [p[2] for p in points] + [1.0]
+    x0, x1 = 0.0, max(xs) * 1.1 + 0.1
+    y0, y1 = min(min(ys) - 0.05, 0.9), max(ys) + 0.03
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
+
+    d.rectangle((left, top, w - right, h - bottom), outline="black")
+    for k in range(6):
+        x, y = x0 + (x1 - x0) * k / 5, y0 + (y1 - y0) * k / 5
+        px, _ = at(x, y0)
+        _, py = at(x0, y)
+        d.line((px, h - bottom, px, h - bottom + 5), fill="black")
+        d.text((px - 12, h - bottom + 8), f"{x:.2f}x", fill="black")
+        d.line((left - 5, py, left, py), fill="black")
+        d.text((8, py - 6), f"{y:.2f}", fill="black")
+    d.line((*at(1.0, y0), *at(1.0, y1)), fill=(200, 200, 200))
+    d.line((*at(x0, 1.0), *at(x1, 1.0)), fill=(200, 200, 200))
+    d.text((w // 2 - 60, h - 25), "RelSpd (x stock HF generate)", fill="black")
+    d.text((8, 8), "RelAcc", fill="black")
+    for name, x, y in points:
+        px, py = at(x, y)
+        d.ellipse((px - 4, py - 4, px + 4, py + 4), fill=(40, 90, 220))
+        d.text((px + 6, py - 14), name, fill="black")
+    img.save(path)

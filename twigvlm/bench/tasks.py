@@ -1,0 +1,150 @@
+"""Benchmark tasks: the built-in demo tasks and any task in the LLaVA evaluation format, with their scoring.
+
+Built in: `easyvqa` (easy-VQA test, exact match), `scenes` (scene short questions, exact match) and `describe`
+(scene descriptions, object F1 against the scene itself). From files: a question JSONL (`question_id`, `image`,
+`text`), an image folder and an answers file (JSONL or JSON list of `question_id` with `answer` or `answers`),
+scored by VQA-style normalized exact match against any of the answers. A malformed line is an error naming the
+file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..errors import TwigVLMError
+from ..images import load_image
+
+BUILTIN = ("easyvqa", "scenes", "describe")
+MAX_NEW_TOKENS = {"describe": 200}  # other tasks: short answers
+SHORT_MAX_NEW_TOKENS = 16
+
+
+@dataclass
+class Sample:
+    task: str
+    id: str
+    prompt: str
+    image: Callable[[], Image.Image]
+    answers: list[str]
+    score: Callable[[str], float] = field(repr=False, default=None)  # type: ignore[assignment]
+    max_new_tokens: int = SHORT_MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            self.score = lambda text: exact_match(text, self.answers)
+
+
+# ---- VQA-style answer normalization ---------------------------------------------------------------------------
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
+
+
+def normalize(answer: str) -> str:
+    """Lower-case, punctuation and articles dropped, number words as digits, a trailing period removed."""
+    text = _PUNCT.sub(" ", answer.lower().strip()).replace("'", "")
+    text = re.sub(r"(?<!\d)\.(?!\d)", " ", text)
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def exact_match(prediction: str, answers: list[str]) -> float:
+    return float(normalize(prediction) in {normalize(a) for a in answers})
+
+
+# ---- built-in tasks -------------------------------------------------------------------------------------------
+def builtin(task: str, n: int, split: str = "test") -> list[Sample]:
+    """The first n samples of a built-in task."""
+    from ..data.scenes import make_scene, object_f1, scene_seed
+    from ..demo.data import eval_set
+
+    if task not in BUILTIN:
+        raise TwigVLMError(f"unknown task {task!r}: built-in tasks are {', '.join(BUILTIN)}, or give a task file")
+    samples = []
+    for ex in eval_set(task, n, split):
+        sample = Sample(task, ex.key, ex.question, ex.image, [ex.answer],
+                        max_new_tokens=MAX_NEW_TOKENS.get(task, SHORT_MAX_NEW_TOKENS))
+        if task == "describe":
+            scene = make_scene(scene_seed(split, int(ex.key.split(":")[2])))
+            sample.score = lambda text, scene=scene: object_f1(text, scene)
+        samples.append(sample)
+    return samples
+
+
+# ---- LLaVA evaluation format ----------------------------------------------------------------------------------
+def _read_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, record) of a JSONL file, or of a JSON list (line numbers are then 1-based indices)."""
+    if not path.is_file():
+        raise TwigVLMError(f"task file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise TwigVLMError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise TwigVLMError(f"{path} line {n} is not JSON: {e.msg}") from None
+    return rows
+
+
+def _answers_of(row: Any) -> list[str] | None:
+    if "answers" in row:
+        raw = row["answers"]
+        items = [a.get("answer") if isinstance(a, dict) else a for a in raw] if isinstance(raw, list) else None
+    else:
+        items = [row.get("answer")]
+    return items if items and all(isinstance(a, str) for a in items) else None
+
+
+def from_files(name: str, questions: str | Path, image_folder: str | Path, answers: str | Path,
+               limit: int | None = None) -> list[Sample]:
+    """A task in the LLaVA evaluation format (questions JSONL + image folder + answers file)."""
+    qpath, apath, folder = Path(questions), Path(answers), Path(image_folder)
+    if not folder.is_dir():
+        raise TwigVLMError(f"image folder {folder} does not exist")
+    gold: dict[str, list[str]] = {}
+    for n, row in _read_rows(apath):
+        ans = _answers_of(row) if isinstance(row, dict) and "question_id" in row else None
+        if ans is None:
+            raise TwigVLMError(f"{apath} line {n}: needs 'question_id' and 'answer' (text) or 'answers' (a list)")
+        gold[str(row["question_id"])] = ans
+    samples = []
+    for n, row in _read_rows(qpath):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), (str, int)) for k in ("question_id", "text")):
+            raise TwigVLMError(f"{qpath} line {n}: needs 'question_id' and 'text' (and 'image')")
+        qid = str(row["question_id"])
+        if qid not in gold:
+            raise TwigVLMError(f"{qpath} line {n}: question {qid} has no answer in {apath}")
+        image = row.get("image")
+        if image is not None and not (folder / str(image)).is_file():
+            raise TwigVLMError(f"{qpath} line {n}: image {folder / str(image)} does not exist")
+        loader = (lambda p=folder / str(image): load_image(p)) if image is not None else None
+        samples.append(Sample(name, qid, str(row["text"]), loader, gold[qid]))
+        if limit is not None and len(samples) >= limit:
+            break
+    if not samples:
+        raise TwigVLMError(f"{qpath} has no questions")
+    return samples
+
+
+def parse_task_spec(spec: str, limit: int | None, split: str = "test") -> list[Sample]:
+    """`easyvqa` | `scenes` | `describe` | `NAME=QUESTIONS.jsonl,IMAGE_FOLDER,ANSWERS.jsonl`."""
+    if "=" not in spec:
+        return builtin(spec, limit if limit is not None else 100, split)
+    name, _, files = spec.partition("=")
+    parts = files.split(",")
+    if len(parts) != 3 or not name:
+        raise TwigVLMError(f"task {spec!r}: write NAME=QUESTIONS.jsonl,IMAGE_FOLDER,ANSWERS.jsonl")
+    return from_files(name, *parts, limit=limit)
