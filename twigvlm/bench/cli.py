@@ -22,7 +22,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--tasks", default="easyvqa,scenes,describe",
                    help="comma-separated: easyvqa, scenes, describe, or NAME=QUESTIONS.jsonl,IMAGES,ANSWERS.jsonl "
                         "(separate several file tasks with ';')")
-    b.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHODS)}")
+    b.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: "
+                                                   f"{DEFAULT_METHODS}; without --twig, those that need none)")
     b.add_argument("--ablation", default="none", choices=ABLATIONS,
                    help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ")
     b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
@@ -53,7 +54,8 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
         return out + [Variant(f"ssd γ={g} τ={t}", "ssd", replace(mc, draft_len=g, threshold=t))
                       for g in (1, 3, 5, 8) for t in (0.0, 0.6)]
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods or ",".join(m for m in DEFAULT_METHODS.split(",") if args.twig or m not in NEEDS_TWIG)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise TwigVLMError(f"unknown method {unknown[0]!r}: use {', '.join(METHODS)}")
