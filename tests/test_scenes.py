@@ -81,3 +81,27 @@ def test_splits_never_share_a_seed():
         scene_seed("train", 10**8)
     with pytest.raises(ValueError):
         scene_seed("dev", 0)
+
+
+def test_object_masks_cover_exactly_the_drawn_objects():
+    scene = make_scene(11)
+    pixels = np.asarray(scene.render(192)).astype(int)
+    for obj, mask in zip(scene.objects, scene.object_masks(192), strict=True):
+        inside = np.asarray(mask) > 0
+        colour = (np.abs(pixels - np.array(COLORS[obj.color])).sum(-1) < 30)
+        assert inside.sum() > 50 and (colour & inside).sum() / colour.sum() > 0.95
+
+
+def test_grounding_targets_name_what_each_patch_shows():
+    from twigvlm.demo.train_vision import BACKGROUND_WORD, _patch_cover, _patch_words
+
+    scene = make_scene(11)
+    objects = [([o.size, o.color, o.shape, *o.position.split()], _patch_cover(m))
+               for o, m in zip(scene.objects, scene.object_masks(192), strict=True)]
+    words = _patch_words(objects)
+    assert len(words) == 144
+    for obj, (vocab, _) in zip(scene.objects, objects, strict=True):
+        row, col = divmod(obj.cell, 3)
+        mine = {words[r * 12 + c] for r in range(row * 4, row * 4 + 4) for c in range(col * 4, col * 4 + 4)}
+        assert obj.color in mine and mine <= set(vocab) | {BACKGROUND_WORD}
+    assert words.count(BACKGROUND_WORD) > 144 // 3

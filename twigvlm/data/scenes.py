@@ -55,6 +55,19 @@ class Scene:
     background: tuple[int, int, int]
     texture: int  # seed of the background texture
 
+    def placements(self, size: int = 192) -> list[tuple[SceneObject, float, float, float]]:
+        """(object, centre x, centre y, radius) in pixels: each object jittered inside its own cell."""
+        cell = size / 3
+        jitter = random.Random(self.seed * 7919 + 1)
+        out = []
+        for obj in self.objects:
+            r = cell * (0.38 if obj.size == "large" else 0.2)
+            row, col = divmod(obj.cell, 3)
+            slack = cell / 2 - r - 1
+            out.append((obj, (col + 0.5) * cell + jitter.uniform(-slack, slack),
+                        (row + 0.5) * cell + jitter.uniform(-slack, slack), r))
+        return out
+
     def render(self, size: int = 192) -> Image.Image:
         """The picture, size × size pixels; the same scene always renders to the same pixels."""
         img = Image.new("RGB", (size, size), self.background)
@@ -64,21 +77,22 @@ class Scene:
             x, y = rng.randrange(size), rng.randrange(size)
             shade = tuple(max(0, min(255, c + rng.randint(-14, 14))) for c in self.background)
             draw.line((x, y, x + rng.randint(-8, 8), y + rng.randint(-8, 8)), fill=shade, width=1)
-        cell = size / 3
-        jitter = random.Random(self.seed * 7919 + 1)
-        for obj in self.objects:
-            r = cell * (0.38 if obj.size == "large" else 0.2)
-            row, col = divmod(obj.cell, 3)
-            slack = cell / 2 - r - 1
-            cx = (col + 0.5) * cell + jitter.uniform(-slack, slack)
-            cy = (row + 0.5) * cell + jitter.uniform(-slack, slack)
+        for obj, cx, cy, r in self.placements(size):
             _draw_shape(draw, obj.shape, cx, cy, r, COLORS[obj.color])
         return img
 
+    def object_masks(self, size: int = 192) -> list[Image.Image]:
+        """One mode-"L" mask per object (255 where it is drawn), in `objects` order."""
+        masks = []
+        for obj, cx, cy, r in self.placements(size):
+            mask = Image.new("L", (size, size), 0)
+            _draw_shape(ImageDraw.Draw(mask), obj.shape, cx, cy, r, 255, outline=255)
+            masks.append(mask)
+        return masks
+
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-                fill: tuple[int, int, int]) -> None:
-    outline = (90, 90, 90)
+                fill: tuple[int, int, int] | int, outline: tuple[int, int, int] | int = (90, 90, 90)) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline)
     elif shape == "square":

@@ -3,6 +3,8 @@
 Stage 1 (`pretrain`, minutes on a CPU): the ViT alone, with small linear heads on pooled patch features —
 per grid cell the colour, shape and size of the scene object there (or none), and for easy-VQA pictures the
 shape and colour — so its features already say what is where.
+Stage 1b (`ground`, minutes): the ViT and projector, so that each visual token lands on the decoder's input
+embedding of a word naming what its patch shows — the frozen decoder then reads a picture almost like text.
 Stage 2 (`align`, the long one): the assembled LLaVA; cross-entropy on the answers of the training mixture
 (`twigvlm.demo.data`), gradients through the frozen decoder into the projector and the ViT.
 
@@ -19,8 +21,10 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -133,6 +137,105 @@ def pretrain(model, processor, args) -> None:  # noqa: ANN001
     tower.eval()
 
 
+# ---- stage 1b: grounding — visual tokens that read like words ----------------------------------------------
+BACKGROUND_WORD = ","
+
+
+def _patch_cover(mask: Image.Image) -> torch.Tensor:
+    """Fraction of each 16-px patch a mask covers: [144]."""
+    m = torch.from_numpy(np.asarray(mask.resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) / 255.0)
+    return m.view(GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean(dim=(1, 3)).flatten()
+
+
+def _patch_words(objects: list[tuple[list[str], torch.Tensor]]) -> list[str]:
+    """A word per patch: each object's patches (cover > 0.3) cycle through its words in reading order; the
+    rest read as the background word."""
+    words = [BACKGROUND_WORD] * (GRID * GRID)
+    for vocab, cover in objects:
+        for k, patch in enumerate(torch.nonzero(cover > 0.3).flatten().tolist()):
+            words[patch] = vocab[k % len(vocab)]
+    return words
+
+
+def _ground_example(rng, labels) -> tuple[Image.Image, list[str]]:  # noqa: ANN001
+    """A training picture and its per-patch target words (scenes half the time, easy-VQA otherwise)."""
+    if rng.random() < 0.5:
+        scene = make_scene(scene_seed("train", rng.randrange(10**7)))
+        objects = [([o.size, o.color, o.shape, *o.position.split()], _patch_cover(mask))
+                   for o, mask in zip(scene.objects, scene.object_masks(IMAGE_SIZE), strict=True)]
+        return scene.render(IMAGE_SIZE), _patch_words(objects)
+    pool = easyvqa_pool("train")
+    while True:
+        item = easyvqa_items("train")[pool[rng.randrange(len(pool))]]
+        shape, color = labels.get(item.q.image_id, (None, None))
+        if shape and color:
+            break
+    image = item.image_rgb()
+    pixels = np.asarray(image, dtype=np.int32)
+    mask = Image.fromarray(((np.abs(pixels - pixels[0, 0]).sum(-1) > 40) * 255).astype(np.uint8))
+    return image, _patch_words([([color, shape], _patch_cover(mask))])
+
+
+class WordTargets:
+    """The decoder's input embedding of each word (the mean over its tokens, with a leading space)."""
+
+    def __init__(self, adapter) -> None:  # noqa: ANN001
+        self.adapter, self.cache = adapter, {}
+
+    def __call__(self, words: list[str]) -> torch.Tensor:
+        for w in set(words) - set(self.cache):
+            ids = self.adapter.tokenizer(w if w == BACKGROUND_WORD else " " + w, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                self.cache[w] = self.adapter.embed(torch.tensor([ids])).mean(1)[0]
+        return torch.stack([self.cache[w] for w in words])  # [144, H]
+
+
+def ground(model, processor, args) -> None:  # noqa: ANN001
+    """Stage 1b: ViT + projector so that each visual token lands on the decoder's embedding of a word naming
+    what the patch shows (size, colour, shape, position), background patches on a comma. The frozen decoder
+    then reads a picture almost like a sentence, which is what stage 2 starts from."""
+    import random
+
+    from ..api import VLM
+
+    vlm = VLM.from_model(model, processor)
+    targets = WordTargets(vlm.adapter)
+    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.ground_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, args.ground_steps, 50))
+    ckpt, start = args.work / "ground.pt", 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["vision"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["step"]
+    labels = easyvqa.image_labels(easyvqa.load("train"))
+    scale = vlm.adapter.embed(torch.arange(1000)[None]).detach().pow(2).mean()  # mean squared embedding entry
+    bar = tqdm(range(start, args.ground_steps), initial=start, total=args.ground_steps, desc="ground")
+    for step in bar:
+        rng = random.Random(7919 * step + 11)
+        batch = [_ground_example(rng, labels) for _ in range(args.pretrain_batch)]
+        pixels = processor.image_processor([im for im, _ in batch], return_tensors="pt")["pixel_values"]
+        want = torch.cat([targets(words) for _, words in batch])  # [B·144, H]
+        got = vlm.adapter.image_features(pixels)  # [B·144, H]
+        loss = F.mse_loss(got, want) / scale
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.ground_steps:
+            _checkpoint(ckpt, vision=vision_state(model, torch.float32), opt=opt.state_dict(),
+                        sched=sched.state_dict(), step=step + 1)
+    if args.eval_every:
+        bar.write("after grounding: val exact match " + ", ".join(
+            f"{k} {v:.2f}" for k, v in evaluate(vlm, args.eval_n).items()))
+
+
 def _align_batch(adapter, examples: list[Example]) -> dict[str, torch.Tensor]:  # noqa: ANN001
     from ..train.data import IGNORE_INDEX, Collator, pad_token_id
 
@@ -203,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--pretrain-batch", type=int, default=32)
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--ground-steps", type=int, default=600)
+    ap.add_argument("--ground-lr", type=float, default=1e-3)
     ap.add_argument("--align-steps", type=int, default=800)
     ap.add_argument("--align-batch", type=int, default=8)
     ap.add_argument("--align-lr", type=float, default=1e-3)
@@ -219,7 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model, processor = build_demo(seed=args.seed, use_assets=False)  # random vision weights; checkpoints restore
     if not (args.work / "align.pt").is_file():
-        pretrain(model, processor, args)
+        if not (args.work / "ground.pt").is_file():
+            pretrain(model, processor, args)
+        ground(model, processor, args)
     align(model, processor, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(vision_state(model), str(args.out), metadata={"format": "pt"})
