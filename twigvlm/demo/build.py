@@ -1,6 +1,7 @@
 """Build the demo model's shipped parts from nothing: `python -m twigvlm.demo.build`.
 
-1. The vision tower and projector (`twigvlm.demo.train_vision`, two stages, resumable) → assets/vision.safetensors.
+1. The vision tower and projector (`twigvlm.demo.train_vision`: pre-training, grounding, alignment; resumable)
+   → assets/vision.safetensors.
 2. The twig (K=2, T=3, shared head) with the training recipe (`twigvlm train`) on a LLaVA-format set written from
    the training mixture, evaluated on val → assets/twig (bf16).
 
