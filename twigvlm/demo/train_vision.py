@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..data import easyvqa
 from ..data.scenes import COLORS, SHAPES, SIZES, make_scene, scene_seed
 from .data import Example, easyvqa_items, easyvqa_pool, eval_set, training_stream
-from .model import ASSETS, IMAGE_SIZE, PATCH_SIZE, VISION_WEIGHTS, build_demo, vision_state
+from .model import ASSETS, IMAGE_SIZE, PATCH_SIZE, VISION_WEIGHTS, build_demo, vision_prefixes, vision_state
 
 GRID = IMAGE_SIZE // PATCH_SIZE  # 12 patches a side; a scene cell is GRID/3 patches a side
 
@@ -103,6 +103,22 @@ def _checkpoint(path: Path, **state) -> None:  # noqa: ANN003
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def _resume_vision(ckpt: Path, model, opt, sched) -> int:  # noqa: ANN001
+    """Restore the vision weights, optimizer and schedule of a stage's checkpoint; the step to continue at."""
+    if not ckpt.is_file():
+        return 0
+    state = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(state["vision"], strict=False)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return state["step"]
+
+
+def _save_vision(ckpt: Path, model, opt, sched, step: int) -> None:  # noqa: ANN001
+    _checkpoint(ckpt, vision=vision_state(model, torch.float32), opt=opt.state_dict(), sched=sched.state_dict(),
+                step=step)
 
 
 def pretrain(model, processor, args) -> None:  # noqa: ANN001
@@ -205,13 +221,8 @@ def ground(model, processor, args) -> None:  # noqa: ANN001
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.ground_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, args.ground_steps, 50))
-    ckpt, start = args.work / "ground.pt", 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["vision"], strict=False)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["step"]
+    ckpt = args.work / "ground.pt"
+    start = _resume_vision(ckpt, model, opt, sched)
     labels = easyvqa.image_labels(easyvqa.load("train"))
     scale = vlm.adapter.embed(torch.arange(1000)[None]).detach().pow(2).mean()  # mean squared embedding entry
     bar = tqdm(range(start, args.ground_steps), initial=start, total=args.ground_steps, desc="ground")
@@ -229,8 +240,7 @@ def ground(model, processor, args) -> None:  # noqa: ANN001
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % args.save_every == 0 or step + 1 == args.ground_steps:
-            _checkpoint(ckpt, vision=vision_state(model, torch.float32), opt=opt.state_dict(),
-                        sched=sched.state_dict(), step=step + 1)
+            _save_vision(ckpt, model, opt, sched, step + 1)
     if args.eval_every:
         bar.write("after grounding: val exact match " + ", ".join(
             f"{k} {v:.2f}" for k, v in evaluate(vlm, args.eval_n).items()))
@@ -265,18 +275,13 @@ def align(model, processor, args) -> None:  # noqa: ANN001
 
     vlm = VLM.from_model(model, processor)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(("model.vision_tower.", "model.multi_modal_projector.")))
+        p.requires_grad_(name.startswith(vision_prefixes()))
     groups = [{"params": list(model.model.multi_modal_projector.parameters()), "lr": args.align_lr},
               {"params": list(model.model.vision_tower.parameters()), "lr": args.align_lr * args.tower_lr_scale}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, args.align_steps, 30))
-    ckpt, start = args.work / "align.pt", 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["vision"], strict=False)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["step"]
+    ckpt = args.work / "align.pt"
+    start = _resume_vision(ckpt, model, opt, sched)
     stream = training_stream(args.seed, start * args.align_batch)
     bar = tqdm(range(start, args.align_steps), initial=start, total=args.align_steps, desc="align")
     for step in bar:
@@ -292,8 +297,7 @@ def align(model, processor, args) -> None:  # noqa: ANN001
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
         if done % args.save_every == 0 or done == args.align_steps:
-            _checkpoint(ckpt, vision=vision_state(model, torch.float32), opt=opt.state_dict(),
-                        sched=sched.state_dict(), step=done)
+            _save_vision(ckpt, model, opt, sched, done)
         if args.eval_every and (done % args.eval_every == 0 or done == args.align_steps):
             bar.write(f"step {done}: val exact match " + ", ".join(
                 f"{k} {v:.2f}" for k, v in evaluate(vlm, args.eval_n).items()))
