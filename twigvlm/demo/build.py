@@ -6,13 +6,15 @@
    the training mixture, evaluated on val → assets/twig (bf16).
 
 Every stage resumes from its checkpoints under --work, so an interrupted build continues where it stopped; a
-finished stage is skipped. Prints how long each stage took. On a GPU pass `--device cuda`.
+finished stage is skipped. Prints how long each stage took. On a GPU pass `--device cuda`; options this
+command does not know go to `twigvlm.demo.train_vision` (e.g. `--align-steps 800 --lora-rank 0`).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,11 +27,11 @@ from .data import eval_set, training_stream, write_llava
 from .model import ASSETS, TWIG_DIR, VISION_WEIGHTS
 
 
-def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
+def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: int = 0) -> tuple[Path, Path]:
     """The twig's LLaVA-format training set (from the mixture, another seed than the vision run's) and val set."""
     train_dir, eval_dir = work / "twig-data" / "train", work / "twig-data" / "val"
     if not (train_dir / "data.json").is_file():
-        write_llava(train_dir, list(itertools.islice(training_stream(seed + 1), n_train)))
+        write_llava(train_dir, list(itertools.islice(training_stream(seed + 1), n_train)), workers)
     if not (eval_dir / "data.json").is_file():
         per = max(1, n_eval // 3)
         write_llava(eval_dir, eval_set("scenes", per, "val") + eval_set("easyvqa", per, "val")
@@ -40,26 +42,27 @@ def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[P
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Build the demo model's vision tower, projector and twig.")
     ap.add_argument("--work", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--align-steps", type=int, default=800)
-    ap.add_argument("--twig-examples", type=int, default=8000)
+    ap.add_argument("--twig-examples", type=int, default=16000)
     ap.add_argument("--twig-epochs", type=float, default=1.0)
-    ap.add_argument("--twig-batch", type=int, default=8)
-    ap.add_argument("--twig-lr", type=float, default=1e-4)
+    ap.add_argument("--twig-batch", type=int, default=16)
+    ap.add_argument("--twig-lr", type=float, default=2e-4)
     ap.add_argument("--distill", default="kl", choices=["none", "kl"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)))
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args, vision_argv = ap.parse_known_args(argv)
     t0 = time.perf_counter()
     if not (ASSETS / VISION_WEIGHTS).is_file():
-        train_vision.main(["--work", str(args.work / "vision"), "--align-steps", str(args.align_steps),
-                           "--seed", str(args.seed)])
+        train_vision.main(["--work", str(args.work / "vision"), "--seed", str(args.seed), "--device", args.device,
+                           "--workers", str(args.workers), *vision_argv])
         print(f"vision stage done at {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     if not (TWIG_DIR / CONFIG_NAME).is_file():
-        data, val = build_twig_data(args.work, args.twig_examples, 120, args.seed)
+        data, val = build_twig_data(args.work, args.twig_examples, 120, args.seed, args.workers)
         out = args.work / "twig"
         cfg = TrainConfig(model="demo", data=str(data), eval_data=str(val), out=str(out), K=2, T=3, head="shared",
                           epochs=args.twig_epochs, batch_size=args.twig_batch, lr=args.twig_lr, distill=args.distill,
-                          save_steps=100, logging_steps=10, save_dtype="bfloat16", device=args.device,
+                          save_steps=200, logging_steps=20, save_dtype="bfloat16", device=args.device,
+                          num_workers=args.workers,
                           resume=any(out.glob("checkpoint-*")), seed=args.seed)
         result = train_twig(cfg)
         TWIG_DIR.mkdir(parents=True, exist_ok=True)

@@ -110,17 +110,31 @@ def eval_set(source: str, n: int, split: str = "test") -> list[Example]:
     return [example(split, source, i) for i in range(n)]
 
 
-def write_llava(out_dir: str | Path, examples: list[Example]) -> Path:
-    """Write examples as a LLaVA-format set (data.json + images/) for `twigvlm train`."""
+def _save_image(job: tuple[Example, Path]) -> None:
+    ex, path = job
+    if not path.exists():
+        ex.image().save(path)
+
+
+def write_llava(out_dir: str | Path, examples: list[Example], workers: int = 0) -> Path:
+    """Write examples as a LLaVA-format set (data.json + images/) for `twigvlm train` (pictures drawn by
+    `workers` processes when > 0)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
+    records, jobs = [], []
     for ex in examples:
         name = "images/" + ex.key.replace(":", "-") + ".png"
-        if not (out / name).exists():
-            ex.image().save(out / name)
+        jobs.append((ex, out / name))
         records.append({"id": ex.key, "image": name, "conversations": [
             {"from": "human", "value": "<image>\n" + ex.question}, {"from": "gpt", "value": ex.answer}]})
+    if workers > 0:
+        from multiprocessing import Pool
+
+        with Pool(workers) as pool:
+            pool.map(_save_image, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _save_image(job)
     path = out / "data.json"
     path.write_text(json.dumps(records, indent=1) + "\n")
     return path

@@ -16,9 +16,11 @@ import torch
 
 from ..errors import TwigVLMError
 from .decoder import load_decoder
+from .lora import merge_lora
 
 ASSETS = Path(__file__).parent / "assets"
 VISION_WEIGHTS = "vision.safetensors"
+LORA_WEIGHTS = "decoder_lora.safetensors"  # optional: low-rank decoder adapters, merged into the weights at load
 IMAGE_TOKEN = "<empty_output>"
 IMAGE_SIZE, PATCH_SIZE = 192, 16
 VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
@@ -64,6 +66,9 @@ def build_demo(vision_state: dict[str, torch.Tensor] | None = None, seed: int = 
     model.tie_weights()
     if vision_state is None and use_assets and (ASSETS / VISION_WEIGHTS).is_file():
         vision_state = read_vision_weights(ASSETS / VISION_WEIGHTS)
+        if (ASSETS / LORA_WEIGHTS).is_file():
+            lora, scale = read_lora_weights(ASSETS / LORA_WEIGHTS)
+            merge_lora(model, lora, scale)
     if vision_state is not None:
         missing = [k for k in model.state_dict() if k.startswith(vision_prefixes()) and k not in vision_state]
         if missing:
@@ -93,7 +98,21 @@ def read_vision_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise TwigVLMError(f"the demo vision weights {path} are unreadable ({e}): reinstall twigvlm") from None
+        raise TwigVLMError(f"the demo weights {path} are unreadable ({e}): reinstall twigvlm") from None
+
+
+def read_lora_weights(path: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """The shipped decoder LoRA tensors and their scale (alpha / rank, from the file's metadata)."""
+    from safetensors import safe_open
+
+    state = read_vision_weights(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        return state, float(meta["lora_alpha"]) / int(meta["lora_rank"])
+    except (KeyError, ValueError, ZeroDivisionError):
+        raise TwigVLMError(f"the demo LoRA weights {path} lack their lora_rank/lora_alpha metadata: "
+                           "reinstall twigvlm") from None
 
 
 TWIG_DIR = ASSETS / "twig"

@@ -8,9 +8,13 @@ embedding of a word naming what its patch shows — the frozen decoder then read
 Stage 2 (`align`, the long one): the assembled LLaVA; cross-entropy on the answers of the training mixture
 (`twigvlm.demo.data`), gradients through the frozen decoder into the projector and the ViT.
 
-Both stages checkpoint to --work every --save-every steps (weights, optimizer, schedule, step) and `--resume`
-continues exactly (the data are a function of the step). The result is written to the package's
-`demo/assets/vision.safetensors` in half precision. Prints how long it took.
+With `--lora-rank r` (the default) stage 2 also trains rank-r adapters on the decoder's linear layers; they
+ship beside the vision weights and are merged into the decoder at load (`twigvlm.demo.lora`).
+
+Every stage checkpoints to --work every --save-every steps (weights, optimizer, schedule, step) and a re-run
+continues exactly (each step's batch is a pure function of the step, built by --workers data processes). The
+result is written to the package's `demo/assets/` in half precision. Prints how long it took. `--device cuda`
+trains on a GPU (bf16 autocast); the defaults are the shipped recipe.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +37,18 @@ from tqdm.auto import tqdm
 
 from ..data import easyvqa
 from ..data.scenes import COLORS, SHAPES, SIZES, make_scene, scene_seed
-from .data import Example, easyvqa_items, easyvqa_pool, eval_set, training_stream
-from .model import ASSETS, IMAGE_SIZE, PATCH_SIZE, VISION_WEIGHTS, build_demo, vision_prefixes, vision_state
+from .data import Example, easyvqa_items, easyvqa_pool, training_stream
+from .lora import DecoderLoRA
+from .model import (
+    ASSETS,
+    IMAGE_SIZE,
+    LORA_WEIGHTS,
+    PATCH_SIZE,
+    VISION_WEIGHTS,
+    build_demo,
+    vision_prefixes,
+    vision_state,
+)
 
 GRID = IMAGE_SIZE // PATCH_SIZE  # 12 patches a side; a scene cell is GRID/3 patches a side
 
@@ -99,38 +115,71 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+class _Steps(torch.utils.data.IterableDataset):
+    """The batches of steps start..end-1, `make(step)` each; worker w of n builds the steps ≡ w (mod n), and the
+    loader's round-robin hands them back in step order."""
+
+    def __init__(self, make: Callable[[int], dict], start: int, end: int) -> None:
+        super().__init__()
+        self.make, self.start, self.end = make, start, end
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        k, n = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start + k, self.end, n):
+            yield self.make(step)
+
+
+def _batches(make: Callable[[int], dict], start: int, end: int, args) -> Iterator[dict]:  # noqa: ANN001
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    workers = min(args.workers, max(0, end - start))
+    return iter(torch.utils.data.DataLoader(_Steps(make, start, end), batch_size=None, num_workers=workers,
+                                            prefetch_factor=4 if workers else None, persistent_workers=False))
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(args):  # noqa: ANN001, ANN202
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
 def _checkpoint(path: Path, **state) -> None:  # noqa: ANN003
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def _resume_vision(ckpt: Path, model, opt, sched) -> int:  # noqa: ANN001
-    """Restore the vision weights, optimizer and schedule of a stage's checkpoint; the step to continue at."""
+def _resume_vision(ckpt: Path, model, opt, sched, lora: DecoderLoRA | None = None) -> int:  # noqa: ANN001
+    """Restore the vision weights (and LoRA), optimizer and schedule of a stage's checkpoint; the step to continue
+    at."""
     if not ckpt.is_file():
         return 0
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
     model.load_state_dict(state["vision"], strict=False)
+    if lora is not None and state.get("lora") is not None:
+        lora.load_state_dict(state["lora"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     return state["step"]
 
 
-def _save_vision(ckpt: Path, model, opt, sched, step: int) -> None:  # noqa: ANN001
+def _save_vision(ckpt: Path, model, opt, sched, step: int, lora: DecoderLoRA | None = None) -> None:  # noqa: ANN001
     _checkpoint(ckpt, vision=vision_state(model, torch.float32), opt=opt.state_dict(), sched=sched.state_dict(),
-                step=step)
+                step=step, lora=lora.state_dict() if lora is not None else None)
 
 
 def pretrain(model, processor, args) -> None:  # noqa: ANN001
     """Stage 1: the ViT and aux heads on per-cell / per-picture labels."""
     tower = model.model.vision_tower
-    heads = AuxHeads(tower.config.hidden_size)
+    heads = AuxHeads(tower.config.hidden_size).to(args.device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, args.pretrain_steps, 50))
     ckpt, start = args.work / "pretrain.pt", 0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
         tower.load_state_dict(state["tower"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
@@ -139,8 +188,11 @@ def pretrain(model, processor, args) -> None:  # noqa: ANN001
     labels = easyvqa.image_labels(easyvqa.load("train"))
     tower.train()
     bar = tqdm(range(start, args.pretrain_steps), initial=start, total=args.pretrain_steps, desc="pretrain")
-    for step in bar:
-        loss = _pretrain_loss(tower, heads, _pretrain_batch(step, args.pretrain_batch, processor, labels))
+    data = _batches(lambda step: _pretrain_batch(step, args.pretrain_batch, processor, labels), start,
+                    args.pretrain_steps, args)
+    for step, batch in zip(bar, data, strict=False):
+        with _autocast(args):
+            loss = _pretrain_loss(tower, heads, _to(batch, args.device))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -202,16 +254,23 @@ class WordTargets:
         for w in set(words) - set(self.cache):
             ids = self.adapter.tokenizer(w if w == BACKGROUND_WORD else " " + w, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
-                self.cache[w] = self.adapter.embed(torch.tensor([ids])).mean(1)[0]
+                self.cache[w] = self.adapter.embed(torch.tensor([ids], device=self.adapter.device)).mean(1)[0]
         return torch.stack([self.cache[w] for w in words])  # [144, H]
+
+
+def _ground_batch(step: int, batch: int, processor, labels) -> dict:  # noqa: ANN001
+    import random
+
+    rng = random.Random(7919 * step + 11)
+    items = [_ground_example(rng, labels) for _ in range(batch)]
+    return {"pixel_values": processor.image_processor([im for im, _ in items], return_tensors="pt")["pixel_values"],
+            "words": [words for _, words in items]}
 
 
 def ground(model, processor, args) -> None:  # noqa: ANN001
     """Stage 1b: ViT + projector so that each visual token lands on the decoder's embedding of a word naming
     what the patch shows (size, colour, shape, position), background patches on a comma. The frozen decoder
     then reads a picture almost like a sentence, which is what stage 2 starts from."""
-    import random
-
     from ..api import VLM
 
     vlm = VLM.from_model(model, processor)
@@ -224,15 +283,16 @@ def ground(model, processor, args) -> None:  # noqa: ANN001
     ckpt = args.work / "ground.pt"
     start = _resume_vision(ckpt, model, opt, sched)
     labels = easyvqa.image_labels(easyvqa.load("train"))
-    scale = vlm.adapter.embed(torch.arange(1000)[None]).detach().pow(2).mean()  # mean squared embedding entry
+    embeddings = vlm.adapter.embed(torch.arange(1000, device=args.device)[None]).detach()
+    scale = embeddings.float().pow(2).mean()  # mean squared embedding entry
     bar = tqdm(range(start, args.ground_steps), initial=start, total=args.ground_steps, desc="ground")
-    for step in bar:
-        rng = random.Random(7919 * step + 11)
-        batch = [_ground_example(rng, labels) for _ in range(args.pretrain_batch)]
-        pixels = processor.image_processor([im for im, _ in batch], return_tensors="pt")["pixel_values"]
-        want = torch.cat([targets(words) for _, words in batch])  # [B·144, H]
-        got = vlm.adapter.image_features(pixels)  # [B·144, H]
-        loss = F.mse_loss(got, want) / scale
+    data = _batches(lambda step: _ground_batch(step, args.pretrain_batch, processor, labels), start,
+                    args.ground_steps, args)
+    for step, batch in zip(bar, data, strict=False):
+        want = torch.cat([targets(words) for words in batch["words"]]).float()  # [B·144, H]
+        with _autocast(args):
+            got = vlm.adapter.image_features(batch["pixel_values"].to(args.device))  # [B·144, H]
+        loss = F.mse_loss(got.float(), want) / scale
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,8 +302,7 @@ def ground(model, processor, args) -> None:  # noqa: ANN001
         if (step + 1) % args.save_every == 0 or step + 1 == args.ground_steps:
             _save_vision(ckpt, model, opt, sched, step + 1)
     if args.eval_every:
-        bar.write("after grounding: val exact match " + ", ".join(
-            f"{k} {v:.2f}" for k, v in evaluate(vlm, args.eval_n).items()))
+        bar.write("after grounding: val " + _scores(evaluate(model, processor, args.eval_n, args.eval_describe)))
 
 
 def _align_batch(adapter, examples: list[Example]) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -259,18 +318,48 @@ def _align_batch(adapter, examples: list[Example]) -> dict[str, torch.Tensor]:  
     return Collator(pad_token_id(adapter))(items)
 
 
-def evaluate(vlm, n: int) -> dict[str, float]:  # noqa: ANN001
-    """Exact match on the first n val questions of each short-answer source (greedy, our engine)."""
+@torch.no_grad()
+def _answers(model, processor, samples, max_new_tokens: int, batch: int = 32) -> list[str]:  # noqa: ANN001
+    """Greedy answers of stock HF `generate`, left-padded batches."""
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out = []
+    try:
+        for i in range(0, len(samples), batch):
+            chunk = samples[i:i + batch]
+            texts = [processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.prompt}]}],
+                add_generation_prompt=True, tokenize=False) for s in chunk]
+            inputs = processor(text=texts, images=[s.image() for s in chunk], return_tensors="pt", padding=True)
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out += tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def evaluate(model, processor, n: int, n_describe: int = 0, split: str = "val") -> dict[str, float]:  # noqa: ANN001
+    """Exact match on the first n questions of each short-answer set and object-F1 on the first n_describe
+    descriptions of `split` (greedy, stock HF generate)."""
+    from ..bench.tasks import MAX_NEW_TOKENS, SHORT_MAX_NEW_TOKENS, builtin
+
     scores = {}
-    for source in ("scenes", "easyvqa"):
-        hits = [vlm.generate(ex.question, ex.image(), max_new_tokens=8).text.strip().lower() == ex.answer
-                for ex in eval_set(source, n, split="val")]
-        scores[source] = sum(hits) / len(hits)
+    for task, count in (("scenes", n), ("easyvqa", n), ("describe", n_describe)):
+        if count:
+            samples = builtin(task, count, split)
+            texts = _answers(model, processor, samples, MAX_NEW_TOKENS.get(task, SHORT_MAX_NEW_TOKENS))
+            scores[task] = sum(s.score(t) for s, t in zip(samples, texts, strict=True)) / len(samples)
     return scores
 
 
-def align(model, processor, args) -> None:  # noqa: ANN001
-    """Stage 2: projector + ViT through the frozen decoder, on the answers of the training mixture."""
+def _scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def align(model, processor, args) -> DecoderLoRA | None:  # noqa: ANN001
+    """Stage 2: projector + ViT (+ decoder LoRA) through the decoder, on the answers of the training mixture."""
     from ..api import VLM
 
     vlm = VLM.from_model(model, processor)
@@ -278,16 +367,22 @@ def align(model, processor, args) -> None:  # noqa: ANN001
         p.requires_grad_(name.startswith(vision_prefixes()))
     groups = [{"params": list(model.model.multi_modal_projector.parameters()), "lr": args.align_lr},
               {"params": list(model.model.vision_tower.parameters()), "lr": args.align_lr * args.tower_lr_scale}]
+    lora = None
+    if args.lora_rank:
+        lora = DecoderLoRA(model, args.lora_rank).attach(model)
+        groups.append({"params": list(lora.parameters()), "lr": args.lora_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, args.align_steps, 30))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, args.align_steps, 100))
     ckpt = args.work / "align.pt"
-    start = _resume_vision(ckpt, model, opt, sched)
-    stream = training_stream(args.seed, start * args.align_batch)
+    start = _resume_vision(ckpt, model, opt, sched, lora)
+    make = lambda step: _align_batch(vlm.adapter, list(itertools.islice(  # noqa: E731
+        training_stream(args.seed, step * args.align_batch), args.align_batch)))
     bar = tqdm(range(start, args.align_steps), initial=start, total=args.align_steps, desc="align")
-    for step in bar:
-        batch = _align_batch(vlm.adapter, list(itertools.islice(stream, args.align_batch)))
+    for step, batch in zip(bar, _batches(make, start, args.align_steps, args), strict=False):
+        batch = _to(batch, args.device)
         model.train()
-        loss = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        with _autocast(args):
+            loss = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -297,44 +392,62 @@ def align(model, processor, args) -> None:  # noqa: ANN001
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
         if done % args.save_every == 0 or done == args.align_steps:
-            _save_vision(ckpt, model, opt, sched, done)
+            _save_vision(ckpt, model, opt, sched, done, lora)
         if args.eval_every and (done % args.eval_every == 0 or done == args.align_steps):
-            bar.write(f"step {done}: val exact match " + ", ".join(
-                f"{k} {v:.2f}" for k, v in evaluate(vlm, args.eval_n).items()))
+            with _autocast(args):
+                bar.write(f"step {done}: val " + _scores(evaluate(model, processor, args.eval_n, args.eval_describe)))
+    return lora
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train the demo VLM's vision tower and projector (decoder frozen).")
+    ap = argparse.ArgumentParser(description="Train the demo VLM's vision tower and projector (and decoder LoRA).")
     ap.add_argument("--work", type=Path, default=Path("runs/demo-vision"), help="checkpoints (resumable)")
-    ap.add_argument("--out", type=Path, default=ASSETS / VISION_WEIGHTS)
-    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--out", type=Path, default=ASSETS, help="folder for the half-precision weights")
+    ap.add_argument("--pretrain-steps", type=int, default=800)
     ap.add_argument("--pretrain-batch", type=int, default=32)
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
-    ap.add_argument("--ground-steps", type=int, default=600)
+    ap.add_argument("--ground-steps", type=int, default=800)
     ap.add_argument("--ground-lr", type=float, default=1e-3)
-    ap.add_argument("--align-steps", type=int, default=800)
-    ap.add_argument("--align-batch", type=int, default=8)
+    ap.add_argument("--align-steps", type=int, default=3000)
+    ap.add_argument("--align-batch", type=int, default=32)
     ap.add_argument("--align-lr", type=float, default=1e-3)
-    ap.add_argument("--tower-lr-scale", type=float, default=0.2, help="the ViT's lr relative to the projector's")
-    ap.add_argument("--save-every", type=int, default=25)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-n", type=int, default=24)
+    ap.add_argument("--tower-lr-scale", type=float, default=0.3, help="the ViT's lr relative to the projector's")
+    ap.add_argument("--lora-rank", type=int, default=16, help="decoder LoRA rank (0: decoder frozen)")
+    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-n", type=int, default=128, help="val questions per short-answer set at each eval")
+    ap.add_argument("--eval-describe", type=int, default=32, help="val descriptions at each eval")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    ap.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)),
+                    help="data processes building the batches")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    args.device = torch.device(device)
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and device == "cuda")
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     model, processor = build_demo(seed=args.seed, use_assets=False)  # random vision weights; checkpoints restore
+    model.to(args.device)
     if not (args.work / "align.pt").is_file():
         if not (args.work / "ground.pt").is_file():
             pretrain(model, processor, args)
         ground(model, processor, args)
-    align(model, processor, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(vision_state(model), str(args.out), metadata={"format": "pt"})
-    print(f"wrote {args.out} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    lora = align(model, processor, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file(vision_state(model), str(args.out / VISION_WEIGHTS), metadata={"format": "pt"})
+    if lora is not None:
+        save_file(lora.state(), str(args.out / LORA_WEIGHTS),
+                  metadata={"format": "pt", "lora_rank": str(lora.rank), "lora_alpha": str(lora.alpha)})
+    elif (args.out / LORA_WEIGHTS).is_file():
+        (args.out / LORA_WEIGHTS).unlink()
+    print(f"wrote {args.out / VISION_WEIGHTS} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

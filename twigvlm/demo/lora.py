@@ -1,0 +1,95 @@
+"""Low-rank adapters on the demo decoder's linear layers: trained with the vision parts, merged at load.
+
+`DecoderLoRA` holds one pair (A: [r, in], B: [out, r]) per adapted `nn.Linear` and adds `scale · B(A x)` to its
+output through forward hooks, so the stock HF decoder stays untouched while it trains (B starts at zero: the
+adapted model starts as the packaged one). Shipping merges them: `merge_lora` folds `W += scale · B A` into the
+weights once, and the loaded model is a plain `LlavaForConditionalGeneration` again, with no hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import TwigVLMError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DECODER_PREFIX = "model.language_model."
+
+
+def _targets(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    for name, module in model.named_modules():
+        if name.startswith(DECODER_PREFIX) and name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, nn.Linear):
+            yield name, module
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class DecoderLoRA(nn.Module):
+    """LoRA pairs for every targeted linear of the decoder; `attach` hooks them on, `detach` takes them off."""
+
+    def __init__(self, model: nn.Module, rank: int, alpha: float | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise TwigVLMError(f"LoRA rank must be at least 1, got {rank}")
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else 2 * rank)
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for name, lin in _targets(model):
+            a = torch.empty(rank, lin.in_features, device=lin.weight.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.A[_key(name)] = nn.Parameter(a)
+            self.B[_key(name)] = nn.Parameter(torch.zeros(lin.out_features, rank, device=lin.weight.device))
+        if not self.A:
+            raise TwigVLMError("no decoder linear layers to adapt (expected q_proj … down_proj)")
+        self._handles: list = []
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def attach(self, model: nn.Module) -> DecoderLoRA:
+        self.detach()
+        for name, lin in _targets(model):
+            a, b = self.A[_key(name)], self.B[_key(name)]
+
+            def hook(_m: nn.Module, args: tuple, out: torch.Tensor, a=a, b=b) -> torch.Tensor:  # noqa: ANN001
+                x = args[0]  # [..., in]
+                return out + (x.to(a.dtype) @ a.t() @ b.t()).to(out.dtype) * self.scale  # [..., out]
+
+            self._handles.append(lin.register_forward_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """Shippable tensors: `<module path>.lora_A` / `.lora_B`."""
+        out = {}
+        for key in self.A:
+            name = key.replace("__", ".")
+            out[name + ".lora_A"] = self.A[key].detach().to("cpu", dtype).contiguous()
+            out[name + ".lora_B"] = self.B[key].detach().to("cpu", dtype).contiguous()
+        return out
+
+
+def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], scale: float) -> int:
+    """Fold `W += scale · B A` into each adapted linear of `model`; returns how many were merged."""
+    modules = dict(_targets(model))
+    names = {k.rsplit(".", 1)[0] for k in state}
+    unknown = sorted(names - set(modules))
+    if unknown:
+        raise TwigVLMError(f"the demo LoRA weights name {unknown[0]}, which the decoder lacks: rebuild them with "
+                           "`python -m twigvlm.demo.train_vision`")
+    with torch.no_grad():
+        for name in names:
+            w = modules[name].weight  # [out, in]
+            a, b = state[name + ".lora_A"].float(), state[name + ".lora_B"].float()  # [r, in], [out, r]
+            w.add_((b @ a * scale).to(w.device, w.dtype))
+    return len(names)
