@@ -42,11 +42,12 @@ def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: i
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Build the demo model's vision tower, projector and twig.")
     ap.add_argument("--work", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--twig-examples", type=int, default=16000)
+    ap.add_argument("--twig-examples", type=int, default=8000)
     ap.add_argument("--twig-epochs", type=float, default=1.0)
-    ap.add_argument("--twig-batch", type=int, default=16)
+    ap.add_argument("--twig-batch", type=int, default=8)
     ap.add_argument("--twig-lr", type=float, default=2e-4)
-    ap.add_argument("--distill", default="kl", choices=["none", "kl"])
+    ap.add_argument("--draft-vocab", type=int, default=1024, help="the twig drafts among this many answer tokens")
+    ap.add_argument("--distill", default="none", choices=["none", "kl"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)))
     ap.add_argument("--seed", type=int, default=0)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(model="demo", data=str(data), eval_data=str(val), out=str(out), K=2, T=3, head="shared",
                           epochs=args.twig_epochs, batch_size=args.twig_batch, lr=args.twig_lr, distill=args.distill,
                           save_steps=200, logging_steps=20, save_dtype="bfloat16", device=args.device,
-                          num_workers=args.workers,
+                          num_workers=args.workers, draft_vocab=args.draft_vocab,
                           resume=any(out.glob("checkpoint-*")), seed=args.seed)
         result = train_twig(cfg)
         TWIG_DIR.mkdir(parents=True, exist_ok=True)
