@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import shutil
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draft-vocab", type=int, default=1024, help="the twig drafts among this many answer tokens")
     ap.add_argument("--distill", default="none", choices=["none", "kl"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)))
+    ap.add_argument("--workers", type=int, default=train_vision.default_workers())
     ap.add_argument("--seed", type=int, default=0)
     args, vision_argv = ap.parse_known_args(argv)
     t0 = time.perf_counter()

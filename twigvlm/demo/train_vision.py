@@ -145,6 +145,21 @@ def _autocast(args):  # noqa: ANN001, ANN202
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
+def _optimize(loss: torch.Tensor, opt, sched, params: list, bar) -> None:  # noqa: ANN001
+    """One optimizer step of a stage: backward, clip to norm 1, step the optimizer and schedule, show the loss."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def default_workers() -> int:
+    """Data processes by default: one per spare core, at most 8."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
 def _checkpoint(path: Path, **state) -> None:  # noqa: ANN003
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -193,12 +208,7 @@ def pretrain(model, processor, args) -> None:  # noqa: ANN001
     for step, batch in zip(bar, data, strict=False):
         with _autocast(args):
             loss = _pretrain_loss(tower, heads, _to(batch, args.device))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        _optimize(loss, opt, sched, params, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == args.pretrain_steps:
             _checkpoint(ckpt, tower=tower.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(),
                         sched=sched.state_dict(), step=step + 1)
@@ -293,12 +303,7 @@ def ground(model, processor, args) -> None:  # noqa: ANN001
         with _autocast(args):
             got = vlm.adapter.image_features(batch["pixel_values"].to(args.device))  # [B·144, H]
         loss = F.mse_loss(got.float(), want) / scale
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        _optimize(loss, opt, sched, params, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == args.ground_steps:
             _save_vision(ckpt, model, opt, sched, step + 1)
     if args.eval_every:
@@ -383,13 +388,8 @@ def align(model, processor, args) -> DecoderLoRA | None:  # noqa: ANN001
         model.train()
         with _autocast(args):
             loss = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
+        _optimize(loss, opt, sched, [p for g in groups for p in g["params"]], bar)
         model.eval()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
         if done % args.save_every == 0 or done == args.align_steps:
             _save_vision(ckpt, model, opt, sched, done, lora)
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 autocast on a GPU, fp32 on the CPU")
-    ap.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)),
+    ap.add_argument("--workers", type=int, default=default_workers(),
                     help="data processes building the batches")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
