@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import twigvlm
+from twigvlm.bench.memory import cpu_memory_supported, measure
 from twigvlm.bench.tasks import exact_match, from_files, normalize
 from twigvlm.cli import main
 from twigvlm.errors import TwigVLMError
@@ -64,6 +66,22 @@ def test_every_method_runs_and_outputs_are_well_formed(model_dirs, bench_twig, t
     assert summary["ar"]["rel_acc"] == 1.0
     assert 0 < summary["ssd"]["acceptance"] <= 1 and summary["twig"]["kept"] > 0
     assert (out / "plot.png").stat().st_size > 1000 and (out / "table.md").is_file()
+    # Our engine's runs split prefill from decoding; every method's peak memory is measured on a first sample.
+    assert summary["ar"]["prefill_ms"]["median"] > 0 and "prefill_ms" not in summary["hf"]
+    if cpu_memory_supported():
+        first_ids = {r["task"]: r["sample"] for r in reversed(rows)}  # rows run in sample order
+        firsts = [r for r in rows if r["sample"] == first_ids[r["task"]]]
+        assert firsts and all(r["extra_mib"] >= 0 and r["peak_mib"] > 100 for r in firsts)
+        assert all(summary[m]["memory_mib"]["peak"] > 0 for m in ran)
+
+
+def test_peak_memory_follows_what_a_run_allocates():
+    if not cpu_memory_supported():
+        pytest.skip("no /proc/self/clear_refs here")
+    for mib in (64, 16, 128):
+        total, peak = measure(lambda mib=mib: float(torch.ones(mib, 2**18).sum()))  # mib MiB of fp32
+        assert total == mib * 2**18
+        assert mib - 2 <= peak.extra_mib <= mib + 24 and peak.peak_mib >= peak.extra_mib
 
 
 def test_ablations_expand_into_variants(model_dirs, bench_twig, tmp_path, capsys):
@@ -73,6 +91,44 @@ def test_ablations_expand_into_variants(model_dirs, bench_twig, tmp_path, capsys
     summary = json.loads((tmp_path / "d" / "results.json").read_text())["summary"]
     assert {"hf", "ar", "ssd γ=1 τ=0.0", "ssd γ=8 τ=0.6"} <= set(summary)
     assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))
+
+
+def test_source_ablation_moves_the_attention_not_the_budget(model_dirs, bench_twig, tmp_path):
+    out = tmp_path / "s"
+    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--limit", "1", "--max-new-tokens",
+            "3", "--tasks", "scenes", "--out", str(out), "--ablation", "source", "--keep-ratio", "0.9",
+            "--wipe-layer", str(twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    summary, variants = results["summary"], {v["name"]: v for v in results["config"]["variants"]}
+    names = ["attn: base layer K=2", "attn: base layer K+T=5", "attn: twig layer 3"]
+    assert set(names) <= set(summary), results["unsupported"]
+    assert variants[names[0]]["layer"] == 2 and variants[names[1]]["layer"] == 5
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    kept = {r["variant"]: r["kept"] for r in rows}
+    assert kept[names[1]] < kept[names[0]] == kept[names[2]]  # a later pruning layer keeps fewer per layer
+
+
+def test_twig_ablation_runs_each_twig_and_checks_each_against_itself(model_dirs, bench_twig, tmp_path):
+    other = tmp_path / "t1"
+    assert main(["grow", "--model", model_dirs["llama-clip"], "--T", "1", "--layer-init", "last",
+                 "--out", str(other)]) == 0
+    out = tmp_path / "o"
+    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", f"{bench_twig},{other}", "--limit", "2",
+            "--max-new-tokens", "4", "--tasks", "scenes", "--out", str(out), "--ablation", "twig", "--keep-ratio", "0.5"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert not results["unsupported"]
+    for label in ("K=2 T=3 next", "K=2 T=1 last"):
+        assert summary[f"twig+ssd [{label}]"]["same_as"] == f"twig [{label}]"
+        assert summary[f"twig+ssd [{label}]"]["mismatches"] == 0
+    twigs = {v["name"]: v["twig"] for v in results["config"]["variants"]}
+    assert twigs["twig [K=2 T=1 last]"] == str(other) and twigs["twig [K=2 T=3 next]"] == bench_twig
+    # Different twigs draft differently: the two acceptance rates come from two twigs.
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    drafts = {r["variant"]: r["drafted"] for r in rows if r["method"] == "twig+ssd"}
+    assert len(drafts) == 2
 
 
 def test_normalization_and_exact_match():
@@ -102,7 +158,9 @@ def test_bench_errors_exit_2(model_dirs, tmp_path, capsys):
     for argv, why in [(base + ["--methods", "ar,warp"], "unknown method 'warp'"),
                       (base + ["--methods", "twig"], "need a twig"),
                       (base + ["--tasks", "nope", "--methods", "hf,ar"], "unknown task 'nope'"),
-                      (base + ["--limit", "0"], "must be positive")]:
+                      (base + ["--limit", "0"], "must be positive"),
+                      (base + ["--ablation", "source"], "--ablation source needs a twig"),
+                      (base + ["--ablation", "twig", "--twig", str(tmp_path)], "is not a twig directory")]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, err

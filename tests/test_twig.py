@@ -44,6 +44,40 @@ def test_grown_layers_equal_the_base_layers_they_copy(fresh_vlm, K, T):
     assert twig.head.weight.data_ptr() != base.lm_head.weight.data_ptr()
 
 
+def test_last_layer_init_copies_the_last_T_base_layers(fresh_vlm):
+    twig = fresh_vlm.grow_twig(K=1, T=2, head="copy", layer_init="last")
+    base = fresh_vlm.adapter
+    for t, src in enumerate((4, 5)):  # a 6-layer base: layers 5 and 6, 1-based
+        ours, theirs = twig.layers[t].state_dict(), base.layers[src].state_dict()
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_random_layer_init_is_fresh_and_seeded(fresh_vlm):
+    torch.manual_seed(5)
+    a = fresh_vlm.grow_twig(K=2, T=2, layer_init="random").state_dict()
+    torch.manual_seed(5)
+    b = fresh_vlm.grow_twig(K=2, T=2, layer_init="random").state_dict()
+    base = fresh_vlm.adapter.layers[2].state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)  # same seed, same twig
+    std = fresh_vlm.adapter.model.config.get_text_config().initializer_range
+    for name, value in base.items():
+        mine = a[f"layers.0.{name}"]
+        if value.ndim >= 2:
+            assert not torch.equal(mine, value)
+            assert abs(mine.std().item() - std) < 0.2 * std
+        else:
+            assert torch.equal(mine, torch.ones_like(mine))  # norm scales
+
+
+def test_layer_init_is_saved_and_reloaded(tmp_path, model_dirs):
+    vlm = twigvlm.load(model_dirs["llama-clip"])
+    grown = vlm.grow_twig(T=1, layer_init="last")
+    vlm.save_twig(tmp_path / "twig")
+    loaded = twigvlm.load(model_dirs["llama-clip"], twig=tmp_path / "twig").twig
+    assert loaded.config.layer_init == "last"
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in grown.state_dict().items())
+
+
 def test_head_mode_defaults_follow_tied_embeddings(vlms, fresh_vlm):
     assert fresh_vlm.grow_twig().config.head == "copy"  # untied base
     tied = vlms["qwen2-siglip"]
@@ -123,6 +157,7 @@ def test_fingerprint_survives_a_dtype_change(tmp_path, model_dirs):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"K": 0}, "K must be >= 1"), ({"T": 0}, "T >= 1"), ({"K": 4, "T": 3}, "exceeds"), ({"head": "x"}, "head"),
+    ({"layer_init": "middle"}, "layer_init='middle' is invalid"),
 ])
 def test_bad_twig_configs(fresh_vlm, kwargs, message):
     with pytest.raises(TwigVLMError, match=message):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .bench import cli as bench_cli
-from .config import PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, SpecConfig, TwigConfig
+from .config import LAYER_INITS, PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
 from .train import cli as train_cli
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--T", type=int, default=3, help="number of twig layers (default 3)")
     g.add_argument("--head", choices=["shared", "copy"], default=None,
                    help="share the base LM head or train a copy (default: shared if embeddings are tied)")
+    g.add_argument("--layer-init", choices=LAYER_INITS, default="next",
+                   help="twig layers from base layers K+1..K+T (next, default), the last T base layers (last), or "
+                        "random weights (random)")
     g.add_argument("--out", required=True, help="output twig directory")
 
     gen = sub.add_parser("generate", help="answer a prompt about image(s)")
@@ -115,13 +118,13 @@ def _gen_config(args: argparse.Namespace) -> GenConfig:
 def cmd_grow(args: argparse.Namespace) -> None:
     from .api import VLM
 
-    TwigConfig(K=args.K, T=args.T, head=args.head).validate()  # before the slow model load
+    TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init).validate()  # before the slow model load
     out = Path(args.out)
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise TwigVLMError(f"--out {out}: {blocker} exists and is not a directory; choose another path")
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
-    twig = vlm.grow_twig(TwigConfig(K=args.K, T=args.T, head=args.head))
+    twig = vlm.grow_twig(TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init))
     vlm.save_twig(out)
     n = sum(p.numel() for p in twig.parameters())
     print(f"grew a twig K={twig.config.K} T={twig.config.T} head={twig.config.head} "

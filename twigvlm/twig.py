@@ -1,7 +1,8 @@
 """The twig: T decoder layers grown after base layer K, with a norm and a head — grow, save, load.
 
-Growing copies base layers K+1..K+T (1-based) into new layers, the base final norm into the twig norm, and the
-LM head into a twig head ("copy") or reuses the frozen base head ("shared"). Every base parameter is frozen.
+Growing copies base layers K+1..K+T (1-based) into new layers (or, for the paper's initialisation ablation, the
+last T base layers or fresh random weights), the base final norm into the twig norm, and the LM head into a twig
+head ("copy") or reuses the frozen base head ("shared"). Every base parameter is frozen.
 Saving writes only the twig (`twig.safetensors` + `twig.json` with a fingerprint of the base); loading onto a
 base with another fingerprint is refused with a message naming the mismatch.
 """
@@ -12,6 +13,7 @@ import copy
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.base import VLMAdapter
-from .config import HEAD_MODES, TwigConfig
+from .config import HEAD_MODES, LAYER_INITS, TwigConfig
 from .errors import TwigVLMError
 
 WEIGHTS_NAME = "twig.safetensors"
@@ -108,13 +110,32 @@ def freeze_base(adapter: VLMAdapter) -> None:
         p.requires_grad_(False)
 
 
+def _reinitialize(layers: nn.ModuleList, adapter: VLMAdapter) -> None:
+    """Fresh weights, as a new model would start: matrices ~ N(0, initializer_range²), biases 0, norm scales 1
+    (torch's global generator: seed it for a reproducible twig)."""
+    text = adapter.model.config.get_text_config() if hasattr(adapter.model.config, "get_text_config") else None
+    std = float(getattr(text or adapter.model.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for name, p in layers.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+
+
 def grow_twig(adapter: VLMAdapter, config: TwigConfig | None = None) -> Twig:
-    """A new twig initialised from base layers K+1..K+T, the base final norm and (for "copy") the LM head."""
+    """A new twig: layers as `config.layer_init` says (default base layers K+1..K+T), the base final norm and
+    (for "copy") the LM head."""
     spec = adapter.spec
     config = config or TwigConfig()
     config.validate(spec.num_layers)
     config = config.resolved(spec.tied_embeddings)
-    layers = nn.ModuleList(copy.deepcopy(adapter.layers[config.K + t]) for t in range(config.T))
+    first = spec.num_layers - config.T if config.layer_init == "last" else config.K
+    layers = nn.ModuleList(copy.deepcopy(adapter.layers[first + t]) for t in range(config.T))  # 0-based
+    if config.layer_init == "random":
+        _reinitialize(layers, adapter)
     norm = copy.deepcopy(adapter.final_norm)
     head = copy.deepcopy(adapter.lm_head) if config.head == "copy" else None
     freeze_base(adapter)
@@ -140,7 +161,8 @@ def save_twig(twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None,
                for name, t in state.items()}
     dtype = str(dtype).removeprefix("torch.")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "K": twig.config.K, "T": twig.config.T,
-            "head": twig.config.head, "dtype": dtype, "base": twig.base_fingerprint,
+            "head": twig.config.head, "layer_init": twig.config.layer_init, "dtype": dtype,
+            "base": twig.base_fingerprint,
             "draft_vocab": int(tensors["draft_vocab"].numel()) if "draft_vocab" in tensors else None}
     created = not out.exists()
     temps: list[Path] = []
@@ -186,6 +208,9 @@ def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
     for key in ("K", "T"):
         if type(meta.get(key)) is not int:
             raise _bad_config(cfg_file, f"{key} must be an integer, got {meta.get(key)!r}")
+    meta.setdefault("layer_init", "next")  # twigs saved before the option existed
+    if meta["layer_init"] not in LAYER_INITS:
+        raise _bad_config(cfg_file, f"layer_init must be one of {', '.join(LAYER_INITS)}, got {meta['layer_init']!r}")
     if meta.get("head") not in HEAD_MODES:
         raise _bad_config(cfg_file, f"head must be one of {', '.join(HEAD_MODES)}, got {meta.get('head')!r}")
     if not isinstance(meta.get("base"), dict):
@@ -197,7 +222,8 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     """Load a saved twig onto this base (its tensors take the base's dtype and device)."""
     meta = read_twig_config(twig_dir)
     check_fingerprint(meta["base"], adapter, str(twig_dir))
-    twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"]))
+    twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"]))  # weights follow
+    twig.config = replace(twig.config, layer_init=meta["layer_init"])
     _load_weights(twig, twig_dir)
     return twig
 

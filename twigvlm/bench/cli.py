@@ -11,21 +11,24 @@ from ..errors import TwigVLMError
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig
 
-ABLATIONS = ("none", "budget", "draft")
+ABLATIONS = ("none", "budget", "draft", "source", "twig")
 DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
 
 def add_parser(sub) -> None:  # noqa: ANN001
     b = sub.add_parser("bench", help="accuracy retention and speed of every method against stock HF generate")
     b.add_argument("--model", required=True, help="a Hugging Face VLM directory, or demo")
-    b.add_argument("--twig", default=None, help="a twig directory (needed by twig, ssd, twig+ssd), or demo")
+    b.add_argument("--twig", default=None, help="a twig directory (needed by twig, ssd, twig+ssd), or demo; "
+                                                "with --ablation twig, several, comma-separated")
     b.add_argument("--tasks", default="easyvqa,scenes,describe",
                    help="comma-separated: easyvqa, scenes, describe, or NAME=QUESTIONS.jsonl,IMAGES,ANSWERS.jsonl "
                         "(separate several file tasks with ';')")
     b.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: "
                                                    f"{DEFAULT_METHODS}; without --twig, those that need none)")
     b.add_argument("--ablation", default="none", choices=ABLATIONS,
-                   help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ")
+                   help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ; source: the "
+                        "pruning attention from base layer K, base layer K+T or the twig, at one budget; twig: "
+                        "twig and twig+ssd with each of several twigs (--twig A,B,...: T and initialisation)")
     b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
     b.add_argument("--keep-ratio", type=float, default=1 / 9, help="R̄/M for every pruning method (default 1/9)")
     b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
@@ -41,9 +44,52 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--device", default="cpu")
 
 
-def variants(args: argparse.Namespace) -> list[Variant]:
+def twig_dirs(args: argparse.Namespace) -> dict[str, str]:
+    """The twigs a run uses, by label ("K=2 T=3 next"); several only with --ablation twig. Checked before any
+    model loads."""
+    from ..twig import read_twig_config
+
+    if args.twig is None:
+        if args.ablation in ("source", "twig"):
+            raise TwigVLMError(f"--ablation {args.ablation} needs a twig: pass --twig DIR")
+        return {}
+    paths = [p.strip() for p in args.twig.split(",")] if args.ablation == "twig" else [args.twig]
+    if not all(paths):
+        raise TwigVLMError(f"--twig {args.twig!r} has an empty entry")
+    labels: dict[str, str] = {}
+    for path in paths:
+        resolved = path
+        if path == "demo":
+            from ..demo.model import demo_twig_dir
+
+            resolved = str(demo_twig_dir())
+        meta = read_twig_config(resolved)
+        label = f"K={meta['K']} T={meta['T']} {meta['layer_init']}"
+        if label in labels:
+            label = f"{label} ({Path(path).name})"
+        if label in labels:
+            raise TwigVLMError(f"--twig names {path} twice")
+        labels[label] = path
+    return labels
+
+
+def variants(args: argparse.Namespace, twigs: dict[str, str] | None = None) -> list[Variant]:
+    """The variants to run; `twigs` (label → directory, from `twig_dirs`) for the source and twig ablations."""
     mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
                       wipe_layer=args.wipe_layer, draft_len=args.draft_len, threshold=args.draft_threshold)
+    twigs = twigs or {}
+    if args.ablation == "source":
+        K, T = (int(x.split("=")[1]) for x in next(iter(twigs)).split()[:2])
+        return [Variant(BASELINE, BASELINE, mc),
+                Variant(f"attn: base layer K={K}", "fastv", replace(mc, layer=K)),
+                Variant(f"attn: base layer K+T={K + T}", "fastv", replace(mc, layer=K + T)),
+                Variant(f"attn: twig layer {T}", "twig", mc)]
+    if args.ablation == "twig":
+        out = [Variant(BASELINE, BASELINE, mc)]
+        for label in twigs:
+            out += [Variant(f"twig [{label}]", "twig", mc, twig=label),
+                    Variant(f"twig+ssd [{label}]", "twig+ssd", mc, twig=label)]
+        return out
     if args.ablation == "budget":
         out = [Variant(BASELINE, BASELINE, mc)]
         for k in (1, 2, 3):
@@ -72,7 +118,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.limit < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         raise TwigVLMError("--limit and --max-new-tokens must be positive")
-    chosen = variants(args)
+    twigs = twig_dirs(args)
+    chosen = variants(args, twigs)
     if args.twig is None and any(v.method in NEEDS_TWIG | {"hf-early-exit"} for v in chosen):
         raise TwigVLMError("twig, ssd, twig+ssd and hf-early-exit need a twig: pass --twig DIR (or leave them out "
                            "with --methods)")
@@ -89,12 +136,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for sample in samples:
                 sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
         tasks[samples[0].task] = samples
-    vlm = VLM.load(args.model, twig=args.twig, dtype=args.dtype, device=args.device)
-    rows, unsupported = run_bench(vlm, tasks, chosen)
+    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
+    loaded = {label: vlm.load_twig(path) for label, path in twigs.items()}
+    vlm.engine.twig = next(iter(loaded.values()), None)
+    rows, unsupported = run_bench(vlm, tasks, chosen, twigs=loaded)
     summary = summarize(rows, chosen)
     table = markdown(summary, list(tasks), unsupported)
     print(table)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["variants"] = [{"name": v.name, "method": v.method, **v.config.__dict__} for v in chosen]
+    config["variants"] = [{"name": v.name, "method": v.method, "twig": twigs.get(v.twig) if v.twig else None,
+                           **v.config.__dict__} for v in chosen]
     write_outputs(out, rows, summary, config, unsupported, table)
     print(f"\nwrote {out}/results.json, samples.jsonl, table.md and plot.png")

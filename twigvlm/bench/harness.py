@@ -4,6 +4,8 @@ Methods run sample by sample in a rotating order (A B C, B C A, ...), so slow dr
 of them alike. Speed is compared per sample: RelSpd is the median over samples of a method's tokens/s divided by
 `hf`'s on the same sample (min and max given too); RelAcc is the mean over tasks of a method's score divided by
 `hf`'s. Lossless pairs (ssd ≡ ar, twig+ssd ≡ twig, ar ≡ hf) are checked token for token and mismatches counted.
+Peak memory is measured afterwards in a pass of its own (each variant once on each task's first sample), since
+the measurement changes how the allocator behaves.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from tqdm.auto import tqdm
 
 from ..api import VLM
 from ..errors import TwigVLMError
-from .methods import SAME_AS, MethodConfig, run_method
+from ..twig import Twig
+from .memory import measure
+from .methods import SAME_AS, MethodConfig, Run, run_method
 from .tasks import Sample
 
 BASELINE = "hf"
@@ -29,17 +33,39 @@ class Variant:
     name: str
     method: str
     config: MethodConfig = MethodConfig()
+    twig: str | None = None  # which loaded twig it runs with (the twig ablation); None: the VLM's own
+
+
+def _run(vlm: VLM, v: Variant, sample: Sample, twigs: dict[str, Twig]) -> Run:
+    if v.twig is not None:
+        vlm.engine.twig = twigs[v.twig]
+    return run_method(vlm, v.method, sample, v.config)
 
 
 def run_bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], warmup: int = 1,
-              progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Per-sample rows for every variant, and the variants that cannot run on this model (with the reason)."""
+              progress: bool = True, twigs: dict[str, Twig] | None = None,
+              memory: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Per-sample rows for every variant, and the variants that cannot run on this model (with the reason).
+
+    twigs: the twigs that variants name (`Variant.twig`); the VLM's own twig is put back at the end.
+    memory: add a pass that measures each variant's peak memory on each task's first sample.
+    """
+    twigs = twigs or {}
+    own = vlm.engine.twig
+    try:
+        return _bench(vlm, tasks, variants, warmup, progress, twigs, memory)
+    finally:
+        vlm.engine.twig = own
+
+
+def _bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], warmup: int, progress: bool,
+           twigs: dict[str, Twig], memory: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
     unsupported: dict[str, str] = {}
     first = next(iter(tasks.values()))
     for v in variants:  # warm-up: not recorded
         for sample in first[:warmup]:
             try:
-                run_method(vlm, v.method, sample, v.config)
+                _run(vlm, v, sample, twigs)
             except TwigVLMError as e:
                 unsupported[v.name] = str(e)
     active = [v for v in variants if v.name not in unsupported]
@@ -48,11 +74,19 @@ def run_bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant],
         for i, sample in enumerate(tqdm(samples, desc=task, unit="sample", disable=not progress)):
             order = active[i % len(active):] + active[: i % len(active)]
             for v in order:
-                run = run_method(vlm, v.method, sample, v.config)
+                run = _run(vlm, v, sample, twigs)
                 row = {"task": task, "sample": sample.id, "variant": v.name, "method": v.method,
                        "score": sample.score(run.text), "tokens_per_s": run.new_tokens / run.seconds,
                        **{k: val for k, val in asdict(run).items() if k != "extra"}, "new_tokens": run.new_tokens}
                 rows.append(row)
+    if memory:
+        device = vlm.adapter.device
+        firsts = {task: samples[0] for task, samples in tasks.items()}
+        at = {(r["variant"], r["task"]): r for r in rows if r["sample"] == firsts[r["task"]].id}
+        for v in tqdm(active, desc="peak memory", unit="method", disable=not progress):
+            for task, sample in firsts.items():
+                _, peak = measure(lambda v=v, sample=sample: _run(vlm, v, sample, twigs), device)
+                at[(v.name, task)].update(peak_mib=peak.peak_mib, extra_mib=peak.extra_mib)
     return rows, unsupported
 
 
@@ -92,11 +126,25 @@ def summarize(rows: list[dict[str, Any]], variants: list[Variant]) -> dict[str, 
             verifications = sum(r["verifications"] or 0 for r in mine)
             entry["acceptance"] = sum(r["accepted"] or 0 for r in mine) / drafted
             entry["tokens_per_verification"] = (sum(r["accepted"] or 0 for r in mine) + verifications) / verifications
+        prefill = [r["prefill_s"] for r in mine if r["prefill_s"] is not None]
+        if prefill:
+            entry["prefill_ms"] = _spread([1e3 * p for p in prefill])
+        decode = [1e3 * r["decode_s"] / (r["new_tokens"] - 1) for r in mine
+                  if r["decode_s"] is not None and r["new_tokens"] > 1]
+        if decode:
+            entry["decode_ms_per_token"] = _spread(decode)
+        extra = [r["extra_mib"] for r in mine if r.get("extra_mib") is not None]
+        if extra:
+            entry["memory_mib"] = {"extra": max(extra), "peak": max(r["peak_mib"] for r in mine
+                                                                    if r.get("peak_mib") is not None)}
         if any(r["kept"] is not None for r in mine):
             entry["kept"] = statistics.fmean(r["kept"] for r in mine if r["kept"] is not None)
         method = mine[0]["method"]
         twin = SAME_AS.get(method) or ("hf" if method == "ar" else None)
-        twin_name = next((v.name for v in variants if v.method == twin and v.name in names), None)
+        mine_twig = next(v.twig for v in variants if v.name == name)
+        twins = [v.name for v in variants if v.method == twin and v.name in names]
+        twin_name = next((n for n in twins if next(v.twig for v in variants if v.name == n) == mine_twig),
+                         twins[0] if twins else None)
         if twin_name is not None:
             entry["same_as"] = twin_name
             entry["mismatches"] = sum(per_sample[(twin_name, r["task"], r["sample"])]["token_ids"] != r["token_ids"]

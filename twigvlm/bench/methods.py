@@ -47,6 +47,7 @@ class MethodConfig:
     keep_ratio: float | None = 1 / 9
     keep: float | None = None
     wipe_layer: int | None = None
+    layer: int | None = None  # FastV's pruning layer (None: the twig's K); the attention-source ablation moves it
     draft_len: int = 5
     threshold: float = 0.6
 
@@ -58,7 +59,8 @@ def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
     if name is None:
         return None
     budget = {"keep": mc.keep} if mc.keep is not None else {"keep_ratio": mc.keep_ratio}
-    return PruneConfig(name, wipe_layer=mc.wipe_layer, **budget)
+    layer = mc.layer if name == "fastv" else None
+    return PruneConfig(name, wipe_layer=mc.wipe_layer, layer=layer, **budget)
 
 
 def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:

@@ -12,19 +12,23 @@ from PIL import Image, ImageDraw
 
 
 def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, str]) -> str:
-    head = ["method", "RelAcc", *tasks, "RelSpd (median, min–max)", "tokens/s", "acceptance", "tok/verif",
-            "identical to"]
+    head = ["method", "RelAcc", *tasks, "RelSpd (median, min–max)", "tokens/s", "prefill ms", "decode ms/tok",
+            "memory +MiB", "acceptance", "tok/verif", "identical to"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in summary.items():
         spd = e.get("rel_spd")
         cells = [name, _f(e.get("rel_acc"), "{:.3f}"),
                  *[_f(e["accuracy"].get(t), "{:.3f}") for t in tasks],
                  f"{spd['median']:.2f}× ({spd['min']:.2f}–{spd['max']:.2f})" if spd else "–",
-                 f"{e['tokens_per_s']['median']:.1f}", _f(e.get("acceptance"), "{:.2f}"),
+                 f"{e['tokens_per_s']['median']:.1f}", _f(e.get("prefill_ms", {}).get("median"), "{:.0f}"),
+                 _f(e.get("decode_ms_per_token", {}).get("median"), "{:.1f}"),
+                 _f(e.get("memory_mib", {}).get("extra"), "{:.0f}"), _f(e.get("acceptance"), "{:.2f}"),
                  _f(e.get("tokens_per_verification"), "{:.2f}"),
                  f"{e['same_as']}: {'yes' if e['mismatches'] == 0 else str(e['mismatches']) + ' differ'}"
                  if "same_as" in e else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\nprefill: the engine's prefill, vision encoding excluded. memory: the peak above what was in use "
+                 "before the run (GPU: CUDA allocator; CPU: resident set), on each task's first sample.")
     for name, why in unsupported.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import HEAD_MODES
+from ..config import HEAD_MODES, LAYER_INITS
 from ..errors import TwigVLMError
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -50,6 +50,8 @@ class TrainConfig(DataConfig):
     T: int = _opt(3, "number of twig layers", flag="--T")
     head: str | None = _opt(None, "share the base LM head or train a copy (default: shared if embeddings are "
                                   "tied)", choices=HEAD_MODES)
+    layer_init: str = _opt("next", "where a new twig's layers start: base layers K+1..K+T (next), the last T base "
+                                   "layers (last) or random weights (random)", choices=LAYER_INITS)
     init: str | None = _opt(None, "start from this twig directory instead of growing a new twig")
     epochs: float = _opt(1.0, "passes over the data (ignored when --max-steps is given)")
     max_steps: int = _opt(-1, "stop after this many optimizer steps (default: run --epochs)")

@@ -205,7 +205,7 @@ def train_twig(cfg: TrainConfig, adapter: VLMAdapter | None = None,
     if cfg.init is not None:
         twig = load_twig(adapter, cfg.init)
     else:
-        twig = grow_twig(adapter, TwigConfig(K=cfg.K, T=cfg.T, head=cfg.head))
+        twig = grow_twig(adapter, TwigConfig(K=cfg.K, T=cfg.T, head=cfg.head, layer_init=cfg.layer_init))
     twig.to(torch.float32)  # master weights; autocast runs the matmuls in bf16 when asked
     train_set = LlavaDataset(cfg.data, adapter, cfg)
     eval_set = LlavaDataset(cfg.eval_data, adapter, cfg) if cfg.eval_data else None
