@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import twigvlm
+from twigvlm.bench.cli import wipe_layers
 from twigvlm.bench.memory import cpu_memory_supported, measure
 from twigvlm.bench.tasks import exact_match, from_files, normalize
 from twigvlm.cli import main
@@ -115,7 +116,8 @@ def test_twig_ablation_runs_each_twig_and_checks_each_against_itself(model_dirs,
                  "--out", str(other)]) == 0
     out = tmp_path / "o"
     argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", f"{bench_twig},{other}", "--limit", "2",
-            "--max-new-tokens", "4", "--tasks", "scenes", "--out", str(out), "--ablation", "twig", "--keep-ratio", "0.5"]
+            "--max-new-tokens", "4", "--tasks", "scenes", "--out", str(out), "--ablation", "twig",
+            "--keep-ratio", "0.5"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
@@ -129,6 +131,23 @@ def test_twig_ablation_runs_each_twig_and_checks_each_against_itself(model_dirs,
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     drafts = {r["variant"]: r["drafted"] for r in rows if r["method"] == "twig+ssd"}
     assert len(drafts) == 2
+
+
+def test_wipe_ablation_keeps_everything_up_to_the_wipe_layer(model_dirs, bench_twig, tmp_path):
+    out = tmp_path / "w"
+    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--limit", "1", "--max-new-tokens",
+            "3", "--tasks", "scenes", "--out", str(out), "--ablation", "wipe", "--keep-ratio", "0.5"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert not results["unsupported"]
+    L = twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers
+    layers = wipe_layers(L, 2)
+    assert layers and all(2 < k < L for k in layers)
+    rows = {r["variant"]: r for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())}
+    for k in layers:
+        assert rows[f"keep all, wipe after {k}"]["kept"] == rows[f"keep all, wipe after {k}"]["visual"]  # R' = M
+        assert rows[f"twig, wipe after {k}"]["kept"] < rows[f"twig, wipe after {k}"]["visual"]
+    assert wipe_layers(32, 2) == [19, 24, 27] and wipe_layers(30, 2) == [18, 23, 26]
 
 
 def test_normalization_and_exact_match():

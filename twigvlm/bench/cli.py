@@ -11,7 +11,7 @@ from ..errors import TwigVLMError
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig
 
-ABLATIONS = ("none", "budget", "draft", "source", "twig")
+ABLATIONS = ("none", "budget", "draft", "source", "twig", "wipe")
 DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
 
@@ -28,7 +28,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--ablation", default="none", choices=ABLATIONS,
                    help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ; source: the "
                         "pruning attention from base layer K, base layer K+T or the twig, at one budget; twig: "
-                        "twig and twig+ssd with each of several twigs (--twig A,B,...: T and initialisation)")
+                        "twig and twig+ssd with each of several twigs (--twig A,B,...: T and initialisation); "
+                        "wipe: FinalWipe after layer K_f = 0.6L, 0.75L, 0.85L, with every visual token kept before "
+                        "it (how late the model reads the image) and with the twig's budget")
     b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
     b.add_argument("--keep-ratio", type=float, default=1 / 9, help="R̄/M for every pruning method (default 1/9)")
     b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
@@ -73,11 +75,28 @@ def twig_dirs(args: argparse.Namespace) -> dict[str, str]:
     return labels
 
 
-def variants(args: argparse.Namespace, twigs: dict[str, str] | None = None) -> list[Variant]:
-    """The variants to run; `twigs` (label → directory, from `twig_dirs`) for the source and twig ablations."""
+def wipe_layers(num_layers: int, K: int) -> list[int]:
+    """The K_f of the wipe ablation: 0.6·L, 0.75·L (the default) and 0.85·L, rounded, above K and below L."""
+    return sorted({k for f in (0.6, 0.75, 0.85) if K < (k := int(f * num_layers + 0.5)) < num_layers})
+
+
+def variants(args: argparse.Namespace, twigs: dict[str, str] | None = None,
+             num_layers: int | None = None) -> list[Variant]:
+    """The variants to run; `twigs` (label → directory, from `twig_dirs`) for the source and twig ablations;
+    `num_layers` (L of the loaded model) for the wipe ablation, which has no variants before the model loads."""
     mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
                       wipe_layer=args.wipe_layer, draft_len=args.draft_len, threshold=args.draft_threshold)
     twigs = twigs or {}
+    if args.ablation == "wipe":
+        K = int(next(iter(twigs)).split()[0].split("=")[1]) if twigs else 2
+        out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
+        for k in wipe_layers(num_layers, K) if num_layers else []:
+            # Budget k/L·M keeps R' = M: every visual token up to layer k, none after it.
+            out.append(Variant(f"keep all, wipe after {k}", "fastv", replace(mc, keep=None, keep_ratio=k / num_layers,
+                                                                             wipe_layer=k, layer=K)))
+            if twigs:
+                out.append(Variant(f"twig, wipe after {k}", "twig", replace(mc, wipe_layer=k)))
+        return out
     if args.ablation == "source":
         K, T = (int(x.split("=")[1]) for x in next(iter(twigs)).split()[:2])
         return [Variant(BASELINE, BASELINE, mc),
@@ -138,6 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         tasks[samples[0].task] = samples
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
     loaded = {label: vlm.load_twig(path) for label, path in twigs.items()}
+    if args.ablation == "wipe":
+        chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.engine.twig = next(iter(loaded.values()), None)
     rows, unsupported = run_bench(vlm, tasks, chosen, twigs=loaded)
     summary = summarize(rows, chosen)
