@@ -104,10 +104,31 @@ def test_source_ablation_moves_the_attention_not_the_budget(model_dirs, bench_tw
     summary, variants = results["summary"], {v["name"]: v for v in results["config"]["variants"]}
     names = ["attn: base layer K=2", "attn: base layer K+T=5", "attn: twig layer 3"]
     assert set(names) <= set(summary), results["unsupported"]
-    assert variants[names[0]]["layer"] == 2 and variants[names[1]]["layer"] == 5
+    assert variants[names[0]]["layer"] == 2 and variants[names[1]]["twig"] == "__untrained__"
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     kept = {r["variant"]: r["kept"] for r in rows}
-    assert kept[names[1]] < kept[names[0]] == kept[names[2]]  # a later pruning layer keeps fewer per layer
+    assert kept[names[0]] == kept[names[1]] == kept[names[2]]  # one budget, one pruning layer
+
+
+def test_base_layer_K_plus_T_attention_is_an_untrained_twigs():
+    """The source ablation scores with an untrained twig: its last layer's attention is base layer K+T's."""
+    from twigvlm.config import PruneConfig
+    from twigvlm.prune import _score, plan_pruning
+    from twigvlm.tiny import TinySpec, build_tiny_llava
+
+    model, processor = build_tiny_llava(TinySpec(num_layers=6, seed=4))
+    vlm = twigvlm.VLM.from_model(model, processor)
+    vlm.grow_twig(K=2, T=3)
+    encoded = vlm.encode("what is it?", random_image(1))
+    plan = plan_pruning(PruneConfig("twig", keep_ratio=0.5), 6, encoded.num_visual_tokens, 2)
+    with torch.no_grad():
+        _, scores = _score(vlm.engine, vlm.engine.new_state(), encoded, plan, "last")
+        model.set_attn_implementation("eager")  # HF's own attention weights, from the stock model
+        out = model.model.language_model(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids,
+                                         output_attentions=True)
+        model.set_attn_implementation("sdpa")
+    attn = out.attentions[4][0, :, -1].mean(0)  # base layer K+T = 5 (1-based), last query, heads averaged
+    torch.testing.assert_close(scores, attn[encoded.visual_mask[0]], rtol=1e-5, atol=1e-6)
 
 
 def test_twig_ablation_runs_each_twig_and_checks_each_against_itself(model_dirs, bench_twig, tmp_path):

@@ -11,6 +11,7 @@ from ..errors import TwigVLMError
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig
 
+UNTRAINED = "__untrained__"  # the source ablation's copy of base layers K+1..K+T
 ABLATIONS = ("none", "budget", "draft", "source", "twig", "wipe")
 DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
@@ -98,10 +99,12 @@ def variants(args: argparse.Namespace, twigs: dict[str, str] | None = None,
                 out.append(Variant(f"twig, wipe after {k}", "twig", replace(mc, wipe_layer=k)))
         return out
     if args.ablation == "source":
+        # Every source prunes after layer K at one budget. Base layer K+T's attention is what an untrained twig
+        # sees: its layers are copies of base layers K+1..K+T, run on the whole prompt only to score.
         K, T = (int(x.split("=")[1]) for x in next(iter(twigs)).split()[:2])
         return [Variant(BASELINE, BASELINE, mc),
                 Variant(f"attn: base layer K={K}", "fastv", replace(mc, layer=K)),
-                Variant(f"attn: base layer K+T={K + T}", "fastv", replace(mc, layer=K + T)),
+                Variant(f"attn: base layer K+T={K + T}", "twig", mc, twig=UNTRAINED),
                 Variant(f"attn: twig layer {T}", "twig", mc)]
     if args.ablation == "twig":
         out = [Variant(BASELINE, BASELINE, mc)]
@@ -131,6 +134,8 @@ def variants(args: argparse.Namespace, twigs: dict[str, str] | None = None,
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from ..api import VLM
+    from ..config import TwigConfig
+    from ..twig import grow_twig
     from .harness import run_bench, summarize
     from .report import markdown, write_outputs
     from .tasks import parse_task_spec
@@ -160,12 +165,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.ablation == "wipe":
         chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.engine.twig = next(iter(loaded.values()), None)
+    if args.ablation == "source":
+        twig = vlm.twig
+        loaded[UNTRAINED] = grow_twig(vlm.adapter, TwigConfig(K=twig.config.K, T=twig.config.T))
     rows, unsupported = run_bench(vlm, tasks, chosen, twigs=loaded)
     summary = summarize(rows, chosen)
     table = markdown(summary, list(tasks), unsupported)
     print(table)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["variants"] = [{"name": v.name, "method": v.method, "twig": twigs.get(v.twig) if v.twig else None,
+    config["variants"] = [{"name": v.name, "method": v.method, "twig": twigs.get(v.twig, v.twig) if v.twig else None,
                            **v.config.__dict__} for v in chosen]
     write_outputs(out, rows, summary, config, unsupported, table)
     print(f"\nwrote {out}/results.json, samples.jsonl, table.md and plot.png")

@@ -36,9 +36,11 @@ class Variant:
     twig: str | None = None  # which loaded twig it runs with (the twig ablation); None: the VLM's own
 
 
-def _run(vlm: VLM, v: Variant, sample: Sample, twigs: dict[str, Twig]) -> Run:
-    if v.twig is not None:
-        vlm.engine.twig = twigs[v.twig]
+OWN = "__own__"  # key of the VLM's own twig among a run's twigs
+
+
+def _run(vlm: VLM, v: Variant, sample: Sample, twigs: dict[str, Twig | None]) -> Run:
+    vlm.engine.twig = twigs[v.twig or OWN]
     return run_method(vlm, v.method, sample, v.config)
 
 
@@ -50,8 +52,8 @@ def run_bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant],
     twigs: the twigs that variants name (`Variant.twig`); the VLM's own twig is put back at the end.
     memory: add a pass that measures each variant's peak memory on each task's first sample.
     """
-    twigs = twigs or {}
     own = vlm.engine.twig
+    twigs = {**(twigs or {}), OWN: own}
     try:
         return _bench(vlm, tasks, variants, warmup, progress, twigs, memory)
     finally:
@@ -59,7 +61,7 @@ def run_bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant],
 
 
 def _bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], warmup: int, progress: bool,
-           twigs: dict[str, Twig], memory: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
+           twigs: dict[str, Twig | None], memory: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
     unsupported: dict[str, str] = {}
     first = next(iter(tasks.values()))
     for v in variants:  # warm-up: not recorded

@@ -4,9 +4,11 @@
 `measure(fn, device)` returns fn's result and a `Peak`: `peak_mib` is the high-water mark during the run (on a GPU
 every tensor allocated, weights included; on a CPU the whole process's resident memory), `extra_mib` that mark
 above what was in use when the run began, i.e. the working memory the method itself needed (activations, caches,
-the twig's own cache). On a CPU, freed memory that the C allocator keeps would hide a run's working memory; for the
-measurement the allocator is told to return every block of 64 KiB or more to the system (`mallopt`), so runs are
-measured in a pass of their own, never while timing. Where neither source exists the numbers are None.
+the twig's own cache). On a CPU, freed memory that the C allocator keeps resident would hide a run's working
+memory: before each measurement glibc returns its free pages to the system (`malloc_trim`), and it is told to
+serve, and return, every block of 64 KiB or more with its own mapping (`mallopt`). That changes how the process
+allocates, so runs are measured in a pass of their own, never while timing. Where neither source exists (not
+Linux, not glibc) the numbers are None.
 """
 
 from __future__ import annotations
@@ -49,26 +51,26 @@ def _reset_cpu_peak() -> bool:
     return True
 
 
-_MALLOPT_DONE = False
+_LIBC: list = []  # [glibc handle or None], looked up once
 
 
-def _release_large_blocks() -> None:
-    """Ask glibc to serve (and return) blocks of 64 KiB or more with mmap, so RSS follows the live tensors."""
-    global _MALLOPT_DONE
-    if _MALLOPT_DONE:
-        return
-    _MALLOPT_DONE = True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    except OSError:
-        pass
+def _glibc():  # noqa: ANN202 — a ctypes library or None
+    if not _LIBC:
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+        except OSError:
+            libc = None
+        ok = libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")
+        if ok:
+            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # big blocks: their own mapping, unmapped when freed
+        _LIBC.append(libc if ok else None)
+    return _LIBC[0]
 
 
 def cpu_memory_supported() -> bool:
-    return _status_kib("VmHWM") is not None and _CLEAR.exists()
+    """Linux with glibc: a resettable resident-set high-water mark and an allocator that can give pages back."""
+    return _status_kib("VmHWM") is not None and _CLEAR.exists() and _glibc() is not None
 
 
 def measure(fn: Callable[[], R], device: str | torch.device = "cpu") -> tuple[R, Peak]:
@@ -84,7 +86,7 @@ def measure(fn: Callable[[], R], device: str | torch.device = "cpu") -> tuple[R,
         return result, Peak(peak / _MIB, (peak - start) / _MIB)
     if dev.type != "cpu" or not cpu_memory_supported():
         return fn(), Peak(None, None)
-    _release_large_blocks()
+    _glibc().malloc_trim(0)  # free pages the allocator kept go back, so reusing them shows in the resident set
     start = _status_kib("VmRSS")
     if not _reset_cpu_peak() or start is None:
         return fn(), Peak(None, None)
