@@ -40,7 +40,7 @@ def test_demo_answers_with_and_without_ttp_ssd(demo, samples):
     # (several objects; see the README's results), so only easy-VQA is held to the base's level here.
     assert _right(samples, fast, "easyvqa") >= N - 1
     assert [o.token_ids for o in fast] == [o.token_ids for o in pruned]  # SSD is exact under pruning
-    # R̄ = 144/9 = 16 on average over the 30 layers: all 144 in layers 1–2, R = 10 in 3–22, none after
+    # R̄ = 144/9 = 16 on average over the 30 layers: all 144 in layers 1–2, R' = 10 in 3–23 (K_f = 0.75·L), none after
     assert [(o.stats.kept, o.stats.visual_tokens) for o in fast] == [(10, 144)] * len(fast)
 
 
