@@ -63,11 +63,7 @@ class VLM:
 
     def load_twig(self, path: str | Path) -> Twig:
         """Load a twig directory ("demo": the demo model's shipped twig) and attach it."""
-        if str(path) == "demo":
-            from .demo.model import demo_twig_dir
-
-            path = demo_twig_dir()
-        twig = load_twig(self.adapter, path)
+        twig = load_twig(self.adapter, twig_directory(path))
         self.engine.twig = twig
         return twig
 
@@ -112,6 +108,15 @@ class VLM:
         cfg = replace(config or GenConfig(), **kwargs)
         cfg.validate()
         return cfg
+
+
+def twig_directory(path: str | Path) -> Path:
+    """The directory a twig argument names: "demo" is the demo model's shipped twig."""
+    if str(path) == "demo":
+        from .demo.model import demo_twig_dir
+
+        return Path(demo_twig_dir())
+    return Path(path)
 
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:

@@ -113,8 +113,7 @@ def freeze_base(adapter: VLMAdapter) -> None:
 def _reinitialize(layers: nn.ModuleList, adapter: VLMAdapter) -> None:
     """Fresh weights, as a new model would start: matrices ~ N(0, initializer_range²), biases 0, norm scales 1
     (torch's global generator: seed it for a reproducible twig)."""
-    text = adapter.model.config.get_text_config() if hasattr(adapter.model.config, "get_text_config") else None
-    std = float(getattr(text or adapter.model.config, "initializer_range", 0.02))
+    std = float(getattr(adapter.model.config.get_text_config(), "initializer_range", 0.02))
     with torch.no_grad():
         for name, p in layers.named_parameters():
             if p.ndim >= 2:

@@ -6,6 +6,7 @@ import argparse
 import random
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import TwigVLMError
 from .harness import BASELINE, Variant
@@ -47,9 +48,16 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--device", default="cpu")
 
 
-def twig_dirs(args: argparse.Namespace) -> dict[str, str]:
+class BenchTwig(NamedTuple):
+    path: str  # as given on the command line
+    K: int
+    T: int
+
+
+def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
     """The twigs a run uses, by label ("K=2 T=3 next"); several only with --ablation twig. Checked before any
     model loads."""
+    from ..api import twig_directory
     from ..twig import read_twig_config
 
     if args.twig is None:
@@ -59,20 +67,15 @@ def twig_dirs(args: argparse.Namespace) -> dict[str, str]:
     paths = [p.strip() for p in args.twig.split(",")] if args.ablation == "twig" else [args.twig]
     if not all(paths):
         raise TwigVLMError(f"--twig {args.twig!r} has an empty entry")
-    labels: dict[str, str] = {}
+    labels: dict[str, BenchTwig] = {}
     for path in paths:
-        resolved = path
-        if path == "demo":
-            from ..demo.model import demo_twig_dir
-
-            resolved = str(demo_twig_dir())
-        meta = read_twig_config(resolved)
+        meta = read_twig_config(twig_directory(path))
         label = f"K={meta['K']} T={meta['T']} {meta['layer_init']}"
         if label in labels:
             label = f"{label} ({Path(path).name})"
         if label in labels:
             raise TwigVLMError(f"--twig names {path} twice")
-        labels[label] = path
+        labels[label] = BenchTwig(path, meta["K"], meta["T"])
     return labels
 
 
@@ -81,15 +84,16 @@ def wipe_layers(num_layers: int, K: int) -> list[int]:
     return sorted({k for f in (0.6, 0.75, 0.85) if K < (k := int(f * num_layers + 0.5)) < num_layers})
 
 
-def variants(args: argparse.Namespace, twigs: dict[str, str] | None = None,
+def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None,
              num_layers: int | None = None) -> list[Variant]:
-    """The variants to run; `twigs` (label → directory, from `twig_dirs`) for the source and twig ablations;
+    """The variants to run; `twigs` (from `twig_dirs`; the first is the run's own) for the source and twig ablations;
     `num_layers` (L of the loaded model) for the wipe ablation, which has no variants before the model loads."""
     mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
                       wipe_layer=args.wipe_layer, draft_len=args.draft_len, threshold=args.draft_threshold)
     twigs = twigs or {}
+    own = next(iter(twigs.values()), None)
     if args.ablation == "wipe":
-        K = int(next(iter(twigs)).split()[0].split("=")[1]) if twigs else 2
+        K = own.K if own else 2
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
         for k in wipe_layers(num_layers, K) if num_layers else []:
             # Budget k/L·M keeps R' = M: every visual token up to layer k, none after it.
@@ -101,7 +105,7 @@ def variants(args: argparse.Namespace, twigs: dict[str, str] | None = None,
     if args.ablation == "source":
         # Every source prunes after layer K at one budget. Base layer K+T's attention is what an untrained twig
         # sees: its layers are copies of base layers K+1..K+T, run on the whole prompt only to score.
-        K, T = (int(x.split("=")[1]) for x in next(iter(twigs)).split()[:2])
+        K, T = own.K, own.T
         return [Variant(BASELINE, BASELINE, mc),
                 Variant(f"attn: base layer K={K}", "fastv", replace(mc, layer=K)),
                 Variant(f"attn: base layer K+T={K + T}", "twig", mc, twig=UNTRAINED),
@@ -161,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
         tasks[samples[0].task] = samples
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
-    loaded = {label: vlm.load_twig(path) for label, path in twigs.items()}
+    loaded = {label: vlm.load_twig(twig.path) for label, twig in twigs.items()}
     if args.ablation == "wipe":
         chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.engine.twig = next(iter(loaded.values()), None)
@@ -173,7 +177,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     table = markdown(summary, list(tasks), unsupported)
     print(table)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["variants"] = [{"name": v.name, "method": v.method, "twig": twigs.get(v.twig, v.twig) if v.twig else None,
-                           **v.config.__dict__} for v in chosen]
+    config["variants"] = [{"name": v.name, "method": v.method,
+                           "twig": twigs[v.twig].path if v.twig in twigs else v.twig, **v.config.__dict__}
+                          for v in chosen]
     write_outputs(out, rows, summary, config, unsupported, table)
     print(f"\nwrote {out}/results.json, samples.jsonl, table.md and plot.png")

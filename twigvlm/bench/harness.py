@@ -105,6 +105,7 @@ def summarize(rows: list[dict[str, Any]], variants: list[Variant]) -> dict[str, 
     cells = _by(rows, "variant", "task")
     per_sample = {(r["variant"], r["task"], r["sample"]): r for r in rows}
     names = [v.name for v in variants if any(r["variant"] == v.name for r in rows)]
+    by_name = {v.name: v for v in variants}
     summary: dict[str, Any] = {}
     for name in names:
         mine = [r for r in rows if r["variant"] == name]
@@ -143,10 +144,10 @@ def summarize(rows: list[dict[str, Any]], variants: list[Variant]) -> dict[str, 
             entry["kept"] = statistics.fmean(r["kept"] for r in mine if r["kept"] is not None)
         method = mine[0]["method"]
         twin = SAME_AS.get(method) or ("hf" if method == "ar" else None)
-        mine_twig = next(v.twig for v in variants if v.name == name)
-        twins = [v.name for v in variants if v.method == twin and v.name in names]
-        twin_name = next((n for n in twins if next(v.twig for v in variants if v.name == n) == mine_twig),
-                         twins[0] if twins else None)
+        twins = [v for v in variants if v.method == twin and v.name in names]
+        # A variant's twin runs with the same twig (the twig ablation pairs each twig with itself).
+        twin_name = next((v.name for v in twins if v.twig == by_name[name].twig),
+                         twins[0].name if twins else None)
         if twin_name is not None:
             entry["same_as"] = twin_name
             entry["mismatches"] = sum(per_sample[(twin_name, r["task"], r["sample"])]["token_ids"] != r["token_ids"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,21 +52,18 @@ def _reset_cpu_peak() -> bool:
     return True
 
 
-_LIBC: list = []  # [glibc handle or None], looked up once
-
-
+@functools.cache
 def _glibc():  # noqa: ANN202 — a ctypes library or None
-    if not _LIBC:
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-        except OSError:
-            libc = None
-        ok = libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")
-        if ok:
-            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # big blocks: their own mapping, unmapped when freed
-        _LIBC.append(libc if ok else None)
-    return _LIBC[0]
+    """glibc, told once to give blocks of 64 KiB or more their own mapping (unmapped when freed); None without it."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    if libc is None or not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    return libc
 
 
 def cpu_memory_supported() -> bool:
