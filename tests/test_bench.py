@@ -4,12 +4,13 @@ as `hf` and matches it token for token; lossless pairs match; malformed task fil
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 
 import pytest
 import torch
 
 import twigvlm
-from twigvlm.bench.cli import wipe_layers
+from twigvlm.bench.cli import BenchTwig, variants, wipe_layers
 from twigvlm.bench.memory import cpu_memory_supported, measure
 from twigvlm.bench.tasks import exact_match, from_files, normalize
 from twigvlm.cli import main
@@ -92,6 +93,18 @@ def test_ablations_expand_into_variants(model_dirs, bench_twig, tmp_path, capsys
     summary = json.loads((tmp_path / "d" / "results.json").read_text())["summary"]
     assert {"hf", "ar", "ssd γ=1 τ=0.0", "ssd γ=8 τ=0.6"} <= set(summary)
     assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))
+
+
+@pytest.mark.parametrize("ablation,methods", [("twig", None), ("none", "hf,fastv,visionzip,twig,twig+ssd"),
+                                               ("source", None), ("budget", None)])
+def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
+    args = Namespace(keep=None, keep_ratio=1 / 9, wipe_layer=None, draft_len=5, draft_threshold=0.6,
+                     ablation=ablation, methods=methods, twig="own")
+    own, other = BenchTwig("own", 2, 3, 26), BenchTwig("other", 2, 1, None)
+    assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other})} == {26}
+    assert {v.config.wipe_layer for v in variants(args, {"other": other, "own": own})} == {None}  # 0.75·L
+    args.wipe_layer = 24
+    assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other})} == {24}
 
 
 def test_source_ablation_moves_the_attention_not_the_budget(model_dirs, bench_twig, tmp_path):

@@ -36,12 +36,15 @@ def test_demo_answers_with_and_without_ttp_ssd(demo, samples):
     fast = _answers(demo, samples, prune=PruneConfig("twig", keep_ratio=1 / 9), speculative=SpecConfig())
     pruned = _answers(demo, samples, prune=PruneConfig("twig", keep_ratio=1 / 9))
     assert _right(samples, base, "easyvqa") >= N - 1 and _right(samples, base, "scenes") >= N - 3
-    # At 16 of 144 visual tokens the twig keeps easy-VQA (one shape per picture) but not yet the scene questions
-    # (several objects; see the README's results), so only easy-VQA is held to the base's level here.
-    assert _right(samples, fast, "easyvqa") >= N - 1
+    # At 16 of 144 visual tokens the twig keeps most of easy-VQA (one shape per picture: 0.85 of the first 100
+    # test questions against the base's 0.99) but not yet the scene questions (several objects; see the README's
+    # results), so only easy-VQA is held to a level here: 6 of these 8, as `twigvlm bench` measures them.
+    assert _right(samples, fast, "easyvqa") >= N - 2
     assert [o.token_ids for o in fast] == [o.token_ids for o in pruned]  # SSD is exact under pruning
-    # R̄ = 144/9 = 16 on average over the 30 layers: all 144 in layers 1–2, R' = 10 in 3–23 (K_f = 0.75·L), none after
-    assert [(o.stats.kept, o.stats.visual_tokens) for o in fast] == [(10, 144)] * len(fast)
+    # R̄ = 144/9 = 16 on average over the 30 layers: all 144 in layers 1–2, R' = 8 in 3–26 (K_f = 26, which the
+    # shipped twig records), none after
+    assert demo.twig.config.wipe_layer == 26
+    assert [(o.stats.kept, o.stats.visual_tokens, o.stats.avg_kept) for o in fast] == [(8, 144, 16.0)] * len(fast)
 
 
 def test_demo_ssd_equals_greedy_on_a_description(demo):

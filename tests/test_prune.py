@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -39,6 +40,10 @@ def test_budget_on_the_papers_numbers():
     assert plan_pruning(PruneConfig("fastv", keep_ratio=1 / 9), 32, 576, 2).kept == 41  # 11.1% = 64 of 576
     exact = plan_pruning(PruneConfig("twig", keep=(2 * 576 + 10 * 22) / 32), 32, 576, 2)
     assert exact.kept == 10 and exact.avg_kept == pytest.approx((2 * 576 + 10 * 22) / 32)  # no float creep
+    # A K_f calibrated for the model (recorded with its twig) replaces 0.75·L; the config's own still wins.
+    calibrated = plan_pruning(PruneConfig("twig", keep=64), 32, 576, 2, model_wipe=28)
+    assert (calibrated.wipe, calibrated.kept) == (28, kept_per_layer(64, 32, 576, 2, 28)) == (28, 35)
+    assert plan_pruning(PruneConfig("twig", keep=64, wipe_layer=24), 32, 576, 2, model_wipe=28).wipe == 24
 
 
 @pytest.mark.parametrize("cfg,message", [
@@ -120,6 +125,32 @@ def test_pruning_equals_the_masked_full_model(model, method, query, K, wipe, kee
     assert state.cache.lengths() == [T + fed] * K + [T - M + R + fed] * (wipe - K) + [T - M + fed] * (L - wipe)
     if method == "twig":
         assert state.twig_cache.lengths() == [T] * len(model.twig.layers)
+
+
+@pytest.mark.parametrize("method", ["twig", "fastv"])
+def test_the_twigs_wipe_layer_is_the_default(model, method):
+    enc = model.encode(random_prompt(7, 5), random_image(7))
+    engine, plain = model.engine, model.twig.config
+
+    def prefill(cfg):
+        with torch.no_grad():
+            state = engine.new_state()
+            logits, stats = pruned_prefill(engine, state, enc, cfg)
+            step = engine.step(state, logits.argmax(-1, keepdim=True))
+        return logits, step, stats, state.cache.lengths()
+
+    explicit = prefill(PruneConfig(method, keep=30.0, wipe_layer=5))
+    default = prefill(PruneConfig(method, keep=30.0))
+    try:
+        model.twig.config = replace(plain, wipe_layer=5)
+        recorded = prefill(PruneConfig(method, keep=30.0))
+    finally:
+        model.twig.config = plain
+    numbers = [(s.kept, s.avg_kept, s.kept_indices) for s in (recorded[2], explicit[2], default[2])]
+    assert numbers[0] == numbers[1] != numbers[2]  # same R' and kept tokens; 0.75·L differs
+    for a, b in zip(recorded[:2], explicit[:2], strict=True):
+        assert torch.equal(a, b)
+    assert recorded[3] == explicit[3] != default[3]
 
 
 def test_twig_scores_equal_an_eager_attention_reference(model):

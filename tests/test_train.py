@@ -187,8 +187,9 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     assert json.loads((out / "twig.json").read_text())["dtype"] == "bfloat16"
     vocab_out = tmp_path / "vocab"
     assert main(["train", "--model", model, "--data", data, "--out", str(vocab_out), "--max-steps", "1",
-                 "--draft-vocab", "5"]) == 0
+                 "--draft-vocab", "5", "--wipe-layer", "4"]) == 0
     twig = twigvlm.load(model, twig=vocab_out).twig
+    assert twig.config.wipe_layer == 4
     eos = set(twigvlm.load(model).adapter.eos_token_ids)
     assert eos <= set(twig.draft_vocab.tolist()) and len(twig.draft_vocab) <= 5 + len(eos)
     capsys.readouterr()
@@ -200,6 +201,8 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
          "does not exist"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--lr", "0"], "--lr 0.0 must be"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--K", "9"], "K"),
+        (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--wipe-layer", "99"],
+         "wipe_layer=99 is invalid"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--init", str(tmp_path)],
          "is not a twig directory"),
     ]
@@ -259,6 +262,7 @@ def test_kl_distillation_keeps_the_twig_closer_to_the_base(vlms, model_dirs, lla
     (dict(warmup_ratio=1.5), "--warmup-ratio"), (dict(batch_size=0), "--batch-size 0"),
     (dict(max_steps=0), "--max-steps 0"), (dict(epochs=0.0, max_steps=-1), "--epochs"),
     (dict(max_length=1), "--max-length 1"), (dict(save_total_limit=0), "--save-total-limit"),
+    (dict(wipe_layer=2), "--wipe-layer 2 must come after the twig's layer --K 2"),
 ])
 def test_train_config_validation(change, why):
     with pytest.raises(twigvlm.TwigVLMError, match=why):

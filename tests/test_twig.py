@@ -69,13 +69,20 @@ def test_random_layer_init_is_fresh_and_seeded(fresh_vlm):
             assert torch.equal(mine, torch.ones_like(mine))  # norm scales
 
 
-def test_layer_init_is_saved_and_reloaded(tmp_path, model_dirs):
+def test_layer_init_and_wipe_layer_are_saved_and_reloaded(tmp_path, model_dirs):
     vlm = twigvlm.load(model_dirs["llama-clip"])
-    grown = vlm.grow_twig(T=1, layer_init="last")
-    vlm.save_twig(tmp_path / "twig")
-    loaded = twigvlm.load(model_dirs["llama-clip"], twig=tmp_path / "twig").twig
-    assert loaded.config.layer_init == "last"
+    L = vlm.engine.num_layers
+    grown = vlm.grow_twig(T=1, layer_init="last", wipe_layer=L - 1)
+    twig_dir = vlm.save_twig(tmp_path / "twig")
+    loaded = twigvlm.load(model_dirs["llama-clip"], twig=twig_dir).twig
+    assert (loaded.config.layer_init, loaded.config.wipe_layer) == ("last", L - 1)
     assert all(torch.equal(loaded.state_dict()[n], t) for n, t in grown.state_dict().items())
+    # A twig.json written before these fields existed loads with the paper's defaults.
+    cfg_file = twig_dir / "twig.json"
+    cfg_file.write_text(json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items()
+                                    if k not in ("layer_init", "wipe_layer")}))
+    old = vlm.load_twig(twig_dir)
+    assert (old.config.layer_init, old.config.wipe_layer) == ("next", None)
 
 
 def test_head_mode_defaults_follow_tied_embeddings(vlms, fresh_vlm):
@@ -158,6 +165,8 @@ def test_fingerprint_survives_a_dtype_change(tmp_path, model_dirs):
 @pytest.mark.parametrize("kwargs,message", [
     ({"K": 0}, "K must be >= 1"), ({"T": 0}, "T >= 1"), ({"K": 4, "T": 3}, "exceeds"), ({"head": "x"}, "head"),
     ({"layer_init": "middle"}, "layer_init='middle' is invalid"),
+    ({"K": 2, "wipe_layer": 2}, "wipe_layer=2 is invalid: FinalWipe comes after the twig's layer K=2"),
+    ({"wipe_layer": 99}, "wipe_layer=99 is invalid"), ({"wipe_layer": 4.0}, "wipe_layer=4.0 is invalid"),
 ])
 def test_bad_twig_configs(fresh_vlm, kwargs, message):
     with pytest.raises(TwigVLMError, match=message):
@@ -184,6 +193,8 @@ def test_fingerprint_accepts_float16_and_refuses_broken_configs(tmp_path, model_
         "K as text": ({**good, "K": "2"}, "K must be an integer"),
         "bad head": ({**good, "head": "tree"}, "head must be one of"),
         "other format": ({**good, "format": "lora"}, "format 'lora'"),
+        "wipe as text": ({**good, "wipe_layer": "5"}, "wipe_layer must be an integer or null"),
+        "wipe past L": ({**good, "wipe_layer": 99}, "wipe_layer=99 is invalid"),
     }
     for meta, message in broken.values():
         cfg_file.write_text(json.dumps(meta))

@@ -56,7 +56,8 @@ class VLM:
         return self.engine.twig
 
     def grow_twig(self, config: TwigConfig | None = None, **kwargs: Any) -> Twig:
-        """Grow a twig (copies of base layers K+1..K+T) and attach it. kwargs: K, T, head."""
+        """Grow a twig (copies of base layers K+1..K+T) and attach it. kwargs: the TwigConfig fields (K, T, head,
+        layer_init, wipe_layer)."""
         twig = grow_twig(self.adapter, config or TwigConfig(**kwargs))
         self.engine.twig = twig
         return twig

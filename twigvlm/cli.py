@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = pr.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
     budget.add_argument("--keep-ratio", type=float, default=None, help="R̄ / M (default 0.111)")
-    pr.add_argument("--wipe-layer", type=int, default=None, help="K_f: no visual token after this layer "
-                                                                   "(default round(0.75·L); L disables)")
+    pr.add_argument("--wipe-layer", type=int, default=None,
+                    help="K_f: no visual token after this layer (default: the K_f the twig records, else "
+                         "round(0.75·L); L disables)")
     pr.add_argument("--prune-layer", type=int, default=None, help="K for fastv (default: the twig's K, else 2)")
     pr.add_argument("--query", choices=list(QUERY_MODES), default="last",
                     help="score with the last prompt token (default) or the text after the image")

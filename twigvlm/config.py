@@ -19,12 +19,15 @@ class TwigConfig:
     base ties its input and output embeddings and "copy" otherwise.
     layer_init: where the twig layers start: "next" copies base layers K+1..K+T (the paper's choice), "last" the
     last T base layers, "random" fresh weights (the paper's ablation: 96.0% / 90.4% / 87.2% RelAcc).
+    wipe_layer: the FinalWipe layer K_f calibrated for this twig's base (`twigvlm bench --ablation wipe`); pruning
+    uses it when not told otherwise. None → round(0.75·L), the paper's choice.
     """
 
     K: int = 2
     T: int = 3
     head: str | None = None
     layer_init: str = "next"
+    wipe_layer: int | None = None
 
     def validate(self, num_layers: int | None = None) -> None:
         """Check K, T and head; with `num_layers`, also that K+T fits in the base."""
@@ -41,6 +44,12 @@ class TwigConfig:
             raise TwigVLMError(f"head={self.head!r} is invalid: use one of {', '.join(HEAD_MODES)}")
         if self.layer_init not in LAYER_INITS:
             raise TwigVLMError(f"layer_init={self.layer_init!r} is invalid: use one of {', '.join(LAYER_INITS)}")
+        if self.wipe_layer is not None:
+            top = num_layers if num_layers is not None else self.wipe_layer
+            if type(self.wipe_layer) is not int or not self.K < self.wipe_layer <= top:
+                raise TwigVLMError(f"wipe_layer={self.wipe_layer!r} is invalid: FinalWipe comes after the twig's layer "
+                                   f"K={self.K}, so give a layer number from {self.K + 1} to "
+                                   f"{num_layers if num_layers is not None else 'L'}")
 
     def resolved(self, tied_embeddings: bool) -> TwigConfig:
         """This config with `head` decided ("shared" for tied embeddings, else "copy")."""
@@ -97,8 +106,8 @@ class PruneConfig:
 
     keep:        R̄, the average number of visual tokens per layer (the paper's budget), or
     keep_ratio:  R̄ / M; neither → DEFAULT_KEEP_RATIO (11.1%).
-    wipe_layer:  K_f (1-based): after base layer K_f no visual token remains (FinalWipe); None → round(0.75·L);
-                 L disables the wipe.
+    wipe_layer:  K_f (1-based): after base layer K_f no visual token remains (FinalWipe); None → the K_f the
+                 attached twig records (TwigConfig.wipe_layer), else round(0.75·L); L disables the wipe.
     layer:       K, the layer after which pruning happens; None → the twig's K (fastv: 2 without a twig).
     query:       "last" scores with the last prompt token's attention row (as the paper's code);
                  "text" with the mean over the text tokens after the image.

@@ -50,11 +50,16 @@ def kept_per_layer(avg: float, num_layers: int, num_visual: int, K: int, wipe: i
     return math.ceil((num_layers * avg - K * num_visual) / (wipe - K) - 1e-9)
 
 
-def plan_pruning(cfg: PruneConfig, num_layers: int, num_visual: int, K: int) -> PrunePlan:
-    """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range."""
+def plan_pruning(cfg: PruneConfig, num_layers: int, num_visual: int, K: int,
+                 model_wipe: int | None = None) -> PrunePlan:
+    """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range.
+
+    K_f: the config's wipe_layer, else `model_wipe` (the one calibrated for this base, recorded with its twig),
+    else round(0.75·L)."""
     if not 1 <= K < num_layers:
         raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
-    wipe = cfg.wipe_layer if cfg.wipe_layer is not None else max(K + 1, default_wipe_layer(num_layers))
+    wipe = next((w for w in (cfg.wipe_layer, model_wipe) if w is not None),
+                max(K + 1, default_wipe_layer(num_layers)))
     if not K < wipe <= num_layers:
         raise TwigVLMError(f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} "
                            f"(L disables FinalWipe)")
@@ -130,7 +135,7 @@ def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded, cfg: Pr
                            "drop the layer option or grow a twig at that layer")
     if M == 0:  # nothing to prune
         return engine.prefill(state, encoded, prime_twig), PruneStats(cfg.method, 0, 0, 0.0, [])
-    plan = plan_pruning(cfg, L, M, K)
+    plan = plan_pruning(cfg, L, M, K, engine.twig.config.wipe_layer if engine.twig is not None else None)
     t0 = time.perf_counter()
     hidden, scores = _score(engine, state, encoded, plan, cfg.query)
     score_s = time.perf_counter() - t0

@@ -160,7 +160,8 @@ def save_twig(twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None,
                for name, t in state.items()}
     dtype = str(dtype).removeprefix("torch.")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "K": twig.config.K, "T": twig.config.T,
-            "head": twig.config.head, "layer_init": twig.config.layer_init, "dtype": dtype,
+            "head": twig.config.head, "layer_init": twig.config.layer_init, "wipe_layer": twig.config.wipe_layer,
+            "dtype": dtype,
             "base": twig.base_fingerprint,
             "draft_vocab": int(tensors["draft_vocab"].numel()) if "draft_vocab" in tensors else None}
     created = not out.exists()
@@ -210,6 +211,9 @@ def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
     meta.setdefault("layer_init", "next")  # twigs saved before the option existed
     if meta["layer_init"] not in LAYER_INITS:
         raise _bad_config(cfg_file, f"layer_init must be one of {', '.join(LAYER_INITS)}, got {meta['layer_init']!r}")
+    meta.setdefault("wipe_layer", None)  # twigs saved before it was recorded: the 0.75·L default
+    if meta["wipe_layer"] is not None and type(meta["wipe_layer"]) is not int:
+        raise _bad_config(cfg_file, f"wipe_layer must be an integer or null, got {meta['wipe_layer']!r}")
     if meta.get("head") not in HEAD_MODES:
         raise _bad_config(cfg_file, f"head must be one of {', '.join(HEAD_MODES)}, got {meta.get('head')!r}")
     if not isinstance(meta.get("base"), dict):
@@ -221,7 +225,8 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     """Load a saved twig onto this base (its tensors take the base's dtype and device)."""
     meta = read_twig_config(twig_dir)
     check_fingerprint(meta["base"], adapter, str(twig_dir))
-    twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"]))  # weights follow
+    twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"],  # weights follow
+                                         wipe_layer=meta["wipe_layer"]))
     twig.config = replace(twig.config, layer_init=meta["layer_init"])
     _load_weights(twig, twig_dir)
     return twig

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
     b.add_argument("--keep-ratio", type=float, default=1 / 9, help="R̄/M for every pruning method (default 1/9)")
     b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
-    b.add_argument("--wipe-layer", type=int, default=None, help="K_f (default round(0.75·L))")
+    b.add_argument("--wipe-layer", type=int, default=None, help="K_f (default: the K_f the twig records, else "
+                                                                      "round(0.75·L))")
     b.add_argument("--draft-len", type=int, default=5)
     b.add_argument("--draft-threshold", type=float, default=0.6)
     b.add_argument("--max-new-tokens", type=int, default=None,
@@ -52,6 +53,7 @@ class BenchTwig(NamedTuple):
     path: str  # as given on the command line
     K: int
     T: int
+    wipe_layer: int | None  # the K_f it records
 
 
 def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
@@ -71,11 +73,13 @@ def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
     for path in paths:
         meta = read_twig_config(twig_directory(path))
         label = f"K={meta['K']} T={meta['T']} {meta['layer_init']}"
+        if meta["wipe_layer"] is not None:
+            label += f" K_f={meta['wipe_layer']}"
         if label in labels:
             label = f"{label} ({Path(path).name})"
         if label in labels:
             raise TwigVLMError(f"--twig names {path} twice")
-        labels[label] = BenchTwig(path, meta["K"], meta["T"])
+        labels[label] = BenchTwig(path, meta["K"], meta["T"], meta["wipe_layer"])
     return labels
 
 
@@ -87,11 +91,13 @@ def wipe_layers(num_layers: int, K: int) -> list[int]:
 def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None,
              num_layers: int | None = None) -> list[Variant]:
     """The variants to run; `twigs` (from `twig_dirs`; the first is the run's own) for the source and twig ablations;
-    `num_layers` (L of the loaded model) for the wipe ablation, which has no variants before the model loads."""
-    mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
-                      wipe_layer=args.wipe_layer, draft_len=args.draft_len, threshold=args.draft_threshold)
+    `num_layers` (L of the loaded model) for the wipe ablation, which has no variants before the model loads.
+    Every method prunes with one K_f: --wipe-layer, else the one the run's own twig records, else round(0.75·L)."""
     twigs = twigs or {}
     own = next(iter(twigs.values()), None)
+    wipe = args.wipe_layer if args.wipe_layer is not None else own.wipe_layer if own else None
+    mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
+                      wipe_layer=wipe, draft_len=args.draft_len, threshold=args.draft_threshold)
     if args.ablation == "wipe":
         K = own.K if own else 2
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]

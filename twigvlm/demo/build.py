@@ -5,7 +5,7 @@
 2. The twig (K=2, T=3, shared head, layers initialised from the last 3 base layers: on this base they draft
    and prune better than the paper's K+1..K+T, see the README's twig ablation) with the training recipe
    (`twigvlm train`) on a LLaVA-format set written from the training mixture, evaluated on val → assets/twig
-   (bf16).
+   (bf16). The twig records FinalWipe after layer 26 (`--wipe-layer`), where this base stops reading the image.
 
 Every stage resumes from its checkpoints under --work, so an interrupted build continues where it stopped; a
 finished stage is skipped. Prints how long each stage took. On a GPU pass `--device cuda`; options this
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--distill", default="none", choices=["none", "kl"])
     ap.add_argument("--layer-init", default="last", choices=list(LAYER_INITS),
                     help="where the twig's layers start (the README's twig ablation picked 'last' for the demo)")
+    ap.add_argument("--wipe-layer", type=int, default=26,
+                    help="the FinalWipe layer K_f the twig records (the README's wipe ablation: this base still reads "
+                         "the image in layers 24-26, so the paper's 0.75·L = 23 costs accuracy)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=train_vision.default_workers())
     ap.add_argument("--seed", type=int, default=0)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         data, val = build_twig_data(args.work, args.twig_examples, 120, args.seed, args.workers)
         out = args.work / "twig"
         cfg = TrainConfig(model="demo", data=str(data), eval_data=str(val), out=str(out), K=2, T=3, head="shared",
-                          layer_init=args.layer_init,
+                          layer_init=args.layer_init, wipe_layer=args.wipe_layer,
                           epochs=args.twig_epochs, batch_size=args.twig_batch, lr=args.twig_lr, distill=args.distill,
                           save_steps=200, logging_steps=20, save_dtype="bfloat16", device=args.device,
                           num_workers=args.workers, draft_vocab=args.draft_vocab,

@@ -52,6 +52,10 @@ class TrainConfig(DataConfig):
                                   "tied)", choices=HEAD_MODES)
     layer_init: str = _opt("next", "where a new twig's layers start: base layers K+1..K+T (next), the last T base "
                                    "layers (last) or random weights (random)", choices=LAYER_INITS)
+    wipe_layer: int | None = _opt(None, "record this FinalWipe layer K_f in the twig: pruning with it then wipes "
+                                        "the visual tokens after layer K_f unless told otherwise (default: "
+                                        "round(0.75·L), or what an --init twig records); choose it with "
+                                        "`twigvlm bench --ablation wipe`")
     init: str | None = _opt(None, "start from this twig directory instead of growing a new twig")
     epochs: float = _opt(1.0, "passes over the data (ignored when --max-steps is given)")
     max_steps: int = _opt(-1, "stop after this many optimizer steps (default: run --epochs)")
@@ -103,6 +107,8 @@ class TrainConfig(DataConfig):
             raise TwigVLMError(f"--num-workers {self.num_workers} must be >= 0")
         if self.draft_vocab is not None and self.draft_vocab < 1:
             raise TwigVLMError(f"--draft-vocab {self.draft_vocab} must be >= 1")
+        if self.wipe_layer is not None and self.init is None and self.wipe_layer <= self.K:
+            raise TwigVLMError(f"--wipe-layer {self.wipe_layer} must come after the twig's layer --K {self.K}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise TwigVLMError(f"--save-total-limit {self.save_total_limit} must be >= 1")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,10 @@ def train_twig(cfg: TrainConfig, adapter: VLMAdapter | None = None,
         twig = load_twig(adapter, cfg.init)
     else:
         twig = grow_twig(adapter, TwigConfig(K=cfg.K, T=cfg.T, head=cfg.head, layer_init=cfg.layer_init))
+    if cfg.wipe_layer is not None:
+        config = replace(twig.config, wipe_layer=cfg.wipe_layer)
+        config.validate(adapter.spec.num_layers)
+        twig.config = config
     twig.to(torch.float32)  # master weights; autocast runs the matmuls in bf16 when asked
     train_set = LlavaDataset(cfg.data, adapter, cfg)
     eval_set = LlavaDataset(cfg.eval_data, adapter, cfg) if cfg.eval_data else None
