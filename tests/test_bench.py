@@ -101,10 +101,11 @@ def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
     args = Namespace(keep=None, keep_ratio=1 / 9, wipe_layer=None, draft_len=5, draft_threshold=0.6,
                      ablation=ablation, methods=methods, twig="own")
     own, other = BenchTwig("own", 2, 3, 26), BenchTwig("other", 2, 1, None)
-    assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other})} == {26}
-    assert {v.config.wipe_layer for v in variants(args, {"other": other, "own": own})} == {None}  # 0.75·L
+    assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {26}
+    # The run's own twig records none: round(0.75·L) for every variant, not each twig's own.
+    assert {v.config.wipe_layer for v in variants(args, {"other": other, "own": own}, 30)} == {23}
     args.wipe_layer = 24
-    assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other})} == {24}
+    assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {24}
 
 
 def test_source_ablation_moves_the_attention_not_the_budget(model_dirs, bench_twig, tmp_path):

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoConfig
 
 from twigvlm.cli import main
+from twigvlm.prune import default_wipe_layer
 from twigvlm.tiny import TinySpec, save_tiny_llava
 
 from .conftest import random_image
@@ -68,6 +70,8 @@ def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(capsys, mode
     assert stats["visual_tokens"] == 16 and stats["prune_method"] == method
     assert len(stats["kept_indices"]) == stats["kept"] and 0 < stats["kept"] < 16
     assert stats["avg_kept"] == pytest.approx(8, abs=1.0)
+    L = AutoConfig.from_pretrained(model_dirs["llama-clip"]).text_config.num_hidden_layers
+    assert stats["wipe_layer"] == (None if method == "visionzip" else default_wipe_layer(L))
     picture = Image.open(png)
     side = picture.size[0]
     assert picture.size == (side, side) and side >= 336  # a 32-px model view, enlarged; 4×4 patches
@@ -94,9 +98,10 @@ def test_generate_speculative_json(capsys, model_dirs, image, twig_dir):
 
 def test_grow_writes_a_twig(capsys, model_dirs, tmp_path):
     code, out, _ = _run(capsys, ["grow", "--model", model_dirs["qwen2-siglip"], "--K", "1", "--T", "2", "--out",
-                                 str(tmp_path / "t")])
+                                 str(tmp_path / "t"), "--wipe-layer", "3"])
     assert code == 0 and "head=shared" in out
-    assert json.loads((tmp_path / "t" / "twig.json").read_text())["K"] == 1
+    meta = json.loads((tmp_path / "t" / "twig.json").read_text())
+    assert (meta["K"], meta["wipe_layer"]) == (1, 3)
 
 
 def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
@@ -114,6 +119,10 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "empty prompt": (["generate", "--model", m, "--image", image, "--prompt", " "], "prompt is empty"),
         "K < 1": (["grow", "--model", m, "--K", "0", "--out", str(tmp / "g1")], "K must be >= 1"),
         "K+T > L": (["grow", "--model", m, "--K", "4", "--T", "3", "--out", str(tmp / "g2")], "exceeds"),
+        "wipe before K": (["grow", "--model", m, "--wipe-layer", "2", "--out", str(tmp / "g4")],
+                          "wipe_layer=2 is invalid: give a layer from K+1=3"),
+        "wipe past L": (["grow", "--model", m, "--wipe-layer", "99", "--out", str(tmp / "g5")],
+                        "wipe_layer=99 is invalid"),
         "not a VLM": (["generate", "--model", str(tmp / "bert"), "--prompt", "hi"], "not a supported VLM"),
         "no model dir": (["grow", "--model", str(tmp / "nowhere"), "--out", str(tmp / "g3")], "does not exist"),
         "twig for another base": (["generate", "--model", str(other), "--twig", twig_dir, "--prompt", "hi"],

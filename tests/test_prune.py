@@ -44,6 +44,9 @@ def test_budget_on_the_papers_numbers():
     calibrated = plan_pruning(PruneConfig("twig", keep=64), 32, 576, 2, model_wipe=28)
     assert (calibrated.wipe, calibrated.kept) == (28, kept_per_layer(64, 32, 576, 2, 28)) == (28, 35)
     assert plan_pruning(PruneConfig("twig", keep=64, wipe_layer=24), 32, 576, 2, model_wipe=28).wipe == 24
+    # FastV pruning after a later layer than the recorded K_f: wipe right after it, as with the default.
+    assert plan_pruning(PruneConfig("fastv", keep=130), 30, 144, 27, model_wipe=26).wipe == 28
+    assert plan_pruning(PruneConfig("fastv", keep=130), 30, 144, 27).wipe == 28
 
 
 @pytest.mark.parametrize("cfg,message", [

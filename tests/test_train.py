@@ -202,7 +202,7 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--lr", "0"], "--lr 0.0 must be"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--K", "9"], "K"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--wipe-layer", "99"],
-         "wipe_layer=99 is invalid"),
+         "--wipe-layer 99 is invalid for this model: give a layer from K+1=3 to L="),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--init", str(tmp_path)],
          "is not a twig directory"),
     ]

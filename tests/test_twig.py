@@ -165,7 +165,7 @@ def test_fingerprint_survives_a_dtype_change(tmp_path, model_dirs):
 @pytest.mark.parametrize("kwargs,message", [
     ({"K": 0}, "K must be >= 1"), ({"T": 0}, "T >= 1"), ({"K": 4, "T": 3}, "exceeds"), ({"head": "x"}, "head"),
     ({"layer_init": "middle"}, "layer_init='middle' is invalid"),
-    ({"K": 2, "wipe_layer": 2}, "wipe_layer=2 is invalid: FinalWipe comes after the twig's layer K=2"),
+    ({"K": 2, "wipe_layer": 2}, "wipe_layer=2 is invalid: give a layer from K\\+1=3 to L="),
     ({"wipe_layer": 99}, "wipe_layer=99 is invalid"), ({"wipe_layer": 4.0}, "wipe_layer=4.0 is invalid"),
 ])
 def test_bad_twig_configs(fresh_vlm, kwargs, message):
@@ -194,7 +194,7 @@ def test_fingerprint_accepts_float16_and_refuses_broken_configs(tmp_path, model_
         "bad head": ({**good, "head": "tree"}, "head must be one of"),
         "other format": ({**good, "format": "lora"}, "format 'lora'"),
         "wipe as text": ({**good, "wipe_layer": "5"}, "wipe_layer must be an integer or null"),
-        "wipe past L": ({**good, "wipe_layer": 99}, "wipe_layer=99 is invalid"),
+        "wipe past L": ({**good, "wipe_layer": 99}, r"twig.json is not a valid twig config: wipe_layer=99 is invalid"),
     }
     for meta, message in broken.values():
         cfg_file.write_text(json.dumps(meta))

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer-init", choices=LAYER_INITS, default="next",
                    help="twig layers from base layers K+1..K+T (next, default), the last T base layers (last), or "
                         "random weights (random)")
+    g.add_argument("--wipe-layer", type=int, default=None,
+                   help="record FinalWipe after this layer K_f in the twig (default: none recorded, so round(0.75·L))")
     g.add_argument("--out", required=True, help="output twig directory")
 
     gen = sub.add_parser("generate", help="answer a prompt about image(s)")
@@ -119,13 +121,14 @@ def _gen_config(args: argparse.Namespace) -> GenConfig:
 def cmd_grow(args: argparse.Namespace) -> None:
     from .api import VLM
 
-    TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init).validate()  # before the slow model load
+    config = TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init, wipe_layer=args.wipe_layer)
+    config.validate()  # before the slow model load
     out = Path(args.out)
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise TwigVLMError(f"--out {out}: {blocker} exists and is not a directory; choose another path")
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
-    twig = vlm.grow_twig(TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init))
+    twig = vlm.grow_twig(config)
     vlm.save_twig(out)
     n = sum(p.numel() for p in twig.parameters())
     print(f"grew a twig K={twig.config.K} T={twig.config.T} head={twig.config.head} "

@@ -39,6 +39,7 @@ class GenerationStats:
     kept: int | None = None  # R', visual tokens the deep layers keep (None: no pruning)
     avg_kept: float | None = None  # realised R̄, visual tokens per layer averaged over all layers
     kept_indices: list[int] | None = None  # kept positions within the image tokens, 0-based
+    wipe_layer: int | None = None  # K_f: no visual token after this layer (None: no FinalWipe)
     drafted: int | None = None  # speculative decoding (None without it)
     accepted: int | None = None
     verifications: int | None = None
@@ -226,6 +227,7 @@ class Generation:
         if pruned is not None:
             stats.prune_method, stats.visual_tokens, stats.kept = pruned.method, pruned.visual_tokens, pruned.kept
             stats.avg_kept, stats.kept_indices = pruned.avg_kept, pruned.kept_indices
+            stats.wipe_layer = pruned.wipe or None
         elif reduced is not None:  # VisionZip: fewer visual tokens in every layer
             stats.prune_method, stats.visual_tokens = reduced.method, reduced.visual_tokens
             stats.kept = stats.avg_kept = encoded.num_visual_tokens

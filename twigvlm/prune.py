@@ -55,11 +55,13 @@ def plan_pruning(cfg: PruneConfig, num_layers: int, num_visual: int, K: int,
     """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range.
 
     K_f: the config's wipe_layer, else `model_wipe` (the one calibrated for this base, recorded with its twig),
-    else round(0.75·L)."""
+    else round(0.75·L); the last two are raised to K+1 when pruning starts later than they wipe."""
     if not 1 <= K < num_layers:
         raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
-    wipe = next((w for w in (cfg.wipe_layer, model_wipe) if w is not None),
-                max(K + 1, default_wipe_layer(num_layers)))
+    if cfg.wipe_layer is not None:
+        wipe = cfg.wipe_layer
+    else:
+        wipe = max(K + 1, model_wipe if model_wipe is not None else default_wipe_layer(num_layers))
     if not K < wipe <= num_layers:
         raise TwigVLMError(f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} "
                            f"(L disables FinalWipe)")
@@ -83,6 +85,7 @@ class PruneStats:
     avg_kept: float  # realised R̄
     kept_indices: list[int]  # 0-based positions within the image tokens
     score_s: float = 0.0
+    wipe: int = 0  # K_f: no visual token after this layer (0: nothing pruned)
 
 
 def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:
@@ -157,5 +160,5 @@ def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded, cfg: Pr
         text[-1] = True
         hidden = engine.forward(state, hidden[:, text], pos[..., text], plan.wipe, L)
     state.next_position = encoded.next_position
-    stats = PruneStats(plan.method, M, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s)
+    stats = PruneStats(plan.method, M, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s, plan.wipe)
     return engine.logits(hidden[:, -1:])[:, 0], stats

@@ -225,8 +225,11 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     """Load a saved twig onto this base (its tensors take the base's dtype and device)."""
     meta = read_twig_config(twig_dir)
     check_fingerprint(meta["base"], adapter, str(twig_dir))
-    twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"],  # weights follow
-                                         wipe_layer=meta["wipe_layer"]))
+    try:
+        twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"],  # weights follow
+                                             wipe_layer=meta["wipe_layer"]))
+    except TwigVLMError as e:
+        raise _bad_config(Path(twig_dir) / CONFIG_NAME, str(e)) from None
     twig.config = replace(twig.config, layer_init=meta["layer_init"])
     _load_weights(twig, twig_dir)
     return twig

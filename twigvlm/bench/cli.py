@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import TwigVLMError
+from ..prune import default_wipe_layer
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig
 
@@ -92,10 +93,14 @@ def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None
              num_layers: int | None = None) -> list[Variant]:
     """The variants to run; `twigs` (from `twig_dirs`; the first is the run's own) for the source and twig ablations;
     `num_layers` (L of the loaded model) for the wipe ablation, which has no variants before the model loads.
-    Every method prunes with one K_f: --wipe-layer, else the one the run's own twig records, else round(0.75·L)."""
+    Every method with a FinalWipe (FastV, TTP) wipes after one K_f: --wipe-layer, else the one the run's own twig
+    records, else round(0.75·L) — resolved once `num_layers` is known, so that twigs recording other K_f (or none)
+    do not bring their own."""
     twigs = twigs or {}
     own = next(iter(twigs.values()), None)
     wipe = args.wipe_layer if args.wipe_layer is not None else own.wipe_layer if own else None
+    if wipe is None and num_layers is not None:
+        wipe = max((own.K if own else 2) + 1, default_wipe_layer(num_layers))
     mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
                       wipe_layer=wipe, draft_len=args.draft_len, threshold=args.draft_threshold)
     if args.ablation == "wipe":
@@ -172,8 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         tasks[samples[0].task] = samples
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
     loaded = {label: vlm.load_twig(twig.path) for label, twig in twigs.items()}
-    if args.ablation == "wipe":
-        chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
+    chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.engine.twig = next(iter(loaded.values()), None)
     if args.ablation == "source":
         twig = vlm.twig

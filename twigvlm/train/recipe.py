@@ -207,9 +207,11 @@ def train_twig(cfg: TrainConfig, adapter: VLMAdapter | None = None,
     else:
         twig = grow_twig(adapter, TwigConfig(K=cfg.K, T=cfg.T, head=cfg.head, layer_init=cfg.layer_init))
     if cfg.wipe_layer is not None:
-        config = replace(twig.config, wipe_layer=cfg.wipe_layer)
-        config.validate(adapter.spec.num_layers)
-        twig.config = config
+        L = adapter.spec.num_layers
+        if not twig.config.K < cfg.wipe_layer <= L:
+            raise TwigVLMError(f"--wipe-layer {cfg.wipe_layer} is invalid for this model: give a layer from "
+                               f"K+1={twig.config.K + 1} to L={L}")
+        twig.config = replace(twig.config, wipe_layer=cfg.wipe_layer)
     twig.to(torch.float32)  # master weights; autocast runs the matmuls in bf16 when asked
     train_set = LlavaDataset(cfg.data, adapter, cfg)
     eval_set = LlavaDataset(cfg.eval_data, adapter, cfg) if cfg.eval_data else None
