@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import twigvlm
 from twigvlm.bench.cli import BenchTwig, variants, wipe_layers
 from twigvlm.bench.memory import cpu_memory_supported, measure
+from twigvlm.bench.methods import MethodConfig, prune_config
 from twigvlm.bench.tasks import exact_match, from_files, normalize
 from twigvlm.cli import main
 from twigvlm.errors import TwigVLMError
@@ -86,20 +88,25 @@ def test_peak_memory_follows_what_a_run_allocates():
         assert mib - 2 <= peak.extra_mib <= mib + 24 and peak.peak_mib >= peak.extra_mib
 
 
-def test_ablations_expand_into_variants(model_dirs, bench_twig, tmp_path, capsys):
-    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--limit", "1", "--max-new-tokens",
-            "3", "--tasks", "scenes", "--out", str(tmp_path / "d"), "--ablation", "draft"]
+def _ablation(model: str, twig: str, out: Path, ablation: str, *extra: str) -> dict:
+    """One bench ablation on one scene sample, 3 new tokens; its results.json."""
+    argv = ["bench", "--model", model, "--twig", twig, "--limit", "1", "--max-new-tokens", "3", "--tasks", "scenes",
+            "--out", str(out), "--ablation", ablation, *extra]
     assert main(argv) == 0
-    summary = json.loads((tmp_path / "d" / "results.json").read_text())["summary"]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_ablations_expand_into_variants(model_dirs, bench_twig, tmp_path, capsys):
+    summary = _ablation(model_dirs["llama-clip"], bench_twig, tmp_path / "d", "draft")["summary"]
     assert {"hf", "ar", "ssd γ=1 τ=0.0", "ssd γ=8 τ=0.6"} <= set(summary)
     assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))
 
 
 @pytest.mark.parametrize("ablation,methods", [("twig", None), ("none", "hf,fastv,visionzip,twig,twig+ssd"),
-                                               ("source", None), ("budget", None)])
+                                               ("source", None), ("budget", None), ("query", None)])
 def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
     args = Namespace(keep=None, keep_ratio=1 / 9, wipe_layer=None, draft_len=5, draft_threshold=0.6,
-                     ablation=ablation, methods=methods, twig="own")
+                     ablation=ablation, methods=methods, twig="own", query="last")
     own, other = BenchTwig("own", 2, 3, 26), BenchTwig("other", 2, 1, None)
     assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {26}
     # The run's own twig records none: round(0.75·L) for every variant, not each twig's own.
@@ -108,13 +115,19 @@ def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
     assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {24}
 
 
+def test_query_ablation_scores_with_each_query(model_dirs, bench_twig, tmp_path):
+    results = _ablation(model_dirs["llama-clip"], bench_twig, tmp_path / "q", "query", "--keep-ratio", "0.5")
+    names = ["fastv (last)", "fastv (text)", "twig (last)", "twig (text)"]
+    assert set(results["summary"]) == {"hf", *names}, results["unsupported"]
+    assert [v["query"] for v in results["config"]["variants"][1:]] == ["last", "text", "last", "text"]
+    assert prune_config("twig+ssd", MethodConfig(query="text")).query == "text"
+    assert prune_config("fastv", MethodConfig()).query == "last"  # the paper's
+
+
 def test_source_ablation_moves_the_attention_not_the_budget(model_dirs, bench_twig, tmp_path):
     out = tmp_path / "s"
-    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--limit", "1", "--max-new-tokens",
-            "3", "--tasks", "scenes", "--out", str(out), "--ablation", "source", "--keep-ratio", "0.9",
-            "--wipe-layer", str(twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers)]
-    assert main(argv) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = _ablation(model_dirs["llama-clip"], bench_twig, out, "source", "--keep-ratio", "0.9", "--wipe-layer",
+                        str(twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers))
     summary, variants = results["summary"], {v["name"]: v for v in results["config"]["variants"]}
     names = ["attn: base layer K=2", "attn: base layer K+T=5", "attn: twig layer 3"]
     assert set(names) <= set(summary), results["unsupported"]
@@ -170,10 +183,7 @@ def test_twig_ablation_runs_each_twig_and_checks_each_against_itself(model_dirs,
 
 def test_wipe_ablation_keeps_everything_up_to_the_wipe_layer(model_dirs, bench_twig, tmp_path):
     out = tmp_path / "w"
-    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--limit", "1", "--max-new-tokens",
-            "3", "--tasks", "scenes", "--out", str(out), "--ablation", "wipe", "--keep-ratio", "0.5"]
-    assert main(argv) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = _ablation(model_dirs["llama-clip"], bench_twig, out, "wipe", "--keep-ratio", "0.5")
     assert not results["unsupported"]
     L = twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers
     layers = wipe_layers(L, 2)

@@ -8,13 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
+from ..config import QUERY_MODES
 from ..errors import TwigVLMError
 from ..prune import default_wipe_layer
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig
 
 UNTRAINED = "__untrained__"  # the source ablation's copy of base layers K+1..K+T
-ABLATIONS = ("none", "budget", "draft", "source", "twig", "wipe")
+ABLATIONS = ("none", "budget", "draft", "query", "source", "twig", "wipe")
 DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
 
@@ -29,7 +30,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: "
                                                    f"{DEFAULT_METHODS}; without --twig, those that need none)")
     b.add_argument("--ablation", default="none", choices=ABLATIONS,
-                   help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ; source: the "
+                   help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ; query: "
+                        "FastV and the twig scoring with the last prompt token's attention or the question's; "
+                        "source: the "
                         "pruning attention from base layer K, base layer K+T or the twig, at one budget; twig: "
                         "twig and twig+ssd with each of several twigs (--twig A,B,...: T and initialisation); "
                         "wipe: FinalWipe after layer K_f = 0.6L, 0.75L, 0.85L, with every visual token kept before "
@@ -39,6 +42,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
     b.add_argument("--wipe-layer", type=int, default=None, help="K_f (default: the K_f the twig records, else "
                                                                       "round(0.75·L))")
+    b.add_argument("--query", choices=QUERY_MODES, default="last",
+                   help="FastV's and the twig's scoring attention: the last prompt token's row (last, the paper's) or "
+                        "the mean over every token after the image, the question's (text)")
     b.add_argument("--draft-len", type=int, default=5)
     b.add_argument("--draft-threshold", type=float, default=0.6)
     b.add_argument("--max-new-tokens", type=int, default=None,
@@ -102,7 +108,7 @@ def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None
     if wipe is None and num_layers is not None:
         wipe = max((own.K if own else 2) + 1, default_wipe_layer(num_layers))
     mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
-                      wipe_layer=wipe, draft_len=args.draft_len, threshold=args.draft_threshold)
+                      wipe_layer=wipe, draft_len=args.draft_len, threshold=args.draft_threshold, query=args.query)
     if args.ablation == "wipe":
         K = own.K if own else 2
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
@@ -133,6 +139,10 @@ def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None
             out += [Variant(f"{m}@{k}M/9", m, replace(mc, keep=None, keep_ratio=k / 9))
                     for m in ("fastv", "visionzip", "twig")]
         return out
+    if args.ablation == "query":
+        return [Variant(BASELINE, BASELINE, mc)] + [
+            Variant(f"{m} ({q})", m, replace(mc, query=q)) for m in ("fastv", "twig") if twigs or m == "fastv"
+            for q in QUERY_MODES]
     if args.ablation == "draft":
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
         return out + [Variant(f"ssd γ={g} τ={t}", "ssd", replace(mc, draft_len=g, threshold=t))

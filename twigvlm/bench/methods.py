@@ -48,6 +48,7 @@ class MethodConfig:
     keep: float | None = None
     wipe_layer: int | None = None
     layer: int | None = None  # FastV's pruning layer (None: the twig's K); the attention-source ablation moves it
+    query: str = "last"  # whose attention scores: the last prompt token's, or the mean of those after the image
     draft_len: int = 5
     threshold: float = 0.6
 
@@ -60,7 +61,7 @@ def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
         return None
     budget = {"keep": mc.keep} if mc.keep is not None else {"keep_ratio": mc.keep_ratio}
     layer = mc.layer if name == "fastv" else None
-    return PruneConfig(name, wipe_layer=mc.wipe_layer, layer=layer, **budget)
+    return PruneConfig(name, wipe_layer=mc.wipe_layer, layer=layer, query=mc.query, **budget)
 
 
 def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
