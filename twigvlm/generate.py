@@ -227,7 +227,7 @@ class Generation:
         if pruned is not None:
             stats.prune_method, stats.visual_tokens, stats.kept = pruned.method, pruned.visual_tokens, pruned.kept
             stats.avg_kept, stats.kept_indices = pruned.avg_kept, pruned.kept_indices
-            stats.wipe_layer = pruned.wipe or None
+            stats.wipe_layer = pruned.wipe
         elif reduced is not None:  # VisionZip: fewer visual tokens in every layer
             stats.prune_method, stats.visual_tokens = reduced.method, reduced.visual_tokens
             stats.kept = stats.avg_kept = encoded.num_visual_tokens

@@ -50,18 +50,21 @@ def kept_per_layer(avg: float, num_layers: int, num_visual: int, K: int, wipe: i
     return math.ceil((num_layers * avg - K * num_visual) / (wipe - K) - 1e-9)
 
 
+def resolve_wipe_layer(explicit: int | None, recorded: int | None, num_layers: int, K: int) -> int:
+    """K_f: the one asked for, else the one recorded with the twig (calibrated for this base), else round(0.75·L);
+    the last two are raised to K+1 when pruning starts later than they wipe."""
+    if explicit is not None:
+        return explicit
+    return max(K + 1, recorded if recorded is not None else default_wipe_layer(num_layers))
+
+
 def plan_pruning(cfg: PruneConfig, num_layers: int, num_visual: int, K: int,
                  model_wipe: int | None = None) -> PrunePlan:
     """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range.
-
-    K_f: the config's wipe_layer, else `model_wipe` (the one calibrated for this base, recorded with its twig),
-    else round(0.75·L); the last two are raised to K+1 when pruning starts later than they wipe."""
+    `model_wipe`: the K_f the attached twig records (`resolve_wipe_layer`)."""
     if not 1 <= K < num_layers:
         raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
-    if cfg.wipe_layer is not None:
-        wipe = cfg.wipe_layer
-    else:
-        wipe = max(K + 1, model_wipe if model_wipe is not None else default_wipe_layer(num_layers))
+    wipe = resolve_wipe_layer(cfg.wipe_layer, model_wipe, num_layers, K)
     if not K < wipe <= num_layers:
         raise TwigVLMError(f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} "
                            f"(L disables FinalWipe)")
@@ -85,7 +88,7 @@ class PruneStats:
     avg_kept: float  # realised R̄
     kept_indices: list[int]  # 0-based positions within the image tokens
     score_s: float = 0.0
-    wipe: int = 0  # K_f: no visual token after this layer (0: nothing pruned)
+    wipe: int | None = None  # K_f: no visual token after this layer (None: nothing pruned)
 
 
 def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:

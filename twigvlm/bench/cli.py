@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from ..config import QUERY_MODES
 from ..errors import TwigVLMError
-from ..prune import default_wipe_layer
+from ..prune import resolve_wipe_layer
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig
 
@@ -104,13 +104,13 @@ def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None
     do not bring their own."""
     twigs = twigs or {}
     own = next(iter(twigs.values()), None)
-    wipe = args.wipe_layer if args.wipe_layer is not None else own.wipe_layer if own else None
-    if wipe is None and num_layers is not None:
-        wipe = max((own.K if own else 2) + 1, default_wipe_layer(num_layers))
+    K = own.K if own else 2  # FastV's default pruning layer without a twig
+    wipe = args.wipe_layer
+    if num_layers is not None:
+        wipe = resolve_wipe_layer(args.wipe_layer, own.wipe_layer if own else None, num_layers, K)
     mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
                       wipe_layer=wipe, draft_len=args.draft_len, threshold=args.draft_threshold, query=args.query)
     if args.ablation == "wipe":
-        K = own.K if own else 2
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
         for k in wipe_layers(num_layers, K) if num_layers else []:
             # Budget k/L·M keeps R' = M: every visual token up to layer k, none after it.
@@ -122,7 +122,7 @@ def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None
     if args.ablation == "source":
         # Every source prunes after layer K at one budget. Base layer K+T's attention is what an untrained twig
         # sees: its layers are copies of base layers K+1..K+T, run on the whole prompt only to score.
-        K, T = own.K, own.T
+        T = own.T
         return [Variant(BASELINE, BASELINE, mc),
                 Variant(f"attn: base layer K={K}", "fastv", replace(mc, layer=K)),
                 Variant(f"attn: base layer K+T={K + T}", "twig", mc, twig=UNTRAINED),
