@@ -32,12 +32,21 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--deep-scale", type=float, default=0.05)
     args = ap.parse_args()
-    spec = TinySpec(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, vocab_size=49152, image_size=192,
-                    patch_size=16, init_std=0.02, tie_embeddings=True)
+    spec = TinySpec(
+        num_layers=30,
+        hidden_size=576,
+        num_heads=9,
+        num_kv_heads=3,
+        vocab_size=49152,
+        image_size=192,
+        patch_size=16,
+        init_std=0.02,
+        tie_embeddings=True,
+    )
     model, processor = build_tiny_llava(spec)
     K, T = 2, 3
     with torch.no_grad():
-        for layer in model.model.language_model.layers[K + T:]:
+        for layer in model.model.language_model.layers[K + T :]:
             layer.self_attn.o_proj.weight.mul_(args.deep_scale)
             layer.mlp.down_proj.weight.mul_(args.deep_scale)
     model = model.to(getattr(torch, args.dtype))
@@ -77,16 +86,23 @@ def main() -> None:
     ar_ids = last["ar"].token_ids
     c = draft_cost(vlm, K)
     hf = statistics.median(rates["hf"])
-    print(f"decode, 30-layer random LLaVA (deep layers damped ×{args.deep_scale}), {args.dtype}, 144 visual tokens, "
-          f"{args.tokens} new tokens, γ={args.gamma}, {torch.get_num_threads()} threads, {args.repeats} repeats")
-    print("| method | tokens/s (median) | × HF generate | acceptance | tokens/verification | draft s | verify s |"
-          " same ids as AR |")
+    print(
+        f"decode, 30-layer random LLaVA (deep layers damped ×{args.deep_scale}), {args.dtype}, 144 visual tokens, "
+        f"{args.tokens} new tokens, γ={args.gamma}, {torch.get_num_threads()} threads, {args.repeats} repeats"
+    )
+    print(
+        "| method | tokens/s (median) | × HF generate | acceptance | tokens/verification | draft s | verify s |"
+        " same ids as AR |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in runs:
         med = statistics.median(rates[name])
         s = last[name].stats if last[name] is not None else None
-        spec_cols = (f"{s.acceptance_rate:.2f} | {s.mean_accepted_per_step:.2f} | {s.draft_s:.2f} | {s.verify_s:.2f}"
-                     if s is not None and s.drafted is not None else "– | – | – | –")
+        spec_cols = (
+            f"{s.acceptance_rate:.2f} | {s.mean_accepted_per_step:.2f} | {s.draft_s:.2f} | {s.verify_s:.2f}"
+            if s is not None and s.drafted is not None
+            else "– | – | – | –"
+        )
         same = "–" if last[name] is None else ("yes" if last[name].token_ids == ar_ids else "no (pruned target)")
         print(f"| {name} | {med:.1f} | {med / hf:.2f} | {spec_cols} | {same} |")
     g = args.gamma

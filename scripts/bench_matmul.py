@@ -27,8 +27,15 @@ import torch
 def layer_weights(n_layers: int, hidden: int, mlp: int, kv: int) -> list[torch.Tensor]:
     """Every linear weight [out, in] of n_layers Llama layers (q, k, v, o, gate, up, down)."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (mlp, hidden), (mlp, hidden),
-              (hidden, mlp)]
+    shapes = [
+        (hidden, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, hidden),
+        (mlp, hidden),
+        (mlp, hidden),
+        (hidden, mlp),
+    ]
     return [torch.randn(*s, generator=g) for _ in range(n_layers) for s in shapes]
 
 
@@ -54,8 +61,10 @@ def main() -> None:
     args = ap.parse_args()
     weights = layer_weights(args.layers, args.hidden, args.mlp, args.kv)
     mib = sum(w.numel() * w.element_size() for w in weights) / 2**20
-    print(f"{len(weights)} weights, {mib:.0f} MiB fp32, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"{len(weights)} weights, {mib:.0f} MiB fp32, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     inputs = {w.shape[1]: None for w in weights}
     base = None
     print("| rows | x · Wᵀ (nn.Linear) ms | × one row | W · xᵀ ms | × one row |")
@@ -64,8 +73,9 @@ def main() -> None:
         for width in inputs:
             inputs[width] = torch.randn(rows, width)  # [rows, in]
         with torch.inference_mode():
-            linear = median_ms(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights],
-                               args.repeats)
+            linear = median_ms(
+                lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights], args.repeats
+            )
             transposed = median_ms(lambda: [torch.mm(w, inputs[w.shape[1]].t()) for w in weights], args.repeats)
         base = base or linear
         print(f"| {rows} | {linear:.1f} | {linear / base:.2f} | {transposed:.1f} | {transposed / base:.2f} |")

@@ -31,8 +31,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--image-size", type=int, default=192, help="192 → 144 visual tokens; 384 → 576 (LLaVA-1.5)")
     args = ap.parse_args()
-    spec = TinySpec(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, vocab_size=49152,
-                    image_size=args.image_size, patch_size=16, init_std=0.02, tie_embeddings=True)
+    spec = TinySpec(
+        num_layers=30,
+        hidden_size=576,
+        num_heads=9,
+        num_kv_heads=3,
+        vocab_size=49152,
+        image_size=args.image_size,
+        patch_size=16,
+        init_std=0.02,
+        tie_embeddings=True,
+    )
     num_visual = (args.image_size // 16) ** 2
     model, processor = build_tiny_llava(spec)
     vlm = twigvlm.VLM.from_model(model.to(getattr(torch, args.dtype)), processor)
@@ -56,15 +65,19 @@ def main() -> None:
             dt, kept[m] = prefill(m)
             times[m].append(dt)
     base = statistics.median(times["none"])
-    print(f"prefill, {spec.num_layers}-layer decoder (hidden {spec.hidden_size}), {args.dtype}, "
-          f"{num_visual} visual tokens, keep-ratio {args.keep_ratio:.3f}, {torch.get_num_threads()} threads, "
-          f"{args.repeats} interleaved repeats")
+    print(
+        f"prefill, {spec.num_layers}-layer decoder (hidden {spec.hidden_size}), {args.dtype}, "
+        f"{num_visual} visual tokens, keep-ratio {args.keep_ratio:.3f}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} interleaved repeats"
+    )
     print("| method | kept R' | median prefill (ms) | min–max (ms) | × unpruned |")
     print("|---|---|---|---|---|")
     for m in METHODS:
         med = statistics.median(times[m])
-        print(f"| {m} | {kept[m] if kept[m] is not None else num_visual} | {med * 1000:.1f} | "
-              f"{min(times[m]) * 1000:.1f}–{max(times[m]) * 1000:.1f} | {med / base:.2f} |")
+        print(
+            f"| {m} | {kept[m] if kept[m] is not None else num_visual} | {med * 1000:.1f} | "
+            f"{min(times[m]) * 1000:.1f}–{max(times[m]) * 1000:.1f} | {med / base:.2f} |"
+        )
 
 
 if __name__ == "__main__":

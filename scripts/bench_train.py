@@ -26,8 +26,18 @@ from twigvlm.tiny import TinySpec, build_tiny_llava, demo_image
 from twigvlm.train import TrainConfig, train_twig
 from twigvlm.twig import grow_twig
 
-SMOL = TinySpec(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
-                vocab_size=49152, image_size=192, patch_size=16, init_std=0.02, tie_embeddings=True)
+SMOL = TinySpec(
+    num_layers=30,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_heads=9,
+    num_kv_heads=3,
+    vocab_size=49152,
+    image_size=192,
+    patch_size=16,
+    init_std=0.02,
+    tie_embeddings=True,
+)
 WORDS = "the a red blue green circle square star left right above below large small shape near far".split()
 
 
@@ -54,8 +64,16 @@ def _data(folder: Path, n: int, size: int, answer_words: int) -> str:
     for i in range(n):
         demo_image(folder / f"{i}.png", size=size, seed=i)
         answer = " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(answer_words))
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image in detail."}, {"from": "gpt", "value": answer}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image in detail."},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     (folder / "data.json").write_text(json.dumps(records))
     return str(folder / "data.json")
 
@@ -77,17 +95,30 @@ def main() -> None:
     clock = _Clock(args.warmup)
     with tempfile.TemporaryDirectory(prefix="twigvlm-bench-train-") as tmp:
         data = _data(Path(tmp), args.batch_size * (args.steps + 1), max(spec.image_size, 96), args.answer_words)
-        cfg = TrainConfig(model="(in memory)", data=data, out=str(Path(tmp) / "twig"), K=args.K, T=args.T,
-                          max_steps=args.steps, batch_size=args.batch_size, save_steps=10**6, logging_steps=10**6,
-                          distill=args.distill, precision=args.precision, device="cpu")
+        cfg = TrainConfig(
+            model="(in memory)",
+            data=data,
+            out=str(Path(tmp) / "twig"),
+            K=args.K,
+            T=args.T,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            save_steps=10**6,
+            logging_steps=10**6,
+            distill=args.distill,
+            precision=args.precision,
+            device="cpu",
+        )
         train_twig(cfg, adapter=vlm.adapter, callbacks=[clock])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed = args.steps - args.warmup
     rate = timed / (clock.t1 - clock.t0)
     trainable = sum(p.numel() for p in grow_twig(vlm.adapter, TwigConfig(K=args.K, T=args.T)).parameters())
-    print(f"model: {'SmolLM2-135M-shaped' if args.smol else 'tiny test'} decoder ({spec.num_layers} layers, hidden "
-          f"{spec.hidden_size}), K={args.K}, T={args.T}, {args.precision}, distill={args.distill}, "
-          f"batch {args.batch_size}, {trainable / 1e6:.2f}M trainable parameters")
+    print(
+        f"model: {'SmolLM2-135M-shaped' if args.smol else 'tiny test'} decoder ({spec.num_layers} layers, hidden "
+        f"{spec.hidden_size}), K={args.K}, T={args.T}, {args.precision}, distill={args.distill}, "
+        f"batch {args.batch_size}, {trainable / 1e6:.2f}M trainable parameters"
+    )
     print(f"steps/s {rate:.3f}  ({1 / rate:.2f} s/step over {timed} steps after {args.warmup} warm-up)")
     print(f"peak RSS {peak:.0f} MiB; +{peak - clock.rss0:.0f} MiB above the start of training")
 

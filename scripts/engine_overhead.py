@@ -27,9 +27,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="the 6-layer test model instead of the 135M shape")
     args = ap.parse_args()
-    spec = TinySpec(tie_embeddings=False) if args.small else TinySpec(
-        num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, vocab_size=49152, image_size=192,
-        patch_size=16, init_std=0.02, tie_embeddings=True)
+    spec = (
+        TinySpec(tie_embeddings=False)
+        if args.small
+        else TinySpec(
+            num_layers=30,
+            hidden_size=576,
+            num_heads=9,
+            num_kv_heads=3,
+            vocab_size=49152,
+            image_size=192,
+            patch_size=16,
+            init_std=0.02,
+            tie_embeddings=True,
+        )
+    )
     model, processor = build_tiny_llava(spec)
     model = model.to(getattr(torch, args.dtype))
     vlm = twigvlm.VLM.from_model(model, processor)
@@ -57,9 +69,11 @@ def main() -> None:
         rates["hf"].append(hf())
         rates["engine"].append(ours())
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"model: {spec.num_layers} layers, hidden {spec.hidden_size}, {args.dtype}, "
-          f"{vlm.encode(prompt, images).num_visual_tokens} visual tokens, {args.tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: {spec.num_layers} layers, hidden {spec.hidden_size}, {args.dtype}, "
+        f"{vlm.encode(prompt, images).num_visual_tokens} visual tokens, {args.tokens} new tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
     for k, v in rates.items():
         print(f"{k:>7}: median {med[k]:.1f} tokens/s (min {min(v):.1f}, max {max(v):.1f})")
     print(f"engine / hf = {med['engine'] / med['hf']:.3f}")

@@ -26,8 +26,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/ablate"))
     ap.add_argument("--data-work", type=Path, default=Path("runs/demo"), help="where the twig data lives")
-    ap.add_argument("--twigs", default="3:next,1:next,3:last,3:random,2:next,4:next",
-                    help="comma-separated T:init (init: next, last or random)")
+    ap.add_argument(
+        "--twigs",
+        default="3:next,1:next,3:last,3:random,2:next,4:next",
+        help="comma-separated T:init (init: next, last or random)",
+    )
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -41,14 +44,32 @@ def main() -> None:
             print(f"{out}: done already", flush=True)
             continue
         t0 = time.perf_counter()
-        cfg = TrainConfig(model="demo", data=str(data), eval_data=str(val), out=str(out), K=2, T=int(T),
-                          layer_init=init, head="shared", max_steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, save_steps=max(1, args.steps // 2), eval_steps=args.steps, logging_steps=25,
-                          save_dtype="bfloat16", draft_vocab=1024, device=args.device,
-                          resume=any(out.glob("checkpoint-*")))
+        cfg = TrainConfig(
+            model="demo",
+            data=str(data),
+            eval_data=str(val),
+            out=str(out),
+            K=2,
+            T=int(T),
+            layer_init=init,
+            head="shared",
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            save_steps=max(1, args.steps // 2),
+            eval_steps=args.steps,
+            logging_steps=25,
+            save_dtype="bfloat16",
+            draft_vocab=1024,
+            device=args.device,
+            resume=any(out.glob("checkpoint-*")),
+        )
         result = train_twig(cfg)
-        print(f"{out}: agreement {result.eval_after.get('eval_agreement', float('nan')):.3f} "
-              f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+        print(
+            f"{out}: agreement {result.eval_after.get('eval_agreement', float('nan')):.3f} "
+            f"({(time.perf_counter() - t0) / 60:.1f} min)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

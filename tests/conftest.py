@@ -53,7 +53,7 @@ def hf_greedy(vlm: twigvlm.VLM, prompt: str, images: list, max_new_tokens: int) 
     batch = adapter.processor(images=images or None, text=adapter.render(prompt, len(images)), return_tensors="pt")
     with torch.inference_mode():
         out = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
-    return out[0, batch["input_ids"].shape[1]:].tolist()
+    return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 90, 220), "green": (40, 170, 60)}
@@ -74,14 +74,19 @@ def write_llava_data(folder, n: int, seed: int = 0, name: str = "data.json") -> 
         color = rng.choice(sorted(COLORS))
         image = f"images/{seed}-{i}.png"
         Image.new("RGB", (40, 40), COLORS[color]).save(folder / image)
-        conv = [{"from": "human", "value": "<image>\nWhat color is the picture?"},
-                {"from": "gpt", "value": f"The picture is {color}."}]
+        conv = [
+            {"from": "human", "value": "<image>\nWhat color is the picture?"},
+            {"from": "gpt", "value": f"The picture is {color}."},
+        ]
         if i % 3 == 0:
-            conv += [{"from": "human", "value": "Is it red?"},
-                     {"from": "gpt", "value": "yes" if color == "red" else "no"}]
+            conv += [
+                {"from": "human", "value": "Is it red?"},
+                {"from": "gpt", "value": "yes" if color == "red" else "no"},
+            ]
         records.append({"id": f"{seed}-{i}", "image": image, "conversations": conv})
-    records.append({"id": "text", "conversations": [{"from": "human", "value": "Say hello."},
-                                                     {"from": "gpt", "value": "hello"}]})
+    records.append(
+        {"id": "text", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]}
+    )
     path = folder / name
     if name.endswith(".jsonl"):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))

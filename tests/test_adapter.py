@@ -23,8 +23,9 @@ from .conftest import random_image
 def test_full_forward_equals_the_stock_model(vlm):
     images = [random_image(11), random_image(12)]
     enc = vlm.encode("compare the two pictures", images)
-    batch = vlm.adapter.processor(images=images, text=vlm.adapter.render("compare the two pictures", 2),
-                                  return_tensors="pt")
+    batch = vlm.adapter.processor(
+        images=images, text=vlm.adapter.render("compare the two pictures", 2), return_tensors="pt"
+    )
     with torch.inference_mode():
         ref = vlm.adapter.model(**batch, use_cache=False).logits
         ours = vlm.engine.full_logits(enc)
@@ -63,13 +64,20 @@ def test_processor_without_chat_template_uses_the_llava15_format(vlm, monkeypatc
     assert enc.num_visual_tokens == 16
 
 
-@pytest.mark.parametrize("prompt,n,message", [
-    ("", 0, "prompt is empty"), ("   ", 1, "prompt is empty"), ([], 0, "no messages"),
-    ("<image> and <image>", 1, "2 image placeholder"),
-    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], 1, "0 image placeholder"),
-    ([{"content": "hi"}], 0, "needs a 'role'"), ([{"role": "user", "content": [{"type": "video"}]}], 0, "content item"),
-    ([{"role": "user", "content": 3}], 0, "content of type int"), ("hi", 0, None),
-])
+@pytest.mark.parametrize(
+    "prompt,n,message",
+    [
+        ("", 0, "prompt is empty"),
+        ("   ", 1, "prompt is empty"),
+        ([], 0, "no messages"),
+        ("<image> and <image>", 1, "2 image placeholder"),
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], 1, "0 image placeholder"),
+        ([{"content": "hi"}], 0, "needs a 'role'"),
+        ([{"role": "user", "content": [{"type": "video"}]}], 0, "content item"),
+        ([{"role": "user", "content": 3}], 0, "content of type int"),
+        ("hi", 0, None),
+    ],
+)
 def test_bad_prompts(vlm, prompt, n, message):
     if message is None:  # the control case: a good prompt encodes
         assert vlm.encode(prompt, [random_image(0)] * n).num_tokens > 0
@@ -127,17 +135,21 @@ def test_image_modes(tmp_path):
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that claims a size (PIL refuses decompression bombs from the header alone)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def test_tokenize_chat_marks_only_assistant_tokens(vlm):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]},
-                {"role": "assistant", "content": "red"},
-                {"role": "user", "content": "and the shape?"},
-                {"role": "assistant", "content": "a circle"}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "and the shape?"},
+        {"role": "assistant", "content": "a circle"},
+    ]
     ids, assistant, pixels = vlm.adapter.tokenize_chat(messages, [random_image(0)])
     tok = vlm.adapter.tokenizer
     spans, current = [], []

@@ -48,9 +48,25 @@ def test_every_method_runs_and_outputs_are_well_formed(model_dirs, bench_twig, t
     out = tmp_path / "out"
     vlm = twigvlm.load(model_dirs["llama-clip"])
     spec = _file_task(tmp_path / "task", vlm)
-    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--limit", "2", "--max-new-tokens",
-            "4", "--keep-ratio", "0.5", "--out", str(out), "--tasks", f"easyvqa,scenes,describe;{spec}",
-            "--methods", "hf,hf-early-exit,ar,fastv,visionzip,twig,ssd,twig+ssd"]
+    argv = [
+        "bench",
+        "--model",
+        model_dirs["llama-clip"],
+        "--twig",
+        bench_twig,
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--keep-ratio",
+        "0.5",
+        "--out",
+        str(out),
+        "--tasks",
+        f"easyvqa,scenes,describe;{spec}",
+        "--methods",
+        "hf,hf-early-exit,ar,fastv,visionzip,twig,ssd,twig+ssd",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| method | RelAcc |" in printed
@@ -90,8 +106,24 @@ def test_peak_memory_follows_what_a_run_allocates():
 
 def _ablation(model: str, twig: str, out: Path, ablation: str, *extra: str) -> dict:
     """One bench ablation on one scene sample, 3 new tokens; its results.json."""
-    argv = ["bench", "--model", model, "--twig", twig, "--limit", "1", "--max-new-tokens", "3", "--tasks", "scenes",
-            "--out", str(out), "--ablation", ablation, *extra]
+    argv = [
+        "bench",
+        "--model",
+        model,
+        "--twig",
+        twig,
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--tasks",
+        "scenes",
+        "--out",
+        str(out),
+        "--ablation",
+        ablation,
+        *extra,
+    ]
     assert main(argv) == 0
     return json.loads((out / "results.json").read_text())
 
@@ -102,11 +134,22 @@ def test_ablations_expand_into_variants(model_dirs, bench_twig, tmp_path, capsys
     assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))
 
 
-@pytest.mark.parametrize("ablation,methods", [("twig", None), ("none", "hf,fastv,visionzip,twig,twig+ssd"),
-                                               ("source", None), ("budget", None), ("query", None)])
+@pytest.mark.parametrize(
+    "ablation,methods",
+    [("twig", None), ("none", "hf,fastv,visionzip,twig,twig+ssd"), ("source", None), ("budget", None), ("query", None)],
+)
 def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
-    args = Namespace(keep=None, keep_ratio=1 / 9, wipe_layer=None, draft_len=5, draft_threshold=0.6,
-                     ablation=ablation, methods=methods, twig="own", query="last")
+    args = Namespace(
+        keep=None,
+        keep_ratio=1 / 9,
+        wipe_layer=None,
+        draft_len=5,
+        draft_threshold=0.6,
+        ablation=ablation,
+        methods=methods,
+        twig="own",
+        query="last",
+    )
     own, other = BenchTwig("own", 2, 3, 26), BenchTwig("other", 2, 1, None)
     assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {26}
     # The run's own twig records none: round(0.75·L) for every variant, not each twig's own.
@@ -126,8 +169,16 @@ def test_query_ablation_scores_with_each_query(model_dirs, bench_twig, tmp_path)
 
 def test_source_ablation_moves_the_attention_not_the_budget(model_dirs, bench_twig, tmp_path):
     out = tmp_path / "s"
-    results = _ablation(model_dirs["llama-clip"], bench_twig, out, "source", "--keep-ratio", "0.9", "--wipe-layer",
-                        str(twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers))
+    results = _ablation(
+        model_dirs["llama-clip"],
+        bench_twig,
+        out,
+        "source",
+        "--keep-ratio",
+        "0.9",
+        "--wipe-layer",
+        str(twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers),
+    )
     summary, variants = results["summary"], {v["name"]: v for v in results["config"]["variants"]}
     names = ["attn: base layer K=2", "attn: base layer K+T=5", "attn: twig layer 3"]
     assert set(names) <= set(summary), results["unsupported"]
@@ -151,8 +202,9 @@ def test_base_layer_K_plus_T_attention_is_an_untrained_twigs():
     with torch.no_grad():
         _, scores = _score(vlm.engine, vlm.engine.new_state(), encoded, plan, "last")
         model.set_attn_implementation("eager")  # HF's own attention weights, from the stock model
-        out = model.model.language_model(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids,
-                                         output_attentions=True)
+        out = model.model.language_model(
+            inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, output_attentions=True
+        )
         model.set_attn_implementation("sdpa")
     attn = out.attentions[4][0, :, -1].mean(0)  # base layer K+T = 5 (1-based), last query, heads averaged
     torch.testing.assert_close(scores, attn[encoded.visual_mask[0]], rtol=1e-5, atol=1e-6)
@@ -160,12 +212,30 @@ def test_base_layer_K_plus_T_attention_is_an_untrained_twigs():
 
 def test_twig_ablation_runs_each_twig_and_checks_each_against_itself(model_dirs, bench_twig, tmp_path):
     other = tmp_path / "t1"
-    assert main(["grow", "--model", model_dirs["llama-clip"], "--T", "1", "--layer-init", "last",
-                 "--out", str(other)]) == 0
+    assert (
+        main(["grow", "--model", model_dirs["llama-clip"], "--T", "1", "--layer-init", "last", "--out", str(other)])
+        == 0
+    )
     out = tmp_path / "o"
-    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", f"{bench_twig},{other}", "--limit", "2",
-            "--max-new-tokens", "4", "--tasks", "scenes", "--out", str(out), "--ablation", "twig",
-            "--keep-ratio", "0.5"]
+    argv = [
+        "bench",
+        "--model",
+        model_dirs["llama-clip"],
+        "--twig",
+        f"{bench_twig},{other}",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--tasks",
+        "scenes",
+        "--out",
+        str(out),
+        "--ablation",
+        "twig",
+        "--keep-ratio",
+        "0.5",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
@@ -201,12 +271,15 @@ def test_normalization_and_exact_match():
     assert exact_match("Yes!", ["yes", "yeah"]) == 1.0 and exact_match("no", ["yes"]) == 0.0
 
 
-@pytest.mark.parametrize("content,name,why", [
-    ('{"question_id": 1, "text": "q", "image": "a.png"}\n{oops\n', "q", "line 2 is not JSON"),
-    ('{"question_id": 1}\n', "q", "line 1: needs 'question_id' and 'text'"),
-    ('{"question_id": 1, "text": "q", "image": "nope.png"}\n', "q", "line 1: image .*nope.png does not exist"),
-    ('{"question_id": 1, "answers": [3]}\n', "a", "line 1: needs 'question_id' and 'answer'"),
-])
+@pytest.mark.parametrize(
+    "content,name,why",
+    [
+        ('{"question_id": 1, "text": "q", "image": "a.png"}\n{oops\n', "q", "line 2 is not JSON"),
+        ('{"question_id": 1}\n', "q", "line 1: needs 'question_id' and 'text'"),
+        ('{"question_id": 1, "text": "q", "image": "nope.png"}\n', "q", "line 1: image .*nope.png does not exist"),
+        ('{"question_id": 1, "answers": [3]}\n', "a", "line 1: needs 'question_id' and 'answer'"),
+    ],
+)
 def test_malformed_task_files_name_file_and_line(tmp_path, content, name, why):
     random_image(0).save(tmp_path / "a.png")
     files = {"q": '{"question_id": 1, "text": "q", "image": "a.png"}\n', "a": '{"question_id": 1, "answer": "x"}\n'}
@@ -219,12 +292,14 @@ def test_malformed_task_files_name_file_and_line(tmp_path, content, name, why):
 
 def test_bench_errors_exit_2(model_dirs, tmp_path, capsys):
     base = ["bench", "--model", model_dirs["llama-clip"], "--out", str(tmp_path / "o")]
-    for argv, why in [(base + ["--methods", "ar,warp"], "unknown method 'warp'"),
-                      (base + ["--methods", "twig"], "need a twig"),
-                      (base + ["--tasks", "nope", "--methods", "hf,ar"], "unknown task 'nope'"),
-                      (base + ["--limit", "0"], "must be positive"),
-                      (base + ["--ablation", "source"], "--ablation source needs a twig"),
-                      (base + ["--ablation", "twig", "--twig", str(tmp_path)], "is not a twig directory")]:
+    for argv, why in [
+        (base + ["--methods", "ar,warp"], "unknown method 'warp'"),
+        (base + ["--methods", "twig"], "need a twig"),
+        (base + ["--tasks", "nope", "--methods", "hf,ar"], "unknown task 'nope'"),
+        (base + ["--limit", "0"], "must be positive"),
+        (base + ["--ablation", "source"], "--ablation source needs a twig"),
+        (base + ["--ablation", "twig", "--twig", str(tmp_path)], "is not a twig directory"),
+    ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, err

@@ -19,11 +19,14 @@ def _times(kv: LayerKV) -> list[int]:
     return [] if kv.length == 0 else kv.keys()[0, 0, :, 0].long().tolist()
 
 
-ops = st.lists(st.one_of(
-    st.tuples(st.just("append"), st.integers(1, 80)),
-    st.tuples(st.just("keep"), st.randoms(use_true_random=False)),
-    st.tuples(st.just("crop"), st.floats(0, 1)),
-), max_size=25)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 80)),
+        st.tuples(st.just("keep"), st.randoms(use_true_random=False)),
+        st.tuples(st.just("crop"), st.floats(0, 1)),
+    ),
+    max_size=25,
+)
 
 
 @settings(max_examples=150, deadline=None)

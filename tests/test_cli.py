@@ -41,9 +41,24 @@ def _run(capsys, argv):
 
 
 def test_generate_json(capsys, model_dirs, image, twig_dir):
-    code, out, err = _run(capsys, ["generate", "--model", model_dirs["llama-clip"], "--twig", twig_dir, "--image",
-                                   image, "--prompt", "what is it?", "--max-new-tokens", "5", "--ignore-eos",
-                                   "--json"])
+    code, out, err = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            model_dirs["llama-clip"],
+            "--twig",
+            twig_dir,
+            "--image",
+            image,
+            "--prompt",
+            "what is it?",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--json",
+        ],
+    )
     assert code == 0, err
     obj = json.loads(out)
     assert set(obj) == {"text", "token_ids", "stats"} and len(obj["token_ids"]) == 5
@@ -52,19 +67,57 @@ def test_generate_json(capsys, model_dirs, image, twig_dir):
 
 
 def test_generate_streams_text(capsys, model_dirs, image):
-    code, out, err = _run(capsys, ["generate", "--model", model_dirs["qwen2-siglip"], "--image", image, "--image",
-                                   image, "--prompt", "compare", "--max-new-tokens", "4", "--temperature", "0.8",
-                                   "--seed", "1"])
+    code, out, err = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            model_dirs["qwen2-siglip"],
+            "--image",
+            image,
+            "--image",
+            image,
+            "--prompt",
+            "compare",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "1",
+        ],
+    )
     assert code == 0 and out.endswith("\n") and "32 visual tokens" in err
 
 
 @pytest.mark.parametrize("method", ["twig", "fastv", "visionzip"])
-def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(capsys, model_dirs, image, twig_dir, tmp_path,
-                                                                     method):
+def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(
+    capsys, model_dirs, image, twig_dir, tmp_path, method
+):
     png = tmp_path / "kept.png"
-    code, out, err = _run(capsys, ["generate", "--model", model_dirs["llama-clip"], "--twig", twig_dir, "--image",
-                                   image, "--prompt", "what is it?", "--max-new-tokens", "3", "--prune", method,
-                                   "--keep", "8", "--json", "--save-kept", str(png)])
+    code, out, err = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            model_dirs["llama-clip"],
+            "--twig",
+            twig_dir,
+            "--image",
+            image,
+            "--prompt",
+            "what is it?",
+            "--max-new-tokens",
+            "3",
+            "--prune",
+            method,
+            "--keep",
+            "8",
+            "--json",
+            "--save-kept",
+            str(png),
+        ],
+    )
     assert code == 0, err
     stats = json.loads(out)["stats"]
     assert stats["visual_tokens"] == 16 and stats["prune_method"] == method
@@ -76,29 +129,81 @@ def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(capsys, mode
     side = picture.size[0]
     assert picture.size == (side, side) and side >= 336  # a 32-px model view, enlarged; 4×4 patches
     cell = side // 4
-    dark = sum(1 for r in range(4) for c in range(4)
-               if sum(picture.getpixel((c * cell + cell // 2, r * cell + cell // 2))) < 200)
+    dark = sum(
+        1
+        for r in range(4)
+        for c in range(4)
+        if sum(picture.getpixel((c * cell + cell // 2, r * cell + cell // 2))) < 200
+    )
     assert 16 - stats["kept"] <= dark <= 16 - stats["kept"] + 2  # pruned patches are dimmed (a kept one rarely is)
 
 
 def test_generate_speculative_json(capsys, model_dirs, image, twig_dir):
-    base = ["generate", "--model", model_dirs["llama-clip"], "--twig", twig_dir, "--image", image, "--prompt",
-            "describe", "--max-new-tokens", "12", "--ignore-eos", "--json"]
+    base = [
+        "generate",
+        "--model",
+        model_dirs["llama-clip"],
+        "--twig",
+        twig_dir,
+        "--image",
+        image,
+        "--prompt",
+        "describe",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    ]
     code, out, err = _run(capsys, base)
     ar = json.loads(out)
-    code, out, err = _run(capsys, base + ["--speculative", "--draft-len", "3", "--draft-threshold", "0",
-                                          "--adaptive-draft", "--prune", "twig", "--keep", "8"])
+    code, out, err = _run(
+        capsys,
+        base
+        + [
+            "--speculative",
+            "--draft-len",
+            "3",
+            "--draft-threshold",
+            "0",
+            "--adaptive-draft",
+            "--prune",
+            "twig",
+            "--keep",
+            "8",
+        ],
+    )
     assert code == 0, err
     sd = json.loads(out)
     stats = sd["stats"]
-    assert {"drafted", "accepted", "acceptance_rate", "mean_accepted_per_step", "draft_s", "verify_s",
-            "prefill_s"} <= set(stats) and stats["drafted"] > 0
+    assert {
+        "drafted",
+        "accepted",
+        "acceptance_rate",
+        "mean_accepted_per_step",
+        "draft_s",
+        "verify_s",
+        "prefill_s",
+    } <= set(stats) and stats["drafted"] > 0
     assert len(sd["token_ids"]) == 12 and len(ar["token_ids"]) == 12
 
 
 def test_grow_writes_a_twig(capsys, model_dirs, tmp_path):
-    code, out, _ = _run(capsys, ["grow", "--model", model_dirs["qwen2-siglip"], "--K", "1", "--T", "2", "--out",
-                                 str(tmp_path / "t"), "--wipe-layer", "3"])
+    code, out, _ = _run(
+        capsys,
+        [
+            "grow",
+            "--model",
+            model_dirs["qwen2-siglip"],
+            "--K",
+            "1",
+            "--T",
+            "2",
+            "--out",
+            str(tmp_path / "t"),
+            "--wipe-layer",
+            "3",
+        ],
+    )
     assert code == 0 and "head=shared" in out
     meta = json.loads((tmp_path / "t" / "twig.json").read_text())
     assert (meta["K"], meta["wipe_layer"]) == (1, 3)
@@ -119,14 +224,20 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "empty prompt": (["generate", "--model", m, "--image", image, "--prompt", " "], "prompt is empty"),
         "K < 1": (["grow", "--model", m, "--K", "0", "--out", str(tmp / "g1")], "K must be >= 1"),
         "K+T > L": (["grow", "--model", m, "--K", "4", "--T", "3", "--out", str(tmp / "g2")], "exceeds"),
-        "wipe before K": (["grow", "--model", m, "--wipe-layer", "2", "--out", str(tmp / "g4")],
-                          "wipe_layer=2 is invalid: give a layer from K+1=3"),
-        "wipe past L": (["grow", "--model", m, "--wipe-layer", "99", "--out", str(tmp / "g5")],
-                        "wipe_layer=99 is invalid"),
+        "wipe before K": (
+            ["grow", "--model", m, "--wipe-layer", "2", "--out", str(tmp / "g4")],
+            "wipe_layer=2 is invalid: give a layer from K+1=3",
+        ),
+        "wipe past L": (
+            ["grow", "--model", m, "--wipe-layer", "99", "--out", str(tmp / "g5")],
+            "wipe_layer=99 is invalid",
+        ),
         "not a VLM": (["generate", "--model", str(tmp / "bert"), "--prompt", "hi"], "not a supported VLM"),
         "no model dir": (["grow", "--model", str(tmp / "nowhere"), "--out", str(tmp / "g3")], "does not exist"),
-        "twig for another base": (["generate", "--model", str(other), "--twig", twig_dir, "--prompt", "hi"],
-                                  "another base model"),
+        "twig for another base": (
+            ["generate", "--model", str(other), "--twig", twig_dir, "--prompt", "hi"],
+            "another base model",
+        ),
         "max-new-tokens 0": (gen + ["--max-new-tokens", "0"], "not positive"),
         "max-new-tokens -3": (gen + ["--max-new-tokens=-3"], "not positive"),
         "bad top-p": (gen + ["--top-p", "0"], "top_p"),
@@ -143,8 +254,10 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "infeasible budget": (gen + ["--image", image, "--prune", "fastv", "--keep", "1"], "infeasible"),
         "keep and keep-ratio": (gen + ["--keep", "3", "--keep-ratio", "0.1"], "not allowed with"),
         "unknown prune method": (gen + ["--prune", "random"], "invalid choice"),
-        "save-kept into nowhere": (gen + ["--image", image, "--save-kept", str(tmp / "no" / "k.png")],
-                                   "not a writable file path"),
+        "save-kept into nowhere": (
+            gen + ["--image", image, "--save-kept", str(tmp / "no" / "k.png")],
+            "not a writable file path",
+        ),
     }
 
 
@@ -167,10 +280,30 @@ def test_console_script_end_to_end(model_dirs, image, tmp_path):
     script = Path(sys.executable).with_name("twigvlm")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "twigvlm.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    bad = subprocess.run(cmd + ["generate", "--model", model_dirs["llama-clip"], "--image", str(tmp_path / "x.png"),
-                                "--prompt", "hi"], capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        cmd + ["generate", "--model", model_dirs["llama-clip"], "--image", str(tmp_path / "x.png"), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
-    good = subprocess.run(cmd + ["generate", "--model", model_dirs["llama-clip"], "--image", image, "--prompt", "hi",
-                                 "--max-new-tokens", "3", "--json"], capture_output=True, text=True, env=env)
+    good = subprocess.run(
+        cmd
+        + [
+            "generate",
+            "--model",
+            model_dirs["llama-clip"],
+            "--image",
+            image,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["stats"]["new_tokens"] <= 3

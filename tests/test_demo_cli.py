@@ -22,10 +22,13 @@ def test_demo_without_trained_parts_runs_the_main_job_on_a_tiny_model(no_assets,
     assert (tmp_path / "out" / "kept-describe.png").is_file()
 
 
-@pytest.mark.parametrize("argv,why", [
-    (["generate", "--model", "demo", "--prompt", "hi"], "vision weights"),
-    (["train", "--model", "demo", "--data", "d.json", "--out", "x"], "vision weights"),
-])
+@pytest.mark.parametrize(
+    "argv,why",
+    [
+        (["generate", "--model", "demo", "--prompt", "hi"], "vision weights"),
+        (["train", "--model", "demo", "--data", "d.json", "--out", "x"], "vision weights"),
+    ],
+)
 def test_model_demo_without_assets_says_how_to_build(no_assets, capsys, argv, why):
     assert main(argv) == 2
     err = capsys.readouterr().err

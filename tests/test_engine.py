@@ -33,8 +33,9 @@ def test_greedy_ids_equal_hf_generate(vlm, with_image):
 @pytest.mark.parametrize("backbone,tower", [("mistral", "clip"), ("llama", "siglip"), ("qwen2", "clip")])
 def test_greedy_ids_equal_hf_generate_other_families(backbone, tower):
     for seed in range(4):
-        model, processor = build_tiny_llava(TinySpec(backbone=backbone, tower=tower, seed=seed,
-                                                     tie_embeddings=bool(seed % 2)))
+        model, processor = build_tiny_llava(
+            TinySpec(backbone=backbone, tower=tower, seed=seed, tie_embeddings=bool(seed % 2))
+        )
         vlm = twigvlm.VLM.from_model(model, processor)
         prompt, images = random_prompt(seed, 5), [random_image(seed), random_image(seed + 100)]
         ours = vlm.generate(prompt, image=images, max_new_tokens=10, ignore_eos=True).token_ids
@@ -43,8 +44,14 @@ def test_greedy_ids_equal_hf_generate_other_families(backbone, tower):
 
 def test_outputs_are_not_degenerate(vlms):
     # The oracle above is only meaningful if the tiny models produce varied tokens for varied inputs.
-    outs = {tuple(vlms["llama-clip"].generate(random_prompt(s, 5), image=random_image(s), max_new_tokens=8,
-                                              ignore_eos=True).token_ids) for s in range(8)}
+    outs = {
+        tuple(
+            vlms["llama-clip"]
+            .generate(random_prompt(s, 5), image=random_image(s), max_new_tokens=8, ignore_eos=True)
+            .token_ids
+        )
+        for s in range(8)
+    }
     assert len(outs) > 1
 
 
@@ -63,10 +70,11 @@ def test_cached_decode_logits_equal_uncached_forward(vlm, with_image):
         cached = torch.cat(step_logits[:-1], 0)  # [8, V]: logits that predicted tokens 0..7
         # Reference: the stock HF model, no cache, over prompt + generated tokens.
         ids = torch.cat([enc.input_ids, torch.tensor([tokens[:-1]])], 1)
-        batch = vlm.adapter.processor(images=images or None, text=vlm.adapter.render(random_prompt(3, 6),
-                                      len(images)), return_tensors="pt")
+        batch = vlm.adapter.processor(
+            images=images or None, text=vlm.adapter.render(random_prompt(3, 6), len(images)), return_tensors="pt"
+        )
         kwargs = {"pixel_values": batch["pixel_values"]} if images else {}
-        ref = vlm.adapter.model(input_ids=ids, use_cache=False, **kwargs).logits[0, enc.num_tokens - 1:]
+        ref = vlm.adapter.model(input_ids=ids, use_cache=False, **kwargs).logits[0, enc.num_tokens - 1 :]
     torch.testing.assert_close(cached, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -79,7 +87,7 @@ def test_block_step_equals_single_steps(vlm):
         engine.prefill(a, enc)
         engine.prefill(b, enc)
         together = engine.step(a, block)[0]  # [5, V]
-        apart = torch.cat([engine.step(b, block[:, i:i + 1])[0] for i in range(block.shape[1])])
+        apart = torch.cat([engine.step(b, block[:, i : i + 1])[0] for i in range(block.shape[1])])
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
     assert a.cache.lengths() == b.cache.lengths() == [enc.num_tokens + 5] * vlm.adapter.spec.num_layers
 
@@ -87,8 +95,10 @@ def test_block_step_equals_single_steps(vlm):
 def test_causal_mask_is_end_aligned():
     assert causal_mask(1, 9) is None and causal_mask(4, 4) is None
     m = causal_mask(3, 5)[0, 0]
-    assert m.tolist() == [[True, True, True, False, False],
-                          [True, True, True, True, False],
-                          [True, True, True, True, True]]
+    assert m.tolist() == [
+        [True, True, True, False, False],
+        [True, True, True, True, False],
+        [True, True, True, True, True],
+    ]
     with pytest.raises(ValueError):
         causal_mask(5, 3)

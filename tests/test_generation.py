@@ -17,8 +17,14 @@ from .conftest import random_image, random_prompt
 
 
 def test_seeded_sampling_is_reproducible(vlm):
-    args = dict(prompt=random_prompt(2, 5), image=random_image(2), max_new_tokens=16, ignore_eos=True,
-                temperature=1.5, top_p=0.95)
+    args = dict(
+        prompt=random_prompt(2, 5),
+        image=random_image(2),
+        max_new_tokens=16,
+        ignore_eos=True,
+        temperature=1.5,
+        top_p=0.95,
+    )
     runs = [vlm.generate(**args, seed=s).token_ids for s in (0, 0, 1, 2, 3)]
     assert runs[0] == runs[1]
     assert len({tuple(r) for r in runs[1:]}) > 1  # other seeds give other samples
@@ -30,8 +36,7 @@ def test_top_k_one_sampling_is_greedy(vlm):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(-500, 500), min_size=2, max_size=12, unique=True), st.integers(0, 14),
-       st.floats(0.01, 1.0))
+@given(st.lists(st.integers(-500, 500), min_size=2, max_size=12, unique=True), st.integers(0, 14), st.floats(0.01, 1.0))
 def test_filter_logits_matches_brute_force(hundredths, top_k, top_p):
     values = [v / 100 for v in hundredths]  # distinct logits: the kept set is then well defined
     logits = torch.tensor(values)
@@ -45,8 +50,9 @@ def test_filter_logits_matches_brute_force(hundredths, top_k, top_p):
         if top_p >= 1.0 or mass < top_p - 1e-6 or not expected:
             expected.add(i)
         mass += float(probs[i])
-    near_boundary = top_p < 1.0 and any(abs(float(probs[order[: j + 1]].sum()) - top_p) < 1e-4
-                                        for j in range(len(order)))
+    near_boundary = top_p < 1.0 and any(
+        abs(float(probs[order[: j + 1]].sum()) - top_p) < 1e-4 for j in range(len(order))
+    )
     if not near_boundary:
         assert {i for i, k in enumerate(kept) if k} == expected
 
@@ -101,10 +107,16 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
     assert [ts.push(0), ts.push(1), ts.push(3), ts.finish()] == ["He", "llo ", "ld", ""]  # "l" could start "lo!"
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"top_k": -2}, "top_k"), ({"stop": [""]}, "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
 def test_bad_generation_options(vlm, kwargs, message):
     with pytest.raises(TwigVLMError, match=message):
         vlm.generate("hello", **kwargs)

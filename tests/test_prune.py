@@ -20,8 +20,10 @@ from .conftest import hf_greedy, random_image, random_prompt
 @pytest.fixture(scope="module", params=["llama-clip", "qwen2-siglip"])
 def model(request):
     # 8 layers and 64 visual tokens per image, so that several K, K_f and R' are feasible.
-    spec = {"llama-clip": TinySpec(num_layers=8, image_size=64, tie_embeddings=False, seed=4),
-            "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", num_layers=8, image_size=64, seed=5)}
+    spec = {
+        "llama-clip": TinySpec(num_layers=8, image_size=64, tie_embeddings=False, seed=4),
+        "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", num_layers=8, image_size=64, seed=5),
+    }
     model, processor = build_tiny_llava(spec[request.param])
     vlm = twigvlm.VLM.from_model(model, processor)
     vlm.grow_twig(K=2, T=3)
@@ -49,22 +51,30 @@ def test_budget_on_the_papers_numbers():
     assert plan_pruning(PruneConfig("fastv", keep=130), 30, 144, 27).wipe == 28
 
 
-@pytest.mark.parametrize("cfg,message", [
-    (PruneConfig("twig", keep=20), "above 36.0 and at most 432.0"),
-    (PruneConfig("twig", keep=500), "at most 432.0; a larger wipe layer"),
-    (PruneConfig("twig", keep=64, wipe_layer=2), "wipe_layer=2 is invalid"),
-    (PruneConfig("twig", keep=64, wipe_layer=33), "wipe_layer=33 is invalid"),
-])
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        (PruneConfig("twig", keep=20), "above 36.0 and at most 432.0"),
+        (PruneConfig("twig", keep=500), "at most 432.0; a larger wipe layer"),
+        (PruneConfig("twig", keep=64, wipe_layer=2), "wipe_layer=2 is invalid"),
+        (PruneConfig("twig", keep=64, wipe_layer=33), "wipe_layer=33 is invalid"),
+    ],
+)
 def test_budget_errors_name_the_feasible_range(cfg, message):
     with pytest.raises(TwigVLMError, match=message):
         plan_pruning(cfg, num_layers=32, num_visual=576, K=2)
 
 
-@pytest.mark.parametrize("cfg,message", [
-    (PruneConfig("tree"), "unknown"), (PruneConfig("twig", keep=3, keep_ratio=0.1), "not both"),
-    (PruneConfig("twig", keep_ratio=0), "keep_ratio"), (PruneConfig("twig", keep=-1), "keep=-1"),
-    (PruneConfig("twig", query="first"), "query"),
-])
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        (PruneConfig("tree"), "unknown"),
+        (PruneConfig("twig", keep=3, keep_ratio=0.1), "not both"),
+        (PruneConfig("twig", keep_ratio=0), "keep_ratio"),
+        (PruneConfig("twig", keep=-1), "keep=-1"),
+        (PruneConfig("twig", query="first"), "query"),
+    ],
+)
 def test_bad_prune_configs(cfg, message):
     with pytest.raises(TwigVLMError, match=message):
         cfg.validate()
@@ -76,8 +86,9 @@ def test_keep_all_without_wipe_is_the_unpruned_model(model, method):
     for seed in range(3):
         args = dict(prompt=random_prompt(seed, 5), image=[random_image(seed)], max_new_tokens=8, ignore_eos=True)
         pruned = model.generate(**args, prune=cfg)
-        assert pruned.token_ids == model.generate(**args).token_ids == hf_greedy(model, args["prompt"],
-                                                                                  args["image"], 8)
+        assert (
+            pruned.token_ids == model.generate(**args).token_ids == hf_greedy(model, args["prompt"], args["image"], 8)
+        )
         assert pruned.stats.kept == 64
 
 
@@ -119,8 +130,8 @@ def test_pruning_equals_the_masked_full_model(model, method, query, K, wipe, kee
         embeds = torch.cat([enc.inputs_embeds, model.adapter.embed(torch.tensor([ids]))], 1)
         visual = torch.cat([enc.visual_mask[0], torch.zeros(len(ids), dtype=torch.bool)])
         ref = _masked_reference_logits(model, all_ids, embeds, visual, torch.tensor(stats.kept_indices), K, wipe)
-    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1: -1], rtol=1e-4, atol=1e-5)
-    assert ids == ref[enc.num_tokens - 1: -1].argmax(-1).tolist()
+    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-5)
+    assert ids == ref[enc.num_tokens - 1 : -1].argmax(-1).tolist()
     assert stats.kept == R == kept_per_layer(keep, L, M, K, wipe) and len(stats.kept_indices) == R
     # Cache invariant: layers 1..K and the twig hold everything, K+1..K_f the kept visual tokens, then text only.
     fed = len(ids)  # every greedy token was fed back
@@ -173,8 +184,11 @@ def test_twig_scores_equal_an_eager_attention_reference(model):
         eager.self_attn.config._attn_implementation = "eager"
         T = enc.num_tokens
         mask = torch.full((T, T), float("-inf")).triu(1).view(1, 1, T, T)
-        _, weights = eager.self_attn(hidden_states=eager.input_layernorm(below), attention_mask=mask,
-                                     position_embeddings=model.adapter.rotary(below, pos))
+        _, weights = eager.self_attn(
+            hidden_states=eager.input_layernorm(below),
+            attention_mask=mask,
+            position_embeddings=model.adapter.rotary(below, pos),
+        )
     torch.testing.assert_close(probs[0], weights[0][:, qidx], rtol=1e-5, atol=1e-6)
 
 
@@ -183,8 +197,9 @@ def test_scorers_choose_differently_and_query_modes_work(model):
     kept = {}
     for method, query in [("twig", "last"), ("twig", "text"), ("fastv", "last")]:
         with torch.no_grad():
-            _, stats = pruned_prefill(model.engine, model.engine.new_state(), enc, PruneConfig(method, keep=30,
-                                                                                               query=query))
+            _, stats = pruned_prefill(
+                model.engine, model.engine.new_state(), enc, PruneConfig(method, keep=30, query=query)
+            )
         kept[(method, query)] = stats.kept_indices
     assert len({tuple(v) for v in kept.values()}) > 1
 
@@ -222,8 +237,13 @@ def test_visionzip_shortens_the_sequence(model):
     assert full.num_visual_tokens == 128 and zipped.num_visual_tokens == 20
     assert zipped.num_tokens == full.num_tokens - 108
     assert zipped.reduction.visual_tokens == 128 and len(zipped.reduction.kept_indices) == 20
-    out = model.generate("what is it?", image=[random_image(1)], prune=PruneConfig("visionzip", keep=10),
-                         max_new_tokens=3, ignore_eos=True)
+    out = model.generate(
+        "what is it?",
+        image=[random_image(1)],
+        prune=PruneConfig("visionzip", keep=10),
+        max_new_tokens=3,
+        ignore_eos=True,
+    )
     assert (out.stats.prune_method, out.stats.visual_tokens, out.stats.kept) == ("visionzip", 64, 10)
 
 
@@ -231,6 +251,7 @@ def test_kept_picture_skips_a_leading_cls_token():
     from PIL import Image as PILImage
 
     from twigvlm.picture import kept_picture
+
     img = PILImage.new("RGB", (4, 4), (200, 200, 200))
     pic = kept_picture([(img, 2, 2, 1), (img, 2, 2, 1)], kept_indices=[1, 7])  # patch (0,0) of each image
     cell = pic.height // 2

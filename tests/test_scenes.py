@@ -39,7 +39,7 @@ def test_objects_are_distinct_and_drawn_where_they_are_said_to_be():
         pixels = np.asarray(scene.render(192)).astype(int)
         for obj in scene.objects:  # the object's colour dominates its own cell, not the empty ones
             row, col = divmod(obj.cell, 3)
-            cell = pixels[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64]
+            cell = pixels[row * 64 : (row + 1) * 64, col * 64 : (col + 1) * 64]
             close = (np.abs(cell - np.array(COLORS[obj.color])).sum(-1) < 30).mean()
             assert close > 0.03, (seed, obj)
 
@@ -68,7 +68,8 @@ def test_object_f1_scores_partial_descriptions():
     scene = make_scene(3)
     objs = list(scene.objects)
     one = f"There is a {objs[0].size} {objs[0].color} {objs[0].shape} " + (
-        "in the center." if objs[0].position == "center" else f"at the {objs[0].position}.")
+        "in the center." if objs[0].position == "center" else f"at the {objs[0].position}."
+    )
     assert object_f1(one, scene) == pytest.approx(2 / (1 + len(objs)))
     assert object_f1("Nothing to see.", scene) == 0.0
     assert object_f1(describe(make_scene(4)), scene) < 1.0
@@ -88,7 +89,7 @@ def test_object_masks_cover_exactly_the_drawn_objects():
     pixels = np.asarray(scene.render(192)).astype(int)
     for obj, mask in zip(scene.objects, scene.object_masks(192), strict=True):
         inside = np.asarray(mask) > 0
-        colour = (np.abs(pixels - np.array(COLORS[obj.color])).sum(-1) < 30)
+        colour = np.abs(pixels - np.array(COLORS[obj.color])).sum(-1) < 30
         assert inside.sum() > 50 and (colour & inside).sum() / colour.sum() > 0.95
 
 
@@ -96,8 +97,10 @@ def test_grounding_targets_name_what_each_patch_shows():
     from twigvlm.demo.train_vision import BACKGROUND_WORD, _patch_cover, _patch_words
 
     scene = make_scene(11)
-    objects = [([o.size, o.color, o.shape, *o.position.split()], _patch_cover(m))
-               for o, m in zip(scene.objects, scene.object_masks(192), strict=True)]
+    objects = [
+        ([o.size, o.color, o.shape, *o.position.split()], _patch_cover(m))
+        for o, m in zip(scene.objects, scene.object_masks(192), strict=True)
+    ]
     words = _patch_words(objects)
     assert len(words) == 144
     for obj, (vocab, _) in zip(scene.objects, objects, strict=True):

@@ -18,8 +18,23 @@ from twigvlm.speculative import Draft, SpecStats, TwigSpecModel, accept, specula
 from .conftest import random_image, random_prompt
 
 # χ² critical values at a false-alarm rate of 1e-3, by degrees of freedom.
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
-            11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+CHI2_999 = {
+    1: 10.83,
+    2: 13.82,
+    3: 16.27,
+    4: 18.47,
+    5: 20.52,
+    6: 22.46,
+    7: 24.32,
+    8: 26.12,
+    9: 27.88,
+    10: 29.59,
+    11: 31.26,
+    12: 32.91,
+    13: 34.53,
+    14: 36.12,
+    15: 37.70,
+}
 
 
 # ---- stub models ------------------------------------------------------------------------------------------------
@@ -56,8 +71,9 @@ def _letters(ids):
 
 def _run(model, max_new, gamma, eos=frozenset(), stop=()):
     stats, cfg = SpecStats(), GenConfig(max_new_tokens=max_new)
-    blocks = speculative_blocks(model, model.target[0], cfg, SpecConfig(draft_len=gamma, threshold=0), None, stats,
-                                set(eos))
+    blocks = speculative_blocks(
+        model, model.target[0], cfg, SpecConfig(draft_len=gamma, threshold=0), None, stats, set(eos)
+    )
     ids, pieces = [], []
     gen = emit(blocks, TextStream(_letters, stop), max_new, set(eos), set(), ids)
     while True:
@@ -71,7 +87,7 @@ TARGET = list(range(26)) * 2
 
 
 def test_stub_all_drafts_accepted():
-    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 10])
+    model = StubModel(TARGET, lambda pos: TARGET[pos : pos + 10])
     ids, reason, stats, text = _run(model, max_new=12, gamma=3)
     assert ids == TARGET[:12] and reason == "length" and text == _letters(TARGET[:12])
     assert stats.acceptance_rate == 1.0 and stats.steps == 3 and model.requested == [3, 3, 2]
@@ -79,13 +95,13 @@ def test_stub_all_drafts_accepted():
 
 
 def test_stub_no_draft_accepted():
-    model = StubModel(TARGET, lambda pos: [(t + 1) % 26 for t in TARGET[pos: pos + 10]])
+    model = StubModel(TARGET, lambda pos: [(t + 1) % 26 for t in TARGET[pos : pos + 10]])
     ids, _, stats, _ = _run(model, max_new=8, gamma=4)
     assert ids == TARGET[:8] and stats.accepted == 0 and stats.steps == 7 and stats.mean_accepted_per_step == 1
 
 
 def test_stub_rejection_in_the_middle():
-    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 2] + [25, 25])  # two right, then wrong
+    model = StubModel(TARGET, lambda pos: TARGET[pos : pos + 2] + [25, 25])  # two right, then wrong
     ids, _, stats, _ = _run(model, max_new=10, gamma=4)
     assert ids == TARGET[:10] and stats.accepted == 2 * 3 and stats.steps == 3
     assert stats.drafted == 4 + 4 + 2  # the last step may emit only 3 more tokens: 2 drafts + 1
@@ -93,7 +109,7 @@ def test_stub_rejection_in_the_middle():
 
 def test_stub_eos_inside_a_draft():
     target = [0, 1, 2, 3, 4, 9, 5, 6, 7, 8]  # 9 is EOS
-    model = StubModel(target, lambda pos: target[pos: pos + 10])
+    model = StubModel(target, lambda pos: target[pos : pos + 10])
     ids, reason, stats, text = _run(model, max_new=20, gamma=5, eos={9})
     assert ids == [0, 1, 2, 3, 4, 9] and reason == "eos" and text == "abcde"
     assert stats.steps == 1 and model.requested == [5]  # the drafter stopped at EOS: 5 drafts, the last one EOS
@@ -101,13 +117,13 @@ def test_stub_eos_inside_a_draft():
 
 @pytest.mark.parametrize("max_new,requested", [(7, [5]), (5, [3]), (2, [0]), (9, [5, 1])])
 def test_stub_max_new_tokens_reached_mid_draft(max_new, requested):
-    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 10])
+    model = StubModel(TARGET, lambda pos: TARGET[pos : pos + 10])
     ids, reason, _, _ = _run(model, max_new=max_new, gamma=5)
     assert ids == TARGET[:max_new] and reason == "length" and model.requested == requested
 
 
 def test_stub_stop_string_spanning_an_accepted_block():
-    model = StubModel(TARGET, lambda pos: TARGET[pos: pos + 10])
+    model = StubModel(TARGET, lambda pos: TARGET[pos : pos + 10])
     ids, reason, stats, text = _run(model, max_new=20, gamma=5, stop=("cde",))
     assert text == "ab" and reason == "stop" and ids == TARGET[:5] and stats.steps == 1
 
@@ -122,6 +138,7 @@ def _table(seed: int, vocab: int):
             g = torch.Generator().manual_seed(hash((seed, prefix)) % 2**31)
             cache[prefix] = torch.rand(vocab, generator=g) * 2 - 1
         return cache[prefix]
+
     return logits
 
 
@@ -170,8 +187,7 @@ def test_sampling_is_lossless_against_the_exact_distribution():
         first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
         stub = SamplingStub(p, q, first, g)
         out = []
-        for block in speculative_blocks(stub, first, cfg, SpecConfig(draft_len=2, threshold=0), g, SpecStats(),
-                                        set()):
+        for block in speculative_blocks(stub, first, cfg, SpecConfig(draft_len=2, threshold=0), g, SpecStats(), set()):
             out += block
             stub.prefix = tuple(out)
             if len(out) >= length:
@@ -192,6 +208,7 @@ def test_accept_keeps_drafts_from_the_target_itself():
     logits = torch.randn(4, 6)
     cfg = GenConfig(temperature=0.8, max_new_tokens=5)
     from twigvlm.sampling import probs_from_logits
+
     q = probs_from_logits(logits[:3], cfg)
     n, _ = accept(Draft([int(q[i].argmax()) for i in range(3)], q), logits, cfg, torch.Generator().manual_seed(0))
     assert n == 3  # p == q: min(1, p/q) = 1 for every draft
@@ -217,8 +234,13 @@ def test_greedy_speculation_equals_greedy_ar(vlms, K, T, prune):
     for name, base in vlms.items():
         vlm = _with_twig(base, K, T, noise=0.3, seed=K * 10 + T)
         for seed, gamma in itertools.product(range(4), (1, 2, 5)):
-            args = dict(prompt=random_prompt(seed, 2 + 5 * seed), image=random_image(seed), max_new_tokens=16,
-                        ignore_eos=True, prune=prune)
+            args = dict(
+                prompt=random_prompt(seed, 2 + 5 * seed),
+                image=random_image(seed),
+                max_new_tokens=16,
+                ignore_eos=True,
+                prune=prune,
+            )
             ar = vlm.generate(**args)
             sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
             assert sd.token_ids == ar.token_ids, (name, seed, gamma)
@@ -274,8 +296,9 @@ def test_cache_invariant_after_every_step(vlms):
         model = TwigSpecModel(engine, state, cfg, None)
         T, M, R, K, wipe = enc.num_tokens, pstats.visual_tokens, pstats.kept, 2, 5
         produced = 0
-        for block in speculative_blocks(model, first, cfg, SpecConfig(draft_len=3, threshold=0), None, SpecStats(),
-                                        set()):
+        for block in speculative_blocks(
+            model, first, cfg, SpecConfig(draft_len=3, threshold=0), None, SpecStats(), set()
+        ):
             produced += len(block)
             n = T + produced - 1  # everything but the newest token is in the caches
             assert state.cache.lengths() == [n] * K + [n - M + R] * (wipe - K) + [n - M] * (L - wipe)
@@ -295,14 +318,17 @@ def test_sampling_speculation_matches_ar_in_distribution(vlms, draft_vocab):
     enc = vlm.encode(random_prompt(4, 3), random_image(4))
     engine = vlm.engine
     from twigvlm.sampling import probs_from_logits
+
     exact = {}
     with torch.no_grad():
+
         def dist(prefix):
             state = engine.new_state()
             logits = engine.prefill(state, enc)
             for t in prefix:
                 logits = engine.step(state, torch.tensor([[t]]))[:, -1]
             return probs_from_logits(logits[0], cfg)
+
         p1 = dist(())
         for a in p1.nonzero().flatten().tolist():
             p2 = dist((a,))
@@ -312,6 +338,7 @@ def test_sampling_speculation_matches_ar_in_distribution(vlms, draft_vocab):
                     exact[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
     runs, counts = 400, {}
     from twigvlm.generate import Generation
+
     for seed in range(runs):
         gen = Generation(engine, enc, GenConfig(**{**cfg.__dict__, "seed": seed}), spec=SpecConfig(2, threshold=0))
         gen.run()
@@ -324,8 +351,15 @@ def test_sampling_speculation_matches_ar_in_distribution(vlms, draft_vocab):
 
 def test_seeded_speculative_sampling_is_reproducible(vlms):
     vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.1)
-    args = dict(prompt="what is it?", image=random_image(0), max_new_tokens=12, temperature=1.2, top_p=0.9,
-                ignore_eos=True, speculative=SpecConfig(draft_len=3, threshold=0.0))
+    args = dict(
+        prompt="what is it?",
+        image=random_image(0),
+        max_new_tokens=12,
+        temperature=1.2,
+        top_p=0.9,
+        ignore_eos=True,
+        speculative=SpecConfig(draft_len=3, threshold=0.0),
+    )
     assert vlm.generate(**args, seed=3).token_ids == vlm.generate(**args, seed=3).token_ids
 
 
@@ -355,6 +389,7 @@ def test_twig_lag_survives_a_step_without_drafts(vlms):
     vlm = _with_twig(vlms["llama-clip"], 2, vlms["llama-clip"].adapter.spec.num_layers - 2)
     enc = vlm.encode("describe", [random_image(5)])
     from twigvlm.generate import Generation
+
     gen = Generation(vlm.engine, enc, GenConfig(max_new_tokens=5, ignore_eos=True), spec=SpecConfig(2, threshold=0))
     list(gen)
     n = enc.num_tokens + 5 - 1

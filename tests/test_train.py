@@ -43,8 +43,9 @@ def test_exact_copy_twig_reproduces_hf_loss_and_zero_kl(vlm, llava_data):
     obj = _objective(vlm, TwigConfig(K=2, T=L - 2, head="copy"), distill="kl")
     out = obj(**batch)
     with torch.no_grad():
-        hf = vlm.adapter.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                               labels=batch["labels"]).loss
+        hf = vlm.adapter.model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]
+        ).loss
     assert abs(out["loss"].item() - hf.item()) < 1e-5
     assert abs(obj.last_parts["kl"]) < 1e-5 * obj.last_parts["tokens"]
     sums = obj.eval_sums(**batch).sum(0)
@@ -86,8 +87,18 @@ def test_deep_layers_never_run_unless_distilling(vlm, llava_data):
 
 
 def _cfg(model_dir, data, out, **kw) -> TrainConfig:
-    base = dict(model=str(model_dir), data=data, out=str(out), max_steps=6, lr=1e-3, batch_size=4, save_steps=3,
-                logging_steps=1, seed=3, warmup_ratio=0.0)
+    base = dict(
+        model=str(model_dir),
+        data=data,
+        out=str(out),
+        max_steps=6,
+        lr=1e-3,
+        batch_size=4,
+        save_steps=3,
+        logging_steps=1,
+        seed=3,
+        warmup_ratio=0.0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -107,8 +118,14 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(vlms, model_
     vlm = vlms["llama-clip"]
     base_before = {k: v.clone() for k, v in vlm.adapter.model.state_dict().items()}
     grown = {k: v.clone() for k, v in grow_twig(vlm.adapter, TwigConfig()).state_dict().items()}
-    cfg = _cfg(model_dirs["llama-clip"], llava_data["train"], tmp_path / "twig", eval_data=llava_data["eval"],
-               max_steps=12, save_steps=100)
+    cfg = _cfg(
+        model_dirs["llama-clip"],
+        llava_data["train"],
+        tmp_path / "twig",
+        eval_data=llava_data["eval"],
+        max_steps=12,
+        save_steps=100,
+    )
     result = train_twig(cfg, adapter=vlm.adapter)
     for k, v in vlm.adapter.model.state_dict().items():
         assert torch.equal(v, base_before[k]), f"base tensor {k} changed"
@@ -120,18 +137,34 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(vlms, model_
     # The output loads onto the base and drafts losslessly (greedy SSD ≡ greedy AR).
     loaded = twigvlm.load(model_dirs["llama-clip"], twig=result.out)
     image = vlm.adapter.model.device  # noqa: F841 — the base stays where it was
-    kwargs = dict(prompt="What color is the picture?", image=str(Path(llava_data["train"]).parent / "images/0-0.png"),
-                  max_new_tokens=12, ignore_eos=True)
+    kwargs = dict(
+        prompt="What color is the picture?",
+        image=str(Path(llava_data["train"]).parent / "images/0-0.png"),
+        max_new_tokens=12,
+        ignore_eos=True,
+    )
     assert loaded.generate(**kwargs, speculative=True).token_ids == loaded.generate(**kwargs).token_ids
 
 
 def test_gradient_accumulation_is_exact(vlms, model_dirs, llava_data, tmp_path):
     """Loss = summed CE / answer tokens of the whole accumulated batch: 4×1 and 2×2 take the same steps."""
     vlm = vlms["qwen2-siglip"]
-    a = train_twig(_cfg(model_dirs["qwen2-siglip"], llava_data["train"], tmp_path / "a", max_steps=3, save_steps=99),
-                   adapter=vlm.adapter)
-    b = train_twig(_cfg(model_dirs["qwen2-siglip"], llava_data["train"], tmp_path / "b", max_steps=3, save_steps=99,
-                        batch_size=2, grad_accum=2), adapter=vlm.adapter)
+    a = train_twig(
+        _cfg(model_dirs["qwen2-siglip"], llava_data["train"], tmp_path / "a", max_steps=3, save_steps=99),
+        adapter=vlm.adapter,
+    )
+    b = train_twig(
+        _cfg(
+            model_dirs["qwen2-siglip"],
+            llava_data["train"],
+            tmp_path / "b",
+            max_steps=3,
+            save_steps=99,
+            batch_size=2,
+            grad_accum=2,
+        ),
+        adapter=vlm.adapter,
+    )
     _assert_close(_twig_state(a.out), _twig_state(b.out), atol=1e-5)
 
 
@@ -164,10 +197,35 @@ def test_resume_reaches_the_uninterrupted_parameters(vlms, model_dirs, llava_dat
 
 def test_two_process_gloo_run_writes_one_twig(model_dirs, llava_data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "twigvlm.cli", "train", "--model", model_dirs["llama-clip"], "--data", llava_data["train"],
-           "--out", str(out), "--max-steps", "4", "--batch-size", "2", "--save-steps", "2", "--lr", "1e-3",
-           "--distill", "kl", "--eval-data", llava_data["eval"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "twigvlm.cli",
+        "train",
+        "--model",
+        model_dirs["llama-clip"],
+        "--data",
+        llava_data["train"],
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--distill",
+        "kl",
+        "--eval-data",
+        llava_data["eval"],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,14 +238,51 @@ def test_two_process_gloo_run_writes_one_twig(model_dirs, llava_data, tmp_path):
 def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     model, data = model_dirs["qwen2-siglip"], llava_data["train"]
     out = tmp_path / "twig"
-    args = ["train", "--model", model, "--data", data, "--out", str(out), "--max-steps", "2", "--batch-size", "2",
-            "--save-steps", "2", "--save-dtype", "bfloat16", "--K", "1", "--T", "2"]
+    args = [
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "2",
+        "--save-dtype",
+        "bfloat16",
+        "--K",
+        "1",
+        "--T",
+        "2",
+    ]
     assert main(args) == 0
     assert "twig written to" in capsys.readouterr().out
     assert json.loads((out / "twig.json").read_text())["dtype"] == "bfloat16"
     vocab_out = tmp_path / "vocab"
-    assert main(["train", "--model", model, "--data", data, "--out", str(vocab_out), "--max-steps", "1",
-                 "--draft-vocab", "5", "--wipe-layer", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--out",
+                str(vocab_out),
+                "--max-steps",
+                "1",
+                "--draft-vocab",
+                "5",
+                "--wipe-layer",
+                "4",
+            ]
+        )
+        == 0
+    )
     twig = twigvlm.load(model, twig=vocab_out).twig
     assert twig.config.wipe_layer == 4
     eos = set(twigvlm.load(model).adapter.eos_token_ids)
@@ -195,16 +290,24 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     capsys.readouterr()
     cases = [
         (args, "already holds checkpoint-2 from an earlier run: pass --resume"),
-        (["train", "--model", model, "--data", data, "--out", str(tmp_path / "new"), "--resume"],
-         "has no checkpoint-N folder"),
-        (["train", "--model", model, "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")],
-         "does not exist"),
+        (
+            ["train", "--model", model, "--data", data, "--out", str(tmp_path / "new"), "--resume"],
+            "has no checkpoint-N folder",
+        ),
+        (
+            ["train", "--model", model, "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")],
+            "does not exist",
+        ),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--lr", "0"], "--lr 0.0 must be"),
         (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--K", "9"], "K"),
-        (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--wipe-layer", "99"],
-         "--wipe-layer 99 is invalid for this model: give a layer from K+1=3 to L="),
-        (["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--init", str(tmp_path)],
-         "is not a twig directory"),
+        (
+            ["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--wipe-layer", "99"],
+            "--wipe-layer 99 is invalid for this model: give a layer from K+1=3 to L=",
+        ),
+        (
+            ["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--init", str(tmp_path)],
+            "is not a twig directory",
+        ),
     ]
     for argv, why in cases:
         assert main(argv) == 2
@@ -223,8 +326,17 @@ def test_distill_data_answers_with_the_base_greedy_output(vlms, model_dirs, llav
     src = Path(llava_data["eval"]).parent / "questions.json"
     src.write_text(json.dumps(records))
     out = tmp_path / "answers.jsonl"
-    argv = ["distill-data", "--model", model_dirs["llama-clip"], "--data", str(src), "--out", str(out),
-            "--max-new-tokens", "6"]
+    argv = [
+        "distill-data",
+        "--model",
+        model_dirs["llama-clip"],
+        "--data",
+        str(src),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "6",
+    ]
     assert main(argv) == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [len(r["conversations"]) for r in written] == [4, 2, len(records[2]["conversations"])]
@@ -232,13 +344,17 @@ def test_distill_data_answers_with_the_base_greedy_output(vlms, model_dirs, llav
     assert written[2] == records[2]
     vlm = vlms["llama-clip"]
     image = str(src.parent / records[1]["image"])
-    expected = vlm.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                                                             "text": "What color is the picture?"}]}],
-                            image, max_new_tokens=6).text
+    expected = vlm.generate(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the picture?"}]}],
+        image,
+        max_new_tokens=6,
+    ).text
     assert written[1]["conversations"][1] == {"from": "gpt", "value": expected}
-    so_far = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the picture?"}]},
-              {"role": "assistant", "content": records[0]["conversations"][1]["value"]},
-              {"role": "user", "content": "Is it red?"}]
+    so_far = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the picture?"}]},
+        {"role": "assistant", "content": records[0]["conversations"][1]["value"]},
+        {"role": "user", "content": "Is it red?"},
+    ]
     follow_up = vlm.generate(so_far, str(src.parent / records[0]["image"]), max_new_tokens=6).text
     assert written[0]["conversations"][3] == {"from": "gpt", "value": follow_up}
     assert "wrote 3 record(s) with 2 generated answer(s)" in capsys.readouterr().out
@@ -252,18 +368,37 @@ def test_kl_distillation_keeps_the_twig_closer_to_the_base(vlms, model_dirs, lla
     """On a random base the answers are unrelated to what the base predicts: cross-entropy alone pulls the twig
     away from the base, and the KL term holds it closer (higher agreement with the base's greedy tokens)."""
     vlm = vlms["llama-clip"]
-    runs = {d: train_twig(_cfg(model_dirs["llama-clip"], llava_data["train"], tmp_path / d, distill=d, max_steps=8,
-                               save_steps=99, eval_data=llava_data["eval"], distill_weight=4.0), adapter=vlm.adapter)
-            for d in ("none", "kl")}
+    runs = {
+        d: train_twig(
+            _cfg(
+                model_dirs["llama-clip"],
+                llava_data["train"],
+                tmp_path / d,
+                distill=d,
+                max_steps=8,
+                save_steps=99,
+                eval_data=llava_data["eval"],
+                distill_weight=4.0,
+            ),
+            adapter=vlm.adapter,
+        )
+        for d in ("none", "kl")
+    }
     assert runs["kl"].eval_after["eval_agreement"] > runs["none"].eval_after["eval_agreement"] + 0.1
 
 
-@pytest.mark.parametrize("change,why", [
-    (dict(warmup_ratio=1.5), "--warmup-ratio"), (dict(batch_size=0), "--batch-size 0"),
-    (dict(max_steps=0), "--max-steps 0"), (dict(epochs=0.0, max_steps=-1), "--epochs"),
-    (dict(max_length=1), "--max-length 1"), (dict(save_total_limit=0), "--save-total-limit"),
-    (dict(wipe_layer=2), "--wipe-layer 2 must come after the twig's layer --K 2"),
-])
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        (dict(warmup_ratio=1.5), "--warmup-ratio"),
+        (dict(batch_size=0), "--batch-size 0"),
+        (dict(max_steps=0), "--max-steps 0"),
+        (dict(epochs=0.0, max_steps=-1), "--epochs"),
+        (dict(max_length=1), "--max-length 1"),
+        (dict(save_total_limit=0), "--save-total-limit"),
+        (dict(wipe_layer=2), "--wipe-layer 2 must come after the twig's layer --K 2"),
+    ],
+)
 def test_train_config_validation(change, why):
     with pytest.raises(twigvlm.TwigVLMError, match=why):
         replace(TrainConfig(model="m", data="d", out="o"), **change).validate()

@@ -15,12 +15,16 @@ from twigvlm.train.data import IGNORE_INDEX, Collator, LlavaDataset, load_record
 
 from .conftest import write_llava_data
 
-TWO_TURNS = {"id": "a", "image": "images/x.png", "conversations": [
-    {"from": "human", "value": "<image>\nWhat color is the picture?"},
-    {"from": "gpt", "value": "The picture is red."},
-    {"from": "human", "value": "Is it red?"},
-    {"from": "gpt", "value": "yes"},
-]}
+TWO_TURNS = {
+    "id": "a",
+    "image": "images/x.png",
+    "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the picture?"},
+        {"from": "gpt", "value": "The picture is red."},
+        {"from": "human", "value": "Is it red?"},
+        {"from": "gpt", "value": "yes"},
+    ],
+}
 
 
 def _write(folder: Path, records, name: str = "data.json") -> str:
@@ -46,8 +50,9 @@ def test_two_turn_labels_cover_exactly_the_answers(vlm, tmp_path):
     tok = vlm.adapter.tokenizer
     assert tok.decode(ids[answer]) == "The picture is red.<|im_end|>\nyes<|im_end|>\n"
     # Everything before each answer is exactly what inference feeds for that conversation prefix.
-    messages = to_messages([("user", "<image>\nWhat color is the picture?"), ("assistant", "The picture is red."),
-                            ("user", "Is it red?")])
+    messages = to_messages(
+        [("user", "<image>\nWhat color is the picture?"), ("assistant", "The picture is red."), ("user", "Is it red?")]
+    )
     image = ds.records[0].images[0]
     for upto, first_answer_token in ((1, 0), (3, 1)):
         starts = [i for i in range(1, len(ids)) if answer[i] and not answer[i - 1]]
@@ -80,11 +85,23 @@ def test_image_without_placeholder_opens_the_first_human_turn(vlm, tmp_path):
 
 
 def test_text_only_record_and_unanswered_tail(vlm, tmp_path):
-    tail = {"id": "t", "image": ["images/x.png", "images/x.png"], "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"},
-        {"from": "human", "value": "And this? <image>"}]}
-    text = {"id": "s", "conversations": [{"from": "system", "value": "Be brief."},
-                                         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]}
+    tail = {
+        "id": "t",
+        "image": ["images/x.png", "images/x.png"],
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "And this? <image>"},
+        ],
+    }
+    text = {
+        "id": "s",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "hello"},
+        ],
+    }
     ds = _dataset(vlm, _write(tmp_path, [tail, text]))
     assert len(ds.records[0].images) == 1  # the unanswered turn and its image are dropped
     assert ds[0]["pixel_values"].shape[0] == 1
@@ -136,10 +153,17 @@ MALFORMED = [
     ({"id": 1}, "'conversations' must be a non-empty list"),
     ({"conversations": [{"from": "robot", "value": "x"}]}, "turn 0 has 'from': 'robot'"),
     ({"conversations": [{"from": "human", "value": 3}]}, "turn 0 needs a text 'value'"),
-    ({"image": 5, "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
-     "'image' must be a file name"),
-    ({"image": "images/x.png", "conversations": [{"from": "human", "value": "<image><image>"},
-                                                 {"from": "gpt", "value": "y"}]}, "2 <image> placeholder(s)"),
+    (
+        {"image": 5, "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        "'image' must be a file name",
+    ),
+    (
+        {
+            "image": "images/x.png",
+            "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "y"}],
+        },
+        "2 <image> placeholder(s)",
+    ),
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "<image>"}]}, "an answer contains"),
     ({"conversations": [{"from": "human", "value": "only a question"}]}, "has no answer"),
 ]

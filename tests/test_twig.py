@@ -79,8 +79,9 @@ def test_layer_init_and_wipe_layer_are_saved_and_reloaded(tmp_path, model_dirs):
     assert all(torch.equal(loaded.state_dict()[n], t) for n, t in grown.state_dict().items())
     # A twig.json written before these fields existed loads with the paper's defaults.
     cfg_file = twig_dir / "twig.json"
-    cfg_file.write_text(json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items()
-                                    if k not in ("layer_init", "wipe_layer")}))
+    cfg_file.write_text(
+        json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in ("layer_init", "wipe_layer")})
+    )
     old = vlm.load_twig(twig_dir)
     assert (old.config.layer_init, old.config.wipe_layer) == ("next", None)
 
@@ -162,12 +163,19 @@ def test_fingerprint_survives_a_dtype_change(tmp_path, model_dirs):
     assert next(bf16.twig.parameters()).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"K": 0}, "K must be >= 1"), ({"T": 0}, "T >= 1"), ({"K": 4, "T": 3}, "exceeds"), ({"head": "x"}, "head"),
-    ({"layer_init": "middle"}, "layer_init='middle' is invalid"),
-    ({"K": 2, "wipe_layer": 2}, "wipe_layer=2 is invalid: give a layer from K\\+1=3 to L="),
-    ({"wipe_layer": 99}, "wipe_layer=99 is invalid"), ({"wipe_layer": 4.0}, "wipe_layer=4.0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"K": 0}, "K must be >= 1"),
+        ({"T": 0}, "T >= 1"),
+        ({"K": 4, "T": 3}, "exceeds"),
+        ({"head": "x"}, "head"),
+        ({"layer_init": "middle"}, "layer_init='middle' is invalid"),
+        ({"K": 2, "wipe_layer": 2}, "wipe_layer=2 is invalid: give a layer from K\\+1=3 to L="),
+        ({"wipe_layer": 99}, "wipe_layer=99 is invalid"),
+        ({"wipe_layer": 4.0}, "wipe_layer=4.0 is invalid"),
+    ],
+)
 def test_bad_twig_configs(fresh_vlm, kwargs, message):
     with pytest.raises(TwigVLMError, match=message):
         fresh_vlm.grow_twig(TwigConfig(**kwargs))

@@ -10,5 +10,15 @@ from .generate import GenerationResult, GenerationStats
 
 __version__ = "0.1.0"
 
-__all__ = ["GenConfig", "GenerationResult", "GenerationStats", "PruneConfig", "SpecConfig", "TwigConfig",
-           "TwigVLMError", "VLM", "load", "__version__"]
+__all__ = [
+    "GenConfig",
+    "GenerationResult",
+    "GenerationStats",
+    "PruneConfig",
+    "SpecConfig",
+    "TwigConfig",
+    "TwigVLMError",
+    "VLM",
+    "load",
+    "__version__",
+]

@@ -1,9 +1,9 @@
 """The Python API: `VLM` loads a stock Hugging Face VLM (and optionally a twig) and generates from it.
 
-    vlm = twigvlm.load("path/to/llava", twig="path/to/twig")
-    out = vlm.generate("What is in the picture?", image="photo.jpg", max_new_tokens=64)
-    for piece in vlm.stream("Describe it.", image="photo.jpg"):
-        print(piece, end="")
+vlm = twigvlm.load("path/to/llava", twig="path/to/twig")
+out = vlm.generate("What is in the picture?", image="photo.jpg", max_new_tokens=64)
+for piece in vlm.stream("Describe it.", image="photo.jpg"):
+    print(piece, end="")
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ class VLM:
 
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32",
-             device: str = "cpu") -> VLM:
+    def load(
+        cls,
+        model: str | Path,
+        twig: str | Path | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str = "cpu",
+    ) -> VLM:
         """Load a saved Hugging Face VLM directory, and a twig directory if given."""
         vlm = cls(load_adapter(model, dtype=dtype, device=device))
         if twig is not None:
@@ -74,16 +79,26 @@ class VLM:
         return save_twig(self.twig, path)
 
     # ---- generation -----------------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
-               prune: PruneConfig | str | None = None) -> Encoded:
+    def encode(
+        self,
+        prompt: Prompt,
+        image: ImageInput | Sequence[ImageInput] | None = None,
+        prune: PruneConfig | str | None = None,
+    ) -> Encoded:
         """Prompt + images → embeddings, positions and the visual-token mask (VisionZip reduces here)."""
         prune = _prune_config(prune)
         reducer = VisionZip(prune) if prune is not None and prune.method == "visionzip" else None
         return self.adapter.encode(prompt, load_images(image), reducer=reducer)
 
-    def stream(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
-               config: GenConfig | None = None, prune: PruneConfig | str | None = None,
-               speculative: SpecConfig | bool = False, **kwargs: Any) -> Generation:
+    def stream(
+        self,
+        prompt: Prompt,
+        image: ImageInput | Sequence[ImageInput] | None = None,
+        config: GenConfig | None = None,
+        prune: PruneConfig | str | None = None,
+        speculative: SpecConfig | bool = False,
+        **kwargs: Any,
+    ) -> Generation:
         """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
 
         prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip") at the default 11.1% budget.
@@ -95,9 +110,15 @@ class VLM:
         spec = SpecConfig() if speculative is True else (speculative or None)
         return Generation(self.engine, self.encode(prompt, image, prune), cfg, prune, spec)
 
-    def generate(self, prompt: Prompt, image: ImageInput | Sequence[ImageInput] | None = None,
-                 config: GenConfig | None = None, prune: PruneConfig | str | None = None,
-                 speculative: SpecConfig | bool = False, **kwargs: Any) -> GenerationResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        image: ImageInput | Sequence[ImageInput] | None = None,
+        config: GenConfig | None = None,
+        prune: PruneConfig | str | None = None,
+        speculative: SpecConfig | bool = False,
+        **kwargs: Any,
+    ) -> GenerationResult:
         """Generate to the end: text, token ids and statistics."""
         return self.stream(prompt, image, config, prune, speculative, **kwargs).run()
 
@@ -128,7 +149,8 @@ def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
     return prune
 
 
-def load(model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32",
-         device: str = "cpu") -> VLM:
+def load(
+    model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu"
+) -> VLM:
     """Load a Hugging Face VLM directory (and a twig directory) — see `VLM.load`."""
     return VLM.load(model, twig=twig, dtype=dtype, device=device)

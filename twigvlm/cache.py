@@ -59,8 +59,13 @@ class LayerKV:
         self.length += n
         return self.keys(), self.values()
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int | None = None,
+        cache_kwargs: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Hugging Face cache protocol: append and return the full keys/values."""
         return self.append(key_states, value_states)
 

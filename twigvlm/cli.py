@@ -42,8 +42,12 @@ def _positive_int(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face VLM directory (save_pretrained output)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and compute dtype (default: float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and compute dtype (default: float32)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
@@ -55,13 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--K", type=int, default=2, help="attach after base layer K (1-based, default 2)")
     g.add_argument("--T", type=int, default=3, help="number of twig layers (default 3)")
-    g.add_argument("--head", choices=["shared", "copy"], default=None,
-                   help="share the base LM head or train a copy (default: shared if embeddings are tied)")
-    g.add_argument("--layer-init", choices=LAYER_INITS, default="next",
-                   help="twig layers from base layers K+1..K+T (next, default), the last T base layers (last), or "
-                        "random weights (random)")
-    g.add_argument("--wipe-layer", type=int, default=None,
-                   help="record FinalWipe after this layer K_f in the twig (default: none recorded, so round(0.75·L))")
+    g.add_argument(
+        "--head",
+        choices=["shared", "copy"],
+        default=None,
+        help="share the base LM head or train a copy (default: shared if embeddings are tied)",
+    )
+    g.add_argument(
+        "--layer-init",
+        choices=LAYER_INITS,
+        default="next",
+        help="twig layers from base layers K+1..K+T (next, default), the last T base layers (last), or "
+        "random weights (random)",
+    )
+    g.add_argument(
+        "--wipe-layer",
+        type=int,
+        default=None,
+        help="record FinalWipe after this layer K_f in the twig (default: none recorded, so round(0.75·L))",
+    )
     g.add_argument("--out", required=True, help="output twig directory")
 
     gen = sub.add_parser("generate", help="answer a prompt about image(s)")
@@ -78,23 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
     pr = gen.add_argument_group("visual-token pruning")
-    pr.add_argument("--prune", choices=list(PRUNE_METHODS), default="none",
-                    help="twig (TTP, needs --twig), fastv, visionzip or none (default)")
+    pr.add_argument(
+        "--prune",
+        choices=list(PRUNE_METHODS),
+        default="none",
+        help="twig (TTP, needs --twig), fastv, visionzip or none (default)",
+    )
     budget = pr.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
     budget.add_argument("--keep-ratio", type=float, default=None, help="R̄ / M (default 0.111)")
-    pr.add_argument("--wipe-layer", type=int, default=None,
-                    help="K_f: no visual token after this layer (default: the K_f the twig records, else "
-                         "round(0.75·L); L disables)")
+    pr.add_argument(
+        "--wipe-layer",
+        type=int,
+        default=None,
+        help="K_f: no visual token after this layer (default: the K_f the twig records, else "
+        "round(0.75·L); L disables)",
+    )
     pr.add_argument("--prune-layer", type=int, default=None, help="K for fastv (default: the twig's K, else 2)")
-    pr.add_argument("--query", choices=list(QUERY_MODES), default="last",
-                    help="score with the last prompt token (default) or the text after the image")
+    pr.add_argument(
+        "--query",
+        choices=list(QUERY_MODES),
+        default="last",
+        help="score with the last prompt token (default) or the text after the image",
+    )
     pr.add_argument("--save-kept", default=None, metavar="PNG", help="write the image(s) with pruned patches dimmed")
     sp = gen.add_argument_group("self-speculative decoding (needs --twig)")
     sp.add_argument("--speculative", action="store_true", help="the twig drafts, the full model verifies (lossless)")
     sp.add_argument("--draft-len", type=_positive_int, default=5, help="γ, tokens drafted per step (default 5)")
-    sp.add_argument("--draft-threshold", type=float, default=0.6,
-                    help="τ: stop drafting below this draft probability (default 0.6; 0 disables)")
+    sp.add_argument(
+        "--draft-threshold",
+        type=float,
+        default=0.6,
+        help="τ: stop drafting below this draft probability (default 0.6; 0 disables)",
+    )
     sp.add_argument("--adaptive-draft", action="store_true", help="adapt γ to the recent acceptance")
 
     t = sub.add_parser("tiny", help="write a tiny random LLaVA (offline) for trying things out")
@@ -112,8 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _gen_config(args: argparse.Namespace) -> GenConfig:
-    cfg = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    cfg = GenConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
     cfg.validate()
     return cfg
 
@@ -131,13 +170,20 @@ def cmd_grow(args: argparse.Namespace) -> None:
     twig = vlm.grow_twig(config)
     vlm.save_twig(out)
     n = sum(p.numel() for p in twig.parameters())
-    print(f"grew a twig K={twig.config.K} T={twig.config.T} head={twig.config.head} "
-          f"({n / 1e6:.2f}M parameters) → {out}")
+    print(
+        f"grew a twig K={twig.config.K} T={twig.config.T} head={twig.config.head} ({n / 1e6:.2f}M parameters) → {out}"
+    )
 
 
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
-    cfg = PruneConfig(method=args.prune, keep=args.keep, keep_ratio=args.keep_ratio, wipe_layer=args.wipe_layer,
-                      layer=args.prune_layer, query=args.query)
+    cfg = PruneConfig(
+        method=args.prune,
+        keep=args.keep,
+        keep_ratio=args.keep_ratio,
+        wipe_layer=args.wipe_layer,
+        layer=args.prune_layer,
+        query=args.query,
+    )
     cfg.validate()
     if args.prune == "twig" and args.twig is None:
         raise TwigVLMError("--prune twig needs a twig: pass --twig DIR (from `twigvlm grow` or `twigvlm train`)")
@@ -147,8 +193,12 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
 def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
     if not args.speculative:
         return None
-    spec = SpecConfig(draft_len=args.draft_len, threshold=args.draft_threshold, adaptive=args.adaptive_draft,
-                      max_draft_len=max(10, args.draft_len))
+    spec = SpecConfig(
+        draft_len=args.draft_len,
+        threshold=args.draft_threshold,
+        adaptive=args.adaptive_draft,
+        max_draft_len=max(10, args.draft_len),
+    )
     spec.validate()
     if args.twig is None:
         raise TwigVLMError("--speculative drafts with a twig: pass --twig DIR (from `twigvlm grow` or `twigvlm train`)")
@@ -191,10 +241,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(json.dumps(stream.result.to_dict()))
         return
     kept = f", kept {s.kept}/{s.visual_tokens} visual tokens ({s.prune_method})" if s.kept is not None else ""
-    drafts = (f", {s.acceptance_rate:.0%} of drafts accepted, {s.mean_accepted_per_step:.2f} tokens per verification"
-              if s.drafted is not None else "")
-    print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, prefill {s.prefill_s * 1000:.0f} ms, "
-          f"{s.visual_tokens} visual tokens{kept}{drafts}, finished by {s.finish_reason}]", file=sys.stderr)
+    drafts = (
+        f", {s.acceptance_rate:.0%} of drafts accepted, {s.mean_accepted_per_step:.2f} tokens per verification"
+        if s.drafted is not None
+        else ""
+    )
+    print(
+        f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, prefill {s.prefill_s * 1000:.0f} ms, "
+        f"{s.visual_tokens} visual tokens{kept}{drafts}, finished by {s.finish_reason}]",
+        file=sys.stderr,
+    )
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:
@@ -202,8 +258,9 @@ def cmd_tiny(args: argparse.Namespace) -> None:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise TwigVLMError(f"--out {args.out} exists and is not a directory: choose another path")
-    out = save_tiny_llava(args.out, TinySpec(backbone=args.backbone, tower=args.tower, num_layers=args.layers,
-                                             seed=args.seed))
+    out = save_tiny_llava(
+        args.out, TinySpec(backbone=args.backbone, tower=args.tower, num_layers=args.layers, seed=args.seed)
+    )
     print(f"wrote a tiny random LLaVA ({args.backbone} + {args.tower}, {args.layers} layers) → {out}")
 
 
@@ -222,8 +279,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print("loading the demo VLM (SmolLM2-135M-Instruct decoder + our vision tower + trained twig)", flush=True)
         vlm = VLM.load("demo", twig="demo")
         short, scene, desc = eval_set("easyvqa", 1)[0], eval_set("scenes", 1)[0], eval_set("describe", 1)[0]
-        requests = [("easy-vqa", short.question, short.image(), 8), ("scene", scene.question, scene.image(), 8),
-                    ("describe", desc.question, desc.image(), 160)]
+        requests = [
+            ("easy-vqa", short.question, short.image(), 8),
+            ("scene", scene.question, scene.image(), 8),
+            ("describe", desc.question, desc.image(), 160),
+        ]
         main_job(vlm, requests, out)
     else:
         _tiny_demo(out)
@@ -238,8 +298,10 @@ def _tiny_demo(out: Path) -> None:
     from .images import load_image
     from .tiny import TinySpec, demo_image, save_tiny_llava
 
-    print("note: the embedded demo model's trained weights are not in this installation yet, so this runs the main "
-          "job on a tiny random LLaVA with an untrained twig (its text is gibberish and its speed means nothing)")
+    print(
+        "note: the embedded demo model's trained weights are not in this installation yet, so this runs the main "
+        "job on a tiny random LLaVA with an untrained twig (its text is gibberish and its speed means nothing)"
+    )
     hf_logging.disable_progress_bar()  # a tiny model saves and loads in milliseconds
     with tempfile.TemporaryDirectory(prefix="twigvlm-demo-") as tmp:
         model_dir = save_tiny_llava(Path(tmp) / "tiny-llava", TinySpec(tie_embeddings=False))
@@ -249,8 +311,15 @@ def _tiny_demo(out: Path) -> None:
         main_job(vlm, [("describe", "Describe the image in detail.", image, 32)], out, keep_ratio=0.5)
 
 
-COMMANDS = {"grow": cmd_grow, "generate": cmd_generate, "tiny": cmd_tiny, "demo": cmd_demo,
-            "train": train_cli.cmd_train, "bench": bench_cli.cmd_bench, "distill-data": train_cli.cmd_distill_data}
+COMMANDS = {
+    "grow": cmd_grow,
+    "generate": cmd_generate,
+    "tiny": cmd_tiny,
+    "demo": cmd_demo,
+    "train": train_cli.cmd_train,
+    "bench": bench_cli.cmd_bench,
+    "distill-data": train_cli.cmd_distill_data,
+}
 
 
 def _quiet_transformers() -> None:

@@ -47,9 +47,11 @@ class TwigConfig:
         if self.wipe_layer is not None:
             top = num_layers if num_layers is not None else self.wipe_layer
             if type(self.wipe_layer) is not int or not self.K < self.wipe_layer <= top:
-                raise TwigVLMError(f"wipe_layer={self.wipe_layer!r} is invalid: give a layer from K+1={self.K + 1} "
-                                   f"to L={num_layers if num_layers is not None else 'the number of layers'} "
-                                   f"(FinalWipe drops every visual token after it)")
+                raise TwigVLMError(
+                    f"wipe_layer={self.wipe_layer!r} is invalid: give a layer from K+1={self.K + 1} "
+                    f"to L={num_layers if num_layers is not None else 'the number of layers'} "
+                    f"(FinalWipe drops every visual token after it)"
+                )
 
     def resolved(self, tied_embeddings: bool) -> TwigConfig:
         """This config with `head` decided ("shared" for tied embeddings, else "copy")."""

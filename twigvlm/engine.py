@@ -57,8 +57,13 @@ class Engine:
         return DecodeState(cache=KVCache(self.num_layers), twig_cache=twig_cache)
 
     # ---- layers ---------------------------------------------------------------------------------------------
-    def run_layers(self, layers: Sequence[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor,
-                   caches: Sequence[LayerKV | None]) -> torch.Tensor:
+    def run_layers(
+        self,
+        layers: Sequence[nn.Module],
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        caches: Sequence[LayerKV | None],
+    ) -> torch.Tensor:
         """hidden [B, q, H] through `layers` in order, layer i reading and extending caches[i]."""
         rope = self.adapter.rotary(hidden, position_ids)
         q = hidden.shape[1]
@@ -70,9 +75,15 @@ class Engine:
             hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
         return hidden
 
-    def run_and_score(self, layers: Sequence[nn.Module], caches: Sequence[LayerKV], hidden: torch.Tensor,
-                      position_ids: torch.Tensor, query_index: torch.Tensor,
-                      last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_and_score(
+        self,
+        layers: Sequence[nn.Module],
+        caches: Sequence[LayerKV],
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        query_index: torch.Tensor,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `layers` on a fresh prompt (caches empty before), and return the output [B, T, H] with the last
         layer's attention probabilities [B, heads, q, T] for the queries at `query_index` [q].
 
@@ -90,16 +101,23 @@ class Engine:
         probs = self.adapter.attention_probs(layers[-1], below[:, query_index], rope, caches[-1].keys(), query_index)
         return out, probs
 
-    def forward(self, state: DecodeState | None, hidden: torch.Tensor, position_ids: torch.Tensor,
-                start: int = 0, end: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        state: DecodeState | None,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        start: int = 0,
+        end: int | None = None,
+    ) -> torch.Tensor:
         """Base layers[start:end] (0-based, end exclusive) on hidden [B, q, H]; no cache when state is None."""
         end = self.num_layers if end is None else end
         layers = self.adapter.layers[start:end]
         caches = [None] * len(layers) if state is None else state.cache.layers[start:end]
         return self.run_layers(layers, hidden, position_ids, caches)
 
-    def forward_twig(self, state: DecodeState | None, hidden_k: torch.Tensor,
-                     position_ids: torch.Tensor) -> torch.Tensor:
+    def forward_twig(
+        self, state: DecodeState | None, hidden_k: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Twig layers on the layer-K hidden states [B, q, H] → twig hidden states [B, q, H] (before its norm)."""
         if self.twig is None:
             raise RuntimeError("no twig is attached: grow or load one first")
@@ -168,8 +186,9 @@ class Engine:
         below = self._all_but_last(layers, hidden_k, position_ids, caches)
         self._project_into(layers[-1], caches[-1], below, position_ids)
 
-    def _all_but_last(self, layers: Sequence[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor,
-                      caches: Sequence[LayerKV]) -> torch.Tensor:
+    def _all_but_last(
+        self, layers: Sequence[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor, caches: Sequence[LayerKV]
+    ) -> torch.Tensor:
         """The input of the last of `layers`: the others run on hidden [B, T, H] with their caches."""
         return self.run_layers(layers[:-1], hidden, position_ids, caches[:-1]) if len(layers) > 1 else hidden
 

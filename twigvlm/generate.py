@@ -90,7 +90,7 @@ class TextStream:
         return self._release(self._decode(self._ids))
 
     def _release(self, upto: str) -> str:
-        piece = upto[len(self.text):]  # decode(ids[:n]) is a prefix of decode(ids[:n+1]) for real tokenizers
+        piece = upto[len(self.text) :]  # decode(ids[:n]) is a prefix of decode(ids[:n+1]) for real tokenizers
         self.text += piece
         return piece
 
@@ -110,8 +110,14 @@ class TextStream:
         return best
 
 
-def emit(blocks: Iterable[list[int]], text: TextStream, max_new_tokens: int, eos: set[int], stop_ids: set[int],
-         ids: list[int]) -> Generator[str, None, str]:
+def emit(
+    blocks: Iterable[list[int]],
+    text: TextStream,
+    max_new_tokens: int,
+    eos: set[int],
+    stop_ids: set[int],
+    ids: list[int],
+) -> Generator[str, None, str]:
     """Take tokens from blocks into `ids` and yield text pieces until a stopping rule fires; return the reason.
 
     Tokens after the stopping one in the same block (a speculative step emits several) are dropped; EOS and
@@ -141,15 +147,17 @@ def emit(blocks: Iterable[list[int]], text: TextStream, max_new_tokens: int, eos
 
 
 @torch.no_grad()  # not inference_mode: callers may edit the cache between steps
-def _prefill(engine: Engine, state: DecodeState, encoded: Encoded, prune: PruneConfig | None,
-             prime_twig: bool) -> tuple[torch.Tensor, PruneStats | None]:
+def _prefill(
+    engine: Engine, state: DecodeState, encoded: Encoded, prune: PruneConfig | None, prime_twig: bool
+) -> tuple[torch.Tensor, PruneStats | None]:
     if prune is None or not prune.active or prune.method == "visionzip":  # visionzip pruned before the LM
         return engine.prefill(state, encoded, prime_twig), None
     return pruned_prefill(engine, state, encoded, prune, prime_twig)
 
 
-def _ar_blocks(engine: Engine, state: DecodeState, first: int, cfg: GenConfig,
-               generator: torch.Generator | None) -> Iterator[list[int]]:
+def _ar_blocks(
+    engine: Engine, state: DecodeState, first: int, cfg: GenConfig, generator: torch.Generator | None
+) -> Iterator[list[int]]:
     """Plain autoregressive decoding: one token per block; a step runs only when the next block is asked for."""
     token = first
     device = state.cache[0].keys().device
@@ -163,8 +171,14 @@ def _ar_blocks(engine: Engine, state: DecodeState, first: int, cfg: GenConfig,
 class Generation:
     """Iterate for text pieces as they are produced; `result` is set when the iteration ends."""
 
-    def __init__(self, engine: Engine, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None = None,
-                 spec: SpecConfig | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        encoded: Encoded,
+        cfg: GenConfig,
+        prune: PruneConfig | None = None,
+        spec: SpecConfig | None = None,
+    ) -> None:
         cfg.validate()
         if prune is not None:
             prune.validate()
@@ -177,7 +191,8 @@ class Generation:
             raise TwigVLMError(
                 f"this model uses sliding-window attention (window {window}) and the prompt ({encoded.num_tokens} "
                 f"tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds it, which twigvlm does not support "
-                "yet: shorten the prompt or lower max_new_tokens")
+                "yet: shorten the prompt or lower max_new_tokens"
+            )
         self.engine, self.encoded, self.cfg, self.prune, self.spec = engine, encoded, cfg, prune, spec
         self.state: DecodeState | None = None  # the caches, for inspection after (or during) a run
         self.result: GenerationResult | None = None
@@ -205,8 +220,11 @@ class Generation:
         ids: list[int] = []
         reason = yield from emit(blocks, text, cfg.max_new_tokens, eos, stop_ids, ids)
         t_end = time.perf_counter()
-        self.result = GenerationResult(text=text.text, token_ids=ids, stats=self._stats(
-            ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats))
+        self.result = GenerationResult(
+            text=text.text,
+            token_ids=ids,
+            stats=self._stats(ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats),
+        )
 
     def run(self) -> GenerationResult:
         """Generate to the end (without streaming) and return the result."""
@@ -215,14 +233,27 @@ class Generation:
         assert self.result is not None
         return self.result
 
-    def _stats(self, ids: list[int], reason: str, prefill_s: float, decode_s: float,
-               pruned: PruneStats | None, spec: SpecStats | None) -> GenerationStats:
+    def _stats(
+        self,
+        ids: list[int],
+        reason: str,
+        prefill_s: float,
+        decode_s: float,
+        pruned: PruneStats | None,
+        spec: SpecStats | None,
+    ) -> GenerationStats:
         encoded = self.encoded
         total = encoded.encode_s + prefill_s + decode_s
         stats = GenerationStats(
-            prompt_tokens=encoded.num_tokens, visual_tokens=encoded.num_visual_tokens, new_tokens=len(ids),
-            encode_s=encoded.encode_s, prefill_s=prefill_s, decode_s=decode_s,
-            tokens_per_s=len(ids) / total if total > 0 else 0.0, finish_reason=reason)
+            prompt_tokens=encoded.num_tokens,
+            visual_tokens=encoded.num_visual_tokens,
+            new_tokens=len(ids),
+            encode_s=encoded.encode_s,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            tokens_per_s=len(ids) / total if total > 0 else 0.0,
+            finish_reason=reason,
+        )
         reduced = encoded.reduction
         if pruned is not None:
             stats.prune_method, stats.visual_tokens, stats.kept = pruned.method, pruned.visual_tokens, pruned.kept
@@ -237,4 +268,3 @@ class Generation:
             stats.acceptance_rate, stats.mean_accepted_per_step = spec.acceptance_rate, spec.mean_accepted_per_step
             stats.draft_s, stats.verify_s = spec.draft_s, spec.verify_s
         return stats
-

@@ -29,15 +29,19 @@ def load_image(image: ImageInput) -> Image.Image:
             img = Image.open(path)
             img.load()
         except Image.DecompressionBombError:
-            raise TwigVLMError(f"image {path} is too large to decode safely "
-                               f"(over {Image.MAX_IMAGE_PIXELS} pixels): downscale it first") from None
+            raise TwigVLMError(
+                f"image {path} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels): downscale it first"
+            ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise TwigVLMError(f"image {path} is not a readable image ({type(e).__name__}): "
-                               "pass a PNG, JPEG or other file PIL can open") from None
+            raise TwigVLMError(
+                f"image {path} is not a readable image ({type(e).__name__}): "
+                "pass a PNG, JPEG or other file PIL can open"
+            ) from None
         source = f"image {path}"
     if img.mode not in CONVERTIBLE_MODES:
-        raise TwigVLMError(f"{source} has mode {img.mode!r}, which has no faithful RGB conversion: "
-                           "save it as 8-bit RGB or greyscale")
+        raise TwigVLMError(
+            f"{source} has mode {img.mode!r}, which has no faithful RGB conversion: save it as 8-bit RGB or greyscale"
+        )
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -31,12 +31,14 @@ def kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None) -
         for r in range(rows):
             for c in range(cols):
                 if kept is not None and offset + r * cols + c not in kept:
-                    draw.rectangle([round(c * pw), round(r * ph), round((c + 1) * pw) - 1, round((r + 1) * ph) - 1],
-                                   fill=255)
+                    draw.rectangle(
+                        [round(c * pw), round(r * ph), round((c + 1) * pw) - 1, round((r + 1) * ph) - 1], fill=255
+                    )
         panels.append(Image.composite(dimmed, panel, mask))
         offset += rows * cols
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + GAP * (len(panels) - 1),
-                               max(p.height for p in panels)), (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (sum(p.width for p in panels) + GAP * (len(panels) - 1), max(p.height for p in panels)), (255, 255, 255)
+    )
     x = 0
     for p in panels:
         canvas.paste(p, (x, 0))
@@ -44,8 +46,7 @@ def kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None) -
     return canvas
 
 
-def save_kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None,
-                      path: str | Path) -> Path:
+def save_kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None, path: str | Path) -> Path:
     path = Path(path)
     if not layout:
         raise TwigVLMError("--save-kept needs at least one image")

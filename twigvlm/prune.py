@@ -58,25 +58,31 @@ def resolve_wipe_layer(explicit: int | None, recorded: int | None, num_layers: i
     return max(K + 1, recorded if recorded is not None else default_wipe_layer(num_layers))
 
 
-def plan_pruning(cfg: PruneConfig, num_layers: int, num_visual: int, K: int,
-                 model_wipe: int | None = None) -> PrunePlan:
+def plan_pruning(
+    cfg: PruneConfig, num_layers: int, num_visual: int, K: int, model_wipe: int | None = None
+) -> PrunePlan:
     """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range.
     `model_wipe`: the K_f the attached twig records (`resolve_wipe_layer`)."""
     if not 1 <= K < num_layers:
         raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
     wipe = resolve_wipe_layer(cfg.wipe_layer, model_wipe, num_layers, K)
     if not K < wipe <= num_layers:
-        raise TwigVLMError(f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} "
-                           f"(L disables FinalWipe)")
+        raise TwigVLMError(
+            f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} (L disables FinalWipe)"
+        )
     avg = cfg.average_budget(num_visual)
     kept = kept_per_layer(avg, num_layers, num_visual, K, wipe)
     if not 1 <= kept <= num_visual:
         low, high = K * num_visual / num_layers, num_visual * wipe / num_layers
-        hint = (f"; a larger wipe layer (up to --wipe-layer {num_layers}) allows more" if kept > num_visual
-                and wipe < num_layers else "")
+        hint = (
+            f"; a larger wipe layer (up to --wipe-layer {num_layers}) allows more"
+            if kept > num_visual and wipe < num_layers
+            else ""
+        )
         raise TwigVLMError(
             f"a budget of {avg:.1f} visual tokens per layer is infeasible for this model and prompt (M={num_visual}, "
-            f"L={num_layers}, K={K}, K_f={wipe}): choose an average above {low:.1f} and at most {high:.1f}{hint}")
+            f"L={num_layers}, K={K}, K_f={wipe}): choose an average above {low:.1f} and at most {high:.1f}{hint}"
+        )
     return PrunePlan(cfg.method, num_layers, num_visual, K, wipe, kept)
 
 
@@ -101,8 +107,9 @@ def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:
     return torch.tensor([last], device=encoded.input_ids.device)
 
 
-def _score(engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan,
-           query: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _score(
+    engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, T, H] and scores [M]."""
     pos, qidx = encoded.position_ids, query_positions(encoded, query)
     if plan.method == "twig":
@@ -114,8 +121,8 @@ def _score(engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan
         _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden_k, pos, qidx, last_only=True)
     elif plan.method == "fastv":  # base layer K's own attention
         below = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K - 1)
-        layers = engine.adapter.layers[plan.K - 1: plan.K]
-        hidden_k, probs = engine.run_and_score(layers, state.cache.layers[plan.K - 1: plan.K], below, pos, qidx)
+        layers = engine.adapter.layers[plan.K - 1 : plan.K]
+        hidden_k, probs = engine.run_and_score(layers, state.cache.layers[plan.K - 1 : plan.K], below, pos, qidx)
     else:
         raise ValueError(f"no language-model scorer for {plan.method!r}")
     visual = encoded.visual_mask[0]  # [T]
@@ -128,8 +135,9 @@ def select_kept(scores: torch.Tensor, kept: int) -> torch.Tensor:
     return scores.topk(kept).indices.sort().values
 
 
-def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded, cfg: PruneConfig,
-                   prime_twig: bool = False) -> tuple[torch.Tensor, PruneStats]:
+def pruned_prefill(
+    engine: Engine, state: DecodeState, encoded: Encoded, cfg: PruneConfig, prime_twig: bool = False
+) -> tuple[torch.Tensor, PruneStats]:
     """Prefill with pruning after layer K and FinalWipe after K_f; logits of the last prompt token [B, V].
 
     prime_twig: make sure the twig's cache holds the whole prompt (for drafting; the twig scorer fills it anyway).
@@ -137,8 +145,10 @@ def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded, cfg: Pr
     L, M = engine.num_layers, encoded.num_visual_tokens
     K = cfg.layer if cfg.layer is not None else (engine.twig.config.K if engine.twig is not None else 2)
     if cfg.method == "twig" and engine.twig is not None and K != engine.twig.config.K:
-        raise TwigVLMError(f"twig pruning happens after the twig's layer K={engine.twig.config.K}, not {K}: "
-                           "drop the layer option or grow a twig at that layer")
+        raise TwigVLMError(
+            f"twig pruning happens after the twig's layer K={engine.twig.config.K}, not {K}: "
+            "drop the layer option or grow a twig at that layer"
+        )
     if M == 0:  # nothing to prune
         return engine.prefill(state, encoded, prime_twig), PruneStats(cfg.method, 0, 0, 0.0, [])
     plan = plan_pruning(cfg, L, M, K, engine.twig.config.wipe_layer if engine.twig is not None else None)
@@ -147,8 +157,10 @@ def pruned_prefill(engine: Engine, state: DecodeState, encoded: Encoded, cfg: Pr
     score_s = time.perf_counter() - t0
     if prime_twig and state.twig_cache is not None and state.twig_cache[0].length == 0:
         if plan.K != engine.twig.config.K:
-            raise TwigVLMError(f"speculative decoding drafts from the twig at layer {engine.twig.config.K}, but "
-                               f"pruning happens after layer {plan.K}: use the same layer")
+            raise TwigVLMError(
+                f"speculative decoding drafts from the twig at layer {engine.twig.config.K}, but "
+                f"pruning happens after layer {plan.K}: use the same layer"
+            )
         engine.prime_twig(state, hidden, encoded.position_ids)
     keep_visual = select_kept(scores, plan.kept)  # [R']
     visual = encoded.visual_mask[0]  # [T]

@@ -62,8 +62,9 @@ class SpecStats:
         return self.emitted / self.steps if self.steps else 0.0
 
 
-def accept(draft: Draft, target_logits: torch.Tensor, cfg: GenConfig,
-           generator: torch.Generator | None) -> tuple[int, int]:
+def accept(
+    draft: Draft, target_logits: torch.Tensor, cfg: GenConfig, generator: torch.Generator | None
+) -> tuple[int, int]:
     """(number of drafts accepted, the token that follows them).
 
     Greedy: the longest prefix equal to the target's argmax, then the target's argmax after it.
@@ -88,8 +89,15 @@ def accept(draft: Draft, target_logits: torch.Tensor, cfg: GenConfig,
     return len(draft.ids), int(torch.multinomial(p[-1], 1, generator=generator))
 
 
-def speculative_blocks(model: SpecModel, first: int, cfg: GenConfig, spec: SpecConfig,
-                       generator: torch.Generator | None, stats: SpecStats, stop_ids: set[int]) -> Iterator[list[int]]:
+def speculative_blocks(
+    model: SpecModel,
+    first: int,
+    cfg: GenConfig,
+    spec: SpecConfig,
+    generator: torch.Generator | None,
+    stats: SpecStats,
+    stop_ids: set[int],
+) -> Iterator[list[int]]:
     """Yield blocks of new tokens: [first], then each verification's accepted drafts plus its target token."""
     yield [first]
     last, produced, gamma = first, 1, spec.draft_len
@@ -185,5 +193,5 @@ class TwigSpecModel:
             for kv in self.state.twig_cache.layers:
                 kv.crop(kv.length - (self._twig_fed - keep))
         else:
-            self._pending += self._hidden[self._twig_fed: keep]  # pending only empties when the twig runs
+            self._pending += self._hidden[self._twig_fed : keep]  # pending only empties when the twig runs
         self.state.next_position = self._start + keep

@@ -67,22 +67,40 @@ def build_tokenizer(vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None, chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def _text_config(spec: TinySpec, vocab: int):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=spec.hidden_size,
-                  intermediate_size=spec.intermediate_size or 2 * spec.hidden_size,
-                  num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                  num_key_value_heads=spec.num_kv_heads, max_position_embeddings=1024,
-                  tie_word_embeddings=spec.tie_embeddings, initializer_range=spec.init_std,
-                  eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size or 2 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=spec.tie_embeddings,
+        initializer_range=spec.init_std,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
     configs = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     if spec.backbone not in configs:
         raise ValueError(f"unknown tiny backbone {spec.backbone!r}: use one of {', '.join(configs)}")
@@ -93,8 +111,14 @@ def _text_config(spec: TinySpec, vocab: int):
 def _vision(spec: TinySpec):
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, SiglipImageProcessorPil, SiglipVisionConfig
 
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=spec.image_size, patch_size=spec.patch_size)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+    )
     size = {"height": spec.image_size, "width": spec.image_size}
     if spec.tower == "clip":
         proc = CLIPImageProcessorPil(size={"shortest_edge": spec.image_size}, crop_size=size)
@@ -112,18 +136,27 @@ def build_tiny_llava(spec: TinySpec = TinySpec()):
     vocab = max(spec.vocab_size, len(tokenizer))
     vision_config, image_processor, num_extra = _vision(spec)
     config = LlavaConfig(
-        vision_config=vision_config, text_config=_text_config(spec, vocab),
+        vision_config=vision_config,
+        text_config=_text_config(spec, vocab),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
-        vision_feature_select_strategy=spec.select_strategy, vision_feature_layer=-1,
-        tie_word_embeddings=spec.tie_embeddings)
+        vision_feature_select_strategy=spec.select_strategy,
+        vision_feature_layer=-1,
+        tie_word_embeddings=spec.tie_embeddings,
+    )
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-                               vision_feature_select_strategy=spec.select_strategy, chat_template=CHAT_TEMPLATE,
-                               image_token=IMAGE_TOKEN, num_additional_image_tokens=num_extra)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy=spec.select_strategy,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=num_extra,
+    )
     return model, processor
 
 

@@ -39,8 +39,14 @@ class Twig(nn.Module):
     than the full vocabulary; the full model still verifies every token, so output stays exact.
     """
 
-    def __init__(self, config: TwigConfig, layers: nn.ModuleList, norm: nn.Module, head: nn.Module | None,
-                 base_fingerprint: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: TwigConfig,
+        layers: nn.ModuleList,
+        norm: nn.Module,
+        head: nn.Module | None,
+        base_fingerprint: dict[str, Any],
+    ) -> None:
         super().__init__()
         self.config = config
         self.layers = layers
@@ -73,9 +79,14 @@ SAMPLE_RTOL, SAMPLE_ATOL = 1e-2, 1e-5
 def base_fingerprint(adapter: VLMAdapter) -> dict[str, Any]:
     """What identifies the base a twig belongs to: architecture facts, a hash and a sample of a few weights."""
     spec = adapter.spec
-    return {"model_type": spec.model_type, "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
-            "vocab_size": spec.vocab_size, "weights_hash": adapter.weights_hash(),
-            "weights_sample": adapter.weights_sample()}
+    return {
+        "model_type": spec.model_type,
+        "num_layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "vocab_size": spec.vocab_size,
+        "weights_hash": adapter.weights_hash(),
+        "weights_sample": adapter.weights_sample(),
+    }
 
 
 def _same_weights(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
@@ -84,8 +95,11 @@ def _same_weights(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
     a, b = expected.get("weights_sample"), actual["weights_sample"]
     if not isinstance(a, dict) or a.keys() != b.keys():
         return False
-    return all(len(a[k]) == len(b[k]) and all(abs(x - y) <= SAMPLE_ATOL + SAMPLE_RTOL * abs(y)
-                                              for x, y in zip(a[k], b[k], strict=True)) for k in a)
+    return all(
+        len(a[k]) == len(b[k])
+        and all(abs(x - y) <= SAMPLE_ATOL + SAMPLE_RTOL * abs(y) for x, y in zip(a[k], b[k], strict=True))
+        for k in a
+    )
 
 
 def check_fingerprint(expected: dict[str, Any], adapter: VLMAdapter, source: str) -> None:
@@ -93,15 +107,21 @@ def check_fingerprint(expected: dict[str, Any], adapter: VLMAdapter, source: str
     actual = base_fingerprint(adapter)
     missing = [k for k in actual if k not in expected]
     if missing:
-        raise TwigVLMError(f"the twig in {source} has no base fingerprint ({', '.join(missing)} missing from "
-                           f"{CONFIG_NAME}): grow or train it again with this version of twigvlm")
+        raise TwigVLMError(
+            f"the twig in {source} has no base fingerprint ({', '.join(missing)} missing from "
+            f"{CONFIG_NAME}): grow or train it again with this version of twigvlm"
+        )
     for key in ARCH_KEYS:
         if expected[key] != actual[key]:
-            raise TwigVLMError(f"the twig in {source} was grown for another base model: {key} is "
-                               f"{expected[key]!r} there but {actual[key]!r} here; grow or train a twig for this model")
+            raise TwigVLMError(
+                f"the twig in {source} was grown for another base model: {key} is "
+                f"{expected[key]!r} there but {actual[key]!r} here; grow or train a twig for this model"
+            )
     if not _same_weights(expected, actual):
-        raise TwigVLMError(f"the twig in {source} was grown for another base model: same architecture, but the "
-                           "weights differ; grow or train a twig for this model")
+        raise TwigVLMError(
+            f"the twig in {source} was grown for another base model: same architecture, but the "
+            "weights differ; grow or train a twig for this model"
+        )
 
 
 def freeze_base(adapter: VLMAdapter) -> None:
@@ -143,8 +163,9 @@ def grow_twig(adapter: VLMAdapter, config: TwigConfig | None = None) -> Twig:
     return twig
 
 
-def save_twig(twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None,
-              tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_twig(
+    twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write twig.safetensors (twig tensors only) and twig.json (config, dtype, base fingerprint).
 
     dtype: cast the saved tensors (default: the twig's own dtype). tensors: the state dict to write instead of
@@ -156,14 +177,23 @@ def save_twig(twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None,
         raise TwigVLMError(f"{out} exists and is not a directory: choose another output directory")
     state = twig.state_dict() if tensors is None else tensors
     dtype = dtype or next(iter(state.values())).dtype
-    tensors = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-               for name, t in state.items()}
+    tensors = {
+        name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in state.items()
+    }
     dtype = str(dtype).removeprefix("torch.")
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "K": twig.config.K, "T": twig.config.T,
-            "head": twig.config.head, "layer_init": twig.config.layer_init, "wipe_layer": twig.config.wipe_layer,
-            "dtype": dtype,
-            "base": twig.base_fingerprint,
-            "draft_vocab": int(tensors["draft_vocab"].numel()) if "draft_vocab" in tensors else None}
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "K": twig.config.K,
+        "T": twig.config.T,
+        "head": twig.config.head,
+        "layer_init": twig.config.layer_init,
+        "wipe_layer": twig.config.wipe_layer,
+        "dtype": dtype,
+        "base": twig.base_fingerprint,
+        "draft_vocab": int(tensors["draft_vocab"].numel()) if "draft_vocab" in tensors else None,
+    }
     created = not out.exists()
     temps: list[Path] = []
     try:
@@ -194,8 +224,10 @@ def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
     d = Path(twig_dir)
     cfg_file, weights = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not d.is_dir() or not cfg_file.is_file() or not weights.is_file():
-        raise TwigVLMError(f"{d} is not a twig directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
-                           "(made by `twigvlm grow` or `twigvlm train`)")
+        raise TwigVLMError(
+            f"{d} is not a twig directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+            "(made by `twigvlm grow` or `twigvlm train`)"
+        )
     try:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -203,8 +235,11 @@ def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _bad_config(cfg_file, "a JSON object is expected")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise _bad_config(cfg_file, f"format {meta.get('format')!r} version {meta.get('version')!r}, "
-                                    f"expected {FORMAT!r} version {FORMAT_VERSION}")
+        raise _bad_config(
+            cfg_file,
+            f"format {meta.get('format')!r} version {meta.get('version')!r}, "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}",
+        )
     for key in ("K", "T"):
         if type(meta.get(key)) is not int:
             raise _bad_config(cfg_file, f"{key} must be an integer, got {meta.get(key)!r}")
@@ -226,8 +261,15 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     meta = read_twig_config(twig_dir)
     check_fingerprint(meta["base"], adapter, str(twig_dir))
     try:
-        twig = grow_twig(adapter, TwigConfig(K=meta["K"], T=meta["T"], head=meta["head"],  # weights follow
-                                             wipe_layer=meta["wipe_layer"]))
+        twig = grow_twig(
+            adapter,
+            TwigConfig(
+                K=meta["K"],
+                T=meta["T"],
+                head=meta["head"],  # weights follow
+                wipe_layer=meta["wipe_layer"],
+            ),
+        )
     except TwigVLMError as e:
         raise _bad_config(Path(twig_dir) / CONFIG_NAME, str(e)) from None
     twig.config = replace(twig.config, layer_init=meta["layer_init"])
@@ -240,8 +282,10 @@ def load_twig_weights(twig: Twig, twig_dir: str | Path) -> None:
     meta = read_twig_config(twig_dir)
     for key in ("K", "T", "head"):
         if meta[key] != getattr(twig.config, key):
-            raise TwigVLMError(f"the twig in {twig_dir} has {key}={meta[key]!r} but this one has "
-                               f"{key}={getattr(twig.config, key)!r}: use the same K, T and head")
+            raise TwigVLMError(
+                f"the twig in {twig_dir} has {key}={meta[key]!r} but this one has "
+                f"{key}={getattr(twig.config, key)!r}: use the same K, T and head"
+            )
     base = twig.base_fingerprint
     if any(meta["base"].get(k) != base[k] for k in ARCH_KEYS) or not _same_weights(meta["base"], base):
         raise TwigVLMError(f"the twig in {twig_dir} was grown for another base model than this one")
@@ -253,18 +297,22 @@ def _load_weights(twig: Twig, twig_dir: str | Path) -> None:
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
-        raise TwigVLMError(f"{weights} is not a readable safetensors file ({e}): "
-                           "grow or train the twig again") from None
+        raise TwigVLMError(
+            f"{weights} is not a readable safetensors file ({e}): grow or train the twig again"
+        ) from None
     if "draft_vocab" in state:
         twig.set_draft_vocab(state["draft_vocab"])
         vocab_size = twig.base_fingerprint["vocab_size"]
         if int(state["draft_vocab"].min()) < 0 or int(state["draft_vocab"].max()) >= vocab_size:
-            raise TwigVLMError(f"{weights} has a draft vocabulary with ids outside 0..{vocab_size - 1}: "
-                               "grow or train the twig again")
+            raise TwigVLMError(
+                f"{weights} has a draft vocabulary with ids outside 0..{vocab_size - 1}: grow or train the twig again"
+            )
     expected = twig.state_dict()
     bad = sorted(set(expected) ^ set(state)) or [n for n in state if state[n].shape != expected[n].shape]
     if bad:
-        raise TwigVLMError(f"{weights} does not match its {CONFIG_NAME} (first mismatching tensor: {bad[0]}): "
-                           "grow or train the twig again")
+        raise TwigVLMError(
+            f"{weights} does not match its {CONFIG_NAME} (first mismatching tensor: {bad[0]}): "
+            "grow or train the twig again"
+        )
     with torch.no_grad():
         twig.load_state_dict(state, strict=True)

@@ -30,12 +30,15 @@ class VisionZip:
         total = self.cfg.average_budget(total_visual)
         keep = math.ceil(total * per_image / total_visual - 1e-9)  # rounded up, as the twig's R'
         if not 1 <= keep <= per_image:
-            raise TwigVLMError(f"a VisionZip budget of {total:.1f} visual tokens is infeasible for this prompt "
-                               f"(M={total_visual}): choose between {total_visual / per_image:.0f} and {total_visual}")
+            raise TwigVLMError(
+                f"a VisionZip budget of {total:.1f} visual tokens is infeasible for this prompt "
+                f"(M={total_visual}): choose between {total_visual / per_image:.0f} and {total_visual}"
+            )
         return keep
 
-    def __call__(self, features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor,
-                 total_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, total_visual: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """features [P, Hv], scores [P], keys [P, Dk] → (reduced features [R, Hv], kept indices [R])."""
         P = features.shape[0]
         keep = self.budget(P, total_visual)

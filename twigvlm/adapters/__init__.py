@@ -16,8 +16,17 @@ ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in (LlavaAdapter,) for t
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-__all__ = ["ADAPTERS", "DTYPES", "Encoded", "ModelSpec", "Prompt", "VLMAdapter", "adapter_for", "load_adapter",
-           "parse_dtype"]
+__all__ = [
+    "ADAPTERS",
+    "DTYPES",
+    "Encoded",
+    "ModelSpec",
+    "Prompt",
+    "VLMAdapter",
+    "adapter_for",
+    "load_adapter",
+    "parse_dtype",
+]
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -78,14 +87,16 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device:
     model_type = config.get("model_type")
     if model_type not in ADAPTERS:
         raise TwigVLMError(
-            f"{path} holds model type {model_type!r}, which is not a supported VLM: supported types are {_supported()}")
+            f"{path} holds model type {model_type!r}, which is not a supported VLM: supported types are {_supported()}"
+        )
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True).to(device)
+            path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
+        ).to(device)
     except Exception as e:  # noqa: BLE001 — any failure inside transformers' loader is a bad model directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TwigVLMError(f"could not load the model in {path} ({type(e).__name__}: {first[:300]})") from None

@@ -130,8 +130,9 @@ class VLMAdapter(ABC):
         """Embeddings [B, T, H] of a padded batch of token ids with its images' features scattered in (training)."""
 
     @abstractmethod
-    def tokenize_chat(self, messages: list[dict[str, Any]],
-                      images: Sequence[Image.Image] = ()) -> tuple[list[int], list[bool], torch.Tensor | None]:
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = ()
+    ) -> tuple[list[int], list[bool], torch.Tensor | None]:
         """(token ids, per-token "written by the assistant" mask, pixel values or None) of a conversation."""
 
     @abstractmethod
@@ -153,9 +154,15 @@ class VLMAdapter(ABC):
         """(cos, sin) for these positions, as the decoder layers expect them."""
 
     @abstractmethod
-    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
-                   position_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                   kv: LayerKV | None) -> torch.Tensor:
+    def call_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerKV | None,
+    ) -> torch.Tensor:
         """Run one decoder layer (a base layer or a twig layer) on hidden [B, q, H] → [B, q, H].
 
         mask is a boolean [B or 1, 1, q, k] (True = attend) or None for plain causal attention over q == k keys
@@ -163,8 +170,14 @@ class VLMAdapter(ABC):
         """
 
     @abstractmethod
-    def attention_probs(self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        keys: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    def attention_probs(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        query_index: torch.Tensor,
+    ) -> torch.Tensor:
         """One layer's attention probabilities for a few queries, computed explicitly (the model keeps SDPA).
 
         hidden: [B, q, H] the layer's *input* at the query positions; rope: (cos, sin) for those positions;
@@ -173,8 +186,9 @@ class VLMAdapter(ABC):
         """
 
     @abstractmethod
-    def project_kv(self, layer: nn.Module, hidden: torch.Tensor,
-                   rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(
+        self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys (after RoPE) and values [B, H_kv, n, D] that `layer` would cache for its input hidden [B, n, H],
         without running the rest of the layer."""
 
@@ -188,8 +202,14 @@ class VLMAdapter(ABC):
 
     # ---- the baseline ---------------------------------------------------------------------------------------
     @abstractmethod
-    def hf_generate(self, prompt: Prompt, images: Sequence[Image.Image], max_new_tokens: int,
-                    ignore_eos: bool = False, early_exit: int | None = None) -> list[int]:
+    def hf_generate(
+        self,
+        prompt: Prompt,
+        images: Sequence[Image.Image],
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+        early_exit: int | None = None,
+    ) -> list[int]:
         """New token ids from the stock model's own greedy `generate` on the same processed inputs (the baseline
         every speed-up is measured against); early_exit: its built-in early-exit self-speculation."""
 

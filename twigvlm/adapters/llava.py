@@ -89,8 +89,11 @@ class LlavaAdapter(VLMAdapter):
         turns = []
         for m in messages:
             c = m["content"]
-            text = c if isinstance(c, str) else "".join(
-                self.image_token + "\n" if item["type"] == "image" else item.get("text", "") for item in c)
+            text = (
+                c
+                if isinstance(c, str)
+                else "".join(self.image_token + "\n" if item["type"] == "image" else item.get("text", "") for item in c)
+            )
             end = self.tokenizer.eos_token or "" if m["role"] == "assistant" else ""
             turns.append(f"{m['role'].upper()}: {text}{end}")
         return " ".join(turns) + (" ASSISTANT:" if add_generation_prompt else "")
@@ -100,7 +103,8 @@ class LlavaAdapter(VLMAdapter):
         if found != num_images:
             raise TwigVLMError(
                 f"the prompt has {found} image placeholder(s) but {num_images} image(s) were given: "
-                "give one image per placeholder")
+                "give one image per placeholder"
+            )
         return text
 
     @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
@@ -110,8 +114,9 @@ class LlavaAdapter(VLMAdapter):
         # A template that writes the BOS itself must not get a second one (as HF's own chat path does).
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
-        batch = self.processor(images=list(images) if images else None, text=text, return_tensors="pt",
-                               add_special_tokens=add_special)
+        batch = self.processor(
+            images=list(images) if images else None, text=text, return_tensors="pt", add_special_tokens=add_special
+        )
         input_ids = batch["input_ids"].to(self.device)  # [1, T]
         visual_mask = input_ids == self.image_token_id  # [1, T]
         reduction = None
@@ -139,8 +144,9 @@ class LlavaAdapter(VLMAdapter):
     def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Projected visual features of a batch of images [N, 3, h, w] → [N·P, H] (the model's own path)."""
         extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
-        out = self.model.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype),
-                                                  return_dict=True, **extra)
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.dtype), return_dict=True, **extra
+        )
         return torch.cat(list(out.pooler_output), dim=0)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,11 +162,13 @@ class LlavaAdapter(VLMAdapter):
             raise TwigVLMError(
                 f"the processor made {int(visual_mask.sum())} image tokens but the vision tower gave "
                 f"{features.shape[0]} features: the processor's patch_size or "
-                "vision_feature_select_strategy does not match the model config")
+                "vision_feature_select_strategy does not match the model config"
+            )
         return embeds.masked_scatter(visual_mask.unsqueeze(-1), features.to(embeds.dtype))
 
-    def tokenize_chat(self, messages: list[dict[str, Any]],
-                      images: Sequence[Image.Image] = ()) -> tuple[list[int], list[bool], torch.Tensor | None]:
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = ()
+    ) -> tuple[list[int], list[bool], torch.Tensor | None]:
         """Token ids of a whole conversation, a per-token "written by the assistant" mask, and pixel values.
 
         Each stretch is tokenized as inference sees it: the prompt up to an assistant turn rendered with the
@@ -174,22 +182,30 @@ class LlavaAdapter(VLMAdapter):
                 continue
             prefix, full = self._render(messages[:i], True), self._render(messages[: i + 1], False)
             if not (prefix.startswith(done) and full.startswith(prefix)):
-                raise TwigVLMError("the chat template does not render a conversation turn by turn (each prefix "
-                                   "must begin the next rendering): labels cannot be placed")
-            segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+                raise TwigVLMError(
+                    "the chat template does not render a conversation turn by turn (each prefix "
+                    "must begin the next rendering): labels cannot be placed"
+                )
+            segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
             done = full
         placeholders = sum(text.count(self.image_token) for text, _ in segments)
         if placeholders != len(images):
-            raise TwigVLMError(f"the conversation has {placeholders} image placeholder(s) in its answered turns but "
-                               f"{len(images)} image(s) were given")
+            raise TwigVLMError(
+                f"the conversation has {placeholders} image placeholder(s) in its answered turns but "
+                f"{len(images)} image(s) were given"
+            )
         ids: list[int] = []
         assistant: list[bool] = []
         pixels, used = [], 0
         bos = self.tokenizer.bos_token
         for k, (text, is_assistant) in enumerate(segments):
             n_img = text.count(self.image_token)
-            batch = self.processor(images=list(images[used: used + n_img]) or None, text=text, return_tensors="pt",
-                                   add_special_tokens=k == 0 and not (bos and text.startswith(bos)))
+            batch = self.processor(
+                images=list(images[used : used + n_img]) or None,
+                text=text,
+                return_tensors="pt",
+                add_special_tokens=k == 0 and not (bos and text.startswith(bos)),
+            )
             used += n_img
             if n_img:
                 pixels.append(batch["pixel_values"])
@@ -198,24 +214,35 @@ class LlavaAdapter(VLMAdapter):
         return ids, assistant, torch.cat(pixels) if pixels else None
 
     @torch.inference_mode()
-    def hf_generate(self, prompt: Prompt, images: Sequence[Image.Image], max_new_tokens: int,
-                    ignore_eos: bool = False, early_exit: int | None = None) -> list[int]:
+    def hf_generate(
+        self,
+        prompt: Prompt,
+        images: Sequence[Image.Image],
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+        early_exit: int | None = None,
+    ) -> list[int]:
         text = self.render(prompt, len(images))
         bos = self.tokenizer.bos_token
-        batch = self.processor(images=list(images) or None, text=text, return_tensors="pt",
-                               add_special_tokens=not (bos and text.startswith(bos))).to(self.device)
+        batch = self.processor(
+            images=list(images) or None,
+            text=text,
+            return_tensors="pt",
+            add_special_tokens=not (bos and text.startswith(bos)),
+        ).to(self.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         extra: dict[str, Any] = {"eos_token_id": None} if ignore_eos else {}
         if early_exit is not None:  # transformers' own self-speculation: draft with the first `early_exit` layers
             extra["assistant_early_exit"] = early_exit
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        return out[0, batch["input_ids"].shape[1]:].tolist()
+        return out[0, batch["input_ids"].shape[1] :].tolist()
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if getattr(self.processor, "chat_template", None):
-            return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+            return self.processor.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         return self._llava15_format(messages, add_generation_prompt)
 
     def _vision_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,21 +266,24 @@ class LlavaAdapter(VLMAdapter):
             return hidden[i][:, 1:], probs[:, :, 0, 1:].mean(dim=1), keys[:, 1:]
         return hidden[i], probs.mean(dim=(1, 2)), keys
 
-    def _reduce(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                reducer: Reducer) -> tuple[torch.Tensor, torch.Tensor, Reduction]:
+    def _reduce(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, reducer: Reducer
+    ) -> tuple[torch.Tensor, torch.Tensor, Reduction]:
         """Reduce each image's tokens; projected features [R, H], input ids without the dropped placeholders."""
         pre, scores, keys = self._vision_scores(pixel_values)
         n, per_image = scores.shape
         visual = (input_ids[0] == self.image_token_id).nonzero().flatten()  # [M]
         if visual.numel() != n * per_image:
-            raise TwigVLMError(f"the prompt has {visual.numel()} image tokens for {n} image(s) of {per_image}: "
-                               "the processor does not match the model config")
+            raise TwigVLMError(
+                f"the prompt has {visual.numel()} image tokens for {n} image(s) of {per_image}: "
+                "the processor does not match the model config"
+            )
         reduced, kept, drop = [], [], []
         for j in range(n):
             feats, idx = reducer(pre[j], scores[j], keys[j], visual.numel())
             reduced.append(feats)
             kept.append(idx + j * per_image)
-            drop.append(visual[j * per_image + feats.shape[0]: (j + 1) * per_image])  # surplus placeholders
+            drop.append(visual[j * per_image + feats.shape[0] : (j + 1) * per_image])  # surplus placeholders
         keep = torch.ones(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
         keep[torch.cat(drop)] = False
         features = self.model.model.multi_modal_projector(torch.cat(reduced))  # [R, H]
@@ -269,10 +299,15 @@ class LlavaAdapter(VLMAdapter):
         raw = ((pixels * std + mean) / scale).round().clamp(0, 255).to(torch.uint8)  # [N, 3, h, w]
         patch = self.model.config.vision_config.patch_size
         # Tokens before the patch grid (CLIP's CLS, kept by the "full" strategy).
-        lead = max(0, getattr(self.processor, "num_additional_image_tokens", 0)
-                   - (1 if self.model.config.vision_feature_select_strategy == "default" else 0))
-        return [(Image.fromarray(img.permute(1, 2, 0).numpy()), img.shape[1] // patch, img.shape[2] // patch, lead)
-                for img in raw]
+        lead = max(
+            0,
+            getattr(self.processor, "num_additional_image_tokens", 0)
+            - (1 if self.model.config.vision_feature_select_strategy == "default" else 0),
+        )
+        return [
+            (Image.fromarray(img.permute(1, 2, 0).numpy()), img.shape[1] // patch, img.shape[2] // patch, lead)
+            for img in raw
+        ]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._lm.embed_tokens(token_ids)
@@ -288,15 +323,28 @@ class LlavaAdapter(VLMAdapter):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._lm.rotary_emb(hidden, position_ids=position_ids)
 
-    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
-                   position_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                   kv: LayerKV | None) -> torch.Tensor:
-        out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
-                    position_embeddings=rope)
+    def call_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerKV | None,
+    ) -> torch.Tensor:
+        out = layer(
+            hidden, attention_mask=mask, position_ids=position_ids, past_key_values=kv, position_embeddings=rope
+        )
         return out[0] if isinstance(out, tuple) else out
 
-    def attention_probs(self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        keys: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    def attention_probs(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        query_index: torch.Tensor,
+    ) -> torch.Tensor:
         attn = layer.self_attn
         b, q, _ = hidden.shape
         query = attn.q_proj(layer.input_layernorm(hidden)).view(b, q, -1, attn.head_dim).transpose(1, 2)
@@ -307,8 +355,9 @@ class LlavaAdapter(VLMAdapter):
         visible = torch.arange(keys.shape[2], device=keys.device) <= query_index.view(-1, 1)  # [q, k]
         return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
-    def project_kv(self, layer: nn.Module, hidden: torch.Tensor,
-                   rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(
+        self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         attn = layer.self_attn
         b, n, _ = hidden.shape
         x = layer.input_layernorm(hidden)
@@ -349,8 +398,10 @@ def _checked_messages(messages: Any) -> list[dict[str, Any]]:
             for item in content:
                 kind = item.get("type") if isinstance(item, dict) else None
                 if kind not in ("image", "text") or (kind == "text" and not isinstance(item.get("text"), str)):
-                    raise TwigVLMError(f"chat message {i} has a content item {item!r}: use {{'type': 'image'}} "
-                                       "or {'type': 'text', 'text': ...}")
+                    raise TwigVLMError(
+                        f"chat message {i} has a content item {item!r}: use {{'type': 'image'}} "
+                        "or {'type': 'text', 'text': ...}"
+                    )
         elif not isinstance(content, str):
             raise TwigVLMError(f"chat message {i} has content of type {type(content).__name__}: use text or a list")
     return messages

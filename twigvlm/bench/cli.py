@@ -22,33 +22,57 @@ DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
 def add_parser(sub) -> None:  # noqa: ANN001
     b = sub.add_parser("bench", help="accuracy retention and speed of every method against stock HF generate")
     b.add_argument("--model", required=True, help="a Hugging Face VLM directory, or demo")
-    b.add_argument("--twig", default=None, help="a twig directory (needed by twig, ssd, twig+ssd), or demo; "
-                                                "with --ablation twig, several, comma-separated")
-    b.add_argument("--tasks", default="easyvqa,scenes,describe",
-                   help="comma-separated: easyvqa, scenes, describe, or NAME=QUESTIONS.jsonl,IMAGES,ANSWERS.jsonl "
-                        "(separate several file tasks with ';')")
-    b.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: "
-                                                   f"{DEFAULT_METHODS}; without --twig, those that need none)")
-    b.add_argument("--ablation", default="none", choices=ABLATIONS,
-                   help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ; query: "
-                        "FastV and the twig scoring with the last prompt token's attention or the question's; "
-                        "source: the "
-                        "pruning attention from base layer K, base layer K+T or the twig, at one budget; twig: "
-                        "twig and twig+ssd with each of several twigs (--twig A,B,...: T and initialisation); "
-                        "wipe: FinalWipe after layer K_f = 0.6L, 0.75L, 0.85L, with every visual token kept before "
-                        "it (how late the model reads the image) and with the twig's budget")
+    b.add_argument(
+        "--twig",
+        default=None,
+        help="a twig directory (needed by twig, ssd, twig+ssd), or demo; "
+        "with --ablation twig, several, comma-separated",
+    )
+    b.add_argument(
+        "--tasks",
+        default="easyvqa,scenes,describe",
+        help="comma-separated: easyvqa, scenes, describe, or NAME=QUESTIONS.jsonl,IMAGES,ANSWERS.jsonl "
+        "(separate several file tasks with ';')",
+    )
+    b.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated, from {', '.join(METHODS)} (default: "
+        f"{DEFAULT_METHODS}; without --twig, those that need none)",
+    )
+    b.add_argument(
+        "--ablation",
+        default="none",
+        choices=ABLATIONS,
+        help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ; query: "
+        "FastV and the twig scoring with the last prompt token's attention or the question's; "
+        "source: the "
+        "pruning attention from base layer K, base layer K+T or the twig, at one budget; twig: "
+        "twig and twig+ssd with each of several twigs (--twig A,B,...: T and initialisation); "
+        "wipe: FinalWipe after layer K_f = 0.6L, 0.75L, 0.85L, with every visual token kept before "
+        "it (how late the model reads the image) and with the twig's budget",
+    )
     b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
     b.add_argument("--keep-ratio", type=float, default=1 / 9, help="R̄/M for every pruning method (default 1/9)")
     b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
-    b.add_argument("--wipe-layer", type=int, default=None, help="K_f (default: the K_f the twig records, else "
-                                                                      "round(0.75·L))")
-    b.add_argument("--query", choices=QUERY_MODES, default="last",
-                   help="FastV's and the twig's scoring attention: the last prompt token's row (last, the paper's) or "
-                        "the mean over every token after the image, the question's (text)")
+    b.add_argument(
+        "--wipe-layer", type=int, default=None, help="K_f (default: the K_f the twig records, else round(0.75·L))"
+    )
+    b.add_argument(
+        "--query",
+        choices=QUERY_MODES,
+        default="last",
+        help="FastV's and the twig's scoring attention: the last prompt token's row (last, the paper's) or "
+        "the mean over every token after the image, the question's (text)",
+    )
     b.add_argument("--draft-len", type=int, default=5)
     b.add_argument("--draft-threshold", type=float, default=0.6)
-    b.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap every answer at N tokens (default: 16 for short answers, 200 for describe)")
+    b.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="cap every answer at N tokens (default: 16 for short answers, 200 for describe)",
+    )
     b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
     b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")
     b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
@@ -95,8 +119,9 @@ def wipe_layers(num_layers: int, K: int) -> list[int]:
     return sorted({k for f in (0.6, 0.75, 0.85) if K < (k := int(f * num_layers + 0.5)) < num_layers})
 
 
-def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None,
-             num_layers: int | None = None) -> list[Variant]:
+def variants(
+    args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None, num_layers: int | None = None
+) -> list[Variant]:
     """The variants to run; `twigs` (from `twig_dirs`; the first is the run's own) for the source and twig ablations;
     `num_layers` (L of the loaded model) for the wipe ablation, which has no variants before the model loads.
     Every method with a FinalWipe (FastV, TTP) wipes after one K_f: --wipe-layer, else the one the run's own twig
@@ -108,14 +133,25 @@ def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None
     wipe = args.wipe_layer
     if num_layers is not None:
         wipe = resolve_wipe_layer(args.wipe_layer, own.wipe_layer if own else None, num_layers, K)
-    mc = MethodConfig(keep_ratio=None if args.keep is not None else args.keep_ratio, keep=args.keep,
-                      wipe_layer=wipe, draft_len=args.draft_len, threshold=args.draft_threshold, query=args.query)
+    mc = MethodConfig(
+        keep_ratio=None if args.keep is not None else args.keep_ratio,
+        keep=args.keep,
+        wipe_layer=wipe,
+        draft_len=args.draft_len,
+        threshold=args.draft_threshold,
+        query=args.query,
+    )
     if args.ablation == "wipe":
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
         for k in wipe_layers(num_layers, K) if num_layers else []:
             # Budget k/L·M keeps R' = M: every visual token up to layer k, none after it.
-            out.append(Variant(f"keep all, wipe after {k}", "fastv", replace(mc, keep=None, keep_ratio=k / num_layers,
-                                                                             wipe_layer=k, layer=K)))
+            out.append(
+                Variant(
+                    f"keep all, wipe after {k}",
+                    "fastv",
+                    replace(mc, keep=None, keep_ratio=k / num_layers, wipe_layer=k, layer=K),
+                )
+            )
             if twigs:
                 out.append(Variant(f"twig, wipe after {k}", "twig", replace(mc, wipe_layer=k)))
         return out
@@ -123,30 +159,42 @@ def variants(args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None
         # Every source prunes after layer K at one budget. Base layer K+T's attention is what an untrained twig
         # sees: its layers are copies of base layers K+1..K+T, run on the whole prompt only to score.
         T = own.T
-        return [Variant(BASELINE, BASELINE, mc),
-                Variant(f"attn: base layer K={K}", "fastv", replace(mc, layer=K)),
-                Variant(f"attn: base layer K+T={K + T}", "twig", mc, twig=UNTRAINED),
-                Variant(f"attn: twig layer {T}", "twig", mc)]
+        return [
+            Variant(BASELINE, BASELINE, mc),
+            Variant(f"attn: base layer K={K}", "fastv", replace(mc, layer=K)),
+            Variant(f"attn: base layer K+T={K + T}", "twig", mc, twig=UNTRAINED),
+            Variant(f"attn: twig layer {T}", "twig", mc),
+        ]
     if args.ablation == "twig":
         out = [Variant(BASELINE, BASELINE, mc)]
         for label in twigs:
-            out += [Variant(f"twig [{label}]", "twig", mc, twig=label),
-                    Variant(f"twig+ssd [{label}]", "twig+ssd", mc, twig=label)]
+            out += [
+                Variant(f"twig [{label}]", "twig", mc, twig=label),
+                Variant(f"twig+ssd [{label}]", "twig+ssd", mc, twig=label),
+            ]
         return out
     if args.ablation == "budget":
         out = [Variant(BASELINE, BASELINE, mc)]
         for k in (1, 2, 3):
-            out += [Variant(f"{m}@{k}M/9", m, replace(mc, keep=None, keep_ratio=k / 9))
-                    for m in ("fastv", "visionzip", "twig")]
+            out += [
+                Variant(f"{m}@{k}M/9", m, replace(mc, keep=None, keep_ratio=k / 9))
+                for m in ("fastv", "visionzip", "twig")
+            ]
         return out
     if args.ablation == "query":
         return [Variant(BASELINE, BASELINE, mc)] + [
-            Variant(f"{m} ({q})", m, replace(mc, query=q)) for m in ("fastv", "twig") if twigs or m == "fastv"
-            for q in QUERY_MODES]
+            Variant(f"{m} ({q})", m, replace(mc, query=q))
+            for m in ("fastv", "twig")
+            if twigs or m == "fastv"
+            for q in QUERY_MODES
+        ]
     if args.ablation == "draft":
         out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
-        return out + [Variant(f"ssd γ={g} τ={t}", "ssd", replace(mc, draft_len=g, threshold=t))
-                      for g in (1, 3, 5, 8) for t in (0.0, 0.6)]
+        return out + [
+            Variant(f"ssd γ={g} τ={t}", "ssd", replace(mc, draft_len=g, threshold=t))
+            for g in (1, 3, 5, 8)
+            for t in (0.0, 0.6)
+        ]
     methods = args.methods or ",".join(m for m in DEFAULT_METHODS.split(",") if args.twig or m not in NEEDS_TWIG)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -170,8 +218,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     twigs = twig_dirs(args)
     chosen = variants(args, twigs)
     if args.twig is None and any(v.method in NEEDS_TWIG | {"hf-early-exit"} for v in chosen):
-        raise TwigVLMError("twig, ssd, twig+ssd and hf-early-exit need a twig: pass --twig DIR (or leave them out "
-                           "with --methods)")
+        raise TwigVLMError(
+            "twig, ssd, twig+ssd and hf-early-exit need a twig: pass --twig DIR (or leave them out with --methods)"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise TwigVLMError(f"--out {out} exists and is not a directory")
@@ -197,8 +246,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     table = markdown(summary, list(tasks), unsupported)
     print(table)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["variants"] = [{"name": v.name, "method": v.method,
-                           "twig": twigs[v.twig].path if v.twig in twigs else v.twig, **v.config.__dict__}
-                          for v in chosen]
+    config["variants"] = [
+        {
+            "name": v.name,
+            "method": v.method,
+            "twig": twigs[v.twig].path if v.twig in twigs else v.twig,
+            **v.config.__dict__,
+        }
+        for v in chosen
+    ]
     write_outputs(out, rows, summary, config, unsupported, table)
     print(f"\nwrote {out}/results.json, samples.jsonl, table.md and plot.png")

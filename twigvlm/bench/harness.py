@@ -44,9 +44,15 @@ def _run(vlm: VLM, v: Variant, sample: Sample, twigs: dict[str, Twig | None]) ->
     return run_method(vlm, v.method, sample, v.config)
 
 
-def run_bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], warmup: int = 1,
-              progress: bool = True, twigs: dict[str, Twig] | None = None,
-              memory: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def run_bench(
+    vlm: VLM,
+    tasks: dict[str, list[Sample]],
+    variants: list[Variant],
+    warmup: int = 1,
+    progress: bool = True,
+    twigs: dict[str, Twig] | None = None,
+    memory: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Per-sample rows for every variant, and the variants that cannot run on this model (with the reason).
 
     twigs: the twigs that variants name (`Variant.twig`); the VLM's own twig is put back at the end.
@@ -60,8 +66,15 @@ def run_bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant],
         vlm.engine.twig = own
 
 
-def _bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], warmup: int, progress: bool,
-           twigs: dict[str, Twig | None], memory: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def _bench(
+    vlm: VLM,
+    tasks: dict[str, list[Sample]],
+    variants: list[Variant],
+    warmup: int,
+    progress: bool,
+    twigs: dict[str, Twig | None],
+    memory: bool,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     unsupported: dict[str, str] = {}
     first = next(iter(tasks.values()))
     for v in variants:  # warm-up: not recorded
@@ -74,12 +87,19 @@ def _bench(vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], wa
     rows: list[dict[str, Any]] = []
     for task, samples in tasks.items():
         for i, sample in enumerate(tqdm(samples, desc=task, unit="sample", disable=not progress)):
-            order = active[i % len(active):] + active[: i % len(active)]
+            order = active[i % len(active) :] + active[: i % len(active)]
             for v in order:
                 run = _run(vlm, v, sample, twigs)
-                row = {"task": task, "sample": sample.id, "variant": v.name, "method": v.method,
-                       "score": sample.score(run.text), "tokens_per_s": run.new_tokens / run.seconds,
-                       **{k: val for k, val in asdict(run).items() if k != "extra"}, "new_tokens": run.new_tokens}
+                row = {
+                    "task": task,
+                    "sample": sample.id,
+                    "variant": v.name,
+                    "method": v.method,
+                    "score": sample.score(run.text),
+                    "tokens_per_s": run.new_tokens / run.seconds,
+                    **{k: val for k, val in asdict(run).items() if k != "extra"},
+                    "new_tokens": run.new_tokens,
+                }
                 rows.append(row)
     if memory:
         device = vlm.adapter.device
@@ -110,18 +130,27 @@ def summarize(rows: list[dict[str, Any]], variants: list[Variant]) -> dict[str, 
     for name in names:
         mine = [r for r in rows if r["variant"] == name]
         acc = {t: statistics.fmean(r["score"] for r in cells[(name, t)]) for t in tasks if (name, t) in cells}
-        entry: dict[str, Any] = {"accuracy": acc, "tokens_per_s": _spread([r["tokens_per_s"] for r in mine]),
-                                 "new_tokens": sum(r["new_tokens"] for r in mine)}
+        entry: dict[str, Any] = {
+            "accuracy": acc,
+            "tokens_per_s": _spread([r["tokens_per_s"] for r in mine]),
+            "new_tokens": sum(r["new_tokens"] for r in mine),
+        }
         base_ok = all((BASELINE, t) in cells for t in acc)
         if base_ok and name != BASELINE:
             base = {t: statistics.fmean(r["score"] for r in cells[(BASELINE, t)]) for t in acc}
             rel = [acc[t] / base[t] for t in acc if base[t] > 0]
             entry["rel_acc"] = statistics.fmean(rel) if rel else None
-            ratios = [r["tokens_per_s"] / per_sample[(BASELINE, r["task"], r["sample"])]["tokens_per_s"]
-                      for r in mine]
+            ratios = [r["tokens_per_s"] / per_sample[(BASELINE, r["task"], r["sample"])]["tokens_per_s"] for r in mine]
             entry["rel_spd"] = _spread(ratios)
-            entry["rel_spd_by_task"] = {t: _spread([r["tokens_per_s"] / per_sample[(BASELINE, t, r["sample"])]
-                                                    ["tokens_per_s"] for r in cells[(name, t)]]) for t in acc}
+            entry["rel_spd_by_task"] = {
+                t: _spread(
+                    [
+                        r["tokens_per_s"] / per_sample[(BASELINE, t, r["sample"])]["tokens_per_s"]
+                        for r in cells[(name, t)]
+                    ]
+                )
+                for t in acc
+            }
         elif name == BASELINE:
             entry["rel_acc"], entry["rel_spd"] = 1.0, _spread([1.0])
         drafted = sum(r["drafted"] or 0 for r in mine)
@@ -132,26 +161,31 @@ def summarize(rows: list[dict[str, Any]], variants: list[Variant]) -> dict[str, 
         prefill = [r["prefill_s"] for r in mine if r["prefill_s"] is not None]
         if prefill:
             entry["prefill_ms"] = _spread([1e3 * p for p in prefill])
-        decode = [1e3 * r["decode_s"] / (r["new_tokens"] - 1) for r in mine
-                  if r["decode_s"] is not None and r["new_tokens"] > 1]
+        decode = [
+            1e3 * r["decode_s"] / (r["new_tokens"] - 1)
+            for r in mine
+            if r["decode_s"] is not None and r["new_tokens"] > 1
+        ]
         if decode:
             entry["decode_ms_per_token"] = _spread(decode)
         extra = [r["extra_mib"] for r in mine if r.get("extra_mib") is not None]
         if extra:
-            entry["memory_mib"] = {"extra": max(extra), "peak": max(r["peak_mib"] for r in mine
-                                                                    if r.get("peak_mib") is not None)}
+            entry["memory_mib"] = {
+                "extra": max(extra),
+                "peak": max(r["peak_mib"] for r in mine if r.get("peak_mib") is not None),
+            }
         if any(r["kept"] is not None for r in mine):
             entry["kept"] = statistics.fmean(r["kept"] for r in mine if r["kept"] is not None)
         method = mine[0]["method"]
         twin = SAME_AS.get(method) or ("hf" if method == "ar" else None)
         twins = [v for v in variants if v.method == twin and v.name in names]
         # A variant's twin runs with the same twig (the twig ablation pairs each twig with itself).
-        twin_name = next((v.name for v in twins if v.twig == by_name[name].twig),
-                         twins[0].name if twins else None)
+        twin_name = next((v.name for v in twins if v.twig == by_name[name].twig), twins[0].name if twins else None)
         if twin_name is not None:
             entry["same_as"] = twin_name
-            entry["mismatches"] = sum(per_sample[(twin_name, r["task"], r["sample"])]["token_ids"] != r["token_ids"]
-                                      for r in mine)
+            entry["mismatches"] = sum(
+                per_sample[(twin_name, r["task"], r["sample"])]["token_ids"] != r["token_ids"] for r in mine
+            )
         summary[name] = entry
     return summary
 

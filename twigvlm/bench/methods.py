@@ -79,8 +79,9 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
         except Exception as e:  # noqa: BLE001 — transformers' early exit supports only some model classes
             if early is None:
                 raise
-            raise TwigVLMError(f"transformers' assistant_early_exit does not run on this model "
-                               f"({type(e).__name__}: {str(e)[:120]})") from None
+            raise TwigVLMError(
+                f"transformers' assistant_early_exit does not run on this model ({type(e).__name__}: {str(e)[:120]})"
+            ) from None
         seconds = time.perf_counter() - t
         eos = set(vlm.adapter.eos_token_ids)
         return Run(vlm.adapter.decode([i for i in ids if i not in eos]), ids, seconds)
@@ -91,9 +92,20 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
     prune = prune_config(method, mc)
     spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold) if method.endswith("ssd") else None
     t = time.perf_counter()
-    out = vlm.generate(sample.prompt, images or None, max_new_tokens=sample.max_new_tokens, prune=prune,
-                       speculative=spec or False)
+    out = vlm.generate(
+        sample.prompt, images or None, max_new_tokens=sample.max_new_tokens, prune=prune, speculative=spec or False
+    )
     seconds = time.perf_counter() - t
     s = out.stats
-    return Run(out.text, out.token_ids, seconds, s.prefill_s, s.decode_s, s.drafted, s.accepted, s.verifications,
-               s.kept, s.visual_tokens)
+    return Run(
+        out.text,
+        out.token_ids,
+        seconds,
+        s.prefill_s,
+        s.decode_s,
+        s.drafted,
+        s.accepted,
+        s.verifications,
+        s.kept,
+        s.visual_tokens,
+    )

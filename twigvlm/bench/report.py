@@ -12,23 +12,42 @@ from PIL import Image, ImageDraw
 
 
 def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, str]) -> str:
-    head = ["method", "RelAcc", *tasks, "RelSpd (median, min–max)", "tokens/s", "prefill ms", "decode ms/tok",
-            "memory +MiB", "acceptance", "tok/verif", "identical to"]
+    head = [
+        "method",
+        "RelAcc",
+        *tasks,
+        "RelSpd (median, min–max)",
+        "tokens/s",
+        "prefill ms",
+        "decode ms/tok",
+        "memory +MiB",
+        "acceptance",
+        "tok/verif",
+        "identical to",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in summary.items():
         spd = e.get("rel_spd")
-        cells = [name, _f(e.get("rel_acc"), "{:.3f}"),
-                 *[_f(e["accuracy"].get(t), "{:.3f}") for t in tasks],
-                 f"{spd['median']:.2f}× ({spd['min']:.2f}–{spd['max']:.2f})" if spd else "–",
-                 f"{e['tokens_per_s']['median']:.1f}", _f(e.get("prefill_ms", {}).get("median"), "{:.0f}"),
-                 _f(e.get("decode_ms_per_token", {}).get("median"), "{:.1f}"),
-                 _f(e.get("memory_mib", {}).get("extra"), "{:.0f}"), _f(e.get("acceptance"), "{:.2f}"),
-                 _f(e.get("tokens_per_verification"), "{:.2f}"),
-                 f"{e['same_as']}: {'yes' if e['mismatches'] == 0 else str(e['mismatches']) + ' differ'}"
-                 if "same_as" in e else "–"]
+        cells = [
+            name,
+            _f(e.get("rel_acc"), "{:.3f}"),
+            *[_f(e["accuracy"].get(t), "{:.3f}") for t in tasks],
+            f"{spd['median']:.2f}× ({spd['min']:.2f}–{spd['max']:.2f})" if spd else "–",
+            f"{e['tokens_per_s']['median']:.1f}",
+            _f(e.get("prefill_ms", {}).get("median"), "{:.0f}"),
+            _f(e.get("decode_ms_per_token", {}).get("median"), "{:.1f}"),
+            _f(e.get("memory_mib", {}).get("extra"), "{:.0f}"),
+            _f(e.get("acceptance"), "{:.2f}"),
+            _f(e.get("tokens_per_verification"), "{:.2f}"),
+            f"{e['same_as']}: {'yes' if e['mismatches'] == 0 else str(e['mismatches']) + ' differ'}"
+            if "same_as" in e
+            else "–",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("\nprefill: the engine's prefill, vision encoding excluded. memory: the peak above what was in use "
-                 "before the run (GPU: CUDA allocator; CPU: resident set), on each task's first sample.")
+    lines.append(
+        "\nprefill: the engine's prefill, vision encoding excluded. memory: the peak above what was in use "
+        "before the run (GPU: CUDA allocator; CPU: resident set), on each task's first sample."
+    )
     for name, why in unsupported.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)
@@ -44,8 +63,13 @@ def machine() -> dict[str, str]:
 
     from .. import __version__
 
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "twigvlm": __version__, "threads": str(torch.get_num_threads())}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "twigvlm": __version__,
+        "threads": str(torch.get_num_threads()),
+    }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     else:
@@ -61,11 +85,14 @@ def _cpuinfo() -> list[str]:
         return []
 
 
-def write_outputs(out: Path, rows: list[dict], summary: dict, config: dict, unsupported: dict[str, str],
-                  table: str) -> None:
+def write_outputs(
+    out: Path, rows: list[dict], summary: dict, config: dict, unsupported: dict[str, str], table: str
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": config, "machine": machine(), "summary": summary,
-                                                  "unsupported": unsupported}, indent=2) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"config": config, "machine": machine(), "summary": summary, "unsupported": unsupported}, indent=2)
+        + "\n"
+    )
     with open(out / "samples.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -75,8 +102,11 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, config: dict, unsu
 
 def plot(summary: dict[str, Any], path: Path, size: tuple[int, int] = (640, 480)) -> None:
     """RelAcc (y) against RelSpd (x), one labelled point per method, drawn with PIL."""
-    points = [(name, e["rel_spd"]["median"], e["rel_acc"]) for name, e in summary.items()
-              if e.get("rel_spd") and e.get("rel_acc") is not None]
+    points = [
+        (name, e["rel_spd"]["median"], e["rel_acc"])
+        for name, e in summary.items()
+        if e.get("rel_spd") and e.get("rel_acc") is not None
+    ]
     w, h = size
     left, right, top, bottom = 70, 30, 30, 60
     img = Image.new("RGB", size, "white")

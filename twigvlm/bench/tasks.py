@@ -69,8 +69,14 @@ def builtin(task: str, n: int, split: str = "test") -> list[Sample]:
         raise TwigVLMError(f"unknown task {task!r}: built-in tasks are {', '.join(BUILTIN)}, or give a task file")
     samples = []
     for ex in eval_set(task, n, split):
-        sample = Sample(task, ex.key, ex.question, ex.image, [ex.answer],
-                        max_new_tokens=MAX_NEW_TOKENS.get(task, SHORT_MAX_NEW_TOKENS))
+        sample = Sample(
+            task,
+            ex.key,
+            ex.question,
+            ex.image,
+            [ex.answer],
+            max_new_tokens=MAX_NEW_TOKENS.get(task, SHORT_MAX_NEW_TOKENS),
+        )
         if task == "describe":
             scene = make_scene(scene_seed(split, int(ex.key.split(":")[2])))
             sample.score = lambda text, scene=scene: object_f1(text, scene)
@@ -108,8 +114,9 @@ def _answers_of(row: Any) -> list[str] | None:
     return items if items and all(isinstance(a, str) for a in items) else None
 
 
-def from_files(name: str, questions: str | Path, image_folder: str | Path, answers: str | Path,
-               limit: int | None = None) -> list[Sample]:
+def from_files(
+    name: str, questions: str | Path, image_folder: str | Path, answers: str | Path, limit: int | None = None
+) -> list[Sample]:
     """A task in the LLaVA evaluation format (questions JSONL + image folder + answers file)."""
     qpath, apath, folder = Path(questions), Path(answers), Path(image_folder)
     if not folder.is_dir():

@@ -48,8 +48,9 @@ def load(split: str) -> list[Question]:
         raise ValueError(f"unknown easy-VQA split {split!r}: use train or test")
     folder = data_root() / split
     rows = json.loads((folder / "questions.json").read_text())
-    return [Question(text, answer, folder / "images" / f"{image_id}.png", int(image_id))
-            for text, answer, image_id in rows]
+    return [
+        Question(text, answer, folder / "images" / f"{image_id}.png", int(image_id)) for text, answer, image_id in rows
+    ]
 
 
 def image_labels(questions: list[Question]) -> dict[int, tuple[str | None, str | None]]:

@@ -21,8 +21,16 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLORS = {"red": (215, 48, 39), "green": (26, 152, 80), "blue": (49, 54, 189), "yellow": (240, 200, 30),
-          "purple": (130, 60, 170), "orange": (245, 130, 30), "black": (30, 30, 30), "white": (250, 250, 250)}
+COLORS = {
+    "red": (215, 48, 39),
+    "green": (26, 152, 80),
+    "blue": (49, 54, 189),
+    "yellow": (240, 200, 30),
+    "purple": (130, 60, 170),
+    "orange": (245, 130, 30),
+    "black": (30, 30, 30),
+    "white": (250, 250, 250),
+}
 SIZES = ("small", "large")
 # 3×3 cells, row-major; the word for each cell.
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -64,8 +72,14 @@ class Scene:
             r = cell * (0.38 if obj.size == "large" else 0.2)
             row, col = divmod(obj.cell, 3)
             slack = cell / 2 - r - 1
-            out.append((obj, (col + 0.5) * cell + jitter.uniform(-slack, slack),
-                        (row + 0.5) * cell + jitter.uniform(-slack, slack), r))
+            out.append(
+                (
+                    obj,
+                    (col + 0.5) * cell + jitter.uniform(-slack, slack),
+                    (row + 0.5) * cell + jitter.uniform(-slack, slack),
+                    r,
+                )
+            )
         return out
 
     def render(self, size: int = 192) -> Image.Image:
@@ -91,8 +105,15 @@ class Scene:
         return masks
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-                fill: tuple[int, int, int] | int, outline: tuple[int, int, int] | int = (90, 90, 90)) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    fill: tuple[int, int, int] | int,
+    outline: tuple[int, int, int] | int = (90, 90, 90),
+) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline)
     elif shape == "square":
@@ -112,8 +133,10 @@ def make_scene(seed: int, min_objects: int = 2, max_objects: int = 6) -> Scene:
     n = rng.randint(min_objects, max_objects)
     cells = rng.sample(range(9), n)
     colors = rng.sample(sorted(COLORS), n)
-    objects = tuple(SceneObject(rng.choice(SHAPES), color, rng.choice(SIZES), cell)
-                    for color, cell in zip(colors, sorted(cells), strict=True))
+    objects = tuple(
+        SceneObject(rng.choice(SHAPES), color, rng.choice(SIZES), cell)
+        for color, cell in zip(colors, sorted(cells), strict=True)
+    )
     shade = rng.randint(150, 215)
     background = (shade + rng.randint(-10, 10), shade + rng.randint(-10, 10), shade + rng.randint(-10, 10))
     return Scene(seed, objects, background, rng.randrange(2**31))
@@ -131,17 +154,21 @@ def describe(scene: Scene) -> str:
     for obj in objs:
         where = "in the center" if obj.position == "center" else f"at the {obj.position}"
         lines.append(f"There is a {obj.size} {obj.color} {obj.shape} {where}.")
-    neighbours = [(a, b, rel) for i, a in enumerate(objs) for b in objs[i + 1:] if (rel := _relation(a, b))]
+    neighbours = [(a, b, rel) for i, a in enumerate(objs) for b in objs[i + 1 :] if (rel := _relation(a, b))]
     for a, b, rel in neighbours[:3]:
         lines.append(f"The {a.name} is {rel} the {b.name}.")
     larges = sum(o.size == "large" for o in objs)
-    lines.append(f"{_count_word(larges).capitalize()} of them {'is' if larges == 1 else 'are'} large and "
-                 f"{_count_word(len(objs) - larges)} {'is' if len(objs) - larges == 1 else 'are'} small.")
+    lines.append(
+        f"{_count_word(larges).capitalize()} of them {'is' if larges == 1 else 'are'} large and "
+        f"{_count_word(len(objs) - larges)} {'is' if len(objs) - larges == 1 else 'are'} small."
+    )
     return " ".join(lines)
 
 
-_OBJECT = re.compile(r"a (small|large) (\w+) (\w+) "
-                     r"(?:in the (center)|at the ((?:top |bottom )?(?:left|right)|top|bottom))")
+_OBJECT = re.compile(
+    r"a (small|large) (\w+) (\w+) "
+    r"(?:in the (center)|at the ((?:top |bottom )?(?:left|right)|top|bottom))"
+)
 
 
 def parse_description(text: str) -> set[SceneObject]:
@@ -197,8 +224,13 @@ def questions(scene: Scene, rng: random.Random | None = None) -> list[tuple[str,
     color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
     present = any(o.color == color and o.shape == shape for o in objs)
     qs.append(("exist", f"Is there a {color} {shape}?", "yes" if present else "no"))
-    qs.append(("cell", f"What is at the {target.position}?" if target.position != "center"
-               else "What is in the center?", target.name))
+    qs.append(
+        (
+            "cell",
+            f"What is at the {target.position}?" if target.position != "center" else "What is in the center?",
+            target.name,
+        )
+    )
     rng.shuffle(qs)
     return qs
 
@@ -222,7 +254,7 @@ def answer_from_objects(kind: str, question: str, objects: set[SceneObject]) -> 
     if kind == "exist":
         return "yes" if " ".join(words[-2:]) in by_name else "no"
     if kind == "cell":
-        where = "center" if question.endswith("center?") else question[len("What is at the "):-1]
+        where = "center" if question.endswith("center?") else question[len("What is at the ") : -1]
         return next(o.name for o in objects if o.position == where)
     raise ValueError(f"unknown question kind {kind!r}")
 

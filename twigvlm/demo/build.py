@@ -36,8 +36,10 @@ def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: i
         write_llava(train_dir, list(itertools.islice(training_stream(seed + 1), n_train)), workers)
     if not (eval_dir / "data.json").is_file():
         per = max(1, n_eval // 3)
-        write_llava(eval_dir, eval_set("scenes", per, "val") + eval_set("easyvqa", per, "val")
-                    + eval_set("describe", per, "val"))
+        write_llava(
+            eval_dir,
+            eval_set("scenes", per, "val") + eval_set("easyvqa", per, "val") + eval_set("describe", per, "val"),
+        )
     return train_dir / "data.json", eval_dir / "data.json"
 
 
@@ -50,35 +52,74 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--twig-lr", type=float, default=2e-4)
     ap.add_argument("--draft-vocab", type=int, default=1024, help="the twig drafts among this many answer tokens")
     ap.add_argument("--distill", default="none", choices=["none", "kl"])
-    ap.add_argument("--layer-init", default="last", choices=list(LAYER_INITS),
-                    help="where the twig's layers start (the README's twig ablation picked 'last' for the demo)")
-    ap.add_argument("--wipe-layer", type=int, default=26,
-                    help="the FinalWipe layer K_f the twig records (the README's wipe ablation: this base still reads "
-                         "the image in layers 24-26, so the paper's 0.75·L = 23 costs accuracy)")
+    ap.add_argument(
+        "--layer-init",
+        default="last",
+        choices=list(LAYER_INITS),
+        help="where the twig's layers start (the README's twig ablation picked 'last' for the demo)",
+    )
+    ap.add_argument(
+        "--wipe-layer",
+        type=int,
+        default=26,
+        help="the FinalWipe layer K_f the twig records (the README's wipe ablation: this base still reads "
+        "the image in layers 24-26, so the paper's 0.75·L = 23 costs accuracy)",
+    )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=train_vision.default_workers())
     ap.add_argument("--seed", type=int, default=0)
     args, vision_argv = ap.parse_known_args(argv)
     t0 = time.perf_counter()
     if not (ASSETS / VISION_WEIGHTS).is_file():
-        train_vision.main(["--work", str(args.work / "vision"), "--seed", str(args.seed), "--device", args.device,
-                           "--workers", str(args.workers), *vision_argv])
+        train_vision.main(
+            [
+                "--work",
+                str(args.work / "vision"),
+                "--seed",
+                str(args.seed),
+                "--device",
+                args.device,
+                "--workers",
+                str(args.workers),
+                *vision_argv,
+            ]
+        )
         print(f"vision stage done at {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     if not (TWIG_DIR / CONFIG_NAME).is_file():
         data, val = build_twig_data(args.work, args.twig_examples, 120, args.seed, args.workers)
         out = args.work / "twig"
-        cfg = TrainConfig(model="demo", data=str(data), eval_data=str(val), out=str(out), K=2, T=3, head="shared",
-                          layer_init=args.layer_init, wipe_layer=args.wipe_layer,
-                          epochs=args.twig_epochs, batch_size=args.twig_batch, lr=args.twig_lr, distill=args.distill,
-                          save_steps=200, logging_steps=20, save_dtype="bfloat16", device=args.device,
-                          num_workers=args.workers, draft_vocab=args.draft_vocab,
-                          resume=any(out.glob("checkpoint-*")), seed=args.seed)
+        cfg = TrainConfig(
+            model="demo",
+            data=str(data),
+            eval_data=str(val),
+            out=str(out),
+            K=2,
+            T=3,
+            head="shared",
+            layer_init=args.layer_init,
+            wipe_layer=args.wipe_layer,
+            epochs=args.twig_epochs,
+            batch_size=args.twig_batch,
+            lr=args.twig_lr,
+            distill=args.distill,
+            save_steps=200,
+            logging_steps=20,
+            save_dtype="bfloat16",
+            device=args.device,
+            num_workers=args.workers,
+            draft_vocab=args.draft_vocab,
+            resume=any(out.glob("checkpoint-*")),
+            seed=args.seed,
+        )
         result = train_twig(cfg)
         TWIG_DIR.mkdir(parents=True, exist_ok=True)
         for name in ("twig.safetensors", CONFIG_NAME):
             shutil.copy2(result.out / name, TWIG_DIR / name)
-        print(f"twig stage done at {(time.perf_counter() - t0) / 60:.1f} min: agreement with the base "
-              f"{result.eval_after.get('eval_agreement', float('nan')):.3f}", flush=True)
+        print(
+            f"twig stage done at {(time.perf_counter() - t0) / 60:.1f} min: agreement with the base "
+            f"{result.eval_after.get('eval_agreement', float('nan')):.3f}",
+            flush=True,
+        )
     print(f"demo assets in {ASSETS} (built in {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 

@@ -125,8 +125,16 @@ def write_llava(out_dir: str | Path, examples: list[Example], workers: int = 0) 
     for ex in examples:
         name = "images/" + ex.key.replace(":", "-") + ".png"
         jobs.append((ex, out / name))
-        records.append({"id": ex.key, "image": name, "conversations": [
-            {"from": "human", "value": "<image>\n" + ex.question}, {"from": "gpt", "value": ex.answer}]})
+        records.append(
+            {
+                "id": ex.key,
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + ex.question},
+                    {"from": "gpt", "value": ex.answer},
+                ],
+            }
+        )
     if workers > 0:
         from multiprocessing import Pool
 

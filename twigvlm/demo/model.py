@@ -23,8 +23,15 @@ VISION_WEIGHTS = "vision.safetensors"
 LORA_WEIGHTS = "decoder_lora.safetensors"  # optional: low-rank decoder adapters, merged into the weights at load
 IMAGE_TOKEN = "<empty_output>"
 IMAGE_SIZE, PATCH_SIZE = 192, 16
-VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False)
+VISION = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
+    vision_use_head=False,
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -41,8 +48,9 @@ def vision_prefixes() -> tuple[str, ...]:
     return ("model.vision_tower.", "model.multi_modal_projector.")
 
 
-def build_demo(vision_state: dict[str, torch.Tensor] | None = None, seed: int = 0, progress: bool = True,
-               use_assets: bool = True) -> tuple[Any, Any]:
+def build_demo(
+    vision_state: dict[str, torch.Tensor] | None = None, seed: int = 0, progress: bool = True, use_assets: bool = True
+) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration, LlavaProcessor) in fp32: the packaged decoder, and the vision tower and
     projector from `vision_state` (else from the shipped assets when use_assets, else freshly initialised with
     `seed`)."""
@@ -56,10 +64,16 @@ def build_demo(vision_state: dict[str, torch.Tensor] | None = None, seed: int = 
 
     decoder, tokenizer = load_decoder(torch.float32, progress)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = LlavaConfig(vision_config=SiglipVisionConfig(**VISION), text_config=decoder.config,
-                         image_token_id=image_token_id, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-                         vision_feature_select_strategy="full", vision_feature_layer=-1,
-                         projector_hidden_act="gelu", tie_word_embeddings=True)
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(**VISION),
+        text_config=decoder.config,
+        image_token_id=image_token_id,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.model.language_model.load_state_dict(decoder.model.state_dict())
@@ -72,23 +86,32 @@ def build_demo(vision_state: dict[str, torch.Tensor] | None = None, seed: int = 
     if vision_state is not None:
         missing = [k for k in model.state_dict() if k.startswith(vision_prefixes()) and k not in vision_state]
         if missing:
-            raise TwigVLMError(f"the demo vision weights lack {missing[0]}: rebuild them with "
-                               "`python -m twigvlm.demo.train_vision`")
+            raise TwigVLMError(
+                f"the demo vision weights lack {missing[0]}: rebuild them with `python -m twigvlm.demo.train_vision`"
+            )
         model.load_state_dict({k: v.float() for k, v in vision_state.items()}, strict=False)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config._attn_implementation = "sdpa"
     processor = LlavaProcessor(
         image_processor=SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=0)
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=0,
+    )
     return model.eval(), processor
 
 
 def vision_state(model: Any, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The trained (shipped) tensors of a demo model, in `dtype`."""
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
-            if k.startswith(vision_prefixes())}
+    return {
+        k: v.detach().to("cpu", dtype).contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(vision_prefixes())
+    }
 
 
 def read_vision_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -111,8 +134,9 @@ def read_lora_weights(path: Path) -> tuple[dict[str, torch.Tensor], float]:
     try:
         return state, float(meta["lora_alpha"]) / int(meta["lora_rank"])
     except (KeyError, ValueError, ZeroDivisionError):
-        raise TwigVLMError(f"the demo LoRA weights {path} lack their lora_rank/lora_alpha metadata: "
-                           "reinstall twigvlm") from None
+        raise TwigVLMError(
+            f"the demo LoRA weights {path} lack their lora_rank/lora_alpha metadata: reinstall twigvlm"
+        ) from None
 
 
 TWIG_DIR = ASSETS / "twig"
@@ -132,8 +156,10 @@ def demo_adapter(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any
     from ..adapters import adapter_for
 
     if not vision_ready():
-        raise TwigVLMError(f"the demo model's trained vision weights ({ASSETS / VISION_WEIGHTS}) are not in this "
-                           f"installation: {BUILD_HINT}")
+        raise TwigVLMError(
+            f"the demo model's trained vision weights ({ASSETS / VISION_WEIGHTS}) are not in this "
+            f"installation: {BUILD_HINT}"
+        )
     model, processor = build_demo()
     return adapter_for(model.to(device=device, dtype=dtype), processor)
 

@@ -39,8 +39,15 @@ class Comparison:
         return (self.tokens / self.seconds) / (self.hf_tokens / self.hf_s)
 
 
-def compare(vlm: VLM, name: str, prompt: str, image: Image.Image, max_new_tokens: int,
-            prune: PruneConfig | None, spec: SpecConfig | None) -> tuple[Comparison, list[int] | None]:
+def compare(
+    vlm: VLM,
+    name: str,
+    prompt: str,
+    image: Image.Image,
+    max_new_tokens: int,
+    prune: PruneConfig | None,
+    spec: SpecConfig | None,
+) -> tuple[Comparison, list[int] | None]:
     """One request through HF `generate` and through twigvlm; returns the numbers and the kept indices."""
     vlm.adapter.hf_generate(prompt, [image], 2)  # warm-up both paths
     vlm.generate(prompt, image, max_new_tokens=2, prune=prune, speculative=spec or False)
@@ -51,18 +58,30 @@ def compare(vlm: VLM, name: str, prompt: str, image: Image.Image, max_new_tokens
     out = vlm.generate(prompt, image, max_new_tokens=max_new_tokens, prune=prune, speculative=spec or False)
     seconds = time.perf_counter() - t
     s = out.stats
-    return Comparison(name, prompt, vlm.adapter.decode(hf_ids).strip(), len(hf_ids), hf_s, out.text.strip(),
-                      s.new_tokens, seconds, s.acceptance_rate, s.kept, s.visual_tokens), s.kept_indices
+    return Comparison(
+        name,
+        prompt,
+        vlm.adapter.decode(hf_ids).strip(),
+        len(hf_ids),
+        hf_s,
+        out.text.strip(),
+        s.new_tokens,
+        seconds,
+        s.acceptance_rate,
+        s.kept,
+        s.visual_tokens,
+    ), s.kept_indices
 
 
 def report(c: Comparison) -> str:
     hf_rate, rate = c.hf_tokens / c.hf_s, c.tokens / c.seconds
-    lines = [f"── {c.name}: {c.prompt!r}",
-             f"   HF generate : {c.hf_text!r}",
-             f"                 {c.hf_tokens} tokens in {c.hf_s:.2f} s = {hf_rate:.1f} tokens/s",
-             f"   TTP + SSD   : {c.text!r}",
-             f"                 {c.tokens} tokens in {c.seconds:.2f} s = {rate:.1f} tokens/s "
-             f"→ {c.speedup:.2f}× HF"]
+    lines = [
+        f"── {c.name}: {c.prompt!r}",
+        f"   HF generate : {c.hf_text!r}",
+        f"                 {c.hf_tokens} tokens in {c.hf_s:.2f} s = {hf_rate:.1f} tokens/s",
+        f"   TTP + SSD   : {c.text!r}",
+        f"                 {c.tokens} tokens in {c.seconds:.2f} s = {rate:.1f} tokens/s → {c.speedup:.2f}× HF",
+    ]
     details = []
     if c.acceptance is not None:
         details.append(f"{c.acceptance:.0%} of drafted tokens accepted")
@@ -73,8 +92,9 @@ def report(c: Comparison) -> str:
     return "\n".join(lines)
 
 
-def main_job(vlm: VLM, requests: list[tuple[str, str, Image.Image, int]], out_dir: Path,
-             keep_ratio: float = 1 / 9) -> list[Comparison]:
+def main_job(
+    vlm: VLM, requests: list[tuple[str, str, Image.Image, int]], out_dir: Path, keep_ratio: float = 1 / 9
+) -> list[Comparison]:
     """Run and print each (name, prompt, image, max_new_tokens) request; write kept-token pictures to out_dir."""
     prune = PruneConfig("twig", keep_ratio=keep_ratio)
     spec = SpecConfig()

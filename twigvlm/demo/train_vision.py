@@ -71,8 +71,9 @@ def _scene_targets(index: int) -> torch.Tensor:
     """[9, 3] class ids per cell: colour, shape, size (0 = empty)."""
     t = torch.zeros(9, 3, dtype=torch.long)
     for o in make_scene(scene_seed("train", index)).objects:
-        t[o.cell] = torch.tensor([sorted(COLORS).index(o.color) + 1, SHAPES.index(o.shape) + 1,
-                                  SIZES.index(o.size) + 1])
+        t[o.cell] = torch.tensor(
+            [sorted(COLORS).index(o.color) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
+        )
     return t
 
 
@@ -92,8 +93,12 @@ def _pretrain_batch(step: int, batch: int, processor, labels) -> dict[str, torch
             whole[k, 0] = easyvqa.SHAPES.index(shape)
         if color:
             whole[k, 1] = easyvqa.COLORS.index(color)
-    return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"],
-            "cells": torch.stack([_scene_targets(i) for i in scene_ids]), "whole": whole, "half": half}
+    return {
+        "pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"],
+        "cells": torch.stack([_scene_targets(i) for i in scene_ids]),
+        "whole": whole,
+        "half": half,
+    }
 
 
 def _pretrain_loss(tower: nn.Module, heads: AuxHeads, b: dict) -> torch.Tensor:
@@ -101,9 +106,10 @@ def _pretrain_loss(tower: nn.Module, heads: AuxHeads, b: dict) -> torch.Tensor:
     cell, whole = heads(feats)
     h = b["half"]
     c, s = len(COLORS) + 1, len(SHAPES) + 1
-    splits = (cell[:h, :, :c], cell[:h, :, c:c + s], cell[:h, :, c + s:])
-    loss = sum(F.cross_entropy(x.reshape(-1, x.shape[-1]), b["cells"][..., k].reshape(-1))
-               for k, x in enumerate(splits))
+    splits = (cell[:h, :, :c], cell[:h, :, c : c + s], cell[:h, :, c + s :])
+    loss = sum(
+        F.cross_entropy(x.reshape(-1, x.shape[-1]), b["cells"][..., k].reshape(-1)) for k, x in enumerate(splits)
+    )
     n_shape = len(easyvqa.SHAPES)
     loss = loss + F.cross_entropy(whole[h:, :n_shape], b["whole"][:, 0], ignore_index=-100)
     return loss + F.cross_entropy(whole[h:, n_shape:], b["whole"][:, 1], ignore_index=-100)
@@ -133,8 +139,15 @@ class _Steps(torch.utils.data.IterableDataset):
 def _batches(make: Callable[[int], dict], start: int, end: int, args) -> Iterator[dict]:  # noqa: ANN001
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workers = min(args.workers, max(0, end - start))
-    return iter(torch.utils.data.DataLoader(_Steps(make, start, end), batch_size=None, num_workers=workers,
-                                            prefetch_factor=4 if workers else None, persistent_workers=False))
+    return iter(
+        torch.utils.data.DataLoader(
+            _Steps(make, start, end),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+    )
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -181,8 +194,14 @@ def _resume_vision(ckpt: Path, model, opt, sched, lora: DecoderLoRA | None = Non
 
 
 def _save_vision(ckpt: Path, model, opt, sched, step: int, lora: DecoderLoRA | None = None) -> None:  # noqa: ANN001
-    _checkpoint(ckpt, vision=vision_state(model, torch.float32), opt=opt.state_dict(), sched=sched.state_dict(),
-                step=step, lora=lora.state_dict() if lora is not None else None)
+    _checkpoint(
+        ckpt,
+        vision=vision_state(model, torch.float32),
+        opt=opt.state_dict(),
+        sched=sched.state_dict(),
+        step=step,
+        lora=lora.state_dict() if lora is not None else None,
+    )
 
 
 def pretrain(model, processor, args) -> None:  # noqa: ANN001
@@ -203,15 +222,22 @@ def pretrain(model, processor, args) -> None:  # noqa: ANN001
     labels = easyvqa.image_labels(easyvqa.load("train"))
     tower.train()
     bar = tqdm(range(start, args.pretrain_steps), initial=start, total=args.pretrain_steps, desc="pretrain")
-    data = _batches(lambda step: _pretrain_batch(step, args.pretrain_batch, processor, labels), start,
-                    args.pretrain_steps, args)
+    data = _batches(
+        lambda step: _pretrain_batch(step, args.pretrain_batch, processor, labels), start, args.pretrain_steps, args
+    )
     for step, batch in zip(bar, data, strict=False):
         with _autocast(args):
             loss = _pretrain_loss(tower, heads, _to(batch, args.device))
         _optimize(loss, opt, sched, params, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == args.pretrain_steps:
-            _checkpoint(ckpt, tower=tower.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(),
-                        sched=sched.state_dict(), step=step + 1)
+            _checkpoint(
+                ckpt,
+                tower=tower.state_dict(),
+                heads=heads.state_dict(),
+                opt=opt.state_dict(),
+                sched=sched.state_dict(),
+                step=step + 1,
+            )
     tower.eval()
 
 
@@ -239,8 +265,10 @@ def _ground_example(rng, labels) -> tuple[Image.Image, list[str]]:  # noqa: ANN0
     """A training picture and its per-patch target words (scenes half the time, easy-VQA otherwise)."""
     if rng.random() < 0.5:
         scene = make_scene(scene_seed("train", rng.randrange(10**7)))
-        objects = [([o.size, o.color, o.shape, *o.position.split()], _patch_cover(mask))
-                   for o, mask in zip(scene.objects, scene.object_masks(IMAGE_SIZE), strict=True)]
+        objects = [
+            ([o.size, o.color, o.shape, *o.position.split()], _patch_cover(mask))
+            for o, mask in zip(scene.objects, scene.object_masks(IMAGE_SIZE), strict=True)
+        ]
         return scene.render(IMAGE_SIZE), _patch_words(objects)
     pool = easyvqa_pool("train")
     while True:
@@ -273,8 +301,10 @@ def _ground_batch(step: int, batch: int, processor, labels) -> dict:  # noqa: AN
 
     rng = random.Random(7919 * step + 11)
     items = [_ground_example(rng, labels) for _ in range(batch)]
-    return {"pixel_values": processor.image_processor([im for im, _ in items], return_tensors="pt")["pixel_values"],
-            "words": [words for _, words in items]}
+    return {
+        "pixel_values": processor.image_processor([im for im, _ in items], return_tensors="pt")["pixel_values"],
+        "words": [words for _, words in items],
+    }
 
 
 def ground(model, processor, args) -> None:  # noqa: ANN001
@@ -296,8 +326,9 @@ def ground(model, processor, args) -> None:  # noqa: ANN001
     embeddings = vlm.adapter.embed(torch.arange(1000, device=args.device)[None]).detach()
     scale = embeddings.float().pow(2).mean()  # mean squared embedding entry
     bar = tqdm(range(start, args.ground_steps), initial=start, total=args.ground_steps, desc="ground")
-    data = _batches(lambda step: _ground_batch(step, args.pretrain_batch, processor, labels), start,
-                    args.ground_steps, args)
+    data = _batches(
+        lambda step: _ground_batch(step, args.pretrain_batch, processor, labels), start, args.ground_steps, args
+    )
     for step, batch in zip(bar, data, strict=False):
         want = torch.cat([targets(words) for words in batch["words"]]).float()  # [B·144, H]
         with _autocast(args):
@@ -315,11 +346,18 @@ def _align_batch(adapter, examples: list[Example]) -> dict[str, torch.Tensor]:  
 
     items = []
     for ex in examples:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]},
-                    {"role": "assistant", "content": ex.answer}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]},
+            {"role": "assistant", "content": ex.answer},
+        ]
         ids, is_answer, pixels = adapter.tokenize_chat(messages, [ex.image()])
-        items.append({"input_ids": torch.tensor(ids), "pixel_values": pixels,
-                      "labels": torch.tensor([t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)])})
+        items.append(
+            {
+                "input_ids": torch.tensor(ids),
+                "pixel_values": pixels,
+                "labels": torch.tensor([t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)]),
+            }
+        )
     return Collator(pad_token_id(adapter))(items)
 
 
@@ -331,15 +369,20 @@ def _answers(model, processor, samples, max_new_tokens: int, batch: int = 32) ->
     out = []
     try:
         for i in range(0, len(samples), batch):
-            chunk = samples[i:i + batch]
-            texts = [processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.prompt}]}],
-                add_generation_prompt=True, tokenize=False) for s in chunk]
+            chunk = samples[i : i + batch]
+            texts = [
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.prompt}]}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                for s in chunk
+            ]
             inputs = processor(text=texts, images=[s.image() for s in chunk], return_tensors="pt", padding=True)
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            out += tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            out += tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return out
@@ -370,8 +413,10 @@ def align(model, processor, args) -> DecoderLoRA | None:  # noqa: ANN001
     vlm = VLM.from_model(model, processor)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(vision_prefixes()))
-    groups = [{"params": list(model.model.multi_modal_projector.parameters()), "lr": args.align_lr},
-              {"params": list(model.model.vision_tower.parameters()), "lr": args.align_lr * args.tower_lr_scale}]
+    groups = [
+        {"params": list(model.model.multi_modal_projector.parameters()), "lr": args.align_lr},
+        {"params": list(model.model.vision_tower.parameters()), "lr": args.align_lr * args.tower_lr_scale},
+    ]
     lora = None
     if args.lora_rank:
         lora = DecoderLoRA(model, args.lora_rank).attach(model)
@@ -380,8 +425,11 @@ def align(model, processor, args) -> DecoderLoRA | None:  # noqa: ANN001
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, args.align_steps, 100))
     ckpt = args.work / "align.pt"
     start = _resume_vision(ckpt, model, opt, sched, lora)
-    make = lambda step: _align_batch(vlm.adapter, list(itertools.islice(  # noqa: E731
-        training_stream(args.seed, step * args.align_batch), args.align_batch)))
+
+    def make(step: int) -> dict:
+        examples = itertools.islice(training_stream(args.seed, step * args.align_batch), args.align_batch)
+        return _align_batch(vlm.adapter, list(examples))
+
     bar = tqdm(range(start, args.align_steps), initial=start, total=args.align_steps, desc="align")
     for step, batch in zip(bar, _batches(make, start, args.align_steps, args), strict=False):
         batch = _to(batch, args.device)
@@ -419,10 +467,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-n", type=int, default=128, help="val questions per short-answer set at each eval")
     ap.add_argument("--eval-describe", type=int, default=32, help="val descriptions at each eval")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
-    ap.add_argument("--workers", type=int, default=default_workers(),
-                    help="data processes building the batches")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on a GPU, fp32 on the CPU",
+    )
+    ap.add_argument("--workers", type=int, default=default_workers(), help="data processes building the batches")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -443,8 +494,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(vision_state(model), str(args.out / VISION_WEIGHTS), metadata={"format": "pt"})
     if lora is not None:
-        save_file(lora.state(), str(args.out / LORA_WEIGHTS),
-                  metadata={"format": "pt", "lora_rank": str(lora.rank), "lora_alpha": str(lora.alpha)})
+        save_file(
+            lora.state(),
+            str(args.out / LORA_WEIGHTS),
+            metadata={"format": "pt", "lora_rank": str(lora.rank), "lora_alpha": str(lora.alpha)},
+        )
     elif (args.out / LORA_WEIGHTS).is_file():
         (args.out / LORA_WEIGHTS).unlink()
     print(f"wrote {args.out / VISION_WEIGHTS} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)

@@ -10,10 +10,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataConfig": "config", "DistillDataConfig": "config", "TrainConfig": "config",
-    "Collator": "data", "LlavaDataset": "data", "load_records": "data",
+    "DataConfig": "config",
+    "DistillDataConfig": "config",
+    "TrainConfig": "config",
+    "Collator": "data",
+    "LlavaDataset": "data",
+    "load_records": "data",
     "TwigObjective": "objective",
-    "TrainResult": "recipe", "TwigTrainer": "recipe", "train_twig": "recipe",
+    "TrainResult": "recipe",
+    "TwigTrainer": "recipe",
+    "train_twig": "recipe",
     "distill_data": "distill",
 }
 __all__ = sorted(_EXPORTS)

@@ -34,9 +34,16 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(_flag(f.name, meta), dest=f.name, action="store_true", help=meta["help"])
             continue
         shown = "" if meta.get("required") or default is None or "default" in meta["help"] else f" (default: {default})"
-        parser.add_argument(_flag(f.name, meta), dest=f.name, type=kind, default=default,
-                            required=bool(meta.get("required")), choices=meta.get("choices"),
-                            metavar=None if meta.get("choices") else f.name.upper(), help=meta["help"] + shown)
+        parser.add_argument(
+            _flag(f.name, meta),
+            dest=f.name,
+            type=kind,
+            default=default,
+            required=bool(meta.get("required")),
+            choices=meta.get("choices"),
+            metavar=None if meta.get("choices") else f.name.upper(),
+            help=meta["help"] + shown,
+        )
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -44,9 +51,12 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def add_parsers(sub: Any) -> None:
-    t = sub.add_parser("train", help="train a twig on LLaVA-format data (frozen base; Trainer/accelerate)",
-                       description="Train a twig on a frozen VLM. Multi-GPU / multi-process: start it with "
-                                   "`torchrun --nproc_per_node N -m twigvlm.cli train ...` or `accelerate launch`.")
+    t = sub.add_parser(
+        "train",
+        help="train a twig on LLaVA-format data (frozen base; Trainer/accelerate)",
+        description="Train a twig on a frozen VLM. Multi-GPU / multi-process: start it with "
+        "`torchrun --nproc_per_node N -m twigvlm.cli train ...` or `accelerate launch`.",
+    )
     add_config_args(t, TrainConfig)
     d = sub.add_parser("distill-data", help="answer a LLaVA-format file's prompts with the base's greedy output")
     add_config_args(d, DistillDataConfig)
@@ -66,8 +76,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.eval_after:
         was = result.eval_before.get("eval_before_agreement")
         now = result.eval_after["eval_agreement"]
-        line += f"; agreement with the base's greedy tokens {now:.3f}" + (f" (was {was:.3f})" if was is not None
-                                                                           else "")
+        line += f"; agreement with the base's greedy tokens {now:.3f}" + (
+            f" (was {was:.3f})" if was is not None else ""
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         print(line, flush=True)
 

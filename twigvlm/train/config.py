@@ -28,11 +28,13 @@ class DataConfig:
     """Where the LLaVA-format data is and how examples are cut."""
 
     data: str = _opt(None, "LLaVA-format JSON or JSONL file (records with id, image, conversations)", required=True)
-    image_folder: str | None = _opt(None, "folder the records' image paths are relative to (default: the data "
-                                          "file's folder)")
+    image_folder: str | None = _opt(
+        None, "folder the records' image paths are relative to (default: the data file's folder)"
+    )
     max_length: int = _opt(2048, "cut examples to this many tokens (never inside an image's tokens)")
-    skip_missing_images: bool = _opt(False, "skip records whose image file is missing, and count them, instead "
-                                            "of stopping with an error")
+    skip_missing_images: bool = _opt(
+        False, "skip records whose image file is missing, and count them, instead of stopping with an error"
+    )
 
     def validate(self) -> None:
         if self.max_length < 2:
@@ -44,18 +46,25 @@ class TrainConfig(DataConfig):
     """Everything `twigvlm train` takes (the data options are inherited)."""
 
     model: str = _opt(None, "the frozen base: a Hugging Face VLM directory", required=True)
-    out: str = _opt(None, "output directory: the trained twig, and checkpoint-N folders while training",
-                    required=True)
+    out: str = _opt(None, "output directory: the trained twig, and checkpoint-N folders while training", required=True)
     K: int = _opt(2, "attach the twig after base layer K (1-based)", flag="--K")
     T: int = _opt(3, "number of twig layers", flag="--T")
-    head: str | None = _opt(None, "share the base LM head or train a copy (default: shared if embeddings are "
-                                  "tied)", choices=HEAD_MODES)
-    layer_init: str = _opt("next", "where a new twig's layers start: base layers K+1..K+T (next), the last T base "
-                                   "layers (last) or random weights (random)", choices=LAYER_INITS)
-    wipe_layer: int | None = _opt(None, "record this FinalWipe layer K_f in the twig: pruning with it then wipes "
-                                        "the visual tokens after layer K_f unless told otherwise (default: "
-                                        "round(0.75·L), or what an --init twig records); choose it with "
-                                        "`twigvlm bench --ablation wipe`")
+    head: str | None = _opt(
+        None, "share the base LM head or train a copy (default: shared if embeddings are tied)", choices=HEAD_MODES
+    )
+    layer_init: str = _opt(
+        "next",
+        "where a new twig's layers start: base layers K+1..K+T (next), the last T base "
+        "layers (last) or random weights (random)",
+        choices=LAYER_INITS,
+    )
+    wipe_layer: int | None = _opt(
+        None,
+        "record this FinalWipe layer K_f in the twig: pruning with it then wipes "
+        "the visual tokens after layer K_f unless told otherwise (default: "
+        "round(0.75·L), or what an --init twig records); choose it with "
+        "`twigvlm bench --ablation wipe`",
+    )
     init: str | None = _opt(None, "start from this twig directory instead of growing a new twig")
     epochs: float = _opt(1.0, "passes over the data (ignored when --max-steps is given)")
     max_steps: int = _opt(-1, "stop after this many optimizer steps (default: run --epochs)")
@@ -65,29 +74,41 @@ class TrainConfig(DataConfig):
     warmup_ratio: float = _opt(0.03, "fraction of the steps spent warming the learning rate up")
     schedule: str = _opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    distill: str = _opt("none", "kl: add KL(base ‖ twig) on the base's own next-token distribution",
-                        choices=DISTILL_MODES)
+    distill: str = _opt(
+        "none", "kl: add KL(base ‖ twig) on the base's own next-token distribution", choices=DISTILL_MODES
+    )
     distill_weight: float = _opt(1.0, "weight of the KL term when --distill kl")
-    eval_data: str | None = _opt(None, "held-out LLaVA-format file: reports the twig's agreement with the "
-                                       "base's greedy tokens")
+    eval_data: str | None = _opt(
+        None, "held-out LLaVA-format file: reports the twig's agreement with the base's greedy tokens"
+    )
     eval_steps: int | None = _opt(None, "evaluate every N steps (default: at each checkpoint)")
     save_steps: int = _opt(500, "write a checkpoint every N steps")
     save_total_limit: int | None = _opt(2, "keep only the newest N checkpoints")
     resume: bool = _opt(False, "continue from the newest checkpoint in --out")
     seed: int = _opt(0, "seed for initialisation, data order and dropout")
-    precision: str = _opt("auto", "auto: bf16 on a GPU that has it, else fp32 (the twig's master weights stay "
-                                  "fp32 either way)", choices=PRECISIONS)
+    precision: str = _opt(
+        "auto",
+        "auto: bf16 on a GPU that has it, else fp32 (the twig's master weights stay fp32 either way)",
+        choices=PRECISIONS,
+    )
     device: str = _opt("auto", "auto: the GPU when there is one", choices=DEVICES)
     save_dtype: str = _opt("float32", "dtype of the saved twig", choices=SAVE_DTYPES)
-    draft_vocab: int | None = _opt(None, "draft only among the N most frequent answer tokens of the data (a far "
-                                         "cheaper draft head; the full model still verifies, output unchanged)")
+    draft_vocab: int | None = _opt(
+        None,
+        "draft only among the N most frequent answer tokens of the data (a far "
+        "cheaper draft head; the full model still verifies, output unchanged)",
+    )
     logging_steps: int = _opt(10, "log the loss every N steps")
     num_workers: int = _opt(0, "data-loading worker processes")
 
     def validate(self) -> None:
         super().validate()
-        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--save-steps": self.save_steps,
-                    "--logging-steps": self.logging_steps}
+        positive = {
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--save-steps": self.save_steps,
+            "--logging-steps": self.logging_steps,
+        }
         if self.eval_steps is not None:
             positive["--eval-steps"] = self.eval_steps
         for flag, value in positive.items():

@@ -68,8 +68,9 @@ def read_records(path: str | Path) -> list[Any]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise TwigVLMError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); JSONL files must end in "
-                           ".jsonl") from None
+        raise TwigVLMError(
+            f"{path} is not valid JSON (line {e.lineno}: {e.msg}); JSONL files must end in .jsonl"
+        ) from None
     if not isinstance(records, list):
         raise TwigVLMError(f"{path} holds a JSON {type(records).__name__}: a list of records is expected")
     return records
@@ -77,6 +78,7 @@ def read_records(path: str | Path) -> list[Any]:
 
 def parse_record(raw: Any, index: int, source: Path, image_folder: Path) -> Record:
     """Check one raw LLaVA record and turn it into a `Record`; errors name the file and the record index."""
+
     def bad(why: str) -> TwigVLMError:
         return TwigVLMError(f"{source} record {index}: {why}")
 
@@ -112,8 +114,9 @@ def parse_record(raw: Any, index: int, source: Path, image_folder: Path) -> Reco
     return Record(index, None if rid is None else str(rid), turns, [image_folder / n for n in names])
 
 
-def load_records(path: str | Path, image_folder: str | Path | None, skip_missing_images: bool = False,
-                 require_answer: bool = True) -> tuple[list[Record], int]:
+def load_records(
+    path: str | Path, image_folder: str | Path | None, skip_missing_images: bool = False, require_answer: bool = True
+) -> tuple[list[Record], int]:
     """Checked records of a data file and how many were skipped for a missing image.
 
     require_answer: a record must have an assistant turn (training); trailing unanswered turns are dropped.
@@ -127,20 +130,25 @@ def load_records(path: str | Path, image_folder: str | Path | None, skip_missing
         rec = parse_record(raw, i, source, folder)
         if require_answer:
             if not any(role == "assistant" for role, _ in rec.turns):
-                raise TwigVLMError(f"{source} record {i} has no answer (no 'gpt' turn): answer such prompts with "
-                                   "`twigvlm distill-data` first")
+                raise TwigVLMError(
+                    f"{source} record {i} has no answer (no 'gpt' turn): answer such prompts with "
+                    "`twigvlm distill-data` first"
+                )
             rec = rec.answered()
         missing = next((p for p in rec.images if not p.is_file()), None)
         if missing is not None:
             if not skip_missing_images:
-                raise TwigVLMError(f"{source} record {i}: image {missing} does not exist (pass "
-                                   "--skip-missing-images to skip such records)")
+                raise TwigVLMError(
+                    f"{source} record {i}: image {missing} does not exist (pass "
+                    "--skip-missing-images to skip such records)"
+                )
             skipped += 1
             continue
         records.append(rec)
     if not records:
-        raise TwigVLMError(f"{source} has no usable records" + (f" ({skipped} skipped for missing images)"
-                                                                  if skipped else ""))
+        raise TwigVLMError(
+            f"{source} has no usable records" + (f" ({skipped} skipped for missing images)" if skipped else "")
+        )
     return records, skipped
 
 
@@ -170,8 +178,9 @@ def open_images(record: Record, source: str | Path) -> list[Image.Image]:
         raise TwigVLMError(f"{source} record {record.index}: {e}") from None
 
 
-def truncate(ids: list[int], labels: list[int], image_token_id: int, tokens_per_image: int,
-             max_length: int) -> tuple[list[int], list[int], int]:
+def truncate(
+    ids: list[int], labels: list[int], image_token_id: int, tokens_per_image: int, max_length: int
+) -> tuple[list[int], list[int], int]:
     """Cut to max_length tokens, moving the cut back to an image's first token if it would fall inside one.
 
     Returns the ids, the labels and how many images are still whole (their pixel values are the first ones).

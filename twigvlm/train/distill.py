@@ -26,8 +26,9 @@ from .data import IMAGE_PLACEHOLDER, load_records, open_images, read_records, to
 ROLE_NAMES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
-def _answer_turns(vlm: VLM, turns: list[tuple[str, str]], images: list, cfg: GenConfig, spec: SpecConfig | None,
-                  replace: bool) -> tuple[list[tuple[str, str]], int]:
+def _answer_turns(
+    vlm: VLM, turns: list[tuple[str, str]], images: list, cfg: GenConfig, spec: SpecConfig | None, replace: bool
+) -> tuple[list[tuple[str, str]], int]:
     """The turns with every unanswered (or, with replace, every) human turn followed by a generated answer."""
     done: list[tuple[str, str]] = []
     generated = 0

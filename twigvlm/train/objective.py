@@ -42,8 +42,7 @@ class TwigObjective(nn.Module):
     def adapter(self) -> VLMAdapter:
         return self.engine.adapter
 
-    def _layer_k(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
+    def _layer_k(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Base layers 1..K on the batch, without gradient: hidden states [B, T, H] and position ids."""
         b, n = input_ids.shape
         with torch.no_grad():
@@ -68,8 +67,14 @@ class TwigObjective(nn.Module):
             deep = self.engine.forward(None, hidden_k, positions, self.twig.config.K)  # [B, T, H]
             return self.engine.logits(deep[:, :-1][where]).float()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                num_items_in_batch: torch.Tensor | int | None = None, **_: Any) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
         """input_ids, labels [B, T] (labels −100 off the answers); pixel_values [N, 3, h, w] → {"loss": scalar}."""
         hidden_k, positions = self._layer_k(input_ids, pixel_values)
         targets = labels[:, 1:]  # position t predicts token t+1
@@ -90,8 +95,9 @@ class TwigObjective(nn.Module):
         return {"loss": loss}
 
     @torch.no_grad()
-    def eval_sums(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                  pixel_values: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    def eval_sums(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None, **_: Any
+    ) -> torch.Tensor:
         """Per-example sums [B, 5] over answer positions, in EVAL_FIELDS order: token count, twig cross-entropy,
         twig argmax = label, base argmax = label, twig argmax = base argmax (the draft-acceptance proxy)."""
         hidden_k, positions = self._layer_k(input_ids, pixel_values)
@@ -101,13 +107,16 @@ class TwigObjective(nn.Module):
         base_logits = self._base_logits(hidden_k, positions, where)  # [N, V]
         y = targets[where]
         twig_top, base_top = twig_logits.argmax(-1), base_logits.argmax(-1)
-        per_token = torch.stack([
-            torch.ones_like(y, dtype=torch.float32),
-            F.cross_entropy(twig_logits, y, reduction="none"),
-            (twig_top == y).float(),
-            (base_top == y).float(),
-            (twig_top == base_top).float(),
-        ], dim=-1)  # [N, 5]
+        per_token = torch.stack(
+            [
+                torch.ones_like(y, dtype=torch.float32),
+                F.cross_entropy(twig_logits, y, reduction="none"),
+                (twig_top == y).float(),
+                (base_top == y).float(),
+                (twig_top == base_top).float(),
+            ],
+            dim=-1,
+        )  # [N, 5]
         example = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(where)[where]  # [N]
         sums = torch.zeros(input_ids.shape[0], len(EVAL_FIELDS), device=per_token.device)  # [B, 5]
         return sums.index_add_(0, example, per_token)
@@ -117,5 +126,10 @@ def eval_metrics(sums: torch.Tensor, prefix: str = "eval") -> dict[str, float]:
     """Totals [5] of `eval_sums` → per-token metrics."""
     tokens, ce, twig_ok, base_ok, agree = (float(x) for x in sums)
     n = max(tokens, 1.0)
-    return {f"{prefix}_tokens": tokens, f"{prefix}_loss": ce / n, f"{prefix}_twig_accuracy": twig_ok / n,
-            f"{prefix}_base_accuracy": base_ok / n, f"{prefix}_agreement": agree / n}
+    return {
+        f"{prefix}_tokens": tokens,
+        f"{prefix}_loss": ce / n,
+        f"{prefix}_twig_accuracy": twig_ok / n,
+        f"{prefix}_base_accuracy": base_ok / n,
+        f"{prefix}_agreement": agree / n,
+    }

@@ -59,8 +59,9 @@ class TwigTrainer(Trainer):
             self._parts = {}
         super().log(logs, start_time)
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """Twig vs base on held-out answers: agreement of greedy tokens, accuracies, the twig's loss."""
         loader = self.get_eval_dataloader(eval_dataset)
         self.callback_handler.eval_dataloader = loader
@@ -107,15 +108,22 @@ class LossBar(ProgressCallback):
             shown = {k: f"{logs[k]:.4g}" for k in ("loss", "ce", "kl", "learning_rate") if k in logs}
             self.training_bar.set_postfix(shown, refresh=False)
             return
-        evals = {k: v for k, v in logs.items()
-                 if k.startswith("eval") and k.endswith(("_agreement", "_twig_accuracy", "_loss"))}
+        evals = {
+            k: v
+            for k, v in logs.items()
+            if k.startswith("eval") and k.endswith(("_agreement", "_twig_accuracy", "_loss"))
+        }
         if evals:
-            _write(self.training_bar, f"step {state.global_step}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in evals.items()))
+            _write(
+                self.training_bar, f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items())
+            )
         elif "train_runtime" in logs:
-            _write(self.training_bar, f"trained {state.global_step} steps in {logs['train_runtime']:.1f} s "
-                                      f"({logs['train_steps_per_second']:.3g} steps/s), mean loss "
-                                      f"{logs.get('train_loss', float('nan')):.4f}")
+            _write(
+                self.training_bar,
+                f"trained {state.global_step} steps in {logs['train_runtime']:.1f} s "
+                f"({logs['train_steps_per_second']:.3g} steps/s), mean loss "
+                f"{logs.get('train_loss', float('nan')):.4f}",
+            )
 
 
 def _write(bar: Any, line: str) -> None:
@@ -159,8 +167,10 @@ def resume_point(out: Path, resume: bool) -> str | None:
             raise TwigVLMError(f"--resume: {out} has no checkpoint-N folder to continue from")
         return last
     if last is not None:
-        raise TwigVLMError(f"--out {out} already holds {Path(last).name} from an earlier run: pass --resume to "
-                           "continue it, or choose another --out")
+        raise TwigVLMError(
+            f"--out {out} already holds {Path(last).name} from an earlier run: pass --resume to "
+            "continue it, or choose another --out"
+        )
     if (out / CONFIG_NAME).exists():
         raise TwigVLMError(f"--out {out} already holds a trained twig: choose another --out")
     return None
@@ -175,20 +185,39 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
     evaluate = cfg.eval_data is not None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun / accelerate launch
     return TrainingArguments(
-        output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.schedule, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the steps
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        output_dir=str(cfg.out),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.schedule,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the steps
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=(cfg.eval_steps or cfg.save_steps) if evaluate else None,
-        seed=cfg.seed, bf16=bf16, use_cpu=use_cpu, ddp_backend="gloo" if use_cpu and distributed else None,
-        ddp_find_unused_parameters=False, report_to="none", remove_unused_columns=False, label_names=["labels"],
-        dataloader_num_workers=cfg.num_workers, dataloader_pin_memory=not use_cpu, disable_tqdm=False)
+        seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if use_cpu and distributed else None,
+        ddp_find_unused_parameters=False,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=cfg.num_workers,
+        dataloader_pin_memory=not use_cpu,
+        disable_tqdm=False,
+    )
 
 
-def train_twig(cfg: TrainConfig, adapter: VLMAdapter | None = None,
-               callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+def train_twig(
+    cfg: TrainConfig, adapter: VLMAdapter | None = None, callbacks: list[TrainerCallback] | None = None
+) -> TrainResult:
     """Train a twig on a frozen base and write it to cfg.out (checkpoints go to cfg.out/checkpoint-N).
 
     adapter: an already loaded base (on the training device) instead of loading cfg.model.
@@ -209,17 +238,24 @@ def train_twig(cfg: TrainConfig, adapter: VLMAdapter | None = None,
     if cfg.wipe_layer is not None:
         L = adapter.spec.num_layers
         if not twig.config.K < cfg.wipe_layer <= L:
-            raise TwigVLMError(f"--wipe-layer {cfg.wipe_layer} is invalid for this model: give a layer from "
-                               f"K+1={twig.config.K + 1} to L={L}")
+            raise TwigVLMError(
+                f"--wipe-layer {cfg.wipe_layer} is invalid for this model: give a layer from "
+                f"K+1={twig.config.K + 1} to L={L}"
+            )
         twig.config = replace(twig.config, wipe_layer=cfg.wipe_layer)
     twig.to(torch.float32)  # master weights; autocast runs the matmuls in bf16 when asked
     train_set = LlavaDataset(cfg.data, adapter, cfg)
     eval_set = LlavaDataset(cfg.eval_data, adapter, cfg) if cfg.eval_data else None
     if train_set.skipped_missing and args.should_log:
         print(f"skipped {train_set.skipped_missing} record(s) of {cfg.data} whose image is missing", flush=True)
-    trainer = TwigTrainer(model=TwigObjective(adapter, twig, cfg.distill, cfg.distill_weight), args=args,
-                          train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=Collator(pad_token_id(adapter)), callbacks=callbacks)
+    trainer = TwigTrainer(
+        model=TwigObjective(adapter, twig, cfg.distill, cfg.distill_weight),
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(pad_token_id(adapter)),
+        callbacks=callbacks,
+    )
     trainer.pop_callback(ProgressCallback)
     trainer.add_callback(LossBar())
 
@@ -234,6 +270,12 @@ def train_twig(cfg: TrainConfig, adapter: VLMAdapter | None = None,
     trainer.save_dtype = parse_dtype(cfg.save_dtype)
     trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(out=out, steps=result.global_step, train_loss=result.training_loss,
-                       runtime_s=result.metrics.get("train_runtime", 0.0),
-                       skipped_missing_images=train_set.skipped_missing, eval_before=before, eval_after=after)
+    return TrainResult(
+        out=out,
+        steps=result.global_step,
+        train_loss=result.training_loss,
+        runtime_s=result.metrics.get("train_runtime", 0.0),
+        skipped_missing_images=train_set.skipped_missing,
+        eval_before=before,
+        eval_after=after,
+    )
