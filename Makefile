@@ -1,17 +1,25 @@
 # The two set-up commands of the README: `make demo` and `make test`.
 # Each creates .venv if it is missing, installs twigvlm (editable) with what it needs, then runs.
+# `make test` lints first (ruff check + ruff format --check, the pinned ruff), so CI enforces both.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.twigvlm-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 demo: $(STAMP)
 	$(VENV)/bin/twigvlm demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+# What the linters read (the whole tree by default; ruff skips .venv and what .gitignore ignores).
+LINT_PATHS ?= .
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 install: $(STAMP)
 

@@ -303,3 +303,39 @@ def test_bench_errors_exit_2(model_dirs, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, err
+
+
+def test_bench_checks_every_flag_against_the_model_first(model_dirs, bench_twig, tmp_path, capsys, monkeypatch):
+    # Were any sample to run, this stub would end the test with an AssertionError instead of exit 2.
+    def no_sample(*args, **kwargs):
+        raise AssertionError("a sample ran before the flags were checked")
+
+    monkeypatch.setattr("twigvlm.bench.harness.run_method", no_sample)
+    out = tmp_path / "o"
+    base = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--tasks", "scenes", "--limit", "1"]
+    base += ["--out", str(out)]
+    L = twigvlm.load(model_dirs["llama-clip"]).adapter.spec.num_layers
+    for argv, why in [
+        (["--wipe-layer", "99"], f"wipe_layer=99 is invalid: it must be between K+1=3 and L={L}"),
+        (["--methods", "hf,fastv", "--wipe-layer", "99"], "fastv cannot run on scenes: wipe_layer=99"),
+        (["--methods", "hf,fastv", "--keep", "0.5"], "is infeasible for this model and prompt (M=16"),
+        (["--methods", "hf,visionzip", "--keep", "100"], "VisionZip budget of 100.0 visual tokens is infeasible"),
+        (["--ablation", "budget", "--wipe-layer", "99"], "wipe_layer=99 is invalid"),
+        (["--keep-ratio", "2"], "keep_ratio=2.0 is invalid"),
+        (["--methods", "hf,ssd", "--draft-len", "0"], "draft_len=0 is invalid"),
+        (["--methods", "hf,ssd", "--draft-threshold", "1.5"], "threshold=1.5 is invalid"),
+    ]:
+        assert main(base + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not out.exists()
+
+
+def test_visual_token_count_from_the_processor_matches_the_encoding(vlms):
+    from twigvlm.bench.methods import visual_tokens
+    from twigvlm.bench.tasks import Sample
+
+    for vlm in vlms.values():
+        sample = Sample("t", "0", "what is it?", lambda: random_image(3), ["x"])
+        assert visual_tokens(vlm, sample) == vlm.encode(sample.prompt, sample.image()).num_visual_tokens
+        assert visual_tokens(vlm, Sample("t", "1", "hi", None, ["x"])) == 0

@@ -245,8 +245,14 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "image is a directory": (gen + ["--image", str(tmp)], "is a directory"),
         "huge seed": (gen + ["--seed", str(2**70), "--temperature", "1"], "seed"),
         "no such device": (gen + ["--device", "banana"], "not a torch device"),
-        "grow into a file": (["grow", "--model", m, "--out", str(tmp / "notes.png" / "twig")], "not a directory"),
-        "tiny onto a file": (["tiny", "--out", str(tmp / "notes.png")], "not a directory"),
+        "grow into a file": (["grow", "--model", m, "--out", str(tmp / "notes.png" / "twig")], "which is a file"),
+        "tiny onto a file": (["tiny", "--out", str(tmp / "notes.png")], "notes.png is a file: give a folder path"),
+        "demo onto a file": (["demo", "--out", str(tmp / "notes.png")], "notes.png is a file: give a folder path"),
+        "bench onto a file": (["bench", "--model", m, "--methods", "hf", "--out", str(tmp / "notes.png")], "is a file"),
+        "distill-data onto a folder": (
+            ["distill-data", "--model", m, "--data", str(tmp / "notes.png"), "--out", str(tmp / "bert")],
+            "bert is a folder: give a file path",
+        ),
         "twig pruning without a twig": (gen + ["--image", image, "--prune", "twig"], "needs a twig"),
         "speculative without a twig": (gen + ["--speculative"], "drafts with a twig"),
         "draft-len 0": (gen + ["--speculative", "--draft-len", "0"], "not positive"),
@@ -256,7 +262,7 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "unknown prune method": (gen + ["--prune", "random"], "invalid choice"),
         "save-kept into nowhere": (
             gen + ["--image", image, "--save-kept", str(tmp / "no" / "k.png")],
-            "not a writable file path",
+            "does not exist",
         ),
     }
 
@@ -307,3 +313,41 @@ def test_console_script_end_to_end(model_dirs, image, tmp_path):
     )
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["stats"]["new_tokens"] <= 3
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_grow_never_overwrites_a_twig_without_force(capsys, model_dirs, tmp_path):
+    m, out = model_dirs["llama-clip"], tmp_path / "twig"
+    assert main(["grow", "--model", m, "--K", "2", "--T", "3", "--out", str(out)]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["grow", "--model", m, "--K", "1", "--T", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a twig" in err and "--force" in err and "Traceback" not in err
+    assert _snapshot(out) == before, "the existing twig changed"
+    # Half a twig counts too: a folder with only the weights is refused as well.
+    (out / "twig.json").unlink()
+    assert main(["grow", "--model", m, "--K", "1", "--T", "1", "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert main(["grow", "--model", m, "--K", "1", "--T", "1", "--out", str(out), "--force"]) == 0
+    meta = json.loads((out / "twig.json").read_text())
+    assert (meta["K"], meta["T"]) == (1, 1)
+
+
+def test_version_and_python_m_twigvlm(capsys):
+    from importlib.metadata import version
+
+    import twigvlm
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"twigvlm {twigvlm.__version__}" == f"twigvlm {version('twigvlm')}"
+    # `python -m twigvlm` is the console script: same version line, same one-line errors with exit code 2.
+    run = subprocess.run([sys.executable, "-m", "twigvlm", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == f"twigvlm {twigvlm.__version__}"
+    bad = subprocess.run([sys.executable, "-m", "twigvlm", "grow", "--K", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("twigvlm grow: error:")

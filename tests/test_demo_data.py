@@ -9,8 +9,8 @@ import json
 import pytest
 
 from twigvlm.data import easyvqa
+from twigvlm.data.examples import easyvqa_pool, eval_set, example, training_stream, write_llava
 from twigvlm.demo import decoder
-from twigvlm.demo.data import easyvqa_pool, eval_set, example, training_stream, write_llava
 from twigvlm.errors import TwigVLMError
 from twigvlm.train.data import load_records
 
@@ -38,7 +38,7 @@ def test_training_stream_is_a_function_of_the_position():
 
 def test_val_pictures_are_not_training_pictures():
     items = {split: {example(split, "easyvqa", i).key for i in range(0, 40000, 97)} for split in ("train", "val")}
-    from twigvlm.demo.data import easyvqa_items
+    from twigvlm.data.examples import easyvqa_items
 
     pictures = {s: {easyvqa_items(s)[int(k.split(":")[2])].q.image_id for k in keys} for s, keys in items.items()}
     assert not pictures["train"] & pictures["val"]

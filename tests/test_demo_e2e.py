@@ -37,7 +37,7 @@ def test_demo_answers_with_and_without_ttp_ssd(demo, samples):
     pruned = _answers(demo, samples, prune=PruneConfig("twig", keep_ratio=1 / 9))
     assert _right(samples, base, "easyvqa") >= N - 1 and _right(samples, base, "scenes") >= N - 3
     # At 16 of 144 visual tokens the twig keeps most of easy-VQA (one shape per picture: 0.85 of the first 100
-    # test questions against the base's 0.99) but not yet the scene questions (several objects; see the README's
+    # test questions against the base's 0.99) but not yet the scene questions (several objects; see docs/results.md's
     # results), so only easy-VQA is held to a level here: 6 of these 8, as `twigvlm bench` measures them.
     assert _right(samples, fast, "easyvqa") >= N - 2
     assert [o.token_ids for o in fast] == [o.token_ids for o in pruned]  # SSD is exact under pruning

@@ -94,14 +94,14 @@ def test_object_masks_cover_exactly_the_drawn_objects():
 
 
 def test_grounding_targets_name_what_each_patch_shows():
-    from twigvlm.demo.train_vision import BACKGROUND_WORD, _patch_cover, _patch_words
+    from twigvlm.demo.vision.ground import BACKGROUND_WORD, patch_cover, patch_words
 
     scene = make_scene(11)
     objects = [
-        ([o.size, o.color, o.shape, *o.position.split()], _patch_cover(m))
+        ([o.size, o.color, o.shape, *o.position.split()], patch_cover(m))
         for o, m in zip(scene.objects, scene.object_masks(192), strict=True)
     ]
-    words = _patch_words(objects)
+    words = patch_words(objects)
     assert len(words) == 144
     for obj, (vocab, _) in zip(scene.objects, objects, strict=True):
         row, col = divmod(obj.cell, 3)

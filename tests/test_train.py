@@ -288,8 +288,13 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     eos = set(twigvlm.load(model).adapter.eos_token_ids)
     assert eos <= set(twig.draft_vocab.tolist()) and len(twig.draft_vocab) <= 5 + len(eos)
     capsys.readouterr()
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
     cases = [
         (args, "already holds checkpoint-2 from an earlier run: pass --resume"),
+        (
+            ["train", "--model", model, "--data", data, "--out", str(tmp_path / "notes.txt" / "x")],
+            "lies inside",
+        ),
         (
             ["train", "--model", model, "--data", data, "--out", str(tmp_path / "new"), "--resume"],
             "has no checkpoint-N folder",

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from .adapters import VLMAdapter, adapter_for, load_adapter
+from .adapters import VLMAdapter, adapter_for
 from .adapters.base import Encoded, Prompt
 from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .engine import Engine
 from .errors import TwigVLMError
 from .generate import Generation, GenerationResult
 from .images import ImageInput, load_images
+from .named import load_model, twig_directory
 from .twig import Twig, grow_twig, load_twig, save_twig
 from .visionzip import VisionZip
 
@@ -44,8 +45,9 @@ class VLM:
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
     ) -> VLM:
-        """Load a saved Hugging Face VLM directory, and a twig directory if given."""
-        vlm = cls(load_adapter(model, dtype=dtype, device=device))
+        """Load a saved Hugging Face VLM directory (or a named model such as "demo"), and a twig directory if
+        given."""
+        vlm = cls(load_model(model, dtype=dtype, device=device))
         if twig is not None:
             vlm.load_twig(twig)
         return vlm
@@ -68,7 +70,7 @@ class VLM:
         return twig
 
     def load_twig(self, path: str | Path) -> Twig:
-        """Load a twig directory ("demo": the demo model's shipped twig) and attach it."""
+        """Load a twig directory (or a named model's shipped twig, such as "demo") and attach it."""
         twig = load_twig(self.adapter, twig_directory(path))
         self.engine.twig = twig
         return twig
@@ -130,15 +132,6 @@ class VLM:
         cfg = replace(config or GenConfig(), **kwargs)
         cfg.validate()
         return cfg
-
-
-def twig_directory(path: str | Path) -> Path:
-    """The directory a twig argument names: "demo" is the demo model's shipped twig."""
-    if str(path) == "demo":
-        from .demo.model import demo_twig_dir
-
-        return Path(demo_twig_dir())
-    return Path(path)
 
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from . import __version__
 from .bench import cli as bench_cli
 from .config import LAYER_INITS, PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
+from .paths import output_dir, output_file, twig_output_dir
 from .train import cli as train_cli
 
 EXIT_USAGE = 2
@@ -53,6 +55,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="twigvlm", description="Grow a twig on a frozen VLM; prune visual tokens; draft tokens.")
+    parser.add_argument("--version", action="version", version=f"twigvlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("grow", help="grow a twig from base layers K+1..K+T and save it")
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="record FinalWipe after this layer K_f in the twig (default: none recorded, so round(0.75·L))",
     )
     g.add_argument("--out", required=True, help="output twig directory")
+    g.add_argument("--force", action="store_true", help="replace the twig --out already holds")
 
     gen = sub.add_parser("generate", help="answer a prompt about image(s)")
     _add_model_args(gen)
@@ -162,10 +166,7 @@ def cmd_grow(args: argparse.Namespace) -> None:
 
     config = TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init, wipe_layer=args.wipe_layer)
     config.validate()  # before the slow model load
-    out = Path(args.out)
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise TwigVLMError(f"--out {out}: {blocker} exists and is not a directory; choose another path")
+    out = twig_output_dir(args.out, force=args.force)
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
     twig = vlm.grow_twig(config)
     vlm.save_twig(out)
@@ -205,14 +206,6 @@ def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
     return spec
 
 
-def _check_writable_file(path: str | None, flag: str) -> None:
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir() or not p.parent.is_dir():
-        raise TwigVLMError(f"{flag} {path} is not a writable file path: its folder must exist and it must not be one")
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import VLM
     from .images import load_images
@@ -221,7 +214,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
     cfg, prune, spec = _gen_config(args), _prune_config(args), _spec_config(args)
-    _check_writable_file(args.save_kept, "--save-kept")
+    if args.save_kept is not None:
+        output_file(args.save_kept, "--save-kept")
     if args.save_kept and not args.image:
         raise TwigVLMError("--save-kept needs an --image")
     images = load_images(args.image)  # read images before the (slow) model load
@@ -256,10 +250,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tiny(args: argparse.Namespace) -> None:
     from .tiny import TinySpec, save_tiny_llava
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise TwigVLMError(f"--out {args.out} exists and is not a directory: choose another path")
     out = save_tiny_llava(
-        args.out, TinySpec(backbone=args.backbone, tower=args.tower, num_layers=args.layers, seed=args.seed)
+        output_dir(args.out), TinySpec(backbone=args.backbone, tower=args.tower, num_layers=args.layers, seed=args.seed)
     )
     print(f"wrote a tiny random LLaVA ({args.backbone} + {args.tower}, {args.layers} layers) → {out}")
 
@@ -270,11 +262,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo.run import main_job
 
     t0 = time.perf_counter()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise TwigVLMError(f"--out {out} exists and is not a directory: choose another path")
+    out = output_dir(args.out)
     if vision_ready() and twig_ready():
-        from .demo.data import eval_set
+        from .data.examples import eval_set
 
         print("loading the demo VLM (SmolLM2-135M-Instruct decoder + our vision tower + trained twig)", flush=True)
         vlm = VLM.load("demo", twig="demo")

@@ -86,6 +86,22 @@ def plan_pruning(
     return PrunePlan(cfg.method, num_layers, num_visual, K, wipe, kept)
 
 
+def plan_for(engine: Engine, cfg: PruneConfig, num_visual: int) -> PrunePlan | None:
+    """The plan of a language-model pruning (twig, FastV) with this engine — K from the config, else the twig's,
+    else 2; K_f from the config, else the twig's — for a prompt of M visual tokens; None when M is 0. Raises the
+    one-line error of a setting this model cannot honour, before anything runs."""
+    twig = engine.twig
+    K = cfg.layer if cfg.layer is not None else (twig.config.K if twig is not None else 2)
+    if cfg.method == "twig" and twig is not None and K != twig.config.K:
+        raise TwigVLMError(
+            f"twig pruning happens after the twig's layer K={twig.config.K}, not {K}: "
+            "drop the layer option or grow a twig at that layer"
+        )
+    if num_visual == 0:
+        return None
+    return plan_pruning(cfg, engine.num_layers, num_visual, K, twig.config.wipe_layer if twig is not None else None)
+
+
 @dataclass
 class PruneStats:
     method: str
@@ -142,16 +158,10 @@ def pruned_prefill(
 
     prime_twig: make sure the twig's cache holds the whole prompt (for drafting; the twig scorer fills it anyway).
     """
-    L, M = engine.num_layers, encoded.num_visual_tokens
-    K = cfg.layer if cfg.layer is not None else (engine.twig.config.K if engine.twig is not None else 2)
-    if cfg.method == "twig" and engine.twig is not None and K != engine.twig.config.K:
-        raise TwigVLMError(
-            f"twig pruning happens after the twig's layer K={engine.twig.config.K}, not {K}: "
-            "drop the layer option or grow a twig at that layer"
-        )
-    if M == 0:  # nothing to prune
+    L = engine.num_layers
+    plan = plan_for(engine, cfg, encoded.num_visual_tokens)
+    if plan is None:  # nothing to prune
         return engine.prefill(state, encoded, prime_twig), PruneStats(cfg.method, 0, 0, 0.0, [])
-    plan = plan_pruning(cfg, L, M, K, engine.twig.config.wipe_layer if engine.twig is not None else None)
     t0 = time.perf_counter()
     hidden, scores = _score(engine, state, encoded, plan, cfg.query)
     score_s = time.perf_counter() - t0
@@ -175,5 +185,5 @@ def pruned_prefill(
         text[-1] = True
         hidden = engine.forward(state, hidden[:, text], pos[..., text], plan.wipe, L)
     state.next_position = encoded.next_position
-    stats = PruneStats(plan.method, M, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s, plan.wipe)
+    stats = PruneStats(plan.method, plan.num_visual, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s, plan.wipe)
     return engine.logits(hidden[:, -1:])[:, 0], stats

@@ -1,4 +1,6 @@
-"""Adapter registry and model loading: a model directory (or an in-memory model) → the right `VLMAdapter`."""
+"""Adapter registry and model loading: a model directory (or an in-memory model) → the right `VLMAdapter`.
+
+The registry knows model types, not names: "demo" and other named models are resolved in `twigvlm.named`."""
 
 from __future__ import annotations
 
@@ -64,14 +66,10 @@ def adapter_for(model: Any, processor: Any) -> VLMAdapter:
 
 
 def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
-    """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention; "demo" is the
-    embedded demo model."""
+    """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention. Names such as
+    "demo" are resolved above this registry, in `twigvlm.named`."""
     torch_dtype = parse_dtype(dtype)
     check_device(device)
-    if str(path) == "demo":
-        from ..demo.model import demo_adapter
-
-        return demo_adapter(torch_dtype, device)
     path = Path(path)
     if not path.is_dir():
         raise TwigVLMError(f"model directory {path} does not exist: pass a directory written by save_pretrained")

@@ -10,9 +10,10 @@ from typing import NamedTuple
 
 from ..config import QUERY_MODES
 from ..errors import TwigVLMError
+from ..paths import output_dir
 from ..prune import resolve_wipe_layer
 from .harness import BASELINE, Variant
-from .methods import METHODS, NEEDS_TWIG, MethodConfig
+from .methods import METHODS, NEEDS_TWIG, MethodConfig, method_configs
 
 UNTRAINED = "__untrained__"  # the source ablation's copy of base layers K+1..K+T
 ABLATIONS = ("none", "budget", "draft", "query", "source", "twig", "wipe")
@@ -90,7 +91,7 @@ class BenchTwig(NamedTuple):
 def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
     """The twigs a run uses, by label ("K=2 T=3 next"); several only with --ablation twig. Checked before any
     model loads."""
-    from ..api import twig_directory
+    from ..named import twig_directory
     from ..twig import read_twig_config
 
     if args.twig is None:
@@ -209,7 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ..api import VLM
     from ..config import TwigConfig
     from ..twig import grow_twig
-    from .harness import run_bench, summarize
+    from .harness import check_variants, run_bench, summarize
     from .report import markdown, write_outputs
     from .tasks import parse_task_spec
 
@@ -221,9 +222,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise TwigVLMError(
             "twig, ssd, twig+ssd and hf-early-exit need a twig: pass --twig DIR (or leave them out with --methods)"
         )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise TwigVLMError(f"--out {out} exists and is not a directory")
+    for v in chosen:  # the flags on their own, before the slow model load
+        method_configs(v.method, v.config)
+    out = output_dir(args.out)
     specs = [s for part in args.tasks.split(";") for s in (part.split(",") if "=" not in part else [part]) if s]
     tasks = {}
     for spec in specs:
@@ -241,6 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.ablation == "source":
         twig = vlm.twig
         loaded[UNTRAINED] = grow_twig(vlm.adapter, TwigConfig(K=twig.config.K, T=twig.config.T))
+    check_variants(vlm, tasks, chosen, loaded)  # the flags against this model, before any sample runs
     rows, unsupported = run_bench(vlm, tasks, chosen, twigs=loaded)
     summary = summarize(rows, chosen)
     table = markdown(summary, list(tasks), unsupported)

@@ -11,6 +11,8 @@ the measurement changes how the allocator behaves.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from ..api import VLM
 from ..errors import TwigVLMError
 from ..twig import Twig
 from .memory import measure
-from .methods import SAME_AS, MethodConfig, Run, run_method
+from .methods import SAME_AS, MethodConfig, Run, check_method, run_method, visual_tokens
 from .tasks import Sample
 
 BASELINE = "hf"
@@ -58,10 +60,33 @@ def run_bench(
     twigs: the twigs that variants name (`Variant.twig`); the VLM's own twig is put back at the end.
     memory: add a pass that measures each variant's peak memory on each task's first sample.
     """
+    with _twig_set(vlm, twigs) as all_twigs:
+        return _bench(vlm, tasks, variants, warmup, progress, all_twigs, memory)
+
+
+def check_variants(
+    vlm: VLM, tasks: dict[str, list[Sample]], variants: list[Variant], twigs: dict[str, Twig] | None = None
+) -> None:
+    """Every variant's settings against the loaded model and each task's first sample (its visual-token count,
+    from the processor alone), before any sample runs: a flag the model cannot honour — a FinalWipe layer past L,
+    an infeasible budget — is one `TwigVLMError` line, not a method reported as "did not run"."""
+    counts = {task: visual_tokens(vlm, samples[0]) for task, samples in tasks.items()}
+    with _twig_set(vlm, twigs) as all_twigs:
+        for v in variants:
+            vlm.engine.twig = all_twigs[v.twig or OWN]
+            for task, num_visual in counts.items():
+                try:
+                    check_method(vlm, v.method, v.config, num_visual)
+                except TwigVLMError as e:
+                    raise TwigVLMError(f"{v.name} cannot run on {task}: {e}") from None
+
+
+@contextmanager
+def _twig_set(vlm: VLM, twigs: dict[str, Twig] | None) -> Iterator[dict[str, Twig | None]]:
+    """The twigs variants may name, plus the VLM's own under OWN; the VLM's own twig is put back afterwards."""
     own = vlm.engine.twig
-    twigs = {**(twigs or {}), OWN: own}
     try:
-        return _bench(vlm, tasks, variants, warmup, progress, twigs, memory)
+        yield {**(twigs or {}), OWN: own}
     finally:
         vlm.engine.twig = own
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from ..api import VLM
 from ..config import PruneConfig, SpecConfig
 from ..errors import TwigVLMError
+from ..prune import plan_for
+from ..visionzip import VisionZip
 from .tasks import Sample
 
 METHODS = ("hf", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")
@@ -64,6 +66,38 @@ def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
     return PruneConfig(name, wipe_layer=mc.wipe_layer, layer=layer, query=mc.query, **budget)
 
 
+def method_configs(method: str, mc: MethodConfig) -> tuple[PruneConfig | None, SpecConfig | None]:
+    """The pruning and drafting settings of a method, each checked on its own (no model needed)."""
+    prune = prune_config(method, mc)
+    if prune is not None:
+        prune.validate()
+    spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold) if method.endswith("ssd") else None
+    if spec is not None:
+        spec.validate()
+    return prune, spec
+
+
+def visual_tokens(vlm: VLM, sample: Sample) -> int:
+    """M, the visual tokens of a sample's prompt, from the processor's view of its image (no vision tower run)."""
+    if sample.image is None:
+        return 0
+    return sum(lead + rows * cols for _, rows, cols, lead in vlm.adapter.visual_layout([sample.image()]))
+
+
+def check_method(vlm: VLM, method: str, mc: MethodConfig, num_visual: int) -> None:
+    """Raise, without running anything, the one-line error a method's settings would meet on this model for a
+    prompt of `num_visual` visual tokens: a missing twig, a FinalWipe layer past L, an infeasible budget."""
+    if method in NEEDS_TWIG and vlm.twig is None:
+        raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
+    prune, _ = method_configs(method, mc)
+    if prune is None or num_visual == 0:
+        return
+    if prune.method == "visionzip":
+        VisionZip(prune).budget(num_visual, num_visual)
+    else:
+        plan_for(vlm.engine, prune, num_visual)
+
+
 def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
     """Run one method on one sample (greedy)."""
     images = [sample.image()] if sample.image is not None else []
@@ -89,8 +123,7 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
         raise TwigVLMError(f"unknown method {method!r}: use {', '.join(METHODS)}")
     if method in NEEDS_TWIG and vlm.twig is None:
         raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
-    prune = prune_config(method, mc)
-    spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold) if method.endswith("ssd") else None
+    prune, spec = method_configs(method, mc)
     t = time.perf_counter()
     out = vlm.generate(
         sample.prompt, images or None, max_new_tokens=sample.max_new_tokens, prune=prune, speculative=spec or False

@@ -62,8 +62,8 @@ def exact_match(prediction: str, answers: list[str]) -> float:
 # ---- built-in tasks -------------------------------------------------------------------------------------------
 def builtin(task: str, n: int, split: str = "test") -> list[Sample]:
     """The first n samples of a built-in task."""
+    from ..data.examples import eval_set
     from ..data.scenes import make_scene, object_f1, scene_seed
-    from ..demo.data import eval_set
 
     if task not in BUILTIN:
         raise TwigVLMError(f"unknown task {task!r}: built-in tasks are {', '.join(BUILTIN)}, or give a task file")

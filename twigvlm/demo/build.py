@@ -3,7 +3,7 @@
 1. The vision tower and projector (`twigvlm.demo.train_vision`: pre-training, grounding, alignment; resumable)
    → assets/vision.safetensors.
 2. The twig (K=2, T=3, shared head, layers initialised from the last 3 base layers: on this base they draft
-   and prune better than the paper's K+1..K+T, see the README's twig ablation) with the training recipe
+   and prune better than the paper's K+1..K+T, see the twig ablation in docs/results.md) with the training recipe
    (`twigvlm train`) on a LLaVA-format set written from the training mixture, evaluated on val → assets/twig
    (bf16). The twig records FinalWipe after layer 26 (`--wipe-layer`), where this base stops reading the image.
 
@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from ..config import LAYER_INITS
+from ..data.examples import eval_set, training_stream, write_llava
 from ..train.config import TrainConfig
 from ..train.recipe import train_twig
 from ..twig import CONFIG_NAME
 from . import train_vision
-from .data import eval_set, training_stream, write_llava
 from .model import ASSETS, TWIG_DIR, VISION_WEIGHTS
+from .vision.loop import default_workers
 
 
 def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: int = 0) -> tuple[Path, Path]:
@@ -56,17 +57,17 @@ def main(argv: list[str] | None = None) -> None:
         "--layer-init",
         default="last",
         choices=list(LAYER_INITS),
-        help="where the twig's layers start (the README's twig ablation picked 'last' for the demo)",
+        help="where the twig's layers start (the twig ablation in docs/results.md picked 'last' for the demo)",
     )
     ap.add_argument(
         "--wipe-layer",
         type=int,
         default=26,
-        help="the FinalWipe layer K_f the twig records (the README's wipe ablation: this base still reads "
+        help="the FinalWipe layer K_f the twig records (the wipe ablation in docs/results.md: this base still reads "
         "the image in layers 24-26, so the paper's 0.75·L = 23 costs accuracy)",
     )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--workers", type=int, default=train_vision.default_workers())
+    ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--seed", type=int, default=0)
     args, vision_argv = ap.parse_known_args(argv)
     t0 = time.perf_counter()

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from ..data.examples import IMAGE_SIZE
 from ..errors import TwigVLMError
+from ..named import NamedModel
 from .decoder import load_decoder
 from .lora import merge_lora
 
@@ -22,7 +24,8 @@ ASSETS = Path(__file__).parent / "assets"
 VISION_WEIGHTS = "vision.safetensors"
 LORA_WEIGHTS = "decoder_lora.safetensors"  # optional: low-rank decoder adapters, merged into the weights at load
 IMAGE_TOKEN = "<empty_output>"
-IMAGE_SIZE, PATCH_SIZE = 192, 16
+PATCH_SIZE = 16  # IMAGE_SIZE is the size the demo world draws its pictures at
+GRID = IMAGE_SIZE // PATCH_SIZE  # 12 patches a side; a scene cell is GRID/3 patches a side
 VISION = dict(
     hidden_size=256,
     intermediate_size=1024,
@@ -140,7 +143,7 @@ def read_lora_weights(path: Path) -> tuple[dict[str, torch.Tensor], float]:
 
 
 TWIG_DIR = ASSETS / "twig"
-BUILD_HINT = "build them with `python -m twigvlm.demo.build` (see the README's demo section)"
+BUILD_HINT = "build them with `python -m twigvlm.demo.build` (see docs/demo-model.md)"
 
 
 def vision_ready() -> bool:
@@ -169,3 +172,7 @@ def demo_twig_dir() -> Path:
     if not twig_ready():
         raise TwigVLMError(f"the demo twig ({TWIG_DIR}) is not in this installation: {BUILD_HINT}")
     return TWIG_DIR
+
+
+# `--model demo` / `--twig demo`: registered under this name in pyproject.toml's `twigvlm.named_models` entry points.
+NAMED = NamedModel(load=demo_adapter, twig_dir=demo_twig_dir)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..api import VLM
 from ..config import GenConfig, SpecConfig
 from ..errors import TwigVLMError
+from ..paths import output_file
 from .config import DistillDataConfig
 from .data import IMAGE_PLACEHOLDER, load_records, open_images, read_records, to_messages
 
@@ -48,13 +49,11 @@ def _answer_turns(
 def distill_data(cfg: DistillDataConfig) -> tuple[Path, int, int]:
     """Write cfg.out; returns (path, records written, answers generated)."""
     cfg.validate()
-    out = Path(cfg.out)
+    out = output_file(cfg.out, "--out")
     if out.exists() and not cfg.overwrite:
         raise TwigVLMError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
     if out.suffix not in (".json", ".jsonl"):
         raise TwigVLMError(f"--out {out} must end in .json or .jsonl")
-    if not out.parent.is_dir():
-        raise TwigVLMError(f"--out {out}: the folder {out.parent} does not exist")
     raws = read_records(cfg.data)
     records, skipped = load_records(cfg.data, cfg.image_folder, cfg.skip_missing_images, require_answer=False)
     vlm = VLM.load(cfg.model, twig=cfg.twig, dtype=cfg.dtype, device=cfg.device)

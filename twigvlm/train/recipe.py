@@ -24,9 +24,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
-from ..adapters import VLMAdapter, load_adapter, parse_dtype
+from ..adapters import VLMAdapter, parse_dtype
 from ..config import TwigConfig
 from ..errors import TwigVLMError
+from ..named import load_model, twig_directory
+from ..paths import output_dir
 from ..twig import CONFIG_NAME, WEIGHTS_NAME, grow_twig, load_twig, load_twig_weights, save_twig
 from .config import TrainConfig
 from .data import Collator, LlavaDataset, pad_token_id
@@ -159,8 +161,7 @@ def answer_vocab(dataset: LlavaDataset, size: int, always: list[int]) -> list[in
 
 def resume_point(out: Path, resume: bool) -> str | None:
     """The checkpoint to resume from, or None; refuses to overwrite an earlier run's checkpoints or twig."""
-    if out.exists() and not out.is_dir():
-        raise TwigVLMError(f"--out {out} exists and is not a directory: choose another path")
+    output_dir(out)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if resume:
         if last is None:
@@ -229,10 +230,10 @@ def train_twig(
     args = training_arguments(cfg)
     base_dtype = torch.bfloat16 if args.bf16 else torch.float32
     if adapter is None:
-        adapter = load_adapter(cfg.model, dtype=base_dtype, device=str(args.device))
+        adapter = load_model(cfg.model, dtype=base_dtype, device=str(args.device))
     set_seed(cfg.seed)
     if cfg.init is not None:
-        twig = load_twig(adapter, cfg.init)
+        twig = load_twig(adapter, twig_directory(cfg.init))
     else:
         twig = grow_twig(adapter, TwigConfig(K=cfg.K, T=cfg.T, head=cfg.head, layer_init=cfg.layer_init))
     if cfg.wipe_layer is not None:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data import easyvqa
-from ..data.scenes import DESCRIBE, describe, make_scene, questions, scene_seed
-from .model import IMAGE_SIZE
+from . import easyvqa
+from .scenes import DESCRIBE, describe, make_scene, questions, scene_seed
+
+IMAGE_SIZE = 192  # pictures are drawn at the demo vision tower's input size (twigvlm.demo.model)
 
 SHORT = "\nAnswer with a single word or phrase."
 SOURCES = ("scenes", "describe", "easyvqa")

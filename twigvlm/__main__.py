@@ -1,0 +1,8 @@
+"""`python -m twigvlm ...`: the same as the `twigvlm` console script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Named models: short names such as "demo" that stand for a model, and its twig, that a package ships.
+
+This module is the one place where such a name is resolved. A package registers a name in the
+`twigvlm.named_models` entry-point group, pointing at a `NamedModel` — twigvlm registers its own demo model that
+way, in pyproject.toml — so nothing here imports the package that ships it, and the adapter registry below only
+ever sees model directories and loaded models. `api.VLM`, the training recipe and the bench resolve their model
+and twig arguments here. A name wins over a directory of the same name: write `./demo` for the directory.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+import torch
+
+from .adapters import VLMAdapter, check_device, load_adapter, parse_dtype
+from .errors import TwigVLMError
+
+ENTRY_POINT_GROUP = "twigvlm.named_models"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """What a name stands for: a loader of the model's adapter and, if it ships one, its twig's directory."""
+
+    load: Callable[[torch.dtype, str], VLMAdapter]  # (dtype, device) → the wrapped model
+    twig_dir: Callable[[], Path] | None = None  # → the directory of the shipped twig
+
+
+@functools.cache
+def _registered() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def names() -> list[str]:
+    """The registered names, sorted."""
+    return sorted(_registered())
+
+
+def lookup(name: str | Path) -> NamedModel | None:
+    """The named model that `name` stands for, or None when it is not a registered name (then it is a path)."""
+    ep = _registered().get(str(name))
+    if ep is None:
+        return None
+    named = ep.load()
+    if not isinstance(named, NamedModel):
+        raise TwigVLMError(f"the named model {str(name)!r} points at {ep.value}, which is not a twigvlm NamedModel")
+    return named
+
+
+def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
+    """The adapter of a named model, or of a saved Hugging Face VLM directory."""
+    named = lookup(model)
+    if named is None:
+        return load_adapter(model, dtype=dtype, device=device)
+    torch_dtype = parse_dtype(dtype)
+    check_device(device)
+    return named.load(torch_dtype, device)
+
+
+def twig_directory(twig: str | Path) -> Path:
+    """The directory a twig argument names: a named model's shipped twig, or the path itself."""
+    named = lookup(twig)
+    if named is None:
+        return Path(twig)
+    if named.twig_dir is None:
+        raise TwigVLMError(f"the named model {str(twig)!r} ships no twig: pass a twig directory")
+    return named.twig_dir()
