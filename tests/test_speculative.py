@@ -233,17 +233,25 @@ def test_greedy_speculation_equals_greedy_ar(vlms, K, T, prune):
     # mismatch anywhere in the draft/verify/crop bookkeeping would show as a different id.
     for name, base in vlms.items():
         vlm = _with_twig(base, K, T, noise=0.3, seed=K * 10 + T)
-        for seed, gamma in itertools.product(range(4), (1, 2, 5)):
-            args = dict(
-                prompt=random_prompt(seed, 2 + 5 * seed),
-                image=random_image(seed),
-                max_new_tokens=16,
-                ignore_eos=True,
-                prune=prune,
-            )
-            ar = vlm.generate(**args)
-            sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
-            assert sd.token_ids == ar.token_ids, (name, seed, gamma)
+        assert_speculation_equals_ar(vlm, itertools.product(range(4), (1, 2, 5)), prune, name)
+
+
+def assert_speculation_equals_ar(vlm, cases, prune, name: str = "") -> list:
+    """Greedy SSD ids ≡ greedy AR ids for each (seed, γ) in `cases` (16 tokens, EOS off); the SSD results."""
+    results = []
+    for seed, gamma in cases:
+        args = dict(
+            prompt=random_prompt(seed, 2 + 5 * seed),
+            image=random_image(seed),
+            max_new_tokens=16,
+            ignore_eos=True,
+            prune=prune,
+        )
+        ar = vlm.generate(**args)
+        sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
+        assert sd.token_ids == ar.token_ids, (name, seed, gamma)
+        results.append(sd)
+    return results
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 5])

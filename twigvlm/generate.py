@@ -146,7 +146,7 @@ def emit(
     return reason
 
 
-@torch.no_grad()  # not inference_mode: callers may edit the cache between steps
+@torch.inference_mode()  # the caches are inference tensors: edit them only inside inference_mode
 def _prefill(
     engine: Engine, state: DecodeState, encoded: Encoded, prune: PruneConfig | None, prime_twig: bool
 ) -> tuple[torch.Tensor, PruneStats | None]:
@@ -163,7 +163,7 @@ def _ar_blocks(
     device = state.cache[0].keys().device
     while True:
         yield [token]
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = engine.step(state, torch.tensor([[token]], device=device))[:, -1]
         token = int(pick_tokens(logits, cfg, generator)[0])
 

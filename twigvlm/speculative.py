@@ -154,7 +154,7 @@ class TwigSpecModel:
         out = self.engine.forward_twig(self.state, block, pos)
         return self.engine.twig_logits(out[:, -1:], draft=True)[0, -1]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def propose(self, last: int, max_len: int, threshold: float, stop_ids: set[int]) -> Draft:
         self._start = self.state.next_position  # position of `last`
         self._hidden = [self._shallow_base(last)]
@@ -176,7 +176,7 @@ class TwigSpecModel:
         self._twig_fed = len(ids)  # the twig saw last, d_1..d_{n-1}
         return Draft(ids, torch.stack(probs) if probs else None)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def verify(self, draft: Draft) -> torch.Tensor:
         block = torch.cat(self._hidden, dim=1)  # [1, n + 1, H]
         pos = self.engine.adapter.text_positions(self._start, block.shape[1])
