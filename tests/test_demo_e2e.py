@@ -31,6 +31,7 @@ def _right(samples: list, outs: list, task: str) -> int:
     return sum(int(s.score(o.text)) for s, o in zip(samples, outs, strict=True) if s.task == task)
 
 
+@pytest.mark.slow
 def test_demo_answers_with_and_without_ttp_ssd(demo, samples):
     base = _answers(demo, samples)
     fast = _answers(demo, samples, prune=PruneConfig("twig", keep_ratio=1 / 9), speculative=SpecConfig())
@@ -47,6 +48,7 @@ def test_demo_answers_with_and_without_ttp_ssd(demo, samples):
     assert [(o.stats.kept, o.stats.visual_tokens, o.stats.avg_kept) for o in fast] == [(8, 144, 16.0)] * len(fast)
 
 
+@pytest.mark.slow
 def test_demo_ssd_equals_greedy_on_a_description(demo):
     (s,) = builtin("describe", 1)
     ar = demo.generate(s.prompt, s.image(), max_new_tokens=60)
