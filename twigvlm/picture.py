@@ -7,12 +7,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .adapters.base import Layout
+from .adapters.base import Layout, VLMAdapter
+from .adapters.capabilities import PictureLayout, require
 from .errors import TwigVLMError
 
 DIM = 0.25  # brightness left to a pruned patch
 MIN_SIDE = 336  # small inputs are enlarged (nearest neighbour) so that patches stay visible
 GAP = 8
+
+
+def picture_layout(adapter: VLMAdapter, images: Sequence[Image.Image]) -> list[Layout]:
+    """Each image's layout (`PictureLayout.visual_layout`), or a one-line error for a family without one."""
+    return require(adapter, PictureLayout, "the kept-token picture").visual_layout(images)
 
 
 def kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None) -> Image.Image:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.base import VLMAdapter
+from .adapters.fingerprint import weights_hash, weights_sample
 from .config import HEAD_MODES, LAYER_INITS, TwigConfig
 from .errors import TwigVLMError
 
@@ -84,8 +85,8 @@ def base_fingerprint(adapter: VLMAdapter) -> dict[str, Any]:
         "num_layers": spec.num_layers,
         "hidden_size": spec.hidden_size,
         "vocab_size": spec.vocab_size,
-        "weights_hash": adapter.weights_hash(),
-        "weights_sample": adapter.weights_sample(),
+        "weights_hash": weights_hash(adapter),
+        "weights_sample": weights_sample(adapter),
     }
 
 

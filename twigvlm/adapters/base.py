@@ -1,14 +1,17 @@
-"""The adapter interface: everything the engine needs from a Hugging Face VLM, and nothing more.
+"""The adapter core: what the engine needs from a Hugging Face VLM to run `generate`, and nothing more.
 
-An adapter wraps one stock model family. It turns images and a prompt into input embeddings, position ids and
-a visual-token mask (`Encoded`), and exposes the decoder layers, the rotary embedding, the final norm and the
-LM head. The engine never imports transformers; a new family (Qwen2-VL's 3-D M-RoPE, LLaVA-NeXT's tiles,
-Idefics3, video frames) is a new subclass, with no change to the engine.
+An adapter wraps one stock model family. Its core turns images and a prompt into input embeddings, position ids
+and visual-token masks (`Encoded`), and exposes the decoder layers, the rotary embedding and its application,
+one layer call, the keys/values a layer would cache, the scoring attention row, the final norm and the LM head.
+Everything else a family may offer — training labels, VisionZip, pictures of the kept tokens, the stock
+`generate` baseline — is an optional capability in `capabilities.py`; shared layer mechanics for decoders shaped
+like transformers' Llama live in `decoder.py`. The engine never imports transformers; a new family (Qwen2-VL's
+3-D M-RoPE, LLaVA-NeXT's tiles, Idefics3, video frames) is a new subclass, with no change to the engine.
+See docs/adding-a-model.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,14 +22,16 @@ from PIL import Image
 from torch import nn
 
 from ..cache import LayerKV
+from ..errors import TwigVLMError
 
 # A prompt is either plain user text or a list of chat messages in the Hugging Face chat format
 # ({"role": ..., "content": str | [{"type": "image"} | {"type": "text", "text": ...}]}).
 Prompt = str | list[dict[str, Any]]
 
+# (image as the tower sees it, token-grid rows, cols, tokens before the grid) per image
+Layout = tuple[Image.Image, int, int, int]
 # (vision features [P, Hv] before the projector, attention scores [P], keys [P, Dk], M in the prompt)
 #   → (reduced features [R, Hv], kept indices [R])
-Layout = tuple[Image.Image, int, int, int]
 Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -41,14 +46,16 @@ class Reduction:
 
 @dataclass
 class Encoded:
-    """A prompt ready for the decoder.
+    """A prompt (or a right-padded batch of prompts) ready for the decoder.
 
     input_ids:     [B, T]  token ids, image placeholders included
     inputs_embeds: [B, T, H]  text embeddings with the projected visual features scattered in
-    position_ids:  [B, T] (1-D RoPE) or [3, B, T] (M-RoPE) position ids
-    visual_mask:   [B, T]  True at visual-token positions
-    next_position: the position id of the first generated token
+    position_ids:  [B, T] (1-D RoPE) or [3, B, T] (M-RoPE) position ids, from the adapter
+    visual_mask:   [B, T]  True at visual-token positions (all images together)
+    next_position: the position id of the first generated token (max position + 1 on every axis)
     encode_s:      seconds spent in the processor and the vision tower
+    image_index:   [B, T]  which image (0-based, in prompt order over the batch) each visual token belongs to,
+                   −1 at text tokens; by default every visual token belongs to image 0
     """
 
     input_ids: torch.Tensor
@@ -58,6 +65,11 @@ class Encoded:
     next_position: int
     encode_s: float = 0.0
     reduction: Reduction | None = None  # set when visual tokens were dropped before the language model
+    image_index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_index is None:
+            self.image_index = torch.where(self.visual_mask, 0, -1)
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +78,27 @@ class Encoded:
     @property
     def num_visual_tokens(self) -> int:
         return int(self.visual_mask.sum())
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_index.max()) + 1 if self.num_visual_tokens else 0
+
+    @property
+    def image_masks(self) -> torch.Tensor:
+        """Per-image visual masks [N, B, T]; they partition `visual_mask`."""
+        images = torch.arange(self.num_images, device=self.image_index.device).view(-1, 1, 1)
+        return self.image_index.unsqueeze(0) == images
+
+
+def image_index_for(visual_mask: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """[B, T] image number of each visual token (−1 elsewhere), for images of `counts` tokens that fill the
+    visual positions in order (row by row, as `masked_scatter` fills them)."""
+    if sum(counts) != int(visual_mask.sum()):
+        raise ValueError(f"{sum(counts)} visual tokens in the images but {int(visual_mask.sum())} in the prompt")
+    index = torch.full(visual_mask.shape, -1, dtype=torch.long, device=visual_mask.device)
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(list(counts), dtype=torch.long))
+    index[visual_mask] = owner.to(visual_mask.device)
+    return index
 
 
 @dataclass(frozen=True)
@@ -80,11 +113,15 @@ class ModelSpec:
 
 
 class VLMAdapter(ABC):
-    """Wraps one stock Hugging Face VLM. Subclasses are the only code that touches HF internals."""
+    """The core every family implements to run `generate`. Subclasses are the only code that touches HF internals.
+
+    position_rows: 1 for 1-D RoPE position ids [B, T], 3 for M-RoPE [3, B, T].
+    """
 
     model: nn.Module
     processor: Any
     image_token_id: int  # the placeholder id in input_ids that an image's features replace
+    position_rows: int = 1
 
     # ---- identity -------------------------------------------------------------------------------------------
     @property
@@ -115,33 +152,34 @@ class VLMAdapter(ABC):
     # ---- inputs ---------------------------------------------------------------------------------------------
     @abstractmethod
     def encode(self, prompt: Prompt, images: Sequence[Image.Image] = (), reducer: Reducer | None = None) -> Encoded:
-        """Apply the model's processor and chat template, run the vision tower, embed the prompt.
-
-        A reducer (VisionZip) shrinks each image's tokens before the language model sees them.
-        """
-
-    @abstractmethod
-    def visual_layout(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, int, int, int]]:
-        """Each image as the vision tower sees it (after resizing and cropping), with its token grid (rows, cols)
-        and the number of its tokens that precede the grid (a CLS token); grid tokens are numbered row by row."""
-
-    @abstractmethod
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings [B, T, H] of a padded batch of token ids with its images' features scattered in (training)."""
-
-    @abstractmethod
-    def tokenize_chat(
-        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = ()
-    ) -> tuple[list[int], list[bool], torch.Tensor | None]:
-        """(token ids, per-token "written by the assistant" mask, pixel values or None) of a conversation."""
+        """Apply the model's processor and chat template, run the vision tower, embed the prompt; positions come
+        from `prompt_positions`. A reducer (VisionZip) shrinks each image's tokens before the language model
+        sees them; an adapter without that capability refuses one (`capabilities.check_reducer`)."""
 
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, n] → input embeddings [B, n, H]."""
 
-    @abstractmethod
+    def prompt_positions(self, input_ids: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Position ids of whole prompts [B, T] (image placeholders included) → [B, T], or [3, B, T] for M-RoPE.
+
+        grids: the family's per-image token grids (e.g. Qwen's image_grid_thw [N, 3]), where positions depend on
+        them. The default is 1-D: 0..T−1 on every row (LLaVA and every family without M-RoPE)."""
+        if self.position_rows != 1:
+            raise NotImplementedError(f"{type(self).__name__} has {self.position_rows}-row positions: override this")
+        b, n = input_ids.shape
+        return torch.arange(n, device=input_ids.device).unsqueeze(0).expand(b, n)  # [B, T]
+
     def text_positions(self, start: int, n: int, batch: int = 1) -> torch.Tensor:
-        """Position ids for n text tokens whose first position is `start` ([B, n], or [3, B, n] for M-RoPE)."""
+        """Position ids for n text tokens that follow a prompt, the first at `start` (a state's next position):
+        [B, n], or [3, B, n] with the same value on every axis for M-RoPE."""
+        pos = torch.arange(start, start + n, device=self.device).unsqueeze(0).expand(batch, n)  # [B, n]
+        return pos if self.position_rows == 1 else pos.unsqueeze(0).expand(self.position_rows, batch, n)
+
+    @staticmethod
+    def next_position_after(position_ids: torch.Tensor) -> int:
+        """The position of the first token after a prompt: its largest position + 1 (on every axis for M-RoPE)."""
+        return int(position_ids.max()) + 1 if position_ids.numel() else 0
 
     # ---- the decoder ----------------------------------------------------------------------------------------
     @property
@@ -151,7 +189,12 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for these positions, as the decoder layers expect them."""
+        """(cos, sin) for these positions ([B, T] or [3, B, T]), as the decoder layers expect them."""
+
+    @abstractmethod
+    def apply_rotary(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Queries or keys [B, heads, n, D] rotated by `rope` = (cos, sin) for their n positions, exactly as the
+        family's attention rotates them."""
 
     @abstractmethod
     def call_layer(
@@ -200,19 +243,6 @@ class VLMAdapter(ABC):
     @abstractmethod
     def lm_head(self) -> nn.Module: ...
 
-    # ---- the baseline ---------------------------------------------------------------------------------------
-    @abstractmethod
-    def hf_generate(
-        self,
-        prompt: Prompt,
-        images: Sequence[Image.Image],
-        max_new_tokens: int,
-        ignore_eos: bool = False,
-        early_exit: int | None = None,
-    ) -> list[int]:
-        """New token ids from the stock model's own greedy `generate` on the same processed inputs (the baseline
-        every speed-up is measured against); early_exit: its built-in early-exit self-speculation."""
-
     # ---- text -----------------------------------------------------------------------------------------------
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -225,26 +255,36 @@ class VLMAdapter(ABC):
             return int(ids[0]) if ids and ids[0] is not None else None
         return None
 
-    # ---- identity of the weights, for twig fingerprints -----------------------------------------------------
-    @abstractmethod
+    # ---- identity of the weights, for twig fingerprints (`fingerprint.py`) ----------------------------------
     def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
-        """A few base tensors whose values identify this checkpoint."""
+        """A few base tensors whose values identify this checkpoint. The default — the first and last layers'
+        first parameters, the final norm and the head — fits any family; override it to cover more (a
+        projector) but never change it for a family whose twigs are already saved."""
+        first, last = self.layers[0], self.layers[-1]
+        return {
+            "layers.0": next(first.parameters()),
+            "layers.-1": next(last.parameters()),
+            "norm": next(self.final_norm.parameters()),
+            "lm_head": self.lm_head.weight,
+        }
 
-    def weights_sample(self, n: int = 32) -> dict[str, list[float]]:
-        """n values spread evenly over each fingerprint tensor, as floats (compared with a tolerance)."""
-        sample = {}
-        for name, t in sorted(self.fingerprint_tensors().items()):
-            flat = t.detach().reshape(-1)
-            count = min(n, flat.numel())
-            idx = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)  # exact ints
-            sample[name] = [float(x) for x in flat[idx].float().cpu()]
-        return sample
 
-    def weights_hash(self, max_elements: int = 65536) -> str:
-        """sha256 over the fingerprint tensors, rounded to bfloat16 so that fp32/fp16/bf16 loads agree."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.fingerprint_tensors().items()):
-            flat = t.detach().reshape(-1)[:max_elements].to("cpu", torch.bfloat16)
-            h.update(name.encode())
-            h.update(flat.view(torch.int16).numpy().tobytes())
-        return h.hexdigest()[:16]
+def checked_messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages in the HF format, or a one-line error naming the first malformed one."""
+    if not isinstance(messages, list) or not messages:
+        raise TwigVLMError("the chat has no messages: pass a list with at least one user message")
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or content is None:
+            raise TwigVLMError(f"chat message {i} needs a 'role' string and a 'content' (text or a list of items)")
+        if isinstance(content, list):
+            for item in content:
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind not in ("image", "text") or (kind == "text" and not isinstance(item.get("text"), str)):
+                    raise TwigVLMError(
+                        f"chat message {i} has a content item {item!r}: use {{'type': 'image'}} "
+                        "or {'type': 'text', 'text': ...}"
+                    )
+        elif not isinstance(content, str):
+            raise TwigVLMError(f"chat message {i} has content of type {type(content).__name__}: use text or a list")
+    return messages

@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..adapters.base import VLMAdapter
+from ..adapters.capabilities import ChatTraining, require
 from ..errors import TwigVLMError
 from ..images import load_images
 from .config import DataConfig
@@ -201,6 +202,7 @@ class LlavaDataset(Dataset):
     def __init__(self, path: str | Path, adapter: VLMAdapter, cfg: DataConfig) -> None:
         cfg.validate()
         self.source = str(path)
+        require(adapter, ChatTraining, "twig training")
         self.adapter = adapter
         self.max_length = cfg.max_length
         self.records, self.skipped_missing = load_records(path, cfg.image_folder, cfg.skip_missing_images)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import VLMAdapter
+from ..adapters.capabilities import ChatTraining, require
 from ..engine import Engine
 from ..twig import Twig
 from .data import IGNORE_INDEX
@@ -32,6 +33,7 @@ class TwigObjective(nn.Module):
 
     def __init__(self, adapter: VLMAdapter, twig: Twig, distill: str = "none", distill_weight: float = 1.0) -> None:
         super().__init__()
+        self.trainable = require(adapter, ChatTraining, "twig training")
         self.twig = twig
         self.engine = Engine(adapter, twig)  # not an nn.Module: the base stays outside this module's parameters
         self.distill = distill
@@ -43,13 +45,12 @@ class TwigObjective(nn.Module):
         return self.engine.adapter
 
     def _layer_k(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base layers 1..K on the batch, without gradient: hidden states [B, T, H] and position ids."""
-        b, n = input_ids.shape
+        """Base layers 1..K on the batch, without gradient: hidden states [B, T, H] and the position ids the
+        adapter gives these prompts ([B, T], or [3, B, T] for M-RoPE) — the same ones inference uses."""
         with torch.no_grad():
-            embeds = self.adapter.embed_inputs(input_ids, pixel_values)  # [B, T, H]
-            positions = self.adapter.text_positions(0, n, b)
-            hidden = self.engine.forward(None, embeds, positions, 0, self.twig.config.K)
-        return hidden, positions
+            encoded = self.trainable.embed_inputs(input_ids, pixel_values)
+            hidden = self.engine.forward(None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K)
+        return hidden, encoded.position_ids
 
     def _twig_hidden(self, hidden_k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         dtype = next(self.twig.parameters()).dtype  # fp32 master weights under a bf16 base

@@ -1,0 +1,195 @@
+"""Optional adapter capabilities: what a family may offer beyond the core that runs `generate`.
+
+Each capability is a small mixin with a `label`; shared default implementations live here wherever families do
+not differ. Callers ask with `require(adapter, Capability, "what for")`, which raises a one-line
+`TwigVLMError` when the model lacks it.
+
+- `ChatTraining` — labels for twig training (`tokenize_chat`, default shared) and batched embeddings with
+  positions (`embed_inputs`).
+- `VisionZipReduction` — the vision tower's scores and keys (`vision_scores`) and the projector
+  (`project_visual`); the per-image reduction itself is shared (`reduce_visual`).
+- `PictureLayout` — each image's token grid (`visual_layout`), for pictures of the kept tokens and token counts.
+- `HFBaseline` — the stock model's own greedy `generate` on the same processed inputs (`hf_generate`, shared).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+
+from ..errors import TwigVLMError
+from .base import Encoded, Layout, Prompt, Reducer, Reduction, VLMAdapter, checked_messages
+
+C = TypeVar("C")
+
+
+def require(adapter: VLMAdapter, capability: type[C], purpose: str) -> C:
+    """The adapter as `capability`, or a one-line error naming what is missing."""
+    if not isinstance(adapter, capability):
+        label = getattr(capability, "label", capability.__name__)
+        raise TwigVLMError(
+            f"{purpose} needs {label}, which the {type(adapter).__name__} adapter does not offer "
+            "(see docs/adding-a-model.md)"
+        )
+    return adapter
+
+
+def check_reducer(adapter: VLMAdapter, reducer: Reducer | None) -> None:
+    """An `encode` given a reducer calls this first: families without VisionZip refuse it in one line."""
+    if reducer is not None:
+        require(adapter, VisionZipReduction, "VisionZip")
+
+
+class ChatTraining(ABC):
+    """Twig training: a conversation → token ids with assistant-only labels, and batches → `Encoded`."""
+
+    label = "training (tokenize_chat, embed_inputs)"
+    processor: Any
+    image_token: str  # the placeholder text of one image in a rendered prompt
+
+    @abstractmethod
+    def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """Chat messages → the prompt text, through the model's chat template."""
+
+    @abstractmethod
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> Encoded:
+        """A right-padded batch [B, T] with its images [N, 3, h, w] → embeddings, positions and visual masks,
+        exactly as `encode` builds them for one prompt (the positions from `prompt_positions`)."""
+
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = ()
+    ) -> tuple[list[int], list[bool], torch.Tensor | None]:
+        """Token ids of a whole conversation, a per-token "written by the assistant" mask, and pixel values.
+
+        Each stretch is tokenized as inference sees it: the prompt up to an assistant turn rendered with the
+        generation prompt, then the assistant's text with its end-of-turn marker.
+        """
+        messages = checked_messages(messages)
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix, full = self.render_messages(messages[:i], True), self.render_messages(messages[: i + 1], False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise TwigVLMError(
+                    "the chat template does not render a conversation turn by turn (each prefix "
+                    "must begin the next rendering): labels cannot be placed"
+                )
+            segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
+            done = full
+        placeholders = sum(text.count(self.image_token) for text, _ in segments)
+        if placeholders != len(images):
+            raise TwigVLMError(
+                f"the conversation has {placeholders} image placeholder(s) in its answered turns but "
+                f"{len(images)} image(s) were given"
+            )
+        ids: list[int] = []
+        assistant: list[bool] = []
+        pixels, used = [], 0
+        bos = self.processor.tokenizer.bos_token
+        for k, (text, is_assistant) in enumerate(segments):
+            n_img = text.count(self.image_token)
+            batch = self.processor(
+                images=list(images[used : used + n_img]) or None,
+                text=text,
+                return_tensors="pt",
+                add_special_tokens=k == 0 and not (bos and text.startswith(bos)),
+            )
+            used += n_img
+            if n_img:
+                pixels.append(batch["pixel_values"])
+            ids += batch["input_ids"][0].tolist()
+            assistant += [is_assistant] * batch["input_ids"].shape[1]
+        return ids, assistant, torch.cat(pixels) if pixels else None
+
+
+class VisionZipReduction(ABC):
+    """VisionZip before the language model: the family gives scores and keys; the reduction is shared."""
+
+    label = "VisionZip (vision_scores, project_visual)"
+    image_token_id: int
+
+    @abstractmethod
+    def vision_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vision features before the projector [N, P, Hv], their attention scores [N, P] and keys [N, P, Dk]."""
+
+    @abstractmethod
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [R, Hv] → language-model features [R, H] (the model's projector)."""
+
+    def reduce_visual(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, reducer: Reducer
+    ) -> tuple[torch.Tensor, torch.Tensor, Reduction, list[int]]:
+        """Reduce each image's tokens of a one-prompt batch: projected features [R, H], the input ids without the
+        dropped placeholders [1, T'], the `Reduction`, and how many tokens each image kept."""
+        if input_ids.shape[0] != 1:
+            raise TwigVLMError(f"VisionZip reduces one prompt at a time, not a batch of {input_ids.shape[0]}")
+        pre, scores, keys = self.vision_scores(pixel_values)
+        n, per_image = scores.shape
+        visual = (input_ids[0] == self.image_token_id).nonzero().flatten()  # [M]
+        if visual.numel() != n * per_image:
+            raise TwigVLMError(
+                f"the prompt has {visual.numel()} image tokens for {n} image(s) of {per_image}: "
+                "the processor does not match the model config"
+            )
+        reduced, kept, drop = [], [], []
+        for j in range(n):
+            feats, idx = reducer(pre[j], scores[j], keys[j], visual.numel())
+            reduced.append(feats)
+            kept.append(idx + j * per_image)
+            drop.append(visual[j * per_image + feats.shape[0] : (j + 1) * per_image])  # surplus placeholders
+        keep = torch.ones(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+        keep[torch.cat(drop)] = False
+        features = self.project_visual(torch.cat(reduced))  # [R, H]
+        kept_indices = torch.cat(kept).sort().values.tolist()
+        counts = [f.shape[0] for f in reduced]
+        return features, input_ids[:, keep], Reduction("visionzip", visual.numel(), kept_indices), counts
+
+
+class PictureLayout(ABC):
+    """Each image as the vision tower sees it, with its token grid."""
+
+    label = "picture layouts (visual_layout)"
+
+    @abstractmethod
+    def visual_layout(self, images: Sequence[Image.Image]) -> list[Layout]:
+        """Each image as the vision tower sees it (after resizing and cropping), with its token grid (rows, cols)
+        and the number of its tokens that precede the grid (a CLS token); grid tokens are numbered row by row."""
+
+
+class HFBaseline(ABC):
+    """The stock model's own `generate`, the baseline every speed-up is measured against."""
+
+    label = "the stock generate baseline (hf_generate)"
+    model: Any
+    dtype: torch.dtype
+
+    @abstractmethod
+    def process(self, prompt: Prompt, images: Sequence[Image.Image]) -> Any:
+        """The stock processor's output for this prompt (a BatchFeature on the model's device), exactly as the
+        stock model's `forward` and `generate` take it."""
+
+    @torch.inference_mode()
+    def hf_generate(
+        self,
+        prompt: Prompt,
+        images: Sequence[Image.Image],
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+        early_exit: int | None = None,
+    ) -> list[int]:
+        """New token ids from the stock model's greedy `generate` on the same processed inputs; early_exit:
+        transformers' own early-exit self-speculation, drafting with the first `early_exit` layers."""
+        batch = self.process(prompt, images)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        extra: dict[str, Any] = {"eos_token_id": None} if ignore_eos else {}
+        if early_exit is not None:
+            extra["assistant_early_exit"] = early_exit
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+        return out[0, batch["input_ids"].shape[1] :].tolist()

@@ -1,0 +1,89 @@
+"""Shared layer mechanics for decoders shaped like transformers' Llama (Llama, Mistral, Qwen2, Qwen2-VL's text
+model, Idefics3's Llama, …): one layer call on the engine's cache, the rotary application, the keys/values a
+layer would cache and the scoring attention row, from `self_attn.{q,k,v}_proj`, `input_layernorm`, `head_dim`
+and `scaling`. A family whose layers look like that mixes this in and implements none of the four itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..cache import LayerKV
+from ..errors import TwigVLMError
+
+RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def family_rotary(layer: nn.Module) -> RotaryFn:
+    """The `apply_rotary_pos_emb(q, k, cos, sin)` of the modeling module that defines `layer`'s attention,
+    looked up once (the family's own function, so rotated keys match the stock layer's bit for bit)."""
+    attn = getattr(layer, "self_attn", None)
+    module = importlib.import_module(type(attn).__module__) if attn is not None else None
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise TwigVLMError(
+            f"decoder layer {type(layer).__name__} has no Llama-style attention with apply_rotary_pos_emb: "
+            "its adapter must implement apply_rotary itself"
+        )
+    return fn
+
+
+class LlamaStyleDecoder:
+    """Mixin for a `VLMAdapter` whose decoder layers follow transformers' Llama layout.
+
+    The adapter calls `self.bind_rotary(layers[0])` in its constructor.
+    """
+
+    _rotary_fn: RotaryFn
+
+    def bind_rotary(self, layer: nn.Module) -> None:
+        self._rotary_fn = family_rotary(layer)
+
+    def apply_rotary(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rotated, _ = self._rotary_fn(x, x, *rope)  # [B, heads, n, D]
+        return rotated
+
+    def call_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerKV | None,
+    ) -> torch.Tensor:
+        # M-RoPE layers take their rotation from `rope` alone and must never see 3-row position ids.
+        pos = position_ids if position_ids.dim() == 2 else None
+        out = layer(hidden, attention_mask=mask, position_ids=pos, past_key_values=kv, position_embeddings=rope)
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention_probs(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        query_index: torch.Tensor,
+    ) -> torch.Tensor:
+        attn = layer.self_attn
+        b, q, _ = hidden.shape
+        query = attn.q_proj(layer.input_layernorm(hidden)).view(b, q, -1, attn.head_dim).transpose(1, 2)
+        query = self.apply_rotary(query, rope)  # [B, heads, q, D]
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # GQA: [B, heads, k, D]
+        scores = (query @ keys.transpose(2, 3)).float() * attn.scaling  # [B, heads, q, k]
+        visible = torch.arange(keys.shape[2], device=keys.device) <= query_index.view(-1, 1)  # [q, k]
+        return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+    def project_kv(
+        self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = layer.self_attn
+        b, n, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, n, D]
+        v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        return self.apply_rotary(k, rope), v
