@@ -8,12 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+import twigvlm
 from twigvlm import TwigVLMError
 from twigvlm.adapters.base import VLMAdapter, image_index_for
 from twigvlm.adapters.capabilities import ChatTraining, check_reducer, require
 from twigvlm.adapters.decoder import LlamaStyleDecoder
 from twigvlm.adapters.fingerprint import weights_hash
-from twigvlm.config import PruneConfig, TwigConfig
+from twigvlm.adapters.llava import LlavaAdapter
+from twigvlm.config import GenConfig, PruneConfig, TwigConfig
 from twigvlm.picture import picture_layout
 from twigvlm.train.data import Collator, pad_token_id
 from twigvlm.train.objective import TwigObjective
@@ -186,3 +188,38 @@ def test_a_core_only_family_runs_and_refuses_capabilities_in_one_line(vlm):
         with pytest.raises(TwigVLMError, match=message) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+class ThreeRowPositions(LlavaAdapter):
+    """LLaVA with its 1-D positions carried as three equal rows: the M-RoPE shape, with the same rotation."""
+
+    position_rows = 3
+
+    def prompt_positions(self, input_ids, grids=None):
+        b, n = input_ids.shape
+        return torch.arange(n, device=input_ids.device).expand(3, b, n)  # [3, B, T]
+
+    def rotary(self, hidden, position_ids):
+        if position_ids.dim() == 3:
+            assert torch.equal(position_ids, position_ids[:1].expand_as(position_ids)), "rows must stay equal"
+            position_ids = position_ids[0]
+        return super().rotary(hidden, position_ids)
+
+
+@pytest.mark.parametrize(
+    "prune,speculative", [(None, False), ("twig", False), ("fastv", False), (None, True), ("twig", True)]
+)
+def test_three_row_positions_flow_through_inference_pruning_and_speculation(vlm, prune, speculative):
+    """Positions of the M-RoPE shape go through encode, the engine, pruning and speculation unchanged: the same
+    ids as the 1-D adapter (a slice over the wrong axis, or 3-row ids reaching a layer, would break this)."""
+    twig = grow_twig(vlm.adapter, TwigConfig(K=2, T=1))
+    one = twigvlm.VLM(vlm.adapter, twig=twig)
+    three = twigvlm.VLM(ThreeRowPositions(vlm.adapter.model, vlm.adapter.processor), twig=twig)
+    args = {
+        "image": random_image(2),
+        "config": GenConfig(max_new_tokens=6, ignore_eos=True),
+        "prune": PruneConfig(prune, keep=8, wipe_layer=6) if prune else None,
+        "speculative": speculative,
+    }
+    assert three.encode("what is it?", random_image(2)).position_ids.shape[0] == 3
+    assert three.generate("what is it?", **args).token_ids == one.generate("what is it?", **args).token_ids
