@@ -99,7 +99,7 @@ def main() -> None:
         med = statistics.median(rates[name])
         s = last[name].stats if last[name] is not None else None
         spec_cols = (
-            f"{s.acceptance_rate:.2f} | {s.mean_accepted_per_step:.2f} | {s.draft_s:.2f} | {s.verify_s:.2f}"
+            f"{s.acceptance_rate:.2f} | {s.tokens_per_verification:.2f} | {s.draft_s:.2f} | {s.verify_s:.2f}"
             if s is not None and s.drafted is not None
             else "– | – | – | –"
         )

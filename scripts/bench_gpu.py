@@ -225,7 +225,7 @@ class Bench:
                 ids=out.token_ids,
             )
             if s.drafted is not None:
-                sample.acceptance, sample.per_verification = s.acceptance_rate, s.mean_accepted_per_step
+                sample.acceptance, sample.per_verification = s.acceptance_rate, s.tokens_per_verification
                 sample.draft_s, sample.verify_s = s.draft_s, s.verify_s
         if self.device.startswith("cuda"):
             sample.peak_bytes = torch.cuda.max_memory_allocated()

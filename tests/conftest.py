@@ -32,7 +32,7 @@ def vlms(model_dirs) -> dict[str, twigvlm.VLM]:
 @pytest.fixture(params=sorted(SPECS))
 def vlm(request, vlms) -> twigvlm.VLM:
     v = vlms[request.param]
-    v.engine.twig = None
+    v.twig = None
     return v
 
 

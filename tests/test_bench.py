@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import twigvlm
-from twigvlm.bench.cli import BenchTwig, variants, wipe_layers
+from twigvlm.bench.ablations import wipe_layers
+from twigvlm.bench.cli import BenchTwig, variants
 from twigvlm.bench.memory import cpu_memory_supported, measure
 from twigvlm.bench.methods import MethodConfig, prune_config
 from twigvlm.bench.tasks import exact_match, from_files, normalize

@@ -179,11 +179,13 @@ def test_generate_speculative_json(capsys, model_dirs, image, twig_dir):
         "drafted",
         "accepted",
         "acceptance_rate",
+        "tokens_per_verification",
         "mean_accepted_per_step",
         "draft_s",
         "verify_s",
         "prefill_s",
     } <= set(stats) and stats["drafted"] > 0
+    assert stats["mean_accepted_per_step"] == stats["tokens_per_verification"]
     assert len(sd["token_ids"]) == 12 and len(ar["token_ids"]) == 12
 
 

@@ -112,8 +112,7 @@ def _masked_reference_logits(vlm, ids, embeds, visual, kept, K, wipe):
 @pytest.mark.parametrize("K,wipe,keep", [(2, 6, 50.0), (2, 8, 70.0), (1, 5, 40.0), (3, 7, 75.0)])
 def test_pruning_equals_the_masked_full_model(model, method, query, K, wipe, keep):
     if method == "twig" and K != model.twig.config.K:
-        model = copy.copy(model)
-        model.engine = twigvlm.engine.Engine(model.adapter, None)
+        model = copy.copy(model)  # its own current twig; the engine of `model` is never changed
         model.grow_twig(K=K, T=2)
     cfg = PruneConfig(method, keep=keep, wipe_layer=wipe, layer=K, query=query)
     enc = model.encode(random_prompt(K + wipe, 6), [random_image(K), random_image(wipe)])

@@ -91,13 +91,13 @@ def test_stub_all_drafts_accepted():
     ids, reason, stats, text = _run(model, max_new=12, gamma=3)
     assert ids == TARGET[:12] and reason == "length" and text == _letters(TARGET[:12])
     assert stats.acceptance_rate == 1.0 and stats.steps == 3 and model.requested == [3, 3, 2]
-    assert stats.mean_accepted_per_step == pytest.approx(11 / 3)
+    assert stats.tokens_per_verification == pytest.approx(11 / 3)
 
 
 def test_stub_no_draft_accepted():
     model = StubModel(TARGET, lambda pos: [(t + 1) % 26 for t in TARGET[pos : pos + 10]])
     ids, _, stats, _ = _run(model, max_new=8, gamma=4)
-    assert ids == TARGET[:8] and stats.accepted == 0 and stats.steps == 7 and stats.mean_accepted_per_step == 1
+    assert ids == TARGET[:8] and stats.accepted == 0 and stats.steps == 7 and stats.tokens_per_verification == 1
 
 
 def test_stub_rejection_in_the_middle():
@@ -264,7 +264,8 @@ def test_a_twig_copying_the_deep_layers_is_always_accepted(vlms, gamma):
         assert sd.token_ids == vlm.generate(**args).token_ids, name
         s = sd.stats
         assert s.acceptance_rate == 1.0 and s.verifications == -(-19 // (gamma + 1)), name  # ceil(19 / (γ+1))
-        assert s.mean_accepted_per_step == pytest.approx(19 / s.verifications)
+        assert s.tokens_per_verification == pytest.approx(19 / s.verifications)
+        assert s.mean_accepted_per_step == s.tokens_per_verification  # the deprecated alias in the JSON output
 
 
 def test_draft_vocabulary_keeps_greedy_output_exact(vlms):

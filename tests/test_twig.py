@@ -94,7 +94,7 @@ def test_head_mode_defaults_follow_tied_embeddings(vlms, fresh_vlm):
         assert twig.config.head == "shared" and twig.head is None
         assert not any(n.startswith("head") for n in twig.state_dict())
     finally:
-        tied.engine.twig = None
+        tied.twig = None
 
 
 def test_base_is_frozen_and_unchanged_by_training_the_twig(fresh_vlm):

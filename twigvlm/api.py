@@ -17,7 +17,7 @@ import torch
 
 from .adapters import VLMAdapter, adapter_for
 from .adapters.base import Encoded, Prompt
-from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
+from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_request
 from .engine import Engine
 from .errors import TwigVLMError
 from .generate import Generation, GenerationResult
@@ -30,11 +30,16 @@ _GEN_FIELDS = {f.name for f in fields(GenConfig)}
 
 
 class VLM:
-    """A stock VLM wrapped by its adapter, an engine, and optionally a twig."""
+    """A stock VLM wrapped by its adapter, an engine, and optionally a current twig.
+
+    The current twig is a convenience: each generation takes its twig when it starts (`twig=` of `stream` and
+    `generate`; by default the current one) and keeps it to the end, so changing the current twig never affects
+    a generation in flight, and requests with different twigs (or none) can share one adapter.
+    """
 
     def __init__(self, adapter: VLMAdapter, twig: Twig | None = None) -> None:
         self.adapter = adapter
-        self.engine = Engine(adapter, twig)
+        self._engine = Engine(adapter, twig)
 
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -60,19 +65,33 @@ class VLM:
     # ---- the twig -------------------------------------------------------------------------------------------
     @property
     def twig(self) -> Twig | None:
-        return self.engine.twig
+        """The current twig (None: no twig); setting it attaches another one (or none) for later generations."""
+        return self._engine.twig
+
+    @twig.setter
+    def twig(self, twig: Twig | None) -> None:
+        self._engine = self._engine.with_twig(twig)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine with the current twig (immutable: attaching another twig makes a new one)."""
+        return self._engine
+
+    def engine_for(self, twig: Twig | bool = True) -> Engine:
+        """The engine of a generation: True → with the current twig, False → without a twig, a Twig → with it."""
+        if twig is True:
+            return self._engine
+        return self._engine.with_twig(None if twig is False else twig)
 
     def grow_twig(self, config: TwigConfig | None = None, **kwargs: Any) -> Twig:
         """Grow a twig (copies of base layers K+1..K+T) and attach it. kwargs: the TwigConfig fields (K, T, head,
         layer_init, wipe_layer)."""
-        twig = grow_twig(self.adapter, config or TwigConfig(**kwargs))
-        self.engine.twig = twig
+        self.twig = twig = grow_twig(self.adapter, config or TwigConfig(**kwargs))
         return twig
 
     def load_twig(self, path: str | Path) -> Twig:
         """Load a twig directory (or a named model's shipped twig, such as "demo") and attach it."""
-        twig = load_twig(self.adapter, twig_directory(path))
-        self.engine.twig = twig
+        self.twig = twig = load_twig(self.adapter, twig_directory(path))
         return twig
 
     def save_twig(self, path: str | Path) -> Path:
@@ -89,6 +108,8 @@ class VLM:
     ) -> Encoded:
         """Prompt + images → embeddings, positions and the visual-token mask (VisionZip reduces here)."""
         prune = _prune_config(prune)
+        if prune is not None:
+            prune.validate()
         reducer = VisionZip(prune) if prune is not None and prune.method == "visionzip" else None
         return self.adapter.encode(prompt, load_images(image), reducer=reducer)
 
@@ -99,18 +120,22 @@ class VLM:
         config: GenConfig | None = None,
         prune: PruneConfig | str | None = None,
         speculative: SpecConfig | bool = False,
+        twig: Twig | bool = True,
         **kwargs: Any,
     ) -> Generation:
         """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
 
         prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip") at the default 11.1% budget.
         speculative: True (or a SpecConfig) drafts with the twig and verifies with the full model (lossless).
+        twig: the twig this generation uses: True the current one (`VLM.twig`), False none, or a Twig.
         kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
         """
         cfg = self._gen_config(config, kwargs)
         prune = _prune_config(prune)
         spec = SpecConfig() if speculative is True else (speculative or None)
-        return Generation(self.engine, self.encode(prompt, image, prune), cfg, prune, spec)
+        engine = self.engine_for(twig)
+        check_request(cfg, prune, spec, has_twig=engine.twig is not None)  # before the (slow) encoding
+        return Generation(engine, self.encode(prompt, image, prune), cfg, prune, spec)
 
     def generate(
         self,
@@ -119,27 +144,23 @@ class VLM:
         config: GenConfig | None = None,
         prune: PruneConfig | str | None = None,
         speculative: SpecConfig | bool = False,
+        twig: Twig | bool = True,
         **kwargs: Any,
     ) -> GenerationResult:
-        """Generate to the end: text, token ids and statistics."""
-        return self.stream(prompt, image, config, prune, speculative, **kwargs).run()
+        """Generate to the end: text, token ids and statistics (the arguments of `stream`)."""
+        return self.stream(prompt, image, config, prune, speculative, twig, **kwargs).run()
 
     @staticmethod
     def _gen_config(config: GenConfig | None, kwargs: dict[str, Any]) -> GenConfig:
         unknown = set(kwargs) - _GEN_FIELDS
         if unknown:
             raise TypeError(f"unknown generation option(s) {sorted(unknown)}; valid: {sorted(_GEN_FIELDS)}")
-        cfg = replace(config or GenConfig(), **kwargs)
-        cfg.validate()
-        return cfg
+        return replace(config or GenConfig(), **kwargs)  # checked with the rest by `check_request`
 
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
-    if isinstance(prune, str):
-        prune = PruneConfig(method=prune)
-    if prune is not None:
-        prune.validate()
-    return prune
+    """A method name ("twig", "fastv", "visionzip") at the default budget, or the config as given."""
+    return PruneConfig(method=prune) if isinstance(prune, str) else prune
 
 
 def load(

@@ -17,7 +17,17 @@ from typing import NoReturn
 
 from . import __version__
 from .bench import cli as bench_cli
-from .config import LAYER_INITS, PRUNE_METHODS, QUERY_MODES, GenConfig, PruneConfig, SpecConfig, TwigConfig
+from .config import (
+    DEFAULT_KEEP_RATIO,
+    LAYER_INITS,
+    PRUNE_METHODS,
+    QUERY_MODES,
+    GenConfig,
+    PruneConfig,
+    SpecConfig,
+    TwigConfig,
+    check_request,
+)
 from .errors import TwigVLMError
 from .paths import output_dir, output_file, twig_output_dir
 from .train import cli as train_cli
@@ -60,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("grow", help="grow a twig from base layers K+1..K+T and save it")
     _add_model_args(g)
-    g.add_argument("--K", type=int, default=2, help="attach after base layer K (1-based, default 2)")
-    g.add_argument("--T", type=int, default=3, help="number of twig layers (default 3)")
+    g.add_argument(
+        "--K", type=int, default=TwigConfig.K, help=f"attach after base layer K (1-based, default {TwigConfig.K})"
+    )
+    g.add_argument("--T", type=int, default=TwigConfig.T, help=f"number of twig layers (default {TwigConfig.T})")
     g.add_argument(
         "--head",
         choices=["shared", "copy"],
@@ -71,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--layer-init",
         choices=LAYER_INITS,
-        default="next",
+        default=TwigConfig.layer_init,
         help="twig layers from base layers K+1..K+T (next, default), the last T base layers (last), or "
         "random weights (random)",
     )
@@ -89,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--twig", default=None, help="a twig directory (from grow or train)")
     gen.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
     gen.add_argument("--prompt", required=True, help="the question or instruction")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=GenConfig.max_new_tokens)
+    gen.add_argument("--temperature", type=float, default=GenConfig.temperature, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=GenConfig.top_k)
+    gen.add_argument("--top-p", type=float, default=GenConfig.top_p)
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
@@ -101,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--prune",
         choices=list(PRUNE_METHODS),
-        default="none",
+        default=PruneConfig.method,
         help="twig (TTP, needs --twig), fastv, visionzip or none (default)",
     )
     budget = pr.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
-    budget.add_argument("--keep-ratio", type=float, default=None, help="R̄ / M (default 0.111)")
+    budget.add_argument("--keep-ratio", type=float, default=None, help=f"R̄ / M (default {DEFAULT_KEEP_RATIO:.3f})")
     pr.add_argument(
         "--wipe-layer",
         type=int,
@@ -118,19 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--query",
         choices=list(QUERY_MODES),
-        default="last",
+        default=PruneConfig.query,
         help="score with the last prompt token (default) or the text after the image",
     )
     pr.add_argument("--save-kept", default=None, metavar="PNG", help="write the image(s) with pruned patches dimmed")
     sp = gen.add_argument_group("self-speculative decoding (needs --twig)")
     sp.add_argument("--speculative", action="store_true", help="the twig drafts, the full model verifies (lossless)")
-    sp.add_argument("--draft-len", type=_positive_int, default=5, help="γ, tokens drafted per step (default 5)")
-    sp.add_argument(
-        "--draft-threshold",
-        type=float,
-        default=0.6,
-        help="τ: stop drafting below this draft probability (default 0.6; 0 disables)",
-    )
+    add_draft_args(sp)
     sp.add_argument("--adaptive-draft", action="store_true", help="adapt γ to the recent acceptance")
 
     t = sub.add_parser("tiny", help="write a tiny random LLaVA (offline) for trying things out")
@@ -147,8 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_draft_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--draft-len (γ) and --draft-threshold (τ), their defaults taken from SpecConfig."""
+    p.add_argument(
+        "--draft-len",
+        type=_positive_int,
+        default=SpecConfig.draft_len,
+        help=f"γ, tokens drafted per step (default {SpecConfig.draft_len})",
+    )
+    p.add_argument(
+        "--draft-threshold",
+        type=float,
+        default=SpecConfig.threshold,
+        help=f"τ: stop drafting below this draft probability (default {SpecConfig.threshold}; 0 disables)",
+    )
+
+
 def _gen_config(args: argparse.Namespace) -> GenConfig:
-    cfg = GenConfig(
+    return GenConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -157,8 +179,6 @@ def _gen_config(args: argparse.Namespace) -> GenConfig:
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
-    cfg.validate()
-    return cfg
 
 
 def cmd_grow(args: argparse.Namespace) -> None:
@@ -177,7 +197,7 @@ def cmd_grow(args: argparse.Namespace) -> None:
 
 
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
-    cfg = PruneConfig(
+    return PruneConfig(
         method=args.prune,
         keep=args.keep,
         keep_ratio=args.keep_ratio,
@@ -185,25 +205,17 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
         layer=args.prune_layer,
         query=args.query,
     )
-    cfg.validate()
-    if args.prune == "twig" and args.twig is None:
-        raise TwigVLMError("--prune twig needs a twig: pass --twig DIR (from `twigvlm grow` or `twigvlm train`)")
-    return cfg
 
 
 def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
     if not args.speculative:
         return None
-    spec = SpecConfig(
+    return SpecConfig(
         draft_len=args.draft_len,
         threshold=args.draft_threshold,
         adaptive=args.adaptive_draft,
-        max_draft_len=max(10, args.draft_len),
+        max_draft_len=max(SpecConfig.max_draft_len, args.draft_len),
     )
-    spec.validate()
-    if args.twig is None:
-        raise TwigVLMError("--speculative drafts with a twig: pass --twig DIR (from `twigvlm grow` or `twigvlm train`)")
-    return spec
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -214,6 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
     cfg, prune, spec = _gen_config(args), _prune_config(args), _spec_config(args)
+    check_request(cfg, prune, spec, has_twig=args.twig is not None)  # before the slow model load
     if args.save_kept is not None:
         output_file(args.save_kept, "--save-kept")
     if args.save_kept and not args.image:
@@ -236,7 +249,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return
     kept = f", kept {s.kept}/{s.visual_tokens} visual tokens ({s.prune_method})" if s.kept is not None else ""
     drafts = (
-        f", {s.acceptance_rate:.0%} of drafts accepted, {s.mean_accepted_per_step:.2f} tokens per verification"
+        f", {s.acceptance_rate:.0%} of drafts accepted, {s.tokens_per_verification:.2f} tokens per verification"
         if s.drafted is not None
         else ""
     )

@@ -170,3 +170,26 @@ class SpecConfig:
             raise TwigVLMError(f"draft threshold={self.threshold} is invalid: it must be in [0, 1); 0 disables it")
         if not isinstance(self.max_draft_len, int) or self.max_draft_len < self.draft_len:
             raise TwigVLMError(f"max_draft_len={self.max_draft_len} must be an integer >= draft_len={self.draft_len}")
+
+
+NO_TWIG_TO_DRAFT = "speculative decoding drafts with a twig: load one (--twig DIR) or grow one (twigvlm grow)"
+NO_TWIG_TO_PRUNE = "twig-guided pruning needs a twig: load one (--twig DIR) or use --prune fastv"
+
+
+def check_request(
+    gen: GenConfig,
+    prune: PruneConfig | None = None,
+    spec: SpecConfig | None = None,
+    has_twig: bool | None = None,
+) -> None:
+    """Every check of one generation's settings, in one place: the API, the CLI (before the model loads) and
+    `Generation` all call this. has_twig: whether the generation will have a twig (None: not known yet)."""
+    gen.validate()
+    if prune is not None:
+        prune.validate()
+    if spec is not None:
+        spec.validate()
+    if has_twig is False and spec is not None:
+        raise TwigVLMError(NO_TWIG_TO_DRAFT)
+    if has_twig is False and prune is not None and prune.method == "twig":
+        raise TwigVLMError(NO_TWIG_TO_PRUNE)

@@ -5,6 +5,14 @@ and it keeps its own per-layer `KVCache` (lengths may differ per layer). Attenti
 for a query block of q tokens against k >= q keys, causal and aligned to the end, so SDPA stays the attention
 implementation; where that mask is plain causal (q == k) or trivial (q == 1) no mask is passed, which is
 exactly what the stock model does and keeps the results bit-identical to it.
+
+An engine never changes after construction: its twig is fixed (`Engine.twig` is read-only), so one adapter can
+serve generations with different twigs (or none) at once through several engines (`with_twig`). What a single
+generation needs beyond that — its caches, its position, the draft vocabulary's head rows — lives in its
+`DecodeState`.
+
+Shape comments: B batch, S sequence (prompt) length, q a query block, H hidden size, V vocabulary; T is only
+ever the twig's depth.
 """
 
 from __future__ import annotations
@@ -34,27 +42,49 @@ def causal_mask(q: int, k: int, device: torch.device | str = "cpu") -> torch.Ten
     return (cols <= rows).view(1, 1, q, k)
 
 
+@dataclass(frozen=True)
+class DraftHead:
+    """The twig head's rows for its draft vocabulary, taken once per generation (not cached in the engine)."""
+
+    vocab: torch.Tensor  # [Vd] sorted token ids
+    weight: torch.Tensor  # [Vd, H]
+    bias: torch.Tensor | None  # [Vd]
+    vocab_size: int  # V, the full vocabulary the logits are scattered back into
+
+
 @dataclass
 class DecodeState:
     """Everything one generation carries between engine calls."""
 
     cache: KVCache  # base layers 0..L-1
-    twig_cache: KVCache | None  # twig layers 0..T-1, when a twig is attached
+    twig_cache: KVCache | None  # twig layers 0..T-1, when the engine has a twig
     next_position: int = 0  # position id of the next token to be fed
+    draft_head: DraftHead | None = None  # the draft vocabulary's head rows, when the twig has one
 
 
 class Engine:
-    """Runs base layers, the twig and the heads of one adapter."""
+    """Runs base layers, one twig (fixed at construction) and the heads of one adapter."""
 
     def __init__(self, adapter: VLMAdapter, twig: Twig | None = None) -> None:
         self.adapter = adapter
-        self.twig = twig
+        self._twig = twig
         self.num_layers = adapter.spec.num_layers
+
+    @property
+    def twig(self) -> Twig | None:
+        """The twig this engine drafts and scores with (read-only: use `with_twig` for another)."""
+        return self._twig
+
+    def with_twig(self, twig: Twig | None) -> Engine:
+        """An engine on the same adapter with `twig` (this one when it already has it); nothing is copied."""
+        return self if twig is self._twig else Engine(self.adapter, twig)
 
     # ---- state ----------------------------------------------------------------------------------------------
     def new_state(self) -> DecodeState:
-        twig_cache = KVCache(len(self.twig.layers)) if self.twig is not None else None
-        return DecodeState(cache=KVCache(self.num_layers), twig_cache=twig_cache)
+        """Empty caches for one generation, and the draft head rows of the twig as they are now."""
+        if self.twig is None:
+            return DecodeState(cache=KVCache(self.num_layers), twig_cache=None)
+        return DecodeState(KVCache(self.num_layers), KVCache(len(self.twig.layers)), draft_head=self.draft_head())
 
     # ---- layers ---------------------------------------------------------------------------------------------
     def run_layers(
@@ -84,8 +114,8 @@ class Engine:
         query_index: torch.Tensor,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `layers` on a fresh prompt (caches empty before), and return the output [B, T, H] with the last
-        layer's attention probabilities [B, heads, q, T] for the queries at `query_index` [q].
+        """Run `layers` on a fresh prompt (caches empty before), and return the output [B, S, H] with the last
+        layer's attention probabilities [B, heads, q, S] for the queries at `query_index` [q].
 
         last_only: the caller needs the output at the last position only ([B, 1, H]); the last layer then
         projects the other positions' keys/values into its cache and runs on the last position alone.
@@ -129,31 +159,39 @@ class Engine:
         """Base final norm + LM head: [B, q, H] → [B, q, V]."""
         return self.adapter.lm_head(self.adapter.final_norm(hidden))
 
-    def twig_logits(self, hidden: torch.Tensor, draft: bool = False) -> torch.Tensor:
+    def _twig_head(self) -> nn.Module:
+        if self.twig is None:
+            raise RuntimeError("no twig is attached: grow or load one first")
+        return self.twig.head if self.twig.head is not None else self.adapter.lm_head
+
+    def draft_head(self) -> DraftHead | None:
+        """The twig head's rows for the twig's draft vocabulary as it is now; None without a draft vocabulary."""
+        head, vocab = self._twig_head(), self.twig.draft_vocab
+        if vocab is None:
+            return None
+        bias = getattr(head, "bias", None)
+        return DraftHead(
+            vocab=vocab,
+            weight=head.weight.detach()[vocab],
+            bias=None if bias is None else bias.detach()[vocab],
+            vocab_size=head.weight.shape[0],
+        )
+
+    def twig_logits(self, hidden: torch.Tensor, draft: bool = False, rows: DraftHead | None = None) -> torch.Tensor:
         """Twig norm + twig head (the base head when shared): [B, q, H] → [B, q, V].
 
-        draft: score only the twig's draft vocabulary, if it has one (−inf elsewhere).
+        draft: score only the twig's draft vocabulary, if it has one (−inf elsewhere), with the head rows
+        `rows` (a generation's `DecodeState.draft_head`; None: taken from the twig now).
         """
-        assert self.twig is not None
-        head = self.twig.head if self.twig.head is not None else self.adapter.lm_head
+        head = self._twig_head()
         normed = self.twig.norm(hidden)
-        vocab = self.twig.draft_vocab if draft else None
-        if vocab is None:
+        rows = (rows if rows is not None else self.draft_head()) if draft else None
+        if rows is None:
             return head(normed)
-        weight, bias = self._draft_head(head, vocab)  # [Vd, H], [Vd] | None
-        sub = nn.functional.linear(normed, weight, bias)  # [B, q, Vd]
-        full = sub.new_full((*sub.shape[:-1], head.weight.shape[0]), float("-inf"))  # [B, q, V]
-        full[..., vocab] = sub
+        sub = nn.functional.linear(normed, rows.weight, rows.bias)  # [B, q, Vd]
+        full = sub.new_full((*sub.shape[:-1], rows.vocab_size), float("-inf"))  # [B, q, V]
+        full[..., rows.vocab] = sub
         return full
-
-    def _draft_head(self, head: nn.Module, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's rows for the draft vocabulary, cached until the head's weights or the vocabulary change."""
-        key = (head.weight.data_ptr(), head.weight._version, vocab.data_ptr(), vocab.numel(), head.weight.dtype)
-        if getattr(self, "_draft_key", None) != key:
-            bias = getattr(head, "bias", None)
-            self._draft_rows = (head.weight.detach()[vocab], None if bias is None else bias.detach()[vocab])
-            self._draft_key = key
-        return self._draft_rows
 
     # ---- whole passes ---------------------------------------------------------------------------------------
     def embed_step(self, state: DecodeState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +217,7 @@ class Engine:
         return self.logits(hidden[:, -1:])[:, 0]
 
     def prime_twig(self, state: DecodeState, hidden_k: torch.Tensor, position_ids: torch.Tensor) -> None:
-        """Fill the twig's cache for a prompt from its layer-K states [B, T, H]; the twig's last layer only
+        """Fill the twig's cache for a prompt from its layer-K states [B, S, H]; the twig's last layer only
         projects keys/values (its outputs on the prompt are never needed)."""
         assert self.twig is not None and state.twig_cache is not None
         layers, caches = self.twig.layers, state.twig_cache.layers
@@ -189,7 +227,7 @@ class Engine:
     def _all_but_last(
         self, layers: Sequence[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor, caches: Sequence[LayerKV]
     ) -> torch.Tensor:
-        """The input of the last of `layers`: the others run on hidden [B, T, H] with their caches."""
+        """The input of the last of `layers`: the others run on hidden [B, S, H] with their caches."""
         return self.run_layers(layers[:-1], hidden, position_ids, caches[:-1]) if len(layers) > 1 else hidden
 
     def _project_into(self, layer: nn.Module, kv: LayerKV, hidden: torch.Tensor, position_ids: torch.Tensor) -> None:
@@ -202,11 +240,11 @@ class Engine:
         return self.logits(self.forward(state, hidden, positions))
 
     def shallow_logits(self, encoded: Encoded) -> torch.Tensor:
-        """The shallow net without a cache (layers 1..K → twig → norm → head): logits [B, T, V]."""
+        """The shallow net without a cache (layers 1..K → twig → norm → head): logits [B, S, V]."""
         assert self.twig is not None, "no twig is attached"
         hidden = self.forward(None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K)
         return self.twig_logits(self.forward_twig(None, hidden, encoded.position_ids))
 
     def full_logits(self, encoded: Encoded) -> torch.Tensor:
-        """The whole base model without a cache: logits [B, T, V] (a reference for tests and scorers)."""
+        """The whole base model without a cache: logits [B, S, V] (a reference for tests and scorers)."""
         return self.logits(self.forward(None, encoded.inputs_embeds, encoded.position_ids))

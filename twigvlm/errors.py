@@ -7,3 +7,11 @@ Everything that a user can get wrong (paths, images, prompts, budgets, twig/base
 
 class TwigVLMError(ValueError):
     """Bad input: the message names the problem and how to fix it, on one line."""
+
+
+def require_batch_one(batch: int, what: str) -> None:
+    """The explicit check where code handles one prompt at a time (the batch-1 assumptions, named)."""
+    if batch != 1:
+        raise TwigVLMError(
+            f"batched generation is not supported yet: {what} got a batch of {batch} prompts; run them one at a time"
+        )

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .adapters.base import Encoded
-from .config import GenConfig, PruneConfig, SpecConfig
+from .config import GenConfig, PruneConfig, SpecConfig, check_request
 from .engine import DecodeState, Engine
-from .errors import TwigVLMError
+from .errors import TwigVLMError, require_batch_one
 from .prune import PruneStats, pruned_prefill
 from .sampling import make_generator, pick_tokens
 from .speculative import SpecStats, TwigSpecModel, speculative_blocks
@@ -25,7 +25,11 @@ from .speculative import SpecStats, TwigSpecModel, speculative_blocks
 
 @dataclass
 class GenerationStats:
-    """Counts and times of one generation. tokens_per_s counts everything from the prompt to the last token."""
+    """Counts and times of one generation. tokens_per_s counts everything from the prompt to the last token.
+
+    mean_accepted_per_step is a deprecated alias of tokens_per_verification (it counts emitted tokens, not accepted
+    drafts), kept only because it is in the JSON output (`twigvlm generate --json`, `GenerationResult.to_dict`).
+    """
 
     prompt_tokens: int
     visual_tokens: int
@@ -44,7 +48,8 @@ class GenerationStats:
     accepted: int | None = None
     verifications: int | None = None
     acceptance_rate: float | None = None
-    mean_accepted_per_step: float | None = None  # tokens emitted per verification
+    tokens_per_verification: float | None = None  # tokens emitted per verification (1 + accepted drafts)
+    mean_accepted_per_step: float | None = None  # deprecated alias of tokens_per_verification (kept for JSON readers)
     draft_s: float | None = None
     verify_s: float | None = None
 
@@ -64,47 +69,91 @@ class TextStream:
 
     Pieces are released only when they are complete characters and cannot be the start of a stop string.
     The concatenation of all pieces is the final text, cut before the first stop string.
+
+    Each token costs one decode of a bounded window — the ids not yet settled, after CONTEXT settled ones (so a
+    token's leading space comes out as it does in context) — and one of the next context when they settle. Ids
+    settle once their text ends in a complete character; like a decode of every id, this relies on
+    decode(ids[:n]) being a prefix of decode(ids[:n + 1]) (a window that breaks it falls back to a full decode).
     """
+
+    CONTEXT = 8  # settled ids decoded before the new ones
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
         self._decode = decode
         self._stop = tuple(stop)
+        self._margin = max((len(s) for s in self._stop), default=0)  # released text a stop string may still span
         self._ids: list[int] = []
-        self.text = ""  # everything released so far
+        self._settled = 0  # ids[:settled] have their final text
+        self._head = ""  # decode of the CONTEXT ids before `_settled`
+        self._buf = ""  # the settled text from offset `_buf_at` on (a stop string's margin + what is unreleased)
+        self._buf_at = 0
+        self._released = 0  # characters released so far
+        self._pieces: list[str] = []
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """Everything released so far."""
+        return "".join(self._pieces)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly releasable text ('' if none)."""
         self._ids.append(token_id)
-        full = self._decode(self._ids).rstrip("\ufffd")  # an incomplete multi-byte character waits
-        cut = self._find_stop(full)
+        tail = self._unsettled()
+        complete = tail.rstrip("\ufffd")  # an incomplete multi-byte character waits
+        window = self._buf + complete  # the text from offset _buf_at on
+        cut = self._find_stop(window)
         if cut is not None:
             self.stopped = True
-            return self._release(full[:cut])
-        return self._release(full[: len(full) - self._held_back(full)])
+            return self._release(window, cut)
+        piece = self._release(window, len(window) - self._held_back(window))
+        if len(complete) == len(tail):
+            self._settle(tail)
+        return piece
 
     def finish(self) -> str:
         """Release whatever is still held back (the generation ended without a stop string)."""
         if self.stopped:
             return ""
-        return self._release(self._decode(self._ids))
+        window = self._buf + self._unsettled()
+        return self._release(window, len(window))
 
-    def _release(self, upto: str) -> str:
-        piece = upto[len(self.text) :]  # decode(ids[:n]) is a prefix of decode(ids[:n+1]) for real tokenizers
-        self.text += piece
+    def _unsettled(self) -> str:
+        """The text of ids[settled:], decoded after up to CONTEXT settled ids."""
+        context = self._ids[max(0, self._settled - self.CONTEXT) : self._settled]
+        whole = self._decode(context + self._ids[self._settled :])
+        if whole.startswith(self._head):
+            return whole[len(self._head) :]
+        return self._decode(self._ids)[self._buf_at + len(self._buf) :]  # the context's text changed: rare
+
+    def _settle(self, tail: str) -> None:
+        """ids so far have their final text: move the window past them, keep only the text still needed."""
+        self._buf += tail
+        self._settled = len(self._ids)
+        self._head = self._decode(self._ids[max(0, self._settled - self.CONTEXT) :])
+        drop = self._released - self._margin - self._buf_at
+        if drop > 0:
+            self._buf, self._buf_at = self._buf[drop:], self._buf_at + drop
+
+    def _release(self, window: str, upto: int) -> str:
+        """Release the window's text up to `upto` (relative to _buf_at) that was not released yet."""
+        piece = window[self._released - self._buf_at : upto]
+        self._released += len(piece)
+        if piece:
+            self._pieces.append(piece)
         return piece
 
-    def _find_stop(self, full: str) -> int | None:
-        start = max(0, len(self.text) - max((len(s) for s in self._stop), default=0))
-        hits = [i for i in (full.find(s, start) for s in self._stop) if i >= 0]
+    def _find_stop(self, window: str) -> int | None:
+        start = max(0, self._released - self._margin - self._buf_at)
+        hits = [i for i in (window.find(s, start) for s in self._stop) if i >= 0]
         return min(hits) if hits else None
 
-    def _held_back(self, full: str) -> int:
-        """Length of the longest suffix of `full` that is a proper prefix of some stop string."""
+    def _held_back(self, window: str) -> int:
+        """Length of the longest suffix of `window` that is a proper prefix of some stop string."""
         best = 0
         for s in self._stop:
-            for n in range(min(len(s) - 1, len(full)), best, -1):
-                if full.endswith(s[:n]):
+            for n in range(min(len(s) - 1, len(window)), best, -1):
+                if window.endswith(s[:n]):
                     best = n
                     break
         return best
@@ -169,7 +218,12 @@ def _ar_blocks(
 
 
 class Generation:
-    """Iterate for text pieces as they are produced; `result` is set when the iteration ends."""
+    """Iterate for text pieces as they are produced; `result` is set when the iteration ends.
+
+    The engine fixes the twig this generation drafts and prunes with (`Engine.with_twig`); its caches and the draft
+    vocabulary's head rows are in `state`, so generations with different twigs can run interleaved on one adapter.
+    One prompt at a time: a batched `encoded` is refused with a one-line error.
+    """
 
     def __init__(
         self,
@@ -179,13 +233,8 @@ class Generation:
         prune: PruneConfig | None = None,
         spec: SpecConfig | None = None,
     ) -> None:
-        cfg.validate()
-        if prune is not None:
-            prune.validate()
-        if spec is not None:
-            spec.validate()
-            if engine.twig is None:
-                raise TwigVLMError("speculative decoding drafts with a twig: load one (--twig DIR) or grow one")
+        check_request(cfg, prune, spec, has_twig=engine.twig is not None)
+        require_batch_one(encoded.inputs_embeds.shape[0], "Generation")
         window = engine.adapter.attention_window
         if window is not None and encoded.num_tokens + cfg.max_new_tokens > window:
             raise TwigVLMError(
@@ -265,6 +314,7 @@ class Generation:
             stats.kept_indices = reduced.kept_indices
         if spec is not None:
             stats.drafted, stats.accepted, stats.verifications = spec.drafted, spec.accepted, spec.steps
-            stats.acceptance_rate, stats.mean_accepted_per_step = spec.acceptance_rate, spec.mean_accepted_per_step
+            stats.acceptance_rate, stats.tokens_per_verification = spec.acceptance_rate, spec.tokens_per_verification
+            stats.mean_accepted_per_step = stats.tokens_per_verification
             stats.draft_s, stats.verify_s = spec.draft_s, spec.verify_s
         return stats

@@ -5,8 +5,8 @@ Prefill with pruning: base layers 1..K see the whole prompt. A scorer gives one 
 twig's last layer, or base layer K for FastV: the attention row of the last prompt token, or the mean row of
 the text after the image, averaged over heads). Base layers K+1..K_f see the text and the top-R' visual tokens
 (original order, original position ids); layers after K_f see the text only. Decoding then runs on caches of
-lengths T (layers 1..K, twig), T − M + R' (K+1..K_f) and T − M (after K_f). VisionZip, which prunes before
-the language model, lives in `visionzip.py`.
+lengths S (layers 1..K, twig), S − M + R' (K+1..K_f) and S − M (after K_f), for a prompt of S tokens (T is the
+twig's depth). VisionZip, which prunes before the language model, lives in `visionzip.py`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .adapters.base import Encoded
-from .config import PruneConfig
+from .config import NO_TWIG_TO_PRUNE, PruneConfig
 from .engine import DecodeState, Engine
-from .errors import TwigVLMError
+from .errors import TwigVLMError, require_batch_one
 
 
 @dataclass(frozen=True)
@@ -113,11 +113,18 @@ class PruneStats:
     wipe: int | None = None  # K_f: no visual token after this layer (None: nothing pruned)
 
 
+def visual_row(encoded: Encoded, what: str = "visual-token pruning") -> torch.Tensor:
+    """The visual mask [S] of a one-prompt batch: pruning keeps a different set of tokens per prompt, so a batch
+    would need ragged caches (refused with a one-line error)."""
+    require_batch_one(encoded.visual_mask.shape[0], what)
+    return encoded.visual_mask[0]
+
+
 def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:
     """Indices of the scoring queries: the last prompt token, or the text tokens after the last image."""
     last = encoded.num_tokens - 1
     if mode == "text":
-        visual = encoded.visual_mask[0].nonzero().flatten()
+        visual = visual_row(encoded).nonzero().flatten()
         start = int(visual[-1]) + 1 if visual.numel() else last
         return torch.arange(min(start, last), last + 1, device=encoded.input_ids.device)
     return torch.tensor([last], device=encoded.input_ids.device)
@@ -126,12 +133,12 @@ def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:
 def _score(
     engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, T, H] and scores [M]."""
+    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and scores [M]."""
     pos, qidx = encoded.position_ids, query_positions(encoded, query)
     if plan.method == "twig":
         twig = engine.twig
         if twig is None:
-            raise TwigVLMError("twig-guided pruning needs a twig: load one (--twig DIR) or use --prune fastv")
+            raise TwigVLMError(NO_TWIG_TO_PRUNE)
         hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K)
         # The twig's output matters at the last position only (a first draft); its keys everywhere.
         _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden_k, pos, qidx, last_only=True)
@@ -141,8 +148,8 @@ def _score(
         hidden_k, probs = engine.run_and_score(layers, state.cache.layers[plan.K - 1 : plan.K], below, pos, qidx)
     else:
         raise ValueError(f"no language-model scorer for {plan.method!r}")
-    visual = encoded.visual_mask[0]  # [T]
-    scores = probs.mean(dim=(1, 2))[0, : visual.shape[0]][visual]  # heads, queries → [M]
+    visual = visual_row(encoded)  # [S]
+    scores = probs.mean(dim=(1, 2)).squeeze(0)[: visual.shape[0]][visual]  # [B=1, heads, q, S] → [S] → [M]
     return hidden_k, scores
 
 
@@ -159,6 +166,7 @@ def pruned_prefill(
     prime_twig: make sure the twig's cache holds the whole prompt (for drafting; the twig scorer fills it anyway).
     """
     L = engine.num_layers
+    visual = visual_row(encoded)  # [S]
     plan = plan_for(engine, cfg, encoded.num_visual_tokens)
     if plan is None:  # nothing to prune
         return engine.prefill(state, encoded, prime_twig), PruneStats(cfg.method, 0, 0, 0.0, [])
@@ -173,11 +181,10 @@ def pruned_prefill(
             )
         engine.prime_twig(state, hidden, encoded.position_ids)
     keep_visual = select_kept(scores, plan.kept)  # [R']
-    visual = encoded.visual_mask[0]  # [T]
     keep = ~visual
     keep[visual.nonzero().flatten()[keep_visual]] = True
     keep[-1] = True  # the last prompt token carries the next-token logits
-    idx = keep.nonzero().flatten()  # [T − M + R'] positions the deep layers see
+    idx = keep.nonzero().flatten()  # [S − M + R'] positions the deep layers see
     pos = encoded.position_ids[..., idx]
     hidden = engine.forward(state, hidden[:, idx], pos, plan.K, plan.wipe)
     if plan.wipe < L:  # FinalWipe: only text from here on

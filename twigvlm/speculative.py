@@ -21,6 +21,7 @@ import torch
 
 from .config import GenConfig, SpecConfig
 from .engine import DecodeState, Engine
+from .errors import require_batch_one
 from .sampling import probs_from_logits
 
 
@@ -57,8 +58,8 @@ class SpecStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
-    def mean_accepted_per_step(self) -> float:
-        """Tokens emitted per verification (1 + accepted drafts)."""
+    def tokens_per_verification(self) -> float:
+        """Tokens emitted per verification: 1 + the drafts it accepted, on average."""
         return self.emitted / self.steps if self.steps else 0.0
 
 
@@ -133,6 +134,7 @@ class TwigSpecModel:
 
     def __init__(self, engine: Engine, state: DecodeState, cfg: GenConfig, generator: torch.Generator | None) -> None:
         assert engine.twig is not None and state.twig_cache is not None
+        require_batch_one(state.cache[0].keys().shape[0], "speculative decoding")
         self.engine, self.state, self.cfg, self.generator = engine, state, cfg, generator
         self.K = engine.twig.config.K
         self._pending: list[torch.Tensor] = []  # layer-K hidden states [1, 1, H] not yet in the twig cache
@@ -151,8 +153,9 @@ class TwigSpecModel:
         end = self.state.next_position  # embed_step already advanced past `hidden`'s token
         pos = self.engine.adapter.text_positions(end - block.shape[1], block.shape[1])
         self._pending = []
-        out = self.engine.forward_twig(self.state, block, pos)
-        return self.engine.twig_logits(out[:, -1:], draft=True)[0, -1]
+        out = self.engine.forward_twig(self.state, block, pos)  # [1, n, H]
+        rows = self.state.draft_head  # the draft vocabulary as it was when this generation started
+        return self.engine.twig_logits(out[:, -1:], draft=rows is not None, rows=rows)[0, -1]  # [V]
 
     @torch.inference_mode()
     def propose(self, last: int, max_len: int, threshold: float, stop_ids: set[int]) -> Draft:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from ..config import QUERY_MODES
+from ..config import DEFAULT_KEEP_RATIO, QUERY_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
 from ..paths import output_dir
 from ..prune import resolve_wipe_layer
+from .ablations import ABLATIONS, UNTRAINED, AblationContext, ablation_help
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig, method_configs
 
-UNTRAINED = "__untrained__"  # the source ablation's copy of base layers K+1..K+T
-ABLATIONS = ("none", "budget", "draft", "query", "source", "twig", "wipe")
 DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
 
@@ -44,17 +42,16 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument(
         "--ablation",
         default="none",
-        choices=ABLATIONS,
-        help="budget: pruning methods at R̄ = M/9, 2M/9, 3M/9; draft: SSD over γ and τ; query: "
-        "FastV and the twig scoring with the last prompt token's attention or the question's; "
-        "source: the "
-        "pruning attention from base layer K, base layer K+T or the twig, at one budget; twig: "
-        "twig and twig+ssd with each of several twigs (--twig A,B,...: T and initialisation); "
-        "wipe: FinalWipe after layer K_f = 0.6L, 0.75L, 0.85L, with every visual token kept before "
-        "it (how late the model reads the image) and with the twig's budget",
+        choices=("none", *ABLATIONS),
+        help=ablation_help(),
     )
     b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
-    b.add_argument("--keep-ratio", type=float, default=1 / 9, help="R̄/M for every pruning method (default 1/9)")
+    b.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=DEFAULT_KEEP_RATIO,
+        help=f"R̄/M for every pruning method (default {DEFAULT_KEEP_RATIO:.3f})",
+    )
     b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
     b.add_argument(
         "--wipe-layer", type=int, default=None, help="K_f (default: the K_f the twig records, else round(0.75·L))"
@@ -62,12 +59,12 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument(
         "--query",
         choices=QUERY_MODES,
-        default="last",
+        default=PruneConfig.query,
         help="FastV's and the twig's scoring attention: the last prompt token's row (last, the paper's) or "
         "the mean over every token after the image, the question's (text)",
     )
-    b.add_argument("--draft-len", type=int, default=5)
-    b.add_argument("--draft-threshold", type=float, default=0.6)
+    b.add_argument("--draft-len", type=int, default=SpecConfig.draft_len, help="γ (default: SpecConfig's)")
+    b.add_argument("--draft-threshold", type=float, default=SpecConfig.threshold, help="τ (default: SpecConfig's)")
     b.add_argument(
         "--max-new-tokens",
         type=int,
@@ -95,7 +92,7 @@ def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
     from ..twig import read_twig_config
 
     if args.twig is None:
-        if args.ablation in ("source", "twig"):
+        if args.ablation in ABLATIONS and ABLATIONS[args.ablation].needs_twig:
             raise TwigVLMError(f"--ablation {args.ablation} needs a twig: pass --twig DIR")
         return {}
     paths = [p.strip() for p in args.twig.split(",")] if args.ablation == "twig" else [args.twig]
@@ -115,19 +112,14 @@ def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
     return labels
 
 
-def wipe_layers(num_layers: int, K: int) -> list[int]:
-    """The K_f of the wipe ablation: 0.6·L, 0.75·L (the default) and 0.85·L, rounded, above K and below L."""
-    return sorted({k for f in (0.6, 0.75, 0.85) if K < (k := int(f * num_layers + 0.5)) < num_layers})
-
-
 def variants(
     args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None, num_layers: int | None = None
 ) -> list[Variant]:
-    """The variants to run; `twigs` (from `twig_dirs`; the first is the run's own) for the source and twig ablations;
-    `num_layers` (L of the loaded model) for the wipe ablation, which has no variants before the model loads.
-    Every method with a FinalWipe (FastV, TTP) wipes after one K_f: --wipe-layer, else the one the run's own twig
-    records, else round(0.75·L) — resolved once `num_layers` is known, so that twigs recording other K_f (or none)
-    do not bring their own."""
+    """The variants to run: the registered ablation's (`ablations.ABLATIONS`), or the --methods list. `twigs`
+    (from `twig_dirs`; the first is the run's own) for the source and twig ablations; `num_layers` (L of the loaded
+    model) for the wipe ablation, which has no variants before the model loads. Every method with a FinalWipe
+    (FastV, TTP) wipes after one K_f: --wipe-layer, else the one the run's own twig records, else round(0.75·L) —
+    resolved once `num_layers` is known, so that twigs recording other K_f (or none) do not bring their own."""
     twigs = twigs or {}
     own = next(iter(twigs.values()), None)
     K = own.K if own else 2  # FastV's default pruning layer without a twig
@@ -142,60 +134,9 @@ def variants(
         threshold=args.draft_threshold,
         query=args.query,
     )
-    if args.ablation == "wipe":
-        out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
-        for k in wipe_layers(num_layers, K) if num_layers else []:
-            # Budget k/L·M keeps R' = M: every visual token up to layer k, none after it.
-            out.append(
-                Variant(
-                    f"keep all, wipe after {k}",
-                    "fastv",
-                    replace(mc, keep=None, keep_ratio=k / num_layers, wipe_layer=k, layer=K),
-                )
-            )
-            if twigs:
-                out.append(Variant(f"twig, wipe after {k}", "twig", replace(mc, wipe_layer=k)))
-        return out
-    if args.ablation == "source":
-        # Every source prunes after layer K at one budget. Base layer K+T's attention is what an untrained twig
-        # sees: its layers are copies of base layers K+1..K+T, run on the whole prompt only to score.
-        T = own.T
-        return [
-            Variant(BASELINE, BASELINE, mc),
-            Variant(f"attn: base layer K={K}", "fastv", replace(mc, layer=K)),
-            Variant(f"attn: base layer K+T={K + T}", "twig", mc, twig=UNTRAINED),
-            Variant(f"attn: twig layer {T}", "twig", mc),
-        ]
-    if args.ablation == "twig":
-        out = [Variant(BASELINE, BASELINE, mc)]
-        for label in twigs:
-            out += [
-                Variant(f"twig [{label}]", "twig", mc, twig=label),
-                Variant(f"twig+ssd [{label}]", "twig+ssd", mc, twig=label),
-            ]
-        return out
-    if args.ablation == "budget":
-        out = [Variant(BASELINE, BASELINE, mc)]
-        for k in (1, 2, 3):
-            out += [
-                Variant(f"{m}@{k}M/9", m, replace(mc, keep=None, keep_ratio=k / 9))
-                for m in ("fastv", "visionzip", "twig")
-            ]
-        return out
-    if args.ablation == "query":
-        return [Variant(BASELINE, BASELINE, mc)] + [
-            Variant(f"{m} ({q})", m, replace(mc, query=q))
-            for m in ("fastv", "twig")
-            if twigs or m == "fastv"
-            for q in QUERY_MODES
-        ]
-    if args.ablation == "draft":
-        out = [Variant(BASELINE, BASELINE, mc), Variant("ar", "ar", mc)]
-        return out + [
-            Variant(f"ssd γ={g} τ={t}", "ssd", replace(mc, draft_len=g, threshold=t))
-            for g in (1, 3, 5, 8)
-            for t in (0.0, 0.6)
-        ]
+    if args.ablation in ABLATIONS:
+        context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)
+        return ABLATIONS[args.ablation].build(context)
     methods = args.methods or ",".join(m for m in DEFAULT_METHODS.split(",") if args.twig or m not in NEEDS_TWIG)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -238,7 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
     loaded = {label: vlm.load_twig(twig.path) for label, twig in twigs.items()}
     chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
-    vlm.engine.twig = next(iter(loaded.values()), None)
+    vlm.twig = next(iter(loaded.values()), None)  # the run's own twig
     if args.ablation == "source":
         twig = vlm.twig
         loaded[UNTRAINED] = grow_twig(vlm.adapter, TwigConfig(K=twig.config.K, T=twig.config.T))

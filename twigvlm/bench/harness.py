@@ -11,8 +11,6 @@ the measurement changes how the allocator behaves.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,12 +36,13 @@ class Variant:
     twig: str | None = None  # which loaded twig it runs with (the twig ablation); None: the VLM's own
 
 
-OWN = "__own__"  # key of the VLM's own twig among a run's twigs
+def _twig_of(v: Variant, twigs: dict[str, Twig]) -> Twig | bool:
+    """The twig a variant runs with: the loaded one it names, else the VLM's current one (True)."""
+    return twigs[v.twig] if v.twig is not None else True
 
 
-def _run(vlm: VLM, v: Variant, sample: Sample, twigs: dict[str, Twig | None]) -> Run:
-    vlm.engine.twig = twigs[v.twig or OWN]
-    return run_method(vlm, v.method, sample, v.config)
+def _run(vlm: VLM, v: Variant, sample: Sample, twigs: dict[str, Twig]) -> Run:
+    return run_method(vlm, v.method, sample, v.config, twig=_twig_of(v, twigs))
 
 
 def run_bench(
@@ -57,11 +56,10 @@ def run_bench(
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Per-sample rows for every variant, and the variants that cannot run on this model (with the reason).
 
-    twigs: the twigs that variants name (`Variant.twig`); the VLM's own twig is put back at the end.
+    twigs: the twigs that variants name (`Variant.twig`); each generation takes its own, the VLM is not changed.
     memory: add a pass that measures each variant's peak memory on each task's first sample.
     """
-    with _twig_set(vlm, twigs) as all_twigs:
-        return _bench(vlm, tasks, variants, warmup, progress, all_twigs, memory)
+    return _bench(vlm, tasks, variants, warmup, progress, twigs or {}, memory)
 
 
 def check_variants(
@@ -71,24 +69,12 @@ def check_variants(
     from the processor alone), before any sample runs: a flag the model cannot honour — a FinalWipe layer past L,
     an infeasible budget — is one `TwigVLMError` line, not a method reported as "did not run"."""
     counts = {task: visual_tokens(vlm, samples[0]) for task, samples in tasks.items()}
-    with _twig_set(vlm, twigs) as all_twigs:
-        for v in variants:
-            vlm.engine.twig = all_twigs[v.twig or OWN]
-            for task, num_visual in counts.items():
-                try:
-                    check_method(vlm, v.method, v.config, num_visual)
-                except TwigVLMError as e:
-                    raise TwigVLMError(f"{v.name} cannot run on {task}: {e}") from None
-
-
-@contextmanager
-def _twig_set(vlm: VLM, twigs: dict[str, Twig] | None) -> Iterator[dict[str, Twig | None]]:
-    """The twigs variants may name, plus the VLM's own under OWN; the VLM's own twig is put back afterwards."""
-    own = vlm.engine.twig
-    try:
-        yield {**(twigs or {}), OWN: own}
-    finally:
-        vlm.engine.twig = own
+    for v in variants:
+        for task, num_visual in counts.items():
+            try:
+                check_method(vlm, v.method, v.config, num_visual, twig=_twig_of(v, twigs or {}))
+            except TwigVLMError as e:
+                raise TwigVLMError(f"{v.name} cannot run on {task}: {e}") from None
 
 
 def _bench(
@@ -97,7 +83,7 @@ def _bench(
     variants: list[Variant],
     warmup: int,
     progress: bool,
-    twigs: dict[str, Twig | None],
+    twigs: dict[str, Twig],
     memory: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     unsupported: dict[str, str] = {}

@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass, field
 
 from ..api import VLM
-from ..config import PruneConfig, SpecConfig
+from ..config import DEFAULT_KEEP_RATIO, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
 from ..prune import plan_for
+from ..twig import Twig
 from ..visionzip import VisionZip
 from .tasks import Sample
 
@@ -44,15 +45,16 @@ class Run:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The shared budget and drafting settings (every pruning method gets the same budget)."""
+    """The shared budget and drafting settings (every pruning method gets the same budget); the defaults are
+    PruneConfig's and SpecConfig's."""
 
-    keep_ratio: float | None = 1 / 9
+    keep_ratio: float | None = DEFAULT_KEEP_RATIO
     keep: float | None = None
     wipe_layer: int | None = None
     layer: int | None = None  # FastV's pruning layer (None: the twig's K); the attention-source ablation moves it
-    query: str = "last"  # whose attention scores: the last prompt token's, or the mean of those after the image
-    draft_len: int = 5
-    threshold: float = 0.6
+    query: str = PruneConfig.query  # whose attention scores: the last prompt token's, or the mean after the image
+    draft_len: int = SpecConfig.draft_len  # γ
+    threshold: float = SpecConfig.threshold  # τ
 
 
 def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
@@ -84,10 +86,12 @@ def visual_tokens(vlm: VLM, sample: Sample) -> int:
     return sum(lead + rows * cols for _, rows, cols, lead in vlm.adapter.visual_layout([sample.image()]))
 
 
-def check_method(vlm: VLM, method: str, mc: MethodConfig, num_visual: int) -> None:
+def check_method(vlm: VLM, method: str, mc: MethodConfig, num_visual: int, twig: Twig | bool = True) -> None:
     """Raise, without running anything, the one-line error a method's settings would meet on this model for a
-    prompt of `num_visual` visual tokens: a missing twig, a FinalWipe layer past L, an infeasible budget."""
-    if method in NEEDS_TWIG and vlm.twig is None:
+    prompt of `num_visual` visual tokens: a missing twig, a FinalWipe layer past L, an infeasible budget.
+    twig: the twig it would run with (`VLM.stream`'s twig argument)."""
+    engine = vlm.engine_for(twig)
+    if method in NEEDS_TWIG and engine.twig is None:
         raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
     prune, _ = method_configs(method, mc)
     if prune is None or num_visual == 0:
@@ -95,18 +99,19 @@ def check_method(vlm: VLM, method: str, mc: MethodConfig, num_visual: int) -> No
     if prune.method == "visionzip":
         VisionZip(prune).budget(num_visual, num_visual)
     else:
-        plan_for(vlm.engine, prune, num_visual)
+        plan_for(engine, prune, num_visual)
 
 
-def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
-    """Run one method on one sample (greedy)."""
+def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Twig | bool = True) -> Run:
+    """Run one method on one sample (greedy) with `twig` (`VLM.stream`'s twig argument: True the current one)."""
     images = [sample.image()] if sample.image is not None else []
+    own = vlm.engine_for(twig).twig
     if method in ("hf", "hf-early-exit"):
         early = None
         if method == "hf-early-exit":
-            if vlm.twig is None:
+            if own is None:
                 raise TwigVLMError("hf-early-exit exits at layer K+T of a twig: load one (--twig)")
-            early = vlm.twig.config.K + vlm.twig.config.T
+            early = own.config.K + own.config.T
         t = time.perf_counter()
         try:
             ids = vlm.adapter.hf_generate(sample.prompt, images, sample.max_new_tokens, early_exit=early)
@@ -121,12 +126,17 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig) -> Run:
         return Run(vlm.adapter.decode([i for i in ids if i not in eos]), ids, seconds)
     if method not in METHODS:
         raise TwigVLMError(f"unknown method {method!r}: use {', '.join(METHODS)}")
-    if method in NEEDS_TWIG and vlm.twig is None:
+    if method in NEEDS_TWIG and own is None:
         raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
     prune, spec = method_configs(method, mc)
     t = time.perf_counter()
     out = vlm.generate(
-        sample.prompt, images or None, max_new_tokens=sample.max_new_tokens, prune=prune, speculative=spec or False
+        sample.prompt,
+        images or None,
+        max_new_tokens=sample.max_new_tokens,
+        prune=prune,
+        speculative=spec or False,
+        twig=twig,
     )
     seconds = time.perf_counter() - t
     s = out.stats
