@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..api import VLM
-from ..config import DEFAULT_KEEP_RATIO, PruneConfig, SpecConfig
+from ..config import DEFAULT_KEEP_RATIO, GenConfig, PruneConfig, SpecConfig, check_request
 from ..errors import TwigVLMError
 from ..prune import plan_for
 from ..twig import Twig
@@ -71,11 +71,8 @@ def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
 def method_configs(method: str, mc: MethodConfig) -> tuple[PruneConfig | None, SpecConfig | None]:
     """The pruning and drafting settings of a method, each checked on its own (no model needed)."""
     prune = prune_config(method, mc)
-    if prune is not None:
-        prune.validate()
     spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold) if method.endswith("ssd") else None
-    if spec is not None:
-        spec.validate()
+    check_request(GenConfig(), prune, spec)  # the twig is checked against the loaded model (check_method)
     return prune, spec
 
 
