@@ -3,7 +3,9 @@
 Covers Llama / Mistral / Qwen2 text backbones with CLIP or SigLIP towers and either
 `vision_feature_select_strategy` ("default" drops CLS, "full" keeps every patch). Prompts go through the
 model's own processor and chat template; the vision features come from the model's public
-`get_image_features`, scattered into the text embeddings exactly as `LlavaModel.forward` does.
+`get_image_features`, scattered into the text embeddings exactly as `LlavaModel.forward` does. The decoder
+mechanics come from `LlamaStyleDecoder`; the adapter offers every capability (training, VisionZip, picture
+layouts, the stock `generate` baseline).
 """
 
 from __future__ import annotations
