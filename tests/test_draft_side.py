@@ -1,0 +1,200 @@
+"""Oracles that see the draft side of speculation.
+
+Random twigs have almost every draft rejected and exact-copy twigs have none rejected, so neither exercises a
+step that accepts some drafts and rejects the rest — where the caches must be cropped mid-block and the twig
+lags behind. Here: twigs engineered into a middle acceptance band (an exact copy of the deep layers plus small
+noise; the band is asserted), the caches' *contents* after every step against a fresh prefill of exactly the
+committed tokens, and the sampling residual on vocabularies where it has a real choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import twigvlm
+from twigvlm import GenConfig, PruneConfig, SpecConfig
+from twigvlm.cache import KVCache
+from twigvlm.prune import pruned_prefill
+from twigvlm.sampling import pick_tokens
+from twigvlm.speculative import Draft, SpecStats, TwigSpecModel, accept, speculative_blocks
+
+from .conftest import random_image, random_prompt
+from .test_speculative import CHI2_999, SamplingStub, _chi2, _table
+
+MIDDLE_NOISE = 0.01  # on the tiny test models: ~0.45-0.65 of the drafts accepted, many steps partly accepted
+
+
+def middle_twig(base: twigvlm.VLM, seed: int = 0) -> twigvlm.VLM:
+    """A twig K=2 copying base layers 3..L (the shallow net is the full model) plus N(0, 0.01²) on its layers."""
+    vlm = twigvlm.VLM(base.adapter)
+    vlm.grow_twig(K=2, T=base.adapter.spec.num_layers - 2, head="copy")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vlm.twig.layers.parameters():
+            p.add_(MIDDLE_NOISE * torch.randn(p.shape, generator=g))
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def middle(vlms) -> dict[str, twigvlm.VLM]:
+    return {name: middle_twig(base) for name, base in vlms.items()}
+
+
+class Recorder:
+    """A SpecModel proxy that records (drafted, accepted) for every step."""
+
+    def __init__(self, model: TwigSpecModel) -> None:
+        self.model, self.steps, self._drafted = model, [], 0
+
+    def propose(self, *args) -> Draft:
+        draft = self.model.propose(*args)
+        self._drafted = len(draft.ids)
+        return draft
+
+    def verify(self, draft: Draft) -> torch.Tensor:
+        return self.model.verify(draft)
+
+    def commit(self, accepted: int) -> None:
+        self.model.commit(accepted)
+        self.steps.append((self._drafted, accepted))
+
+
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10)], ids=["unpruned", "pruned"])
+def test_middle_band_speculation_equals_ar(middle, prune):
+    for name, vlm in middle.items():
+        drafted = accepted = 0
+        for seed, gamma in ((0, 2), (1, 4), (2, 3), (3, 2)):
+            args = dict(
+                prompt=random_prompt(seed, 4 + seed),
+                image=random_image(seed),
+                max_new_tokens=24,
+                ignore_eos=True,
+                prune=prune,
+            )
+            sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
+            assert sd.token_ids == vlm.generate(**args).token_ids, (name, seed, gamma)
+            drafted, accepted = drafted + sd.stats.drafted, accepted + sd.stats.accepted
+        assert 0.25 <= accepted / drafted <= 0.85, (name, accepted / drafted)  # the band this test is about
+
+
+def _fresh(engine, layers, hidden: torch.Tensor, pos: torch.Tensor) -> KVCache:
+    """The caches a one-shot prefill of `hidden` [1, n, H] through `layers` leaves."""
+    cache = KVCache(len(layers))
+    engine.run_layers(layers, hidden, pos, cache.layers)
+    return cache
+
+
+def _assert_same(cache: KVCache, fresh: KVCache, layers, what: str) -> None:
+    for i in layers:
+        n = cache[i].length
+        assert n <= fresh[i].length, (what, i)
+        torch.testing.assert_close(
+            cache[i].keys(),
+            fresh[i].keys()[:, :, :n],
+            rtol=1e-4,
+            atol=1e-5,
+            msg=f"{what} layer {i}: keys differ from a fresh prefill",
+        )
+        torch.testing.assert_close(
+            cache[i].values(),
+            fresh[i].values()[:, :, :n],
+            rtol=1e-4,
+            atol=1e-5,
+            msg=f"{what} layer {i}: values differ from a fresh prefill",
+        )
+
+
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10, wipe_layer=5)], ids=["unpruned", "pruned"])
+@pytest.mark.parametrize("name", ["llama-clip", "qwen2-siglip"])
+def test_caches_hold_exactly_the_committed_tokens_after_every_step(middle, name, prune):
+    vlm = middle[name]
+    engine, adapter, K, L = vlm.engine, vlm.adapter, 2, vlm.adapter.spec.num_layers
+    enc = vlm.encode(random_prompt(5, 6), random_image(5))
+    cfg = GenConfig(max_new_tokens=40, ignore_eos=True)
+    with torch.no_grad():
+        state = engine.new_state()
+        if prune is None:
+            logits = engine.prefill(state, enc, prime_twig=True)
+        else:
+            logits, _ = pruned_prefill(engine, state, enc, prune, prime_twig=True)
+        first = int(pick_tokens(logits, cfg, None)[0])
+        model = Recorder(TwigSpecModel(engine, state, cfg, None))
+        emitted: list[int] = []
+        for block in speculative_blocks(
+            model, first, cfg, SpecConfig(draft_len=4, threshold=0), None, SpecStats(), set()
+        ):
+            emitted += block
+            committed = emitted[:-1]  # the newest token is fed by the next step
+            new = torch.tensor([committed], dtype=torch.long)
+            embeds = torch.cat([enc.inputs_embeds, adapter.embed(new)], dim=1)  # [1, n, H]
+            pos = torch.cat([enc.position_ids, adapter.text_positions(enc.next_position, len(committed))], dim=-1)
+            n = embeds.shape[1]
+            base = _fresh(engine, adapter.layers, embeds, pos)
+            # Layers 1..K (all of them unpruned) hold every committed token and nothing else.
+            assert state.cache.lengths()[:K] == [n] * K
+            _assert_same(state.cache, base, range(L if prune is None else K), "base")
+            # The twig holds the committed tokens, lagging by the ones still pending, and nothing rejected.
+            twig = _fresh(engine, vlm.twig.layers, engine.forward(None, embeds, pos, 0, K), pos)
+            pending = len(model.model._pending)
+            assert state.twig_cache.lengths() == [n - pending] * len(vlm.twig.layers)
+            _assert_same(state.twig_cache, twig, range(len(vlm.twig.layers)), "twig")
+    partial = sum(1 for d, a in model.steps if 0 < a < d)
+    assert partial >= 2 and any(a == 0 < d for d, a in model.steps), model.steps  # the cases this test is for
+
+
+def test_residual_resample_follows_max_p_minus_q():
+    # A rejected draft must be replaced by a sample of normalize(max(p − q, 0)), and kept with probability
+    # min(1, p/q). Five tokens, so the residual has three candidates with different weights.
+    p = torch.tensor([0.10, 0.35, 0.05, 0.30, 0.20])
+    q = torch.tensor([0.40, 0.10, 0.05, 0.15, 0.30])  # drafting token 0: p/q = 0.25
+    cfg, g, runs = GenConfig(temperature=1.0, max_new_tokens=2), torch.Generator().manual_seed(0), 4000
+    logits = p.log().unsqueeze(0).repeat(2, 1)  # [n + 1, V]
+    kept, counts = 0, torch.zeros(5)
+    for _ in range(runs):
+        n, token = accept(Draft([0], q.unsqueeze(0)), logits, cfg, g)
+        if n == 1:
+            kept += 1
+        else:
+            counts[token] += 1
+    assert abs(kept / runs - 0.25) < 5 * (0.25 * 0.75 / runs) ** 0.5
+    residual = (p - q).clamp(min=0)
+    residual /= residual.sum()  # [0, 0.625, 0, 0.375, 0]: token 2 has p = q, so it never comes back
+    assert counts[residual == 0].sum() == 0
+    expected = {i: float(residual[i]) for i in range(5) if residual[i] > 0}
+    stat, dof = _chi2({i: int(counts[i]) for i in expected}, expected, int(counts.sum()))
+    assert stat < chi2_critical(dof), (stat, counts.tolist())
+
+
+def chi2_critical(dof: int) -> float:
+    """χ² at a false-alarm rate of 1e-3: the table, else the Wilson–Hilferty approximation."""
+    if dof in CHI2_999:
+        return CHI2_999[dof]
+    return dof * (1 - 2 / (9 * dof) + 3.0902 * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def test_sampling_is_lossless_on_four_tokens():
+    # The stub test of test_speculative.py on a vocabulary of 4 (with 2 tokens the residual has one choice).
+    # Three tokens: the prefill's, then one step with one draft (rejected or not) and the target's token.
+    vocab, runs, length = 4, 3000, 3
+    p, q = _table(3, vocab), _table(4, vocab)
+    cfg = GenConfig(max_new_tokens=length, temperature=1.0)
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(runs):
+        g = torch.Generator().manual_seed(seed)
+        first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
+        stub = SamplingStub(p, q, first, g)
+        out: list[int] = []
+        for block in speculative_blocks(stub, first, cfg, SpecConfig(draft_len=3, threshold=0), g, SpecStats(), set()):
+            out += block
+            stub.prefix = tuple(out)
+            if len(out) >= length:
+                break
+        counts[tuple(out[:length])] = counts.get(tuple(out[:length]), 0) + 1
+    exact = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        exact[seq] = float(torch.tensor([p(seq[:i]).softmax(-1)[seq[i]] for i in range(length)]).prod())
+    stat, dof = _chi2(counts, exact, runs)
+    assert stat < chi2_critical(dof), (stat, dof)
