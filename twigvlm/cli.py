@@ -221,7 +221,7 @@ def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import VLM
     from .images import load_images
-    from .picture import save_kept_picture
+    from .picture import picture_layout, save_kept_picture
 
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
@@ -243,7 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
     s = stream.result.stats
     if args.save_kept:
-        save_kept_picture(vlm.adapter.visual_layout(images), s.kept_indices, args.save_kept)
+        save_kept_picture(picture_layout(vlm.adapter, images), s.kept_indices, args.save_kept)
     if args.json:
         print(json.dumps(stream.result.to_dict()))
         return

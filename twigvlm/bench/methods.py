@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..adapters.capabilities import HFBaseline, require
 from ..api import VLM
 from ..config import DEFAULT_KEEP_RATIO, GenConfig, PruneConfig, SpecConfig, check_request
 from ..errors import TwigVLMError
+from ..picture import picture_layout
 from ..prune import plan_for
 from ..twig import Twig
 from ..visionzip import VisionZip
@@ -80,7 +82,7 @@ def visual_tokens(vlm: VLM, sample: Sample) -> int:
     """M, the visual tokens of a sample's prompt, from the processor's view of its image (no vision tower run)."""
     if sample.image is None:
         return 0
-    return sum(lead + rows * cols for _, rows, cols, lead in vlm.adapter.visual_layout([sample.image()]))
+    return sum(lead + rows * cols for _, rows, cols, lead in picture_layout(vlm.adapter, [sample.image()]))
 
 
 def check_method(vlm: VLM, method: str, mc: MethodConfig, num_visual: int, twig: Twig | bool = True) -> None:
@@ -109,9 +111,10 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
             if own is None:
                 raise TwigVLMError("hf-early-exit exits at layer K+T of a twig: load one (--twig)")
             early = own.config.K + own.config.T
+        baseline = require(vlm.adapter, HFBaseline, "the hf baseline")
         t = time.perf_counter()
         try:
-            ids = vlm.adapter.hf_generate(sample.prompt, images, sample.max_new_tokens, early_exit=early)
+            ids = baseline.hf_generate(sample.prompt, images, sample.max_new_tokens, early_exit=early)
         except Exception as e:  # noqa: BLE001 — transformers' early exit supports only some model classes
             if early is None:
                 raise
