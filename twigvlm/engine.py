@@ -93,16 +93,20 @@ class Engine:
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         caches: Sequence[LayerKV | None],
+        adds: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """hidden [B, q, H] through `layers` in order, layer i reading and extending caches[i]."""
+        """hidden [B, q, H] through `layers` in order, layer i reading and extending caches[i]; adds[i] [B, q, H]
+        (if there is one) is added to layer i's output."""
         rope = self.adapter.rotary(hidden, position_ids)
         q = hidden.shape[1]
         masks: dict[int, torch.Tensor | None] = {}
-        for layer, kv in zip(layers, caches, strict=True):
+        for i, (layer, kv) in enumerate(zip(layers, caches, strict=True)):
             k = q + (kv.length if kv is not None else 0)
             if k not in masks:
                 masks[k] = causal_mask(q, k, hidden.device)
             hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
+            if i < len(adds):
+                hidden = hidden + adds[i]
         return hidden
 
     def run_and_score(
@@ -113,20 +117,24 @@ class Engine:
         position_ids: torch.Tensor,
         query_index: torch.Tensor,
         last_only: bool = False,
+        adds: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `layers` on a fresh prompt (caches empty before), and return the output [B, S, H] with the last
         layer's attention probabilities [B, heads, q, S] for the queries at `query_index` [q].
 
         last_only: the caller needs the output at the last position only ([B, 1, H]); the last layer then
         projects the other positions' keys/values into its cache and runs on the last position alone.
+        adds: additions to the layers' outputs, as in `run_layers` (not with last_only).
         """
         assert all(kv.length == 0 for kv in caches), "scoring runs on the prompt, before any cached tokens"
-        below = self._all_but_last(layers, hidden, position_ids, caches)
+        assert not (last_only and adds), "layer additions need every position's output"
+        n = len(layers)
+        below = self._all_but_last(layers, hidden, position_ids, caches, adds[: n - 1])
         if last_only:
             self._project_into(layers[-1], caches[-1], below[:, :-1], position_ids[..., :-1])
             out = self.run_layers(layers[-1:], below[:, -1:], position_ids[..., -1:], caches[-1:])
         else:
-            out = self.run_layers(layers[-1:], below, position_ids, caches[-1:])
+            out = self.run_layers(layers[-1:], below, position_ids, caches[-1:], adds[n - 1 : n])
         rope = self.adapter.rotary(below, position_ids[..., query_index])
         probs = self.adapter.attention_probs(layers[-1], below[:, query_index], rope, caches[-1].keys(), query_index)
         return out, probs
@@ -138,12 +146,15 @@ class Engine:
         position_ids: torch.Tensor,
         start: int = 0,
         end: int | None = None,
+        adds: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Base layers[start:end] (0-based, end exclusive) on hidden [B, q, H]; no cache when state is None."""
+        """Base layers[start:end] (0-based, end exclusive) on hidden [B, q, H]; no cache when state is None.
+
+        adds: a prompt's `Encoded.layer_adds` (indexed by base layer, already gathered to hidden's tokens)."""
         end = self.num_layers if end is None else end
         layers = self.adapter.layers[start:end]
         caches = [None] * len(layers) if state is None else state.cache.layers[start:end]
-        return self.run_layers(layers, hidden, position_ids, caches)
+        return self.run_layers(layers, hidden, position_ids, caches, list(adds or ())[start:end])
 
     def forward_twig(
         self, state: DecodeState | None, hidden_k: torch.Tensor, position_ids: torch.Tensor
@@ -206,13 +217,14 @@ class Engine:
 
         prime_twig: also fill the twig's cache from the layer-K states (speculative decoding drafts from it).
         """
+        adds = encoded.layer_adds
         if prime_twig:
             K = self.twig.config.K
-            hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids, 0, K)
+            hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids, 0, K, adds)
             self.prime_twig(state, hidden, encoded.position_ids)
-            hidden = self.forward(state, hidden, encoded.position_ids, K, self.num_layers)
+            hidden = self.forward(state, hidden, encoded.position_ids, K, self.num_layers, adds)
         else:
-            hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids)
+            hidden = self.forward(state, encoded.inputs_embeds, encoded.position_ids, adds=adds)
         state.next_position = encoded.next_position
         return self.logits(hidden[:, -1:])[:, 0]
 
@@ -225,10 +237,15 @@ class Engine:
         self._project_into(layers[-1], caches[-1], below, position_ids)
 
     def _all_but_last(
-        self, layers: Sequence[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor, caches: Sequence[LayerKV]
+        self,
+        layers: Sequence[nn.Module],
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        caches: Sequence[LayerKV],
+        adds: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
         """The input of the last of `layers`: the others run on hidden [B, S, H] with their caches."""
-        return self.run_layers(layers[:-1], hidden, position_ids, caches[:-1]) if len(layers) > 1 else hidden
+        return self.run_layers(layers[:-1], hidden, position_ids, caches[:-1], adds) if len(layers) > 1 else hidden
 
     def _project_into(self, layer: nn.Module, kv: LayerKV, hidden: torch.Tensor, position_ids: torch.Tensor) -> None:
         """Append the keys/values `layer` would cache for its input hidden [B, n, H], without running it."""
@@ -242,9 +259,11 @@ class Engine:
     def shallow_logits(self, encoded: Encoded) -> torch.Tensor:
         """The shallow net without a cache (layers 1..K → twig → norm → head): logits [B, S, V]."""
         assert self.twig is not None, "no twig is attached"
-        hidden = self.forward(None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K)
+        hidden = self.forward(
+            None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K, encoded.layer_adds
+        )
         return self.twig_logits(self.forward_twig(None, hidden, encoded.position_ids))
 
     def full_logits(self, encoded: Encoded) -> torch.Tensor:
         """The whole base model without a cache: logits [B, S, V] (a reference for tests and scorers)."""
-        return self.logits(self.forward(None, encoded.inputs_embeds, encoded.position_ids))
+        return self.logits(self.forward(None, encoded.inputs_embeds, encoded.position_ids, adds=encoded.layer_adds))

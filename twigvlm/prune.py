@@ -134,18 +134,21 @@ def _score(
     engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and scores [M]."""
-    pos, qidx = encoded.position_ids, query_positions(encoded, query)
+    pos, qidx, adds = encoded.position_ids, query_positions(encoded, query), encoded.layer_adds
     if plan.method == "twig":
         twig = engine.twig
         if twig is None:
             raise TwigVLMError(NO_TWIG_TO_PRUNE)
-        hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K)
+        hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K, adds)
         # The twig's output matters at the last position only (a first draft); its keys everywhere.
         _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden_k, pos, qidx, last_only=True)
     elif plan.method == "fastv":  # base layer K's own attention
-        below = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K - 1)
+        below = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K - 1, adds)
         layers = engine.adapter.layers[plan.K - 1 : plan.K]
-        hidden_k, probs = engine.run_and_score(layers, state.cache.layers[plan.K - 1 : plan.K], below, pos, qidx)
+        layer_k_adds = list(adds or ())[plan.K - 1 : plan.K]
+        hidden_k, probs = engine.run_and_score(
+            layers, state.cache.layers[plan.K - 1 : plan.K], below, pos, qidx, adds=layer_k_adds
+        )
     else:
         raise ValueError(f"no language-model scorer for {plan.method!r}")
     visual = visual_row(encoded)  # [S]
@@ -186,11 +189,12 @@ def pruned_prefill(
     keep[-1] = True  # the last prompt token carries the next-token logits
     idx = keep.nonzero().flatten()  # [S − M + R'] positions the deep layers see
     pos = encoded.position_ids[..., idx]
-    hidden = engine.forward(state, hidden[:, idx], pos, plan.K, plan.wipe)
+    adds = [a[:, idx] for a in encoded.layer_adds or ()]  # deepstack additions of the kept tokens
+    hidden = engine.forward(state, hidden[:, idx], pos, plan.K, plan.wipe, adds)
     if plan.wipe < L:  # FinalWipe: only text from here on
         text = ~visual[idx]
         text[-1] = True
-        hidden = engine.forward(state, hidden[:, text], pos[..., text], plan.wipe, L)
+        hidden = engine.forward(state, hidden[:, text], pos[..., text], plan.wipe, L, [a[:, text] for a in adds])
     state.next_position = encoded.next_position
     stats = PruneStats(plan.method, plan.num_visual, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s, plan.wipe)
     return engine.logits(hidden[:, -1:])[:, 0], stats

@@ -59,8 +59,9 @@ class TinySpec:
         return "default" if self.tower == "clip" else "full"  # CLIP has a CLS token to drop; SigLIP has none
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with the chat and image special tokens, trained on a built-in corpus."""
+def build_tokenizer(vocab_size: int = 512, special_tokens: list[str] | None = None, chat_template: str = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer with the chat and image special tokens (LLaVA's by default), trained on a
+    built-in corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,7 +70,7 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens or SPECIAL_TOKENS,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -80,7 +81,7 @@ def build_tokenizer(vocab_size: int = 512):
         pad_token="<|endoftext|>",
         bos_token=None,
         unk_token=None,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

@@ -13,8 +13,9 @@ import torch
 from ..errors import TwigVLMError
 from .base import Encoded, ModelSpec, Prompt, VLMAdapter
 from .llava import LlavaAdapter
+from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in (LlavaAdapter, QwenVLAdapter) for t in cls.model_types}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,10 +89,10 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device:
             f"{path} holds model type {model_type!r}, which is not a supported VLM: supported types are {_supported()}"
         )
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = _load_processor(path, model_type)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
         ).to(device)
@@ -99,3 +100,15 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TwigVLMError(f"could not load the model in {path} ({type(e).__name__}: {first[:300]})") from None
     return adapter_for(model, processor)
+
+
+def _load_processor(path: Path, model_type: str) -> Any:
+    """The directory's stock processor; for the Qwen-VL family without torchvision, the stock class without its
+    video part (`qwen_processor.py`)."""
+    from transformers import AutoProcessor
+
+    if ADAPTERS[model_type] is QwenVLAdapter:
+        from .qwen_processor import load_processor, processor_class
+
+        return load_processor(path, processor_class(model_type))
+    return AutoProcessor.from_pretrained(path, local_files_only=True)

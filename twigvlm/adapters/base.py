@@ -54,8 +54,10 @@ class Encoded:
     visual_mask:   [B, T]  True at visual-token positions (all images together)
     next_position: the position id of the first generated token (max position + 1 on every axis)
     encode_s:      seconds spent in the processor and the vision tower
-    image_index:   [B, T]  which image (0-based, in prompt order over the batch) each visual token belongs to,
-                   −1 at text tokens; by default every visual token belongs to image 0
+    image_index:   [B, T]  which image or video (0-based, in prompt order over the batch) each visual token
+                   belongs to, −1 at text tokens; by default every visual token belongs to image 0
+    layer_adds:    [B, T, H] per layer: added to the output of base layers 0, 1, … (Qwen3-VL's deepstack
+                   features, zero off the visual tokens); the prefill applies them, decoding never does
     """
 
     input_ids: torch.Tensor
@@ -66,6 +68,7 @@ class Encoded:
     encode_s: float = 0.0
     reduction: Reduction | None = None  # set when visual tokens were dropped before the language model
     image_index: torch.Tensor | None = None
+    layer_adds: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.image_index is None:
@@ -122,6 +125,7 @@ class VLMAdapter(ABC):
     processor: Any
     image_token_id: int  # the placeholder id in input_ids that an image's features replace
     position_rows: int = 1
+    takes_video: bool = False  # whether `encode` accepts videos
 
     # ---- identity -------------------------------------------------------------------------------------------
     @property
@@ -151,10 +155,25 @@ class VLMAdapter(ABC):
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     @abstractmethod
-    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = (), reducer: Reducer | None = None) -> Encoded:
+    def encode(
+        self,
+        prompt: Prompt,
+        images: Sequence[Image.Image] = (),
+        reducer: Reducer | None = None,
+        videos: Sequence[Any] = (),
+    ) -> Encoded:
         """Apply the model's processor and chat template, run the vision tower, embed the prompt; positions come
         from `prompt_positions`. A reducer (VisionZip) shrinks each image's tokens before the language model
-        sees them; an adapter without that capability refuses one (`capabilities.check_reducer`)."""
+        sees them; an adapter without that capability refuses one (`capabilities.check_reducer`). videos:
+        `twigvlm.video.Video`s, for a family with `takes_video` (others refuse them: `check_videos`)."""
+
+    def check_videos(self, videos: Sequence[Any]) -> None:
+        """A one-line error when videos are given to a family that takes none."""
+        if videos and not self.takes_video:
+            raise TwigVLMError(
+                f"this model ({self.spec.model_type}) takes images, not videos: pass frames as images or use a "
+                "video model (see the supported-models table)"
+            )
 
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -280,9 +299,9 @@ def checked_messages(messages: Any) -> list[dict[str, Any]]:
         if isinstance(content, list):
             for item in content:
                 kind = item.get("type") if isinstance(item, dict) else None
-                if kind not in ("image", "text") or (kind == "text" and not isinstance(item.get("text"), str)):
+                if kind not in ("image", "video", "text") or (kind == "text" and not isinstance(item.get("text"), str)):
                     raise TwigVLMError(
-                        f"chat message {i} has a content item {item!r}: use {{'type': 'image'}} "
+                        f"chat message {i} has a content item {item!r}: use {{'type': 'image'}}, {{'type': 'video'}} "
                         "or {'type': 'text', 'text': ...}"
                     )
         elif not isinstance(content, str):

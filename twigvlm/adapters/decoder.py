@@ -1,7 +1,8 @@
 """Shared layer mechanics for decoders shaped like transformers' Llama (Llama, Mistral, Qwen2, Qwen2-VL's text
 model, Idefics3's Llama, …): one layer call on the engine's cache, the rotary application, the keys/values a
 layer would cache and the scoring attention row, from `self_attn.{q,k,v}_proj`, `input_layernorm`, `head_dim`
-and `scaling`. A family whose layers look like that mixes this in and implements none of the four itself.
+and `scaling` (and the per-head `q_norm`/`k_norm` of Qwen3-style attention, when present). A family whose layers
+look like that mixes this in and implements none of the four itself.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def family_rotary(layer: nn.Module) -> RotaryFn:
             "its adapter must implement apply_rotary itself"
         )
     return fn
+
+
+def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3-style attention normalises each head's queries/keys [B, n, heads, D] before RoPE; others do not."""
+    norm = getattr(attn, name, None)
+    return norm(x) if norm is not None else x
 
 
 class LlamaStyleDecoder:
@@ -71,8 +78,8 @@ class LlamaStyleDecoder:
     ) -> torch.Tensor:
         attn = layer.self_attn
         b, q, _ = hidden.shape
-        query = attn.q_proj(layer.input_layernorm(hidden)).view(b, q, -1, attn.head_dim).transpose(1, 2)
-        query = self.apply_rotary(query, rope)  # [B, heads, q, D]
+        query = _head_norm(attn, "q_norm", attn.q_proj(layer.input_layernorm(hidden)).view(b, q, -1, attn.head_dim))
+        query = self.apply_rotary(query.transpose(1, 2), rope)  # [B, heads, q, D]
         keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # GQA: [B, heads, k, D]
         scores = (query @ keys.transpose(2, 3)).float() * attn.scaling  # [B, heads, q, k]
         visible = torch.arange(keys.shape[2], device=keys.device) <= query_index.view(-1, 1)  # [q, k]
@@ -84,6 +91,6 @@ class LlamaStyleDecoder:
         attn = layer.self_attn
         b, n, _ = hidden.shape
         x = layer.input_layernorm(hidden)
-        k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, n, D]
+        k = _head_norm(attn, "k_norm", attn.k_proj(x).view(b, n, -1, attn.head_dim)).transpose(1, 2)  # [B, H_kv, n, D]
         v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
         return self.apply_rotary(k, rope), v

@@ -122,7 +122,14 @@ class LlavaAdapter(LlamaStyleDecoder, ChatTraining, VisionZipReduction, PictureL
         return batch.to(self.device)
 
     @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
-    def encode(self, prompt: Prompt, images: Sequence[Image.Image] = (), reducer: Reducer | None = None) -> Encoded:
+    def encode(
+        self,
+        prompt: Prompt,
+        images: Sequence[Image.Image] = (),
+        reducer: Reducer | None = None,
+        videos: Sequence[Any] = (),
+    ) -> Encoded:
+        self.check_videos(videos)
         check_reducer(self, reducer)
         t0 = time.perf_counter()
         batch = self.process(prompt, images)

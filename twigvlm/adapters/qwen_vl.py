@@ -1,0 +1,299 @@
+"""Adapter for stock `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` and
+`Qwen3VLForConditionalGeneration` (transformers 5.x).
+
+What differs from LLaVA, and where it is handled here:
+- 3-D M-RoPE: the prompt's positions come from the model's own `get_rope_index` on the full, unpruned prompt
+  (with `mm_token_type_ids`, and Qwen2.5-VL's seconds per temporal patch for videos); text after the prompt
+  takes `max + 1 + n` on all three axes (the core's `text_positions`). The model's stateful `rope_deltas` is
+  never read. The decoder layers get (cos, sin) from the text model's own rotary embedding and no position ids.
+- Dynamic resolution: each image (and each video) has its own token grid (`image_grid_thw`), so M varies.
+- Qwen3-VL's deepstack: the vision tower's extra features become `Encoded.layer_adds`, which the engine adds
+  after the first base layers during the prefill (gathered with the kept tokens when pruning comes first).
+- Video: frames from `twigvlm.video` through `qwen_video.py` (no torchvision needed).
+VisionZip does not apply: the tower has no CLS token, merges 2×2 patches after its last layer and attends in
+windows (2.5), so there is no per-token attention score of the kind VisionZip ranks by.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import TwigVLMError
+from .base import Encoded, Layout, ModelSpec, Prompt, Reducer, VLMAdapter, checked_messages
+from .capabilities import ChatTraining, HFBaseline, PictureLayout, check_reducer
+from .decoder import LlamaStyleDecoder
+from .qwen_video import prepare_video
+
+
+class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, VLMAdapter):
+    """The Qwen-VL family: M-RoPE positions, per-image grids, video, and (Qwen3-VL) deepstack."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    position_rows = 3
+    takes_video = True
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self._inner = model.model  # Qwen2VLModel / Qwen2_5_VLModel / Qwen3VLModel
+        self._lm = self._inner.language_model
+        cfg = model.config
+        text = cfg.get_text_config()
+        self._spec = ModelSpec(
+            model_type=f"{cfg.model_type}/{text.model_type}",
+            num_layers=len(self._lm.layers),
+            hidden_size=text.hidden_size,
+            vocab_size=model.lm_head.out_features,
+            tied_embeddings=model.lm_head.weight is self._lm.embed_tokens.weight,
+        )
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(cfg.video_token_id)
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.video_token = getattr(processor, "video_token", "<|video_pad|>")
+        self.merge = int(cfg.vision_config.spatial_merge_size)
+        self.bind_rotary(self._lm.layers[0])
+
+    # ---- identity -------------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def attention_window(self) -> int | None:
+        text = self.model.config.get_text_config()
+        return int(text.sliding_window) if getattr(text, "use_sliding_window", False) else None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    # ---- prompts --------------------------------------------------------------------------------------------
+    def render(self, prompt: Prompt, num_images: int, num_videos: int = 0) -> str:
+        """The prompt through the chat template, one image (video) placeholder per image (video)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise TwigVLMError("the prompt is empty: pass the question or instruction as text")
+            content: list[dict[str, Any]] = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+            messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+        else:
+            messages = checked_messages(prompt)
+        text = self.render_messages(messages, True)
+        for token, given, what in ((self.image_token, num_images, "image"), (self.video_token, num_videos, "video")):
+            if text.count(token) != given:
+                raise TwigVLMError(
+                    f"the prompt has {text.count(token)} {what} placeholder(s) but {given} {what}(s) were given: "
+                    f"give one {what} per placeholder"
+                )
+        return text
+
+    def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if not getattr(self.processor, "chat_template", None):
+            raise TwigVLMError("this Qwen-VL processor has no chat template: save the model with its template")
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def process(self, prompt: Prompt, images: Sequence[Image.Image], videos: Sequence[Any] = ()) -> Any:
+        """The model's inputs for one prompt: the stock processor's for images and text; with videos, the same
+        fields built by `qwen_video.py` (the stock video processor needs torchvision)."""
+        text = self.render(prompt, len(images), len(videos))
+        if not videos:
+            return self.processor(images=list(images) or None, text=text, return_tensors="pt").to(self.device)
+        return self._process_with_videos(text, images, videos)
+
+    def _process_with_videos(self, text: str, images: Sequence[Image.Image], videos: Sequence[Any]) -> Any:
+        from transformers import BatchFeature
+
+        data: dict[str, torch.Tensor] = {}
+        pieces = text.split(self.image_token)
+        if images:
+            out = self.processor.image_processor(images=list(images), return_tensors="pt")
+            data["pixel_values"], data["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
+            counts = (out["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+            text = pieces[0] + "".join(self.image_token * n + rest for n, rest in zip(counts, pieces[1:], strict=True))
+        stamps = self.model.config.model_type == "qwen3_vl"
+        prepared = [
+            prepare_video(self.processor.image_processor, v.frames, v.timestamps, self.video_token, stamps)
+            for v in videos
+        ]
+        pieces = text.split(self.video_token)
+        text = pieces[0] + "".join(p.placeholder + rest for p, rest in zip(prepared, pieces[1:], strict=True))
+        data["pixel_values_videos"] = torch.cat([p.pixel_values for p in prepared])
+        data["video_grid_thw"] = torch.tensor([p.grid_thw for p in prepared])
+        if self.model.config.model_type == "qwen2_5_vl":
+            data["second_per_grid_ts"] = torch.tensor([p.seconds_per_grid for p in prepared])
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+        data["input_ids"] = ids
+        data["attention_mask"] = torch.ones_like(ids)
+        data["mm_token_type_ids"] = self.token_types(ids)
+        return BatchFeature(data).to(self.device)
+
+    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """mm_token_type_ids [B, T]: 0 text, 1 image, 2 video (as the stock processor writes them)."""
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types[input_ids == self.image_token_id] = 1
+        types[input_ids == self.video_token_id] = 2
+        return types
+
+    # ---- encoding -------------------------------------------------------------------------------------------
+    @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
+    def encode(
+        self,
+        prompt: Prompt,
+        images: Sequence[Image.Image] = (),
+        reducer: Reducer | None = None,
+        videos: Sequence[Any] = (),
+    ) -> Encoded:
+        self.check_videos(videos)
+        check_reducer(self, reducer)
+        t0 = time.perf_counter()
+        encoded = self.embed_batch(self.process(prompt, images, videos))
+        encoded.encode_s = time.perf_counter() - t0
+        return encoded
+
+    def embed_batch(self, batch: Any) -> Encoded:
+        """Processor outputs (ids, pixel values and grids of images and videos) → an `Encoded` with the stock
+        model's embeddings, M-RoPE positions and deepstack additions."""
+        input_ids = batch["input_ids"]  # [B, T]
+        embeds = self.embed(input_ids)  # [B, T, H]
+        image_mask, video_mask = input_ids == self.image_token_id, input_ids == self.video_token_id
+        deep: list[torch.Tensor] = []
+        for kind, mask, pixels, grid in (
+            ("image", image_mask, batch.get("pixel_values"), batch.get("image_grid_thw")),
+            ("video", video_mask, batch.get("pixel_values_videos"), batch.get("video_grid_thw")),
+        ):
+            if pixels is None or grid is None or grid.numel() == 0:
+                continue
+            fn = self._inner.get_image_features if kind == "image" else self._inner.get_video_features
+            out = fn(pixels.to(self.device, self.dtype), grid, return_dict=True)
+            features = torch.cat(list(out.pooler_output)).to(embeds.dtype)  # [n, H]
+            if features.shape[0] != int(mask.sum()):
+                raise TwigVLMError(
+                    f"the prompt has {int(mask.sum())} {kind} tokens but the vision tower gave {features.shape[0]} "
+                    "features: the processor's patch or merge size does not match the model config"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
+            levels = getattr(out, "deepstack_features", None) or []
+            for i, level in enumerate(levels):  # Qwen3-VL: one [n, H] per level, added after base layer i
+                if len(deep) <= i:
+                    deep.append(torch.zeros_like(embeds))
+                deep[i] = deep[i].masked_scatter(mask.unsqueeze(-1), torch.cat(list(level)).to(embeds.dtype))
+        positions = self.prompt_positions(input_ids, batch)
+        visual = image_mask | video_mask
+        return Encoded(
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            position_ids=positions,
+            visual_mask=visual,
+            next_position=self.next_position_after(positions),
+            image_index=self._item_index(input_ids, batch),
+            layer_adds=deep or None,
+        )
+
+    def prompt_positions(self, input_ids: torch.Tensor, grids: Any = None) -> torch.Tensor:
+        """[3, B, T] M-RoPE positions from the stock `get_rope_index` (0..T−1 on every axis for text only)."""
+        grids = grids or {}
+        image_grid, video_grid = grids.get("image_grid_thw"), grids.get("video_grid_thw")
+        if image_grid is None and video_grid is None:
+            b, n = input_ids.shape
+            return torch.arange(n, device=input_ids.device).view(1, 1, n).expand(3, b, n)
+        extra = {}
+        if self.model.config.model_type == "qwen2_5_vl" and grids.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = grids["second_per_grid_ts"]
+        positions, _ = self._inner.get_rope_index(
+            input_ids,
+            mm_token_type_ids=self.token_types(input_ids),
+            image_grid_thw=image_grid,
+            video_grid_thw=video_grid,
+            attention_mask=grids.get("attention_mask"),
+            **extra,
+        )
+        return positions  # [3, B, T]
+
+    def _item_index(self, input_ids: torch.Tensor, batch: Any) -> torch.Tensor:
+        """[B, T] which image or video (numbered in prompt order) each visual token belongs to; −1 at text."""
+        index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        starts: list[tuple[int, str, int]] = []  # (flat position of the first token, kind, k)
+        owners: dict[str, torch.Tensor] = {}
+        for kind, token, grid in (
+            ("image", self.image_token_id, batch.get("image_grid_thw")),
+            ("video", self.video_token_id, batch.get("video_grid_thw")),
+        ):
+            flat = (input_ids.flatten() == token).nonzero().flatten()
+            if grid is None or flat.numel() == 0:
+                continue
+            counts = (grid.prod(-1) // self.merge**2).tolist()
+            owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+            owners[kind] = owner
+            first = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
+            starts += [(int(flat[f]), kind, k) for k, f in enumerate(first.tolist())]
+        number = {(kind, k): i for i, (_, kind, k) in enumerate(sorted(starts))}
+        flat_index = index.view(-1)
+        for kind, token in (("image", self.image_token_id), ("video", self.video_token_id)):
+            if kind in owners:
+                ids = torch.tensor([number[(kind, int(k))] for k in owners[kind]], device=index.device)
+                flat_index[input_ids.flatten() == token] = ids
+        return index
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._lm.embed_tokens(token_ids)
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: Any = None) -> Encoded:
+        batch: dict[str, Any] = {"input_ids": input_ids}
+        if isinstance(pixel_values, dict):
+            batch.update(pixel_values)
+        elif pixel_values is not None:
+            raise TwigVLMError("Qwen-VL training batches carry pixel values with their grids (a dict)")
+        return self.embed_batch(batch)
+
+    # ---- pictures -------------------------------------------------------------------------------------------
+    def visual_layout(self, images: Sequence[Image.Image]) -> list[Layout]:
+        """Each image at the size the processor resizes it to, with its merged-token grid (no leading tokens)."""
+        from .qwen_video import frame_size
+
+        ip = self.processor.image_processor
+        layouts = []
+        for img in images:
+            h, w = frame_size(ip, img)
+            step = ip.patch_size * self.merge
+            layouts.append((img.convert("RGB").resize((w, h), Image.BICUBIC), h // step, w // step, 0))
+        return layouts
+
+    # ---- the decoder ----------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self._lm.layers
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._lm.rotary_emb(hidden, position_ids)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._lm.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        first, last = self._lm.layers[0], self._lm.layers[-1]
+        return {
+            "embed_tokens": self._lm.embed_tokens.weight,
+            "layers.0.q_proj": first.self_attn.q_proj.weight,
+            "layers.-1.down_proj": last.mlp.down_proj.weight,
+            "norm": self._lm.norm.weight,
+            "merger": next(self._inner.visual.merger.parameters()),
+        }
