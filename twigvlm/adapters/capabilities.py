@@ -50,6 +50,7 @@ class ChatTraining(ABC):
     label = "training (tokenize_chat, embed_inputs)"
     processor: Any
     image_token: str  # the placeholder text of one image in a rendered prompt
+    image_token_id: int
 
     @abstractmethod
     def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -102,10 +103,33 @@ class ChatTraining(ABC):
             )
             used += n_img
             if n_img:
-                pixels.append(batch["pixel_values"])
+                pixels.append(self.vision_inputs(batch))
             ids += batch["input_ids"][0].tolist()
             assistant += [is_assistant] * batch["input_ids"].shape[1]
-        return ids, assistant, torch.cat(pixels) if pixels else None
+        return ids, assistant, concat_vision(pixels)
+
+    def vision_inputs(self, batch: Any) -> Any:
+        """What `embed_inputs` needs of a processor output besides the ids: the pixel values [N, 3, h, w] here; a
+        family whose images need more (Qwen-VL's grids) returns a dict of tensors that concatenate along dim 0."""
+        return batch["pixel_values"]
+
+    def image_token_counts(self, ids: Sequence[int], pixels: Any, num_images: int) -> list[int]:
+        """Visual tokens of each image of an example (all equal here: LLaVA's fixed grid)."""
+        return [sum(t == self.image_token_id for t in ids) // num_images] * num_images if num_images else []
+
+    def first_images(self, pixels: Any, n: int) -> Any:
+        """The vision inputs of the first n images (None for none)."""
+        return pixels[:n] if pixels is not None and n else None
+
+
+def concat_vision(parts: Sequence[Any]) -> Any:
+    """Vision inputs of several examples as one batch: tensors (or dicts of tensors, key by key) along dim 0."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
 
 
 class VisionZipReduction(ABC):

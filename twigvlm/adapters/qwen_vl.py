@@ -251,6 +251,18 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
         return self._lm.embed_tokens(token_ids)
 
     # ---- training -------------------------------------------------------------------------------------------
+    def vision_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        return {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+
+    def image_token_counts(self, ids: Sequence[int], pixels: Any, num_images: int) -> list[int]:
+        return [] if pixels is None else (pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+
+    def first_images(self, pixels: Any, n: int) -> Any:
+        if pixels is None or not n:
+            return None
+        grid = pixels["image_grid_thw"][:n]
+        return {"pixel_values": pixels["pixel_values"][: int(grid.prod(-1).sum())], "image_grid_thw": grid}
+
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: Any = None) -> Encoded:
         batch: dict[str, Any] = {"input_ids": input_ids}
         if isinstance(pixel_values, dict):

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..adapters.base import VLMAdapter
-from ..adapters.capabilities import ChatTraining, require
+from ..adapters.capabilities import ChatTraining, concat_vision, require
 from ..errors import TwigVLMError
 from ..images import load_images
 from .config import DataConfig
@@ -180,18 +180,25 @@ def open_images(record: Record, source: str | Path) -> list[Image.Image]:
 
 
 def truncate(
-    ids: list[int], labels: list[int], image_token_id: int, tokens_per_image: int, max_length: int
+    ids: list[int], labels: list[int], image_token_id: int, tokens_per_image: int | Sequence[int], max_length: int
 ) -> tuple[list[int], list[int], int]:
     """Cut to max_length tokens, moving the cut back to an image's first token if it would fall inside one.
 
+    tokens_per_image: one count for every image, or each image's own count (dynamic resolution).
     Returns the ids, the labels and how many images are still whole (their pixel values are the first ones).
     """
     where = [j for j, t in enumerate(ids) if t == image_token_id]
     cut = min(max_length, len(ids))
     seen = sum(1 for j in where if j < cut)
-    whole = seen // tokens_per_image if tokens_per_image else 0
-    if seen % max(tokens_per_image, 1):
-        cut = where[whole * tokens_per_image]  # the partial image's first token
+    counts = tokens_per_image if isinstance(tokens_per_image, Sequence) else None
+    if counts is None:
+        counts = [tokens_per_image] * (len(where) // tokens_per_image) if tokens_per_image else []
+    whole, first = 0, 0  # images entirely before the cut; the first token of the next image among `where`
+    while whole < len(counts) and first + counts[whole] <= seen:
+        first += counts[whole]
+        whole += 1
+    if seen > first:
+        cut = where[first]  # the partial image's first token
     return ids[:cut], labels[:cut], whole
 
 
@@ -219,9 +226,9 @@ class LlavaDataset(Dataset):
             raise TwigVLMError(f"{self.source} record {rec.index}: {e}") from None
         labels = [t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)]
         image_id = self.adapter.image_token_id
-        per_image = ids.count(image_id) // len(images) if images else 0
-        ids, labels, whole = truncate(ids, labels, image_id, per_image, self.max_length)
-        pixels = pixels[:whole] if pixels is not None and whole else None
+        counts = self.adapter.image_token_counts(ids, pixels, len(images))
+        ids, labels, whole = truncate(ids, labels, image_id, counts, self.max_length)
+        pixels = self.adapter.first_images(pixels, whole)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
 
 
@@ -239,8 +246,8 @@ class Collator:
         for b, e in enumerate(examples):
             ids[b, : len(e["input_ids"])] = e["input_ids"]
             labels[b, : len(e["labels"])] = e["labels"]
-        pixels = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
-        return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(pixels) if pixels else None}
+        pixels = concat_vision([e.get("pixel_values") for e in examples])
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
 
 def pad_token_id(adapter: VLMAdapter) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import VLMAdapter
+from ..adapters.base import Encoded, VLMAdapter
 from ..adapters.capabilities import ChatTraining, require
 from ..engine import Engine
 from ..twig import Twig
@@ -44,13 +44,15 @@ class TwigObjective(nn.Module):
     def adapter(self) -> VLMAdapter:
         return self.engine.adapter
 
-    def _layer_k(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base layers 1..K on the batch, without gradient: hidden states [B, T, H] and the position ids the
-        adapter gives these prompts ([B, T], or [3, B, T] for M-RoPE) — the same ones inference uses."""
+    def _layer_k(self, input_ids: torch.Tensor, pixel_values: Any) -> tuple[torch.Tensor, Encoded]:
+        """Base layers 1..K on the batch, without gradient: hidden states [B, T, H] and the batch as the adapter
+        encodes it (positions [B, T], or [3, B, T] for M-RoPE, and layer additions) — as inference does."""
         with torch.no_grad():
-            encoded = self.trainable.embed_inputs(input_ids, pixel_values)
-            hidden = self.engine.forward(None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K)
-        return hidden, encoded.position_ids
+            enc = self.trainable.embed_inputs(input_ids, pixel_values)
+            hidden = self.engine.forward(
+                None, enc.inputs_embeds, enc.position_ids, 0, self.twig.config.K, enc.layer_adds
+            )
+        return hidden, enc
 
     def _twig_hidden(self, hidden_k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         dtype = next(self.twig.parameters()).dtype  # fp32 master weights under a bf16 base
@@ -62,25 +64,27 @@ class TwigObjective(nn.Module):
         normed = self.twig.norm(hidden)
         return head(normed.to(head.weight.dtype)).float()
 
-    def _base_logits(self, hidden_k: torch.Tensor, positions: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    def _base_logits(self, hidden_k: torch.Tensor, enc: Encoded, where: torch.Tensor) -> torch.Tensor:
         """The full base's logits [N, V] at the selected positions, without gradient (layers K+1..L)."""
         with torch.no_grad():
-            deep = self.engine.forward(None, hidden_k, positions, self.twig.config.K)  # [B, T, H]
+            K = self.twig.config.K
+            deep = self.engine.forward(None, hidden_k, enc.position_ids, K, adds=enc.layer_adds)  # [B, T, H]
             return self.engine.logits(deep[:, :-1][where]).float()
 
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: Any = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
-        """input_ids, labels [B, T] (labels −100 off the answers); pixel_values [N, 3, h, w] → {"loss": scalar}."""
-        hidden_k, positions = self._layer_k(input_ids, pixel_values)
+        """input_ids, labels [B, T] (labels −100 off the answers); pixel_values [N, 3, h, w] (or the family's vision
+        inputs, e.g. Qwen-VL's pixel values with their grids) → {"loss": scalar}."""
+        hidden_k, enc = self._layer_k(input_ids, pixel_values)
         targets = labels[:, 1:]  # position t predicts token t+1
         where = targets != IGNORE_INDEX  # [B, T-1]
-        twig_hidden = self._twig_hidden(hidden_k, positions)
+        twig_hidden = self._twig_hidden(hidden_k, enc.position_ids)
         logits = self._head(twig_hidden[:, :-1][where])  # [N, V]
         n = int(where.sum())
         denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
@@ -88,7 +92,7 @@ class TwigObjective(nn.Module):
         loss = ce / denom
         parts = {"ce": ce.detach(), "tokens": n}
         if self.distill == "kl":
-            base = self._base_logits(hidden_k, positions, where)
+            base = self._base_logits(hidden_k, enc, where)
             kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
             loss = loss + self.distill_weight * kl / denom
             parts["kl"] = kl.detach()
@@ -97,15 +101,15 @@ class TwigObjective(nn.Module):
 
     @torch.no_grad()
     def eval_sums(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None, **_: Any
+        self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: Any = None, **_: Any
     ) -> torch.Tensor:
         """Per-example sums [B, 5] over answer positions, in EVAL_FIELDS order: token count, twig cross-entropy,
         twig argmax = label, base argmax = label, twig argmax = base argmax (the draft-acceptance proxy)."""
-        hidden_k, positions = self._layer_k(input_ids, pixel_values)
+        hidden_k, enc = self._layer_k(input_ids, pixel_values)
         targets = labels[:, 1:]
         where = targets != IGNORE_INDEX  # [B, T-1]
-        twig_logits = self._head(self._twig_hidden(hidden_k, positions)[:, :-1][where])  # [N, V]
-        base_logits = self._base_logits(hidden_k, positions, where)  # [N, V]
+        twig_logits = self._head(self._twig_hidden(hidden_k, enc.position_ids)[:, :-1][where])  # [N, V]
+        base_logits = self._base_logits(hidden_k, enc, where)  # [N, V]
         y = targets[where]
         twig_top, base_top = twig_logits.argmax(-1), base_logits.argmax(-1)
         per_token = torch.stack(

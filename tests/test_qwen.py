@@ -1,0 +1,222 @@
+"""The oracles on Qwen2-VL, Qwen2.5-VL and Qwen3-VL (tiny random models saved and loaded back offline):
+engine ≡ stock `generate`, cached ≡ uncached stock forward, pruning ≡ the masked full model at the same 3-D
+positions (with Qwen3-VL's deepstack additions gathered when pruning comes first), SSD ≡ AR, training ≡ HF's loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import twigvlm
+from twigvlm import PruneConfig, SpecConfig, TwigVLMError
+from twigvlm.prune import kept_per_layer, pruned_prefill
+from twigvlm.tiny_qwen import FAMILIES, TinyQwenSpec, save_tiny_qwen
+
+from .conftest import random_prompt
+
+
+@pytest.fixture(scope="module")
+def qwens(tmp_path_factory) -> dict[str, twigvlm.VLM]:
+    root = tmp_path_factory.mktemp("qwen")
+    return {
+        f: twigvlm.load(save_tiny_qwen(root / f, TinyQwenSpec(family=f, num_layers=8, seed=10 + i)))
+        for i, f in enumerate(FAMILIES)
+    }
+
+
+@pytest.fixture(params=FAMILIES)
+def qwen(request, qwens) -> twigvlm.VLM:
+    v = qwens[request.param]
+    v.twig = None
+    return v
+
+
+def picture(seed: int, size: tuple[int, int] = (48, 64)) -> Image.Image:
+    """Random pixels at (height, width): 48×64 → a 3×4 token grid, 64×64 → 4×4."""
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def stock_greedy(vlm: twigvlm.VLM, prompt, images, n: int, videos=()) -> list[int]:
+    """Stock `model.generate(do_sample=False)` on the adapter's processed inputs; EOS disabled."""
+    batch = vlm.adapter.process(prompt, images, videos)
+    with torch.inference_mode():
+        out = vlm.adapter.model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=None)
+    return out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+IMAGE_CASES = {
+    "text-only": [],
+    "one-image": [picture(1)],
+    "two-images": [picture(2), picture(3, (64, 64))],
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_greedy_ids_equal_stock_generate(qwen, case):
+    images = IMAGE_CASES[case]
+    outs = []
+    for seed in range(3):
+        prompt = random_prompt(seed, 2 + 6 * seed)
+        ours = qwen.generate(prompt, image=images, max_new_tokens=10, ignore_eos=True).token_ids
+        assert ours == stock_greedy(qwen, prompt, images, 10), (seed, case)
+        outs.append(tuple(ours))
+    assert len(set(outs)) > 1 or case == "text-only"  # the tiny model is not degenerate
+
+
+def test_positions_come_from_the_stock_rope_index(qwen):
+    # Two images of different grids: 3-D positions (not 0..T−1), and the stock processor's own token types.
+    enc = qwen.encode("what is left?", [picture(4), picture(5, (64, 64))])
+    batch = qwen.adapter.process("what is left?", [picture(4), picture(5, (64, 64))])
+    assert torch.equal(qwen.adapter.token_types(batch["input_ids"]), batch["mm_token_type_ids"].int())
+    ref, _ = qwen.adapter.model.model.get_rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"]
+    )
+    assert enc.position_ids.shape == (3, 1, enc.num_tokens) and torch.equal(enc.position_ids, ref)
+    assert enc.next_position == int(ref.max()) + 1 < enc.num_tokens  # M-RoPE compresses the grids
+    assert enc.num_visual_tokens == 12 + 16 and enc.num_images == 2
+    assert enc.image_index[enc.visual_mask].tolist() == [0] * 12 + [1] * 16
+
+
+def test_cached_decode_logits_equal_uncached_stock_forward(qwen):
+    images, prompt = [picture(6)], random_prompt(6, 5)
+    enc = qwen.encode(prompt, images)
+    engine = qwen.engine
+    with torch.inference_mode():
+        state = engine.new_state()
+        logits, tokens = [engine.prefill(state, enc)], []
+        for _ in range(8):
+            tokens.append(int(logits[-1].argmax(-1)))
+            logits.append(engine.step(state, torch.tensor([[tokens[-1]]]))[:, -1])
+        cached = torch.cat(logits[:-1], 0)  # [8, V]
+        batch = qwen.adapter.process(prompt, images)
+        ids = torch.cat([batch["input_ids"], torch.tensor([tokens[:-1]])], 1)
+        ref = qwen.adapter.model(
+            input_ids=ids,
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=qwen.adapter.token_types(ids),
+            use_cache=False,
+        ).logits[0, enc.num_tokens - 1 :]
+    torch.testing.assert_close(cached, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_deepstack_is_applied_after_the_first_layers(qwens):
+    enc = qwens["qwen3-vl"].encode("what?", [picture(7)])
+    assert enc.layer_adds is not None and len(enc.layer_adds) == 2
+    for add in enc.layer_adds:  # features at the visual positions, nothing elsewhere
+        assert add[0, ~enc.visual_mask[0]].abs().sum() == 0 and add[0, enc.visual_mask[0]].abs().sum() > 0
+    assert qwens["qwen2-vl"].encode("what?", [picture(7)]).layer_adds is None
+
+
+# ---- pruning ------------------------------------------------------------------------------------------------
+def _with_twig(vlm: twigvlm.VLM, K: int, T: int, noise: float = 0.0, seed: int = 0) -> twigvlm.VLM:
+    v = twigvlm.VLM(vlm.adapter)
+    v.grow_twig(K=K, T=T, head="copy")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in v.twig.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g))
+    return v
+
+
+def _masked_reference_logits(vlm, enc, ids, kept, K, wipe):
+    """The full model, no cache, over prompt + generated `ids`: pruned visual keys hidden from layers > K, every
+    visual key from layers > K_f, the prompt's own 3-D positions and deepstack additions. Logits [T, V]."""
+    adapter, engine = vlm.adapter, vlm.engine
+    n = len(ids)
+    embeds = torch.cat([enc.inputs_embeds, adapter.embed(torch.tensor([ids]))], 1)
+    pos = torch.cat([enc.position_ids, adapter.text_positions(enc.next_position, n)], -1)  # [3, 1, T]
+    visual = torch.cat([enc.visual_mask[0], torch.zeros(n, dtype=torch.bool)])
+    adds = [torch.cat([a, torch.zeros(1, n, a.shape[-1])], 1) for a in enc.layer_adds or ()]
+    pruned = visual.clone()
+    pruned[visual.nonzero().flatten()[kept]] = False
+    T = embeds.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    hidden, rope = embeds, adapter.rotary(embeds, pos)
+    for i, layer in enumerate(adapter.layers):  # 0-based: layer i+1 in the paper's numbering
+        hidden_keys = pruned if K <= i < wipe else (visual if i >= wipe else torch.zeros_like(visual))
+        mask = (causal & ~hidden_keys.unsqueeze(0)).view(1, 1, T, T)
+        hidden = adapter.call_layer(layer, hidden, mask, pos, rope, None)
+        if i < len(adds):
+            hidden = hidden + adds[i]
+    return engine.logits(hidden)[0]
+
+
+@pytest.mark.parametrize("method", ["twig", "fastv"])
+@pytest.mark.parametrize("K,wipe,keep", [(1, 5, 8.0), (2, 6, 12.0), (3, 8, 20.0)])
+def test_pruning_equals_the_masked_full_model(qwen, method, K, wipe, keep):
+    # K = 1 prunes between Qwen3-VL's two deepstack additions: the second one must follow the kept tokens.
+    vlm = _with_twig(qwen, K, 2, noise=0.05, seed=K)
+    cfg = PruneConfig(method, keep=keep, wipe_layer=wipe, layer=K)
+    enc = vlm.encode(random_prompt(K + wipe, 6), [picture(K), picture(wipe, (64, 64))])
+    engine = vlm.engine
+    with torch.no_grad():
+        state = engine.new_state()
+        logits, stats = pruned_prefill(engine, state, enc, cfg)
+        ours, ids = [logits[0]], []
+        for _ in range(6):
+            ids.append(int(ours[-1].argmax()))
+            ours.append(engine.step(state, torch.tensor([[ids[-1]]]))[0, -1])
+        ref = _masked_reference_logits(vlm, enc, ids, torch.tensor(stats.kept_indices), K, wipe)
+    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-5)
+    assert ids == ref[enc.num_tokens - 1 : -1].argmax(-1).tolist()
+    M, L, T = enc.num_visual_tokens, engine.num_layers, enc.num_tokens
+    R = kept_per_layer(keep, L, M, K, wipe)
+    assert stats.kept == R < M
+    assert state.cache.lengths() == [T + 6] * K + [T - M + R + 6] * (wipe - K) + [T - M + 6] * (L - wipe)
+
+
+@pytest.mark.parametrize("method", ["twig", "fastv"])
+def test_keep_all_is_the_unpruned_model_and_stock_generate(qwen, method):
+    vlm = _with_twig(qwen, 2, 2, noise=0.05)
+    images = [picture(8), picture(9, (64, 64))]
+    args = dict(prompt=random_prompt(8, 4), image=images, max_new_tokens=8, ignore_eos=True)
+    pruned = vlm.generate(**args, prune=PruneConfig(method, keep_ratio=1.0, wipe_layer=8))
+    assert pruned.token_ids == vlm.generate(**args).token_ids == stock_greedy(vlm, args["prompt"], images, 8)
+    assert pruned.stats.kept == 28
+
+
+def test_the_budget_is_a_ratio_of_each_requests_tokens(qwen):
+    # Dynamic resolution: M differs per request, so a keep ratio keeps a share of this request's tokens.
+    vlm = _with_twig(qwen, 2, 2)
+    small = vlm.generate("what?", image=picture(1), max_new_tokens=1, prune=PruneConfig("twig", keep_ratio=0.5))
+    large = vlm.generate("what?", image=picture(1, (64, 64)), max_new_tokens=1, prune=PruneConfig("twig", keep_ratio=0.5))
+    assert (small.stats.visual_tokens, large.stats.visual_tokens) == (12, 16)
+    assert small.stats.kept < large.stats.kept
+
+
+def test_visionzip_is_refused_in_one_line(qwen):
+    with pytest.raises(TwigVLMError, match="VisionZip") as e:
+        qwen.generate("what?", image=picture(1), prune="visionzip")
+    assert "\n" not in str(e.value)
+
+
+# ---- speculative decoding -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10)], ids=["unpruned", "pruned"])
+def test_greedy_speculation_equals_greedy_ar(qwen, prune):
+    vlm = _with_twig(qwen, 2, 2, noise=0.3, seed=3)
+    for seed, gamma in ((0, 1), (1, 3), (2, 5)):
+        args = dict(
+            prompt=random_prompt(seed, 2 + 5 * seed),
+            image=[picture(seed), picture(seed + 1, (64, 64))],
+            max_new_tokens=14,
+            ignore_eos=True,
+            prune=prune,
+        )
+        sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
+        assert sd.token_ids == vlm.generate(**args).token_ids, (seed, gamma)
+
+
+@pytest.mark.parametrize(
+    "prune", [None, PruneConfig("twig", keep_ratio=1.0, wipe_layer=8)], ids=["unpruned", "pruned-keep-all"]
+)
+def test_a_full_copy_twig_is_always_accepted(qwen, prune):
+    # The twig drafts from the unpruned prompt, so it is the target itself only when pruning keeps everything.
+    vlm = _with_twig(qwen, 2, qwen.adapter.spec.num_layers - 2)
+    args = dict(prompt=random_prompt(5, 6), image=picture(5), max_new_tokens=13, ignore_eos=True, prune=prune)
+    sd = vlm.generate(**args, speculative=SpecConfig(draft_len=3, threshold=0))
+    assert sd.token_ids == vlm.generate(**args).token_ids
+    assert sd.stats.acceptance_rate == 1.0 and sd.stats.verifications == 3  # 12 drafted tokens, 4 per pass
