@@ -183,7 +183,9 @@ def test_the_budget_is_a_ratio_of_each_requests_tokens(qwen):
     # Dynamic resolution: M differs per request, so a keep ratio keeps a share of this request's tokens.
     vlm = _with_twig(qwen, 2, 2)
     small = vlm.generate("what?", image=picture(1), max_new_tokens=1, prune=PruneConfig("twig", keep_ratio=0.5))
-    large = vlm.generate("what?", image=picture(1, (64, 64)), max_new_tokens=1, prune=PruneConfig("twig", keep_ratio=0.5))
+    large = vlm.generate(
+        "what?", image=picture(1, (64, 64)), max_new_tokens=1, prune=PruneConfig("twig", keep_ratio=0.5)
+    )
     assert (small.stats.visual_tokens, large.stats.visual_tokens) == (12, 16)
     assert small.stats.kept < large.stats.kept
 
@@ -220,3 +222,54 @@ def test_a_full_copy_twig_is_always_accepted(qwen, prune):
     sd = vlm.generate(**args, speculative=SpecConfig(draft_len=3, threshold=0))
     assert sd.token_ids == vlm.generate(**args).token_ids
     assert sd.stats.acceptance_rate == 1.0 and sd.stats.verifications == 3  # 12 drafted tokens, 4 per pass
+
+
+def test_sampling_speculation_is_lossless(qwens):
+    from .test_speculative import assert_sampling_is_lossless
+
+    vlm = _with_twig(qwens["qwen3-vl"], 2, 2, noise=0.2)
+    assert_sampling_is_lossless(vlm, vlm.encode(random_prompt(4, 3), [picture(4)]), runs=300)
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def test_labels_cover_exactly_the_assistant_turns(qwen):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]},
+        {"role": "assistant", "content": "It is red."},
+        {"role": "user", "content": "Are you sure?"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    ids, is_answer, pixels = qwen.adapter.tokenize_chat(messages, [picture(1)])
+    answer = qwen.adapter.tokenizer.decode([t for t, a in zip(ids, is_answer, strict=True) if a])
+    assert answer == "It is red.<|im_end|>\nYes.<|im_end|>\n"
+    whole = qwen.adapter.render_messages(messages, False)
+    assert qwen.adapter.tokenizer.decode(ids) == whole.replace("<|image_pad|>", "<|image_pad|>" * 12)
+    assert pixels["image_grid_thw"].tolist() == [[1, 6, 8]]
+
+
+def test_exact_copy_twig_reproduces_the_stock_loss(qwen, tmp_path):
+    # LLaVA-format data (a second turn every third record, a text-only record) → a right-padded batch; a twig
+    # with K+T = L and a copied head is the full model, so its loss is stock HF's own `labels=` loss.
+    from twigvlm.config import TwigConfig
+    from twigvlm.train.config import DataConfig
+    from twigvlm.train.data import Collator, LlavaDataset, pad_token_id
+    from twigvlm.train.objective import TwigObjective
+    from twigvlm.twig import grow_twig
+
+    from .conftest import write_llava_data
+
+    path = write_llava_data(tmp_path, 4, seed=3)
+    ds = LlavaDataset(path, qwen.adapter, DataConfig(data=path))
+    batch = Collator(pad_token_id(qwen.adapter))([ds[i] for i in range(len(ds))])
+    L = qwen.adapter.spec.num_layers
+    obj = TwigObjective(qwen.adapter, grow_twig(qwen.adapter, TwigConfig(K=2, T=L - 2, head="copy")))
+    out = obj(**batch)
+    with torch.no_grad():
+        vision = batch["pixel_values"]
+        hf = qwen.adapter.model(
+            input_ids=batch["input_ids"],
+            mm_token_type_ids=qwen.adapter.token_types(batch["input_ids"]),
+            labels=batch["labels"],
+            **vision,
+        ).loss
+    assert abs(out["loss"].item() - hf.item()) < 1e-5
