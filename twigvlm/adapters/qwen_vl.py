@@ -109,9 +109,29 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
         """The model's inputs for one prompt: the stock processor's for images and text; with videos, the same
         fields built by `qwen_video.py` (the stock video processor needs torchvision)."""
         text = self.render(prompt, len(images), len(videos))
-        if not videos:
-            return self.processor(images=list(images) or None, text=text, return_tensors="pt").to(self.device)
-        return self._process_with_videos(text, images, videos)
+        try:
+            if not videos:
+                return self.processor(images=list(images) or None, text=text, return_tensors="pt").to(self.device)
+            return self._process_with_videos(text, images, videos)
+        except ValueError as e:  # the stock resize refuses extreme shapes (aspect ratio over 200)
+            sizes = ", ".join(f"{im.width}×{im.height}" for im in images) or "the video frames"
+            raise TwigVLMError(f"the image processor cannot take {sizes}: {str(e).splitlines()[0]}") from None
+
+    def set_pixel_range(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """Resize images (and video frames) to between min_pixels and max_pixels, as the stock processor's own
+        `min_pixels`/`max_pixels` do; None keeps the saved value."""
+        ip = self.processor.image_processor
+        size = dict(ip.size)
+        low = size["shortest_edge"] if min_pixels is None else int(min_pixels)
+        high = size["longest_edge"] if max_pixels is None else int(max_pixels)
+        step = (ip.patch_size * ip.merge_size) ** 2
+        if low < step or high < low:
+            raise TwigVLMError(
+                f"pixel range {low}..{high} is invalid: give {step} <= min_pixels <= max_pixels "
+                f"(one merged patch is {ip.patch_size * ip.merge_size}×{ip.patch_size * ip.merge_size} pixels)"
+            )
+        size.update(shortest_edge=low, longest_edge=high)
+        ip.size = type(ip.size)(**size) if not isinstance(ip.size, dict) else size
 
     def _process_with_videos(self, text: str, images: Sequence[Image.Image], videos: Sequence[Any]) -> Any:
         from transformers import BatchFeature
