@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import twigvlm.video
 from twigvlm.errors import TwigVLMError
 from twigvlm.video import Video, load_video, video_strip
 
@@ -32,9 +33,9 @@ def index_of(frame: Image.Image) -> int:
     return best
 
 
-def write_video(path: Path, n: int, codec: str = "mpeg4", rate: int = RATE) -> Path:
+def write_video(path: Path, n: int, codec: str = "mpeg4", rate: int = RATE, fmt: str | None = None) -> Path:
     """A video file of n solid frames, frame i in colour(i)."""
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width = stream.height = SIZE
         stream.pix_fmt = "yuv420p"
@@ -44,6 +45,13 @@ def write_video(path: Path, n: int, codec: str = "mpeg4", rate: int = RATE) -> P
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+@pytest.fixture(params=[math.inf, 0.0], ids=["decode-through", "seek"])
+def seek_gap(request, monkeypatch) -> float:
+    """Reach chosen frames by decoding the way there, or by seeking to the keyframe before each (every ~12 frames)."""
+    monkeypatch.setattr(twigvlm.video, "SEEK_GAP_S", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def frame_images(n: int) -> list[Image.Image]:
 
 
 @pytest.mark.parametrize("codec", ["mpeg4", "libx264"])  # libx264 reorders frames (B-frames): presentation order
-def test_a_file_gives_every_frame_in_order_with_its_time(tmp_path, codec):
+def test_a_file_gives_every_frame_in_order_with_its_time(tmp_path, codec, seek_gap):
     video = load_video(write_video(tmp_path / f"{codec}.mp4", N, codec=codec))
     assert [index_of(f) for f in video.frames] == list(range(N))
     assert video.fps == RATE
@@ -76,11 +84,18 @@ def test_a_file_gives_every_frame_in_order_with_its_time(tmp_path, codec):
         (2, 3, [0, 15, 25], 2.0 * 2 / 5),  # the rate first (0, 5, ..., 25), then the count over those
     ],
 )
-def test_sampling_a_file_takes_these_frames(clip, fps, max_frames, indices, rate):
+def test_sampling_a_file_takes_these_frames(clip, seek_gap, fps, max_frames, indices, rate):
     video = load_video(clip, fps=fps, max_frames=max_frames)
     assert [index_of(f) for f in video.frames] == indices
     assert video.timestamps == pytest.approx([i / RATE for i in indices], abs=1e-3)
     assert video.fps == pytest.approx(rate)
+
+
+def test_a_stream_without_timestamps_is_counted_in_decoding_order(tmp_path):
+    raw = write_video(tmp_path / "clip.h264", N, codec="libx264", fmt="h264")  # a bare H.264 stream: no pts
+    video = load_video(raw, max_frames=4)
+    assert [index_of(f) for f in video.frames] == [0, 10, 19, 29]
+    assert video.timestamps == pytest.approx([i / 25 for i in (0, 10, 19, 29)])  # FFmpeg reads it at 25 fps
 
 
 def test_a_folder_is_read_in_natural_order_and_only_its_images(tmp_path):

@@ -18,6 +18,10 @@ from PIL import Image
 from .errors import TwigVLMError
 from .images import load_image
 
+# Seek to a chosen frame of a file when it is this far ahead of the decoder (seconds); decode up to it when closer.
+# Seeking lands on the keyframe before the frame and decodes from there: past a keyframe interval it wins.
+SEEK_GAP_S = 10.0
+
 
 @dataclass(frozen=True)
 class Video:
@@ -153,18 +157,18 @@ def _load_list(items: Sequence[str | Path | Image.Image], fps: float | None, max
 
 
 def _load_file(path: Path, fps: float | None, max_frames: int | None) -> Video:
-    """Two passes over the file: count the frames from its packets (no decoding), then decode up to the last
-    chosen frame, turning only the chosen ones into images."""
+    """Two passes over the file: list the frames' timestamps from its packets (no decoding), then decode only as
+    far as the chosen frames need, turning only those into images."""
     try:
         import av
     except ImportError:
         raise TwigVLMError(f"reading video {path} needs PyAV: pip install av") from None
     try:
         with av.open(str(path)) as container:
-            n, source_fps = _count_frames(path, container)
-        keep, rate = _plan(n, source_fps, fps, max_frames)
+            pts, source_fps = _frame_times(path, container)
+        keep, rate = _plan(len(pts), source_fps, fps, max_frames)
         with av.open(str(path)) as container:
-            frames, timestamps = _decode(container, keep, source_fps)
+            frames, timestamps = _decode(container, keep, pts, source_fps)
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         if isinstance(e, TwigVLMError):
             raise
@@ -176,35 +180,52 @@ def _load_file(path: Path, fps: float | None, max_frames: int | None) -> Video:
     return Video(frames, rate, timestamps, f"video {path}")
 
 
-def _count_frames(path: Path, container) -> tuple[int, float]:
-    """The number of frames of the first video stream (its packets, not decoded) and its average rate."""
+def _frame_times(path: Path, container) -> tuple[list[int | None], float]:
+    """The presentation timestamps of the first video stream's frames, read from its packets without decoding
+    (all None where the container does not give every packet one), and the stream's average frame rate."""
     if not container.streams.video:
         raise TwigVLMError(f"video {path} has no video stream, so no frames: pass a file with video in it")
     stream = container.streams.video[0]
-    n = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    if n == 0:
+    pts = [packet.pts for packet in container.demux(stream) if packet.size > 0]
+    if not pts:
         raise TwigVLMError(f"video {path} has no frames: pass a video with at least one frame")
-    return n, float(stream.average_rate or stream.guessed_rate or 1.0)
+    pts = sorted(pts) if None not in pts and stream.time_base else [None] * len(pts)
+    return pts, float(stream.average_rate or stream.guessed_rate or 1.0)
 
 
-def _decode(container, keep: list[int], source_fps: float) -> tuple[list[Image.Image], list[float]]:
-    """The frames at indices `keep` (presentation order) as RGB images, with their times from the first frame
-    (the stream's time base; frame index / average rate where a frame has no timestamp)."""
+def _decode(
+    container, keep: list[int], pts: list[int | None], source_fps: float
+) -> tuple[list[Image.Image], list[float]]:
+    """The frames at indices `keep` (presentation order) as RGB images, with their times from the first frame.
+    A chosen frame more than SEEK_GAP_S ahead is reached by seeking to the keyframe before it; frames on the way
+    are decoded and dropped."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    wanted = set(keep)
+    if pts[0] is None:
+        return _decode_in_order(container.decode(stream), keep, source_fps)
+    decoded, position = container.decode(stream), pts[0]
     frames: list[Image.Image] = []
     timestamps: list[float] = []
-    first_pts = None
-    for i, frame in enumerate(container.decode(stream)):
-        if i == 0:
-            first_pts = frame.pts
+    for i in keep:
+        if (pts[i] - position) * stream.time_base > SEEK_GAP_S:
+            container.seek(pts[i], stream=stream, backward=True)  # flushes the decoder
+            decoded = container.decode(stream)
+        frame = next((f for f in decoded if f.pts is not None and f.pts >= pts[i]), None)
+        if frame is None:
+            break
+        position = frame.pts
+        frames.append(frame.to_image())  # converted to rgb24
+        timestamps.append(float((frame.pts - pts[0]) * stream.time_base))
+    return frames, timestamps
+
+
+def _decode_in_order(decoded, keep: list[int], source_fps: float) -> tuple[list[Image.Image], list[float]]:
+    """The frames at indices `keep`, counted as they come out of the decoder, timed by index / average rate."""
+    wanted = set(keep)
+    frames: list[Image.Image] = []
+    for i, frame in enumerate(decoded):
         if i in wanted:
-            frames.append(frame.to_image())  # converted to rgb24
-            if frame.pts is None or first_pts is None or stream.time_base is None:
-                timestamps.append(i / source_fps)
-            else:
-                timestamps.append(float((frame.pts - first_pts) * stream.time_base))
+            frames.append(frame.to_image())
         if i >= keep[-1]:
             break
-    return frames, timestamps
+    return frames, [i / source_fps for i in keep[: len(frames)]]
