@@ -19,6 +19,7 @@ import torch
 
 from .adapters import VLMAdapter, check_device, load_adapter, parse_dtype
 from .errors import TwigVLMError
+from .hub import resolve_model_dir
 
 ENTRY_POINT_GROUP = "twigvlm.named_models"
 
@@ -53,12 +54,12 @@ def lookup(name: str | Path) -> NamedModel | None:
 
 
 def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
-    """The adapter of a named model, or of a saved Hugging Face VLM directory."""
+    """The adapter of a named model, a saved Hugging Face VLM directory, or a hub id ("owner/name") in the cache."""
     named = lookup(model)
-    if named is None:
-        return load_adapter(model, dtype=dtype, device=device)
     torch_dtype = parse_dtype(dtype)
-    check_device(device)
+    check_device(device)  # before a hub id may start a download
+    if named is None:
+        return load_adapter(resolve_model_dir(model), dtype=torch_dtype, device=device)
     return named.load(torch_dtype, device)
 
 
