@@ -273,3 +273,67 @@ def test_exact_copy_twig_reproduces_the_stock_loss(qwen, tmp_path):
             **vision,
         ).loss
     assert abs(out["loss"].item() - hf.item()) < 1e-5
+
+
+# ---- video --------------------------------------------------------------------------------------------------
+def clip(seed: int, n: int = 5):
+    """n random frames at 2 frames per second (an odd count: the last frame pads the final temporal patch)."""
+    from twigvlm.video import load_video
+
+    frames = [picture(seed * 10 + i) for i in range(n)]
+    return load_video(frames, fps=2.0)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["video", "image+video"])
+def test_video_greedy_ids_equal_stock_generate(qwen, with_image):
+    images = [picture(9, (64, 64))] if with_image else []
+    for seed in range(2):
+        video, prompt = clip(seed), random_prompt(seed, 4)
+        ours = qwen.generate(prompt, image=images, video=video, max_new_tokens=8, ignore_eos=True)
+        assert ours.token_ids == stock_greedy(qwen, prompt, images, 8, [video])
+        assert ours.stats.visual_tokens == 3 * 12 + (16 if with_image else 0)  # 5 frames → 3 temporal patches
+
+
+def test_video_pruning_equals_the_masked_full_model(qwen):
+    vlm = _with_twig(qwen, 1, 2, noise=0.05)
+    enc = vlm.encode(random_prompt(3, 5), [picture(3)], video=clip(3))
+    assert enc.num_images == 2 and enc.image_index[enc.visual_mask].tolist() == [0] * 12 + [1] * 36
+    with torch.no_grad():
+        state = vlm.engine.new_state()
+        logits, stats = pruned_prefill(vlm.engine, state, enc, PruneConfig("twig", keep_ratio=0.25, wipe_layer=6))
+        ours, ids = [logits[0]], []
+        for _ in range(5):
+            ids.append(int(ours[-1].argmax()))
+            ours.append(vlm.engine.step(state, torch.tensor([[ids[-1]]]))[0, -1])
+        ref = _masked_reference_logits(vlm, enc, ids, torch.tensor(stats.kept_indices), 1, 6)
+    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-5)
+
+
+def test_video_speculation_equals_ar(qwen):
+    vlm = _with_twig(qwen, 2, 2, noise=0.3, seed=5)
+    for prune in (None, PruneConfig("twig", keep_ratio=0.3)):
+        args = dict(prompt=random_prompt(6, 3), video=clip(6), max_new_tokens=12, ignore_eos=True, prune=prune)
+        assert vlm.generate(**args, speculative=SpecConfig(draft_len=3, threshold=0)).token_ids == (
+            vlm.generate(**args).token_ids
+        )
+
+
+def test_video_on_an_image_only_model_is_one_line(vlms):
+    with pytest.raises(TwigVLMError, match="takes images, not videos") as e:
+        vlms["llama-clip"].generate("what?", video=clip(1), max_new_tokens=2)
+    assert "\n" not in str(e.value)
+
+
+def test_an_image_the_processor_refuses_is_one_line(qwen):
+    with pytest.raises(TwigVLMError, match="image processor cannot take 8×2000") as e:
+        qwen.generate("what?", image=Image.new("RGB", (8, 2000)), max_new_tokens=2)
+    assert "\n" not in str(e.value)
+
+
+def test_pixel_range_reaches_the_processor(qwens, tmp_path):
+    path = save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2-vl", num_layers=2))
+    small = twigvlm.load(path, max_pixels=32 * 32)
+    assert small.encode("what?", picture(1, (64, 64))).num_visual_tokens == 4
+    assert twigvlm.load(path).encode("what?", picture(1, (64, 64))).num_visual_tokens == 16
+    with pytest.raises(TwigVLMError, match="pixel range"):
+        twigvlm.load(path, min_pixels=64 * 64, max_pixels=32 * 32)

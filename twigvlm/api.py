@@ -24,6 +24,7 @@ from .generate import Generation, GenerationResult
 from .images import ImageInput, load_images
 from .named import load_model, twig_directory
 from .twig import Twig, grow_twig, load_twig, save_twig
+from .video import VideoInput, load_videos
 from .visionzip import VisionZip
 
 _GEN_FIELDS = {f.name for f in fields(GenConfig)}
@@ -49,10 +50,21 @@ class VLM:
         twig: str | Path | None = None,
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> VLM:
-        """Load a saved Hugging Face VLM directory (or a named model such as "demo"), and a twig directory if
-        given."""
+        """Load a saved Hugging Face VLM directory, a hub id whose files are cached (or reachable), or a named
+        model such as "demo"; and a twig directory if given. min_pixels / max_pixels: the image size range of a
+        dynamic-resolution family (Qwen-VL), passed to its image processor."""
         vlm = cls(load_model(model, dtype=dtype, device=device))
+        if min_pixels is not None or max_pixels is not None:
+            set_range = getattr(vlm.adapter, "set_pixel_range", None)
+            if set_range is None:
+                raise TwigVLMError(
+                    "min_pixels / max_pixels apply to dynamic-resolution models (Qwen-VL), "
+                    f"not {vlm.adapter.spec.model_type}"
+                )
+            set_range(min_pixels, max_pixels)
         if twig is not None:
             vlm.load_twig(twig)
         return vlm
@@ -105,13 +117,19 @@ class VLM:
         prompt: Prompt,
         image: ImageInput | Sequence[ImageInput] | None = None,
         prune: PruneConfig | str | None = None,
+        video: VideoInput | Sequence[VideoInput] | None = None,
     ) -> Encoded:
-        """Prompt + images → embeddings, positions and the visual-token mask (VisionZip reduces here)."""
+        """Prompt + images (+ videos) → embeddings, positions and the visual-token mask (VisionZip reduces here).
+
+        video: a video file, a folder of frames, a list of PIL images or a `Video` (several in a list of those;
+        `twigvlm.video.load_video` samples a file at a chosen rate first)."""
         prune = _prune_config(prune)
         if prune is not None:
             prune.validate()
         reducer = VisionZip(prune) if prune is not None and prune.method == "visionzip" else None
-        return self.adapter.encode(prompt, load_images(image), reducer=reducer)
+        videos = load_videos(video)
+        self.adapter.check_videos(videos)
+        return self.adapter.encode(prompt, load_images(image), reducer=reducer, videos=videos)
 
     def stream(
         self,
@@ -121,6 +139,7 @@ class VLM:
         prune: PruneConfig | str | None = None,
         speculative: SpecConfig | bool = False,
         twig: Twig | bool = True,
+        video: VideoInput | Sequence[VideoInput] | None = None,
         **kwargs: Any,
     ) -> Generation:
         """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
@@ -128,6 +147,7 @@ class VLM:
         prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip") at the default 11.1% budget.
         speculative: True (or a SpecConfig) drafts with the twig and verifies with the full model (lossless).
         twig: the twig this generation uses: True the current one (`VLM.twig`), False none, or a Twig.
+        video: video input(s) for a family that takes video (see `encode`).
         kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
         """
         cfg = self._gen_config(config, kwargs)
@@ -135,7 +155,7 @@ class VLM:
         spec = SpecConfig() if speculative is True else (speculative or None)
         engine = self.engine_for(twig)
         check_request(cfg, prune, spec, has_twig=engine.twig is not None)  # before the (slow) encoding
-        return Generation(engine, self.encode(prompt, image, prune), cfg, prune, spec)
+        return Generation(engine, self.encode(prompt, image, prune, video), cfg, prune, spec)
 
     def generate(
         self,
@@ -145,10 +165,11 @@ class VLM:
         prune: PruneConfig | str | None = None,
         speculative: SpecConfig | bool = False,
         twig: Twig | bool = True,
+        video: VideoInput | Sequence[VideoInput] | None = None,
         **kwargs: Any,
     ) -> GenerationResult:
         """Generate to the end: text, token ids and statistics (the arguments of `stream`)."""
-        return self.stream(prompt, image, config, prune, speculative, twig, **kwargs).run()
+        return self.stream(prompt, image, config, prune, speculative, twig, video, **kwargs).run()
 
     @staticmethod
     def _gen_config(config: GenConfig | None, kwargs: dict[str, Any]) -> GenConfig:
@@ -164,7 +185,12 @@ def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
 
 
 def load(
-    model: str | Path, twig: str | Path | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    model: str | Path,
+    twig: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> VLM:
-    """Load a Hugging Face VLM directory (and a twig directory) — see `VLM.load`."""
-    return VLM.load(model, twig=twig, dtype=dtype, device=device)
+    """Load a Hugging Face VLM directory or hub id (and a twig directory) — see `VLM.load`."""
+    return VLM.load(model, twig=twig, dtype=dtype, device=device, min_pixels=min_pixels, max_pixels=max_pixels)

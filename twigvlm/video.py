@@ -229,3 +229,13 @@ def _decode_in_order(decoded, keep: list[int], source_fps: float) -> tuple[list[
         if i >= keep[-1]:
             break
     return frames, [i / source_fps for i in keep[: len(frames)]]
+
+
+def load_videos(video: VideoInput | Sequence[VideoInput] | None) -> list[Video]:
+    """The videos of a request: None → none; a `Video`, a file, a folder or a list of frames → one; a list of
+    `Video`s (or of lists of frames) → several, in order."""
+    if video is None:
+        return []
+    if isinstance(video, (list, tuple)) and video and all(isinstance(v, (Video, list, tuple)) for v in video):
+        return [load_video(v) for v in video]
+    return [load_video(video)]
