@@ -337,3 +337,72 @@ def test_pixel_range_reaches_the_processor(qwens, tmp_path):
     assert twigvlm.load(path).encode("what?", picture(1, (64, 64))).num_visual_tokens == 16
     with pytest.raises(TwigVLMError, match="pixel range"):
         twigvlm.load(path, min_pixels=64 * 64, max_pixels=32 * 32)
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+def _write_mp4(path, n: int = 8) -> None:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.asarray(picture(i)), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_cli_tiny_family_then_generate_with_video(tmp_path, capsys):
+    from twigvlm.cli import main
+
+    model, video, kept = tmp_path / "qwen3", tmp_path / "clip.mp4", tmp_path / "kept.png"
+    assert main(["tiny", "--family", "qwen3-vl", "--out", str(model), "--layers", "4"]) == 0
+    _write_mp4(video)
+    picture(1).save(tmp_path / "a.png")
+    args = ["generate", "--model", str(model), "--video", str(video), "--fps", "2", "--max-frames", "3"]
+    args += ["--image", str(tmp_path / "a.png"), "--prompt", "what moves?", "--max-new-tokens", "4", "--json"]
+    args += [
+        "--prune",
+        "fastv",
+        "--prune-layer",
+        "1",
+        "--keep-ratio",
+        "0.5",
+        "--wipe-layer",
+        "4",
+        "--save-kept",
+        str(kept),
+    ]
+    capsys.readouterr()
+    assert main(args) == 0
+    import json
+
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
+    assert stats["visual_tokens"] == 12 + 2 * 12  # the image, and 3 frames → 2 temporal patches of 12 tokens
+    assert Image.open(kept).width > 3 * Image.open(kept).height  # three panels: the image and two frame pairs
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--video", "{tmp}/bad.mp4"], "not a readable video"),
+        (["--video", "{tmp}/empty"], "holds no images"),
+        (["--fps", "2"], "--fps and --max-frames sample a --video"),
+        (["--image", "{tmp}/thin.png"], "image processor cannot take 8×2000"),
+        (["--min-pixels", "4096", "--max-pixels", "1024"], "pixel range"),
+    ],
+)
+def test_cli_bad_video_and_image_inputs_are_one_line(tmp_path, capsys, extra, message):
+    from twigvlm.cli import main
+
+    model = save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2-vl", num_layers=2))
+    (tmp_path / "bad.mp4").write_text("not a video")
+    (tmp_path / "empty").mkdir()
+    Image.new("RGB", (8, 2000)).save(tmp_path / "thin.png")
+    capsys.readouterr()
+    argv = ["generate", "--model", str(model), "--prompt", "hi"] + [a.format(tmp=tmp_path) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -30,6 +30,7 @@ from .config import (
 )
 from .errors import TwigVLMError
 from .paths import output_dir, output_file, twig_output_dir
+from .tiny_qwen import FAMILIES as TINY_QWEN
 from .train import cli as train_cli
 
 EXIT_USAGE = 2
@@ -53,7 +54,11 @@ def _positive_int(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a Hugging Face VLM directory (save_pretrained output)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face VLM directory (save_pretrained output), a hub id whose files are cached, or demo",
+    )
     p.add_argument(
         "--dtype",
         default="float32",
@@ -100,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--twig", default=None, help="a twig directory (from grow or train)")
     gen.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
+    add_video_args(gen)
     gen.add_argument("--prompt", required=True, help="the question or instruction")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=GenConfig.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=GenConfig.temperature, help="0 = greedy (default)")
@@ -139,10 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_draft_args(sp)
     sp.add_argument("--adaptive-draft", action="store_true", help="adapt γ to the recent acceptance")
 
-    t = sub.add_parser("tiny", help="write a tiny random LLaVA (offline) for trying things out")
+    t = sub.add_parser("tiny", help="write a tiny random VLM (offline) for trying things out")
     t.add_argument("--out", required=True)
-    t.add_argument("--backbone", choices=["llama", "mistral", "qwen2"], default="llama")
-    t.add_argument("--tower", choices=["clip", "siglip"], default="clip")
+    t.add_argument("--family", choices=["llava", *TINY_QWEN], default="llava", help="the model family (default: llava)")
+    t.add_argument("--backbone", choices=["llama", "mistral", "qwen2"], default="llama", help="llava only")
+    t.add_argument("--tower", choices=["clip", "siglip"], default="clip", help="llava only")
     t.add_argument("--layers", type=_positive_int, default=6)
     t.add_argument("--seed", type=int, default=0)
 
@@ -151,6 +158,35 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_parsers(sub)
     bench_cli.add_parser(sub)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def add_video_args(p: argparse.ArgumentParser) -> None:
+    """--video with its sampling (--fps, --max-frames) and the dynamic-resolution range (--min/--max-pixels)."""
+    v = p.add_argument_group("video and resolution (Qwen-VL)")
+    v.add_argument("--video", action="append", default=[], help="a video file or a folder of frames (repeatable)")
+    v.add_argument("--fps", type=_positive_float, default=None, help="frames per second to sample (default: all)")
+    v.add_argument("--max-frames", type=_positive_int, default=None, help="at most this many frames per video")
+    v.add_argument("--min-pixels", type=_positive_int, default=None, help="smallest image area the processor keeps")
+    v.add_argument("--max-pixels", type=_positive_int, default=None, help="largest image area the processor keeps")
+
+
+def load_video_args(args: argparse.Namespace) -> list:
+    """The --video inputs, decoded and sampled (before the slow model load)."""
+    from .video import load_video
+
+    if (args.fps is not None or args.max_frames is not None) and not args.video:
+        raise TwigVLMError("--fps and --max-frames sample a --video: give one")
+    return [load_video(v, fps=args.fps, max_frames=args.max_frames) for v in args.video]
 
 
 def add_draft_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -229,11 +265,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_request(cfg, prune, spec, has_twig=args.twig is not None)  # before the slow model load
     if args.save_kept is not None:
         output_file(args.save_kept, "--save-kept")
-    if args.save_kept and not args.image:
-        raise TwigVLMError("--save-kept needs an --image")
-    images = load_images(args.image)  # read images before the (slow) model load
-    vlm = VLM.load(args.model, twig=args.twig, dtype=args.dtype, device=args.device)
-    stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune, speculative=spec or False)
+    if args.save_kept and not (args.image or args.video):
+        raise TwigVLMError("--save-kept needs an --image or a --video")
+    images = load_images(args.image)  # read images and videos before the (slow) model load
+    videos = load_video_args(args)
+    vlm = VLM.load(
+        args.model,
+        twig=args.twig,
+        dtype=args.dtype,
+        device=args.device,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
+    stream = vlm.stream(
+        args.prompt, image=images, config=cfg, prune=prune, speculative=spec or False, video=videos or None
+    )
     if args.json:
         stream.run()
     else:
@@ -243,7 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
     s = stream.result.stats
     if args.save_kept:
-        save_kept_picture(picture_layout(vlm.adapter, images), s.kept_indices, args.save_kept)
+        save_kept_picture(picture_layout(vlm.adapter, images, videos), s.kept_indices, args.save_kept)
     if args.json:
         print(json.dumps(stream.result.to_dict()))
         return
@@ -263,6 +309,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tiny(args: argparse.Namespace) -> None:
     from .tiny import TinySpec, save_tiny_llava
 
+    if args.family != "llava":
+        from .tiny_qwen import TinyQwenSpec, save_tiny_qwen
+
+        out = save_tiny_qwen(
+            output_dir(args.out), TinyQwenSpec(family=args.family, num_layers=args.layers, seed=args.seed)
+        )
+        print(f"wrote a tiny random {args.family} ({args.layers} layers) → {out}")
+        return
     out = save_tiny_llava(
         output_dir(args.out), TinySpec(backbone=args.backbone, tower=args.tower, num_layers=args.layers, seed=args.seed)
     )

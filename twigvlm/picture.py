@@ -1,9 +1,11 @@
-"""The kept-token picture: each image as the model saw it, with pruned patches dimmed, side by side."""
+"""The kept-token picture: each image (and each video frame) as the model saw it, with pruned patches dimmed,
+side by side."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -16,9 +18,18 @@ MIN_SIDE = 336  # small inputs are enlarged (nearest neighbour) so that patches 
 GAP = 8
 
 
-def picture_layout(adapter: VLMAdapter, images: Sequence[Image.Image]) -> list[Layout]:
-    """Each image's layout (`PictureLayout.visual_layout`), or a one-line error for a family without one."""
-    return require(adapter, PictureLayout, "the kept-token picture").visual_layout(images)
+def picture_layout(adapter: VLMAdapter, images: Sequence[Image.Image], videos: Sequence[Any] = ()) -> list[Layout]:
+    """Each image's layout (`PictureLayout.visual_layout`), then each video's as a strip of frames (one panel
+    per temporal patch), or a one-line error for a family without them."""
+    layouts = require(adapter, PictureLayout, "the kept-token picture").visual_layout(images)
+    if videos:
+        video_layout = getattr(adapter, "video_layout", None)
+        if video_layout is None:
+            raise TwigVLMError(
+                f"the kept-token picture of a video needs a video layout, which {type(adapter).__name__} lacks"
+            )
+        layouts += video_layout(videos)
+    return layouts
 
 
 def kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None) -> Image.Image:
@@ -55,7 +66,7 @@ def kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None) -
 def save_kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None, path: str | Path) -> Path:
     path = Path(path)
     if not layout:
-        raise TwigVLMError("--save-kept needs at least one image")
+        raise TwigVLMError("--save-kept needs at least one image or video")
     try:
         kept_picture(layout, kept_indices).save(path, format="PNG")
     except OSError as e:

@@ -304,6 +304,16 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
             layouts.append((img.convert("RGB").resize((w, h), Image.BICUBIC), h // step, w // step, 0))
         return layouts
 
+    def video_layout(self, videos: Sequence[Any]) -> list[Layout]:
+        """One panel per temporal patch of each video (its first frame), with the merged-token grid."""
+        tp = self.processor.image_processor.temporal_patch_size
+        layouts = []
+        for video in videos:
+            frames = list(video.frames)
+            frames += frames[-1:] * (-len(frames) % tp)
+            layouts += self.visual_layout(frames[::tp])
+        return layouts
+
     # ---- the decoder ----------------------------------------------------------------------------------------
     @property
     def layers(self) -> Sequence[nn.Module]:
