@@ -406,3 +406,30 @@ def test_cli_bad_video_and_image_inputs_are_one_line(tmp_path, capsys, extra, me
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_grow_train_and_bench_on_qwen(qwens, tmp_path, capsys):
+    # The whole command-line path on a saved Qwen2.5-VL: train a twig from LLaVA-format data, then bench every
+    # method against stock generate; the lossless methods are reported identical to their references.
+    import json
+
+    from twigvlm.cli import main
+
+    from .conftest import write_llava_data
+
+    model = save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2.5-vl", num_layers=4))
+    data = write_llava_data(tmp_path / "data", 4)
+    twig = tmp_path / "twig"
+    assert main(["train", "--model", str(model), "--data", data, "--out", str(twig), "--K", "1", "--T", "2"]) == 0
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(model), "--twig", str(twig), "--tasks", "easyvqa", "--limit", "2"]
+    argv += ["--max-new-tokens", "5", "--keep-ratio", "0.5", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "`visionzip` did not run: VisionZip needs" in printed
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert set(summary) == {"hf", "ar", "fastv", "twig", "ssd", "twig+ssd"} and "visionzip" in results["unsupported"]
+    assert summary["ssd"]["same_as"] == "ar" and summary["ssd"]["mismatches"] == 0  # lossless on every sample
+    assert summary["twig+ssd"]["same_as"] == "twig" and summary["twig+ssd"]["mismatches"] == 0
