@@ -20,6 +20,11 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _files(questions: Path, images: Path, answers: Path) -> dict[str, Path]:
+    """The three paths of a task `NAME=QUESTIONS,IMAGE_FOLDER,ANSWERS`."""
+    return {"questions": questions, "images": images, "answers": answers}
+
+
 SHORT = "\nAnswer the question using a single word or phrase."
 
 
@@ -45,7 +50,7 @@ def pope(root: Path) -> dict[str, Path]:
         )
     for category, rows in labels.items():
         _jsonl(coco / f"coco_pope_{category}.json", rows)
-    return {"questions": _jsonl(root / "llava_pope_test.jsonl", questions), "images": images, "answers": coco}
+    return _files(_jsonl(root / "llava_pope_test.jsonl", questions), images, coco)
 
 
 def gqa(root: Path) -> dict[str, Path]:
@@ -71,11 +76,9 @@ def gqa(root: Path) -> dict[str, Path]:
     questions = [
         {"question_id": qid, "image": g["imageId"] + ".jpg", "text": g["question"] + SHORT} for qid, g in gold.items()
     ]
-    return {
-        "questions": _jsonl(root / "llava_gqa_testdev_balanced.jsonl", questions),
-        "images": images,
-        "answers": root / "testdev_balanced_questions.json",
-    }
+    return _files(
+        _jsonl(root / "llava_gqa_testdev_balanced.jsonl", questions), images, root / "testdev_balanced_questions.json"
+    )
 
 
 def textvqa(root: Path) -> dict[str, Path]:
@@ -99,11 +102,7 @@ def textvqa(root: Path) -> dict[str, Path]:
         }
         for d in data
     ]
-    return {
-        "questions": _jsonl(root / "llava_textvqa_val_v051_ocr.jsonl", questions),
-        "images": images,
-        "answers": root / "TextVQA_0.5.1_val.json",
-    }
+    return _files(_jsonl(root / "llava_textvqa_val_v051_ocr.jsonl", questions), images, root / "TextVQA_0.5.1_val.json")
 
 
 def vqav2(root: Path) -> dict[str, Path]:
@@ -127,7 +126,7 @@ def vqav2(root: Path) -> dict[str, Path]:
     ]
     (root / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": questions}))
     (root / "a.json").write_text(json.dumps({"annotations": annotations}))
-    return {"questions": root / "q.json", "images": images, "answers": root / "a.json"}
+    return _files(root / "q.json", images, root / "a.json")
 
 
 def scienceqa(root: Path) -> dict[str, Path]:
@@ -170,7 +169,7 @@ def scienceqa(root: Path) -> dict[str, Path]:
         records.append(record)
     (root / "problems.json").write_text(json.dumps(problems))
     (root / "llava_test_CQM-A.json").write_text(json.dumps(records))
-    return {"questions": root / "llava_test_CQM-A.json", "images": images, "answers": root / "problems.json"}
+    return _files(root / "llava_test_CQM-A.json", images, root / "problems.json")
 
 
 MME_QA = {  # category → image → [(question, answer)]; artwork in the images/ + questions_answers_YN/ layout

@@ -271,3 +271,43 @@ def test_paper_table_layout_and_relacc():
     assert table[0] == "| method | POPE | MME | RelAcc |"
     assert table[2] == "| hf | 80.0 | 1500.0 | 100.0% |"
     assert table[3] == "| twig | 76.0 | 1200.0 | 87.5% |"  # mean(0.95, 0.80)
+
+
+# ---- end to end: `twigvlm bench` on native files ---------------------------------------------------------------
+def test_bench_on_native_files_prints_the_paper_table(model_dirs, tmp_path, capsys):
+    import json
+
+    from twigvlm.bench.benchmarks import pope
+    from twigvlm.cli import main
+
+    files = bf.pope(tmp_path / "pope")
+    tsv = bf.mmbench(tmp_path)
+    out = tmp_path / "out"
+    spec = f"pope={files['questions']},{files['images']},{files['answers']};mme={bf.mme(tmp_path)};mmbench={tsv}"
+    argv = ["bench", "--model", model_dirs["llama-clip"], "--methods", "hf,ar", "--tasks", spec, "--circular"]
+    assert main(argv + ["--limit", "2", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| method | POPE | MME | MMB | RelAcc |" in printed
+    results = json.loads((out / "results.json").read_text())
+    own = results["summary"]["ar"]["benchmarks"]
+    assert set(own) == {"pope", "mme", "mmbench"} and own["mmbench"]["circular"] and own["mmbench"]["questions"] == 2
+    # the reported POPE metrics are POPE's own, recomputed here from the predictions in samples.jsonl
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    texts = {r["sample"]: r["text"] for r in rows if r["variant"] == "ar" and r["task"] == "pope"}
+    samples = _load("pope", files, limit=2)
+    assert own["pope"] == pope.metrics(samples, [texts[s.id] for s in samples])
+    assert results["summary"]["ar"]["accuracy"]["pope"] == own["pope"]["f1"]
+    assert results["summary"]["ar"]["accuracy"]["mme"] == own["mme"]["score"]
+
+
+def test_bench_native_file_errors_exit_2_and_write_nothing(model_dirs, tmp_path, capsys):
+    from twigvlm.cli import main
+
+    files = bf.gqa(tmp_path)
+    files["answers"].write_text('{"201": {"question": "q"}}')
+    out = tmp_path / "out"
+    spec = f"gqa={files['questions']},{files['images']},{files['answers']}"
+    assert main(["bench", "--model", model_dirs["llama-clip"], "--tasks", spec, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "testdev_balanced_questions.json question 201: needs 'answer' (text)" in err and err.count("\n") == 1
+    assert not out.exists()

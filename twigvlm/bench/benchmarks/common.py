@@ -5,8 +5,9 @@ the file, the record and what is wrong."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,11 @@ def llava_questions(path: Path, keys: tuple[str, ...] = ("question_id", "image",
     return rows
 
 
+def question_rows(path: Path) -> list[tuple[str, str, str, str]]:
+    """(where, question id, prompt, image) of each line of LLaVA's question JSONL."""
+    return [(f"line {n}", str(r["question_id"]), str(r["text"]), str(r["image"])) for n, r in llava_questions(path)]
+
+
 def image_loader(folder: Path, name: str, path: Path, where: str) -> Callable:
     """A lazy loader for `folder/name`, checked to exist now."""
     file = folder / name
@@ -111,6 +117,19 @@ def first_line(text: str) -> str:
 def check_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise TwigVLMError(f"image folder {folder} does not exist")
+
+
+def take(files: TaskFiles, samples: Iterable[Sample], what: str = "questions") -> list[Sample]:
+    """The first `files.limit` samples (all without a limit); none at all is an error."""
+    out = list(islice(samples, files.limit)) if files.limit is not None else list(samples)
+    if not out:
+        raise TwigVLMError(f"{files.questions} has no {what}")
+    return out
+
+
+def accuracy(samples: list[Sample], predictions: list[str]) -> float:
+    """The mean per-sample score."""
+    return mean([s.score(text) for s, text in zip(samples, predictions, strict=True)])
 
 
 def mean(values: list[float]) -> float:

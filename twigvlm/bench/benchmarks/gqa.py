@@ -9,21 +9,22 @@ semantic question type where the file records them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from ...errors import TwigVLMError
 from ..tasks import Sample
 from .common import (
     SHORT_ANSWER,
     Benchmark,
     TaskFiles,
+    accuracy,
     accuracy_by,
     check_folder,
     fail,
     image_loader,
-    llava_questions,
-    mean,
+    question_rows,
     read_json,
+    take,
 )
 
 
@@ -51,40 +52,34 @@ def _questions(files: TaskFiles) -> list[tuple[str, str, str, str]]:
                 raise fail(files.questions, f"question {qid}", "needs 'question' and 'imageId'")
             out.append((f"question {qid}", qid, record["question"] + SHORT_ANSWER, record["imageId"] + ".jpg"))
         return out
-    rows = llava_questions(files.questions)
-    return [(f"line {n}", str(r["question_id"]), str(r["text"]), str(r["image"])) for n, r in rows]
+    return question_rows(files.questions)
 
 
 def load(files: TaskFiles) -> list[Sample]:
     check_folder(files.images)
-    gold = _gold(files.answers)
-    samples = []
+    return take(files, _samples(files, _gold(files.answers)))
+
+
+def _samples(files: TaskFiles, gold: dict[str, dict]) -> Iterator[Sample]:
     for where, qid, prompt, image in _questions(files):
         if qid not in gold:
             raise fail(files.questions, where, f"question {qid} has no answer in {files.answers}")
         answer = gold[qid]["answer"]
         types = gold[qid].get("types") if isinstance(gold[qid].get("types"), dict) else {}
-        samples.append(
-            Sample(
-                files.name,
-                qid,
-                prompt,
-                image_loader(files.images, image, files.questions, where),
-                [answer],
-                score=lambda text, answer=answer: float(gqa_answer(text) == answer),
-                benchmark="gqa",
-                meta={"structural": types.get("structural"), "semantic": types.get("semantic")},
-            )
+        yield Sample(
+            files.name,
+            qid,
+            prompt,
+            image_loader(files.images, image, files.questions, where),
+            [answer],
+            score=lambda text, answer=answer: float(gqa_answer(text) == answer),
+            benchmark="gqa",
+            meta={"structural": types.get("structural"), "semantic": types.get("semantic")},
         )
-        if files.limit is not None and len(samples) >= files.limit:
-            break
-    if not samples:
-        raise TwigVLMError(f"{files.questions} has no questions")
-    return samples
 
 
 def metrics(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"accuracy": mean([s.score(t) for s, t in zip(samples, predictions, strict=True)])}
+    out: dict[str, Any] = {"accuracy": accuracy(samples, predictions)}
     for key in ("structural", "semantic"):
         if any(s.meta[key] is not None for s in samples):
             out[key] = accuracy_by(samples, predictions, key)

@@ -10,6 +10,7 @@ mean F1 over the categories (the number LLaVA-1.5 and the TwigVLM paper report).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .common import (
     llava_questions,
     mean,
     read_jsonl,
+    take,
 )
 from .normalize import pope_yes_no
 
@@ -62,7 +64,10 @@ def _labels(file: Path) -> dict[tuple[str, str], str]:
 def load(files: TaskFiles) -> list[Sample]:
     check_folder(files.images)
     labels = {category: _labels(file) for category, file in annotation_files(files.answers).items()}
-    samples = []
+    return take(files, _samples(files, labels), f"question of the categories {', '.join(labels)}")
+
+
+def _samples(files: TaskFiles, labels: dict[str, dict[tuple[str, str], str]]) -> Iterator[Sample]:
     for n, row in llava_questions(files.questions, ("question_id", "image", "text", "category")):
         category = str(row["category"])
         if category not in labels:
@@ -75,24 +80,16 @@ def load(files: TaskFiles) -> list[Sample]:
                 f"question {row['question_id']} ({key[0]}: {key[1]!r}) is not in {PREFIX}{category}{SUFFIX}",
             )
         label = labels[category][key]
-        loader = image_loader(files.images, key[0], files.questions, f"line {n}")
-        samples.append(
-            Sample(
-                files.name,
-                str(row["question_id"]),
-                str(row["text"]),
-                loader,
-                [label],
-                score=lambda text, label=label: float(pope_yes_no(text) == label),
-                benchmark="pope",
-                meta={"category": category, "label": label},
-            )
+        yield Sample(
+            files.name,
+            str(row["question_id"]),
+            str(row["text"]),
+            image_loader(files.images, key[0], files.questions, f"line {n}"),
+            [label],
+            score=lambda text, label=label: float(pope_yes_no(text) == label),
+            benchmark="pope",
+            meta={"category": category, "label": label},
         )
-        if files.limit is not None and len(samples) >= files.limit:
-            break
-    if not samples:
-        raise TwigVLMError(f"{files.questions} has no question of the categories {', '.join(labels)}")
-    return samples
 
 
 def counts(pairs: list[tuple[Sample, str]]) -> dict[str, float]:

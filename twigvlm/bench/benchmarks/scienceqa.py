@@ -10,21 +10,21 @@ choices directly.". The letter is read as LLaVA's `eval_science_qa.py` reads it 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ...errors import TwigVLMError
 from ..tasks import Sample
 from .common import (
     LETTER_ANSWER,
     Benchmark,
     TaskFiles,
+    accuracy,
     accuracy_by,
     check_folder,
     fail,
     image_loader,
-    mean,
     read_json,
+    take,
 )
 from .normalize import sqa_letter
 
@@ -53,11 +53,13 @@ def _scorer(letter: str, num_choices: int) -> Callable[[str], float]:
 
 def load(files: TaskFiles) -> list[Sample]:
     check_folder(files.images)
-    problems = _problems(files.answers)
     records = read_json(files.questions)
     if not isinstance(records, list):
         raise fail(files.questions, "", "needs LLaVA's ScienceQA question file: a JSON list (llava_test_CQM-A.json)")
-    samples = []
+    return take(files, _samples(files, _problems(files.answers), records), "question with an image (ScienceQA-IMG)")
+
+
+def _samples(files: TaskFiles, problems: dict[str, dict], records: list) -> Iterator[Sample]:
     for i, record in enumerate(records):
         where = f"record {i + 1}"
         turns = record.get("conversations") if isinstance(record, dict) else None
@@ -69,31 +71,23 @@ def load(files: TaskFiles) -> list[Sample]:
         if pid not in problems:
             raise fail(files.questions, where, f"problem {pid} is not in {files.answers}")
         choices, answer = _problem(files.answers, pid, problems[pid])
-        prompt = str(turns[0].get("value", "")).replace("<image>", "").strip() + LETTER_ANSWER
         letter = LETTERS[answer]
-        samples.append(
-            Sample(
-                files.name,
-                pid,
-                prompt,
-                image_loader(files.images, str(record["image"]), files.questions, where),
-                [letter],
-                score=_scorer(letter, len(choices)),
-                max_new_tokens=8,
-                benchmark="scienceqa",
-                meta={"subject": problems[pid].get("subject")},
-            )
+        yield Sample(
+            files.name,
+            pid,
+            str(turns[0].get("value", "")).replace("<image>", "").strip() + LETTER_ANSWER,
+            image_loader(files.images, str(record["image"]), files.questions, where),
+            [letter],
+            score=_scorer(letter, len(choices)),
+            max_new_tokens=8,
+            benchmark="scienceqa",
+            meta={"subject": problems[pid].get("subject")},
         )
-        if files.limit is not None and len(samples) >= files.limit:
-            break
-    if not samples:
-        raise TwigVLMError(f"{files.questions} has no question with an image (ScienceQA-IMG)")
-    return samples
 
 
 def metrics(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
     return {
-        "accuracy": mean([s.score(t) for s, t in zip(samples, predictions, strict=True)]),
+        "accuracy": accuracy(samples, predictions),
         "subjects": accuracy_by(samples, predictions, "subject"),
     }
 

@@ -18,23 +18,24 @@ type (yes/no, number, other).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ...errors import TwigVLMError
 from ..tasks import Sample
 from .common import (
     SHORT_ANSWER,
     Benchmark,
     TaskFiles,
+    accuracy,
     accuracy_by,
     check_folder,
     fail,
     image_loader,
     is_jsonl,
-    llava_questions,
-    mean,
+    question_rows,
     read_json,
+    take,
 )
 from .normalize import vqa_accuracy, vqa_clean, vqa_normalize
 
@@ -74,37 +75,32 @@ def load_textvqa(files: TaskFiles) -> list[Sample]:
         answers = _answer_list(files.answers, f"data[{i}]", record.get("answers"))
         gold[(record["image_id"], record["question"].lower())] = [vqa_normalize(a) for a in answers]
     if is_jsonl(files.questions):
-        rows = llava_questions(files.questions)
-        questions = [(f"line {n}", str(r["question_id"]), str(r["text"]), str(r["image"])) for n, r in rows]
+        questions = question_rows(files.questions)
     else:  # TextVQA's own file: LLaVA's short-answer prompt, without OCR tokens
         questions = [
             (f"data[{i}]", r["image_id"], r["question"].capitalize() + SHORT_ANSWER, r["image_id"] + ".jpg")
             for i, r in _textvqa_data(files.questions)
         ]
-    samples = []
-    for where, image_id, prompt, image in questions:
+    return take(files, _textvqa_samples(files, gold, questions))
+
+
+def _textvqa_samples(files: TaskFiles, gold: dict, questions: list[tuple[str, str, str, str]]) -> Iterator[Sample]:
+    for n, (where, image_id, prompt, image) in enumerate(questions):
         key = (image_id, textvqa_question(prompt))
         if key not in gold:
             key = (Path(image).stem, key[1])
         if key not in gold:
             raise fail(files.questions, where, f"question {key[1]!r} of image {image_id} is not in {files.answers}")
         answers = gold[key]
-        samples.append(
-            Sample(
-                files.name,
-                f"{image_id}/{len(samples)}",
-                prompt,
-                image_loader(files.images, image, files.questions, where),
-                answers,
-                score=lambda text, answers=answers: vqa_accuracy(vqa_normalize(text), answers),
-                benchmark="textvqa",
-            )
+        yield Sample(
+            files.name,
+            f"{image_id}/{n}",
+            prompt,
+            image_loader(files.images, image, files.questions, where),
+            answers,
+            score=lambda text, answers=answers: vqa_accuracy(vqa_normalize(text), answers),
+            benchmark="textvqa",
         )
-        if files.limit is not None and len(samples) >= files.limit:
-            break
-    if not samples:
-        raise TwigVLMError(f"{files.questions} has no questions")
-    return samples
 
 
 # ---- VQAv2 ----------------------------------------------------------------------------------------------------
@@ -143,37 +139,29 @@ def load_vqav2(files: TaskFiles) -> list[Sample]:
             raise fail(files.answers, f"annotations[{i}]", "needs 'question_id' and 'answers'")
         answers = _answer_list(files.answers, f"annotations[{i}]", ann.get("answers"))
         gold[str(ann["question_id"])] = (answers, str(ann.get("answer_type")))
-    if is_jsonl(files.questions):
-        rows = llava_questions(files.questions)
-        questions = [(f"line {n}", str(r["question_id"]), str(r["text"]), str(r["image"])) for n, r in rows]
-    else:
-        questions = _official_questions(files.questions)
-    samples = []
+    questions = question_rows(files.questions) if is_jsonl(files.questions) else _official_questions(files.questions)
+    return take(files, _vqav2_samples(files, gold, questions))
+
+
+def _vqav2_samples(files: TaskFiles, gold: dict, questions: list[tuple[str, str, str, str]]) -> Iterator[Sample]:
     for where, qid, prompt, image in questions:
         if qid not in gold:
             raise fail(files.questions, where, f"question {qid} has no annotation in {files.answers}")
         answers, answer_type = gold[qid]
-        samples.append(
-            Sample(
-                files.name,
-                qid,
-                prompt,
-                image_loader(files.images, image, files.questions, where),
-                answers,
-                score=lambda text, answers=answers: vqav2_score(text, answers),
-                benchmark="vqav2",
-                meta={"answer_type": answer_type},
-            )
+        yield Sample(
+            files.name,
+            qid,
+            prompt,
+            image_loader(files.images, image, files.questions, where),
+            answers,
+            score=lambda text, answers=answers: vqav2_score(text, answers),
+            benchmark="vqav2",
+            meta={"answer_type": answer_type},
         )
-        if files.limit is not None and len(samples) >= files.limit:
-            break
-    if not samples:
-        raise TwigVLMError(f"{files.questions} has no questions")
-    return samples
 
 
 def metrics(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"accuracy": mean([s.score(t) for s, t in zip(samples, predictions, strict=True)])}
+    out: dict[str, Any] = {"accuracy": accuracy(samples, predictions)}
     if any("answer_type" in s.meta for s in samples):
         out["answer_types"] = accuracy_by(samples, predictions, "answer_type")
     return out
