@@ -257,6 +257,14 @@ def test_malformed_native_files_name_file_and_record(tmp_path):
     tsv.write_text(tsv.read_text().replace("\tB\tobject_localization", "\tE\tobject_localization"))
     with pytest.raises(TwigVLMError, match=r"mmbench_dev_20230712.tsv line 2: needs options A, B, \.\.\. and 'answer'"):
         load_benchmark("mmbench", [str(tsv)])
+    tvqa = bf.textvqa(tmp_path / "tvqa")
+    tvqa["answers"].write_text(tvqa["answers"].read_text().replace('"answers": ["red"', '"answers": [3, "red"'))
+    with pytest.raises(TwigVLMError, match=r"TextVQA_0.5.1_val.json data\[1\]: needs 'answers'"):
+        _load("textvqa", tvqa)
+    vqa = bf.vqav2(tmp_path / "vqa")
+    vqa["answers"].write_text(vqa["answers"].read_text().replace('"question_id": 13', '"question_id": 14'))
+    with pytest.raises(TwigVLMError, match=r"q.json questions\[2\]: question 13 has no annotation in .*a.json"):
+        _load("vqav2", vqa)
     with pytest.raises(TwigVLMError, match="write pope=QUESTIONS,IMAGE_FOLDER,ANSWERS$"):
         load_benchmark("pope", [str(files["questions"])])
 
