@@ -156,11 +156,11 @@ def scienceqa(root: Path) -> dict[str, Path]:
     }
     records = []
     for pid, p in problems.items():
-        options = " ".join(f"({'ABCDE'[i]}) {c}" for i, c in enumerate(p["choices"]))
-        value = f"Question: {p['question']}\nContext: N/A\nOptions: {options}"
+        options = "".join(f"\n{'ABCDE'[i]}. {c}" for i, c in enumerate(p["choices"]))
+        value = f"Context: N/A\n{p['question']}{options}"
         record = {
             "id": pid,
-            "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "The answer is A."}],
+            "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "ABCDE"[p["answer"]]}],
         }
         if p["image"]:
             _image(images, f"{pid}/image.png", 40 + int(pid))
