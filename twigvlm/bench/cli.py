@@ -30,8 +30,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument(
         "--tasks",
         default="easyvqa,scenes,describe",
-        help="comma-separated: easyvqa, scenes, describe, or NAME=QUESTIONS.jsonl,IMAGES,ANSWERS.jsonl "
-        "(separate several file tasks with ';')",
+        help="comma-separated: easyvqa, scenes, describe, or NAME=QUESTIONS,IMAGES,ANSWERS, where a NAME of "
+        "pope, gqa, textvqa, vqav2, scienceqa, mme, mmbench reads the benchmark's own files (mme=FOLDER, "
+        "mmbench=FILE.tsv) and any other NAME the LLaVA question format (separate several file tasks with ';')",
     )
     b.add_argument(
         "--methods",
@@ -45,7 +46,14 @@ def add_parser(sub) -> None:  # noqa: ANN001
         choices=("none", *ABLATIONS),
         help=ablation_help(),
     )
-    b.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
+    b.add_argument(
+        "--limit", type=int, default=20, help="samples per task (default 20; MME: whole images, MMBench: questions)"
+    )
+    b.add_argument(
+        "--circular",
+        action="store_true",
+        help="MMBench's circular evaluation: each question once per rotation of its options, right only if all are",
+    )
     b.add_argument(
         "--keep-ratio",
         type=float,
@@ -152,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ..config import TwigConfig
     from ..twig import grow_twig
     from .harness import check_variants, run_bench, summarize
-    from .report import markdown, write_outputs
+    from .report import markdown, paper_table, write_outputs
     from .tasks import parse_task_spec
 
     if args.limit < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
@@ -169,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     specs = [s for part in args.tasks.split(";") for s in (part.split(",") if "=" not in part else [part]) if s]
     tasks = {}
     for spec in specs:
-        samples = parse_task_spec(spec.strip(), args.limit, args.split)
+        samples = parse_task_spec(spec.strip(), args.limit, args.split, args.circular)
         if args.seed:
             random.Random(args.seed).shuffle(samples)
         if args.max_new_tokens is not None:
@@ -185,8 +193,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         loaded[UNTRAINED] = grow_twig(vlm.adapter, TwigConfig(K=twig.config.K, T=twig.config.T))
     check_variants(vlm, tasks, chosen, loaded)  # the flags against this model, before any sample runs
     rows, unsupported = run_bench(vlm, tasks, chosen, twigs=loaded)
-    summary = summarize(rows, chosen)
+    summary = summarize(rows, chosen, tasks)
     table = markdown(summary, list(tasks), unsupported)
+    native = {task: samples[0].benchmark for task, samples in tasks.items() if samples[0].benchmark}
+    if native:
+        table += "\n\n" + paper_table(summary, native)
     print(table)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["variants"] = [

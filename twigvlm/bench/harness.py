@@ -3,9 +3,10 @@
 Methods run sample by sample in a rotating order (A B C, B C A, ...), so slow drifts of a shared machine hit all
 of them alike. Speed is compared per sample: RelSpd is the median over samples of a method's tokens/s divided by
 `hf`'s on the same sample (min and max given too); RelAcc is the mean over tasks of a method's score divided by
-`hf`'s. Lossless pairs (ssd ≡ ar, twig+ssd ≡ twig, ar ≡ hf) are checked token for token and mismatches counted.
-Peak memory is measured afterwards in a pass of its own (each variant once on each task's first sample), since
-the measurement changes how the allocator behaves.
+`hf`'s (a native benchmark's score is its own headline metric: POPE's F1, MME's score, an accuracy elsewhere).
+Lossless pairs (ssd ≡ ar, twig+ssd ≡ twig, ar ≡ hf) are checked token for token and mismatches counted. Peak memory
+is measured afterwards in a pass of its own (each variant once on each task's first sample), since the
+measurement changes how the allocator behaves.
 """
 
 from __future__ import annotations
@@ -130,25 +131,49 @@ def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     return out
 
 
-def summarize(rows: list[dict[str, Any]], variants: list[Variant]) -> dict[str, Any]:
-    """Accuracy per task, RelAcc, RelSpd, tokens/s, acceptance and lossless-pair mismatches, per variant."""
+def native_metrics(rows: list[dict[str, Any]], samples: list[Sample]) -> dict[str, Any]:
+    """A native benchmark's own metrics for one variant's rows on one task (`benchmarks.benchmark_metrics`)."""
+    from .benchmarks import benchmark_metrics
+
+    text = {r["sample"]: r["text"] for r in rows}
+    return benchmark_metrics(samples, [text[s.id] for s in samples])
+
+
+def summarize(
+    rows: list[dict[str, Any]], variants: list[Variant], samples: dict[str, list[Sample]] | None = None
+) -> dict[str, Any]:
+    """Accuracy per task, RelAcc, RelSpd, tokens/s, acceptance and lossless-pair mismatches, per variant.
+
+    samples: the tasks' samples; a native benchmark's task (`Sample.benchmark`) is then scored by its own metrics
+    (kept under "benchmarks"), and its accuracy — what RelAcc divides — is their headline (POPE's F1, MME's score).
+    """
+    from .benchmarks import headline
+
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     cells = _by(rows, "variant", "task")
     per_sample = {(r["variant"], r["task"], r["sample"]): r for r in rows}
     names = [v.name for v in variants if any(r["variant"] == v.name for r in rows)]
     by_name = {v.name: v for v in variants}
+    native = {t: s for t, s in (samples or {}).items() if s and s[0].benchmark is not None and t in tasks}
+    own = {(n, t): native_metrics(cells[(n, t)], native[t]) for (n, t) in cells if t in native}
+    accuracy = {
+        key: headline(native[key[1]], own[key]) if key in own else statistics.fmean(r["score"] for r in cell)
+        for key, cell in cells.items()
+    }
     summary: dict[str, Any] = {}
     for name in names:
         mine = [r for r in rows if r["variant"] == name]
-        acc = {t: statistics.fmean(r["score"] for r in cells[(name, t)]) for t in tasks if (name, t) in cells}
+        acc = {t: accuracy[(name, t)] for t in tasks if (name, t) in cells}
         entry: dict[str, Any] = {
             "accuracy": acc,
             "tokens_per_s": _spread([r["tokens_per_s"] for r in mine]),
             "new_tokens": sum(r["new_tokens"] for r in mine),
         }
+        if any((name, t) in own for t in acc):
+            entry["benchmarks"] = {t: own[(name, t)] for t in acc if (name, t) in own}
         base_ok = all((BASELINE, t) in cells for t in acc)
         if base_ok and name != BASELINE:
-            base = {t: statistics.fmean(r["score"] for r in cells[(BASELINE, t)]) for t in acc}
+            base = {t: accuracy[(BASELINE, t)] for t in acc}
             rel = [acc[t] / base[t] for t in acc if base[t] > 0]
             entry["rel_acc"] = statistics.fmean(rel) if rel else None
             ratios = [r["tokens_per_s"] / per_sample[(BASELINE, r["task"], r["sample"])]["tokens_per_s"] for r in mine]

@@ -53,6 +53,36 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
     return "\n".join(lines)
 
 
+def paper_table(summary: dict[str, Any], benchmarks: dict[str, str], baseline: str = "hf") -> str:
+    """The paper's main-table layout: one column per benchmark (its headline metric, ×100 except MME's score),
+    then RelAcc — the mean over these columns of the method's number ÷ the baseline's, in % (columns where the
+    baseline scores 0 are left out of it, as in `harness.summarize`).
+    benchmarks: task name → benchmark name (`benchmarks.BENCHMARKS`), for the tasks that are native benchmarks."""
+    from .benchmarks import BENCHMARKS
+
+    order = list(BENCHMARKS)
+    tasks = sorted(benchmarks, key=lambda t: order.index(benchmarks[t]))
+    head = ["method", *(BENCHMARKS[benchmarks[t]].column for t in tasks), "RelAcc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = summary.get(baseline, {}).get("accuracy", {})
+    for name, e in summary.items():
+        cells = [name]
+        for t in tasks:
+            value = e["accuracy"].get(t)
+            scale = 100 if BENCHMARKS[benchmarks[t]].percent else 1
+            cells.append(_f(None if value is None else value * scale, "{:.1f}"))
+        ratios = [e["accuracy"][t] / base[t] for t in tasks if t in e["accuracy"] and base.get(t)]
+        cells.append(f"{100 * sum(ratios) / len(ratios):.1f}%" if ratios else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\nEach column is the benchmark's own headline metric: accuracy (%) for VQAv2, GQA, SQA-IMG, TextVQA and "
+        "MMB (circular with --circular), POPE's F1 (%, mean over its categories), MME's score (perception + "
+        "cognition). RelAcc: the mean over the columns (where the baseline scores above 0) of the method's number ÷ "
+        "the baseline's."
+    )
+    return "\n".join(lines)
+
+
 def _f(value: float | None, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 

@@ -3,8 +3,9 @@
 Built in: `easyvqa` (easy-VQA test, exact match), `scenes` (scene short questions, exact match) and `describe`
 (scene descriptions, object F1 against the scene itself). From files: a question JSONL (`question_id`, `image`,
 `text`), an image folder and an answers file (JSONL or JSON list of `question_id` with `answer` or `answers`),
-scored by VQA-style normalized exact match against any of the answers. A malformed line is an error naming the
-file and the line.
+scored by VQA-style normalized exact match against any of the answers; a task named after a benchmark (pope,
+gqa, textvqa, vqav2, scienceqa, mme, mmbench) reads that benchmark's own files instead (`benchmarks/`). A
+malformed line is an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Sample:
     answers: list[str]
     score: Callable[[str], float] = field(repr=False, default=None)  # type: ignore[assignment]
     max_new_tokens: int = SHORT_MAX_NEW_TOKENS
+    benchmark: str | None = None  # a native benchmark (`benchmarks.BENCHMARKS`) computes the task's metrics
+    meta: dict[str, Any] = field(default_factory=dict)  # what its metrics group by (category, label, ...)
 
     def __post_init__(self) -> None:
         if self.score is None:
@@ -146,12 +149,17 @@ def from_files(
     return samples
 
 
-def parse_task_spec(spec: str, limit: int | None, split: str = "test") -> list[Sample]:
-    """`easyvqa` | `scenes` | `describe` | `NAME=QUESTIONS.jsonl,IMAGE_FOLDER,ANSWERS.jsonl`."""
+def parse_task_spec(spec: str, limit: int | None, split: str = "test", circular: bool = False) -> list[Sample]:
+    """`easyvqa` | `scenes` | `describe` | `NAME=QUESTIONS.jsonl,IMAGE_FOLDER,ANSWERS.jsonl`; a NAME of
+    `benchmarks.BENCHMARKS` (pope, gqa, textvqa, vqav2, scienceqa, mme, mmbench) reads that benchmark's own files."""
+    from .benchmarks import BENCHMARKS, load_benchmark
+
     if "=" not in spec:
         return builtin(spec, limit if limit is not None else 100, split)
     name, _, files = spec.partition("=")
     parts = files.split(",")
+    if name in BENCHMARKS:
+        return load_benchmark(name, parts, limit, circular)
     if len(parts) != 3 or not name:
         raise TwigVLMError(f"task {spec!r}: write NAME=QUESTIONS.jsonl,IMAGE_FOLDER,ANSWERS.jsonl")
     return from_files(name, *parts, limit=limit)
