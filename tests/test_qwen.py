@@ -433,3 +433,84 @@ def test_cli_grow_train_and_bench_on_qwen(qwens, tmp_path, capsys):
     assert set(summary) == {"hf", "ar", "fastv", "twig", "ssd", "twig+ssd"} and "visionzip" in results["unsupported"]
     assert summary["ssd"]["same_as"] == "ar" and summary["ssd"]["mismatches"] == 0  # lossless on every sample
     assert summary["twig+ssd"]["same_as"] == "twig" and summary["twig+ssd"]["mismatches"] == 0
+
+
+def _video_data(folder) -> str:
+    """LLaVA-format data with a video record (a folder of frames), an image record and a video + image one."""
+    import json
+
+    for v in ("v0", "v1"):
+        (folder / v).mkdir(parents=True)
+        for i in range(3):
+            picture(ord(v[1]) * 10 + i).save(folder / v / f"frame{i + 1}.png")
+    picture(7, (64, 64)).save(folder / "a.png")
+    records = [
+        {
+            "id": "v",
+            "video": "v0",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat moves?"},
+                {"from": "gpt", "value": "A square."},
+            ],
+        },
+        {
+            "id": "i",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "What color?"}, {"from": "gpt", "value": "Red."}],
+        },
+        {
+            "id": "vi",
+            "video": "v1",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\n<video>\nSame?"}, {"from": "gpt", "value": "No."}],
+        },
+    ]
+    (folder / "data.json").write_text(json.dumps(records))
+    return str(folder / "data.json")
+
+
+def test_training_reads_video_records_and_matches_the_stock_loss(qwen, tmp_path):
+    from twigvlm.config import TwigConfig
+    from twigvlm.train.config import DataConfig
+    from twigvlm.train.data import Collator, LlavaDataset, pad_token_id
+    from twigvlm.train.objective import TwigObjective
+    from twigvlm.twig import grow_twig
+
+    path = _video_data(tmp_path)
+    ds = LlavaDataset(path, qwen.adapter, DataConfig(data=path, video_fps=None))
+    examples = [ds[i] for i in range(3)]
+    assert "pixel_values_videos" in examples[0]["pixel_values"] and "image_grid_thw" in examples[1]["pixel_values"]
+    assert {"pixel_values_videos", "pixel_values"} <= set(examples[2]["pixel_values"])
+    batch = Collator(pad_token_id(qwen.adapter))(examples)
+    assert batch["pixel_values"]["video_grid_thw"].tolist() == [[2, 6, 8], [2, 6, 8]]  # 3 frames → 2 patches
+    L = qwen.adapter.spec.num_layers
+    obj = TwigObjective(qwen.adapter, grow_twig(qwen.adapter, TwigConfig(K=2, T=L - 2, head="copy")))
+    with torch.no_grad():
+        hf = qwen.adapter.model(
+            input_ids=batch["input_ids"],
+            mm_token_type_ids=qwen.adapter.token_types(batch["input_ids"]),
+            labels=batch["labels"],
+            **batch["pixel_values"],
+        ).loss
+    assert abs(obj(**batch)["loss"].item() - hf.item()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"video": ["v0", "v1"]}, "1 <video> placeholder(s) in the human turns but 2 video(s)"),
+        ({"video": "nowhere"}, "video"),
+    ],
+)
+def test_bad_video_records_are_one_line(tmp_path, change, message):
+    import json
+
+    from twigvlm.train.data import load_records
+
+    path = _video_data(tmp_path)
+    records = json.loads(open(path).read())
+    records[0].update(change)
+    open(path, "w").write(json.dumps(records))
+    with pytest.raises(TwigVLMError, match="record 0") as e:
+        load_records(path, None)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -62,12 +62,14 @@ class ChatTraining(ABC):
         exactly as `encode` builds them for one prompt (the positions from `prompt_positions`)."""
 
     def tokenize_chat(
-        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = ()
-    ) -> tuple[list[int], list[bool], torch.Tensor | None]:
-        """Token ids of a whole conversation, a per-token "written by the assistant" mask, and pixel values.
+        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = (), videos: Sequence[Any] = ()
+    ) -> tuple[list[int], list[bool], Any]:
+        """Token ids of a whole conversation, a per-token "written by the assistant" mask, and the vision inputs
+        (`vision_inputs`: pixel values, or a family's dict of tensors).
 
         Each stretch is tokenized as inference sees it: the prompt up to an assistant turn rendered with the
-        generation prompt, then the assistant's text with its end-of-turn marker.
+        generation prompt, then the assistant's text with its end-of-turn marker. videos: `twigvlm.video.Video`s
+        for a family that takes video.
         """
         messages = checked_messages(messages)
         segments: list[tuple[str, bool]] = []
@@ -83,30 +85,44 @@ class ChatTraining(ABC):
                 )
             segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
             done = full
-        placeholders = sum(text.count(self.image_token) for text, _ in segments)
-        if placeholders != len(images):
-            raise TwigVLMError(
-                f"the conversation has {placeholders} image placeholder(s) in its answered turns but "
-                f"{len(images)} image(s) were given"
-            )
+        if videos:
+            self.check_videos(videos)
+        video_token = getattr(self, "video_token", None)
+        for token, given, what in ((self.image_token, len(images), "image"), (video_token, len(videos), "video")):
+            placeholders = sum(text.count(token) for text, _ in segments) if token else 0
+            if placeholders != given:
+                raise TwigVLMError(
+                    f"the conversation has {placeholders} {what} placeholder(s) in its answered turns but "
+                    f"{given} {what}(s) were given"
+                )
         ids: list[int] = []
         assistant: list[bool] = []
-        pixels, used = [], 0
+        pixels, used, used_videos = [], 0, 0
         bos = self.processor.tokenizer.bos_token
         for k, (text, is_assistant) in enumerate(segments):
             n_img = text.count(self.image_token)
-            batch = self.processor(
-                images=list(images[used : used + n_img]) or None,
-                text=text,
-                return_tensors="pt",
+            n_vid = text.count(video_token) if video_token and videos else 0
+            batch = self.process_text(
+                text,
+                images[used : used + n_img],
+                videos[used_videos : used_videos + n_vid],
                 add_special_tokens=k == 0 and not (bos and text.startswith(bos)),
             )
             used += n_img
-            if n_img:
+            used_videos += n_vid
+            if n_img or n_vid:
                 pixels.append(self.vision_inputs(batch))
             ids += batch["input_ids"][0].tolist()
             assistant += [is_assistant] * batch["input_ids"].shape[1]
         return ids, assistant, concat_vision(pixels)
+
+    def process_text(
+        self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
+    ) -> Any:
+        """An already rendered stretch of a chat with its images (and videos) → the processor's output."""
+        return self.processor(
+            images=list(images) or None, text=text, return_tensors="pt", add_special_tokens=add_special_tokens
+        )
 
     def vision_inputs(self, batch: Any) -> Any:
         """What `embed_inputs` needs of a processor output besides the ids: the pixel values [N, 3, h, w] here; a
@@ -128,7 +144,8 @@ def concat_vision(parts: Sequence[Any]) -> Any:
     if not parts:
         return None
     if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        keys = dict.fromkeys(k for p in parts for k in p)  # images in some parts, videos in others
+        return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
     return torch.cat(parts)
 
 

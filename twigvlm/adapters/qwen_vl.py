@@ -271,17 +271,32 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
         return self._lm.embed_tokens(token_ids)
 
     # ---- training -------------------------------------------------------------------------------------------
+    VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+    def process_text(
+        self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
+    ) -> Any:
+        if videos:
+            return self._process_with_videos(text, images, videos)
+        return super().process_text(text, images, videos, add_special_tokens)
+
     def vision_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
-        return {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+        return {k: batch[k] for k in self.VISION_KEYS if batch.get(k) is not None}
 
     def image_token_counts(self, ids: Sequence[int], pixels: Any, num_images: int) -> list[int]:
-        return [] if pixels is None else (pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        if pixels is None or "image_grid_thw" not in pixels:
+            return []
+        return (pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist()
 
     def first_images(self, pixels: Any, n: int) -> Any:
-        if pixels is None or not n:
+        """The first n images' inputs, and every video's (a record with videos is never cut)."""
+        if pixels is None:
             return None
-        grid = pixels["image_grid_thw"][:n]
-        return {"pixel_values": pixels["pixel_values"][: int(grid.prod(-1).sum())], "image_grid_thw": grid}
+        kept = {k: v for k, v in pixels.items() if k not in ("pixel_values", "image_grid_thw")}
+        if n and "image_grid_thw" in pixels:
+            grid = pixels["image_grid_thw"][:n]
+            kept.update(pixel_values=pixels["pixel_values"][: int(grid.prod(-1).sum())], image_grid_thw=grid)
+        return kept or None
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: Any = None) -> Encoded:
         batch: dict[str, Any] = {"input_ids": input_ids}

@@ -33,12 +33,18 @@ class DataConfig:
     )
     max_length: int = _opt(2048, "cut examples to this many tokens (never inside an image's tokens)")
     skip_missing_images: bool = _opt(
-        False, "skip records whose image file is missing, and count them, instead of stopping with an error"
+        False, "skip records whose image or video file is missing, and count them, instead of stopping"
     )
+    video_fps: float | None = _opt(1.0, "frames per second sampled from the records' videos")
+    video_max_frames: int | None = _opt(8, "at most this many frames per video")
 
     def validate(self) -> None:
         if self.max_length < 2:
             raise TwigVLMError(f"--max-length {self.max_length} is too small: give at least 2 tokens")
+        if self.video_fps is not None and not self.video_fps > 0:
+            raise TwigVLMError(f"--video-fps {self.video_fps} is invalid: give a positive rate")
+        if self.video_max_frames is not None and self.video_max_frames < 1:
+            raise TwigVLMError(f"--video-max-frames {self.video_max_frames} is invalid: give at least 1")
 
 
 @dataclass

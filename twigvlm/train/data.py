@@ -1,8 +1,9 @@
 """LLaVA-format instruction data → token ids, assistant-only labels and pixel values, and the batch collator.
 
 A data file is a JSON list (or JSONL, one record a line) of
-`{"id", "image": "a.jpg" | ["a.jpg", ...] | absent, "conversations": [{"from": "human"|"gpt"|"system", "value"}]}`
-where `<image>` in a human turn marks where an image goes. Records are checked when the file is read, so a
+`{"id", "image": "a.jpg" | ["a.jpg", ...] | absent, "video": "v.mp4" | [...] | absent,
+"conversations": [{"from": "human"|"gpt"|"system", "value"}]}` where `<image>` (`<video>`) in a human turn
+marks where an image (a video: a file or a folder of frames) goes. Records are checked when the file is read, so a
 malformed one stops the run before any training with an error naming the file and the record's index.
 Prompts are built by the model's own processor and chat template (`adapter.tokenize_chat`), exactly as
 inference builds them; labels are the token ids of assistant turns and −100 everywhere else.
@@ -11,8 +12,9 @@ inference builds them; labels are the token ids of assistant turns and −100 ev
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,13 @@ from ..adapters.base import VLMAdapter
 from ..adapters.capabilities import ChatTraining, concat_vision, require
 from ..errors import TwigVLMError
 from ..images import load_images
+from ..video import Video, load_video
 from .config import DataConfig
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+PLACEHOLDERS = (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -39,13 +44,17 @@ class Record:
     id: str | None
     turns: list[tuple[str, str]]  # (role, text)
     images: list[Path]
+    videos: list[Path] = field(default_factory=list)
 
     def answered(self) -> Record:
-        """The record without trailing turns that have no answer (and without the images only they use)."""
+        """The record without trailing turns that have no answer (and without the images and videos only they
+        use)."""
         last = max((i for i, (role, _) in enumerate(self.turns) if role == "assistant"), default=-1)
         turns = self.turns[: last + 1]
-        used = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role != "assistant")
-        return Record(self.index, self.id, turns, self.images[:used])
+        used = {p: sum(text.count(p) for role, text in turns if role != "assistant") for p in PLACEHOLDERS}
+        return Record(
+            self.index, self.id, turns, self.images[: used[IMAGE_PLACEHOLDER]], self.videos[: used[VIDEO_PLACEHOLDER]]
+        )
 
 
 def read_records(path: str | Path) -> list[Any]:
@@ -97,22 +106,25 @@ def parse_record(raw: Any, index: int, source: Path, image_folder: Path) -> Reco
         if not isinstance(value, str):
             raise bad(f"turn {j} needs a text 'value', got {type(value).__name__}")
         turns.append((ROLES[who], value))
-    image = raw.get("image")
-    names = [] if image is None else [image] if isinstance(image, str) else image
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise bad("'image' must be a file name or a list of file names")
-    placed = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role != "assistant")
-    if any(IMAGE_PLACEHOLDER in text for role, text in turns if role == "assistant"):
-        raise bad(f"an answer contains {IMAGE_PLACEHOLDER}: images belong in human turns")
-    if placed == 0 and names:  # LLaVA's convention: the image opens the first human turn
-        first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
-        if first is None:
-            raise bad("it has an image but no human turn to put it in")
-        turns[first] = ("user", IMAGE_PLACEHOLDER * len(names) + "\n" + turns[first][1])
-    elif placed != len(names):
-        raise bad(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) in the human turns but {len(names)} image(s)")
+    files = {}
+    for key, placeholder in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER)):
+        value = raw.get(key)
+        names = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise bad(f"'{key}' must be a file name or a list of file names")
+        placed = sum(text.count(placeholder) for role, text in turns if role != "assistant")
+        if any(placeholder in text for role, text in turns if role == "assistant"):
+            raise bad(f"an answer contains {placeholder}: {key}s belong in human turns")
+        if placed == 0 and names:  # LLaVA's convention: the image (video) opens the first human turn
+            first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+            if first is None:
+                raise bad(f"it has a {key} but no human turn to put it in")
+            turns[first] = ("user", placeholder * len(names) + "\n" + turns[first][1])
+        elif placed != len(names):
+            raise bad(f"{placed} {placeholder} placeholder(s) in the human turns but {len(names)} {key}(s)")
+        files[key] = [image_folder / n for n in names]
     rid = raw.get("id")
-    return Record(index, None if rid is None else str(rid), turns, [image_folder / n for n in names])
+    return Record(index, None if rid is None else str(rid), turns, files["image"], files["video"])
 
 
 def load_records(
@@ -137,10 +149,12 @@ def load_records(
                 )
             rec = rec.answered()
         missing = next((p for p in rec.images if not p.is_file()), None)
+        missing = missing or next((p for p in rec.videos if not p.exists()), None)
         if missing is not None:
             if not skip_missing_images:
+                kind = "image" if missing in rec.images else "video"
                 raise TwigVLMError(
-                    f"{source} record {i}: image {missing} does not exist (pass "
+                    f"{source} record {i}: {kind} {missing} does not exist (pass "
                     "--skip-missing-images to skip such records)"
                 )
             skipped += 1
@@ -153,18 +167,26 @@ def load_records(
     return records, skipped
 
 
+_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
 def to_messages(turns: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """(role, text) turns → HF chat messages; `<image>` in a user turn becomes an image item."""
+    """(role, text) turns → HF chat messages; `<image>` (`<video>`) in a user turn becomes an image (video) item."""
     messages = []
     for role, text in turns:
-        if role == "assistant" or IMAGE_PLACEHOLDER not in text:
+        if role == "assistant" or not any(p in text for p in PLACEHOLDERS):
             messages.append({"role": role, "content": text})
             continue
         items: list[dict[str, Any]] = []
-        for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k > 0:
-                items.append({"type": "image"})
+        after_media = False
+        for piece in _SPLIT.split(text):
+            if piece in PLACEHOLDERS:
+                items.append({"type": "image" if piece == IMAGE_PLACEHOLDER else "video"})
+                after_media = True
+                continue
+            if after_media:
                 piece = piece.removeprefix("\n")  # the template writes the image's own line break
+            after_media = False
             if piece:
                 items.append({"type": "text", "text": piece})
         messages.append({"role": role, "content": items})
@@ -175,6 +197,14 @@ def open_images(record: Record, source: str | Path) -> list[Image.Image]:
     """The record's images as RGB, or an error naming the data file and the record."""
     try:
         return load_images(record.images)
+    except TwigVLMError as e:
+        raise TwigVLMError(f"{source} record {record.index}: {e}") from None
+
+
+def open_videos(record: Record, source: str | Path, fps: float | None, max_frames: int | None) -> list[Video]:
+    """The record's videos, sampled, or an error naming the data file and the record."""
+    try:
+        return [load_video(v, fps=fps, max_frames=max_frames) for v in record.videos]
     except TwigVLMError as e:
         raise TwigVLMError(f"{source} record {record.index}: {e}") from None
 
@@ -212,6 +242,7 @@ class LlavaDataset(Dataset):
         require(adapter, ChatTraining, "twig training")
         self.adapter = adapter
         self.max_length = cfg.max_length
+        self.video_fps, self.video_max_frames = cfg.video_fps, cfg.video_max_frames
         self.records, self.skipped_missing = load_records(path, cfg.image_folder, cfg.skip_missing_images)
 
     def __len__(self) -> int:
@@ -220,10 +251,16 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
         images = open_images(rec, self.source)
+        videos = open_videos(rec, self.source, self.video_fps, self.video_max_frames)
         try:
-            ids, is_answer, pixels = self.adapter.tokenize_chat(to_messages(rec.turns), images)
+            ids, is_answer, pixels = self.adapter.tokenize_chat(to_messages(rec.turns), images, videos)
         except TwigVLMError as e:
             raise TwigVLMError(f"{self.source} record {rec.index}: {e}") from None
+        if videos and len(ids) > self.max_length:
+            raise TwigVLMError(
+                f"{self.source} record {rec.index} has {len(ids)} tokens with its video(s), over --max-length "
+                f"{self.max_length}: raise it or sample fewer frames (--video-max-frames)"
+            )
         labels = [t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)]
         image_id = self.adapter.image_token_id
         counts = self.adapter.image_token_counts(ids, pixels, len(images))

@@ -22,13 +22,27 @@ from ..config import GenConfig, SpecConfig
 from ..errors import TwigVLMError
 from ..paths import output_file
 from .config import DistillDataConfig
-from .data import IMAGE_PLACEHOLDER, load_records, open_images, read_records, to_messages
+from .data import (
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    load_records,
+    open_images,
+    open_videos,
+    read_records,
+    to_messages,
+)
 
 ROLE_NAMES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
 def _answer_turns(
-    vlm: VLM, turns: list[tuple[str, str]], images: list, cfg: GenConfig, spec: SpecConfig | None, replace: bool
+    vlm: VLM,
+    turns: list[tuple[str, str]],
+    images: list,
+    cfg: GenConfig,
+    spec: SpecConfig | None,
+    replace: bool,
+    videos: list | None = None,
 ) -> tuple[list[tuple[str, str]], int]:
     """The turns with every unanswered (or, with replace, every) human turn followed by a generated answer."""
     done: list[tuple[str, str]] = []
@@ -40,7 +54,10 @@ def _answer_turns(
         answered = k + 1 < len(turns) and turns[k + 1][0] == "assistant"
         if role == "user" and (replace or not answered):
             seen = sum(t.count(IMAGE_PLACEHOLDER) for r, t in done if r == "user")
-            result = vlm.generate(to_messages(done), images[:seen] or None, cfg, speculative=spec or False)
+            clips = (videos or [])[: sum(t.count(VIDEO_PLACEHOLDER) for r, t in done if r == "user")]
+            result = vlm.generate(
+                to_messages(done), images[:seen] or None, cfg, speculative=spec or False, video=clips or None
+            )
             done.append(("assistant", result.text))
             generated += 1
     return done, generated
@@ -62,7 +79,8 @@ def distill_data(cfg: DistillDataConfig) -> tuple[Path, int, int]:
     written: list[dict[str, Any]] = []
     generated = 0
     for rec in tqdm(records, desc="answering", unit="record"):
-        turns, n = _answer_turns(vlm, rec.turns, open_images(rec, cfg.data), gen, spec, cfg.replace_answers)
+        videos = open_videos(rec, cfg.data, cfg.video_fps, cfg.video_max_frames)
+        turns, n = _answer_turns(vlm, rec.turns, open_images(rec, cfg.data), gen, spec, cfg.replace_answers, videos)
         generated += n
         raw = dict(raws[rec.index])
         raw["conversations"] = [{"from": ROLE_NAMES[role], "value": text} for role, text in turns]
