@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# The suite's oracles compare against stock nn.Linear products bit for bit: every model (and every CLI subprocess)
+# loads with --kernels stock unless a test asks for the fast kernels (tests/test_kernels.py); a probed kernel plan
+# is cached in a folder of the run's own.
+os.environ["TWIGVLM_KERNELS"] = "stock"
+os.environ["TWIGVLM_CACHE"] = tempfile.mkdtemp(prefix="twigvlm-cache-")
 
 import twigvlm
 from twigvlm.tiny import TinySpec, save_tiny_llava

@@ -22,6 +22,7 @@ from .engine import Engine
 from .errors import TwigVLMError
 from .generate import Generation, GenerationResult
 from .images import ImageInput, load_images
+from .kernels import KernelPlan, apply_kernels, resolve_mode
 from .named import load_model, twig_directory
 from .twig import Twig, grow_twig, load_twig, save_twig
 from .video import VideoInput, load_videos
@@ -41,6 +42,7 @@ class VLM:
     def __init__(self, adapter: VLMAdapter, twig: Twig | None = None) -> None:
         self.adapter = adapter
         self._engine = Engine(adapter, twig)
+        self.kernel_plan: KernelPlan | None = None
 
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -52,11 +54,15 @@ class VLM:
         device: str = "cpu",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        kernels: str | None = None,
     ) -> VLM:
         """Load a saved Hugging Face VLM directory, a hub id whose files are cached (or reachable), or a named
         model such as "demo"; and a twig directory if given. min_pixels / max_pixels: the image size range of a
-        dynamic-resolution family (Qwen-VL), passed to its image processor."""
+        dynamic-resolution family (Qwen-VL), passed to its image processor. kernels: "auto" (the default on a
+        CPU, from the environment variable TWIGVLM_KERNELS when set) picks the fastest measured layout for the
+        decoder's small-row products (`twigvlm.kernels`); "stock" keeps nn.Linear."""
         vlm = cls(load_model(model, dtype=dtype, device=device))
+        vlm.set_kernels(resolve_mode(kernels))
         if min_pixels is not None or max_pixels is not None:
             set_range = getattr(vlm.adapter, "set_pixel_range", None)
             if set_range is None:
@@ -71,8 +77,20 @@ class VLM:
 
     @classmethod
     def from_model(cls, model: Any, processor: Any, twig: Twig | None = None) -> VLM:
-        """Wrap a model and processor you already loaded."""
+        """Wrap a model and processor you already loaded (its modules stay as they are: `set_kernels("auto")`
+        opts in to the fast CPU products)."""
         return cls(adapter_for(model, processor), twig)
+
+    def set_kernels(self, mode: str) -> KernelPlan | None:
+        """ "auto": the decoder's and the twig's linear layers take the layout measured fastest on this CPU for
+        each row count (no-op on a GPU); "stock": plain nn.Linear. Parameters and checkpoints never change."""
+        self.kernel_plan = apply_kernels(self.kernel_modules(), mode)
+        return self.kernel_plan
+
+    def kernel_modules(self) -> list[Any]:
+        """The modules whose linear layers the kernels cover: the decoder layers, the LM head, the twig."""
+        mods = [*self.adapter.layers, self.adapter.lm_head]
+        return mods + ([self.twig] if self.twig is not None else [])
 
     # ---- the twig -------------------------------------------------------------------------------------------
     @property
@@ -83,6 +101,8 @@ class VLM:
     @twig.setter
     def twig(self, twig: Twig | None) -> None:
         self._engine = self._engine.with_twig(twig)
+        if twig is not None and self.kernel_plan is not None:  # the twig runs with the base's kernels
+            apply_kernels([twig], "auto", self.kernel_plan)
 
     @property
     def engine(self) -> Engine:
@@ -191,6 +211,9 @@ def load(
     device: str = "cpu",
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    kernels: str | None = None,
 ) -> VLM:
     """Load a Hugging Face VLM directory or hub id (and a twig directory) — see `VLM.load`."""
-    return VLM.load(model, twig=twig, dtype=dtype, device=device, min_pixels=min_pixels, max_pixels=max_pixels)
+    return VLM.load(
+        model, twig=twig, dtype=dtype, device=device, min_pixels=min_pixels, max_pixels=max_pixels, kernels=kernels
+    )

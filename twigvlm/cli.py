@@ -66,6 +66,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="weights and compute dtype (default: float32)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_runtime_args(p)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """--kernels (the CPU products' layout) and --threads (torch's intra-op threads)."""
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "stock"],
+        default=None,
+        help="auto: the fastest measured layout for the decoder's small-row products on a CPU (default); "
+        "stock: plain nn.Linear",
+    )
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +236,7 @@ def cmd_grow(args: argparse.Namespace) -> None:
     config = TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init, wipe_layer=args.wipe_layer)
     config.validate()  # before the slow model load
     out = twig_output_dir(args.out, force=args.force)
-    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
+    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
     twig = vlm.grow_twig(config)
     vlm.save_twig(out)
     n = sum(p.numel() for p in twig.parameters())
@@ -276,6 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         device=args.device,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
+        kernels=args.kernels,
     )
     stream = vlm.stream(
         args.prompt, image=images, config=cfg, prune=prune, speculative=spec or False, video=videos or None
@@ -391,6 +405,10 @@ def _quiet_transformers() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         COMMANDS[args.command](args)
     except TwigVLMError as e:

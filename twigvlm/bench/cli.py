@@ -9,13 +9,14 @@ from typing import NamedTuple
 
 from ..config import DEFAULT_KEEP_RATIO, QUERY_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
+from ..kernels import resolve_mode
 from ..paths import output_dir
 from ..prune import resolve_wipe_layer
 from .ablations import ABLATIONS, UNTRAINED, AblationContext, ablation_help
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig, method_configs
 
-DEFAULT_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"
+DEFAULT_METHODS = "hf,hf+kernels,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
 
 def add_parser(sub) -> None:  # noqa: ANN001
@@ -84,6 +85,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--device", default="cpu")
+    from ..cli import add_runtime_args
+
+    add_runtime_args(b)
 
 
 class BenchTwig(NamedTuple):
@@ -145,7 +149,10 @@ def variants(
     if args.ablation in ABLATIONS:
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)
         return ABLATIONS[args.ablation].build(context)
-    methods = args.methods or ",".join(m for m in DEFAULT_METHODS.split(",") if args.twig or m not in NEEDS_TWIG)
+    fast = resolve_mode(args.kernels) == "auto" and args.device == "cpu"  # hf+kernels only where they run
+    methods = args.methods or ",".join(
+        m for m in DEFAULT_METHODS.split(",") if (args.twig or m not in NEEDS_TWIG) and (fast or m != "hf+kernels")
+    )
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -184,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for sample in samples:
                 sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
         tasks[samples[0].task] = samples
-    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device)
+    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
     loaded = {label: vlm.load_twig(twig.path) for label, twig in twigs.items()}
     chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.twig = next(iter(loaded.values()), None)  # the run's own twig

@@ -5,6 +5,7 @@ the prompt text to the last token.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -12,13 +13,14 @@ from ..adapters.capabilities import HFBaseline, require
 from ..api import VLM
 from ..config import DEFAULT_KEEP_RATIO, GenConfig, PruneConfig, SpecConfig, check_request
 from ..errors import TwigVLMError
+from ..kernels import stock_kernels
 from ..picture import picture_layout
 from ..prune import plan_for
 from ..twig import Twig
 from ..visionzip import VisionZip
 from .tasks import Sample
 
-METHODS = ("hf", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")
+METHODS = ("hf", "hf+kernels", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")
 NEEDS_TWIG = {"twig", "ssd", "twig+ssd"}
 # Methods whose output must equal another's token for token (lossless speculation).
 SAME_AS = {"ssd": "ar", "twig+ssd": "twig"}
@@ -105,16 +107,21 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
     """Run one method on one sample (greedy) with `twig` (`VLM.stream`'s twig argument: True the current one)."""
     images = [sample.image()] if sample.image is not None else []
     own = vlm.engine_for(twig).twig
-    if method in ("hf", "hf-early-exit"):
+    if method in ("hf", "hf+kernels", "hf-early-exit"):
+        if method == "hf+kernels" and vlm.kernel_plan is None:
+            raise TwigVLMError("hf+kernels is stock generate on the fast CPU kernels: run with --kernels auto on a CPU")
         early = None
         if method == "hf-early-exit":
             if own is None:
                 raise TwigVLMError("hf-early-exit exits at layer K+T of a twig: load one (--twig)")
             early = own.config.K + own.config.T
         baseline = require(vlm.adapter, HFBaseline, "the hf baseline")
+        # hf is stock generate on the untouched model (stock nn.Linear); hf+kernels on the fast kernels.
+        kernels = stock_kernels(vlm.kernel_modules()) if method != "hf+kernels" else contextlib.nullcontext()
         t = time.perf_counter()
         try:
-            ids = baseline.hf_generate(sample.prompt, images, sample.max_new_tokens, early_exit=early)
+            with kernels:
+                ids = baseline.hf_generate(sample.prompt, images, sample.max_new_tokens, early_exit=early)
         except Exception as e:  # noqa: BLE001 — transformers' early exit supports only some model classes
             if early is None:
                 raise

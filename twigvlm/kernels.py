@@ -1,0 +1,201 @@
+"""Fast linear products for the decoder on CPU: the layout of `x · Wᵀ` chosen per machine and per row count.
+
+On CPUs, `nn.Linear` (`F.linear`, MKL's `x · Wᵀ`) over the few rows that decoding and verification run is often
+slower than the same product written as `(W · xᵀ)ᵀ`. `FastLinear` is an `nn.Linear` subclass — the same
+parameters, the same `state_dict`, the checkpoint untouched — whose forward picks, by the number of rows, the
+layout a short probe measured fastest on this machine for this weight shape. The probe times every layout over
+all the model's weights of a shape (so weights stream from memory as in a decode step), interleaved, and takes
+the alternative only where it wins clearly; the plan is cached on disk per CPU, thread count, dtype and shapes.
+
+`apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
+change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. `stock_kernels(...)` does that
+for the length of a `with` block (the bench's `hf` baseline runs on the untouched classes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TwigVLMError
+
+KERNEL_MODES = ("auto", "stock")
+PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
+WIN = 0.9  # the transposed layout is taken where it needs at most this share of nn.Linear's time
+LAYOUTS = ("linear", "wxt")  # F.linear; (W · xᵀ)ᵀ
+
+
+@dataclass
+class KernelPlan:
+    """Per weight shape (out, in): the layout for each probed row count."""
+
+    layouts: dict[tuple[int, int], dict[int, str]]
+    probe_s: float = 0.0
+    cached: bool = False
+
+    def layout(self, shape: tuple[int, int], rows: int) -> str:
+        table = self.layouts.get(shape)
+        if not table:
+            return "linear"
+        probed = [r for r in table if r <= rows]
+        return table[max(probed)] if probed and rows <= max(table) else "linear"
+
+    def summary(self) -> dict[str, list[int]]:
+        """Rows where the transposed layout runs, per shape (for stats and logs)."""
+        return {f"{o}x{i}": [r for r, k in sorted(t.items()) if k == "wxt"] for (o, i), t in self.layouts.items()}
+
+
+class FastLinear(nn.Linear):
+    """`nn.Linear` whose forward follows a `KernelPlan` (set as `kernel_plan` when the class is swapped in)."""
+
+    kernel_plan: KernelPlan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if x.dim() >= 2 else 1
+        if self.kernel_plan.layout((self.out_features, self.in_features), rows) != "wxt" or x.dim() < 2:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)  # [n, in]
+        out = torch.mm(self.weight, flat.t()).t()  # [out, in] · [in, n] → [n, out]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
+    """Every nn.Linear (or FastLinear) inside `modules`, each once."""
+    seen: dict[int, nn.Linear] = {}
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, nn.Linear):
+                seen.setdefault(id(sub), sub)
+    return list(seen.values())
+
+
+def resolve_mode(mode: str | None) -> str:
+    """The kernel mode asked for, else the environment's TWIGVLM_KERNELS, else auto."""
+    return check_mode(mode or os.environ.get("TWIGVLM_KERNELS") or "auto")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise TwigVLMError(f"kernels {mode!r} is unknown: use one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def apply_kernels(
+    modules: Iterable[nn.Module], mode: str = "auto", plan: KernelPlan | None = None
+) -> KernelPlan | None:
+    """Swap the nn.Linear classes inside `modules` to FastLinear (auto, CPU only) or back (stock). Returns the
+    plan used (probed or read from the cache when not given), None for stock or a non-CPU model."""
+    check_mode(mode)
+    found = linears(modules)
+    if mode == "stock" or not found or found[0].weight.device.type != "cpu":
+        for lin in found:
+            if type(lin) is FastLinear:
+                lin.__class__ = nn.Linear
+        return None
+    plan = plan or cached_plan(found)
+    for lin in found:
+        if type(lin) in (nn.Linear, FastLinear):
+            lin.__class__ = FastLinear
+            lin.kernel_plan = plan
+    return plan
+
+
+@contextlib.contextmanager
+def stock_kernels(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside the block, the FastLinears in `modules` are plain nn.Linear again (the untouched model)."""
+    fast = [lin for lin in linears(modules) if type(lin) is FastLinear]
+    for lin in fast:
+        lin.__class__ = nn.Linear
+    try:
+        yield
+    finally:
+        for lin in fast:
+            lin.__class__ = FastLinear
+
+
+# ---- the probe ------------------------------------------------------------------------------------------------
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+@torch.inference_mode()
+def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int = 3) -> KernelPlan:
+    """Time F.linear against (W · xᵀ)ᵀ over all weights of each shape, interleaved, for each row count."""
+    t0 = time.perf_counter()
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for lin in found:
+        by_shape.setdefault((lin.out_features, lin.in_features), []).append(lin.weight)
+    layouts: dict[tuple[int, int], dict[int, str]] = {}
+    for shape, weights in by_shape.items():
+        table = {}
+        for n in rows:
+            x = torch.randn(n, shape[1], dtype=weights[0].dtype)
+
+            def stock_pass(x=x, weights=weights) -> None:
+                for w in weights:
+                    F.linear(x, w)
+
+            def alt_pass(x=x, weights=weights) -> None:
+                for w in weights:
+                    torch.mm(w, x.t())
+
+            stock = [_median_ms(stock_pass, repeats), 0.0]
+            alt = _median_ms(alt_pass, repeats)
+            stock[1] = _median_ms(stock_pass, repeats)  # interleaved: stock, alternative, stock
+            table[n] = "wxt" if alt <= WIN * min(stock) else "linear"
+        layouts[shape] = table
+    return KernelPlan(layouts, probe_s=time.perf_counter() - t0)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TWIGVLM_CACHE", Path.home() / ".cache" / "twigvlm"))
+
+
+def _key(found: list[nn.Linear]) -> str:
+    shapes = sorted({(lin.out_features, lin.in_features) for lin in found})
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    raw = json.dumps([cpu, torch.__version__, torch.get_num_threads(), str(found[0].weight.dtype), shapes])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def cached_plan(found: list[nn.Linear]) -> KernelPlan:
+    """The plan for these weights on this machine: from the cache file, else probed now and written there."""
+    path = cache_dir() / f"kernels-{_key(found)}.json"
+    try:
+        raw = json.loads(path.read_text())
+        layouts = {tuple(map(int, k.split("x"))): {int(r): v for r, v in t.items()} for k, t in raw.items()}
+        return KernelPlan(layouts, cached=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+    plan = probe(found)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {f"{o}x{i}": {str(r): v for r, v in t.items()} for (o, i), t in plan.layouts.items()}
+        path.write_text(json.dumps(out, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs the probe next time
+    return plan
