@@ -134,3 +134,14 @@ def test_bench_runs_hf_on_stock_products_and_hf_kernels_on_fast_ones(fast, monke
     methods.run_method(fast, "hf", sample, mc)
     methods.run_method(fast, "hf+kernels", sample, mc)
     assert seen == [{"Linear"}, {"FastLinear"}]
+
+
+def test_dtype_auto_follows_the_cpu_flags(model_dirs, monkeypatch):
+    from twigvlm import kernels
+
+    assert kernels.bf16_pays({"avx2", "avx512_bf16"}) and kernels.bf16_pays({"amx_bf16"})
+    assert not kernels.bf16_pays({"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(kernels, "bf16_pays", lambda flags=None: False)
+    assert twigvlm.load(model_dirs["llama-clip"], dtype="auto").adapter.dtype == torch.float32
+    monkeypatch.setattr(kernels, "bf16_pays", lambda flags=None: True)
+    assert twigvlm.load(model_dirs["llama-clip"], dtype="auto").adapter.dtype == torch.bfloat16

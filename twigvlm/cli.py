@@ -62,8 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and compute dtype (default: float32)",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="weights and compute dtype (default: float32; auto: bfloat16 on GPUs and on CPUs with native bf16)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_runtime_args(p)

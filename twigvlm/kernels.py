@@ -32,7 +32,8 @@ from torch import nn
 from .errors import TwigVLMError
 
 KERNEL_MODES = ("auto", "stock")
-PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
+PROBE_ROWS = (1, 2, 4, 6, 8, 16, 64)  # row counts the probe measures; others use the nearest below
+PROBE_BYTES = 64 * 2**20  # per shape, time at most this much weight (all of a shape's weights when smaller)
 WIN = 0.9  # the transposed layout is taken where it needs at most this share of nn.Linear's time
 LAYOUTS = ("linear", "wxt")  # F.linear; (W · xᵀ)ᵀ
 
@@ -127,6 +128,28 @@ def stock_kernels(modules: Iterable[nn.Module]) -> Iterator[None]:
             lin.__class__ = FastLinear
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), empty where they cannot be read."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def bf16_pays(flags: set[str] | None = None) -> bool:
+    """bf16 matrix products run natively (AVX-512 BF16 or AMX); with AVX2 alone they are emulated and slower."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def auto_dtype(device: str) -> str:
+    """--dtype auto: bfloat16 on a GPU and on CPUs with native bf16, float32 elsewhere."""
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if device == "cpu" and bf16_pays() else "float32"
+
+
 # ---- the probe ------------------------------------------------------------------------------------------------
 def _median_ms(fn, repeats: int) -> float:
     fn()
@@ -139,12 +162,15 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int = 3) -> KernelPlan:
-    """Time F.linear against (W · xᵀ)ᵀ over all weights of each shape, interleaved, for each row count."""
+def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int = 2) -> KernelPlan:
+    """Time F.linear against (W · xᵀ)ᵀ over the weights of each shape (up to PROBE_BYTES of them), interleaved
+    (stock, transposed, stock), for each row count."""
     t0 = time.perf_counter()
     by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
     for lin in found:
-        by_shape.setdefault((lin.out_features, lin.in_features), []).append(lin.weight)
+        same = by_shape.setdefault((lin.out_features, lin.in_features), [])
+        if not same or (len(same) + 1) * lin.weight.numel() * lin.weight.element_size() <= PROBE_BYTES:
+            same.append(lin.weight)  # enough weights to stream from memory, not so many that probing is slow
     layouts: dict[tuple[int, int], dict[int, str]] = {}
     for shape, weights in by_shape.items():
         table = {}

@@ -56,6 +56,10 @@ def lookup(name: str | Path) -> NamedModel | None:
 def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
     """The adapter of a named model, a saved Hugging Face VLM directory, or a hub id ("owner/name") in the cache."""
     named = lookup(model)
+    if dtype == "auto":
+        from .kernels import auto_dtype
+
+        dtype = auto_dtype(str(device))
     torch_dtype = parse_dtype(dtype)
     check_device(device)  # before a hub id may start a download
     if named is None:

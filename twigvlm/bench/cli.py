@@ -83,7 +83,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
     b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")
     b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     b.add_argument("--device", default="cpu")
     from ..cli import add_runtime_args
 
@@ -149,7 +149,7 @@ def variants(
     if args.ablation in ABLATIONS:
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)
         return ABLATIONS[args.ablation].build(context)
-    fast = resolve_mode(args.kernels) == "auto" and args.device == "cpu"  # hf+kernels only where they run
+    fast = resolve_mode(getattr(args, "kernels", None)) == "auto" and getattr(args, "device", "cpu") == "cpu"
     methods = args.methods or ",".join(
         m for m in DEFAULT_METHODS.split(",") if (args.twig or m not in NEEDS_TWIG) and (fast or m != "hf+kernels")
     )
