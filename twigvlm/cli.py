@@ -29,6 +29,7 @@ from .config import (
     check_request,
 )
 from .errors import TwigVLMError
+from .flags import add_runtime_args, positive_int
 from .paths import output_dir, output_file, twig_output_dir
 from .tiny_qwen import FAMILIES as TINY_QWEN
 from .train import cli as train_cli
@@ -41,16 +42,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive: give an integer >= 1")
-    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -67,18 +58,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_runtime_args(p)
-
-
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """--kernels (the CPU products' layout) and --threads (torch's intra-op threads)."""
-    p.add_argument(
-        "--kernels",
-        choices=["auto", "stock"],
-        default=None,
-        help="auto: the fastest measured layout for the decoder's small-row products on a CPU (default); "
-        "stock: plain nn.Linear",
-    )
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
     add_video_args(gen)
     gen.add_argument("--prompt", required=True, help="the question or instruction")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=GenConfig.max_new_tokens)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=GenConfig.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=GenConfig.temperature, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=GenConfig.top_k)
     gen.add_argument("--top-p", type=float, default=GenConfig.top_p)
@@ -163,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--family", choices=["llava", *TINY_QWEN], default="llava", help="the model family (default: llava)")
     t.add_argument("--backbone", choices=["llama", "mistral", "qwen2"], default="llama", help="llava only")
     t.add_argument("--tower", choices=["clip", "siglip"], default="clip", help="llava only")
-    t.add_argument("--layers", type=_positive_int, default=6)
+    t.add_argument("--layers", type=positive_int, default=6)
     t.add_argument("--seed", type=int, default=0)
 
     d = sub.add_parser("demo", help="the main job on the embedded demo model: HF generate vs TTP+SSD")
@@ -188,9 +167,9 @@ def add_video_args(p: argparse.ArgumentParser) -> None:
     v = p.add_argument_group("video and resolution (Qwen-VL)")
     v.add_argument("--video", action="append", default=[], help="a video file or a folder of frames (repeatable)")
     v.add_argument("--fps", type=_positive_float, default=None, help="frames per second to sample (default: all)")
-    v.add_argument("--max-frames", type=_positive_int, default=None, help="at most this many frames per video")
-    v.add_argument("--min-pixels", type=_positive_int, default=None, help="smallest image area the processor keeps")
-    v.add_argument("--max-pixels", type=_positive_int, default=None, help="largest image area the processor keeps")
+    v.add_argument("--max-frames", type=positive_int, default=None, help="at most this many frames per video")
+    v.add_argument("--min-pixels", type=positive_int, default=None, help="smallest image area the processor keeps")
+    v.add_argument("--max-pixels", type=positive_int, default=None, help="largest image area the processor keeps")
 
 
 def load_video_args(args: argparse.Namespace) -> list:
@@ -206,7 +185,7 @@ def add_draft_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     """--draft-len (γ) and --draft-threshold (τ), their defaults taken from SpecConfig."""
     p.add_argument(
         "--draft-len",
-        type=_positive_int,
+        type=positive_int,
         default=SpecConfig.draft_len,
         help=f"γ, tokens drafted per step (default {SpecConfig.draft_len})",
     )

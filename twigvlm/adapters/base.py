@@ -288,8 +288,11 @@ class VLMAdapter(ABC):
         }
 
 
-def checked_messages(messages: Any) -> list[dict[str, Any]]:
-    """Chat messages in the HF format, or a one-line error naming the first malformed one."""
+def checked_messages(messages: Any, video: bool = False) -> list[dict[str, Any]]:
+    """Chat messages in the HF format, or a one-line error naming the first malformed one. video: whether
+    `{"type": "video"}` items are allowed (a family that takes video)."""
+    kinds = ("image", "video", "text") if video else ("image", "text")
+    shown = "{'type': 'image'}, {'type': 'video'}" if video else "{'type': 'image'}"
     if not isinstance(messages, list) or not messages:
         raise TwigVLMError("the chat has no messages: pass a list with at least one user message")
     for i, m in enumerate(messages):
@@ -299,10 +302,9 @@ def checked_messages(messages: Any) -> list[dict[str, Any]]:
         if isinstance(content, list):
             for item in content:
                 kind = item.get("type") if isinstance(item, dict) else None
-                if kind not in ("image", "video", "text") or (kind == "text" and not isinstance(item.get("text"), str)):
+                if kind not in kinds or (kind == "text" and not isinstance(item.get("text"), str)):
                     raise TwigVLMError(
-                        f"chat message {i} has a content item {item!r}: use {{'type': 'image'}}, {{'type': 'video'}} "
-                        "or {'type': 'text', 'text': ...}"
+                        f"chat message {i} has a content item {item!r}: use {shown} or {{'type': 'text', 'text': ...}}"
                     )
         elif not isinstance(content, str):
             raise TwigVLMError(f"chat message {i} has content of type {type(content).__name__}: use text or a list")

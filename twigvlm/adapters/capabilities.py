@@ -71,7 +71,7 @@ class ChatTraining(ABC):
         generation prompt, then the assistant's text with its end-of-turn marker. videos: `twigvlm.video.Video`s
         for a family that takes video.
         """
-        messages = checked_messages(messages)
+        messages = checked_messages(messages, video=getattr(self, "takes_video", False))
         segments: list[tuple[str, bool]] = []
         done = ""
         for i, m in enumerate(messages):

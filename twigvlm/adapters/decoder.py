@@ -2,13 +2,16 @@
 model, Idefics3's Llama, …): one layer call on the engine's cache, the rotary application, the keys/values a
 layer would cache and the scoring attention row, from `self_attn.{q,k,v}_proj`, `input_layernorm`, `head_dim`
 and `scaling` (and the per-head `q_norm`/`k_norm` of Qwen3-style attention, when present). A family whose layers
-look like that mixes this in and implements none of the four itself.
+look like that mixes this in and implements none of the four itself. `TextModelParts` adds the parts every
+stock `*ForConditionalGeneration` exposes the same way (`model.lm_head`, and a text model `_lm` with
+`embed_tokens`, `layers`, `rotary_emb`, `norm`), the tokenizer and the end-of-sequence ids.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,3 +97,57 @@ class LlamaStyleDecoder:
         k = _head_norm(attn, "k_norm", attn.k_proj(x).view(b, n, -1, attn.head_dim)).transpose(1, 2)  # [B, H_kv, n, D]
         v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
         return self.apply_rotary(k, rope), v
+
+
+class TextModelParts:
+    """Mixin for an adapter whose stock model has `lm_head` and a text model (set as `self._lm`) with
+    `embed_tokens`, `layers`, `rotary_emb` and `norm`; the processor carries the tokenizer."""
+
+    model: nn.Module
+    processor: Any
+    _lm: nn.Module
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The generation config's end-of-sequence ids, else the tokenizer's."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._lm.embed_tokens(token_ids)
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self._lm.layers
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._lm.rotary_emb(hidden, position_ids)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._lm.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def vision_fingerprint(self) -> dict[str, torch.Tensor]:
+        """A tensor of the vision side (the projector) to fingerprint: a family's own, named as its twigs record."""
+        return {}
+
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        first, last = self._lm.layers[0], self._lm.layers[-1]
+        return {
+            "embed_tokens": self._lm.embed_tokens.weight,
+            "layers.0.q_proj": first.self_attn.q_proj.weight,
+            "layers.-1.down_proj": last.mlp.down_proj.weight,
+            "norm": self._lm.norm.weight,
+            **self.vision_fingerprint(),
+        }

@@ -21,10 +21,12 @@ from torch import nn
 from ..errors import TwigVLMError
 from .base import Encoded, Layout, ModelSpec, Prompt, Reducer, VLMAdapter, checked_messages, image_index_for
 from .capabilities import ChatTraining, HFBaseline, PictureLayout, VisionZipReduction, check_reducer
-from .decoder import LlamaStyleDecoder
+from .decoder import LlamaStyleDecoder, TextModelParts
 
 
-class LlavaAdapter(LlamaStyleDecoder, ChatTraining, VisionZipReduction, PictureLayout, HFBaseline, VLMAdapter):
+class LlavaAdapter(
+    LlamaStyleDecoder, TextModelParts, ChatTraining, VisionZipReduction, PictureLayout, HFBaseline, VLMAdapter
+):
     """LLaVA-1.5-style models: one image → a fixed grid of visual tokens, 1-D RoPE positions (the core's
     defaults), Llama-style decoder layers, and every optional capability."""
 
@@ -53,10 +55,6 @@ class LlavaAdapter(LlamaStyleDecoder, ChatTraining, VisionZipReduction, PictureL
         return self._spec
 
     @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    @property
     def attention_window(self) -> int | None:
         text = self.model.config.text_config
         window = getattr(text, "sliding_window", None)
@@ -64,15 +62,6 @@ class LlavaAdapter(LlamaStyleDecoder, ChatTraining, VisionZipReduction, PictureL
         if window is None or (layer_types and "sliding_attention" not in layer_types):
             return None
         return int(window)
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def render(self, prompt: Prompt, num_images: int) -> str:
@@ -241,31 +230,6 @@ class LlavaAdapter(LlamaStyleDecoder, ChatTraining, VisionZipReduction, PictureL
             for img in raw
         ]
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._lm.embed_tokens(token_ids)
-
-    # ---- the decoder ----------------------------------------------------------------------------------------
-    @property
-    def layers(self) -> Sequence[nn.Module]:
-        return self._lm.layers
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._lm.rotary_emb(hidden, position_ids=position_ids)
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._lm.norm
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
-        first, last = self._lm.layers[0], self._lm.layers[-1]
-        return {
-            "embed_tokens": self._lm.embed_tokens.weight,
-            "layers.0.q_proj": first.self_attn.q_proj.weight,
-            "layers.-1.down_proj": last.mlp.down_proj.weight,
-            "norm": self._lm.norm.weight,
-            "projector": next(self.model.model.multi_modal_projector.parameters()),
-        }
+    # ---- the decoder (layers, rotary, norm, head: TextModelParts) --------------------------------------------
+    def vision_fingerprint(self) -> dict[str, torch.Tensor]:
+        return {"projector": next(self.model.model.multi_modal_projector.parameters())}

@@ -27,11 +27,11 @@ from torch import nn
 from ..errors import TwigVLMError
 from .base import Encoded, Layout, ModelSpec, Prompt, Reducer, VLMAdapter, checked_messages
 from .capabilities import ChatTraining, HFBaseline, PictureLayout, check_reducer
-from .decoder import LlamaStyleDecoder
+from .decoder import LlamaStyleDecoder, TextModelParts
 from .qwen_video import prepare_video
 
 
-class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, VLMAdapter):
+class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayout, HFBaseline, VLMAdapter):
     """The Qwen-VL family: M-RoPE positions, per-image grids, video, and (Qwen3-VL) deepstack."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -65,21 +65,9 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
         return self._spec
 
     @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    @property
     def attention_window(self) -> int | None:
         text = self.model.config.get_text_config()
         return int(text.sliding_window) if getattr(text, "use_sliding_window", False) else None
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        if eos is None:
-            return []
-        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
     # ---- prompts --------------------------------------------------------------------------------------------
     def render(self, prompt: Prompt, num_images: int, num_videos: int = 0) -> str:
@@ -90,7 +78,7 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
             content: list[dict[str, Any]] = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
             messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
         else:
-            messages = checked_messages(prompt)
+            messages = checked_messages(prompt, video=True)
         text = self.render_messages(messages, True)
         for token, given, what in ((self.image_token, num_images, "image"), (self.video_token, num_videos, "video")):
             if text.count(token) != given:
@@ -267,9 +255,6 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
                 flat_index[input_ids.flatten() == token] = ids
         return index
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._lm.embed_tokens(token_ids)
-
     # ---- training -------------------------------------------------------------------------------------------
     VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -329,28 +314,6 @@ class QwenVLAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseline, 
             layouts += self.visual_layout(frames[::tp])
         return layouts
 
-    # ---- the decoder ----------------------------------------------------------------------------------------
-    @property
-    def layers(self) -> Sequence[nn.Module]:
-        return self._lm.layers
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._lm.rotary_emb(hidden, position_ids)
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._lm.norm
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
-        first, last = self._lm.layers[0], self._lm.layers[-1]
-        return {
-            "embed_tokens": self._lm.embed_tokens.weight,
-            "layers.0.q_proj": first.self_attn.q_proj.weight,
-            "layers.-1.down_proj": last.mlp.down_proj.weight,
-            "norm": self._lm.norm.weight,
-            "merger": next(self._inner.visual.merger.parameters()),
-        }
+    # ---- the decoder (layers, rotary, norm, head: TextModelParts) --------------------------------------------
+    def vision_fingerprint(self) -> dict[str, torch.Tensor]:
+        return {"merger": next(self._inner.visual.merger.parameters())}

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from ..config import DEFAULT_KEEP_RATIO, QUERY_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
+from ..flags import add_runtime_args
 from ..kernels import resolve_mode
 from ..paths import output_dir
 from ..prune import resolve_wipe_layer
@@ -85,8 +86,6 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     b.add_argument("--device", default="cpu")
-    from ..cli import add_runtime_args
-
     add_runtime_args(b)
 
 
