@@ -514,3 +514,32 @@ def test_bad_video_records_are_one_line(tmp_path, change, message):
     with pytest.raises(TwigVLMError, match="record 0") as e:
         load_records(path, None)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_video_to_an_image_only_model_exits_2(model_dirs, tmp_path, capsys):
+    from twigvlm.cli import main
+
+    (tmp_path / "frames").mkdir()
+    picture(1).save(tmp_path / "frames" / "1.png")
+    capsys.readouterr()
+    argv = ["generate", "--model", model_dirs["llama-clip"], "--video", str(tmp_path / "frames"), "--prompt", "hi"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "takes images, not videos" in err and err.count("\n") == 1
+
+
+def test_distill_data_answers_video_records(qwens, tmp_path):
+    import json
+
+    from twigvlm.train.config import DistillDataConfig
+    from twigvlm.train.distill import distill_data
+
+    path = _video_data(tmp_path)
+    model = save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2-vl", num_layers=2))
+    cfg = DistillDataConfig(data=path, model=str(model), out=str(tmp_path / "out.json"), max_new_tokens=3)
+    cfg.replace_answers = True
+    _, written, generated = distill_data(cfg)
+    assert (written, generated) == (3, 3)
+    vlm = twigvlm.load(model)
+    video = vlm.generate("What moves?", video=tmp_path / "v0", max_new_tokens=3).text
+    assert json.loads((tmp_path / "out.json").read_text())[0]["conversations"][1]["value"] == video
