@@ -51,7 +51,9 @@ def load_image_url(url: str, policy: MediaPolicy, param: str) -> Image.Image:
     elif scheme in ("http", "https"):
         data = _http_bytes(url, policy, param)
     else:
-        raise bad_request(f"{param} has an unsupported scheme {scheme or '(none)'!r}: use data:, file:// or http(s)://")
+        raise bad_request(
+            f"{param} has an unsupported scheme {scheme or '(none)'!r}: use data:, file:// or http(s)://", param
+        )
     return decode_image(data, param)
 
 
@@ -90,11 +92,15 @@ def _file_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
         )
     parsed = urlparse(url)
     if parsed.netloc not in ("", "localhost"):
-        raise bad_request(f"{param}: a file:// URL must name a local path (file:///path), not host {parsed.netloc}")
+        raise bad_request(
+            f"{param}: a file:// URL must name a local path (file:///path), not host {parsed.netloc}", param
+        )
     root = policy.allowed_local_path.resolve()
     path = Path(unquote(parsed.path)).resolve()
     if not path.is_relative_to(root):
-        raise bad_request(f"{param}: {path} is outside the directory the server may read (--allowed-local-media-path)")
+        raise bad_request(
+            f"{param}: {path} is outside the directory the server may read (--allowed-local-media-path)", param
+        )
     if not path.is_file():
         raise bad_request(f"{param}: {path} is not a file", param)
     if path.stat().st_size > policy.max_bytes:
