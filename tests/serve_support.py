@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import twigvlm
 from tests.conftest import random_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,8 +106,10 @@ def server(tmp_path_factory, model_dirs) -> Server:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
     run = [sys.executable, "-m", "twigvlm"]
-    subprocess.run([*run, "grow", "--model", model, "--K", "2", "--T", "2", "--out", str(twig)], env=env, check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    vlm = twigvlm.load(model)  # a fresh copy: the session's shared models keep no twig
+    vlm.grow_twig(K=2, T=2)
+    vlm.save_twig(twig)
+    del vlm
     allowed = root / "allowed"
     allowed.mkdir()
     (allowed / "cat.png").write_bytes(png_bytes(0))

@@ -1,5 +1,6 @@
 """`twigvlm serve` end to end: a real server subprocess on 127.0.0.1, driven with the official openai client
-(max_retries=0) and raw HTTP. Every loop is bounded in count and time; the server is stopped by its fixture."""
+(max_retries=0), raw HTTP, and a headless Chromium for the playground page (skipped, with the reason, where none
+is installed). Every loop is bounded in count and time; the server is stopped by its fixture."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.serve_browser import Browser, find_browser
 from tests.serve_support import (
     API_KEY,
     MAX_QUEUE,
@@ -265,3 +267,35 @@ def test_wrong_api_key_is_401_and_a_file_inside_the_allowed_folder_is_read(serve
                                         max_tokens=2)  # fmt: skip
     assert ok.model_extra["twigvlm"]["visual_tokens"] > 0
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+# ---- the playground page in a real headless browser ---------------------------------------------------------------
+BROWSER = find_browser()
+needs_browser = pytest.mark.skipif(
+    BROWSER is None, reason="no Chromium found (install it: apt-get install chromium) for the playground test"
+)
+STATE = "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+READ = """JSON.stringify({answer: document.getElementById('answer').textContent, chunks:
+  document.getElementById('answer').dataset.chunks, kept: document.getElementById('kept').textContent,
+  acc: document.getElementById('acc').textContent, tps: document.getElementById('tps').textContent,
+  dimmed: document.getElementById('view').dataset.dimmed, error: document.getElementById('error').textContent,
+  image: imageURL, model: document.getElementById('model').textContent})"""
+
+
+@needs_browser
+def test_the_playground_streams_an_answer_with_ttp_and_ssd_and_draws_the_kept_tokens(server):  # noqa: F811
+    browser = Browser(BROWSER)
+    try:
+        browser.open(f"{server.url}/?sample=1&autorun=1&max_tokens=20&keep_ratio=0.5&prompt=hi&key={API_KEY}")
+        assert browser.wait_for(STATE, timeout=60) == "done", browser.evaluate(READ)
+        page = json.loads(browser.evaluate(READ))
+    finally:
+        browser.close()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    r = client.chat.completions.create(model=server.model, messages=user("hi", page["image"]), max_tokens=20,
+                                       temperature=0, extra_body={"prune": "twig", "keep_ratio": 0.5})  # fmt: skip
+    stats = r.model_extra["twigvlm"]
+    assert page["answer"] == r.choices[0].message.content and int(page["chunks"]) > 1  # streamed, SSD ≡ greedy
+    assert page["kept"] == f"{stats['kept']} / {stats['visual_tokens']}"
+    assert int(page["dimmed"]) == stats["visual_tokens"] - stats["kept"] > 0
+    assert page["acc"].endswith("%") and float(page["tps"]) > 0 and server.model in page["model"]

@@ -2,7 +2,8 @@
 // toggles as extra fields, shows the text as it streams, the request's stats, and the image with the visual
 // tokens the server kept (its twigvlm.kept_indices and image_grids) drawn over it.
 // Query parameters for automation: ?sample=1 loads the built-in picture, ?autorun=1 sends at once,
-// ?prompt=..., ?ttp=0, ?ssd=0, ?max_tokens=N.
+// ?prompt=..., ?ttp=0, ?ssd=0, ?max_tokens=N, ?keep_ratio=F. The page sets body[data-state] to running, done or
+// error, and #answer[data-chunks] to the number of content chunks it received.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -100,6 +101,7 @@ function requestBody() {
 async function send() {
   $("go").disabled = true;
   $("answer").textContent = "";
+  $("answer").dataset.chunks = "0";
   $("error").textContent = "";
   document.body.dataset.state = "running";
   await drawImage(null, null);
@@ -132,6 +134,7 @@ async function send() {
           if (choice.delta && choice.delta.content) {
             if (ttft == null) ttft = (performance.now() - t0) / 1000;
             $("answer").textContent += choice.delta.content;
+            $("answer").dataset.chunks = String(parseInt($("answer").dataset.chunks, 10) + 1);
           }
         }
         if (msg.twigvlm) stats = msg.twigvlm;
@@ -165,6 +168,7 @@ async function init() {
   if (params.get("ttp") === "0") $("ttp").checked = false;
   if (params.get("ssd") === "0") $("ssd").checked = false;
   if (params.has("max_tokens")) $("max_tokens").value = params.get("max_tokens");
+  if (params.has("keep_ratio")) $("keep_ratio").value = params.get("keep_ratio");
   if (params.has("key")) $("key").value = params.get("key");
   if (params.get("sample") === "1") { imageURL = samplePicture(); await drawImage(null, null); }
   try {
