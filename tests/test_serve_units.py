@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from tests.conftest import random_image
-from tests.serve_support import data_url, png_bytes, user
+from tests.serve_support import data_url, free_port, png_bytes, user
 from twigvlm import cli
 from twigvlm.config import SpecConfig
 from twigvlm.serve.config import ServeConfig
@@ -191,6 +191,13 @@ def test_bad_serve_flags_are_one_line_and_exit_2(flags, words, capsys):
     assert cli.main(["serve", *flags]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_exit_2(tmp_path, capsys):
+    missing = tmp_path / "no-model"
+    assert cli.main(["serve", "--model", str(missing), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "twigvlm serve: error:" in err and str(missing) in err and "Traceback" not in err
 
 
 # ---- the cancellation hook ---------------------------------------------------------------------------------------

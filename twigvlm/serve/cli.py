@@ -93,7 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise TwigVLMError(
             f"twigvlm serve needs the serve extra ({e.name} is missing): pip install 'twigvlm[serve]'"
         ) from None
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("twigvlm.serve")
+    if not log.handlers:  # the server's own lines on stderr; the root logger is left alone
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
     failed: list[str] = []
     server: uvicorn.Server | None = None
 

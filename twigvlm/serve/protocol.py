@@ -201,7 +201,10 @@ def _acceleration(body: dict[str, Any], cfg: ServeConfig) -> tuple[PruneConfig |
     if not prune.active and (keep is not None or keep_ratio is not None or wipe is not None):
         raise bad_request("'keep', 'keep_ratio' and 'wipe_layer' need 'prune' (twig, fastv or visionzip)", "prune")
     speculative = _typed(body, "speculative", (bool,), "true or false")
-    spec = cfg.speculative if speculative is None else (cfg.speculative or SpecConfig()) if speculative else None
+    if speculative is None:
+        spec = cfg.speculative  # the server's default
+    else:
+        spec = (cfg.speculative or SpecConfig()) if speculative else None
     draft_len = _typed(body, "draft_len", (int,), "a positive integer")
     threshold = _typed(body, "draft_threshold", (int, float), "a number in [0, 1)")
     if spec is None and (draft_len is not None or threshold is not None):
