@@ -18,15 +18,13 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
+
+from twigvlm.serve.launch import served
 
 MODES = {"plain": {"prune": "none", "speculative": False}, "ttp+ssd": {"prune": "twig", "speculative": True}}
 
@@ -107,37 +105,6 @@ def level(url: str, model: str, images: list[str], clients: int, per_client: int
     }
 
 
-@contextmanager
-def started_server(model: str, twig: str, max_queue: int):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "twigvlm", "serve", "--model", model, "--twig", twig, "--port", str(port),
-           "--max-queue", str(max_queue)]  # fmt: skip
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"twigvlm serve exited with {process.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the server was not ready after 300 s")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None, help="a running server (default: start one)")
@@ -170,7 +137,8 @@ def main() -> None:
     if args.url:
         rows = run(args.url)
     else:
-        with started_server(args.model, args.twig, max(clients) * 2) as url:
+        flags = ["--model", args.model, "--twig", args.twig, "--max-queue", str(max(clients) * 2)]
+        with served(flags) as (url, _):
             rows = run(url)
     print("\n| mode | clients | requests | requests/s | TTFT median | TTFT p95 | tokens/s |")
     print("|---|---|---|---|---|---|---|")

@@ -7,10 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 
 import twigvlm
 from tests.conftest import random_image
+from twigvlm.serve.launch import served
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
@@ -54,12 +52,6 @@ class Server:
         return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png_bytes(seed: int = 0) -> bytes:
     buf = io.BytesIO()
     random_image(seed).save(buf, format="PNG")
@@ -75,29 +67,6 @@ def user(text: str, image_url: str | None = None) -> list[dict]:
     return [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"the server was not healthy after {timeout} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=15)
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, model_dirs) -> Server:
     root = tmp_path_factory.mktemp("serve")
@@ -105,7 +74,6 @@ def server(tmp_path_factory, model_dirs) -> Server:
     twig = root / "twig"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
-    run = [sys.executable, "-m", "twigvlm"]
     vlm = twigvlm.load(model)  # a fresh copy: the session's shared models keep no twig
     vlm.grow_twig(K=2, T=2)
     vlm.save_twig(twig)
@@ -113,15 +81,7 @@ def server(tmp_path_factory, model_dirs) -> Server:
     allowed = root / "allowed"
     allowed.mkdir()
     (allowed / "cat.png").write_bytes(png_bytes(0))
-    port = free_port()
-    log = root / "server.log"
-    process = subprocess.Popen(
-        [*run, "serve", "--model", model, "--twig", str(twig), "--port", str(port), "--max-queue", str(MAX_QUEUE),
-         "--api-key", API_KEY, "--allowed-local-media-path", str(allowed)],
-        env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
-    )  # fmt: skip
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, log)
-        yield Server(f"http://127.0.0.1:{port}", model, str(twig), allowed, allowed / "cat.png", process)
-    finally:
-        stop(process)
+    flags = ["--model", model, "--twig", str(twig), "--max-queue", str(MAX_QUEUE), "--api-key", API_KEY,
+             "--allowed-local-media-path", str(allowed)]  # fmt: skip
+    with served(flags, log=root / "server.log", env=env, timeout=START_TIMEOUT_S) as (url, process):
+        yield Server(url, model, str(twig), allowed, allowed / "cat.png", process)

@@ -9,11 +9,12 @@ import threading
 import pytest
 
 from tests.conftest import random_image
-from tests.serve_support import data_url, free_port, png_bytes, user
+from tests.serve_support import data_url, png_bytes, user
 from twigvlm import cli
 from twigvlm.config import SpecConfig
 from twigvlm.serve.config import ServeConfig
 from twigvlm.serve.errors import APIError
+from twigvlm.serve.launch import free_port
 from twigvlm.serve.media import MediaPolicy, load_image_url
 from twigvlm.serve.protocol import parse_chat_request
 
