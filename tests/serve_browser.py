@@ -82,7 +82,9 @@ class Browser:
             time.sleep(poll)
         raise TimeoutError(f"{expression} stayed falsy for {timeout} s")
 
-    def screenshot(self) -> bytes:
+    def screenshot(self, width: int, height: int) -> bytes:
+        """PNG bytes of the page at exactly width × height CSS pixels."""
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
 
     def close(self) -> None:
