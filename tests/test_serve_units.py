@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -199,6 +200,31 @@ def test_a_model_that_fails_to_load_stops_the_server_with_exit_2(tmp_path, capsy
     assert cli.main(["serve", "--model", str(missing), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "twigvlm serve: error:" in err and str(missing) in err and "Traceback" not in err
+
+
+def test_health_is_503_while_the_model_loads_then_200(vlms):
+    from fastapi.testclient import TestClient
+
+    from twigvlm.serve.app import create_app
+
+    release = threading.Event()
+
+    def slow_load():
+        assert release.wait(timeout=30)
+        return vlms["llama-clip"]
+
+    with TestClient(create_app(ServeConfig(model="m", twig=None), load=slow_load)) as client:
+        loading = client.get("/health")
+        assert loading.status_code == 503 and loading.json() == {"status": "loading"}
+        early = client.post("/v1/chat/completions", json={"model": "m", "messages": user("hi")})
+        assert (
+            early.status_code == 503 and early.headers["retry-after"] and "loading" in early.json()["error"]["message"]
+        )
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").json() == {"status": "ok"}
 
 
 # ---- the cancellation hook ---------------------------------------------------------------------------------------
