@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
@@ -32,6 +34,18 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 STATIC = files(__package__) / "static"
 
 
+@dataclass
+class Served:
+    """What the routes share: the settings, the inference thread, the metrics, the media rules, the page."""
+
+    cfg: ServeConfig
+    worker: Worker
+    metrics: Metrics
+    policy: MediaPolicy
+    page: str
+    script: str
+
+
 def create_app(
     cfg: ServeConfig, load: Callable[[], VLM] | None = None, on_load_error: Callable[[str], None] | None = None
 ) -> FastAPI:
@@ -50,76 +64,91 @@ def create_app(
         worker.stop()
 
     app = FastAPI(title="twigvlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker, app.state.metrics = worker, metrics
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
-
-    def authorize(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        sent = request.headers.get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {cfg.api_key}".encode()):
-            raise APIError(
-                401,
-                "invalid API key: send 'Authorization: Bearer <key>' with the server's --api-key",
-                code="invalid_api_key",
-            )
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if worker.ready.is_set():
-            return JSONResponse({"status": "ok"})
-        status = "failed: " + worker.load_error if worker.load_error else "loading"
-        return JSONResponse({"status": status}, status_code=503)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        authorize(request)
-        card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "twigvlm", "root": cfg.model_id}
-        card["twig"] = cfg.twig
-        return JSONResponse({"object": "list", "data": [card]})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    page = (STATIC / "index.html").read_text(encoding="utf-8")
-    script = (STATIC / "playground.js").read_text(encoding="utf-8")
-
-    @app.get("/", response_class=HTMLResponse)
-    async def playground() -> HTMLResponse:
-        return HTMLResponse(page)
-
-    @app.get("/playground.js")
-    async def playground_js() -> Response:
-        return Response(script, media_type="text/javascript")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        req = parse_chat_request(await _json_body(request), cfg)
-        if not worker.ready.is_set():
-            raise APIError(503, "the model is still loading: retry in a few seconds", retry_after=5)
-        worker.admit()
-        job = Job(req, asyncio.get_running_loop())
-        try:
-            req.images = await asyncio.to_thread(_prepare, req, policy, worker)
-        except BaseException:
-            worker.release()
-            raise
-        worker.submit(job)
-        if req.stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(_sse(job, cfg.model_id), media_type="text/event-stream", headers=headers)
-        return await _complete(job, request, cfg.model_id)
-
+    page, script = ((STATIC / name).read_text(encoding="utf-8") for name in ("index.html", "playground.js"))
+    app.state.served = Served(cfg, worker, metrics, policy, page, script)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/v1/models", _models, methods=["GET"])
+    app.add_api_route("/metrics", _metrics, methods=["GET"])
+    app.add_api_route("/", _playground, methods=["GET"])
+    app.add_api_route("/playground.js", _playground_js, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", _chat_completions, methods=["POST"])
     return app
+
+
+def _served(request: Request) -> Served:
+    return request.app.state.served
+
+
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+
+
+def _authorize(request: Request) -> None:
+    key = _served(request).cfg.api_key
+    if key is None:
+        return
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+        raise APIError(
+            401,
+            "invalid API key: send 'Authorization: Bearer <key>' with the server's --api-key",
+            code="invalid_api_key",
+        )
+
+
+async def _health(request: Request) -> JSONResponse:
+    worker = _served(request).worker
+    if worker.ready.is_set():
+        return JSONResponse({"status": "ok"})
+    status = "failed: " + worker.load_error if worker.load_error else "loading"
+    return JSONResponse({"status": status}, status_code=503)
+
+
+async def _models(request: Request) -> JSONResponse:
+    _authorize(request)
+    cfg = _served(request).cfg
+    card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "twigvlm", "root": cfg.model_id}
+    return JSONResponse({"object": "list", "data": [{**card, "twig": cfg.twig}]})
+
+
+async def _metrics(request: Request) -> Response:
+    return Response(_served(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _playground(request: Request) -> HTMLResponse:
+    return HTMLResponse(_served(request).page)
+
+
+async def _playground_js(request: Request) -> Response:
+    return Response(_served(request).script, media_type="text/javascript")
+
+
+async def _chat_completions(request: Request) -> Response:
+    arrived = time.perf_counter()
+    served = _served(request)
+    _authorize(request)
+    req = parse_chat_request(await _json_body(request), served.cfg)
+    worker = served.worker
+    if not worker.ready.is_set():
+        raise APIError(503, "the model is still loading: retry in a few seconds", retry_after=5)
+    worker.admit()
+    job = Job(req, asyncio.get_running_loop(), arrived=arrived)
+    try:
+        req.images = await asyncio.to_thread(_prepare, req, served.policy, worker)
+    except BaseException:
+        worker.release()
+        raise
+    worker.submit(job)
+    if req.stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(_sse(job, served.cfg.model_id), media_type="text/event-stream", headers=headers)
+    return await _complete(job, request, served.cfg.model_id)
 
 
 async def _json_body(request: Request) -> Any:
