@@ -135,6 +135,15 @@ def test_seed_gives_a_per_request_generator(server, client):  # noqa: F811
     assert len({sample(s) for s in (4, 5, 6)}) > 1
 
 
+def test_stop_strings_end_the_answer_before_them(server, client):  # noqa: F811
+    ask = dict(model=server.model, messages=user(PROMPT), max_tokens=24, temperature=0)
+    reference = client.chat.completions.create(**ask).choices[0].message.content
+    cut = next(i for i in range(2, len(reference) - 1) if reference[i : i + 2].isalpha())
+    stop = reference[cut : cut + 2]
+    r = client.chat.completions.create(**ask, stop=[stop, "never-there"])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == reference[: reference.find(stop)]
+
+
 def test_metrics_count_what_the_requests_did(server, client, image):  # noqa: F811
     names = ["twigvlm_generation_tokens_total", "twigvlm_spec_decode_draft_tokens_total",
              "twigvlm_spec_decode_accepted_tokens_total", "twigvlm_kept_visual_tokens_total",
