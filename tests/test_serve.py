@@ -293,18 +293,29 @@ READ = """JSON.stringify({answer: document.getElementById('answer').textContent,
 
 @needs_browser
 def test_the_playground_streams_an_answer_with_ttp_and_ssd_and_draws_the_kept_tokens(server):  # noqa: F811
+    base = f"{server.url}/?sample=1&autorun=1&max_tokens=20&keep_ratio=0.5&prompt=hi&key={API_KEY}"
     browser = Browser(BROWSER)
     try:
-        browser.open(f"{server.url}/?sample=1&autorun=1&max_tokens=20&keep_ratio=0.5&prompt=hi&key={API_KEY}")
-        assert browser.wait_for(STATE, timeout=60) == "done", browser.evaluate(READ)
-        page = json.loads(browser.evaluate(READ))
+        pages = []
+        for toggles in ("", "&ttp=0&ssd=0"):  # both on (the page's default), then both off
+            browser.open(base + toggles)
+            assert browser.wait_for(STATE, timeout=60) == "done", browser.evaluate(READ)
+            pages.append(json.loads(browser.evaluate(READ)))
     finally:
         browser.close()
+    accelerated, plain = pages
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    r = client.chat.completions.create(model=server.model, messages=user("hi", page["image"]), max_tokens=20,
-                                       temperature=0, extra_body={"prune": "twig", "keep_ratio": 0.5})  # fmt: skip
-    stats = r.model_extra["twigvlm"]
-    assert page["answer"] == r.choices[0].message.content and int(page["chunks"]) > 1  # streamed, SSD ≡ greedy
-    assert page["kept"] == f"{stats['kept']} / {stats['visual_tokens']}"
-    assert int(page["dimmed"]) == stats["visual_tokens"] - stats["kept"] > 0
-    assert page["acc"].endswith("%") and float(page["tps"]) > 0 and server.model in page["model"]
+
+    def api(**extra):
+        r = client.chat.completions.create(model=server.model, messages=user("hi", accelerated["image"]),
+                                           max_tokens=20, temperature=0, extra_body=extra)  # fmt: skip
+        return r.choices[0].message.content, r.model_extra["twigvlm"]
+
+    text, stats = api(prune="twig", keep_ratio=0.5)
+    assert accelerated["answer"] == text and int(accelerated["chunks"]) > 1  # streamed; SSD ≡ greedy
+    assert accelerated["kept"] == f"{stats['kept']} / {stats['visual_tokens']}"
+    assert int(accelerated["dimmed"]) == stats["visual_tokens"] - stats["kept"] > 0
+    assert accelerated["acc"].endswith("%") and float(accelerated["tps"]) > 0 and server.model in accelerated["model"]
+    text, stats = api()
+    assert plain["answer"] == text and plain["kept"] == f"all {stats['visual_tokens']}" and plain["acc"] == "off"
+    assert int(plain["dimmed"]) == 0
