@@ -62,3 +62,5 @@ def test_chat_flags_are_checked_before_loading(capsys):
     assert cli.main(["chat", "--model", "/nonexistent", "--twig", "none", "--speculative"]) == 2
     err = capsys.readouterr().err
     assert "twig" in err and err.count("\n") == 1
+    assert cli.main(["chat", "--model", "/nonexistent", "--keep", "8"]) == 2
+    assert "--keep needs --prune" in capsys.readouterr().err

@@ -126,6 +126,8 @@ def _command(chat: Chat, line: str, out: TextIO) -> bool:
 def cmd_chat(args: argparse.Namespace) -> None:
     twig = twig_flag(args)
     config = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    if args.keep is not None and args.prune == "none":
+        raise TwigVLMError("--keep needs --prune (twig, fastv or visionzip)")
     prune = PruneConfig(method=args.prune, keep=args.keep) if args.prune != "none" else None
     spec = SpecConfig(draft_len=args.draft_len, max_draft_len=max(10, args.draft_len)) if args.speculative else None
     check_request(config, prune, spec, has_twig=twig is not None)  # before the slow model load
