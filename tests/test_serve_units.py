@@ -187,6 +187,7 @@ def test_http_urls_only_from_allowed_domains_without_redirects(http_images):
         (["--model", "x", "--speculative"], "need a twig"),
         (["--prune", "twig", "--keep", "-1"], "keep=-1"),
         (["--api-key", " "], "--api-key"),
+        (["--keep", "8"], "need --prune"),
     ],
 )
 def test_bad_serve_flags_are_one_line_and_exit_2(flags, words, capsys):

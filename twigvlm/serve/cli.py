@@ -78,6 +78,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     cfg.validate()
     if cfg.max_tokens < 1:
         raise TwigVLMError(f"--max-tokens {cfg.max_tokens} is invalid: give a positive integer")
+    budget = (args.keep, args.keep_ratio, args.wipe_layer)
+    if args.prune == "none" and any(v is not None for v in budget):
+        raise TwigVLMError("--keep, --keep-ratio and --wipe-layer need --prune (twig, fastv or visionzip)")
     if cfg.twig is None and (cfg.speculative is not None or cfg.prune.method == "twig"):
         raise TwigVLMError("--speculative and --prune twig need a twig: pass --twig DIR")
     return cfg
