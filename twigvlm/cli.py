@@ -1,4 +1,4 @@
-"""The `twigvlm` console script: grow, generate, train, distill-data, tiny, demo.
+"""The `twigvlm` console script: grow, generate, train, distill-data, tiny, demo, bench, serve, chat.
 
 Bad input ends in one line on stderr that names the problem and exit code 2, never a traceback; nothing is
 written on failure.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from . import chat as chat_cli
 from .bench import cli as bench_cli
 from .config import (
     DEFAULT_KEEP_RATIO,
@@ -31,6 +32,7 @@ from .config import (
 from .errors import TwigVLMError
 from .flags import add_runtime_args, positive_int
 from .paths import output_dir, output_file, twig_output_dir
+from .serve import cli as serve_cli
 from .tiny_qwen import FAMILIES as TINY_QWEN
 from .train import cli as train_cli
 
@@ -149,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo", help="folder for the kept-token pictures (default: out/demo)")
     train_cli.add_parsers(sub)
     bench_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
+    chat_cli.add_parser(sub)
     return parser
 
 
@@ -369,6 +373,8 @@ COMMANDS = {
     "train": train_cli.cmd_train,
     "bench": bench_cli.cmd_bench,
     "distill-data": train_cli.cmd_distill_data,
+    "serve": serve_cli.cmd_serve,
+    "chat": chat_cli.cmd_chat,
 }
 
 

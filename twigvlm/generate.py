@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -38,7 +39,7 @@ class GenerationStats:
     prefill_s: float
     decode_s: float
     tokens_per_s: float
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "cancelled" (`Generation.cancel`)
     prune_method: str = "none"
     kept: int | None = None  # R', visual tokens the deep layers keep (None: no pruning)
     avg_kept: float | None = None  # realised R̄, visual tokens per layer averaged over all layers
@@ -204,6 +205,14 @@ def _prefill(
     return pruned_prefill(engine, state, encoded, prune, prime_twig)
 
 
+def _until(blocks: Iterable[list[int]], cancelled: threading.Event) -> Iterator[list[int]]:
+    """The blocks, ending before the next one is computed once `cancelled` is set."""
+    for block in blocks:
+        yield block
+        if cancelled.is_set():
+            return
+
+
 def _ar_blocks(
     engine: Engine, state: DecodeState, first: int, cfg: GenConfig, generator: torch.Generator | None
 ) -> Iterator[list[int]]:
@@ -245,6 +254,11 @@ class Generation:
         self.engine, self.encoded, self.cfg, self.prune, self.spec = engine, encoded, cfg, prune, spec
         self.state: DecodeState | None = None  # the caches, for inspection after (or during) a run
         self.result: GenerationResult | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop before the next decoding step (safe from any thread); the result's finish_reason is "cancelled"."""
+        self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
         engine, encoded, cfg = self.engine, self.encoded, self.cfg
@@ -267,7 +281,9 @@ class Generation:
         else:
             blocks = _ar_blocks(engine, state, first, cfg, generator)
         ids: list[int] = []
-        reason = yield from emit(blocks, text, cfg.max_new_tokens, eos, stop_ids, ids)
+        reason = yield from emit(_until(blocks, self._cancelled), text, cfg.max_new_tokens, eos, stop_ids, ids)
+        if reason == "length" and len(ids) < cfg.max_new_tokens:
+            reason = "cancelled"
         t_end = time.perf_counter()
         self.result = GenerationResult(
             text=text.text,

@@ -1,0 +1,135 @@
+"""`twigvlm chat`: a multi-turn terminal chat with a loaded model, streamed, with a stats line per turn.
+
+Type a message to send it; `/image PATH` attaches an image to your next message, `/reset` starts over, `/quit`
+(or end of input) leaves. The whole conversation, images included, is the prompt of every turn, and the
+acceleration flags (`--prune`, `--speculative`) apply to every turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from PIL import Image
+
+from .api import VLM
+from .config import PRUNE_METHODS, GenConfig, PruneConfig, SpecConfig, check_request
+from .errors import TwigVLMError
+from .generate import GenerationStats
+from .images import load_image
+from .serve.cli import add_model_flags, twig_flag
+
+HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("chat", help="a terminal chat with the model (multi-turn, /image PATH to attach)")
+    add_model_flags(c)
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--prune", choices=list(PRUNE_METHODS), default="none")
+    c.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
+    c.add_argument("--speculative", action="store_true", help="draft with the twig, verify with the full model")
+    c.add_argument("--draft-len", type=int, default=SpecConfig.draft_len)
+
+
+@dataclass
+class Chat:
+    """The conversation so far: HF chat messages with image placeholders, and their images in order."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    pending: list[Image.Image] = field(default_factory=list)  # attached to the next user message
+
+    def turn(self, text: str) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+        """The prompt of a turn: the history plus the new user message (with the pending images first)."""
+        content = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
+        return [*self.messages, {"role": "user", "content": content}], [*self.images, *self.pending]
+
+    def commit(self, messages: list[dict[str, Any]], images: list[Image.Image], answer: str) -> None:
+        self.messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.images, self.pending = images, []
+
+
+def stats_line(s: GenerationStats) -> str:
+    """One line per turn: tokens, speed, the visual tokens kept, the drafts accepted."""
+    parts = [f"{s.new_tokens} tokens", f"{s.tokens_per_s:.1f} tokens/s", f"prefill {s.prefill_s * 1000:.0f} ms"]
+    if s.visual_tokens:
+        kept = f"{s.kept}/{s.visual_tokens}" if s.kept is not None else f"all {s.visual_tokens}"
+        parts.append(f"kept {kept} visual tokens")
+    if s.acceptance_rate is not None:
+        parts.append(f"acceptance {s.acceptance_rate:.0%}, {s.tokens_per_verification:.2f} tokens/verification")
+    return "[" + ", ".join(parts) + "]"
+
+
+def run_chat(
+    vlm: VLM,
+    read: Callable[[str], str],
+    out: TextIO,
+    config: GenConfig,
+    prune: PruneConfig | None = None,
+    spec: SpecConfig | None = None,
+) -> Chat:
+    """The chat loop: `read(prompt)` gives a line (EOFError ends the chat); answers stream to `out`."""
+    chat = Chat()
+    out.write(HELP + "\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return chat
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(chat, line, out):
+                return chat
+            continue
+        messages, images = chat.turn(line)
+        try:
+            stream = vlm.stream(messages, image=images, config=config, prune=prune, speculative=spec or False)
+            out.write("assistant> ")
+            for piece in stream:
+                out.write(piece)
+                out.flush()
+        except TwigVLMError as e:
+            out.write(f"error: {e}\n")
+            continue
+        assert stream.result is not None
+        out.write("\n" + stats_line(stream.result.stats) + "\n")
+        chat.commit(messages, images, stream.result.text)
+
+
+def _command(chat: Chat, line: str, out: TextIO) -> bool:
+    """Run a /command; False to leave the chat."""
+    name, _, arg = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/image" and arg.strip():
+        try:
+            chat.pending.append(load_image(arg.strip()))
+            out.write(f"attached {arg.strip()} to your next message\n")
+        except TwigVLMError as e:
+            out.write(f"error: {e}\n")
+    elif name == "/reset":
+        chat.messages, chat.images, chat.pending = [], [], []
+        out.write("the conversation starts over\n")
+    else:
+        out.write(HELP + "\n")
+    return True
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    twig = twig_flag(args)
+    config = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    if args.keep is not None and args.prune == "none":
+        raise TwigVLMError("--keep needs --prune (twig, fastv or visionzip)")
+    prune = PruneConfig(method=args.prune, keep=args.keep) if args.prune != "none" else None
+    spec = SpecConfig(draft_len=args.draft_len, max_draft_len=max(10, args.draft_len)) if args.speculative else None
+    check_request(config, prune, spec, has_twig=twig is not None)  # before the slow model load
+    vlm = VLM.load(args.model, twig=twig, dtype=args.dtype, device=args.device)
+    run_chat(vlm, input, sys.stdout, config, prune, spec)

@@ -1,0 +1,262 @@
+"""The `/v1/chat/completions` protocol: a JSON body → a checked `ChatRequest`, and the objects sent back
+(`chat.completion`, `chat.completion.chunk`, usage, and the `twigvlm` extension with the request's stats).
+
+Every field that would change the result and that twigvlm cannot honour (`n` > 1, `logprobs`, tools, penalties,
+...) is refused with a 400 that names it; nothing is silently ignored. The acceleration settings are extra
+top-level fields (the openai client's `extra_body`): `prune`, `keep`, `keep_ratio`, `wipe_layer`, `speculative`,
+`draft_len`, `draft_threshold`; `top_k` and `ignore_eos` are accepted too. Parsing touches no model and no file.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from PIL import Image
+
+from ..config import PRUNE_METHODS, GenConfig, PruneConfig, SpecConfig
+from ..errors import TwigVLMError
+from ..generate import GenerationResult
+from .config import ServeConfig
+from .errors import APIError, bad_request
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Fields that change nothing about the answer: accepted and not used.
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
+# Fields that would change the answer, refused unless they hold their neutral value.
+REFUSED_UNLESS = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+}
+ACCELERATION = {"prune", "keep", "keep_ratio", "wipe_layer", "speculative", "draft_len", "draft_threshold"}
+KNOWN = (
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "ignore_eos",
+    }
+    | HARMLESS
+    | set(REFUSED_UNLESS)
+    | ACCELERATION
+)
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+@dataclass
+class ChatRequest:
+    """One checked chat request. `messages` are in the HF chat format with `{"type": "image"}` placeholders;
+    `image_urls` (url, param) fill them, in order; `images` holds them once read (off the event loop)."""
+
+    messages: list[dict[str, Any]]
+    image_urls: list[tuple[str, str]]
+    gen: GenConfig
+    prune: PruneConfig | None
+    spec: SpecConfig | None
+    stream: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    images: list[Image.Image] = field(default_factory=list)
+
+
+def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
+    """body[name] if it is one of `kinds` (bool is never a number), else a 400 naming the field."""
+    value = body.get(name)
+    if value is None:
+        return None
+    number = any(k in (int, float) for k in kinds)
+    if not isinstance(value, kinds) or (number and isinstance(value, bool) and bool not in kinds):
+        raise bad_request(f"'{name}' must be {what}, got {value!r}", name)
+    return value
+
+
+def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
+    """Check a request body against the protocol and the server's settings; APIError on the first problem."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise bad_request(f"unsupported field '{unknown[0]}': twigvlm does not implement it", unknown[0])
+    for name, neutral in REFUSED_UNLESS.items():
+        if name in body and body[name] not in neutral:
+            raise bad_request(f"'{name}'={body[name]!r} is not supported by twigvlm: leave it out", name)
+    model = _typed(body, "model", (str,), "a string")
+    if model is None:
+        raise bad_request("'model' is required: GET /v1/models lists it", "model")
+    if model != cfg.model_id:
+        raise APIError(
+            404, f"the model '{model}' does not exist: this server serves '{cfg.model_id}'", "model", "model_not_found"
+        )
+    messages, image_urls = parse_messages(body.get("messages"))
+    stream = bool(_typed(body, "stream", (bool,), "true or false"))
+    options = _typed(body, "stream_options", (dict,), "an object") or {}
+    if options and not stream:
+        raise bad_request("'stream_options' is only allowed with stream: true", "stream_options")
+    include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
+    try:
+        gen = _gen_config(body, cfg)
+        prune, spec = _acceleration(body, cfg)
+        gen.validate()
+    except TwigVLMError as e:
+        raise bad_request(str(e)) from None
+    return ChatRequest(messages, image_urls, gen, prune, spec, stream, include_usage)
+
+
+def parse_messages(raw: Any) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """OpenAI messages → HF chat messages with image placeholders, and the image URLs in order."""
+    if not isinstance(raw, list) or not raw:
+        raise bad_request("'messages' must be a non-empty list of messages", "messages")
+    messages, urls = [], []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise bad_request(f"{where} needs a 'role' of {', '.join(ROLES)}", f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list) and content:
+            parts = [_part(p, f"{where}.content[{j}]", urls) for j, p in enumerate(content)]
+        else:
+            raise bad_request(f"{where}.content must be text or a non-empty list of parts", f"{where}.content")
+        messages.append({"role": ROLES[m["role"]], "content": parts})
+    if messages[-1]["role"] != "user":
+        raise bad_request("the last message must come from the user", f"messages[{len(raw) - 1}].role")
+    return messages, urls
+
+
+def _part(part: Any, where: str, urls: list[tuple[str, str]]) -> dict[str, Any]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"{where}.image_url needs a 'url'", f"{where}.image_url")
+        urls.append((url, f"{where}.image_url"))
+        return {"type": "image"}
+    raise bad_request(f"{where} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', ...}}", where)
+
+
+def _gen_config(body: dict[str, Any], cfg: ServeConfig) -> GenConfig:
+    max_new = _typed(body, "max_completion_tokens", (int,), "a positive integer")
+    if max_new is None:
+        max_new = _typed(body, "max_tokens", (int,), "a positive integer")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
+        raise bad_request("'stop' must be a string or a list of at most 4 strings", "stop")
+    temperature = _typed(body, "temperature", (int, float), "a number")
+    top_p = _typed(body, "top_p", (int, float), "a number")
+    return GenConfig(
+        max_new_tokens=cfg.max_tokens if max_new is None else max_new,
+        temperature=float(1.0 if temperature is None else temperature),
+        top_k=_typed(body, "top_k", (int,), "an integer") or 0,
+        top_p=float(1.0 if top_p is None else top_p),
+        seed=_typed(body, "seed", (int,), "an integer"),
+        stop=tuple(stop or ()),
+        ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "true or false")),
+    )
+
+
+def _acceleration(body: dict[str, Any], cfg: ServeConfig) -> tuple[PruneConfig | None, SpecConfig | None]:
+    """The request's pruning and drafting: its own fields over the server's defaults."""
+    prune = cfg.prune
+    method = _typed(body, "prune", (str,), f"one of {', '.join(PRUNE_METHODS)}")
+    if method is not None:
+        prune = replace(prune, method=method)
+    keep = _typed(body, "keep", (int, float), "a number of visual tokens")
+    keep_ratio = _typed(body, "keep_ratio", (int, float), "a number in (0, 1]")
+    if keep is not None or keep_ratio is not None:
+        prune = replace(prune, keep=keep, keep_ratio=keep_ratio)
+    wipe = _typed(body, "wipe_layer", (int,), "a layer number")
+    if wipe is not None:
+        prune = replace(prune, wipe_layer=wipe)
+    prune.validate()
+    if not prune.active and (keep is not None or keep_ratio is not None or wipe is not None):
+        raise bad_request("'keep', 'keep_ratio' and 'wipe_layer' need 'prune' (twig, fastv or visionzip)", "prune")
+    speculative = _typed(body, "speculative", (bool,), "true or false")
+    if speculative is None:
+        spec = cfg.speculative  # the server's default
+    else:
+        spec = (cfg.speculative or SpecConfig()) if speculative else None
+    draft_len = _typed(body, "draft_len", (int,), "a positive integer")
+    threshold = _typed(body, "draft_threshold", (int, float), "a number in [0, 1)")
+    if spec is None and (draft_len is not None or threshold is not None):
+        raise bad_request("'draft_len' and 'draft_threshold' need 'speculative': true", "speculative")
+    if spec is not None:
+        if draft_len is not None:
+            spec = replace(spec, draft_len=draft_len, max_draft_len=max(spec.max_draft_len, draft_len))
+        if threshold is not None:
+            spec = replace(spec, threshold=float(threshold))
+        spec.validate()
+    return (prune if prune.active else None), spec
+
+
+# ---- what is sent back ------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(req: ChatRequest, model: str, result: GenerationResult, extra: dict[str, Any]) -> dict[str, Any]:
+    """The `chat.completion` object of a finished request; extra: the `twigvlm` extension object."""
+    return {
+        "id": req.id,
+        "object": "chat.completion",
+        "created": req.created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS[result.stats.finish_reason],
+            }
+        ],
+        "usage": usage(extra["prompt_tokens"], result.stats.new_tokens),
+        "twigvlm": extra,
+    }
+
+
+def chunk(
+    req: ChatRequest, model: str, delta: dict[str, Any], finish_reason: str | None = None, **more: Any
+) -> dict[str, Any]:
+    """One `chat.completion.chunk`; more: extra top-level members (usage, twigvlm)."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": req.id,
+        "object": "chat.completion.chunk",
+        "created": req.created,
+        "model": model,
+        "choices": [choice],
+        **more,
+    }
