@@ -30,6 +30,7 @@ from .config import (
 )
 from .errors import TwigVLMError
 from .paths import output_dir, output_file, twig_output_dir
+from .tiny_families import FAMILIES as TINY_FAMILIES
 from .tiny_qwen import FAMILIES as TINY_QWEN
 from .train import cli as train_cli
 
@@ -147,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny", help="write a tiny random VLM (offline) for trying things out")
     t.add_argument("--out", required=True)
-    t.add_argument("--family", choices=["llava", *TINY_QWEN], default="llava", help="the model family (default: llava)")
+    t.add_argument(
+        "--family",
+        choices=["llava", *TINY_QWEN, *TINY_FAMILIES],
+        default="llava",
+        help="the model family (default: llava)",
+    )
     t.add_argument("--backbone", choices=["llama", "mistral", "qwen2"], default="llama", help="llava only")
     t.add_argument("--tower", choices=["clip", "siglip"], default="clip", help="llava only")
     t.add_argument("--layers", type=_positive_int, default=6)
@@ -309,6 +315,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tiny(args: argparse.Namespace) -> None:
     from .tiny import TinySpec, save_tiny_llava
 
+    if args.family in TINY_FAMILIES:
+        from .tiny_families import TinyFamilySpec, save_tiny_family
+
+        spec = TinyFamilySpec(family=args.family, num_layers=args.layers, seed=args.seed)
+        print(
+            f"wrote a tiny random {args.family} ({args.layers} layers) → {save_tiny_family(output_dir(args.out), spec)}"
+        )
+        return
     if args.family != "llava":
         from .tiny_qwen import TinyQwenSpec, save_tiny_qwen
 

@@ -147,15 +147,21 @@ class VisionZipReduction(ABC):
         """Vision features [R, Hv] → language-model features [R, H] (the model's projector)."""
 
     def reduce_visual(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, reducer: Reducer
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, reducer: Reducer, token_id: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, Reduction, list[int]]:
         """Reduce each image's tokens of a one-prompt batch: projected features [R, H], the input ids without the
-        dropped placeholders [1, T'], the `Reduction`, and how many tokens each image kept."""
+        dropped placeholders [1, T'], the `Reduction`, and how many tokens each image kept. token_id: another
+        placeholder than the image token (Video-LLaVA's video frames, each reduced as an image); the family's
+        `vision_scores` then takes kind="video"."""
         if input_ids.shape[0] != 1:
             raise TwigVLMError(f"VisionZip reduces one prompt at a time, not a batch of {input_ids.shape[0]}")
-        pre, scores, keys = self.vision_scores(pixel_values)
+        if token_id is None or token_id == self.image_token_id:
+            token_id = self.image_token_id
+            pre, scores, keys = self.vision_scores(pixel_values)
+        else:
+            pre, scores, keys = self.vision_scores(pixel_values, kind="video")  # type: ignore[call-arg]
         n, per_image = scores.shape
-        visual = (input_ids[0] == self.image_token_id).nonzero().flatten()  # [M]
+        visual = (input_ids[0] == token_id).nonzero().flatten()  # [M]
         if visual.numel() != n * per_image:
             raise TwigVLMError(
                 f"the prompt has {visual.numel()} image tokens for {n} image(s) of {per_image}: "

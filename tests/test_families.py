@@ -1,0 +1,271 @@
+"""The oracles on Video-LLaVA, LLaVA-NeXT, LLaVA-OneVision and Idefics3 (tiny random models saved and loaded back
+offline): engine ≡ stock `generate` (images, two images, videos), cached ≡ uncached stock forward, pruning ≡ the
+masked full model, keep-all ≡ stock, SSD ≡ AR, a full-copy twig always accepted, training ≡ HF's `labels=` loss.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import twigvlm
+from twigvlm import PruneConfig, SpecConfig, TwigVLMError
+from twigvlm.prune import kept_per_layer, pruned_prefill
+from twigvlm.tiny_families import TinyFamilySpec, save_tiny_family
+from twigvlm.video import load_video
+
+from .conftest import random_prompt
+from .test_qwen import _masked_reference_logits, _with_twig, _write_mp4, picture, stock_greedy
+
+# family → (takes video, the tiny spec the tests load)
+FAMILIES = {
+    "video-llava": (True, TinyFamilySpec(family="video-llava", num_layers=6, seed=20)),
+}
+VIDEO_FAMILIES = sorted(f for f, (video, _) in FAMILIES.items() if video)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, twigvlm.VLM]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: twigvlm.load(save_tiny_family(root / f, spec)) for f, (_, spec) in FAMILIES.items()}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request, models) -> twigvlm.VLM:
+    v = models[request.param]
+    v.twig = None
+    return v
+
+
+@pytest.fixture(params=VIDEO_FAMILIES)
+def video_family(request, models) -> twigvlm.VLM:
+    v = models[request.param]
+    v.twig = None
+    return v
+
+
+def clip(seed: int, n: int = 3):
+    return load_video([picture(seed * 10 + i) for i in range(n)], fps=2.0)
+
+
+CASES = {
+    "text-only": ([], 0),
+    "one-image": ([picture(1)], 0),
+    "two-images": ([picture(2), picture(3, (64, 40))], 0),
+    "video": ([], 1),
+    "image+video": ([picture(4)], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_ids_equal_stock_generate(family, case):
+    images, n_videos = CASES[case]
+    if n_videos and not family.adapter.takes_video:
+        pytest.skip("an image-only family")
+    outs = []
+    for seed in range(2):
+        prompt, videos = random_prompt(seed, 2 + 6 * seed), [clip(seed)] * n_videos
+        ours = family.generate(prompt, image=images, video=videos or None, max_new_tokens=8, ignore_eos=True)
+        assert ours.token_ids == stock_greedy(family, prompt, images, 8, videos), (seed, case)
+        outs.append(tuple(ours.token_ids))
+    assert len(set(outs)) > 1  # the tiny model is not degenerate
+
+
+def _prompt_inputs(vlm: twigvlm.VLM, seed: int):
+    """A prompt with two images, and a video where the family takes one."""
+    videos = [clip(seed)] if vlm.adapter.takes_video else []
+    return random_prompt(seed, 5), [picture(seed), picture(seed + 1, (64, 40))], videos
+
+
+def test_cached_decode_logits_equal_uncached_stock_forward(family):
+    prompt, images, videos = _prompt_inputs(family, 6)
+    enc = family.encode(prompt, images, video=videos or None)
+    engine = family.engine
+    with torch.inference_mode():
+        state = engine.new_state()
+        logits, tokens = [engine.prefill(state, enc)], []
+        for _ in range(6):
+            tokens.append(int(logits[-1].argmax(-1)))
+            logits.append(engine.step(state, torch.tensor([[tokens[-1]]]))[:, -1])
+        batch = dict(family.adapter.process(prompt, images, videos))
+        batch.pop("attention_mask", None)
+        batch["input_ids"] = torch.cat([batch["input_ids"], torch.tensor([tokens[:-1]])], 1)
+        ref = family.adapter.model(**batch, use_cache=False).logits[0, enc.num_tokens - 1 :]
+    torch.testing.assert_close(torch.cat(logits[:-1], 0), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_per_item_masks_partition_the_visual_tokens(family):
+    prompt, images, videos = _prompt_inputs(family, 2)
+    enc = family.encode(prompt, images, video=videos or None)
+    masks = enc.image_masks
+    assert enc.num_images == len(images) + len(videos) and masks.sum(0).eq(enc.visual_mask).all()
+    first = [int(m[0].nonzero()[0]) for m in masks]
+    assert first == sorted(first)  # numbered in prompt order
+
+
+# ---- pruning ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["twig", "fastv"])
+@pytest.mark.parametrize("K,wipe,ratio", [(1, 4, 0.3), (2, 6, 0.5)])
+def test_pruning_equals_the_masked_full_model(family, method, K, wipe, ratio):
+    vlm = _with_twig(family, K, 2, noise=0.05, seed=K)
+    prompt, images, videos = _prompt_inputs(vlm, K + wipe)
+    enc = vlm.encode(prompt, images, video=videos or None)
+    engine = vlm.engine
+    with torch.no_grad():
+        state = engine.new_state()
+        logits, stats = pruned_prefill(engine, state, enc, PruneConfig(method, keep_ratio=ratio, wipe_layer=wipe))
+        ours, ids = [logits[0]], []
+        for _ in range(5):
+            ids.append(int(ours[-1].argmax()))
+            ours.append(engine.step(state, torch.tensor([[ids[-1]]]))[0, -1])
+        ref = _masked_reference_logits(vlm, enc, ids, torch.tensor(stats.kept_indices), K, wipe)
+    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-5)
+    assert ids == ref[enc.num_tokens - 1 : -1].argmax(-1).tolist()
+    M, L, T = enc.num_visual_tokens, engine.num_layers, enc.num_tokens
+    R = kept_per_layer(ratio * M, L, M, K, wipe)
+    assert stats.kept == R < M and stats.visual_tokens == M  # the budget is a share of this request's M
+    assert state.cache.lengths() == [T + 5] * K + [T - M + R + 5] * (wipe - K) + [T - M + 5] * (L - wipe)
+
+
+@pytest.mark.parametrize("method", ["twig", "fastv"])
+def test_keep_all_is_the_unpruned_model_and_stock_generate(family, method):
+    vlm = _with_twig(family, 2, 2, noise=0.05)
+    prompt, images, videos = _prompt_inputs(vlm, 8)
+    args = dict(prompt=prompt, image=images, video=videos or None, max_new_tokens=8, ignore_eos=True)
+    pruned = vlm.generate(**args, prune=PruneConfig(method, keep_ratio=1.0, wipe_layer=6))
+    assert pruned.token_ids == vlm.generate(**args).token_ids == stock_greedy(vlm, prompt, images, 8, videos)
+    assert pruned.stats.kept == pruned.stats.visual_tokens
+
+
+# ---- speculative decoding -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep_ratio=0.5)], ids=["unpruned", "pruned"])
+def test_greedy_speculation_equals_greedy_ar(family, prune):
+    vlm = _with_twig(family, 2, 2, noise=0.3, seed=3)
+    for seed, gamma in ((0, 1), (1, 4)):
+        prompt, images, videos = _prompt_inputs(vlm, seed)
+        args = dict(prompt=prompt, image=images, video=videos or None, max_new_tokens=12, ignore_eos=True)
+        sd = vlm.generate(**args, prune=prune, speculative=SpecConfig(draft_len=gamma, threshold=0))
+        assert sd.token_ids == vlm.generate(**args, prune=prune).token_ids, (seed, gamma)
+
+
+def test_a_full_copy_twig_is_always_accepted(family):
+    vlm = _with_twig(family, 2, family.adapter.spec.num_layers - 2)
+    prompt, images, videos = _prompt_inputs(vlm, 5)
+    args = dict(prompt=prompt, image=images, video=videos or None, max_new_tokens=13, ignore_eos=True)
+    sd = vlm.generate(**args, speculative=SpecConfig(draft_len=3, threshold=0))
+    assert sd.token_ids == vlm.generate(**args).token_ids
+    assert sd.stats.acceptance_rate == 1.0 and sd.stats.verifications == 3  # 12 drafted tokens, 4 per pass
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def _copy_twig_loss(vlm: twigvlm.VLM, batch: dict) -> float:
+    from twigvlm.config import TwigConfig
+    from twigvlm.train.objective import TwigObjective
+    from twigvlm.twig import grow_twig
+
+    L = vlm.adapter.spec.num_layers
+    obj = TwigObjective(vlm.adapter, grow_twig(vlm.adapter, TwigConfig(K=2, T=L - 2, head="copy")))
+    return obj(**batch)["loss"].item()
+
+
+def test_exact_copy_twig_reproduces_the_stock_loss_on_llava_data(family, tmp_path):
+    # LLaVA-format data (images, a second turn every third record, a text-only record) → a right-padded batch.
+    from twigvlm.train.config import DataConfig
+    from twigvlm.train.data import Collator, LlavaDataset, pad_token_id
+
+    from .conftest import write_llava_data
+
+    path = write_llava_data(tmp_path, 4, seed=3)
+    ds = LlavaDataset(path, family.adapter, DataConfig(data=path))
+    batch = Collator(pad_token_id(family.adapter))([ds[i] for i in range(len(ds))])
+    vision = batch["pixel_values"]
+    vision = vision if isinstance(vision, dict) else {"pixel_values": vision}
+    with torch.no_grad():
+        hf = family.adapter.model(input_ids=batch["input_ids"], labels=batch["labels"], **vision).loss
+    assert abs(_copy_twig_loss(family, batch) - hf.item()) < 1e-5
+
+
+def test_exact_copy_twig_reproduces_the_stock_loss_on_a_video(video_family):
+    # A video conversation: labels on the answer only; the twig with K+T = L is the full model.
+    adapter = video_family.adapter
+    batch = dict(adapter.process(random_prompt(2, 4), [], [clip(2)]))
+    answer = adapter.tokenizer("It moves left.<|im_end|>", return_tensors="pt")["input_ids"]
+    ids = torch.cat([batch.pop("input_ids"), answer], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer.shape[1] :] = answer
+    batch.pop("attention_mask", None)
+    with torch.no_grad():
+        hf = adapter.model(input_ids=ids, labels=labels, **batch).loss
+    ours = _copy_twig_loss(video_family, {"input_ids": ids, "labels": labels, "pixel_values": batch})
+    assert abs(ours - hf.item()) < 1e-5
+
+
+# ---- Video-LLaVA specifics ----------------------------------------------------------------------------------
+def test_video_llava_tokens_are_frames_of_cls_and_patches(models):
+    vlm = models["video-llava"]
+    enc = vlm.encode("what moves?", video=clip(1, n=3))
+    assert enc.num_visual_tokens == 3 * (1 + 16)  # three frames, each CLS + 4×4 patches
+    layout = vlm.adapter.video_layout([clip(1, n=3)])
+    assert [(rows, cols, lead) for _, rows, cols, lead in layout] == [(4, 4, 1)] * 3
+
+
+def test_video_llava_visionzip_keep_all_is_the_unreduced_model(models):
+    vlm = models["video-llava"]
+    for images, videos in (([picture(1)], []), ([], [clip(1)])):
+        args = dict(prompt="what?", image=images, video=videos or None, max_new_tokens=6, ignore_eos=True)
+        full = vlm.generate(**args, prune=PruneConfig("visionzip", keep_ratio=1.0))
+        assert full.token_ids == stock_greedy(vlm, "what?", images, 6, videos)
+
+
+def test_video_llava_visionzip_reduces_each_frame(models):
+    vlm = models["video-llava"]
+    enc = vlm.encode("what?", video=clip(2), prune=PruneConfig("visionzip", keep_ratio=0.25))
+    M = 3 * 17
+    assert enc.reduction.visual_tokens == M and enc.num_visual_tokens == 3 * 5  # ceil(0.25·M·17/M) per frame
+    assert enc.num_visual_tokens == len(enc.reduction.kept_indices) and enc.num_images == 1
+    with pytest.raises(TwigVLMError, match="images or videos, not both") as e:
+        vlm.encode("what?", [picture(1)], video=clip(2), prune=PruneConfig("visionzip", keep_ratio=0.25))
+    assert "\n" not in str(e.value)
+
+
+def test_video_llava_videos_of_different_lengths_are_one_line(models):
+    with pytest.raises(TwigVLMError, match="same number") as e:
+        models["video-llava"].generate("what?", video=[clip(1, 2), clip(2, 3)], max_new_tokens=2)
+    assert "\n" not in str(e.value)
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+def test_cli_tiny_video_llava_then_generate_with_video(tmp_path, capsys):
+    from twigvlm.cli import main
+
+    model, video, kept = tmp_path / "vl", tmp_path / "clip.mp4", tmp_path / "kept.png"
+    assert main(["tiny", "--family", "video-llava", "--out", str(model), "--layers", "4"]) == 0
+    _write_mp4(video)
+    args = ["generate", "--model", str(model), "--video", str(video), "--max-frames", "3", "--prompt", "what moves?"]
+    args += ["--max-new-tokens", "4", "--json", "--prune", "fastv", "--prune-layer", "1", "--keep-ratio", "0.5"]
+    args += ["--wipe-layer", "4", "--save-kept", str(kept)]
+    capsys.readouterr()
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
+    assert stats["visual_tokens"] == 3 * 17 and stats["kept"] < 3 * 17
+    assert Image.open(kept).width > 3 * Image.open(kept).height  # three frame panels side by side
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--video", "{tmp}/bad.mp4"], "not a readable video"), (["--video", "{tmp}/empty"], "holds no images")],
+)
+def test_cli_bad_videos_are_one_line(tmp_path, capsys, extra, message):
+    from twigvlm.cli import main
+
+    model = save_tiny_family(tmp_path / "vl", TinyFamilySpec(family="video-llava", num_layers=2))
+    (tmp_path / "bad.mp4").write_text("not a video")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    argv = ["generate", "--model", str(model), "--prompt", "hi"] + [a.format(tmp=tmp_path) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -1,0 +1,95 @@
+"""Adapter for stock `VideoLlavaForConditionalGeneration` (transformers 5.x): the paper's video system.
+
+Video-LLaVA has two CLIP towers with one shared projector: images go through the image tower (CLS dropped by the
+"default" strategy, as in LLaVA), videos through the video tower, every frame on its own, keeping *all* of the
+selected layer's tokens — CLS first, then the patches. A video is therefore frames × (1 + patches) `<video>`
+placeholders, frame-major, each frame's CLS first. There are no extra position tricks: 1-D RoPE over the prompt.
+
+The stock video processor needs torchvision; here video frames (already sampled by `twigvlm.video`) go through
+the stock *image* processor — the same resize, crop, rescale and normalisation the video processor applies — and
+are stacked into `pixel_values_videos` [V, F, 3, h, w] (`video_inputs`). VisionZip runs per image and per frame
+(the frame's CLS row scores its tokens, CLS included); a prompt with both images and videos is refused for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import TwigVLMError
+from .base import Encoded, Layout, Reducer
+from .llava import LlavaAdapter
+
+
+class VideoLlavaAdapter(LlavaAdapter):
+    """Images and videos, separate towers, one projector; every capability of LLaVA, VisionZip on either kind."""
+
+    model_types = ("video_llava",)
+    takes_video = True
+
+    def vision_tower(self, kind: str = "image") -> nn.Module:
+        return self.model.model.video_tower if kind == "video" else self.model.model.image_tower
+
+    # ---- video inputs ---------------------------------------------------------------------------------------
+    def frame_pixels(self, frames: Sequence[Image.Image]) -> torch.Tensor:
+        """Frames → [F, 3, h, w] through the stock image processor (the video processor's own transforms)."""
+        out = self.processor.image_processor(images=list(frames), return_tensors="pt")
+        return out.get("pixel_values", out.get("pixel_values_images"))
+
+    def video_inputs(self, videos: Sequence[Any]) -> dict[str, torch.Tensor]:
+        clips = [self.frame_pixels(v.frames) for v in videos]  # each [F, 3, h, w]
+        if len({c.shape for c in clips}) > 1:
+            frames = ", ".join(str(c.shape[0]) for c in clips)
+            raise TwigVLMError(
+                f"Video-LLaVA stacks a prompt's videos into one tensor, but they have {frames} frames: sample them "
+                "to the same number (--max-frames)"
+            )
+        return {"pixel_values_videos": torch.stack(clips)}  # [V, F, 3, h, w]
+
+    def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
+        groups = super().visual_features(batch)  # images, through the image tower
+        videos = batch.get("pixel_values_videos")
+        if videos is not None and videos.numel():
+            out = self.model.model.get_video_features(
+                pixel_values_videos=videos.to(self.device, self.dtype), return_dict=True
+            )
+            features = out.pooler_output.flatten(0, 1)  # [V·F·(1+P), H]
+            groups.append((self.video_token_id, features, [features.shape[0] // videos.shape[0]] * videos.shape[0]))
+        return groups
+
+    # ---- VisionZip --------------------------------------------------------------------------------------------
+    def reduced_batch(self, batch: Any, reducer: Reducer) -> Encoded:
+        videos = batch.get("pixel_values_videos")
+        if videos is None:
+            return super().reduced_batch(batch, reducer)
+        if batch.get("pixel_values") is not None:
+            raise TwigVLMError("VisionZip on Video-LLaVA reduces images or videos, not both in one prompt")
+        frames = videos.flatten(0, 1)  # [V·F, 3, h, w]: every frame reduced as an image
+        features, input_ids, reduction, counts = self.reduce_visual(
+            frames, batch["input_ids"], reducer, token_id=self.video_token_id
+        )
+        per_video = videos.shape[1]
+        kept = [sum(counts[v * per_video : (v + 1) * per_video]) for v in range(videos.shape[0])]
+        embeds = self._scatter(input_ids, self.embed(input_ids), features, self.video_token_id)
+        encoded = self._encoded(input_ids, embeds, [(self.video_token_id, kept)])
+        encoded.reduction = reduction
+        return encoded
+
+    # ---- pictures -------------------------------------------------------------------------------------------
+    def video_layout(self, videos: Sequence[Any]) -> list[Layout]:
+        """One panel per frame, its CLS token first (no patch to draw), then its patch grid."""
+        patch = self.model.config.vision_config.patch_size
+        extra = getattr(self.processor, "num_additional_image_tokens", 1)
+        return [
+            (img, img.height // patch, img.width // patch, extra)
+            for v in videos
+            for img in self.unnormalised(self.frame_pixels(v.frames))
+        ]
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def vision_inputs(self, batch: Any) -> Any:
+        return batch["pixel_values"] if "pixel_values" in batch else batch["pixel_values_images"]

@@ -1,0 +1,128 @@
+"""Tiny random Video-LLaVA, LLaVA-NeXT, LLaVA-OneVision and Idefics3 models built offline, with working processors.
+
+Each is the stock `*ForConditionalGeneration` class from a small config (a Llama decoder of a few layers, a
+two-layer CLIP or SigLIP tower), a byte-level BPE tokenizer with the family's special tokens, a ChatML template
+that writes the family's placeholders, and the family's stock PIL image processor at a small size.
+`save_tiny_family` writes the directory `save_pretrained` would write, so it loads back as a real checkpoint does
+(without torchvision: the processors that carry a video part are built without it, `adapters/qwen_processor.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters.qwen_processor import without_video
+from .tiny import build_tokenizer
+
+FAMILIES = ("video-llava", "llava-next", "llava-onevision", "idefics3")
+
+CHAT = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+BASE_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+@dataclass(frozen=True)
+class TinyFamilySpec:
+    """Shape of a tiny random model of `family`: a Llama decoder, a two-layer vision tower of `image_size` pixels
+    cut into `patch_size` patches (32 / 8 → 4×4 tokens per tile or frame)."""
+
+    family: str = "video-llava"
+    num_layers: int = 6
+    hidden_size: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    vocab_size: int = 600
+    tie_embeddings: bool = False
+    init_std: float = 0.1
+    seed: int = 0
+
+
+def _text(spec: TinyFamilySpec, vocab: int) -> dict[str, Any]:
+    return dict(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=2 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=spec.tie_embeddings,
+        initializer_range=spec.init_std,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def _clip(spec: TinyFamilySpec) -> dict[str, Any]:
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        initializer_range=spec.init_std,
+    )
+
+
+def _video_llava(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaProcessor
+    from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+    grid = (spec.image_size // spec.patch_size) ** 2
+    config = VideoLlavaConfig(
+        vision_config=_clip(spec),
+        text_config=_text(spec, vocab),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        image_seq_length=grid,
+        video_seq_length=8 * (grid + 1),
+        tie_word_embeddings=spec.tie_embeddings,
+    )
+    size = {"height": spec.image_size, "width": spec.image_size}
+    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": spec.image_size}, crop_size=size)
+    processor = without_video(VideoLlavaProcessor)(image_processor, tok, chat_template=CHAT, patch_size=spec.patch_size)
+    torch.manual_seed(spec.seed)
+    return VideoLlavaForConditionalGeneration(config), processor
+
+
+BUILDERS = {"video-llava": _video_llava}
+
+
+def build_tiny_family(spec: TinyFamilySpec = TinyFamilySpec()) -> tuple[Any, Any]:
+    """(model, processor) for a tiny random model of `spec.family`, in memory, seed `spec.seed`."""
+    if spec.family not in BUILDERS:
+        raise ValueError(f"unknown tiny family {spec.family!r}: use one of {', '.join(BUILDERS)}")
+    tok = build_tokenizer(spec.vocab_size, BASE_TOKENS, CHAT)
+    model, processor = BUILDERS[spec.family](spec, tok, max(spec.vocab_size, len(tok)))
+    model = model.eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, processor
+
+
+def save_tiny_family(out_dir: str | Path, spec: TinyFamilySpec = TinyFamilySpec()) -> Path:
+    """Build a tiny random model of `spec.family` and save it as `save_pretrained` lays a checkpoint out."""
+    out = Path(out_dir)
+    model, processor = build_tiny_family(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
