@@ -23,6 +23,8 @@ from .test_qwen import _masked_reference_logits, _with_twig, _write_mp4, picture
 # family → (takes video, the tiny spec the tests load)
 FAMILIES = {
     "video-llava": (True, TinyFamilySpec(family="video-llava", num_layers=6, seed=20)),
+    "llava-next": (False, TinyFamilySpec(family="llava-next", num_layers=6, seed=23)),
+    "llava-onevision": (True, TinyFamilySpec(family="llava-onevision", num_layers=6, seed=22)),
 }
 VIDEO_FAMILIES = sorted(f for f, (video, _) in FAMILIES.items() if video)
 
@@ -235,6 +237,66 @@ def test_video_llava_videos_of_different_lengths_are_one_line(models):
     with pytest.raises(TwigVLMError, match="same number") as e:
         models["video-llava"].generate("what?", video=[clip(1, 2), clip(2, 3)], max_new_tokens=2)
     assert "\n" not in str(e.value)
+
+
+# ---- LLaVA-NeXT / OneVision specifics ------------------------------------------------------------------------
+def _newlines(vlm: twigvlm.VLM, enc) -> torch.Tensor:
+    """[T] True where the prompt holds the model's learned image_newline vector."""
+    return (enc.inputs_embeds[0] == vlm.adapter.model.model.image_newline).all(-1)
+
+
+@pytest.mark.parametrize("name", ["llava-next", "llava-onevision"])
+def test_newline_tokens_are_visual_and_prunable(models, name):
+    # A 40×48 image: base 4×4, then the unpadded grid with one newline per row — all in <image> slots, all in M.
+    vlm = _with_twig(models[name], 1, 2, noise=0.05)
+    enc = vlm.encode(random_prompt(1, 4), [picture(1)])
+    newline = _newlines(vlm, enc)
+    rows, cols = vlm.adapter.grid_shape(picture(1), 4)
+    assert int(newline.sum()) == rows and (newline & ~enc.visual_mask[0]).sum() == 0
+    assert enc.num_visual_tokens == 16 + rows * (cols + 1)
+    with torch.no_grad():
+        state = vlm.engine.new_state()
+        logits, stats = pruned_prefill(vlm.engine, state, enc, PruneConfig("twig", keep_ratio=0.2, wipe_layer=4))
+        ref = _masked_reference_logits(vlm, enc, [0], torch.tensor(stats.kept_indices), 1, 4)
+    visual = enc.visual_mask[0].nonzero().flatten()
+    kept_newlines = int(newline[visual[stats.kept_indices]].sum())
+    assert kept_newlines < rows  # the scorer dropped at least one newline, and the model is still the reference
+    torch.testing.assert_close(logits[0], ref[enc.num_tokens - 1], rtol=1e-4, atol=1e-5)
+
+
+def test_onevision_multi_image_keeps_base_tiles_and_video_is_pooled(models):
+    vlm = models["llava-onevision"]
+    two = vlm.encode("compare", [picture(1), picture(2, (64, 40))])
+    assert two.num_visual_tokens == 2 * (16 + 1)  # each image: its base tile and one newline
+    video = vlm.encode("what moves?", video=clip(1, n=3))
+    assert video.num_visual_tokens == 3 * 2 * 2 + 1  # 4×4 per frame pooled to 2×2, one newline after the video
+    assert int(_newlines(vlm, video).sum()) == 1 and bool(_newlines(vlm, video)[video.visual_mask[0]][-1])
+
+
+def test_next_takes_no_video_in_one_line(models):
+    with pytest.raises(TwigVLMError, match="takes images, not videos") as e:
+        models["llava-next"].generate("what?", video=clip(1), max_new_tokens=2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["llava-next", "llava-onevision"])
+def test_visionzip_is_refused_in_one_line(models, name):
+    with pytest.raises(TwigVLMError, match="VisionZip") as e:
+        models[name].generate("what?", image=picture(1), prune="visionzip", max_new_tokens=2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["llava-next", "llava-onevision"])
+def test_kept_token_picture_counts_every_token(models, name, tmp_path):
+    from twigvlm.picture import picture_layout, save_kept_picture
+
+    vlm = models[name]
+    videos = [clip(1)] if vlm.adapter.takes_video else []
+    images = [picture(1), picture(2, (64, 40))]
+    enc = vlm.encode("what?", images, video=videos or None)
+    layout = picture_layout(vlm.adapter, images, videos)
+    assert sum(lead + rows * cols for _, rows, cols, lead in layout) == enc.num_visual_tokens
+    assert save_kept_picture(layout, list(range(0, enc.num_visual_tokens, 3)), tmp_path / "k.png").is_file()
 
 
 # ---- the command line ---------------------------------------------------------------------------------------

@@ -103,7 +103,82 @@ def _video_llava(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
     return VideoLlavaForConditionalGeneration(config), processor
 
 
-BUILDERS = {"video-llava": _video_llava}
+def _siglip(spec: TinyFamilySpec) -> dict[str, Any]:
+    return {**_clip(spec), "model_type": "siglip_vision_model"}
+
+
+# Anyres resolutions: a 32-pixel tile in a 1×2, 2×1 or 2×2 grid.
+def _pinpoints(spec: TinyFamilySpec) -> list[list[int]]:
+    s = spec.image_size
+    return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+
+
+def _llava_next(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    config = LlavaNextConfig(
+        vision_config=_clip(spec),
+        text_config=_text(spec, vocab),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=_pinpoints(spec),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=spec.tie_embeddings,
+    )
+    size = {"height": spec.image_size, "width": spec.image_size}
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": spec.image_size}, crop_size=size, image_grid_pinpoints=_pinpoints(spec)
+    )
+    processor = LlavaNextProcessor(
+        image_processor,
+        tok,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT,
+        num_additional_image_tokens=1,
+    )
+    torch.manual_seed(spec.seed)
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+def _llava_onevision(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    # anyres_max_2: a 2×2 grid (64 tokens) exceeds 2 tiles' worth by a ratio > 1.1, so the model shrinks it
+    config = LlavaOnevisionConfig(
+        vision_config=_siglip(spec),
+        text_config=_text(spec, vocab),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=_pinpoints(spec),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_2",
+        tie_word_embeddings=spec.tie_embeddings,
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=_pinpoints(spec),
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = without_video(LlavaOnevisionProcessor)(
+        image_processor,
+        tok,
+        chat_template=CHAT,
+        num_image_tokens=(spec.image_size // spec.patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_2",
+    )
+    torch.manual_seed(spec.seed)
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+BUILDERS = {"video-llava": _video_llava, "llava-next": _llava_next, "llava-onevision": _llava_onevision}
 
 
 def build_tiny_family(spec: TinyFamilySpec = TinyFamilySpec()) -> tuple[Any, Any]:

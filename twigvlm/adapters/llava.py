@@ -154,12 +154,15 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
         add_special = not (bos and text.startswith(bos))
         if not videos:
             batch = self.processor(
-                images=list(images) if images else None, text=text, return_tensors="pt", add_special_tokens=add_special
+                images=self.processor_images(images) if images else None,
+                text=text,
+                return_tensors="pt",
+                add_special_tokens=add_special,
             )
         else:
             data: dict[str, Any] = {}
             if images:
-                data.update(self.processor.image_processor(images=list(images), return_tensors="pt"))
+                data.update(self.processor.image_processor(images=self.processor_images(images), return_tensors="pt"))
                 text = _expand(text, self.image_token, self.processor.replace_image_token, data, len(images))
             video_data = self.video_inputs(videos)
             text = _expand(text, self.video_token, self.processor.replace_video_token, video_data, len(videos))
@@ -169,6 +172,11 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
         if "pixel_values_images" in batch:  # Video-LLaVA's legacy name for the same tensor
             batch["pixel_values"] = batch.pop("pixel_values_images")
         return batch.to(self.device)
+
+    def processor_images(self, images: Sequence[Image.Image]) -> Any:
+        """One prompt's images as the stock processor takes them (OneVision: nested, so that several images in
+        one prompt take its multi-image path)."""
+        return list(images)
 
     def video_inputs(self, videos: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Videos → the stock model's video tensors (what the stock video processor would give)."""
