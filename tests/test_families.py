@@ -25,6 +25,7 @@ FAMILIES = {
     "video-llava": (True, TinyFamilySpec(family="video-llava", num_layers=6, seed=20)),
     "llava-next": (False, TinyFamilySpec(family="llava-next", num_layers=6, seed=23)),
     "llava-onevision": (True, TinyFamilySpec(family="llava-onevision", num_layers=6, seed=22)),
+    "idefics3": (False, TinyFamilySpec(family="idefics3", num_layers=6, seed=25)),
 }
 VIDEO_FAMILIES = sorted(f for f, (video, _) in FAMILIES.items() if video)
 
@@ -184,7 +185,10 @@ def test_exact_copy_twig_reproduces_the_stock_loss_on_llava_data(family, tmp_pat
     ds = LlavaDataset(path, family.adapter, DataConfig(data=path))
     batch = Collator(pad_token_id(family.adapter))([ds[i] for i in range(len(ds))])
     vision = batch["pixel_values"]
-    vision = vision if isinstance(vision, dict) else {"pixel_values": vision}
+    vision = dict(vision) if isinstance(vision, dict) else {"pixel_values": vision}
+    vision.pop("tiles", None)  # Idefics3's tile counts per image, for truncation: not a model input
+    if "pixel_attention_mask" in vision:  # Idefics3: all tiles of the batch as one row of images
+        vision = {k: v.unsqueeze(0) for k, v in vision.items()}
     with torch.no_grad():
         hf = family.adapter.model(input_ids=batch["input_ids"], labels=batch["labels"], **vision).loss
     assert abs(_copy_twig_loss(family, batch) - hf.item()) < 1e-5
@@ -297,6 +301,30 @@ def test_kept_token_picture_counts_every_token(models, name, tmp_path):
     layout = picture_layout(vlm.adapter, images, videos)
     assert sum(lead + rows * cols for _, rows, cols, lead in layout) == enc.num_visual_tokens
     assert save_kept_picture(layout, list(range(0, enc.num_visual_tokens, 3)), tmp_path / "k.png").is_file()
+
+
+# ---- Idefics3 specifics -------------------------------------------------------------------------------------
+def test_idefics3_only_image_ids_are_visual(models):
+    vlm = models["idefics3"]
+    tok = vlm.adapter.tokenizer
+    enc = vlm.encode("what?", [picture(1), picture(2, (64, 40))])
+    ids = enc.input_ids[0]
+    assert torch.equal(enc.visual_mask[0], ids == vlm.adapter.image_token_id)
+    assert enc.num_visual_tokens == 2 * (2 * 2 + 1) * 4  # per image: 2×2 tiles and the global image, 4 tokens each
+    for text in ("<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_2_col_2>"):
+        token = tok.convert_tokens_to_ids(text)
+        assert (ids == token).any() and not enc.visual_mask[0][ids == token].any(), text
+    vlm = _with_twig(vlm, 2, 2, noise=0.05)
+    with torch.no_grad():
+        state = vlm.engine.new_state()
+        _, stats = pruned_prefill(vlm.engine, state, enc, PruneConfig("twig", keep_ratio=0.5, wipe_layer=6))
+    # the tile/global markers stay: the deep layers see T − M + R' tokens, every text token among them
+    assert state.cache.lengths()[-2] == enc.num_tokens - enc.num_visual_tokens + stats.kept
+
+
+def test_idefics3_layout_is_one_panel_per_tile_and_the_global_image(models):
+    layout = models["idefics3"].adapter.visual_layout([picture(1)])
+    assert [(rows, cols, lead) for _, rows, cols, lead in layout] == [(2, 2, 0)] * 5
 
 
 # ---- the command line ---------------------------------------------------------------------------------------

@@ -178,14 +178,50 @@ def _llava_onevision(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, A
     return LlavaOnevisionForConditionalGeneration(config), processor
 
 
-BUILDERS = {"video-llava": _video_llava, "llava-next": _llava_next, "llava-onevision": _llava_onevision}
+def _idefics3(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    # Tiles of image_size pixels (4×4 patches → 2×2 tokens after the pixel shuffle), up to 2×2 tiles + global.
+    config = Idefics3Config(
+        vision_config={**_siglip(spec), "model_type": "idefics3_vision"},
+        text_config=_text(spec, vocab),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        initializer_range=spec.init_std,
+        tie_word_embeddings=spec.tie_embeddings,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * spec.image_size},
+        max_image_size={"longest_edge": spec.image_size},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    seq_len = (spec.image_size // spec.patch_size) ** 2 // 4
+    processor = Idefics3Processor(image_processor, tok, image_seq_len=seq_len, chat_template=CHAT)
+    torch.manual_seed(spec.seed)
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+# The Idefics3 prompt's own tokens: the fake token around images, the global tag and the tile positions.
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)
+]
+
+BUILDERS = {
+    "idefics3": _idefics3,
+    "video-llava": _video_llava,
+    "llava-next": _llava_next,
+    "llava-onevision": _llava_onevision,
+}
 
 
 def build_tiny_family(spec: TinyFamilySpec = TinyFamilySpec()) -> tuple[Any, Any]:
     """(model, processor) for a tiny random model of `spec.family`, in memory, seed `spec.seed`."""
     if spec.family not in BUILDERS:
         raise ValueError(f"unknown tiny family {spec.family!r}: use one of {', '.join(BUILDERS)}")
-    tok = build_tokenizer(spec.vocab_size, BASE_TOKENS, CHAT)
+    extra = IDEFICS3_TOKENS if spec.family == "idefics3" else []
+    tok = build_tokenizer(spec.vocab_size, BASE_TOKENS + extra, CHAT)
     model, processor = BUILDERS[spec.family](spec, tok, max(spec.vocab_size, len(tok)))
     model = model.eval()
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -43,7 +43,8 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model.eval()
         self.processor = processor
-        self._lm = model.model.language_model  # LlamaModel / MistralModel / Qwen2Model
+        inner = model.model
+        self._lm = inner.text_model if hasattr(inner, "text_model") else inner.language_model  # LlamaModel, …
         cfg = model.config
         text = cfg.text_config
         self._spec = ModelSpec(
