@@ -322,6 +322,26 @@ def test_idefics3_only_image_ids_are_visual(models):
     assert state.cache.lengths()[-2] == enc.num_tokens - enc.num_visual_tokens + stats.kept
 
 
+def test_smolvlm_model_runs_through_the_same_adapter():
+    # A tiny SmolVLM model behind an Idefics3 processor (the image prompt strings are identical; SmolVLM's own
+    # processor needs num2words): engine ≡ stock generate, unpruned and pruned ≡ the masked full model.
+    from twigvlm.adapters import adapter_for
+    from twigvlm.tiny_families import build_tiny_family
+
+    vlm = twigvlm.VLM(adapter_for(*build_tiny_family(TinyFamilySpec(family="smolvlm", num_layers=4, seed=25))))
+    assert vlm.adapter.spec.model_type == "smolvlm/llama"
+    images = [picture(1), picture(2, (64, 40))]
+    ours = vlm.generate("what?", image=images, max_new_tokens=6, ignore_eos=True).token_ids
+    assert ours == stock_greedy(vlm, "what?", images, 6) and len(set(ours)) > 1
+    vlm = _with_twig(vlm, 1, 2, noise=0.05)
+    enc = vlm.encode("what?", images)
+    with torch.no_grad():
+        state = vlm.engine.new_state()
+        logits, stats = pruned_prefill(vlm.engine, state, enc, PruneConfig("twig", keep_ratio=0.4, wipe_layer=3))
+        ref = _masked_reference_logits(vlm, enc, [0], torch.tensor(stats.kept_indices), 1, 3)
+    torch.testing.assert_close(logits[0], ref[enc.num_tokens - 1], rtol=1e-4, atol=1e-5)
+
+
 def test_idefics3_layout_is_one_panel_per_tile_and_the_global_image(models):
     layout = models["idefics3"].adapter.visual_layout([picture(1)])
     assert [(rows, cols, lead) for _, rows, cols, lead in layout] == [(2, 2, 0)] * 5

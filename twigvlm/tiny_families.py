@@ -179,12 +179,21 @@ def _llava_onevision(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, A
 
 
 def _idefics3(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    """Idefics3, or (family "smolvlm", tests only) a SmolVLM model behind an Idefics3 processor: the two write
+    images the same way, and SmolVLM's own processor needs the `num2words` package."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    smol = spec.family == "smolvlm"
     # Tiles of image_size pixels (4×4 patches → 2×2 tokens after the pixel shuffle), up to 2×2 tiles + global.
-    config = Idefics3Config(
-        vision_config={**_siglip(spec), "model_type": "idefics3_vision"},
+    config = (SmolVLMConfig if smol else Idefics3Config)(
+        vision_config={**_siglip(spec), "model_type": "smolvlm_vision" if smol else "idefics3_vision"},
         text_config=_text(spec, vocab),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
@@ -200,7 +209,7 @@ def _idefics3(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
     seq_len = (spec.image_size // spec.patch_size) ** 2 // 4
     processor = Idefics3Processor(image_processor, tok, image_seq_len=seq_len, chat_template=CHAT)
     torch.manual_seed(spec.seed)
-    return Idefics3ForConditionalGeneration(config), processor
+    return (SmolVLMForConditionalGeneration if smol else Idefics3ForConditionalGeneration)(config), processor
 
 
 # The Idefics3 prompt's own tokens: the fake token around images, the global tag and the tile positions.
@@ -210,6 +219,7 @@ IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utteran
 
 BUILDERS = {
     "idefics3": _idefics3,
+    "smolvlm": _idefics3,
     "video-llava": _video_llava,
     "llava-next": _llava_next,
     "llava-onevision": _llava_onevision,
@@ -220,7 +230,7 @@ def build_tiny_family(spec: TinyFamilySpec = TinyFamilySpec()) -> tuple[Any, Any
     """(model, processor) for a tiny random model of `spec.family`, in memory, seed `spec.seed`."""
     if spec.family not in BUILDERS:
         raise ValueError(f"unknown tiny family {spec.family!r}: use one of {', '.join(BUILDERS)}")
-    extra = IDEFICS3_TOKENS if spec.family == "idefics3" else []
+    extra = IDEFICS3_TOKENS if spec.family in ("idefics3", "smolvlm") else []
     tok = build_tokenizer(spec.vocab_size, BASE_TOKENS + extra, CHAT)
     model, processor = BUILDERS[spec.family](spec, tok, max(spec.vocab_size, len(tok)))
     model = model.eval()
