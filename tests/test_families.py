@@ -18,7 +18,7 @@ from twigvlm.tiny_families import TinyFamilySpec, save_tiny_family
 from twigvlm.video import load_video
 
 from .conftest import random_prompt
-from .test_qwen import _masked_reference_logits, _with_twig, _write_mp4, picture, stock_greedy
+from .test_qwen import _masked_reference_logits, _with_twig, _write_mp4, picture, pruned_vs_reference, stock_greedy
 
 # family → (takes video, the tiny spec the tests load)
 FAMILIES = {
@@ -117,16 +117,10 @@ def test_pruning_equals_the_masked_full_model(family, method, K, wipe, ratio):
     prompt, images, videos = _prompt_inputs(vlm, K + wipe)
     enc = vlm.encode(prompt, images, video=videos or None)
     engine = vlm.engine
-    with torch.no_grad():
-        state = engine.new_state()
-        logits, stats = pruned_prefill(engine, state, enc, PruneConfig(method, keep_ratio=ratio, wipe_layer=wipe))
-        ours, ids = [logits[0]], []
-        for _ in range(5):
-            ids.append(int(ours[-1].argmax()))
-            ours.append(engine.step(state, torch.tensor([[ids[-1]]]))[0, -1])
-        ref = _masked_reference_logits(vlm, enc, ids, torch.tensor(stats.kept_indices), K, wipe)
-    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-5)
-    assert ids == ref[enc.num_tokens - 1 : -1].argmax(-1).tolist()
+    cfg = PruneConfig(method, keep_ratio=ratio, wipe_layer=wipe)
+    ours, ref, ids, stats, state = pruned_vs_reference(vlm, enc, cfg, K, wipe, 5)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert ids == ref.argmax(-1).tolist()
     M, L, T = enc.num_visual_tokens, engine.num_layers, enc.num_tokens
     R = kept_per_layer(ratio * M, L, M, K, wipe)
     assert stats.kept == R < M and stats.visual_tokens == M  # the budget is a share of this request's M

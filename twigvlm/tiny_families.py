@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .adapters.qwen_processor import without_video
-from .tiny import build_tokenizer
+from .tiny import TinySpec, build_tokenizer, save_model_dir, text_config
 
 FAMILIES = ("video-llava", "llava-next", "llava-onevision", "idefics3")
 
@@ -50,22 +50,18 @@ class TinyFamilySpec:
     seed: int = 0
 
 
-def _text(spec: TinyFamilySpec, vocab: int) -> dict[str, Any]:
-    return dict(
-        model_type="llama",
-        vocab_size=vocab,
+def _text(spec: TinyFamilySpec, vocab: int) -> Any:
+    """The Llama decoder (grouped-query attention) of `tiny.py`'s LLaVA, at this spec's shape."""
+    shape = TinySpec(
+        backbone="llama",
+        num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
-        intermediate_size=2 * spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=spec.tie_embeddings,
-        initializer_range=spec.init_std,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=None,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        tie_embeddings=spec.tie_embeddings,
+        init_std=spec.init_std,
     )
+    return text_config(shape, vocab)
 
 
 def _clip(spec: TinyFamilySpec) -> dict[str, Any]:
@@ -241,9 +237,4 @@ def build_tiny_family(spec: TinyFamilySpec = TinyFamilySpec()) -> tuple[Any, Any
 
 def save_tiny_family(out_dir: str | Path, spec: TinyFamilySpec = TinyFamilySpec()) -> Path:
     """Build a tiny random model of `spec.family` and save it as `save_pretrained` lays a checkpoint out."""
-    out = Path(out_dir)
-    model, processor = build_tiny_family(spec)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_model_dir(out_dir, *build_tiny_family(spec))

@@ -101,12 +101,6 @@ class Idefics3Adapter(LlavaStyleAdapter):
                 layouts.append((tile, side, side, 0))
         return layouts
 
-    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
-        first, last = self._lm.layers[0], self._lm.layers[-1]
-        return {
-            "embed_tokens": self._lm.embed_tokens.weight,
-            "layers.0.q_proj": first.self_attn.q_proj.weight,
-            "layers.-1.down_proj": last.mlp.down_proj.weight,
-            "norm": self._lm.norm.weight,
-            "connector": next(self.model.model.connector.parameters()),
-        }
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.connector  # pixel shuffle + linear

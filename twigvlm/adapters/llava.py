@@ -180,7 +180,19 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
         return list(images)
 
     def video_inputs(self, videos: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Videos → the stock model's video tensors (what the stock video processor would give)."""
+        """Videos → `pixel_values_videos` [V, F, 3, h, w] (what the stock video processor would give), from each
+        family's `frame_pixels`; the stock models stack a prompt's videos, so they need equal frame counts."""
+        clips = [self.frame_pixels(v.frames) for v in videos]  # each [F, 3, h, w]
+        if len({c.shape for c in clips}) > 1:
+            frames = ", ".join(str(c.shape[0]) for c in clips)
+            raise TwigVLMError(
+                f"{self.spec.model_type} stacks a prompt's videos into one tensor, but they have {frames} frames: "
+                "sample them to the same number (--max-frames)"
+            )
+        return {"pixel_values_videos": torch.stack(clips)}
+
+    def frame_pixels(self, frames: Sequence[Image.Image]) -> torch.Tensor:
+        """Video frames → [F, 3, h, w] as the family's video processor prepares them (video families)."""
         raise TwigVLMError(f"{type(self).__name__} takes no video")
 
     @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
@@ -321,8 +333,13 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
             "layers.0.q_proj": first.self_attn.q_proj.weight,
             "layers.-1.down_proj": last.mlp.down_proj.weight,
             "norm": self._lm.norm.weight,
-            "projector": next(self.model.model.multi_modal_projector.parameters()),
+            "projector": next(self.projector.parameters()),
         }
+
+    @property
+    def projector(self) -> nn.Module:
+        """The module that maps vision features to the language model (LLaVA's multi-modal projector)."""
+        return self.model.model.multi_modal_projector
 
 
 class LlavaAdapter(VisionZipReduction, LlavaStyleAdapter):
@@ -371,4 +388,4 @@ class LlavaAdapter(VisionZipReduction, LlavaStyleAdapter):
         return hidden[i], probs.mean(dim=(1, 2)), keys
 
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)  # [R, H]
+        return self.projector(features)  # [R, H]

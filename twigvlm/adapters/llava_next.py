@@ -139,18 +139,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def _extra_vision(self, batch: Any) -> dict[str, torch.Tensor]:
         return {"batch_num_images": batch["batch_num_images"]}
 
-    def video_inputs(self, videos: Sequence[Any]) -> dict[str, torch.Tensor]:
-        clips = [self.frame_pixels(v.frames) for v in videos]  # each [F, 3, s, s]
-        if len({c.shape for c in clips}) > 1:
-            from ..errors import TwigVLMError
-
-            frames = ", ".join(str(c.shape[0]) for c in clips)
-            raise TwigVLMError(
-                f"LLaVA-OneVision stacks a prompt's videos into one tensor, but they have {frames} frames: sample "
-                "them to the same number (--max-frames)"
-            )
-        return {"pixel_values_videos": torch.stack(clips)}  # [V, F, 3, s, s]
-
     def frame_pixels(self, frames: Sequence[Image.Image]) -> torch.Tensor:
         """Frames → [F, 3, s, s]: each frame's base tile from the stock image processor (the video processor's
         resize to the tower's size, rescale and normalisation)."""

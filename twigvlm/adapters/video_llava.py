@@ -40,16 +40,6 @@ class VideoLlavaAdapter(LlavaAdapter):
         out = self.processor.image_processor(images=list(frames), return_tensors="pt")
         return out.get("pixel_values", out.get("pixel_values_images"))
 
-    def video_inputs(self, videos: Sequence[Any]) -> dict[str, torch.Tensor]:
-        clips = [self.frame_pixels(v.frames) for v in videos]  # each [F, 3, h, w]
-        if len({c.shape for c in clips}) > 1:
-            frames = ", ".join(str(c.shape[0]) for c in clips)
-            raise TwigVLMError(
-                f"Video-LLaVA stacks a prompt's videos into one tensor, but they have {frames} frames: sample them "
-                "to the same number (--max-frames)"
-            )
-        return {"pixel_values_videos": torch.stack(clips)}  # [V, F, 3, h, w]
-
     def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
         groups = super().visual_features(batch)  # images, through the image tower
         videos = batch.get("pixel_values_videos")
