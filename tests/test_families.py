@@ -188,6 +188,61 @@ def test_exact_copy_twig_reproduces_the_stock_loss_on_llava_data(family, tmp_pat
     assert abs(_copy_twig_loss(family, batch) - hf.item()) < 1e-5
 
 
+def write_video_data(folder, n: int = 3) -> str:
+    """LLaVA-format records with "video" entries (folders of three frames), one with an image too, one text-only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        clip_dir = folder / f"clip{i}"
+        clip_dir.mkdir()
+        for f in range(3):
+            picture(10 * i + f).save(clip_dir / f"frame{f}.png")
+        conv = [{"from": "human", "value": "What moves?"}, {"from": "gpt", "value": f"The shape moves {i}."}]
+        records.append({"id": str(i), "video": f"clip{i}", "conversations": conv})
+    picture(7).save(folder / "a.png")
+    records[0]["image"] = "a.png"
+    records[0]["conversations"][0]["value"] = "<image>\nand <video>\nWhat moves?"
+    records.append({"id": "t", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "hi"}]})
+    (folder / "data.json").write_text(json.dumps(records))
+    return str(folder / "data.json")
+
+
+def test_exact_copy_twig_reproduces_the_stock_loss_on_video_data(video_family, tmp_path):
+    # LLaVA-format data with "video" entries (an image beside a video in one record) → the stock `labels=` loss.
+    from twigvlm.train.config import DataConfig
+    from twigvlm.train.data import Collator, LlavaDataset, pad_token_id
+
+    path = write_video_data(tmp_path)
+    ds = LlavaDataset(path, video_family.adapter, DataConfig(data=path))
+    examples = [ds[i] for i in range(len(ds))]
+    batch = Collator(pad_token_id(video_family.adapter))(examples)
+    ids = batch["input_ids"]
+    assert (
+        int((ids == video_family.adapter.video_token_id).sum())
+        == 3 * video_family.encode("x", video=clip(0)).num_visual_tokens
+    )
+    assert batch["pixel_values"]["pixel_values_videos"].shape[:2] == (3, 3)  # three clips of three frames
+    answers = video_family.adapter.tokenizer.decode(examples[1]["input_ids"][examples[1]["labels"] != -100])
+    assert answers == "The shape moves 1.<|im_end|>\n"
+    with torch.no_grad():
+        hf = video_family.adapter.model(input_ids=ids, labels=batch["labels"], **batch["pixel_values"]).loss
+    assert abs(_copy_twig_loss(video_family, batch) - hf.item()) < 1e-5
+
+
+def test_video_records_are_checked_in_one_line(models, tmp_path):
+    from twigvlm.train.config import DataConfig
+    from twigvlm.train.data import LlavaDataset
+
+    path = write_video_data(tmp_path / "d", 2)
+    with pytest.raises(TwigVLMError, match="record 0: this model .* takes images, not videos") as e:
+        LlavaDataset(path, models["llava-next"].adapter, DataConfig(data=path))[0]
+    assert "\n" not in str(e.value)
+    conversation = [{"from": "human", "value": "What moves?"}, {"from": "gpt", "value": "A square."}]
+    (tmp_path / "bad.json").write_text(json.dumps([{"video": "nowhere", "conversations": conversation}]))
+    with pytest.raises(TwigVLMError, match="video .*nowhere does not exist"):
+        LlavaDataset(tmp_path / "bad.json", models["video-llava"].adapter, DataConfig(data=str(tmp_path / "bad.json")))
+
+
 def test_exact_copy_twig_reproduces_the_stock_loss_on_a_video(video_family):
     # A video conversation: labels on the answer only; the twig with K+T = L is the full model.
     adapter = video_family.adapter

@@ -62,14 +62,17 @@ class ChatTraining(ABC):
         exactly as `encode` builds them for one prompt (the positions from `prompt_positions`)."""
 
     def tokenize_chat(
-        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = ()
-    ) -> tuple[list[int], list[bool], torch.Tensor | None]:
+        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = (), videos: Sequence[Any] = ()
+    ) -> tuple[list[int], list[bool], Any]:
         """Token ids of a whole conversation, a per-token "written by the assistant" mask, and pixel values.
 
         Each stretch is tokenized as inference sees it: the prompt up to an assistant turn rendered with the
-        generation prompt, then the assistant's text with its end-of-turn marker.
+        generation prompt, then the assistant's text with its end-of-turn marker. videos: `twigvlm.video.Video`s
+        for `{"type": "video"}` items, for families whose `chat_inputs` takes them.
         """
         messages = checked_messages(messages)
+        if videos:
+            self.check_videos(videos)  # type: ignore[attr-defined] — a family that takes no video says so
         segments: list[tuple[str, bool]] = []
         done = ""
         for i, m in enumerate(messages):
@@ -83,30 +86,42 @@ class ChatTraining(ABC):
                 )
             segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
             done = full
-        placeholders = sum(text.count(self.image_token) for text, _ in segments)
-        if placeholders != len(images):
-            raise TwigVLMError(
-                f"the conversation has {placeholders} image placeholder(s) in its answered turns but "
-                f"{len(images)} image(s) were given"
-            )
+        video_token = getattr(self, "video_token", None)
+        for token, given, what in ((self.image_token, images, "image"), (video_token, videos, "video")):
+            placeholders = sum(text.count(token) for text, _ in segments) if token else 0
+            if placeholders != len(given):
+                raise TwigVLMError(
+                    f"the conversation has {placeholders} {what} placeholder(s) in its answered turns but "
+                    f"{len(given)} {what}(s) were given"
+                )
         ids: list[int] = []
         assistant: list[bool] = []
-        pixels, used = [], 0
+        pixels, used, used_videos = [], 0, 0
         bos = self.processor.tokenizer.bos_token
         for k, (text, is_assistant) in enumerate(segments):
             n_img = text.count(self.image_token)
-            batch = self.processor(
-                images=list(images[used : used + n_img]) or None,
-                text=text,
-                return_tensors="pt",
-                add_special_tokens=k == 0 and not (bos and text.startswith(bos)),
+            n_vid = text.count(video_token) if video_token else 0
+            special = k == 0 and not (bos and text.startswith(bos))
+            batch = self.chat_inputs(
+                text, images[used : used + n_img], videos[used_videos : used_videos + n_vid], special
             )
-            used += n_img
-            if n_img:
+            used, used_videos = used + n_img, used_videos + n_vid
+            if n_img or n_vid:
                 pixels.append(self.vision_inputs(batch))
             ids += batch["input_ids"][0].tolist()
             assistant += [is_assistant] * batch["input_ids"].shape[1]
         return ids, assistant, concat_vision(pixels)
+
+    def chat_inputs(
+        self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
+    ) -> Any:
+        """One stretch of a conversation (rendered text with its images and videos) → the stock processor's
+        output. Families that train on video override this."""
+        if videos:
+            raise TwigVLMError(f"training on video is not supported by the {type(self).__name__} adapter yet")
+        return self.processor(
+            images=list(images) or None, text=text, return_tensors="pt", add_special_tokens=add_special_tokens
+        )
 
     def vision_inputs(self, batch: Any) -> Any:
         """What `embed_inputs` needs of a processor output besides the ids: the pixel values [N, 3, h, w] here; a
@@ -123,12 +138,14 @@ class ChatTraining(ABC):
 
 
 def concat_vision(parts: Sequence[Any]) -> Any:
-    """Vision inputs of several examples as one batch: tensors (or dicts of tensors, key by key) along dim 0."""
+    """Vision inputs of several examples as one batch: tensors (or dicts of tensors, key by key, each key over
+    the parts that have it: images in some examples, videos in others) along dim 0."""
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
     if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        keys = dict.fromkeys(k for p in parts for k in p)
+        return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
     return torch.cat(parts)
 
 

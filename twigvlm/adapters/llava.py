@@ -147,18 +147,23 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
         and images. With videos (whose stock processor needs torchvision), the same steps by hand: the stock
         image processor, the stock processor's own `replace_image_token`/`replace_video_token` expansions, the
         tokenizer; the frames come from `video_inputs`."""
-        from transformers import BatchFeature
-
         text = self.render(prompt, len(images), len(videos))
         # A template that writes the BOS itself must not get a second one (as HF's own chat path does).
         bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
+        return self.chat_inputs(text, images, videos, not (bos and text.startswith(bos))).to(self.device)
+
+    def chat_inputs(
+        self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
+    ) -> Any:
+        """Rendered text with its images and videos → the stock model's inputs (see `process`)."""
+        from transformers import BatchFeature
+
         if not videos:
             batch = self.processor(
                 images=self.processor_images(images) if images else None,
                 text=text,
                 return_tensors="pt",
-                add_special_tokens=add_special,
+                add_special_tokens=add_special_tokens,
             )
         else:
             data: dict[str, Any] = {}
@@ -168,11 +173,11 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
             video_data = self.video_inputs(videos)
             text = _expand(text, self.video_token, self.processor.replace_video_token, video_data, len(videos))
             data.update(video_data)
-            data.update(self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special))
+            data.update(self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens))
             batch = BatchFeature(data)
         if "pixel_values_images" in batch:  # Video-LLaVA's legacy name for the same tensor
             batch["pixel_values"] = batch.pop("pixel_values_images")
-        return batch.to(self.device)
+        return batch
 
     def processor_images(self, images: Sequence[Image.Image]) -> Any:
         """One prompt's images as the stock processor takes them (OneVision: nested, so that several images in

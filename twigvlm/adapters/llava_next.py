@@ -69,25 +69,36 @@ class LlavaNextAdapter(LlavaStyleAdapter):
         ]
 
     def vision_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        out = {"pixel_values_videos": batch["pixel_values_videos"]} if "pixel_values_videos" in batch else {}
+        if batch.get("pixel_values") is None:
+            return out
         sizes = batch["image_sizes"]
         counts = self.tiles(sizes, batch.get("batch_num_images"))
         pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], counts, strict=True)])
-        return {"pixel_values": pixels, "image_sizes": sizes, **self._extra_vision(batch)}
+        return {"pixel_values": pixels, "image_sizes": sizes, **self._extra_vision(batch), **out}
 
     def _extra_vision(self, batch: Any) -> dict[str, torch.Tensor]:
         return {}
 
     def image_token_counts(self, ids: Sequence[int], pixels: Any, num_images: int) -> list[int]:
-        if pixels is None:
+        if pixels is None or "pixel_values" not in pixels:
             return []
         inputs = {**pixels, "pixel_values": pixels["pixel_values"].unsqueeze(0)}  # the processor reads [0][0]
         return [self.processor.replace_image_token(inputs, i).count(self.image_token) for i in range(num_images)]
 
     def first_images(self, pixels: Any, n: int) -> Any:
-        if pixels is None or not n:
+        if pixels is None:
             return None
-        tiles = sum(self.tiles(pixels["image_sizes"], pixels.get("batch_num_images"))[:n])
-        return {"pixel_values": pixels["pixel_values"][:tiles], "image_sizes": pixels["image_sizes"][:n]}
+        kept = {"pixel_values_videos": pixels["pixel_values_videos"]} if "pixel_values_videos" in pixels else {}
+        if n and "pixel_values" in pixels:  # videos are never cut (see data.py); the first n images' tiles
+            tiles = sum(self.tiles(pixels["image_sizes"], pixels.get("batch_num_images"))[:n])
+            kept.update(pixel_values=pixels["pixel_values"][:tiles], image_sizes=pixels["image_sizes"][:n])
+            if "batch_num_images" in pixels:  # images per stretch of the conversation, up to the first n
+                per, left = [], n
+                for c in pixels["batch_num_images"].tolist():
+                    per, left = per + [min(c, left)], left - min(c, left)
+                kept["batch_num_images"] = torch.tensor([c for c in per if c])
+        return kept or None
 
     # ---- pictures -------------------------------------------------------------------------------------------
     def visual_layout(self, images: Sequence[Image.Image]) -> list[Layout]:

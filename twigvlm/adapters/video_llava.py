@@ -80,6 +80,14 @@ class VideoLlavaAdapter(LlavaAdapter):
             for img in self.unnormalised(self.frame_pixels(v.frames))
         ]
 
-    # ---- training -------------------------------------------------------------------------------------------
-    def vision_inputs(self, batch: Any) -> Any:
-        return batch["pixel_values"] if "pixel_values" in batch else batch["pixel_values_images"]
+    # ---- training: a dict of the images' and the videos' pixel values (either may be missing) ----------------
+    def vision_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in ("pixel_values", "pixel_values_videos") if batch.get(k) is not None}
+
+    def first_images(self, pixels: Any, n: int) -> Any:
+        if pixels is None:
+            return None
+        kept = {k: v for k, v in pixels.items() if k != "pixel_values"}  # videos are never cut (see data.py)
+        if n and "pixel_values" in pixels:
+            kept["pixel_values"] = pixels["pixel_values"][:n]
+        return kept or None

@@ -32,6 +32,7 @@ class DataConfig:
         None, "folder the records' image paths are relative to (default: the data file's folder)"
     )
     max_length: int = _opt(2048, "cut examples to this many tokens (never inside an image's tokens)")
+    max_frames: int = _opt(8, "frames taken from each training video, uniformly over the clip")
     skip_missing_images: bool = _opt(
         False, "skip records whose image file is missing, and count them, instead of stopping with an error"
     )
@@ -39,6 +40,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.max_length < 2:
             raise TwigVLMError(f"--max-length {self.max_length} is too small: give at least 2 tokens")
+        if self.max_frames < 1:
+            raise TwigVLMError(f"--max-frames {self.max_frames} is too small: give at least 1 frame")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """LLaVA-format instruction data → token ids, assistant-only labels and pixel values, and the batch collator.
 
 A data file is a JSON list (or JSONL, one record a line) of
-`{"id", "image": "a.jpg" | ["a.jpg", ...] | absent, "conversations": [{"from": "human"|"gpt"|"system", "value"}]}`
-where `<image>` in a human turn marks where an image goes. Records are checked when the file is read, so a
+`{"id", "image": "a.jpg" | ["a.jpg", ...] | absent, "video": "v.mp4" | [...] | absent, "conversations":
+[{"from": "human"|"gpt"|"system", "value"}]}` where `<image>` (`<video>`) in a human turn marks where an image
+(a video: a file or a folder of frames, sampled to `max_frames`) goes. Records are checked when the file is read, so a
 malformed one stops the run before any training with an error naming the file and the record's index.
 Prompts are built by the model's own processor and chat template (`adapter.tokenize_chat`), exactly as
 inference builds them; labels are the token ids of assistant turns and −100 everywhere else.
@@ -11,8 +12,9 @@ inference builds them; labels are the token ids of assistant turns and −100 ev
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,12 @@ from ..adapters.base import VLMAdapter
 from ..adapters.capabilities import ChatTraining, concat_vision, require
 from ..errors import TwigVLMError
 from ..images import load_images
+from ..video import load_video
 from .config import DataConfig
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -39,13 +43,16 @@ class Record:
     id: str | None
     turns: list[tuple[str, str]]  # (role, text)
     images: list[Path]
+    videos: list[Path] = field(default_factory=list)
 
     def answered(self) -> Record:
-        """The record without trailing turns that have no answer (and without the images only they use)."""
+        """The record without trailing turns that have no answer (and without the images and videos only they
+        use)."""
         last = max((i for i, (role, _) in enumerate(self.turns) if role == "assistant"), default=-1)
         turns = self.turns[: last + 1]
         used = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role != "assistant")
-        return Record(self.index, self.id, turns, self.images[:used])
+        videos = sum(text.count(VIDEO_PLACEHOLDER) for role, text in turns if role != "assistant")
+        return Record(self.index, self.id, turns, self.images[:used], self.videos[:videos])
 
 
 def read_records(path: str | Path) -> list[Any]:
@@ -97,22 +104,33 @@ def parse_record(raw: Any, index: int, source: Path, image_folder: Path) -> Reco
         if not isinstance(value, str):
             raise bad(f"turn {j} needs a text 'value', got {type(value).__name__}")
         turns.append((ROLES[who], value))
-    image = raw.get("image")
-    names = [] if image is None else [image] if isinstance(image, str) else image
+    files = {}
+    for key, placeholder in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER)):
+        files[key] = _placed_files(raw.get(key), key, placeholder, turns, bad)
+    rid = raw.get("id")
+    rid = None if rid is None else str(rid)
+    return Record(
+        index, rid, turns, [image_folder / n for n in files["image"]], [image_folder / n for n in files["video"]]
+    )
+
+
+def _placed_files(value: Any, key: str, placeholder: str, turns: list[tuple[str, str]], bad: Any) -> list[str]:
+    """A record's file names under `key`, with their placeholders in the human turns (the first human turn gets
+    them when none is placed, LLaVA's convention); `turns` is updated in place."""
+    names = [] if value is None else [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise bad("'image' must be a file name or a list of file names")
-    placed = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role != "assistant")
-    if any(IMAGE_PLACEHOLDER in text for role, text in turns if role == "assistant"):
-        raise bad(f"an answer contains {IMAGE_PLACEHOLDER}: images belong in human turns")
-    if placed == 0 and names:  # LLaVA's convention: the image opens the first human turn
+        raise bad(f"'{key}' must be a file name or a list of file names")
+    placed = sum(text.count(placeholder) for role, text in turns if role != "assistant")
+    if any(placeholder in text for role, text in turns if role == "assistant"):
+        raise bad(f"an answer contains {placeholder}: {key}s belong in human turns")
+    if placed == 0 and names:
         first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
         if first is None:
-            raise bad("it has an image but no human turn to put it in")
-        turns[first] = ("user", IMAGE_PLACEHOLDER * len(names) + "\n" + turns[first][1])
+            raise bad(f"it has an {key} but no human turn to put it in")
+        turns[first] = ("user", placeholder * len(names) + "\n" + turns[first][1])
     elif placed != len(names):
-        raise bad(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) in the human turns but {len(names)} image(s)")
-    rid = raw.get("id")
-    return Record(index, None if rid is None else str(rid), turns, [image_folder / n for n in names])
+        raise bad(f"{placed} {placeholder} placeholder(s) in the human turns but {len(names)} {key}(s)")
+    return names
 
 
 def load_records(
@@ -137,11 +155,12 @@ def load_records(
                 )
             rec = rec.answered()
         missing = next((p for p in rec.images if not p.is_file()), None)
-        if missing is not None:
+        missing_video = next((p for p in rec.videos if not p.exists()), None)
+        if missing is not None or missing_video is not None:
             if not skip_missing_images:
+                what = f"image {missing}" if missing is not None else f"video {missing_video}"
                 raise TwigVLMError(
-                    f"{source} record {i}: image {missing} does not exist (pass "
-                    "--skip-missing-images to skip such records)"
+                    f"{source} record {i}: {what} does not exist (pass --skip-missing-images to skip such records)"
                 )
             skipped += 1
             continue
@@ -154,16 +173,20 @@ def load_records(
 
 
 def to_messages(turns: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """(role, text) turns → HF chat messages; `<image>` in a user turn becomes an image item."""
+    """(role, text) turns → HF chat messages; `<image>` (`<video>`) in a user turn becomes an image (video) item."""
     messages = []
+    kinds = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
     for role, text in turns:
-        if role == "assistant" or IMAGE_PLACEHOLDER not in text:
+        if role == "assistant" or not any(p in text for p in kinds):
             messages.append({"role": role, "content": text})
             continue
         items: list[dict[str, Any]] = []
-        for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k > 0:
-                items.append({"type": "image"})
+        pieces = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", text)
+        for k, piece in enumerate(pieces):
+            if piece in kinds and k % 2:
+                items.append({"type": kinds[piece]})
+                continue
+            if k and pieces[k - 1] in kinds:
                 piece = piece.removeprefix("\n")  # the template writes the image's own line break
             if piece:
                 items.append({"type": "text", "text": piece})
@@ -212,6 +235,7 @@ class LlavaDataset(Dataset):
         require(adapter, ChatTraining, "twig training")
         self.adapter = adapter
         self.max_length = cfg.max_length
+        self.max_frames = cfg.max_frames
         self.records, self.skipped_missing = load_records(path, cfg.image_folder, cfg.skip_missing_images)
 
     def __len__(self) -> int:
@@ -221,9 +245,15 @@ class LlavaDataset(Dataset):
         rec = self.records[i]
         images = open_images(rec, self.source)
         try:
-            ids, is_answer, pixels = self.adapter.tokenize_chat(to_messages(rec.turns), images)
+            videos = [load_video(v, max_frames=self.max_frames) for v in rec.videos]
+            ids, is_answer, pixels = self.adapter.tokenize_chat(to_messages(rec.turns), images, videos)
         except TwigVLMError as e:
             raise TwigVLMError(f"{self.source} record {rec.index}: {e}") from None
+        if videos and len(ids) > self.max_length:  # a cut never falls inside a video: the example must fit
+            raise TwigVLMError(
+                f"{self.source} record {rec.index} has {len(ids)} tokens with its video(s), over --max-length "
+                f"{self.max_length}: raise it or sample fewer frames (--max-frames)"
+            )
         labels = [t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)]
         image_id = self.adapter.image_token_id
         counts = self.adapter.image_token_counts(ids, pixels, len(images))
