@@ -413,6 +413,31 @@ def test_cli_tiny_video_llava_then_generate_with_video(tmp_path, capsys):
     assert Image.open(kept).width > 3 * Image.open(kept).height  # three frame panels side by side
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_cli_train_and_bench(tmp_path, capsys, name):
+    # The command-line path on each family: train a twig (on video data for video families), then bench every
+    # method against stock generate; lossless methods equal their references; VisionZip runs where it applies.
+    from twigvlm.cli import main
+
+    from .conftest import write_llava_data
+
+    model = save_tiny_family(tmp_path / "m", TinyFamilySpec(family=name, num_layers=4))
+    takes_video = FAMILIES[name][0]
+    data = write_video_data(tmp_path / "v", 2) if takes_video else write_llava_data(tmp_path / "data", 2)
+    twig = tmp_path / "twig"
+    argv = ["train", "--model", str(model), "--data", data, "--out", str(twig), "--K", "1", "--T", "2"]
+    assert main(argv + ["--max-frames", "2"]) == 0
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(model), "--twig", str(twig), "--tasks", "easyvqa", "--limit", "1"]
+    capsys.readouterr()
+    assert main(argv + ["--max-new-tokens", "4", "--keep-ratio", "0.5", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert summary["ssd"]["same_as"] == "ar" and summary["ssd"]["mismatches"] == 0
+    assert summary["twig+ssd"]["same_as"] == "twig" and summary["twig+ssd"]["mismatches"] == 0
+    assert ("visionzip" in summary) == (name == "video-llava") != ("visionzip" in results["unsupported"])
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [(["--video", "{tmp}/bad.mp4"], "not a readable video"), (["--video", "{tmp}/empty"], "holds no images")],
