@@ -438,6 +438,61 @@ def test_cli_train_and_bench(tmp_path, capsys, name):
     assert ("visionzip" in summary) == (name == "video-llava") != ("visionzip" in results["unsupported"])
 
 
+# ---- video tasks ---------------------------------------------------------------------------------------------
+def test_moving_shapes_answers_are_what_the_frames_show():
+    import numpy as np
+
+    from twigvlm.data.moving_shapes import COLORS, DIRECTIONS, make_clip
+
+    assert make_clip("test", 4) == make_clip("test", 4) and make_clip("test", 4) != make_clip("train", 4)
+    kinds = set()
+    for i in range(9):
+        clip = make_clip("test", i)
+        kinds.add(clip.kind)
+        frames = [np.asarray(f).astype(int) for f in clip.frames()]
+        if clip.kind == "direction":  # the shape's centroid moves the way the answer says
+            m = clip.movers[0]
+            where = [np.argwhere((f == COLORS[m.color]).all(-1)).mean(0) for f in frames]  # (y, x)
+            dy, dx = where[-1] - where[0]
+            assert DIRECTIONS[clip.answer] == (int(np.sign(round(dx))), int(np.sign(round(dy)))), i
+        elif clip.kind == "count":
+            seen = {c for c, rgb in COLORS.items() if any((f == rgb).all(-1).any() for f in frames)}
+            assert len(seen) == int(clip.answer), i
+        else:  # the first colour to appear is the answer's
+            first = next(f for f in frames if (f != 128).any())
+            assert (first == COLORS[clip.answer.split()[0]]).all(-1).any(), i
+    assert kinds == {"direction", "count", "order"}
+
+
+def test_bench_runs_video_tasks(models, tmp_path):
+    # The built-in procedural clips and a task in the Video-LLaVA evaluation format (video folder + files).
+    from twigvlm.bench.harness import Variant, run_bench
+    from twigvlm.bench.methods import MethodConfig, visual_tokens
+    from twigvlm.bench.tasks import parse_task_spec
+
+    (tmp_path / "videos" / "v1").mkdir(parents=True)
+    for f in range(3):
+        picture(f).save(tmp_path / "videos" / "v1" / f"{f}.png")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 1, "video": "v1", "text": "What moves?"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "answer": "a dot"}) + "\n")
+    tasks = {
+        "moving-shapes": parse_task_spec("moving-shapes", 2),
+        "clips": parse_task_spec(f"clips={tmp_path / 'q.jsonl'},{tmp_path / 'videos'},{tmp_path / 'a.jsonl'}", 1),
+    }
+    vlm = _with_twig(models["video-llava"], 1, 2, noise=0.05)
+    mc = MethodConfig(keep_ratio=0.5, wipe_layer=5)
+    variants = [Variant(m, m, mc) for m in ("hf", "ar", "twig", "visionzip")]
+    rows, unsupported = run_bench(vlm, tasks, variants, warmup=0, progress=False, memory=False)
+    assert not unsupported
+    by = {(r["task"], r["method"], r["sample"]): r for r in rows}
+    for task, samples in tasks.items():
+        for s in samples:
+            assert by[(task, "hf", s.id)]["text"] == by[(task, "ar", s.id)]["text"]  # ours ≡ stock on video
+            assert by[(task, "twig", s.id)]["visual"] == (8 if task == "moving-shapes" else 3) * 17
+    with pytest.raises(TwigVLMError, match="takes images, not videos"):
+        visual_tokens(models["llava-next"], tasks["clips"][0])
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [(["--video", "{tmp}/bad.mp4"], "not a readable video"), (["--video", "{tmp}/empty"], "holds no images")],

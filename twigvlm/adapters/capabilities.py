@@ -229,12 +229,15 @@ class HFBaseline(ABC):
         max_new_tokens: int,
         ignore_eos: bool = False,
         early_exit: int | None = None,
+        videos: Sequence[Any] = (),
     ) -> list[int]:
         """New token ids from the stock model's greedy `generate` on the same processed inputs; early_exit:
-        transformers' own early-exit self-speculation, drafting with the first `early_exit` layers."""
-        batch = self.process(prompt, images)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        transformers' own early-exit self-speculation, drafting with the first `early_exit` layers. videos: for
+        a family whose `process` takes them."""
+        batch = self.process(prompt, images, videos) if videos else self.process(prompt, images)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch and batch[key].is_floating_point():
+                batch[key] = batch[key].to(self.dtype)
         extra: dict[str, Any] = {"eos_token_id": None} if ignore_eos else {}
         if early_exit is not None:
             extra["assistant_early_exit"] = early_exit
