@@ -53,7 +53,7 @@ class Idefics3Adapter(LlavaStyleAdapter):
                 done = end
         return counts
 
-    def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
+    def image_groups(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
         pixels = batch.get("pixel_values")
         if pixels is None or pixels.numel() == 0:
             return []

@@ -222,7 +222,19 @@ class LlavaStyleAdapter(LlamaStyleDecoder, ChatTraining, PictureLayout, HFBaseli
 
     def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
         """(placeholder id, projected features [n, H] in prompt order, tokens of each image or video) for each
-        kind of visual input in a batch, from the model's own feature functions. LLaVA: images of a fixed grid."""
+        kind of visual input in a batch, from the model's own `get_image_features` and `get_video_features`."""
+        groups = self.image_groups(batch)
+        videos = batch.get("pixel_values_videos")  # [V, F, 3, h, w]
+        if videos is not None and videos.numel():
+            out = self.model.model.get_video_features(
+                pixel_values_videos=videos.to(self.device, self.dtype), return_dict=True
+            )
+            per_video = out.pooler_output.reshape(videos.shape[0], -1, out.pooler_output.shape[-1])  # [V, n, H]
+            groups.append((self.video_token_id, per_video.flatten(0, 1), [per_video.shape[1]] * videos.shape[0]))
+        return groups
+
+    def image_groups(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
+        """The images' group of `visual_features` (none without images). LLaVA: images of a fixed grid."""
         pixel_values = batch.get("pixel_values")
         if pixel_values is None or pixel_values.numel() == 0:
             return []

@@ -39,9 +39,10 @@ class LlavaNextAdapter(LlavaStyleAdapter):
     model_types = ("llava_next",)
 
     def image_kwargs(self, batch: Any) -> dict[str, Any]:
+        """What `get_image_features` takes besides the pixels and sizes (OneVision: images per prompt)."""
         return {}
 
-    def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
+    def image_groups(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
         pixels = batch.get("pixel_values")
         if pixels is None or pixels.numel() == 0:
             return []
@@ -75,10 +76,8 @@ class LlavaNextAdapter(LlavaStyleAdapter):
         sizes = batch["image_sizes"]
         counts = self.tiles(sizes, batch.get("batch_num_images"))
         pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], counts, strict=True)])
-        return {"pixel_values": pixels, "image_sizes": sizes, **self._extra_vision(batch), **out}
-
-    def _extra_vision(self, batch: Any) -> dict[str, torch.Tensor]:
-        return {}
+        extra = {k: v for k, v in self.image_kwargs(batch).items() if v is not None}
+        return {"pixel_values": pixels, "image_sizes": sizes, **extra, **out}
 
     def image_token_counts(self, ids: Sequence[int], pixels: Any, num_images: int) -> list[int]:
         if pixels is None or "pixel_values" not in pixels:
@@ -147,25 +146,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def image_kwargs(self, batch: Any) -> dict[str, Any]:
         return {"batch_num_images": batch.get("batch_num_images")}
 
-    def _extra_vision(self, batch: Any) -> dict[str, torch.Tensor]:
-        return {"batch_num_images": batch["batch_num_images"]}
-
     def frame_pixels(self, frames: Sequence[Image.Image]) -> torch.Tensor:
         """Frames → [F, 3, s, s]: each frame's base tile from the stock image processor (the video processor's
         resize to the tower's size, rescale and normalisation)."""
         out = self.processor.image_processor(images=[[f] for f in frames], return_tensors="pt")
         return out["pixel_values"][:, 0]
-
-    def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
-        groups = super().visual_features(batch)
-        videos = batch.get("pixel_values_videos")
-        if videos is not None and videos.numel():
-            out = self.model.model.get_video_features(
-                pixel_values_videos=videos.to(self.device, self.dtype), return_dict=True
-            )
-            features = out.pooler_output  # [V, F·p² + 1, H]
-            groups.append((self.video_token_id, features.flatten(0, 1), [features.shape[1]] * features.shape[0]))
-        return groups
 
     def video_layout(self, videos: Sequence[Any]) -> list[Layout]:
         """One panel per frame with its pooled grid, then the video's newline as one gray cell."""

@@ -40,17 +40,6 @@ class VideoLlavaAdapter(LlavaAdapter):
         out = self.processor.image_processor(images=list(frames), return_tensors="pt")
         return out.get("pixel_values", out.get("pixel_values_images"))
 
-    def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
-        groups = super().visual_features(batch)  # images, through the image tower
-        videos = batch.get("pixel_values_videos")
-        if videos is not None and videos.numel():
-            out = self.model.model.get_video_features(
-                pixel_values_videos=videos.to(self.device, self.dtype), return_dict=True
-            )
-            features = out.pooler_output.flatten(0, 1)  # [V·F·(1+P), H]
-            groups.append((self.video_token_id, features, [features.shape[0] // videos.shape[0]] * videos.shape[0]))
-        return groups
-
     # ---- VisionZip --------------------------------------------------------------------------------------------
     def reduced_batch(self, batch: Any, reducer: Reducer) -> Encoded:
         videos = batch.get("pixel_values_videos")
