@@ -494,13 +494,19 @@ def test_bench_runs_video_tasks(models, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra,message",
-    [(["--video", "{tmp}/bad.mp4"], "not a readable video"), (["--video", "{tmp}/empty"], "holds no images")],
+    "family,extra,message",
+    [
+        ("video-llava", ["--video", "{tmp}/bad.mp4"], "not a readable video"),
+        ("video-llava", ["--video", "{tmp}/empty"], "holds no images"),
+        ("idefics3", ["--video", "{tmp}/frames"], "takes images, not videos"),
+    ],
 )
-def test_cli_bad_videos_are_one_line(tmp_path, capsys, extra, message):
+def test_cli_bad_videos_are_one_line(tmp_path, capsys, family, extra, message):
     from twigvlm.cli import main
 
-    model = save_tiny_family(tmp_path / "vl", TinyFamilySpec(family="video-llava", num_layers=2))
+    model = save_tiny_family(tmp_path / "m", TinyFamilySpec(family=family, num_layers=2))
+    (tmp_path / "frames").mkdir()
+    picture(1).save(tmp_path / "frames" / "0.png")
     (tmp_path / "bad.mp4").write_text("not a video")
     (tmp_path / "empty").mkdir()
     capsys.readouterr()

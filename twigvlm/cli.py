@@ -178,7 +178,7 @@ def _positive_float(text: str) -> float:
 
 def add_video_args(p: argparse.ArgumentParser) -> None:
     """--video with its sampling (--fps, --max-frames) and the dynamic-resolution range (--min/--max-pixels)."""
-    v = p.add_argument_group("video and resolution (Qwen-VL)")
+    v = p.add_argument_group("video (Qwen-VL, Video-LLaVA, LLaVA-OneVision) and resolution (Qwen-VL)")
     v.add_argument("--video", action="append", default=[], help="a video file or a folder of frames (repeatable)")
     v.add_argument("--fps", type=_positive_float, default=None, help="frames per second to sample (default: all)")
     v.add_argument("--max-frames", type=_positive_int, default=None, help="at most this many frames per video")
