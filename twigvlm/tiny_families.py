@@ -1,4 +1,4 @@
-"""Tiny random Video-LLaVA, LLaVA-NeXT, LLaVA-OneVision and Idefics3 models built offline, with working processors
+"""Tiny random Video-LLaVA, LLaVA-NeXT(-Video), LLaVA-OneVision and Idefics3 models built offline, with working processors
 (and, for the tests only, a SmolVLM model behind an Idefics3 processor: family "smolvlm").
 
 Each is the stock `*ForConditionalGeneration` class from a small config (a Llama decoder of a few layers, a
@@ -19,7 +19,7 @@ import torch
 from .adapters.qwen_processor import without_video
 from .tiny import TinySpec, build_tokenizer, save_model_dir, text_config
 
-FAMILIES = ("video-llava", "llava-next", "llava-onevision", "idefics3")
+FAMILIES = ("video-llava", "llava-next", "llava-next-video", "llava-onevision", "idefics3")
 
 CHAT = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -111,23 +111,30 @@ def _pinpoints(spec: TinyFamilySpec) -> list[list[int]]:
 
 
 def _llava_next(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    """LLaVA-NeXT, or (family "llava-next-video") LLaVA-NeXT-Video: the same images, and videos pooled 2×2."""
+    import transformers
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    config = LlavaNextConfig(
+    video = spec.family == "llava-next-video"
+    name = "LlavaNextVideo" if video else "LlavaNext"
+    ids = {"image_token_index": tok.convert_tokens_to_ids("<image>")}
+    if video:
+        ids["video_token_index"] = tok.convert_tokens_to_ids("<video>")
+    config = getattr(transformers, f"{name}Config")(
         vision_config=_clip(spec),
         text_config=_text(spec, vocab),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=_pinpoints(spec),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         tie_word_embeddings=spec.tie_embeddings,
+        **ids,
     )
     size = {"height": spec.image_size, "width": spec.image_size}
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": spec.image_size}, crop_size=size, image_grid_pinpoints=_pinpoints(spec)
     )
-    processor = LlavaNextProcessor(
+    processor_cls = getattr(transformers, f"{name}Processor")
+    processor = (without_video(processor_cls) if video else processor_cls)(
         image_processor,
         tok,
         patch_size=spec.patch_size,
@@ -136,7 +143,7 @@ def _llava_next(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
         num_additional_image_tokens=1,
     )
     torch.manual_seed(spec.seed)
-    return LlavaNextForConditionalGeneration(config), processor
+    return getattr(transformers, f"{name}ForConditionalGeneration")(config), processor
 
 
 def _llava_onevision(spec: TinyFamilySpec, tok: Any, vocab: int) -> tuple[Any, Any]:
@@ -219,6 +226,7 @@ BUILDERS = {
     "smolvlm": _idefics3,
     "video-llava": _video_llava,
     "llava-next": _llava_next,
+    "llava-next-video": _llava_next,
     "llava-onevision": _llava_onevision,
 }
 

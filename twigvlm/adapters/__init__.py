@@ -14,11 +14,19 @@ from ..errors import TwigVLMError
 from .base import Encoded, ModelSpec, Prompt, VLMAdapter
 from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from .llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 from .video_llava import VideoLlavaAdapter
 
-FAMILIES = (LlavaAdapter, QwenVLAdapter, VideoLlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Idefics3Adapter)
+FAMILIES = (
+    LlavaAdapter,
+    QwenVLAdapter,
+    VideoLlavaAdapter,
+    LlavaNextAdapter,
+    LlavaNextVideoAdapter,
+    LlavaOnevisionAdapter,
+    Idefics3Adapter,
+)
 ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in FAMILIES for t in cls.model_types}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

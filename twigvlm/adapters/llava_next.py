@@ -161,3 +161,32 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             layouts += [(img, pooled, pooled, 0) for img in self.unnormalised(self.frame_pixels(v.frames))]
             layouts.append((Image.new("RGB", (g, g), GRAY), 1, 1, 0))
         return layouts
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video: NeXT's anyres images, and videos whose frames (CLIP's resize and center crop) are
+    average-pooled 2×2 by the model, with no newline."""
+
+    model_types = ("llava_next_video",)
+    takes_video = True
+
+    def frame_pixels(self, frames: Sequence[Image.Image]) -> torch.Tensor:
+        """Frames → [F, 3, s, s] as the stock video processor prepares them: resized to the shortest edge,
+        center-cropped, rescaled and normalised with the image processor's settings (its CLIP transforms)."""
+        from transformers import CLIPImageProcessorPil
+
+        ip = self.processor.image_processor
+        clip = CLIPImageProcessorPil(
+            size=dict(ip.size),
+            crop_size=dict(ip.crop_size),
+            image_mean=list(ip.image_mean),
+            image_std=list(ip.image_std),
+            resample=ip.resample,
+        )
+        return clip(images=list(frames), return_tensors="pt")["pixel_values"]
+
+    def video_layout(self, videos: Sequence[Any]) -> list[Layout]:
+        """One panel per frame with its pooled grid."""
+        g = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        pooled = g // self.model.config.spatial_pool_stride
+        return [(img, pooled, pooled, 0) for v in videos for img in self.unnormalised(self.frame_pixels(v.frames))]

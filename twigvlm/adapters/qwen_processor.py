@@ -96,5 +96,6 @@ PROCESSORS = {
     "qwen3_vl": "Qwen3VLProcessor",
     "video_llava": "VideoLlavaProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",
+    "llava_next_video": "LlavaNextVideoProcessor",
     "smolvlm": "SmolVLMProcessor",
 }
