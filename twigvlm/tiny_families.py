@@ -1,5 +1,5 @@
-"""Tiny random Video-LLaVA, LLaVA-NeXT(-Video), LLaVA-OneVision and Idefics3 models built offline, with working processors
-(and, for the tests only, a SmolVLM model behind an Idefics3 processor: family "smolvlm").
+"""Tiny random Video-LLaVA, LLaVA-NeXT(-Video), LLaVA-OneVision and Idefics3 models built offline, with working
+processors (and, for the tests only, a SmolVLM model behind an Idefics3 processor: family "smolvlm").
 
 Each is the stock `*ForConditionalGeneration` class from a small config (a Llama decoder of a few layers, a
 two-layer CLIP or SigLIP tower), a byte-level BPE tokenizer with the family's special tokens, a ChatML template
