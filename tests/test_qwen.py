@@ -145,6 +145,21 @@ def _masked_reference_logits(vlm, enc, ids, kept, K, wipe):
     return engine.logits(hidden)[0]
 
 
+def pruned_vs_reference(vlm, enc, cfg: PruneConfig, K: int, wipe: int, n: int):
+    """Prune the prompt at K and decode n greedy tokens; with the masked full model's logits over the same ids.
+    Returns (our logits [n, V], the reference's [n, V], the ids, the prune stats, the state)."""
+    engine = vlm.engine
+    with torch.no_grad():
+        state = engine.new_state()
+        logits, stats = pruned_prefill(engine, state, enc, cfg)
+        ours, ids = [logits[0]], []
+        for _ in range(n):
+            ids.append(int(ours[-1].argmax()))
+            ours.append(engine.step(state, torch.tensor([[ids[-1]]]))[0, -1])
+        ref = _masked_reference_logits(vlm, enc, ids, torch.tensor(stats.kept_indices), K, wipe)
+    return torch.stack(ours[:-1]), ref[enc.num_tokens - 1 : -1], ids, stats, state
+
+
 @pytest.mark.parametrize("method", ["twig", "fastv"])
 @pytest.mark.parametrize("K,wipe,keep", [(1, 5, 8.0), (2, 6, 12.0), (3, 8, 20.0)])
 def test_pruning_equals_the_masked_full_model(qwen, method, K, wipe, keep):
@@ -153,16 +168,9 @@ def test_pruning_equals_the_masked_full_model(qwen, method, K, wipe, keep):
     cfg = PruneConfig(method, keep=keep, wipe_layer=wipe, layer=K)
     enc = vlm.encode(random_prompt(K + wipe, 6), [picture(K), picture(wipe, (64, 64))])
     engine = vlm.engine
-    with torch.no_grad():
-        state = engine.new_state()
-        logits, stats = pruned_prefill(engine, state, enc, cfg)
-        ours, ids = [logits[0]], []
-        for _ in range(6):
-            ids.append(int(ours[-1].argmax()))
-            ours.append(engine.step(state, torch.tensor([[ids[-1]]]))[0, -1])
-        ref = _masked_reference_logits(vlm, enc, ids, torch.tensor(stats.kept_indices), K, wipe)
-    torch.testing.assert_close(torch.stack(ours[:-1]), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-5)
-    assert ids == ref[enc.num_tokens - 1 : -1].argmax(-1).tolist()
+    ours, ref, ids, stats, state = pruned_vs_reference(vlm, enc, cfg, K, wipe, 6)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert ids == ref.argmax(-1).tolist()
     M, L, T = enc.num_visual_tokens, engine.num_layers, enc.num_tokens
     R = kept_per_layer(keep, L, M, K, wipe)
     assert stats.kept == R < M

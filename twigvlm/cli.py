@@ -33,6 +33,7 @@ from .errors import TwigVLMError
 from .flags import add_runtime_args, positive_int
 from .paths import output_dir, output_file, twig_output_dir
 from .serve import cli as serve_cli
+from .tiny_families import FAMILIES as TINY_FAMILIES
 from .tiny_qwen import FAMILIES as TINY_QWEN
 from .train import cli as train_cli
 
@@ -141,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny", help="write a tiny random VLM (offline) for trying things out")
     t.add_argument("--out", required=True)
-    t.add_argument("--family", choices=["llava", *TINY_QWEN], default="llava", help="the model family (default: llava)")
+    t.add_argument(
+        "--family",
+        choices=["llava", *TINY_QWEN, *TINY_FAMILIES],
+        default="llava",
+        help="the model family (default: llava)",
+    )
     t.add_argument("--backbone", choices=["llama", "mistral", "qwen2"], default="llama", help="llava only")
     t.add_argument("--tower", choices=["clip", "siglip"], default="clip", help="llava only")
     t.add_argument("--layers", type=positive_int, default=6)
@@ -168,7 +174,7 @@ def _positive_float(text: str) -> float:
 
 def add_video_args(p: argparse.ArgumentParser) -> None:
     """--video with its sampling (--fps, --max-frames) and the dynamic-resolution range (--min/--max-pixels)."""
-    v = p.add_argument_group("video and resolution (Qwen-VL)")
+    v = p.add_argument_group("video (Qwen-VL, Video-LLaVA, LLaVA-OneVision) and resolution (Qwen-VL)")
     v.add_argument("--video", action="append", default=[], help="a video file or a folder of frames (repeatable)")
     v.add_argument("--fps", type=_positive_float, default=None, help="frames per second to sample (default: all)")
     v.add_argument("--max-frames", type=positive_int, default=None, help="at most this many frames per video")
@@ -306,6 +312,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tiny(args: argparse.Namespace) -> None:
     from .tiny import TinySpec, save_tiny_llava
 
+    if args.family in TINY_FAMILIES:
+        from .tiny_families import TinyFamilySpec, save_tiny_family
+
+        spec = TinyFamilySpec(family=args.family, num_layers=args.layers, seed=args.seed)
+        print(
+            f"wrote a tiny random {args.family} ({args.layers} layers) → {save_tiny_family(output_dir(args.out), spec)}"
+        )
+        return
     if args.family != "llava":
         from .tiny_qwen import TinyQwenSpec, save_tiny_qwen
 

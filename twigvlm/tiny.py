@@ -85,7 +85,7 @@ def build_tokenizer(vocab_size: int = 512, special_tokens: list[str] | None = No
     )
 
 
-def _text_config(spec: TinySpec, vocab: int):
+def text_config(spec: TinySpec, vocab: int):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -138,7 +138,7 @@ def build_tiny_llava(spec: TinySpec = TinySpec()):
     vision_config, image_processor, num_extra = _vision(spec)
     config = LlavaConfig(
         vision_config=vision_config,
-        text_config=_text_config(spec, vocab),
+        text_config=text_config(spec, vocab),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
         vision_feature_select_strategy=spec.select_strategy,
@@ -163,8 +163,12 @@ def build_tiny_llava(spec: TinySpec = TinySpec()):
 
 def save_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Build a tiny random LLaVA and save model + processor to `out_dir` (a normal HF model directory)."""
+    return save_model_dir(out_dir, *build_tiny_llava(spec))
+
+
+def save_model_dir(out_dir: str | Path, model, processor) -> Path:
+    """Save a model and its processor into one directory, as `save_pretrained` lays a checkpoint out."""
     out = Path(out_dir)
-    model, processor = build_tiny_llava(spec)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)

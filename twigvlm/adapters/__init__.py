@@ -12,10 +12,22 @@ import torch
 
 from ..errors import TwigVLMError
 from .base import Encoded, ModelSpec, Prompt, VLMAdapter
+from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
+from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in (LlavaAdapter, QwenVLAdapter) for t in cls.model_types}
+FAMILIES = (
+    LlavaAdapter,
+    QwenVLAdapter,
+    VideoLlavaAdapter,
+    LlavaNextAdapter,
+    LlavaNextVideoAdapter,
+    LlavaOnevisionAdapter,
+    Idefics3Adapter,
+)
+ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in FAMILIES for t in cls.model_types}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,11 +115,13 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device:
 
 
 def _load_processor(path: Path, model_type: str) -> Any:
-    """The directory's stock processor; for the Qwen-VL family without torchvision, the stock class without its
-    video part (`qwen_processor.py`)."""
+    """The directory's stock processor; for a family whose processor has a video part, without torchvision, the
+    stock class without that part (`qwen_processor.py`)."""
     from transformers import AutoProcessor
 
-    if ADAPTERS[model_type] is QwenVLAdapter:
+    from .qwen_processor import PROCESSORS
+
+    if model_type in PROCESSORS:
         from .qwen_processor import load_processor, processor_class
 
         return load_processor(path, processor_class(model_type))

@@ -104,6 +104,31 @@ def image_index_for(visual_mask: torch.Tensor, counts: Sequence[int]) -> torch.T
     return index
 
 
+def items_index(input_ids: torch.Tensor, groups: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
+    """[B, T] which image or video each visual token belongs to (−1 at text), for several kinds of placeholder.
+
+    groups: (placeholder id, tokens of each item of that kind) per kind; a kind's items fill its placeholders in
+    order (row by row, as `masked_scatter` fills them). Items of all kinds are numbered 0, 1, … in the order of
+    their first token (prompt order over the batch)."""
+    index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+    flat_ids, flat_index = input_ids.flatten(), index.view(-1)
+    firsts: list[tuple[int, int, int]] = []  # (flat position of an item's first token, group, item within group)
+    where = []
+    for g, (token_id, counts) in enumerate(groups):
+        flat = (flat_ids == token_id).nonzero().flatten()
+        if sum(counts) != flat.numel():
+            raise ValueError(f"{sum(counts)} visual tokens in the items but {flat.numel()} placeholders")
+        starts = torch.cumsum(torch.tensor([0, *counts[:-1]], dtype=torch.long), 0).tolist() if counts else []
+        firsts += [(int(flat[s]), g, k) for k, s in enumerate(starts) if counts[k]]
+        where.append((flat, counts))
+    number = {(g, k): i for i, (_, g, k) in enumerate(sorted(firsts))}
+    for g, (flat, counts) in enumerate(where):
+        numbers = torch.tensor([number.get((g, k), -1) for k in range(len(counts))], dtype=torch.long)
+        owner = torch.repeat_interleave(numbers, torch.tensor(list(counts), dtype=torch.long))
+        flat_index[flat] = owner.to(index.device)
+    return index
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The facts about a base model that a twig depends on."""

@@ -64,13 +64,14 @@ class ChatTraining(ABC):
     def tokenize_chat(
         self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = (), videos: Sequence[Any] = ()
     ) -> tuple[list[int], list[bool], Any]:
-        """Token ids of a whole conversation, a per-token "written by the assistant" mask, and the vision inputs
-        (`vision_inputs`: pixel values, or a family's dict of tensors).
+        """Token ids of a whole conversation, a per-token "written by the assistant" mask, and pixel values.
 
         Each stretch is tokenized as inference sees it: the prompt up to an assistant turn rendered with the
         generation prompt, then the assistant's text with its end-of-turn marker. videos: `twigvlm.video.Video`s
-        for a family that takes video.
+        for `{"type": "video"}` items, for families whose `chat_inputs` takes them.
         """
+        if videos:
+            self.check_videos(videos)  # type: ignore[attr-defined] — a family that takes no video says so
         messages = checked_messages(messages, video=getattr(self, "takes_video", False))
         segments: list[tuple[str, bool]] = []
         done = ""
@@ -85,15 +86,13 @@ class ChatTraining(ABC):
                 )
             segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
             done = full
-        if videos:
-            self.check_videos(videos)
         video_token = getattr(self, "video_token", None)
-        for token, given, what in ((self.image_token, len(images), "image"), (video_token, len(videos), "video")):
+        for token, given, what in ((self.image_token, images, "image"), (video_token, videos, "video")):
             placeholders = sum(text.count(token) for text, _ in segments) if token else 0
-            if placeholders != given:
+            if placeholders != len(given):
                 raise TwigVLMError(
                     f"the conversation has {placeholders} {what} placeholder(s) in its answered turns but "
-                    f"{given} {what}(s) were given"
+                    f"{len(given)} {what}(s) were given"
                 )
         ids: list[int] = []
         assistant: list[bool] = []
@@ -101,25 +100,25 @@ class ChatTraining(ABC):
         bos = self.processor.tokenizer.bos_token
         for k, (text, is_assistant) in enumerate(segments):
             n_img = text.count(self.image_token)
-            n_vid = text.count(video_token) if video_token and videos else 0
-            batch = self.process_text(
-                text,
-                images[used : used + n_img],
-                videos[used_videos : used_videos + n_vid],
-                add_special_tokens=k == 0 and not (bos and text.startswith(bos)),
+            n_vid = text.count(video_token) if video_token else 0
+            special = k == 0 and not (bos and text.startswith(bos))
+            batch = self.chat_inputs(
+                text, images[used : used + n_img], videos[used_videos : used_videos + n_vid], special
             )
-            used += n_img
-            used_videos += n_vid
+            used, used_videos = used + n_img, used_videos + n_vid
             if n_img or n_vid:
                 pixels.append(self.vision_inputs(batch))
             ids += batch["input_ids"][0].tolist()
             assistant += [is_assistant] * batch["input_ids"].shape[1]
         return ids, assistant, concat_vision(pixels)
 
-    def process_text(
+    def chat_inputs(
         self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
     ) -> Any:
-        """An already rendered stretch of a chat with its images (and videos) → the processor's output."""
+        """One stretch of a conversation (rendered text with its images and videos) → the stock processor's
+        output. Families that train on video override this."""
+        if videos:
+            raise TwigVLMError(f"training on video is not supported by the {type(self).__name__} adapter yet")
         return self.processor(
             images=list(images) or None, text=text, return_tensors="pt", add_special_tokens=add_special_tokens
         )
@@ -139,12 +138,13 @@ class ChatTraining(ABC):
 
 
 def concat_vision(parts: Sequence[Any]) -> Any:
-    """Vision inputs of several examples as one batch: tensors (or dicts of tensors, key by key) along dim 0."""
+    """Vision inputs of several examples as one batch: tensors (or dicts of tensors, key by key, each key over
+    the parts that have it: images in some examples, videos in others) along dim 0."""
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
     if isinstance(parts[0], dict):
-        keys = dict.fromkeys(k for p in parts for k in p)  # images in some parts, videos in others
+        keys = dict.fromkeys(k for p in parts for k in p)
         return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
     return torch.cat(parts)
 
@@ -164,15 +164,21 @@ class VisionZipReduction(ABC):
         """Vision features [R, Hv] → language-model features [R, H] (the model's projector)."""
 
     def reduce_visual(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, reducer: Reducer
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, reducer: Reducer, token_id: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, Reduction, list[int]]:
         """Reduce each image's tokens of a one-prompt batch: projected features [R, H], the input ids without the
-        dropped placeholders [1, T'], the `Reduction`, and how many tokens each image kept."""
+        dropped placeholders [1, T'], the `Reduction`, and how many tokens each image kept. token_id: another
+        placeholder than the image token (Video-LLaVA's video frames, each reduced as an image); the family's
+        `vision_scores` then takes kind="video"."""
         if input_ids.shape[0] != 1:
             raise TwigVLMError(f"VisionZip reduces one prompt at a time, not a batch of {input_ids.shape[0]}")
-        pre, scores, keys = self.vision_scores(pixel_values)
+        if token_id is None or token_id == self.image_token_id:
+            token_id = self.image_token_id
+            pre, scores, keys = self.vision_scores(pixel_values)
+        else:
+            pre, scores, keys = self.vision_scores(pixel_values, kind="video")  # type: ignore[call-arg]
         n, per_image = scores.shape
-        visual = (input_ids[0] == self.image_token_id).nonzero().flatten()  # [M]
+        visual = (input_ids[0] == token_id).nonzero().flatten()  # [M]
         if visual.numel() != n * per_image:
             raise TwigVLMError(
                 f"the prompt has {visual.numel()} image tokens for {n} image(s) of {per_image}: "
@@ -223,12 +229,15 @@ class HFBaseline(ABC):
         max_new_tokens: int,
         ignore_eos: bool = False,
         early_exit: int | None = None,
+        videos: Sequence[Any] = (),
     ) -> list[int]:
         """New token ids from the stock model's greedy `generate` on the same processed inputs; early_exit:
-        transformers' own early-exit self-speculation, drafting with the first `early_exit` layers."""
-        batch = self.process(prompt, images)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        transformers' own early-exit self-speculation, drafting with the first `early_exit` layers. videos: for
+        a family whose `process` takes them."""
+        batch = self.process(prompt, images, videos) if videos else self.process(prompt, images)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch and batch[key].is_floating_point():
+                batch[key] = batch[key].to(self.dtype)
         extra: dict[str, Any] = {"eos_token_id": None} if ignore_eos else {}
         if early_exit is not None:
             extra["assistant_early_exit"] = early_exit

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import TwigVLMError
-from .base import Encoded, Layout, ModelSpec, Prompt, Reducer, VLMAdapter, checked_messages
+from .base import Encoded, Layout, ModelSpec, Prompt, Reducer, VLMAdapter, checked_messages, items_index
 from .capabilities import ChatTraining, HFBaseline, PictureLayout, check_reducer
 from .decoder import LlamaStyleDecoder, TextModelParts
 from .qwen_video import prepare_video
@@ -232,38 +232,25 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
 
     def _item_index(self, input_ids: torch.Tensor, batch: Any) -> torch.Tensor:
         """[B, T] which image or video (numbered in prompt order) each visual token belongs to; −1 at text."""
-        index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
-        starts: list[tuple[int, str, int]] = []  # (flat position of the first token, kind, k)
-        owners: dict[str, torch.Tensor] = {}
-        for kind, token, grid in (
-            ("image", self.image_token_id, batch.get("image_grid_thw")),
-            ("video", self.video_token_id, batch.get("video_grid_thw")),
-        ):
-            flat = (input_ids.flatten() == token).nonzero().flatten()
-            if grid is None or flat.numel() == 0:
-                continue
-            counts = (grid.prod(-1) // self.merge**2).tolist()
-            owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-            owners[kind] = owner
-            first = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
-            starts += [(int(flat[f]), kind, k) for k, f in enumerate(first.tolist())]
-        number = {(kind, k): i for i, (_, kind, k) in enumerate(sorted(starts))}
-        flat_index = index.view(-1)
-        for kind, token in (("image", self.image_token_id), ("video", self.video_token_id)):
-            if kind in owners:
-                ids = torch.tensor([number[(kind, int(k))] for k in owners[kind]], device=index.device)
-                flat_index[input_ids.flatten() == token] = ids
-        return index
+        groups = [
+            (token, (grid.prod(-1) // self.merge**2).tolist())
+            for token, grid in (
+                (self.image_token_id, batch.get("image_grid_thw")),
+                (self.video_token_id, batch.get("video_grid_thw")),
+            )
+            if grid is not None and grid.numel()
+        ]
+        return items_index(input_ids, groups)
 
     # ---- training -------------------------------------------------------------------------------------------
     VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
-    def process_text(
+    def chat_inputs(
         self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
     ) -> Any:
         if videos:
             return self._process_with_videos(text, images, videos)
-        return super().process_text(text, images, videos, add_special_tokens)
+        return super().chat_inputs(text, images, videos, add_special_tokens)
 
     def vision_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         return {k: batch[k] for k in self.VISION_KEYS if batch.get(k) is not None}

@@ -82,9 +82,12 @@ def method_configs(method: str, mc: MethodConfig) -> tuple[PruneConfig | None, S
 
 def visual_tokens(vlm: VLM, sample: Sample) -> int:
     """M, the visual tokens of a sample's prompt, from the processor's view of its image (no vision tower run)."""
-    if sample.image is None:
+    images = [sample.image()] if sample.image is not None else []
+    videos = [sample.video()] if sample.video is not None else []
+    vlm.adapter.check_videos(videos)
+    if not images and not videos:
         return 0
-    return sum(lead + rows * cols for _, rows, cols, lead in picture_layout(vlm.adapter, [sample.image()]))
+    return sum(lead + rows * cols for _, rows, cols, lead in picture_layout(vlm.adapter, images, videos))
 
 
 def check_method(vlm: VLM, method: str, mc: MethodConfig, num_visual: int, twig: Twig | bool = True) -> None:
@@ -106,6 +109,7 @@ def check_method(vlm: VLM, method: str, mc: MethodConfig, num_visual: int, twig:
 def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Twig | bool = True) -> Run:
     """Run one method on one sample (greedy) with `twig` (`VLM.stream`'s twig argument: True the current one)."""
     images = [sample.image()] if sample.image is not None else []
+    videos = [sample.video()] if sample.video is not None else []
     own = vlm.engine_for(twig).twig
     if method in ("hf", "hf+kernels", "hf-early-exit"):
         if method == "hf+kernels" and vlm.kernel_plan is None:
@@ -121,7 +125,9 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         t = time.perf_counter()
         try:
             with kernels:
-                ids = baseline.hf_generate(sample.prompt, images, sample.max_new_tokens, early_exit=early)
+                ids = baseline.hf_generate(
+                    sample.prompt, images, sample.max_new_tokens, early_exit=early, videos=videos
+                )
         except Exception as e:  # noqa: BLE001 — transformers' early exit supports only some model classes
             if early is None:
                 raise
@@ -144,6 +150,7 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         prune=prune,
         speculative=spec or False,
         twig=twig,
+        video=videos or None,
     )
     seconds = time.perf_counter() - t
     s = out.stats

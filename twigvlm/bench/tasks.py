@@ -1,11 +1,13 @@
 """Benchmark tasks: the built-in demo tasks and any task in the LLaVA evaluation format, with their scoring.
 
-Built in: `easyvqa` (easy-VQA test, exact match), `scenes` (scene short questions, exact match) and `describe`
-(scene descriptions, object F1 against the scene itself). From files: a question JSONL (`question_id`, `image`,
-`text`), an image folder and an answers file (JSONL or JSON list of `question_id` with `answer` or `answers`),
-scored by VQA-style normalized exact match against any of the answers; a task named after a benchmark (pope,
-gqa, textvqa, vqav2, scienceqa, mme, mmbench) reads that benchmark's own files instead (`benchmarks/`). A
-malformed line is an error naming the file and the line.
+Built in: `easyvqa` (easy-VQA test, exact match), `scenes` (scene short questions, exact match), `describe`
+(scene descriptions, object F1 against the scene itself) and `moving-shapes` (procedural video clips: direction,
+count, order of appearance; exact match). From files: a question JSONL (`question_id`, `image` or `video`,
+`text`), an image (video) folder and an answers file (JSONL or JSON list of `question_id` with `answer` or
+`answers`), scored by VQA-style normalized exact match against any of the answers (video question sets, as
+Video-LLaVA's evaluation files, give `video`: a file or a folder of frames, sampled to 8 frames); a task named
+after a benchmark (pope, gqa, textvqa, vqav2, scienceqa, mme, mmbench) reads that benchmark's own files instead
+(`benchmarks/`). A malformed line is an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from PIL import Image
 
 from ..errors import TwigVLMError
 from ..images import load_image
+from ..video import Video, load_video
 
-BUILTIN = ("easyvqa", "scenes", "describe")
+BUILTIN = ("easyvqa", "scenes", "describe", "moving-shapes")
+VIDEO_FRAMES = 8  # frames sampled from a task's videos (Video-LLaVA's)
 MAX_NEW_TOKENS = {"describe": 200}  # other tasks: short answers
 SHORT_MAX_NEW_TOKENS = 16
 
@@ -32,12 +36,13 @@ class Sample:
     task: str
     id: str
     prompt: str
-    image: Callable[[], Image.Image]
+    image: Callable[[], Image.Image] | None
     answers: list[str]
     score: Callable[[str], float] = field(repr=False, default=None)  # type: ignore[assignment]
     max_new_tokens: int = SHORT_MAX_NEW_TOKENS
     benchmark: str | None = None  # a native benchmark (`benchmarks.BENCHMARKS`) computes the task's metrics
     meta: dict[str, Any] = field(default_factory=dict)  # what its metrics group by (category, label, ...)
+    video: Callable[[], Video] | None = None  # a video question's clip (then usually no image)
 
     def __post_init__(self) -> None:
         if self.score is None:
@@ -70,6 +75,8 @@ def builtin(task: str, n: int, split: str = "test") -> list[Sample]:
 
     if task not in BUILTIN:
         raise TwigVLMError(f"unknown task {task!r}: built-in tasks are {', '.join(BUILTIN)}, or give a task file")
+    if task == "moving-shapes":
+        return moving_shapes(n, split)
     samples = []
     for ex in eval_set(task, n, split):
         sample = Sample(
@@ -84,6 +91,18 @@ def builtin(task: str, n: int, split: str = "test") -> list[Sample]:
             scene = make_scene(scene_seed(split, int(ex.key.split(":")[2])))
             sample.score = lambda text, scene=scene: object_f1(text, scene)
         samples.append(sample)
+    return samples
+
+
+def moving_shapes(n: int, split: str = "test") -> list[Sample]:
+    """The first n procedural video questions (`twigvlm.data.moving_shapes`), each clip at 2 frames a second."""
+    from ..data.moving_shapes import make_clip
+
+    samples = []
+    for i in range(n):
+        clip = make_clip(split, i)
+        video = lambda clip=clip: load_video(clip.frames(VIDEO_FRAMES), fps=2.0)  # noqa: E731
+        samples.append(Sample("moving-shapes", clip.key, clip.question, None, [clip.answer], video=video))
     return samples
 
 
@@ -133,15 +152,18 @@ def from_files(
     samples = []
     for n, row in _read_rows(qpath):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), (str, int)) for k in ("question_id", "text")):
-            raise TwigVLMError(f"{qpath} line {n}: needs 'question_id' and 'text' (and 'image')")
+            raise TwigVLMError(f"{qpath} line {n}: needs 'question_id' and 'text' (and 'image' or 'video')")
         qid = str(row["question_id"])
         if qid not in gold:
             raise TwigVLMError(f"{qpath} line {n}: question {qid} has no answer in {apath}")
-        image = row.get("image")
+        image, video = row.get("image"), row.get("video")
         if image is not None and not (folder / str(image)).is_file():
             raise TwigVLMError(f"{qpath} line {n}: image {folder / str(image)} does not exist")
+        if video is not None and not (folder / str(video)).exists():
+            raise TwigVLMError(f"{qpath} line {n}: video {folder / str(video)} does not exist")
         loader = (lambda p=folder / str(image): load_image(p)) if image is not None else None
-        samples.append(Sample(name, qid, str(row["text"]), loader, gold[qid]))
+        clip = (lambda p=folder / str(video): load_video(p, max_frames=VIDEO_FRAMES)) if video is not None else None
+        samples.append(Sample(name, qid, str(row["text"]), loader, gold[qid], video=clip))
         if limit is not None and len(samples) >= limit:
             break
     if not samples:
