@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import twigvlm
-from twigvlm import GenConfig, PruneConfig, SpecConfig
+from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.cache import LayerKV
+from twigvlm.draft_choice import SHORT_ANSWER, Costs, best_drafter, best_tree_value
 from twigvlm.generate import TextStream, emit
 from twigvlm.prune import pruned_prefill
 from twigvlm.sampling import pick_tokens
@@ -365,3 +366,93 @@ def test_tree_sampling_matches_ar_in_distribution(vlms):
     vlm.twig.set_draft_vocab(range(0, vlm.adapter.spec.vocab_size, 2))
     enc = vlm.encode(random_prompt(4, 3), random_image(4))
     assert_sampling_is_lossless(vlm, enc, runs=240, spec=tree_spec(4, 2, 2))
+
+
+def test_qwen_vl_tree_speculation_equals_ar(tmp_path):
+    # M-RoPE: tree positions are prefix + depth on all three axes (prune keeps 3-D positions in the prompt).
+    from twigvlm.tiny_qwen import TinyQwenSpec, save_tiny_qwen
+
+    from .test_qwen import picture
+
+    base = twigvlm.load(save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2-vl", num_layers=6, seed=3)))
+    for noise, prune in ((0.0, None), (0.01, PruneConfig("twig", keep=6))):
+        vlm = _with_twig(base, 2, 4, noise=noise, seed=1)
+        for seed, shape in enumerate(TREE_SHAPES[:2]):
+            args = dict(prompt=random_prompt(seed, 3 + seed), image=[picture(seed)], max_new_tokens=14, ignore_eos=True)
+            sd = vlm.generate(**args, prune=prune, speculative=tree_spec(*shape))
+            assert sd.token_ids == vlm.generate(**args, prune=prune).token_ids, (noise, seed, shape)
+            assert sd.stats.accepted > 0, (noise, seed)  # paths were accepted, at positions prefix + depth
+
+
+# ---- choosing the drafter; settings -----------------------------------------------------------------------------
+def test_bad_tree_settings_are_one_line():
+    for bad in (
+        SpecConfig(draft="bush"),
+        SpecConfig(tree_nodes=0),
+        SpecConfig(tree_depth=0),
+        SpecConfig(tree_topk=0),
+        SpecConfig(tree_nodes=1.5),
+    ):
+        with pytest.raises(TwigVLMError) as e:
+            bad.validate()
+        assert "\n" not in str(e.value)
+
+
+def test_cli_tree_flags(capsys, model_dirs, tmp_path):
+    from twigvlm.cli import main
+
+    twig = tmp_path / "twig"
+    assert main(["grow", "--model", model_dirs["llama-clip"], "--K", "2", "--T", "2", "--out", str(twig)]) == 0
+    gen = ["generate", "--model", model_dirs["llama-clip"], "--twig", str(twig), "--prompt", "hi", "--speculative"]
+    capsys.readouterr()
+    assert main([*gen, "--draft", "tree", "--tree-nodes", "3", "--tree-depth", "2", "--max-new-tokens", "6"]) == 0
+    assert "tree drafts:" in capsys.readouterr().err
+    assert main([*gen, "--max-new-tokens", "2"]) == 0  # auto: no drafting for two tokens
+    assert "no drafting" in capsys.readouterr().err
+    for flags, message in ((["--tree-nodes", "0"], "tree_nodes"), (["--draft", "bush"], "invalid choice")):
+        with pytest.raises(SystemExit) as exc:
+            raise SystemExit(main([*gen, *flags]))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_sequoia_program_values():
+    assert best_tree_value((1.0,), 6, 3) == 3.0  # every best token accepted: the chain is as deep as allowed
+    assert best_tree_value((1.0,), 3, 9) == 2.0
+    assert best_tree_value((0.5, 0.5), 3, 1) == 1.0  # two siblings: one of them is always right
+    assert best_tree_value((0.5, 0.5), 3, 2) == pytest.approx(1.0)  # a chain of two: 0.5 + 0.25 < 1
+    assert best_tree_value((0.0,), 9, 9) == 0.0
+
+
+def _costs(verify_per_row: float, level: float = 0.010) -> Costs:
+    rows = (1, 2, 4, 8, 16, 32)
+    return Costs(
+        verify={n: 0.050 + verify_per_row * (n - 1) for n in rows},
+        level={n: level * (1 + 0.1 * (n - 1)) for n in rows},
+        base={n: level / 3 * (1 + 0.1 * (n - 1)) for n in rows},
+    )
+
+
+def test_auto_picks_by_expected_tokens_per_second():
+    spec = SpecConfig(draft="auto", tree_nodes=16, tree_depth=6, tree_topk=4)
+    bushy = (0.7, 0.15, 0.05, 0.03)  # the right token is sometimes the twig's second or third
+    gpu = best_drafter(_costs(0.0002, level=0.004), bushy, spec)  # rows nearly free, a cheap draft
+    assert gpu.kind == "tree" and gpu.spec.tree_nodes > 8 and gpu.spec.tree_depth > 2
+    cpu = best_drafter(_costs(0.03), (0.8, 0.05, 0.02, 0.01), spec)  # each row costs 0.6 of a step
+    assert cpu.kind == "chain"
+    assert best_drafter(_costs(0.03), (0.05, 0.02, 0.01, 0.0), spec).kind == "none"  # a twig that is always wrong
+
+
+def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
+    import twigvlm.draft_choice as dc
+
+    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    calls = []
+    real = dc.probe_costs
+    monkeypatch.setattr(dc, "probe_costs", lambda *a: calls.append(1) or real(*a))
+    args = dict(prompt="describe", image=random_image(1), ignore_eos=True)
+    short = vlm.generate(**args, max_new_tokens=SHORT_ANSWER, speculative=True)
+    assert short.stats.drafter == "none" and short.stats.drafted == 0 and calls == []
+    outs = [vlm.generate(**args, max_new_tokens=12, speculative=True) for _ in range(2)]
+    assert calls == [1] and all(o.stats.drafter in ("chain", "tree", "none") for o in outs)
+    assert all(o.token_ids == vlm.generate(**args, max_new_tokens=12).token_ids for o in outs)

@@ -16,7 +16,7 @@ import torch
 
 from .adapters.base import Encoded
 from .config import GenConfig, PruneConfig, SpecConfig, check_request
-from .draft_choice import choose_drafter
+from .draft_choice import chain_ranks, choose_drafter, recording
 from .engine import DecodeState, Engine
 from .errors import TwigVLMError, require_batch_one
 from .prune import PruneStats, pruned_prefill
@@ -231,16 +231,19 @@ def _speculative_blocks(
     stats: SpecStats,
     stop_ids: set[int],
 ) -> Iterator[list[int]]:
-    """The blocks of the drafter `spec` asks for (auto: the one `choose_drafter` picks for this model and request)."""
+    """The blocks of the drafter `spec` asks for (auto: the one `choose_drafter` picks for this model and request);
+    what the target accepted goes into the twig's acceptance record, which auto's next choices read."""
     choice = choose_drafter(engine, state, cfg, spec)
     stats.drafter = choice.kind
     if choice.kind == "none":
         return _ar_blocks(engine, state, first, cfg, generator)
     if choice.kind == "tree":
-        tree = TwigTreeModel(engine, state, cfg, choice.spec.tree_topk, choice.nodes)
-        return tree_blocks(tree, first, cfg, choice.spec, generator, stats, stop_ids)
+        tree = TwigTreeModel(engine, state, cfg, choice.spec.tree_topk, choice.spec.tree_nodes)
+        blocks = tree_blocks(tree, first, cfg, choice.spec, generator, stats, stop_ids)
+        return recording(blocks, engine, lambda: tree.ranks)
     model = TwigSpecModel(engine, state, cfg, generator)
-    return speculative_blocks(model, first, cfg, choice.spec, generator, stats, stop_ids)
+    blocks = speculative_blocks(model, first, cfg, choice.spec, generator, stats, stop_ids)
+    return recording(blocks, engine, lambda: chain_ranks(stats))
 
 
 class Generation:

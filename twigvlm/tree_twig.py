@@ -17,8 +17,6 @@ have been through the twig: its layer-K state waits in `_pending`, as in the cha
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +26,6 @@ from .engine import DecodeState, Engine
 from .errors import require_batch_one
 from .sampling import probs_from_logits
 from .tree import TreeDraft
-
-# Given the candidates' path probabilities under the twig (best first), how many nodes to keep.
-SizeRule = Callable[[list[float]], int]
 
 
 @dataclass
@@ -55,12 +50,12 @@ class TwigTreeModel:
         state: DecodeState,
         cfg: GenConfig,
         topk: int,
-        nodes: int | SizeRule,
+        nodes: int,
     ) -> None:
         assert engine.twig is not None and state.twig_cache is not None
         require_batch_one(state.cache[0].keys().shape[0], "speculative decoding")
-        self.engine, self.state, self.cfg, self.topk = engine, state, cfg, topk
-        self.size: SizeRule = nodes if callable(nodes) else (lambda _probs, n=nodes: n)
+        self.engine, self.state, self.cfg, self.topk, self.nodes = engine, state, cfg, topk, nodes
+        self.ranks: list[int | None] = []  # at each reached node with children: the accepted child's rank, or None
         self.K = engine.twig.config.K
         self._pending: list[torch.Tensor] = []  # layer-K states [1, 1, H] not yet in the twig cache
         self._nodes: list[_Node] = []
@@ -109,8 +104,7 @@ class TwigTreeModel:
         """The root and the best N candidates, ordered by depth (a parent before its children), siblings best
         first. Ties put the shallower node first, so a child is never kept without its parent."""
         ranked = sorted(range(1, len(self._nodes)), key=lambda i: (-self._nodes[i].score, self._nodes[i].depth, i))
-        n = max(0, min(len(ranked), self.size([math.exp(self._nodes[i].score) for i in ranked])))
-        chosen = set(ranked[:n])
+        chosen = set(ranked[: self.nodes])
         assert all(self._nodes[i].parent in chosen or self._nodes[i].parent == 0 for i in chosen), "not a tree"
         return [0] + sorted(chosen, key=lambda i: (self._nodes[i].depth, -self._nodes[i].score, i))
 
@@ -179,6 +173,7 @@ class TwigTreeModel:
     @torch.inference_mode()
     def commit(self, path: list[int]) -> None:
         nodes = [self._order[i] for i in path]  # the accepted path as this step's node indices
+        self._record_ranks(path)
         deep = range(self.K, self.engine.num_layers)
         self.state.cache.gather_tail(len(self._order), path, deep)
         kpos = {node: j for j, node in enumerate(self._kslots)}
@@ -190,3 +185,12 @@ class TwigTreeModel:
             self.state.twig_cache.gather_tail(len(self._tslots), [tpos[i] for i in fed])
         self._pending += [self._nodes[i].hidden for i in nodes[len(fed) :]]
         self.state.next_position = self._start + len(path)
+
+    def _record_ranks(self, path: list[int]) -> None:
+        """Which of its children (by rank) the target took at each node of the path that has children."""
+        children: dict[int, list[int]] = {}
+        for j, i in enumerate(self._order[1:], start=1):
+            children.setdefault(self._order.index(self._nodes[i].parent), []).append(j)
+        for node, nxt in zip(path, path[1:] + [None], strict=True):
+            if node in children:
+                self.ranks.append(None if nxt is None else children[node].index(nxt))
