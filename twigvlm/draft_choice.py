@@ -8,9 +8,9 @@ of a few tokens, and otherwise picks what maximises the expected tokens per seco
 - the expected tokens per step come from a positional acceptance vector a_r — the chance that the twig's r-th
   best token is the target's — estimated from the twig's steps so far in this process (`Acceptance`, smoothed
   towards a prior), with Sequoia's dynamic program for the best tree of n nodes and depth d;
-- chain (γ ≤ max_draft_len): E = Σ_{i ≤ γ} a_1^i tokens for γ·t_level(1) + t_base(1) + t_verify(γ + 1) s; tree (N, D, k):
-  E = 1 + the program's value, for t_level(1) + (D − 1)·t_level(k) + t_base(N) + t_verify(N + 1); none: one
-  token per t_verify(1) + t_base(1).
+- chain (γ ≤ max_draft_len): E = Σ_{i ≤ γ} a_1^i tokens for γ·t_level(1) + t_base(1) + t_verify(γ + 1)
+  seconds; tree (N, D, k): E = 1 + the program's value, for t_level(1) + (D − 1)·t_level(k) + t_base(N) +
+  t_verify(N + 1); none: one token per t_verify(1) + t_base(1).
 """
 
 from __future__ import annotations
