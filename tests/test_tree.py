@@ -398,11 +398,19 @@ def test_bad_tree_settings_are_one_line():
         assert "\n" not in str(e.value)
 
 
-def test_cli_tree_flags(capsys, model_dirs, tmp_path):
+@pytest.fixture(scope="module")
+def cli_twig(model_dirs, tmp_path_factory) -> str:
     from twigvlm.cli import main
 
-    twig = tmp_path / "twig"
+    twig = tmp_path_factory.mktemp("tree-twig") / "twig"
     assert main(["grow", "--model", model_dirs["llama-clip"], "--K", "2", "--T", "2", "--out", str(twig)]) == 0
+    return str(twig)
+
+
+def test_cli_tree_flags(capsys, model_dirs, cli_twig):
+    from twigvlm.cli import main
+
+    twig = cli_twig
     gen = ["generate", "--model", model_dirs["llama-clip"], "--twig", str(twig), "--prompt", "hi", "--speculative"]
     capsys.readouterr()
     assert main([*gen, "--draft", "tree", "--tree-nodes", "3", "--tree-depth", "2", "--max-new-tokens", "6"]) == 0
@@ -440,7 +448,8 @@ def test_auto_picks_by_expected_tokens_per_second():
     assert gpu.kind == "tree" and gpu.spec.tree_nodes > 8 and gpu.spec.tree_depth > 2
     cpu = best_drafter(_costs(0.03), (0.8, 0.05, 0.02, 0.01), spec)  # each row costs 0.6 of a step
     assert cpu.kind == "chain"
-    assert best_drafter(_costs(0.03), (0.05, 0.02, 0.01, 0.0), spec).kind == "none"  # a twig that is always wrong
+    wrong = best_drafter(_costs(0.03), (0.05, 0.02, 0.01, 0.0), spec)  # a twig that is always wrong
+    assert wrong.kind == "chain" and wrong.spec.draft_len == 1  # the least it can draft
 
 
 def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
@@ -456,3 +465,16 @@ def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
     outs = [vlm.generate(**args, max_new_tokens=12, speculative=True) for _ in range(2)]
     assert calls == [1] and all(o.stats.drafter in ("chain", "tree", "none") for o in outs)
     assert all(o.token_ids == vlm.generate(**args, max_new_tokens=12).token_ids for o in outs)
+
+
+def test_tree_ablation_runs_the_chain_trees_and_auto(model_dirs, cli_twig, tmp_path):
+    from .test_bench import _ablation
+
+    out = _ablation(model_dirs["llama-clip"], cli_twig, tmp_path / "t", "tree", "--tree-depth", "2")
+    summary = out["summary"]
+    trees = {f"ssd tree N={n} D={d} k=4" for n in (4, 8, 16, 32) for d in (1, 2)}
+    assert {"hf", "ar", "ssd chain γ=5", "ssd auto"} | trees <= set(summary)
+    assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))  # every drafter ≡ AR
+    assert summary["ssd tree N=4 D=2 k=4"]["drafters"] == {"tree": 1}
+    assert summary["ssd chain γ=5"]["drafters"] == {"chain": 1}
+    assert "≥1 accepted" in (tmp_path / "t" / "table.md").read_text()

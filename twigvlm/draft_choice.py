@@ -10,7 +10,7 @@ of a few tokens, and otherwise picks what maximises the expected tokens per seco
   towards a prior), with Sequoia's dynamic program for the best tree of n nodes and depth d;
 - chain (γ ≤ max_draft_len): E = Σ_{i ≤ γ} a_1^i tokens for γ·t_level(1) + t_base(1) + t_verify(γ + 1)
   seconds; tree (N, D, k): E = 1 + the program's value, for t_level(1) + (D − 1)·t_level(k) + t_base(N) +
-  t_verify(N + 1); none: one token per t_verify(1) + t_base(1).
+  t_verify(N + 1).
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def choose_drafter(engine: Engine, state: DecodeState, cfg: GenConfig, spec: Spe
 
 
 def best_drafter(costs: Costs, a: tuple[float, ...], spec: SpecConfig) -> DrafterChoice:
-    """The drafter with the most expected tokens per second under these costs and acceptance vector."""
-    t_none = costs.t_verify(1) + costs.t_base(1)
-    options = [DrafterChoice("none", spec, 1 / t_none)]
+    """The chain or tree with the most expected tokens per second under these costs and acceptance vector (never
+    none: auto leaves out drafting only for short answers, so that a twig's acceptance keeps being measured)."""
+    options = []
     for g in range(1, spec.max_draft_len + 1):
         e = sum(a[0] ** i for i in range(g + 1))
         rate = e / (g * costs.t_level(1) + costs.t_base(1) + costs.t_verify(g + 1))

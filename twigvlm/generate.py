@@ -56,6 +56,7 @@ class GenerationStats:
     draft_s: float | None = None
     verify_s: float | None = None
     drafter: str | None = None  # "chain", "tree" or "none" (auto chose not to draft); None without speculation
+    accepted_per_step: list[int] | None = None  # drafts each verification accepted (the depth a tree reached)
 
 
 @dataclass
@@ -345,4 +346,5 @@ class Generation:
             stats.acceptance_rate, stats.tokens_per_verification = spec.acceptance_rate, spec.tokens_per_verification
             stats.mean_accepted_per_step = stats.tokens_per_verification
             stats.draft_s, stats.verify_s, stats.drafter = spec.draft_s, spec.verify_s, spec.drafter
+            stats.accepted_per_step = list(spec.accepted_per_step)
         return stats

@@ -108,8 +108,9 @@ def add_drafter_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
 
 
 def drafter_settings(args: argparse.Namespace) -> dict:
-    """The SpecConfig fields of the drafter flags."""
-    return dict(draft=args.draft, tree_nodes=args.tree_nodes, tree_depth=args.tree_depth, tree_topk=args.tree_topk)
+    """The SpecConfig fields of the drafter flags (a namespace without them: auto with SpecConfig's tree)."""
+    names = ("tree_nodes", "tree_depth", "tree_topk")
+    return {"draft": getattr(args, "draft", "auto"), **{n: getattr(args, n, getattr(SpecConfig, n)) for n in names}}
 
 
 class BenchTwig(NamedTuple):

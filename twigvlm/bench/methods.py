@@ -38,6 +38,8 @@ class Run:
     verifications: int | None = None
     kept: int | None = None
     visual: int | None = None
+    drafter: str | None = None  # the drafter that ran ("chain", "tree", "none"), for speculative methods
+    accepted_per_step: list[int] | None = None  # drafts each verification accepted
     extra: dict = field(default_factory=dict)
 
     @property
@@ -158,4 +160,6 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         s.verifications,
         s.kept,
         s.visual_tokens,
+        s.drafter,
+        s.accepted_per_step,
     )
