@@ -2,8 +2,9 @@
 
 Drafting (`propose`): the root (the newest accepted token) runs through base layers 1..K and the twig. Level by
 level, the top-k children of every expanded node become candidates, scored by the cumulative log-probability
-of their path under the twig; the k best candidates of a level are expanded next: they run through layers 1..K
-and the twig in one pass, with a tree attention mask (each sees the committed prefix and its own path) and
+of their path under the twig; the k best candidates of a level are expanded next (those that can still have
+a descendant among the best N: drafting stops early when none can): they run through layers 1..K and the twig
+in one pass, with a tree attention mask (each sees the committed prefix and its own path) and
 positions = the root's position + depth. At the end the best N candidates of all levels form the tree (a child
 never outranks its parent, so they always do); the chosen nodes that were never expanded run through layers
 1..K in one more pass, so every node has its layer-K state.
@@ -75,7 +76,8 @@ class TwigTreeModel:
             for level in range(1, max_depth + 1):
                 new = self._expand(frontier, logp)
                 live = [i for i in new if self._nodes[i].token not in stop_ids]  # nothing follows a stop token
-                frontier = sorted(live, key=lambda i: -self._nodes[i].score)[: self.topk]
+                frontier = [i for i in live if self._nodes[i].score > self._nth_best()]  # else no child is kept
+                frontier = sorted(frontier, key=lambda i: -self._nodes[i].score)[: self.topk]
                 if level == max_depth or not frontier:
                     break
                 self._run_base(frontier)
@@ -99,6 +101,13 @@ class TwigTreeModel:
                     new.append(len(self._nodes))
                     self._nodes.append(_Node(t, parent, p.depth + 1, p.score + v))
         return new
+
+    def _nth_best(self) -> float:
+        """The N-th best candidate score so far (−inf with fewer): a node scoring no more than it can have no
+        descendant among the best N (a child never outscores its parent, and ties keep the shallower)."""
+        if len(self._nodes) - 1 < self.nodes:
+            return float("-inf")
+        return sorted((n.score for n in self._nodes[1:]), reverse=True)[self.nodes - 1]
 
     def _select(self) -> list[int]:
         """The root and the best N candidates, ordered by depth (a parent before its children), siblings best
