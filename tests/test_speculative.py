@@ -326,8 +326,9 @@ def test_sampling_speculation_matches_ar_in_distribution(vlms, draft_vocab):
     assert_sampling_is_lossless(vlm, vlm.encode(random_prompt(4, 3), random_image(4)))
 
 
-def assert_sampling_is_lossless(vlm, enc, runs: int = 400) -> None:
-    """Speculative samples of 3 tokens (top-k 2, temperature 1) follow the exact AR distribution (χ², 10⁻³)."""
+def assert_sampling_is_lossless(vlm, enc, runs: int = 400, spec: SpecConfig | None = None) -> None:
+    """Speculative samples of 3 tokens (top-k 2, temperature 1) follow the exact AR distribution (χ², 10⁻³);
+    spec: the drafting settings (default: a chain, γ = 2)."""
     from twigvlm.generate import Generation
     from twigvlm.sampling import probs_from_logits
 
@@ -352,7 +353,8 @@ def assert_sampling_is_lossless(vlm, enc, runs: int = 400) -> None:
                     exact[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
     counts = {}
     for seed in range(runs):
-        gen = Generation(engine, enc, GenConfig(**{**cfg.__dict__, "seed": seed}), spec=SpecConfig(2, threshold=0))
+        seeded = GenConfig(**{**cfg.__dict__, "seed": seed})
+        gen = Generation(engine, enc, seeded, spec=spec or SpecConfig(2, threshold=0))
         gen.run()
         key = tuple(gen.result.token_ids)
         counts[key] = counts.get(key, 0) + 1

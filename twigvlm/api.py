@@ -165,14 +165,15 @@ class VLM:
         """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
 
         prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip") at the default 11.1% budget.
-        speculative: True (or a SpecConfig) drafts with the twig and verifies with the full model (lossless).
+        speculative: True (auto: chain, tree or none, chosen from measured costs) or a SpecConfig drafts with the
+            twig and verifies with the full model (lossless).
         twig: the twig this generation uses: True the current one (`VLM.twig`), False none, or a Twig.
         video: video input(s) for a family that takes video (see `encode`).
         kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
         """
         cfg = self._gen_config(config, kwargs)
         prune = _prune_config(prune)
-        spec = SpecConfig() if speculative is True else (speculative or None)
+        spec = SpecConfig(draft="auto") if speculative is True else (speculative or None)
         engine = self.engine_for(twig)
         check_request(cfg, prune, spec, has_twig=engine.twig is not None)  # before the (slow) encoding
         return Generation(engine, self.encode(prompt, image, prune, video), cfg, prune, spec)

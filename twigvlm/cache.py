@@ -1,4 +1,4 @@
-"""Per-layer key/value cache with named operations: append, keep(indices), crop(length).
+"""Per-layer key/value cache with named operations: append, keep(indices), crop(length), gather_tail.
 
 Each layer owns a growable buffer, so layers may hold different lengths (token pruning keeps fewer keys in the
 deep layers). A `LayerKV` also answers the one call a Hugging Face attention module makes on its cache,
@@ -89,6 +89,20 @@ class LayerKV:
             raise ValueError(f"cannot crop a layer of length {self.length} to {length}")
         self.length = length
 
+    def gather_tail(self, tail: int, offsets: torch.Tensor | Sequence[int]) -> None:
+        """Keep everything before the last `tail` entries, then the tail's entries at `offsets` (0-based within
+        the tail), in that order; drop the rest. Committing a draft tree's accepted path: a gather, not a crop."""
+        if not 0 <= tail <= self.length:
+            raise ValueError(f"a tail of {tail} entries does not fit in a layer of length {self.length}")
+        idx = torch.as_tensor(offsets, dtype=torch.long, device=None if self.k is None else self.k.device)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= tail):
+            raise IndexError(f"gather offsets out of range for a tail of {tail} entries")
+        start, n = self.length - tail, idx.numel()
+        if self.k is not None and n:
+            self.k[:, :, start : start + n] = self.k.index_select(2, idx + start)  # index_select copies first
+            self.v[:, :, start : start + n] = self.v.index_select(2, idx + start)
+        self.length = start + n
+
 
 class KVCache:
     """One `LayerKV` per layer. Operations take an optional iterable of layer indices (default: all)."""
@@ -118,3 +132,10 @@ class KVCache:
     def crop(self, length: int, layers: Iterable[int] | None = None) -> None:
         for layer in self._select(layers):
             layer.crop(length)
+
+    def gather_tail(
+        self, tail: int, offsets: torch.Tensor | Sequence[int], layers: Iterable[int] | None = None
+    ) -> None:
+        """`LayerKV.gather_tail` on each layer: every layer keeps its own prefix (lengths may differ)."""
+        for layer in self._select(layers):
+            layer.gather_tail(tail, offsets)

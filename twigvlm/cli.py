@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = gen.add_argument_group("self-speculative decoding (needs --twig)")
     sp.add_argument("--speculative", action="store_true", help="the twig drafts, the full model verifies (lossless)")
     add_draft_args(sp)
-    sp.add_argument("--adaptive-draft", action="store_true", help="adapt γ to the recent acceptance")
+    sp.add_argument("--adaptive-draft", action="store_true", help="adapt γ to the recent acceptance (chain)")
+    bench_cli.add_drafter_args(sp)
 
     t = sub.add_parser("tiny", help="write a tiny random VLM (offline) for trying things out")
     t.add_argument("--out", required=True)
@@ -253,6 +254,7 @@ def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
         threshold=args.draft_threshold,
         adaptive=args.adaptive_draft,
         max_draft_len=max(SpecConfig.max_draft_len, args.draft_len),
+        **bench_cli.drafter_settings(args),
     )
 
 
@@ -298,8 +300,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return
     kept = f", kept {s.kept}/{s.visual_tokens} visual tokens ({s.prune_method})" if s.kept is not None else ""
     drafts = (
-        f", {s.acceptance_rate:.0%} of drafts accepted, {s.tokens_per_verification:.2f} tokens per verification"
-        if s.drafted is not None
+        f", {s.drafter} drafts: {s.acceptance_rate:.0%} accepted, {s.tokens_per_verification:.2f} tokens per "
+        "verification"
+        if s.drafted is not None and s.drafter != "none"
+        else ", no drafting (a short answer)"
+        if s.drafter == "none"
         else ""
     )
     print(

@@ -149,21 +149,40 @@ class PruneConfig:
         return (self.keep_ratio if self.keep_ratio is not None else DEFAULT_KEEP_RATIO) * num_visual
 
 
+DRAFTERS = ("auto", "chain", "tree")
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Self-speculative decoding: the shallow net (layers 1..K + twig) drafts, the full model verifies.
 
+    draft:      "chain" (γ tokens in a row), "tree" (an EAGLE-2-style dynamic tree) or "auto" (chain, tree and its
+                size chosen from costs measured on this model and device; no drafting for answers of a few
+                tokens). The dataclass keeps "chain"; `speculative=True`, the CLI and the bench default to "auto".
     draft_len:  γ, the most tokens drafted per verification (upstream: 5).
     threshold:  τ, stop drafting when the drafted token's probability under the twig falls below it (0 disables).
     adaptive:   raise γ by one after a fully accepted draft, lower it by one after a rejection (1..max_draft_len).
+    tree_nodes: N, the drafted nodes a tree keeps (the best by cumulative probability; auto: at most N).
+    tree_depth: D, the tree's depth (levels drafted below the last accepted token).
+    tree_topk:  k, the children drafted per expanded node, and the nodes expanded per level.
     """
 
     draft_len: int = 5
     threshold: float = 0.6
     adaptive: bool = False
     max_draft_len: int = 10
+    draft: str = "chain"
+    tree_nodes: int = 16
+    tree_depth: int = 6
+    tree_topk: int = 4
 
     def validate(self) -> None:
+        if self.draft not in DRAFTERS:
+            raise TwigVLMError(f"draft={self.draft!r} is unknown: use one of {', '.join(DRAFTERS)}")
+        for name, low in (("tree_nodes", 1), ("tree_depth", 1), ("tree_topk", 1)):
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= 256:
+                raise TwigVLMError(f"{name}={value!r} is invalid: give an integer from {low} to 256")
         if not isinstance(self.draft_len, int) or self.draft_len < 1:
             raise TwigVLMError(f"draft_len={self.draft_len} is invalid: draft at least one token per step")
         if not (0.0 <= self.threshold < 1.0):

@@ -42,6 +42,17 @@ def causal_mask(q: int, k: int, device: torch.device | str = "cpu") -> torch.Ten
     return (cols <= rows).view(1, 1, q, k)
 
 
+def tail_mask(tail: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask [1, 1, q, k] from `tail` [q, m] (True = attend) over a cache's last m of k keys: every query
+    sees all k - m keys before them (the committed prefix) and, among the last m, what `tail` says (a draft
+    tree's ancestors)."""
+    q, m = tail.shape
+    if k < m:
+        raise ValueError(f"a tail of {m} keys does not fit in {k} keys")
+    head = tail.new_ones((q, k - m))  # [q, k - m]
+    return torch.cat([head, tail], dim=1).view(1, 1, q, k)
+
+
 @dataclass(frozen=True)
 class DraftHead:
     """The twig head's rows for its draft vocabulary, taken once per generation (not cached in the engine)."""
@@ -94,16 +105,20 @@ class Engine:
         position_ids: torch.Tensor,
         caches: Sequence[LayerKV | None],
         adds: Sequence[torch.Tensor] = (),
+        tail: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden [B, q, H] through `layers` in order, layer i reading and extending caches[i]; adds[i] [B, q, H]
-        (if there is one) is added to layer i's output."""
+        (if there is one) is added to layer i's output.
+
+        tail: a boolean [q, m] over each cache's last m keys once this block is in (`tail_mask`: a draft tree's
+        attention), instead of the causal mask; None: causal."""
         rope = self.adapter.rotary(hidden, position_ids)
         q = hidden.shape[1]
         masks: dict[int, torch.Tensor | None] = {}
         for i, (layer, kv) in enumerate(zip(layers, caches, strict=True)):
             k = q + (kv.length if kv is not None else 0)
             if k not in masks:
-                masks[k] = causal_mask(q, k, hidden.device)
+                masks[k] = causal_mask(q, k, hidden.device) if tail is None else tail_mask(tail, k)
             hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
             if i < len(adds):
                 hidden = hidden + adds[i]
@@ -147,23 +162,30 @@ class Engine:
         start: int = 0,
         end: int | None = None,
         adds: Sequence[torch.Tensor] | None = None,
+        tail: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Base layers[start:end] (0-based, end exclusive) on hidden [B, q, H]; no cache when state is None.
 
-        adds: a prompt's `Encoded.layer_adds` (indexed by base layer, already gathered to hidden's tokens)."""
+        adds: a prompt's `Encoded.layer_adds` (indexed by base layer, already gathered to hidden's tokens).
+        tail: a draft tree's mask over the caches' last keys (`run_layers`); None: causal."""
         end = self.num_layers if end is None else end
         layers = self.adapter.layers[start:end]
         caches = [None] * len(layers) if state is None else state.cache.layers[start:end]
-        return self.run_layers(layers, hidden, position_ids, caches, list(adds or ())[start:end])
+        return self.run_layers(layers, hidden, position_ids, caches, list(adds or ())[start:end], tail)
 
     def forward_twig(
-        self, state: DecodeState | None, hidden_k: torch.Tensor, position_ids: torch.Tensor
+        self,
+        state: DecodeState | None,
+        hidden_k: torch.Tensor,
+        position_ids: torch.Tensor,
+        tail: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Twig layers on the layer-K hidden states [B, q, H] → twig hidden states [B, q, H] (before its norm)."""
+        """Twig layers on the layer-K hidden states [B, q, H] → twig hidden states [B, q, H] (before its norm).
+        tail: a draft tree's mask over the caches' last keys (`run_layers`); None: causal."""
         if self.twig is None:
             raise RuntimeError("no twig is attached: grow or load one first")
         caches = [None] * len(self.twig.layers) if state is None else state.twig_cache.layers
-        return self.run_layers(self.twig.layers, hidden_k, position_ids, caches)
+        return self.run_layers(self.twig.layers, hidden_k, position_ids, caches, tail=tail)
 
     # ---- heads ----------------------------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

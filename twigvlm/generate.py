@@ -17,11 +17,14 @@ import torch
 
 from .adapters.base import Encoded
 from .config import GenConfig, PruneConfig, SpecConfig, check_request
+from .draft_choice import chain_ranks, choose_drafter, recording
 from .engine import DecodeState, Engine
 from .errors import TwigVLMError, require_batch_one
 from .prune import PruneStats, pruned_prefill
 from .sampling import make_generator, pick_tokens
 from .speculative import SpecStats, TwigSpecModel, speculative_blocks
+from .tree import tree_blocks
+from .tree_twig import TwigTreeModel
 
 
 @dataclass
@@ -53,6 +56,8 @@ class GenerationStats:
     mean_accepted_per_step: float | None = None  # deprecated alias of tokens_per_verification (kept for JSON readers)
     draft_s: float | None = None
     verify_s: float | None = None
+    drafter: str | None = None  # "chain", "tree" or "none" (auto chose not to draft); None without speculation
+    accepted_per_step: list[int] | None = None  # drafts each verification accepted (the depth a tree reached)
 
 
 @dataclass
@@ -226,6 +231,31 @@ def _ar_blocks(
         token = int(pick_tokens(logits, cfg, generator)[0])
 
 
+def _speculative_blocks(
+    engine: Engine,
+    state: DecodeState,
+    first: int,
+    cfg: GenConfig,
+    spec: SpecConfig,
+    generator: torch.Generator | None,
+    stats: SpecStats,
+    stop_ids: set[int],
+) -> Iterator[list[int]]:
+    """The blocks of the drafter `spec` asks for (auto: the one `choose_drafter` picks for this model and request);
+    what the target accepted goes into the twig's acceptance record, which auto's next choices read."""
+    choice = choose_drafter(engine, state, cfg, spec)
+    stats.drafter = choice.kind
+    if choice.kind == "none":
+        return _ar_blocks(engine, state, first, cfg, generator)
+    if choice.kind == "tree":
+        tree = TwigTreeModel(engine, state, cfg, choice.spec.tree_topk, choice.spec.tree_nodes)
+        blocks = tree_blocks(tree, first, cfg, choice.spec, generator, stats, stop_ids)
+        return recording(blocks, engine, lambda: tree.ranks)
+    model = TwigSpecModel(engine, state, cfg, generator)
+    blocks = speculative_blocks(model, first, cfg, choice.spec, generator, stats, stop_ids)
+    return recording(blocks, engine, lambda: chain_ranks(stats))
+
+
 class Generation:
     """Iterate for text pieces as they are produced; `result` is set when the iteration ends.
 
@@ -276,8 +306,7 @@ class Generation:
         t_prefill = time.perf_counter()
         spec_stats = SpecStats() if self.spec is not None else None
         if self.spec is not None:
-            model = TwigSpecModel(engine, state, cfg, generator)
-            blocks = speculative_blocks(model, first, cfg, self.spec, generator, spec_stats, eos | stop_ids)
+            blocks = _speculative_blocks(engine, state, first, cfg, self.spec, generator, spec_stats, eos | stop_ids)
         else:
             blocks = _ar_blocks(engine, state, first, cfg, generator)
         ids: list[int] = []
@@ -332,5 +361,6 @@ class Generation:
             stats.drafted, stats.accepted, stats.verifications = spec.drafted, spec.accepted, spec.steps
             stats.acceptance_rate, stats.tokens_per_verification = spec.acceptance_rate, spec.tokens_per_verification
             stats.mean_accepted_per_step = stats.tokens_per_verification
-            stats.draft_s, stats.verify_s = spec.draft_s, spec.verify_s
+            stats.draft_s, stats.verify_s, stats.drafter = spec.draft_s, spec.verify_s, spec.drafter
+            stats.accepted_per_step = list(spec.accepted_per_step)
         return stats

@@ -52,6 +52,9 @@ class SpecStats:
     emitted: int = 0  # tokens produced by verifications (accepted drafts + one target token each)
     draft_s: float = 0.0
     verify_s: float = 0.0
+    drafter: str = "chain"  # "chain", "tree" or "none" (auto chose not to draft)
+    accepted_per_step: list[int] = field(default_factory=list)  # drafts accepted by each verification
+    drafted_per_step: list[int] = field(default_factory=list)  # chain: drafts each verification saw
 
     @property
     def acceptance_rate(self) -> float:
@@ -116,6 +119,8 @@ def speculative_blocks(
         stats.accepted += n
         stats.steps += 1
         stats.emitted += n + 1
+        stats.accepted_per_step.append(n)
+        stats.drafted_per_step.append(len(draft.ids))
         if spec.adaptive and draft.ids:
             gamma = min(gamma + 1, spec.max_draft_len) if n == len(draft.ids) else max(1, gamma - 1)
         block = draft.ids[:n] + [nxt]

@@ -217,8 +217,14 @@ class VLMAdapter(ABC):
     def text_positions(self, start: int, n: int, batch: int = 1) -> torch.Tensor:
         """Position ids for n text tokens that follow a prompt, the first at `start` (a state's next position):
         [B, n], or [3, B, n] with the same value on every axis for M-RoPE."""
-        pos = torch.arange(start, start + n, device=self.device).unsqueeze(0).expand(batch, n)  # [B, n]
-        return pos if self.position_rows == 1 else pos.unsqueeze(0).expand(self.position_rows, batch, n)
+        return self.positions_at(torch.arange(start, start + n), batch)
+
+    def positions_at(self, positions: torch.Tensor | Sequence[int], batch: int = 1) -> torch.Tensor:
+        """Position ids for text tokens at the given positions [n] (a draft tree's nodes: prefix + depth, so
+        siblings share one): [B, n], or [3, B, n] with the same value on every axis for M-RoPE."""
+        pos = torch.as_tensor(positions, dtype=torch.long, device=self.device)
+        pos = pos.unsqueeze(0).expand(batch, pos.numel())  # [B, n]
+        return pos if self.position_rows == 1 else pos.unsqueeze(0).expand(self.position_rows, *pos.shape)
 
     @staticmethod
     def next_position_after(position_ids: torch.Tensor) -> int:

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from ..config import DEFAULT_KEEP_RATIO, QUERY_MODES, PruneConfig, SpecConfig
+from ..config import DEFAULT_KEEP_RATIO, DRAFTERS, QUERY_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
 from ..flags import add_runtime_args
 from ..kernels import resolve_mode
@@ -75,6 +75,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
     )
     b.add_argument("--draft-len", type=int, default=SpecConfig.draft_len, help="γ (default: SpecConfig's)")
     b.add_argument("--draft-threshold", type=float, default=SpecConfig.threshold, help="τ (default: SpecConfig's)")
+    add_drafter_args(b)
     b.add_argument(
         "--max-new-tokens",
         type=int,
@@ -87,6 +88,32 @@ def add_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     b.add_argument("--device", default="cpu")
     add_runtime_args(b)
+
+
+def add_drafter_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--draft (auto | chain | tree) and the tree's --tree-nodes, --tree-depth, --tree-topk (defaults: SpecConfig's)."""
+    p.add_argument(
+        "--draft",
+        choices=DRAFTERS,
+        default="auto",
+        help="the drafter: auto (chain, tree or none, from costs measured on this model and device; the default), "
+        "chain (γ tokens in a row) or tree (an EAGLE-2-style dynamic tree)",
+    )
+    for flag, letter, what in (("nodes", "N", "drafted nodes a tree keeps (auto: at most)"), ("depth", "D", "levels")):
+        default = getattr(SpecConfig, f"tree_{flag}")
+        p.add_argument(f"--tree-{flag}", type=int, default=default, help=f"{letter}, {what} (default {default})")
+    p.add_argument(
+        "--tree-topk",
+        type=int,
+        default=SpecConfig.tree_topk,
+        help=f"k, children per expanded node and nodes expanded per level (default {SpecConfig.tree_topk})",
+    )
+
+
+def drafter_settings(args: argparse.Namespace) -> dict:
+    """The SpecConfig fields of the drafter flags (a namespace without them: auto with SpecConfig's tree)."""
+    names = ("tree_nodes", "tree_depth", "tree_topk")
+    return {"draft": getattr(args, "draft", "auto"), **{n: getattr(args, n, getattr(SpecConfig, n)) for n in names}}
 
 
 class BenchTwig(NamedTuple):
@@ -144,6 +171,7 @@ def variants(
         draft_len=args.draft_len,
         threshold=args.draft_threshold,
         query=args.query,
+        **drafter_settings(args),
     )
     if args.ablation in ABLATIONS:
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)

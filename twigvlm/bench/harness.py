@@ -194,6 +194,7 @@ def summarize(
             verifications = sum(r["verifications"] or 0 for r in mine)
             entry["acceptance"] = sum(r["accepted"] or 0 for r in mine) / drafted
             entry["tokens_per_verification"] = (sum(r["accepted"] or 0 for r in mine) + verifications) / verifications
+            entry.update(_drafting(mine))
         prefill = [r["prefill_s"] for r in mine if r["prefill_s"] is not None]
         if prefill:
             entry["prefill_ms"] = _spread([1e3 * p for p in prefill])
@@ -226,6 +227,20 @@ def summarize(
             )
         summary[name] = entry
     return summary
+
+
+def _drafting(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which drafters ran (how many samples each) and, by depth d, the share of verifications that accepted at
+    least d drafts (a chain's or a tree's acceptance per depth)."""
+    drafters: dict[str, int] = {}
+    for r in rows:
+        if r.get("drafter"):
+            drafters[r["drafter"]] = drafters.get(r["drafter"], 0) + 1
+    steps = [n for r in rows for n in (r.get("accepted_per_step") or [])]
+    out: dict[str, Any] = {"drafters": drafters}
+    if steps:
+        out["reached_depth"] = [sum(n >= d for n in steps) / len(steps) for d in range(1, max(steps) + 1)]
+    return out
 
 
 def _spread(values: list[float]) -> dict[str, float]:

@@ -40,6 +40,8 @@ class Run:
     verifications: int | None = None
     kept: int | None = None
     visual: int | None = None
+    drafter: str | None = None  # the drafter that ran ("chain", "tree", "none"), for speculative methods
+    accepted_per_step: list[int] | None = None  # drafts each verification accepted
     extra: dict = field(default_factory=dict)
 
     @property
@@ -59,6 +61,10 @@ class MethodConfig:
     query: str = PruneConfig.query  # whose attention scores: the last prompt token's, or the mean after the image
     draft_len: int = SpecConfig.draft_len  # γ
     threshold: float = SpecConfig.threshold  # τ
+    draft: str = "auto"  # the drafter (SpecConfig's fields; the bench's default rows let auto choose)
+    tree_nodes: int = SpecConfig.tree_nodes
+    tree_depth: int = SpecConfig.tree_depth
+    tree_topk: int = SpecConfig.tree_topk
 
 
 def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
@@ -75,7 +81,10 @@ def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
 def method_configs(method: str, mc: MethodConfig) -> tuple[PruneConfig | None, SpecConfig | None]:
     """The pruning and drafting settings of a method, each checked on its own (no model needed)."""
     prune = prune_config(method, mc)
-    spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold) if method.endswith("ssd") else None
+    spec = None
+    if method.endswith("ssd"):
+        tree = dict(tree_nodes=mc.tree_nodes, tree_depth=mc.tree_depth, tree_topk=mc.tree_topk)
+        spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold, draft=mc.draft, **tree)
     check_request(GenConfig(), prune, spec)  # the twig is checked against the loaded model (check_method)
     return prune, spec
 
@@ -165,4 +174,6 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         s.verifications,
         s.kept,
         s.visual_tokens,
+        s.drafter,
+        s.accepted_per_step,
     )

@@ -48,9 +48,30 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
         "\nprefill: the engine's prefill, vision encoding excluded. memory: the peak above what was in use "
         "before the run (GPU: CUDA allocator; CPU: resident set), on each task's first sample."
     )
+    lines += drafting_table(summary)
     for name, why in unsupported.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)
+
+
+def drafting_table(summary: dict[str, Any], depths: int = 6) -> list[str]:
+    """Lines of a table of the speculative variants: the drafter that ran, tokens per verification, and the share
+    of verifications that accepted at least d drafts, d = 1..depths (empty when nothing drafted)."""
+    rows = [(n, e) for n, e in summary.items() if e.get("drafters")]
+    if not rows:
+        return []
+    head = ["method", "drafter (samples)", "tok/verif", *[f"≥{d} accepted" for d in range(1, depths + 1)]]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in rows:
+        reach = e.get("reached_depth", [])
+        cells = [
+            name,
+            ", ".join(f"{k} {v}" for k, v in sorted(e["drafters"].items())),
+            _f(e.get("tokens_per_verification"), "{:.2f}"),
+            *[f"{reach[d]:.2f}" if d < len(reach) else "0.00" for d in range(depths)],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def paper_table(summary: dict[str, Any], benchmarks: dict[str, str], baseline: str = "hf") -> str:

@@ -1,0 +1,480 @@
+"""Tree drafting is lossless: greedy tree SSD ids ≡ AR, sampling ≡ AR in distribution (χ², false alarm 10⁻³),
+every cache holds exactly the committed tokens after every step; stub trees for accept/commit, EOS, stop strings
+and max_new_tokens inside an accepted path; the cache's gather; the drafter choice and its settings."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import twigvlm
+from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
+from twigvlm.cache import LayerKV
+from twigvlm.draft_choice import SHORT_ANSWER, Costs, best_drafter, best_tree_value
+from twigvlm.generate import TextStream, emit
+from twigvlm.prune import pruned_prefill
+from twigvlm.sampling import pick_tokens
+from twigvlm.speculative import SpecStats
+from twigvlm.tree import TreeDraft, accept_tree, tree_blocks
+from twigvlm.tree_twig import TwigTreeModel
+
+from .conftest import random_image, random_prompt
+from .test_draft_side import _assert_same, _fresh, chi2_critical, middle_twig
+from .test_speculative import CHI2_999, _chi2, _letters, _table, _with_twig, assert_sampling_is_lossless
+
+
+# ---- the tree and its accept rule -----------------------------------------------------------------------------
+def test_tree_structure():
+    #      0
+    #    1   2
+    #   3 4   5
+    tree = TreeDraft([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 2])
+    assert tree.size == 5 and tree.depths() == [0, 1, 1, 2, 2, 2]
+    assert tree.children() == [[1, 2], [3, 4], [5], [], [], []]
+    anc = tree.ancestry()
+    assert anc[5].tolist() == [True, False, True, False, False, True] and anc[0].sum() == 1
+    assert TreeDraft.chain(7, [1, 2]).parents == [-1, 0, 1]
+    with pytest.raises(ValueError):
+        TreeDraft([1, 2], [-1, 1])  # a node cannot be its own parent
+
+
+def _onehot(rows: list[int], vocab: int = 12) -> torch.Tensor:
+    logits = torch.full((len(rows), vocab), -10.0)
+    logits[torch.arange(len(rows)), torch.tensor(rows)] = 10.0
+    return logits
+
+
+def test_greedy_accept_follows_the_matching_children():
+    tree = TreeDraft([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 2])
+    cfg = GenConfig()
+    assert accept_tree(tree, _onehot([2, 0, 5, 0, 0, 7]), cfg, None) == ([0, 2, 5], 7)  # the second branch
+    assert accept_tree(tree, _onehot([1, 4, 0, 0, 8, 0]), cfg, None) == ([0, 1, 4], 8)
+    assert accept_tree(tree, _onehot([6, 0, 0, 0, 0, 0]), cfg, None) == ([0], 6)  # none accepted
+    assert accept_tree(TreeDraft([9], [-1]), _onehot([3]), cfg, None) == ([0], 3)  # no drafts: a plain step
+
+
+def test_sibling_rule_keeps_the_target_distribution_at_one_node():
+    # Two drafted siblings (tokens 0 and 3) under one node: the emitted token follows p exactly, whichever way
+    # it comes (an accepted sibling, or the residual after both were rejected).
+    p = torch.tensor([0.30, 0.05, 0.15, 0.40, 0.10])
+    cfg, g, runs = GenConfig(temperature=1.0, max_new_tokens=2), torch.Generator().manual_seed(0), 4000
+    tree = TreeDraft([9, 0, 3], [-1, 0, 0])
+    counts: dict[int, int] = {}
+    for _ in range(runs):
+        path, nxt = accept_tree(tree, p.log().unsqueeze(0).repeat(3, 1), cfg, g)
+        token = tree.tokens[path[1]] if len(path) > 1 else nxt
+        assert len(path) == 1 or path[1] in (1, 2)
+        counts[token] = counts.get(token, 0) + 1
+    stat, dof = _chi2(counts, {i: float(p[i]) for i in range(5)}, runs)
+    assert stat < CHI2_999[dof], (stat, counts)
+
+
+# ---- stub models ------------------------------------------------------------------------------------------------
+class TreeStub:
+    """Target: a fixed continuation (one-hot logits). Drafter: `shape(pos)` gives (parent, token) per node."""
+
+    def __init__(self, target: list[int], shape, vocab: int = 27) -> None:
+        self.target, self.shape, self.vocab = target, shape, vocab
+        self.pos = 1  # index in `target` of the token after `last`
+        self.depths: list[int] = []
+
+    def propose(self, last, max_depth, stop_ids):
+        self.depths.append(max_depth)
+        tokens, parents, depth = [last], [-1], [0]
+        for parent, token in self.shape(self.pos):
+            if depth[parent] < max_depth and tokens[parent] not in stop_ids | {None}:
+                tokens.append(token)
+                parents.append(parent)
+                depth.append(depth[parent] + 1)
+            else:
+                tokens.append(None)  # a placeholder keeps the indices of `shape` valid; dropped below
+                parents.append(parent)
+                depth.append(depth[parent] + 1)
+        keep = [i for i, t in enumerate(tokens) if t is not None]
+        where = {old: new for new, old in enumerate(keep)}
+        return TreeDraft([tokens[i] for i in keep], [-1] + [where[parents[i]] for i in keep[1:]])
+
+    def verify(self, tree):
+        return _onehot([self.target[self.pos + d] for d in tree.depths()], self.vocab)
+
+    def commit(self, path):
+        self.pos += len(path)
+
+
+def _run(model, max_new, depth, eos=frozenset(), stop=()):
+    stats, cfg = SpecStats(drafter="tree"), GenConfig(max_new_tokens=max_new)
+    spec = SpecConfig(draft="tree", tree_depth=depth)
+    blocks = tree_blocks(model, model.target[0], cfg, spec, None, stats, set(eos))
+    ids, pieces = [], []
+    gen = emit(blocks, TextStream(_letters, stop), max_new, set(eos), set(), ids)
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as done:
+            return ids, done.value, stats, "".join(pieces)
+
+
+TARGET = list(range(26)) * 2
+
+
+NEVER = 26  # a token the target never produces (the stubs' vocabulary has 27)
+
+
+def _branches(pos: int, right: int, depth: int = 4) -> list[tuple[int, int]]:
+    """(parent, token) of two chains below the root: nodes 1..depth all wrong, then one whose first `right`
+    tokens are the target's."""
+    wrong = [(i, (TARGET[pos + i] + 1) % 26) for i in range(depth)]  # node i + 1 under node i
+    good = [(0 if i == 0 else depth + i, TARGET[pos + i] if i < right else NEVER) for i in range(depth)]
+    return wrong + good
+
+
+@pytest.mark.parametrize("right,per_step,steps", [(4, 4, 4), (0, 0, 20), (2, 2, 7)], ids=["all", "none", "partly"])
+def test_stub_trees_accepted_all_none_partly(right, per_step, steps):
+    model = TreeStub(TARGET, lambda pos: _branches(pos, right))
+    ids, reason, stats, text = _run(model, max_new=21, depth=4)
+    assert ids == TARGET[:21] and reason == "length" and text == _letters(TARGET[:21])
+    assert stats.accepted_per_step[:3] == [per_step] * 3 and stats.steps == steps  # 20 tokens after the first
+
+
+def test_stub_eos_inside_an_accepted_path():
+    target = [0, 1, 2, 9, 3, 4, 5, 6, 7, 8]  # 9 is EOS
+    model = TreeStub(target, lambda pos: [(0, target[pos]), (1, target[pos + 1]), (2, target[pos + 2]), (3, 5)])
+    ids, reason, stats, text = _run(model, max_new=20, depth=4, eos={9})
+    assert ids == [0, 1, 2, 9] and reason == "eos" and text == "abc" and stats.steps == 1
+    assert model.depths == [4]  # the stub drew nothing below the EOS node: the drafter never expands a stop token
+
+
+def test_stub_stop_string_inside_an_accepted_path():
+    model = TreeStub(TARGET, lambda pos: [(0, NEVER), (0, TARGET[pos]), (2, TARGET[pos + 1]), (3, TARGET[pos + 2])])
+    ids, reason, stats, text = _run(model, max_new=20, depth=3, stop=("cd",))
+    assert text == "ab" and reason == "stop" and ids == TARGET[:4] and stats.steps == 1  # "d" is in the path
+
+
+@pytest.mark.parametrize("max_new,depths", [(5, [3]), (2, [0]), (7, [4, 1]), (1, [])])
+def test_stub_max_new_tokens_mid_path(max_new, depths):
+    model = TreeStub(TARGET, lambda pos: [(0, TARGET[pos]), (1, TARGET[pos + 1]), (2, TARGET[pos + 2]), (3, 9)])
+    ids, reason, _, _ = _run(model, max_new=max_new, depth=4)
+    assert ids == TARGET[:max_new] and reason == "length" and model.depths == depths
+
+
+# ---- sampling is lossless (stub distributions, exact reference) ------------------------------------------------
+class TreeSamplingStub:
+    """Drafter: the full k-ary tree of q's top-k tokens, `depth` deep (deterministic drafts). Target: p."""
+
+    def __init__(self, p, q, first: int, k: int, depth: int) -> None:
+        self.p, self.q, self.prefix, self.k, self.depth = p, q, (first,), k, depth
+        self.paths: list[tuple[int, ...]] = []
+
+    def propose(self, last, max_depth, stop_ids):
+        tokens, parents, self.paths = [last], [-1], [()]
+        frontier = [0]
+        for _ in range(min(self.depth, max_depth)):
+            nxt = []
+            for node in frontier:
+                path = self.paths[node]
+                for t in self.q(self.prefix + path).topk(self.k).indices.tolist():
+                    tokens.append(t)
+                    parents.append(node)
+                    self.paths.append(path + (t,))
+                    nxt.append(len(tokens) - 1)
+            frontier = nxt
+        return TreeDraft(tokens, parents)
+
+    def verify(self, tree):
+        return torch.stack([self.p(self.prefix + path) for path in self.paths])
+
+    def commit(self, path):
+        pass  # the test sets `prefix` to everything emitted after each block
+
+
+@pytest.mark.parametrize("k,depth", [(2, 2), (3, 1)])
+def test_tree_sampling_is_lossless_against_the_exact_distribution(k, depth):
+    vocab, runs, length = 4, 3000, 3
+    p, q = _table(5, vocab), _table(6, vocab)
+    cfg = GenConfig(max_new_tokens=length, temperature=1.0)
+    spec = SpecConfig(draft="tree", tree_depth=depth)
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(runs):
+        g = torch.Generator().manual_seed(seed)
+        first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
+        stub = TreeSamplingStub(p, q, first, k, depth)
+        out: list[int] = []
+        for block in tree_blocks(stub, first, cfg, spec, g, SpecStats(), set()):
+            out += block
+            stub.prefix = tuple(out)
+            if len(out) >= length:
+                break
+        counts[tuple(out[:length])] = counts.get(tuple(out[:length]), 0) + 1
+    exact = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        exact[seq] = float(torch.tensor([p(seq[:i]).softmax(-1)[seq[i]] for i in range(length)]).prod())
+    stat, dof = _chi2(counts, exact, runs)
+    assert stat < chi2_critical(dof), (stat, dof)
+
+
+# ---- the cache's gather -------------------------------------------------------------------------------------------
+def test_gather_tail_keeps_the_prefix_and_the_path_in_order():
+    kv = LayerKV()
+    x = torch.arange(10.0).view(1, 1, 10, 1)
+    kv.append(x, -x)
+    kv.gather_tail(6, [0, 2, 5])  # prefix 0..3, then tail entries 4, 6, 9
+    assert kv.keys().flatten().tolist() == [0, 1, 2, 3, 4, 6, 9] and kv.values().flatten().tolist()[-1] == -9
+    kv.gather_tail(3, [])
+    assert kv.length == 4
+    with pytest.raises(IndexError):
+        kv.gather_tail(2, [2])
+    with pytest.raises(ValueError):
+        kv.gather_tail(5, [0])
+
+
+# ---- the real engine ----------------------------------------------------------------------------------------------
+TREE_SHAPES = [(6, 3, 2), (2, 2, 4), (12, 5, 3), (4, 6, 1)]  # (N, D, k): bushy, wide and shallow, deep, a chain
+
+
+def tree_spec(n: int, d: int, k: int) -> SpecConfig:
+    return SpecConfig(draft="tree", tree_nodes=n, tree_depth=d, tree_topk=k)
+
+
+def assert_tree_equals_ar(vlm, prune, name: str, tokens: int = 16) -> list:
+    """Greedy tree SSD ids ≡ greedy AR ids (EOS off, `tokens` long) over seeds, prompt lengths and tree shapes."""
+    out = []
+    for seed, shape in enumerate(TREE_SHAPES):
+        args = dict(
+            prompt=random_prompt(seed, 2 + 4 * seed),
+            image=random_image(seed),
+            max_new_tokens=tokens,
+            ignore_eos=True,
+            prune=prune,
+        )
+        sd = vlm.generate(**args, speculative=tree_spec(*shape))
+        assert sd.token_ids == vlm.generate(**args).token_ids, (name, seed, shape)
+        assert sd.stats.drafter == "tree"
+        out.append(sd)
+    return out
+
+
+@pytest.mark.parametrize(
+    "K,T,prune", [(1, 2, None), (3, 1, PruneConfig("twig", keep=10))], ids=["K1-T2-unpruned", "K3-T1-pruned"]
+)
+def test_greedy_tree_speculation_equals_greedy_ar(vlms, K, T, prune):
+    # Random twigs: almost every node rejected, so every step exercises the gather of a root-only path.
+    for name, base in vlms.items():
+        assert_tree_equals_ar(_with_twig(base, K, T, noise=0.3, seed=K * 10 + T), prune, name)
+
+
+@pytest.fixture(scope="module")
+def middle(vlms) -> dict[str, twigvlm.VLM]:
+    return {name: middle_twig(base) for name, base in vlms.items()}
+
+
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10)], ids=["unpruned", "pruned"])
+def test_partly_accepted_trees_equal_greedy_ar(middle, prune):
+    # Twigs near the full model: paths of every length are accepted, often through a non-first sibling.
+    for name, vlm in middle.items():
+        runs = assert_tree_equals_ar(vlm, prune, name, tokens=24)
+        steps = [a for r in runs for a in [r.stats.accepted, r.stats.verifications]]
+        assert sum(steps[::2]) > 0 and sum(steps[::2]) < sum(r.stats.new_tokens for r in runs), (name, steps)
+
+
+class PathRecorder:
+    """A TreeModel proxy that records each step's tree and accepted path."""
+
+    def __init__(self, model: TwigTreeModel) -> None:
+        self.model, self.steps = model, []
+
+    def propose(self, *args) -> TreeDraft:
+        self._tree = self.model.propose(*args)
+        return self._tree
+
+    def verify(self, tree: TreeDraft) -> torch.Tensor:
+        return self.model.verify(tree)
+
+    def commit(self, path: list[int]) -> None:
+        self.model.commit(path)
+        self.steps.append((self._tree, path))
+
+
+def _first_child_chain(tree: TreeDraft) -> list[int]:
+    children, path = tree.children(), [0]
+    while children[path[-1]]:
+        path.append(children[path[-1]][0])
+    return path
+
+
+def _start(vlm, enc, cfg, prune):
+    state = vlm.engine.new_state()
+    if prune is None:
+        logits = vlm.engine.prefill(state, enc, prime_twig=True)
+    else:
+        logits, _ = pruned_prefill(vlm.engine, state, enc, prune, prime_twig=True)
+    return state, int(pick_tokens(logits, cfg, None)[0])
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 3), (4, 4, 1)], ids=["tree", "chain-shaped"])
+def test_a_full_copy_twig_accepts_its_own_best_path_every_time(vlms, shape):
+    # The twig is base layers K+1..L with the base norm and a copied head: its argmax is the target's, so every
+    # step accepts the path of first children (the twig's best token at each level) to its end.
+    for name, base in vlms.items():
+        vlm = _with_twig(base, 2, base.adapter.spec.num_layers - 2)
+        enc, cfg = vlm.encode(random_prompt(2, 6), random_image(2)), GenConfig(max_new_tokens=20, ignore_eos=True)
+        with torch.no_grad():
+            state, first = _start(vlm, enc, cfg, None)
+            model = PathRecorder(TwigTreeModel(vlm.engine, state, cfg, shape[2], shape[0]))
+            ids = list(itertools.chain(*tree_blocks(model, first, cfg, tree_spec(*shape), None, SpecStats(), set())))
+        assert ids == vlm.generate(enc_prompt := random_prompt(2, 6), random_image(2), config=cfg).token_ids, name
+        assert all(path == _first_child_chain(tree) for tree, path in model.steps), (name, enc_prompt)
+        if shape[2] == 1:  # a chain of N = D nodes: all accepted, D + 1 tokens per verification
+            assert [len(p) for _, p in model.steps[:-1]] == [5] * (len(model.steps) - 1)
+
+
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10, wipe_layer=5)], ids=["unpruned", "pruned"])
+def test_caches_hold_exactly_the_committed_tokens_after_every_tree_step(middle, prune):
+    name = "llama-clip"
+    vlm = middle[name]
+    engine, adapter, K, L = vlm.engine, vlm.adapter, 2, vlm.adapter.spec.num_layers
+    enc, cfg = vlm.encode(random_prompt(5, 6), random_image(5)), GenConfig(max_new_tokens=30, ignore_eos=True)
+    with torch.no_grad():
+        state, first = _start(vlm, enc, cfg, prune)
+        deep0 = [n - enc.num_tokens for n in state.cache.lengths()]  # what pruning took from each layer
+        model = PathRecorder(TwigTreeModel(engine, state, cfg, 3, 8))
+        emitted: list[int] = []
+        for block in tree_blocks(model, first, cfg, tree_spec(8, 4, 3), None, SpecStats(), set()):
+            emitted += block
+            committed = emitted[:-1]  # the newest token is fed by the next step
+            new = torch.tensor([committed], dtype=torch.long)
+            embeds = torch.cat([enc.inputs_embeds, adapter.embed(new)], dim=1)  # [1, n, H]
+            pos = torch.cat([enc.position_ids, adapter.text_positions(enc.next_position, len(committed))], dim=-1)
+            n = embeds.shape[1]
+            assert state.cache.lengths() == [n + d for d in deep0] and state.next_position == n
+            base = _fresh(engine, adapter.layers, embeds, pos)
+            _assert_same(state.cache, base, range(L if prune is None else K), "base")
+            twig = _fresh(engine, vlm.twig.layers, engine.forward(None, embeds, pos, 0, K), pos)
+            pending = len(model.model._pending)
+            assert state.twig_cache.lengths() == [n - pending] * len(vlm.twig.layers)
+            _assert_same(state.twig_cache, twig, range(len(vlm.twig.layers)), "twig")
+    accepted = [len(p) - 1 for _, p in model.steps]
+    assert max(accepted) >= 2 and min(accepted) <= 1, accepted  # long and short paths were both committed
+    assert any(p[1] != 1 for _, p in model.steps if len(p) > 1), "no path went through a second sibling"
+
+
+def test_tree_sampling_matches_ar_in_distribution(vlms):
+    # Real model, top-k 2 at temperature 1 (8 possible 3-token outputs), a twig with a draft vocabulary (the even
+    # ids), so some drafts are impossible and the sibling rule's residual does real work.
+    vlm = _with_twig(vlms["qwen2-siglip"], 2, 2, noise=0.2)
+    vlm.twig.set_draft_vocab(range(0, vlm.adapter.spec.vocab_size, 2))
+    enc = vlm.encode(random_prompt(4, 3), random_image(4))
+    assert_sampling_is_lossless(vlm, enc, runs=240, spec=tree_spec(4, 2, 2))
+
+
+def test_qwen_vl_tree_speculation_equals_ar(tmp_path):
+    # M-RoPE: tree positions are prefix + depth on all three axes (prune keeps 3-D positions in the prompt).
+    from twigvlm.tiny_qwen import TinyQwenSpec, save_tiny_qwen
+
+    from .test_qwen import picture
+
+    base = twigvlm.load(save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2-vl", num_layers=6, seed=3)))
+    for noise, prune in ((0.0, None), (0.01, PruneConfig("twig", keep=6))):
+        vlm = _with_twig(base, 2, 4, noise=noise, seed=1)
+        for seed, shape in enumerate(TREE_SHAPES[:2]):
+            args = dict(prompt=random_prompt(seed, 3 + seed), image=[picture(seed)], max_new_tokens=14, ignore_eos=True)
+            sd = vlm.generate(**args, prune=prune, speculative=tree_spec(*shape))
+            assert sd.token_ids == vlm.generate(**args, prune=prune).token_ids, (noise, seed, shape)
+            assert sd.stats.accepted > 0, (noise, seed)  # paths were accepted, at positions prefix + depth
+
+
+# ---- choosing the drafter; settings -----------------------------------------------------------------------------
+def test_bad_tree_settings_are_one_line():
+    for bad in (
+        SpecConfig(draft="bush"),
+        SpecConfig(tree_nodes=0),
+        SpecConfig(tree_depth=0),
+        SpecConfig(tree_topk=0),
+        SpecConfig(tree_nodes=1.5),
+    ):
+        with pytest.raises(TwigVLMError) as e:
+            bad.validate()
+        assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def cli_twig(model_dirs, tmp_path_factory) -> str:
+    from twigvlm.cli import main
+
+    twig = tmp_path_factory.mktemp("tree-twig") / "twig"
+    assert main(["grow", "--model", model_dirs["llama-clip"], "--K", "2", "--T", "2", "--out", str(twig)]) == 0
+    return str(twig)
+
+
+def test_cli_tree_flags(capsys, model_dirs, cli_twig):
+    from twigvlm.cli import main
+
+    twig = cli_twig
+    gen = ["generate", "--model", model_dirs["llama-clip"], "--twig", str(twig), "--prompt", "hi", "--speculative"]
+    capsys.readouterr()
+    assert main([*gen, "--draft", "tree", "--tree-nodes", "3", "--tree-depth", "2", "--max-new-tokens", "6"]) == 0
+    assert "tree drafts:" in capsys.readouterr().err
+    assert main([*gen, "--max-new-tokens", "2"]) == 0  # auto: no drafting for two tokens
+    assert "no drafting" in capsys.readouterr().err
+    for flags, message in ((["--tree-nodes", "0"], "tree_nodes"), (["--draft", "bush"], "invalid choice")):
+        with pytest.raises(SystemExit) as exc:
+            raise SystemExit(main([*gen, *flags]))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_sequoia_program_values():
+    assert best_tree_value((1.0,), 6, 3) == 3.0  # every best token accepted: the chain is as deep as allowed
+    assert best_tree_value((1.0,), 3, 9) == 2.0
+    assert best_tree_value((0.5, 0.5), 3, 1) == 1.0  # two siblings: one of them is always right
+    assert best_tree_value((0.5, 0.5), 3, 2) == pytest.approx(1.0)  # a chain of two: 0.5 + 0.25 < 1
+    assert best_tree_value((0.0,), 9, 9) == 0.0
+
+
+def _costs(verify_per_row: float, level: float = 0.010) -> Costs:
+    rows = (1, 2, 4, 8, 16, 32)
+    return Costs(
+        verify={n: 0.050 + verify_per_row * (n - 1) for n in rows},
+        level={n: level * (1 + 0.1 * (n - 1)) for n in rows},
+        base={n: level / 3 * (1 + 0.1 * (n - 1)) for n in rows},
+    )
+
+
+def test_auto_picks_by_expected_tokens_per_second():
+    spec = SpecConfig(draft="auto", tree_nodes=16, tree_depth=6, tree_topk=4)
+    bushy = (0.7, 0.15, 0.05, 0.03)  # the right token is sometimes the twig's second or third
+    gpu = best_drafter(_costs(0.0002, level=0.004), bushy, spec)  # rows nearly free, a cheap draft
+    assert gpu.kind == "tree" and gpu.spec.tree_nodes > 8 and gpu.spec.tree_depth > 2
+    cpu = best_drafter(_costs(0.03), (0.8, 0.05, 0.02, 0.01), spec)  # each row costs 0.6 of a step
+    assert cpu.kind == "chain"
+    wrong = best_drafter(_costs(0.03), (0.05, 0.02, 0.01, 0.0), spec)  # a twig that is always wrong
+    assert wrong.kind == "chain" and wrong.spec.draft_len == 1  # the least it can draft
+
+
+def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
+    import twigvlm.draft_choice as dc
+
+    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    calls = []
+    real = dc.probe_costs
+    monkeypatch.setattr(dc, "probe_costs", lambda *a: calls.append(1) or real(*a))
+    args = dict(prompt="describe", image=random_image(1), ignore_eos=True)
+    short = vlm.generate(**args, max_new_tokens=SHORT_ANSWER, speculative=True)
+    assert short.stats.drafter == "none" and short.stats.drafted == 0 and calls == []
+    outs = [vlm.generate(**args, max_new_tokens=12, speculative=True) for _ in range(2)]
+    assert calls == [1] and all(o.stats.drafter in ("chain", "tree", "none") for o in outs)
+    assert all(o.token_ids == vlm.generate(**args, max_new_tokens=12).token_ids for o in outs)
+
+
+def test_tree_ablation_runs_the_chain_trees_and_auto(model_dirs, cli_twig, tmp_path):
+    from .test_bench import _ablation
+
+    out = _ablation(model_dirs["llama-clip"], cli_twig, tmp_path / "t", "tree", "--tree-depth", "2")
+    summary = out["summary"]
+    trees = {f"ssd tree N={n} D={d} k=4" for n in (4, 8, 16, 32) for d in (1, 2)}
+    assert {"hf", "ar", "ssd chain γ=5", "ssd auto"} | trees <= set(summary)
+    assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))  # every drafter ≡ AR
+    assert summary["ssd tree N=4 D=2 k=4"]["drafters"] == {"tree": 1}
+    assert summary["ssd chain γ=5"]["drafters"] == {"chain": 1}
+    assert "≥1 accepted" in (tmp_path / "t" / "table.md").read_text()

@@ -1,0 +1,218 @@
+"""Which drafter a speculative generation runs: the chain, the tree (and its size), or none at all.
+
+`choose_drafter` resolves `SpecConfig.draft`: "chain" and "tree" run as asked; "auto" does not draft for answers
+of a few tokens, and otherwise picks what maximises the expected tokens per second (Sequoia's criterion):
+
+- costs are measured once per twig, device and dtype, on the generation's own state right after its prefill
+  (`probe_costs`: a verification over n = 1, 2, 4, … 32 rows, a draft level over w nodes, layers 1..K alone);
+- the expected tokens per step come from a positional acceptance vector a_r — the chance that the twig's r-th
+  best token is the target's — estimated from the twig's steps so far in this process (`Acceptance`, smoothed
+  towards a prior), with Sequoia's dynamic program for the best tree of n nodes and depth d;
+- chain (γ ≤ max_draft_len): E = Σ_{i ≤ γ} a_1^i tokens for γ·t_level(1) + t_base(1) + t_verify(γ + 1)
+  seconds; tree (N, D, k): E = 1 + the program's value, for t_level(1) + (D − 1)·t_level(k) + t_base(N) +
+  t_verify(N + 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .config import GenConfig, SpecConfig
+from .engine import DecodeState, Engine
+from .speculative import SpecStats
+
+SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
+PROBE_ROWS = (1, 2, 4, 8, 16, 32)
+PRIOR = (0.6, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)  # a_r before any step is seen
+PRIOR_WEIGHT = 8.0  # in node visits
+
+
+@dataclass
+class Costs:
+    """Seconds per pass, by rows: verify (layers K+1..L + head), level (layers 1..K + twig + twig head), base
+    (layers 1..K alone). Between measured row counts, linear."""
+
+    verify: dict[int, float]
+    level: dict[int, float]
+    base: dict[int, float]
+
+    @staticmethod
+    def _at(table: dict[int, float], n: int) -> float:
+        keys = sorted(table)
+        lo = max([k for k in keys if k <= n], default=keys[0])
+        hi = min([k for k in keys if k >= n], default=keys[-1])
+        if lo == hi:
+            return table[lo] * (n / lo if n > lo else 1.0)
+        return table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
+
+    def t_verify(self, n: int) -> float:
+        return self._at(self.verify, n)
+
+    def t_level(self, w: int) -> float:
+        return self._at(self.level, w)
+
+    def t_base(self, n: int) -> float:
+        return self._at(self.base, n) if n > 0 else 0.0
+
+
+@dataclass
+class Acceptance:
+    """How often the target took the twig's r-th best token at a node the step reached (any rank, or none)."""
+
+    hits: list[float] = field(default_factory=lambda: [0.0] * len(PRIOR))
+    visits: float = 0.0
+
+    def vector(self) -> tuple[float, ...]:
+        """a_r, smoothed towards PRIOR, rounded (so the dynamic program's cache is hit)."""
+        w = PRIOR_WEIGHT
+        return tuple(round((h + p * w) / (self.visits + w), 3) for h, p in zip(self.hits, PRIOR, strict=True))
+
+    def record(self, ranks: list[int | None]) -> None:
+        """One node visit per entry: the accepted child's rank (0-based), or None when none was accepted."""
+        for r in ranks:
+            self.visits += 1
+            if r is not None and r < len(self.hits):
+                self.hits[r] += 1
+
+
+@dataclass
+class _Record:
+    costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Twig → _Record (dropped with the twig)
+
+
+def _record(engine: Engine) -> _Record:
+    return _RECORDS.setdefault(engine.twig, _Record())
+
+
+@dataclass(frozen=True)
+class DrafterChoice:
+    kind: str  # "chain", "tree" or "none"
+    spec: SpecConfig  # the settings it runs with (auto: the chosen γ, or N and D, in draft_len or tree_nodes/depth)
+    expected_rate: float | None = None  # tokens per second the cost model expects (auto only)
+
+
+def choose_drafter(engine: Engine, state: DecodeState, cfg: GenConfig, spec: SpecConfig) -> DrafterChoice:
+    """The drafter for one generation (after its prefill: `state` holds the prompt)."""
+    if spec.draft == "chain":
+        return DrafterChoice("chain", spec)
+    if spec.draft == "tree":
+        return DrafterChoice("tree", spec)
+    if cfg.max_new_tokens <= SHORT_ANSWER:
+        return DrafterChoice("none", spec)
+    rec = _record(engine)
+    key = (str(state.cache[0].keys().device), str(state.cache[0].keys().dtype))
+    if key not in rec.costs:
+        rec.costs[key] = probe_costs(engine, state)
+    return best_drafter(rec.costs[key], rec.acceptance.vector(), spec)
+
+
+def best_drafter(costs: Costs, a: tuple[float, ...], spec: SpecConfig) -> DrafterChoice:
+    """The chain or tree with the most expected tokens per second under these costs and acceptance vector (never
+    none: auto leaves out drafting only for short answers, so that a twig's acceptance keeps being measured)."""
+    options = []
+    for g in range(1, spec.max_draft_len + 1):
+        e = sum(a[0] ** i for i in range(g + 1))
+        rate = e / (g * costs.t_level(1) + costs.t_base(1) + costs.t_verify(g + 1))
+        options.append(DrafterChoice("chain", replace(spec, draft_len=g), rate))
+    k = spec.tree_topk
+    ranks = tuple(a[:k]) + (0.0,) * max(0, k - len(a))
+    for d in range(1, spec.tree_depth + 1):
+        draft = costs.t_level(1) + (d - 1) * costs.t_level(k)
+        for n in range(1, spec.tree_nodes + 1):
+            e = 1 + best_tree_value(ranks, n + 1, d)
+            rate = e / (draft + costs.t_base(n) + costs.t_verify(n + 1))
+            options.append(DrafterChoice("tree", replace(spec, tree_nodes=n, tree_depth=d), rate))
+    return max(options, key=lambda o: o.expected_rate)
+
+
+@functools.lru_cache(maxsize=256)
+def best_tree_value(a: tuple[float, ...], n: int, d: int) -> float:
+    """Sequoia's program: the most expected accepted nodes of a tree of n nodes (its root included, not counted)
+    and depth at most d, when the r-th child of a reached node is accepted with probability a[r]."""
+    if n <= 1 or d == 0:
+        return 0.0
+    best = [0.0] * n  # best[m]: the most value from m nodes spread over ranks r.. (ranks r+1.. done before)
+    for r in reversed(range(len(a))):
+        best = [
+            max(best[m], *(a[r] * (1 + best_tree_value(a, j, d - 1)) + best[m - j] for j in range(1, m + 1)))
+            if m
+            else 0.0
+            for m in range(n)
+        ]
+    return best[n - 1]
+
+
+@torch.inference_mode()
+def probe_costs(engine: Engine, state: DecodeState, repeats: int = 3) -> Costs:
+    """Time the passes a step is made of on this state (its caches are left as they were): the best of `repeats`."""
+    assert engine.twig is not None and state.twig_cache is not None
+    K, L, adapter = engine.twig.config.K, engine.num_layers, engine.adapter
+    device = state.cache[0].keys().device
+    lengths, twig_lengths = state.cache.lengths(), state.twig_cache.lengths()
+    rows = state.draft_head
+
+    def run(part: str, n: int) -> None:
+        hidden = adapter.embed(torch.zeros((1, n), dtype=torch.long, device=device))  # [1, n, H]
+        pos = adapter.text_positions(state.next_position, n)
+        if part == "verify":
+            engine.logits(engine.forward(state, hidden, pos, K, L))
+            return
+        hidden = engine.forward(state, hidden, pos, 0, K)
+        if part == "level":
+            engine.twig_logits(engine.forward_twig(state, hidden, pos), draft=rows is not None, rows=rows)
+
+    def timed(part: str, n: int) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run(part, n)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t)
+            for kv, m in zip(state.cache.layers, lengths, strict=True):
+                kv.crop(m)
+            for kv, m in zip(state.twig_cache.layers, twig_lengths, strict=True):
+                kv.crop(m)
+        return best
+
+    tables = {part: _monotone({n: timed(part, n) for n in PROBE_ROWS}) for part in ("verify", "level", "base")}
+    return Costs(tables["verify"], tables["level"], tables["base"])
+
+
+def _monotone(table: dict[int, float]) -> dict[int, float]:
+    """A pass never gets cheaper with more rows: a time above a later one is noise (a busy machine), so each
+    entry becomes the least time measured at its row count or above."""
+    out, low = {}, math.inf
+    for n in sorted(table, reverse=True):
+        low = min(low, table[n])
+        out[n] = low
+    return dict(sorted(out.items()))
+
+
+def recording(
+    blocks: Iterator[list[int]], engine: Engine, ranks: Callable[[], list[int | None]]
+) -> Iterator[list[int]]:
+    """`blocks`, and when the generation ends (or is dropped), the ranks it saw go into the twig's acceptance record."""
+    try:
+        yield from blocks
+    finally:
+        _record(engine).acceptance.record(ranks())
+
+
+def chain_ranks(stats: SpecStats) -> list[int | None]:
+    """The chain's steps as rank visits: each accepted draft is the twig's best token; a rejection is None."""
+    out: list[int | None] = []
+    for n, drafted in zip(stats.accepted_per_step, stats.drafted_per_step, strict=True):
+        out += [0] * n + ([None] if n < drafted else [])
+    return out
