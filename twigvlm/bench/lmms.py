@@ -8,7 +8,8 @@ once twigvlm is installed its command line takes `--model twigvlm`:
 
 and from Python, `lmms_eval.evaluator.simple_evaluate(model=TwigVLMEval(...), tasks=[...])`. `model_args`:
 `pretrained` (a model directory or a named model such as demo), `twig`, `prune` (none, twig, fastv, visionzip),
-`keep` (R̄) or `keep_ratio`, `wipe_layer`, `speculative`, `draft_len`, `draft_threshold`, `dtype`, `device`.
+`keep` (R̄) or `keep_ratio`, `wipe_layer`, `speculative`, `draft` (auto|chain|tree, as `--draft`), `draft_len`,
+`draft_threshold`, `dtype`, `device`.
 
 Generation requests (`generate_until`) run `VLM.generate` exactly as `twigvlm generate` does (greedy unless the
 task samples; `until` strings stop the text), one request at a time. Each request's statistics (visual tokens
@@ -72,6 +73,7 @@ class TwigVLMEval(lmms):
         speculative: bool | str = False,
         draft_len: int = SpecConfig.draft_len,
         draft_threshold: float = SpecConfig.threshold,
+        draft: str = "auto",
         dtype: str = "float32",
         device: str | None = "cpu",
         batch_size: int | str | None = 1,
@@ -94,7 +96,9 @@ class TwigVLMEval(lmms):
             )
             self.prune.validate()
         self.speculative = (
-            SpecConfig(draft_len=int(draft_len), threshold=float(draft_threshold)) if _flag(speculative) else None
+            SpecConfig(draft_len=int(draft_len), threshold=float(draft_threshold), draft=str(draft))
+            if _flag(speculative)
+            else None
         )
         self.vlm = VLM.load(str(pretrained), twig=twig, dtype=str(dtype), device=str(device or "cpu"))
         self.stats_file = Path(stats_file) if stats_file else None
