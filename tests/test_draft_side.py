@@ -9,8 +9,6 @@ committed tokens, and the sampling residual on vocabularies where it has a real 
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ from twigvlm.sampling import pick_tokens
 from twigvlm.speculative import Draft, SpecStats, TwigSpecModel, accept, speculative_blocks
 
 from .conftest import random_image, random_prompt
-from .test_speculative import CHI2_999, SamplingStub, _chi2, _table
+from .test_speculative import SamplingStub, _chi2, _table, assert_stub_sampling_is_lossless, chi2_critical
 
 MIDDLE_NOISE = 0.01  # on the tiny test models: ~0.45-0.65 of the drafts accepted, many steps partly accepted
 
@@ -168,33 +166,16 @@ def test_residual_resample_follows_max_p_minus_q():
     assert stat < chi2_critical(dof), (stat, counts.tolist())
 
 
-def chi2_critical(dof: int) -> float:
-    """χ² at a false-alarm rate of 1e-3: the table, else the Wilson–Hilferty approximation."""
-    if dof in CHI2_999:
-        return CHI2_999[dof]
-    return dof * (1 - 2 / (9 * dof) + 3.0902 * (2 / (9 * dof)) ** 0.5) ** 3
-
-
 def test_sampling_is_lossless_on_four_tokens():
     # The stub test of test_speculative.py on a vocabulary of 4 (with 2 tokens the residual has one choice).
     # Three tokens: the prefill's, then one step with one draft (rejected or not) and the target's token.
-    vocab, runs, length = 4, 3000, 3
-    p, q = _table(3, vocab), _table(4, vocab)
-    cfg = GenConfig(max_new_tokens=length, temperature=1.0)
-    counts: dict[tuple[int, ...], int] = {}
-    for seed in range(runs):
-        g = torch.Generator().manual_seed(seed)
-        first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
-        stub = SamplingStub(p, q, first, g)
-        out: list[int] = []
-        for block in speculative_blocks(stub, first, cfg, SpecConfig(draft_len=3, threshold=0), g, SpecStats(), set()):
-            out += block
-            stub.prefix = tuple(out)
-            if len(out) >= length:
-                break
-        counts[tuple(out[:length])] = counts.get(tuple(out[:length]), 0) + 1
-    exact = {}
-    for seq in itertools.product(range(vocab), repeat=length):
-        exact[seq] = float(torch.tensor([p(seq[:i]).softmax(-1)[seq[i]] for i in range(length)]).prod())
-    stat, dof = _chi2(counts, exact, runs)
-    assert stat < chi2_critical(dof), (stat, dof)
+    p, q = _table(3, 4), _table(4, 4)
+    spec = SpecConfig(draft_len=3, threshold=0)
+    assert_stub_sampling_is_lossless(
+        p,
+        vocab=4,
+        runs=3000,
+        make_stub=lambda first, g: SamplingStub(p, q, first, g),
+        blocks=speculative_blocks,
+        spec=spec,
+    )

@@ -21,8 +21,16 @@ from twigvlm.tree import TreeDraft, accept_tree, tree_blocks
 from twigvlm.tree_twig import TwigTreeModel
 
 from .conftest import random_image, random_prompt
-from .test_draft_side import _assert_same, _fresh, chi2_critical, middle_twig
-from .test_speculative import CHI2_999, _chi2, _letters, _table, _with_twig, assert_sampling_is_lossless
+from .test_draft_side import _assert_same, _fresh, middle_twig
+from .test_speculative import (
+    CHI2_999,
+    _chi2,
+    _letters,
+    _table,
+    _with_twig,
+    assert_sampling_is_lossless,
+    assert_stub_sampling_is_lossless,
+)
 
 
 # ---- the tree and its accept rule -----------------------------------------------------------------------------
@@ -191,27 +199,16 @@ class TreeSamplingStub:
 
 @pytest.mark.parametrize("k,depth", [(2, 2), (3, 1)])
 def test_tree_sampling_is_lossless_against_the_exact_distribution(k, depth):
-    vocab, runs, length = 4, 3000, 3
-    p, q = _table(5, vocab), _table(6, vocab)
-    cfg = GenConfig(max_new_tokens=length, temperature=1.0)
+    p, q = _table(5, 4), _table(6, 4)
     spec = SpecConfig(draft="tree", tree_depth=depth)
-    counts: dict[tuple[int, ...], int] = {}
-    for seed in range(runs):
-        g = torch.Generator().manual_seed(seed)
-        first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
-        stub = TreeSamplingStub(p, q, first, k, depth)
-        out: list[int] = []
-        for block in tree_blocks(stub, first, cfg, spec, g, SpecStats(), set()):
-            out += block
-            stub.prefix = tuple(out)
-            if len(out) >= length:
-                break
-        counts[tuple(out[:length])] = counts.get(tuple(out[:length]), 0) + 1
-    exact = {}
-    for seq in itertools.product(range(vocab), repeat=length):
-        exact[seq] = float(torch.tensor([p(seq[:i]).softmax(-1)[seq[i]] for i in range(length)]).prod())
-    stat, dof = _chi2(counts, exact, runs)
-    assert stat < chi2_critical(dof), (stat, dof)
+    assert_stub_sampling_is_lossless(
+        p,
+        vocab=4,
+        runs=3000,
+        make_stub=lambda first, g: TreeSamplingStub(p, q, first, k, depth),
+        blocks=tree_blocks,
+        spec=spec,
+    )
 
 
 # ---- the cache's gather -------------------------------------------------------------------------------------------
