@@ -1,6 +1,7 @@
-"""The fast CPU kernels: FastLinear ≡ nn.Linear (1e-5 relative) over row counts and shapes, the checkpoint and
-the twig files unchanged, engine ≡ stock generate and SSD ≡ AR on the same fast-kernel model, the probe and its
-cache, and the bench's hf / hf+kernels pair."""
+"""The fast CPU kernels: FastLinear ≡ nn.Linear (1e-5 relative) over row counts and shapes with each layout
+(the transposed BLAS product and the native kernel), the checkpoint and the twig files unchanged, engine ≡ stock
+generate and SSD ≡ AR on the same fast-kernel model, the native kernel's build (and its absence), the probe and
+its cache, and the bench's hf / hf+kernels pair."""
 
 from __future__ import annotations
 
@@ -9,31 +10,99 @@ import torch
 from torch import nn
 
 import twigvlm
-from twigvlm import SpecConfig, TwigVLMError
+from twigvlm import SpecConfig, TwigVLMError, native
 from twigvlm.kernels import FastLinear, KernelPlan, apply_kernels, cached_plan, linears, probe, stock_kernels
 
 from .conftest import hf_greedy, random_image, random_prompt
 
 
-def everywhere(shapes) -> KernelPlan:
-    """A plan that runs the transposed layout for every row count up to 64."""
-    return KernelPlan({s: {1: "wxt", 64: "wxt"} for s in shapes})
+def everywhere(shapes, layout: str = "wxt") -> KernelPlan:
+    """A plan that runs `layout` for every row count up to 64."""
+    return KernelPlan({s: {1: layout, 64: layout} for s in shapes})
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_fast_linear_equals_nn_linear(bias):
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the products the native kernel computed (so a test cannot pass on the F.linear fallback)."""
+    assert native.gemv_library() is not None, f"the native kernel did not build: {native.build_error()}"
+    calls = []
+    real = native.gemv
+
+    def spy(x, w, b=None):
+        calls.append(x.shape[0])
+        return real(x, w, b)
+
+    monkeypatch.setattr(native, "gemv", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["wxt", "gemv"])
+@pytest.mark.parametrize(("d_in", "bias"), [(48, True), (48, False), (13, True), (200, False)])
+def test_fast_linear_equals_nn_linear(layout, d_in, bias, native_calls):
     torch.manual_seed(0)
-    lin = nn.Linear(48, 80, bias=bias)
-    ref = nn.Linear(48, 80, bias=bias)
+    lin = nn.Linear(d_in, 80, bias=bias)
+    ref = nn.Linear(d_in, 80, bias=bias)
     ref.load_state_dict(lin.state_dict())
-    apply_kernels([lin], "auto", everywhere([(80, 48)]))
+    apply_kernels([lin], "auto", everywhere([(80, d_in)], layout))
     assert type(lin) is FastLinear and lin.state_dict().keys() == ref.state_dict().keys()
-    for shape in [(1, 48), (7, 48), (64, 48), (2, 3, 48), (1, 1, 48), (3, 21, 48), (100, 48)]:
-        x = torch.randn(*shape)
+    shapes = [(n, d_in) for n in range(1, 18)] + [(64, d_in), (2, 3, d_in), (1, 1, d_in), (3, 21, d_in), (100, d_in)]
+    with torch.inference_mode():
+        for shape in shapes:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-6)
+        x = torch.randn(6, 2 * d_in)[:, ::2]  # a strided input
         torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-6)
-    x = torch.randn(4, 48, requires_grad=True)  # gradients flow through the transposed layout (twig training)
+    # products up to 64 rows ran the native kernel under "gemv"; past the plan's largest row count, nn.Linear
+    assert native_calls == ([n for n in range(1, 18)] + [64, 6, 1, 63, 6] if layout == "gemv" else [])
+    seen = list(native_calls)
+    x = torch.randn(4, d_in, requires_grad=True)  # gradients flow (twig training): F.linear or the BLAS layout
     lin(x).sum().backward()
-    assert x.grad is not None and lin.weight.grad is not None
+    assert x.grad is not None and lin.weight.grad is not None and native_calls == seen
+
+
+def test_native_kernel_is_identical_over_thread_counts(native_calls):
+    torch.manual_seed(1)
+    w, b = torch.randn(301, 96), torch.randn(301)
+    xs = [torch.randn(k, 96) for k in (1, 5, 9)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append([native.gemv(x, w, b) for x in xs])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:  # each output is one thread's sum in a fixed order: bit-identical
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other, strict=True))
+    for x, y in zip(xs, results[0], strict=True):
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_and_the_plan_never_picks_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path))
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'fatal error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    native.gemv_library.cache_clear()
+    try:
+        monkeypatch.setenv("CC", str(broken))
+        monkeypatch.setattr(native, "_compiler", lambda: str(broken))
+        assert native.gemv_library() is None
+        assert "fatal error: no such thing" in native.build_error()
+        assert native.library_key() == "none"
+        lin = nn.Linear(16, 24)
+        plan = probe([lin], rows=(1, 6), repeats=1)
+        assert all(set(t.values()) <= {"linear", "wxt"} for t in plan.layouts.values())
+        apply_kernels([lin], "auto", everywhere([(24, 16)], "gemv"))  # a plan from elsewhere: F.linear then
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        native.gemv_library.cache_clear()
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        assert native.gemv_library() is None and "no C compiler" in native.build_error()
+    finally:
+        native.gemv_library.cache_clear()
+    monkeypatch.undo()
+    assert native.gemv_library() is not None  # built again (or found) in the suite's own cache
 
 
 def test_the_plan_picks_by_row_count():
@@ -68,19 +137,21 @@ def test_the_probe_measures_every_shape_and_is_cached(vlms, monkeypatch, tmp_pat
     found = linears([*vlms["llama-clip"].adapter.layers])
     plan = probe(found, rows=(1, 4), repeats=1)
     assert set(plan.layouts) == {(lin.out_features, lin.in_features) for lin in found}
-    assert all(set(t) == {1, 4} and set(t.values()) <= {"linear", "wxt"} for t in plan.layouts.values())
+    assert all(set(t) == {1, 4} and set(t.values()) <= {"linear", "wxt", "gemv"} for t in plan.layouts.values())
+    summary = plan.summary()
+    assert all(sorted(r for rows in by.values() for r in rows) == [1, 4] for by in summary.values())
     first = cached_plan(found)
     assert not first.cached and list(tmp_path.glob("kernels-*.json"))
     again = cached_plan(found)
     assert again.cached and again.layouts == first.layouts
 
 
-@pytest.fixture
-def fast(model_dirs):
-    """The Llama + CLIP model loaded with the transposed layout forced on every product (the strictest case)."""
+@pytest.fixture(params=["wxt", "gemv"])
+def fast(model_dirs, request):
+    """The Llama + CLIP model loaded with one layout forced on every product up to 64 rows (the strictest case)."""
     vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock")
     shapes = {(lin.out_features, lin.in_features) for lin in linears(vlm.kernel_modules())}
-    vlm.kernel_plan = apply_kernels(vlm.kernel_modules(), "auto", everywhere(shapes))
+    vlm.kernel_plan = apply_kernels(vlm.kernel_modules(), "auto", everywhere(shapes, request.param))
     yield vlm
     vlm.set_kernels("stock")
 

@@ -1,11 +1,19 @@
 """Fast linear products for the decoder on CPU: the layout of `x · Wᵀ` chosen per machine and per row count.
 
 On CPUs, `nn.Linear` (`F.linear`, MKL's `x · Wᵀ`) over the few rows that decoding and verification run is often
-slower than the same product written as `(W · xᵀ)ᵀ`. `FastLinear` is an `nn.Linear` subclass — the same
-parameters, the same `state_dict`, the checkpoint untouched — whose forward picks, by the number of rows, the
-layout a short probe measured fastest on this machine for this weight shape. The probe times every layout over
-all the model's weights of a shape (so weights stream from memory as in a decode step), interleaved, and takes
-the alternative only where it wins clearly; the plan is cached on disk per CPU, thread count, dtype and shapes.
+far below what memory allows: those products are bound by reading the weights. `FastLinear` is an `nn.Linear`
+subclass — the same parameters, the same `state_dict`, the checkpoint untouched — whose forward picks, by the
+number of rows, the layout a short probe measured fastest on this machine for this weight shape:
+
+- "linear": `F.linear` (what nn.Linear runs);
+- "wxt": the same product written as `(W · xᵀ)ᵀ` (another BLAS path);
+- "gemv": twigvlm's native kernel (`twigvlm.native`, built at first use with the machine's C compiler), which
+  streams each weight row once for all rows of x.
+
+The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a
+decode step), interleaved, and takes an alternative only where it wins clearly; the plan is cached on disk per
+CPU, thread count, dtype, shapes and kernel build. Products that need gradients (twig training) and non-fp32
+products for the native kernel always run `F.linear`.
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
 change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. `stock_kernels(...)` does that
@@ -19,9 +27,8 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .errors import TwigVLMError
 
 KERNEL_MODES = ("auto", "stock")
 PROBE_ROWS = (1, 2, 4, 6, 8, 16, 64)  # row counts the probe measures; others use the nearest below
 PROBE_BYTES = 64 * 2**20  # per shape, time at most this much weight (all of a shape's weights when smaller)
-WIN = 0.9  # the transposed layout is taken where it needs at most this share of nn.Linear's time
-LAYOUTS = ("linear", "wxt")  # F.linear; (W · xᵀ)ᵀ
+WIN = 0.9  # an alternative layout is taken where it needs at most this share of nn.Linear's time
+LAYOUTS = ("linear", "wxt", "gemv")  # F.linear; (W · xᵀ)ᵀ; the native kernel
 
 
 @dataclass
@@ -53,9 +61,14 @@ class KernelPlan:
         probed = [r for r in table if r <= rows]
         return table[max(probed)] if probed and rows <= max(table) else "linear"
 
-    def summary(self) -> dict[str, list[int]]:
-        """Rows where the transposed layout runs, per shape (for stats and logs)."""
-        return {f"{o}x{i}": [r for r, k in sorted(t.items()) if k == "wxt"] for (o, i), t in self.layouts.items()}
+    def summary(self) -> dict[str, dict[str, list[int]]]:
+        """Per shape, the probed row counts each layout runs at (for stats and logs)."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for (o, i), table in self.layouts.items():
+            rows = out.setdefault(f"{o}x{i}", {})
+            for r, layout in sorted(table.items()):
+                rows.setdefault(layout, []).append(r)
+        return out
 
 
 class FastLinear(nn.Linear):
@@ -65,13 +78,30 @@ class FastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if x.dim() >= 2 else 1
-        if self.kernel_plan.layout((self.out_features, self.in_features), rows) != "wxt" or x.dim() < 2:
+        layout = self.kernel_plan.layout((self.out_features, self.in_features), rows) if x.dim() >= 2 else "linear"
+        if layout == "linear" or rows == 0:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)  # [n, in]
-        out = torch.mm(self.weight, flat.t()).t()  # [out, in] · [in, n] → [n, out]
-        if self.bias is not None:
-            out = out + self.bias
+        if layout == "gemv" and self._native_ok(x):
+            out = native.gemv(flat, self.weight, self.bias)  # [n, out]
+        else:
+            out = torch.mm(self.weight, flat.t()).t()  # [out, in] · [in, n] → [n, out]
+            if self.bias is not None:
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _native_ok(self, x: torch.Tensor) -> bool:
+        """The native kernel takes fp32 CPU products that need no gradient, on contiguous parameters."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return False
+        w, b = self.weight, self.bias
+        return (
+            native.gemv_library() is not None
+            and x.dtype == w.dtype == torch.float32
+            and x.device.type == "cpu"
+            and w.is_contiguous()
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous()))
+        )
 
 
 def linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
@@ -151,44 +181,59 @@ def auto_dtype(device: str) -> str:
 
 
 # ---- the probe ------------------------------------------------------------------------------------------------
-def _median_ms(fn, repeats: int) -> float:
+def _best_ms(fn: Callable[[], None], repeats: int) -> float:
+    """The fastest of `repeats` timed calls after one warm-up (noise on a shared machine only adds time)."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    return min(times) * 1000
+
+
+def _candidates(weights: list[torch.Tensor], x: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """One pass over `weights` with x for each layout available here."""
+
+    def linear() -> None:
+        for w in weights:
+            F.linear(x, w)
+
+    def wxt() -> None:
+        for w in weights:
+            torch.mm(w, x.t())
+
+    def gemv() -> None:
+        for w in weights:
+            native.gemv(x, w)
+
+    out = {"linear": linear, "wxt": wxt}
+    if x.dtype == torch.float32 and native.gemv_library() is not None:
+        out["gemv"] = gemv
+    return out
 
 
 @torch.inference_mode()
-def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int = 2) -> KernelPlan:
-    """Time F.linear against (W · xᵀ)ᵀ over the weights of each shape (up to PROBE_BYTES of them), interleaved
-    (stock, transposed, stock), for each row count."""
+def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int = 3) -> KernelPlan:
+    """Time every layout over the weights of each shape (up to PROBE_BYTES of them), interleaved (stock, each
+    alternative, stock again), for each row count; an alternative wins where it needs at most WIN of the
+    stock time."""
     t0 = time.perf_counter()
     by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
     for lin in found:
         same = by_shape.setdefault((lin.out_features, lin.in_features), [])
         if not same or (len(same) + 1) * lin.weight.numel() * lin.weight.element_size() <= PROBE_BYTES:
-            same.append(lin.weight)  # enough weights to stream from memory, not so many that probing is slow
+            same.append(lin.weight.detach().contiguous())  # enough weights to stream from memory, not too many
     layouts: dict[tuple[int, int], dict[int, str]] = {}
     for shape, weights in by_shape.items():
         table = {}
         for n in rows:
-            x = torch.randn(n, shape[1], dtype=weights[0].dtype)
-
-            def stock_pass(x=x, weights=weights) -> None:
-                for w in weights:
-                    F.linear(x, w)
-
-            def alt_pass(x=x, weights=weights) -> None:
-                for w in weights:
-                    torch.mm(w, x.t())
-
-            stock = [_median_ms(stock_pass, repeats), 0.0]
-            alt = _median_ms(alt_pass, repeats)
-            stock[1] = _median_ms(stock_pass, repeats)  # interleaved: stock, alternative, stock
-            table[n] = "wxt" if alt <= WIN * min(stock) else "linear"
+            passes = _candidates(weights, torch.randn(n, shape[1], dtype=weights[0].dtype))
+            first = _best_ms(passes["linear"], repeats)
+            alt = {name: _best_ms(fn, repeats) for name, fn in passes.items() if name != "linear"}
+            stock = min(first, _best_ms(passes["linear"], repeats))
+            best = min(alt, key=alt.get) if alt else "linear"
+            table[n] = best if alt and alt[best] <= WIN * stock else "linear"
         layouts[shape] = table
     return KernelPlan(layouts, probe_s=time.perf_counter() - t0)
 
@@ -204,7 +249,9 @@ def _key(found: list[nn.Linear]) -> str:
         cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    raw = json.dumps([cpu, torch.__version__, torch.get_num_threads(), str(found[0].weight.dtype), shapes])
+    raw = json.dumps(
+        [cpu, torch.__version__, torch.get_num_threads(), str(found[0].weight.dtype), shapes, native.library_key()]
+    )
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

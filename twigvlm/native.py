@@ -1,0 +1,147 @@
+"""The native small-row product (`csrc/gemv.c`): built once per machine with its C compiler, loaded with ctypes.
+
+MKL's fp32 `x · Wᵀ` over the 1–8 rows that decoding and verification run reaches a fraction of the memory
+bandwidth on many CPUs (on AMD ones it takes a generic path); the product is bound by reading the weights, so a
+plain kernel that streams each weight row once for all rows does better. It is compiled at first use with the
+machine's compiler (`$CC`, else `cc`, `gcc`, `clang`) for this CPU (`-march=native`) and OpenMP, into the twigvlm
+cache (`$TWIGVLM_CACHE/native`, keyed by the source, the compiler, the flags and the CPU), in well under a second.
+Where no compiler works the kernel is simply unavailable: `gemv_library()` returns None, `build_error()` says why,
+and the kernel plan never picks it. The OpenMP runtime is the libgomp that torch already loaded, so the kernel runs
+on torch's threads (`torch.get_num_threads()`, which `--threads` sets) rather than on a second pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SOURCE = "csrc/gemv.c"
+
+
+def _source() -> bytes:
+    return (resources.files("twigvlm") / SOURCE).read_bytes()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _arch_flags() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686"):
+        return ["-march=native"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def _cpu_id() -> str:
+    try:
+        return next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+class _Build:
+    error: str | None = None
+
+
+def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> str | None:
+    """Compile src into out; None on success, else the compiler's last line."""
+    cmd = [cc, "-O3", *flags, "-shared", "-fPIC", str(src), "-o", str(out)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if done.returncode != 0:
+        lines = [x for x in (done.stderr or done.stdout).splitlines() if x.strip()]
+        return lines[-1] if lines else f"{cc} exited with {done.returncode}"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def gemv_library() -> ctypes.CDLL | None:
+    """The loaded kernel library (compiled now if not in the cache), or None where it cannot be built."""
+    from .kernels import cache_dir  # the same cache as the kernel plans
+
+    _Build.error = None
+    cc = _compiler()
+    if cc is None:
+        _Build.error = "no C compiler found (set CC, or install gcc or clang)"
+        return None
+    source = _source()
+    folder = cache_dir() / "native"
+    for flags in ([*_arch_flags(), "-fopenmp"], _arch_flags(), []):  # without OpenMP: one thread
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
+        path = folder / f"twig_gemv-{key.hexdigest()[:16]}.so"
+        if not path.exists():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    src = Path(tmp) / "gemv.c"
+                    src.write_bytes(source)
+                    error = _compile(cc, src, Path(tmp) / "gemv.so", flags)
+                    if error is not None:
+                        _Build.error = f"{Path(cc).name} {' '.join(flags)}: {error}"
+                        continue
+                    os.replace(Path(tmp) / "gemv.so", path)  # atomic: parallel builders each write a whole file
+            except OSError as exc:
+                _Build.error = f"cannot write {folder}: {exc}"
+                return None
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            _Build.error = str(exc)
+            continue
+        lib.twig_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        lib.twig_gemv.restype = ctypes.c_int
+        _Build.error = None
+        return lib
+    return None
+
+
+def build_error() -> str | None:
+    """Why the kernel is unavailable (None when it loaded or was not tried)."""
+    return _Build.error
+
+
+def library_key() -> str:
+    """Identifies the kernel in kernel-plan cache keys: its source hash, or "none" where it is unavailable."""
+    return hashlib.sha256(_source()).hexdigest()[:12] if gemv_library() is not None else "none"
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, in] · weight[out, in]ᵀ (+ bias) → [n, out] with the native kernel; fp32, CPU, contiguous weight
+    (the caller checks; x is made contiguous here)."""
+    lib = gemv_library()
+    assert lib is not None, "gemv() called where the native kernel is unavailable"
+    x = x.contiguous()
+    n, d_in = x.shape
+    d_out = weight.shape[0]
+    y = torch.empty(n, d_out, dtype=x.dtype)  # [n, out]
+    rc = lib.twig_gemv(
+        x.data_ptr(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        n,
+        d_in,
+        d_out,
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(f"native gemv refused sizes n={n} in={d_in} out={d_out}")
+    return y
