@@ -29,7 +29,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,13 +53,17 @@ class KernelPlan:
     layouts: dict[tuple[int, int], dict[int, str]]
     probe_s: float = 0.0
     cached: bool = False
+    _memo: dict[tuple[tuple[int, int], int], str] = field(default_factory=dict, repr=False, compare=False)
 
     def layout(self, shape: tuple[int, int], rows: int) -> str:
-        table = self.layouts.get(shape)
-        if not table:
-            return "linear"
-        probed = [r for r in table if r <= rows]
-        return table[max(probed)] if probed and rows <= max(table) else "linear"
+        key = (shape, rows)
+        found = self._memo.get(key)
+        if found is None:
+            table = self.layouts.get(shape)
+            probed = [r for r in table if r <= rows] if table else []
+            found = table[max(probed)] if probed and rows <= max(table) else "linear"
+            self._memo[key] = found
+        return found
 
     def summary(self) -> dict[str, dict[str, list[int]]]:
         """Per shape, the probed row counts each layout runs at (for stats and logs)."""
@@ -77,31 +81,23 @@ class FastLinear(nn.Linear):
     kernel_plan: KernelPlan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features if x.dim() >= 2 else 1
-        layout = self.kernel_plan.layout((self.out_features, self.in_features), rows) if x.dim() >= 2 else "linear"
+        # the hot path of every decode step: a few attribute reads, one dict look-up, then the product
+        if x.dim() < 2:
+            return F.linear(x, self.weight, self.bias)
+        d_in, d_out = self.in_features, self.out_features
+        rows = x.numel() // d_in
+        layout = self.kernel_plan.layout((d_out, d_in), rows)
         if layout == "linear" or rows == 0:
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)  # [n, in]
-        if layout == "gemv" and self._native_ok(x):
-            out = native.gemv(flat, self.weight, self.bias)  # [n, out]
+        weight, bias = self.weight, self.bias
+        flat = x.reshape(rows, d_in)  # [n, in]
+        if layout == "gemv" and native.takes(flat, weight, bias):
+            out = native.gemv(flat, weight, bias)  # [n, out]
         else:
-            out = torch.mm(self.weight, flat.t()).t()  # [out, in] · [in, n] → [n, out]
-            if self.bias is not None:
-                out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _native_ok(self, x: torch.Tensor) -> bool:
-        """The native kernel takes fp32 CPU products that need no gradient, on contiguous parameters."""
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return False
-        w, b = self.weight, self.bias
-        return (
-            native.gemv_library() is not None
-            and x.dtype == w.dtype == torch.float32
-            and x.device.type == "cpu"
-            and w.is_contiguous()
-            and (b is None or (b.dtype == torch.float32 and b.is_contiguous()))
-        )
+            out = torch.mm(weight, flat.t()).t()  # [out, in] · [in, n] → [n, out]
+            if bias is not None:
+                out = out + bias
+        return out.reshape(*x.shape[:-1], d_out) if x.dim() > 2 else out
 
 
 def linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:

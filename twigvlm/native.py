@@ -123,25 +123,30 @@ def library_key() -> str:
     return hashlib.sha256(_source()).hexdigest()[:12] if gemv_library() is not None else "none"
 
 
+def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernel can compute this product: fp32 on the CPU, no gradient needed, a contiguous weight
+    (and bias), and the kernel built."""
+    return (
+        x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and x.device.type == "cpu"
+        and weight.is_contiguous()
+        and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()))
+        and gemv_library() is not None
+    )
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [n, in] · weight[out, in]ᵀ (+ bias) → [n, out] with the native kernel; fp32, CPU, contiguous weight
-    (the caller checks; x is made contiguous here)."""
+    """x [n, in] · weight[out, in]ᵀ (+ bias) → [n, out] with the native kernel (where `takes` says it can; x is
+    made contiguous here)."""
     lib = gemv_library()
     assert lib is not None, "gemv() called where the native kernel is unavailable"
     x = x.contiguous()
     n, d_in = x.shape
     d_out = weight.shape[0]
     y = torch.empty(n, d_out, dtype=x.dtype)  # [n, out]
-    rc = lib.twig_gemv(
-        x.data_ptr(),
-        weight.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        n,
-        d_in,
-        d_out,
-        torch.get_num_threads(),
-    )
-    if rc != 0:
+    b = None if bias is None else bias.data_ptr()
+    if lib.twig_gemv(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, d_in, d_out, torch.get_num_threads()):
         raise ValueError(f"native gemv refused sizes n={n} in={d_in} out={d_out}")
     return y
