@@ -97,6 +97,42 @@ def test_block_step_equals_single_steps(vlm):
     assert a.cache.lengths() == b.cache.lengths() == [enc.num_tokens + 5] * vlm.adapter.spec.num_layers
 
 
+def test_masked_blocks_use_grouped_heads_bit_identically(vlm, monkeypatch):
+    # On a CPU a masked block (a verification) runs SDPA on the grouped key/value heads instead of transformers'
+    # repeat_kv copy: the logits are bit-identical to the copying path, and the switch is off again after.
+    import contextlib
+    import os
+
+    from twigvlm import engine as engine_mod
+
+    assert (
+        vlm.adapter.model.config.text_config.num_key_value_heads
+        < vlm.adapter.model.config.text_config.num_attention_heads
+    )
+    enc = vlm.encode(random_prompt(6, 4), [random_image(6)])
+    block = torch.tensor([[7, 19, 23, 42, 5]])
+    seen = []
+
+    def spy_layer(*args, **kwargs):
+        seen.append(os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"))
+        return real_call(*args, **kwargs)
+
+    real_call = vlm.adapter.call_layer
+    monkeypatch.setattr(vlm.adapter, "call_layer", spy_layer)
+    out = []
+    with torch.inference_mode():
+        for grouped in (True, False):
+            if not grouped:
+                monkeypatch.setattr(engine_mod, "grouped_heads_with_masks", lambda device: contextlib.nullcontext())
+            state = vlm.engine.new_state()
+            vlm.engine.prefill(state, enc)
+            out.append(vlm.engine.step(state, block)[0])
+    assert torch.equal(out[0], out[1])
+    num_layers = vlm.adapter.spec.num_layers
+    assert seen == ["1"] * (2 * num_layers) + [None] * (2 * num_layers)  # every block of q > 1, then none
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+
+
 def test_causal_mask_is_end_aligned():
     assert causal_mask(1, 9) is None and causal_mask(4, 4) is None
     m = causal_mask(3, 5)[0, 0]

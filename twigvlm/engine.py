@@ -17,6 +17,7 @@ ever the twig's depth.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Encoded, VLMAdapter
+from .adapters.sdpa import grouped_heads_with_masks
 from .cache import KVCache, LayerKV
 from .twig import Twig
 
@@ -115,13 +117,15 @@ class Engine:
         rope = self.adapter.rotary(hidden, position_ids)
         q = hidden.shape[1]
         masks: dict[int, torch.Tensor | None] = {}
-        for i, (layer, kv) in enumerate(zip(layers, caches, strict=True)):
-            k = q + (kv.length if kv is not None else 0)
-            if k not in masks:
-                masks[k] = causal_mask(q, k, hidden.device) if tail is None else tail_mask(tail, k)
-            hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
-            if i < len(adds):
-                hidden = hidden + adds[i]
+        masked = grouped_heads_with_masks(hidden.device) if q > 1 else contextlib.nullcontext()
+        with masked:
+            for i, (layer, kv) in enumerate(zip(layers, caches, strict=True)):
+                k = q + (kv.length if kv is not None else 0)
+                if k not in masks:
+                    masks[k] = causal_mask(q, k, hidden.device) if tail is None else tail_mask(tail, k)
+                hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
+                if i < len(adds):
+                    hidden = hidden + adds[i]
         return hidden
 
     def run_and_score(
