@@ -40,7 +40,7 @@ from . import native
 from .errors import TwigVLMError
 
 KERNEL_MODES = ("auto", "stock")
-PROBE_ROWS = (1, 2, 4, 6, 8, 16, 64)  # row counts the probe measures; others use the nearest below
+PROBE_ROWS = (1, 2, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
 PROBE_BYTES = 64 * 2**20  # per shape, time at most this much weight (all of a shape's weights when smaller)
 WIN = 0.9  # an alternative layout is taken where it needs at most this share of nn.Linear's time
 LAYOUTS = ("linear", "wxt", "gemv")  # F.linear; (W · xᵀ)ᵀ; the native kernel

@@ -4,7 +4,7 @@
  * memory traffic, not arithmetic. Each weight row is read once from memory and used for all the rows of x
  * (which stay in L1/L2), several weight rows at a time so that several streams are in flight. The output range
  * is split evenly over the OpenMP threads (the same libgomp that torch runs on, so no second thread pool).
- * More than 8 rows run as chunks of 8 (the weights are read once per chunk).
+ * More than 8 rows run as chunks of 8 over tiles of 32 weight rows held in cache (the weights are read once).
  *
  * Built at first use by twigvlm/native.py with the machine's C compiler (-O3 -march=native -fopenmp).
  */
@@ -72,6 +72,7 @@ KERNEL(7, 1)
 KERNEL(8, 1)
 
 typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t);
+#define TILE 32
 static const rows_fn BY_ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
 
 /* x [n, in], w [out, in], b [out] or NULL, y [n, out]: all contiguous fp32. Returns 0, or 1 on bad sizes. */
@@ -88,9 +89,14 @@ int twig_gemv(const float *x, const float *w, const float *b, float *y, int64_t 
 #endif
     int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16; /* whole cache lines of y per thread */
     int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;
-    for (int64_t r0 = 0; r0 < n && o0 < o1; r0 += 8) {
-      int64_t m = n - r0 < 8 ? n - r0 : 8;
-      BY_ROWS[m](x + r0 * in, w, b, y + r0 * out, in, out, o0, o1);
+    /* a tile of TILE weight rows stays in L2 while every chunk of 8 x rows passes over it: the weights are
+       read from memory once however many rows x has */
+    for (int64_t t0 = o0; t0 < o1; t0 += TILE) {
+      int64_t t1 = t0 + TILE < o1 ? t0 + TILE : o1;
+      for (int64_t r0 = 0; r0 < n; r0 += 8) {
+        int64_t m = n - r0 < 8 ? n - r0 : 8;
+        BY_ROWS[m](x + r0 * in, w, b, y + r0 * out, in, out, t0, t1);
+      }
     }
   }
   return 0;
