@@ -12,7 +12,7 @@ import torch
 import twigvlm
 from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.cache import LayerKV
-from twigvlm.draft_choice import SHORT_ANSWER, Costs, best_drafter, best_tree_value
+from twigvlm.draft_choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_tree_value
 from twigvlm.generate import TextStream, emit
 from twigvlm.prune import pruned_prefill
 from twigvlm.sampling import pick_tokens
@@ -447,6 +447,37 @@ def test_auto_picks_by_expected_tokens_per_second():
     assert cpu.kind == "chain"
     wrong = best_drafter(_costs(0.03), (0.05, 0.02, 0.01, 0.0), spec)  # a twig that is always wrong
     assert wrong.kind == "chain" and wrong.spec.draft_len == 1  # the least it can draft
+
+
+def test_auto_scales_each_kind_by_how_its_past_choices_measured():
+    spec = SpecConfig(draft="auto", tree_nodes=16, tree_depth=6, tree_topk=4)
+    costs, bushy = _costs(0.0002, level=0.004), (0.7, 0.15, 0.05, 0.03)
+    cal = Calibration()
+    assert cal.factor("tree") == cal.factor("chain") == 1.0
+    first = best_drafter(costs, bushy, spec, {k: cal.factor(k) for k in ("chain", "tree")})
+    assert first.kind == "tree" and first.expected_rate == first.model_rate
+    # its steps took 4 s for 40 tokens where the model expected 40 / rate seconds: the tree ran slower than priced
+    cal.record("tree", 40, 4.0, 40 / 4.0 * 3)
+    assert cal.factor("tree") == pytest.approx((40 / 30 + 1) / (4.0 + 1))
+    cal.record("chain", 0, 1.0, 10.0)  # a generation that emitted nothing teaches nothing
+    assert cal.factor("chain") == 1.0
+    again = best_drafter(costs, bushy, spec, {k: cal.factor(k) for k in ("chain", "tree")})
+    assert again.kind == "chain" and again.expected_rate == again.model_rate  # the chain is still unscaled
+    assert again.model_rate < first.model_rate  # the model alone still prefers the tree
+
+
+def test_auto_records_its_choices_for_calibration(vlms):
+    import twigvlm.draft_choice as dc
+
+    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    args = dict(prompt="describe", image=random_image(2), ignore_eos=True, max_new_tokens=12)
+    out = vlm.generate(**args, speculative=True)
+    cal = dc._record(vlm.engine).calibration
+    kind = out.stats.drafter
+    assert kind in ("chain", "tree") and cal.seconds[kind] == pytest.approx(out.stats.draft_s + out.stats.verify_s)
+    assert cal.expected[kind] > 0 and 0 < cal.factor(kind)
+    vlm.generate(**args, speculative=SpecConfig(draft="chain"))  # an explicit drafter is not auto's: not recorded
+    assert cal.seconds[kind] == pytest.approx(out.stats.draft_s + out.stats.verify_s)
 
 
 def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):

@@ -10,7 +10,12 @@ of a few tokens, and otherwise picks what maximises the expected tokens per seco
   towards a prior), with Sequoia's dynamic program for the best tree of n nodes and depth d;
 - chain (γ ≤ max_draft_len): E = Σ_{i ≤ γ} a_1^i tokens for γ·t_level(1) + t_base(1) + t_verify(γ + 1)
   seconds; tree (N, D, k): E = 1 + the program's value, for t_level(1) + (D − 1)·t_level(k) + t_base(N) +
-  t_verify(N + 1).
+  t_verify(N + 1);
+- each kind's expected rate is then scaled by how its own past choices fared (`Calibration`: the tokens per
+  second auto's earlier chains, or trees, measured against what this model expected of them). The passes are
+  timed without the step's bookkeeping (a tree's masks, top-k and gathers; a chain's early stop at τ), and the
+  program's independent acceptance per level is only an estimate, so the raw model can prefer a tree that
+  measures slower than the chain; the measured ratio corrects that after one generation of each kind.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a v
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
 PRIOR = (0.6, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)  # a_r before any step is seen
 PRIOR_WEIGHT = 8.0  # in node visits
+CALIBRATION_PRIOR_S = 1.0  # seconds of "as expected" a kind's calibration starts from
 
 
 @dataclass
@@ -83,9 +89,30 @@ class Acceptance:
 
 
 @dataclass
+class Calibration:
+    """Per drafter kind, auto's past choices: the seconds their steps took, and the seconds the cost model
+    expected for the tokens they produced (tokens / expected rate)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    expected: dict[str, float] = field(default_factory=dict)
+
+    def factor(self, kind: str) -> float:
+        """Measured over expected tokens per second for `kind`, smoothed towards 1 (1 before any step)."""
+        c = CALIBRATION_PRIOR_S
+        return (self.expected.get(kind, 0.0) + c) / (self.seconds.get(kind, 0.0) + c)
+
+    def record(self, kind: str, tokens: int, seconds: float, expected_rate: float) -> None:
+        if tokens <= 0 or seconds <= 0 or expected_rate <= 0:
+            return
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+        self.expected[kind] = self.expected.get(kind, 0.0) + tokens / expected_rate
+
+
+@dataclass
 class _Record:
     costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype)
     acceptance: Acceptance = field(default_factory=Acceptance)
+    calibration: Calibration = field(default_factory=Calibration)
 
 
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Twig → _Record (dropped with the twig)
@@ -99,7 +126,8 @@ def _record(engine: Engine) -> _Record:
 class DrafterChoice:
     kind: str  # "chain", "tree" or "none"
     spec: SpecConfig  # the settings it runs with (auto: the chosen γ, or N and D, in draft_len or tree_nodes/depth)
-    expected_rate: float | None = None  # tokens per second the cost model expects (auto only)
+    expected_rate: float | None = None  # tokens per second auto expects (the cost model's, calibrated; auto only)
+    model_rate: float | None = None  # the cost model's own expectation, before calibration
 
 
 def choose_drafter(engine: Engine, state: DecodeState, cfg: GenConfig, spec: SpecConfig) -> DrafterChoice:
@@ -114,17 +142,22 @@ def choose_drafter(engine: Engine, state: DecodeState, cfg: GenConfig, spec: Spe
     key = (str(state.cache[0].keys().device), str(state.cache[0].keys().dtype))
     if key not in rec.costs:
         rec.costs[key] = probe_costs(engine, state)
-    return best_drafter(rec.costs[key], rec.acceptance.vector(), spec)
+    scale = {kind: rec.calibration.factor(kind) for kind in ("chain", "tree")}
+    return best_drafter(rec.costs[key], rec.acceptance.vector(), spec, scale)
 
 
-def best_drafter(costs: Costs, a: tuple[float, ...], spec: SpecConfig) -> DrafterChoice:
-    """The chain or tree with the most expected tokens per second under these costs and acceptance vector (never
-    none: auto leaves out drafting only for short answers, so that a twig's acceptance keeps being measured)."""
+def best_drafter(
+    costs: Costs, a: tuple[float, ...], spec: SpecConfig, scale: dict[str, float] | None = None
+) -> DrafterChoice:
+    """The chain or tree with the most expected tokens per second under these costs and acceptance vector, each
+    kind's rate times its `scale` (a `Calibration` factor; 1 where missing). Never none: auto leaves out drafting
+    only for short answers, so that a twig's acceptance keeps being measured."""
+    scale = scale or {}
     options = []
     for g in range(1, spec.max_draft_len + 1):
         e = sum(a[0] ** i for i in range(g + 1))
         rate = e / (g * costs.t_level(1) + costs.t_base(1) + costs.t_verify(g + 1))
-        options.append(DrafterChoice("chain", replace(spec, draft_len=g), rate))
+        options.append(DrafterChoice("chain", replace(spec, draft_len=g), rate * scale.get("chain", 1.0), rate))
     k = spec.tree_topk
     ranks = tuple(a[:k]) + (0.0,) * max(0, k - len(a))
     for d in range(1, spec.tree_depth + 1):
@@ -132,7 +165,8 @@ def best_drafter(costs: Costs, a: tuple[float, ...], spec: SpecConfig) -> Drafte
         for n in range(1, spec.tree_nodes + 1):
             e = 1 + best_tree_value(ranks, n + 1, d)
             rate = e / (draft + costs.t_base(n) + costs.t_verify(n + 1))
-            options.append(DrafterChoice("tree", replace(spec, tree_nodes=n, tree_depth=d), rate))
+            tree_spec = replace(spec, tree_nodes=n, tree_depth=d)
+            options.append(DrafterChoice("tree", tree_spec, rate * scale.get("tree", 1.0), rate))
     return max(options, key=lambda o: o.expected_rate)
 
 
@@ -201,13 +235,22 @@ def _monotone(table: dict[int, float]) -> dict[int, float]:
 
 
 def recording(
-    blocks: Iterator[list[int]], engine: Engine, ranks: Callable[[], list[int | None]]
+    blocks: Iterator[list[int]],
+    engine: Engine,
+    ranks: Callable[[], list[int | None]],
+    choice: DrafterChoice | None = None,
+    stats: SpecStats | None = None,
 ) -> Iterator[list[int]]:
-    """`blocks`, and when the generation ends (or is dropped), the ranks it saw go into the twig's acceptance record."""
+    """`blocks`, and when the generation ends (or is dropped), the ranks it saw go into the twig's acceptance
+    record and, for auto's choices, the tokens and seconds of its steps into the kind's calibration."""
     try:
         yield from blocks
     finally:
-        _record(engine).acceptance.record(ranks())
+        rec = _record(engine)
+        rec.acceptance.record(ranks())
+        if choice is not None and choice.model_rate is not None and stats is not None:
+            seconds = stats.draft_s + stats.verify_s
+            rec.calibration.record(choice.kind, stats.emitted, seconds, choice.model_rate)
 
 
 def chain_ranks(stats: SpecStats) -> list[int | None]:

@@ -250,10 +250,10 @@ def _speculative_blocks(
     if choice.kind == "tree":
         tree = TwigTreeModel(engine, state, cfg, choice.spec.tree_topk, choice.spec.tree_nodes)
         blocks = tree_blocks(tree, first, cfg, choice.spec, generator, stats, stop_ids)
-        return recording(blocks, engine, lambda: tree.ranks)
+        return recording(blocks, engine, lambda: tree.ranks, choice, stats)
     model = TwigSpecModel(engine, state, cfg, generator)
     blocks = speculative_blocks(model, first, cfg, choice.spec, generator, stats, stop_ids)
-    return recording(blocks, engine, lambda: chain_ranks(stats))
+    return recording(blocks, engine, lambda: chain_ranks(stats), choice, stats)
 
 
 class Generation:
