@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import twigvlm
+from twigvlm import native
 from twigvlm.bench.ablations import wipe_layers
 from twigvlm.bench.cli import BenchTwig, variants
 from twigvlm.bench.memory import cpu_memory_supported, measure
@@ -76,6 +77,8 @@ def test_every_method_runs_and_outputs_are_well_formed(model_dirs, bench_twig, t
     ran = {"hf", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd"}
     assert ran <= set(summary) and set(summary) | set(results["unsupported"]) == ran | {"hf-early-exit"}
     assert results["machine"]["torch"] and results["config"]["limit"] == 2
+    kernel = results["machine"]["native kernel"]
+    assert kernel == "built" if native._compiler() else kernel.startswith("unavailable: no C compiler")
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == len(summary) * (3 * 2 + 2)  # 3 built-in tasks × 2 + the file task's 2
     assert all(r["new_tokens"] <= 4 and r["tokens_per_s"] > 0 for r in rows)

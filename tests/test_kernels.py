@@ -24,6 +24,8 @@ def everywhere(shapes, layout: str = "wxt") -> KernelPlan:
 @pytest.fixture
 def native_calls(monkeypatch):
     """Counts the products the native kernel computed (so a test cannot pass on the F.linear fallback)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the native kernel cannot be built (apt-get install gcc)")
     assert native.gemv_library() is not None, f"the native kernel did not build: {native.build_error()}"
     calls = []
     real = native.gemv
@@ -102,7 +104,8 @@ def test_without_a_compiler_the_kernel_is_unavailable_and_the_plan_never_picks_i
     finally:
         native.gemv_library.cache_clear()
     monkeypatch.undo()
-    assert native.gemv_library() is not None  # built again (or found) in the suite's own cache
+    if native._compiler() is not None:
+        assert native.gemv_library() is not None  # built again (or found) in the suite's own cache
 
 
 def test_the_plan_picks_by_row_count():

@@ -126,9 +126,11 @@ def machine() -> dict[str, str]:
     else:
         model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
         info["device"] = f"CPU: {model or platform.processor() or platform.machine()}"
+        from .. import native
         from ..kernels import bf16_pays
 
         info["bf16"] = "native (AVX-512 BF16 / AMX)" if bf16_pays() else "emulated: float32 is faster here"
+        info["native kernel"] = "built" if native.gemv_library() is not None else f"unavailable: {native.build_error()}"
     return info
 
 
