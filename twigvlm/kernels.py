@@ -154,13 +154,18 @@ def stock_kernels(modules: Iterable[nn.Module]) -> Iterator[None]:
             lin.__class__ = FastLinear
 
 
+def cpuinfo_line(*prefixes: str) -> str | None:
+    """The first line of /proc/cpuinfo (Linux) that starts with one of `prefixes`, whole; None where there is none."""
+    try:
+        return next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith(prefixes))
+    except (OSError, StopIteration):
+        return None
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux), empty where they cannot be read."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+    line = cpuinfo_line("flags")
+    return set(line.split(":", 1)[1].split()) if line else set()
 
 
 def bf16_pays(flags: set[str] | None = None) -> bool:
@@ -240,11 +245,7 @@ def cache_dir() -> Path:
 
 def _key(found: list[nn.Linear]) -> str:
     shapes = sorted({(lin.out_features, lin.in_features) for lin in found})
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpuinfo_line("model name") or platform.processor() or platform.machine()
     raw = json.dumps(
         [cpu, torch.__version__, torch.get_num_threads(), str(found[0].weight.dtype), shapes, native.library_key()]
     )

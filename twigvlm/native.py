@@ -49,10 +49,9 @@ def _arch_flags() -> list[str]:
 
 
 def _cpu_id() -> str:
-    try:
-        return next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    from .kernels import cpuinfo_line  # kernels imports this module
+
+    return cpuinfo_line("flags", "Features") or platform.processor() or platform.machine()
 
 
 class _Build:

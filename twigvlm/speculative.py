@@ -56,6 +56,17 @@ class SpecStats:
     accepted_per_step: list[int] = field(default_factory=list)  # drafts accepted by each verification
     drafted_per_step: list[int] = field(default_factory=list)  # chain: drafts each verification saw
 
+    def add_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        """One verification: `drafted` tokens proposed, the first `accepted` of them (or one path) kept, plus the
+        target's own token."""
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.drafted += drafted
+        self.accepted += accepted
+        self.steps += 1
+        self.emitted += accepted + 1
+        self.accepted_per_step.append(accepted)
+
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
@@ -113,13 +124,7 @@ def speculative_blocks(
         logits = model.verify(draft)
         n, nxt = accept(draft, logits, cfg, generator)
         model.commit(n)
-        stats.draft_s += t1 - t0
-        stats.verify_s += time.perf_counter() - t1
-        stats.drafted += len(draft.ids)
-        stats.accepted += n
-        stats.steps += 1
-        stats.emitted += n + 1
-        stats.accepted_per_step.append(n)
+        stats.add_step(len(draft.ids), n, t1 - t0, time.perf_counter() - t1)
         stats.drafted_per_step.append(len(draft.ids))
         if spec.adaptive and draft.ids:
             gamma = min(gamma + 1, spec.max_draft_len) if n == len(draft.ids) else max(1, gamma - 1)

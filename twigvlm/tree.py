@@ -147,13 +147,7 @@ def tree_blocks(
         logits = model.verify(tree)
         path, nxt = accept_tree(tree, logits, cfg, generator)
         model.commit(path)
-        stats.draft_s += t1 - t0
-        stats.verify_s += time.perf_counter() - t1
-        stats.drafted += tree.size
-        stats.accepted += len(path) - 1
-        stats.steps += 1
-        stats.emitted += len(path)
-        stats.accepted_per_step.append(len(path) - 1)
+        stats.add_step(tree.size, len(path) - 1, t1 - t0, time.perf_counter() - t1)
         block = [tree.tokens[i] for i in path[1:]] + [nxt]
         produced += len(block)
         last = nxt

@@ -23,10 +23,10 @@ _FLAG = "TRANSFORMERS_SDPA_FORCE_GQA"
 @contextlib.contextmanager
 def grouped_heads_with_masks(device: torch.device) -> Iterator[None]:
     """Inside the block, masked SDPA calls on `device` (a CPU) use grouped heads instead of copying them."""
-    if device.type != "cpu" or os.environ.get(_FLAG) == "1":
+    before = os.environ.get(_FLAG)
+    if device.type != "cpu" or before == "1":
         yield
         return
-    before = os.environ.get(_FLAG)
     os.environ[_FLAG] = "1"
     try:
         yield

@@ -124,21 +124,15 @@ def machine() -> dict[str, str]:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     else:
-        model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
-        info["device"] = f"CPU: {model or platform.processor() or platform.machine()}"
         from .. import native
-        from ..kernels import bf16_pays
+        from ..kernels import bf16_pays, cpuinfo_line
 
+        line = cpuinfo_line("model name")
+        model = line.split(":", 1)[1].strip() if line else ""
+        info["device"] = f"CPU: {model or platform.processor() or platform.machine()}"
         info["bf16"] = "native (AVX-512 BF16 / AMX)" if bf16_pays() else "emulated: float32 is faster here"
         info["native kernel"] = "built" if native.gemv_library() is not None else f"unavailable: {native.build_error()}"
     return info
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def write_outputs(
