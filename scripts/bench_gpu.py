@@ -39,8 +39,8 @@ import torch
 
 import twigvlm
 from twigvlm import PruneConfig, SpecConfig
-from twigvlm.images import load_image
-from twigvlm.tiny import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer, demo_image
+from twigvlm.inputs.images import load_image
+from twigvlm.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer, demo_image
 
 METHODS = ("hf", "hf-static-compiled", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")
 PHASE_B = ("hf", "ar", "ssd", "twig", "twig+ssd")

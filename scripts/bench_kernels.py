@@ -17,9 +17,9 @@ import time
 import torch
 
 import twigvlm
-from twigvlm import native
 from twigvlm.data.examples import eval_set
-from twigvlm.kernels import apply_kernels
+from twigvlm.runtime import native
+from twigvlm.runtime.kernels import apply_kernels
 
 
 def step_times(vlm: twigvlm.VLM, rows: int, repeats: int) -> dict[str, float]:

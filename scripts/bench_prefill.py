@@ -18,8 +18,8 @@ import torch
 
 import twigvlm
 from twigvlm import PruneConfig
-from twigvlm.images import load_image
-from twigvlm.tiny import TinySpec, build_tiny_llava, demo_image
+from twigvlm.inputs.images import load_image
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava, demo_image
 
 METHODS = ("none", "fastv", "visionzip", "twig")
 

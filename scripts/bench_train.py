@@ -22,9 +22,9 @@ from transformers import TrainerCallback
 
 import twigvlm
 from twigvlm.config import TwigConfig
-from twigvlm.tiny import TinySpec, build_tiny_llava, demo_image
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava, demo_image
 from twigvlm.train import TrainConfig, train_twig
-from twigvlm.twig import grow_twig
+from twigvlm.twig.model import grow_twig
 
 SMOL = TinySpec(
     num_layers=30,

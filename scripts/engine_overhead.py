@@ -16,8 +16,8 @@ import time
 import torch
 
 import twigvlm
-from twigvlm.images import load_image
-from twigvlm.tiny import TinySpec, build_tiny_llava, demo_image
+from twigvlm.inputs.images import load_image
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava, demo_image
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from twigvlm.demo.build import build_twig_data
 from twigvlm.train.config import TrainConfig
 from twigvlm.train.recipe import train_twig
-from twigvlm.twig import CONFIG_NAME
+from twigvlm.twig.model import CONFIG_NAME
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ os.environ["TWIGVLM_KERNELS"] = "stock"
 os.environ["TWIGVLM_CACHE"] = tempfile.mkdtemp(prefix="twigvlm-cache-")
 
 import twigvlm
-from twigvlm.tiny import TinySpec, save_tiny_llava
+from twigvlm.tiny.llava import TinySpec, save_tiny_llava
 
 # Llama backbone with grouped-query attention (4 heads, 2 KV heads) + CLIP tower ("default": CLS dropped),
 # untied head; Qwen2 backbone + SigLIP tower ("full"), tied embeddings.

@@ -15,7 +15,7 @@ from PIL import Image
 import twigvlm
 from twigvlm import TwigVLMError
 from twigvlm.adapters import load_adapter
-from twigvlm.images import load_image
+from twigvlm.inputs.images import load_image
 
 from .conftest import random_image
 

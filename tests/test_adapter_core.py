@@ -13,14 +13,14 @@ from twigvlm import TwigVLMError
 from twigvlm.adapters.base import VLMAdapter, image_index_for
 from twigvlm.adapters.capabilities import ChatTraining, check_reducer, require
 from twigvlm.adapters.decoder import LlamaStyleDecoder
-from twigvlm.adapters.fingerprint import weights_hash
 from twigvlm.adapters.llava import LlavaAdapter
 from twigvlm.config import GenConfig, PruneConfig, TwigConfig
-from twigvlm.picture import picture_layout
+from twigvlm.pruning.picture import picture_layout
+from twigvlm.pruning.visionzip import VisionZip
 from twigvlm.train.data import Collator, pad_token_id
 from twigvlm.train.objective import TwigObjective
-from twigvlm.twig import grow_twig
-from twigvlm.visionzip import VisionZip
+from twigvlm.twig.fingerprint import weights_hash
+from twigvlm.twig.model import grow_twig
 
 from .conftest import random_image
 

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 import twigvlm
-from twigvlm import native
 from twigvlm.bench.ablations import wipe_layers
 from twigvlm.bench.cli import BenchTwig, variants
 from twigvlm.bench.memory import cpu_memory_supported, measure
 from twigvlm.bench.methods import MethodConfig, prune_config
-from twigvlm.bench.tasks import exact_match, from_files, normalize
-from twigvlm.cli import main
+from twigvlm.bench.sample import exact_match, normalize
+from twigvlm.bench.tasks import from_files
+from twigvlm.cli.main import main
 from twigvlm.errors import TwigVLMError
+from twigvlm.runtime import native
 
 from .conftest import random_image
 
@@ -195,8 +196,8 @@ def test_source_ablation_moves_the_attention_not_the_budget(model_dirs, bench_tw
 def test_base_layer_K_plus_T_attention_is_an_untrained_twigs():
     """The source ablation scores with an untrained twig: its last layer's attention is base layer K+T's."""
     from twigvlm.config import PruneConfig
-    from twigvlm.prune import _score, plan_pruning
-    from twigvlm.tiny import TinySpec, build_tiny_llava
+    from twigvlm.pruning.prefill import _score, plan_pruning
+    from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 
     model, processor = build_tiny_llava(TinySpec(num_layers=6, seed=4))
     vlm = twigvlm.VLM.from_model(model, processor)
@@ -338,7 +339,7 @@ def test_bench_checks_every_flag_against_the_model_first(model_dirs, bench_twig,
 
 def test_visual_token_count_from_the_processor_matches_the_encoding(vlms):
     from twigvlm.bench.methods import visual_tokens
-    from twigvlm.bench.tasks import Sample
+    from twigvlm.bench.sample import Sample
 
     for vlm in vlms.values():
         sample = Sample("t", "0", "what is it?", lambda: random_image(3), ["x"])

@@ -286,7 +286,7 @@ def test_bench_on_native_files_prints_the_paper_table(model_dirs, tmp_path, caps
     import json
 
     from twigvlm.bench.benchmarks import pope
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     files = bf.pope(tmp_path / "pope")
     tsv = bf.mmbench(tmp_path)
@@ -309,7 +309,7 @@ def test_bench_on_native_files_prints_the_paper_table(model_dirs, tmp_path, caps
 
 
 def test_bench_native_file_errors_exit_2_and_write_nothing(model_dirs, tmp_path, capsys):
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     files = bf.gqa(tmp_path)
     files["answers"].write_text('{"201": {"question": "q"}}')

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twigvlm.cache import KVCache, LayerKV
+from twigvlm.runtime.cache import KVCache, LayerKV
 
 
 def _entries(start: int, n: int) -> torch.Tensor:

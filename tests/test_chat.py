@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 
 from tests.conftest import random_image
-from twigvlm import GenConfig, PruneConfig, SpecConfig, cli
-from twigvlm.chat import run_chat
+from twigvlm import GenConfig, PruneConfig, SpecConfig
+from twigvlm.cli import main as cli
+from twigvlm.cli.chat import run_chat
 
 
 def scripted(lines: list[str]):

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig
 
-from twigvlm.cli import main
-from twigvlm.prune import default_wipe_layer
-from twigvlm.tiny import TinySpec, save_tiny_llava
+from twigvlm.cli.main import main
+from twigvlm.pruning.prefill import default_wipe_layer
+from twigvlm.tiny.llava import TinySpec, save_tiny_llava
 
 from .conftest import random_image
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twigvlm.cli import main
+from twigvlm.cli.main import main
 from twigvlm.demo import model as demo_model
 
 

@@ -7,7 +7,7 @@ import torch
 
 import twigvlm
 from twigvlm.engine import causal_mask
-from twigvlm.tiny import TinySpec, build_tiny_llava
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 
 from .conftest import hf_greedy, random_image, random_prompt
 

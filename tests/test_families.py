@@ -13,9 +13,9 @@ from PIL import Image
 
 import twigvlm
 from twigvlm import PruneConfig, SpecConfig, TwigVLMError
-from twigvlm.prune import kept_per_layer, pruned_prefill
-from twigvlm.tiny_families import TinyFamilySpec, save_tiny_family
-from twigvlm.video import load_video
+from twigvlm.inputs.video import load_video
+from twigvlm.pruning.prefill import kept_per_layer, pruned_prefill
+from twigvlm.tiny.families import TinyFamilySpec, save_tiny_family
 
 from .conftest import random_prompt
 from .test_qwen import _masked_reference_logits, _with_twig, _write_mp4, picture, pruned_vs_reference, stock_greedy
@@ -162,7 +162,7 @@ def test_a_full_copy_twig_is_always_accepted(family):
 def _copy_twig_loss(vlm: twigvlm.VLM, batch: dict) -> float:
     from twigvlm.config import TwigConfig
     from twigvlm.train.objective import TwigObjective
-    from twigvlm.twig import grow_twig
+    from twigvlm.twig.model import grow_twig
 
     L = vlm.adapter.spec.num_layers
     obj = TwigObjective(vlm.adapter, grow_twig(vlm.adapter, TwigConfig(K=2, T=L - 2, head="copy")))
@@ -342,7 +342,7 @@ def test_visionzip_is_refused_in_one_line(models, name):
 
 @pytest.mark.parametrize("name", ["llava-next", "llava-onevision"])
 def test_kept_token_picture_counts_every_token(models, name, tmp_path):
-    from twigvlm.picture import picture_layout, save_kept_picture
+    from twigvlm.pruning.picture import picture_layout, save_kept_picture
 
     vlm = models[name]
     videos = [clip(1)] if vlm.adapter.takes_video else []
@@ -376,7 +376,7 @@ def test_smolvlm_model_runs_through_the_same_adapter():
     # A tiny SmolVLM model behind an Idefics3 processor (the image prompt strings are identical; SmolVLM's own
     # processor needs num2words): engine ≡ stock generate, unpruned and pruned ≡ the masked full model.
     from twigvlm.adapters import adapter_for
-    from twigvlm.tiny_families import build_tiny_family
+    from twigvlm.tiny.families import build_tiny_family
 
     vlm = twigvlm.VLM(adapter_for(*build_tiny_family(TinyFamilySpec(family="smolvlm", num_layers=4, seed=25))))
     assert vlm.adapter.spec.model_type == "smolvlm/llama"
@@ -399,7 +399,7 @@ def test_idefics3_layout_is_one_panel_per_tile_and_the_global_image(models):
 
 # ---- the command line ---------------------------------------------------------------------------------------
 def test_cli_tiny_video_llava_then_generate_with_video(tmp_path, capsys):
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     model, video, kept = tmp_path / "vl", tmp_path / "clip.mp4", tmp_path / "kept.png"
     assert main(["tiny", "--family", "video-llava", "--out", str(model), "--layers", "4"]) == 0
@@ -418,7 +418,7 @@ def test_cli_tiny_video_llava_then_generate_with_video(tmp_path, capsys):
 def test_cli_train_and_bench(tmp_path, capsys, name):
     # The command-line path on each family: train a twig (on video data for video families), then bench every
     # method against stock generate; lossless methods equal their references; VisionZip runs where it applies.
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     from .conftest import write_llava_data
 
@@ -503,7 +503,7 @@ def test_bench_runs_video_tasks(models, tmp_path):
     ],
 )
 def test_cli_bad_videos_are_one_line(tmp_path, capsys, family, extra, message):
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     model = save_tiny_family(tmp_path / "m", TinyFamilySpec(family=family, num_layers=2))
     (tmp_path / "frames").mkdir()

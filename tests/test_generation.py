@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 import twigvlm
 from twigvlm import GenConfig, TwigVLMError
-from twigvlm.generate import TextStream
-from twigvlm.sampling import filter_logits
-from twigvlm.tiny import TinySpec, build_tiny_llava
+from twigvlm.generation.loop import TextStream
+from twigvlm.runtime.sampling import filter_logits
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 
 from .conftest import random_image, random_prompt
 

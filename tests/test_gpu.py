@@ -11,8 +11,8 @@ import torch
 
 import twigvlm
 from twigvlm import PruneConfig
-from twigvlm.prune import pruned_prefill
-from twigvlm.tiny import TinySpec, build_tiny_llava
+from twigvlm.pruning.prefill import pruned_prefill
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 
 from .conftest import random_image, random_prompt
 from .test_prune import _masked_reference_logits

@@ -14,7 +14,7 @@ from huggingface_hub import constants
 
 import twigvlm
 from twigvlm.errors import TwigVLMError
-from twigvlm.hub import parse_hub_id, resolve_model_dir
+from twigvlm.inputs.hub import parse_hub_id, resolve_model_dir
 
 from .conftest import random_image
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import twigvlm
-from twigvlm import SpecConfig, TwigVLMError, native
-from twigvlm.kernels import FastLinear, KernelPlan, apply_kernels, cached_plan, linears, probe, stock_kernels
+from twigvlm import SpecConfig, TwigVLMError
+from twigvlm.runtime import native
+from twigvlm.runtime.kernels import FastLinear, KernelPlan, apply_kernels, cached_plan, linears, probe, stock_kernels
 
 from .conftest import hf_greedy, random_image, random_prompt
 
@@ -193,7 +194,7 @@ def test_saved_model_and_twig_files_are_unchanged(fast, model_dirs, tmp_path):
 
 def test_bench_runs_hf_on_stock_products_and_hf_kernels_on_fast_ones(fast, monkeypatch):
     from twigvlm.bench import methods
-    from twigvlm.bench.tasks import Sample
+    from twigvlm.bench.sample import Sample
 
     seen = []
     real = fast.adapter.hf_generate
@@ -211,11 +212,11 @@ def test_bench_runs_hf_on_stock_products_and_hf_kernels_on_fast_ones(fast, monke
 
 
 def test_dtype_auto_follows_the_cpu_flags(model_dirs, monkeypatch):
-    from twigvlm import kernels
+    from twigvlm.runtime import machine
 
-    assert kernels.bf16_pays({"avx2", "avx512_bf16"}) and kernels.bf16_pays({"amx_bf16"})
-    assert not kernels.bf16_pays({"avx2", "fma", "avx512f"})
-    monkeypatch.setattr(kernels, "bf16_pays", lambda flags=None: False)
+    assert machine.bf16_pays({"avx2", "avx512_bf16"}) and machine.bf16_pays({"amx_bf16"})
+    assert not machine.bf16_pays({"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(machine, "bf16_pays", lambda flags=None: False)
     assert twigvlm.load(model_dirs["llama-clip"], dtype="auto").adapter.dtype == torch.float32
-    monkeypatch.setattr(kernels, "bf16_pays", lambda flags=None: True)
+    monkeypatch.setattr(machine, "bf16_pays", lambda flags=None: True)
     assert twigvlm.load(model_dirs["llama-clip"], dtype="auto").adapter.dtype == torch.bfloat16

@@ -1,4 +1,9 @@
-"""The import graph points one way: cli → demo → bench / train → api / named → generate → engine → adapters.
+"""The import graph reads straight down the floors of the method, with no circle.
+
+Floors, top first: the front door (the package itself, `python -m twigvlm` and the re-export shims users import)
+→ cli → demo → serve → bench, train → tiny, data → api → generation → speculative, pruning → engine → twig,
+inputs → adapters → runtime; config, flags, errors and version are shared leaves every floor may read. A module
+may import its own floor and those below it, never one above; every module of the package belongs to a floor.
 
 Every import of every module is read with `ast` — module-level or inside a function, absolute or relative, and
 `importlib.import_module` with a literal name — so a lazy import cannot slip through the way it would past a grep.
@@ -15,15 +20,25 @@ import twigvlm
 
 PACKAGE_DIR = Path(twigvlm.__file__).parent
 
-# The layers above the core, top first; a module may import its own layer and those below it, never one above.
-UPPER = {
-    "cli": ("twigvlm.cli", "twigvlm.__main__"),
-    "demo": ("twigvlm.demo",),
-    "serve": ("twigvlm.serve", "twigvlm.chat"),
-    "bench/train": ("twigvlm.bench", "twigvlm.train"),
-    "api": ("twigvlm.api", "twigvlm.named"),
-}
-ORDER = list(UPPER)
+# The floors, top first: (name, module prefixes).
+FLOORS = [
+    ("front door", ("twigvlm", "twigvlm.__main__", "twigvlm.video", "twigvlm.images")),
+    ("cli", ("twigvlm.cli",)),
+    ("demo", ("twigvlm.demo",)),
+    ("serve", ("twigvlm.serve",)),
+    ("bench/train", ("twigvlm.bench", "twigvlm.train")),
+    ("tiny/data", ("twigvlm.tiny", "twigvlm.data")),
+    ("api", ("twigvlm.api",)),
+    ("generation", ("twigvlm.generation",)),
+    ("speculative/pruning", ("twigvlm.speculative", "twigvlm.pruning")),
+    ("engine", ("twigvlm.engine",)),
+    ("twig/inputs", ("twigvlm.twig", "twigvlm.inputs")),
+    ("adapters", ("twigvlm.adapters",)),
+    ("runtime", ("twigvlm.runtime",)),
+    ("shared", ("twigvlm.config", "twigvlm.flags", "twigvlm.errors", "twigvlm.version")),
+]
+ORDER = [name for name, _ in FLOORS]
+MAX_TOP_LEVEL_MODULES = 12
 
 
 def module_name(path: Path) -> str:
@@ -79,21 +94,81 @@ def package_modules() -> dict[str, set[str]]:
     }
 
 
-def layer_of(module: str) -> str:
-    return next((layer for layer, prefixes in UPPER.items() if _under(module, prefixes)), "core")
+def floor_of(module: str) -> str | None:
+    """The floor of a module: the one with the longest matching prefix (None: no floor names it)."""
+    best = max(
+        ((len(p), name) for name, prefixes in FLOORS for p in prefixes if _under(module, (p,))),
+        default=None,
+    )
+    return best[1] if best else None
+
+
+def edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """module → the package modules it runs when imported: `from a import b` reaches a.b where that is a module,
+    else a (a package's __init__ runs its own imports)."""
+    out = {}
+    for module, imported in graph.items():
+        out[module] = {
+            name
+            for name in imported
+            if name in graph
+            and name != module
+            and not any(other in graph and other.startswith(name + ".") for other in imported)
+        }
+    return out
 
 
 def violations(graph: dict[str, set[str]]) -> list[str]:
-    """'a imports b' for every import that points up a layer."""
+    """'a (floor) imports b (floor)' for every import that points up a floor."""
     out = []
-    for module, imported in graph.items():
-        if module == "twigvlm":
-            continue  # the package's front door re-exports the API
-        own = layer_of(module)
-        above = ORDER if own == "core" else ORDER[: ORDER.index(own)]
-        forbidden = tuple(p for layer in above for p in UPPER[layer])
-        out += [f"{module} imports {name}" for name in sorted(imported) if _under(name, forbidden)]
+    for module, targets in edges(graph).items():
+        own = floor_of(module)
+        if own is None or own == "front door":
+            continue
+        for name in sorted(targets):
+            floor = floor_of(name)
+            if floor is None:
+                continue
+            higher = ORDER.index(floor) < ORDER.index(own) and not (own == "shared" and floor == "shared")
+            if higher or (own == "shared" and floor != "shared"):
+                out.append(f"{module} ({own}) imports {name} ({floor})")
     return out
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles (strongly connected components of more than one module), each sorted."""
+    nexts = edges(graph)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in nexts.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(nexts):
+        if v not in index:
+            visit(v)
+    return found
 
 
 # ---- the checker itself ---------------------------------------------------------------------------------------
@@ -110,35 +185,60 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
 )
 def test_the_checker_sees_every_form_of_import(source, found):
     module = "twigvlm.adapters.fake"
-    assert found in imports(source, module)
-    assert violations({module: imports(source, module)}), "a core module importing upward must be reported"
+    imported = imports(source, module)
+    assert found in imported
+    graph = {module: imported, found: set()}
+    assert violations(graph), "an adapter importing upward must be reported"
+
+
+def test_the_checker_finds_circles_through_lazy_imports():
+    graph = {
+        "twigvlm.runtime.a": imports("def f():\n    from .b import g\n", "twigvlm.runtime.a"),
+        "twigvlm.runtime.b": imports("from .a import h\n", "twigvlm.runtime.b"),
+        "twigvlm.runtime.c": imports("from . import a\n", "twigvlm.runtime.c"),
+    }
+    assert circles(graph) == [["twigvlm.runtime.a", "twigvlm.runtime.b"]]
+    assert not violations(graph)  # one floor: only the circle is wrong
 
 
 def test_the_checker_reads_the_real_package():
     graph = package_modules()
-    assert sum(layer_of(m) == "core" for m in graph) >= 15
-    assert {"twigvlm.adapters.llava", "twigvlm.engine", "twigvlm.named", "twigvlm.demo.model"} <= set(graph)
+    assert {"twigvlm.adapters.llava", "twigvlm.engine", "twigvlm.inputs.named", "twigvlm.demo.model"} <= set(graph)
     # The CLI sits above the demo and does import it: the scan finds lazy imports inside functions.
-    assert "twigvlm.demo.run" in graph["twigvlm.cli"]
+    assert "twigvlm.demo.run" in edges(graph)["twigvlm.cli.main"]
+    assert floor_of("twigvlm.speculative.tree_twig") == "speculative/pruning"
+    assert floor_of("twigvlm.twig.fingerprint") == "twig/inputs"
 
 
 # ---- the rules --------------------------------------------------------------------------------------------------
-CORE_MODULES = [
-    *(str(p.relative_to(PACKAGE_DIR)) for p in sorted((PACKAGE_DIR / "adapters").rglob("*.py"))),
-    "engine.py",
-    "speculative.py",
-    "prune.py",
-    "generate.py",
-]
+GRAPH = package_modules()
 
 
-@pytest.mark.parametrize("relative", CORE_MODULES)
-def test_adapters_and_engine_never_import_the_demo_or_the_bench(relative):
-    path = PACKAGE_DIR / relative
-    module = module_name(path)
-    imported = imports(path.read_text(encoding="utf-8"), module, path.name == "__init__.py")
-    assert not [n for n in imported if _under(n, ("twigvlm.demo", "twigvlm.bench"))]
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_every_module_has_a_floor_and_imports_only_down(module):
+    assert floor_of(module) is not None, f"{module} is on no floor: add it to FLOORS"
+    assert violations({module: GRAPH[module], **{m: set() for m in GRAPH if m != module}}) == []
 
 
-def test_every_import_points_down_the_layers():
-    assert violations(package_modules()) == []
+def test_no_import_circle():
+    assert circles(GRAPH) == []
+
+
+def test_the_top_level_keeps_only_what_every_floor_shares():
+    top = sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_nothing_imports_the_front_door():
+    shims = ("twigvlm.video", "twigvlm.images", "twigvlm.__main__")
+    for module, targets in edges(GRAPH).items():
+        if floor_of(module) != "front door":
+            assert not [t for t in targets if t in shims or t == "twigvlm"], module
+
+
+def test_the_import_paths_users_write_still_work():
+    from twigvlm import images, inputs, tiny, twig, video
+    from twigvlm.tiny import llava
+
+    assert video.load_video is inputs.video.load_video and images.load_image is inputs.images.load_image
+    assert tiny.build_tiny_llava is llava.build_tiny_llava and twig.load_twig is twig.model.load_twig

@@ -14,7 +14,7 @@ import pytest
 import tomllib
 from PIL import Image
 
-from twigvlm.cli import main
+from twigvlm.cli.main import main
 from twigvlm.errors import TwigVLMError
 
 from .conftest import COLORS

@@ -10,9 +10,9 @@ import torch
 
 import twigvlm
 from twigvlm import PruneConfig, TwigVLMError
-from twigvlm.prune import default_wipe_layer, kept_per_layer, plan_pruning, pruned_prefill, query_positions
-from twigvlm.tiny import TinySpec, build_tiny_llava
-from twigvlm.visionzip import VisionZip
+from twigvlm.pruning.prefill import default_wipe_layer, kept_per_layer, plan_pruning, pruned_prefill, query_positions
+from twigvlm.pruning.visionzip import VisionZip
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 
 from .conftest import hf_greedy, random_image, random_prompt
 
@@ -249,7 +249,7 @@ def test_visionzip_shortens_the_sequence(model):
 def test_kept_picture_skips_a_leading_cls_token():
     from PIL import Image as PILImage
 
-    from twigvlm.picture import kept_picture
+    from twigvlm.pruning.picture import kept_picture
 
     img = PILImage.new("RGB", (4, 4), (200, 200, 200))
     pic = kept_picture([(img, 2, 2, 1), (img, 2, 2, 1)], kept_indices=[1, 7])  # patch (0,0) of each image

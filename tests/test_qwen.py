@@ -12,8 +12,8 @@ from PIL import Image
 
 import twigvlm
 from twigvlm import PruneConfig, SpecConfig, TwigVLMError
-from twigvlm.prune import kept_per_layer, pruned_prefill
-from twigvlm.tiny_qwen import FAMILIES, TinyQwenSpec, save_tiny_qwen
+from twigvlm.pruning.prefill import kept_per_layer, pruned_prefill
+from twigvlm.tiny.qwen import FAMILIES, TinyQwenSpec, save_tiny_qwen
 
 from .conftest import random_prompt
 
@@ -262,7 +262,7 @@ def test_exact_copy_twig_reproduces_the_stock_loss(qwen, tmp_path):
     from twigvlm.train.config import DataConfig
     from twigvlm.train.data import Collator, LlavaDataset, pad_token_id
     from twigvlm.train.objective import TwigObjective
-    from twigvlm.twig import grow_twig
+    from twigvlm.twig.model import grow_twig
 
     from .conftest import write_llava_data
 
@@ -286,7 +286,7 @@ def test_exact_copy_twig_reproduces_the_stock_loss(qwen, tmp_path):
 # ---- video --------------------------------------------------------------------------------------------------
 def clip(seed: int, n: int = 5):
     """n random frames at 2 frames per second (an odd count: the last frame pads the final temporal patch)."""
-    from twigvlm.video import load_video
+    from twigvlm.inputs.video import load_video
 
     frames = [picture(seed * 10 + i) for i in range(n)]
     return load_video(frames, fps=2.0)
@@ -363,7 +363,7 @@ def _write_mp4(path, n: int = 8) -> None:
 
 
 def test_cli_tiny_family_then_generate_with_video(tmp_path, capsys):
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     model, video, kept = tmp_path / "qwen3", tmp_path / "clip.mp4", tmp_path / "kept.png"
     assert main(["tiny", "--family", "qwen3-vl", "--out", str(model), "--layers", "4"]) == 0
@@ -403,7 +403,7 @@ def test_cli_tiny_family_then_generate_with_video(tmp_path, capsys):
     ],
 )
 def test_cli_bad_video_and_image_inputs_are_one_line(tmp_path, capsys, extra, message):
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     model = save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2-vl", num_layers=2))
     (tmp_path / "bad.mp4").write_text("not a video")
@@ -421,7 +421,7 @@ def test_cli_grow_train_and_bench_on_qwen(qwens, tmp_path, capsys):
     # method against stock generate; the lossless methods are reported identical to their references.
     import json
 
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     from .conftest import write_llava_data
 
@@ -482,7 +482,7 @@ def test_training_reads_video_records_and_matches_the_stock_loss(qwen, tmp_path)
     from twigvlm.train.config import DataConfig
     from twigvlm.train.data import Collator, LlavaDataset, pad_token_id
     from twigvlm.train.objective import TwigObjective
-    from twigvlm.twig import grow_twig
+    from twigvlm.twig.model import grow_twig
 
     path = _video_data(tmp_path)
     ds = LlavaDataset(path, qwen.adapter, DataConfig(data=path, video_fps=None))
@@ -525,7 +525,7 @@ def test_bad_video_records_are_one_line(tmp_path, change, message):
 
 
 def test_cli_video_to_an_image_only_model_exits_2(model_dirs, tmp_path, capsys):
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     (tmp_path / "frames").mkdir()
     picture(1).save(tmp_path / "frames" / "1.png")

@@ -15,8 +15,8 @@ import twigvlm
 from twigvlm.config import GenConfig, PruneConfig, SpecConfig
 from twigvlm.engine import Engine
 from twigvlm.errors import TwigVLMError
-from twigvlm.generate import Generation, TextStream
-from twigvlm.prune import pruned_prefill, query_positions
+from twigvlm.generation.loop import Generation, TextStream
+from twigvlm.pruning.prefill import pruned_prefill, query_positions
 
 from .conftest import random_image, random_prompt
 

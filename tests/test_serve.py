@@ -21,7 +21,7 @@ from tests.serve_support import (
     server,  # noqa: F401 (the session fixture)
     user,
 )
-from twigvlm import cli
+from twigvlm.cli import main as cli
 
 PROMPT = "hi"
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import random_image
 from tests.serve_support import data_url, png_bytes, user
-from twigvlm import cli
+from twigvlm.cli import main as cli
 from twigvlm.config import SpecConfig
 from twigvlm.serve.config import ServeConfig
 from twigvlm.serve.errors import APIError

@@ -10,10 +10,10 @@ import torch
 
 import twigvlm
 from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
-from twigvlm.generate import TextStream, emit
-from twigvlm.prune import pruned_prefill
-from twigvlm.sampling import make_generator, pick_tokens
-from twigvlm.speculative import Draft, SpecStats, TwigSpecModel, accept, speculative_blocks
+from twigvlm.generation.loop import TextStream, emit
+from twigvlm.pruning.prefill import pruned_prefill
+from twigvlm.runtime.sampling import make_generator, pick_tokens
+from twigvlm.speculative.chain import Draft, SpecStats, TwigSpecModel, accept, speculative_blocks
 
 from .conftest import random_image, random_prompt
 
@@ -227,7 +227,7 @@ def assert_stub_sampling_is_lossless(p, vocab: int, runs: int, make_stub, blocks
 def test_accept_keeps_drafts_from_the_target_itself():
     logits = torch.randn(4, 6)
     cfg = GenConfig(temperature=0.8, max_new_tokens=5)
-    from twigvlm.sampling import probs_from_logits
+    from twigvlm.runtime.sampling import probs_from_logits
 
     q = probs_from_logits(logits[:3], cfg)
     n, _ = accept(Draft([int(q[i].argmax()) for i in range(3)], q), logits, cfg, torch.Generator().manual_seed(0))
@@ -349,8 +349,8 @@ def test_sampling_speculation_matches_ar_in_distribution(vlms, draft_vocab):
 def assert_sampling_is_lossless(vlm, enc, runs: int = 400, spec: SpecConfig | None = None) -> None:
     """Speculative samples of 3 tokens (top-k 2, temperature 1) follow the exact AR distribution (χ², 10⁻³);
     spec: the drafting settings (default: a chain, γ = 2)."""
-    from twigvlm.generate import Generation
-    from twigvlm.sampling import probs_from_logits
+    from twigvlm.generation.loop import Generation
+    from twigvlm.runtime.sampling import probs_from_logits
 
     cfg = GenConfig(max_new_tokens=3, temperature=1.0, top_k=2, ignore_eos=True)
     engine = vlm.engine
@@ -422,7 +422,7 @@ def test_twig_lag_survives_a_step_without_drafts(vlms):
     # γ=2 with 5 tokens: the last step has no draft budget while the twig still lags one token behind.
     vlm = _with_twig(vlms["llama-clip"], 2, vlms["llama-clip"].adapter.spec.num_layers - 2)
     enc = vlm.encode("describe", [random_image(5)])
-    from twigvlm.generate import Generation
+    from twigvlm.generation.loop import Generation
 
     gen = Generation(vlm.engine, enc, GenConfig(max_new_tokens=5, ignore_eos=True), spec=SpecConfig(2, threshold=0))
     list(gen)

@@ -15,13 +15,13 @@ import torch
 from transformers import TrainerCallback
 
 import twigvlm
-from twigvlm.cli import main
+from twigvlm.cli.main import main
 from twigvlm.config import TwigConfig
 from twigvlm.train.config import DataConfig, TrainConfig
 from twigvlm.train.data import Collator, LlavaDataset, pad_token_id
 from twigvlm.train.objective import EVAL_FIELDS, TwigObjective
 from twigvlm.train.recipe import train_twig
-from twigvlm.twig import grow_twig, load_twig
+from twigvlm.twig.model import grow_twig, load_twig
 
 SUM_TOL = 1e-4  # fp32 sums over a few dozen tokens
 

@@ -11,14 +11,14 @@ import torch
 
 import twigvlm
 from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
-from twigvlm.cache import LayerKV
-from twigvlm.draft_choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_tree_value
-from twigvlm.generate import TextStream, emit
-from twigvlm.prune import pruned_prefill
-from twigvlm.sampling import pick_tokens
-from twigvlm.speculative import SpecStats
-from twigvlm.tree import TreeDraft, accept_tree, tree_blocks
-from twigvlm.tree_twig import TwigTreeModel
+from twigvlm.generation.loop import TextStream, emit
+from twigvlm.pruning.prefill import pruned_prefill
+from twigvlm.runtime.cache import LayerKV
+from twigvlm.runtime.sampling import pick_tokens
+from twigvlm.speculative.chain import SpecStats
+from twigvlm.speculative.choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_tree_value
+from twigvlm.speculative.tree import TreeDraft, accept_tree, tree_blocks
+from twigvlm.speculative.tree_twig import TwigTreeModel
 
 from .conftest import random_image, random_prompt
 from .test_draft_side import _assert_same, _fresh, middle_twig
@@ -367,7 +367,7 @@ def test_tree_sampling_matches_ar_in_distribution(vlms):
 
 def test_qwen_vl_tree_speculation_equals_ar(tmp_path):
     # M-RoPE: tree positions are prefix + depth on all three axes (prune keeps 3-D positions in the prompt).
-    from twigvlm.tiny_qwen import TinyQwenSpec, save_tiny_qwen
+    from twigvlm.tiny.qwen import TinyQwenSpec, save_tiny_qwen
 
     from .test_qwen import picture
 
@@ -397,7 +397,7 @@ def test_bad_tree_settings_are_one_line():
 
 @pytest.fixture(scope="module")
 def cli_twig(model_dirs, tmp_path_factory) -> str:
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     twig = tmp_path_factory.mktemp("tree-twig") / "twig"
     assert main(["grow", "--model", model_dirs["llama-clip"], "--K", "2", "--T", "2", "--out", str(twig)]) == 0
@@ -405,7 +405,7 @@ def cli_twig(model_dirs, tmp_path_factory) -> str:
 
 
 def test_cli_tree_flags(capsys, model_dirs, cli_twig):
-    from twigvlm.cli import main
+    from twigvlm.cli.main import main
 
     twig = cli_twig
     gen = ["generate", "--model", model_dirs["llama-clip"], "--twig", str(twig), "--prompt", "hi", "--speculative"]
@@ -467,7 +467,7 @@ def test_auto_scales_each_kind_by_how_its_past_choices_measured():
 
 
 def test_auto_records_its_choices_for_calibration(vlms):
-    import twigvlm.draft_choice as dc
+    import twigvlm.speculative.choice as dc
 
     vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
     args = dict(prompt="describe", image=random_image(2), ignore_eos=True, max_new_tokens=12)
@@ -481,7 +481,7 @@ def test_auto_records_its_choices_for_calibration(vlms):
 
 
 def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
-    import twigvlm.draft_choice as dc
+    import twigvlm.speculative.choice as dc
 
     vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
     calls = []

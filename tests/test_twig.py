@@ -10,7 +10,7 @@ import torch
 
 import twigvlm
 from twigvlm import TwigConfig, TwigVLMError
-from twigvlm.tiny import TinySpec, build_tiny_llava, save_tiny_llava
+from twigvlm.tiny.llava import TinySpec, build_tiny_llava, save_tiny_llava
 
 from .conftest import random_image, random_prompt
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import twigvlm.video
+import twigvlm.inputs.video
 from twigvlm.errors import TwigVLMError
-from twigvlm.video import Video, load_video, video_strip
+from twigvlm.inputs.video import Video, load_video, video_strip
 
 N, RATE, SIZE = 30, 10, 32
 
@@ -50,7 +50,7 @@ def write_video(path: Path, n: int, codec: str = "mpeg4", rate: int = RATE, fmt:
 @pytest.fixture(params=[math.inf, 0.0], ids=["decode-through", "seek"])
 def seek_gap(request, monkeypatch) -> float:
     """Reach chosen frames by decoding the way there, or by seeking to the keyframe before each (every ~12 frames)."""
-    monkeypatch.setattr(twigvlm.video, "SEEK_GAP_S", request.param)
+    monkeypatch.setattr(twigvlm.inputs.video, "SEEK_GAP_S", request.param)
     return request.param
 
 

@@ -6,9 +6,8 @@ Public API: `load`, `VLM`, `TwigConfig`, `GenConfig`, `GenerationResult`, `TwigV
 from .api import VLM, load
 from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
-from .generate import GenerationResult, GenerationStats
-
-__version__ = "0.1.0"
+from .generation.loop import GenerationResult, GenerationStats
+from .version import __version__
 
 __all__ = [
     "GenConfig",

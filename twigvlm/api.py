@@ -20,13 +20,13 @@ from .adapters.base import Encoded, Prompt
 from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_request
 from .engine import Engine
 from .errors import TwigVLMError
-from .generate import Generation, GenerationResult
-from .images import ImageInput, load_images
-from .kernels import KernelPlan, apply_kernels, resolve_mode
-from .named import load_model, twig_directory
-from .twig import Twig, grow_twig, load_twig, save_twig
-from .video import VideoInput, load_videos
-from .visionzip import VisionZip
+from .generation.loop import Generation, GenerationResult
+from .inputs.images import ImageInput, load_images
+from .inputs.named import load_model, twig_directory
+from .inputs.video import VideoInput, load_videos
+from .pruning.visionzip import VisionZip
+from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
+from .twig.model import Twig, grow_twig, load_twig, save_twig
 
 _GEN_FIELDS = {f.name for f in fields(GenConfig)}
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .adapters.base import Encoded, VLMAdapter
-from .adapters.sdpa import grouped_heads_with_masks
-from .cache import KVCache, LayerKV
-from .twig import Twig
+from .runtime.cache import KVCache, LayerKV
+from .runtime.sdpa import grouped_heads_with_masks
+from .twig.model import Twig
 
 
 def causal_mask(q: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor | None:

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..cache import LayerKV
 from ..errors import TwigVLMError
+from ..runtime.cache import LayerKV
 
 # A prompt is either plain user text or a list of chat messages in the Hugging Face chat format
 # ({"role": ..., "content": str | [{"type": "image"} | {"type": "text", "text": ...}]}).

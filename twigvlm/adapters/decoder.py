@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import LayerKV
 from ..errors import TwigVLMError
+from ..runtime.cache import LayerKV
 
 RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 

@@ -10,9 +10,9 @@ from typing import NamedTuple
 from ..config import DEFAULT_KEEP_RATIO, DRAFTERS, QUERY_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
 from ..flags import add_runtime_args
-from ..kernels import resolve_mode
-from ..paths import output_dir
-from ..prune import resolve_wipe_layer
+from ..inputs.paths import output_dir
+from ..pruning.prefill import resolve_wipe_layer
+from ..runtime.kernels import resolve_mode
 from .ablations import ABLATIONS, UNTRAINED, AblationContext, ablation_help
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig, method_configs
@@ -126,8 +126,8 @@ class BenchTwig(NamedTuple):
 def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
     """The twigs a run uses, by label ("K=2 T=3 next"); several only with --ablation twig. Checked before any
     model loads."""
-    from ..named import twig_directory
-    from ..twig import read_twig_config
+    from ..inputs.named import twig_directory
+    from ..twig.model import read_twig_config
 
     if args.twig is None:
         if args.ablation in ABLATIONS and ABLATIONS[args.ablation].needs_twig:
@@ -192,7 +192,7 @@ def variants(
 def cmd_bench(args: argparse.Namespace) -> None:
     from ..api import VLM
     from ..config import TwigConfig
-    from ..twig import grow_twig
+    from ..twig.model import grow_twig
     from .harness import check_variants, run_bench, summarize
     from .report import markdown, paper_table, write_outputs
     from .tasks import parse_task_spec

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..api import VLM
 from ..errors import TwigVLMError
-from ..twig import Twig
+from ..twig.model import Twig
 from .memory import measure
 from .methods import SAME_AS, MethodConfig, Run, check_method, run_method, visual_tokens
 from .tasks import Sample

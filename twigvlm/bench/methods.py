@@ -13,11 +13,11 @@ from ..adapters.capabilities import HFBaseline, require
 from ..api import VLM
 from ..config import DEFAULT_KEEP_RATIO, GenConfig, PruneConfig, SpecConfig, check_request
 from ..errors import TwigVLMError
-from ..kernels import stock_kernels
-from ..picture import picture_layout
-from ..prune import plan_for
-from ..twig import Twig
-from ..visionzip import VisionZip
+from ..pruning.picture import picture_layout
+from ..pruning.prefill import plan_for
+from ..pruning.visionzip import VisionZip
+from ..runtime.kernels import stock_kernels
+from ..twig.model import Twig
 from .tasks import Sample
 
 METHODS = ("hf", "hf+kernels", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")

@@ -112,7 +112,7 @@ def machine() -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     info = {
         "python": platform.python_version(),
@@ -124,8 +124,8 @@ def machine() -> dict[str, str]:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     else:
-        from .. import native
-        from ..kernels import bf16_pays, cpuinfo_line
+        from ..runtime import native
+        from ..runtime.machine import bf16_pays, cpuinfo_line
 
         line = cpuinfo_line("model name")
         model = line.split(":", 1)[1].strip() if line else ""

@@ -24,7 +24,7 @@ from ..config import LAYER_INITS
 from ..data.examples import eval_set, training_stream, write_llava
 from ..train.config import TrainConfig
 from ..train.recipe import train_twig
-from ..twig import CONFIG_NAME
+from ..twig.model import CONFIG_NAME
 from . import train_vision
 from .model import ASSETS, TWIG_DIR, VISION_WEIGHTS
 from .vision.loop import default_workers

@@ -16,7 +16,7 @@ import torch
 
 from ..data.examples import IMAGE_SIZE
 from ..errors import TwigVLMError
-from ..named import NamedModel
+from ..inputs.named import NamedModel
 from .decoder import load_decoder
 from .lora import merge_lora
 

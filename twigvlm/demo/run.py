@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..api import VLM
 from ..config import PruneConfig, SpecConfig
-from ..picture import save_kept_picture
+from ..pruning.picture import save_kept_picture
 
 
 @dataclass

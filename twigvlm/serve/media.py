@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import TwigVLMError
-from ..images import load_image
+from ..inputs.images import load_image
 from .errors import bad_request
 
 

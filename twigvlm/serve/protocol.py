@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..config import PRUNE_METHODS, GenConfig, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
-from ..generate import GenerationResult
+from ..generation.loop import GenerationResult
 from .config import ServeConfig
 from .errors import APIError, bad_request
 

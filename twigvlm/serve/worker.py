@@ -22,8 +22,8 @@ import torch
 
 from ..api import VLM
 from ..errors import TwigVLMError
-from ..generate import Generation, GenerationResult
-from ..picture import picture_layout
+from ..generation.loop import Generation, GenerationResult
+from ..pruning.picture import picture_layout
 from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import ChatRequest

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from ..adapters.base import VLMAdapter
 from ..adapters.capabilities import ChatTraining, concat_vision, require
 from ..errors import TwigVLMError
-from ..images import load_images
-from ..video import Video, load_video
+from ..inputs.images import load_images
+from ..inputs.video import Video, load_video
 from .config import DataConfig
 
 IGNORE_INDEX = -100

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..api import VLM
 from ..config import GenConfig, SpecConfig
 from ..errors import TwigVLMError
-from ..paths import output_file
+from ..inputs.paths import output_file
 from .config import DistillDataConfig
 from .data import (
     IMAGE_PLACEHOLDER,

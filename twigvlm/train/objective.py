@@ -19,7 +19,7 @@ from torch import nn
 from ..adapters.base import Encoded, VLMAdapter
 from ..adapters.capabilities import ChatTraining, require
 from ..engine import Engine
-from ..twig import Twig
+from ..twig.model import Twig
 from .data import IGNORE_INDEX
 
 # Sums that `eval_sums` returns per example, in this order.

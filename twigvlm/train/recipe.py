@@ -27,9 +27,9 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 from ..adapters import VLMAdapter, parse_dtype
 from ..config import TwigConfig
 from ..errors import TwigVLMError
-from ..named import load_model, twig_directory
-from ..paths import output_dir
-from ..twig import CONFIG_NAME, WEIGHTS_NAME, grow_twig, load_twig, load_twig_weights, save_twig
+from ..inputs.named import load_model, twig_directory
+from ..inputs.paths import output_dir
+from ..twig.model import CONFIG_NAME, WEIGHTS_NAME, grow_twig, load_twig, load_twig_weights, save_twig
 from .config import TrainConfig
 from .data import Collator, LlavaDataset, pad_token_id
 from .objective import EVAL_FIELDS, TwigObjective, eval_metrics

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import TwigVLMError
-from ..tasks import Sample
+from ..sample import Sample
 from . import gqa, mmbench, mme, pope, scienceqa, vqa
 from .common import Benchmark, TaskFiles
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import TwigVLMError
-from ...images import load_image
-from ..tasks import Sample
+from ...inputs.images import load_image
+from ..sample import Sample
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's prompt for short answers
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."  # and for choices

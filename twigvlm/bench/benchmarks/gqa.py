@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..tasks import Sample
+from ..sample import Sample
 from .common import (
     SHORT_ANSWER,
     Benchmark,

@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from ...errors import TwigVLMError
-from ..tasks import Sample
+from ..sample import Sample
 from .common import LETTER_ANSWER, Benchmark, TaskFiles, by_key, fail, mean
 from .normalize import choice_letter
 

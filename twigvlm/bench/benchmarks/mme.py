@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import TwigVLMError
-from ..tasks import Sample
+from ..sample import Sample
 from .common import SHORT_ANSWER, Benchmark, TaskFiles, by_key, check_folder, fail, image_loader, llava_questions
 from .normalize import mme_yes_no
 

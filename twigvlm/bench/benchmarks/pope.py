@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import TwigVLMError
-from ..tasks import Sample
+from ..sample import Sample
 from .common import (
     Benchmark,
     TaskFiles,

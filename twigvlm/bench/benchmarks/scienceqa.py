@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..tasks import Sample
+from ..sample import Sample
 from .common import (
     LETTER_ANSWER,
     Benchmark,

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..tasks import Sample
+from ..sample import Sample
 from .common import (
     SHORT_ANSWER,
     Benchmark,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import TwigVLMError
-from .twig import CONFIG_NAME, WEIGHTS_NAME
+from ..errors import TwigVLMError
+from ..twig.model import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _first_existing(path: Path) -> Path | None:

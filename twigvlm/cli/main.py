@@ -15,10 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
-from . import chat as chat_cli
-from .bench import cli as bench_cli
-from .config import (
+from ..bench import cli as bench_cli
+from ..config import (
     DEFAULT_KEEP_RATIO,
     LAYER_INITS,
     PRUNE_METHODS,
@@ -29,13 +27,15 @@ from .config import (
     TwigConfig,
     check_request,
 )
-from .errors import TwigVLMError
-from .flags import add_runtime_args, positive_int
-from .paths import output_dir, output_file, twig_output_dir
-from .serve import cli as serve_cli
-from .tiny_families import FAMILIES as TINY_FAMILIES
-from .tiny_qwen import FAMILIES as TINY_QWEN
-from .train import cli as train_cli
+from ..errors import TwigVLMError
+from ..flags import add_runtime_args, positive_int
+from ..inputs.paths import output_dir, output_file, twig_output_dir
+from ..serve import cli as serve_cli
+from ..tiny.families import FAMILIES as TINY_FAMILIES
+from ..tiny.qwen import FAMILIES as TINY_QWEN
+from ..train import cli as train_cli
+from ..version import __version__
+from . import chat as chat_cli
 
 EXIT_USAGE = 2
 
@@ -185,7 +185,7 @@ def add_video_args(p: argparse.ArgumentParser) -> None:
 
 def load_video_args(args: argparse.Namespace) -> list:
     """The --video inputs, decoded and sampled (before the slow model load)."""
-    from .video import load_video
+    from ..inputs.video import load_video
 
     if (args.fps is not None or args.max_frames is not None) and not args.video:
         raise TwigVLMError("--fps and --max-frames sample a --video: give one")
@@ -221,7 +221,7 @@ def _gen_config(args: argparse.Namespace) -> GenConfig:
 
 
 def cmd_grow(args: argparse.Namespace) -> None:
-    from .api import VLM
+    from ..api import VLM
 
     config = TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init, wipe_layer=args.wipe_layer)
     config.validate()  # before the slow model load
@@ -259,9 +259,9 @@ def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .api import VLM
-    from .images import load_images
-    from .picture import picture_layout, save_kept_picture
+    from ..api import VLM
+    from ..inputs.images import load_images
+    from ..pruning.picture import picture_layout, save_kept_picture
 
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
@@ -315,10 +315,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:
-    from .tiny import TinySpec, save_tiny_llava
+    from ..tiny.llava import TinySpec, save_tiny_llava
 
     if args.family in TINY_FAMILIES:
-        from .tiny_families import TinyFamilySpec, save_tiny_family
+        from ..tiny.families import TinyFamilySpec, save_tiny_family
 
         spec = TinyFamilySpec(family=args.family, num_layers=args.layers, seed=args.seed)
         print(
@@ -326,7 +326,7 @@ def cmd_tiny(args: argparse.Namespace) -> None:
         )
         return
     if args.family != "llava":
-        from .tiny_qwen import TinyQwenSpec, save_tiny_qwen
+        from ..tiny.qwen import TinyQwenSpec, save_tiny_qwen
 
         out = save_tiny_qwen(
             output_dir(args.out), TinyQwenSpec(family=args.family, num_layers=args.layers, seed=args.seed)
@@ -340,14 +340,14 @@ def cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .api import VLM
-    from .demo.model import twig_ready, vision_ready
-    from .demo.run import main_job
+    from ..api import VLM
+    from ..demo.model import twig_ready, vision_ready
+    from ..demo.run import main_job
 
     t0 = time.perf_counter()
     out = output_dir(args.out)
     if vision_ready() and twig_ready():
-        from .data.examples import eval_set
+        from ..data.examples import eval_set
 
         print("loading the demo VLM (SmolLM2-135M-Instruct decoder + our vision tower + trained twig)", flush=True)
         vlm = VLM.load("demo", twig="demo")
@@ -366,10 +366,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _tiny_demo(out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .api import VLM
-    from .demo.run import main_job
-    from .images import load_image
-    from .tiny import TinySpec, demo_image, save_tiny_llava
+    from ..api import VLM
+    from ..demo.run import main_job
+    from ..inputs.images import load_image
+    from ..tiny.llava import TinySpec, demo_image, save_tiny_llava
 
     print(
         "note: the embedded demo model's trained weights are not in this installation yet, so this runs the main "

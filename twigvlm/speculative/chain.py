@@ -19,10 +19,10 @@ from typing import Protocol
 
 import torch
 
-from .config import GenConfig, SpecConfig
-from .engine import DecodeState, Engine
-from .errors import require_batch_one
-from .sampling import probs_from_logits
+from ..config import GenConfig, SpecConfig
+from ..engine import DecodeState, Engine
+from ..errors import require_batch_one
+from ..runtime.sampling import probs_from_logits
 
 
 @dataclass

@@ -30,14 +30,14 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import TwigVLMError
 from . import native
-from .errors import TwigVLMError
+from .machine import cache_dir, cpuinfo_line
 
 KERNEL_MODES = ("auto", "stock")
 PROBE_ROWS = (1, 2, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
@@ -154,33 +154,6 @@ def stock_kernels(modules: Iterable[nn.Module]) -> Iterator[None]:
             lin.__class__ = FastLinear
 
 
-def cpuinfo_line(*prefixes: str) -> str | None:
-    """The first line of /proc/cpuinfo (Linux) that starts with one of `prefixes`, whole; None where there is none."""
-    try:
-        return next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith(prefixes))
-    except (OSError, StopIteration):
-        return None
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux), empty where they cannot be read."""
-    line = cpuinfo_line("flags")
-    return set(line.split(":", 1)[1].split()) if line else set()
-
-
-def bf16_pays(flags: set[str] | None = None) -> bool:
-    """bf16 matrix products run natively (AVX-512 BF16 or AMX); with AVX2 alone they are emulated and slower."""
-    flags = cpu_flags() if flags is None else flags
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def auto_dtype(device: str) -> str:
-    """--dtype auto: bfloat16 on a GPU and on CPUs with native bf16, float32 elsewhere."""
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if device == "cpu" and bf16_pays() else "float32"
-
-
 # ---- the probe ------------------------------------------------------------------------------------------------
 def _best_ms(fn: Callable[[], None], repeats: int) -> float:
     """The fastest of `repeats` timed calls after one warm-up (noise on a shared machine only adds time)."""
@@ -237,10 +210,6 @@ def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int
             table[n] = best if alt and alt[best] <= WIN * stock else "linear"
         layouts[shape] = table
     return KernelPlan(layouts, probe_s=time.perf_counter() - t0)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TWIGVLM_CACHE", Path.home() / ".cache" / "twigvlm"))
 
 
 def _key(found: list[nn.Linear]) -> str:

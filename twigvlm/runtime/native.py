@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from .machine import cache_dir, cpuinfo_line
+
 SOURCE = "csrc/gemv.c"
 
 
 def _source() -> bytes:
-    return (resources.files("twigvlm") / SOURCE).read_bytes()
+    return (resources.files("twigvlm.runtime") / SOURCE).read_bytes()
 
 
 def _compiler() -> str | None:
@@ -49,8 +51,6 @@ def _arch_flags() -> list[str]:
 
 
 def _cpu_id() -> str:
-    from .kernels import cpuinfo_line  # kernels imports this module
-
     return cpuinfo_line("flags", "Features") or platform.processor() or platform.machine()
 
 
@@ -74,8 +74,6 @@ def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> str | None:
 @functools.lru_cache(maxsize=1)
 def gemv_library() -> ctypes.CDLL | None:
     """The loaded kernel library (compiled now if not in the cache), or None where it cannot be built."""
-    from .kernels import cache_dir  # the same cache as the kernel plans
-
     _Build.error = None
     cc = _compiler()
     if cc is None:

@@ -15,16 +15,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .adapters.base import Encoded
-from .config import GenConfig, PruneConfig, SpecConfig, check_request
-from .draft_choice import chain_ranks, choose_drafter, recording
-from .engine import DecodeState, Engine
-from .errors import TwigVLMError, require_batch_one
-from .prune import PruneStats, pruned_prefill
-from .sampling import make_generator, pick_tokens
-from .speculative import SpecStats, TwigSpecModel, speculative_blocks
-from .tree import tree_blocks
-from .tree_twig import TwigTreeModel
+from ..adapters.base import Encoded
+from ..config import GenConfig, PruneConfig, SpecConfig, check_request
+from ..engine import DecodeState, Engine
+from ..errors import TwigVLMError, require_batch_one
+from ..pruning.prefill import PruneStats, pruned_prefill
+from ..runtime.sampling import make_generator, pick_tokens
+from ..speculative.chain import SpecStats, TwigSpecModel, speculative_blocks
+from ..speculative.choice import chain_ranks, choose_drafter, recording
+from ..speculative.tree import tree_blocks
+from ..speculative.tree_twig import TwigTreeModel
 
 
 @dataclass

@@ -25,9 +25,9 @@ from typing import Protocol
 
 import torch
 
-from .config import GenConfig, SpecConfig
-from .sampling import probs_from_logits
-from .speculative import SpecStats
+from ..config import GenConfig, SpecConfig
+from ..runtime.sampling import probs_from_logits
+from .chain import SpecStats
 
 
 @dataclass

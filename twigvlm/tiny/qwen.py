@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters.qwen_processor import without_video
-from .tiny import build_tokenizer
+from ..adapters.qwen_processor import without_video
+from .llava import build_tokenizer
 
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 

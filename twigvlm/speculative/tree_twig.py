@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GenConfig
-from .engine import DecodeState, Engine
-from .errors import require_batch_one
-from .sampling import probs_from_logits
+from ..config import GenConfig
+from ..engine import DecodeState, Engine
+from ..errors import require_batch_one
+from ..runtime.sampling import probs_from_logits
 from .tree import TreeDraft
 
 

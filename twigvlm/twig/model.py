@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.base import VLMAdapter
-from .adapters.fingerprint import weights_hash, weights_sample
-from .config import HEAD_MODES, LAYER_INITS, TwigConfig
-from .errors import TwigVLMError
+from ..adapters.base import VLMAdapter
+from ..config import HEAD_MODES, LAYER_INITS, TwigConfig
+from ..errors import TwigVLMError
+from .fingerprint import weights_hash, weights_sample
 
 WEIGHTS_NAME = "twig.safetensors"
 CONFIG_NAME = "twig.json"

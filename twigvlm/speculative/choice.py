@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import GenConfig, SpecConfig
-from .engine import DecodeState, Engine
-from .speculative import SpecStats
+from ..config import GenConfig, SpecConfig
+from ..engine import DecodeState, Engine
+from .chain import SpecStats
 
 SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)

@@ -9,7 +9,7 @@ import hashlib
 
 import torch
 
-from .base import VLMAdapter
+from ..adapters.base import VLMAdapter
 
 
 def weights_sample(adapter: VLMAdapter, n: int = 32) -> dict[str, list[float]]:

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .config import PruneConfig
-from .errors import TwigVLMError
+from ..config import PruneConfig
+from ..errors import TwigVLMError
 
 DOMINANT_SHARE = 54 / 64
 

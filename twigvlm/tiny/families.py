@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .adapters.qwen_processor import without_video
-from .tiny import TinySpec, build_tokenizer, save_model_dir, text_config
+from ..adapters.qwen_processor import without_video
+from .llava import TinySpec, build_tokenizer, save_model_dir, text_config
 
 FAMILIES = ("video-llava", "llava-next", "llava-next-video", "llava-onevision", "idefics3")
 

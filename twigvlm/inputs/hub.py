@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import TwigVLMError
+from ..errors import TwigVLMError
 
 # What loading a VLM reads: config, weights and their index, tokenizer, processor, chat template, generation config.
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters.base import Encoded
-from .config import NO_TWIG_TO_PRUNE, PruneConfig
-from .engine import DecodeState, Engine
-from .errors import TwigVLMError, require_batch_one
+from ..adapters.base import Encoded
+from ..config import NO_TWIG_TO_PRUNE, PruneConfig
+from ..engine import DecodeState, Engine
+from ..errors import TwigVLMError, require_batch_one
 
 
 @dataclass(frozen=True)

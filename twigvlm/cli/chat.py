@@ -15,12 +15,12 @@ from typing import Any, TextIO
 
 from PIL import Image
 
-from .api import VLM
-from .config import PRUNE_METHODS, GenConfig, PruneConfig, SpecConfig, check_request
-from .errors import TwigVLMError
-from .generate import GenerationStats
-from .images import load_image
-from .serve.cli import add_model_flags, twig_flag
+from ..api import VLM
+from ..config import PRUNE_METHODS, GenConfig, PruneConfig, SpecConfig, check_request
+from ..errors import TwigVLMError
+from ..generation.loop import GenerationStats
+from ..inputs.images import load_image
+from ..serve.cli import add_model_flags, twig_flag
 
 HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
 

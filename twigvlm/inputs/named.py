@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import VLMAdapter, check_device, load_adapter, parse_dtype
-from .errors import TwigVLMError
+from ..adapters import VLMAdapter, check_device, load_adapter, parse_dtype
+from ..errors import TwigVLMError
 from .hub import resolve_model_dir
 
 ENTRY_POINT_GROUP = "twigvlm.named_models"
@@ -57,7 +57,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device: 
     """The adapter of a named model, a saved Hugging Face VLM directory, or a hub id ("owner/name") in the cache."""
     named = lookup(model)
     if dtype == "auto":
-        from .kernels import auto_dtype
+        from ..runtime.machine import auto_dtype
 
         dtype = auto_dtype(str(device))
     torch_dtype = parse_dtype(dtype)

@@ -6,7 +6,7 @@
  * is split evenly over the OpenMP threads (the same libgomp that torch runs on, so no second thread pool).
  * More than 8 rows run as chunks of 8 over tiles of 32 weight rows held in cache (the weights are read once).
  *
- * Built at first use by twigvlm/native.py with the machine's C compiler (-O3 -march=native -fopenmp).
+ * Built at first use by twigvlm/runtime/native.py with the machine's C compiler (-O3 -march=native -fopenmp).
  */
 #include <stddef.h>
 #include <stdint.h>

@@ -9,9 +9,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .adapters.base import Layout, VLMAdapter
-from .adapters.capabilities import PictureLayout, require
-from .errors import TwigVLMError
+from ..adapters.base import Layout, VLMAdapter
+from ..adapters.capabilities import PictureLayout, require
+from ..errors import TwigVLMError
 
 DIM = 0.25  # brightness left to a pruned patch
 MIN_SIDE = 336  # small inputs are enlarged (nearest neighbour) so that patches stay visible

@@ -1,0 +1,42 @@
+"""Facts about this machine that every floor may ask for: the CPU's /proc/cpuinfo lines and flags, whether bf16
+runs natively (the dtype policy of `--dtype auto`), and the folder where twigvlm caches what it measures or builds
+(`TWIGVLM_CACHE`, default ~/.cache/twigvlm)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def cpuinfo_line(*prefixes: str) -> str | None:
+    """The first line of /proc/cpuinfo (Linux) that starts with one of `prefixes`, whole; None where there is none."""
+    try:
+        return next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith(prefixes))
+    except (OSError, StopIteration):
+        return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), empty where they cannot be read."""
+    line = cpuinfo_line("flags")
+    return set(line.split(":", 1)[1].split()) if line else set()
+
+
+def bf16_pays(flags: set[str] | None = None) -> bool:
+    """bf16 matrix products run natively (AVX-512 BF16 or AMX); with AVX2 alone they are emulated and slower."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def auto_dtype(device: str) -> str:
+    """--dtype auto: bfloat16 on a GPU and on CPUs with native bf16, float32 elsewhere."""
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if device == "cpu" and bf16_pays() else "float32"
+
+
+def cache_dir() -> Path:
+    """Where kernel plans and native builds are cached: $TWIGVLM_CACHE, else ~/.cache/twigvlm."""
+    return Path(os.environ.get("TWIGVLM_CACHE", Path.home() / ".cache" / "twigvlm"))
