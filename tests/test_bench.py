@@ -266,8 +266,8 @@ def test_wipe_ablation_keeps_everything_up_to_the_wipe_layer(model_dirs, bench_t
     assert layers and all(2 < k < L for k in layers)
     rows = {r["variant"]: r for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())}
     for k in layers:
-        assert rows[f"keep all, wipe after {k}"]["kept"] == rows[f"keep all, wipe after {k}"]["visual"]  # R' = M
-        assert rows[f"twig, wipe after {k}"]["kept"] < rows[f"twig, wipe after {k}"]["visual"]
+        assert rows[f"keep all, wipe after {k}"]["kept"] == rows[f"keep all, wipe after {k}"]["visual_tokens"]  # R' = M
+        assert rows[f"twig, wipe after {k}"]["kept"] < rows[f"twig, wipe after {k}"]["visual_tokens"]
     assert wipe_layers(32, 2) == [19, 24, 27] and wipe_layers(30, 2) == [18, 23, 26]
 
 
@@ -302,7 +302,7 @@ def test_bench_errors_exit_2(model_dirs, tmp_path, capsys):
         (base + ["--methods", "ar,warp"], "unknown method 'warp'"),
         (base + ["--methods", "twig"], "need a twig"),
         (base + ["--tasks", "nope", "--methods", "hf,ar"], "unknown task 'nope'"),
-        (base + ["--limit", "0"], "must be positive"),
+        (base + ["--limit", "0"], "--limit: 0 is not positive"),
         (base + ["--ablation", "source"], "--ablation source needs a twig"),
         (base + ["--ablation", "twig", "--twig", str(tmp_path)], "is not a twig directory"),
     ]:
@@ -328,7 +328,7 @@ def test_bench_checks_every_flag_against_the_model_first(model_dirs, bench_twig,
         (["--methods", "hf,visionzip", "--keep", "100"], "VisionZip budget of 100.0 visual tokens is infeasible"),
         (["--ablation", "budget", "--wipe-layer", "99"], "wipe_layer=99 is invalid"),
         (["--keep-ratio", "2"], "keep_ratio=2.0 is invalid"),
-        (["--methods", "hf,ssd", "--draft-len", "0"], "draft_len=0 is invalid"),
+        (["--methods", "hf,ssd", "--draft-len", "0"], "--draft-len: 0 is not positive"),
         (["--methods", "hf,ssd", "--draft-threshold", "1.5"], "threshold=1.5 is invalid"),
     ]:
         assert main(base + argv) == 2, argv

@@ -17,7 +17,8 @@ from twigvlm import GenConfig, PruneConfig, SpecConfig
 from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.cache import KVCache
 from twigvlm.runtime.sampling import pick_tokens
-from twigvlm.speculative.chain import Draft, SpecStats, TwigSpecModel, accept, speculative_blocks
+from twigvlm.speculative.chain import Draft, TwigSpecModel, accept, speculative_blocks
+from twigvlm.speculative.stats import SpecStats
 
 from .conftest import random_image, random_prompt
 from .test_speculative import SamplingStub, _chi2, _table, assert_stub_sampling_is_lossless, chi2_critical

@@ -489,7 +489,7 @@ def test_bench_runs_video_tasks(models, tmp_path):
     for task, samples in tasks.items():
         for s in samples:
             assert by[(task, "hf", s.id)]["text"] == by[(task, "ar", s.id)]["text"]  # ours ≡ stock on video
-            assert by[(task, "twig", s.id)]["visual"] == (8 if task == "moving-shapes" else 3) * 17
+            assert by[(task, "twig", s.id)]["visual_tokens"] == (8 if task == "moving-shapes" else 3) * 17
     with pytest.raises(TwigVLMError, match="takes images, not videos"):
         visual_tokens(models["llava-next"], tasks["clips"][0])
 

@@ -67,7 +67,8 @@ def test_messages_become_hf_chat_messages_with_image_placeholders():
         ({"temperature": "hot"}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"prune": "magic"}, None),
+        ({"prune": "magic"}, "prune"),
+        ({"draft": "bush", "speculative": True}, "draft"),
         ({"keep": 8}, "prune"),
         ({"draft_len": 3}, "speculative"),
         ({"messages": []}, "messages"),
@@ -185,9 +186,10 @@ def test_http_urls_only_from_allowed_domains_without_redirects(http_images):
         (["--max-queue", "0"], "--max-queue"),
         (["--allowed-local-media-path", "/nonexistent/dir"], "not a directory"),
         (["--model", "x", "--speculative"], "need a twig"),
-        (["--prune", "twig", "--keep", "-1"], "keep=-1"),
+        (["--prune", "twig", "--keep", "-1"], "--keep: -1.0 is not positive"),
         (["--api-key", " "], "--api-key"),
-        (["--keep", "8"], "need --prune"),
+        (["--keep", "8"], "--keep needs --prune"),
+        (["--draft-len", "3"], "--draft-len needs --speculative"),
     ],
 )
 def test_bad_serve_flags_are_one_line_and_exit_2(flags, words, capsys):

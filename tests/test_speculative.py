@@ -13,7 +13,8 @@ from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.generation.loop import TextStream, emit
 from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.sampling import make_generator, pick_tokens
-from twigvlm.speculative.chain import Draft, SpecStats, TwigSpecModel, accept, speculative_blocks
+from twigvlm.speculative.chain import Draft, TwigSpecModel, accept, speculative_blocks
+from twigvlm.speculative.stats import SpecStats
 
 from .conftest import random_image, random_prompt
 
@@ -90,20 +91,20 @@ def test_stub_all_drafts_accepted():
     model = StubModel(TARGET, lambda pos: TARGET[pos : pos + 10])
     ids, reason, stats, text = _run(model, max_new=12, gamma=3)
     assert ids == TARGET[:12] and reason == "length" and text == _letters(TARGET[:12])
-    assert stats.acceptance_rate == 1.0 and stats.steps == 3 and model.requested == [3, 3, 2]
+    assert stats.acceptance_rate == 1.0 and stats.verifications == 3 and model.requested == [3, 3, 2]
     assert stats.tokens_per_verification == pytest.approx(11 / 3)
 
 
 def test_stub_no_draft_accepted():
     model = StubModel(TARGET, lambda pos: [(t + 1) % 26 for t in TARGET[pos : pos + 10]])
     ids, _, stats, _ = _run(model, max_new=8, gamma=4)
-    assert ids == TARGET[:8] and stats.accepted == 0 and stats.steps == 7 and stats.tokens_per_verification == 1
+    assert ids == TARGET[:8] and stats.accepted == 0 and stats.verifications == 7 and stats.tokens_per_verification == 1
 
 
 def test_stub_rejection_in_the_middle():
     model = StubModel(TARGET, lambda pos: TARGET[pos : pos + 2] + [25, 25])  # two right, then wrong
     ids, _, stats, _ = _run(model, max_new=10, gamma=4)
-    assert ids == TARGET[:10] and stats.accepted == 2 * 3 and stats.steps == 3
+    assert ids == TARGET[:10] and stats.accepted == 2 * 3 and stats.verifications == 3
     assert stats.drafted == 4 + 4 + 2  # the last step may emit only 3 more tokens: 2 drafts + 1
 
 
@@ -112,7 +113,7 @@ def test_stub_eos_inside_a_draft():
     model = StubModel(target, lambda pos: target[pos : pos + 10])
     ids, reason, stats, text = _run(model, max_new=20, gamma=5, eos={9})
     assert ids == [0, 1, 2, 3, 4, 9] and reason == "eos" and text == "abcde"
-    assert stats.steps == 1 and model.requested == [5]  # the drafter stopped at EOS: 5 drafts, the last one EOS
+    assert stats.verifications == 1 and model.requested == [5]  # the drafter stopped at EOS: 5 drafts, the last one EOS
 
 
 @pytest.mark.parametrize("max_new,requested", [(7, [5]), (5, [3]), (2, [0]), (9, [5, 1])])
@@ -125,7 +126,7 @@ def test_stub_max_new_tokens_reached_mid_draft(max_new, requested):
 def test_stub_stop_string_spanning_an_accepted_block():
     model = StubModel(TARGET, lambda pos: TARGET[pos : pos + 10])
     ids, reason, stats, text = _run(model, max_new=20, gamma=5, stop=("cde",))
-    assert text == "ab" and reason == "stop" and ids == TARGET[:5] and stats.steps == 1
+    assert text == "ab" and reason == "stop" and ids == TARGET[:5] and stats.verifications == 1
 
 
 # ---- sampling is lossless (stub distributions, exact reference) ----------------------------------------------------

@@ -15,8 +15,8 @@ from twigvlm.generation.loop import TextStream, emit
 from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.cache import LayerKV
 from twigvlm.runtime.sampling import pick_tokens
-from twigvlm.speculative.chain import SpecStats
 from twigvlm.speculative.choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_tree_value
+from twigvlm.speculative.stats import SpecStats
 from twigvlm.speculative.tree import TreeDraft, accept_tree, tree_blocks
 from twigvlm.speculative.tree_twig import TwigTreeModel
 
@@ -143,21 +143,21 @@ def test_stub_trees_accepted_all_none_partly(right, per_step, steps):
     model = TreeStub(TARGET, lambda pos: _branches(pos, right))
     ids, reason, stats, text = _run(model, max_new=21, depth=4)
     assert ids == TARGET[:21] and reason == "length" and text == _letters(TARGET[:21])
-    assert stats.accepted_per_step[:3] == [per_step] * 3 and stats.steps == steps  # 20 tokens after the first
+    assert stats.accepted_per_step[:3] == [per_step] * 3 and stats.verifications == steps  # 20 tokens after the first
 
 
 def test_stub_eos_inside_an_accepted_path():
     target = [0, 1, 2, 9, 3, 4, 5, 6, 7, 8]  # 9 is EOS
     model = TreeStub(target, lambda pos: [(0, target[pos]), (1, target[pos + 1]), (2, target[pos + 2]), (3, 5)])
     ids, reason, stats, text = _run(model, max_new=20, depth=4, eos={9})
-    assert ids == [0, 1, 2, 9] and reason == "eos" and text == "abc" and stats.steps == 1
+    assert ids == [0, 1, 2, 9] and reason == "eos" and text == "abc" and stats.verifications == 1
     assert model.depths == [4]  # the stub drew nothing below the EOS node: the drafter never expands a stop token
 
 
 def test_stub_stop_string_inside_an_accepted_path():
     model = TreeStub(TARGET, lambda pos: [(0, NEVER), (0, TARGET[pos]), (2, TARGET[pos + 1]), (3, TARGET[pos + 2])])
     ids, reason, stats, text = _run(model, max_new=20, depth=3, stop=("cd",))
-    assert text == "ab" and reason == "stop" and ids == TARGET[:4] and stats.steps == 1  # "d" is in the path
+    assert text == "ab" and reason == "stop" and ids == TARGET[:4] and stats.verifications == 1  # "d" is in the path
 
 
 @pytest.mark.parametrize("max_new,depths", [(5, [3]), (2, [0]), (7, [4, 1]), (1, [])])
@@ -414,7 +414,10 @@ def test_cli_tree_flags(capsys, model_dirs, cli_twig):
     assert "tree drafts:" in capsys.readouterr().err
     assert main([*gen, "--max-new-tokens", "2"]) == 0  # auto: no drafting for two tokens
     assert "no drafting" in capsys.readouterr().err
-    for flags, message in ((["--tree-nodes", "0"], "tree_nodes"), (["--draft", "bush"], "invalid choice")):
+    for flags, message in (
+        (["--tree-nodes", "0"], "--tree-nodes: 0 is not positive"),
+        (["--draft", "bush"], "invalid choice"),
+    ):
         with pytest.raises(SystemExit) as exc:
             raise SystemExit(main([*gen, *flags]))
         err = capsys.readouterr().err

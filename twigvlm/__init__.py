@@ -6,7 +6,7 @@ Public API: `load`, `VLM`, `TwigConfig`, `GenConfig`, `GenerationResult`, `TwigV
 from .api import VLM, load
 from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
 from .errors import TwigVLMError
-from .generation.loop import GenerationResult, GenerationStats
+from .generation.stats import GenerationResult, GenerationStats
 from .version import __version__
 
 __all__ = [

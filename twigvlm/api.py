@@ -17,10 +17,11 @@ import torch
 
 from .adapters import VLMAdapter, adapter_for
 from .adapters.base import Encoded, Prompt
-from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_request
+from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_request, pruning, speculation
 from .engine import Engine
 from .errors import TwigVLMError
-from .generation.loop import Generation, GenerationResult
+from .generation.loop import Generation
+from .generation.stats import GenerationResult
 from .inputs.images import ImageInput, load_images
 from .inputs.named import load_model, twig_directory
 from .inputs.video import VideoInput, load_videos
@@ -173,7 +174,7 @@ class VLM:
         """
         cfg = self._gen_config(config, kwargs)
         prune = _prune_config(prune)
-        spec = SpecConfig(draft="auto") if speculative is True else (speculative or None)
+        spec = speculation(speculative)
         engine = self.engine_for(twig)
         check_request(cfg, prune, spec, has_twig=engine.twig is not None)  # before the (slow) encoding
         return Generation(engine, self.encode(prompt, image, prune, video), cfg, prune, spec)
@@ -202,7 +203,7 @@ class VLM:
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
     """A method name ("twig", "fastv", "visionzip") at the default budget, or the config as given."""
-    return PruneConfig(method=prune) if isinstance(prune, str) else prune
+    return pruning(prune) if isinstance(prune, str) else prune
 
 
 def load(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .errors import TwigVLMError
 
@@ -189,6 +190,115 @@ class SpecConfig:
             raise TwigVLMError(f"draft threshold={self.threshold} is invalid: it must be in [0, 1); 0 disables it")
         if not isinstance(self.max_draft_len, int) or self.max_draft_len < self.draft_len:
             raise TwigVLMError(f"max_draft_len={self.max_draft_len} must be an integer >= draft_len={self.draft_len}")
+
+
+class SettingError(TwigVLMError):
+    """A request's pruning or drafting settings that cannot go together; `param` names the setting."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# How each setting is named where a user gives it: the field (Python keyword, HTTP body) and the CLI flag.
+SETTING_NAMES = {
+    "method": ("prune", "--prune"),
+    "keep": ("keep", "--keep"),
+    "keep_ratio": ("keep_ratio", "--keep-ratio"),
+    "wipe_layer": ("wipe_layer", "--wipe-layer"),
+    "layer": ("prune_layer", "--prune-layer"),
+    "query": ("query", "--query"),
+    "speculative": ("speculative", "--speculative"),
+    "draft": ("draft", "--draft"),
+    "draft_len": ("draft_len", "--draft-len"),
+    "threshold": ("draft_threshold", "--draft-threshold"),
+    "adaptive": ("adaptive_draft", "--adaptive-draft"),
+    "tree_nodes": ("tree_nodes", "--tree-nodes"),
+    "tree_depth": ("tree_depth", "--tree-depth"),
+    "tree_topk": ("tree_topk", "--tree-topk"),
+}
+
+
+def _names(fields: list[str], where: str) -> str:
+    """The settings as the user named them: 'keep, wipe_layer' (fields) or '--keep, --wipe-layer' (flags)."""
+    return ", ".join(SETTING_NAMES[f][where == "flags"] for f in fields)
+
+
+def _need(settings: dict) -> str:
+    return "needs" if len(settings) == 1 else "need"
+
+
+def pruning(
+    method: str | None = None,
+    *,
+    keep: float | None = None,
+    keep_ratio: float | None = None,
+    wipe_layer: int | None = None,
+    layer: int | None = None,
+    query: str | None = None,
+    base: PruneConfig | None = None,
+    where: str = "fields",
+) -> PruneConfig | None:
+    """A request's pruning: `method` (None: the default `base`, e.g. a server's) with the budget settings given
+    over it; None when nothing is pruned. The one path of the CLI, the server, the bench and the Python API;
+    `where` ("fields" or "flags") only chooses how errors name the settings."""
+    prune = base or PruneConfig()
+    if method is not None:
+        prune = replace(prune, method=method)
+    given = {"keep": keep, "keep_ratio": keep_ratio, "wipe_layer": wipe_layer, "layer": layer, "query": query}
+    given = {k: v for k, v in given.items() if v is not None}
+    if "keep" in given or "keep_ratio" in given:  # one budget replaces the other
+        prune = replace(prune, keep=keep, keep_ratio=keep_ratio)
+    prune = replace(prune, **{k: v for k, v in given.items() if k not in ("keep", "keep_ratio")})
+    if not prune.active and given:
+        raise SettingError(
+            f"{_names(list(given), where)} {_need(given)} {_names(['method'], where)} (twig, fastv or visionzip)",
+            "prune",
+        )
+    try:
+        prune.validate()
+    except TwigVLMError as e:
+        raise SettingError(str(e), SETTING_NAMES["method"][0]) from None
+    return prune if prune.active else None
+
+
+def speculation(
+    on: bool | SpecConfig | None = True,
+    *,
+    base: SpecConfig | None = None,
+    where: str = "fields",
+    **fields: Any,
+) -> SpecConfig | None:
+    """A request's drafting, the same from every entry point: `on` True (draft with `base`, else the defaults:
+    the drafter auto), False (no drafting), None (not said: `base`, a server's default, which may be None) or a
+    SpecConfig; `fields` (SpecConfig's names: draft, draft_len, threshold, adaptive, tree_*) are set over it, and
+    a draft length above max_draft_len raises the cap with it. Drafter settings without drafting are an error."""
+    if isinstance(on, SpecConfig):
+        spec: SpecConfig | None = on
+    elif on is None:
+        spec = base
+    else:
+        spec = (base or SpecConfig(draft="auto")) if on else None
+    unknown = set(fields) - set(SETTING_NAMES)
+    if unknown:
+        raise TypeError(f"unknown drafting setting(s) {sorted(unknown)}")
+    if spec is None:
+        if fields:
+            raise SettingError(
+                f"{_names(list(fields), where)} {_need(fields)} {_names(['speculative'], where)}"
+                + (" true" if where != "flags" else ""),
+                "speculative",
+            )
+        return None
+    spec = replace(spec, **fields)
+    if isinstance(spec.draft_len, int) and spec.draft_len > spec.max_draft_len:
+        spec = replace(spec, max_draft_len=spec.draft_len)
+    try:
+        spec.validate()
+    except TwigVLMError as e:  # name the setting when the request gave just one
+        param = SETTING_NAMES[next(iter(fields))][0] if len(fields) == 1 else "speculative"
+        raise SettingError(str(e), param) from None
+    return spec
 
 
 NO_TWIG_TO_DRAFT = "speculative decoding drafts with a twig: load one (--twig DIR) or grow one (twigvlm grow)"

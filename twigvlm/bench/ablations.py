@@ -68,7 +68,7 @@ def _budget(c: AblationContext) -> list[Variant]:
 @register("draft", "chain SSD over γ and τ")
 def _draft(c: AblationContext) -> list[Variant]:
     return [Variant(BASELINE, BASELINE, c.mc), Variant("ar", "ar", c.mc)] + [
-        Variant(f"ssd γ={g} τ={t}", "ssd", replace(c.mc, draft="chain", draft_len=g, threshold=t))
+        Variant(f"ssd γ={g} τ={t}", "ssd", c.mc.drafting(draft="chain", draft_len=g, threshold=t))
         for g in (1, 3, 5, 8)
         for t in (0.0, 0.6)
     ]
@@ -85,18 +85,19 @@ TREE_NODES = (4, 8, 16, 32)
 )
 def _tree(c: AblationContext) -> list[Variant]:
     out = [Variant(BASELINE, BASELINE, c.mc), Variant("ar", "ar", c.mc)]
-    out.append(Variant(f"ssd chain γ={c.mc.draft_len}", "ssd", replace(c.mc, draft="chain")))
-    depths = sorted({c.mc.tree_depth, max(1, c.mc.tree_depth // 2)}, reverse=True)
+    spec = c.mc.spec
+    out.append(Variant(f"ssd chain γ={spec.draft_len}", "ssd", c.mc.drafting(draft="chain")))
+    depths = sorted({spec.tree_depth, max(1, spec.tree_depth // 2)}, reverse=True)
     for d in depths:
         out += [
             Variant(
-                f"ssd tree N={n} D={d} k={c.mc.tree_topk}",
+                f"ssd tree N={n} D={d} k={spec.tree_topk}",
                 "ssd",
-                replace(c.mc, draft="tree", tree_nodes=n, tree_depth=d),
+                c.mc.drafting(draft="tree", tree_nodes=n, tree_depth=d),
             )
             for n in TREE_NODES
         ]
-    return out + [Variant("ssd auto", "ssd", replace(c.mc, draft="auto"))]
+    return out + [Variant("ssd auto", "ssd", c.mc.drafting(draft="auto"))]
 
 
 @register("query", "FastV and the twig scoring with the last prompt token's attention or the question's")

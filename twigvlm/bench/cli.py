@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
-from ..config import DEFAULT_KEEP_RATIO, DRAFTERS, QUERY_MODES, PruneConfig, SpecConfig
+from ..config import DEFAULT_KEEP_RATIO, QUERY_MODES, PruneConfig, speculation
 from ..errors import TwigVLMError
-from ..flags import add_runtime_args
+from ..flags import add_draft_args, add_model_args, draft_fields, layer_number, positive_float, positive_int
 from ..inputs.paths import output_dir
 from ..pruning.prefill import resolve_wipe_layer
 from ..runtime.kernels import resolve_mode
@@ -22,7 +23,7 @@ DEFAULT_METHODS = "hf,hf+kernels,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
 def add_parser(sub) -> None:  # noqa: ANN001
     b = sub.add_parser("bench", help="accuracy retention and speed of every method against stock HF generate")
-    b.add_argument("--model", required=True, help="a Hugging Face VLM directory, or demo")
+    add_model_args(b)
     b.add_argument(
         "--twig",
         default=None,
@@ -49,7 +50,10 @@ def add_parser(sub) -> None:  # noqa: ANN001
         help=ablation_help(),
     )
     b.add_argument(
-        "--limit", type=int, default=20, help="samples per task (default 20; MME: whole images, MMBench: questions)"
+        "--limit",
+        type=positive_int,
+        default=20,
+        help="samples per task (default %(default)s; MME: whole images, MMBench: questions)",
     )
     b.add_argument(
         "--circular",
@@ -58,13 +62,16 @@ def add_parser(sub) -> None:  # noqa: ANN001
     )
     b.add_argument(
         "--keep-ratio",
-        type=float,
+        type=positive_float,
         default=DEFAULT_KEEP_RATIO,
         help=f"R̄/M for every pruning method (default {DEFAULT_KEEP_RATIO:.3f})",
     )
-    b.add_argument("--keep", type=float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
+    b.add_argument("--keep", type=positive_float, default=None, help="R̄ in visual tokens instead of --keep-ratio")
     b.add_argument(
-        "--wipe-layer", type=int, default=None, help="K_f (default: the K_f the twig records, else round(0.75·L))"
+        "--wipe-layer",
+        type=layer_number,
+        default=None,
+        help="K_f (default: the K_f the twig records, else round(0.75·L))",
     )
     b.add_argument(
         "--query",
@@ -73,47 +80,16 @@ def add_parser(sub) -> None:  # noqa: ANN001
         help="FastV's and the twig's scoring attention: the last prompt token's row (last, the paper's) or "
         "the mean over every token after the image, the question's (text)",
     )
-    b.add_argument("--draft-len", type=int, default=SpecConfig.draft_len, help="γ (default: SpecConfig's)")
-    b.add_argument("--draft-threshold", type=float, default=SpecConfig.threshold, help="τ (default: SpecConfig's)")
-    add_drafter_args(b)
+    add_draft_args(b.add_argument_group("drafting of the speculative methods (ssd, twig+ssd)"))
     b.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="cap every answer at N tokens (default: 16 for short answers, 200 for describe)",
     )
     b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
     b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")
     b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    b.add_argument("--device", default="cpu")
-    add_runtime_args(b)
-
-
-def add_drafter_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--draft (auto | chain | tree) and the tree's --tree-nodes, --tree-depth, --tree-topk (defaults: SpecConfig's)."""
-    p.add_argument(
-        "--draft",
-        choices=DRAFTERS,
-        default="auto",
-        help="the drafter: auto (chain, tree or none, from costs measured on this model and device; the default), "
-        "chain (γ tokens in a row) or tree (an EAGLE-2-style dynamic tree)",
-    )
-    for flag, letter, what in (("nodes", "N", "drafted nodes a tree keeps (auto: at most)"), ("depth", "D", "levels")):
-        default = getattr(SpecConfig, f"tree_{flag}")
-        p.add_argument(f"--tree-{flag}", type=int, default=default, help=f"{letter}, {what} (default {default})")
-    p.add_argument(
-        "--tree-topk",
-        type=int,
-        default=SpecConfig.tree_topk,
-        help=f"k, children per expanded node and nodes expanded per level (default {SpecConfig.tree_topk})",
-    )
-
-
-def drafter_settings(args: argparse.Namespace) -> dict:
-    """The SpecConfig fields of the drafter flags (a namespace without them: auto with SpecConfig's tree)."""
-    names = ("tree_nodes", "tree_depth", "tree_topk")
-    return {"draft": getattr(args, "draft", "auto"), **{n: getattr(args, n, getattr(SpecConfig, n)) for n in names}}
 
 
 class BenchTwig(NamedTuple):
@@ -168,10 +144,8 @@ def variants(
         keep_ratio=None if args.keep is not None else args.keep_ratio,
         keep=args.keep,
         wipe_layer=wipe,
-        draft_len=args.draft_len,
-        threshold=args.draft_threshold,
         query=args.query,
-        **drafter_settings(args),
+        spec=speculation(True, where="flags", **draft_fields(args)),
     )
     if args.ablation in ABLATIONS:
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)
@@ -239,7 +213,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             "name": v.name,
             "method": v.method,
             "twig": twigs[v.twig].path if v.twig in twigs else v.twig,
-            **v.config.__dict__,
+            **asdict(v.config),
         }
         for v in chosen
     ]

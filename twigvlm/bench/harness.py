@@ -12,13 +12,14 @@ measurement changes how the allocator behaves.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..api import VLM
 from ..errors import TwigVLMError
+from ..speculative.stats import SpecStats
 from ..twig.model import Twig
 from .memory import measure
 from .methods import SAME_AS, MethodConfig, Run, check_method, run_method, visual_tokens
@@ -109,7 +110,10 @@ def _bench(
                     "method": v.method,
                     "score": sample.score(run.text),
                     "tokens_per_s": run.new_tokens / run.seconds,
-                    **{k: val for k, val in asdict(run).items() if k != "extra"},
+                    "text": run.text,
+                    "token_ids": run.token_ids,
+                    "seconds": run.seconds,
+                    **run.row_stats(),
                     "new_tokens": run.new_tokens,
                 }
                 rows.append(row)
@@ -189,11 +193,10 @@ def summarize(
             }
         elif name == BASELINE:
             entry["rel_acc"], entry["rel_spd"] = 1.0, _spread([1.0])
-        drafted = sum(r["drafted"] or 0 for r in mine)
-        if drafted:
-            verifications = sum(r["verifications"] or 0 for r in mine)
-            entry["acceptance"] = sum(r["accepted"] or 0 for r in mine) / drafted
-            entry["tokens_per_verification"] = (sum(r["accepted"] or 0 for r in mine) + verifications) / verifications
+        total = SpecStats(**{k: sum(r[k] or 0 for r in mine) for k in ("drafted", "accepted", "verifications")})
+        if total.drafted:
+            entry["acceptance"] = total.acceptance_rate
+            entry["tokens_per_verification"] = total.tokens_per_verification
             entry.update(_drafting(mine))
         prefill = [r["prefill_s"] for r in mine if r["prefill_s"] is not None]
         if prefill:

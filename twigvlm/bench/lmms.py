@@ -34,7 +34,7 @@ from loguru import logger
 from PIL import Image
 
 from ..api import VLM
-from ..config import PruneConfig, SpecConfig
+from ..config import pruning, speculation
 from ..errors import TwigVLMError
 
 MODEL_ID = "twigvlm"
@@ -71,9 +71,9 @@ class TwigVLMEval(lmms):
         keep_ratio: float | None = None,
         wipe_layer: int | None = None,
         speculative: bool | str = False,
-        draft_len: int = SpecConfig.draft_len,
-        draft_threshold: float = SpecConfig.threshold,
-        draft: str = "auto",
+        draft_len: int | str | None = None,
+        draft_threshold: float | str | None = None,
+        draft: str | None = None,
         dtype: str = "float32",
         device: str | None = "cpu",
         batch_size: int | str | None = 1,
@@ -85,21 +85,19 @@ class TwigVLMEval(lmms):
             raise TwigVLMError(f"batch_size={batch_size}: twigvlm generates one request at a time (batch_size=1)")
         if unused:
             logger.warning(f"twigvlm ignores model_args {sorted(unused)}")
-        self.prune = None
-        if prune not in (None, "", "none"):
-            wipe = _number(wipe_layer)
-            self.prune = PruneConfig(
-                str(prune),
-                keep=_number(keep),
-                keep_ratio=_number(keep_ratio),
-                wipe_layer=None if wipe is None else int(wipe),
-            )
-            self.prune.validate()
-        self.speculative = (
-            SpecConfig(draft_len=int(draft_len), threshold=float(draft_threshold), draft=str(draft))
-            if _flag(speculative)
-            else None
+        wipe = _number(wipe_layer)
+        drafting = {
+            "draft": None if draft is None else str(draft),
+            "draft_len": None if draft_len is None else int(draft_len),
+            "threshold": _number(draft_threshold),
+        }
+        self.prune = pruning(
+            None if prune in (None, "") else str(prune),
+            keep=_number(keep),
+            keep_ratio=_number(keep_ratio),
+            wipe_layer=None if wipe is None else int(wipe),
         )
+        self.speculative = speculation(_flag(speculative), **{k: v for k, v in drafting.items() if v is not None})
         self.vlm = VLM.load(str(pretrained), twig=twig, dtype=str(dtype), device=str(device or "cpu"))
         self.stats_file = Path(stats_file) if stats_file else None
         self.sample_stats: list[dict[str, Any]] = []

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..adapters.capabilities import HFBaseline, require
 from ..api import VLM
-from ..config import DEFAULT_KEEP_RATIO, GenConfig, PruneConfig, SpecConfig, check_request
+from ..config import DEFAULT_KEEP_RATIO, GenConfig, PruneConfig, SpecConfig, check_request, pruning, speculation
 from ..errors import TwigVLMError
+from ..generation.stats import GenerationStats
 from ..pruning.picture import picture_layout
 from ..pruning.prefill import plan_for
 from ..pruning.visionzip import VisionZip
@@ -26,27 +28,41 @@ NEEDS_TWIG = {"twig", "ssd", "twig+ssd"}
 SAME_AS = {"ssd": "ar", "twig+ssd": "twig"}
 
 
+# The statistics (GenerationStats' names) each bench row records; stock generate's rows leave them None.
+ROW_STATS = (
+    "prefill_s",
+    "decode_s",
+    "prune_method",
+    "visual_tokens",
+    "kept",
+    "drafter",
+    "drafted",
+    "accepted",
+    "verifications",
+    "acceptance_rate",
+    "tokens_per_verification",
+    "accepted_per_step",
+)
+
+
 @dataclass
 class Run:
-    """One method on one sample."""
+    """One method on one sample: the answer, its time, and the generation's own statistics (None: stock
+    generate, which has none)."""
 
     text: str
     token_ids: list[int]
     seconds: float
-    prefill_s: float | None = None
-    decode_s: float | None = None
-    drafted: int | None = None
-    accepted: int | None = None
-    verifications: int | None = None
-    kept: int | None = None
-    visual: int | None = None
-    drafter: str | None = None  # the drafter that ran ("chain", "tree", "none"), for speculative methods
-    accepted_per_step: list[int] | None = None  # drafts each verification accepted
+    stats: GenerationStats | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:
         return len(self.token_ids)
+
+    def row_stats(self) -> dict[str, Any]:
+        """The ROW_STATS of this run, by name."""
+        return {name: getattr(self.stats, name) if self.stats is not None else None for name in ROW_STATS}
 
 
 @dataclass(frozen=True)
@@ -59,12 +75,11 @@ class MethodConfig:
     wipe_layer: int | None = None
     layer: int | None = None  # FastV's pruning layer (None: the twig's K); the attention-source ablation moves it
     query: str = PruneConfig.query  # whose attention scores: the last prompt token's, or the mean after the image
-    draft_len: int = SpecConfig.draft_len  # γ
-    threshold: float = SpecConfig.threshold  # τ
-    draft: str = "auto"  # the drafter (SpecConfig's fields; the bench's default rows let auto choose)
-    tree_nodes: int = SpecConfig.tree_nodes
-    tree_depth: int = SpecConfig.tree_depth
-    tree_topk: int = SpecConfig.tree_topk
+    spec: SpecConfig = SpecConfig(draft="auto")  # the speculative methods' drafting (the default rows: auto)
+
+    def drafting(self, **fields: Any) -> MethodConfig:
+        """These settings with the drafting changed (SpecConfig's field names, as `config.speculation` takes)."""
+        return replace(self, spec=speculation(self.spec, **fields))
 
 
 def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
@@ -75,16 +90,13 @@ def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
         return None
     budget = {"keep": mc.keep} if mc.keep is not None else {"keep_ratio": mc.keep_ratio}
     layer = mc.layer if name == "fastv" else None
-    return PruneConfig(name, wipe_layer=mc.wipe_layer, layer=layer, query=mc.query, **budget)
+    return pruning(name, wipe_layer=mc.wipe_layer, layer=layer, query=mc.query, **budget)
 
 
 def method_configs(method: str, mc: MethodConfig) -> tuple[PruneConfig | None, SpecConfig | None]:
     """The pruning and drafting settings of a method, each checked on its own (no model needed)."""
     prune = prune_config(method, mc)
-    spec = None
-    if method.endswith("ssd"):
-        tree = dict(tree_nodes=mc.tree_nodes, tree_depth=mc.tree_depth, tree_topk=mc.tree_topk)
-        spec = SpecConfig(draft_len=mc.draft_len, threshold=mc.threshold, draft=mc.draft, **tree)
+    spec = speculation(mc.spec) if method.endswith("ssd") else None
     check_request(GenConfig(), prune, spec)  # the twig is checked against the loaded model (check_method)
     return prune, spec
 
@@ -157,23 +169,8 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         images or None,
         max_new_tokens=sample.max_new_tokens,
         prune=prune,
-        speculative=spec or False,
+        speculative=spec,
         twig=twig,
         video=videos or None,
     )
-    seconds = time.perf_counter() - t
-    s = out.stats
-    return Run(
-        out.text,
-        out.token_ids,
-        seconds,
-        s.prefill_s,
-        s.decode_s,
-        s.drafted,
-        s.accepted,
-        s.verifications,
-        s.kept,
-        s.visual_tokens,
-        s.drafter,
-        s.accepted_per_step,
-    )
+    return Run(out.text, out.token_ids, time.perf_counter() - t, out.stats)

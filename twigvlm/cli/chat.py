@@ -16,25 +16,30 @@ from typing import Any, TextIO
 from PIL import Image
 
 from ..api import VLM
-from ..config import PRUNE_METHODS, GenConfig, PruneConfig, SpecConfig, check_request
+from ..config import GenConfig, PruneConfig, SpecConfig, check_request
 from ..errors import TwigVLMError
-from ..generation.loop import GenerationStats
+from ..flags import (
+    add_prune_args,
+    add_sampling_args,
+    add_served_model_args,
+    add_spec_args,
+    gen_from_args,
+    prune_from_args,
+    spec_from_args,
+    twig_flag,
+)
+from ..generation.stats import GenerationStats
 from ..inputs.images import load_image
-from ..serve.cli import add_model_flags, twig_flag
 
 HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", help="a terminal chat with the model (multi-turn, /image PATH to attach)")
-    add_model_flags(c)
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--prune", choices=list(PRUNE_METHODS), default="none")
-    c.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
-    c.add_argument("--speculative", action="store_true", help="draft with the twig, verify with the full model")
-    c.add_argument("--draft-len", type=int, default=SpecConfig.draft_len)
+    add_served_model_args(c)
+    add_sampling_args(c, max_new_tokens=256, full=False)
+    add_prune_args(c)
+    add_spec_args(c)
 
 
 @dataclass
@@ -91,7 +96,7 @@ def run_chat(
             continue
         messages, images = chat.turn(line)
         try:
-            stream = vlm.stream(messages, image=images, config=config, prune=prune, speculative=spec or False)
+            stream = vlm.stream(messages, image=images, config=config, prune=prune, speculative=spec)
             out.write("assistant> ")
             for piece in stream:
                 out.write(piece)
@@ -125,11 +130,7 @@ def _command(chat: Chat, line: str, out: TextIO) -> bool:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     twig = twig_flag(args)
-    config = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    if args.keep is not None and args.prune == "none":
-        raise TwigVLMError("--keep needs --prune (twig, fastv or visionzip)")
-    prune = PruneConfig(method=args.prune, keep=args.keep) if args.prune != "none" else None
-    spec = SpecConfig(draft_len=args.draft_len, max_draft_len=max(10, args.draft_len)) if args.speculative else None
+    config, prune, spec = gen_from_args(args), prune_from_args(args), spec_from_args(args)
     check_request(config, prune, spec, has_twig=twig is not None)  # before the slow model load
-    vlm = VLM.load(args.model, twig=twig, dtype=args.dtype, device=args.device)
+    vlm = VLM.load(args.model, twig=twig, dtype=args.dtype, device=args.device, kernels=args.kernels)
     run_chat(vlm, input, sys.stdout, config, prune, spec)

@@ -16,19 +16,20 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..bench import cli as bench_cli
-from ..config import (
-    DEFAULT_KEEP_RATIO,
-    LAYER_INITS,
-    PRUNE_METHODS,
-    QUERY_MODES,
-    GenConfig,
-    PruneConfig,
-    SpecConfig,
-    TwigConfig,
-    check_request,
-)
+from ..config import LAYER_INITS, TwigConfig, check_request
 from ..errors import TwigVLMError
-from ..flags import add_runtime_args, positive_int
+from ..flags import (
+    add_model_args,
+    add_prune_args,
+    add_sampling_args,
+    add_spec_args,
+    add_video_args,
+    gen_from_args,
+    layer_number,
+    positive_int,
+    prune_from_args,
+    spec_from_args,
+)
 from ..inputs.paths import output_dir, output_file, twig_output_dir
 from ..serve import cli as serve_cli
 from ..tiny.families import FAMILIES as TINY_FAMILIES
@@ -47,33 +48,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        help="a Hugging Face VLM directory (save_pretrained output), a hub id whose files are cached, or demo",
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16", "auto"],
-        help="weights and compute dtype (default: float32; auto: bfloat16 on GPUs and on CPUs with native bf16)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    add_runtime_args(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="twigvlm", description="Grow a twig on a frozen VLM; prune visual tokens; draft tokens.")
     parser.add_argument("--version", action="version", version=f"twigvlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("grow", help="grow a twig from base layers K+1..K+T and save it")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument(
-        "--K", type=int, default=TwigConfig.K, help=f"attach after base layer K (1-based, default {TwigConfig.K})"
+        "--K", type=layer_number, default=TwigConfig.K, help="attach after base layer K (1-based, default %(default)s)"
     )
-    g.add_argument("--T", type=int, default=TwigConfig.T, help=f"number of twig layers (default {TwigConfig.T})")
+    g.add_argument("--T", type=positive_int, default=TwigConfig.T, help="number of twig layers (default %(default)s)")
     g.add_argument(
         "--head",
         choices=["shared", "copy"],
@@ -89,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--wipe-layer",
-        type=int,
+        type=layer_number,
         default=None,
         help="record FinalWipe after this layer K_f in the twig (default: none recorded, so round(0.75·L))",
     )
@@ -97,49 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="replace the twig --out already holds")
 
     gen = sub.add_parser("generate", help="answer a prompt about image(s)")
-    _add_model_args(gen)
-    gen.add_argument("--twig", default=None, help="a twig directory (from grow or train)")
+    add_model_args(gen)
+    gen.add_argument("--twig", default=None, help="a twig directory (from grow or train), or demo")
     gen.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
     add_video_args(gen)
     gen.add_argument("--prompt", required=True, help="the question or instruction")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=GenConfig.max_new_tokens)
-    gen.add_argument("--temperature", type=float, default=GenConfig.temperature, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=GenConfig.top_k)
-    gen.add_argument("--top-p", type=float, default=GenConfig.top_p)
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
     pr = gen.add_argument_group("visual-token pruning")
-    pr.add_argument(
-        "--prune",
-        choices=list(PRUNE_METHODS),
-        default=PruneConfig.method,
-        help="twig (TTP, needs --twig), fastv, visionzip or none (default)",
-    )
-    budget = pr.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
-    budget.add_argument("--keep-ratio", type=float, default=None, help=f"R̄ / M (default {DEFAULT_KEEP_RATIO:.3f})")
-    pr.add_argument(
-        "--wipe-layer",
-        type=int,
-        default=None,
-        help="K_f: no visual token after this layer (default: the K_f the twig records, else "
-        "round(0.75·L); L disables)",
-    )
-    pr.add_argument("--prune-layer", type=int, default=None, help="K for fastv (default: the twig's K, else 2)")
-    pr.add_argument(
-        "--query",
-        choices=list(QUERY_MODES),
-        default=PruneConfig.query,
-        help="score with the last prompt token (default) or the text after the image",
-    )
+    add_prune_args(pr)
     pr.add_argument("--save-kept", default=None, metavar="PNG", help="write the image(s) with pruned patches dimmed")
-    sp = gen.add_argument_group("self-speculative decoding (needs --twig)")
-    sp.add_argument("--speculative", action="store_true", help="the twig drafts, the full model verifies (lossless)")
-    add_draft_args(sp)
-    sp.add_argument("--adaptive-draft", action="store_true", help="adapt γ to the recent acceptance (chain)")
-    bench_cli.add_drafter_args(sp)
+    add_spec_args(gen.add_argument_group("self-speculative decoding (needs --twig)"))
 
     t = sub.add_parser("tiny", help="write a tiny random VLM (offline) for trying things out")
     t.add_argument("--out", required=True)
@@ -163,26 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
-
-def add_video_args(p: argparse.ArgumentParser) -> None:
-    """--video with its sampling (--fps, --max-frames) and the dynamic-resolution range (--min/--max-pixels)."""
-    v = p.add_argument_group("video (Qwen-VL, Video-LLaVA, LLaVA-OneVision) and resolution (Qwen-VL)")
-    v.add_argument("--video", action="append", default=[], help="a video file or a folder of frames (repeatable)")
-    v.add_argument("--fps", type=_positive_float, default=None, help="frames per second to sample (default: all)")
-    v.add_argument("--max-frames", type=positive_int, default=None, help="at most this many frames per video")
-    v.add_argument("--min-pixels", type=positive_int, default=None, help="smallest image area the processor keeps")
-    v.add_argument("--max-pixels", type=positive_int, default=None, help="largest image area the processor keeps")
-
-
 def load_video_args(args: argparse.Namespace) -> list:
     """The --video inputs, decoded and sampled (before the slow model load)."""
     from ..inputs.video import load_video
@@ -190,34 +123,6 @@ def load_video_args(args: argparse.Namespace) -> list:
     if (args.fps is not None or args.max_frames is not None) and not args.video:
         raise TwigVLMError("--fps and --max-frames sample a --video: give one")
     return [load_video(v, fps=args.fps, max_frames=args.max_frames) for v in args.video]
-
-
-def add_draft_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--draft-len (γ) and --draft-threshold (τ), their defaults taken from SpecConfig."""
-    p.add_argument(
-        "--draft-len",
-        type=positive_int,
-        default=SpecConfig.draft_len,
-        help=f"γ, tokens drafted per step (default {SpecConfig.draft_len})",
-    )
-    p.add_argument(
-        "--draft-threshold",
-        type=float,
-        default=SpecConfig.threshold,
-        help=f"τ: stop drafting below this draft probability (default {SpecConfig.threshold}; 0 disables)",
-    )
-
-
-def _gen_config(args: argparse.Namespace) -> GenConfig:
-    return GenConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
 
 
 def cmd_grow(args: argparse.Namespace) -> None:
@@ -235,29 +140,6 @@ def cmd_grow(args: argparse.Namespace) -> None:
     )
 
 
-def _prune_config(args: argparse.Namespace) -> PruneConfig:
-    return PruneConfig(
-        method=args.prune,
-        keep=args.keep,
-        keep_ratio=args.keep_ratio,
-        wipe_layer=args.wipe_layer,
-        layer=args.prune_layer,
-        query=args.query,
-    )
-
-
-def _spec_config(args: argparse.Namespace) -> SpecConfig | None:
-    if not args.speculative:
-        return None
-    return SpecConfig(
-        draft_len=args.draft_len,
-        threshold=args.draft_threshold,
-        adaptive=args.adaptive_draft,
-        max_draft_len=max(SpecConfig.max_draft_len, args.draft_len),
-        **bench_cli.drafter_settings(args),
-    )
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from ..api import VLM
     from ..inputs.images import load_images
@@ -265,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
-    cfg, prune, spec = _gen_config(args), _prune_config(args), _spec_config(args)
+    cfg, prune, spec = gen_from_args(args), prune_from_args(args), spec_from_args(args)
     check_request(cfg, prune, spec, has_twig=args.twig is not None)  # before the slow model load
     if args.save_kept is not None:
         output_file(args.save_kept, "--save-kept")
@@ -282,9 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         max_pixels=args.max_pixels,
         kernels=args.kernels,
     )
-    stream = vlm.stream(
-        args.prompt, image=images, config=cfg, prune=prune, speculative=spec or False, video=videos or None
-    )
+    stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune, speculative=spec, video=videos or None)
     if args.json:
         stream.run()
     else:
@@ -407,7 +287,10 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad flag (one line already printed): its exit code
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     _quiet_transformers()
     if getattr(args, "threads", None):
         import torch

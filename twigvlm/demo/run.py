@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..api import VLM
-from ..config import PruneConfig, SpecConfig
+from ..config import PruneConfig, SpecConfig, speculation
 from ..pruning.picture import save_kept_picture
 
 
@@ -50,12 +50,12 @@ def compare(
 ) -> tuple[Comparison, list[int] | None]:
     """One request through HF `generate` and through twigvlm; returns the numbers and the kept indices."""
     vlm.adapter.hf_generate(prompt, [image], 2)  # warm-up both paths
-    vlm.generate(prompt, image, max_new_tokens=2, prune=prune, speculative=spec or False)
+    vlm.generate(prompt, image, max_new_tokens=2, prune=prune, speculative=spec)
     t = time.perf_counter()
     hf_ids = vlm.adapter.hf_generate(prompt, [image], max_new_tokens)
     hf_s = time.perf_counter() - t
     t = time.perf_counter()
-    out = vlm.generate(prompt, image, max_new_tokens=max_new_tokens, prune=prune, speculative=spec or False)
+    out = vlm.generate(prompt, image, max_new_tokens=max_new_tokens, prune=prune, speculative=spec)
     seconds = time.perf_counter() - t
     s = out.stats
     return Comparison(
@@ -97,7 +97,7 @@ def main_job(
 ) -> list[Comparison]:
     """Run and print each (name, prompt, image, max_new_tokens) request; write kept-token pictures to out_dir."""
     prune = PruneConfig("twig", keep_ratio=keep_ratio)
-    spec = SpecConfig()
+    spec = speculation(True)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name, prompt, image, max_new_tokens in requests:

@@ -11,7 +11,6 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -21,53 +20,12 @@ from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
 from ..pruning.prefill import PruneStats, pruned_prefill
 from ..runtime.sampling import make_generator, pick_tokens
-from ..speculative.chain import SpecStats, TwigSpecModel, speculative_blocks
+from ..speculative.chain import TwigSpecModel, speculative_blocks
 from ..speculative.choice import chain_ranks, choose_drafter, recording
+from ..speculative.stats import SpecStats
 from ..speculative.tree import tree_blocks
 from ..speculative.tree_twig import TwigTreeModel
-
-
-@dataclass
-class GenerationStats:
-    """Counts and times of one generation. tokens_per_s counts everything from the prompt to the last token.
-
-    mean_accepted_per_step is a deprecated alias of tokens_per_verification (it counts emitted tokens, not accepted
-    drafts), kept only because it is in the JSON output (`twigvlm generate --json`, `GenerationResult.to_dict`).
-    """
-
-    prompt_tokens: int
-    visual_tokens: int
-    new_tokens: int
-    encode_s: float
-    prefill_s: float
-    decode_s: float
-    tokens_per_s: float
-    finish_reason: str  # "eos" | "stop" | "length" | "cancelled" (`Generation.cancel`)
-    prune_method: str = "none"
-    kept: int | None = None  # R', visual tokens the deep layers keep (None: no pruning)
-    avg_kept: float | None = None  # realised R̄, visual tokens per layer averaged over all layers
-    kept_indices: list[int] | None = None  # kept positions within the image tokens, 0-based
-    wipe_layer: int | None = None  # K_f: no visual token after this layer (None: no FinalWipe)
-    drafted: int | None = None  # speculative decoding (None without it)
-    accepted: int | None = None
-    verifications: int | None = None
-    acceptance_rate: float | None = None
-    tokens_per_verification: float | None = None  # tokens emitted per verification (1 + accepted drafts)
-    mean_accepted_per_step: float | None = None  # deprecated alias of tokens_per_verification (kept for JSON readers)
-    draft_s: float | None = None
-    verify_s: float | None = None
-    drafter: str | None = None  # "chain", "tree" or "none" (auto chose not to draft); None without speculation
-    accepted_per_step: list[int] | None = None  # drafts each verification accepted (the depth a tree reached)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "stats": asdict(self.stats)}
+from .stats import GenerationResult, generation_stats
 
 
 class TextStream:
@@ -317,7 +275,7 @@ class Generation:
         self.result = GenerationResult(
             text=text.text,
             token_ids=ids,
-            stats=self._stats(ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats),
+            stats=generation_stats(self.encoded, ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats),
         )
 
     def run(self) -> GenerationResult:
@@ -326,41 +284,3 @@ class Generation:
             pass
         assert self.result is not None
         return self.result
-
-    def _stats(
-        self,
-        ids: list[int],
-        reason: str,
-        prefill_s: float,
-        decode_s: float,
-        pruned: PruneStats | None,
-        spec: SpecStats | None,
-    ) -> GenerationStats:
-        encoded = self.encoded
-        total = encoded.encode_s + prefill_s + decode_s
-        stats = GenerationStats(
-            prompt_tokens=encoded.num_tokens,
-            visual_tokens=encoded.num_visual_tokens,
-            new_tokens=len(ids),
-            encode_s=encoded.encode_s,
-            prefill_s=prefill_s,
-            decode_s=decode_s,
-            tokens_per_s=len(ids) / total if total > 0 else 0.0,
-            finish_reason=reason,
-        )
-        reduced = encoded.reduction
-        if pruned is not None:
-            stats.prune_method, stats.visual_tokens, stats.kept = pruned.method, pruned.visual_tokens, pruned.kept
-            stats.avg_kept, stats.kept_indices = pruned.avg_kept, pruned.kept_indices
-            stats.wipe_layer = pruned.wipe
-        elif reduced is not None:  # VisionZip: fewer visual tokens in every layer
-            stats.prune_method, stats.visual_tokens = reduced.method, reduced.visual_tokens
-            stats.kept = stats.avg_kept = encoded.num_visual_tokens
-            stats.kept_indices = reduced.kept_indices
-        if spec is not None:
-            stats.drafted, stats.accepted, stats.verifications = spec.drafted, spec.accepted, spec.steps
-            stats.acceptance_rate, stats.tokens_per_verification = spec.acceptance_rate, spec.tokens_per_verification
-            stats.mean_accepted_per_step = stats.tokens_per_verification
-            stats.draft_s, stats.verify_s, stats.drafter = spec.draft_s, spec.verify_s, spec.drafter
-            stats.accepted_per_step = list(spec.accepted_per_step)
-        return stats

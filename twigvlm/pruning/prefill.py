@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.base import Encoded
+from ..adapters.base import Encoded, Reduction
 from ..config import NO_TWIG_TO_PRUNE, PruneConfig
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
@@ -104,13 +104,20 @@ def plan_for(engine: Engine, cfg: PruneConfig, num_visual: int) -> PrunePlan | N
 
 @dataclass
 class PruneStats:
-    method: str
+    """What pruning did in one prefill; the names are `GenerationStats`'s, which takes them over by name."""
+
+    prune_method: str
     visual_tokens: int  # M
     kept: int  # R'
     avg_kept: float  # realised R̄
     kept_indices: list[int]  # 0-based positions within the image tokens
     score_s: float = 0.0
-    wipe: int | None = None  # K_f: no visual token after this layer (None: nothing pruned)
+    wipe_layer: int | None = None  # K_f: no visual token after this layer (None: nothing pruned)
+
+    @classmethod
+    def of_reduction(cls, reduction: Reduction, kept: int) -> PruneStats:
+        """VisionZip's reduction before the language model: `kept` visual tokens in every layer."""
+        return cls(reduction.method, reduction.visual_tokens, kept, float(kept), list(reduction.kept_indices))
 
 
 def visual_row(encoded: Encoded, what: str = "visual-token pruning") -> torch.Tensor:

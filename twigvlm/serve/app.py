@@ -51,7 +51,9 @@ def create_app(
 ) -> FastAPI:
     """The app for `cfg`; `load` builds the VLM on the inference thread (default: `VLM.load` of cfg.model)."""
     metrics = Metrics()
-    loader = load or (lambda: VLM.load(cfg.model, twig=cfg.twig, dtype=cfg.dtype, device=cfg.device))
+    loader = load or (
+        lambda: VLM.load(cfg.model, twig=cfg.twig, dtype=cfg.dtype, device=cfg.device, kernels=cfg.kernels)
+    )
     worker = Worker(loader, cfg.max_queue, metrics, on_load_error)
     policy = MediaPolicy(
         cfg.allowed_local_media_path, cfg.allowed_media_domains, cfg.max_image_bytes, cfg.fetch_timeout_s
@@ -217,7 +219,7 @@ async def _sse(job: Job, model: str) -> AsyncIterator[str]:
                 reason = FINISH_REASONS[result.stats.finish_reason]
                 yield _data(chunk(req, model, {}, reason, twigvlm=extra, **more))
                 if req.include_usage:
-                    last = chunk(req, model, {}, usage=usage(extra["prompt_tokens"], result.stats.new_tokens))
+                    last = chunk(req, model, {}, usage=usage(extra["processor_prompt_tokens"], result.stats.new_tokens))
                     last["choices"] = []
                     yield _data(last)
             else:

@@ -11,28 +11,15 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import PRUNE_METHODS, PruneConfig, SpecConfig
+from ..config import PruneConfig
 from ..errors import TwigVLMError
+from ..flags import add_prune_args, add_served_model_args, add_spec_args, prune_from_args, spec_from_args, twig_flag
 from .config import ServeConfig
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model (default: the demo model), --twig, --dtype, --device: shared with `twigvlm chat`."""
-    p.add_argument("--model", default="demo", help="a Hugging Face VLM directory or a named model (default: demo)")
-    p.add_argument("--twig", default=None, help="a twig directory or name; 'none' for none (default: demo with demo)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-
-
-def twig_flag(args: argparse.Namespace) -> str | None:
-    """The twig to load: --twig as given ('none': none), else the demo twig with the demo model."""
-    twig = args.twig if args.twig is not None else ("demo" if args.model == "demo" else None)
-    return None if twig == "none" else twig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) with a playground page")
-    add_model_flags(s)
+    add_served_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503 (default: 32)")
@@ -41,25 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allowed-media-domains", default="", metavar="A,B", help="allow http(s) images from these hosts")
     s.add_argument("--max-tokens", type=int, default=256, help="max_completion_tokens when a request gives none")
     a = s.add_argument_group("acceleration defaults (a request's own fields win)")
-    a.add_argument("--prune", choices=list(PRUNE_METHODS), default="none")
-    budget = a.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float, default=None, help="R̄: average visual tokens per layer")
-    budget.add_argument("--keep-ratio", type=float, default=None, help="R̄ / M (default 0.111)")
-    a.add_argument("--wipe-layer", type=int, default=None, help="K_f (default: the twig's, else round(0.75·L))")
-    a.add_argument("--speculative", action="store_true", help="draft with the twig, verify with the full model")
-    a.add_argument("--draft-len", type=int, default=SpecConfig.draft_len, help="γ (default 5)")
-    a.add_argument("--draft-threshold", type=float, default=SpecConfig.threshold, help="τ (default 0.6)")
+    add_prune_args(a)
+    add_spec_args(a)
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The flags as a checked `ServeConfig` (one-line errors before anything loads)."""
-    spec = None
-    if args.speculative:
-        spec = SpecConfig(
-            draft_len=args.draft_len,
-            threshold=args.draft_threshold,
-            max_draft_len=max(SpecConfig.max_draft_len, args.draft_len),
-        )
     cfg = ServeConfig(
         model=args.model,
         twig=twig_flag(args),
@@ -67,20 +41,18 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         dtype=args.dtype,
         device=args.device,
+        kernels=args.kernels,
         max_queue=args.max_queue,
         api_key=args.api_key,
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
         allowed_media_domains=tuple(d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
         max_tokens=args.max_tokens,
-        prune=PruneConfig(method=args.prune, keep=args.keep, keep_ratio=args.keep_ratio, wipe_layer=args.wipe_layer),
-        speculative=spec,
+        prune=prune_from_args(args) or PruneConfig(),
+        speculative=spec_from_args(args),
     )
     cfg.validate()
     if cfg.max_tokens < 1:
         raise TwigVLMError(f"--max-tokens {cfg.max_tokens} is invalid: give a positive integer")
-    budget = (args.keep, args.keep_ratio, args.wipe_layer)
-    if args.prune == "none" and any(v is not None for v in budget):
-        raise TwigVLMError("--keep, --keep-ratio and --wipe-layer need --prune (twig, fastv or visionzip)")
     if cfg.twig is None and (cfg.speculative is not None or cfg.prune.method == "twig"):
         raise TwigVLMError("--speculative and --prune twig need a twig: pass --twig DIR")
     return cfg

@@ -31,6 +31,7 @@ class ServeConfig:
     port: int = 8000
     dtype: str = "float32"
     device: str = "cpu"
+    kernels: str | None = None  # the CPU products' layout (`VLM.load`'s kernels: None → auto)
     max_queue: int = 32
     api_key: str | None = None
     allowed_local_media_path: Path | None = None

@@ -4,21 +4,22 @@
 Every field that would change the result and that twigvlm cannot honour (`n` > 1, `logprobs`, tools, penalties,
 ...) is refused with a 400 that names it; nothing is silently ignored. The acceleration settings are extra
 top-level fields (the openai client's `extra_body`): `prune`, `keep`, `keep_ratio`, `wipe_layer`, `speculative`,
-`draft_len`, `draft_threshold`; `top_k` and `ignore_eos` are accepted too. Parsing touches no model and no file.
+`draft` (auto, chain or tree), `draft_len`, `draft_threshold`; `top_k` and `ignore_eos` are accepted too.
+Parsing touches no model and no file.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from ..config import PRUNE_METHODS, GenConfig, PruneConfig, SpecConfig
+from ..config import DRAFTERS, PRUNE_METHODS, GenConfig, PruneConfig, SettingError, SpecConfig, pruning, speculation
 from ..errors import TwigVLMError
-from ..generation.loop import GenerationResult
+from ..generation.stats import GenerationResult
 from .config import ServeConfig
 from .errors import APIError, bad_request
 
@@ -43,7 +44,7 @@ REFUSED_UNLESS = {
     "prediction": (None,),
     "reasoning_effort": (None,),
 }
-ACCELERATION = {"prune", "keep", "keep_ratio", "wipe_layer", "speculative", "draft_len", "draft_threshold"}
+ACCELERATION = {"prune", "keep", "keep_ratio", "wipe_layer", "speculative", "draft", "draft_len", "draft_threshold"}
 KNOWN = (
     {
         "model",
@@ -185,37 +186,25 @@ def _gen_config(body: dict[str, Any], cfg: ServeConfig) -> GenConfig:
 
 
 def _acceleration(body: dict[str, Any], cfg: ServeConfig) -> tuple[PruneConfig | None, SpecConfig | None]:
-    """The request's pruning and drafting: its own fields over the server's defaults."""
-    prune = cfg.prune
-    method = _typed(body, "prune", (str,), f"one of {', '.join(PRUNE_METHODS)}")
-    if method is not None:
-        prune = replace(prune, method=method)
+    """The request's pruning and drafting: its own fields over the server's defaults, through the same
+    `config.pruning` / `config.speculation` as the CLI and the Python API (so `"speculative": true` drafts with
+    the server's drafter settings, else auto's)."""
+    prune = _typed(body, "prune", (str,), f"one of {', '.join(PRUNE_METHODS)}")
     keep = _typed(body, "keep", (int, float), "a number of visual tokens")
     keep_ratio = _typed(body, "keep_ratio", (int, float), "a number in (0, 1]")
-    if keep is not None or keep_ratio is not None:
-        prune = replace(prune, keep=keep, keep_ratio=keep_ratio)
     wipe = _typed(body, "wipe_layer", (int,), "a layer number")
-    if wipe is not None:
-        prune = replace(prune, wipe_layer=wipe)
-    prune.validate()
-    if not prune.active and (keep is not None or keep_ratio is not None or wipe is not None):
-        raise bad_request("'keep', 'keep_ratio' and 'wipe_layer' need 'prune' (twig, fastv or visionzip)", "prune")
     speculative = _typed(body, "speculative", (bool,), "true or false")
-    if speculative is None:
-        spec = cfg.speculative  # the server's default
-    else:
-        spec = (cfg.speculative or SpecConfig()) if speculative else None
-    draft_len = _typed(body, "draft_len", (int,), "a positive integer")
-    threshold = _typed(body, "draft_threshold", (int, float), "a number in [0, 1)")
-    if spec is None and (draft_len is not None or threshold is not None):
-        raise bad_request("'draft_len' and 'draft_threshold' need 'speculative': true", "speculative")
-    if spec is not None:
-        if draft_len is not None:
-            spec = replace(spec, draft_len=draft_len, max_draft_len=max(spec.max_draft_len, draft_len))
-        if threshold is not None:
-            spec = replace(spec, threshold=float(threshold))
-        spec.validate()
-    return (prune if prune.active else None), spec
+    drafting = {
+        "draft": _typed(body, "draft", (str,), f"one of {', '.join(DRAFTERS)}"),
+        "draft_len": _typed(body, "draft_len", (int,), "a positive integer"),
+        "threshold": _typed(body, "draft_threshold", (int, float), "a number in [0, 1)"),
+    }
+    try:
+        pruned = pruning(prune, keep=keep, keep_ratio=keep_ratio, wipe_layer=wipe, base=cfg.prune)
+        spec = speculation(speculative, base=cfg.speculative, **{k: v for k, v in drafting.items() if v is not None})
+    except SettingError as e:
+        raise bad_request(str(e), e.param) from None
+    return pruned, spec
 
 
 # ---- what is sent back ------------------------------------------------------------------------------------------
@@ -242,7 +231,7 @@ def completion(req: ChatRequest, model: str, result: GenerationResult, extra: di
                 "finish_reason": FINISH_REASONS[result.stats.finish_reason],
             }
         ],
-        "usage": usage(extra["prompt_tokens"], result.stats.new_tokens),
+        "usage": usage(extra["processor_prompt_tokens"], result.stats.new_tokens),
         "twigvlm": extra,
     }
 

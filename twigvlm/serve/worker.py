@@ -15,14 +15,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ..api import VLM
 from ..errors import TwigVLMError
-from ..generation.loop import Generation, GenerationResult
+from ..generation.loop import Generation
+from ..generation.stats import GenerationResult
 from ..pruning.picture import picture_layout
 from .errors import APIError, bad_request
 from .metrics import Metrics
@@ -158,7 +159,7 @@ class Worker:
             result = gen.result
             assert result is not None
             extra = self.request_stats(gen, result, start - job.arrived, req.images)
-            m.record_result(result.stats, extra["prompt_tokens"])
+            m.record_result(result.stats, extra["processor_prompt_tokens"])
             m.e2e.observe(time.perf_counter() - job.arrived)
             m.requests.labels(result.stats.finish_reason).inc()
             job.send("done", result, extra)
@@ -173,32 +174,19 @@ class Worker:
     def request_stats(
         self, gen: Generation, result: GenerationResult, queue_s: float, images: list[Any]
     ) -> dict[str, Any]:
-        """The `twigvlm` extension object: what acceleration did for this request, and its times."""
-        s, encoded = result.stats, gen.encoded
-        reduced = encoded.reduction
-        # Prompt tokens as the processor counts them: VisionZip's dropped visual tokens included.
-        prompt = encoded.num_tokens + (reduced.visual_tokens - encoded.num_visual_tokens if reduced else 0)
+        """The `twigvlm` extension object: the generation's statistics (every `GenerationStats` field, as the
+        Python API and `twigvlm generate --json` give them) and the server's own: the time in the queue, the
+        images' token grids, whether it drafted, and the prompt tokens as the processor counts them (VisionZip's
+        dropped visual tokens included; the `usage` object reports these)."""
+        encoded, reduced = gen.encoded, gen.encoded.reduction
         grids = [{"rows": r, "cols": c, "lead": lead} for _, r, c, lead in _layouts(self.vlm, images)]
         return {
-            "prompt_tokens": prompt,
-            "visual_tokens": s.visual_tokens,
-            "kept": s.kept,
-            "avg_kept": s.avg_kept,
-            "kept_indices": s.kept_indices,
+            **asdict(result.stats),
+            "processor_prompt_tokens": encoded.num_tokens
+            + (reduced.visual_tokens - encoded.num_visual_tokens if reduced else 0),
+            "speculative": result.stats.drafter is not None,
             "image_grids": grids,
-            "prune_method": s.prune_method,
-            "wipe_layer": s.wipe_layer,
-            "speculative": s.drafted is not None,
-            "drafted": s.drafted,
-            "accepted": s.accepted,
-            "acceptance_rate": s.acceptance_rate,
-            "tokens_per_verification": s.tokens_per_verification,
             "queue_s": queue_s,
-            "encode_s": s.encode_s,
-            "prefill_s": s.prefill_s,
-            "decode_s": s.decode_s,
-            "tokens_per_s": s.tokens_per_s,
-            "finish_reason": s.finish_reason,
         }
 
 

@@ -23,6 +23,7 @@ from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
 from ..errors import require_batch_one
 from ..runtime.sampling import probs_from_logits
+from .stats import SpecStats
 
 
 @dataclass
@@ -42,39 +43,6 @@ class SpecModel(Protocol):
 
     def commit(self, accepted: int) -> None:
         """Keep `last` and the first `accepted` drafts in every cache; drop the rest."""
-
-
-@dataclass
-class SpecStats:
-    drafted: int = 0
-    accepted: int = 0
-    steps: int = 0  # verifications
-    emitted: int = 0  # tokens produced by verifications (accepted drafts + one target token each)
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    drafter: str = "chain"  # "chain", "tree" or "none" (auto chose not to draft)
-    accepted_per_step: list[int] = field(default_factory=list)  # drafts accepted by each verification
-    drafted_per_step: list[int] = field(default_factory=list)  # chain: drafts each verification saw
-
-    def add_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        """One verification: `drafted` tokens proposed, the first `accepted` of them (or one path) kept, plus the
-        target's own token."""
-        self.draft_s += draft_s
-        self.verify_s += verify_s
-        self.drafted += drafted
-        self.accepted += accepted
-        self.steps += 1
-        self.emitted += accepted + 1
-        self.accepted_per_step.append(accepted)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_verification(self) -> float:
-        """Tokens emitted per verification: 1 + the drafts it accepted, on average."""
-        return self.emitted / self.steps if self.steps else 0.0
 
 
 def accept(
@@ -125,7 +93,6 @@ def speculative_blocks(
         n, nxt = accept(draft, logits, cfg, generator)
         model.commit(n)
         stats.add_step(len(draft.ids), n, t1 - t0, time.perf_counter() - t1)
-        stats.drafted_per_step.append(len(draft.ids))
         if spec.adaptive and draft.ids:
             gamma = min(gamma + 1, spec.max_draft_len) if n == len(draft.ids) else max(1, gamma - 1)
         block = draft.ids[:n] + [nxt]

@@ -31,7 +31,7 @@ import torch
 
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
-from .chain import SpecStats
+from .stats import SpecStats
 
 SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)

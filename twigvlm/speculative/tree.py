@@ -27,7 +27,7 @@ import torch
 
 from ..config import GenConfig, SpecConfig
 from ..runtime.sampling import probs_from_logits
-from .chain import SpecStats
+from .stats import SpecStats
 
 
 @dataclass

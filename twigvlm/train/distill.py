@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..api import VLM
-from ..config import GenConfig, SpecConfig
+from ..config import GenConfig, SpecConfig, speculation
 from ..errors import TwigVLMError
 from ..inputs.paths import output_file
 from .config import DistillDataConfig
@@ -55,9 +55,7 @@ def _answer_turns(
         if role == "user" and (replace or not answered):
             seen = sum(t.count(IMAGE_PLACEHOLDER) for r, t in done if r == "user")
             clips = (videos or [])[: sum(t.count(VIDEO_PLACEHOLDER) for r, t in done if r == "user")]
-            result = vlm.generate(
-                to_messages(done), images[:seen] or None, cfg, speculative=spec or False, video=clips or None
-            )
+            result = vlm.generate(to_messages(done), images[:seen] or None, cfg, speculative=spec, video=clips or None)
             done.append(("assistant", result.text))
             generated += 1
     return done, generated
@@ -75,7 +73,7 @@ def distill_data(cfg: DistillDataConfig) -> tuple[Path, int, int]:
     records, skipped = load_records(cfg.data, cfg.image_folder, cfg.skip_missing_images, require_answer=False)
     vlm = VLM.load(cfg.model, twig=cfg.twig, dtype=cfg.dtype, device=cfg.device)
     gen = GenConfig(max_new_tokens=cfg.max_new_tokens)
-    spec = SpecConfig() if cfg.twig is not None else None
+    spec = speculation(cfg.twig is not None)
     written: list[dict[str, Any]] = []
     generated = 0
     for rec in tqdm(records, desc="answering", unit="record"):
