@@ -319,3 +319,51 @@ def test_the_playground_streams_an_answer_with_ttp_and_ssd_and_draws_the_kept_to
     text, stats = api()
     assert plain["answer"] == text and plain["kept"] == f"all {stats['visual_tokens']}" and plain["acc"] == "off"
     assert int(plain["dimmed"]) == 0
+
+
+def test_speculative_means_the_same_from_http_cli_and_python(server, client, image, capsys):  # noqa: F811
+    # One settings path: `speculative` on is the same SpecConfig (the drafter auto) from every entry point, and a
+    # drafter named in each runs in each; the stats fields are GenerationStats' everywhere (HTTP adds its own).
+    from dataclasses import asdict, fields
+
+    import twigvlm
+    from twigvlm import GenerationStats, SpecConfig
+    from twigvlm.cli.main import build_parser
+    from twigvlm.config import speculation
+    from twigvlm.flags import spec_from_args
+    from twigvlm.serve.config import ServeConfig
+    from twigvlm.serve.protocol import parse_chat_request
+
+    gen = ["generate", "--model", server.model, "--twig", server.twig, "--prompt", PROMPT, "--speculative"]
+    body = {"model": server.model, "messages": user(PROMPT), "speculative": True}
+    cfg = ServeConfig(model=server.model, twig=server.twig)
+    python = speculation(True)
+    assert python == spec_from_args(build_parser().parse_args(gen)) == parse_chat_request(body, cfg).spec
+    assert python == SpecConfig(draft="auto")
+    chain = ["--draft", "chain", "--draft-len", "3"]
+    assert (
+        speculation(True, draft="chain", draft_len=3)
+        == spec_from_args(build_parser().parse_args(gen + chain))
+        == parse_chat_request({**body, "draft": "chain", "draft_len": 3}, cfg).spec
+    )
+
+    names = {f.name for f in fields(GenerationStats)}
+    settings = dict(max_new_tokens=8, ignore_eos=True)
+    vlm = twigvlm.load(server.model, twig=server.twig)
+    for drafter in ("chain", None):  # None: auto, whose choice rests on timings (the fields are the same)
+        py = vlm.generate(PROMPT, image=str(image), speculative=speculation(True, draft=drafter or "auto"), **settings)
+        argv = gen + ["--image", str(image), "--max-new-tokens", "8", "--ignore-eos", "--json"]
+        assert cli.main(argv + (["--draft", drafter] if drafter else [])) == 0
+        out = json.loads(capsys.readouterr().out)
+        line = out["stats"]
+        extra = {"speculative": True, "ignore_eos": True} | ({"draft": drafter} if drafter else {})
+        messages = user(PROMPT, data_url(image.read_bytes()))
+        http = client.chat.completions.create(
+            model=server.model, messages=messages, max_completion_tokens=8, temperature=0, extra_body=extra
+        )
+        served_stats = http.model_extra["twigvlm"]
+        assert set(asdict(py.stats)) == set(line) == names <= set(served_stats)
+        if drafter:
+            assert py.stats.drafter == line["drafter"] == served_stats["drafter"] == drafter
+        assert py.text == out["text"] == http.choices[0].message.content  # lossless: the same greedy answer
+        assert line["drafter"] in ("chain", "tree", "none") and served_stats["drafter"] in ("chain", "tree", "none")

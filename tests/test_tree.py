@@ -470,12 +470,10 @@ def test_auto_scales_each_kind_by_how_its_past_choices_measured():
 
 
 def test_auto_records_its_choices_for_calibration(vlms):
-    import twigvlm.speculative.choice as dc
-
     vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
     args = dict(prompt="describe", image=random_image(2), ignore_eos=True, max_new_tokens=12)
     out = vlm.generate(**args, speculative=True)
-    cal = dc._record(vlm.engine).calibration
+    cal = vlm.draft_record(vlm.twig).calibration
     kind = out.stats.drafter
     assert kind in ("chain", "tree") and cal.seconds[kind] == pytest.approx(out.stats.draft_s + out.stats.verify_s)
     assert cal.expected[kind] > 0 and 0 < cal.factor(kind)

@@ -8,6 +8,7 @@ for piece in vlm.stream("Describe it.", image="photo.jpg"):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from .inputs.named import load_model, twig_directory
 from .inputs.video import VideoInput, load_videos
 from .pruning.visionzip import VisionZip
 from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
+from .speculative.choice import DraftRecord
 from .twig.model import Twig, grow_twig, load_twig, save_twig
 
 _GEN_FIELDS = {f.name for f in fields(GenConfig)}
@@ -44,6 +46,7 @@ class VLM:
         self.adapter = adapter
         self._engine = Engine(adapter, twig)
         self.kernel_plan: KernelPlan | None = None
+        self._draft_records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Twig → DraftRecord
 
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -116,6 +119,11 @@ class VLM:
             return self._engine
         return self._engine.with_twig(None if twig is False else twig)
 
+    def draft_record(self, twig: Twig) -> DraftRecord:
+        """What auto's drafter choice has learned about `twig` on this VLM (costs, acceptance, calibration): each
+        generation with the twig reads and extends it. Replace it with a fresh `DraftRecord` to start over."""
+        return self._draft_records.setdefault(twig, DraftRecord())
+
     def grow_twig(self, config: TwigConfig | None = None, **kwargs: Any) -> Twig:
         """Grow a twig (copies of base layers K+1..K+T) and attach it. kwargs: the TwigConfig fields (K, T, head,
         layer_init, wipe_layer)."""
@@ -177,7 +185,8 @@ class VLM:
         spec = speculation(speculative)
         engine = self.engine_for(twig)
         check_request(cfg, prune, spec, has_twig=engine.twig is not None)  # before the (slow) encoding
-        return Generation(engine, self.encode(prompt, image, prune, video), cfg, prune, spec)
+        record = self.draft_record(engine.twig) if spec is not None and engine.twig is not None else None
+        return Generation(engine, self.encode(prompt, image, prune, video), cfg, prune, spec, record)
 
     def generate(
         self,

@@ -6,7 +6,7 @@ of a few tokens, and otherwise picks what maximises the expected tokens per seco
 - costs are measured once per twig, device and dtype, on the generation's own state right after its prefill
   (`probe_costs`: a verification over n = 1, 2, 4, … 32 rows, a draft level over w nodes, layers 1..K alone);
 - the expected tokens per step come from a positional acceptance vector a_r — the chance that the twig's r-th
-  best token is the target's — estimated from the twig's steps so far in this process (`Acceptance`, smoothed
+  best token is the target's — estimated from the twig's steps so far (`Acceptance` in its `DraftRecord`, smoothed
   towards a prior), with Sequoia's dynamic program for the best tree of n nodes and depth d;
 - chain (γ ≤ max_draft_len): E = Σ_{i ≤ γ} a_1^i tokens for γ·t_level(1) + t_base(1) + t_verify(γ + 1)
   seconds; tree (N, D, k): E = 1 + the program's value, for t_level(1) + (D − 1)·t_level(k) + t_base(N) +
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -109,17 +108,15 @@ class Calibration:
 
 
 @dataclass
-class _Record:
+class DraftRecord:
+    """What auto has learned about one twig, read by its next choices: the passes' costs (per device and dtype),
+    the twig's acceptance by rank, and each kind's calibration. Its owner passes it in (`VLM` keeps one per twig,
+    `VLM.draft_record`); a generation without one starts from a fresh record, so no choice depends on hidden
+    process state."""
+
     costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype)
     acceptance: Acceptance = field(default_factory=Acceptance)
     calibration: Calibration = field(default_factory=Calibration)
-
-
-_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Twig → _Record (dropped with the twig)
-
-
-def _record(engine: Engine) -> _Record:
-    return _RECORDS.setdefault(engine.twig, _Record())
 
 
 @dataclass(frozen=True)
@@ -130,15 +127,16 @@ class DrafterChoice:
     model_rate: float | None = None  # the cost model's own expectation, before calibration
 
 
-def choose_drafter(engine: Engine, state: DecodeState, cfg: GenConfig, spec: SpecConfig) -> DrafterChoice:
-    """The drafter for one generation (after its prefill: `state` holds the prompt)."""
+def choose_drafter(
+    engine: Engine, state: DecodeState, cfg: GenConfig, spec: SpecConfig, rec: DraftRecord
+) -> DrafterChoice:
+    """The drafter for one generation (after its prefill: `state` holds the prompt), from what `rec` holds."""
     if spec.draft == "chain":
         return DrafterChoice("chain", spec)
     if spec.draft == "tree":
         return DrafterChoice("tree", spec)
     if cfg.max_new_tokens <= SHORT_ANSWER:
         return DrafterChoice("none", spec)
-    rec = _record(engine)
     key = (str(state.cache[0].keys().device), str(state.cache[0].keys().dtype))
     if key not in rec.costs:
         rec.costs[key] = probe_costs(engine, state)
@@ -236,17 +234,16 @@ def _monotone(table: dict[int, float]) -> dict[int, float]:
 
 def recording(
     blocks: Iterator[list[int]],
-    engine: Engine,
+    rec: DraftRecord,
     ranks: Callable[[], list[int | None]],
     choice: DrafterChoice | None = None,
     stats: SpecStats | None = None,
 ) -> Iterator[list[int]]:
     """`blocks`, and when the generation ends (or is dropped), the ranks it saw go into the twig's acceptance
-    record and, for auto's choices, the tokens and seconds of its steps into the kind's calibration."""
+    record `rec` and, for auto's choices, the tokens and seconds of its steps into the kind's calibration."""
     try:
         yield from blocks
     finally:
-        rec = _record(engine)
         rec.acceptance.record(ranks())
         if choice is not None and choice.model_rate is not None and stats is not None:
             seconds = stats.draft_s + stats.verify_s
