@@ -25,7 +25,7 @@ from torch import nn
 from ..adapters.base import VLMAdapter
 from ..config import HEAD_MODES, LAYER_INITS, TwigConfig
 from ..errors import TwigVLMError
-from .fingerprint import weights_hash, weights_sample
+from .fingerprint import ARCH_KEYS, base_fingerprint, check_fingerprint, same_weights
 
 WEIGHTS_NAME = "twig.safetensors"
 CONFIG_NAME = "twig.json"
@@ -69,60 +69,6 @@ class Twig(nn.Module):
     def extra_repr(self) -> str:
         vocab = "" if self.draft_vocab is None else f", draft_vocab={self.draft_vocab.numel()}"
         return f"K={self.config.K}, T={self.config.T}, head={self.config.head}{vocab}"
-
-
-ARCH_KEYS = ("model_type", "num_layers", "hidden_size", "vocab_size")
-# A base loaded in another dtype rounds its weights: bf16 keeps 8 bits of mantissa, so samples of the same
-# checkpoint agree within 1%; other checkpoints differ far more.
-SAMPLE_RTOL, SAMPLE_ATOL = 1e-2, 1e-5
-
-
-def base_fingerprint(adapter: VLMAdapter) -> dict[str, Any]:
-    """What identifies the base a twig belongs to: architecture facts, a hash and a sample of a few weights."""
-    spec = adapter.spec
-    return {
-        "model_type": spec.model_type,
-        "num_layers": spec.num_layers,
-        "hidden_size": spec.hidden_size,
-        "vocab_size": spec.vocab_size,
-        "weights_hash": weights_hash(adapter),
-        "weights_sample": weights_sample(adapter),
-    }
-
-
-def _same_weights(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
-    if expected.get("weights_hash") == actual["weights_hash"]:
-        return True  # same checkpoint, loaded in fp32 or bf16
-    a, b = expected.get("weights_sample"), actual["weights_sample"]
-    if not isinstance(a, dict) or a.keys() != b.keys():
-        return False
-    return all(
-        len(a[k]) == len(b[k])
-        and all(abs(x - y) <= SAMPLE_ATOL + SAMPLE_RTOL * abs(y) for x, y in zip(a[k], b[k], strict=True))
-        for k in a
-    )
-
-
-def check_fingerprint(expected: dict[str, Any], adapter: VLMAdapter, source: str) -> None:
-    """Refuse a twig grown on another base, naming the first mismatch."""
-    actual = base_fingerprint(adapter)
-    missing = [k for k in actual if k not in expected]
-    if missing:
-        raise TwigVLMError(
-            f"the twig in {source} has no base fingerprint ({', '.join(missing)} missing from "
-            f"{CONFIG_NAME}): grow or train it again with this version of twigvlm"
-        )
-    for key in ARCH_KEYS:
-        if expected[key] != actual[key]:
-            raise TwigVLMError(
-                f"the twig in {source} was grown for another base model: {key} is "
-                f"{expected[key]!r} there but {actual[key]!r} here; grow or train a twig for this model"
-            )
-    if not _same_weights(expected, actual):
-        raise TwigVLMError(
-            f"the twig in {source} was grown for another base model: same architecture, but the "
-            "weights differ; grow or train a twig for this model"
-        )
 
 
 def freeze_base(adapter: VLMAdapter) -> None:
@@ -260,7 +206,7 @@ def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
 def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     """Load a saved twig onto this base (its tensors take the base's dtype and device)."""
     meta = read_twig_config(twig_dir)
-    check_fingerprint(meta["base"], adapter, str(twig_dir))
+    check_fingerprint(meta["base"], adapter, f"{twig_dir} ({CONFIG_NAME})")
     try:
         twig = grow_twig(
             adapter,
@@ -288,7 +234,7 @@ def load_twig_weights(twig: Twig, twig_dir: str | Path) -> None:
                 f"{key}={getattr(twig.config, key)!r}: use the same K, T and head"
             )
     base = twig.base_fingerprint
-    if any(meta["base"].get(k) != base[k] for k in ARCH_KEYS) or not _same_weights(meta["base"], base):
+    if any(meta["base"].get(k) != base[k] for k in ARCH_KEYS) or not same_weights(meta["base"], base):
         raise TwigVLMError(f"the twig in {twig_dir} was grown for another base model than this one")
     _load_weights(twig, twig_dir)
 
