@@ -89,7 +89,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
     )
     b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
     b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")
-    b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
+    b.add_argument("--out", default="out/bench", help="output folder (default: %(default)s)")
 
 
 class BenchTwig(NamedTuple):

@@ -13,20 +13,35 @@ from pathlib import Path
 
 from ..config import PruneConfig
 from ..errors import TwigVLMError
-from ..flags import add_prune_args, add_served_model_args, add_spec_args, prune_from_args, spec_from_args, twig_flag
+from ..flags import (
+    add_prune_args,
+    add_served_model_args,
+    add_spec_args,
+    positive_int,
+    prune_from_args,
+    spec_from_args,
+    twig_flag,
+)
 from .config import ServeConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) with a playground page")
     add_served_model_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503 (default: 32)")
+    s.add_argument(
+        "--max-queue", type=positive_int, default=32, help="requests that may wait; more get 503 (default: %(default)s)"
+    )
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--allowed-local-media-path", default=None, metavar="DIR", help="allow file:// images below DIR")
     s.add_argument("--allowed-media-domains", default="", metavar="A,B", help="allow http(s) images from these hosts")
-    s.add_argument("--max-tokens", type=int, default=256, help="max_completion_tokens when a request gives none")
+    s.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=256,
+        help="max_completion_tokens when a request gives none (default: %(default)s)",
+    )
     a = s.add_argument_group("acceleration defaults (a request's own fields win)")
     add_prune_args(a)
     add_spec_args(a)
@@ -51,8 +66,6 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         speculative=spec_from_args(args),
     )
     cfg.validate()
-    if cfg.max_tokens < 1:
-        raise TwigVLMError(f"--max-tokens {cfg.max_tokens} is invalid: give a positive integer")
     if cfg.twig is None and (cfg.speculative is not None or cfg.prune.method == "twig"):
         raise TwigVLMError("--speculative and --prune twig need a twig: pass --twig DIR")
     return cfg
