@@ -1,6 +1,7 @@
 """twigvlm: grow a twig on a frozen vision-language model to prune visual tokens and draft tokens.
 
-Public API: `load`, `VLM`, `TwigConfig`, `GenConfig`, `GenerationResult`, `TwigVLMError`.
+Public API: `load`, `VLM`, the settings (`GenConfig`, `PruneConfig`, `SpecConfig`, `TwigConfig`), the result
+(`GenerationResult`, `GenerationStats`) and `TwigVLMError`.
 """
 
 from .api import VLM, load

@@ -64,7 +64,7 @@ class VLM:
         model such as "demo"; and a twig directory if given. min_pixels / max_pixels: the image size range of a
         dynamic-resolution family (Qwen-VL), passed to its image processor. kernels: "auto" (the default on a
         CPU, from the environment variable TWIGVLM_KERNELS when set) picks the fastest measured layout for the
-        decoder's small-row products (`twigvlm.kernels`); "stock" keeps nn.Linear."""
+        decoder's small-row products (`twigvlm.runtime.kernels`); "stock" keeps nn.Linear."""
         vlm = cls(load_model(model, dtype=dtype, device=device))
         vlm.set_kernels(resolve_mode(kernels))
         if min_pixels is not None or max_pixels is not None:
@@ -121,7 +121,8 @@ class VLM:
 
     def draft_record(self, twig: Twig) -> DraftRecord:
         """What auto's drafter choice has learned about `twig` on this VLM (costs, acceptance, calibration): each
-        generation with the twig reads and extends it. Replace it with a fresh `DraftRecord` to start over."""
+        generation with the twig reads and extends it; it lives as long as the twig does (a fresh twig, a fresh
+        record)."""
         return self._draft_records.setdefault(twig, DraftRecord())
 
     def grow_twig(self, config: TwigConfig | None = None, **kwargs: Any) -> Twig:
@@ -211,8 +212,9 @@ class VLM:
 
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
-    """A method name ("twig", "fastv", "visionzip") at the default budget, or the config as given."""
-    return pruning(prune) if isinstance(prune, str) else prune
+    """A method name ("twig", "fastv", "visionzip") at the default budget, or the config as given; through
+    `config.pruning` either way, so a budget without a method is refused as on the CLI and over HTTP."""
+    return pruning(prune) if isinstance(prune, str) else pruning(base=prune) if prune is not None else None
 
 
 def load(

@@ -224,6 +224,9 @@ def _names(fields: list[str], where: str) -> str:
     return ", ".join(SETTING_NAMES[f][where == "flags"] for f in fields)
 
 
+PRUNE_SETTINGS = ("keep", "keep_ratio", "wipe_layer", "layer", "query")  # what only a pruning method uses
+
+
 def _need(settings: dict) -> str:
     return "needs" if len(settings) == 1 else "need"
 
@@ -250,11 +253,15 @@ def pruning(
     if "keep" in given or "keep_ratio" in given:  # one budget replaces the other
         prune = replace(prune, keep=keep, keep_ratio=keep_ratio)
     prune = replace(prune, **{k: v for k, v in given.items() if k not in ("keep", "keep_ratio")})
-    if not prune.active and given:
-        raise SettingError(
-            f"{_names(list(given), where)} {_need(given)} {_names(['method'], where)} (twig, fastv or visionzip)",
-            "prune",
-        )
+    if not prune.active:  # a budget for no pruning: given here, or in the config passed as `base`
+        default = PruneConfig()
+        unused = {k: v for k in given.keys() | PRUNE_SETTINGS if (v := getattr(prune, k)) != getattr(default, k)}
+        if unused:
+            names = [k for k in PRUNE_SETTINGS if k in unused]
+            raise SettingError(
+                f"{_names(names, where)} {_need(unused)} {_names(['method'], where)} (twig, fastv or visionzip)",
+                "prune",
+            )
     try:
         prune.validate()
     except TwigVLMError as e:

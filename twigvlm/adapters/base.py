@@ -5,9 +5,10 @@ and visual-token masks (`Encoded`), and exposes the decoder layers, the rotary e
 one layer call, the keys/values a layer would cache, the scoring attention row, the final norm and the LM head.
 Everything else a family may offer — training labels, VisionZip, pictures of the kept tokens, the stock
 `generate` baseline — is an optional capability in `capabilities.py`; shared layer mechanics for decoders shaped
-like transformers' Llama live in `decoder.py`. The engine never imports transformers; a new family (Qwen2-VL's
-3-D M-RoPE, LLaVA-NeXT's tiles, Idefics3, video frames) is a new subclass, with no change to the engine.
-See docs/adding-a-model.md.
+like transformers' Llama live in `decoder.py`, and what every adapter over a stock placeholder-filling model
+shares (prompts, `encode`, the scatter of visual features) in `stock.py`. The engine never imports transformers;
+a new family (Qwen2-VL's 3-D M-RoPE, LLaVA-NeXT's tiles, Idefics3, video frames) is a new subclass, with no
+change to the engine. See docs/adding-a-model.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor
+from torch.nn import Module
 
 from ..errors import TwigVLMError
 from ..runtime.cache import LayerKV
@@ -27,12 +29,15 @@ from ..runtime.cache import LayerKV
 # A prompt is either plain user text or a list of chat messages in the Hugging Face chat format
 # ({"role": ..., "content": str | [{"type": "image"} | {"type": "text", "text": ...}]}).
 Prompt = str | list[dict[str, Any]]
+Images = Sequence[Image.Image]
+Videos = Sequence[Any]  # `twigvlm.inputs.video.Video`s: sampled frames with their times
+Rope = tuple[Tensor, Tensor]  # (cos, sin) for some positions, as the decoder layers take them
 
 # (image as the tower sees it, token-grid rows, cols, tokens before the grid) per image
 Layout = tuple[Image.Image, int, int, int]
 # (vision features [P, Hv] before the projector, attention scores [P], keys [P, Dk], M in the prompt)
 #   → (reduced features [R, Hv], kept indices [R])
-Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+Reducer = Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor]]
 
 
 @dataclass
@@ -60,15 +65,15 @@ class Encoded:
                    features, zero off the visual tokens); the prefill applies them, decoding never does
     """
 
-    input_ids: torch.Tensor
-    inputs_embeds: torch.Tensor
-    position_ids: torch.Tensor
-    visual_mask: torch.Tensor
+    input_ids: Tensor
+    inputs_embeds: Tensor
+    position_ids: Tensor
+    visual_mask: Tensor
     next_position: int
     encode_s: float = 0.0
     reduction: Reduction | None = None  # set when visual tokens were dropped before the language model
-    image_index: torch.Tensor | None = None
-    layer_adds: list[torch.Tensor] | None = None
+    image_index: Tensor | None = None
+    layer_adds: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.image_index is None:
@@ -87,13 +92,13 @@ class Encoded:
         return int(self.image_index.max()) + 1 if self.num_visual_tokens else 0
 
     @property
-    def image_masks(self) -> torch.Tensor:
+    def image_masks(self) -> Tensor:
         """Per-image visual masks [N, B, T]; they partition `visual_mask`."""
         images = torch.arange(self.num_images, device=self.image_index.device).view(-1, 1, 1)
         return self.image_index.unsqueeze(0) == images
 
 
-def image_index_for(visual_mask: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def image_index_for(visual_mask: Tensor, counts: Sequence[int]) -> Tensor:
     """[B, T] image number of each visual token (−1 elsewhere), for images of `counts` tokens that fill the
     visual positions in order (row by row, as `masked_scatter` fills them)."""
     if sum(counts) != int(visual_mask.sum()):
@@ -104,7 +109,7 @@ def image_index_for(visual_mask: torch.Tensor, counts: Sequence[int]) -> torch.T
     return index
 
 
-def items_index(input_ids: torch.Tensor, groups: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
+def items_index(input_ids: Tensor, groups: Sequence[tuple[int, Sequence[int]]]) -> Tensor:
     """[B, T] which image or video each visual token belongs to (−1 at text), for several kinds of placeholder.
 
     groups: (placeholder id, tokens of each item of that kind) per kind; a kind's items fill its placeholders in
@@ -146,7 +151,7 @@ class VLMAdapter(ABC):
     position_rows: 1 for 1-D RoPE position ids [B, T], 3 for M-RoPE [3, B, T].
     """
 
-    model: nn.Module
+    model: Module
     processor: Any
     image_token_id: int  # the placeholder id in input_ids that an image's features replace
     position_rows: int = 1
@@ -181,18 +186,14 @@ class VLMAdapter(ABC):
     # ---- inputs ---------------------------------------------------------------------------------------------
     @abstractmethod
     def encode(
-        self,
-        prompt: Prompt,
-        images: Sequence[Image.Image] = (),
-        reducer: Reducer | None = None,
-        videos: Sequence[Any] = (),
+        self, prompt: Prompt, images: Images = (), reducer: Reducer | None = None, videos: Videos = ()
     ) -> Encoded:
         """Apply the model's processor and chat template, run the vision tower, embed the prompt; positions come
         from `prompt_positions`. A reducer (VisionZip) shrinks each image's tokens before the language model
         sees them; an adapter without that capability refuses one (`capabilities.check_reducer`). videos:
         `twigvlm.video.Video`s, for a family with `takes_video` (others refuse them: `check_videos`)."""
 
-    def check_videos(self, videos: Sequence[Any]) -> None:
+    def check_videos(self, videos: Videos) -> None:
         """A one-line error when videos are given to a family that takes none."""
         if videos and not self.takes_video:
             raise TwigVLMError(
@@ -201,25 +202,26 @@ class VLMAdapter(ABC):
             )
 
     @abstractmethod
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, token_ids: Tensor) -> Tensor:
         """Token ids [B, n] → input embeddings [B, n, H]."""
 
-    def prompt_positions(self, input_ids: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
+    def prompt_positions(self, input_ids: Tensor, grids: Any = None) -> Tensor:
         """Position ids of whole prompts [B, T] (image placeholders included) → [B, T], or [3, B, T] for M-RoPE.
 
-        grids: the family's per-image token grids (e.g. Qwen's image_grid_thw [N, 3]), where positions depend on
-        them. The default is 1-D: 0..T−1 on every row (LLaVA and every family without M-RoPE)."""
+        grids: the processor's other outputs where positions depend on them (Qwen-VL: `image_grid_thw`,
+        `video_grid_thw`, …, by key). The default is 1-D, 0..T−1 on every row (LLaVA and every family without
+        M-RoPE), and ignores them."""
         if self.position_rows != 1:
             raise NotImplementedError(f"{type(self).__name__} has {self.position_rows}-row positions: override this")
         b, n = input_ids.shape
         return torch.arange(n, device=input_ids.device).unsqueeze(0).expand(b, n)  # [B, T]
 
-    def text_positions(self, start: int, n: int, batch: int = 1) -> torch.Tensor:
+    def text_positions(self, start: int, n: int, batch: int = 1) -> Tensor:
         """Position ids for n text tokens that follow a prompt, the first at `start` (a state's next position):
         [B, n], or [3, B, n] with the same value on every axis for M-RoPE."""
         return self.positions_at(torch.arange(start, start + n), batch)
 
-    def positions_at(self, positions: torch.Tensor | Sequence[int], batch: int = 1) -> torch.Tensor:
+    def positions_at(self, positions: Tensor | Sequence[int], batch: int = 1) -> Tensor:
         """Position ids for text tokens at the given positions [n] (a draft tree's nodes: prefix + depth, so
         siblings share one): [B, n], or [3, B, n] with the same value on every axis for M-RoPE."""
         pos = torch.as_tensor(positions, dtype=torch.long, device=self.device)
@@ -227,35 +229,29 @@ class VLMAdapter(ABC):
         return pos if self.position_rows == 1 else pos.unsqueeze(0).expand(self.position_rows, *pos.shape)
 
     @staticmethod
-    def next_position_after(position_ids: torch.Tensor) -> int:
+    def next_position_after(position_ids: Tensor) -> int:
         """The position of the first token after a prompt: its largest position + 1 (on every axis for M-RoPE)."""
         return int(position_ids.max()) + 1 if position_ids.numel() else 0
 
     # ---- the decoder ----------------------------------------------------------------------------------------
     @property
     @abstractmethod
-    def layers(self) -> Sequence[nn.Module]:
+    def layers(self) -> Sequence[Module]:
         """The base decoder layers, in order."""
 
     @abstractmethod
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, hidden: Tensor, position_ids: Tensor) -> Rope:
         """(cos, sin) for these positions ([B, T] or [3, B, T]), as the decoder layers expect them."""
 
     @abstractmethod
-    def apply_rotary(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def apply_rotary(self, x: Tensor, rope: Rope) -> Tensor:
         """Queries or keys [B, heads, n, D] rotated by `rope` = (cos, sin) for their n positions, exactly as the
         family's attention rotates them."""
 
     @abstractmethod
     def call_layer(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv: LayerKV | None,
-    ) -> torch.Tensor:
+        self, layer: Module, hidden: Tensor, mask: Tensor | None, position_ids: Tensor, rope: Rope, kv: LayerKV | None
+    ) -> Tensor:
         """Run one decoder layer (a base layer or a twig layer) on hidden [B, q, H] → [B, q, H].
 
         mask is a boolean [B or 1, 1, q, k] (True = attend) or None for plain causal attention over q == k keys
@@ -263,14 +259,7 @@ class VLMAdapter(ABC):
         """
 
     @abstractmethod
-    def attention_probs(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        keys: torch.Tensor,
-        query_index: torch.Tensor,
-    ) -> torch.Tensor:
+    def attention_probs(self, layer: Module, hidden: Tensor, rope: Rope, keys: Tensor, query_index: Tensor) -> Tensor:
         """One layer's attention probabilities for a few queries, computed explicitly (the model keeps SDPA).
 
         hidden: [B, q, H] the layer's *input* at the query positions; rope: (cos, sin) for those positions;
@@ -279,19 +268,19 @@ class VLMAdapter(ABC):
         """
 
     @abstractmethod
-    def project_kv(
-        self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, layer: Module, hidden: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
         """The keys (after RoPE) and values [B, H_kv, n, D] that `layer` would cache for its input hidden [B, n, H],
         without running the rest of the layer."""
 
     @property
     @abstractmethod
-    def final_norm(self) -> nn.Module: ...
+    def final_norm(self) -> Module:
+        """The norm after the last decoder layer, [B, n, H] → [B, n, H]."""
 
     @property
     @abstractmethod
-    def lm_head(self) -> nn.Module: ...
+    def lm_head(self) -> Module:
+        """The LM head, normed hidden states [B, n, H] → logits [B, n, V]."""
 
     # ---- text -----------------------------------------------------------------------------------------------
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -305,18 +294,12 @@ class VLMAdapter(ABC):
             return int(ids[0]) if ids and ids[0] is not None else None
         return None
 
-    # ---- identity of the weights, for twig fingerprints (`fingerprint.py`) ----------------------------------
-    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
-        """A few base tensors whose values identify this checkpoint. The default — the first and last layers'
-        first parameters, the final norm and the head — fits any family; override it to cover more (a
-        projector) but never change it for a family whose twigs are already saved."""
-        first, last = self.layers[0], self.layers[-1]
-        return {
-            "layers.0": next(first.parameters()),
-            "layers.-1": next(last.parameters()),
-            "norm": next(self.final_norm.parameters()),
-            "lm_head": self.lm_head.weight,
-        }
+    # ---- identity of the weights, for twig fingerprints (`twig/fingerprint.py`) -----------------------------
+    @abstractmethod
+    def fingerprint_tensors(self) -> dict[str, Tensor]:
+        """A few named base tensors whose values identify this checkpoint; `twig/fingerprint.py` hashes and samples
+        them, and a twig saved on one base is refused on another. Never change a family's choice once twigs of
+        it are saved (their fingerprints would no longer match). `TextModelParts` gives the usual one."""
 
 
 def checked_messages(messages: Any, video: bool = False) -> list[dict[str, Any]]:

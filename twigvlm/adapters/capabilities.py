@@ -1,8 +1,9 @@
 """Optional adapter capabilities: what a family may offer beyond the core that runs `generate`.
 
-Each capability is a small mixin with a `label`; shared default implementations live here wherever families do
-not differ. Callers ask with `require(adapter, Capability, "what for")`, which raises a one-line
-`TwigVLMError` when the model lacks it.
+Each capability is a `Capability`: an abstract `VLMAdapter` with a `label`, so its shared code uses the core's
+declared members (processor, tokenizer, model, dtype, image_token_id, takes_video, check_videos) and a family
+lists it among its bases; shared default implementations live here wherever families do not differ. Callers ask
+with `require(adapter, Capability, "what for")`, which raises a one-line `TwigVLMError` when the model lacks it.
 
 - `ChatTraining` — labels for twig training (`tokenize_chat`, default shared) and batched embeddings with
   positions (`embed_inputs`).
@@ -14,25 +15,30 @@ not differ. Callers ask with `require(adapter, Capability, "what for")`, which r
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
-from PIL import Image
 
 from ..errors import TwigVLMError
-from .base import Encoded, Layout, Prompt, Reducer, Reduction, VLMAdapter, checked_messages
+from .base import Encoded, Images, Layout, Prompt, Reducer, Reduction, Videos, VLMAdapter, checked_messages
 
-C = TypeVar("C")
+
+class Capability(VLMAdapter):
+    """An optional capability: a `VLMAdapter` that offers more than the core, named by `label` in errors."""
+
+    label: ClassVar[str]
+
+
+C = TypeVar("C", bound=Capability)
 
 
 def require(adapter: VLMAdapter, capability: type[C], purpose: str) -> C:
     """The adapter as `capability`, or a one-line error naming what is missing."""
     if not isinstance(adapter, capability):
-        label = getattr(capability, "label", capability.__name__)
         raise TwigVLMError(
-            f"{purpose} needs {label}, which the {type(adapter).__name__} adapter does not offer "
+            f"{purpose} needs {capability.label}, which the {type(adapter).__name__} adapter does not offer "
             "(see docs/adding-a-model.md)"
         )
     return adapter
@@ -44,25 +50,25 @@ def check_reducer(adapter: VLMAdapter, reducer: Reducer | None) -> None:
         require(adapter, VisionZipReduction, "VisionZip")
 
 
-class ChatTraining(ABC):
+class ChatTraining(Capability):
     """Twig training: a conversation → token ids with assistant-only labels, and batches → `Encoded`."""
 
     label = "training (tokenize_chat, embed_inputs)"
-    processor: Any
     image_token: str  # the placeholder text of one image in a rendered prompt
-    image_token_id: int
+    video_token: str | None = None  # that of one video, in a family that takes video
 
     @abstractmethod
     def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         """Chat messages → the prompt text, through the model's chat template."""
 
     @abstractmethod
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> Encoded:
-        """A right-padded batch [B, T] with its images [N, 3, h, w] → embeddings, positions and visual masks,
-        exactly as `encode` builds them for one prompt (the positions from `prompt_positions`)."""
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: Any = None) -> Encoded:
+        """A right-padded batch [B, T] with its vision inputs (what `vision_inputs` gives, concatenated: images
+        [N, 3, h, w], or a dict of tensors) → embeddings, positions and visual masks, exactly as `encode` builds
+        them for one prompt (the positions from `prompt_positions`)."""
 
     def tokenize_chat(
-        self, messages: list[dict[str, Any]], images: Sequence[Image.Image] = (), videos: Sequence[Any] = ()
+        self, messages: list[dict[str, Any]], images: Images = (), videos: Videos = ()
     ) -> tuple[list[int], list[bool], Any]:
         """Token ids of a whole conversation, a per-token "written by the assistant" mask, and pixel values.
 
@@ -70,9 +76,8 @@ class ChatTraining(ABC):
         generation prompt, then the assistant's text with its end-of-turn marker. videos: `twigvlm.video.Video`s
         for `{"type": "video"}` items, for families whose `chat_inputs` takes them.
         """
-        if videos:
-            self.check_videos(videos)  # type: ignore[attr-defined] — a family that takes no video says so
-        messages = checked_messages(messages, video=getattr(self, "takes_video", False))
+        self.check_videos(videos)  # a family that takes no video says so
+        messages = checked_messages(messages, video=self.takes_video)
         segments: list[tuple[str, bool]] = []
         done = ""
         for i, m in enumerate(messages):
@@ -86,7 +91,7 @@ class ChatTraining(ABC):
                 )
             segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
             done = full
-        video_token = getattr(self, "video_token", None)
+        video_token = self.video_token
         for token, given, what in ((self.image_token, images, "image"), (video_token, videos, "video")):
             placeholders = sum(text.count(token) for text, _ in segments) if token else 0
             if placeholders != len(given):
@@ -97,7 +102,7 @@ class ChatTraining(ABC):
         ids: list[int] = []
         assistant: list[bool] = []
         pixels, used, used_videos = [], 0, 0
-        bos = self.processor.tokenizer.bos_token
+        bos = self.tokenizer.bos_token
         for k, (text, is_assistant) in enumerate(segments):
             n_img = text.count(self.image_token)
             n_vid = text.count(video_token) if video_token else 0
@@ -112,9 +117,7 @@ class ChatTraining(ABC):
             assistant += [is_assistant] * batch["input_ids"].shape[1]
         return ids, assistant, concat_vision(pixels)
 
-    def chat_inputs(
-        self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
-    ) -> Any:
+    def chat_inputs(self, text: str, images: Images, videos: Videos, add_special_tokens: bool) -> Any:
         """One stretch of a conversation (rendered text with its images and videos) → the stock processor's
         output. Families that train on video override this."""
         if videos:
@@ -149,15 +152,17 @@ def concat_vision(parts: Sequence[Any]) -> Any:
     return torch.cat(parts)
 
 
-class VisionZipReduction(ABC):
+class VisionZipReduction(Capability):
     """VisionZip before the language model: the family gives scores and keys; the reduction is shared."""
 
     label = "VisionZip (vision_scores, project_visual)"
-    image_token_id: int
 
     @abstractmethod
-    def vision_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Vision features before the projector [N, P, Hv], their attention scores [N, P] and keys [N, P, Dk]."""
+    def vision_scores(
+        self, pixel_values: torch.Tensor, kind: str = "image"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vision features before the projector [N, P, Hv], their attention scores [N, P] and keys [N, P, Dk].
+        kind: "image", or "video" for frames that fill video placeholders (Video-LLaVA's video tower)."""
 
     @abstractmethod
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
@@ -172,11 +177,9 @@ class VisionZipReduction(ABC):
         `vision_scores` then takes kind="video"."""
         if input_ids.shape[0] != 1:
             raise TwigVLMError(f"VisionZip reduces one prompt at a time, not a batch of {input_ids.shape[0]}")
-        if token_id is None or token_id == self.image_token_id:
-            token_id = self.image_token_id
-            pre, scores, keys = self.vision_scores(pixel_values)
-        else:
-            pre, scores, keys = self.vision_scores(pixel_values, kind="video")  # type: ignore[call-arg]
+        kind = "image" if token_id is None or token_id == self.image_token_id else "video"
+        token_id = self.image_token_id if token_id is None else token_id
+        pre, scores, keys = self.vision_scores(pixel_values, kind)
         n, per_image = scores.shape
         visual = (input_ids[0] == token_id).nonzero().flatten()  # [M]
         if visual.numel() != n * per_image:
@@ -198,43 +201,41 @@ class VisionZipReduction(ABC):
         return features, input_ids[:, keep], Reduction("visionzip", visual.numel(), kept_indices), counts
 
 
-class PictureLayout(ABC):
+class PictureLayout(Capability):
     """Each image as the vision tower sees it, with its token grid."""
 
     label = "picture layouts (visual_layout)"
 
     @abstractmethod
-    def visual_layout(self, images: Sequence[Image.Image]) -> list[Layout]:
+    def visual_layout(self, images: Images) -> list[Layout]:
         """Each image as the vision tower sees it (after resizing and cropping), with its token grid (rows, cols)
         and the number of its tokens that precede the grid (a CLS token); grid tokens are numbered row by row."""
 
 
-class HFBaseline(ABC):
+class HFBaseline(Capability):
     """The stock model's own `generate`, the baseline every speed-up is measured against."""
 
     label = "the stock generate baseline (hf_generate)"
-    model: Any
-    dtype: torch.dtype
 
     @abstractmethod
-    def process(self, prompt: Prompt, images: Sequence[Image.Image]) -> Any:
+    def process(self, prompt: Prompt, images: Images, videos: Videos = ()) -> Any:
         """The stock processor's output for this prompt (a BatchFeature on the model's device), exactly as the
-        stock model's `forward` and `generate` take it."""
+        stock model's `forward` and `generate` take it. videos: for a family that takes them."""
 
     @torch.inference_mode()
     def hf_generate(
         self,
         prompt: Prompt,
-        images: Sequence[Image.Image],
+        images: Images,
         max_new_tokens: int,
         ignore_eos: bool = False,
         early_exit: int | None = None,
-        videos: Sequence[Any] = (),
+        videos: Videos = (),
     ) -> list[int]:
         """New token ids from the stock model's greedy `generate` on the same processed inputs; early_exit:
         transformers' own early-exit self-speculation, drafting with the first `early_exit` layers. videos: for
-        a family whose `process` takes them."""
-        batch = self.process(prompt, images, videos) if videos else self.process(prompt, images)
+        a family that takes them."""
+        batch = self.process(prompt, images, videos)
         for key in ("pixel_values", "pixel_values_videos"):
             if key in batch and batch[key].is_floating_point():
                 batch[key] = batch[key].to(self.dtype)

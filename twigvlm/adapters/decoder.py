@@ -4,7 +4,8 @@ layer would cache and the scoring attention row, from `self_attn.{q,k,v}_proj`, 
 and `scaling` (and the per-head `q_norm`/`k_norm` of Qwen3-style attention, when present). A family whose layers
 look like that mixes this in and implements none of the four itself. `TextModelParts` adds the parts every
 stock `*ForConditionalGeneration` exposes the same way (`model.lm_head`, and a text model `_lm` with
-`embed_tokens`, `layers`, `rotary_emb`, `norm`), the tokenizer and the end-of-sequence ids.
+`embed_tokens`, `layers`, `rotary_emb`, `norm`), the tokenizer, the end-of-sequence ids and the tensors a twig's
+base fingerprint is taken from.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor
+from torch.nn import Module
 
 from ..errors import TwigVLMError
 from ..runtime.cache import LayerKV
+from .base import Rope
 
-RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+RotaryFn = Callable[..., Rope]
 
 
-def family_rotary(layer: nn.Module) -> RotaryFn:
+def family_rotary(layer: Module) -> RotaryFn:
     """The `apply_rotary_pos_emb(q, k, cos, sin)` of the modeling module that defines `layer`'s attention,
     looked up once (the family's own function, so rotated keys match the stock layer's bit for bit)."""
     attn = getattr(layer, "self_attn", None)
@@ -36,7 +39,7 @@ def family_rotary(layer: nn.Module) -> RotaryFn:
     return fn
 
 
-def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+def _head_norm(attn: Module, name: str, x: Tensor) -> Tensor:
     """Qwen3-style attention normalises each head's queries/keys [B, n, heads, D] before RoPE; others do not."""
     norm = getattr(attn, name, None)
     return norm(x) if norm is not None else x
@@ -50,35 +53,22 @@ class LlamaStyleDecoder:
 
     _rotary_fn: RotaryFn
 
-    def bind_rotary(self, layer: nn.Module) -> None:
+    def bind_rotary(self, layer: Module) -> None:
         self._rotary_fn = family_rotary(layer)
 
-    def apply_rotary(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def apply_rotary(self, x: Tensor, rope: Rope) -> Tensor:
         rotated, _ = self._rotary_fn(x, x, *rope)  # [B, heads, n, D]
         return rotated
 
     def call_layer(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv: LayerKV | None,
-    ) -> torch.Tensor:
+        self, layer: Module, hidden: Tensor, mask: Tensor | None, position_ids: Tensor, rope: Rope, kv: LayerKV | None
+    ) -> Tensor:
         # M-RoPE layers take their rotation from `rope` alone and must never see 3-row position ids.
         pos = position_ids if position_ids.dim() == 2 else None
         out = layer(hidden, attention_mask=mask, position_ids=pos, past_key_values=kv, position_embeddings=rope)
         return out[0] if isinstance(out, tuple) else out
 
-    def attention_probs(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        keys: torch.Tensor,
-        query_index: torch.Tensor,
-    ) -> torch.Tensor:
+    def attention_probs(self, layer: Module, hidden: Tensor, rope: Rope, keys: Tensor, query_index: Tensor) -> Tensor:
         attn = layer.self_attn
         b, q, _ = hidden.shape
         query = _head_norm(attn, "q_norm", attn.q_proj(layer.input_layernorm(hidden)).view(b, q, -1, attn.head_dim))
@@ -88,9 +78,7 @@ class LlamaStyleDecoder:
         visible = torch.arange(keys.shape[2], device=keys.device) <= query_index.view(-1, 1)  # [q, k]
         return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
-    def project_kv(
-        self, layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, layer: Module, hidden: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
         attn = layer.self_attn
         b, n, _ = hidden.shape
         x = layer.input_layernorm(hidden)
@@ -103,9 +91,9 @@ class TextModelParts:
     """Mixin for an adapter whose stock model has `lm_head` and a text model (set as `self._lm`) with
     `embed_tokens`, `layers`, `rotary_emb` and `norm`; the processor carries the tokenizer."""
 
-    model: nn.Module
+    model: Module
     processor: Any
-    _lm: nn.Module
+    _lm: Module
 
     @property
     def tokenizer(self) -> Any:
@@ -120,29 +108,31 @@ class TextModelParts:
             return []
         return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, token_ids: Tensor) -> Tensor:
         return self._lm.embed_tokens(token_ids)
 
     @property
-    def layers(self) -> Sequence[nn.Module]:
+    def layers(self) -> Sequence[Module]:
         return self._lm.layers
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, hidden: Tensor, position_ids: Tensor) -> Rope:
         return self._lm.rotary_emb(hidden, position_ids)
 
     @property
-    def final_norm(self) -> nn.Module:
+    def final_norm(self) -> Module:
         return self._lm.norm
 
     @property
-    def lm_head(self) -> nn.Module:
+    def lm_head(self) -> Module:
         return self.model.lm_head
 
-    def vision_fingerprint(self) -> dict[str, torch.Tensor]:
+    def vision_fingerprint(self) -> dict[str, Tensor]:
         """A tensor of the vision side (the projector) to fingerprint: a family's own, named as its twigs record."""
         return {}
 
-    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+    def fingerprint_tensors(self) -> dict[str, Tensor]:
+        """The text model's token embeddings, its first layer's `q_proj`, its last layer's `down_proj` and its final
+        norm, plus the family's `vision_fingerprint`. Saved twigs record these names: keep them."""
         first, last = self._lm.layers[0], self._lm.layers[-1]
         return {
             "embed_tokens": self._lm.embed_tokens.weight,

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import TwigVLMError
 from .base import Layout
 from .llava import LlavaStyleAdapter
+from .stock import VisualFeatures
 
 GLOBAL_TAG = "<global-img>"
 
@@ -53,7 +54,7 @@ class Idefics3Adapter(LlavaStyleAdapter):
                 done = end
         return counts
 
-    def image_groups(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
+    def image_groups(self, batch: Any) -> list[VisualFeatures]:
         pixels = batch.get("pixel_values")
         if pixels is None or pixels.numel() == 0:
             return []
@@ -64,7 +65,7 @@ class Idefics3Adapter(LlavaStyleAdapter):
             pixel_values=pixels.to(self.device, self.dtype), pixel_attention_mask=mask, return_dict=True
         )
         features = torch.cat(list(out.pooler_output))  # [Σ tiles · S, H]
-        return [(self.image_token_id, features, self.image_counts(batch["input_ids"]))]
+        return [VisualFeatures(self.image_token_id, features, self.image_counts(batch["input_ids"]))]
 
     # ---- training: tiles flattened to [N, 3, h, w] with their pixel masks (they concatenate across examples)
     # and each image's tile count ("tiles", which the stock model does not take)

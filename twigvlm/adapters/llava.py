@@ -2,16 +2,15 @@
 
 Covers Llama / Mistral / Qwen2 text backbones with CLIP or SigLIP towers and either
 `vision_feature_select_strategy` ("default" drops CLS, "full" keeps every patch). Prompts go through the
-model's own processor and chat template; the vision features come from the model's public
-`get_image_features`, scattered into the text embeddings exactly as `LlavaModel.forward` does. The decoder
-mechanics come from `LlamaStyleDecoder`. `LlavaStyleAdapter` is the part Video-LLaVA, LLaVA-NeXT and
-LLaVA-OneVision share (`video_llava.py`, `llava_next.py`); `LlavaAdapter` adds VisionZip.
+model's own processor and chat template (LLaVA-1.5's format where it has none); the vision features come from
+the model's public `get_image_features`, scattered into the text embeddings exactly as `LlavaModel.forward`
+does (`StockAdapter`, `stock.py`, shared with Qwen-VL). `LlavaStyleAdapter` is the part Video-LLaVA, LLaVA-NeXT,
+LLaVA-OneVision and Idefics3 share (`video_llava.py`, `llava_next.py`, `idefics3.py`): placeholders, video
+inputs without torchvision, pictures; `LlavaAdapter` adds VisionZip.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,52 +18,19 @@ from PIL import Image
 from torch import nn
 
 from ..errors import TwigVLMError
-from .base import Encoded, Layout, ModelSpec, Prompt, Reducer, VLMAdapter, checked_messages, items_index
-from .capabilities import ChatTraining, HFBaseline, PictureLayout, VisionZipReduction, check_reducer
-from .decoder import LlamaStyleDecoder, TextModelParts
+from .base import Encoded, Images, Layout, Reducer, Videos
+from .capabilities import VisionZipReduction
+from .stock import StockAdapter, VisualFeatures, expand_placeholders
 
 
-def _expand(text: str, token: str, replace: Any, inputs: dict[str, Any], n: int) -> str:
-    """Each of the n placeholders `token` in text → the stock processor's replacement `replace(inputs, i)`."""
-    pieces = text.split(token)
-    return pieces[0] + "".join(replace(inputs, i) + rest for i, rest in zip(range(n), pieces[1:], strict=True))
+class LlavaStyleAdapter(StockAdapter):
+    """What the LLaVA family shares (LLaVA, Video-LLaVA, LLaVA-NeXT, LLaVA-OneVision, Idefics3): `<image>` (and
+    `<video>`) placeholders, which the user may also place in the text, filled by the model's own feature
+    functions; 1-D RoPE positions (the core's defaults); a LLaVA-1.5 prompt where the processor has no chat
+    template. A family overrides `image_groups` (its image features and each image's token count) and, for
+    video, `frame_pixels` (frames → the model's pixel tensors)."""
 
-
-class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayout, HFBaseline, VLMAdapter):
-    """What the LLaVA family shares (LLaVA, Video-LLaVA, LLaVA-NeXT, LLaVA-OneVision): the stock processor and
-    chat template, `<image>` (and `<video>`) placeholders filled by the model's own feature functions, 1-D RoPE
-    positions (the core's defaults), Llama-style decoder layers. A family overrides `visual_features` (its
-    towers) and, for video, `video_inputs` (frames → the model's pixel tensors and each video's token count)."""
-
-    model_types: tuple[str, ...] = ()
-    video_token: str | None = None
-    video_token_id: int | None = None
-
-    def __init__(self, model: nn.Module, processor: Any) -> None:
-        self.model = model.eval()
-        self.processor = processor
-        inner = model.model
-        self._lm = inner.text_model if hasattr(inner, "text_model") else inner.language_model  # LlamaModel, …
-        cfg = model.config
-        text = cfg.text_config
-        self._spec = ModelSpec(
-            model_type=f"{cfg.model_type}/{text.model_type}",
-            num_layers=len(self._lm.layers),
-            hidden_size=text.hidden_size,
-            vocab_size=model.lm_head.out_features,
-            tied_embeddings=model.lm_head.weight is self._lm.embed_tokens.weight,
-        )
-        self.image_token_id = int(cfg.image_token_id)
-        self.image_token = getattr(processor, "image_token", "<image>")
-        if self.takes_video:
-            self.video_token_id = int(cfg.video_token_id)
-            self.video_token = getattr(processor, "video_token", "<video>")
-        self.bind_rotary(self._lm.layers[0])
-
-    # ---- identity -------------------------------------------------------------------------------------------
-    @property
-    def spec(self) -> ModelSpec:
-        return self._spec
+    mismatch_hint = "the processor's patch_size or vision_feature_select_strategy does not match the model config"
 
     @property
     def attention_window(self) -> int | None:
@@ -76,24 +42,12 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
         return int(window)
 
     # ---- inputs ---------------------------------------------------------------------------------------------
-    def render(self, prompt: Prompt, num_images: int, num_videos: int = 0) -> str:
-        """The prompt text with one placeholder per image (and video), through the model's chat template."""
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise TwigVLMError("the prompt is empty: pass the question or instruction as text")
-            # Images (then videos) go first, unless the user placed the placeholders in the text themselves.
-            content: list[dict[str, Any]] = []
-            if self.image_token not in prompt:
-                content += [{"type": "image"}] * num_images
-            if self.video_token is None or self.video_token not in prompt:
-                content += [{"type": "video"}] * num_videos
-            messages: list[dict[str, Any]] = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
-        else:
-            messages = checked_messages(prompt, video=True)  # a video item to an image-only family: check_videos
-            self.check_videos(
-                [i for m in messages if isinstance(m["content"], list) for i in m["content"] if i["type"] == "video"]
-            )
-        return self._check_placeholders(self.render_messages(messages, True), num_images, num_videos)
+    def leading_items(self, prompt: str, num_images: int, num_videos: int) -> list[dict[str, Any]]:
+        """Images (then videos) go first, unless the user placed their placeholders in the text themselves."""
+        items = [] if self.image_token in prompt else [{"type": "image"}] * num_images
+        if self.video_token is None or self.video_token not in prompt:
+            items += [{"type": "video"}] * num_videos
+        return items
 
     def _llava15_format(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         """For processors without a chat template: LLaVA-1.5's "USER: <image>\n... ASSISTANT:" convention."""
@@ -109,19 +63,6 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
             turns.append(f"{m['role'].upper()}: {text}{end}")
         return " ".join(turns) + (" ASSISTANT:" if add_generation_prompt else "")
 
-    def _check_placeholders(self, text: str, num_images: int, num_videos: int = 0) -> str:
-        kinds = [(self.image_token, num_images, "image")]
-        if self.video_token is not None:
-            kinds.append((self.video_token, num_videos, "video"))
-        for token, given, what in kinds:
-            found = text.count(token)
-            if found != given:
-                raise TwigVLMError(
-                    f"the prompt has {found} {what} placeholder(s) but {given} {what}(s) were given: "
-                    f"give one {what} per placeholder"
-                )
-        return text
-
     def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(
@@ -129,20 +70,11 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
             )
         return self._llava15_format(messages, add_generation_prompt)
 
-    def process(self, prompt: Prompt, images: Sequence[Image.Image], videos: Sequence[Any] = ()) -> Any:
-        """The stock model's inputs for one prompt (a BatchFeature on the device): the stock processor for text
-        and images. With videos (whose stock processor needs torchvision), the same steps by hand: the stock
-        image processor, the stock processor's own `replace_image_token`/`replace_video_token` expansions, the
+    def chat_inputs(self, text: str, images: Images, videos: Videos, add_special_tokens: bool) -> Any:
+        """Rendered text with its images and videos → the stock model's inputs: the stock processor for text and
+        images. With videos (whose stock processor needs torchvision), the same steps by hand: the stock image
+        processor, the stock processor's own `replace_image_token`/`replace_video_token` expansions, the
         tokenizer; the frames come from `video_inputs`."""
-        text = self.render(prompt, len(images), len(videos))
-        # A template that writes the BOS itself must not get a second one (as HF's own chat path does).
-        bos = self.tokenizer.bos_token
-        return self.chat_inputs(text, images, videos, not (bos and text.startswith(bos))).to(self.device)
-
-    def chat_inputs(
-        self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
-    ) -> Any:
-        """Rendered text with its images and videos → the stock model's inputs (see `process`)."""
         from transformers import BatchFeature
 
         if not videos:
@@ -156,9 +88,11 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
             data: dict[str, Any] = {}
             if images:
                 data.update(self.processor.image_processor(images=self.processor_images(images), return_tensors="pt"))
-                text = _expand(text, self.image_token, self.processor.replace_image_token, data, len(images))
+                expanded = [self.processor.replace_image_token(data, i) for i in range(len(images))]
+                text = expand_placeholders(text, self.image_token, expanded)
             video_data = self.video_inputs(videos)
-            text = _expand(text, self.video_token, self.processor.replace_video_token, video_data, len(videos))
+            expanded = [self.processor.replace_video_token(video_data, i) for i in range(len(videos))]
+            text = expand_placeholders(text, self.video_token, expanded)
             data.update(video_data)
             data.update(self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens))
             batch = BatchFeature(data)
@@ -166,12 +100,12 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
             batch["pixel_values"] = batch.pop("pixel_values_images")
         return batch
 
-    def processor_images(self, images: Sequence[Image.Image]) -> Any:
+    def processor_images(self, images: Images) -> Any:
         """One prompt's images as the stock processor takes them (OneVision: nested, so that several images in
         one prompt take its multi-image path)."""
         return list(images)
 
-    def video_inputs(self, videos: Sequence[Any]) -> dict[str, torch.Tensor]:
+    def video_inputs(self, videos: Videos) -> dict[str, torch.Tensor]:
         """Videos → `pixel_values_videos` [V, F, 3, h, w] (what the stock video processor would give), from each
         family's `frame_pixels`; the stock models stack a prompt's videos, so they need equal frame counts."""
         clips = [self.frame_pixels(v.frames) for v in videos]  # each [F, 3, h, w]
@@ -183,33 +117,12 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
             )
         return {"pixel_values_videos": torch.stack(clips)}
 
-    def frame_pixels(self, frames: Sequence[Image.Image]) -> torch.Tensor:
+    def frame_pixels(self, frames: Images) -> torch.Tensor:
         """Video frames → [F, 3, h, w] as the family's video processor prepares them (video families)."""
         raise TwigVLMError(f"{type(self).__name__} takes no video")
 
-    @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
-    def encode(
-        self,
-        prompt: Prompt,
-        images: Sequence[Image.Image] = (),
-        reducer: Reducer | None = None,
-        videos: Sequence[Any] = (),
-    ) -> Encoded:
-        self.check_videos(videos)
-        check_reducer(self, reducer)
-        t0 = time.perf_counter()
-        batch = self.process(prompt, images, videos)
-        encoded = self.embed_batch(batch) if reducer is None else self.reduced_batch(batch, reducer)
-        encoded.encode_s = time.perf_counter() - t0
-        return encoded
-
-    def reduced_batch(self, batch: Any, reducer: Reducer) -> Encoded:
-        """A one-prompt batch with its visual tokens reduced by `reducer` (families with VisionZip)."""
-        raise NotImplementedError(f"{type(self).__name__} has no VisionZip")  # `check_reducer` refused it before
-
-    def visual_features(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
-        """(placeholder id, projected features [n, H] in prompt order, tokens of each image or video) for each
-        kind of visual input in a batch, from the model's own `get_image_features` and `get_video_features`."""
+    def visual_features(self, batch: Any) -> list[VisualFeatures]:
+        """The images' features (`image_groups`), then the videos' from the model's own `get_video_features`."""
         groups = self.image_groups(batch)
         videos = batch.get("pixel_values_videos")  # [V, F, 3, h, w]
         if videos is not None and videos.numel():
@@ -217,46 +130,18 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
                 pixel_values_videos=videos.to(self.device, self.dtype), return_dict=True
             )
             per_video = out.pooler_output.reshape(videos.shape[0], -1, out.pooler_output.shape[-1])  # [V, n, H]
-            groups.append((self.video_token_id, per_video.flatten(0, 1), [per_video.shape[1]] * videos.shape[0]))
+            counts = [per_video.shape[1]] * videos.shape[0]
+            groups.append(VisualFeatures(self.video_token_id, per_video.flatten(0, 1), counts))
         return groups
 
-    def image_groups(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
-        """The images' group of `visual_features` (none without images). LLaVA: images of a fixed grid."""
+    def image_groups(self, batch: Any) -> list[VisualFeatures]:
+        """The images' part of `visual_features` (none without images). LLaVA: images of a fixed grid."""
         pixel_values = batch.get("pixel_values")
         if pixel_values is None or pixel_values.numel() == 0:
             return []
         features = self.image_features(pixel_values, batch.get("image_sizes"))  # [N·P, H]
         n = pixel_values.shape[0]
-        return [(self.image_token_id, features, [features.shape[0] // n] * n)]
-
-    def embed_batch(self, batch: Any) -> Encoded:
-        """Processor outputs (ids [B, T] and visual tensors) → an `Encoded`: text embeddings with each kind of
-        visual feature scattered into its placeholders, 1-D positions, per-item masks in prompt order."""
-        input_ids = batch["input_ids"]
-        embeds = self.embed(input_ids)  # [B, T, H]
-        groups = []
-        for token_id, features, counts in self.visual_features(batch):
-            embeds = self._scatter(input_ids, embeds, features, token_id)
-            groups.append((token_id, counts))
-        return self._encoded(input_ids, embeds, groups)
-
-    def _encoded(
-        self, input_ids: torch.Tensor, embeds: torch.Tensor, groups: Sequence[tuple[int, Sequence[int]]]
-    ) -> Encoded:
-        """Ids [B, T] and embeddings [B, T, H] with (placeholder id, tokens per item) groups → an `Encoded` with the
-        core's positions and per-item masks."""
-        visual_mask = input_ids == self.image_token_id  # [B, T]
-        if self.video_token_id is not None:
-            visual_mask = visual_mask | (input_ids == self.video_token_id)
-        positions = self.prompt_positions(input_ids)  # [B, T]
-        return Encoded(
-            input_ids=input_ids,
-            inputs_embeds=embeds,
-            position_ids=positions,
-            visual_mask=visual_mask,
-            next_position=self.next_position_after(positions),
-            image_index=items_index(input_ids, groups),
-        )
+        return [VisualFeatures(self.image_token_id, features, [features.shape[0] // n] * n)]
 
     def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Projected visual features of a batch of images [N, 3, h, w] → [N·P, H] (the model's own path)."""
@@ -266,28 +151,7 @@ class LlavaStyleAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, Picture
         )
         return torch.cat(list(out.pooler_output), dim=0)
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: Any = None) -> Encoded:
-        batch: dict[str, Any] = {"input_ids": input_ids}
-        if isinstance(pixel_values, dict):
-            batch.update(pixel_values)
-        elif pixel_values is not None:
-            batch["pixel_values"] = pixel_values
-        return self.embed_batch(batch)
-
-    def _scatter(
-        self, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor, token_id: int | None = None
-    ) -> torch.Tensor:
-        """Visual features [n, H] into the placeholder positions of embeds [B, T, H], in order."""
-        mask = input_ids == (self.image_token_id if token_id is None else token_id)  # [B, T]
-        if features.shape[0] != int(mask.sum()):
-            raise TwigVLMError(
-                f"the processor made {int(mask.sum())} placeholder tokens but the vision tower gave "
-                f"{features.shape[0]} features: the processor's patch_size or "
-                "vision_feature_select_strategy does not match the model config"
-            )
-        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
-
-    def visual_layout(self, images: Sequence[Image.Image]) -> list[Layout]:
+    def visual_layout(self, images: Images) -> list[Layout]:
         """Each image as the processor crops it (its normalisation undone), with its patch grid."""
         if not images:
             return []
@@ -330,8 +194,7 @@ class LlavaAdapter(VisionZipReduction, LlavaStyleAdapter):
         if batch.get("pixel_values") is None:  # no image: nothing to reduce
             return self.embed_batch(batch)
         features, input_ids, reduction, counts = self.reduce_visual(batch["pixel_values"], batch["input_ids"], reducer)
-        embeds = self._scatter(input_ids, self.embed(input_ids), features)  # [1, T', H]
-        encoded = self._encoded(input_ids, embeds, [(self.image_token_id, counts)])
+        encoded = self.embed_visual(input_ids, [VisualFeatures(self.image_token_id, features, counts)])  # T' tokens
         encoded.reduction = reduction
         return encoded
 

@@ -29,6 +29,7 @@ from PIL import Image
 
 from .base import Layout
 from .llava import LlavaStyleAdapter
+from .stock import VisualFeatures
 
 GRAY = (128, 128, 128)  # how a newline token's cell is drawn in the kept-token picture
 
@@ -42,7 +43,7 @@ class LlavaNextAdapter(LlavaStyleAdapter):
         """What `get_image_features` takes besides the pixels and sizes (OneVision: images per prompt)."""
         return {}
 
-    def image_groups(self, batch: Any) -> list[tuple[int, torch.Tensor, list[int]]]:
+    def image_groups(self, batch: Any) -> list[VisualFeatures]:
         pixels = batch.get("pixel_values")
         if pixels is None or pixels.numel() == 0:
             return []
@@ -53,7 +54,7 @@ class LlavaNextAdapter(LlavaStyleAdapter):
             **self.image_kwargs(batch),
         )
         per_image = list(out.pooler_output)  # each [base + rows·(cols+1), H]
-        return [(self.image_token_id, torch.cat(per_image), [f.shape[0] for f in per_image])]
+        return [VisualFeatures(self.image_token_id, torch.cat(per_image), [f.shape[0] for f in per_image])]
 
     # ---- training: pixel values flattened to [Σ tiles, 3, h, w], which concatenate across examples ----------
     def tiles(self, image_sizes: torch.Tensor, batch_num_images: Any = None) -> list[int]:

@@ -10,13 +10,14 @@ What differs from LLaVA, and where it is handled here:
 - Qwen3-VL's deepstack: the vision tower's extra features become `Encoded.layer_adds`, which the engine adds
   after the first base layers during the prefill (gathered with the kept tokens when pruning comes first).
 - Video: frames from `twigvlm.video` through `qwen_video.py` (no torchvision needed).
+What it shares with the LLaVA family (the chat template, placeholder checks, `encode`, the scatter of the
+features into their placeholders) is `StockAdapter`'s (`stock.py`).
 VisionZip does not apply: the tower has no CLS token, merges 2×2 patches after its last layer and attends in
 windows (2.5), so there is no per-token attention score of the kind VisionZip ranks by.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,44 +26,24 @@ from PIL import Image
 from torch import nn
 
 from ..errors import TwigVLMError
-from .base import Encoded, Layout, ModelSpec, Prompt, Reducer, VLMAdapter, checked_messages, items_index
-from .capabilities import ChatTraining, HFBaseline, PictureLayout, check_reducer
-from .decoder import LlamaStyleDecoder, TextModelParts
+from .base import Encoded, Images, Layout, Videos
 from .qwen_video import prepare_video
+from .stock import StockAdapter, VisualFeatures, expand_placeholders
 
 
-class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayout, HFBaseline, VLMAdapter):
+class QwenVLAdapter(StockAdapter):
     """The Qwen-VL family: M-RoPE positions, per-image grids, video, and (Qwen3-VL) deepstack."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     position_rows = 3
     takes_video = True
+    placeholder_texts = ("<|image_pad|>", "<|video_pad|>")
+    mismatch_hint = "the processor's patch or merge size does not match the model config"
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
-        self.model = model.eval()
-        self.processor = processor
+        super().__init__(model, processor)
         self._inner = model.model  # Qwen2VLModel / Qwen2_5_VLModel / Qwen3VLModel
-        self._lm = self._inner.language_model
-        cfg = model.config
-        text = cfg.get_text_config()
-        self._spec = ModelSpec(
-            model_type=f"{cfg.model_type}/{text.model_type}",
-            num_layers=len(self._lm.layers),
-            hidden_size=text.hidden_size,
-            vocab_size=model.lm_head.out_features,
-            tied_embeddings=model.lm_head.weight is self._lm.embed_tokens.weight,
-        )
-        self.image_token_id = int(cfg.image_token_id)
-        self.video_token_id = int(cfg.video_token_id)
-        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
-        self.video_token = getattr(processor, "video_token", "<|video_pad|>")
-        self.merge = int(cfg.vision_config.spatial_merge_size)
-        self.bind_rotary(self._lm.layers[0])
-
-    # ---- identity -------------------------------------------------------------------------------------------
-    @property
-    def spec(self) -> ModelSpec:
-        return self._spec
+        self.merge = int(model.config.vision_config.spatial_merge_size)
 
     @property
     def attention_window(self) -> int | None:
@@ -70,37 +51,20 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
         return int(text.sliding_window) if getattr(text, "use_sliding_window", False) else None
 
     # ---- prompts --------------------------------------------------------------------------------------------
-    def render(self, prompt: Prompt, num_images: int, num_videos: int = 0) -> str:
-        """The prompt through the chat template, one image (video) placeholder per image (video)."""
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise TwigVLMError("the prompt is empty: pass the question or instruction as text")
-            content: list[dict[str, Any]] = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
-            messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
-        else:
-            messages = checked_messages(prompt, video=True)
-        text = self.render_messages(messages, True)
-        for token, given, what in ((self.image_token, num_images, "image"), (self.video_token, num_videos, "video")):
-            if text.count(token) != given:
-                raise TwigVLMError(
-                    f"the prompt has {text.count(token)} {what} placeholder(s) but {given} {what}(s) were given: "
-                    f"give one {what} per placeholder"
-                )
-        return text
-
     def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if not getattr(self.processor, "chat_template", None):
             raise TwigVLMError("this Qwen-VL processor has no chat template: save the model with its template")
         return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
-    def process(self, prompt: Prompt, images: Sequence[Image.Image], videos: Sequence[Any] = ()) -> Any:
-        """The model's inputs for one prompt: the stock processor's for images and text; with videos, the same
-        fields built by `qwen_video.py` (the stock video processor needs torchvision)."""
-        text = self.render(prompt, len(images), len(videos))
+    def chat_inputs(self, text: str, images: Images, videos: Videos, add_special_tokens: bool) -> Any:
+        """The stock processor's outputs for images and text; with videos, the same fields built by
+        `qwen_video.py` (the stock video processor needs torchvision)."""
         try:
-            if not videos:
-                return self.processor(images=list(images) or None, text=text, return_tensors="pt").to(self.device)
-            return self._process_with_videos(text, images, videos)
+            if videos:
+                return self._process_with_videos(text, images, videos)
+            return super().chat_inputs(text, images, videos, add_special_tokens)
+        except TwigVLMError:
+            raise
         except ValueError as e:  # the stock resize refuses extreme shapes (aspect ratio over 200)
             sizes = ", ".join(f"{im.width}×{im.height}" for im in images) or "the video frames"
             raise TwigVLMError(f"the image processor cannot take {sizes}: {str(e).splitlines()[0]}") from None
@@ -121,23 +85,21 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
         size.update(shortest_edge=low, longest_edge=high)
         ip.size = type(ip.size)(**size) if not isinstance(ip.size, dict) else size
 
-    def _process_with_videos(self, text: str, images: Sequence[Image.Image], videos: Sequence[Any]) -> Any:
+    def _process_with_videos(self, text: str, images: Images, videos: Videos) -> Any:
         from transformers import BatchFeature
 
         data: dict[str, torch.Tensor] = {}
-        pieces = text.split(self.image_token)
         if images:
             out = self.processor.image_processor(images=list(images), return_tensors="pt")
             data["pixel_values"], data["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
-            counts = (out["image_grid_thw"].prod(-1) // self.merge**2).tolist()
-            text = pieces[0] + "".join(self.image_token * n + rest for n, rest in zip(counts, pieces[1:], strict=True))
+            counts = self.grid_counts(out["image_grid_thw"])
+            text = expand_placeholders(text, self.image_token, [self.image_token * n for n in counts])
         stamps = self.model.config.model_type == "qwen3_vl"
         prepared = [
             prepare_video(self.processor.image_processor, v.frames, v.timestamps, self.video_token, stamps)
             for v in videos
         ]
-        pieces = text.split(self.video_token)
-        text = pieces[0] + "".join(p.placeholder + rest for p, rest in zip(prepared, pieces[1:], strict=True))
+        text = expand_placeholders(text, self.video_token, [p.placeholder for p in prepared])
         data["pixel_values_videos"] = torch.cat([p.pixel_values for p in prepared])
         data["video_grid_thw"] = torch.tensor([p.grid_thw for p in prepared])
         if self.model.config.model_type == "qwen2_5_vl":
@@ -155,60 +117,27 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
         types[input_ids == self.video_token_id] = 2
         return types
 
-    # ---- encoding -------------------------------------------------------------------------------------------
-    @torch.no_grad()  # not inference_mode: training feeds these embeddings to the twig
-    def encode(
-        self,
-        prompt: Prompt,
-        images: Sequence[Image.Image] = (),
-        reducer: Reducer | None = None,
-        videos: Sequence[Any] = (),
-    ) -> Encoded:
-        self.check_videos(videos)
-        check_reducer(self, reducer)
-        t0 = time.perf_counter()
-        encoded = self.embed_batch(self.process(prompt, images, videos))
-        encoded.encode_s = time.perf_counter() - t0
-        return encoded
+    def grid_counts(self, grid_thw: torch.Tensor) -> list[int]:
+        """Tokens of each image or video of grids [N, 3] (t, h, w): t·h·w patches, merged merge×merge."""
+        return (grid_thw.prod(-1) // self.merge**2).tolist()
 
-    def embed_batch(self, batch: Any) -> Encoded:
-        """Processor outputs (ids, pixel values and grids of images and videos) → an `Encoded` with the stock
-        model's embeddings, M-RoPE positions and deepstack additions."""
-        input_ids = batch["input_ids"]  # [B, T]
-        embeds = self.embed(input_ids)  # [B, T, H]
-        image_mask, video_mask = input_ids == self.image_token_id, input_ids == self.video_token_id
-        deep: list[torch.Tensor] = []
-        for kind, mask, pixels, grid in (
-            ("image", image_mask, batch.get("pixel_values"), batch.get("image_grid_thw")),
-            ("video", video_mask, batch.get("pixel_values_videos"), batch.get("video_grid_thw")),
-        ):
+    # ---- encoding -------------------------------------------------------------------------------------------
+    def visual_features(self, batch: Any) -> list[VisualFeatures]:
+        """Images' and videos' features from the stock `get_image_features`/`get_video_features`, with their
+        deepstack levels (Qwen3-VL: one [n, H] per level, added after base layer i)."""
+        kinds = (
+            (self.image_token_id, self._inner.get_image_features, "pixel_values", "image_grid_thw"),
+            (self.video_token_id, self._inner.get_video_features, "pixel_values_videos", "video_grid_thw"),
+        )
+        groups = []
+        for token_id, fn, pixels_key, grid_key in kinds:
+            pixels, grid = batch.get(pixels_key), batch.get(grid_key)
             if pixels is None or grid is None or grid.numel() == 0:
                 continue
-            fn = self._inner.get_image_features if kind == "image" else self._inner.get_video_features
             out = fn(pixels.to(self.device, self.dtype), grid, return_dict=True)
-            features = torch.cat(list(out.pooler_output)).to(embeds.dtype)  # [n, H]
-            if features.shape[0] != int(mask.sum()):
-                raise TwigVLMError(
-                    f"the prompt has {int(mask.sum())} {kind} tokens but the vision tower gave {features.shape[0]} "
-                    "features: the processor's patch or merge size does not match the model config"
-                )
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
-            levels = getattr(out, "deepstack_features", None) or []
-            for i, level in enumerate(levels):  # Qwen3-VL: one [n, H] per level, added after base layer i
-                if len(deep) <= i:
-                    deep.append(torch.zeros_like(embeds))
-                deep[i] = deep[i].masked_scatter(mask.unsqueeze(-1), torch.cat(list(level)).to(embeds.dtype))
-        positions = self.prompt_positions(input_ids, batch)
-        visual = image_mask | video_mask
-        return Encoded(
-            input_ids=input_ids,
-            inputs_embeds=embeds,
-            position_ids=positions,
-            visual_mask=visual,
-            next_position=self.next_position_after(positions),
-            image_index=self._item_index(input_ids, batch),
-            layer_adds=deep or None,
-        )
+            levels = [torch.cat(list(level)) for level in getattr(out, "deepstack_features", None) or []]
+            groups.append(VisualFeatures(token_id, torch.cat(list(out.pooler_output)), self.grid_counts(grid), levels))
+        return groups
 
     def prompt_positions(self, input_ids: torch.Tensor, grids: Any = None) -> torch.Tensor:
         """[3, B, T] M-RoPE positions from the stock `get_rope_index` (0..T−1 on every axis for text only)."""
@@ -230,27 +159,8 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
         )
         return positions  # [3, B, T]
 
-    def _item_index(self, input_ids: torch.Tensor, batch: Any) -> torch.Tensor:
-        """[B, T] which image or video (numbered in prompt order) each visual token belongs to; −1 at text."""
-        groups = [
-            (token, (grid.prod(-1) // self.merge**2).tolist())
-            for token, grid in (
-                (self.image_token_id, batch.get("image_grid_thw")),
-                (self.video_token_id, batch.get("video_grid_thw")),
-            )
-            if grid is not None and grid.numel()
-        ]
-        return items_index(input_ids, groups)
-
     # ---- training -------------------------------------------------------------------------------------------
     VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-
-    def chat_inputs(
-        self, text: str, images: Sequence[Image.Image], videos: Sequence[Any], add_special_tokens: bool
-    ) -> Any:
-        if videos:
-            return self._process_with_videos(text, images, videos)
-        return super().chat_inputs(text, images, videos, add_special_tokens)
 
     def vision_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         return {k: batch[k] for k in self.VISION_KEYS if batch.get(k) is not None}
@@ -258,7 +168,7 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
     def image_token_counts(self, ids: Sequence[int], pixels: Any, num_images: int) -> list[int]:
         if pixels is None or "image_grid_thw" not in pixels:
             return []
-        return (pixels["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        return self.grid_counts(pixels["image_grid_thw"])
 
     def first_images(self, pixels: Any, n: int) -> Any:
         """The first n images' inputs, and every video's (a record with videos is never cut)."""
@@ -271,15 +181,12 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
         return kept or None
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: Any = None) -> Encoded:
-        batch: dict[str, Any] = {"input_ids": input_ids}
-        if isinstance(pixel_values, dict):
-            batch.update(pixel_values)
-        elif pixel_values is not None:
+        if pixel_values is not None and not isinstance(pixel_values, dict):
             raise TwigVLMError("Qwen-VL training batches carry pixel values with their grids (a dict)")
-        return self.embed_batch(batch)
+        return super().embed_inputs(input_ids, pixel_values)
 
     # ---- pictures -------------------------------------------------------------------------------------------
-    def visual_layout(self, images: Sequence[Image.Image]) -> list[Layout]:
+    def visual_layout(self, images: Images) -> list[Layout]:
         """Each image at the size the processor resizes it to, with its merged-token grid (no leading tokens)."""
         from .qwen_video import frame_size
 
@@ -291,7 +198,7 @@ class QwenVLAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayo
             layouts.append((img.convert("RGB").resize((w, h), Image.BICUBIC), h // step, w // step, 0))
         return layouts
 
-    def video_layout(self, videos: Sequence[Any]) -> list[Layout]:
+    def video_layout(self, videos: Videos) -> list[Layout]:
         """One panel per temporal patch of each video (its first frame), with the merged-token grid."""
         tp = self.processor.image_processor.temporal_patch_size
         layouts = []

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import TwigVLMError
 from .base import Encoded, Layout, Reducer
 from .llava import LlavaAdapter
+from .stock import VisualFeatures
 
 
 class VideoLlavaAdapter(LlavaAdapter):
@@ -53,8 +54,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         )
         per_video = videos.shape[1]
         kept = [sum(counts[v * per_video : (v + 1) * per_video]) for v in range(videos.shape[0])]
-        embeds = self._scatter(input_ids, self.embed(input_ids), features, self.video_token_id)
-        encoded = self._encoded(input_ids, embeds, [(self.video_token_id, kept)])
+        encoded = self.embed_visual(input_ids, [VisualFeatures(self.video_token_id, features, kept)])
         encoded.reduction = reduction
         return encoded
 

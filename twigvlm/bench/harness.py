@@ -218,7 +218,7 @@ def summarize(
             entry["kept"] = statistics.fmean(r["kept"] for r in mine if r["kept"] is not None)
         method = mine[0]["method"]
         # ar runs on the same kernels as hf+kernels when that ran (stock hf's products may differ in the last bits)
-        plain = "hf+kernels" if any(v.method == "hf+kernels" for v in variants) else "hf"
+        plain = "hf+kernels" if any(v.method == "hf+kernels" and v.name in names for v in variants) else "hf"
         twin = SAME_AS.get(method) or (plain if method == "ar" else None)
         twins = [v for v in variants if v.method == twin and v.name in names]
         # A variant's twin runs with the same twig (the twig ablation pairs each twig with itself).

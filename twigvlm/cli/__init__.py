@@ -1,2 +1,2 @@
-"""The command line: the `twigvlm` console script (`main`: generate, grow, train, bench, serve, demo, tiny) and
-its interactive `chat`."""
+"""The command line: the `twigvlm` console script (`main`: grow, generate, tiny, demo, train, distill-data, bench,
+serve, chat) and the interactive chat (`chat`)."""

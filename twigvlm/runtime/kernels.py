@@ -7,7 +7,7 @@ number of rows, the layout a short probe measured fastest on this machine for th
 
 - "linear": `F.linear` (what nn.Linear runs);
 - "wxt": the same product written as `(W · xᵀ)ᵀ` (another BLAS path);
-- "gemv": twigvlm's native kernel (`twigvlm.native`, built at first use with the machine's C compiler), which
+- "gemv": twigvlm's native kernel (`twigvlm.runtime.native`, built at first use with the machine's C compiler), which
   streams each weight row once for all rows of x.
 
 The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..config import HEAD_MODES, LAYER_INITS
 from ..errors import TwigVLMError
+from ..flags import DTYPES
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 DISTILL_MODES = ("none", "kl")
@@ -149,7 +150,7 @@ class DistillDataConfig(DataConfig):
     twig: str | None = _opt(None, "a twig of this base: drafts speculatively (same output, faster)")
     max_new_tokens: int = _opt(256, "longest answer, in tokens")
     replace_answers: bool = _opt(False, "also regenerate turns that already have an answer")
-    dtype: str = _opt("float32", "weights and compute dtype", choices=SAVE_DTYPES)
+    dtype: str = _opt("float32", "weights and compute dtype (auto: bfloat16 where it runs natively)", choices=DTYPES)
     device: str = _opt("cpu", "torch device")
     overwrite: bool = _opt(False, "replace --out if it exists")
 
