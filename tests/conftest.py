@@ -1,13 +1,20 @@
-"""Fixtures: tiny random LLaVA models built offline from configs, saved, and loaded back through the API."""
+"""Fixtures: tiny random models of every family the suite runs, built offline from configs, saved, and loaded
+back through the API; random inputs (prompts, images, clips, an mp4 file) and LLaVA-format data.
+
+Session models are shared as *adapters* only: each test gets a fresh `VLM` around them (`vlm`, `vlms`, `zoo(name)`),
+so a twig one test grows or attaches can never be seen by another. Tests that need a twig build their own
+(`oracles.with_twig`) or pass one per generation (`twig=`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 # The suite's oracles compare against stock nn.Linear products bit for bit: every model (and every CLI subprocess)
@@ -17,7 +24,9 @@ os.environ["TWIGVLM_KERNELS"] = "stock"
 os.environ["TWIGVLM_CACHE"] = tempfile.mkdtemp(prefix="twigvlm-cache-")
 
 import twigvlm
+from twigvlm.tiny.families import TinyFamilySpec
 from twigvlm.tiny.llava import TinySpec, save_tiny_llava
+from twigvlm.tiny.qwen import TinyQwenSpec
 
 # Llama backbone with grouped-query attention (4 heads, 2 KV heads) + CLIP tower ("default": CLS dropped),
 # untied head; Qwen2 backbone + SigLIP tower ("full"), tied embeddings.
@@ -27,6 +36,37 @@ SPECS = {
 }
 
 
+@dataclass(frozen=True)
+class Family:
+    """A family the conformance suite runs: its tiny model, whether it takes videos and whether VisionZip applies
+    (facts the suite's parameters need before any model is built; `test_conformance.py` checks them)."""
+
+    spec: Any  # TinySpec | TinyQwenSpec | TinyFamilySpec
+    video: bool = False
+    visionzip: bool = False
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+
+FAMILIES = {
+    "llama-clip": Family(SPECS["llama-clip"], visionzip=True),
+    "qwen2-siglip": Family(SPECS["qwen2-siglip"], visionzip=True),
+    "qwen2-vl": Family(TinyQwenSpec(family="qwen2-vl", num_layers=8, seed=10), video=True),
+    "qwen2.5-vl": Family(TinyQwenSpec(family="qwen2.5-vl", num_layers=8, seed=11), video=True),
+    "qwen3-vl": Family(TinyQwenSpec(family="qwen3-vl", num_layers=8, seed=12), video=True),
+    "video-llava": Family(TinyFamilySpec(family="video-llava", num_layers=6, seed=20), video=True, visionzip=True),
+    "llava-next": Family(TinyFamilySpec(family="llava-next", num_layers=6, seed=23)),
+    "llava-next-video": Family(TinyFamilySpec(family="llava-next-video", num_layers=6, seed=26), video=True),
+    "llava-onevision": Family(TinyFamilySpec(family="llava-onevision", num_layers=6, seed=22), video=True),
+    "idefics3": Family(TinyFamilySpec(family="idefics3", num_layers=6, seed=25)),
+    # A SmolVLM model behind an Idefics3 processor, built in memory (SmolVLM's own processor needs num2words).
+    "smolvlm": Family(TinyFamilySpec(family="smolvlm", num_layers=6, seed=25)),
+}
+QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
@@ -34,18 +74,54 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def vlms(model_dirs) -> dict[str, twigvlm.VLM]:
-    return {name: twigvlm.load(path) for name, path in model_dirs.items()}
+def adapters(model_dirs) -> dict:
+    """The LLaVA test models, loaded once: their adapters (wrap one in `twigvlm.VLM` to use it)."""
+    return {name: twigvlm.load(path).adapter for name, path in model_dirs.items()}
+
+
+@pytest.fixture
+def vlms(adapters) -> dict[str, twigvlm.VLM]:
+    """A fresh VLM (no twig) around each shared LLaVA adapter."""
+    return {name: twigvlm.VLM(adapter) for name, adapter in adapters.items()}
 
 
 @pytest.fixture(params=sorted(SPECS))
-def vlm(request, vlms) -> twigvlm.VLM:
-    v = vlms[request.param]
-    v.twig = None
-    return v
+def vlm(request, adapters) -> twigvlm.VLM:
+    return twigvlm.VLM(adapters[request.param])
+
+
+class Zoo:
+    """Every family's tiny model, built (saved and loaded back) on first use, once per test process;
+    `zoo(name)` wraps the shared adapter in a fresh VLM without a twig."""
+
+    def __init__(self, root, llava: dict) -> None:
+        self.root, self._adapters = root, dict(llava)
+
+    def adapter(self, name: str):
+        if name not in self._adapters:
+            from twigvlm.adapters import adapter_for
+            from twigvlm.tiny.families import build_tiny_family, save_tiny_family
+            from twigvlm.tiny.qwen import save_tiny_qwen
+
+            spec = FAMILIES[name].spec
+            if name == "smolvlm":
+                self._adapters[name] = adapter_for(*build_tiny_family(spec))
+            else:
+                save = save_tiny_qwen if isinstance(spec, TinyQwenSpec) else save_tiny_family
+                self._adapters[name] = twigvlm.load(save(self.root / name, spec)).adapter
+        return self._adapters[name]
+
+    def __call__(self, name: str) -> twigvlm.VLM:
+        return twigvlm.VLM(self.adapter(name))
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, adapters) -> Zoo:
+    return Zoo(tmp_path_factory.mktemp("zoo"), adapters)
 
 
 def random_image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
+    """Random pixels at (height, width)."""
     rng = np.random.RandomState(seed)
     return Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8))
 
@@ -56,13 +132,27 @@ def random_prompt(seed: int, words: int) -> str:
     return " ".join(rng.choice(vocab, size=words)) + "?"
 
 
-def hf_greedy(vlm: twigvlm.VLM, prompt: str, images: list, max_new_tokens: int) -> list[int]:
-    """Stock `model.generate(do_sample=False)` on the same processed inputs; EOS disabled."""
-    adapter = vlm.adapter
-    batch = adapter.processor(images=images or None, text=adapter.render(prompt, len(images)), return_tensors="pt")
-    with torch.inference_mode():
-        out = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
-    return out[0, batch["input_ids"].shape[1] :].tolist()
+def random_clip(seed: int, n: int = 3):
+    """A `Video` of n random 48×64 frames at 2 frames per second (an odd n: the last frame pads Qwen-VL's final
+    temporal patch)."""
+    from twigvlm.inputs.video import load_video
+
+    return load_video([random_image(seed * 10 + i, (48, 64)) for i in range(n)], fps=2.0)
+
+
+def write_mp4(path, n: int = 8) -> None:
+    """An mpeg4 file of n random 64×48 frames at 4 frames per second."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.asarray(random_image(i, (48, 64))), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
 
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 90, 220), "green": (40, 170, 60)}
@@ -71,7 +161,6 @@ COLORS = {"red": (220, 40, 40), "blue": (40, 90, 220), "green": (40, 170, 60)}
 def write_llava_data(folder, n: int, seed: int = 0, name: str = "data.json") -> str:
     """A small LLaVA-format set: solid-colour images, "what color" questions (every third record has a second
     turn), and one text-only record at the end. Returns the data file's path; images are relative to it."""
-    import json
     import random
     from pathlib import Path
 
@@ -108,3 +197,22 @@ def write_llava_data(folder, n: int, seed: int = 0, name: str = "data.json") -> 
 def llava_data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("llava-data")
     return {"train": write_llava_data(root / "train", 24, seed=0), "eval": write_llava_data(root / "eval", 6, seed=1)}
+
+
+def write_video_data(folder, n: int = 3) -> str:
+    """LLaVA-format records with "video" entries (folders of three frames), one with an image too, one text-only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        clip_dir = folder / f"clip{i}"
+        clip_dir.mkdir()
+        for f in range(3):
+            random_image(10 * i + f, (48, 64)).save(clip_dir / f"frame{f}.png")
+        conv = [{"from": "human", "value": "What moves?"}, {"from": "gpt", "value": f"The shape moves {i}."}]
+        records.append({"id": str(i), "video": f"clip{i}", "conversations": conv})
+    random_image(7, (48, 64)).save(folder / "a.png")
+    records[0]["image"] = "a.png"
+    records[0]["conversations"][0]["value"] = "<image>\nand <video>\nWhat moves?"
+    records.append({"id": "t", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "hi"}]})
+    (folder / "data.json").write_text(json.dumps(records))
+    return str(folder / "data.json")

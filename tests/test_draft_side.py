@@ -15,31 +15,25 @@ import torch
 import twigvlm
 from twigvlm import GenConfig, PruneConfig, SpecConfig
 from twigvlm.pruning.prefill import pruned_prefill
-from twigvlm.runtime.cache import KVCache
 from twigvlm.runtime.sampling import pick_tokens
 from twigvlm.speculative.chain import Draft, TwigSpecModel, accept, speculative_blocks
 from twigvlm.speculative.stats import SpecStats
 
 from .conftest import random_image, random_prompt
-from .test_speculative import SamplingStub, _chi2, _table, assert_stub_sampling_is_lossless, chi2_critical
-
-MIDDLE_NOISE = 0.01  # on the tiny test models: ~0.45-0.65 of the drafts accepted, many steps partly accepted
-
-
-def middle_twig(base: twigvlm.VLM, seed: int = 0) -> twigvlm.VLM:
-    """A twig K=2 copying base layers 3..L (the shallow net is the full model) plus N(0, 0.01²) on its layers."""
-    vlm = twigvlm.VLM(base.adapter)
-    vlm.grow_twig(K=2, T=base.adapter.spec.num_layers - 2, head="copy")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vlm.twig.layers.parameters():
-            p.add_(MIDDLE_NOISE * torch.randn(p.shape, generator=g))
-    return vlm
+from .oracles import (
+    SamplingStub,
+    assert_caches_hold_the_committed_tokens,
+    assert_stub_sampling_is_lossless,
+    chi2,
+    chi2_critical,
+    logit_table,
+    middle_twig,
+)
 
 
 @pytest.fixture(scope="module")
-def middle(vlms) -> dict[str, twigvlm.VLM]:
-    return {name: middle_twig(base) for name, base in vlms.items()}
+def middle(adapters) -> dict[str, twigvlm.VLM]:
+    return {name: middle_twig(twigvlm.VLM(adapter)) for name, adapter in adapters.items()}
 
 
 class Recorder:
@@ -79,38 +73,11 @@ def test_middle_band_speculation_equals_ar(middle, prune):
         assert 0.25 <= accepted / drafted <= 0.85, (name, accepted / drafted)  # the band this test is about
 
 
-def _fresh(engine, layers, hidden: torch.Tensor, pos: torch.Tensor) -> KVCache:
-    """The caches a one-shot prefill of `hidden` [1, n, H] through `layers` leaves."""
-    cache = KVCache(len(layers))
-    engine.run_layers(layers, hidden, pos, cache.layers)
-    return cache
-
-
-def _assert_same(cache: KVCache, fresh: KVCache, layers, what: str) -> None:
-    for i in layers:
-        n = cache[i].length
-        assert n <= fresh[i].length, (what, i)
-        torch.testing.assert_close(
-            cache[i].keys(),
-            fresh[i].keys()[:, :, :n],
-            rtol=1e-4,
-            atol=1e-5,
-            msg=f"{what} layer {i}: keys differ from a fresh prefill",
-        )
-        torch.testing.assert_close(
-            cache[i].values(),
-            fresh[i].values()[:, :, :n],
-            rtol=1e-4,
-            atol=1e-5,
-            msg=f"{what} layer {i}: values differ from a fresh prefill",
-        )
-
-
 @pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10, wipe_layer=5)], ids=["unpruned", "pruned"])
 @pytest.mark.parametrize("name", ["llama-clip", "qwen2-siglip"])
 def test_caches_hold_exactly_the_committed_tokens_after_every_step(middle, name, prune):
     vlm = middle[name]
-    engine, adapter, K, L = vlm.engine, vlm.adapter, 2, vlm.adapter.spec.num_layers
+    engine, K = vlm.engine, 2
     enc = vlm.encode(random_prompt(5, 6), random_image(5))
     cfg = GenConfig(max_new_tokens=40, ignore_eos=True)
     with torch.no_grad():
@@ -127,19 +94,9 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_step(middle, name,
         ):
             emitted += block
             committed = emitted[:-1]  # the newest token is fed by the next step
-            new = torch.tensor([committed], dtype=torch.long)
-            embeds = torch.cat([enc.inputs_embeds, adapter.embed(new)], dim=1)  # [1, n, H]
-            pos = torch.cat([enc.position_ids, adapter.text_positions(enc.next_position, len(committed))], dim=-1)
-            n = embeds.shape[1]
-            base = _fresh(engine, adapter.layers, embeds, pos)
-            # Layers 1..K (all of them unpruned) hold every committed token and nothing else.
-            assert state.cache.lengths()[:K] == [n] * K
-            _assert_same(state.cache, base, range(L if prune is None else K), "base")
-            # The twig holds the committed tokens, lagging by the ones still pending, and nothing rejected.
-            twig = _fresh(engine, vlm.twig.layers, engine.forward(None, embeds, pos, 0, K), pos)
-            pending = len(model.model._pending)
-            assert state.twig_cache.lengths() == [n - pending] * len(vlm.twig.layers)
-            _assert_same(state.twig_cache, twig, range(len(vlm.twig.layers)), "twig")
+            pending = len(model.model._pending)  # the twig lags by the tokens it has not seen yet
+            n = assert_caches_hold_the_committed_tokens(vlm, state, enc, committed, pending, prune is not None)
+            assert state.cache.lengths()[:K] == [n] * K  # layers 1..K (all of them unpruned): nothing more
     partial = sum(1 for d, a in model.steps if 0 < a < d)
     assert partial >= 2 and any(a == 0 < d for d, a in model.steps), model.steps  # the cases this test is for
 
@@ -163,14 +120,14 @@ def test_residual_resample_follows_max_p_minus_q():
     residual /= residual.sum()  # [0, 0.625, 0, 0.375, 0]: token 2 has p = q, so it never comes back
     assert counts[residual == 0].sum() == 0
     expected = {i: float(residual[i]) for i in range(5) if residual[i] > 0}
-    stat, dof = _chi2({i: int(counts[i]) for i in expected}, expected, int(counts.sum()))
+    stat, dof = chi2({i: int(counts[i]) for i in expected}, expected, int(counts.sum()))
     assert stat < chi2_critical(dof), (stat, counts.tolist())
 
 
 def test_sampling_is_lossless_on_four_tokens():
     # The stub test of test_speculative.py on a vocabulary of 4 (with 2 tokens the residual has one choice).
     # Three tokens: the prefill's, then one step with one draft (rejected or not) and the target's token.
-    p, q = _table(3, 4), _table(4, 4)
+    p, q = logit_table(3, 4), logit_table(4, 4)
     spec = SpecConfig(draft_len=3, threshold=0)
     assert_stub_sampling_is_lossless(
         p,

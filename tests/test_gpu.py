@@ -11,12 +11,18 @@ import torch
 
 import twigvlm
 from twigvlm import PruneConfig
-from twigvlm.pruning.prefill import pruned_prefill
+from twigvlm.config import TwigConfig
 from twigvlm.tiny.llava import TinySpec, build_tiny_llava
+from twigvlm.twig.model import grow_twig
 
 from .conftest import random_image, random_prompt
-from .test_prune import _masked_reference_logits
-from .test_speculative import assert_speculation_equals_ar
+from .oracles import (
+    assert_every_draft_accepted,
+    assert_speculation_equals_ar,
+    masked_reference_logits,
+    pruned_greedy,
+    stock_greedy,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -40,31 +46,13 @@ def pair(request) -> tuple[twigvlm.VLM, twigvlm.VLM]:
     """(the model on the CPU, the same model and twig on CUDA), float32, a twig that differs from its layers."""
     model, processor = build_tiny_llava(SPECS[request.param])
     cpu = twigvlm.VLM.from_model(model, processor)
-    cpu.grow_twig(K=2, T=3)
+    twig = grow_twig(cpu.adapter, TwigConfig(K=2, T=3))
     with torch.no_grad():
-        for p in cpu.twig.parameters():
+        for p in twig.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    gpu = twigvlm.VLM.from_model(copy.deepcopy(model).cuda(), processor, copy.deepcopy(cpu.twig).cuda())
+    cpu = twigvlm.VLM(cpu.adapter, twig)
+    gpu = twigvlm.VLM.from_model(copy.deepcopy(model).cuda(), processor, copy.deepcopy(twig).cuda())
     return cpu, gpu
-
-
-def _hf_with_logits(vlm: twigvlm.VLM, prompt: str, images: list, n: int) -> tuple[list[int], torch.Tensor]:
-    adapter = vlm.adapter
-    batch = adapter.processor(images=images or None, text=adapter.render(prompt, len(images)), return_tensors="pt").to(
-        adapter.device
-    )
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(adapter.dtype)
-    with torch.inference_mode():
-        out = adapter.model.generate(
-            **batch,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, batch["input_ids"].shape[1] :].tolist(), torch.stack(out.logits)[:, 0].float()  # [n, V]
 
 
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text-only"])
@@ -73,7 +61,7 @@ def test_engine_greedy_equals_hf_generate_fp32(pair, with_image):
     for seed in range(5):
         prompt, images = random_prompt(seed, 1 + 6 * seed), [random_image(seed)] if with_image else []
         ours = gpu.generate(prompt, image=images, max_new_tokens=12, ignore_eos=True).token_ids
-        assert ours == _hf_with_logits(gpu, prompt, images, 12)[0], seed
+        assert ours == stock_greedy(gpu, prompt, images, 12), seed
 
 
 def test_engine_greedy_equals_hf_generate_bf16_up_to_ties(pair):
@@ -83,7 +71,7 @@ def test_engine_greedy_equals_hf_generate_bf16_up_to_ties(pair):
     for seed in range(8):
         prompt, images = random_prompt(seed, 3 + 4 * seed), [random_image(seed)]
         ours = bf16.generate(prompt, image=images, max_new_tokens=12, ignore_eos=True).token_ids
-        ref, logits = _hf_with_logits(bf16, prompt, images, 12)
+        ref, logits = stock_greedy(bf16, prompt, images, 12, logits=True)
         if ours == ref:
             exact += 1
             continue
@@ -101,29 +89,20 @@ def test_pruning_equals_the_masked_full_model(pair, method):
     cfg = PruneConfig(method, keep=50.0, wipe_layer=wipe)
     prompt, images = random_prompt(11, 6), [random_image(1), random_image(2)]
     enc = gpu.encode(prompt, images)
-    with torch.no_grad():
-        state = gpu.engine.new_state()
-        logits, stats = pruned_prefill(gpu.engine, state, enc, cfg)
-        ours, ids = [logits[0]], []
-        for _ in range(6):
-            ids.append(int(ours[-1].argmax()))
-            ours.append(gpu.engine.step(state, torch.tensor([[ids[-1]]], device="cuda"))[0, -1])
-        ref_enc = cpu.encode(prompt, images)  # the reference runs on the CPU in float32
-        new = torch.tensor([ids])
-        all_ids = torch.cat([ref_enc.input_ids, new], 1)
-        embeds = torch.cat([ref_enc.inputs_embeds, cpu.adapter.embed(new)], 1)
-        visual = torch.cat([ref_enc.visual_mask[0], torch.zeros(len(ids), dtype=torch.bool)])
-        ref = _masked_reference_logits(cpu, all_ids, embeds, visual, torch.tensor(stats.kept_indices), K, wipe)
-    torch.testing.assert_close(torch.stack(ours[:-1]).cpu(), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-4)
+    ours, ids, stats, _ = pruned_greedy(gpu, enc, cfg, 6)
+    with torch.no_grad():  # the reference runs on the CPU in float32
+        ref = masked_reference_logits(cpu, cpu.encode(prompt, images), ids, torch.tensor(stats.kept_indices), K, wipe)
+    torch.testing.assert_close(ours.cpu(), ref[enc.num_tokens - 1 : -1], rtol=1e-4, atol=1e-4)
     assert ids == ref[enc.num_tokens - 1 : -1].argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=30.0)], ids=["unpruned", "pruned"])
 def test_speculation_equals_ar(pair, prune):
     _, gpu = pair
-    exact_copy = twigvlm.VLM(gpu.adapter)
-    exact_copy.grow_twig(K=2, T=gpu.adapter.spec.num_layers - 2)  # the shallow net is the full model
+    exact_copy = twigvlm.VLM(gpu.adapter, grow_twig(gpu.adapter, TwigConfig(K=2, T=gpu.adapter.spec.num_layers - 2)))
+    cases = ((0, 1), (1, 3), (2, 5))
     for vlm, name in ((gpu, "noisy twig"), (exact_copy, "copy of the deep layers")):
-        results = assert_speculation_equals_ar(vlm, ((0, 1), (1, 3), (2, 5)), prune, name)
+        results = assert_speculation_equals_ar(vlm, cases, prune, name)
         if vlm is exact_copy and prune is None:
-            assert all(sd.stats.acceptance_rate == 1.0 for sd in results)
+            for sd, (_, gamma) in zip(results, cases, strict=True):
+                assert_every_draft_accepted(sd, gamma)

@@ -19,31 +19,22 @@ from twigvlm.generation.loop import Generation, TextStream
 from twigvlm.pruning.prefill import pruned_prefill, query_positions
 
 from .conftest import random_image, random_prompt
+from .oracles import noisy_twig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the twig per request -----------------------------------------------------------------------------------------
-def _grow(vlm: twigvlm.VLM, K: int, T: int, noise: float, seed: int):
-    twig = vlm.grow_twig(K=K, T=T, head="copy")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in twig.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=g))
-    return twig
-
-
 def _outcome(gen: Generation) -> tuple:
     s = gen.result.stats
     return gen.result.token_ids, gen.result.text, s.drafted, s.accepted, s.verifications, s.kept_indices
 
 
 def test_generations_with_different_twigs_interleave_on_one_adapter(vlms):
-    vlm = twigvlm.VLM(vlms["llama-clip"].adapter)
+    vlm = vlms["llama-clip"]  # no current twig: each request names its own
     L = vlm.adapter.spec.num_layers
-    exact = _grow(vlm, 2, L - 2, noise=0.0, seed=0)  # drafts the AR tokens: acceptance depends on its vocabulary
-    noisy = _grow(vlm, 1, 2, noise=0.3, seed=1)
-    vlm.twig = None
+    exact = noisy_twig(vlm.adapter, 2, L - 2)  # drafts the AR tokens: acceptance depends on its vocabulary
+    noisy = noisy_twig(vlm.adapter, 1, 2, noise=0.3, seed=1)
     args = dict(image=random_image(4), max_new_tokens=14, ignore_eos=True)
     plain = vlm.generate(random_prompt(4, 6), twig=False, **args).token_ids
     exact.set_draft_vocab([t for t in plain if t != plain[5]])  # some drafts impossible: a middle acceptance
@@ -69,22 +60,24 @@ def test_generations_with_different_twigs_interleave_on_one_adapter(vlms):
                 live.discard(i)
         step += 1
         if step == 2:  # mid-flight: another current twig and another draft vocabulary change nothing in flight
-            vlm.twig = noisy
+            vlm.grow_twig(K=1, T=1)
             exact.set_draft_vocab(None)
     assert [_outcome(s) for s in streams] == alone
 
 
 def test_the_current_twig_is_a_default_taken_when_a_generation_starts(vlms):
-    vlm = twigvlm.VLM(vlms["qwen2-siglip"].adapter)
-    twig = _grow(vlm, 2, 2, noise=0.1, seed=2)
+    adapter = vlms["qwen2-siglip"].adapter
+    twig = noisy_twig(adapter, 2, 2, noise=0.1, seed=2)
+    vlm = twigvlm.VLM(adapter, twig)
     engine = vlm.engine
     assert engine.twig is twig and vlm.engine_for(False).twig is None and vlm.engine_for(twig) is engine
-    vlm.twig = None
-    assert engine.twig is twig and vlm.engine.twig is None  # the old engine kept its twig
+    other = vlm.grow_twig(K=1, T=1)  # another current twig
+    assert engine.twig is twig and vlm.engine.twig is other  # the old engine kept its twig
+    bare = twigvlm.VLM(adapter)
     with pytest.raises(TwigVLMError, match="drafts with a twig"):
-        vlm.generate("hi", max_new_tokens=2, speculative=True)
-    out = vlm.generate("hi", max_new_tokens=4, ignore_eos=True, speculative=True, twig=twig)
-    assert out.stats.drafted is not None and vlm.twig is None
+        bare.generate("hi", max_new_tokens=2, speculative=True)
+    out = bare.generate("hi", max_new_tokens=4, ignore_eos=True, speculative=True, twig=twig)
+    assert out.stats.drafted is not None and bare.twig is None
 
 
 def test_an_engine_is_immutable_per_twig(vlms):

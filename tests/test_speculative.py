@@ -1,5 +1,7 @@
-"""Oracles 4 and 5: speculative decoding is lossless — greedy ids ≡ AR, sampling ≡ AR in distribution; stub
-models with hand-written logits for accept/reject; the cache invariant after every step."""
+"""Oracles 4 and 5 for the chain drafter: stub models with hand-written logits for accept/reject, EOS, stop
+strings and max_new_tokens inside a draft; sampling ≡ the exact distribution on stubs; on the LLaVA models, greedy
+SSD ≡ AR swept over K, T and γ (the conformance suite runs every family at a few), a copy of the deep layers
+accepted at every γ, draft vocabularies, the cache invariant after every step, adaptive γ and the threshold."""
 
 from __future__ import annotations
 
@@ -17,25 +19,15 @@ from twigvlm.speculative.chain import Draft, TwigSpecModel, accept, speculative_
 from twigvlm.speculative.stats import SpecStats
 
 from .conftest import random_image, random_prompt
-
-# χ² critical values at a false-alarm rate of 1e-3, by degrees of freedom.
-CHI2_999 = {
-    1: 10.83,
-    2: 13.82,
-    3: 16.27,
-    4: 18.47,
-    5: 20.52,
-    6: 22.46,
-    7: 24.32,
-    8: 26.12,
-    9: 27.88,
-    10: 29.59,
-    11: 31.26,
-    12: 32.91,
-    13: 34.53,
-    14: 36.12,
-    15: 37.70,
-}
+from .oracles import (
+    SamplingStub,
+    assert_every_draft_accepted,
+    assert_sampling_is_lossless,
+    assert_speculation_equals_ar,
+    assert_stub_sampling_is_lossless,
+    logit_table,
+    with_twig,
+)
 
 
 # ---- stub models ------------------------------------------------------------------------------------------------
@@ -130,56 +122,8 @@ def test_stub_stop_string_spanning_an_accepted_block():
 
 
 # ---- sampling is lossless (stub distributions, exact reference) ----------------------------------------------------
-def _table(seed: int, vocab: int):
-    """A distribution over the next token for every prefix (logits uniform in [-1, 1])."""
-    cache = {}
-
-    def logits(prefix: tuple[int, ...]) -> torch.Tensor:
-        if prefix not in cache:
-            g = torch.Generator().manual_seed(hash((seed, prefix)) % 2**31)
-            cache[prefix] = torch.rand(vocab, generator=g) * 2 - 1
-        return cache[prefix]
-
-    return logits
-
-
-class SamplingStub:
-    def __init__(self, p, q, first: int, generator: torch.Generator) -> None:
-        self.p, self.q, self.prefix, self.generator = p, q, (first,), generator
-
-    def propose(self, last, max_len, threshold, stop_ids):
-        ids, probs = [], []
-        for _ in range(max_len):
-            dist = self.q(self.prefix + tuple(ids)).softmax(-1)
-            ids.append(int(torch.multinomial(dist, 1, generator=self.generator)))
-            probs.append(dist)
-        self._draft = ids
-        return Draft(ids, torch.stack(probs) if probs else None)
-
-    def verify(self, draft):
-        return torch.stack([self.p(self.prefix + tuple(draft.ids[:i])) for i in range(len(draft.ids) + 1)])
-
-    def commit(self, accepted):
-        pass  # the test sets `prefix` to everything emitted after each block
-
-
-def _chi2(counts: dict, probs: dict, n: int) -> tuple[float, int]:
-    """χ² statistic and degrees of freedom, pooling cells whose expected count is below 5."""
-    cells = sorted(probs, key=lambda c: probs[c])
-    groups, current = [], ([], 0.0)
-    for c in cells:
-        current = (current[0] + [c], current[1] + probs[c])
-        if current[1] * n >= 5:
-            groups.append(current)
-            current = ([], 0.0)
-    if current[0]:
-        groups[-1] = (groups[-1][0] + current[0], groups[-1][1] + current[1])
-    stat = sum((sum(counts.get(c, 0) for c in g) - p * n) ** 2 / (p * n) for g, p in groups)
-    return stat, len(groups) - 1
-
-
 def test_sampling_is_lossless_against_the_exact_distribution():
-    p, q = _table(1, 2), _table(2, 2)
+    p, q = logit_table(1, 2), logit_table(2, 2)
     spec = SpecConfig(draft_len=2, threshold=0)
     assert_stub_sampling_is_lossless(
         p,
@@ -189,40 +133,6 @@ def test_sampling_is_lossless_against_the_exact_distribution():
         blocks=speculative_blocks,
         spec=spec,
     )
-
-
-def chi2_critical(dof: int) -> float:
-    """χ² at a false-alarm rate of 1e-3: the table, else the Wilson–Hilferty approximation."""
-    if dof in CHI2_999:
-        return CHI2_999[dof]
-    return dof * (1 - 2 / (9 * dof) + 3.0902 * (2 / (9 * dof)) ** 0.5) ** 3
-
-
-def assert_stub_sampling_is_lossless(p, vocab: int, runs: int, make_stub, blocks, spec, length: int = 3) -> None:
-    """Sequences of `length` tokens sampled (temperature 1) through `blocks` (a drafter's block loop) on stubs made
-    by `make_stub(first, generator)` follow the exact target distribution given by the table `p` (χ², 10⁻³)."""
-    cfg = GenConfig(max_new_tokens=length, temperature=1.0)
-    counts: dict[tuple[int, ...], int] = {}
-    for seed in range(runs):
-        g = torch.Generator().manual_seed(seed)
-        first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
-        stub = make_stub(first, g)
-        out: list[int] = []
-        for block in blocks(stub, first, cfg, spec, g, SpecStats(), set()):
-            out += block
-            stub.prefix = tuple(out)
-            if len(out) >= length:
-                break
-        key = tuple(out[:length])
-        counts[key] = counts.get(key, 0) + 1
-    exact = {}
-    for seq in itertools.product(range(vocab), repeat=length):
-        prob = 1.0
-        for i in range(length):
-            prob *= float(p(seq[:i]).softmax(-1)[seq[i]])
-        exact[seq] = prob
-    stat, dof = _chi2(counts, exact, runs)
-    assert stat < chi2_critical(dof), (stat, dof, counts)
 
 
 def test_accept_keeps_drafts_from_the_target_itself():
@@ -236,57 +146,25 @@ def test_accept_keeps_drafts_from_the_target_itself():
 
 
 # ---- the real engine ----------------------------------------------------------------------------------------------
-def _with_twig(vlm, K, T, head="copy", noise=0.0, seed=0):
-    v = twigvlm.VLM(vlm.adapter)
-    v.grow_twig(K=K, T=T, head=head)
-    if noise:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for prm in v.twig.parameters():
-                prm.add_(noise * torch.randn(prm.shape, generator=g))
-    return v
-
-
 @pytest.mark.parametrize("K,T", [(1, 2), (2, 3), (3, 1)])
 @pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10)], ids=["unpruned", "pruned"])
-def test_greedy_speculation_equals_greedy_ar(vlms, K, T, prune):
+def test_greedy_speculation_equals_greedy_ar_over_K_T_and_gamma(vlms, K, T, prune):
     # Random twigs (almost no draft accepted) and eos disabled: every run compares the full 16 tokens, and a
     # mismatch anywhere in the draft/verify/crop bookkeeping would show as a different id.
     for name, base in vlms.items():
-        vlm = _with_twig(base, K, T, noise=0.3, seed=K * 10 + T)
-        assert_speculation_equals_ar(vlm, itertools.product(range(4), (1, 2, 5)), prune, name)
-
-
-def assert_speculation_equals_ar(vlm, cases, prune, name: str = "") -> list:
-    """Greedy SSD ids ≡ greedy AR ids for each (seed, γ) in `cases` (16 tokens, EOS off); the SSD results."""
-    results = []
-    for seed, gamma in cases:
-        args = dict(
-            prompt=random_prompt(seed, 2 + 5 * seed),
-            image=random_image(seed),
-            max_new_tokens=16,
-            ignore_eos=True,
-            prune=prune,
-        )
-        ar = vlm.generate(**args)
-        sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
-        assert sd.token_ids == ar.token_ids, (name, seed, gamma)
-        results.append(sd)
-    return results
+        vlm = with_twig(base, K, T, noise=0.3, seed=K * 10 + T)
+        assert_speculation_equals_ar(vlm, itertools.product(range(3), (1, 2, 5)), prune, name)
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 5])
 def test_a_twig_copying_the_deep_layers_is_always_accepted(vlms, gamma):
     # The twig is base layers K+1..L with the base norm and a copied head: the shallow net *is* the full model.
     for name, base in vlms.items():
-        vlm = _with_twig(base, 2, base.adapter.spec.num_layers - 2)
+        vlm = with_twig(base, 2, base.adapter.spec.num_layers - 2)
         args = dict(prompt=random_prompt(gamma, 6), image=random_image(gamma), max_new_tokens=20, ignore_eos=True)
         sd = vlm.generate(**args, speculative=SpecConfig(draft_len=gamma, threshold=0))
         assert sd.token_ids == vlm.generate(**args).token_ids, name
-        s = sd.stats
-        assert s.acceptance_rate == 1.0 and s.verifications == -(-19 // (gamma + 1)), name  # ceil(19 / (γ+1))
-        assert s.tokens_per_verification == pytest.approx(19 / s.verifications)
-        assert s.mean_accepted_per_step == s.tokens_per_verification  # the deprecated alias in the JSON output
+        assert_every_draft_accepted(sd, gamma)  # 19 tokens after the prefill's, in ceil(19 / (γ+1)) verifications
 
 
 def test_draft_vocabulary_keeps_greedy_output_exact(vlms):
@@ -294,7 +172,7 @@ def test_draft_vocabulary_keeps_greedy_output_exact(vlms):
     # every draft is accepted; without one of them, drafts of it are impossible and some are rejected, but the
     # output is still the AR output.
     base = vlms["llama-clip"]
-    vlm = _with_twig(base, 2, base.adapter.spec.num_layers - 2)
+    vlm = with_twig(base, 2, base.adapter.spec.num_layers - 2)
     args = dict(prompt=random_prompt(3, 6), image=random_image(3), max_new_tokens=20, ignore_eos=True)
     ar = vlm.generate(**args).token_ids
     spec = SpecConfig(draft_len=4, threshold=0)
@@ -315,7 +193,7 @@ def test_draft_vocabulary_keeps_greedy_output_exact(vlms):
 
 
 def test_cache_invariant_after_every_step(vlms):
-    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
     engine, L = vlm.engine, vlm.adapter.spec.num_layers
     enc = vlm.encode(random_prompt(1, 6), random_image(1))
     cfg, prune = GenConfig(max_new_tokens=24, ignore_eos=True), PruneConfig("twig", keep=10, wipe_layer=5)
@@ -336,56 +214,17 @@ def test_cache_invariant_after_every_step(vlms):
             assert state.next_position == n
 
 
-@pytest.mark.parametrize("draft_vocab", [None, "even ids"])
-def test_sampling_speculation_matches_ar_in_distribution(vlms, draft_vocab):
+def test_sampling_with_a_draft_vocabulary_matches_ar_in_distribution(vlms):
     # Real model, top-k 2 at temperature 1: the first three tokens take at most 8 values; the exact AR
-    # distribution comes from the model's own logits, and speculative samples must follow it — also when the
-    # twig drafts from a restricted vocabulary (its q is then zero outside it).
-    vlm = _with_twig(vlms["qwen2-siglip"], 2, 2, noise=0.2)
-    if draft_vocab:
-        vlm.twig.set_draft_vocab(range(0, vlm.adapter.spec.vocab_size, 2))
+    # distribution comes from the model's own logits, and speculative samples must follow it when the twig drafts
+    # from a restricted vocabulary (its q is then zero outside it).
+    vlm = with_twig(vlms["qwen2-siglip"], 2, 2, noise=0.2)
+    vlm.twig.set_draft_vocab(range(0, vlm.adapter.spec.vocab_size, 2))
     assert_sampling_is_lossless(vlm, vlm.encode(random_prompt(4, 3), random_image(4)))
 
 
-def assert_sampling_is_lossless(vlm, enc, runs: int = 400, spec: SpecConfig | None = None) -> None:
-    """Speculative samples of 3 tokens (top-k 2, temperature 1) follow the exact AR distribution (χ², 10⁻³);
-    spec: the drafting settings (default: a chain, γ = 2)."""
-    from twigvlm.generation.loop import Generation
-    from twigvlm.runtime.sampling import probs_from_logits
-
-    cfg = GenConfig(max_new_tokens=3, temperature=1.0, top_k=2, ignore_eos=True)
-    engine = vlm.engine
-    exact = {}
-    with torch.no_grad():
-
-        def dist(prefix):
-            state = engine.new_state()
-            logits = engine.prefill(state, enc)
-            for t in prefix:
-                logits = engine.step(state, torch.tensor([[t]]))[:, -1]
-            return probs_from_logits(logits[0], cfg)
-
-        p1 = dist(())
-        for a in p1.nonzero().flatten().tolist():
-            p2 = dist((a,))
-            for b in p2.nonzero().flatten().tolist():
-                p3 = dist((a, b))
-                for c in p3.nonzero().flatten().tolist():
-                    exact[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
-    counts = {}
-    for seed in range(runs):
-        seeded = GenConfig(**{**cfg.__dict__, "seed": seed})
-        gen = Generation(engine, enc, seeded, spec=spec or SpecConfig(2, threshold=0))
-        gen.run()
-        key = tuple(gen.result.token_ids)
-        counts[key] = counts.get(key, 0) + 1
-    assert set(counts) <= set(exact)
-    stat, dof = _chi2(counts, exact, runs)
-    assert stat < CHI2_999[dof], (stat, dof)
-
-
 def test_seeded_speculative_sampling_is_reproducible(vlms):
-    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.1)
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.1)
     args = dict(
         prompt="what is it?",
         image=random_image(0),
@@ -399,7 +238,7 @@ def test_seeded_speculative_sampling_is_reproducible(vlms):
 
 
 def test_adaptive_drafting_and_threshold(vlms):
-    vlm = _with_twig(vlms["llama-clip"], 2, 4)  # exact copy: always accepted, so γ grows
+    vlm = with_twig(vlms["llama-clip"], 2, 4)  # exact copy: always accepted, so γ grows
     args = dict(prompt="describe", image=random_image(2), max_new_tokens=30, ignore_eos=True)
     ar = vlm.generate(**args).token_ids
     adaptive = vlm.generate(**args, speculative=SpecConfig(draft_len=2, threshold=0, adaptive=True, max_draft_len=6))
@@ -421,7 +260,7 @@ def test_speculation_errors(vlms):
 
 def test_twig_lag_survives_a_step_without_drafts(vlms):
     # γ=2 with 5 tokens: the last step has no draft budget while the twig still lags one token behind.
-    vlm = _with_twig(vlms["llama-clip"], 2, vlms["llama-clip"].adapter.spec.num_layers - 2)
+    vlm = with_twig(vlms["llama-clip"], 2, vlms["llama-clip"].adapter.spec.num_layers - 2)
     enc = vlm.encode("describe", [random_image(5)])
     from twigvlm.generation.loop import Generation
 

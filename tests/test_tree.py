@@ -21,15 +21,15 @@ from twigvlm.speculative.tree import TreeDraft, accept_tree, tree_blocks
 from twigvlm.speculative.tree_twig import TwigTreeModel
 
 from .conftest import random_image, random_prompt
-from .test_draft_side import _assert_same, _fresh, middle_twig
-from .test_speculative import (
-    CHI2_999,
-    _chi2,
-    _letters,
-    _table,
-    _with_twig,
+from .oracles import (
+    assert_caches_hold_the_committed_tokens,
     assert_sampling_is_lossless,
     assert_stub_sampling_is_lossless,
+    chi2,
+    chi2_critical,
+    logit_table,
+    middle_twig,
+    with_twig,
 )
 
 
@@ -75,8 +75,8 @@ def test_sibling_rule_keeps_the_target_distribution_at_one_node():
         token = tree.tokens[path[1]] if len(path) > 1 else nxt
         assert len(path) == 1 or path[1] in (1, 2)
         counts[token] = counts.get(token, 0) + 1
-    stat, dof = _chi2(counts, {i: float(p[i]) for i in range(5)}, runs)
-    assert stat < CHI2_999[dof], (stat, counts)
+    stat, dof = chi2(counts, {i: float(p[i]) for i in range(5)}, runs)
+    assert stat < chi2_critical(dof), (stat, counts)
 
 
 # ---- stub models ------------------------------------------------------------------------------------------------
@@ -109,6 +109,10 @@ class TreeStub:
 
     def commit(self, path):
         self.pos += len(path)
+
+
+def _letters(ids):
+    return "".join(chr(ord("a") + i) for i in ids)
 
 
 def _run(model, max_new, depth, eos=frozenset(), stop=()):
@@ -199,7 +203,7 @@ class TreeSamplingStub:
 
 @pytest.mark.parametrize("k,depth", [(2, 2), (3, 1)])
 def test_tree_sampling_is_lossless_against_the_exact_distribution(k, depth):
-    p, q = _table(5, 4), _table(6, 4)
+    p, q = logit_table(5, 4), logit_table(6, 4)
     spec = SpecConfig(draft="tree", tree_depth=depth)
     assert_stub_sampling_is_lossless(
         p,
@@ -258,12 +262,12 @@ def assert_tree_equals_ar(vlm, prune, name: str, tokens: int = 16) -> list:
 def test_greedy_tree_speculation_equals_greedy_ar(vlms, K, T, prune):
     # Random twigs: almost every node rejected, so every step exercises the gather of a root-only path.
     for name, base in vlms.items():
-        assert_tree_equals_ar(_with_twig(base, K, T, noise=0.3, seed=K * 10 + T), prune, name)
+        assert_tree_equals_ar(with_twig(base, K, T, noise=0.3, seed=K * 10 + T), prune, name)
 
 
 @pytest.fixture(scope="module")
-def middle(vlms) -> dict[str, twigvlm.VLM]:
-    return {name: middle_twig(base) for name, base in vlms.items()}
+def middle(adapters) -> dict[str, twigvlm.VLM]:
+    return {name: middle_twig(twigvlm.VLM(adapter)) for name, adapter in adapters.items()}
 
 
 @pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10)], ids=["unpruned", "pruned"])
@@ -314,7 +318,7 @@ def test_a_full_copy_twig_accepts_its_own_best_path_every_time(vlms, shape):
     # The twig is base layers K+1..L with the base norm and a copied head: its argmax is the target's, so every
     # step accepts the path of first children (the twig's best token at each level) to its end.
     for name, base in vlms.items():
-        vlm = _with_twig(base, 2, base.adapter.spec.num_layers - 2)
+        vlm = with_twig(base, 2, base.adapter.spec.num_layers - 2)
         enc, cfg = vlm.encode(random_prompt(2, 6), random_image(2)), GenConfig(max_new_tokens=20, ignore_eos=True)
         with torch.no_grad():
             state, first = _start(vlm, enc, cfg, None)
@@ -330,7 +334,7 @@ def test_a_full_copy_twig_accepts_its_own_best_path_every_time(vlms, shape):
 def test_caches_hold_exactly_the_committed_tokens_after_every_tree_step(middle, prune):
     name = "llama-clip"
     vlm = middle[name]
-    engine, adapter, K, L = vlm.engine, vlm.adapter, 2, vlm.adapter.spec.num_layers
+    engine = vlm.engine
     enc, cfg = vlm.encode(random_prompt(5, 6), random_image(5)), GenConfig(max_new_tokens=30, ignore_eos=True)
     with torch.no_grad():
         state, first = _start(vlm, enc, cfg, prune)
@@ -340,17 +344,9 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_tree_step(middle, 
         for block in tree_blocks(model, first, cfg, tree_spec(8, 4, 3), None, SpecStats(), set()):
             emitted += block
             committed = emitted[:-1]  # the newest token is fed by the next step
-            new = torch.tensor([committed], dtype=torch.long)
-            embeds = torch.cat([enc.inputs_embeds, adapter.embed(new)], dim=1)  # [1, n, H]
-            pos = torch.cat([enc.position_ids, adapter.text_positions(enc.next_position, len(committed))], dim=-1)
-            n = embeds.shape[1]
+            pending = len(model.model._pending)  # the twig lags by the tokens it has not seen yet
+            n = assert_caches_hold_the_committed_tokens(vlm, state, enc, committed, pending, prune is not None)
             assert state.cache.lengths() == [n + d for d in deep0] and state.next_position == n
-            base = _fresh(engine, adapter.layers, embeds, pos)
-            _assert_same(state.cache, base, range(L if prune is None else K), "base")
-            twig = _fresh(engine, vlm.twig.layers, engine.forward(None, embeds, pos, 0, K), pos)
-            pending = len(model.model._pending)
-            assert state.twig_cache.lengths() == [n - pending] * len(vlm.twig.layers)
-            _assert_same(state.twig_cache, twig, range(len(vlm.twig.layers)), "twig")
     accepted = [len(p) - 1 for _, p in model.steps]
     assert max(accepted) >= 2 and min(accepted) <= 1, accepted  # long and short paths were both committed
     assert any(p[1] != 1 for _, p in model.steps if len(p) > 1), "no path went through a second sibling"
@@ -359,23 +355,21 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_tree_step(middle, 
 def test_tree_sampling_matches_ar_in_distribution(vlms):
     # Real model, top-k 2 at temperature 1 (8 possible 3-token outputs), a twig with a draft vocabulary (the even
     # ids), so some drafts are impossible and the sibling rule's residual does real work.
-    vlm = _with_twig(vlms["qwen2-siglip"], 2, 2, noise=0.2)
+    vlm = with_twig(vlms["qwen2-siglip"], 2, 2, noise=0.2)
     vlm.twig.set_draft_vocab(range(0, vlm.adapter.spec.vocab_size, 2))
     enc = vlm.encode(random_prompt(4, 3), random_image(4))
     assert_sampling_is_lossless(vlm, enc, runs=240, spec=tree_spec(4, 2, 2))
 
 
-def test_qwen_vl_tree_speculation_equals_ar(tmp_path):
+def test_qwen_vl_tree_speculation_equals_ar(zoo):
     # M-RoPE: tree positions are prefix + depth on all three axes (prune keeps 3-D positions in the prompt).
-    from twigvlm.tiny.qwen import TinyQwenSpec, save_tiny_qwen
-
-    from .test_qwen import picture
-
-    base = twigvlm.load(save_tiny_qwen(tmp_path / "q", TinyQwenSpec(family="qwen2-vl", num_layers=6, seed=3)))
+    base = zoo("qwen2-vl")
+    L = base.adapter.spec.num_layers
     for noise, prune in ((0.0, None), (0.01, PruneConfig("twig", keep=6))):
-        vlm = _with_twig(base, 2, 4, noise=noise, seed=1)
+        vlm = with_twig(base, 2, L - 2, noise=noise, seed=1)  # the deep layers' copy, exact or nearly
         for seed, shape in enumerate(TREE_SHAPES[:2]):
-            args = dict(prompt=random_prompt(seed, 3 + seed), image=[picture(seed)], max_new_tokens=14, ignore_eos=True)
+            image = [random_image(seed, (48, 64))]
+            args = dict(prompt=random_prompt(seed, 3 + seed), image=image, max_new_tokens=14, ignore_eos=True)
             sd = vlm.generate(**args, prune=prune, speculative=tree_spec(*shape))
             assert sd.token_ids == vlm.generate(**args, prune=prune).token_ids, (noise, seed, shape)
             assert sd.stats.accepted > 0, (noise, seed)  # paths were accepted, at positions prefix + depth
@@ -470,7 +464,7 @@ def test_auto_scales_each_kind_by_how_its_past_choices_measured():
 
 
 def test_auto_records_its_choices_for_calibration(vlms):
-    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
     args = dict(prompt="describe", image=random_image(2), ignore_eos=True, max_new_tokens=12)
     out = vlm.generate(**args, speculative=True)
     cal = vlm.draft_record(vlm.twig).calibration
@@ -484,7 +478,7 @@ def test_auto_records_its_choices_for_calibration(vlms):
 def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
     import twigvlm.speculative.choice as dc
 
-    vlm = _with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
     calls = []
     real = dc.probe_costs
     monkeypatch.setattr(dc, "probe_costs", lambda *a: calls.append(1) or real(*a))
@@ -497,13 +491,17 @@ def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
 
 
 def test_tree_ablation_runs_the_chain_trees_and_auto(model_dirs, cli_twig, tmp_path):
-    from .test_bench import _ablation
+    import json
 
-    out = _ablation(model_dirs["llama-clip"], cli_twig, tmp_path / "t", "tree", "--tree-depth", "2")
-    summary = out["summary"]
+    from twigvlm.cli.main import main
+
+    out = tmp_path / "t"
+    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", cli_twig, "--limit", "1", "--max-new-tokens", "3"]
+    assert main([*argv, "--tasks", "scenes", "--out", str(out), "--ablation", "tree", "--tree-depth", "2"]) == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
     trees = {f"ssd tree N={n} D={d} k=4" for n in (4, 8, 16, 32) for d in (1, 2)}
     assert {"hf", "ar", "ssd chain γ=5", "ssd auto"} | trees <= set(summary)
     assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))  # every drafter ≡ AR
     assert summary["ssd tree N=4 D=2 k=4"]["drafters"] == {"tree": 1}
     assert summary["ssd chain γ=5"]["drafters"] == {"chain": 1}
-    assert "≥1 accepted" in (tmp_path / "t" / "table.md").read_text()
+    assert "≥1 accepted" in (out / "table.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -227,7 +228,7 @@ def _names(fields: list[str], where: str) -> str:
 PRUNE_SETTINGS = ("keep", "keep_ratio", "wipe_layer", "layer", "query")  # what only a pruning method uses
 
 
-def _need(settings: dict) -> str:
+def _need(settings: Sized) -> str:
     return "needs" if len(settings) == 1 else "need"
 
 
@@ -253,13 +254,14 @@ def pruning(
     if "keep" in given or "keep_ratio" in given:  # one budget replaces the other
         prune = replace(prune, keep=keep, keep_ratio=keep_ratio)
     prune = replace(prune, **{k: v for k, v in given.items() if k not in ("keep", "keep_ratio")})
-    if not prune.active:  # a budget for no pruning: given here, or in the config passed as `base`
-        default = PruneConfig()
-        unused = {k: v for k in given.keys() | PRUNE_SETTINGS if (v := getattr(prune, k)) != getattr(default, k)}
-        if unused:
-            names = [k for k in PRUNE_SETTINGS if k in unused]
+    if not prune.active:  # a budget for no pruning: given here, or in a `base` that prunes nothing itself
+        stray = set(given)
+        if base is not None and not base.active:
+            stray |= {k for k in PRUNE_SETTINGS if getattr(base, k) != getattr(PruneConfig(), k)}
+        if stray:
+            names = [k for k in PRUNE_SETTINGS if k in stray]
             raise SettingError(
-                f"{_names(names, where)} {_need(unused)} {_names(['method'], where)} (twig, fastv or visionzip)",
+                f"{_names(names, where)} {_need(names)} {_names(['method'], where)} (twig, fastv or visionzip)",
                 "prune",
             )
     try:
