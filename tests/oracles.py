@@ -319,26 +319,30 @@ class SamplingStub:
     def __init__(self, p, q, first: int, generator: torch.Generator) -> None:
         self.p, self.q, self.prefix, self.generator = p, q, (first,), generator
 
-    def propose(self, last, max_len, threshold, stop_ids):
-        from twigvlm.speculative.chain import Draft
+    def propose(self, last, max_depth, stop_ids):
+        from twigvlm.speculative.loop import TreeDraft
 
         ids, probs = [], []
-        for _ in range(max_len):
+        for _ in range(max_depth):
             dist = self.q(self.prefix + tuple(ids)).softmax(-1)
             ids.append(int(torch.multinomial(dist, 1, generator=self.generator)))
             probs.append(dist)
-        return Draft(ids, torch.stack(probs) if probs else None)
+        return TreeDraft.chain(last, ids, torch.stack(probs) if probs else None)
 
     def verify(self, draft):
-        return torch.stack([self.p(self.prefix + tuple(draft.ids[:i])) for i in range(len(draft.ids) + 1)])
+        ids = draft.tokens[1:]
+        return torch.stack([self.p(self.prefix + tuple(ids[:i])) for i in range(len(ids) + 1)])
 
-    def commit(self, accepted):
+    def commit(self, path):
         pass
 
 
-def assert_stub_sampling_is_lossless(p, vocab: int, runs: int, make_stub, blocks, spec, length: int = 3) -> None:
-    """Sequences of `length` tokens sampled (temperature 1) through `blocks` (a drafter's block loop) on stubs made
-    by `make_stub(first, generator)` follow the exact target distribution given by the table `p` (χ², 10⁻³)."""
+def assert_stub_sampling_is_lossless(p, vocab: int, runs: int, make_stub, depth: int, length: int = 3) -> None:
+    """Sequences of `length` tokens sampled (temperature 1) through the speculative loop, drafting `depth` deep, on
+    stub drafters made by `make_stub(first, generator)` follow the exact target distribution given by the table `p`
+    (χ², 10⁻³)."""
+    from twigvlm.speculative.loop import speculative_blocks
+
     cfg = GenConfig(max_new_tokens=length, temperature=1.0)
     counts: dict[tuple[int, ...], int] = {}
     for seed in range(runs):
@@ -346,7 +350,7 @@ def assert_stub_sampling_is_lossless(p, vocab: int, runs: int, make_stub, blocks
         first = int(torch.multinomial(p(()).softmax(-1), 1, generator=g))
         stub = make_stub(first, g)
         out: list[int] = []
-        for block in blocks(stub, first, cfg, spec, g, SpecStats(), set()):
+        for block in speculative_blocks(stub, first, cfg, g, SpecStats(), set(), depth):
             out += block
             stub.prefix = tuple(out)
             if len(out) >= length:

@@ -16,7 +16,8 @@ import twigvlm
 from twigvlm import GenConfig, PruneConfig, SpecConfig
 from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.sampling import pick_tokens
-from twigvlm.speculative.chain import Draft, TwigSpecModel, accept, speculative_blocks
+from twigvlm.speculative.chain import TwigChainDrafter
+from twigvlm.speculative.loop import TreeDraft, accept, speculative_blocks
 from twigvlm.speculative.stats import SpecStats
 
 from .conftest import random_image, random_prompt
@@ -37,22 +38,22 @@ def middle(adapters) -> dict[str, twigvlm.VLM]:
 
 
 class Recorder:
-    """A SpecModel proxy that records (drafted, accepted) for every step."""
+    """A drafter proxy that records (drafted, accepted) for every step."""
 
-    def __init__(self, model: TwigSpecModel) -> None:
+    def __init__(self, model: TwigChainDrafter) -> None:
         self.model, self.steps, self._drafted = model, [], 0
 
-    def propose(self, *args) -> Draft:
+    def propose(self, *args) -> TreeDraft:
         draft = self.model.propose(*args)
-        self._drafted = len(draft.ids)
+        self._drafted = draft.size
         return draft
 
-    def verify(self, draft: Draft) -> torch.Tensor:
+    def verify(self, draft: TreeDraft) -> torch.Tensor:
         return self.model.verify(draft)
 
-    def commit(self, accepted: int) -> None:
-        self.model.commit(accepted)
-        self.steps.append((self._drafted, accepted))
+    def commit(self, path: list[int]) -> None:
+        self.model.commit(path)
+        self.steps.append((self._drafted, len(path) - 1))
 
 
 @pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10)], ids=["unpruned", "pruned"])
@@ -87,11 +88,9 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_step(middle, name,
         else:
             logits, _ = pruned_prefill(engine, state, enc, prune, prime_twig=True)
         first = int(pick_tokens(logits, cfg, None)[0])
-        model = Recorder(TwigSpecModel(engine, state, cfg, None))
+        model = Recorder(TwigChainDrafter(engine, state, cfg, None, threshold=0))
         emitted: list[int] = []
-        for block in speculative_blocks(
-            model, first, cfg, SpecConfig(draft_len=4, threshold=0), None, SpecStats(), set()
-        ):
+        for block in speculative_blocks(model, first, cfg, None, SpecStats(), set(), 4):
             emitted += block
             committed = emitted[:-1]  # the newest token is fed by the next step
             pending = len(model.model._pending)  # the twig lags by the tokens it has not seen yet
@@ -110,8 +109,8 @@ def test_residual_resample_follows_max_p_minus_q():
     logits = p.log().unsqueeze(0).repeat(2, 1)  # [n + 1, V]
     kept, counts = 0, torch.zeros(5)
     for _ in range(runs):
-        n, token = accept(Draft([0], q.unsqueeze(0)), logits, cfg, g)
-        if n == 1:
+        path, token = accept(TreeDraft.chain(9, [0], q.unsqueeze(0)), logits, cfg, g)
+        if len(path) == 2:
             kept += 1
         else:
             counts[token] += 1
@@ -134,6 +133,5 @@ def test_sampling_is_lossless_on_four_tokens():
         vocab=4,
         runs=3000,
         make_stub=lambda first, g: SamplingStub(p, q, first, g),
-        blocks=speculative_blocks,
-        spec=spec,
+        depth=spec.draft_len,
     )

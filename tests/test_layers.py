@@ -206,7 +206,7 @@ def test_the_checker_reads_the_real_package():
     assert {"twigvlm.adapters.llava", "twigvlm.engine", "twigvlm.inputs.named", "twigvlm.demo.model"} <= set(graph)
     # The CLI sits above the demo and does import it: the scan finds lazy imports inside functions.
     assert "twigvlm.demo.run" in edges(graph)["twigvlm.cli.main"]
-    assert floor_of("twigvlm.speculative.tree_twig") == "speculative/pruning"
+    assert floor_of("twigvlm.speculative.tree") == "speculative/pruning"
     assert floor_of("twigvlm.twig.fingerprint") == "twig/inputs"
 
 

@@ -15,7 +15,8 @@ from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.generation.loop import TextStream, emit
 from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.sampling import make_generator, pick_tokens
-from twigvlm.speculative.chain import Draft, TwigSpecModel, accept, speculative_blocks
+from twigvlm.speculative.chain import TwigChainDrafter
+from twigvlm.speculative.loop import TreeDraft, accept, speculative_blocks
 from twigvlm.speculative.stats import SpecStats
 
 from .conftest import random_image, random_prompt
@@ -39,23 +40,23 @@ class StubModel:
         self.pos = 1  # index in `target` of the token after `last`; target[0] came from the prefill
         self.requested: list[int] = []
 
-    def propose(self, last, max_len, threshold, stop_ids):
-        self.requested.append(max_len)
+    def propose(self, last, max_depth, stop_ids):
+        self.requested.append(max_depth)
         ids = []
-        for t in self.propose_fn(self.pos)[:max_len]:
+        for t in self.propose_fn(self.pos)[:max_depth]:
             ids.append(t)
             if t in stop_ids:
                 break
-        return Draft(ids)
+        return TreeDraft.chain(last, ids)
 
     def verify(self, draft):
-        logits = torch.full((len(draft.ids) + 1, self.vocab), -10.0)
-        for i in range(len(draft.ids) + 1):
+        logits = torch.full((draft.size + 1, self.vocab), -10.0)
+        for i in range(draft.size + 1):
             logits[i, self.target[self.pos + i]] = 10.0
         return logits
 
-    def commit(self, accepted):
-        self.pos += accepted + 1
+    def commit(self, path):
+        self.pos += len(path)
 
 
 def _letters(ids):
@@ -64,9 +65,7 @@ def _letters(ids):
 
 def _run(model, max_new, gamma, eos=frozenset(), stop=()):
     stats, cfg = SpecStats(), GenConfig(max_new_tokens=max_new)
-    blocks = speculative_blocks(
-        model, model.target[0], cfg, SpecConfig(draft_len=gamma, threshold=0), None, stats, set(eos)
-    )
+    blocks = speculative_blocks(model, model.target[0], cfg, None, stats, set(eos), gamma)
     ids, pieces = [], []
     gen = emit(blocks, TextStream(_letters, stop), max_new, set(eos), set(), ids)
     while True:
@@ -130,8 +129,7 @@ def test_sampling_is_lossless_against_the_exact_distribution():
         vocab=2,
         runs=4000,
         make_stub=lambda first, g: SamplingStub(p, q, first, g),
-        blocks=speculative_blocks,
-        spec=spec,
+        depth=spec.draft_len,
     )
 
 
@@ -141,8 +139,9 @@ def test_accept_keeps_drafts_from_the_target_itself():
     from twigvlm.runtime.sampling import probs_from_logits
 
     q = probs_from_logits(logits[:3], cfg)
-    n, _ = accept(Draft([int(q[i].argmax()) for i in range(3)], q), logits, cfg, torch.Generator().manual_seed(0))
-    assert n == 3  # p == q: min(1, p/q) = 1 for every draft
+    draft = TreeDraft.chain(0, [int(q[i].argmax()) for i in range(3)], q)
+    path, _ = accept(draft, logits, cfg, torch.Generator().manual_seed(0))
+    assert path == [0, 1, 2, 3]  # p == q: min(1, p/q) = 1 for every draft
 
 
 # ---- the real engine ----------------------------------------------------------------------------------------------
@@ -201,12 +200,10 @@ def test_cache_invariant_after_every_step(vlms):
         state = engine.new_state()
         logits, pstats = pruned_prefill(engine, state, enc, prune, prime_twig=True)
         first = int(pick_tokens(logits, cfg, None)[0])
-        model = TwigSpecModel(engine, state, cfg, None)
+        model = TwigChainDrafter(engine, state, cfg, None, threshold=0)
         T, M, R, K, wipe = enc.num_tokens, pstats.visual_tokens, pstats.kept, 2, 5
         produced = 0
-        for block in speculative_blocks(
-            model, first, cfg, SpecConfig(draft_len=3, threshold=0), None, SpecStats(), set()
-        ):
+        for block in speculative_blocks(model, first, cfg, None, SpecStats(), set(), 3):
             produced += len(block)
             n = T + produced - 1  # everything but the newest token is in the caches
             assert state.cache.lengths() == [n] * K + [n - M + R] * (wipe - K) + [n - M] * (L - wipe)

@@ -16,9 +16,9 @@ from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.cache import LayerKV
 from twigvlm.runtime.sampling import pick_tokens
 from twigvlm.speculative.choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_tree_value
+from twigvlm.speculative.loop import TreeDraft, accept, speculative_blocks
 from twigvlm.speculative.stats import SpecStats
-from twigvlm.speculative.tree import TreeDraft, accept_tree, tree_blocks
-from twigvlm.speculative.tree_twig import TwigTreeModel
+from twigvlm.speculative.tree import TwigTreeDrafter
 
 from .conftest import random_image, random_prompt
 from .oracles import (
@@ -57,10 +57,10 @@ def _onehot(rows: list[int], vocab: int = 12) -> torch.Tensor:
 def test_greedy_accept_follows_the_matching_children():
     tree = TreeDraft([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 2])
     cfg = GenConfig()
-    assert accept_tree(tree, _onehot([2, 0, 5, 0, 0, 7]), cfg, None) == ([0, 2, 5], 7)  # the second branch
-    assert accept_tree(tree, _onehot([1, 4, 0, 0, 8, 0]), cfg, None) == ([0, 1, 4], 8)
-    assert accept_tree(tree, _onehot([6, 0, 0, 0, 0, 0]), cfg, None) == ([0], 6)  # none accepted
-    assert accept_tree(TreeDraft([9], [-1]), _onehot([3]), cfg, None) == ([0], 3)  # no drafts: a plain step
+    assert accept(tree, _onehot([2, 0, 5, 0, 0, 7]), cfg, None) == ([0, 2, 5], 7)  # the second branch
+    assert accept(tree, _onehot([1, 4, 0, 0, 8, 0]), cfg, None) == ([0, 1, 4], 8)
+    assert accept(tree, _onehot([6, 0, 0, 0, 0, 0]), cfg, None) == ([0], 6)  # none accepted
+    assert accept(TreeDraft([9], [-1]), _onehot([3]), cfg, None) == ([0], 3)  # no drafts: a plain step
 
 
 def test_sibling_rule_keeps_the_target_distribution_at_one_node():
@@ -71,7 +71,7 @@ def test_sibling_rule_keeps_the_target_distribution_at_one_node():
     tree = TreeDraft([9, 0, 3], [-1, 0, 0])
     counts: dict[int, int] = {}
     for _ in range(runs):
-        path, nxt = accept_tree(tree, p.log().unsqueeze(0).repeat(3, 1), cfg, g)
+        path, nxt = accept(tree, p.log().unsqueeze(0).repeat(3, 1), cfg, g)
         token = tree.tokens[path[1]] if len(path) > 1 else nxt
         assert len(path) == 1 or path[1] in (1, 2)
         counts[token] = counts.get(token, 0) + 1
@@ -117,8 +117,7 @@ def _letters(ids):
 
 def _run(model, max_new, depth, eos=frozenset(), stop=()):
     stats, cfg = SpecStats(drafter="tree"), GenConfig(max_new_tokens=max_new)
-    spec = SpecConfig(draft="tree", tree_depth=depth)
-    blocks = tree_blocks(model, model.target[0], cfg, spec, None, stats, set(eos))
+    blocks = speculative_blocks(model, model.target[0], cfg, None, stats, set(eos), depth)
     ids, pieces = [], []
     gen = emit(blocks, TextStream(_letters, stop), max_new, set(eos), set(), ids)
     while True:
@@ -210,8 +209,7 @@ def test_tree_sampling_is_lossless_against_the_exact_distribution(k, depth):
         vocab=4,
         runs=3000,
         make_stub=lambda first, g: TreeSamplingStub(p, q, first, k, depth),
-        blocks=tree_blocks,
-        spec=spec,
+        depth=spec.tree_depth,
     )
 
 
@@ -280,9 +278,9 @@ def test_partly_accepted_trees_equal_greedy_ar(middle, prune):
 
 
 class PathRecorder:
-    """A TreeModel proxy that records each step's tree and accepted path."""
+    """A tree drafter proxy that records each step's tree and accepted path."""
 
-    def __init__(self, model: TwigTreeModel) -> None:
+    def __init__(self, model: TwigTreeDrafter) -> None:
         self.model, self.steps = model, []
 
     def propose(self, *args) -> TreeDraft:
@@ -322,8 +320,8 @@ def test_a_full_copy_twig_accepts_its_own_best_path_every_time(vlms, shape):
         enc, cfg = vlm.encode(random_prompt(2, 6), random_image(2)), GenConfig(max_new_tokens=20, ignore_eos=True)
         with torch.no_grad():
             state, first = _start(vlm, enc, cfg, None)
-            model = PathRecorder(TwigTreeModel(vlm.engine, state, cfg, shape[2], shape[0]))
-            ids = list(itertools.chain(*tree_blocks(model, first, cfg, tree_spec(*shape), None, SpecStats(), set())))
+            model = PathRecorder(TwigTreeDrafter(vlm.engine, state, cfg, shape[2], shape[0]))
+            ids = list(itertools.chain(*speculative_blocks(model, first, cfg, None, SpecStats(), set(), shape[1])))
         assert ids == vlm.generate(enc_prompt := random_prompt(2, 6), random_image(2), config=cfg).token_ids, name
         assert all(path == _first_child_chain(tree) for tree, path in model.steps), (name, enc_prompt)
         if shape[2] == 1:  # a chain of N = D nodes: all accepted, D + 1 tokens per verification
@@ -339,9 +337,9 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_tree_step(middle, 
     with torch.no_grad():
         state, first = _start(vlm, enc, cfg, prune)
         deep0 = [n - enc.num_tokens for n in state.cache.lengths()]  # what pruning took from each layer
-        model = PathRecorder(TwigTreeModel(engine, state, cfg, 3, 8))
+        model = PathRecorder(TwigTreeDrafter(engine, state, cfg, 3, 8))
         emitted: list[int] = []
-        for block in tree_blocks(model, first, cfg, tree_spec(8, 4, 3), None, SpecStats(), set()):
+        for block in speculative_blocks(model, first, cfg, None, SpecStats(), set(), 4):
             emitted += block
             committed = emitted[:-1]  # the newest token is fed by the next step
             pending = len(model.model._pending)  # the twig lags by the tokens it has not seen yet

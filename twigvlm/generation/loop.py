@@ -20,11 +20,11 @@ from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
 from ..pruning.prefill import PruneStats, pruned_prefill
 from ..runtime.sampling import make_generator, pick_tokens
-from ..speculative.chain import TwigSpecModel, speculative_blocks
-from ..speculative.choice import DraftRecord, chain_ranks, choose_drafter, recording
+from ..speculative.chain import TwigChainDrafter
+from ..speculative.choice import DraftRecord, choose_drafter, recording
+from ..speculative.loop import speculative_blocks
 from ..speculative.stats import SpecStats
-from ..speculative.tree import tree_blocks
-from ..speculative.tree_twig import TwigTreeModel
+from ..speculative.tree import TwigTreeDrafter
 from .stats import GenerationResult, generation_stats
 from .stream import TextStream
 
@@ -112,13 +112,16 @@ def _speculative_blocks(
     stats.drafter = choice.kind
     if choice.kind == "none":
         return _ar_blocks(engine, state, first, cfg, generator)
+    s = choice.spec
+    drafter: TwigChainDrafter | TwigTreeDrafter
     if choice.kind == "tree":
-        tree = TwigTreeModel(engine, state, cfg, choice.spec.tree_topk, choice.spec.tree_nodes)
-        blocks = tree_blocks(tree, first, cfg, choice.spec, generator, stats, stop_ids)
-        return recording(blocks, record, lambda: tree.ranks, choice, stats)
-    model = TwigSpecModel(engine, state, cfg, generator)
-    blocks = speculative_blocks(model, first, cfg, choice.spec, generator, stats, stop_ids)
-    return recording(blocks, record, lambda: chain_ranks(stats), choice, stats)
+        drafter = TwigTreeDrafter(engine, state, cfg, s.tree_topk, s.tree_nodes)
+        depth, adapt = s.tree_depth, None
+    else:
+        drafter = TwigChainDrafter(engine, state, cfg, generator, s.threshold)
+        depth, adapt = s.draft_len, (s.max_draft_len if s.adaptive else None)
+    blocks = speculative_blocks(drafter, first, cfg, generator, stats, stop_ids, depth, adapt)
+    return recording(blocks, record, lambda: drafter.ranks, choice, stats)
 
 
 class Generation:

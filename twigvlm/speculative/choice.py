@@ -248,11 +248,3 @@ def recording(
         if choice is not None and choice.model_rate is not None and stats is not None:
             seconds = stats.draft_s + stats.verify_s
             rec.calibration.record(choice.kind, stats.emitted, seconds, choice.model_rate)
-
-
-def chain_ranks(stats: SpecStats) -> list[int | None]:
-    """The chain's steps as rank visits: each accepted draft is the twig's best token; a rejection is None."""
-    out: list[int | None] = []
-    for n, drafted in zip(stats.accepted_per_step, stats.drafted_per_step, strict=True):
-        out += [0] * n + ([None] if n < drafted else [])
-    return out
