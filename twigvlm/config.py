@@ -160,7 +160,9 @@ class SpecConfig:
 
     draft:      "chain" (γ tokens in a row), "tree" (an EAGLE-2-style dynamic tree) or "auto" (chain, tree and its
                 size chosen from costs measured on this model and device; no drafting for answers of a few
-                tokens). The dataclass keeps "chain"; `speculative=True`, the CLI and the bench default to "auto".
+                tokens). A SpecConfig built by hand keeps "chain"; "speculative on" from every entry point
+                (`speculative=True`, `--speculative`, HTTP `"speculative": true`, the bench, lmms-eval) is
+                `speculation(True)`, whose drafter is "auto".
     draft_len:  γ, the most tokens drafted per verification (upstream: 5).
     threshold:  τ, stop drafting when the drafted token's probability under the twig falls below it (0 disables).
     adaptive:   raise γ by one after a fully accepted draft, lower it by one after a rejection (1..max_draft_len).
@@ -226,6 +228,7 @@ def _names(fields: list[str], where: str) -> str:
 
 
 PRUNE_SETTINGS = ("keep", "keep_ratio", "wipe_layer", "layer", "query")  # what only a pruning method uses
+DRAFT_SETTINGS = ("draft", "draft_len", "threshold", "adaptive", "tree_nodes", "tree_depth", "tree_topk")
 
 
 def _need(settings: Sized) -> str:
@@ -288,7 +291,7 @@ def speculation(
         spec = base
     else:
         spec = (base or SpecConfig(draft="auto")) if on else None
-    unknown = set(fields) - set(SETTING_NAMES)
+    unknown = set(fields) - set(DRAFT_SETTINGS)
     if unknown:
         raise TypeError(f"unknown drafting setting(s) {sorted(unknown)}")
     if spec is None:

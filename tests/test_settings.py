@@ -1,0 +1,54 @@
+"""The one settings path (`config.pruning`, `config.speculation`) that the Python API, the CLI, the server, the
+bench and lmms-eval all take: what each input means, and the one-line errors for settings that cannot go together."""
+
+from __future__ import annotations
+
+import pytest
+
+from twigvlm.config import PruneConfig, SettingError, SpecConfig, pruning, speculation
+
+
+def test_speculative_on_is_auto_and_a_servers_default_is_used_when_not_said():
+    assert speculation(True) == SpecConfig(draft="auto") and speculation(False) is None
+    assert speculation(None) is None  # not said, and no default
+    server = SpecConfig(draft="chain", draft_len=4)
+    assert speculation(None, base=server) == server and speculation(True, base=server) == server
+    assert speculation(False, base=server) is None  # a request may turn the server's drafting off
+    mine = SpecConfig(draft="tree", tree_nodes=8)
+    assert speculation(mine) == mine  # a config built by hand is taken as it is
+
+
+def test_drafter_settings_go_over_the_defaults_and_raise_the_cap():
+    spec = speculation(True, draft="chain", draft_len=12, threshold=0.0)
+    assert (spec.draft, spec.draft_len, spec.max_draft_len, spec.threshold) == ("chain", 12, 12, 0.0)
+    assert speculation(True, draft_len=3).max_draft_len == SpecConfig.max_draft_len  # the cap only grows
+
+
+@pytest.mark.parametrize(
+    "call,param,words",
+    [
+        (lambda: speculation(False, draft_len=3), "speculative", "draft_len needs speculative true"),
+        (lambda: speculation(None, draft="tree", where="flags"), "speculative", "--draft needs --speculative"),
+        (lambda: speculation(True, draft="bush"), "draft", "draft='bush' is unknown"),
+        (lambda: speculation(True, tree_nodes=0, draft="tree"), "speculative", "tree_nodes=0 is invalid"),
+        (lambda: pruning("none", keep=8, wipe_layer=5), "prune", "keep, wipe_layer need prune"),
+        (lambda: pruning(None, keep_ratio=0.5, where="flags"), "prune", "--keep-ratio needs --prune"),
+        (lambda: pruning(base=PruneConfig(keep=8)), "prune", "keep needs prune"),
+        (lambda: pruning("magic"), "prune", "prune method 'magic' is unknown"),
+    ],
+)
+def test_settings_that_cannot_go_together_are_one_line_naming_the_setting(call, param, words):
+    with pytest.raises(SettingError) as e:
+        call()
+    assert e.value.param == param and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_requests_pruning_goes_over_the_servers():
+    server = PruneConfig("fastv", keep_ratio=0.5, wipe_layer=5)
+    assert pruning(None, base=server) == server
+    assert pruning(None, keep=8, base=server) == PruneConfig("fastv", keep=8, wipe_layer=5)  # one budget for another
+    assert pruning("twig", base=server).method == "twig"
+    assert pruning("none", base=server) is None  # turning pruning off drops the server's budget, no error
+    assert pruning("visionzip") == PruneConfig("visionzip") and pruning() is None
+    with pytest.raises(TypeError):
+        speculation(True, keep=3)  # a pruning setting is no drafting setting
