@@ -18,6 +18,7 @@ import torch
 
 from .adapters import VLMAdapter, adapter_for
 from .adapters.base import Encoded, Prompt
+from .adapters.capabilities import PixelRange, require
 from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_request, pruning, speculation
 from .engine import Engine
 from .errors import TwigVLMError
@@ -68,13 +69,7 @@ class VLM:
         vlm = cls(load_model(model, dtype=dtype, device=device))
         vlm.set_kernels(resolve_mode(kernels))
         if min_pixels is not None or max_pixels is not None:
-            set_range = getattr(vlm.adapter, "set_pixel_range", None)
-            if set_range is None:
-                raise TwigVLMError(
-                    "min_pixels / max_pixels apply to dynamic-resolution models (Qwen-VL), "
-                    f"not {vlm.adapter.spec.model_type}"
-                )
-            set_range(min_pixels, max_pixels)
+            require(vlm.adapter, PixelRange, "min_pixels / max_pixels").set_pixel_range(min_pixels, max_pixels)
         if twig is not None:
             vlm.load_twig(twig)
         return vlm

@@ -212,6 +212,27 @@ class PictureLayout(Capability):
         and the number of its tokens that precede the grid (a CLS token); grid tokens are numbered row by row."""
 
 
+class VideoLayout(Capability):
+    """Each video as the vision tower sees it, for the kept-token picture: one panel per temporal patch."""
+
+    label = "video layouts (video_layout)"
+
+    @abstractmethod
+    def video_layout(self, videos: Videos) -> list[Layout]:
+        """Each video's layouts after the images' (`PictureLayout.visual_layout`'s form), a strip of frames per
+        temporal patch, in the order of the video's visual tokens."""
+
+
+class PixelRange(Capability):
+    """A dynamic-resolution family's image size range (Qwen-VL's min_pixels / max_pixels)."""
+
+    label = "an image size range (set_pixel_range)"
+
+    @abstractmethod
+    def set_pixel_range(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """Resize images (and video frames) to between min_pixels and max_pixels; None keeps the saved value."""
+
+
 class HFBaseline(Capability):
     """The stock model's own `generate`, the baseline every speed-up is measured against."""
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .base import Layout
+from .capabilities import VideoLayout
 from .llava import LlavaStyleAdapter
 from .stock import VisualFeatures
 
@@ -134,7 +135,7 @@ class LlavaNextAdapter(LlavaStyleAdapter):
         return rows, unpadded // rows
 
 
-class LlavaOnevisionAdapter(LlavaNextAdapter):
+class LlavaOnevisionAdapter(VideoLayout, LlavaNextAdapter):
     """LLaVA-OneVision: NeXT's anyres images (grids over `anyres_max_N` tiles shrunk), base-only multi-image
     prompts, and video: frames pooled 2×2 by the model, one newline after the last frame."""
 
@@ -164,7 +165,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return layouts
 
 
-class LlavaNextVideoAdapter(LlavaNextAdapter):
+class LlavaNextVideoAdapter(VideoLayout, LlavaNextAdapter):
     """LLaVA-NeXT-Video: NeXT's anyres images, and videos whose frames (CLIP's resize and center crop) are
     average-pooled 2×2 by the model, with no newline."""
 

@@ -27,11 +27,12 @@ from torch import nn
 
 from ..errors import TwigVLMError
 from .base import Encoded, Images, Layout, Videos
+from .capabilities import PixelRange, VideoLayout
 from .qwen_video import prepare_video
 from .stock import StockAdapter, VisualFeatures, expand_placeholders
 
 
-class QwenVLAdapter(StockAdapter):
+class QwenVLAdapter(VideoLayout, PixelRange, StockAdapter):
     """The Qwen-VL family: M-RoPE positions, per-image grids, video, and (Qwen3-VL) deepstack."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

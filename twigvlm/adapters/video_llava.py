@@ -22,11 +22,12 @@ from torch import nn
 
 from ..errors import TwigVLMError
 from .base import Encoded, Layout, Reducer
+from .capabilities import VideoLayout
 from .llava import LlavaAdapter
 from .stock import VisualFeatures
 
 
-class VideoLlavaAdapter(LlavaAdapter):
+class VideoLlavaAdapter(VideoLayout, LlavaAdapter):
     """Images and videos, separate towers, one projector; every capability of LLaVA, VisionZip on either kind."""
 
     model_types = ("video_llava",)

@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from ..adapters.base import Layout, VLMAdapter
-from ..adapters.capabilities import PictureLayout, require
+from ..adapters.capabilities import PictureLayout, VideoLayout, require
 from ..errors import TwigVLMError
 
 DIM = 0.25  # brightness left to a pruned patch
@@ -23,12 +23,7 @@ def picture_layout(adapter: VLMAdapter, images: Sequence[Image.Image], videos: S
     per temporal patch), or a one-line error for a family without them."""
     layouts = require(adapter, PictureLayout, "the kept-token picture").visual_layout(images)
     if videos:
-        video_layout = getattr(adapter, "video_layout", None)
-        if video_layout is None:
-            raise TwigVLMError(
-                f"the kept-token picture of a video needs a video layout, which {type(adapter).__name__} lacks"
-            )
-        layouts += video_layout(videos)
+        layouts += require(adapter, VideoLayout, "the kept-token picture of a video").video_layout(videos)
     return layouts
 
 
