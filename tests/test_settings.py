@@ -52,3 +52,8 @@ def test_a_requests_pruning_goes_over_the_servers():
     assert pruning("visionzip") == PruneConfig("visionzip") and pruning() is None
     with pytest.raises(TypeError):
         speculation(True, keep=3)  # a pruning setting is no drafting setting
+
+
+def test_speculative_takes_a_switch_or_a_config_not_a_name():
+    with pytest.raises(TypeError, match="draft="):
+        speculation("chain")  # a drafter by name is draft="chain", not speculative="chain"

@@ -285,6 +285,8 @@ def speculation(
     the drafter auto), False (no drafting), None (not said: `base`, a server's default, which may be None) or a
     SpecConfig; `fields` (SpecConfig's names: draft, draft_len, threshold, adaptive, tree_*) are set over it, and
     a draft length above max_draft_len raises the cap with it. Drafter settings without drafting are an error."""
+    if not (on is None or isinstance(on, bool | SpecConfig)):
+        raise TypeError(f"speculative={on!r}: give True, False or a SpecConfig (a drafter by name: draft=...)")
     if isinstance(on, SpecConfig):
         spec: SpecConfig | None = on
     elif on is None:

@@ -51,13 +51,13 @@ def layer_number(text: str) -> int:
     return positive_int(text)
 
 
-def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None, what: str = "") -> None:
+def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
     """--model (required unless a default is given), --dtype, --device and the runtime flags."""
     help_model = "a Hugging Face VLM directory (save_pretrained output), a hub id whose files are cached, or demo"
     if default_model is None:
-        p.add_argument("--model", required=True, help=help_model + what)
+        p.add_argument("--model", required=True, help=help_model)
     else:
-        p.add_argument("--model", default=default_model, help=help_model + " (default: %(default)s)" + what)
+        p.add_argument("--model", default=default_model, help=help_model + " (default: %(default)s)")
     p.add_argument(
         "--dtype",
         default="float32",
@@ -128,8 +128,8 @@ def add_video_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("--max-pixels", type=positive_int, default=None, help="largest image area the processor keeps")
 
 
-def add_prune_args(p: Group, layer: bool = True) -> None:
-    """--prune, --keep / --keep-ratio, --wipe-layer, --query; with `layer` also --prune-layer (FastV's K)."""
+def add_prune_args(p: Group) -> None:
+    """--prune, --keep / --keep-ratio, --wipe-layer, --prune-layer (FastV's K) and --query."""
     p.add_argument(
         "--prune",
         choices=list(PRUNE_METHODS),
@@ -148,10 +148,7 @@ def add_prune_args(p: Group, layer: bool = True) -> None:
         help="K_f: no visual token after this layer (default: the K_f the twig records, else round(0.75·L); "
         "L disables)",
     )
-    if layer:
-        p.add_argument(
-            "--prune-layer", type=layer_number, default=None, help="K for fastv (default: the twig's K, else 2)"
-        )
+    p.add_argument("--prune-layer", type=layer_number, default=None, help="K for fastv (default: the twig's K, else 2)")
     p.add_argument(
         "--query",
         choices=list(QUERY_MODES),

@@ -1,6 +1,6 @@
 """Adapter registry and model loading: a model directory (or an in-memory model) → the right `VLMAdapter`.
 
-The registry knows model types, not names: "demo" and other named models are resolved in `twigvlm.named`."""
+The registry knows model types, not names: "demo" and other named models are resolved in `twigvlm.inputs.named`."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def adapter_for(model: Any, processor: Any) -> VLMAdapter:
 
 def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
     """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention. Names such as
-    "demo" are resolved above this registry, in `twigvlm.named`."""
+    "demo" are resolved above this registry, in `twigvlm.inputs.named`."""
     torch_dtype = parse_dtype(dtype)
     check_device(device)
     path = Path(path)

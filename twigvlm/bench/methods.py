@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..adapters.capabilities import HFBaseline, require
@@ -54,7 +54,6 @@ class Run:
     token_ids: list[int]
     seconds: float
     stats: GenerationStats | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:

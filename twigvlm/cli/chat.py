@@ -66,7 +66,9 @@ def stats_line(s: GenerationStats) -> str:
     if s.visual_tokens:
         kept = f"{s.kept}/{s.visual_tokens}" if s.kept is not None else f"all {s.visual_tokens}"
         parts.append(f"kept {kept} visual tokens")
-    if s.acceptance_rate is not None:
+    if s.drafter == "none":
+        parts.append("no drafting (a short answer)")
+    elif s.acceptance_rate is not None:
         parts.append(f"acceptance {s.acceptance_rate:.0%}, {s.tokens_per_verification:.2f} tokens/verification")
     return "[" + ", ".join(parts) + "]"
 

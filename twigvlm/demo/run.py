@@ -18,6 +18,7 @@ from PIL import Image
 from ..api import VLM
 from ..config import PruneConfig, SpecConfig, speculation
 from ..pruning.picture import save_kept_picture
+from ..speculative.choice import SHORT_ANSWER
 
 
 @dataclass
@@ -50,7 +51,8 @@ def compare(
 ) -> tuple[Comparison, list[int] | None]:
     """One request through HF `generate` and through twigvlm; returns the numbers and the kept indices."""
     vlm.adapter.hf_generate(prompt, [image], 2)  # warm-up both paths
-    vlm.generate(prompt, image, max_new_tokens=2, prune=prune, speculative=spec)
+    # long enough for auto to draft (it skips answers of SHORT_ANSWER tokens), so its one-off cost probe is here
+    vlm.generate(prompt, image, max_new_tokens=SHORT_ANSWER + 5, prune=prune, speculative=spec)
     t = time.perf_counter()
     hf_ids = vlm.adapter.hf_generate(prompt, [image], max_new_tokens)
     hf_s = time.perf_counter() - t

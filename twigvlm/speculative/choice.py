@@ -3,7 +3,8 @@
 `choose_drafter` resolves `SpecConfig.draft`: "chain" and "tree" run as asked; "auto" does not draft for answers
 of a few tokens, and otherwise picks what maximises the expected tokens per second (Sequoia's criterion):
 
-- costs are measured once per twig, device and dtype, on the generation's own state right after its prefill
+- costs are measured once per `DraftRecord` (a VLM keeps one per twig), device and dtype, on the generation's own
+  state right after its prefill
   (`probe_costs`: a verification over n = 1, 2, 4, … 32 rows, a draft level over w nodes, layers 1..K alone);
 - the expected tokens per step come from a positional acceptance vector a_r — the chance that the twig's r-th
   best token is the target's — estimated from the twig's steps so far (`Acceptance` in its `DraftRecord`, smoothed

@@ -158,12 +158,12 @@ def speculative_blocks(
     stats: SpecStats,
     stop_ids: set[int],
     depth: int,
-    max_depth: int | None = None,
+    adaptive_cap: int | None = None,
 ) -> Iterator[list[int]]:
     """Yield blocks of new tokens: [first], then each verification's accepted path plus its extra token.
 
-    depth: the deepest draft a step asks for (a chain's γ, a tree's D); with `max_depth` it adapts: one deeper
-    after a draft accepted whole, one shallower after a rejection, within 1..max_depth."""
+    depth: the deepest draft a step asks for (a chain's γ, a tree's D); with `adaptive_cap` it adapts: one deeper
+    after a draft accepted whole, one shallower after a rejection, within 1..adaptive_cap."""
     yield [first]
     last, produced = first, 1
     while produced < cfg.max_new_tokens:
@@ -176,8 +176,8 @@ def speculative_blocks(
         drafter.commit(path)
         accepted = len(path) - 1
         stats.add_step(draft.size, accepted, t1 - t0, time.perf_counter() - t1)
-        if max_depth is not None and draft.size:
-            depth = min(depth + 1, max_depth) if accepted == draft.size else max(1, depth - 1)
+        if adaptive_cap is not None and draft.size:
+            depth = min(depth + 1, adaptive_cap) if accepted == draft.size else max(1, depth - 1)
         block = [draft.tokens[i] for i in path[1:]] + [nxt]
         produced += len(block)
         last = nxt

@@ -52,7 +52,7 @@ class TinyFamilySpec:
 
 
 def _text(spec: TinyFamilySpec, vocab: int) -> Any:
-    """The Llama decoder (grouped-query attention) of `tiny.py`'s LLaVA, at this spec's shape."""
+    """The Llama decoder (grouped-query attention) of `tiny/llava.py`'s LLaVA, at this spec's shape."""
     shape = TinySpec(
         backbone="llama",
         num_layers=spec.num_layers,
