@@ -488,6 +488,19 @@ def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
     assert all(o.token_ids == vlm.generate(**args, max_new_tokens=12).token_ids for o in outs)
 
 
+def test_warm_up_pays_autos_cost_probe_before_the_first_request(vlms, monkeypatch):
+    import twigvlm.speculative.choice as dc
+
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    calls = []
+    real = dc.probe_costs
+    monkeypatch.setattr(dc, "probe_costs", lambda *a: calls.append(1) or real(*a))
+    vlm.warm_up()
+    assert calls == [1] and vlm.draft_record(vlm.twig).costs  # measured, and kept for this twig
+    vlm.generate("describe", random_image(1), max_new_tokens=12, ignore_eos=True, speculative=True)
+    assert calls == [1]  # the first request did not measure again
+
+
 def test_tree_ablation_runs_the_chain_trees_and_auto(model_dirs, cli_twig, tmp_path):
     import json
 

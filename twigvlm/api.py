@@ -29,7 +29,7 @@ from .inputs.named import load_model, twig_directory
 from .inputs.video import VideoInput, load_videos
 from .pruning.visionzip import VisionZip
 from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
-from .speculative.choice import DraftRecord
+from .speculative.choice import SHORT_ANSWER, DraftRecord
 from .twig.model import Twig, grow_twig, load_twig, save_twig
 
 _GEN_FIELDS = {f.name for f in fields(GenConfig)}
@@ -119,6 +119,11 @@ class VLM:
         generation with the twig reads and extends it; it lives as long as the twig does (a fresh twig, a fresh
         record)."""
         return self._draft_records.setdefault(twig, DraftRecord())
+
+    def warm_up(self) -> None:
+        """Pay the one-off costs before the first request is timed or waited on: a short generation, speculative
+        when a twig is attached, so auto's cost probe for this twig, device and dtype runs here."""
+        self.generate("Hi", max_new_tokens=SHORT_ANSWER + 5, ignore_eos=True, speculative=self.twig is not None)
 
     def grow_twig(self, config: TwigConfig | None = None, **kwargs: Any) -> Twig:
         """Grow a twig (copies of base layers K+1..K+T) and attach it. kwargs: the TwigConfig fields (K, T, head,

@@ -51,9 +51,13 @@ def create_app(
 ) -> FastAPI:
     """The app for `cfg`; `load` builds the VLM on the inference thread (default: `VLM.load` of cfg.model)."""
     metrics = Metrics()
-    loader = load or (
-        lambda: VLM.load(cfg.model, twig=cfg.twig, dtype=cfg.dtype, device=cfg.device, kernels=cfg.kernels)
-    )
+
+    def load_model() -> VLM:
+        vlm = VLM.load(cfg.model, twig=cfg.twig, dtype=cfg.dtype, device=cfg.device, kernels=cfg.kernels)
+        vlm.warm_up()  # before /health says ready: the first request does not pay auto's cost probe
+        return vlm
+
+    loader = load or load_model
     worker = Worker(loader, cfg.max_queue, metrics, on_load_error)
     policy = MediaPolicy(
         cfg.allowed_local_media_path, cfg.allowed_media_domains, cfg.max_image_bytes, cfg.fetch_timeout_s
