@@ -153,9 +153,7 @@ class VLM:
 
         video: a video file, a folder of frames, a list of PIL images or a `Video` (several in a list of those;
         `twigvlm.video.load_video` samples a file at a chosen rate first)."""
-        prune = _prune_config(prune)
-        if prune is not None:
-            prune.validate()
+        prune = _prune_config(prune)  # checked there
         reducer = VisionZip(prune) if prune is not None and prune.method == "visionzip" else None
         videos = load_videos(video)
         self.adapter.check_videos(videos)
