@@ -345,3 +345,30 @@ def test_visual_token_count_from_the_processor_matches_the_encoding(vlms):
         sample = Sample("t", "0", "what is it?", lambda: random_image(3), ["x"])
         assert visual_tokens(vlm, sample) == vlm.encode(sample.prompt, sample.image()).num_visual_tokens
         assert visual_tokens(vlm, Sample("t", "1", "hi", None, ["x"])) == 0
+
+
+def test_weights_ablation_pairs_each_int8_row_with_its_own_twin(model_dirs, bench_twig, tmp_path):
+    out = tmp_path / "w"
+    results = _ablation(
+        model_dirs["llama-clip"], bench_twig, out, "weights", "--max-new-tokens", "6", "--keep-ratio", "0.5"
+    )
+    summary = results["summary"]
+    assert set(summary) == {"hf", *(f"{m}{q}" for m in ("ar", "twig", "ssd", "twig+ssd") for q in ("", " int8"))}
+    # lossless pairs stay within one kind of weights; ar on int8 weights has no lossless twin (another model)
+    assert summary["ssd int8"]["same_as"] == "ar int8" and summary["twig+ssd int8"]["same_as"] == "twig int8"
+    assert summary["ssd"]["same_as"] == "ar" and "same_as" not in summary["ar int8"]
+    assert all(summary[k]["mismatches"] == 0 for k in summary if "same_as" in summary[k])
+    for m in ("ar", "twig", "ssd", "twig+ssd"):
+        assert summary[f"{m} int8"]["int8_of"] == m and 0 <= summary[f"{m} int8"]["agreement_64"] <= 1
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    ids = {r["variant"]: r["token_ids"] for r in rows}
+    assert summary["ar int8"]["agreement_64"] == _agreement_of(ids["ar"], ids["ar int8"])
+    assert "cpu flags" in results["machine"] and "int8" in (out / "table.md").read_text()
+
+
+def _agreement_of(reference: list[int], ids: list[int]) -> float:
+    """The common prefix within the reference's first 64 tokens, as a share of them (written plainly)."""
+    ref, same = reference[:64], 0
+    while same < min(len(ref), len(ids)) and ref[same] == ids[same]:
+        same += 1
+    return same / len(ref)

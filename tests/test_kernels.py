@@ -64,22 +64,32 @@ def test_fast_linear_equals_nn_linear(layout, d_in, bias, native_calls):
     assert x.grad is not None and lin.weight.grad is not None and native_calls == seen
 
 
-def test_native_kernel_is_identical_over_thread_counts(native_calls):
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+def test_native_kernel_is_identical_over_thread_counts(native_calls, weights):
+    from twigvlm.runtime.quant import quantize_int8
+
     torch.manual_seed(1)
     w, b = torch.randn(301, 96), torch.randn(301)
+    q, s = quantize_int8(w)
+    product = {
+        "fp32": lambda x: native.gemv(x, w, b),
+        "bf16": lambda x: native.gemv(x.bfloat16(), w.bfloat16(), b.bfloat16()),
+        "int8": lambda x: native.gemv_int8(x, q, s, b),
+    }[weights]
     xs = [torch.randn(k, 96) for k in (1, 5, 9)]
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append([native.gemv(x, w, b) for x in xs])
+            results.append([product(x) for x in xs])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:  # each output is one thread's sum in a fixed order: bit-identical
         assert all(torch.equal(a, c) for a, c in zip(results[0], other, strict=True))
-    for x, y in zip(xs, results[0], strict=True):
-        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    if weights == "fp32":
+        for x, y in zip(xs, results[0], strict=True):
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_compiler_the_kernel_is_unavailable_and_the_plan_never_picks_it(monkeypatch, tmp_path):

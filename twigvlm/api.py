@@ -29,6 +29,7 @@ from .inputs.named import load_model, twig_directory
 from .inputs.video import VideoInput, load_videos
 from .pruning.visionzip import VisionZip
 from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
+from .runtime.quant import apply_quantization, check_quantize
 from .speculative.choice import SHORT_ANSWER, DraftRecord
 from .twig.model import Twig, grow_twig, load_twig, save_twig
 
@@ -47,6 +48,7 @@ class VLM:
         self.adapter = adapter
         self._engine = Engine(adapter, twig)
         self.kernel_plan: KernelPlan | None = None
+        self.quantize = "none"  # the decoder's weights: "none" (as loaded) or "int8" (`set_quantize`)
         self._draft_records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Twig → DraftRecord
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -60,14 +62,17 @@ class VLM:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         kernels: str | None = None,
+        quantize: str = "none",
     ) -> VLM:
         """Load a saved Hugging Face VLM directory, a hub id whose files are cached (or reachable), or a named
         model such as "demo"; and a twig directory if given. min_pixels / max_pixels: the image size range of a
         dynamic-resolution family (Qwen-VL), passed to its image processor. kernels: "auto" (the default on a
         CPU, from the environment variable TWIGVLM_KERNELS when set) picks the fastest measured layout for the
-        decoder's small-row products (`twigvlm.runtime.kernels`); "stock" keeps nn.Linear."""
+        decoder's small-row products (`twigvlm.runtime.kernels`); "stock" keeps nn.Linear. quantize: "int8" runs
+        the decoder's and the twig's linear layers on int8 weights (CPU; `twigvlm.runtime.quant`)."""
         vlm = cls(load_model(model, dtype=dtype, device=device))
         vlm.set_kernels(resolve_mode(kernels))
+        vlm.set_quantize(quantize)
         if min_pixels is not None or max_pixels is not None:
             require(vlm.adapter, PixelRange, "min_pixels / max_pixels").set_pixel_range(min_pixels, max_pixels)
         if twig is not None:
@@ -86,6 +91,16 @@ class VLM:
         self.kernel_plan = apply_kernels(self.kernel_modules(), mode)
         return self.kernel_plan
 
+    def set_quantize(self, mode: str) -> int:
+        """ "int8": the decoder's, the LM head's and the twig's linear layers run on int8 copies of their weights
+        (per output channel, made once; CPU only); "none": on the weights as loaded (the kernels re-applied).
+        The parameters never change. Returns the number of layers quantised."""
+        count = apply_quantization(self.kernel_modules(), check_quantize(mode))
+        if mode == "none" and self.quantize != "none" and self.kernel_plan is not None:
+            apply_kernels(self.kernel_modules(), "auto", self.kernel_plan)
+        self.quantize = mode
+        return count
+
     def kernel_modules(self) -> list[Any]:
         """The modules whose linear layers the kernels cover: the decoder layers, the LM head, the twig."""
         mods = [*self.adapter.layers, self.adapter.lm_head]
@@ -100,8 +115,15 @@ class VLM:
     @twig.setter
     def twig(self, twig: Twig | None) -> None:
         self._engine = self._engine.with_twig(twig)
-        if twig is not None and self.kernel_plan is not None:  # the twig runs with the base's kernels
+        if twig is not None:
+            self._runs_like_base(twig)
+
+    def _runs_like_base(self, twig: Twig) -> None:
+        """A twig runs with the base's kernels and quantisation (idempotent: each layer is quantised once)."""
+        if self.kernel_plan is not None:
             apply_kernels([twig], "auto", self.kernel_plan)
+        if self.quantize != "none":
+            apply_quantization([twig], self.quantize)
 
     @property
     def engine(self) -> Engine:
@@ -112,6 +134,8 @@ class VLM:
         """The engine of a generation: True → with the current twig, False → without a twig, a Twig → with it."""
         if twig is True:
             return self._engine
+        if twig is not False:
+            self._runs_like_base(twig)
         return self._engine.with_twig(None if twig is False else twig)
 
     def draft_record(self, twig: Twig) -> DraftRecord:
@@ -223,8 +247,16 @@ def load(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     kernels: str | None = None,
+    quantize: str = "none",
 ) -> VLM:
     """Load a Hugging Face VLM directory or hub id (and a twig directory) — see `VLM.load`."""
     return VLM.load(
-        model, twig=twig, dtype=dtype, device=device, min_pixels=min_pixels, max_pixels=max_pixels, kernels=kernels
+        model,
+        twig=twig,
+        dtype=dtype,
+        device=device,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        kernels=kernels,
+        quantize=quantize,
     )

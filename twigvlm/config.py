@@ -101,6 +101,7 @@ class GenConfig:
 
 PRUNE_METHODS = ("none", "twig", "fastv", "visionzip")
 QUERY_MODES = ("last", "text")
+QUANTIZE_MODES = ("none", "int8")  # the decoder's weights: as loaded, or int8 per output channel (CPU)
 DEFAULT_KEEP_RATIO = 1 / 9  # 64 of LLaVA-1.5's 576 visual tokens: the paper's main budget
 
 

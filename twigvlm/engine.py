@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapters.base import Encoded, VLMAdapter
 from .runtime.cache import KVCache, LayerKV
+from .runtime.quant import Int8Linear, int8_product
 from .runtime.sdpa import grouped_heads_with_masks
 from .twig.model import Twig
 
@@ -60,9 +61,16 @@ class DraftHead:
     """The twig head's rows for its draft vocabulary, taken once per generation (not cached in the engine)."""
 
     vocab: torch.Tensor  # [Vd] sorted token ids
-    weight: torch.Tensor  # [Vd, H]
+    weight: torch.Tensor  # [Vd, H]; int8 when the head is quantised
     bias: torch.Tensor | None  # [Vd]
     vocab_size: int  # V, the full vocabulary the logits are scattered back into
+    scale: torch.Tensor | None = None  # [Vd] the int8 rows' scales (a quantised head), else None
+
+    def product(self, normed: torch.Tensor) -> torch.Tensor:
+        """normed [B, q, H] → the draft vocabulary's logits [B, q, Vd]."""
+        if self.scale is not None:
+            return int8_product(normed, self.weight, self.scale, self.bias)
+        return nn.functional.linear(normed, self.weight, self.bias)
 
 
 @dataclass
@@ -207,11 +215,13 @@ class Engine:
         if vocab is None:
             return None
         bias = getattr(head, "bias", None)
+        quantized = isinstance(head, Int8Linear)  # draft with the int8 rows the full head verifies with
         return DraftHead(
             vocab=vocab,
-            weight=head.weight.detach()[vocab],
+            weight=(head.qweight if quantized else head.weight.detach())[vocab],
             bias=None if bias is None else bias.detach()[vocab],
             vocab_size=head.weight.shape[0],
+            scale=head.qscale[vocab] if quantized else None,
         )
 
     def twig_logits(self, hidden: torch.Tensor, draft: bool = False, rows: DraftHead | None = None) -> torch.Tensor:
@@ -225,7 +235,7 @@ class Engine:
         rows = (rows if rows is not None else self.draft_head()) if draft else None
         if rows is None:
             return head(normed)
-        sub = nn.functional.linear(normed, rows.weight, rows.bias)  # [B, q, Vd]
+        sub = rows.product(normed)  # [B, q, Vd]
         full = sub.new_full((*sub.shape[:-1], rows.vocab_size), float("-inf"))  # [B, q, V]
         full[..., rows.vocab] = sub
         return full

@@ -14,6 +14,7 @@ from .config import (
     DEFAULT_KEEP_RATIO,
     DRAFTERS,
     PRUNE_METHODS,
+    QUANTIZE_MODES,
     QUERY_MODES,
     GenConfig,
     PruneConfig,
@@ -51,8 +52,9 @@ def layer_number(text: str) -> int:
     return positive_int(text)
 
 
-def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    """--model (required unless a default is given), --dtype, --device and the runtime flags."""
+def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None, quantize: bool = True) -> None:
+    """--model (required unless a default is given), --dtype, --device and the runtime flags (--quantize only where
+    the command runs the model for inference: `quantize`)."""
     help_model = "a Hugging Face VLM directory (save_pretrained output), a hub id whose files are cached, or demo"
     if default_model is None:
         p.add_argument("--model", required=True, help=help_model)
@@ -65,7 +67,7 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None)
         help="weights and compute dtype (default: %(default)s; auto: bfloat16 on GPUs and on CPUs with native bf16)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    add_runtime_args(p)
+    add_runtime_args(p, quantize)
 
 
 def add_served_model_args(p: argparse.ArgumentParser) -> None:
@@ -81,8 +83,8 @@ def twig_flag(args: argparse.Namespace) -> str | None:
     return None if twig == "none" else twig
 
 
-def add_runtime_args(p: Group) -> None:
-    """--kernels (the CPU products' layout) and --threads (torch's intra-op threads)."""
+def add_runtime_args(p: Group, quantize: bool = True) -> None:
+    """--kernels (the CPU products' layout), --quantize (int8 weights) and --threads (torch's intra-op threads)."""
     p.add_argument(
         "--kernels",
         choices=["auto", "stock"],
@@ -90,6 +92,14 @@ def add_runtime_args(p: Group) -> None:
         help="auto: the fastest measured layout for the decoder's small-row products on a CPU (default); "
         "stock: plain nn.Linear",
     )
+    if quantize:
+        p.add_argument(
+            "--quantize",
+            choices=list(QUANTIZE_MODES),
+            default="none",
+            help="int8: the decoder's and the twig's linear layers run on int8 weights, per output channel (CPU; "
+            "a quarter of fp32's bytes per step). Default: %(default)s",
+        )
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's choice)")
 
 

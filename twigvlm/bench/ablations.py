@@ -100,6 +100,19 @@ def _tree(c: AblationContext) -> list[Variant]:
     return out + [Variant("ssd auto", "ssd", c.mc.drafting(draft="auto"))]
 
 
+@register(
+    "weights",
+    "our methods on the weights as loaded and on int8 weights (weight-only, per output channel; CPU): ar, the "
+    "twig's pruning and twig+ssd, each both ways in one interleaved run",
+)
+def _weights(c: AblationContext) -> list[Variant]:
+    methods = ["ar", *(("twig", "ssd", "twig+ssd") if c.twig_labels else ("fastv",))]
+    out = [Variant(BASELINE, BASELINE, c.mc)]
+    for m in methods:
+        out += [Variant(m, m, replace(c.mc, quantize="none")), Variant(f"{m} int8", m, replace(c.mc, quantize="int8"))]
+    return out
+
+
 @register("query", "FastV and the twig scoring with the last prompt token's attention or the question's")
 def _query(c: AblationContext) -> list[Variant]:
     return [Variant(BASELINE, BASELINE, c.mc)] + [

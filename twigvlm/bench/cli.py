@@ -192,7 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for sample in samples:
                 sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
         tasks[samples[0].task] = samples
-    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
+    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, quantize=args.quantize)
     loaded = {label: vlm.load_twig(twig.path) for label, twig in twigs.items()}
     chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.twig = next(iter(loaded.values()), None)  # the run's own twig

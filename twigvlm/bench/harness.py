@@ -12,7 +12,7 @@ measurement changes how the allocator behaves.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -219,17 +219,50 @@ def summarize(
         method = mine[0]["method"]
         # ar runs on the same kernels as hf+kernels when that ran (stock hf's products may differ in the last bits)
         plain = "hf+kernels" if any(v.method == "hf+kernels" and v.name in names for v in variants) else "hf"
-        twin = SAME_AS.get(method) or (plain if method == "ar" else None)
+        me = by_name[name]
+        int8 = me.config.quantize == "int8"
+        # ar on int8 weights is another model than stock generate: no lossless twin (its agreement is reported)
+        twin = SAME_AS.get(method) or (plain if method == "ar" and not int8 else None)
         twins = [v for v in variants if v.method == twin and v.name in names]
-        # A variant's twin runs with the same twig (the twig ablation pairs each twig with itself).
-        twin_name = next((v.name for v in twins if v.twig == by_name[name].twig), twins[0].name if twins else None)
+        # A variant's twin runs with the same twig and weights (the twig ablation pairs each twig with itself).
+        same = [v.name for v in twins if v.twig == me.twig and (v.config.quantize == "int8") == int8]
+        twin_name = same[0] if same else None if int8 else twins[0].name if twins else None
         if twin_name is not None:
             entry["same_as"] = twin_name
             entry["mismatches"] = sum(
                 per_sample[(twin_name, r["task"], r["sample"])]["token_ids"] != r["token_ids"] for r in mine
             )
+        full = next((v.name for v in variants if _full_precision_twin(v, me) and v.name in names), None)
+        if int8 and full is not None:
+            entry["int8_of"] = full
+            entry["agreement_64"] = statistics.fmean(
+                _agreement(per_sample[(full, r["task"], r["sample"])]["token_ids"], r["token_ids"]) for r in mine
+            )
         summary[name] = entry
     return summary
+
+
+AGREEMENT_TOKENS = 64
+
+
+def _full_precision_twin(v: Variant, me: Variant) -> bool:
+    """v is `me` (an int8 row) on the weights as loaded: the same method, twig and settings."""
+    return (
+        v.method == me.method
+        and v.twig == me.twig
+        and v.config == replace(me.config, quantize=v.config.quantize)
+        and v.config.quantize != "int8"
+    )
+
+
+def _agreement(reference: list[int], ids: list[int], n: int = AGREEMENT_TOKENS) -> float:
+    """The share of the reference's first n tokens that `ids` repeats before the two first differ (greedy
+    agreement: after a difference the two answers are no longer comparable position by position)."""
+    ref = reference[:n]
+    if not ref:
+        return 1.0 if not ids else 0.0
+    same = next((i for i, (a, b) in enumerate(zip(ref, ids, strict=False)) if a != b), min(len(ref), len(ids)))
+    return same / len(ref)
 
 
 def _drafting(rows: list[dict[str, Any]]) -> dict[str, Any]:

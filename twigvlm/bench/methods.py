@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -75,6 +76,7 @@ class MethodConfig:
     layer: int | None = None  # FastV's pruning layer (None: the twig's K); the attention-source ablation moves it
     query: str = PruneConfig.query  # whose attention scores: the last prompt token's, or the mean after the image
     spec: SpecConfig = SpecConfig(draft="auto")  # the speculative methods' drafting (the default rows: auto)
+    quantize: str | None = None  # our methods' weights for this row ("none", "int8"); None: as the model loaded
 
     def drafting(self, **fields: Any) -> MethodConfig:
         """These settings with the drafting changed (SpecConfig's field names, as `config.speculation` takes)."""
@@ -162,6 +164,26 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
     if method in NEEDS_TWIG and own is None:
         raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
     prune, spec = method_configs(method, mc)
+    with quantized(vlm, mc.quantize):
+        return _generate(vlm, sample, images, videos, prune, spec, twig)
+
+
+@contextlib.contextmanager
+def quantized(vlm: VLM, mode: str | None) -> Iterator[None]:
+    """Inside the block the model's weights are `mode` (None: as they are); the mode before is restored after.
+    Each layer is quantised once, so switching back and forth between rows costs only class swaps."""
+    before = vlm.quantize
+    if mode is None or mode == before:
+        yield
+        return
+    vlm.set_quantize(mode)
+    try:
+        yield
+    finally:
+        vlm.set_quantize(before)
+
+
+def _generate(vlm: VLM, sample: Sample, images: list, videos: list, prune: Any, spec: Any, twig: Twig | bool) -> Run:
     t = time.perf_counter()
     out = vlm.generate(
         sample.prompt,

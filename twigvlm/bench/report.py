@@ -39,9 +39,7 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
             _f(e.get("memory_mib", {}).get("extra"), "{:.0f}"),
             _f(e.get("acceptance"), "{:.2f}"),
             _f(e.get("tokens_per_verification"), "{:.2f}"),
-            f"{e['same_as']}: {'yes' if e['mismatches'] == 0 else str(e['mismatches']) + ' differ'}"
-            if "same_as" in e
-            else "–",
+            _identical(e),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
@@ -52,6 +50,16 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
     for name, why in unsupported.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)
+
+
+def _identical(e: dict[str, Any]) -> str:
+    """The lossless twin's check, and for an int8 row its greedy agreement with the same method unquantised."""
+    cells = []
+    if "same_as" in e:
+        cells.append(f"{e['same_as']}: {'yes' if e['mismatches'] == 0 else str(e['mismatches']) + ' differ'}")
+    if "int8_of" in e:
+        cells.append(f"{e['int8_of']}: {e['agreement_64']:.0%} of the first 64 tokens")
+    return "; ".join(cells) or "–"
 
 
 def drafting_table(summary: dict[str, Any], depths: int = 6) -> list[str]:
@@ -125,13 +133,14 @@ def machine() -> dict[str, str]:
         info["device"] = torch.cuda.get_device_name(0)
     else:
         from ..runtime import native
-        from ..runtime.machine import bf16_pays, cpuinfo_line
+        from ..runtime.machine import bf16_pays, cpuinfo_line, speed_flags
 
         line = cpuinfo_line("model name")
         model = line.split(":", 1)[1].strip() if line else ""
         info["device"] = f"CPU: {model or platform.processor() or platform.machine()}"
         info["bf16"] = "native (AVX-512 BF16 / AMX)" if bf16_pays() else "emulated: float32 is faster here"
         info["native kernel"] = "built" if native.gemv_library() is not None else f"unavailable: {native.build_error()}"
+        info["cpu flags"] = speed_flags()
     return info
 
 

@@ -134,6 +134,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
     twig = twig_flag(args)
     config, prune, spec = gen_from_args(args), prune_from_args(args), spec_from_args(args)
     check_request(config, prune, spec, has_twig=twig is not None)  # before the slow model load
-    vlm = VLM.load(args.model, twig=twig, dtype=args.dtype, device=args.device, kernels=args.kernels)
+    vlm = VLM.load(
+        args.model,
+        twig=twig,
+        dtype=args.dtype,
+        device=args.device,
+        kernels=args.kernels,
+        quantize=args.quantize,
+    )
     vlm.warm_up()
     run_chat(vlm, input, sys.stdout, config, prune, spec)

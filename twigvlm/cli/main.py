@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("grow", help="grow a twig from base layers K+1..K+T and save it")
-    add_model_args(g)
+    add_model_args(g, quantize=False)
     g.add_argument(
         "--K", type=layer_number, default=TwigConfig.K, help="attach after base layer K (1-based, default %(default)s)"
     )
@@ -163,6 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         kernels=args.kernels,
+        quantize=args.quantize,
     )
     stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune, speculative=spec, video=videos or None)
     if args.json:

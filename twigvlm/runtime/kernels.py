@@ -12,8 +12,8 @@ number of rows, the layout a short probe measured fastest on this machine for th
 
 The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a
 decode step), interleaved, and takes an alternative only where it wins clearly; the plan is cached on disk per
-CPU, thread count, dtype, shapes and kernel build. Products that need gradients (twig training) and non-fp32
-products for the native kernel always run `F.linear`.
+CPU, thread count, dtype, shapes and kernel build. Products that need gradients (twig training) always run
+`F.linear`; the native kernel takes fp32 and bf16 weights.
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
 change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. `stock_kernels(...)` does that
@@ -143,15 +143,16 @@ def apply_kernels(
 
 @contextlib.contextmanager
 def stock_kernels(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Inside the block, the FastLinears in `modules` are plain nn.Linear again (the untouched model)."""
-    fast = [lin for lin in linears(modules) if type(lin) is FastLinear]
-    for lin in fast:
+    """Inside the block, the FastLinears (and their subclasses: int8 layers) in `modules` are plain nn.Linear
+    again — the untouched model; each gets its own class back after."""
+    ours = [(lin, type(lin)) for lin in linears(modules) if isinstance(lin, FastLinear)]
+    for lin, _ in ours:
         lin.__class__ = nn.Linear
     try:
         yield
     finally:
-        for lin in fast:
-            lin.__class__ = FastLinear
+        for lin, cls in ours:
+            lin.__class__ = cls
 
 
 # ---- the probe ------------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def _candidates(weights: list[torch.Tensor], x: torch.Tensor) -> dict[str, Calla
             native.gemv(x, w)
 
     out = {"linear": linear, "wxt": wxt}
-    if x.dtype == torch.float32 and native.gemv_library() is not None:
+    if x.dtype in native.WEIGHT_DTYPES and native.gemv_library() is not None:
         out["gemv"] = gemv
     return out
 

@@ -24,6 +24,17 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split()) if line else set()
 
 
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def speed_flags(flags: set[str] | None = None) -> str:
+    """The CPU flags that decide the speed of our products (vector width, bf16, int8 dot products), as one line to
+    print next to every speed figure ("none of …" where the CPU has none of them)."""
+    flags = cpu_flags() if flags is None else flags
+    found = [f for f in SPEED_FLAGS if f in flags]
+    return " ".join(found) if found else "none of " + " ".join(SPEED_FLAGS)
+
+
 def bf16_pays(flags: set[str] | None = None) -> bool:
     """bf16 matrix products run natively (AVX-512 BF16 or AMX); with AVX2 alone they are emulated and slower."""
     flags = cpu_flags() if flags is None else flags

@@ -103,8 +103,9 @@ def gemv_library() -> ctypes.CDLL | None:
         except OSError as exc:
             _Build.error = str(exc)
             continue
-        lib.twig_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        lib.twig_gemv.restype = ctypes.c_int
+        for fn, pointers in ((lib.twig_gemv, 4), (lib.twig_gemv_bf16, 4), (lib.twig_gemv_i8, 5)):
+            fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
+            fn.restype = ctypes.c_int
         _Build.error = None
         return lib
     return None
@@ -120,30 +121,78 @@ def library_key() -> str:
     return hashlib.sha256(_source()).hexdigest()[:12] if gemv_library() is not None else "none"
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what `gemv` streams (int8 weights go through `gemv_int8`)
+
+
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernel can compute this product: fp32 on the CPU, no gradient needed, a contiguous weight
-    (and bias), and the kernel built."""
+    """Whether the kernel can compute this product: fp32 or bf16 (x and weight alike) on the CPU, no gradient
+    needed, a contiguous weight (and bias), and the kernel built."""
     return (
-        x.dtype is torch.float32
-        and weight.dtype is torch.float32
+        x.dtype is weight.dtype
+        and weight.dtype in WEIGHT_DTYPES
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and x.device.type == "cpu"
         and weight.is_contiguous()
-        and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()))
+        and (bias is None or bias.is_contiguous())
         and gemv_library() is not None
     )
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous()  # [n, in]: the kernel reads fp32 rows (a copy only when it must)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [n, in] · weight[out, in]ᵀ (+ bias) → [n, out] with the native kernel (where `takes` says it can; x is
-    made contiguous here)."""
+    """x [n, in] · weight[out, in]ᵀ (+ bias) → [n, out] in x's dtype with the native kernel (where `takes` says it
+    can). A bf16 weight is widened to fp32 in the kernel and accumulated in fp32, as MKL's bf16 product does."""
     lib = gemv_library()
     assert lib is not None, "gemv() called where the native kernel is unavailable"
-    x = x.contiguous()
-    n, d_in = x.shape
+    rows = _rows(x)
+    n, d_in = rows.shape
     d_out = weight.shape[0]
-    y = torch.empty(n, d_out, dtype=x.dtype)  # [n, out]
-    b = None if bias is None else bias.data_ptr()
-    if lib.twig_gemv(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, d_in, d_out, torch.get_num_threads()):
+    y = torch.empty(n, d_out, dtype=torch.float32)  # [n, out]
+    b = bias if bias is None else bias.to(torch.float32).contiguous()
+    if weight.dtype is torch.bfloat16:
+        fn, w = lib.twig_gemv_bf16, weight.view(torch.int16)
+    else:
+        fn, w = lib.twig_gemv, weight
+    if fn(
+        rows.data_ptr(),
+        w.data_ptr(),
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        n,
+        d_in,
+        d_out,
+        torch.get_num_threads(),
+    ):
         raise ValueError(f"native gemv refused sizes n={n} in={d_in} out={d_out}")
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def gemv_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [n, in] · (qweight [out, in] int8 · scale [out] fp32)ᵀ (+ bias) → [n, out] fp32, accumulated in fp32."""
+    lib = gemv_library()
+    assert lib is not None, "gemv_int8() called where the native kernel is unavailable"
+    assert qweight.dtype is torch.int8 and qweight.is_contiguous() and scale.dtype is torch.float32
+    rows = _rows(x)
+    n, d_in = rows.shape
+    d_out = qweight.shape[0]
+    y = torch.empty(n, d_out, dtype=torch.float32)  # [n, out]
+    b = bias if bias is None else bias.to(torch.float32).contiguous()
+    s = scale.contiguous()
+    if lib.twig_gemv_i8(
+        rows.data_ptr(),
+        qweight.data_ptr(),
+        s.data_ptr(),
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        n,
+        d_in,
+        d_out,
+        torch.get_num_threads(),
+    ):
+        raise ValueError(f"native gemv_int8 refused sizes n={n} in={d_in} out={d_out}")
     return y

@@ -53,7 +53,14 @@ def create_app(
     metrics = Metrics()
 
     def load_model() -> VLM:
-        vlm = VLM.load(cfg.model, twig=cfg.twig, dtype=cfg.dtype, device=cfg.device, kernels=cfg.kernels)
+        vlm = VLM.load(
+            cfg.model,
+            twig=cfg.twig,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            kernels=cfg.kernels,
+            quantize=cfg.quantize,
+        )
         vlm.warm_up()  # before /health says ready: the first request does not pay auto's cost probe
         return vlm
 

@@ -57,6 +57,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         dtype=args.dtype,
         device=args.device,
         kernels=args.kernels,
+        quantize=args.quantize,
         max_queue=args.max_queue,
         api_key=args.api_key,
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,

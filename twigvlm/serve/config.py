@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PruneConfig, SpecConfig
+from ..config import QUANTIZE_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # the largest image a request may send or make the server fetch
@@ -32,6 +32,7 @@ class ServeConfig:
     dtype: str = "float32"
     device: str = "cpu"
     kernels: str | None = None  # the CPU products' layout (`VLM.load`'s kernels: None → auto)
+    quantize: str = "none"  # the decoder's weights (`VLM.load`'s quantize): none or int8
     max_queue: int = 32
     api_key: str | None = None
     allowed_local_media_path: Path | None = None
@@ -59,6 +60,10 @@ class ServeConfig:
             )
         if self.api_key is not None and not self.api_key.strip():
             raise TwigVLMError("--api-key is empty: give a key, or leave the flag out to serve without one")
+        if self.quantize not in QUANTIZE_MODES:
+            raise TwigVLMError(f"--quantize {self.quantize} is unknown: use one of {', '.join(QUANTIZE_MODES)}")
+        if self.quantize != "none" and not self.device.startswith("cpu"):
+            raise TwigVLMError(f"--quantize {self.quantize} runs on a CPU: drop it or use --device cpu")
         self.prune.validate()
         if self.speculative is not None:
             self.speculative.validate()

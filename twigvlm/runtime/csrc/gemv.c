@@ -1,10 +1,15 @@
-/* twigvlm's small-row product for CPU decoding: y[r, o] = sum_k x[r, k] * w[o, k] (+ b[o]), fp32.
+/* twigvlm's small-row products for CPU decoding: y[r, o] = scale[o] * sum_k x[r, k] * w[o, k] (+ b[o]).
  *
  * Decoding and verification multiply 1 to ~8 rows by every weight of the decoder; the product is bound by
  * memory traffic, not arithmetic. Each weight row is read once from memory and used for all the rows of x
  * (which stay in L1/L2), several weight rows at a time so that several streams are in flight. The output range
  * is split evenly over the OpenMP threads (the same libgomp that torch runs on, so no second thread pool).
  * More than 8 rows run as chunks of 8 over tiles of 32 weight rows held in cache (the weights are read once).
+ *
+ * Three weight formats, one loop: fp32 (`twig_gemv`), bf16 (`twig_gemv_bf16`: the top half of an fp32, widened
+ * exactly) and int8 with one fp32 scale per output row (`twig_gemv_i8`: weight-only quantisation; each int8 is
+ * widened exactly to fp32, the row's sum is multiplied by its scale once). x, y, b and the accumulation are fp32
+ * in all three, so a product equals the dequantised weight's fp32 product up to the order of the additions.
  *
  * Built at first use by twigvlm/runtime/native.py with the machine's C compiler (-O3 -march=native -fopenmp).
  */
@@ -14,12 +19,36 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(TWIG_NO_AVX512)
+#include <immintrin.h>
+#define VEC 16
+typedef __m512 vec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vload_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vload_bf16(const uint16_t *p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline vec vload_i8(const int8_t *p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VEC 8
 typedef __m256 vec;
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vload_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vload_bf16(const uint16_t *p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline vec vload_i8(const int8_t *p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -32,16 +61,32 @@ static inline float vsum(vec v) {
 typedef struct { float v[VEC]; } vec;
 static inline vec vzero(void) { vec r = {{0}}; return r; }
 static inline vec vload(const float *p) { vec r; for (int j = 0; j < VEC; ++j) r.v[j] = p[j]; return r; }
+static inline vec vload_f32(const float *p) { return vload(p); }
+static inline float bf16_to_f32(uint16_t h) {
+  union { uint32_t u; float f; } c;
+  c.u = (uint32_t)h << 16;
+  return c.f;
+}
+static inline vec vload_bf16(const uint16_t *p) { vec r; for (int j = 0; j < VEC; ++j) r.v[j] = bf16_to_f32(p[j]); return r; }
+static inline vec vload_i8(const int8_t *p) { vec r; for (int j = 0; j < VEC; ++j) r.v[j] = (float)p[j]; return r; }
 static inline vec vfma(vec a, vec b, vec c) { for (int j = 0; j < VEC; ++j) c.v[j] += a.v[j] * b.v[j]; return c; }
 static inline float vsum(vec v) { float s = 0.f; for (int j = 0; j < VEC; ++j) s += v.v[j]; return s; }
 #endif
 
-/* N rows of x [N, in] against weight rows o0..o1 of w [out, in], G weight rows at a time (measured on a 2-core
- * AVX2 EPYC: two rows at a time help a single x row a little; from two x rows on, one weight row at a time is
- * fastest, up to 1.4x faster than two or four). */
-#define KERNEL(N, G)                                                                               \
-  static void rows_##N(const float *restrict x, const float *restrict w, const float *restrict b,  \
-                       float *restrict y, int64_t in, int64_t out, int64_t o0, int64_t o1) {       \
+static inline float scalar_f32(const float *w, int64_t i) { return w[i]; }
+static inline float scalar_bf16(const uint16_t *w, int64_t i) {
+  union { uint32_t u; float f; } c;
+  c.u = (uint32_t)w[i] << 16;
+  return c.f;
+}
+static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; }
+
+/* N rows of x [N, in] against weight rows o0..o1 of w [out, in] (type T, widened by LOAD/SCALAR), G weight rows
+ * at a time. s: a scale per output row, or NULL. */
+#define KERNEL(NAME, T, N, G)                                                                      \
+  static void NAME##_##N(const float *restrict x, const T *restrict w, const float *restrict s,    \
+                         const float *restrict b, float *restrict y, int64_t in, int64_t out,       \
+                         int64_t o0, int64_t o1) {                                                  \
     for (int64_t o = o0; o < o1; o += G) {                                                        \
       const int gn = o + G <= o1 ? G : (int)(o1 - o);                                             \
       vec acc[G][N];                                                                              \
@@ -51,53 +96,87 @@ static inline float vsum(vec v) { float s = 0.f; for (int j = 0; j < VEC; ++j) s
       if (gn == G)                                                                                \
         for (; k + VEC <= in; k += VEC)                                                           \
           for (int g = 0; g < G; ++g) {                                                           \
-            const vec wv = vload(w + (o + g) * in + k);                                           \
+            const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
           }                                                                                       \
       for (int g = 0; g < gn; ++g)                                                                \
         for (int r = 0; r < N; ++r) {                                                             \
-          float s = vsum(acc[g][r]);                                                              \
-          for (int64_t kk = k; kk < in; ++kk) s += w[(o + g) * in + kk] * x[r * in + kk];         \
-          y[r * out + o + g] = b ? s + b[o + g] : s;                                              \
+          float sum = vsum(acc[g][r]);                                                            \
+          for (int64_t kk = k; kk < in; ++kk) sum += scalar_##NAME(w, (o + g) * in + kk) * x[r * in + kk]; \
+          if (s) sum *= s[o + g];                                                                 \
+          y[r * out + o + g] = b ? sum + b[o + g] : sum;                                          \
         }                                                                                         \
     }                                                                                             \
   }
-KERNEL(1, 2)
-KERNEL(2, 1)
-KERNEL(3, 1)
-KERNEL(4, 1)
-KERNEL(5, 1)
-KERNEL(6, 1)
-KERNEL(7, 1)
-KERNEL(8, 1)
 
-typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t);
+#define FORMAT(NAME, T, G1, G2, G3, G4, G5)                                                        \
+  KERNEL(NAME, T, 1, G1)                                                                           \
+  KERNEL(NAME, T, 2, G2)                                                                           \
+  KERNEL(NAME, T, 3, G3)                                                                           \
+  KERNEL(NAME, T, 4, G4)                                                                           \
+  KERNEL(NAME, T, 5, G5)                                                                           \
+  KERNEL(NAME, T, 6, G5)                                                                           \
+  KERNEL(NAME, T, 7, G5)                                                                           \
+  KERNEL(NAME, T, 8, G5)                                                                           \
+  typedef void (*NAME##_fn)(const float *, const T *, const float *, const float *, float *, int64_t, int64_t, \
+                            int64_t, int64_t);                                                     \
+  static const NAME##_fn NAME##_BY_ROWS[9] = {0,         NAME##_1, NAME##_2, NAME##_3, NAME##_4,   \
+                                              NAME##_5,  NAME##_6, NAME##_7, NAME##_8};            \
+  static int NAME##_product(const float *x, const T *w, const float *s, const float *b, float *y,  \
+                            int64_t n, int64_t in, int64_t out, int threads) {                     \
+    if (n < 1 || in < 1 || out < 1) return 1;                                                     \
+    if (threads < 1) threads = 1;                                                                 \
+    _Pragma("omp parallel num_threads(threads)") {                                                \
+      int t = 0, nt = 1;                                                                          \
+      THREAD_IDS(t, nt);                                                                          \
+      int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16; /* whole cache lines of y per thread */ \
+      int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;                                 \
+      /* a tile of TILE weight rows stays in L2 while every chunk of 8 x rows passes over it */   \
+      for (int64_t t0 = o0; t0 < o1; t0 += TILE) {                                                \
+        int64_t t1 = t0 + TILE < o1 ? t0 + TILE : o1;                                             \
+        for (int64_t r0 = 0; r0 < n; r0 += 8) {                                                   \
+          int64_t m = n - r0 < 8 ? n - r0 : 8;                                                    \
+          NAME##_BY_ROWS[m](x + r0 * in, w, s, b, y + r0 * out, in, out, t0, t1);                 \
+        }                                                                                         \
+      }                                                                                           \
+    }                                                                                             \
+    return 0;                                                                                     \
+  }
+
+#ifdef _OPENMP
+#define THREAD_IDS(t, nt) (t = omp_get_thread_num(), nt = omp_get_num_threads())
+#else
+#define THREAD_IDS(t, nt) ((void)0)
+#endif
 #define TILE 32
-static const rows_fn BY_ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+
+/* Weight rows at a time for 1, 2, 3, 4 and 5-8 rows of x. One row needs eight independent sums to hide the
+ * FMA latency (measured on a 2-core AVX-512 EPYC: 8 > 4 > 2 rows at a time, in every format); from two rows of
+ * x on, one weight row at a time is fastest. */
+#ifndef GF32
+#define GF32 8, 1, 1, 1, 1
+#define GBF16 8, 1, 1, 1, 1
+#define GI8 8, 1, 1, 1, 1
+#endif
+#define EXPAND(...) FORMAT(__VA_ARGS__)
+EXPAND(f32, float, GF32)
+EXPAND(bf16, uint16_t, GBF16)
+EXPAND(i8, int8_t, GI8)
 
 /* x [n, in], w [out, in], b [out] or NULL, y [n, out]: all contiguous fp32. Returns 0, or 1 on bad sizes. */
 int twig_gemv(const float *x, const float *w, const float *b, float *y, int64_t n, int64_t in, int64_t out,
               int threads) {
-  if (n < 1 || in < 1 || out < 1) return 1;
-  if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads)
-  {
-    int t = 0, nt = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16; /* whole cache lines of y per thread */
-    int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;
-    /* a tile of TILE weight rows stays in L2 while every chunk of 8 x rows passes over it: the weights are
-       read from memory once however many rows x has */
-    for (int64_t t0 = o0; t0 < o1; t0 += TILE) {
-      int64_t t1 = t0 + TILE < o1 ? t0 + TILE : o1;
-      for (int64_t r0 = 0; r0 < n; r0 += 8) {
-        int64_t m = n - r0 < 8 ? n - r0 : 8;
-        BY_ROWS[m](x + r0 * in, w, b, y + r0 * out, in, out, t0, t1);
-      }
-    }
-  }
-  return 0;
+  return f32_product(x, w, NULL, b, y, n, in, out, threads);
+}
+
+/* As twig_gemv with w [out, in] in bf16 (raw 16-bit patterns). */
+int twig_gemv_bf16(const float *x, const uint16_t *w, const float *b, float *y, int64_t n, int64_t in,
+                   int64_t out, int threads) {
+  return bf16_product(x, w, NULL, b, y, n, in, out, threads);
+}
+
+/* As twig_gemv with w [out, in] in int8 and s [out] fp32: y[r, o] = s[o] * sum_k x[r, k] * w[o, k] (+ b[o]). */
+int twig_gemv_i8(const float *x, const int8_t *w, const float *s, const float *b, float *y, int64_t n, int64_t in,
+                 int64_t out, int threads) {
+  return i8_product(x, w, s, b, y, n, in, out, threads);
 }

@@ -1,0 +1,185 @@
+"""Weight-only int8: the product ≡ the dequantised weight's fp32 product (1e-5 relative) over rows 1–100, odd
+shapes and strided inputs, on the native kernel and on its fallback; the quantised copies round-trip through a
+file bit for bit; and on the quantised model the method's oracles hold as on the fp32 one — SSD ≡ AR (chain and
+tree), TTP + SSD ≡ TTP, the twig drafting from the int8 head rows — with the parameters and the stock baseline
+untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import twigvlm
+from twigvlm import PruneConfig, SpecConfig, TwigVLMError
+from twigvlm.runtime import native, quant
+from twigvlm.runtime.kernels import FastLinear, linears, stock_kernels
+from twigvlm.runtime.quant import Int8Linear, apply_quantization, dequantize, int8_product, quantize_int8
+
+from .conftest import random_image, random_prompt
+from .oracles import middle_twig, stock_greedy
+
+ROWS = [*range(1, 18), 31, 64, 65, 100]
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Dequantise, then an fp64 product (the reference both paths are held to)."""
+    out = x.double() @ dequantize(q, s, torch.float64).t()
+    return out if b is None else out + b.double()
+
+
+def assert_close_relative(got: torch.Tensor, ref: torch.Tensor) -> None:
+    err = (got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+    assert err < 1e-5, float(err)
+
+
+@pytest.fixture
+def int8_calls(monkeypatch):
+    """Counts the products the native int8 kernel computed (a test cannot pass on the fallback alone)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the native kernel cannot be built (apt-get install gcc)")
+    assert native.gemv_library() is not None, f"the native kernel did not build: {native.build_error()}"
+    calls = []
+    real = native.gemv_int8
+
+    def spy(x, q, s, b=None):
+        calls.append(x.shape[0])
+        return real(x, q, s, b)
+
+    monkeypatch.setattr(native, "gemv_int8", spy)
+    return calls
+
+
+def test_quantization_is_symmetric_per_output_channel():
+    w = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [2.0, 1.0, -0.5]])
+    q, s = quantize_int8(w)
+    assert q.dtype is torch.int8 and s.dtype is torch.float32
+    torch.testing.assert_close(s, torch.tensor([1.0 / 127, 1.0, 2.0 / 127]))  # an all-zero row: scale 1
+    assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, -32]]  # round half away: 63.5 → 64
+    assert (dequantize(q, s) - w).abs().max() <= s.max() / 2 + 1e-7  # within half a step of each row
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "bias"), [(80, 48, True), (33, 13, False), (130, 257, True), (7, 8, False)])
+def test_int8_product_equals_the_dequantized_reference(d_out, d_in, bias, int8_calls):
+    torch.manual_seed(0)
+    w, b = torch.randn(d_out, d_in), (torch.randn(d_out) if bias else None)
+    q, s = quantize_int8(w)
+    for n in ROWS:
+        x = torch.randn(n, d_in)
+        assert_close_relative(int8_product(x, q, s, b), reference(x, q, s, b))
+    x = torch.randn(2, 3, 2 * d_in)[..., ::2]  # strided, and a leading batch dimension
+    got = int8_product(x, q, s, b)
+    assert got.shape == (2, 3, d_out)
+    assert_close_relative(got.reshape(6, d_out), reference(x.reshape(6, d_in), q, s, b))
+    # up to NATIVE_ROWS rows ran the native kernel; more rows ran the dequantised product
+    assert int8_calls == [n for n in ROWS if n <= quant.NATIVE_ROWS] + [6]
+
+
+def test_without_the_kernel_the_fallback_computes_the_same_product(monkeypatch):
+    monkeypatch.setattr(native, "gemv_library", lambda: None)
+    torch.manual_seed(1)
+    q, s = quantize_int8(torch.randn(40, 24))
+    b = torch.randn(40)
+    for n in (1, 5, 80):
+        x = torch.randn(n, 24)
+        assert_close_relative(int8_product(x, q, s, b), reference(x, q, s, b))
+
+
+def test_bf16_weights_stream_through_the_native_kernel():
+    if native.gemv_library() is None:
+        pytest.skip("the native kernel is not built here")
+    torch.manual_seed(3)
+    w, b = torch.randn(70, 40).bfloat16(), torch.randn(70).bfloat16()
+    for n in (1, 3, 9):
+        x = torch.randn(n, 40).bfloat16()
+        assert native.takes(x, w, b)
+        got = native.gemv(x, w, b)
+        assert got.dtype is torch.bfloat16
+        ref = x.double() @ w.double().t() + b.double()  # exact inputs; the kernel rounds once, at the end
+        torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_an_int8_layer_is_a_class_swap_and_refuses_gradients():
+    torch.manual_seed(4)
+    lin = nn.Linear(24, 16)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    assert apply_quantization([lin], "int8") == 1
+    assert type(lin) is Int8Linear and isinstance(lin, FastLinear)
+    assert lin.state_dict().keys() == before.keys()  # the checkpoint is untouched: no int8 entries in it
+    assert all(torch.equal(lin.state_dict()[k], v) for k, v in before.items())
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        assert_close_relative(lin(x), reference(x, lin.qweight, lin.qscale, lin.bias))
+    with pytest.raises(TwigVLMError, match="cannot be trained"):
+        lin(x)  # the weight requires grad
+    with stock_kernels([lin]):
+        assert type(lin) is nn.Linear
+    assert type(lin) is Int8Linear
+    apply_quantization([lin], "none")
+    assert type(lin) is nn.Linear
+    with pytest.raises(TwigVLMError, match="quantize 'int4' is unknown"):
+        apply_quantization([lin], "int4")
+
+
+def test_quantized_copies_round_trip_through_a_file_bit_for_bit(model_dirs, tmp_path):
+    vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock", quantize="int8")
+    named = {"lm": vlm.adapter.model}
+    state = quant.int8_state(named)
+    assert state and len(state) == 2 * len([m for m in linears([vlm.adapter.model]) if type(m) is Int8Linear])
+    save_file(state, str(tmp_path / "int8.safetensors"))
+    other = twigvlm.load(model_dirs["llama-clip"], kernels="stock")
+    restored = quant.load_int8_state({"lm": other.adapter.model}, load_file(str(tmp_path / "int8.safetensors")))
+    assert restored == len(state) // 2
+    again = quant.int8_state({"lm": other.adapter.model})
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    with pytest.raises(TwigVLMError, match="entries for no layer here: lm.nothing.qweight"):
+        quant.load_int8_state({"lm": other.adapter.model}, {**state, "lm.nothing.qweight": state[next(iter(state))]})
+    half = {k: v for k, v in state.items() if not k.endswith("qscale")}
+    with pytest.raises(TwigVLMError, match="lack their qscale"):
+        quant.load_int8_state({"lm": other.adapter.model}, half)
+
+
+@pytest.fixture
+def int8(model_dirs):
+    """The Llama + CLIP model on int8 weights (the native kernel for every product up to 64 rows)."""
+    vlm = twigvlm.load(model_dirs["llama-clip"], quantize="int8")
+    assert vlm.quantize == "int8"
+    return vlm
+
+
+def test_int8_model_runs_its_quantized_weights_and_stock_generate_stays_untouched(int8):
+    prompt, image = random_prompt(0, 6), [random_image(0)]
+    found = linears(int8.kernel_modules())
+    assert found and all(type(lin) is Int8Linear for lin in found)
+    stock = stock_greedy(int8, prompt, image, 10)  # stock generate runs on the fp32 weights inside the block
+    assert all(type(lin) is Int8Linear for lin in found)
+    ours = int8.generate(prompt, image=image, max_new_tokens=10, ignore_eos=True).token_ids
+    int8.set_quantize("none")
+    assert not any(type(lin) is Int8Linear for lin in found)
+    assert int8.generate(prompt, image=image, max_new_tokens=10, ignore_eos=True).token_ids == stock
+    assert len(ours) == 10  # the quantised model is another model: its ids are its own (not compared to fp32)
+
+
+def test_speculation_equals_ar_on_the_int8_model(int8):
+    spec = middle_twig(int8)
+    spec.set_quantize("int8")
+    assert all(type(lin) is Int8Linear for lin in linears([spec.twig]))
+    head = spec.engine.draft_head()
+    assert head is None or head.scale is not None  # a draft vocabulary drafts with the int8 head rows
+    for seed, gamma, draft in ((0, 2, "chain"), (1, 4, "chain"), (2, 3, "tree")):
+        args = dict(prompt=random_prompt(seed, 5), image=random_image(seed), max_new_tokens=14, ignore_eos=True)
+        ar = spec.generate(**args)
+        sd = spec.generate(**args, speculative=SpecConfig(draft=draft, draft_len=gamma, threshold=0))
+        assert sd.token_ids == ar.token_ids, (seed, gamma, draft)
+        pruned = PruneConfig(method="twig", keep=8)
+        ttp = spec.generate(**args, prune=pruned)
+        both = spec.generate(**args, prune=pruned, speculative=SpecConfig(draft=draft, draft_len=gamma, threshold=0))
+        assert both.token_ids == ttp.token_ids, (seed, gamma, draft, "ttp")
+
+
+def test_quantize_flag_is_checked(model_dirs, capsys):
+    from twigvlm.cli.main import main
+
+    assert main(["generate", "--model", model_dirs["llama-clip"], "--prompt", "hi", "--quantize", "int4"]) == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

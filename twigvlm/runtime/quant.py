@@ -1,0 +1,144 @@
+"""Weight-only int8 for the decoder's linear layers on CPU: fewer bytes per decode step, the same model for every
+step kind.
+
+A decode step streams every weight of the decoder once, so on a CPU its time is the weights' bytes over the
+memory bandwidth. `Int8Linear` keeps, beside the layer's own parameters, a copy of its weight in int8 with one fp32
+scale per output channel (symmetric: `scale = max|w_row| / 127`, `q = round(w / scale)`), and runs every product
+on that copy — a quarter of fp32's bytes:
+
+- up to `NATIVE_ROWS` rows (decode, the twig's drafts, chain and tree verification): twigvlm's native kernel
+  (`native.gemv_int8`), which widens each int8 to fp32 and accumulates in fp32;
+- more rows (a prompt's prefill) or where the kernel cannot be built: `x · (q · scale)ᵀ` in the input's dtype
+  with the weight dequantised for the call (compute-bound there, so the dequantisation is cheap).
+
+Both compute the same product (the dequantised weight's) up to the order of the additions, so prefill, decode
+and verification all run one model — the quantised one — and speculative decoding stays lossless with respect
+to it. Like `FastLinear` it is a class swap (`apply_quantization`): the parameters and the `state_dict` stay as
+loaded (fingerprints, the twig's draft head and stock `generate` read them), so memory grows by the int8 copy
+(a quarter) and `stock_kernels` still gives the untouched model back. `int8_state` / `load_int8_state` carry the
+quantised copies to and from a file, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QUANTIZE_MODES
+from ..errors import TwigVLMError
+from . import native
+from .kernels import FastLinear, linears
+
+NATIVE_ROWS = 64  # the native kernel up to this many rows (measured faster than dequantise + MKL up to 64)
+QMAX = 127  # symmetric int8: -127..127 (-128 unused, so negation is exact)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] → (q [out, in] int8, scale [out] fp32), symmetric per output channel; an all-zero row gets
+    scale 1 (its q is all zeros)."""
+    w = weight.detach().to(torch.float32)
+    absmax = w.abs().amax(dim=1)  # [out]
+    scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))  # [out]
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)  # [out, in]
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q [out, in] int8, scale [out]) → the weight they stand for, [out, in] in `dtype` (computed in fp32)."""
+    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+def int8_product(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., in] · (q · scale)ᵀ (+ bias) → [..., out] in x's dtype: the native kernel for up to NATIVE_ROWS rows
+    where it is built, else the dequantised weight's product."""
+    d_in, d_out = q.shape[1], q.shape[0]
+    rows = x.numel() // d_in if d_in else 0
+    if 0 < rows <= NATIVE_ROWS and x.device.type == "cpu" and native.gemv_library() is not None:
+        out = native.gemv_int8(x.reshape(rows, d_in), q, scale, bias)  # [n, out] fp32
+        return out.to(x.dtype).reshape(*x.shape[:-1], d_out)
+    b = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, dequantize(q, scale, x.dtype), b)
+
+
+class Int8Linear(FastLinear):
+    """An `nn.Linear` (a FastLinear subclass, so `stock_kernels` covers it) whose forward runs on its int8 copy
+    (`qweight` [out, in], `qscale` [out]); set by `apply_quantization`. Inference only: no gradients."""
+
+    qweight: torch.Tensor
+    qscale: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            raise TwigVLMError("an int8-quantised layer cannot be trained: load the model without quantize")
+        return int8_product(x, self.qweight, self.qscale, self.bias)
+
+
+def check_quantize(mode: str) -> str:
+    if mode not in QUANTIZE_MODES:
+        raise TwigVLMError(f"quantize {mode!r} is unknown: use one of {', '.join(QUANTIZE_MODES)}")
+    return mode
+
+
+def apply_quantization(modules: Iterable[nn.Module], mode: str) -> int:
+    """ "int8": every nn.Linear (or FastLinear) inside `modules` runs on an int8 copy of its weight (made once per
+    layer and kept); "none": back to plain nn.Linear (re-apply the kernels after). CPU only: int8 on another
+    device is refused. Returns the number of layers quantised."""
+    check_quantize(mode)
+    found = linears(modules)
+    if mode == "none":
+        for lin in found:
+            if type(lin) is Int8Linear:
+                lin.__class__ = nn.Linear
+        return 0
+    if found and found[0].weight.device.type != "cpu":
+        raise TwigVLMError(f"quantize int8 runs on a CPU; this model is on {found[0].weight.device.type}")
+    count = 0
+    for lin in found:
+        if type(lin) not in (nn.Linear, FastLinear, Int8Linear):
+            continue  # someone else's subclass: leave it alone
+        if getattr(lin, "qweight", None) is None or lin.qweight.shape != lin.weight.shape:
+            lin.qweight, lin.qscale = quantize_int8(lin.weight)
+        lin.__class__ = Int8Linear
+        count += 1
+    return count
+
+
+def int8_state(named: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The int8 copies of the quantised layers inside `named` modules, by parameter-style names
+    ("<prefix>.<layer path>.qweight" / ".qscale"), for a safetensors file."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in named.items():
+        for name, sub in module.named_modules():
+            if type(sub) is Int8Linear:
+                key = ".".join(p for p in (prefix, name) if p)
+                state[f"{key}.qweight"], state[f"{key}.qscale"] = sub.qweight, sub.qscale
+    return state
+
+
+def load_int8_state(named: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> int:
+    """Put saved int8 copies (`int8_state`'s names) back on the linear layers they name and quantise those with
+    them; returns the number of layers restored. A half, extra or misshapen entry is an error naming it."""
+    restored, expected = 0, set()
+    for prefix, module in named.items():
+        for name, sub in module.named_modules():
+            key = ".".join(p for p in (prefix, name) if p)
+            q, s = state.get(f"{key}.qweight"), state.get(f"{key}.qscale")
+            if not isinstance(sub, nn.Linear) or (q is None and s is None):
+                continue
+            expected |= {f"{key}.qweight", f"{key}.qscale"}
+            if q is None or s is None:
+                raise TwigVLMError(f"quantized weights for {key} lack their {'qweight' if q is None else 'qscale'}")
+            if q.dtype is not torch.int8 or q.shape != sub.weight.shape or s.shape != (sub.weight.shape[0],):
+                raise TwigVLMError(f"quantized weights for {key} do not fit its layer {tuple(sub.weight.shape)}")
+            sub.qweight, sub.qscale = q.contiguous(), s.to(torch.float32).contiguous()
+            sub.__class__ = Int8Linear
+            restored += 1
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise TwigVLMError(f"quantized weights have entries for no layer here: {', '.join(extra[:3])}")
+    return restored
