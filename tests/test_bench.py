@@ -93,6 +93,9 @@ def test_every_method_runs_and_outputs_are_well_formed(model_dirs, bench_twig, t
     assert (out / "plot.png").stat().st_size > 1000 and (out / "table.md").is_file()
     # Our engine's runs split prefill from decoding; every method's peak memory is measured on a first sample.
     assert summary["ar"]["prefill_ms"]["median"] > 0 and "prefill_ms" not in summary["hf"]
+    # time to first token = encoding + prefill, per sample
+    assert all(r["ttft_s"] >= r["prefill_s"] > 0 for r in rows if r["variant"] == "ar")
+    assert summary["ar"]["ttft_ms"]["median"] >= summary["ar"]["prefill_ms"]["median"]
     if cpu_memory_supported():
         first_ids = {r["task"]: r["sample"] for r in reversed(rows)}  # rows run in sample order
         firsts = [r for r in rows if r["sample"] == first_ids[r["task"]]]

@@ -64,6 +64,8 @@ def test_generate_json(capsys, model_dirs, image, twig_dir):
     assert set(obj) == {"text", "token_ids", "stats"} and len(obj["token_ids"]) == 5
     assert {"new_tokens", "prefill_s", "decode_s", "tokens_per_s"} <= set(obj["stats"])
     assert obj["stats"]["new_tokens"] == 5 and obj["stats"]["visual_tokens"] == 16
+    s = obj["stats"]
+    assert s["ttft_s"] == s["encode_s"] + s["prefill_s"] and s["encode_s"] > 0  # time to first token, tower included
 
 
 def test_generate_streams_text(capsys, model_dirs, image):

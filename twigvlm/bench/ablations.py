@@ -103,13 +103,16 @@ def _tree(c: AblationContext) -> list[Variant]:
 @register(
     "weights",
     "our methods on the weights as loaded and on int8 weights (weight-only, per output channel; CPU): ar, the "
-    "twig's pruning and twig+ssd, each both ways in one interleaved run",
+    "twig's pruning, ssd and twig+ssd, each both ways in one interleaved run, and the same decoder in llama.cpp "
+    "(f32 and Q8_0) where its GGUF file is known",
 )
 def _weights(c: AblationContext) -> list[Variant]:
     methods = ["ar", *(("twig", "ssd", "twig+ssd") if c.twig_labels else ("fastv",))]
     out = [Variant(BASELINE, BASELINE, c.mc)]
     for m in methods:
         out += [Variant(m, m, replace(c.mc, quantize="none")), Variant(f"{m} int8", m, replace(c.mc, quantize="int8"))]
+    if c.mc.gguf is not None:  # the same decoder in llama.cpp, fp32 and 8-bit
+        out += [Variant(p, p, c.mc) for p in ("llama.cpp-f32", "llama.cpp-q8_0")]
     return out
 
 

@@ -16,7 +16,7 @@ from ..pruning.prefill import resolve_wipe_layer
 from ..runtime.kernels import resolve_mode
 from .ablations import ABLATIONS, UNTRAINED, AblationContext, ablation_help
 from .harness import BASELINE, Variant
-from .methods import METHODS, NEEDS_TWIG, MethodConfig, method_configs
+from .methods import METHODS, NEEDS_TWIG, MethodConfig, close_peers, method_configs
 
 DEFAULT_METHODS = "hf,hf+kernels,ar,fastv,visionzip,twig,ssd,twig+ssd"
 
@@ -87,6 +87,13 @@ def add_parser(sub) -> None:  # noqa: ANN001
         default=None,
         help="cap every answer at N tokens (default: 16 for short answers, 200 for describe)",
     )
+    b.add_argument(
+        "--gguf",
+        default=None,
+        metavar="FILE",
+        help="the decoder as a GGUF file, for the llama.cpp-f32/-q8_0/-q4_1 peers (default: the named model's own, "
+        "e.g. the demo's; they need the peers extra)",
+    )
     b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
     b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")
     b.add_argument("--out", default="out/bench", help="output folder (default: %(default)s)")
@@ -126,6 +133,23 @@ def twig_dirs(args: argparse.Namespace) -> dict[str, BenchTwig]:
     return labels
 
 
+def gguf_source(args: argparse.Namespace) -> str | None:
+    """The decoder's GGUF file for the llama.cpp peers: --gguf, else the named model's own, else None."""
+    from ..inputs.named import lookup
+
+    if getattr(args, "gguf", None):
+        if not Path(args.gguf).is_file():
+            raise TwigVLMError(f"--gguf {args.gguf} is not a file: name a GGUF file of the model's decoder")
+        return str(args.gguf)
+    named = lookup(getattr(args, "model", ""))
+    if named is None or named.decoder_gguf is None:
+        return None
+    try:
+        return str(named.decoder_gguf())
+    except TwigVLMError:
+        return None  # not installed: the peers report why when they run
+
+
 def variants(
     args: argparse.Namespace, twigs: dict[str, BenchTwig] | None = None, num_layers: int | None = None
 ) -> list[Variant]:
@@ -146,6 +170,7 @@ def variants(
         wipe_layer=wipe,
         query=args.query,
         spec=speculation(True, where="flags", **draft_fields(args)),
+        gguf=gguf_source(args),
     )
     if args.ablation in ABLATIONS:
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)
@@ -218,4 +243,5 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for v in chosen
     ]
     write_outputs(out, rows, summary, config, unsupported, table)
+    close_peers()
     print(f"\nwrote {out}/results.json, samples.jsonl, table.md and plot.png")

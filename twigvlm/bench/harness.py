@@ -108,7 +108,7 @@ def _bench(
                     "sample": sample.id,
                     "variant": v.name,
                     "method": v.method,
-                    "score": sample.score(run.text),
+                    "score": sample.score(run.text) if run.scored else None,
                     "tokens_per_s": run.new_tokens / run.seconds,
                     "text": run.text,
                     "token_ids": run.token_ids,
@@ -159,15 +159,16 @@ def summarize(
     names = [v.name for v in variants if any(r["variant"] == v.name for r in rows)]
     by_name = {v.name: v for v in variants}
     native = {t: s for t, s in (samples or {}).items() if s and s[0].benchmark is not None and t in tasks}
-    own = {(n, t): native_metrics(cells[(n, t)], native[t]) for (n, t) in cells if t in native}
+    scored = {key: cell for key, cell in cells.items() if cell[0]["score"] is not None}  # peers are not scored
+    own = {(n, t): native_metrics(cells[(n, t)], native[t]) for (n, t) in scored if t in native}
     accuracy = {
         key: headline(native[key[1]], own[key]) if key in own else statistics.fmean(r["score"] for r in cell)
-        for key, cell in cells.items()
+        for key, cell in scored.items()
     }
     summary: dict[str, Any] = {}
     for name in names:
         mine = [r for r in rows if r["variant"] == name]
-        acc = {t: accuracy[(name, t)] for t in tasks if (name, t) in cells}
+        acc = {t: accuracy[(name, t)] for t in tasks if (name, t) in accuracy}
         entry: dict[str, Any] = {
             "accuracy": acc,
             "tokens_per_s": _spread([r["tokens_per_s"] for r in mine]),
@@ -198,9 +199,10 @@ def summarize(
             entry["acceptance"] = total.acceptance_rate
             entry["tokens_per_verification"] = total.tokens_per_verification
             entry.update(_drafting(mine))
-        prefill = [r["prefill_s"] for r in mine if r["prefill_s"] is not None]
-        if prefill:
-            entry["prefill_ms"] = _spread([1e3 * p for p in prefill])
+        for key in ("ttft", "prefill"):
+            seconds = [r[f"{key}_s"] for r in mine if r.get(f"{key}_s") is not None]
+            if seconds:
+                entry[f"{key}_ms"] = _spread([1e3 * s for s in seconds])
         decode = [
             1e3 * r["decode_s"] / (r["new_tokens"] - 1)
             for r in mine

@@ -6,9 +6,11 @@ the prompt text to the last token.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from ..adapters.capabilities import HFBaseline, require
@@ -21,9 +23,11 @@ from ..pruning.prefill import plan_for
 from ..pruning.visionzip import VisionZip
 from ..runtime.kernels import stock_kernels
 from ..twig.model import Twig
+from .llamacpp import KINDS, LlamaCpp, gguf_variant
 from .tasks import Sample
 
-METHODS = ("hf", "hf+kernels", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")
+PEERS = tuple(f"llama.cpp-{kind}" for kind in KINDS)  # the decoder in llama.cpp: decode speed only, not scored
+METHODS = ("hf", "hf+kernels", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd", *PEERS)
 NEEDS_TWIG = {"twig", "ssd", "twig+ssd"}
 # Methods whose output must equal another's token for token (lossless speculation).
 SAME_AS = {"ssd": "ar", "twig+ssd": "twig"}
@@ -31,6 +35,7 @@ SAME_AS = {"ssd": "ar", "twig+ssd": "twig"}
 
 # The statistics (GenerationStats' names) each bench row records; stock generate's rows leave them None.
 ROW_STATS = (
+    "ttft_s",
     "prefill_s",
     "decode_s",
     "prune_method",
@@ -55,6 +60,7 @@ class Run:
     token_ids: list[int]
     seconds: float
     stats: GenerationStats | None = None
+    scored: bool = True  # False: a peer that never saw the picture (its answer is not scored)
 
     @property
     def new_tokens(self) -> int:
@@ -77,6 +83,7 @@ class MethodConfig:
     query: str = PruneConfig.query  # whose attention scores: the last prompt token's, or the mean after the image
     spec: SpecConfig = SpecConfig(draft="auto")  # the speculative methods' drafting (the default rows: auto)
     quantize: str | None = None  # our methods' weights for this row ("none", "int8"); None: as the model loaded
+    gguf: str | None = None  # the decoder as a GGUF file, for the llama.cpp peers (None: the model names none)
 
     def drafting(self, **fields: Any) -> MethodConfig:
         """These settings with the drafting changed (SpecConfig's field names, as `config.speculation` takes)."""
@@ -159,6 +166,8 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         seconds = time.perf_counter() - t
         eos = set(vlm.adapter.eos_token_ids)
         return Run(vlm.adapter.decode([i for i in ids if i not in eos]), ids, seconds)
+    if method in PEERS:
+        return _llamacpp(vlm, sample, mc, method.removeprefix("llama.cpp-"), images, videos)
     if method not in METHODS:
         raise TwigVLMError(f"unknown method {method!r}: use {', '.join(METHODS)}")
     if method in NEEDS_TWIG and own is None:
@@ -166,6 +175,50 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
     prune, spec = method_configs(method, mc)
     with quantized(vlm, mc.quantize):
         return _generate(vlm, sample, images, videos, prune, spec, twig)
+
+
+_loaded: list[LlamaCpp] = []  # the peers `_peer` loaded, for `close_peers`
+
+
+@functools.lru_cache(maxsize=len(KINDS))
+def _peer(gguf: str, kind: str) -> LlamaCpp:
+    peer = LlamaCpp(gguf_variant(Path(gguf), kind))
+    _loaded.append(peer)
+    return peer
+
+
+def close_peers() -> None:
+    """Free the llama.cpp models the bench loaded (before the interpreter exits, which llama.cpp needs)."""
+    for peer in _loaded:
+        peer.close()
+    _loaded.clear()
+    _peer.cache_clear()
+
+
+def _llamacpp(vlm: VLM, sample: Sample, mc: MethodConfig, kind: str, images: list, videos: list) -> Run:
+    """llama.cpp on a prompt as long as the sample's (its text tokens; the visual positions hold the padding
+    token), then `max_new_tokens` greedy steps with end-of-sequence ignored (`bench.llamacpp`)."""
+    if mc.gguf is None:
+        raise TwigVLMError("llama.cpp runs the decoder from a GGUF file: this model names none, pass --gguf FILE")
+    peer = _peer(mc.gguf, kind)
+    enc = vlm.encode(sample.prompt, images or None, video=videos or None)
+    tok = vlm.adapter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else vlm.adapter.eos_token_ids[0]
+    prompt = [pad if visual else int(i) for i, visual in zip(enc.input_ids[0], enc.visual_mask[0], strict=True)]
+    run = peer.run(prompt, sample.max_new_tokens)
+    seconds = run.prefill_s + run.decode_s
+    stats = GenerationStats(
+        prompt_tokens=len(prompt),
+        visual_tokens=enc.num_visual_tokens,
+        new_tokens=len(run.token_ids),
+        encode_s=0.0,
+        prefill_s=run.prefill_s,
+        decode_s=run.decode_s,
+        tokens_per_s=len(run.token_ids) / seconds,
+        finish_reason="length",
+        ttft_s=run.prefill_s,
+    )
+    return Run(vlm.adapter.decode(run.token_ids), run.token_ids, seconds, stats, scored=False)
 
 
 @contextlib.contextmanager

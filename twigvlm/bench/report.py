@@ -18,6 +18,7 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
         *tasks,
         "RelSpd (median, min–max)",
         "tokens/s",
+        "TTFT ms",
         "prefill ms",
         "decode ms/tok",
         "memory +MiB",
@@ -34,6 +35,7 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
             *[_f(e["accuracy"].get(t), "{:.3f}") for t in tasks],
             f"{spd['median']:.2f}× ({spd['min']:.2f}–{spd['max']:.2f})" if spd else "–",
             f"{e['tokens_per_s']['median']:.1f}",
+            _f(e.get("ttft_ms", {}).get("median"), "{:.0f}"),
             _f(e.get("prefill_ms", {}).get("median"), "{:.0f}"),
             _f(e.get("decode_ms_per_token", {}).get("median"), "{:.1f}"),
             _f(e.get("memory_mib", {}).get("extra"), "{:.0f}"),
@@ -43,7 +45,8 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
-        "\nprefill: the engine's prefill, vision encoding excluded. memory: the peak above what was in use "
+        "\nTTFT: time to first token, the processor, vision tower and projector included (medians). prefill: "
+        "the decoder's prefill alone, pruning included. memory: the peak above what was in use "
         "before the run (GPU: CUDA allocator; CPU: resident set), on each task's first sample."
     )
     lines += drafting_table(summary)

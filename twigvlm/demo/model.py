@@ -17,7 +17,7 @@ import torch
 from ..data.examples import IMAGE_SIZE
 from ..errors import TwigVLMError
 from ..inputs.named import NamedModel
-from .decoder import load_decoder
+from .decoder import gguf_path, load_decoder
 from .lora import merge_lora
 
 ASSETS = Path(__file__).parent / "assets"
@@ -175,4 +175,4 @@ def demo_twig_dir() -> Path:
 
 
 # `--model demo` / `--twig demo`: registered under this name in pyproject.toml's `twigvlm.named_models` entry points.
-NAMED = NamedModel(load=demo_adapter, twig_dir=demo_twig_dir)
+NAMED = NamedModel(load=demo_adapter, twig_dir=demo_twig_dir, decoder_gguf=gguf_path)

@@ -27,11 +27,12 @@ class GenerationStats:
     prompt_tokens: int
     visual_tokens: int
     new_tokens: int
-    encode_s: float
-    prefill_s: float
+    encode_s: float  # the processor, the vision tower and the projector
+    prefill_s: float  # the prompt through the decoder, pruning included
     decode_s: float
     tokens_per_s: float
     finish_reason: str  # "eos" | "stop" | "length" | "cancelled" (`Generation.cancel`)
+    ttft_s: float = 0.0  # time to first token: encode_s + prefill_s (the first token comes from the prefill)
     prune_method: str = "none"
     kept: int | None = None  # R', visual tokens the deep layers keep (None: no pruning)
     avg_kept: float | None = None  # realised R̄, visual tokens per layer averaged over all layers
@@ -84,6 +85,7 @@ def generation_stats(
         decode_s=decode_s,
         tokens_per_s=len(ids) / total if total > 0 else 0.0,
         finish_reason=reason,
+        ttft_s=encoded.encode_s + prefill_s,
     )
     if pruned is None and encoded.reduction is not None:  # VisionZip: fewer visual tokens in every layer
         pruned = PruneStats.of_reduction(encoded.reduction, encoded.num_visual_tokens)

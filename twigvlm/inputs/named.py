@@ -30,6 +30,7 @@ class NamedModel:
 
     load: Callable[[torch.dtype, str], VLMAdapter]  # (dtype, device) → the wrapped model
     twig_dir: Callable[[], Path] | None = None  # → the directory of the shipped twig
+    decoder_gguf: Callable[[], Path] | None = None  # → its decoder as a GGUF file (the bench's llama.cpp peer)
 
 
 @functools.cache

@@ -138,8 +138,9 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
     )
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).contiguous()  # [n, in]: the kernel reads fp32 rows (a copy only when it must)
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous fp32 (itself when it already is: the hot path of a decode step makes no copy)."""
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,25 +148,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     can). A bf16 weight is widened to fp32 in the kernel and accumulated in fp32, as MKL's bf16 product does."""
     lib = gemv_library()
     assert lib is not None, "gemv() called where the native kernel is unavailable"
-    rows = _rows(x)
+    rows = _fp32(x)
     n, d_in = rows.shape
     d_out = weight.shape[0]
     y = torch.empty(n, d_out, dtype=torch.float32)  # [n, out]
-    b = bias if bias is None else bias.to(torch.float32).contiguous()
-    if weight.dtype is torch.bfloat16:
-        fn, w = lib.twig_gemv_bf16, weight.view(torch.int16)
-    else:
-        fn, w = lib.twig_gemv, weight
-    if fn(
-        rows.data_ptr(),
-        w.data_ptr(),
-        None if b is None else b.data_ptr(),
-        y.data_ptr(),
-        n,
-        d_in,
-        d_out,
-        torch.get_num_threads(),
-    ):
+    b = None if bias is None else _fp32(bias)
+    fn, w = (
+        (lib.twig_gemv_bf16, weight.view(torch.int16)) if weight.dtype is torch.bfloat16 else (lib.twig_gemv, weight)
+    )
+    b_ptr = None if b is None else b.data_ptr()
+    if fn(rows.data_ptr(), w.data_ptr(), b_ptr, y.data_ptr(), n, d_in, d_out, torch.get_num_threads()):
         raise ValueError(f"native gemv refused sizes n={n} in={d_in} out={d_out}")
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
@@ -173,26 +165,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_int8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [n, in] · (qweight [out, in] int8 · scale [out] fp32)ᵀ (+ bias) → [n, out] fp32, accumulated in fp32."""
+    """x [n, in] · (qweight [out, in] int8 · scale [out] fp32)ᵀ (+ bias) → [n, out] fp32, accumulated in fp32.
+    qweight and scale must be contiguous (as `quant.quantize_int8` makes them); x and bias are made fp32 here."""
     lib = gemv_library()
     assert lib is not None, "gemv_int8() called where the native kernel is unavailable"
-    assert qweight.dtype is torch.int8 and qweight.is_contiguous() and scale.dtype is torch.float32
-    rows = _rows(x)
+    rows = _fp32(x)
     n, d_in = rows.shape
     d_out = qweight.shape[0]
     y = torch.empty(n, d_out, dtype=torch.float32)  # [n, out]
-    b = bias if bias is None else bias.to(torch.float32).contiguous()
-    s = scale.contiguous()
-    if lib.twig_gemv_i8(
-        rows.data_ptr(),
-        qweight.data_ptr(),
-        s.data_ptr(),
-        None if b is None else b.data_ptr(),
-        y.data_ptr(),
-        n,
-        d_in,
-        d_out,
-        torch.get_num_threads(),
-    ):
+    b = None if bias is None else _fp32(bias)
+    b_ptr = None if b is None else b.data_ptr()
+    args = (rows.data_ptr(), qweight.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), n, d_in, d_out)
+    if lib.twig_gemv_i8(*args, torch.get_num_threads()):
         raise ValueError(f"native gemv_int8 refused sizes n={n} in={d_in} out={d_out}")
     return y

@@ -56,11 +56,13 @@ def int8_product(
 ) -> torch.Tensor:
     """x [..., in] · (q · scale)ᵀ (+ bias) → [..., out] in x's dtype: the native kernel for up to NATIVE_ROWS rows
     where it is built, else the dequantised weight's product."""
-    d_in, d_out = q.shape[1], q.shape[0]
+    d_out, d_in = q.shape
     rows = x.numel() // d_in if d_in else 0
     if 0 < rows <= NATIVE_ROWS and x.device.type == "cpu" and native.gemv_library() is not None:
         out = native.gemv_int8(x.reshape(rows, d_in), q, scale, bias)  # [n, out] fp32
-        return out.to(x.dtype).reshape(*x.shape[:-1], d_out)
+        if x.dtype is not torch.float32:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], d_out)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x, dequantize(q, scale, x.dtype), b)
 
