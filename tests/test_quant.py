@@ -76,6 +76,19 @@ def test_int8_product_equals_the_dequantized_reference(d_out, d_in, bias, int8_c
     assert int8_calls == [n for n in ROWS if n <= quant.NATIVE_ROWS] + [6]
 
 
+def test_bf16_activations_run_on_int8_weights(int8_calls):
+    """`--dtype bfloat16 --quantize int8`: bf16 rows in, the fp32 product rounded once to bf16 out (decode on the
+    kernel, a prefill's many rows on the bf16 product of the dequantised weight)."""
+    torch.manual_seed(5)
+    q, s = quantize_int8(torch.randn(96, 64))
+    for n in (1, 7, 100):
+        x = torch.randn(n, 64).bfloat16()
+        got = int8_product(x, q, s)
+        assert got.dtype is torch.bfloat16
+        torch.testing.assert_close(got.double(), reference(x, q, s, None), rtol=2e-2, atol=2e-2 * n**0.5)
+    assert int8_calls == [1, 7]
+
+
 def test_without_the_kernel_the_fallback_computes_the_same_product(monkeypatch):
     monkeypatch.setattr(native, "gemv_library", lambda: None)
     torch.manual_seed(1)
