@@ -135,6 +135,25 @@ def test_an_int8_layer_is_a_class_swap_and_refuses_gradients():
         apply_quantization([lin], "int4")
 
 
+def test_the_int8_copy_follows_the_weight():
+    """Weights loaded in place, and layers copied from quantised ones (a twig grown from an int8 base, then
+    trained or loaded), run on int8 copies of their own current weights, never on a stale copy."""
+    import copy
+
+    torch.manual_seed(6)
+    lin = nn.Linear(32, 16)
+    apply_quantization([lin], "int8")
+    x = torch.randn(2, 32)
+    twin = copy.deepcopy(lin)  # carries lin's int8 copy along
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 32))  # new values in place
+        twin.load_state_dict({"weight": torch.randn(16, 32), "bias": torch.randn(16)})
+        for layer in (lin, twin):
+            assert_close_relative(layer(x), reference(x, *quantize_int8(layer.weight), layer.bias))
+    apply_quantization([twin], "int8")  # and apply_quantization re-quantises a copied layer at once
+    assert torch.equal(twin.qweight, quantize_int8(twin.weight)[0])
+
+
 def test_quantized_copies_round_trip_through_a_file_bit_for_bit(model_dirs, tmp_path):
     vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock", quantize="int8")
     named = {"lm": vlm.adapter.model}

@@ -171,6 +171,7 @@ def variants(
         query=args.query,
         spec=speculation(True, where="flags", **draft_fields(args)),
         gguf=gguf_source(args),
+        quantize=None if getattr(args, "quantize", "none") == "none" else args.quantize,  # every row (hf: stock)
     )
     if args.ablation in ABLATIONS:
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)

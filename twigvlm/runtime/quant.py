@@ -13,10 +13,12 @@ on that copy — a quarter of fp32's bytes:
 
 Both compute the same product (the dequantised weight's) up to the order of the additions, so prefill, decode
 and verification all run one model — the quantised one — and speculative decoding stays lossless with respect
-to it. Like `FastLinear` it is a class swap (`apply_quantization`): the parameters and the `state_dict` stay as
-loaded (fingerprints, the twig's draft head and stock `generate` read them), so memory grows by the int8 copy
-(a quarter) and `stock_kernels` still gives the untouched model back. `int8_state` / `load_int8_state` carry the
-quantised copies to and from a file, bit for bit.
+to it. The copy follows the weight: a layer whose weight changed since (loaded in place, or a copied layer — a
+twig grown from quantised base layers) is quantised again before its next product. Like `FastLinear` it is a
+class swap (`apply_quantization`): the parameters and the `state_dict` stay as loaded (fingerprints, the twig's
+draft head and stock `generate` read them), so memory grows by the int8 copy (a quarter) and `stock_kernels`
+still gives the untouched model back. `int8_state` / `load_int8_state` carry the quantised copies to and from a
+file, bit for bit.
 """
 
 from __future__ import annotations
@@ -73,11 +75,24 @@ class Int8Linear(FastLinear):
 
     qweight: torch.Tensor
     qscale: torch.Tensor
+    qsource: tuple[int, int, torch.dtype]  # the weight the copy was made from (`_source`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             raise TwigVLMError("an int8-quantised layer cannot be trained: load the model without quantize")
+        if self.qsource != _source(self.weight):  # new weights since (loaded in place, copied, cast): follow them
+            _quantize_layer(self)
         return int8_product(x, self.qweight, self.qscale, self.bias)
+
+
+def _source(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
+    """What identifies a weight's current values: its storage, its in-place version counter and its dtype."""
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
+def _quantize_layer(lin: nn.Linear) -> None:
+    lin.qweight, lin.qscale = quantize_int8(lin.weight)
+    lin.qsource = _source(lin.weight)
 
 
 def check_quantize(mode: str) -> str:
@@ -103,8 +118,8 @@ def apply_quantization(modules: Iterable[nn.Module], mode: str) -> int:
     for lin in found:
         if type(lin) not in (nn.Linear, FastLinear, Int8Linear):
             continue  # someone else's subclass: leave it alone
-        if getattr(lin, "qweight", None) is None or lin.qweight.shape != lin.weight.shape:
-            lin.qweight, lin.qscale = quantize_int8(lin.weight)
+        if getattr(lin, "qsource", None) != _source(lin.weight):  # none yet, or of other values (a copied layer)
+            _quantize_layer(lin)
         lin.__class__ = Int8Linear
         count += 1
     return count
@@ -138,6 +153,7 @@ def load_int8_state(named: dict[str, nn.Module], state: dict[str, torch.Tensor])
             if q.dtype is not torch.int8 or q.shape != sub.weight.shape or s.shape != (sub.weight.shape[0],):
                 raise TwigVLMError(f"quantized weights for {key} do not fit its layer {tuple(sub.weight.shape)}")
             sub.qweight, sub.qscale = q.contiguous(), s.to(torch.float32).contiguous()
+            sub.qsource = _source(sub.weight)
             sub.__class__ = Int8Linear
             restored += 1
     extra = sorted(set(state) - expected)
