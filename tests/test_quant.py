@@ -135,6 +135,25 @@ def test_an_int8_layer_is_a_class_swap_and_refuses_gradients():
         apply_quantization([lin], "int4")
 
 
+def test_a_bias_free_layer_takes_the_direct_kernel_call(monkeypatch):
+    """A decode step's projections (no bias, contiguous fp32 rows) go straight to the kernel, with the same
+    product; anything else (strided, bf16, many rows) takes the general path."""
+    if native.gemv_library() is None:
+        pytest.skip("the native kernel is not built here")
+    calls = []
+    real = native.gemv_int8_rows
+    monkeypatch.setattr(native, "gemv_int8_rows", lambda x, n, q, s: calls.append(n) or real(x, n, q, s))
+    torch.manual_seed(7)
+    lin = nn.Linear(40, 24, bias=False)
+    apply_quantization([lin], "int8")
+    with torch.inference_mode():
+        for x in (torch.randn(1, 1, 40), torch.randn(2, 3, 40), torch.randn(5, 80)[:, ::2], torch.randn(70, 40)):
+            got = lin(x)
+            assert got.shape == (*x.shape[:-1], 24)
+            assert_close_relative(got.reshape(-1, 24), reference(x.reshape(-1, 40), lin.qweight, lin.qscale, None))
+    assert calls == [1, 6]  # the strided input and the 70-row prefill took the general path
+
+
 def test_the_int8_copy_follows_the_weight():
     """Weights loaded in place, and layers copied from quantised ones (a twig grown from an int8 base, then
     trained or loaded), run on int8 copies of their own current weights, never on a stale copy."""

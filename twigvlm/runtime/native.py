@@ -162,6 +162,30 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
+def gemv_int8_rows(x: torch.Tensor, rows: int, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """`gemv_int8` without a bias for a contiguous fp32 x [..., in] of `rows` rows, shaped [..., out]: the one call
+    a decode step makes per layer product, with nothing but the kernel call around it. None where the kernel is
+    unavailable."""
+    lib = gemv_library()
+    if lib is None:
+        return None
+    d_out, d_in = qweight.shape
+    y = torch.empty(*x.shape[:-1], d_out)  # [..., out] fp32
+    if lib.twig_gemv_i8(
+        x.data_ptr(),
+        qweight.data_ptr(),
+        scale.data_ptr(),
+        None,
+        y.data_ptr(),
+        rows,
+        d_in,
+        d_out,
+        torch.get_num_threads(),
+    ):
+        raise ValueError(f"native gemv_int8 refused sizes n={rows} in={d_in} out={d_out}")
+    return y
+
+
 def gemv_int8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
