@@ -190,6 +190,8 @@ def test_http_urls_only_from_allowed_domains_without_redirects(http_images):
         (["--api-key", " "], "--api-key"),
         (["--keep", "8"], "--keep needs --prune"),
         (["--draft-len", "3"], "--draft-len needs --speculative"),
+        (["--quantize", "int8", "--device", "cuda"], "--quantize int8 runs on a CPU"),
+        (["--quantize", "int4"], "invalid choice: 'int4'"),
     ],
 )
 def test_bad_serve_flags_are_one_line_and_exit_2(flags, words, capsys):
