@@ -35,6 +35,10 @@ static inline vec vload_i8(const int8_t *p) {
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline __m256 fold(vec v) { /* 16 lanes → 8: low half + high half */
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#define HSUM8 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VEC 8
@@ -56,6 +60,8 @@ static inline float vsum(vec v) {
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
+static inline __m256 fold(vec v) { return v; }
+#define HSUM8 1
 #else /* portable: the compiler vectorises these 8-wide loops where it can */
 #define VEC 8
 typedef struct { float v[VEC]; } vec;
@@ -72,6 +78,19 @@ static inline vec vload_i8(const int8_t *p) { vec r; for (int j = 0; j < VEC; ++
 static inline vec vfma(vec a, vec b, vec c) { for (int j = 0; j < VEC; ++j) c.v[j] += a.v[j] * b.v[j]; return c; }
 static inline float vsum(vec v) { float s = 0.f; for (int j = 0; j < VEC; ++j) s += v.v[j]; return s; }
 #endif
+
+/* The eight sums of a[0..7] at once (a transposing tree of pairwise adds: one store for eight rows instead of
+ * eight horizontal reductions — a one-row product spends as long on those as on short weight rows). */
+static inline void vsum8(const vec *a, float *out) {
+#ifdef HSUM8
+  const __m256 t0 = _mm256_hadd_ps(fold(a[0]), fold(a[1])), t1 = _mm256_hadd_ps(fold(a[2]), fold(a[3]));
+  const __m256 t2 = _mm256_hadd_ps(fold(a[4]), fold(a[5])), t3 = _mm256_hadd_ps(fold(a[6]), fold(a[7]));
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  for (int g = 0; g < 8; ++g) out[g] = vsum(a[g]);
+#endif
+}
 
 static inline float scalar_f32(const float *w, int64_t i) { return w[i]; }
 static inline float scalar_bf16(const uint16_t *w, int64_t i) {
@@ -99,9 +118,15 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
             const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
           }                                                                                       \
+      float sums[G > 8 ? G : 8];                                                                  \
+      if (N == 1 && G == 8 && gn == G) {                                                          \
+        vec row[8];                                                                               \
+        for (int g = 0; g < 8; ++g) row[g] = acc[g][0];                                           \
+        vsum8(row, sums);                                                                         \
+      }                                                                                           \
       for (int g = 0; g < gn; ++g)                                                                \
         for (int r = 0; r < N; ++r) {                                                             \
-          float sum = vsum(acc[g][r]);                                                            \
+          float sum = N == 1 && G == 8 && gn == G ? sums[g] : vsum(acc[g][r]);                    \
           for (int64_t kk = k; kk < in; ++kk) sum += scalar_##NAME(w, (o + g) * in + kk) * x[r * in + kk]; \
           if (s) sum *= s[o + g];                                                                 \
           y[r * out + o + g] = b ? sum + b[o + g] : sum;                                          \
