@@ -89,6 +89,28 @@ def test_bf16_activations_run_on_int8_weights(int8_calls):
     assert int8_calls == [1, 7]
 
 
+def test_a_prefill_runs_its_many_row_products_in_bf16_where_that_is_native(monkeypatch):
+    torch.manual_seed(8)
+    q, s = quantize_int8(torch.randn(48, 64))
+    big, few = torch.randn(quant.NATIVE_ROWS + 6, 64), torch.randn(5, 64)
+    fp32 = int8_product(big, q, s)
+    monkeypatch.setattr(quant, "_bf16_native", lambda: True)
+    with quant.prefill_products():
+        fast = int8_product(big, q, s)
+        assert torch.equal(int8_product(few, q, s), int8_product(few, q, s)) and fast.dtype is torch.float32
+        assert_close_relative(int8_product(few, q, s), reference(few, q, s, None))  # decode-sized: untouched
+    assert not torch.equal(fast, fp32)  # bf16 inputs: another rounding, within bf16's
+    torch.testing.assert_close(fast.double(), reference(big, q, s, None), rtol=2e-2, atol=0.1)
+    assert torch.equal(int8_product(big, q, s), fp32)  # outside a prefill: fp32
+    monkeypatch.setenv(quant.PREFILL_ENV, "fp32")
+    with quant.prefill_products():
+        assert torch.equal(int8_product(big, q, s), fp32)
+    monkeypatch.delenv(quant.PREFILL_ENV)
+    monkeypatch.setattr(quant, "_bf16_native", lambda: False)  # an AVX2-only CPU: bf16 would be emulated
+    with quant.prefill_products():
+        assert torch.equal(int8_product(big, q, s), fp32)
+
+
 def test_without_the_kernel_the_fallback_computes_the_same_product(monkeypatch):
     monkeypatch.setattr(native, "gemv_library", lambda: None)
     torch.manual_seed(1)
@@ -212,14 +234,17 @@ def test_int8_model_runs_its_quantized_weights_and_stock_generate_stays_untouche
     assert len(ours) == 10  # the quantised model is another model: its ids are its own (not compared to fp32)
 
 
-def test_speculation_equals_ar_on_the_int8_model(int8):
+def test_speculation_equals_ar_on_the_int8_model(int8, monkeypatch):
+    monkeypatch.setattr(quant, "_bf16_native", lambda: True)  # long prompts prefill in bf16, as on such CPUs
     spec = middle_twig(int8)
     spec.set_quantize("int8")
     assert all(type(lin) is Int8Linear for lin in linears([spec.twig]))
     head = spec.engine.draft_head()
     assert head is None or head.scale is not None  # a draft vocabulary drafts with the int8 head rows
-    for seed, gamma, draft in ((0, 2, "chain"), (1, 4, "chain"), (2, 3, "tree")):
-        args = dict(prompt=random_prompt(seed, 5), image=random_image(seed), max_new_tokens=14, ignore_eos=True)
+    for seed, gamma, draft, words in ((0, 2, "chain", 5), (1, 4, "chain", 70), (2, 3, "tree", 70)):
+        args = dict(prompt=random_prompt(seed, words), image=random_image(seed), max_new_tokens=14, ignore_eos=True)
+        long = spec.encode(args["prompt"], args["image"]).num_tokens > quant.NATIVE_ROWS
+        assert long == (words > 5)  # the long prompts' prefill runs its products in bf16
         ar = spec.generate(**args)
         sd = spec.generate(**args, speculative=SpecConfig(draft=draft, draft_len=gamma, threshold=0))
         assert sd.token_ids == ar.token_ids, (seed, gamma, draft)

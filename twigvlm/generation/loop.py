@@ -19,6 +19,7 @@ from ..config import GenConfig, PruneConfig, SpecConfig, check_request
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
 from ..pruning.prefill import PruneStats, pruned_prefill
+from ..runtime.quant import prefill_products
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
 from ..speculative.choice import DraftRecord, choose_drafter, recording
@@ -69,9 +70,10 @@ def emit(
 def _prefill(
     engine: Engine, state: DecodeState, encoded: Encoded, prune: PruneConfig | None, prime_twig: bool
 ) -> tuple[torch.Tensor, PruneStats | None]:
-    if prune is None or not prune.active or prune.method == "visionzip":  # visionzip pruned before the LM
-        return engine.prefill(state, encoded, prime_twig), None
-    return pruned_prefill(engine, state, encoded, prune, prime_twig)
+    with prefill_products():  # int8 layers: the prompt's many-row products in bf16 where that is native
+        if prune is None or not prune.active or prune.method == "visionzip":  # visionzip pruned before the LM
+            return engine.prefill(state, encoded, prime_twig), None
+        return pruned_prefill(engine, state, encoded, prune, prime_twig)
 
 
 def _until(blocks: Iterable[list[int]], cancelled: threading.Event) -> Iterator[list[int]]:

@@ -9,21 +9,26 @@ on that copy — a quarter of fp32's bytes:
 - up to `NATIVE_ROWS` rows (decode, the twig's drafts, chain and tree verification): twigvlm's native kernel
   (`native.gemv_int8`), which widens each int8 to fp32 and accumulates in fp32;
 - more rows (a prompt's prefill) or where the kernel cannot be built: `x · (q · scale)ᵀ` in the input's dtype
-  with the weight dequantised for the call (compute-bound there, so the dequantisation is cheap).
+  with the weight dequantised for the call (compute-bound there, so the dequantisation is cheap); inside a
+  prefill (`prefill_products`) in bf16 where the CPU has native bf16 products, three times faster.
 
-Both compute the same product (the dequantised weight's) up to the order of the additions, so prefill, decode
-and verification all run one model — the quantised one — and speculative decoding stays lossless with respect
-to it. The copy follows the weight: a layer whose weight changed since (loaded in place, or a copied layer — a
-twig grown from quantised base layers) is quantised again before its next product. Like `FastLinear` it is a
-class swap (`apply_quantization`): the parameters and the `state_dict` stay as loaded (fingerprints, the twig's
-draft head and stock `generate` read them), so memory grows by the int8 copy (a quarter) and `stock_kernels`
-still gives the untouched model back. `int8_state` / `load_int8_state` carry the quantised copies to and from a
-file, bit for bit.
+Both compute the same product (the dequantised weight's) up to the order of the additions (the bf16 prefill up to
+bf16's rounding of its inputs), so decode, drafts and verification run one model — the quantised one — and
+speculative decoding stays lossless with respect to it (AR and SSD share the prefill). The copy follows the weight:
+a layer whose weight changed since (loaded in place, or a copied layer — a twig grown from quantised base layers) is
+quantised again before its next product. Like `FastLinear` it is a class swap (`apply_quantization`): the parameters
+and the `state_dict` stay as loaded (fingerprints, the twig's draft head and stock `generate` read them), so memory
+grows by the int8 copy (a quarter) and `stock_kernels` still gives the untouched model back. `int8_state` /
+`load_int8_state` carry the quantised copies to and from a file, bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import functools
+import os
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +38,31 @@ from ..config import QUANTIZE_MODES
 from ..errors import TwigVLMError
 from . import native
 from .kernels import FastLinear, linears
+from .machine import bf16_pays
 
 NATIVE_ROWS = 64  # the native kernel up to this many rows (measured faster than dequantise + MKL up to 64)
 QMAX = 127  # symmetric int8: -127..127 (-128 unused, so negation is exact)
+PREFILL_ENV = "TWIGVLM_INT8_PREFILL"  # "fp32" keeps a prompt's int8 products in fp32 on bf16-native CPUs too
+_BULK_BF16: ContextVar[bool] = ContextVar("twigvlm_int8_bulk_bf16", default=False)
+
+
+@functools.cache
+def _bf16_native() -> bool:
+    return bf16_pays()
+
+
+@contextlib.contextmanager
+def prefill_products() -> Iterator[None]:
+    """Inside the block — a prompt's prefill — int8 layers' products over more than NATIVE_ROWS rows run in bf16
+    (x and the dequantised weight rounded to bf16, summed in fp32, the result back in fp32) where the CPU has
+    native bf16 products: compute-bound there, and about 3× faster than fp32. Decoding, drafting and verification
+    (at most NATIVE_ROWS rows) never run in it, so speculation stays lossless: AR and SSD share the prefill.
+    TWIGVLM_INT8_PREFILL=fp32 keeps fp32."""
+    token = _BULK_BF16.set(os.environ.get(PREFILL_ENV, "auto") != "fp32" and _bf16_native())
+    try:
+        yield
+    finally:
+        _BULK_BF16.reset(token)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +92,9 @@ def int8_product(
         if x.dtype is not torch.float32:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], d_out)
+    if x.dtype is torch.float32 and rows > NATIVE_ROWS and _BULK_BF16.get():  # a prefill (`prefill_products`)
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), dequantize(q, scale, torch.bfloat16), b).to(torch.float32)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x, dequantize(q, scale, x.dtype), b)
 
