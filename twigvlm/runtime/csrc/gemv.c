@@ -5,6 +5,8 @@
  * (which stay in L1/L2), several weight rows at a time so that several streams are in flight. The output range
  * is split evenly over the OpenMP threads (the same libgomp that torch runs on, so no second thread pool).
  * More than 8 rows run as chunks of 8 over tiles of 32 weight rows held in cache (the weights are read once).
+ * One row of x (a decode step) also prefetches the next group's weight rows as it reads the current ones: short
+ * int8 rows are otherwise read with too few lines in flight (measured 1.45x on a 2-core AVX-512 EPYC).
  *
  * Three weight formats, one loop: fp32 (`twig_gemv`), bf16 (`twig_gemv_bf16`: the top half of an fp32, widened
  * exactly) and int8 with one fp32 scale per output row (`twig_gemv_i8`: weight-only quantisation; each int8 is
@@ -115,6 +117,8 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
       if (gn == G)                                                                                \
         for (; k + VEC <= in; k += VEC)                                                           \
           for (int g = 0; g < G; ++g) {                                                           \
+            if (N == 1 && o + G + g < out) /* the next group's rows: more lines in flight */       \
+              __builtin_prefetch(w + (o + G + g) * in + k, 0, 0);                                 \
             const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
           }                                                                                       \
