@@ -24,6 +24,7 @@ os.environ["TWIGVLM_KERNELS"] = "stock"
 os.environ["TWIGVLM_CACHE"] = tempfile.mkdtemp(prefix="twigvlm-cache-")
 
 import twigvlm
+from twigvlm.runtime import native
 from twigvlm.tiny.families import TinyFamilySpec
 from twigvlm.tiny.llava import TinySpec, save_tiny_llava
 from twigvlm.tiny.qwen import TinyQwenSpec
@@ -216,3 +217,20 @@ def write_video_data(folder, n: int = 3) -> str:
     records.append({"id": "t", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "hi"}]})
     (folder / "data.json").write_text(json.dumps(records))
     return str(folder / "data.json")
+
+
+def native_spy(monkeypatch, name: str) -> list[int]:
+    """The row counts of the products `twigvlm.runtime.native.<name>` computes from here on (so a test cannot pass
+    on a fallback); skips where no C compiler can build the kernel, fails where one is there and the build did."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the native kernel cannot be built (apt-get install gcc)")
+    assert native.gemv_library() is not None, f"the native kernel did not build: {native.build_error()}"
+    calls: list[int] = []
+    real = getattr(native, name)
+
+    def spy(x, *args):
+        calls.append(x.numel() // x.shape[-1])  # rows
+        return real(x, *args)
+
+    monkeypatch.setattr(native, name, spy)
+    return calls

@@ -14,7 +14,7 @@ from twigvlm import SpecConfig, TwigVLMError
 from twigvlm.runtime import native
 from twigvlm.runtime.kernels import FastLinear, KernelPlan, apply_kernels, cached_plan, linears, probe, stock_kernels
 
-from .conftest import random_image, random_prompt
+from .conftest import native_spy, random_image, random_prompt
 from .oracles import stock_greedy
 
 
@@ -26,18 +26,7 @@ def everywhere(shapes, layout: str = "wxt") -> KernelPlan:
 @pytest.fixture
 def native_calls(monkeypatch):
     """Counts the products the native kernel computed (so a test cannot pass on the F.linear fallback)."""
-    if native._compiler() is None:
-        pytest.skip("no C compiler on this machine: the native kernel cannot be built (apt-get install gcc)")
-    assert native.gemv_library() is not None, f"the native kernel did not build: {native.build_error()}"
-    calls = []
-    real = native.gemv
-
-    def spy(x, w, b=None):
-        calls.append(x.shape[0])
-        return real(x, w, b)
-
-    monkeypatch.setattr(native, "gemv", spy)
-    return calls
+    return native_spy(monkeypatch, "gemv")
 
 
 @pytest.mark.parametrize("layout", ["wxt", "gemv"])

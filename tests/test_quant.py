@@ -17,7 +17,7 @@ from twigvlm.runtime import native, quant
 from twigvlm.runtime.kernels import FastLinear, linears, stock_kernels
 from twigvlm.runtime.quant import Int8Linear, apply_quantization, dequantize, int8_product, quantize_int8
 
-from .conftest import random_image, random_prompt
+from .conftest import native_spy, random_image, random_prompt
 from .oracles import middle_twig, stock_greedy
 
 ROWS = [*range(1, 18), 31, 64, 65, 100]
@@ -37,18 +37,7 @@ def assert_close_relative(got: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.fixture
 def int8_calls(monkeypatch):
     """Counts the products the native int8 kernel computed (a test cannot pass on the fallback alone)."""
-    if native._compiler() is None:
-        pytest.skip("no C compiler on this machine: the native kernel cannot be built (apt-get install gcc)")
-    assert native.gemv_library() is not None, f"the native kernel did not build: {native.build_error()}"
-    calls = []
-    real = native.gemv_int8
-
-    def spy(x, q, s, b=None):
-        calls.append(x.shape[0])
-        return real(x, q, s, b)
-
-    monkeypatch.setattr(native, "gemv_int8", spy)
-    return calls
+    return native_spy(monkeypatch, "gemv_int8")
 
 
 def test_quantization_is_symmetric_per_output_channel():
@@ -160,11 +149,7 @@ def test_an_int8_layer_is_a_class_swap_and_refuses_gradients():
 def test_a_bias_free_layer_takes_the_direct_kernel_call(monkeypatch):
     """A decode step's projections (no bias, contiguous fp32 rows) go straight to the kernel, with the same
     product; anything else (strided, bf16, many rows) takes the general path."""
-    if native.gemv_library() is None:
-        pytest.skip("the native kernel is not built here")
-    calls = []
-    real = native.gemv_int8_rows
-    monkeypatch.setattr(native, "gemv_int8_rows", lambda x, n, q, s: calls.append(n) or real(x, n, q, s))
+    calls = native_spy(monkeypatch, "gemv_int8_rows")
     torch.manual_seed(7)
     lin = nn.Linear(40, 24, bias=False)
     apply_quantization([lin], "int8")

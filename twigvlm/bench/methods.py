@@ -6,7 +6,6 @@ the prompt text to the last token.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -177,22 +176,20 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         return _generate(vlm, sample, images, videos, prune, spec, twig)
 
 
-_loaded: list[LlamaCpp] = []  # the peers `_peer` loaded, for `close_peers`
+_peers: dict[tuple[str, str], LlamaCpp] = {}  # (GGUF file, kind) → the loaded peer, kept for the whole run
 
 
-@functools.lru_cache(maxsize=len(KINDS))
 def _peer(gguf: str, kind: str) -> LlamaCpp:
-    peer = LlamaCpp(gguf_variant(Path(gguf), kind))
-    _loaded.append(peer)
-    return peer
+    if (gguf, kind) not in _peers:
+        _peers[(gguf, kind)] = LlamaCpp(gguf_variant(Path(gguf), kind))
+    return _peers[(gguf, kind)]
 
 
 def close_peers() -> None:
     """Free the llama.cpp models the bench loaded (before the interpreter exits, which llama.cpp needs)."""
-    for peer in _loaded:
+    for peer in _peers.values():
         peer.close()
-    _loaded.clear()
-    _peer.cache_clear()
+    _peers.clear()
 
 
 def _llamacpp(vlm: VLM, sample: Sample, mc: MethodConfig, kind: str, images: list, videos: list) -> Run:

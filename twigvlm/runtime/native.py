@@ -169,20 +169,8 @@ def gemv_int8_rows(x: torch.Tensor, rows: int, qweight: torch.Tensor, scale: tor
     lib = gemv_library()
     if lib is None:
         return None
-    d_out, d_in = qweight.shape
-    y = torch.empty(*x.shape[:-1], d_out)  # [..., out] fp32
-    if lib.twig_gemv_i8(
-        x.data_ptr(),
-        qweight.data_ptr(),
-        scale.data_ptr(),
-        None,
-        y.data_ptr(),
-        rows,
-        d_in,
-        d_out,
-        torch.get_num_threads(),
-    ):
-        raise ValueError(f"native gemv_int8 refused sizes n={rows} in={d_in} out={d_out}")
+    y = torch.empty(*x.shape[:-1], qweight.shape[0])  # [..., out] fp32
+    _int8_call(lib, x, rows, qweight, scale, None, y)
     return y
 
 
@@ -194,12 +182,23 @@ def gemv_int8(
     lib = gemv_library()
     assert lib is not None, "gemv_int8() called where the native kernel is unavailable"
     rows = _fp32(x)
-    n, d_in = rows.shape
-    d_out = qweight.shape[0]
-    y = torch.empty(n, d_out, dtype=torch.float32)  # [n, out]
-    b = None if bias is None else _fp32(bias)
-    b_ptr = None if b is None else b.data_ptr()
-    args = (rows.data_ptr(), qweight.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), n, d_in, d_out)
-    if lib.twig_gemv_i8(*args, torch.get_num_threads()):
-        raise ValueError(f"native gemv_int8 refused sizes n={n} in={d_in} out={d_out}")
+    y = torch.empty(rows.shape[0], qweight.shape[0], dtype=torch.float32)  # [n, out]
+    _int8_call(lib, rows, rows.shape[0], qweight, scale, None if bias is None else _fp32(bias), y)
     return y
+
+
+def _int8_call(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    rows: int,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+) -> None:
+    """The kernel call both int8 entry points make: x (contiguous fp32, `rows` rows) into y, all pointers."""
+    d_out, d_in = qweight.shape
+    b_ptr = None if bias is None else bias.data_ptr()
+    args = (x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), rows, d_in, d_out)
+    if lib.twig_gemv_i8(*args, torch.get_num_threads()):
+        raise ValueError(f"native gemv_int8 refused sizes n={rows} in={d_in} out={d_out}")

@@ -110,9 +110,8 @@ class Int8Linear(FastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             raise TwigVLMError("an int8-quantised layer cannot be trained: load the model without quantize")
-        w = self.weight
-        if self.qsource != (w.data_ptr(), w._version, w.dtype):  # new weights since (loaded in place, copied,
-            _quantize_layer(self)  # cast): follow them
+        if self.qsource != _source(self.weight):  # new weights since (loaded in place, copied, cast): follow them
+            _quantize_layer(self)
         if self.bias is None and x.dtype is torch.float32 and x.is_contiguous() and x.device.type == "cpu":
             # a decode step's hot path (hundreds of calls per step): straight to the kernel, no reshapes
             rows = x.numel() // self.in_features

@@ -122,15 +122,16 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
             const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
           }                                                                                       \
-      float sums[G > 8 ? G : 8];                                                                  \
-      if (N == 1 && G == 8 && gn == G) {                                                          \
+      const int tree = N == 1 && G == 8 && gn == G; /* a full group of one row: the add tree */   \
+      float sums[8];                                                                              \
+      if (tree) {                                                                                 \
         vec row[8];                                                                               \
         for (int g = 0; g < 8; ++g) row[g] = acc[g][0];                                           \
         vsum8(row, sums);                                                                         \
       }                                                                                           \
       for (int g = 0; g < gn; ++g)                                                                \
         for (int r = 0; r < N; ++r) {                                                             \
-          float sum = N == 1 && G == 8 && gn == G ? sums[g] : vsum(acc[g][r]);                    \
+          float sum = tree ? sums[g] : vsum(acc[g][r]);                                           \
           for (int64_t kk = k; kk < in; ++kk) sum += scalar_##NAME(w, (o + g) * in + kk) * x[r * in + kk]; \
           if (s) sum *= s[o + g];                                                                 \
           y[r * out + o + g] = b ? sum + b[o + g] : sum;                                          \
