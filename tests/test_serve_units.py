@@ -22,8 +22,11 @@ from twigvlm.serve.protocol import parse_chat_request
 CFG = ServeConfig(model="m", twig=None, speculative=None)
 
 
+PICTURE = "data:image/png;base64,AA=="  # parsing reads no picture: any URL will do
+
+
 def parse(cfg: ServeConfig = CFG, **body):
-    return parse_chat_request({"model": "m", "messages": user("hi"), **body}, cfg)
+    return parse_chat_request({"model": "m", "messages": user("hi", PICTURE), **body}, cfg)
 
 
 def refused(status: int = 400, cfg: ServeConfig = CFG, **body) -> APIError:
@@ -62,7 +65,14 @@ def test_messages_become_hf_chat_messages_with_image_placeholders():
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"frobnicate": 1}, "frobnicate"),
-        ({"max_tokens": 0}, None),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": -3}, "max_completion_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": 2**64}, "seed"),
+        ({"stop": [""]}, "stop"),
         ({"max_tokens": True}, "max_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),

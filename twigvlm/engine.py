@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Encoded, VLMAdapter
+from .runtime import interrupt
 from .runtime.cache import KVCache, LayerKV
 from .runtime.quant import Int8Linear, int8_product
 from .runtime.sdpa import grouped_heads_with_masks
@@ -128,6 +129,7 @@ class Engine:
         masked = grouped_heads_with_masks(hidden.device) if q > 1 else contextlib.nullcontext()
         with masked:
             for i, (layer, kv) in enumerate(zip(layers, caches, strict=True)):
+                interrupt.check()  # a cancelled generation stops here, between layers (`runtime/interrupt.py`)
                 k = q + (kv.length if kv is not None else 0)
                 if k not in masks:
                     masks[k] = causal_mask(q, k, hidden.device) if tail is None else tail_mask(tail, k)

@@ -176,6 +176,15 @@ class VLMAdapter(ABC):
         return None
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence the decoder was trained for (its text config's `max_position_embeddings`), None
+        where the config does not say. The server refuses prompts and answers beyond it."""
+        cfg = self.model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        n = getattr(text, "max_position_embeddings", None)
+        return n if isinstance(n, int) and n > 0 else None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -19,6 +19,7 @@ from ..config import GenConfig, PruneConfig, SpecConfig, check_request
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
 from ..pruning.prefill import PruneStats, pruned_prefill
+from ..runtime.interrupt import Interrupted, interruptible
 from ..runtime.quant import prefill_products
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
@@ -77,11 +78,16 @@ def _prefill(
 
 
 def _until(blocks: Iterable[list[int]], cancelled: threading.Event) -> Iterator[list[int]]:
-    """The blocks, ending before the next one is computed once `cancelled` is set."""
-    for block in blocks:
-        yield block
-        if cancelled.is_set():
+    """The blocks, ending before the next one is computed once `cancelled` is set; a block being computed when it
+    is set stops at its next layer (`Interrupted`). The stop signal is armed only while a block is computed, never
+    across a yield, so generations interleaved on one thread never stop each other."""
+    it = iter(blocks)
+    while not cancelled.is_set():
+        with interruptible(cancelled):
+            block = next(it, None)
+        if block is None:
             return
+        yield block
 
 
 def _ar_blocks(
@@ -174,8 +180,16 @@ class Generation:
         generator = make_generator(cfg, encoded.inputs_embeds.device)
         t0 = time.perf_counter()
         self.state = state = engine.new_state()
-        logits, pruned = _prefill(engine, state, encoded, self.prune, prime_twig=self.spec is not None)  # [1, V]
-        first = int(pick_tokens(logits, cfg, generator)[0])
+        ids: list[int] = []
+        try:
+            with interruptible(self._cancelled):  # a cancel stops a long prefill at its next layer
+                logits, pruned = _prefill(engine, state, encoded, self.prune, prime_twig=self.spec is not None)
+        except Interrupted:
+            t_end = time.perf_counter()
+            stats = generation_stats(encoded, ids, "cancelled", t_end - t0, 0.0, None, None)
+            self.result = GenerationResult(text="", token_ids=ids, stats=stats)
+            return
+        first = int(pick_tokens(logits, cfg, generator)[0])  # logits [1, V]
         t_prefill = time.perf_counter()
         spec_stats = SpecStats() if self.spec is not None else None
         if self.spec is not None:
@@ -184,8 +198,10 @@ class Generation:
             )
         else:
             blocks = _ar_blocks(engine, state, first, cfg, generator)
-        ids: list[int] = []
-        reason = yield from emit(_until(blocks, self._cancelled), text, cfg.max_new_tokens, eos, stop_ids, ids)
+        try:
+            reason = yield from emit(_until(blocks, self._cancelled), text, cfg.max_new_tokens, eos, stop_ids, ids)
+        except Interrupted:  # cancelled while a block was computed
+            reason = "cancelled"
         if reason == "length" and len(ids) < cfg.max_new_tokens:
             reason = "cancelled"
         t_end = time.perf_counter()

@@ -2,7 +2,10 @@
 
 GET /health (200 once the model is loaded, 503 before), GET /v1/models, POST /v1/chat/completions, GET /metrics
 (Prometheus text) and GET / (the playground page). The event loop only parses, admits and relays: images are read
-in pool threads and the model runs on the inference thread (`worker.py`).
+in pool threads and the model runs on the inference thread (`worker.py`). A completion request passes, in order:
+its API key, the JSON and origin rules (`guard.py`), a queue slot, its body under the byte limit and the memory
+budget (`budget.py`), the protocol, its pictures under the pixel limits, the context; then it runs under its
+deadline. `begin_shutdown` (SIGTERM) refuses new requests and ends running ones after the grace period.
 """
 
 from __future__ import annotations
@@ -18,20 +21,23 @@ from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import VLM
 from ..errors import TwigVLMError
-from .config import ServeConfig
+from .budget import Hold, MemoryBudget
+from .config import PIXEL_BYTES, ServeConfig
 from .errors import APIError, bad_request, error_body
+from .guard import RequestIds, check_content_type, check_origin, parse_json, read_body
 from .media import MediaPolicy, load_image_url
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import FINISH_REASONS, ChatRequest, chunk, completion, parse_chat_request, usage
+from .protocol import FINISH_REASONS, ChatRequest, chunk, completion, parse_chat_request, prompt_chars, usage
 from .worker import Job, Worker
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 STATIC = files(__package__) / "static"
+CHARS_PER_TOKEN = 32  # no tokenizer packs more characters into one token: a prompt longer is refused untokenized
 
 
 @dataclass
@@ -42,8 +48,13 @@ class Served:
     worker: Worker
     metrics: Metrics
     policy: MediaPolicy
+    budget: MemoryBudget
     page: str
     script: str
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new requests; running ones end after `cfg.shutdown_grace_s` (signal-handler safe)."""
+        self.worker.drain(self.cfg.shutdown_grace_s)
 
 
 def create_app(
@@ -67,7 +78,11 @@ def create_app(
     loader = load or load_model
     worker = Worker(loader, cfg.max_queue, metrics, on_load_error)
     policy = MediaPolicy(
-        cfg.allowed_local_media_path, cfg.allowed_media_domains, cfg.max_image_bytes, cfg.fetch_timeout_s
+        cfg.allowed_local_media_path,
+        cfg.allowed_media_domains,
+        cfg.max_image_bytes,
+        cfg.fetch_timeout_s,
+        cfg.max_image_pixels,
     )
 
     @asynccontextmanager
@@ -78,7 +93,15 @@ def create_app(
 
     app = FastAPI(title="twigvlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     page, script = ((STATIC / name).read_text(encoding="utf-8") for name in ("index.html", "playground.js"))
-    app.state.served = Served(cfg, worker, metrics, policy, page, script)
+    app.state.served = Served(cfg, worker, metrics, policy, MemoryBudget(cfg.max_buffered_bytes), page, script)
+    if cfg.allowed_origins:  # CORS for the pages named; the same-origin playground needs none
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    app.add_middleware(RequestIds)  # outermost of ours: every response gets its id, every surprise a JSON 500
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_api_route("/health", _health, methods=["GET"])
@@ -145,41 +168,82 @@ async def _playground_js(request: Request) -> Response:
 async def _chat_completions(request: Request) -> Response:
     arrived = time.perf_counter()
     served = _served(request)
+    cfg, worker = served.cfg, served.worker
     _authorize(request)
-    req = parse_chat_request(await _json_body(request), served.cfg)
-    worker = served.worker
+    check_content_type(request)
+    check_origin(request, cfg.api_key, cfg.allowed_origins)
     if not worker.ready.is_set():
         raise APIError(503, "the model is still loading: retry in a few seconds", retry_after=5)
-    worker.admit()
-    job = Job(req, asyncio.get_running_loop(), arrived=arrived)
+    worker.admit()  # a queue slot first: only admitted requests read bodies and pictures
+    hold = served.budget.hold()
     try:
-        req.images = await asyncio.to_thread(_prepare, req, served.policy, worker)
+        body = await read_body(request, cfg.max_body_bytes, hold)
+        body_share = hold.bytes
+        req = parse_chat_request(parse_json(body), cfg)
+        del body
+        job = Job(req, asyncio.get_running_loop(), arrived=arrived, hold=hold)
+        req.images = await asyncio.to_thread(_prepare, req, served, hold)
+        hold.give(body_share)  # the body was parsed and dropped, and the URLs with it: the pictures stay held
     except BaseException:
         worker.release()
+        hold.release()
         raise
-    worker.submit(job)
+    deadline = job.loop.call_later(
+        max(0.0, cfg.request_timeout_s - (time.perf_counter() - arrived)), job.timed_out, cfg.request_timeout_s
+    )
+    try:
+        worker.submit(job)
+    except BaseException:
+        deadline.cancel()
+        raise
     if req.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(_sse(job, served.cfg.model_id), media_type="text/event-stream", headers=headers)
-    return await _complete(job, request, served.cfg.model_id)
-
-
-async def _json_body(request: Request) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes: send smaller images")
+        return StreamingResponse(_sse(job, cfg.model_id, deadline), media_type="text/event-stream", headers=headers)
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON ({e})") from None
+        return await _complete(job, request, cfg.model_id)
+    finally:
+        deadline.cancel()
 
 
-def _prepare(req: ChatRequest, policy: MediaPolicy, worker: Worker) -> list:
-    """In a pool thread: read the images and render the chat template once, so both fail with a 400 here."""
-    images = [load_image_url(url, policy, param) for url, param in req.image_urls]
-    assert worker.vlm is not None
+def _prepare(req: ChatRequest, served: Served, hold: Hold) -> list:
+    """In a pool thread: check the prompt against the model's context as far as that is possible untokenized,
+    read the pictures under the per-request limits and the memory budget, and render the chat template once, so
+    that all of these fail with a 400 (or a 503 for the budget) before the request waits for the model."""
+    cfg, vlm = served.cfg, served.worker.vlm
+    assert vlm is not None
+    context = vlm.adapter.context_length
+    if context is not None:
+        if req.max_tokens_param is not None and req.gen.max_new_tokens >= context:
+            raise bad_request(
+                f"'{req.max_tokens_param}' is {req.gen.max_new_tokens}, and this model's context is {context} "
+                "tokens, prompt included: ask for fewer",
+                req.max_tokens_param,
+            )
+        chars = prompt_chars(req.messages)
+        if chars > CHARS_PER_TOKEN * context:
+            raise bad_request(
+                f"the prompt is {chars} characters, far over this model's context of {context} tokens: shorten it",
+                "messages",
+            )
+    total = 0
+
+    def admit(pixels: int) -> None:
+        nonlocal total
+        total += pixels
+        if total > cfg.max_request_pixels:
+            raise bad_request(
+                f"the request's pictures have {total} pixels so far, over the server's {cfg.max_request_pixels} "
+                "per request (--max-request-megapixels): send fewer or smaller pictures",
+                param,
+            )
+        hold.take(pixels * PIXEL_BYTES, "this request's pictures")
+
+    images = []
+    for url, param in req.image_urls:
+        images.append(load_image_url(url, served.policy, param, admit))
+    req.image_urls = []  # the URLs (data: URLs can be megabytes) are not needed any more
     try:
-        worker.vlm.adapter.render(req.messages, len(images))
+        vlm.adapter.render(req.messages, len(images))
     except TwigVLMError as e:
         raise bad_request(str(e), "messages") from None
     return images
@@ -211,7 +275,7 @@ def _data(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _sse(job: Job, model: str) -> AsyncIterator[str]:
+async def _sse(job: Job, model: str, deadline: asyncio.TimerHandle) -> AsyncIterator[str]:
     """The SSE stream: a role chunk, content chunks, one chunk with finish_reason (and the `twigvlm` stats), the
     usage chunk if asked for, then `data: [DONE]`; an error inside the stream is an `error` event, then [DONE].
     If the client disconnects, Starlette cancels this generator and the job is cancelled with it."""
@@ -239,5 +303,6 @@ async def _sse(job: Job, model: str) -> AsyncIterator[str]:
         finished = True
         yield "data: [DONE]\n\n"
     finally:
+        deadline.cancel()
         if not finished:
             job.cancel()

@@ -1,7 +1,9 @@
-"""The `twigvlm serve` subcommand: its flags → a `ServeConfig`, then uvicorn runs the app until Ctrl-C.
+"""The `twigvlm serve` subcommand: its flags → a `ServeConfig`, then uvicorn runs the app until Ctrl-C or SIGTERM.
 
 The model loads on the inference thread after the server starts listening (`/health` answers 503 until it is
-ready); a model that fails to load stops the server with the one-line error and exit code 2.
+ready); a model that fails to load stops the server with the one-line error and exit code 2. On SIGTERM (or
+Ctrl-C) the server stops listening and refuses new requests, gives running ones `--shutdown-grace` seconds, then
+ends them with an error event and exits.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from ..flags import (
     add_prune_args,
     add_served_model_args,
     add_spec_args,
+    positive_float,
     positive_int,
     prune_from_args,
     spec_from_args,
     twig_flag,
 )
+from . import config as limits
 from .config import ServeConfig
 
 
@@ -42,6 +46,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=256,
         help="max_completion_tokens when a request gives none (default: %(default)s)",
     )
+    s.add_argument(
+        "--allowed-origins",
+        default="",
+        metavar="A,B",
+        help="browser origins (scheme://host[:port]) allowed to call /v1 cross-origin (CORS); with no API key, "
+        "other cross-origin requests are refused",
+    )
+    g = s.add_argument_group("limits (docs/serve.md: what one request, and all together, may make the server hold)")
+    number = positive_float
+    g.add_argument("--max-body-mb", type=number, default=limits.MAX_BODY_BYTES / limits.MB, help="request body size")
+    g.add_argument("--max-images", type=positive_int, default=limits.MAX_IMAGES, help="pictures per request")
+    g.add_argument(
+        "--max-image-megapixels", type=number, default=limits.MAX_IMAGE_PIXELS / limits.MEGAPIXEL, help="per picture"
+    )
+    g.add_argument(
+        "--max-request-megapixels",
+        type=number,
+        default=limits.MAX_REQUEST_PIXELS / limits.MEGAPIXEL,
+        help="all pictures of one request",
+    )
+    g.add_argument(
+        "--max-buffered-mb",
+        type=number,
+        default=limits.MAX_BUFFERED_BYTES / limits.MB,
+        help="bodies and decoded pictures held at once, all requests together; over it: 503",
+    )
+    g.add_argument(
+        "--fetch-timeout", type=number, default=limits.FETCH_TIMEOUT_S, help="seconds for a whole http(s) image fetch"
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=number,
+        default=limits.REQUEST_TIMEOUT_S,
+        help="seconds from a request's arrival to the end of its answer",
+    )
+    g.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=limits.SHUTDOWN_GRACE_S,
+        help="after SIGTERM, seconds running requests may finish before they are ended",
+    )
     a = s.add_argument_group("acceleration defaults (a request's own fields win)")
     add_prune_args(a)
     add_spec_args(a)
@@ -61,7 +106,16 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_queue=args.max_queue,
         api_key=args.api_key,
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
-        allowed_media_domains=tuple(d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
+        allowed_media_domains=_names(args.allowed_media_domains),
+        allowed_origins=_names(args.allowed_origins),
+        max_body_bytes=int(args.max_body_mb * limits.MB),
+        max_images=args.max_images,
+        max_image_pixels=int(args.max_image_megapixels * limits.MEGAPIXEL),
+        max_request_pixels=int(args.max_request_megapixels * limits.MEGAPIXEL),
+        max_buffered_bytes=int(args.max_buffered_mb * limits.MB),
+        fetch_timeout_s=args.fetch_timeout,
+        request_timeout_s=args.request_timeout,
+        shutdown_grace_s=args.shutdown_grace,
         max_tokens=args.max_tokens,
         prune=prune_from_args(args) or PruneConfig(),
         speculative=spec_from_args(args),
@@ -70,6 +124,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     if cfg.twig is None and (cfg.speculative is not None or cfg.prune.method == "twig"):
         raise TwigVLMError("--speculative and --prune twig need a twig: pass --twig DIR")
     return cfg
+
+
+def _names(flag: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in flag.split(",") if d.strip())
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -95,7 +153,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
             server.should_exit = True
 
     app = create_app(cfg, on_load_error=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            app.state.served.begin_shutdown()  # before uvicorn waits for the running requests
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(cfg.shutdown_grace_s) + 10,  # a backstop: the grace timer ends them first
+    )
+    server = Server(config)
     print(f"twigvlm serve: http://{cfg.host}:{cfg.port}/ (loading {cfg.model_id}; /health says when ready)", flush=True)
     try:
         server.run()

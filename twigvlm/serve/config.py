@@ -9,8 +9,18 @@ from pathlib import Path
 from ..config import QUANTIZE_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # the largest image a request may send or make the server fetch
-FETCH_TIMEOUT_S = 10.0  # for http(s) image URLs
+MB = 2**20
+MAX_IMAGE_BYTES = 20 * MB  # the largest image a request may send or make the server fetch
+FETCH_TIMEOUT_S = 10.0  # the whole fetch of one http(s) image URL
+MAX_BODY_BYTES = 64 * MB  # a request body, counted while it is read (chunked or not)
+MAX_IMAGES = 16  # pictures per request
+MEGAPIXEL = 1_000_000
+MAX_IMAGE_PIXELS = 16 * MEGAPIXEL  # one picture (4000 x 4000), from its header, before decoding
+MAX_REQUEST_PIXELS = 32 * MEGAPIXEL  # all pictures of one request
+MAX_BUFFERED_BYTES = 1024 * MB  # bodies being read and decoded pictures, all requests together
+PIXEL_BYTES = 4  # what a decoded picture is counted as holding per pixel (RGB, plus the decoder's own buffer)
+REQUEST_TIMEOUT_S = 300.0  # arrival to the end of the answer
+SHUTDOWN_GRACE_S = 30.0  # after SIGTERM, how long running requests may go on
 
 
 @dataclass(frozen=True)
@@ -22,7 +32,11 @@ class ServeConfig:
     api_key:                when set, every /v1 request must send `Authorization: Bearer <api_key>`.
     allowed_local_media_path: `file://` image URLs are read only below this directory (None: refused).
     allowed_media_domains:  `http(s)` image URLs are fetched only from these hosts (empty: refused).
+    allowed_origins:        browser origins (scheme://host[:port]) that may call /v1 cross-origin (CORS); with
+                            no API key, any other cross-origin request is refused.
     prune, speculative:     the acceleration a request gets unless its body says otherwise.
+    The limits (docs/serve.md, "Limits") bound what one request, and all of them together, can make the server
+    do and hold.
     """
 
     model: str = "demo"
@@ -37,9 +51,17 @@ class ServeConfig:
     api_key: str | None = None
     allowed_local_media_path: Path | None = None
     allowed_media_domains: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
     max_image_bytes: int = MAX_IMAGE_BYTES
     fetch_timeout_s: float = FETCH_TIMEOUT_S
-    max_tokens: int = 256  # max_completion_tokens when a request gives none
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_images: int = MAX_IMAGES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    max_tokens: int = 256  # max_completion_tokens when a request gives none (capped by what the context leaves)
     prune: PruneConfig = field(default_factory=PruneConfig)
     speculative: SpecConfig | None = None
 
@@ -64,6 +86,30 @@ class ServeConfig:
             raise TwigVLMError(f"--quantize {self.quantize} is unknown: use one of {', '.join(QUANTIZE_MODES)}")
         if self.quantize != "none" and not self.device.startswith("cpu"):
             raise TwigVLMError(f"--quantize {self.quantize} runs on a CPU: drop it or use --device cpu")
+        for flag, value in (
+            ("--fetch-timeout", self.fetch_timeout_s),
+            ("--request-timeout", self.request_timeout_s),
+            ("--max-body-mb", self.max_body_bytes),
+            ("--max-images", self.max_images),
+            ("--max-image-megapixels", self.max_image_pixels),
+            ("--max-request-megapixels", self.max_request_pixels),
+        ):
+            if not value > 0:
+                raise TwigVLMError(f"{flag} {value} is invalid: it must be positive")
+        if self.shutdown_grace_s < 0:
+            raise TwigVLMError(f"--shutdown-grace {self.shutdown_grace_s} is invalid: use 0 or more seconds")
+        one_request = max(self.max_body_bytes * 2, self.max_request_pixels * PIXEL_BYTES)
+        if self.max_buffered_bytes < one_request:
+            raise TwigVLMError(
+                f"--max-buffered-mb {self.max_buffered_bytes // MB} cannot hold one request: it needs at least "
+                f"{-(-one_request // MB)} (twice --max-body-mb, and {PIXEL_BYTES} bytes per pixel of "
+                "--max-request-megapixels)"
+            )
+        bad_origin = [o for o in self.allowed_origins if not o.startswith(("http://", "https://")) or o.endswith("/")]
+        if bad_origin:
+            raise TwigVLMError(
+                f"--allowed-origins {bad_origin[0]} is not an origin: write scheme://host[:port], no path"
+            )
         self.prune.validate()
         if self.speculative is not None:
             self.speculative.validate()

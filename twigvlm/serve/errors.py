@@ -9,8 +9,12 @@ from typing import Any
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    499: "cancelled",
     500: "internal_error",
     503: "service_unavailable_error",
 }

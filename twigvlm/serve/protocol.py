@@ -10,6 +10,7 @@ Parsing touches no model and no file.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class ChatRequest:
     spec: SpecConfig | None
     stream: bool = False
     include_usage: bool = False
+    max_tokens_param: str | None = None  # the field that set max_new_tokens; None: the server's --max-tokens
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
     images: list[Image.Image] = field(default_factory=list)
@@ -113,18 +115,28 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
             404, f"the model '{model}' does not exist: this server serves '{cfg.model_id}'", "model", "model_not_found"
         )
     messages, image_urls = parse_messages(body.get("messages"))
+    if len(image_urls) > cfg.max_images:
+        where = image_urls[cfg.max_images][1]
+        raise bad_request(
+            f"the request has {len(image_urls)} pictures, over the server's {cfg.max_images} (--max-images)", where
+        )
     stream = bool(_typed(body, "stream", (bool,), "true or false"))
     options = _typed(body, "stream_options", (dict,), "an object") or {}
     if options and not stream:
         raise bad_request("'stream_options' is only allowed with stream: true", "stream_options")
     include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
+    gen, max_param = _gen_config(body, cfg)
+    prune, spec = _acceleration(body, cfg, has_pictures=bool(image_urls))
     try:
-        gen = _gen_config(body, cfg)
-        prune, spec = _acceleration(body, cfg)
-        gen.validate()
+        gen.validate()  # the fields were checked one by one above; this is the last word
     except TwigVLMError as e:
         raise bad_request(str(e)) from None
-    return ChatRequest(messages, image_urls, gen, prune, spec, stream, include_usage)
+    return ChatRequest(messages, image_urls, gen, prune, spec, stream, include_usage, max_param)
+
+
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """The characters of all text parts: a bound checked before anything is tokenized."""
+    return sum(len(p["text"]) for m in messages for p in m["content"] if p["type"] == "text")
 
 
 def parse_messages(raw: Any) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
@@ -163,33 +175,58 @@ def _part(part: Any, where: str, urls: list[tuple[str, str]]) -> dict[str, Any]:
     raise bad_request(f"{where} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', ...}}", where)
 
 
-def _gen_config(body: dict[str, Any], cfg: ServeConfig) -> GenConfig:
-    max_new = _typed(body, "max_completion_tokens", (int,), "a positive integer")
-    if max_new is None:
-        max_new = _typed(body, "max_tokens", (int,), "a positive integer")
+def _gen_config(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenConfig, str | None]:
+    """The request's sampling settings, each checked under its own field name; and the field that set the
+    answer's length (None: the server's default)."""
+    max_param = next((n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None), None)
+    max_new = _typed(body, max_param, (int,), "a positive integer") if max_param else None
+    if max_new is not None and max_new < 1:
+        raise bad_request(f"'{max_param}' must be a positive integer, got {max_new}", max_param)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
         raise bad_request("'stop' must be a string or a list of at most 4 strings", "stop")
+    if stop is not None and any(s == "" for s in stop):
+        raise bad_request("'stop' strings must not be empty", "stop")
     temperature = _typed(body, "temperature", (int, float), "a number")
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise bad_request(f"'temperature' must be 0 (greedy) or a positive number, got {temperature}", "temperature")
     top_p = _typed(body, "top_p", (int, float), "a number")
-    return GenConfig(
+    if top_p is not None and not 0 < top_p <= 1:
+        raise bad_request(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+    top_k = _typed(body, "top_k", (int,), "an integer")
+    if top_k is not None and top_k < 0:
+        raise bad_request(f"'top_k' must be 0 (off) or a positive integer, got {top_k}", "top_k")
+    seed = _typed(body, "seed", (int,), "an integer")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise bad_request(f"'seed' must be an integer in [0, 2**63), got {seed}", "seed")
+    gen = GenConfig(
         max_new_tokens=cfg.max_tokens if max_new is None else max_new,
         temperature=float(1.0 if temperature is None else temperature),
-        top_k=_typed(body, "top_k", (int,), "an integer") or 0,
+        top_k=top_k or 0,
         top_p=float(1.0 if top_p is None else top_p),
-        seed=_typed(body, "seed", (int,), "an integer"),
+        seed=seed,
         stop=tuple(stop or ()),
         ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "true or false")),
     )
+    return gen, max_param
 
 
-def _acceleration(body: dict[str, Any], cfg: ServeConfig) -> tuple[PruneConfig | None, SpecConfig | None]:
+def _acceleration(
+    body: dict[str, Any], cfg: ServeConfig, has_pictures: bool
+) -> tuple[PruneConfig | None, SpecConfig | None]:
     """The request's pruning and drafting: its own fields over the server's defaults, through the same
     `config.pruning` / `config.speculation` as the CLI and the Python API (so `"speculative": true` drafts with
-    the server's drafter settings, else auto's)."""
+    the server's drafter settings, else auto's). A request without pictures that asks for pruning itself is a
+    400 (there is nothing to prune); the server's default pruning simply does not apply to it."""
     prune = _typed(body, "prune", (str,), f"one of {', '.join(PRUNE_METHODS)}")
+    if not has_pictures:
+        asked = [n for n in ("prune", "keep", "keep_ratio", "wipe_layer") if body.get(n) not in (None, "none")]
+        if asked:
+            raise bad_request(
+                f"'{asked[0]}' prunes visual tokens, and this request has no picture: leave it out", asked[0]
+            )
     keep = _typed(body, "keep", (int, float), "a number of visual tokens")
     keep_ratio = _typed(body, "keep_ratio", (int, float), "a number in (0, 1]")
     wipe = _typed(body, "wipe_layer", (int,), "a layer number")

@@ -2,9 +2,15 @@
 
 The event loop admits a request (`admit`: a 503 with Retry-After when `max_queue` requests already wait), reads
 its images in a pool thread, then `submit`s a `Job`. The inference thread encodes, generates, and sends the job's
-events — ("text", piece), ("done", result, stats), ("error", APIError) — back to the loop thread-safely. A job
-whose client went away is cancelled (`Job.cancel`): skipped if it has not started, else stopped before its next
-decoding step (`Generation.cancel`). `torch.inference_mode` is entered inside this thread.
+events — ("text", piece), ("done", result, stats), ("error", APIError) — back to the loop thread-safely; every
+job ends with exactly one "done" or "error", so no handler waits forever.
+
+A job is stopped (`Job.stop`) when its client goes away, when its deadline (`--request-timeout`) passes, or when
+the server shuts down: skipped if it has not started, else stopped at the next layer of its prefill or before its
+next decoding step (`Generation.cancel`). A deadline or a shutdown ends it with an error (after what it already
+streamed). On SIGTERM, `drain` refuses new requests at once and ends those still running after the grace period.
+The prompt is checked against the model's context once it is encoded, before its prefill.
+`torch.inference_mode` is entered inside this thread.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +31,7 @@ from ..errors import TwigVLMError
 from ..generation.loop import Generation
 from ..generation.stats import GenerationResult
 from ..pruning.picture import picture_layout
+from .budget import Hold
 from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import ChatRequest
@@ -33,7 +40,10 @@ log = logging.getLogger("twigvlm.serve")
 RETRY_AFTER_S = 1
 
 
-@dataclass
+SHUTTING_DOWN = "the server is shutting down: retry on another instance or after it restarts"
+
+
+@dataclass(eq=False)  # jobs are compared (and hashed) by identity
 class Job:
     """One admitted request on its way through the inference thread."""
 
@@ -43,6 +53,8 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None
+    hold: Hold | None = None  # its share of the server's memory budget, given back when it ends
+    stop_error: APIError | None = None  # why it was stopped, when the client still waits for an answer
 
     def send(self, *event: Any) -> None:
         """Hand an event to the event loop (from the inference thread)."""
@@ -53,10 +65,28 @@ class Job:
 
     def cancel(self) -> None:
         """The client is gone: do no more work for it (safe from any thread)."""
+        self.stop(None)
+
+    def stop(self, error: APIError | None) -> None:
+        """Do no more work for this job (safe from any thread); `error` is what its client is sent (None: the
+        client is gone). The first reason stays."""
+        if not self.cancelled.is_set():
+            self.stop_error = error
         self.cancelled.set()
         generation = self.generation
         if generation is not None:
             generation.cancel()
+
+    def timed_out(self, limit_s: float) -> None:
+        """The request's deadline passed (`--request-timeout`)."""
+        late = f"the request ran past the server's --request-timeout of {limit_s:g} s"
+        self.stop(APIError(503, late, code="timeout"))
+
+    def ended(self) -> None:
+        """Give back what it held (its pictures go with it)."""
+        if self.hold is not None:
+            self.hold.release()
+        self.request.images = []
 
 
 class Worker:
@@ -73,6 +103,8 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by `admit`
         self._lock = threading.Lock()
         self._waiting = 0  # admitted, not started (reading images or queued)
+        self._live: set[Job] = set()  # submitted, not ended
+        self.draining = False  # SIGTERM: no new requests
         self.vlm: VLM | None = None
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -87,8 +119,10 @@ class Worker:
 
     # ---- the event loop's side ------------------------------------------------------------------------------
     def admit(self) -> None:
-        """Count a request in, or refuse it with 503 + Retry-After when the queue is full."""
+        """Count a request in, or refuse it with 503 + Retry-After when the queue is full or the server drains."""
         with self._lock:
+            if self.draining:
+                raise APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S)
             if self._waiting >= self.max_queue:
                 self.metrics.requests.labels("rejected").inc()
                 raise APIError(
@@ -108,7 +142,28 @@ class Worker:
             self.metrics.waiting.set(self._waiting)
 
     def submit(self, job: Job) -> None:
+        with self._lock:
+            self._live.add(job)
         self._queue.put(job)
+
+    def drain(self, grace_s: float) -> None:
+        """SIGTERM: refuse new requests now; after `grace_s` seconds, stop every request still queued or running
+        with a "shutting down" error (safe to call from a signal handler, more than once)."""
+        with self._lock:
+            if self.draining:
+                return
+            self.draining = True
+        log.info("twigvlm serve: shutting down; running requests have %.0f s to finish", grace_s)
+        timer = threading.Timer(grace_s, self.abort_all)
+        timer.daemon = True
+        timer.start()
+
+    def abort_all(self) -> None:
+        """Stop every request the worker holds with a "shutting down" error."""
+        with self._lock:
+            jobs = list(self._live)
+        for job in jobs:
+            job.stop(APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
 
     # ---- the inference thread -------------------------------------------------------------------------------
     def _main(self) -> None:
@@ -131,13 +186,21 @@ class Worker:
                     self._serve(job)
                 finally:
                     self.metrics.running.dec()
+                    job.ended()
+                    with self._lock:
+                        self._live.discard(job)
+
+    def _stopped(self, job: Job) -> None:
+        """A job stopped before it produced an answer: its one final event."""
+        self.metrics.requests.labels("cancelled" if job.stop_error is None else job.stop_error.code).inc()
+        job.send("error", job.stop_error or APIError(499, "the request was cancelled", code="cancelled"))
 
     def _serve(self, job: Job) -> None:
         m = self.metrics
         start = time.perf_counter()
         m.queue.observe(start - job.arrived)
         if job.cancelled.is_set():
-            m.requests.labels("cancelled").inc()
+            self._stopped(job)
             return
         req, vlm = job.request, self.vlm
         assert vlm is not None
@@ -145,6 +208,7 @@ class Worker:
             job.generation = gen = vlm.stream(
                 req.messages, image=req.images, config=req.gen, prune=req.prune, speculative=req.spec or False
             )
+            fit_context(gen, req, vlm.adapter.context_length)
             if job.cancelled.is_set():
                 gen.cancel()
             last = None
@@ -158,18 +222,25 @@ class Worker:
                 job.send("text", piece)
             result = gen.result
             assert result is not None
+            if job.stop_error is not None:  # a deadline or a shutdown: an error after what was streamed
+                self._stopped(job)
+                return
             extra = self.request_stats(gen, result, start - job.arrived, req.images)
             m.record_result(result.stats, extra["processor_prompt_tokens"])
             m.e2e.observe(time.perf_counter() - job.arrived)
             m.requests.labels(result.stats.finish_reason).inc()
             job.send("done", result, extra)
+        except APIError as e:
+            m.requests.labels("error").inc()
+            job.send("error", e)
         except TwigVLMError as e:
             m.requests.labels("error").inc()
             job.send("error", bad_request(str(e)))
         except Exception as e:  # a bug: the request fails, the server keeps serving
             log.exception("request %s failed", req.id)
             m.requests.labels("error").inc()
-            job.send("error", APIError(500, f"internal error ({type(e).__name__}): see the server log"))
+            bug = f"internal error ({type(e).__name__}) in request {req.id}: see the server log"
+            job.send("error", APIError(500, bug))
 
     def request_stats(
         self, gen: Generation, result: GenerationResult, queue_s: float, images: list[Any]
@@ -188,6 +259,29 @@ class Worker:
             "image_grids": grids,
             "queue_s": queue_s,
         }
+
+
+def fit_context(gen: Generation, req: ChatRequest, context: int | None) -> None:
+    """Before the prefill: a prompt that leaves no room in the model's context is a 400 with its count; an answer
+    length the request asked for that does not fit is a 400 naming its field; the server's default is cut to fit."""
+    if context is None:
+        return
+    n = gen.encoded.num_tokens
+    room = context - n
+    if room < 1:
+        raise bad_request(
+            f"the prompt is {n} tokens (pictures included) and this model's context is {context}: shorten it",
+            "messages",
+        )
+    if gen.cfg.max_new_tokens <= room:
+        return
+    if req.max_tokens_param is not None:
+        raise bad_request(
+            f"'{req.max_tokens_param}' is {gen.cfg.max_new_tokens}, and the prompt ({n} tokens) leaves {room} of "
+            f"this model's context of {context}: ask for at most {room}",
+            req.max_tokens_param,
+        )
+    gen.cfg = replace(gen.cfg, max_new_tokens=room)
 
 
 def _layouts(vlm: VLM | None, images: list[Any]) -> list[tuple[Any, int, int, int]]:
