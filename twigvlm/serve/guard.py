@@ -29,7 +29,7 @@ from .errors import APIError, bad_request, error_body
 
 log = logging.getLogger("twigvlm.serve")
 JSON_TYPES = ("application/json",)
-MAX_JSON_DEPTH_ERROR = "the request body nests too deeply to be a chat request"
+MAX_JSON_DEPTH_ERROR = "the request body's JSON nests too deeply to be a chat request"
 
 
 class RequestIds:

@@ -56,6 +56,12 @@ class Job:
     hold: Hold | None = None  # its share of the server's memory budget, given back when it ends
     stop_error: APIError | None = None  # why it was stopped, when the client still waits for an answer
 
+    def finish(self, *event: Any) -> None:
+        """The job's last event ("done" or "error"), after it gave back what it held (so that a client that
+        reads its answer finds the server's memory budget already free of it)."""
+        self.ended()
+        self.send(*event)
+
     def send(self, *event: Any) -> None:
         """Hand an event to the event loop (from the inference thread)."""
         try:
@@ -193,7 +199,7 @@ class Worker:
     def _stopped(self, job: Job) -> None:
         """A job stopped before it produced an answer: its one final event."""
         self.metrics.requests.labels("cancelled" if job.stop_error is None else job.stop_error.code).inc()
-        job.send("error", job.stop_error or APIError(499, "the request was cancelled", code="cancelled"))
+        job.finish("error", job.stop_error or APIError(499, "the request was cancelled", code="cancelled"))
 
     def _serve(self, job: Job) -> None:
         m = self.metrics
@@ -229,18 +235,18 @@ class Worker:
             m.record_result(result.stats, extra["processor_prompt_tokens"])
             m.e2e.observe(time.perf_counter() - job.arrived)
             m.requests.labels(result.stats.finish_reason).inc()
-            job.send("done", result, extra)
+            job.finish("done", result, extra)
         except APIError as e:
             m.requests.labels("error").inc()
-            job.send("error", e)
+            job.finish("error", e)
         except TwigVLMError as e:
             m.requests.labels("error").inc()
-            job.send("error", bad_request(str(e)))
+            job.finish("error", bad_request(str(e)))
         except Exception as e:  # a bug: the request fails, the server keeps serving
             log.exception("request %s failed", req.id)
             m.requests.labels("error").inc()
             bug = f"internal error ({type(e).__name__}) in request {req.id}: see the server log"
-            job.send("error", APIError(500, bug))
+            job.finish("error", APIError(500, bug))
 
     def request_stats(
         self, gen: Generation, result: GenerationResult, queue_s: float, images: list[Any]
