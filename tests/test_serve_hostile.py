@@ -137,7 +137,10 @@ HOSTILE_PICTURES = {
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_PICTURES))
-def test_any_decoder_error_is_a_400_naming_the_part(app, name):
+def test_any_decoder_error_is_a_400_naming_the_part(app, name, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)  # Pillow's default (lmms_eval's import sets it)
     error_of(
         post(app, body(data_url(HOSTILE_PICTURES[name]))), 400, "readable image", "messages[0].content[0].image_url"
     )
@@ -323,6 +326,21 @@ def test_the_header_check_runs_before_any_pixel_is_decoded():
         decode_image(png(50, 40), "p", admit=lambda n: (seen.append(n), (_ for _ in ()).throw(APIError(503, "x"))))
     assert seen == [2000]
     assert decode_image(png(50, 40), "p", 2000).size == (50, 40)
+
+
+def test_a_released_hold_takes_nothing_more():
+    from twigvlm.serve.budget import MemoryBudget
+
+    budget = MemoryBudget(100)
+    hold = budget.hold()
+    hold.take(60, "x")
+    with pytest.raises(APIError) as e:
+        budget.hold().take(50, "y")  # does not fit now: busy, not wrong
+    assert e.value.status == 503 and e.value.code == "server_busy" and budget.used == 60
+    hold.release()
+    with pytest.raises(APIError):  # a picture still being read for a request that has ended
+        hold.take(10, "x")
+    assert budget.used == 0 and hold.bytes == 0
 
 
 def _worker(adapters, max_queue: int = 4) -> Worker:

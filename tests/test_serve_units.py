@@ -202,6 +202,11 @@ def test_http_urls_only_from_allowed_domains_without_redirects(http_images):
         (["--draft-len", "3"], "--draft-len needs --speculative"),
         (["--quantize", "int8", "--device", "cuda"], "--quantize int8 runs on a CPU"),
         (["--quantize", "int4"], "invalid choice: 'int4'"),
+        (["--max-buffered-mb", "10"], "--max-buffered-mb 10 cannot hold one request"),
+        (["--allowed-origins", "evil.example"], "is not an origin"),
+        (["--allowed-origins", "https://a.example/"], "is not an origin"),
+        (["--request-timeout", "0"], "--request-timeout"),
+        (["--shutdown-grace", "-1"], "--shutdown-grace -1.0 is invalid"),
     ],
 )
 def test_bad_serve_flags_are_one_line_and_exit_2(flags, words, capsys):

@@ -179,8 +179,9 @@ async def _chat_completions(request: Request) -> Response:
     try:
         body = await read_body(request, cfg.max_body_bytes, hold)
         body_share = hold.bytes
-        req = parse_chat_request(parse_json(body), cfg)
-        del body
+        parsed = parse_json(body) if len(body) < 2**16 else await asyncio.to_thread(parse_json, body)  # off the loop
+        req = parse_chat_request(parsed, cfg)
+        del body, parsed
         job = Job(req, asyncio.get_running_loop(), arrived=arrived, hold=hold)
         req.images = await asyncio.to_thread(_prepare, req, served, hold)
         hold.give(body_share)  # the body was parsed and dropped, and the URLs with it: the pictures stay held

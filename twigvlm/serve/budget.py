@@ -45,19 +45,23 @@ class Hold:
     def __init__(self, budget: MemoryBudget) -> None:
         self.budget = budget
         self.bytes = 0
+        self.closed = False  # released: the request is over, and takes nothing more
         self._lock = threading.Lock()
 
     def take(self, n: int, what: str) -> None:
-        """Reserve n more bytes for `what` (words for the error), or raise a 503 with Retry-After."""
-        if not self.budget.take(n):
-            raise APIError(
-                503,
-                f"the server holds too much request data right now to take {what} (--max-buffered-mb "
-                f"{self.budget.limit // 2**20}): retry later",
-                code="server_busy",
-                retry_after=RETRY_AFTER_S,
-            )
+        """Reserve n more bytes for `what` (words for the error), or raise a 503 with Retry-After. A released
+        hold takes nothing more (a picture still being read in a pool thread for a request that has ended)."""
         with self._lock:
+            if self.closed:
+                raise APIError(499, "the request ended while its data was still being read", code="cancelled")
+            if not self.budget.take(n):
+                raise APIError(
+                    503,
+                    f"the server holds too much request data right now to take {what} (--max-buffered-mb "
+                    f"{self.budget.limit // 2**20}): retry later",
+                    code="server_busy",
+                    retry_after=RETRY_AFTER_S,
+                )
             self.bytes += n
 
     def give(self, n: int) -> None:
@@ -68,5 +72,7 @@ class Hold:
         self.budget.give(n)
 
     def release(self) -> None:
-        """Give back everything this request holds (safe to call more than once)."""
+        """Give back everything this request holds, and take nothing more (safe to call more than once)."""
+        with self._lock:
+            self.closed = True
         self.give(self.bytes)
