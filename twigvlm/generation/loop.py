@@ -166,7 +166,8 @@ class Generation:
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
-        """Stop before the next decoding step (safe from any thread); the result's finish_reason is "cancelled"."""
+        """Stop at the next layer of the prefill, or before the next decoding step (safe from any thread); the
+        result's finish_reason is "cancelled"."""
         self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
