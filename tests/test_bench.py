@@ -4,6 +4,7 @@ as `hf` and matches it token for token; lossless pairs match; malformed task fil
 from __future__ import annotations
 
 import json
+import math
 from argparse import Namespace
 from pathlib import Path
 
@@ -68,14 +69,14 @@ def test_every_method_runs_and_outputs_are_well_formed(model_dirs, bench_twig, t
         "--tasks",
         f"easyvqa,scenes,describe;{spec}",
         "--methods",
-        "hf,hf-early-exit,ar,fastv,visionzip,twig,ssd,twig+ssd",
+        "hf,hf-early-exit,ar,fastv,visionzip,cdpruner,dart,twig,ssd,twig+ssd",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| method | RelAcc |" in printed
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
-    ran = {"hf", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd"}
+    ran = {"hf", "ar", "fastv", "visionzip", "cdpruner", "dart", "twig", "ssd", "twig+ssd"}
     assert ran <= set(summary) and set(summary) | set(results["unsupported"]) == ran | {"hf-early-exit"}
     assert results["machine"]["torch"] and results["config"]["limit"] == 2
     kernel = results["machine"]["native kernel"]
@@ -90,6 +91,8 @@ def test_every_method_runs_and_outputs_are_well_formed(model_dirs, bench_twig, t
     assert summary["hf"]["accuracy"]["mine"] == 1.0 and summary["ar"]["accuracy"]["mine"] == 1.0
     assert summary["ar"]["rel_acc"] == 1.0
     assert 0 < summary["ssd"]["acceptance"] <= 1 and summary["twig"]["kept"] > 0
+    assert set(summary["twig"]["sign_tests"]) == {"fastv", "visionzip", "cdpruner", "dart"}
+    assert "sign test, `twig` against `dart`" in printed
     assert (out / "plot.png").stat().st_size > 1000 and (out / "table.md").is_file()
     # Our engine's runs split prefill from decoding; every method's peak memory is measured on a first sample.
     assert summary["ar"]["prefill_ms"]["median"] > 0 and "prefill_ms" not in summary["hf"]
@@ -375,3 +378,20 @@ def _agreement_of(reference: list[int], ids: list[int]) -> float:
     while same < min(len(ref), len(ids)) and ref[same] == ids[same]:
         same += 1
     return same / len(ref)
+
+
+def test_the_sign_test_against_the_pruning_peers():
+    from types import SimpleNamespace
+
+    from twigvlm.bench.compare import against_peers, sign_test
+
+    assert sign_test(10, 0) == 2 / 2**10 and sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+    assert abs(sign_test(3, 12) - 2 * sum(math.comb(15, k) for k in range(4)) / 2**15) < 1e-15  # 0.0352
+    rows = [
+        {"variant": v, "task": "t", "sample": i, "score": s}
+        for v, scores in {"twig": [1, 1, 0, 1, 0.5], "fastv": [0, 1, 0, 0, 1], "ar": [1, 1, 1, 1, 1]}.items()
+        for i, s in enumerate(scores)
+    ]
+    variants = [SimpleNamespace(name=n, method=n) for n in ("twig", "fastv", "ar")]
+    tests = against_peers(rows, variants)
+    assert tests == {"twig": {"fastv": {"wins": 2, "losses": 1, "ties": 2, "p": 1.0}}}  # ar is no pruning peer

@@ -115,7 +115,7 @@ def prune_setting(case: str, L: int, M: int) -> tuple[int, int, dict]:
 
 
 @pytest.mark.parametrize("case", ["K1", "K2", "K3"])
-@pytest.mark.parametrize("method", ["twig", "fastv"])
+@pytest.mark.parametrize("method", ["twig", "fastv", "dart"])
 @pytest.mark.parametrize("name", NAMES)
 def test_pruning_equals_the_masked_full_model(zoo, name, method, case):
     base = zoo(name)
@@ -130,13 +130,23 @@ def test_pruning_equals_the_masked_full_model(zoo, name, method, case):
     assert stats.kept < enc.num_visual_tokens
 
 
-@pytest.mark.parametrize("method", ["twig", "fastv"])
+@pytest.mark.parametrize("name", NAMES)
+def test_cdpruner_equals_the_masked_full_model_in_every_layer(zoo, name):
+    vlm = zoo(name)
+    enc = encode(vlm, request(vlm, 4))
+    L = vlm.adapter.spec.num_layers
+    stats = assert_pruning_equals_masked_model(vlm, enc, PruneConfig("cdpruner", keep_ratio=0.3), 0, L)
+    assert stats.kept < enc.num_visual_tokens
+
+
+@pytest.mark.parametrize("method", ["twig", "fastv", "dart", "cdpruner"])
 @pytest.mark.parametrize("name", NAMES)
 def test_keep_all_is_the_unpruned_model_and_stock_generate(zoo, name, method):
     vlm = with_twig(zoo(name), 2, 2, noise=0.05)
     req = request(vlm, 8, words=4)
     args = dict(**req, max_new_tokens=8, ignore_eos=True)
-    pruned = vlm.generate(**args, prune=PruneConfig(method, keep_ratio=1.0, wipe_layer=vlm.adapter.spec.num_layers))
+    wipe = {} if method == "cdpruner" else {"wipe_layer": vlm.adapter.spec.num_layers}
+    pruned = vlm.generate(**args, prune=PruneConfig(method, keep_ratio=1.0, **wipe))
     assert pruned.token_ids == vlm.generate(**args).token_ids == stock(vlm, req, 8)
     assert pruned.stats.kept == pruned.stats.visual_tokens > 0
 

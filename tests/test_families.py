@@ -206,7 +206,7 @@ def test_bench_runs_video_tasks(zoo, tmp_path):
     }
     vlm = with_twig(zoo("video-llava"), 1, 2, noise=0.05)
     mc = MethodConfig(keep_ratio=0.5, wipe_layer=5)
-    variants = [Variant(m, m, mc) for m in ("hf", "ar", "twig", "visionzip")]
+    variants = [Variant(m, m, mc) for m in ("hf", "ar", "twig", "visionzip", "cdpruner", "dart")]
     rows, unsupported = run_bench(vlm, tasks, variants, warmup=0, progress=False, memory=False)
     assert not unsupported
     by = {(r["task"], r["method"], r["sample"]): r for r in rows}

@@ -265,13 +265,15 @@ def test_cli_grow_train_and_bench_on_qwen(tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--model", str(model), "--twig", str(twig), "--tasks", "easyvqa", "--limit", "2"]
     argv += ["--max-new-tokens", "5", "--keep-ratio", "0.5", "--out", str(out)]
+    argv += ["--methods", "hf,ar,fastv,visionzip,cdpruner,dart,twig,ssd,twig+ssd"]
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "`visionzip` did not run: VisionZip needs" in printed
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
-    assert set(summary) == {"hf", "ar", "fastv", "twig", "ssd", "twig+ssd"} and "visionzip" in results["unsupported"]
+    assert set(summary) == {"hf", "ar", "fastv", "cdpruner", "dart", "twig", "ssd", "twig+ssd"}
+    assert "visionzip" in results["unsupported"]
     assert summary["ssd"]["same_as"] == "ar" and summary["ssd"]["mismatches"] == 0  # lossless on every sample
     assert summary["twig+ssd"]["same_as"] == "twig" and summary["twig+ssd"]["mismatches"] == 0
 

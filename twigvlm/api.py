@@ -196,7 +196,8 @@ class VLM:
     ) -> Generation:
         """Iterate for text as it is produced; `.result` holds the full `GenerationResult` afterwards.
 
-        prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip") at the default 11.1% budget.
+        prune: a PruneConfig, or a method name ("twig", "fastv", "visionzip", "cdpruner", "dart") at the default
+            11.1% budget.
         speculative: True (auto: chain, tree or none, chosen from measured costs) or a SpecConfig drafts with the
             twig and verifies with the full model (lossless).
         twig: the twig this generation uses: True the current one (`VLM.twig`), False none, or a Twig.
@@ -234,8 +235,8 @@ class VLM:
 
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
-    """A method name ("twig", "fastv", "visionzip") at the default budget, or the config as given; through
-    `config.pruning` either way, so a budget without a method is refused as on the CLI and over HTTP."""
+    """A method name ("twig", "fastv", "visionzip", "cdpruner", "dart") at the default budget, or the config as
+    given; through `config.pruning` either way, so a budget without a method is refused as on the CLI and over HTTP."""
     return pruning(prune) if isinstance(prune, str) else pruning(base=prune) if prune is not None else None
 
 

@@ -99,7 +99,7 @@ class GenConfig:
             raise TwigVLMError("stop strings must be non-empty strings")
 
 
-PRUNE_METHODS = ("none", "twig", "fastv", "visionzip")
+PRUNE_METHODS = ("none", "twig", "fastv", "visionzip", "cdpruner", "dart")
 QUERY_MODES = ("last", "text")
 QUANTIZE_MODES = ("none", "int8")  # the decoder's weights: as loaded, or int8 per output channel (CPU)
 DEFAULT_KEEP_RATIO = 1 / 9  # 64 of LLaVA-1.5's 576 visual tokens: the paper's main budget
@@ -113,7 +113,8 @@ class PruneConfig:
     keep_ratio:  R̄ / M; neither → DEFAULT_KEEP_RATIO (11.1%).
     wipe_layer:  K_f (1-based): after base layer K_f no visual token remains (FinalWipe); None → the K_f the
                  attached twig records (TwigConfig.wipe_layer), else round(0.75·L); L disables the wipe.
-    layer:       K, the layer after which pruning happens; None → the twig's K (fastv: 2 without a twig).
+    layer:       K, the layer after which pruning happens; None → the twig's K (fastv, dart: 2 without a twig;
+                 cdpruner and visionzip prune before the language model and take none).
     query:       "last" scores with the last prompt token's attention row (as the paper's code);
                  "text" with the mean over the text tokens after the image.
     """
@@ -265,7 +266,8 @@ def pruning(
         if stray:
             names = [k for k in PRUNE_SETTINGS if k in stray]
             raise SettingError(
-                f"{_names(names, where)} {_need(names)} {_names(['method'], where)} (twig, fastv or visionzip)",
+                f"{_names(names, where)} {_need(names)} {_names(['method'], where)} "
+                "(twig, fastv, visionzip, cdpruner or dart)",
                 "prune",
             )
     try:

@@ -144,7 +144,7 @@ def add_prune_args(p: Group) -> None:
         "--prune",
         choices=list(PRUNE_METHODS),
         default=PruneConfig.method,
-        help="twig (TTP, needs a twig), fastv, visionzip or none (default: %(default)s)",
+        help="twig (TTP, needs a twig), fastv, visionzip, cdpruner, dart or none (default: %(default)s)",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=positive_float, default=None, help="R̄: average visual tokens per layer")

@@ -21,6 +21,7 @@ from ..api import VLM
 from ..errors import TwigVLMError
 from ..speculative.stats import SpecStats
 from ..twig.model import Twig
+from .compare import against_peers
 from .memory import measure
 from .methods import SAME_AS, MethodConfig, Run, check_method, run_method, visual_tokens
 from .tasks import Sample
@@ -241,6 +242,8 @@ def summarize(
                 _agreement(per_sample[(full, r["task"], r["sample"])]["token_ids"], r["token_ids"]) for r in mine
             )
         summary[name] = entry
+    for name, tests in against_peers(rows, variants).items():
+        summary[name]["sign_tests"] = tests
     return summary
 
 

@@ -7,9 +7,9 @@ once twigvlm is installed its command line takes `--model twigvlm`:
         --model_args pretrained=DIR,twig=TWIG,prune=twig,keep=64,speculative=True --tasks pope
 
 and from Python, `lmms_eval.evaluator.simple_evaluate(model=TwigVLMEval(...), tasks=[...])`. `model_args`:
-`pretrained` (a model directory or a named model such as demo), `twig`, `prune` (none, twig, fastv, visionzip),
-`keep` (R̄) or `keep_ratio`, `wipe_layer`, `speculative`, `draft` (auto|chain|tree, as `--draft`), `draft_len`,
-`draft_threshold`, `dtype`, `device`.
+`pretrained` (a model directory or a named model such as demo), `twig`, `prune` (none, twig, fastv, visionzip,
+cdpruner, dart), `keep` (R̄) or `keep_ratio`, `wipe_layer`, `speculative`, `draft` (auto|chain|tree, as
+`--draft`), `draft_len`, `draft_threshold`, `dtype`, `device`.
 
 Generation requests (`generate_until`) run `VLM.generate` exactly as `twigvlm generate` does (greedy unless the
 task samples; `until` strings stop the text), one request at a time. Each request's statistics (visual tokens

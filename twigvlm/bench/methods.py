@@ -26,8 +26,22 @@ from .llamacpp import KINDS, LlamaCpp, gguf_variant
 from .tasks import Sample
 
 PEERS = tuple(f"llama.cpp-{kind}" for kind in KINDS)  # the decoder in llama.cpp: decode speed only, not scored
-METHODS = ("hf", "hf+kernels", "hf-early-exit", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd", *PEERS)
+METHODS = (
+    "hf",
+    "hf+kernels",
+    "hf-early-exit",
+    "ar",
+    "fastv",
+    "visionzip",
+    "cdpruner",
+    "dart",
+    "twig",
+    "ssd",
+    "twig+ssd",
+    *PEERS,
+)
 NEEDS_TWIG = {"twig", "ssd", "twig+ssd"}
+PRUNING = {m: m for m in ("fastv", "visionzip", "cdpruner", "dart", "twig")} | {"twig+ssd": "twig"}  # method → prune
 # Methods whose output must equal another's token for token (lossless speculation).
 SAME_AS = {"ssd": "ar", "twig+ssd": "twig"}
 
@@ -91,13 +105,15 @@ class MethodConfig:
 
 def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
     """The pruning of a method. FastV scores with base layer K's attention and prunes after layer K, like the
-    twig: the two differ only in the attention source (the paper's ablation: layer K vs the twig)."""
-    name = {"fastv": "fastv", "visionzip": "visionzip", "twig": "twig", "twig+ssd": "twig"}.get(method)
+    twig: the two differ only in the attention source (the paper's ablation: layer K vs the twig). DART also
+    prunes after layer K (`--prune-layer` sets it for both); CDPruner and VisionZip before the language model."""
+    name = PRUNING.get(method)
     if name is None:
         return None
     budget = {"keep": mc.keep} if mc.keep is not None else {"keep_ratio": mc.keep_ratio}
-    layer = mc.layer if name == "fastv" else None
-    return pruning(name, wipe_layer=mc.wipe_layer, layer=layer, query=mc.query, **budget)
+    layer = mc.layer if name in ("fastv", "dart") else None
+    wipe = None if name == "cdpruner" else mc.wipe_layer  # the same tokens in every layer: no FinalWipe
+    return pruning(name, wipe_layer=wipe, layer=layer, query=mc.query, **budget)
 
 
 def method_configs(method: str, mc: MethodConfig) -> tuple[PruneConfig | None, SpecConfig | None]:

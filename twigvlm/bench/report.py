@@ -10,6 +10,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from .compare import sign_lines
+
 
 def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, str]) -> str:
     head = [
@@ -50,6 +52,7 @@ def markdown(summary: dict[str, Any], tasks: list[str], unsupported: dict[str, s
         "before the run (GPU: CUDA allocator; CPU: resident set), on each task's first sample."
     )
     lines += drafting_table(summary)
+    lines += sign_lines(summary)
     for name, why in unsupported.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)

@@ -1,19 +1,21 @@
-"""Visual-token pruning in the language model: the R̄ ↔ R' budget, the twig and FastV scorers, FinalWipe,
-and the pruned prefill that leaves each layer group's cache at its own length.
+"""Visual-token pruning in the language model: the R̄ ↔ R' budget, the twig, FastV and DART selections,
+CDPruner before layer 1, FinalWipe, and the pruned prefill that leaves each layer group's cache at its own length.
 
 Prefill with pruning: base layers 1..K see the whole prompt. A scorer gives one score per visual token (the
 twig's last layer, or base layer K for FastV: the attention row of the last prompt token, or the mean row of
-the text after the image, averaged over heads). Base layers K+1..K_f see the text and the top-R' visual tokens
-(original order, original position ids); layers after K_f see the text only. Decoding then runs on caches of
-lengths S (layers 1..K, twig), S − M + R' (K+1..K_f) and S − M (after K_f), for a prompt of S tokens (T is the
-twig's depth). VisionZip, which prunes before the language model, lives in `visionzip.py`.
+the text after the image, averaged over heads) and the top R' stay; DART chooses its R' from layer K's keys and
+outputs instead (`peers.py`). Base layers K+1..K_f see the text and the R' visual tokens (original order,
+original position ids); layers after K_f see the text only. Decoding then runs on caches of lengths S (layers
+1..K, twig), S − M + R' (K+1..K_f) and S − M (after K_f), for a prompt of S tokens (T is the twig's depth).
+CDPruner chooses before layer 1 (K = 0, no FinalWipe: the same R̄ tokens in every layer) from the prompt's input
+embeddings. VisionZip, which merges tokens before the language model, lives in `visionzip.py`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +23,7 @@ from ..adapters.base import Encoded, Reduction
 from ..config import NO_TWIG_TO_PRUNE, PruneConfig
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
+from .peers import cdpruner_keep, dart_keep
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,31 @@ def plan_pruning(
     return PrunePlan(cfg.method, num_layers, num_visual, K, wipe, kept)
 
 
+def plan_before_layers(cfg: PruneConfig, num_layers: int, num_visual: int) -> PrunePlan:
+    """CDPruner's plan: chosen before layer 1 (K = 0), the same R = ⌈R̄⌉ visual tokens in every layer (no
+    FinalWipe: K_f = L), as VisionZip's budget."""
+    if cfg.layer is not None or cfg.wipe_layer is not None:
+        raise TwigVLMError(
+            f"{cfg.method} prunes before the language model and keeps its tokens in every layer: drop the pruning "
+            "layer and wipe layer options"
+        )
+    avg = cfg.average_budget(num_visual)
+    kept = math.ceil(avg - 1e-9)
+    if not 1 <= kept <= num_visual:
+        raise TwigVLMError(
+            f"a {cfg.method} budget of {avg:.1f} visual tokens is infeasible for this prompt (M={num_visual}): "
+            f"choose between 1 and {num_visual}"
+        )
+    return PrunePlan(cfg.method, num_layers, num_visual, 0, num_layers, kept)
+
+
 def plan_for(engine: Engine, cfg: PruneConfig, num_visual: int) -> PrunePlan | None:
-    """The plan of a language-model pruning (twig, FastV) with this engine — K from the config, else the twig's,
-    else 2; K_f from the config, else the twig's — for a prompt of M visual tokens; None when M is 0. Raises the
-    one-line error of a setting this model cannot honour, before anything runs."""
+    """The plan of a language-model pruning (twig, FastV, DART; CDPruner's `plan_before_layers`) with this engine
+    — K from the config, else the twig's, else 2; K_f from the config, else the twig's — for a prompt of M visual
+    tokens; None when M is 0. Raises the one-line error of a setting this model cannot honour, before anything
+    runs."""
+    if cfg.method == "cdpruner":
+        return plan_before_layers(cfg, engine.num_layers, num_visual) if num_visual else None
     twig = engine.twig
     K = cfg.layer if cfg.layer is not None else (twig.config.K if twig is not None else 2)
     if cfg.method == "twig" and twig is not None and K != twig.config.K:
@@ -137,11 +161,18 @@ def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:
     return torch.tensor([last], device=encoded.input_ids.device)
 
 
-def _score(
+def _select(
     engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and scores [M]."""
+    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and the kept visual tokens'
+    indices [R'] (within the visual tokens, increasing)."""
     pos, qidx, adds = encoded.position_ids, query_positions(encoded, query), encoded.layer_adds
+    if plan.method == "dart":  # layer K's keys and outputs, no attention row
+        hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K, adds)
+        keys = state.cache[plan.K - 1].keys()[0]  # [H_kv, S, D] after RoPE
+        keys = keys.transpose(0, 1).reshape(keys.shape[1], -1)  # [S, H_kv · D]
+        normed = engine.adapter.final_norm(hidden_k)[0]  # [S, H]
+        return hidden_k, dart_keep(keys, normed, visual_row(encoded), plan.kept)
     if plan.method == "twig":
         twig = engine.twig
         if twig is None:
@@ -160,7 +191,7 @@ def _score(
         raise ValueError(f"no language-model scorer for {plan.method!r}")
     visual = visual_row(encoded)  # [S]
     scores = probs.mean(dim=(1, 2)).squeeze(0)[: visual.shape[0]][visual]  # [B=1, heads, q, S] → [S] → [M]
-    return hidden_k, scores
+    return hidden_k, select_kept(scores, plan.kept)
 
 
 def select_kept(scores: torch.Tensor, kept: int) -> torch.Tensor:
@@ -180,8 +211,10 @@ def pruned_prefill(
     plan = plan_for(engine, cfg, encoded.num_visual_tokens)
     if plan is None:  # nothing to prune
         return engine.prefill(state, encoded, prime_twig), PruneStats(cfg.method, 0, 0, 0.0, [])
+    if plan.K == 0:
+        return _prune_before_layers(engine, state, encoded, plan, prime_twig)
     t0 = time.perf_counter()
-    hidden, scores = _score(engine, state, encoded, plan, cfg.query)
+    hidden, keep_visual = _select(engine, state, encoded, plan, cfg.query)
     score_s = time.perf_counter() - t0
     if prime_twig and state.twig_cache is not None and state.twig_cache[0].length == 0:
         if plan.K != engine.twig.config.K:
@@ -190,7 +223,6 @@ def pruned_prefill(
                 f"pruning happens after layer {plan.K}: use the same layer"
             )
         engine.prime_twig(state, hidden, encoded.position_ids)
-    keep_visual = select_kept(scores, plan.kept)  # [R']
     keep = ~visual
     keep[visual.nonzero().flatten()[keep_visual]] = True
     keep[-1] = True  # the last prompt token carries the next-token logits
@@ -205,3 +237,38 @@ def pruned_prefill(
     state.next_position = encoded.next_position
     stats = PruneStats(plan.method, plan.num_visual, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s, plan.wipe)
     return engine.logits(hidden[:, -1:])[:, 0], stats
+
+
+def instruction_positions(visual: torch.Tensor) -> torch.Tensor:
+    """The prompt positions CDPruner reads the instruction from: the text after the last picture (the question
+    and the template's tail), or every text token when nothing follows the picture."""
+    vis = visual.nonzero().flatten()
+    after = torch.arange(int(vis[-1]) + 1, visual.shape[0], device=visual.device)
+    return after if after.numel() else (~visual).nonzero().flatten()
+
+
+def _prune_before_layers(
+    engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, prime_twig: bool
+) -> tuple[torch.Tensor, PruneStats]:
+    """CDPruner: choose R visual tokens from the prompt's input embeddings, then an ordinary prefill of the text
+    and those tokens at their own positions (the twig, when drafting, reads the same shortened prompt)."""
+    t0 = time.perf_counter()
+    visual = visual_row(encoded)  # [S]
+    embeds = encoded.inputs_embeds[0]  # [S, H]
+    keep_visual = cdpruner_keep(embeds[visual], embeds[instruction_positions(visual)], plan.kept)  # [R]
+    score_s = time.perf_counter() - t0
+    keep = ~visual
+    keep[visual.nonzero().flatten()[keep_visual]] = True
+    idx = keep.nonzero().flatten()  # [S − M + R]
+    shortened = replace(
+        encoded,
+        input_ids=encoded.input_ids[:, idx],
+        inputs_embeds=encoded.inputs_embeds[:, idx],
+        position_ids=encoded.position_ids[..., idx],
+        visual_mask=encoded.visual_mask[:, idx],
+        image_index=encoded.image_index[:, idx],
+        layer_adds=[a[:, idx] for a in encoded.layer_adds] if encoded.layer_adds else None,
+    )
+    logits = engine.prefill(state, shortened, prime_twig)
+    stats = PruneStats(plan.method, plan.num_visual, plan.kept, plan.avg_kept, keep_visual.tolist(), score_s, plan.wipe)
+    return logits, stats
