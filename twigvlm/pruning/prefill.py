@@ -165,14 +165,22 @@ def _select(
     engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and the kept visual tokens'
-    indices [R'] (within the visual tokens, increasing)."""
-    pos, qidx, adds = encoded.position_ids, query_positions(encoded, query), encoded.layer_adds
+    indices [R'] (within the visual tokens, increasing): DART's rule, else the top R' scores."""
     if plan.method == "dart":  # layer K's keys and outputs, no attention row
-        hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K, adds)
+        hidden_k = engine.forward(state, encoded.inputs_embeds, encoded.position_ids, 0, plan.K, encoded.layer_adds)
         keys = state.cache[plan.K - 1].keys()[0]  # [H_kv, S, D] after RoPE
         keys = keys.transpose(0, 1).reshape(keys.shape[1], -1)  # [S, H_kv · D]
         normed = engine.adapter.final_norm(hidden_k)[0]  # [S, H]
         return hidden_k, dart_keep(keys, normed, visual_row(encoded), plan.kept)
+    hidden_k, scores = _score(engine, state, encoded, plan, query)
+    return hidden_k, select_kept(scores, plan.kept)
+
+
+def _score(
+    engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and scores [M]."""
+    pos, qidx, adds = encoded.position_ids, query_positions(encoded, query), encoded.layer_adds
     if plan.method == "twig":
         twig = engine.twig
         if twig is None:
@@ -191,7 +199,7 @@ def _select(
         raise ValueError(f"no language-model scorer for {plan.method!r}")
     visual = visual_row(encoded)  # [S]
     scores = probs.mean(dim=(1, 2)).squeeze(0)[: visual.shape[0]][visual]  # [B=1, heads, q, S] → [S] → [M]
-    return hidden_k, select_kept(scores, plan.kept)
+    return hidden_k, scores
 
 
 def select_kept(scores: torch.Tensor, kept: int) -> torch.Tensor:
