@@ -101,6 +101,7 @@ class GenConfig:
 
 PRUNE_METHODS = ("none", "twig", "fastv", "visionzip", "cdpruner", "dart")
 QUERY_MODES = ("last", "text")
+PRUNE_HEADS = ("attention", "pruning")  # what the twig scores with: its last layer's attention, or its pruning head
 QUANTIZE_MODES = ("none", "int8")  # the decoder's weights: as loaded, or int8 per output channel (CPU)
 DEFAULT_KEEP_RATIO = 1 / 9  # 64 of LLaVA-1.5's 576 visual tokens: the paper's main budget
 
@@ -117,6 +118,8 @@ class PruneConfig:
                  cdpruner and visionzip prune before the language model and take none).
     query:       "last" scores with the last prompt token's attention row (as the paper's code);
                  "text" with the mean over the text tokens after the image.
+    head:        the twig's scores (twig only): "attention", its last layer's attention row (the paper's), or
+                 "pruning", its trained pruning head (TwigVLM++'s P-Head; `twigvlm train --objective pruning`).
     """
 
     method: str = "none"
@@ -125,12 +128,17 @@ class PruneConfig:
     wipe_layer: int | None = None
     layer: int | None = None
     query: str = "last"
+    head: str = "attention"
 
     def validate(self) -> None:
         if self.method not in PRUNE_METHODS:
             raise TwigVLMError(f"prune method {self.method!r} is unknown: use one of {', '.join(PRUNE_METHODS)}")
         if self.query not in QUERY_MODES:
             raise TwigVLMError(f"query {self.query!r} is unknown: use one of {', '.join(QUERY_MODES)}")
+        if self.head not in PRUNE_HEADS:
+            raise TwigVLMError(f"prune head {self.head!r} is unknown: use one of {', '.join(PRUNE_HEADS)}")
+        if self.head != "attention" and self.method != "twig":
+            raise TwigVLMError(f"the pruning head scores for the twig: use it with --prune twig, not {self.method}")
         if self.keep is not None and self.keep_ratio is not None:
             raise TwigVLMError("give either keep (average visual tokens per layer) or keep_ratio, not both")
         if self.keep is not None and not (math.isfinite(self.keep) and self.keep > 0):
@@ -213,6 +221,7 @@ SETTING_NAMES = {
     "wipe_layer": ("wipe_layer", "--wipe-layer"),
     "layer": ("prune_layer", "--prune-layer"),
     "query": ("query", "--query"),
+    "head": ("prune_head", "--prune-head"),
     "speculative": ("speculative", "--speculative"),
     "draft": ("draft", "--draft"),
     "draft_len": ("draft_len", "--draft-len"),
@@ -229,7 +238,7 @@ def _names(fields: list[str], where: str) -> str:
     return ", ".join(SETTING_NAMES[f][where == "flags"] for f in fields)
 
 
-PRUNE_SETTINGS = ("keep", "keep_ratio", "wipe_layer", "layer", "query")  # what only a pruning method uses
+PRUNE_SETTINGS = ("keep", "keep_ratio", "wipe_layer", "layer", "query", "head")  # what only a pruning method uses
 DRAFT_SETTINGS = ("draft", "draft_len", "threshold", "adaptive", "tree_nodes", "tree_depth", "tree_topk")
 
 
@@ -245,6 +254,7 @@ def pruning(
     wipe_layer: int | None = None,
     layer: int | None = None,
     query: str | None = None,
+    head: str | None = None,
     base: PruneConfig | None = None,
     where: str = "fields",
 ) -> PruneConfig | None:
@@ -254,7 +264,14 @@ def pruning(
     prune = base or PruneConfig()
     if method is not None:
         prune = replace(prune, method=method)
-    given = {"keep": keep, "keep_ratio": keep_ratio, "wipe_layer": wipe_layer, "layer": layer, "query": query}
+    given = {
+        "keep": keep,
+        "keep_ratio": keep_ratio,
+        "wipe_layer": wipe_layer,
+        "layer": layer,
+        "query": query,
+        "head": head,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     if "keep" in given or "keep_ratio" in given:  # one budget replaces the other
         prune = replace(prune, keep=keep, keep_ratio=keep_ratio)

@@ -147,9 +147,12 @@ class Engine:
         query_index: torch.Tensor,
         last_only: bool = False,
         adds: Sequence[torch.Tensor] = (),
+        gate: nn.Module | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `layers` on a fresh prompt (caches empty before), and return the output [B, S, H] with the last
-        layer's attention probabilities [B, heads, q, S] for the queries at `query_index` [q].
+        layer's attention probabilities [B, heads, q, S] for the queries at `query_index` [q] (gated by a pruning
+        head `gate` and restricted to the `allowed` [S] keys, when given: `VLMAdapter.attention_probs`).
 
         last_only: the caller needs the output at the last position only ([B, 1, H]); the last layer then
         projects the other positions' keys/values into its cache and runs on the last position alone.
@@ -165,7 +168,9 @@ class Engine:
         else:
             out = self.run_layers(layers[-1:], below, position_ids, caches[-1:], adds[n - 1 : n])
         rope = self.adapter.rotary(below, position_ids[..., query_index])
-        probs = self.adapter.attention_probs(layers[-1], below[:, query_index], rope, caches[-1].keys(), query_index)
+        probs = self.adapter.attention_probs(
+            layers[-1], below[:, query_index], rope, caches[-1].keys(), query_index, gate, below, allowed
+        )
         return out, probs
 
     def forward(

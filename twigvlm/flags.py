@@ -13,6 +13,7 @@ import argparse
 from .config import (
     DEFAULT_KEEP_RATIO,
     DRAFTERS,
+    PRUNE_HEADS,
     PRUNE_METHODS,
     QUANTIZE_MODES,
     QUERY_MODES,
@@ -139,7 +140,8 @@ def add_video_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_prune_args(p: Group) -> None:
-    """--prune, --keep / --keep-ratio, --wipe-layer, --prune-layer (FastV's K) and --query."""
+    """--prune, --keep / --keep-ratio, --wipe-layer, --prune-layer (FastV's and DART's K), --query and
+    --prune-head (the twig's scores)."""
     p.add_argument(
         "--prune",
         choices=list(PRUNE_METHODS),
@@ -158,7 +160,15 @@ def add_prune_args(p: Group) -> None:
         help="K_f: no visual token after this layer (default: the K_f the twig records, else round(0.75·L); "
         "L disables)",
     )
-    p.add_argument("--prune-layer", type=layer_number, default=None, help="K for fastv (default: the twig's K, else 2)")
+    p.add_argument(
+        "--prune-layer", type=layer_number, default=None, help="K for fastv and dart (default: the twig's K, else 2)"
+    )
+    p.add_argument(
+        "--prune-head",
+        choices=list(PRUNE_HEADS),
+        default=None,
+        help="what the twig scores with: its last layer's attention (the default) or its trained pruning head",
+    )
     p.add_argument(
         "--query",
         choices=list(QUERY_MODES),
@@ -177,6 +187,7 @@ def prune_from_args(args: argparse.Namespace) -> PruneConfig | None:
         wipe_layer=args.wipe_layer,
         layer=getattr(args, "prune_layer", None),
         query=getattr(args, "query", None),
+        head=getattr(args, "prune_head", None),
         where="flags",
     )
 

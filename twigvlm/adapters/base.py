@@ -185,6 +185,15 @@ class VLMAdapter(ABC):
         return n if isinstance(n, int) and n > 0 else None
 
     @property
+    def query_width(self) -> tuple[int, int]:
+        """(hidden size H, attention heads × head dim) of the decoder's attention: the shape of a pruning head's
+        gates (`twig/prune_head.py`)."""
+        text = self.model.config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return text.hidden_size, heads * head_dim
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -268,12 +277,25 @@ class VLMAdapter(ABC):
         """
 
     @abstractmethod
-    def attention_probs(self, layer: Module, hidden: Tensor, rope: Rope, keys: Tensor, query_index: Tensor) -> Tensor:
+    def attention_probs(
+        self,
+        layer: Module,
+        hidden: Tensor,
+        rope: Rope,
+        keys: Tensor,
+        query_index: Tensor,
+        gate: Module | None = None,
+        key_hidden: Tensor | None = None,
+        allowed: Tensor | None = None,
+    ) -> Tensor:
         """One layer's attention probabilities for a few queries, computed explicitly (the model keeps SDPA).
 
         hidden: [B, q, H] the layer's *input* at the query positions; rope: (cos, sin) for those positions;
         keys: [B, H_kv, k, D] that layer's cached keys (after RoPE); query_index: [q] index of each query among
         the keys (a query sees keys 0..index). Returns float32 [B, heads, q, k].
+        gate: a pruning head (`twig/prune_head.py`): its gates, of the layer's normed inputs at the queries and at
+        every key (key_hidden [B, k, H], the layer's input at every position), multiply the queries and keys per
+        head; allowed: [k] the only keys the softmax runs over (the others get probability 0).
         """
 
     @abstractmethod

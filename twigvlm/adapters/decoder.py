@@ -68,14 +68,32 @@ class LlamaStyleDecoder:
         out = layer(hidden, attention_mask=mask, position_ids=pos, past_key_values=kv, position_embeddings=rope)
         return out[0] if isinstance(out, tuple) else out
 
-    def attention_probs(self, layer: Module, hidden: Tensor, rope: Rope, keys: Tensor, query_index: Tensor) -> Tensor:
+    def attention_probs(
+        self,
+        layer: Module,
+        hidden: Tensor,
+        rope: Rope,
+        keys: Tensor,
+        query_index: Tensor,
+        gate: Module | None = None,
+        key_hidden: Tensor | None = None,
+        allowed: Tensor | None = None,
+    ) -> Tensor:
         attn = layer.self_attn
         b, q, _ = hidden.shape
-        query = _head_norm(attn, "q_norm", attn.q_proj(layer.input_layernorm(hidden)).view(b, q, -1, attn.head_dim))
+        normed = layer.input_layernorm(hidden)  # [B, q, H]
+        query = _head_norm(attn, "q_norm", attn.q_proj(normed).view(b, q, -1, attn.head_dim))
         query = self.apply_rotary(query.transpose(1, 2), rope)  # [B, heads, q, D]
         keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # GQA: [B, heads, k, D]
+        if gate is not None:  # a pruning head's gates, per head: [B, q|k, heads · D] → [B, heads, q|k, D]
+            assert key_hidden is not None, "a gated row needs the layer's input at every key"
+            gq, gk = gate(normed, layer.input_layernorm(key_hidden))
+            query = query * gq.view(b, q, -1, attn.head_dim).transpose(1, 2)
+            keys = keys * gk.view(b, keys.shape[2], -1, attn.head_dim).transpose(1, 2)
         scores = (query @ keys.transpose(2, 3)).float() * attn.scaling  # [B, heads, q, k]
         visible = torch.arange(keys.shape[2], device=keys.device) <= query_index.view(-1, 1)  # [q, k]
+        if allowed is not None:
+            visible = visible & allowed.view(1, -1)
         return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
     def project_kv(self, layer: Module, hidden: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:

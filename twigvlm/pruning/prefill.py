@@ -25,6 +25,11 @@ from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
 from .peers import cdpruner_keep, dart_keep
 
+NO_PRUNE_HEAD = (
+    "this twig has no pruning head: train one with `twigvlm train --objective pruning --twig DIR`, "
+    "or score with its attention (--prune-head attention)"
+)
+
 
 @dataclass(frozen=True)
 class PrunePlan:
@@ -162,7 +167,7 @@ def query_positions(encoded: Encoded, mode: str) -> torch.Tensor:
 
 
 def _select(
-    engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
+    engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str, head: str = "attention"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and the kept visual tokens'
     indices [R'] (within the visual tokens, increasing): DART's rule, else the top R' scores."""
@@ -172,22 +177,29 @@ def _select(
         keys = keys.transpose(0, 1).reshape(keys.shape[1], -1)  # [S, H_kv · D]
         normed = engine.adapter.final_norm(hidden_k)[0]  # [S, H]
         return hidden_k, dart_keep(keys, normed, visual_row(encoded), plan.kept)
-    hidden_k, scores = _score(engine, state, encoded, plan, query)
+    hidden_k, scores = _score(engine, state, encoded, plan, query, head)
     return hidden_k, select_kept(scores, plan.kept)
 
 
 def _score(
-    engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str
+    engine: Engine, state: DecodeState, encoded: Encoded, plan: PrunePlan, query: str, head: str = "attention"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and scores [M]."""
+    """Run layers 1..K (and the twig) on the prompt; layer-K hidden states [B, S, H] and scores [M]. head
+    "pruning": the twig's pruning head scores (gated rows, a softmax over the visual tokens only)."""
     pos, qidx, adds = encoded.position_ids, query_positions(encoded, query), encoded.layer_adds
     if plan.method == "twig":
         twig = engine.twig
         if twig is None:
             raise TwigVLMError(NO_TWIG_TO_PRUNE)
         hidden_k = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K, adds)
+        gate = twig.prune_head if head == "pruning" else None
+        if head == "pruning" and gate is None:
+            raise TwigVLMError(NO_PRUNE_HEAD)
+        allowed = visual_row(encoded) if gate is not None else None
         # The twig's output matters at the last position only (a first draft); its keys everywhere.
-        _, probs = engine.run_and_score(twig.layers, state.twig_cache.layers, hidden_k, pos, qidx, last_only=True)
+        _, probs = engine.run_and_score(
+            twig.layers, state.twig_cache.layers, hidden_k, pos, qidx, last_only=True, gate=gate, allowed=allowed
+        )
     elif plan.method == "fastv":  # base layer K's own attention
         below = engine.forward(state, encoded.inputs_embeds, pos, 0, plan.K - 1, adds)
         layers = engine.adapter.layers[plan.K - 1 : plan.K]
@@ -222,7 +234,7 @@ def pruned_prefill(
     if plan.K == 0:
         return _prune_before_layers(engine, state, encoded, plan, prime_twig)
     t0 = time.perf_counter()
-    hidden, keep_visual = _select(engine, state, encoded, plan, cfg.query)
+    hidden, keep_visual = _select(engine, state, encoded, plan, cfg.query, cfg.head)
     score_s = time.perf_counter() - t0
     if prime_twig and state.twig_cache is not None and state.twig_cache[0].length == 0:
         if plan.K != engine.twig.config.K:

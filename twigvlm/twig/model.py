@@ -26,6 +26,7 @@ from ..adapters.base import VLMAdapter
 from ..config import HEAD_MODES, LAYER_INITS, TwigConfig
 from ..errors import TwigVLMError
 from .fingerprint import ARCH_KEYS, base_fingerprint, check_fingerprint, same_weights
+from .prune_head import PruneHead
 
 WEIGHTS_NAME = "twig.safetensors"
 CONFIG_NAME = "twig.json"
@@ -54,7 +55,15 @@ class Twig(nn.Module):
         self.norm = norm
         self.head = head
         self.base_fingerprint = base_fingerprint
+        self.prune_head: PruneHead | None = None  # TwigVLM++'s pruning head, once added (`add_prune_head`)
         self.register_buffer("draft_vocab", None, persistent=True)
+
+    def add_prune_head(self, width: tuple[int, int]) -> PruneHead:
+        """Give the twig a fresh pruning head with gates of `width` (the adapter's `query_width`), at torch's
+        default initialisation, and return it."""
+        ref = next(self.layers[-1].parameters())
+        self.prune_head = PruneHead(*width).to(ref.device, ref.dtype)
+        return self.prune_head
 
     def set_draft_vocab(self, token_ids: Any | None) -> None:
         """Restrict drafting to these token ids (None: the whole vocabulary)."""
@@ -68,7 +77,8 @@ class Twig(nn.Module):
 
     def extra_repr(self) -> str:
         vocab = "" if self.draft_vocab is None else f", draft_vocab={self.draft_vocab.numel()}"
-        return f"K={self.config.K}, T={self.config.T}, head={self.config.head}{vocab}"
+        pruning = ", prune_head" if self.prune_head is not None else ""
+        return f"K={self.config.K}, T={self.config.T}, head={self.config.head}{vocab}{pruning}"
 
 
 def freeze_base(adapter: VLMAdapter) -> None:
@@ -140,6 +150,7 @@ def save_twig(
         "dtype": dtype,
         "base": twig.base_fingerprint,
         "draft_vocab": int(tensors["draft_vocab"].numel()) if "draft_vocab" in tensors else None,
+        "prune_head": any(name.startswith("prune_head.") for name in tensors),
     }
     created = not out.exists()
     temps: list[Path] = []
@@ -220,6 +231,8 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     except TwigVLMError as e:
         raise _bad_config(Path(twig_dir) / CONFIG_NAME, str(e)) from None
     twig.config = replace(twig.config, layer_init=meta["layer_init"])
+    if meta.get("prune_head"):  # twigs saved before the pruning head existed have none
+        twig.add_prune_head(adapter.query_width)
     _load_weights(twig, twig_dir)
     return twig
 
