@@ -105,3 +105,57 @@ def test_the_head_flag_needs_twig_pruning(model_dirs, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--prune-head needs --prune" in err and err.count("\n") == 1
+
+
+# ---- training (`twigvlm train --objective pruning`) --------------------------------------------------------------
+def test_the_teacher_row_is_hf_eager_attention(model_dirs, tmp_path):
+    from twigvlm.engine import Engine
+    from twigvlm.train.config import TrainConfig
+    from twigvlm.train.data import LlavaDataset
+    from twigvlm.train.prune_head import _examples
+
+    from .conftest import write_llava_data
+
+    vlm = twigvlm.load(model_dirs["llama-clip"])
+    data = write_llava_data(tmp_path / "d", 2)
+    cfg = TrainConfig(model="m", out=str(tmp_path / "o"), data=data)
+    A = 3
+    with torch.no_grad():
+        ex = _examples(Engine(vlm.adapter), LlavaDataset(data, vlm.adapter, cfg), A, "t")[0]
+        model = vlm.adapter.model
+        model.set_attn_implementation("eager")  # HF's own attention weights
+        out = model.model.language_model(
+            inputs_embeds=ex.inputs.inputs_embeds, position_ids=ex.inputs.position_ids, output_attentions=True
+        )
+        model.set_attn_implementation("sdpa")
+    row = out.attentions[A - 1][0, :, ex.query][:, ex.inputs.visual_mask[0]]  # [heads, M]
+    expected = (row / row.sum(-1, keepdim=True)).mean(0)
+    torch.testing.assert_close(ex.teacher, expected, rtol=1e-4, atol=1e-6)
+    assert ex.query == ex.inputs.num_tokens - 1  # the prompt is cut after its last token
+
+
+def test_training_moves_the_head_toward_the_teacher(model_dirs, tmp_path, capsys):
+    from twigvlm.cli.main import main
+
+    from .conftest import write_llava_data
+
+    model = model_dirs["qwen2-siglip"]
+    vlm = twigvlm.load(model)
+    vlm.grow_twig(K=2, T=2)
+    vlm.save_twig(tmp_path / "twig")
+    data = write_llava_data(tmp_path / "d", 6)
+    argv = ["train", "--model", model, "--init", str(tmp_path / "twig"), "--objective", "pruning", "--data", data,
+            "--out", str(tmp_path / "out"), "--max-steps", "30", "--batch-size", "2", "--lr", "3e-2"]  # fmt: skip
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    before, after = (float(x) for x in line.split("KL to the teacher ")[1].split(",")[0].split(" → "))
+    held_before, held_after = (float(x) for x in line.split("top M/9 held ")[1].split(" → "))
+    assert after < 0.9 * before and held_after > held_before, line  # a random tiny base attends almost uniformly
+    trained = twigvlm.load(model, twig=str(tmp_path / "out"))
+    assert trained.twig.prune_head is not None
+    r = trained.generate("hi", image=random_image(0), prune=PruneConfig("twig", keep=8, head="pruning"))
+    assert r.stats.kept > 0
+    assert (
+        main(["train", "--model", model, "--objective", "pruning", "--data", data, "--out", str(tmp_path / "x")]) == 2
+    )
+    assert "--init" in capsys.readouterr().err

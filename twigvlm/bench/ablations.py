@@ -116,6 +116,14 @@ def _weights(c: AblationContext) -> list[Variant]:
     return out
 
 
+@register("head", "the twig choosing with its attention row or with its trained pruning head", needs_twig=True)
+def _head(c: AblationContext) -> list[Variant]:
+    out = [Variant(BASELINE, BASELINE, c.mc)]
+    out.append(Variant("twig (attention)", "twig", replace(c.mc, prune_head="attention")))
+    out.append(Variant("twig (pruning head)", "twig", replace(c.mc, prune_head="pruning")))
+    return out
+
+
 @register("query", "FastV and the twig scoring with the last prompt token's attention or the question's")
 def _query(c: AblationContext) -> list[Variant]:
     return [Variant(BASELINE, BASELINE, c.mc)] + [

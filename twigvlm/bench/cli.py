@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
-from ..config import DEFAULT_KEEP_RATIO, QUERY_MODES, PruneConfig, speculation
+from ..config import DEFAULT_KEEP_RATIO, PRUNE_HEADS, QUERY_MODES, PruneConfig, speculation
 from ..errors import TwigVLMError
 from ..flags import add_draft_args, add_model_args, draft_fields, layer_number, positive_float, positive_int
 from ..inputs.paths import output_dir
@@ -79,6 +79,13 @@ def add_parser(sub) -> None:  # noqa: ANN001
         default=PruneConfig.query,
         help="FastV's and the twig's scoring attention: the last prompt token's row (last, the paper's) or "
         "the mean over every token after the image, the question's (text)",
+    )
+    b.add_argument(
+        "--prune-head",
+        choices=PRUNE_HEADS,
+        default=PruneConfig.head,
+        help="what the twig's rows (twig, twig+ssd) score with: its last layer's attention (the paper's) or its "
+        "trained pruning head (`twigvlm train --objective pruning`)",
     )
     add_draft_args(b.add_argument_group("drafting of the speculative methods (ssd, twig+ssd)"))
     b.add_argument(
@@ -169,6 +176,7 @@ def variants(
         keep=args.keep,
         wipe_layer=wipe,
         query=args.query,
+        prune_head=getattr(args, "prune_head", PruneConfig.head),
         spec=speculation(True, where="flags", **draft_fields(args)),
         gguf=gguf_source(args),
         quantize=None if getattr(args, "quantize", "none") == "none" else args.quantize,  # every row (hf: stock)

@@ -36,13 +36,15 @@ def paired(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
 
 
 def against_peers(rows: list[dict[str, Any]], variants: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """For each twig (TTP) variant of a run, its sign test against each pruning peer of the run, by peer name."""
+    """For each twig (TTP) variant of a run, its sign test against each pruning peer of the run, and against the
+    run's first twig variant (the head ablation's attention row), by name."""
     ran = {r["variant"] for r in rows}
     peers = [v.name for v in variants if v.method in PRUNING_PEERS and v.name in ran]
+    twigs = [v.name for v in variants if v.method == "twig" and v.name in ran]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for v in variants:
         if v.method == "twig" and v.name in ran:
-            tests = {p: paired(rows, v.name, p) for p in peers}
+            tests = {p: paired(rows, v.name, p) for p in peers + [t for t in twigs[:1] if t != v.name]}
             out[v.name] = {p: t for p, t in tests.items() if t is not None}
     return {k: t for k, t in out.items() if t}
 

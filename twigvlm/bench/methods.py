@@ -94,6 +94,7 @@ class MethodConfig:
     wipe_layer: int | None = None
     layer: int | None = None  # FastV's pruning layer (None: the twig's K); the attention-source ablation moves it
     query: str = PruneConfig.query  # whose attention scores: the last prompt token's, or the mean after the image
+    prune_head: str = PruneConfig.head  # what the twig scores with: its attention row, or its pruning head
     spec: SpecConfig = SpecConfig(draft="auto")  # the speculative methods' drafting (the default rows: auto)
     quantize: str | None = None  # our methods' weights for this row ("none", "int8"); None: as the model loaded
     gguf: str | None = None  # the decoder as a GGUF file, for the llama.cpp peers (None: the model names none)
@@ -113,7 +114,8 @@ def prune_config(method: str, mc: MethodConfig) -> PruneConfig | None:
     budget = {"keep": mc.keep} if mc.keep is not None else {"keep_ratio": mc.keep_ratio}
     layer = mc.layer if name in ("fastv", "dart") else None
     wipe = None if name == "cdpruner" else mc.wipe_layer  # the same tokens in every layer: no FinalWipe
-    return pruning(name, wipe_layer=wipe, layer=layer, query=mc.query, **budget)
+    head = mc.prune_head if name == "twig" else None
+    return pruning(name, wipe_layer=wipe, layer=layer, query=mc.query, head=head, **budget)
 
 
 def method_configs(method: str, mc: MethodConfig) -> tuple[PruneConfig | None, SpecConfig | None]:

@@ -121,6 +121,8 @@ def plan_for(engine: Engine, cfg: PruneConfig, num_visual: int) -> PrunePlan | N
         return plan_before_layers(cfg, engine.num_layers, num_visual) if num_visual else None
     twig = engine.twig
     K = cfg.layer if cfg.layer is not None else (twig.config.K if twig is not None else 2)
+    if cfg.head == "pruning" and (twig is None or twig.prune_head is None):
+        raise TwigVLMError(NO_PRUNE_HEAD)
     if cfg.method == "twig" and twig is not None and K != twig.config.K:
         raise TwigVLMError(
             f"twig pruning happens after the twig's layer K={twig.config.K}, not {K}: "

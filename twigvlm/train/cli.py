@@ -67,8 +67,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from .recipe import train_twig
 
+    cfg = config_from_args(TrainConfig, args)
+    if cfg.objective == "pruning":
+        from .prune_head import train_prune_head
+
+        r = train_prune_head(cfg)
+        print(
+            f"twig with its pruning head written to {r.out} ({r.steps} steps); KL to the teacher {r.kl_before:.4f} "
+            f"→ {r.kl_after:.4f}, the teacher's top M/9 held {r.overlap_before:.3f} → {r.overlap_after:.3f}",
+            flush=True,
+        )
+        return
     try:
-        result = train_twig(config_from_args(TrainConfig, args))
+        result = train_twig(cfg)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

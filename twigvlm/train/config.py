@@ -18,6 +18,7 @@ DISTILL_MODES = ("none", "kl")
 PRECISIONS = ("auto", "fp32", "bf16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+OBJECTIVES = ("draft", "pruning")
 
 
 def _opt(default, help: str, **meta):  # noqa: A002 — mirrors argparse's keyword
@@ -73,6 +74,16 @@ class TrainConfig(DataConfig):
         "`twigvlm bench --ablation wipe`",
     )
     init: str | None = _opt(None, "start from this twig directory instead of growing a new twig")
+    objective: str = _opt(
+        "draft",
+        "draft: train the twig on the answers (the paper's recipe); pruning: train only the pruning head of the "
+        "--init twig to match --teacher-layer's attention to the visual tokens (TwigVLM++'s P-Head; "
+        "--prune-head pruning uses it)",
+        choices=OBJECTIVES,
+    )
+    teacher_layer: int | None = _opt(
+        None, "--objective pruning: the base layer whose attention the pruning head learns (default: round(0.6·L))"
+    )
     epochs: float = _opt(1.0, "passes over the data (ignored when --max-steps is given)")
     max_steps: int = _opt(-1, "stop after this many optimizer steps (default: run --epochs)")
     lr: float = _opt(1e-4, "peak learning rate")
@@ -137,6 +148,8 @@ class TrainConfig(DataConfig):
             raise TwigVLMError(f"--draft-vocab {self.draft_vocab} must be >= 1")
         if self.wipe_layer is not None and self.init is None and self.wipe_layer <= self.K:
             raise TwigVLMError(f"--wipe-layer {self.wipe_layer} must come after the twig's layer --K {self.K}")
+        if self.objective == "pruning" and self.init is None:
+            raise TwigVLMError("--objective pruning trains the pruning head of an existing twig: give it with --init")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise TwigVLMError(f"--save-total-limit {self.save_total_limit} must be >= 1")
 
