@@ -397,14 +397,18 @@ def test_the_sign_test_against_the_pruning_peers():
     assert tests == {"twig": {"fastv": {"wins": 2, "losses": 1, "ties": 2, "p": 1.0}}}  # ar is no pruning peer
 
 
-def test_head_ablation_runs_both_heads_and_tests_the_head_against_the_attention_row(model_dirs, bench_twig, tmp_path):
+def test_head_ablation_runs_both_heads_and_tests_the_head_against_the_attention_row(
+    model_dirs, bench_twig, tmp_path, capsys
+):
     vlm = twigvlm.load(model_dirs["llama-clip"], twig=bench_twig)
     vlm.twig.add_prune_head(vlm.adapter.query_width)
     vlm.save_twig(tmp_path / "headed")
-    results = _ablation(model_dirs["llama-clip"], str(tmp_path / "headed"), tmp_path / "d", "head", "--limit", "2")
-    summary = results["summary"]
+    budget = ("--limit", "2", "--keep-ratio", "0.5")
+    summary = _ablation(model_dirs["llama-clip"], str(tmp_path / "headed"), tmp_path / "d", "head", *budget)["summary"]
     assert {"twig (attention)", "twig (pruning head)"} <= set(summary)
     assert set(summary["twig (pruning head)"]["sign_tests"]) == {"twig (attention)"}
-    # a twig without a head: the head's row is reported as not run, with the reason
-    plain = _ablation(model_dirs["llama-clip"], bench_twig, tmp_path / "p", "head")
-    assert "no pruning head" in plain["unsupported"]["twig (pruning head)"]
+    # a twig without a head: a one-line error before anything runs
+    argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--ablation", "head", *budget]
+    capsys.readouterr()
+    assert main([*argv, "--tasks", "scenes", "--out", str(tmp_path / "p")]) == 2
+    assert "no pruning head" in capsys.readouterr().err

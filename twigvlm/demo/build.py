@@ -6,6 +6,9 @@
    and prune better than the paper's K+1..K+T, see the twig ablation in docs/results.md) with the training recipe
    (`twigvlm train`) on a LLaVA-format set written from the training mixture, evaluated on val → assets/twig
    (bf16). The twig records FinalWipe after layer 26 (`--wipe-layer`), where this base stops reading the image.
+3. The twig's pruning head (`twigvlm train --objective pruning`: TwigVLM++'s P-Head distilled from base layer
+   `--head-teacher-layer`'s attention to the visual tokens, the twig frozen) on another 1,200 examples of the
+   mixture → added to assets/twig (`--prune-head pruning` selects with it).
 
 Every stage resumes from its checkpoints under --work, so an interrupted build continues where it stopped; a
 finished stage is skipped. Prints how long each stage took. On a GPU pass `--device cuda`; options this
@@ -23,11 +26,14 @@ from pathlib import Path
 from ..config import LAYER_INITS
 from ..data.examples import eval_set, training_stream, write_llava
 from ..train.config import TrainConfig
+from ..train.prune_head import train_prune_head
 from ..train.recipe import train_twig
-from ..twig.model import CONFIG_NAME
+from ..twig.model import CONFIG_NAME, read_twig_config
 from . import train_vision
 from .model import ASSETS, TWIG_DIR, VISION_WEIGHTS
 from .vision.loop import default_workers
+
+HEAD_TEACHER = 18  # round(0.6·L) for the demo's 30 layers
 
 
 def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: int = 0) -> tuple[Path, Path]:
@@ -40,6 +46,18 @@ def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: i
         write_llava(
             eval_dir,
             eval_set("scenes", per, "val") + eval_set("easyvqa", per, "val") + eval_set("describe", per, "val"),
+        )
+    return train_dir / "data.json", eval_dir / "data.json"
+
+
+def build_head_data(work: Path, n_train: int, seed: int, workers: int = 0) -> tuple[Path, Path]:
+    """The pruning head's training set (another seed of the mixture) and val set (50 of each val set)."""
+    train_dir, eval_dir = work / "head-data" / "train", work / "head-data" / "val"
+    if not (train_dir / "data.json").is_file():
+        write_llava(train_dir, list(itertools.islice(training_stream(seed + 7), n_train)), workers)
+    if not (eval_dir / "data.json").is_file():
+        write_llava(
+            eval_dir, eval_set("scenes", 50, "val") + eval_set("easyvqa", 50, "val") + eval_set("describe", 50, "val")
         )
     return train_dir / "data.json", eval_dir / "data.json"
 
@@ -65,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         default=26,
         help="the FinalWipe layer K_f the twig records (the wipe ablation in docs/results.md: this base still reads "
         "the image in layers 24-26, so the paper's 0.75·L = 23 costs accuracy)",
+    )
+    ap.add_argument("--head-examples", type=int, default=1200, help="the pruning head's training examples")
+    ap.add_argument(
+        "--head-teacher-layer", type=int, default=HEAD_TEACHER, help="the base layer the pruning head learns from"
     )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=default_workers())
@@ -119,6 +141,32 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"twig stage done at {(time.perf_counter() - t0) / 60:.1f} min: agreement with the base "
             f"{result.eval_after.get('eval_agreement', float('nan')):.3f}",
+            flush=True,
+        )
+    if not read_twig_config(TWIG_DIR).get("prune_head"):
+        data, val = build_head_data(args.work, args.head_examples, args.seed, args.workers)
+        out = args.work / "twig-head"
+        cfg = TrainConfig(
+            model="demo",
+            init=str(TWIG_DIR),
+            objective="pruning",
+            teacher_layer=args.head_teacher_layer,
+            data=str(data),
+            eval_data=str(val),
+            out=str(out),
+            epochs=2,
+            batch_size=8,
+            lr=1e-3,
+            save_dtype="bfloat16",
+            device=args.device,
+            seed=args.seed,
+        )
+        head = train_prune_head(cfg)
+        for name in ("twig.safetensors", CONFIG_NAME):
+            shutil.copy2(head.out / name, TWIG_DIR / name)
+        print(
+            f"pruning-head stage done at {(time.perf_counter() - t0) / 60:.1f} min: the teacher's top M/9 held "
+            f"{head.overlap_before:.3f} → {head.overlap_after:.3f}",
             flush=True,
         )
     print(f"demo assets in {ASSETS} (built in {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
