@@ -234,3 +234,16 @@ def native_spy(monkeypatch, name: str) -> list[int]:
 
     monkeypatch.setattr(native, name, spy)
     return calls
+
+
+def pruning_model(name: str, num_layers: int, seed: int) -> twigvlm.VLM:
+    """A tiny LLaVA ("llama-clip" or "qwen2-siglip") with 64 visual tokens per image and `num_layers` layers, built
+    in memory: room for several K, K_f and R' in the pruning oracles."""
+    from twigvlm.tiny.llava import build_tiny_llava
+
+    spec = {
+        "llama-clip": TinySpec(num_layers=num_layers, image_size=64, tie_embeddings=False, seed=seed),
+        "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", num_layers=num_layers, image_size=64, seed=seed),
+    }[name]
+    model, processor = build_tiny_llava(spec)
+    return twigvlm.VLM.from_model(model, processor)

@@ -15,22 +15,15 @@ from twigvlm import PruneConfig, TwigVLMError
 from twigvlm.config import TwigConfig
 from twigvlm.pruning.prefill import default_wipe_layer, kept_per_layer, plan_pruning, pruned_prefill, query_positions
 from twigvlm.pruning.visionzip import VisionZip
-from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 from twigvlm.twig.model import Twig, grow_twig
 
-from .conftest import random_image, random_prompt
+from .conftest import pruning_model, random_image, random_prompt
 from .oracles import assert_pruning_equals_masked_model
 
 
 @pytest.fixture(scope="module", params=["llama-clip", "qwen2-siglip"])
 def model(request):
-    # 8 layers and 64 visual tokens per image, so that several K, K_f and R' are feasible.
-    spec = {
-        "llama-clip": TinySpec(num_layers=8, image_size=64, tie_embeddings=False, seed=4),
-        "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", num_layers=8, image_size=64, seed=5),
-    }
-    model, processor = build_tiny_llava(spec[request.param])
-    vlm = twigvlm.VLM.from_model(model, processor)
+    vlm = pruning_model(request.param, 8, {"llama-clip": 4, "qwen2-siglip": 5}[request.param])
     vlm.grow_twig(K=2, T=3)
     with torch.no_grad():  # a twig that differs from the base layers it was copied from
         for p in vlm.twig.parameters():

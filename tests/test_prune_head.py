@@ -12,20 +12,14 @@ import twigvlm
 from twigvlm import PruneConfig, TwigVLMError
 from twigvlm.adapters.decoder import family_rotary
 from twigvlm.pruning.prefill import pruned_prefill
-from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 
-from .conftest import random_image, random_prompt
+from .conftest import pruning_model, random_image, random_prompt
 from .oracles import assert_pruning_equals_masked_model
 
 
 @pytest.fixture(scope="module", params=["llama-clip", "qwen2-siglip"])
 def headed(request):
-    spec = {
-        "llama-clip": TinySpec(num_layers=6, image_size=64, tie_embeddings=False, seed=21),
-        "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", num_layers=6, image_size=64, seed=22),
-    }
-    m, processor = build_tiny_llava(spec[request.param])
-    vlm = twigvlm.VLM.from_model(m, processor)
+    vlm = pruning_model(request.param, 6, {"llama-clip": 21, "qwen2-siglip": 22}[request.param])
     vlm.grow_twig(K=2, T=2)
     torch.manual_seed(0)
     vlm.twig.add_prune_head(vlm.adapter.query_width)

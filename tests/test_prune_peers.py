@@ -11,24 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import twigvlm
 from twigvlm import PruneConfig, TwigVLMError
 from twigvlm.adapters.decoder import family_rotary
 from twigvlm.pruning.prefill import pruned_prefill
-from twigvlm.tiny.llava import TinySpec, build_tiny_llava
 
-from .conftest import random_image, random_prompt
+from .conftest import pruning_model, random_image, random_prompt
 from .oracles import assert_pruning_equals_masked_model, stock_greedy
 
 
 @pytest.fixture(scope="module", params=["llama-clip", "qwen2-siglip"])
 def model(request):
-    spec = {
-        "llama-clip": TinySpec(num_layers=6, image_size=64, tie_embeddings=False, seed=11),
-        "qwen2-siglip": TinySpec(backbone="qwen2", tower="siglip", num_layers=6, image_size=64, seed=12),
-    }
-    m, processor = build_tiny_llava(spec[request.param])
-    return twigvlm.VLM.from_model(m, processor)
+    return pruning_model(request.param, 6, {"llama-clip": 11, "qwen2-siglip": 12}[request.param])
 
 
 def _kept(vlm, enc, cfg) -> list[int]:
