@@ -395,6 +395,9 @@ def test_drain_refuses_new_requests_and_ends_running_ones_with_an_error(adapters
         assert e.value.code == "shutting_down" and e.value.status == 503
         kind, error = _events(job)[-1]
         assert kind == "error" and error.code == "shutting_down"
+        late = _job(body())  # admitted before the signal, submitted after the grace period: ended at once
+        worker.submit(late)
+        assert _events(late)[-1][1].code == "shutting_down"
     finally:
         worker.stop()
 

@@ -111,6 +111,7 @@ class Worker:
         self._waiting = 0  # admitted, not started (reading images or queued)
         self._live: set[Job] = set()  # submitted, not ended
         self.draining = False  # SIGTERM: no new requests
+        self._aborted = False  # the grace period is over: whatever is submitted now ends at once
         self.vlm: VLM | None = None
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -150,6 +151,9 @@ class Worker:
     def submit(self, job: Job) -> None:
         with self._lock:
             self._live.add(job)
+            late = self._aborted  # admitted before SIGTERM, its pictures read after the grace period
+        if late:
+            job.stop(APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
         self._queue.put(job)
 
     def drain(self, grace_s: float) -> None:
@@ -167,6 +171,7 @@ class Worker:
     def abort_all(self) -> None:
         """Stop every request the worker holds with a "shutting down" error."""
         with self._lock:
+            self._aborted = True
             jobs = list(self._live)
         for job in jobs:
             job.stop(APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
