@@ -9,8 +9,10 @@ Phase A uses an s below bf16's resolution (every draft accepted, pruned or not: 
 machinery); phase B rescales the base (not the twig) so that the acceptance lands near a target (default 0.7,
 the demo model's measured acceptance). Weight values do not change the cost of any kernel, so every method's
 speed is that of a real LLaVA-1.5-7B; only the acceptance is staged. Phase C times the first token as the
-prompt grows (1, 2, 4 images); phase D puts stock `generate` against its compiled static-cache form, last,
-because the compiled graphs were seen to slow the eager methods run after them in the same process.
+prompt grows (1, 2, 4 images); phase D puts stock `generate` against its compiled static-cache form and our
+methods with compiled decode steps (`ar compiled`, `ssd compiled`, `twig+ssd compiled`: `--compile on`) at phase
+B's acceptance, last, because compiled graphs were seen to slow the eager methods run after them in the same
+process.
 
 Methods, batch 1, greedy, a fixed number of new tokens (EOS off), interleaved A B C … A B C … after a warm-up
 round, medians: `hf` (generate, dynamic cache), `hf-static-compiled` (generate with a static cache, which
@@ -42,7 +44,20 @@ from twigvlm import PruneConfig, SpecConfig
 from twigvlm.inputs.images import load_image
 from twigvlm.tiny.llava import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer, demo_image
 
-METHODS = ("hf", "hf-static-compiled", "ar", "fastv", "visionzip", "twig", "ssd", "twig+ssd")
+METHODS = (
+    "hf",
+    "hf-static-compiled",
+    "ar",
+    "fastv",
+    "visionzip",
+    "twig",
+    "ssd",
+    "twig+ssd",
+    "ar compiled",
+    "ssd compiled",
+    "twig+ssd compiled",
+)
+COMPILED = " compiled"  # our method with `--compile on` (its decode-time layer calls as compiled programs)
 PHASE_B = ("hf", "ar", "ssd", "twig", "twig+ssd")
 PROMPT = "Describe the image in detail."
 K, T = 2, 3
@@ -210,6 +225,8 @@ class Bench:
             self.sync()
             sample = Sample(time.perf_counter() - t0, ids=ids)
         else:
+            self.vlm.set_compile("on" if method.endswith(COMPILED) else "off")
+            method = method.removesuffix(COMPILED)
             prune = self.prune.get(method.removesuffix("+ssd"))
             spec = self.ssd if method.endswith("ssd") else False
             out = self.vlm.generate(
@@ -473,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     scaler.set(args.upper_scale)
     bench = Bench(model, processor, args.device, args.tokens, args.gamma, args.keep)
     save()
-    compiled = [m for m in methods if m == "hf-static-compiled"]
+    compiled = [m for m in methods if m == "hf-static-compiled" or m.endswith(COMPILED)]
     eager = [m for m in methods if m not in compiled]
 
     log(f"phase A: layers K+1..L ×{args.upper_scale:g} (every draft accepted)")
@@ -506,9 +523,10 @@ def main(argv: list[str] | None = None) -> None:
         print(prefill_table(result["phase_c"]), flush=True)
 
     if compiled:  # last: the compiled graphs slow every eager method run after them in the same process
-        log("phase D: stock generate against its static-cache compiled form")
+        log("phase D: stock generate against its static-cache compiled form, and our compiled decode steps")
         samples = interleave(bench, ["hf", *compiled], args.repeats, deadline + 60, log)
-        result["phase_d"] = dict(rows=summarize(samples, args.tokens, {}))
+        same = {"ssd compiled": samples["ar compiled"][-1].ids if samples.get("ar compiled") else None}
+        result["phase_d"] = dict(rows=summarize(samples, args.tokens, same))
         save()
         print(table(result["phase_d"]["rows"]), flush=True)
     log("done")

@@ -21,6 +21,9 @@ from PIL import Image
 # loads with --kernels stock unless a test asks for the fast kernels (tests/test_kernels.py); a probed kernel plan
 # is cached in a folder of the run's own.
 os.environ["TWIGVLM_KERNELS"] = "stock"
+# Compiled decode steps only where a test turns them on (tests/test_compiled.py): auto's one-off probe would
+# otherwise compile and time every tiny model the suite loads.
+os.environ["TWIGVLM_COMPILE"] = "off"
 os.environ["TWIGVLM_CACHE"] = tempfile.mkdtemp(prefix="twigvlm-cache-")
 
 import twigvlm

@@ -28,6 +28,8 @@ from .inputs.images import ImageInput, load_images
 from .inputs.named import load_model, twig_directory
 from .inputs.video import VideoInput, load_videos
 from .pruning.visionzip import VisionZip
+from .runtime.compile_probe import compile_pays
+from .runtime.compiled import StepPrograms, check_compile, programs_for, resolve_compile
 from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
 from .runtime.quant import apply_quantization, check_quantize
 from .speculative.choice import SHORT_ANSWER, DraftRecord
@@ -49,6 +51,7 @@ class VLM:
         self._engine = Engine(adapter, twig)
         self.kernel_plan: KernelPlan | None = None
         self.quantize = "none"  # the decoder's weights: "none" (as loaded) or "int8" (`set_quantize`)
+        self.programs: StepPrograms | None = None  # compiled decode steps (`set_compile`), None: eager
         self._draft_records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Twig → DraftRecord
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -63,16 +66,21 @@ class VLM:
         max_pixels: int | None = None,
         kernels: str | None = None,
         quantize: str = "none",
+        compile: str | None = None,  # noqa: A002 - the option's name everywhere (CLI, server, bench)
     ) -> VLM:
         """Load a saved Hugging Face VLM directory, a hub id whose files are cached (or reachable), or a named
         model such as "demo"; and a twig directory if given. min_pixels / max_pixels: the image size range of a
         dynamic-resolution family (Qwen-VL), passed to its image processor. kernels: "auto" (the default on a
         CPU, from the environment variable TWIGVLM_KERNELS when set) picks the fastest measured layout for the
         decoder's small-row products (`twigvlm.runtime.kernels`); "stock" keeps nn.Linear. quantize: "int8" runs
-        the decoder's and the twig's linear layers on int8 weights (CPU; `twigvlm.runtime.quant`)."""
+        the decoder's and the twig's linear layers on int8 weights (CPU; `twigvlm.runtime.quant`). compile: "on"
+        runs decode steps, drafts and verifications as compiled programs (`twigvlm.runtime.compiled`), "off"
+        eagerly; "auto" (the default, or TWIGVLM_COMPILE) is on for CUDA and on a CPU where a probe measured it
+        faster."""
         vlm = cls(load_model(model, dtype=dtype, device=device))
         vlm.set_kernels(resolve_mode(kernels))
         vlm.set_quantize(quantize)
+        vlm.set_compile(resolve_compile(compile))
         if min_pixels is not None or max_pixels is not None:
             require(vlm.adapter, PixelRange, "min_pixels / max_pixels").set_pixel_range(min_pixels, max_pixels)
         if twig is not None:
@@ -100,6 +108,16 @@ class VLM:
             apply_kernels(self.kernel_modules(), "auto", self.kernel_plan)
         self.quantize = mode
         return count
+
+    def set_compile(self, mode: str) -> bool:
+        """ "on": decode-time layer calls (decode steps, drafts, verification) run as compiled programs, made at
+        their first use; "off": eagerly; "auto": on for CUDA, and on a CPU where `compile_probe` measured a gain
+        (cached per machine). Returns whether compiled steps are on."""
+        mode = check_compile(mode)
+        on = mode == "on" or (mode == "auto" and compile_pays(self))
+        self.programs = programs_for(self.adapter) if on else None  # the adapter keeps them: on again compiles nothing
+        self._engine = self._engine.with_programs(self.programs)
+        return on
 
     def kernel_modules(self) -> list[Any]:
         """The modules whose linear layers the kernels cover: the decoder layers, the LM head, the twig."""
@@ -249,6 +267,7 @@ def load(
     max_pixels: int | None = None,
     kernels: str | None = None,
     quantize: str = "none",
+    compile: str | None = None,  # noqa: A002
 ) -> VLM:
     """Load a Hugging Face VLM directory or hub id (and a twig directory) — see `VLM.load`."""
     return VLM.load(
@@ -260,4 +279,5 @@ def load(
         max_pixels=max_pixels,
         kernels=kernels,
         quantize=quantize,
+        compile=compile,
     )

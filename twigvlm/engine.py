@@ -27,6 +27,7 @@ from torch import nn
 from .adapters.base import Encoded, VLMAdapter
 from .runtime import interrupt
 from .runtime.cache import KVCache, LayerKV
+from .runtime.compiled import StepPrograms
 from .runtime.quant import Int8Linear, int8_product
 from .runtime.sdpa import grouped_heads_with_masks
 from .twig.model import Twig
@@ -87,10 +88,11 @@ class DecodeState:
 class Engine:
     """Runs base layers, one twig (fixed at construction) and the heads of one adapter."""
 
-    def __init__(self, adapter: VLMAdapter, twig: Twig | None = None) -> None:
+    def __init__(self, adapter: VLMAdapter, twig: Twig | None = None, programs: StepPrograms | None = None) -> None:
         self.adapter = adapter
         self._twig = twig
         self.num_layers = adapter.spec.num_layers
+        self.programs = programs  # compiled decode steps (`runtime/compiled.py`), None: every layer call eager
 
     @property
     def twig(self) -> Twig | None:
@@ -99,7 +101,11 @@ class Engine:
 
     def with_twig(self, twig: Twig | None) -> Engine:
         """An engine on the same adapter with `twig` (this one when it already has it); nothing is copied."""
-        return self if twig is self._twig else Engine(self.adapter, twig)
+        return self if twig is self._twig else Engine(self.adapter, twig, self.programs)
+
+    def with_programs(self, programs: StepPrograms | None) -> Engine:
+        """An engine on the same adapter and twig whose decode-time layer calls run `programs` (None: eagerly)."""
+        return self if programs is self.programs else Engine(self.adapter, self._twig, programs)
 
     # ---- state ----------------------------------------------------------------------------------------------
     def new_state(self) -> DecodeState:
@@ -125,6 +131,7 @@ class Engine:
         attention), instead of the causal mask; None: causal."""
         rope = self.adapter.rotary(hidden, position_ids)
         q = hidden.shape[1]
+        programs = self.programs
         masks: dict[int, torch.Tensor | None] = {}
         masked = grouped_heads_with_masks(hidden.device) if q > 1 else contextlib.nullcontext()
         with masked:
@@ -133,7 +140,10 @@ class Engine:
                 k = q + (kv.length if kv is not None else 0)
                 if k not in masks:
                     masks[k] = causal_mask(q, k, hidden.device) if tail is None else tail_mask(tail, k)
-                hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
+                if programs is not None and programs.takes(q, kv):
+                    hidden = programs.run_layer(layer, hidden, masks[k], position_ids, rope, kv)
+                else:
+                    hidden = self.adapter.call_layer(layer, hidden, masks[k], position_ids, rope, kv)
                 if i < len(adds):
                     hidden = hidden + adds[i]
         return hidden

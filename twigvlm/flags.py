@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from .config import (
+    COMPILE_MODES,
     DEFAULT_KEEP_RATIO,
     DRAFTERS,
     PRUNE_HEADS,
@@ -85,7 +86,8 @@ def twig_flag(args: argparse.Namespace) -> str | None:
 
 
 def add_runtime_args(p: Group, quantize: bool = True) -> None:
-    """--kernels (the CPU products' layout), --quantize (int8 weights) and --threads (torch's intra-op threads)."""
+    """--kernels (the CPU products' layout), --quantize (int8 weights), --compile (compiled decode steps) and
+    --threads (torch's intra-op threads); --quantize and --compile only where `quantize` (inference commands)."""
     p.add_argument(
         "--kernels",
         choices=["auto", "stock"],
@@ -100,6 +102,14 @@ def add_runtime_args(p: Group, quantize: bool = True) -> None:
             default="none",
             help="int8: the decoder's and the twig's linear layers run on int8 weights, per output channel (CPU; "
             "a quarter of fp32's bytes per step). Default: %(default)s",
+        )
+        p.add_argument(
+            "--compile",
+            choices=list(COMPILE_MODES),
+            default=None,
+            help="on: decode steps, drafts and verifications run as compiled programs (made at first use, a few "
+            "seconds); off: eagerly; auto (default): on for CUDA and on a CPU where a one-off probe measured it "
+            "faster",
         )
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's choice)")
 

@@ -252,10 +252,13 @@ class HFBaseline(Capability):
         ignore_eos: bool = False,
         early_exit: int | None = None,
         videos: Videos = (),
+        static_compiled: bool = False,
     ) -> list[int]:
         """New token ids from the stock model's greedy `generate` on the same processed inputs; early_exit:
         transformers' own early-exit self-speculation, drafting with the first `early_exit` layers. videos: for
-        a family that takes them."""
+        a family that takes them. static_compiled: with a static cache and transformers' own compiled decode step
+        (`torch.compile`; CUDA graphs on a GPU; asked for explicitly on a CPU, where transformers does not by
+        default)."""
         batch = self.process(prompt, images, videos)
         for key in ("pixel_values", "pixel_values_videos"):
             if key in batch and batch[key].is_floating_point():
@@ -263,5 +266,13 @@ class HFBaseline(Capability):
         extra: dict[str, Any] = {"eos_token_id": None} if ignore_eos else {}
         if early_exit is not None:
             extra["assistant_early_exit"] = early_exit
+        if static_compiled:
+            extra["cache_implementation"] = "static"
+            if self.model.device.type == "cpu":
+                from transformers import CompileConfig
+
+                config = CompileConfig(fullgraph=True, mode="default")
+                config._compile_all_devices = True  # transformers' own switch for compiling on a CPU
+                extra["compile_config"] = config
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
         return out[0, batch["input_ids"].shape[1] :].tolist()

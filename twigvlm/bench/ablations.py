@@ -116,6 +116,19 @@ def _weights(c: AblationContext) -> list[Variant]:
     return out
 
 
+@register(
+    "compile",
+    "our methods with decode steps run eagerly and compiled (ar, ssd, twig+ssd; each both ways in one interleaved "
+    "run), beside stock generate with transformers' own compiled static-cache decoding (hf-static-compiled)",
+)
+def _compile(c: AblationContext) -> list[Variant]:
+    methods = ["ar", *(("ssd", "twig+ssd") if c.twig_labels else ())]
+    out = [Variant(BASELINE, BASELINE, c.mc), Variant("hf-static-compiled", "hf-static-compiled", c.mc)]
+    for m in methods:
+        out += [Variant(m, m, replace(c.mc, compile="off")), Variant(f"{m} compiled", m, replace(c.mc, compile="on"))]
+    return out
+
+
 @register("head", "the twig choosing with its attention row or with its trained pruning head", needs_twig=True)
 def _head(c: AblationContext) -> list[Variant]:
     out = [Variant(BASELINE, BASELINE, c.mc)]

@@ -226,7 +226,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for sample in samples:
                 sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
         tasks[samples[0].task] = samples
-    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, quantize=args.quantize)
+    vlm = VLM.load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kernels=args.kernels,
+        quantize=args.quantize,
+        compile=args.compile,
+    )
     loaded = {label: vlm.load_twig(twig.path) for label, twig in twigs.items()}
     chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.twig = next(iter(loaded.values()), None)  # the run's own twig
@@ -235,13 +242,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
         loaded[UNTRAINED] = grow_twig(vlm.adapter, TwigConfig(K=twig.config.K, T=twig.config.T))
     check_variants(vlm, tasks, chosen, loaded)  # the flags against this model, before any sample runs
     rows, unsupported = run_bench(vlm, tasks, chosen, twigs=loaded)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
     summary = summarize(rows, chosen, tasks)
     table = markdown(summary, list(tasks), unsupported)
+    programs = getattr(vlm.adapter, "_step_programs", None)
+    if programs is not None and programs.stats.programs:
+        s = programs.stats
+        table += f"\n\ncompiled decode steps: {s.programs} programs, compiled in {s.compile_s:.1f} s (once per process)"
+        config["compiled_steps"] = {"programs": s.programs, "compile_s": round(s.compile_s, 2), "failures": s.failures}
     native = {task: samples[0].benchmark for task, samples in tasks.items() if samples[0].benchmark}
     if native:
         table += "\n\n" + paper_table(summary, native)
     print(table)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
     config["variants"] = [
         {
             "name": v.name,

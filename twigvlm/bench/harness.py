@@ -226,9 +226,11 @@ def summarize(
         int8 = me.config.quantize == "int8"
         # ar on int8 weights is another model than stock generate: no lossless twin (its agreement is reported)
         twin = SAME_AS.get(method) or (plain if method == "ar" and not int8 else None)
+        twin = "hf" if method == "hf-static-compiled" else twin  # the same model, its decode step compiled
         twins = [v for v in variants if v.method == twin and v.name in names]
         # A variant's twin runs with the same twig and weights (the twig ablation pairs each twig with itself).
         same = [v.name for v in twins if v.twig == me.twig and (v.config.quantize == "int8") == int8]
+        same = [n for n in same if by_name[n].config.compile == me.config.compile] or same  # compiled ≡ compiled
         twin_name = same[0] if same else None if int8 else twins[0].name if twins else None
         if twin_name is not None:
             entry["same_as"] = twin_name

@@ -30,6 +30,7 @@ METHODS = (
     "hf",
     "hf+kernels",
     "hf-early-exit",
+    "hf-static-compiled",
     "ar",
     "fastv",
     "visionzip",
@@ -41,6 +42,7 @@ METHODS = (
     *PEERS,
 )
 NEEDS_TWIG = {"twig", "ssd", "twig+ssd"}
+STOCK = ("hf", "hf+kernels", "hf-early-exit", "hf-static-compiled")  # transformers' own generate
 PRUNING = {m: m for m in ("fastv", "visionzip", "cdpruner", "dart", "twig")} | {"twig+ssd": "twig"}  # method → prune
 # Methods whose output must equal another's token for token (lossless speculation).
 SAME_AS = {"ssd": "ar", "twig+ssd": "twig"}
@@ -97,6 +99,7 @@ class MethodConfig:
     prune_head: str = PruneConfig.head  # what the twig scores with: its attention row, or its pruning head
     spec: SpecConfig = SpecConfig(draft="auto")  # the speculative methods' drafting (the default rows: auto)
     quantize: str | None = None  # our methods' weights for this row ("none", "int8"); None: as the model loaded
+    compile: str | None = None  # our methods' decode steps for this row ("on", "off"); None: as the model loaded
     gguf: str | None = None  # the decoder as a GGUF file, for the llama.cpp peers (None: the model names none)
 
     def drafting(self, **fields: Any) -> MethodConfig:
@@ -157,7 +160,7 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
     images = [sample.image()] if sample.image is not None else []
     videos = [sample.video()] if sample.video is not None else []
     own = vlm.engine_for(twig).twig
-    if method in ("hf", "hf+kernels", "hf-early-exit"):
+    if method in STOCK:
         if method == "hf+kernels" and vlm.kernel_plan is None:
             raise TwigVLMError("hf+kernels is stock generate on the fast CPU kernels: run with --kernels auto on a CPU")
         early = None
@@ -172,7 +175,12 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
         try:
             with kernels:
                 ids = baseline.hf_generate(
-                    sample.prompt, images, sample.max_new_tokens, early_exit=early, videos=videos
+                    sample.prompt,
+                    images,
+                    sample.max_new_tokens,
+                    early_exit=early,
+                    videos=videos,
+                    static_compiled=method == "hf-static-compiled",
                 )
         except Exception as e:  # noqa: BLE001 — transformers' early exit supports only some model classes
             if early is None:
@@ -190,7 +198,7 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
     if method in NEEDS_TWIG and own is None:
         raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
     prune, spec = method_configs(method, mc)
-    with quantized(vlm, mc.quantize):
+    with quantized(vlm, mc.quantize), compiled(vlm, mc.compile):
         return _generate(vlm, sample, images, videos, prune, spec, twig)
 
 
@@ -249,6 +257,21 @@ def quantized(vlm: VLM, mode: str | None) -> Iterator[None]:
         yield
     finally:
         vlm.set_quantize(before)
+
+
+@contextlib.contextmanager
+def compiled(vlm: VLM, mode: str | None) -> Iterator[None]:
+    """Inside the block decode steps run compiled ("on") or eagerly ("off"); None: as they are. The programs are
+    kept by the adapter, so switching between rows compiles nothing twice."""
+    before = vlm.programs is not None
+    if mode is None or (mode == "on") == before:
+        yield
+        return
+    vlm.set_compile(mode)
+    try:
+        yield
+    finally:
+        vlm.set_compile("on" if before else "off")
 
 
 def _generate(vlm: VLM, sample: Sample, images: list, videos: list, prune: Any, spec: Any, twig: Twig | bool) -> Run:

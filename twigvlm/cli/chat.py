@@ -141,6 +141,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         device=args.device,
         kernels=args.kernels,
         quantize=args.quantize,
+        compile=args.compile,
     )
     vlm.warm_up()
     run_chat(vlm, input, sys.stdout, config, prune, spec)

@@ -164,6 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         max_pixels=args.max_pixels,
         kernels=args.kernels,
         quantize=args.quantize,
+        compile=args.compile,
     )
     stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune, speculative=spec, video=videos or None)
     if args.json:

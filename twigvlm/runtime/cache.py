@@ -59,6 +59,19 @@ class LayerKV:
         self.length += n
         return self.keys(), self.values()
 
+    def window(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [B, H_kv, length + n, D] of the keys/values with room for n more at the end (a compiled step
+        writes its block there; `commit(n)` then counts them). Only for a layer that holds keys already."""
+        assert self.k is not None, "a window needs a layer that holds keys already"
+        self._reserve(self.length + n, self.k)
+        assert self.k is not None and self.v is not None
+        end = self.length + n
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def commit(self, n: int) -> None:
+        """Count the n entries a compiled step wrote into `window(n)`'s last slots."""
+        self.length += n
+
     def update(
         self,
         key_states: torch.Tensor,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TwigVLMError
-from . import native
+from . import compiled, native
 from .machine import cache_dir, cpuinfo_line
 
 KERNEL_MODES = ("auto", "stock")
@@ -81,6 +81,8 @@ class FastLinear(nn.Linear):
     kernel_plan: KernelPlan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced(x)
         # the hot path of every decode step: a few attribute reads, one dict look-up, then the product
         if x.dim() < 2:
             return F.linear(x, self.weight, self.bias)
@@ -98,6 +100,20 @@ class FastLinear(nn.Linear):
             if bias is not None:
                 out = out + bias
         return out.reshape(*x.shape[:-1], d_out) if x.dim() > 2 else out
+
+    def _traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The product as a compiled step traces it (`runtime/compiled.py`): the plan's layout for the program's
+        rows (one query, or a block of dynamic size: the layout measured for BLOCK_ROWS rows), the native kernel
+        through its torch op."""
+        layout = self.kernel_plan.layout((self.out_features, self.in_features), compiled.NATIVE.rows)
+        native_ok = compiled.NATIVE.ready and x.dtype is self.weight.dtype and x.dtype in native.WEIGHT_DTYPES
+        if layout == "gemv" and native_ok:
+            return compiled.traced_gemv(x, self.weight, self.bias)
+        if layout == "wxt":
+            out = torch.mm(self.weight, x.reshape(-1, self.in_features).t()).t()  # [n, out]
+            out = out if self.bias is None else out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 def linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import QUANTIZE_MODES
 from ..errors import TwigVLMError
-from . import native
+from . import compiled, native
 from .kernels import FastLinear, linears
 from .machine import bf16_pays
 
@@ -108,6 +108,10 @@ class Int8Linear(FastLinear):
     qsource: tuple[int, int, torch.dtype]  # the weight the copy was made from (`_source`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled step (`runtime/compiled.py`): the kernel through its op
+            if compiled.NATIVE.ready and x.device.type == "cpu":
+                return compiled.traced_gemv_int8(x, self.qweight, self.qscale, self.bias)
+            return F.linear(x, dequantize(self.qweight, self.qscale, x.dtype), self.bias)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             raise TwigVLMError("an int8-quantised layer cannot be trained: load the model without quantize")
         if self.qsource != _source(self.weight):  # new weights since (loaded in place, copied, cast): follow them

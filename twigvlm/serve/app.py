@@ -71,6 +71,7 @@ def create_app(
             device=cfg.device,
             kernels=cfg.kernels,
             quantize=cfg.quantize,
+            compile=cfg.compile,
         )
         vlm.warm_up()  # before /health says ready: the first request does not pay auto's cost probe
         return vlm

@@ -103,6 +103,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         device=args.device,
         kernels=args.kernels,
         quantize=args.quantize,
+        compile=args.compile,
         max_queue=args.max_queue,
         api_key=args.api_key,
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import QUANTIZE_MODES, PruneConfig, SpecConfig
+from ..config import COMPILE_MODES, QUANTIZE_MODES, PruneConfig, SpecConfig
 from ..errors import TwigVLMError
 
 MB = 2**20
@@ -47,6 +47,7 @@ class ServeConfig:
     device: str = "cpu"
     kernels: str | None = None  # the CPU products' layout (`VLM.load`'s kernels: None → auto)
     quantize: str = "none"  # the decoder's weights (`VLM.load`'s quantize): none or int8
+    compile: str | None = None  # compiled decode steps (`VLM.load`'s compile: None → auto)
     max_queue: int = 32
     api_key: str | None = None
     allowed_local_media_path: Path | None = None
@@ -84,6 +85,8 @@ class ServeConfig:
             raise TwigVLMError("--api-key is empty: give a key, or leave the flag out to serve without one")
         if self.quantize not in QUANTIZE_MODES:
             raise TwigVLMError(f"--quantize {self.quantize} is unknown: use one of {', '.join(QUANTIZE_MODES)}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise TwigVLMError(f"--compile {self.compile} is unknown: use one of {', '.join(COMPILE_MODES)}")
         if self.quantize != "none" and not self.device.startswith("cpu"):
             raise TwigVLMError(f"--quantize {self.quantize} runs on a CPU: drop it or use --device cpu")
         for flag, value in (

@@ -1,0 +1,202 @@
+"""Compiled decode steps (`runtime/compiled.py`) against the eager engine: the same greedy ids for AR, TTP, FastV,
+VisionZip, chain and tree SSD and TTP + SSD, on LLaVA and on a Qwen-VL (3-row positions), pruned and not, across
+the caches' buffer growth (a window's strides change under the same program); SSD ≡ AR under compilation; the
+caches hold exactly the committed tokens after every compiled step; one program per kind of call (shared by
+every layer, base and twig) and no compilation after warm-up over a 300-token generation; the native kernels
+called from inside the programs; a program that cannot compile leaves its calls eager; the flag checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import twigvlm
+from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
+from twigvlm.pruning.prefill import pruned_prefill
+from twigvlm.runtime import compiled as compiled_steps
+from twigvlm.runtime.compiled import programs_for
+from twigvlm.runtime.sampling import pick_tokens
+from twigvlm.speculative.chain import TwigChainDrafter
+from twigvlm.speculative.loop import speculative_blocks
+from twigvlm.speculative.stats import SpecStats
+
+from .conftest import native_spy, random_image, random_prompt
+from .oracles import assert_caches_hold_the_committed_tokens, middle_twig
+
+CHAIN, TREE = SpecConfig(draft="chain", draft_len=3, threshold=0), SpecConfig(draft="tree", threshold=0)
+TTP = PruneConfig("twig", keep=8)
+METHODS = {  # name → (prune, speculative)
+    "ar": (None, False),
+    "fastv": (PruneConfig("fastv", keep=8), False),
+    "visionzip": (PruneConfig("visionzip", keep=8), False),
+    "twig": (TTP, False),
+    "ssd chain": (None, CHAIN),
+    "ssd tree": (None, TREE),
+    "twig+ssd": (TTP, CHAIN),
+}
+
+
+def both_ways(vlm: twigvlm.VLM, method: str, **request) -> tuple[list[int], list[int]]:
+    """Greedy ids of one request eagerly and compiled (the same VLM, the programs kept by its adapter)."""
+    prune, spec = METHODS[method]
+    args = dict(max_new_tokens=24, ignore_eos=True, prune=prune, speculative=spec, **request)
+    vlm.set_compile("off")
+    eager = vlm.generate(**args).token_ids
+    vlm.set_compile("on")
+    try:
+        return eager, vlm.generate(**args).token_ids
+    finally:
+        vlm.set_compile("off")
+
+
+@pytest.fixture(scope="module")
+def llava(adapters) -> twigvlm.VLM:
+    return middle_twig(twigvlm.VLM(adapters["llama-clip"]))
+
+
+@pytest.fixture(scope="module")
+def qwen(zoo) -> twigvlm.VLM:
+    return middle_twig(zoo("qwen2-vl"))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_steps_give_the_eager_ids_on_llava(llava, method):
+    programs = programs_for(llava.adapter)
+    calls = programs.stats.calls
+    for seed in (0, 1):
+        eager, compiled = both_ways(llava, method, prompt=random_prompt(seed, 4 + 9 * seed), image=random_image(seed))
+        assert compiled == eager, (method, seed)
+    assert programs.stats.calls > calls and programs.stats.eager_calls == 0 and not programs.stats.failures
+
+
+@pytest.mark.parametrize("method", ["ar", "twig", "ssd chain", "ssd tree", "twig+ssd"])
+def test_compiled_steps_give_the_eager_ids_on_qwen_vl(qwen, method):
+    assert qwen.adapter.position_rows == 3  # M-RoPE: the programs take 3-row positions
+    eager, compiled = both_ways(qwen, method, prompt=random_prompt(2, 6), image=random_image(2, (56, 84)))
+    assert compiled == eager, method
+    assert not programs_for(qwen.adapter).stats.failures
+
+
+def test_speculation_equals_ar_under_compilation(llava):
+    llava.set_compile("on")
+    try:
+        for seed, spec in ((3, CHAIN), (4, TREE), (5, SpecConfig(draft="chain", draft_len=5, threshold=0))):
+            args = dict(prompt=random_prompt(seed, 7), image=random_image(seed), max_new_tokens=20, ignore_eos=True)
+            assert llava.generate(**args, speculative=spec).token_ids == llava.generate(**args).token_ids, seed
+            ttp = llava.generate(**args, prune=TTP).token_ids
+            assert llava.generate(**args, prune=TTP, speculative=spec).token_ids == ttp, seed
+    finally:
+        llava.set_compile("off")
+
+
+@pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10, wipe_layer=5)], ids=["unpruned", "pruned"])
+def test_caches_hold_exactly_the_committed_tokens_after_every_compiled_step(llava, prune):
+    llava.set_compile("on")
+    engine = llava.engine
+    assert engine.programs is not None
+    enc = llava.encode(random_prompt(5, 20), random_image(5))
+    cfg = GenConfig(max_new_tokens=40, ignore_eos=True)
+    try:
+        with torch.no_grad():
+            state = engine.new_state()
+            if prune is None:
+                logits = engine.prefill(state, enc, prime_twig=True)
+            else:
+                logits, _ = pruned_prefill(engine, state, enc, prune, prime_twig=True)
+            capacity = state.cache[0].capacity
+            assert enc.num_tokens < capacity < enc.num_tokens + cfg.max_new_tokens  # the buffers grow on the way
+            drafter = TwigChainDrafter(engine, state, cfg, None, threshold=0)
+            emitted: list[int] = []
+            first = int(pick_tokens(logits, cfg, None)[0])
+            for block in speculative_blocks(drafter, first, cfg, None, SpecStats(), set(), 4):
+                emitted += block
+                pending = len(drafter._pending)
+                assert_caches_hold_the_committed_tokens(llava, state, enc, emitted[:-1], pending, prune is not None)
+            assert state.cache[0].capacity > capacity  # the buffers grew under the compiled programs
+    finally:
+        llava.set_compile("off")
+
+
+def test_one_program_per_kind_of_call_and_none_after_warm_up(llava):
+    programs = programs_for(llava.adapter)
+    llava.set_compile("on")
+    try:
+        args = dict(prompt=random_prompt(6, 3), image=random_image(6), ignore_eos=True)
+        for spec in (False, CHAIN, TREE):  # warm-up: every kind of call these generations make
+            llava.generate(**args, max_new_tokens=8, speculative=spec)
+        made, graphs = programs.stats.programs, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        # one token, a masked one-token tree step, and a masked block: base and twig layers share them
+        assert made <= 3, made
+        calls = programs.stats.calls
+        for spec in (False, CHAIN, TREE):
+            assert len(llava.generate(**args, max_new_tokens=300, speculative=spec).token_ids) == 300
+        assert programs.stats.programs == made  # nothing compiled over 3 × 300 tokens, lengths and buffers growing
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        assert programs.stats.calls > calls + 300 * llava.adapter.spec.num_layers
+    finally:
+        llava.set_compile("off")
+
+
+def test_the_programs_call_the_native_kernels(model_dirs, monkeypatch):
+    int8 = native_spy(monkeypatch, "gemv_int8")
+    vlm = twigvlm.load(model_dirs["qwen2-siglip"], quantize="int8", compile="off")
+    args = dict(prompt=random_prompt(7, 5), image=random_image(7), max_new_tokens=12, ignore_eos=True)
+    eager = vlm.generate(**args).token_ids
+    vlm.set_compile("on")
+    int8.clear()
+    assert vlm.generate(**args).token_ids == eager
+    assert 1 in int8  # the one-token program's products, through the int8 kernel's torch op (eager: `gemv_int8_rows`)
+    gemv = native_spy(monkeypatch, "gemv")
+    vlm.set_quantize("none")
+    vlm.set_kernels("auto")
+    vlm.kernel_plan.layouts = {shape: {1: "gemv", 4: "gemv"} for shape in vlm.kernel_plan.layouts}
+    vlm.kernel_plan._memo.clear()
+    programs_for(vlm.adapter)._programs.clear()  # the layouts are traced into the programs: trace again
+    vlm.set_compile("off")
+    eager = vlm.generate(**args).token_ids
+    vlm.set_compile("on")
+    gemv.clear()
+    calls = programs_for(vlm.adapter).stats.calls
+    assert vlm.generate(**args).token_ids == eager
+    assert 1 in gemv and programs_for(vlm.adapter).stats.calls > calls
+
+
+def test_a_program_that_fails_to_compile_leaves_its_calls_eager(model_dirs, monkeypatch, caplog):
+    vlm = twigvlm.load(model_dirs["llama-clip"], compile="off")
+    args = dict(prompt=random_prompt(8, 4), image=random_image(8), max_new_tokens=6, ignore_eos=True)
+    eager = vlm.generate(**args).token_ids
+    programs = compiled_steps.StepPrograms(vlm.adapter.call_layer, vlm.adapter.device)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (_ for _ in ()).throw(RuntimeError("no compiler here")))
+    vlm.programs = programs
+    vlm._engine = vlm._engine.with_programs(programs)
+    assert vlm.generate(**args).token_ids == eager
+    assert programs.stats.programs == 0 and programs.stats.eager_calls > 0
+    assert programs.stats.failures == ["RuntimeError: no compiler here"]
+    assert "failed to compile" in caplog.text
+
+
+def test_auto_follows_the_cached_probe_and_the_flag_is_checked(model_dirs, monkeypatch, capsys):
+    from twigvlm.cli.main import main
+    from twigvlm.runtime import compile_probe
+
+    verdicts = iter([{"eager_ms": 10.0, "compiled_ms": 6.0}, {"eager_ms": 10.0, "compiled_ms": 9.9}])
+    monkeypatch.setattr(compile_probe, "probe", lambda vlm: next(verdicts))
+    monkeypatch.setattr(compile_probe, "cached_verdict", lambda key: None)
+    monkeypatch.setattr(compile_probe, "store_verdict", lambda key, verdict: None)
+    vlm = twigvlm.load(model_dirs["llama-clip"], compile="off")
+    assert vlm.programs is None
+    assert vlm.set_compile("auto") is True and vlm.engine.programs is not None  # 6 ms ≤ 0.95 · 10 ms
+    assert vlm.set_compile("auto") is False and vlm.engine.programs is None  # 9.9 ms: not worth it
+    with pytest.raises(TwigVLMError, match="compile 'always' is unknown"):
+        vlm.set_compile("always")
+    assert main(["generate", "--model", model_dirs["llama-clip"], "--prompt", "hi", "--compile", "always"]) == 2
+    assert "--compile" in capsys.readouterr().err
+
+
+def test_the_probe_measures_both_engines(model_dirs):
+    from twigvlm.runtime.compile_probe import probe
+
+    vlm = twigvlm.load(model_dirs["llama-clip"], compile="off")
+    verdict = probe(vlm)
+    assert verdict["eager_ms"] > 0 and verdict["compiled_ms"] > 0 and verdict["compile_s"] > 0
+    assert programs_for(vlm.adapter).stats.programs >= 1

@@ -1,0 +1,328 @@
+"""Compiled decode steps: each kind of layer call the engine makes while decoding is one program, compiled once
+(torch.compile's inductor, ahead of time) and replayed for every layer and every step.
+
+A decode step, a twig draft, a chain verification and a draft tree's verification all call decoder layers on a
+few new tokens against a cache. Run eagerly, each layer is dozens of small kernels and Python frames (norms,
+RoPE, the cache write, attention, the residuals) around its products. Here one layer call — the stock layer's
+own forward, run through the adapter's `call_layer` — is traced once into a fused program and replayed:
+
+- **One program per kind of call, shared by every layer.** The program takes the layer as an input, so all
+  layers of one shape (the base's and the twig's alike) share it, and compile time does not grow with depth.
+  Kinds: one query or a block of queries, with or without a mask, per batch size, dtype and layer structure.
+- **Lengths are data, not shape.** The cache is handed to the program as views of its buffers holding the
+  keys/values so far plus room for this block (`LayerKV.window`); their length is a dynamic dimension, as is a
+  block's size, so a pruned layer (shorter) runs the same program as a full one, and a 2,000-token generation
+  compiles nothing after its first steps. The program writes the block's keys/values into the last slots.
+- **No guards at run time.** Programs are compiled ahead of time (`aot_compile`) and called without dynamo's
+  guard checks (about a millisecond a step for a few hundred weight tensors): this module picks the program by
+  its own key, and the compiled code still asserts every input's shape and strides.
+- **The native products inside.** `FastLinear` and `Int8Linear` call the native kernels through the torch ops
+  registered here (`twigvlm::gemv`, `twigvlm::gemv_int8`) while traced, so a compiled step streams the same
+  weights with the same kernels as an eager one.
+
+A program that fails to compile is reported once and that kind of call stays eager (the generation goes on).
+Results equal the eager steps' up to the order of floating-point additions in fused kernels (greedy ids agree;
+the oracle tests assert it). What "auto" means — on for CUDA, and on a CPU where compiled decode steps were
+measured faster on this machine (cached per CPU, like the kernel plan) — is `compile_probe.py`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import COMPILE_MODES
+from ..errors import TwigVLMError
+from . import native
+from .cache import LayerKV
+from .machine import cache_dir, cpuinfo_line
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK = 64  # blocks of up to this many queries run compiled (decode, drafts, verification); longer ones eager
+_EXAMPLE_Q, _EXAMPLE_K, _EXAMPLE_SLACK = 3, 13, 7  # trace sizes: distinct, > 1, a buffer longer than its window
+
+
+class NATIVE:
+    """What a traced product reads (settled before tracing): whether the native kernel is built here, and the row
+    count whose measured layout (`KernelPlan`) the program being traced uses."""
+
+    ready = False
+    rows = 1
+
+
+BLOCK_ROWS = 4  # a program for blocks of dynamic size takes the layouts measured for this many rows
+
+
+# ---- the native products as torch ops (what a traced FastLinear / Int8Linear calls) ---------------------------
+_LIB = torch.library.Library("twigvlm", "DEF")
+_LIB.define("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIB.define("gemv_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
+_LIB.impl("gemv", lambda x, w, b: native.gemv(x, w, b), "CPU")
+_LIB.impl("gemv_int8", lambda x, q, s, b: native.gemv_int8(x, q, s, b), "CPU")
+
+
+@torch.library.register_fake("twigvlm::gemv")
+def _gemv_fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.register_fake("twigvlm::gemv_int8")
+def _gemv_int8_fake(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+
+
+def traced_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] · weightᵀ (+ bias) with the native kernel, as a traced graph calls it: [..., out]."""
+    d_out, d_in = weight.shape
+    out = torch.ops.twigvlm.gemv(x.reshape(-1, d_in).contiguous(), weight, bias)  # [n, out]
+    return out.view(*x.shape[:-1], d_out)
+
+
+def traced_gemv_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [..., in] · (qweight · scale)ᵀ (+ bias) with the native int8 kernel, as a traced graph calls it."""
+    d_out, d_in = qweight.shape
+    out = torch.ops.twigvlm.gemv_int8(x.reshape(-1, d_in).float().contiguous(), qweight, scale, bias)  # [n, out]
+    return out.to(x.dtype).view(*x.shape[:-1], d_out)
+
+
+# ---- the cache as a compiled layer sees it --------------------------------------------------------------------
+class WindowKV:
+    """The cache protocol a stock attention layer calls, over one layer's window [B, H_kv, length + q, D]: the
+    block's keys/values go into the last q slots, and the whole window is what attention reads."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.k, self.v = keys, values
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, cache_kwargs=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = key_states.shape[2]
+        self.k[:, :, -q:].copy_(key_states)
+        self.v[:, :, -q:].copy_(value_states)
+        return self.k, self.v
+
+
+# ---- programs -------------------------------------------------------------------------------------------------
+LayerCall = Callable[..., torch.Tensor]  # adapter.call_layer(layer, hidden, mask, position_ids, rope, kv)
+
+
+@dataclass
+class ProgramStats:
+    """What the compiled steps did in this process (shown by the bench and `generate --json`)."""
+
+    programs: int = 0  # programs compiled
+    compile_s: float = 0.0  # seconds spent compiling them
+    calls: int = 0  # compiled layer calls
+    eager_calls: int = 0  # layer calls that qualified but ran eagerly (a program that failed to compile)
+    failures: list[str] = field(default_factory=list)
+
+
+class StepPrograms:
+    """The compiled layer-call programs of one adapter, by kind of call; `run_layer` replays (or compiles) one."""
+
+    def __init__(self, call_layer: LayerCall, device: torch.device) -> None:
+        NATIVE.ready = native.gemv_library() is not None
+        self._call_layer = call_layer
+        self.device = device
+        self._programs: dict[tuple, Any] = {}
+        self._failed: set[tuple] = set()
+        self._layer_keys: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+        self.stats = ProgramStats()
+
+    @staticmethod
+    def takes(q: int, kv: LayerKV | None) -> bool:
+        """Whether a block of q queries on this cache runs compiled: a decode-time block (1..MAX_BLOCK queries)
+        against keys already cached. Prompts (an empty cache) and layers without a cache run eagerly."""
+        return kv is not None and kv.length > 0 and 0 < q <= MAX_BLOCK
+
+    def run_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerKV,
+    ) -> torch.Tensor:
+        """One layer on hidden [B, q, H] with the cache `kv` extended by the block, compiled: → [B, q, H]."""
+        q = hidden.shape[1]
+        keys, values = kv.window(q)  # [B, H_kv, length + q, D] each
+        key = (self._layer_key(layer), q == 1, mask is not None, tuple(hidden.shape[::2]), hidden.dtype,
+               position_ids.dim())  # fmt: skip
+        program = self._programs.get(key)
+        if program is None and key not in self._failed:
+            program = self._compile(key, layer, hidden, mask, position_ids, rope, keys, values)
+        if program is None:
+            self.stats.eager_calls += 1
+            return self._call_layer(layer, hidden, mask, position_ids, rope, kv)
+        out = program(layer, hidden, mask, position_ids, rope[0], rope[1], keys, values)
+        kv.commit(q)
+        self.stats.calls += 1
+        return out
+
+    def _layer_key(self, layer: nn.Module) -> tuple:
+        """What a program depends on in a layer: its classes (the kernels' among them) and tensors' shapes/dtypes."""
+        found = self._layer_keys.get(layer)
+        if found is None:
+            tensors = [(n, tuple(t.shape), t.dtype) for n, t in layer.state_dict(keep_vars=True).items()]
+            found = (tuple(type(m).__name__ for m in layer.modules()), tuple(tensors))
+            self._layer_keys[layer] = found
+        return found
+
+    def _program_fn(self) -> Callable[..., torch.Tensor]:
+        call_layer = self._call_layer
+
+        def layer_call(layer, hidden, mask, position_ids, cos, sin, keys, values):  # noqa: ANN001, ANN202
+            return call_layer(layer, hidden, mask, position_ids, (cos, sin), WindowKV(keys, values))
+
+        return layer_call
+
+    def _compile(
+        self,
+        key: tuple,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> Any:
+        t0 = time.perf_counter()
+        block = hidden.shape[1] > 1
+        example = _examples(hidden, mask, position_ids, rope, keys, values, block)
+        NATIVE.rows = BLOCK_ROWS if block else 1
+        try:
+            with _tracing_config(), torch.no_grad():
+                fn = torch.compile(self._program_fn(), fullgraph=True)
+                program = fn.aot_compile(((layer, *example), {}))
+            program.disable_guard_check()
+        except Exception as exc:  # noqa: BLE001 - any compiler failure leaves this kind of call eager
+            self._failed.add(key)
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.stats.failures.append(reason)
+            log.warning("a compiled decode step failed to compile; running it eagerly (%s)", reason)
+            return None
+        self._programs[key] = program
+        self.stats.programs += 1
+        self.stats.compile_s += time.perf_counter() - t0
+        return program
+
+
+def programs_for(adapter: Any) -> StepPrograms:
+    """The adapter's compiled programs, made on first use and shared by every VLM and engine on it."""
+    programs = getattr(adapter, "_step_programs", None)
+    if programs is None:
+        programs = adapter._step_programs = StepPrograms(adapter.call_layer, adapter.device)
+    return programs
+
+
+def _examples(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block: bool,
+) -> tuple:
+    """Stand-in inputs to trace with, their lengths marked dynamic: a window of _EXAMPLE_K keys inside a longer
+    buffer (so no relation between a window and its buffer is baked in), and a block of _EXAMPLE_Q queries
+    (one for the one-query program, whose block size stays static)."""
+    q = _EXAMPLE_Q if block else 1
+    k = _EXAMPLE_K + q
+
+    def like(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
+        shape = [sizes.get(d, s) for d, s in enumerate(t.shape)]
+        return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+    def window(t: torch.Tensor) -> torch.Tensor:
+        buf = like(t, {2: k + _EXAMPLE_SLACK})
+        view = buf[:, :, :k]
+        torch._dynamo.mark_dynamic(view, 2)
+        return view
+
+    h = like(hidden, {1: q})
+    pos = like(position_ids, {position_ids.dim() - 1: q})
+    cos, sin = (like(r, {r.dim() - 2: q}) for r in rope)
+    m = None if mask is None else like(mask, {2: q, 3: k})
+    if block:
+        for t, d in ((h, 1), (pos, pos.dim() - 1), (cos, cos.dim() - 2), (sin, sin.dim() - 2)):
+            torch._dynamo.mark_dynamic(t, d)
+    if m is not None:
+        torch._dynamo.mark_dynamic(m, 3)
+        if block:
+            torch._dynamo.mark_dynamic(m, 2)
+    return h, m, pos, cos, sin, window(keys), window(values)
+
+
+@contextlib.contextmanager
+def _tracing_config() -> Any:
+    """Symbols for every dynamic length (no "equal at trace time, so equal always"), and grouped-query attention
+    without copying the cache's heads (what the eager path does for masked blocks: `runtime/sdpa.py`)."""
+    from torch.fx.experimental import _config as fx_config
+
+    before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    try:
+        with fx_config.patch(use_duck_shape=False):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+        else:
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
+
+
+# ---- the mode -------------------------------------------------------------------------------------------------
+def check_compile(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise TwigVLMError(f"compile {mode!r} is unknown: use one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def resolve_compile(mode: str | None) -> str:
+    """The mode asked for, else the environment's TWIGVLM_COMPILE, else auto."""
+    return check_compile(mode or os.environ.get("TWIGVLM_COMPILE") or "auto")
+
+
+def probe_key(layers: Sequence[nn.Module], quantized: str) -> str:
+    """Identifies a probe's verdict: the CPU, torch, threads, the layers' classes and shapes, the kernel build."""
+    first = layers[0]
+    shapes = sorted({(type(m).__name__, tuple(p.shape), str(p.dtype)) for m in first.modules() for p in
+                     m.parameters(recurse=False)})  # fmt: skip
+    cpu = cpuinfo_line("model name") or platform.processor() or platform.machine()
+    raw = json.dumps([cpu, torch.__version__, torch.get_num_threads(), len(layers), shapes, quantized,
+                      native.library_key()])  # fmt: skip
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def cached_verdict(key: str) -> dict | None:
+    try:
+        return json.loads((cache_dir() / f"compile-{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store_verdict(key: str, verdict: dict) -> None:
+    try:
+        path = cache_dir() / f"compile-{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(verdict, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs the probe next time
