@@ -165,13 +165,13 @@ def test_a_program_that_fails_to_compile_leaves_its_calls_eager(model_dirs, monk
     vlm = twigvlm.load(model_dirs["llama-clip"], compile="off")
     args = dict(prompt=random_prompt(8, 4), image=random_image(8), max_new_tokens=6, ignore_eos=True)
     eager = vlm.generate(**args).token_ids
-    programs = compiled_steps.StepPrograms(vlm.adapter.call_layer, vlm.adapter.device)
+    programs = compiled_steps.StepPrograms(vlm.adapter)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: (_ for _ in ()).throw(RuntimeError("no compiler here")))
     vlm.programs = programs
     vlm._engine = vlm._engine.with_programs(programs)
     assert vlm.generate(**args).token_ids == eager
     assert programs.stats.programs == 0 and programs.stats.eager_calls > 0
-    assert programs.stats.failures == ["RuntimeError: no compiler here"]
+    assert programs.stats.failures and set(programs.stats.failures) == {"RuntimeError: no compiler here"}
     assert "failed to compile" in caplog.text
 
 

@@ -107,6 +107,11 @@ class Engine:
         """An engine on the same adapter and twig whose decode-time layer calls run `programs` (None: eagerly)."""
         return self if programs is self.programs else Engine(self.adapter, self._twig, programs)
 
+    def prepare_programs(self) -> None:
+        """With compiled steps: compile, now, what this engine's layers (base and twig) have none of yet."""
+        if self.programs is not None:
+            self.programs.prepare([*self.adapter.layers, *(self.twig.layers if self.twig is not None else ())])
+
     # ---- state ----------------------------------------------------------------------------------------------
     def new_state(self) -> DecodeState:
         """Empty caches for one generation, and the draft head rows of the twig as they are now."""

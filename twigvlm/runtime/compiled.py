@@ -135,14 +135,47 @@ class ProgramStats:
 class StepPrograms:
     """The compiled layer-call programs of one adapter, by kind of call; `run_layer` replays (or compiles) one."""
 
-    def __init__(self, call_layer: LayerCall, device: torch.device) -> None:
+    def __init__(self, adapter: Any) -> None:
         NATIVE.ready = native.gemv_library() is not None
-        self._call_layer = call_layer
-        self.device = device
+        self.adapter = adapter
+        self._call_layer: LayerCall = adapter.call_layer
         self._programs: dict[tuple, Any] = {}
         self._failed: set[tuple] = set()
         self._layer_keys: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+        self._prepared: set[tuple] = set()
         self.stats = ProgramStats()
+
+    @torch.inference_mode()
+    def prepare(self, layers: Sequence[nn.Module]) -> None:
+        """Compile, now, every kind of call for each structure among `layers` that has none yet: one query, a
+        masked query (a tree's twig steps) and a masked block (verification), batch 1 in the layers' dtype. A
+        generation calls this before its prefill, so no program is ever compiled inside a timed decode step (nor
+        inside the drafter's cost probe, whose measurements auto's choices rest on)."""
+        for layer in layers:
+            key = self._layer_key(layer)
+            if key in self._prepared:
+                continue
+            self._prepared.add(key)
+            t0, made = time.perf_counter(), self.stats.programs
+            for q, masked in ((1, False), (1, True), (_EXAMPLE_Q, True)):
+                self._prepare_kind(layer, q, masked)
+            if self.stats.programs > made:
+                log.info("compiled %d decode-step programs in %.1f s", self.stats.programs - made,
+                         time.perf_counter() - t0)  # fmt: skip
+
+    def _prepare_kind(self, layer: nn.Module, q: int, masked: bool) -> None:
+        adapter = self.adapter
+        param = next(layer.parameters())
+        hidden = torch.zeros((1, q, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)  # [1, q, H]
+        position_ids = adapter.text_positions(_EXAMPLE_K, q)
+        rope = adapter.rotary(hidden, position_ids)
+        keys, values = adapter.project_kv(layer, hidden, rope)  # [1, H_kv, q, D]: the cache's shape
+        k = _EXAMPLE_K + q
+        keys, values = (t.new_zeros((*t.shape[:2], k, t.shape[3])) for t in (keys, values))
+        mask = torch.ones((1, 1, q, k), dtype=torch.bool, device=param.device) if masked else None
+        key = self._program_key(layer, hidden, mask, position_ids)
+        if key not in self._programs and key not in self._failed:
+            self._compile(key, layer, hidden, mask, position_ids, rope, keys, values)
 
     @staticmethod
     def takes(q: int, kv: LayerKV | None) -> bool:
@@ -162,8 +195,7 @@ class StepPrograms:
         """One layer on hidden [B, q, H] with the cache `kv` extended by the block, compiled: → [B, q, H]."""
         q = hidden.shape[1]
         keys, values = kv.window(q)  # [B, H_kv, length + q, D] each
-        key = (self._layer_key(layer), q == 1, mask is not None, tuple(hidden.shape[::2]), hidden.dtype,
-               position_ids.dim())  # fmt: skip
+        key = self._program_key(layer, hidden, mask, position_ids)
         program = self._programs.get(key)
         if program is None and key not in self._failed:
             program = self._compile(key, layer, hidden, mask, position_ids, rope, keys, values)
@@ -174,6 +206,14 @@ class StepPrograms:
         kv.commit(q)
         self.stats.calls += 1
         return out
+
+    def _program_key(
+        self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> tuple:
+        """Which program a call runs: the layer's structure, one query or a block, masked or not, (B, H), the
+        dtype and the position rows."""
+        return (self._layer_key(layer), hidden.shape[1] == 1, mask is not None, tuple(hidden.shape[::2]),
+                hidden.dtype, position_ids.dim())  # fmt: skip
 
     def _layer_key(self, layer: nn.Module) -> tuple:
         """What a program depends on in a layer: its classes (the kernels' among them) and tensors' shapes/dtypes."""
@@ -228,7 +268,7 @@ def programs_for(adapter: Any) -> StepPrograms:
     """The adapter's compiled programs, made on first use and shared by every VLM and engine on it."""
     programs = getattr(adapter, "_step_programs", None)
     if programs is None:
-        programs = adapter._step_programs = StepPrograms(adapter.call_layer, adapter.device)
+        programs = adapter._step_programs = StepPrograms(adapter)
     return programs
 
 

@@ -115,7 +115,7 @@ class DraftRecord:
     `VLM.draft_record`); a generation without one starts from a fresh record, so no choice depends on hidden
     process state."""
 
-    costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype)
+    costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype, compiled steps)
     acceptance: Acceptance = field(default_factory=Acceptance)
     calibration: Calibration = field(default_factory=Calibration)
 
@@ -138,7 +138,8 @@ def choose_drafter(
         return DrafterChoice("tree", spec)
     if cfg.max_new_tokens <= SHORT_ANSWER:
         return DrafterChoice("none", spec)
-    key = (str(state.cache[0].keys().device), str(state.cache[0].keys().dtype))
+    # costs differ by device, dtype and whether the steps run compiled (`runtime/compiled.py`)
+    key = (str(state.cache[0].keys().device), str(state.cache[0].keys().dtype), engine.programs is not None)
     if key not in rec.costs:
         rec.costs[key] = probe_costs(engine, state)
     scale = {kind: rec.calibration.factor(kind) for kind in ("chain", "tree")}
