@@ -76,6 +76,7 @@ class TwigVLMEval(lmms):
         draft: str | None = None,
         dtype: str = "float32",
         device: str | None = "cpu",
+        compile: str | None = None,  # noqa: A002 - VLM.load's name for compiled decode steps
         batch_size: int | str | None = 1,
         stats_file: str | None = None,
         **unused: Any,
@@ -98,7 +99,13 @@ class TwigVLMEval(lmms):
             wipe_layer=None if wipe is None else int(wipe),
         )
         self.speculative = speculation(_flag(speculative), **{k: v for k, v in drafting.items() if v is not None})
-        self.vlm = VLM.load(str(pretrained), twig=twig, dtype=str(dtype), device=str(device or "cpu"))
+        self.vlm = VLM.load(
+            str(pretrained),
+            twig=twig,
+            dtype=str(dtype),
+            device=str(device or "cpu"),
+            compile=None if compile in (None, "") else str(compile),
+        )
         self.stats_file = Path(stats_file) if stats_file else None
         self.sample_stats: list[dict[str, Any]] = []
 

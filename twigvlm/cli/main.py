@@ -131,7 +131,7 @@ def cmd_grow(args: argparse.Namespace) -> None:
     config = TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init, wipe_layer=args.wipe_layer)
     config.validate()  # before the slow model load
     out = twig_output_dir(args.out, force=args.force)
-    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
+    vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, compile="off")
     twig = vlm.grow_twig(config)
     vlm.save_twig(out)
     n = sum(p.numel() for p in twig.parameters())
@@ -261,7 +261,7 @@ def _tiny_demo(out: Path) -> None:
     hf_logging.disable_progress_bar()  # a tiny model saves and loads in milliseconds
     with tempfile.TemporaryDirectory(prefix="twigvlm-demo-") as tmp:
         model_dir = save_tiny_llava(Path(tmp) / "tiny-llava", TinySpec(tie_embeddings=False))
-        vlm = VLM.load(model_dir)
+        vlm = VLM.load(model_dir, compile="off")  # a tiny random model: its speed means nothing
         vlm.grow_twig()
         image = load_image(demo_image(Path(tmp) / "shapes.png"))
         main_job(vlm, [("describe", "Describe the image in detail.", image, 32)], out, keep_ratio=0.5)
