@@ -7,6 +7,8 @@ called from inside the programs; a program that cannot compile leaves its calls 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime import compiled as compiled_steps
 from twigvlm.runtime.compiled import programs_for
+from twigvlm.runtime.kernels import stock_kernels
 from twigvlm.runtime.sampling import pick_tokens
 from twigvlm.speculative.chain import TwigChainDrafter
 from twigvlm.speculative.loop import speculative_blocks
@@ -69,22 +72,26 @@ def test_compiled_steps_give_the_eager_ids_on_llava(llava, method):
     assert programs.stats.calls > calls and programs.stats.eager_calls == 0 and not programs.stats.failures
 
 
-@pytest.mark.parametrize("method", ["ar", "twig", "ssd chain", "ssd tree", "twig+ssd"])
+@pytest.mark.parametrize("method", ["ar", "fastv", "twig", "ssd chain", "ssd tree", "twig+ssd"])
 def test_compiled_steps_give_the_eager_ids_on_qwen_vl(qwen, method):
     assert qwen.adapter.position_rows == 3  # M-RoPE: the programs take 3-row positions
+    programs = programs_for(qwen.adapter)
+    calls = programs.stats.calls
     eager, compiled = both_ways(qwen, method, prompt=random_prompt(2, 6), image=random_image(2, (56, 84)))
     assert compiled == eager, method
-    assert not programs_for(qwen.adapter).stats.failures
+    assert programs.stats.calls > calls and programs.stats.eager_calls == 0 and not programs.stats.failures
 
 
 def test_speculation_equals_ar_under_compilation(llava):
     llava.set_compile("on")
+    calls = programs_for(llava.adapter).stats.calls
     try:
         for seed, spec in ((3, CHAIN), (4, TREE), (5, SpecConfig(draft="chain", draft_len=5, threshold=0))):
             args = dict(prompt=random_prompt(seed, 7), image=random_image(seed), max_new_tokens=20, ignore_eos=True)
             assert llava.generate(**args, speculative=spec).token_ids == llava.generate(**args).token_ids, seed
             ttp = llava.generate(**args, prune=TTP).token_ids
             assert llava.generate(**args, prune=TTP, speculative=spec).token_ids == ttp, seed
+        assert programs_for(llava.adapter).stats.calls > calls
     finally:
         llava.set_compile("off")
 
@@ -137,7 +144,7 @@ def test_one_program_per_kind_of_call_and_none_after_warm_up(llava):
         llava.set_compile("off")
 
 
-def test_the_programs_call_the_native_kernels(model_dirs, monkeypatch):
+def test_the_int8_programs_call_the_native_kernel(model_dirs, monkeypatch):
     int8 = native_spy(monkeypatch, "gemv_int8")
     vlm = twigvlm.load(model_dirs["qwen2-siglip"], quantize="int8", compile="off")
     args = dict(prompt=random_prompt(7, 5), image=random_image(7), max_new_tokens=12, ignore_eos=True)
@@ -146,19 +153,43 @@ def test_the_programs_call_the_native_kernels(model_dirs, monkeypatch):
     int8.clear()
     assert vlm.generate(**args).token_ids == eager
     assert 1 in int8  # the one-token program's products, through the int8 kernel's torch op (eager: `gemv_int8_rows`)
+
+
+@pytest.mark.parametrize("layout", ["gemv", "wxt", "linear"])
+def test_the_fast_kernel_programs_follow_the_plan(model_dirs, monkeypatch, layout):
     gemv = native_spy(monkeypatch, "gemv")
-    vlm.set_quantize("none")
-    vlm.set_kernels("auto")
-    vlm.kernel_plan.layouts = {shape: {1: "gemv", 4: "gemv"} for shape in vlm.kernel_plan.layouts}
-    vlm.kernel_plan._memo.clear()
-    programs_for(vlm.adapter)._programs.clear()  # the layouts are traced into the programs: trace again
-    vlm.set_compile("off")
+    vlm = twigvlm.load(model_dirs["qwen2-siglip"], kernels="auto", compile="off")
+    plan = copy.copy(vlm.kernel_plan)  # a plan of its own: the programs' key holds the plan
+    plan.layouts = {shape: {1: layout, 4: layout} for shape in plan.layouts}
+    plan._memo = {}
+    vlm.set_kernels("stock")
+    twigvlm.runtime.kernels.apply_kernels(vlm.kernel_modules(), "auto", plan)
+    args = dict(prompt=random_prompt(9, 5), image=random_image(9), max_new_tokens=12, ignore_eos=True)
     eager = vlm.generate(**args).token_ids
     vlm.set_compile("on")
     gemv.clear()
     calls = programs_for(vlm.adapter).stats.calls
     assert vlm.generate(**args).token_ids == eager
-    assert 1 in gemv and programs_for(vlm.adapter).stats.calls > calls
+    assert programs_for(vlm.adapter).stats.calls > calls
+    assert (1 in gemv) == (layout == "gemv")
+
+
+@pytest.mark.parametrize("first", ["none", "int8"])
+def test_switching_the_weights_format_makes_new_programs(model_dirs, first):
+    vlm = twigvlm.load(model_dirs["llama-clip"], quantize=first, compile="off")
+    args = dict(prompt=random_prompt(10, 5), image=random_image(10), max_new_tokens=12, ignore_eos=True)
+    for mode in (first, "int8" if first == "none" else "none", first):
+        vlm.set_quantize(mode)
+        vlm.set_compile("off")
+        eager = vlm.generate(**args).token_ids
+        vlm.set_compile("on")
+        assert vlm.generate(**args).token_ids == eager, mode
+        with stock_kernels(vlm.kernel_modules()):  # the bench's hf rows swap classes too
+            vlm.set_compile("off")
+            stock = vlm.generate(**args).token_ids
+            vlm.set_compile("on")
+            assert vlm.generate(**args).token_ids == stock, (mode, "stock")
+    assert programs_for(vlm.adapter).stats.programs >= 6  # fp32 and int8 layers: programs of their own
 
 
 def test_a_program_that_fails_to_compile_leaves_its_calls_eager(model_dirs, monkeypatch, caplog):

@@ -48,6 +48,7 @@ from ..errors import TwigVLMError
 from . import native
 from .cache import LayerKV
 from .machine import cache_dir, cpuinfo_line
+from .sdpa import grouped_heads_with_masks
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,19 @@ class NATIVE:
 
 
 BLOCK_ROWS = 4  # a program for blocks of dynamic size takes the layouts measured for this many rows
+
+
+class _Classes:
+    """Counts the class swaps of linear layers (`kernels.apply_kernels`, `stock_kernels`, `quant.apply_quantization`
+    …): a program traced with one class must never run a layer that now has another, so every swap makes the
+    programs' cached layer keys stale."""
+
+    epoch = 0
+
+
+def classes_changed() -> None:
+    """Say that some linear layers changed class (their products, and so the programs they need, changed)."""
+    _Classes.epoch += 1
 
 
 # ---- the native products as torch ops (what a traced FastLinear / Int8Linear calls) ---------------------------
@@ -143,7 +157,15 @@ class StepPrograms:
         self._failed: set[tuple] = set()
         self._layer_keys: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
         self._prepared: set[tuple] = set()
+        self._epoch = _Classes.epoch
         self.stats = ProgramStats()
+
+    def _check_classes(self) -> None:
+        """Forget the layer keys taken before a class swap (each layer's key is computed again, from its classes)."""
+        if self._epoch != _Classes.epoch:
+            self._layer_keys.clear()
+            self._prepared.clear()
+            self._epoch = _Classes.epoch
 
     @torch.inference_mode()
     def prepare(self, layers: Sequence[nn.Module]) -> None:
@@ -151,6 +173,7 @@ class StepPrograms:
         masked query (a tree's twig steps) and a masked block (verification), batch 1 in the layers' dtype. A
         generation calls this before its prefill, so no program is ever compiled inside a timed decode step (nor
         inside the drafter's cost probe, whose measurements auto's choices rest on)."""
+        self._check_classes()
         for layer in layers:
             key = self._layer_key(layer)
             if key in self._prepared:
@@ -194,6 +217,7 @@ class StepPrograms:
     ) -> torch.Tensor:
         """One layer on hidden [B, q, H] with the cache `kv` extended by the block, compiled: → [B, q, H]."""
         q = hidden.shape[1]
+        self._check_classes()
         keys, values = kv.window(q)  # [B, H_kv, length + q, D] each
         key = self._program_key(layer, hidden, mask, position_ids)
         program = self._programs.get(key)
@@ -213,13 +237,18 @@ class StepPrograms:
         """Which program a call runs: the layer's structure, one query or a block, masked or not, (B, H), the
         dtype and the position rows."""
         return (self._layer_key(layer), hidden.shape[1] == 1, mask is not None, tuple(hidden.shape[::2]),
-                hidden.dtype, position_ids.dim())  # fmt: skip
+                hidden.dtype, hidden.device, position_ids.dim())  # fmt: skip
 
     def _layer_key(self, layer: nn.Module) -> tuple:
-        """What a program depends on in a layer: its classes (the kernels' among them) and tensors' shapes/dtypes."""
+        """What a program depends on in a layer: its classes (the kernels' among them), its tensors' shapes, dtypes,
+        devices and layouts, and its kernel plans (traced in: a layout per weight shape)."""
         found = self._layer_keys.get(layer)
         if found is None:
-            tensors = [(n, tuple(t.shape), t.dtype) for n, t in layer.state_dict(keep_vars=True).items()]
+            tensors = [
+                (n, tuple(t.shape), t.dtype, t.device, t.is_contiguous())
+                for n, t in layer.state_dict(keep_vars=True).items()
+            ]
+            tensors += [(id(m.kernel_plan),) for m in layer.modules() if hasattr(m, "kernel_plan")][:1]
             found = (tuple(type(m).__name__ for m in layer.modules()), tuple(tensors))
             self._layer_keys[layer] = found
         return found
@@ -248,7 +277,7 @@ class StepPrograms:
         example = _examples(hidden, mask, position_ids, rope, keys, values, block)
         NATIVE.rows = BLOCK_ROWS if block else 1
         try:
-            with _tracing_config(), torch.no_grad():
+            with _tracing_config(hidden.device), torch.no_grad():
                 fn = torch.compile(self._program_fn(), fullgraph=True)
                 program = fn.aot_compile(((layer, *example), {}))
             program.disable_guard_check()
@@ -312,21 +341,13 @@ def _examples(
 
 
 @contextlib.contextmanager
-def _tracing_config() -> Any:
-    """Symbols for every dynamic length (no "equal at trace time, so equal always"), and grouped-query attention
-    without copying the cache's heads (what the eager path does for masked blocks: `runtime/sdpa.py`)."""
+def _tracing_config(device: torch.device) -> Any:
+    """Symbols for every dynamic length (no "equal at trace time, so equal always"), and on a CPU grouped-query
+    attention without copying the cache's heads, as the eager path runs masked blocks (`runtime/sdpa.py`)."""
     from torch.fx.experimental import _config as fx_config
 
-    before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
-    try:
-        with fx_config.patch(use_duck_shape=False):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
-        else:
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
+    with grouped_heads_with_masks(device), fx_config.patch(use_duck_shape=False):
+        yield
 
 
 # ---- the mode -------------------------------------------------------------------------------------------------

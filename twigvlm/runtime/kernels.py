@@ -106,7 +106,15 @@ class FastLinear(nn.Linear):
         rows (one query, or a block of dynamic size: the layout measured for BLOCK_ROWS rows), the native kernel
         through its torch op."""
         layout = self.kernel_plan.layout((self.out_features, self.in_features), compiled.NATIVE.rows)
-        native_ok = compiled.NATIVE.ready and x.dtype is self.weight.dtype and x.dtype in native.WEIGHT_DTYPES
+        weight = self.weight
+        native_ok = (
+            compiled.NATIVE.ready
+            and x.dtype is weight.dtype
+            and x.dtype in native.WEIGHT_DTYPES
+            and weight.device.type == "cpu"
+            and weight.is_contiguous()
+            and (self.bias is None or self.bias.is_contiguous())
+        )  # what `native.takes` checks eagerly; the program's key holds these facts of every layer it runs
         if layout == "gemv" and native_ok:
             return compiled.traced_gemv(x, self.weight, self.bias)
         if layout == "wxt":
@@ -144,6 +152,7 @@ def apply_kernels(
     plan used (probed or read from the cache when not given), None for stock or a non-CPU model."""
     check_mode(mode)
     found = linears(modules)
+    compiled.classes_changed()
     if mode == "stock" or not found or found[0].weight.device.type != "cpu":
         for lin in found:
             if type(lin) is FastLinear:
@@ -164,11 +173,13 @@ def stock_kernels(modules: Iterable[nn.Module]) -> Iterator[None]:
     ours = [(lin, type(lin)) for lin in linears(modules) if isinstance(lin, FastLinear)]
     for lin, _ in ours:
         lin.__class__ = nn.Linear
+    compiled.classes_changed()
     try:
         yield
     finally:
         for lin, cls in ours:
             lin.__class__ = cls
+        compiled.classes_changed()
 
 
 # ---- the probe ------------------------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ def apply_quantization(modules: Iterable[nn.Module], mode: str) -> int:
     device is refused. Returns the number of layers quantised."""
     check_quantize(mode)
     found = linears(modules)
+    compiled.classes_changed()
     if mode == "none":
         for lin in found:
             if type(lin) is Int8Linear:
@@ -196,6 +197,7 @@ def load_int8_state(named: dict[str, nn.Module], state: dict[str, torch.Tensor])
             sub.qweight, sub.qscale = q.contiguous(), s.to(torch.float32).contiguous()
             sub.qsource = _source(sub.weight)
             sub.__class__ = Int8Linear
+            compiled.classes_changed()
             restored += 1
     extra = sorted(set(state) - expected)
     if extra:

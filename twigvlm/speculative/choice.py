@@ -115,7 +115,7 @@ class DraftRecord:
     `VLM.draft_record`); a generation without one starts from a fresh record, so no choice depends on hidden
     process state."""
 
-    costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype, compiled steps)
+    costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype, products, compiled steps)
     acceptance: Acceptance = field(default_factory=Acceptance)
     calibration: Calibration = field(default_factory=Calibration)
 
@@ -138,8 +138,10 @@ def choose_drafter(
         return DrafterChoice("tree", spec)
     if cfg.max_new_tokens <= SHORT_ANSWER:
         return DrafterChoice("none", spec)
-    # costs differ by device, dtype and whether the steps run compiled (`runtime/compiled.py`)
-    key = (str(state.cache[0].keys().device), str(state.cache[0].keys().dtype), engine.programs is not None)
+    # costs differ by device, dtype, the products (the LM head's class: stock, fast kernels or int8) and whether
+    # the steps run compiled (`runtime/compiled.py`)
+    keys = state.cache[0].keys()
+    key = (str(keys.device), str(keys.dtype), type(engine.adapter.lm_head).__name__, engine.programs is not None)
     if key not in rec.costs:
         rec.costs[key] = probe_costs(engine, state)
     scale = {kind: rec.calibration.factor(kind) for kind in ("chain", "tree")}
