@@ -22,6 +22,7 @@ from .adapters.capabilities import PixelRange, require
 from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_request, pruning, speculation
 from .engine import Engine
 from .errors import TwigVLMError
+from .generation.batch import generate_batch
 from .generation.loop import Generation
 from .generation.stats import GenerationResult
 from .inputs.images import ImageInput, load_images
@@ -36,6 +37,7 @@ from .speculative.choice import SHORT_ANSWER, DraftRecord
 from .twig.model import Twig, grow_twig, load_twig, save_twig
 
 _GEN_FIELDS = {f.name for f in fields(GenConfig)}
+_REQUEST_FIELDS = {"prompt", "image", "video", "prune", "speculative"}  # a batched request's own fields
 
 
 class VLM:
@@ -232,7 +234,7 @@ class VLM:
 
     def generate(
         self,
-        prompt: Prompt,
+        prompt: Prompt | list[dict[str, Any]],
         image: ImageInput | Sequence[ImageInput] | None = None,
         config: GenConfig | None = None,
         prune: PruneConfig | str | None = None,
@@ -240,9 +242,54 @@ class VLM:
         twig: Twig | bool = True,
         video: VideoInput | Sequence[VideoInput] | None = None,
         **kwargs: Any,
-    ) -> GenerationResult:
-        """Generate to the end: text, token ids and statistics (the arguments of `stream`)."""
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate to the end: text, token ids and statistics (the arguments of `stream`).
+
+        prompt may also be a list of requests — dicts with a "prompt" and any of "image", "video", "prune",
+        "speculative" and the GenConfig fields, each over the arguments given here — generated together: every
+        decode step is shared by the requests still running (`generation/batch.py`), and the results come back as
+        a list, in order. Speculative requests run on their own, one after another."""
+        if _is_batch(prompt):
+            return self._generate_batch(prompt, config, prune, speculative, twig, video, image, kwargs)
         return self.stream(prompt, image, config, prune, speculative, twig, video, **kwargs).run()
+
+    def _generate_batch(
+        self,
+        requests: list[dict[str, Any]],
+        config: GenConfig | None,
+        prune: PruneConfig | str | None,
+        speculative: SpecConfig | bool,
+        twig: Twig | bool,
+        video: Any,
+        image: Any,
+        shared: dict[str, Any],
+    ) -> list[GenerationResult]:
+        engine = self.engine_for(twig)
+        prepared = []  # (index, encoded, config, prune) of the batched requests
+        results: dict[int, GenerationResult] = {}
+        for i, request in enumerate(requests):
+            unknown = set(request) - _REQUEST_FIELDS - _GEN_FIELDS
+            if unknown:
+                raise TwigVLMError(f"request {i} has unknown field(s) {sorted(unknown)}: use {sorted(_REQUEST_FIELDS)}"
+                                   " and GenConfig's fields")  # fmt: skip
+            fields_ = {k: v for k, v in request.items() if k in _GEN_FIELDS}
+            cfg = self._gen_config(config, {**shared, **fields_})
+            own_prune = _prune_config(request.get("prune", prune))
+            spec = speculation(request.get("speculative", speculative))
+            check_request(cfg, own_prune, spec, has_twig=engine.twig is not None)
+            media = dict(image=request.get("image", image), video=request.get("video", video))
+            if spec is not None:
+                results[i] = self.generate(request["prompt"], config=cfg, prune=own_prune, speculative=spec,
+                                           twig=twig, **media)  # fmt: skip
+                continue
+            prepared.append((i, self.encode(request["prompt"], media["image"], own_prune, media["video"]), cfg,
+                             own_prune))  # fmt: skip
+        if prepared:
+            engine.prepare_programs()
+            batched = generate_batch(engine, [p[1] for p in prepared], [p[2] for p in prepared],
+                                     [p[3] for p in prepared])  # fmt: skip
+            results.update({p[0]: r for p, r in zip(prepared, batched, strict=True)})
+        return [results[i] for i in range(len(requests))]
 
     @staticmethod
     def _gen_config(config: GenConfig | None, kwargs: dict[str, Any]) -> GenConfig:
@@ -250,6 +297,11 @@ class VLM:
         if unknown:
             raise TypeError(f"unknown generation option(s) {sorted(unknown)}; valid: {sorted(_GEN_FIELDS)}")
         return replace(config or GenConfig(), **kwargs)  # checked with the rest by `check_request`
+
+
+def _is_batch(prompt: Any) -> bool:
+    """A list of requests (dicts with a "prompt"), not a chat (dicts with a "role")."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(r, dict) and "prompt" in r for r in prompt)
 
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:

@@ -22,6 +22,7 @@ class LayerKV:
         self.k: torch.Tensor | None = None  # [B, H_kv, cap, D]
         self.v: torch.Tensor | None = None  # [B, H_kv, cap, D]
         self.length = 0
+        self.fixed = False  # buffers bound from outside (`bind`): never reallocated
 
     @property
     def capacity(self) -> int:
@@ -37,9 +38,16 @@ class LayerKV:
         assert self.v is not None, "empty cache"
         return self.v[:, :, : self.length]
 
+    def bind(self, keys: torch.Tensor, values: torch.Tensor, length: int = 0) -> None:
+        """Hold keys/values in the given buffers [B, H_kv, cap, D] (views of a batch's shared slots), their first
+        `length` entries valid; they are never reallocated (`append` past `cap` is an error)."""
+        self.k, self.v, self.length, self.fixed = keys, values, length, True
+
     def _reserve(self, needed: int, like: torch.Tensor) -> None:
         if needed <= self.capacity:
             return
+        if self.fixed:
+            raise RuntimeError(f"a bound cache of {self.capacity} entries cannot hold {needed}")
         cap = max(_MIN_CAPACITY, needed, 2 * self.capacity)
         b, h, _, d = like.shape
         k = like.new_empty((b, h, cap, d))

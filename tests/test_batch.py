@@ -1,0 +1,100 @@
+"""Batched decoding (`generation/batch.py`): every row of a batch ≡ its solo run (greedy ids), for AR, TTP, FastV,
+VisionZip, CDPruner and DART, with images of different sizes and a text-only row in one batch on LLaVA, and with
+different image grids (3-row positions) on a Qwen-VL; rows leave the batch as they finish (others' caches move
+into their slots) and the rest go on unchanged; a seeded sampled row gives its solo text; speculative requests
+run on their own; bad requests are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import twigvlm
+from twigvlm import PruneConfig, TwigVLMError
+from twigvlm.generation import batch as batch_module
+
+from .conftest import random_image, random_prompt
+from .oracles import middle_twig
+
+PRUNES = {
+    "ar": None,
+    "twig": PruneConfig("twig", keep=8),
+    "fastv": PruneConfig("fastv", keep=8),
+    "visionzip": PruneConfig("visionzip", keep=8),
+    "cdpruner": PruneConfig("cdpruner", keep=8),
+    "dart": PruneConfig("dart", keep=8),
+}
+
+
+@pytest.fixture(scope="module")
+def llava(adapters) -> twigvlm.VLM:
+    return middle_twig(twigvlm.VLM(adapters["llama-clip"]))
+
+
+def solo(vlm: twigvlm.VLM, request: dict) -> list[int]:
+    args = {k: v for k, v in request.items() if k != "prompt"}
+    return vlm.generate(request["prompt"], **args).token_ids
+
+
+def test_every_row_of_a_batch_equals_its_solo_run_on_llava(llava, monkeypatch):
+    steps: list[int] = []
+    real = batch_module.batch_step
+    monkeypatch.setattr(batch_module, "batch_step", lambda e, s, st, t: steps.append(len(st)) or real(e, s, st, t))
+    requests = [
+        dict(prompt=random_prompt(i, 3 + 4 * i), image=random_image(i, (40 + 8 * i, 48)), prune=PRUNES[name],
+             max_new_tokens=6 + 5 * i, ignore_eos=True)
+        for i, name in enumerate(PRUNES)
+    ]  # fmt: skip
+    requests.append(dict(prompt=random_prompt(9, 5), max_new_tokens=12, ignore_eos=True))  # text only
+    results = llava.generate(requests)
+    assert isinstance(results, list) and len(results) == len(requests)
+    for i, (request, result) in enumerate(zip(requests, results, strict=True)):
+        assert result.token_ids == solo(llava, request), i
+        assert result.stats.new_tokens == request["max_new_tokens"]
+    assert steps[0] == len(requests) and steps[-1] == 1  # rows left as they finished; the longest ran alone
+    assert steps == sorted(steps, reverse=True) and len(set(steps)) > 3
+
+
+def test_rows_with_eos_and_stop_strings_end_on_their_own(llava):
+    requests = [dict(prompt=random_prompt(i, 6), image=random_image(i), max_new_tokens=20) for i in range(3)]
+    requests[1]["stop"] = [llava.adapter.decode(solo(llava, requests[1])[3:5])]  # stops mid-answer
+    results = llava.generate(requests)
+    for request, result in zip(requests, results, strict=True):
+        alone = llava.generate(request["prompt"], **{k: v for k, v in request.items() if k != "prompt"})
+        assert (result.token_ids, result.text, result.stats.finish_reason) == (
+            alone.token_ids,
+            alone.text,
+            alone.stats.finish_reason,
+        )
+
+
+def test_a_seeded_sampled_row_gives_its_solo_text(llava):
+    sampled = dict(prompt=random_prompt(3, 5), image=random_image(3), max_new_tokens=10, temperature=0.9, seed=7)
+    others = [dict(prompt=random_prompt(4, 8), image=random_image(4), max_new_tokens=14, ignore_eos=True)]
+    together = llava.generate([*others, sampled])[1]
+    assert together.token_ids == solo(llava, sampled)
+
+
+def test_qwen_vl_rows_with_different_grids(zoo):
+    qwen = zoo("qwen2-vl")
+    requests = [
+        dict(prompt=random_prompt(1, 4), image=random_image(1, (56, 84)), max_new_tokens=8, ignore_eos=True),
+        dict(prompt=random_prompt(2, 9), image=random_image(2, (84, 56)), max_new_tokens=12, ignore_eos=True,
+             prune=PruneConfig("fastv", keep=6)),
+        dict(prompt=random_prompt(3, 3), max_new_tokens=5, ignore_eos=True),
+    ]  # fmt: skip
+    assert qwen.adapter.position_rows == 3
+    for request, result in zip(requests, qwen.generate(requests), strict=True):
+        assert result.token_ids == solo(qwen, request)
+
+
+def test_speculative_requests_run_on_their_own_and_bad_requests_are_one_line(llava):
+    requests = [
+        dict(prompt=random_prompt(5, 4), image=random_image(5), max_new_tokens=8, ignore_eos=True),
+        dict(prompt=random_prompt(6, 4), image=random_image(6), max_new_tokens=8, ignore_eos=True, speculative=True),
+    ]
+    results = llava.generate(requests)
+    assert [r.token_ids for r in results] == [solo(llava, r) for r in requests]
+    with pytest.raises(TwigVLMError, match=r"request 0 has unknown field\(s\) \['imagez'\]"):
+        llava.generate([dict(prompt="hi", imagez="x.png")])
+    with pytest.raises(TwigVLMError, match="keep"):
+        llava.generate([dict(prompt="hi", prune=PruneConfig("twig", keep=-1))])
