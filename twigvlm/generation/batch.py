@@ -22,10 +22,11 @@ import torch
 from ..adapters.base import Encoded
 from ..config import GenConfig, PruneConfig
 from ..engine import DecodeState, Engine
+from ..errors import require_batch_one
 from ..pruning.prefill import PruneStats
 from ..runtime.cache import KVCache
 from ..runtime.sampling import make_generator, pick_tokens
-from .loop import _prefill
+from .loop import _prefill, check_window
 from .stats import GenerationResult, generation_stats
 from .stream import TextStream
 
@@ -144,6 +145,9 @@ def generate_batch(
     """Generate for every request (no speculation), sharing each decode step; results in the requests' order."""
     adapter = engine.adapter
     rows = [Row(e, c, p) for e, c, p in zip(encoded, configs, prunes, strict=True)]
+    for row in rows:
+        require_batch_one(row.encoded.inputs_embeds.shape[0], "a batched request")
+        check_window(engine, row.encoded, row.cfg)
     capacity = max(row.encoded.num_tokens + row.cfg.max_new_tokens + 1 for row in rows)
     slots = Slots(engine, len(rows), capacity)
     for i, row in enumerate(rows):

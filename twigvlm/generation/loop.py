@@ -77,6 +77,18 @@ def _prefill(
         return pruned_prefill(engine, state, encoded, prune, prime_twig)
 
 
+def check_window(engine: Engine, encoded: Encoded, cfg: GenConfig) -> None:
+    """A one-line error where the prompt and the answer would not fit a sliding-window model's window (the
+    engine's masks are full causal)."""
+    window = engine.adapter.attention_window
+    if window is not None and encoded.num_tokens + cfg.max_new_tokens > window:
+        raise TwigVLMError(
+            f"this model uses sliding-window attention (window {window}) and the prompt ({encoded.num_tokens} "
+            f"tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds it, which twigvlm does not support "
+            "yet: shorten the prompt or lower max_new_tokens"
+        )
+
+
 def _until(blocks: Iterable[list[int]], cancelled: threading.Event) -> Iterator[list[int]]:
     """The blocks, ending before the next one is computed once `cancelled` is set; a block being computed when it
     is set stops at its next layer (`Interrupted`). The stop signal is armed only while a block is computed, never
@@ -152,13 +164,7 @@ class Generation:
     ) -> None:
         check_request(cfg, prune, spec, has_twig=engine.twig is not None)
         require_batch_one(encoded.inputs_embeds.shape[0], "Generation")
-        window = engine.adapter.attention_window
-        if window is not None and encoded.num_tokens + cfg.max_new_tokens > window:
-            raise TwigVLMError(
-                f"this model uses sliding-window attention (window {window}) and the prompt ({encoded.num_tokens} "
-                f"tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds it, which twigvlm does not support "
-                "yet: shorten the prompt or lower max_new_tokens"
-            )
+        check_window(engine, encoded, cfg)
         self.engine, self.encoded, self.cfg, self.prune, self.spec = engine, encoded, cfg, prune, spec
         self.state: DecodeState | None = None  # the caches, for inspection after (or during) a run
         self.result: GenerationResult | None = None
