@@ -276,3 +276,36 @@ class HFBaseline(Capability):
                 extra["compile_config"] = config
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
         return out[0, batch["input_ids"].shape[1] :].tolist()
+
+    @torch.inference_mode()
+    def hf_generate_batch(self, requests: Sequence[tuple[Prompt, Images]], max_new_tokens: int) -> list[list[int]]:
+        """New token ids of each request from one stock greedy `generate` over a left-padded batch (the prompts
+        processed one by one, padded to the longest with an attention mask, their pictures' tensors stacked as
+        the stock processor stacks a batch's). Rows that end early are padded by `generate`: their ids stop at
+        their first end-of-sequence token."""
+        feats = [self.process(prompt, images) for prompt, images in requests]
+        longest = max(f["input_ids"].shape[1] for f in feats)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.eos_token_ids or [0])[0]
+        ids = torch.full((len(feats), longest), pad, dtype=torch.long, device=self.device)  # [B, T]
+        mask = torch.zeros_like(ids)
+        for i, f in enumerate(feats):
+            n = f["input_ids"].shape[1]
+            ids[i, longest - n :] = f["input_ids"][0]
+            mask[i, longest - n :] = f["attention_mask"][0] if "attention_mask" in f else 1
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        for key in {k for f in feats for k in f} - {"input_ids", "attention_mask"}:
+            parts = [f[key] for f in feats if key in f]
+            try:
+                batch[key] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else sum(parts, [])
+            except (RuntimeError, TypeError) as e:
+                raise TwigVLMError(f"this family's inputs ({key}) do not stack into one stock batch: {e}") from None
+            if key.startswith("pixel_values") and batch[key].is_floating_point():
+                batch[key] = batch[key].to(self.dtype)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        eos = set(self.eos_token_ids)
+        rows = []
+        for row in out[:, longest:].tolist():
+            end = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+            rows.append(row[:end])
+        return rows

@@ -14,11 +14,13 @@ from ..flags import add_draft_args, add_model_args, draft_fields, layer_number, 
 from ..inputs.paths import output_dir
 from ..pruning.prefill import resolve_wipe_layer
 from ..runtime.kernels import resolve_mode
+from . import batched
 from .ablations import ABLATIONS, UNTRAINED, AblationContext, ablation_help
 from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig, close_peers, method_configs
 
 DEFAULT_METHODS = "hf,hf+kernels,ar,fastv,visionzip,twig,ssd,twig+ssd"
+DEFAULT_BATCH_METHODS = "hf,ar,fastv,visionzip,twig"  # --batch N: the methods that run batched
 
 
 def add_parser(sub) -> None:  # noqa: ANN001
@@ -101,9 +103,31 @@ def add_parser(sub) -> None:  # noqa: ANN001
         help="the decoder as a GGUF file, for the llama.cpp-f32/-q8_0/-q4_1 peers (default: the named model's own, "
         "e.g. the demo's; they need the peers extra)",
     )
+    b.add_argument(
+        "--batch",
+        type=positive_int,
+        default=1,
+        help="N > 1: requests in batches of N — hf as one stock generate over the padded batch, our methods as "
+        "batched generation, and ar one at a time beside them; reports requests/s, tokens/s and latency "
+        "(speed only; the speculative methods are not batched yet)",
+    )
     b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
     b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")
     b.add_argument("--out", default="out/bench", help="output folder (default: %(default)s)")
+
+
+def _bench_batched(args: argparse.Namespace, vlm, tasks: dict, chosen: list, out: Path) -> None:  # noqa: ANN001
+    """`--batch N`: the methods on batches of N requests (`bench/batched.py`)."""
+    from ..runtime.machine import speed_flags
+
+    mc = chosen[0].config
+    tallies = batched.run_batched(vlm, tasks, [v.method for v in chosen], args.batch, mc)
+    rows = batched.summary(tallies, args.batch)
+    text = batched.table(rows) + f"\n\nCPU flags: {speed_flags()}; batches of {args.batch}; speed only"
+    print(text)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    batched.write(out, rows, text, config)
+    print(f"wrote {out}/batch.json and table.md")
 
 
 class BenchTwig(NamedTuple):
@@ -185,8 +209,9 @@ def variants(
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)
         return ABLATIONS[args.ablation].build(context)
     fast = resolve_mode(getattr(args, "kernels", None)) == "auto" and getattr(args, "device", "cpu") == "cpu"
+    defaults = DEFAULT_METHODS if getattr(args, "batch", 1) == 1 else DEFAULT_BATCH_METHODS
     methods = args.methods or ",".join(
-        m for m in DEFAULT_METHODS.split(",") if (args.twig or m not in NEEDS_TWIG) and (fast or m != "hf+kernels")
+        m for m in defaults.split(",") if (args.twig or m not in NEEDS_TWIG) and (fast or m != "hf+kernels")
     )
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -215,6 +240,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
     for v in chosen:  # the flags on their own, before the slow model load
         method_configs(v.method, v.config)
+    if args.batch > 1:
+        if args.ablation != "none":
+            raise TwigVLMError("--batch runs the --methods list; it takes no --ablation")
+        batched.check_batchable([v.method for v in chosen])
     out = output_dir(args.out)
     specs = [s for part in args.tasks.split(";") for s in (part.split(",") if "=" not in part else [part]) if s]
     tasks = {}
@@ -237,6 +266,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     loaded = {label: vlm.load_twig(twig.path) for label, twig in twigs.items()}
     chosen = variants(args, twigs, vlm.adapter.spec.num_layers)
     vlm.twig = next(iter(loaded.values()), None)  # the run's own twig
+    if args.batch > 1:
+        _bench_batched(args, vlm, tasks, chosen, out)
+        return
     if args.ablation == "source":
         twig = vlm.twig
         loaded[UNTRAINED] = grow_twig(vlm.adapter, TwigConfig(K=twig.config.K, T=twig.config.T))

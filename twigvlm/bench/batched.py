@@ -1,0 +1,126 @@
+"""`twigvlm bench --batch N`: the methods on requests in batches of N — aggregate throughput and latency.
+
+Each task's samples are taken N at a time. Per batch, interleaved after a warm-up batch: `hf` is one stock greedy
+`generate` over the left-padded batch (`HFBaseline.hf_generate_batch`, the untouched model), every other method
+our batched generation (`VLM.generate` with a list: every decode step shared by the requests still running,
+each with its own pruning), and `ar ×1` the same requests through our engine one after another (batch 1, for the
+batching's own gain). A request's latency is its batch's wall time (each call returns its whole batch).
+Reported per method: requests/s, tokens/s, latency p50/p99, × hf's tokens/s, and how many requests gave hf's ids.
+Speculative methods are not batched yet and are refused here.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..adapters.capabilities import HFBaseline, require
+from ..api import VLM
+from ..errors import TwigVLMError
+from ..runtime.kernels import stock_kernels
+from .methods import MethodConfig, compiled, prune_config, quantized
+from .sample import Sample
+
+BATCHABLE = ("hf", "ar", "fastv", "visionzip", "cdpruner", "dart", "twig")
+ONE_AT_A_TIME = "ar ×1"
+
+
+@dataclass
+class Tally:
+    """One method's batches: wall seconds, tokens and requests, and each request's ids."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: int = 0
+    requests: int = 0
+    ids: dict[str, list[int]] = field(default_factory=dict)
+
+
+def check_batchable(methods: list[str]) -> None:
+    odd = [m for m in methods if m not in BATCHABLE]
+    if odd:
+        raise TwigVLMError(
+            f"--batch runs {', '.join(BATCHABLE)}; {', '.join(odd)} cannot run batched yet: leave them out of --methods"
+        )
+
+
+def run_group(vlm: VLM, method: str, group: list[Sample], mc: MethodConfig) -> list[list[int]]:
+    """One batch of requests through one method; each request's new token ids."""
+    tokens = max(s.max_new_tokens for s in group)
+    if method == "hf":
+        baseline = require(vlm.adapter, HFBaseline, "the hf baseline")
+        with stock_kernels(vlm.kernel_modules()):
+            return baseline.hf_generate_batch([(s.prompt, [s.image()] if s.image else []) for s in group], tokens)
+    requests = [
+        dict(prompt=s.prompt, image=s.image() if s.image else None, max_new_tokens=s.max_new_tokens) for s in group
+    ]
+    with quantized(vlm, mc.quantize), compiled(vlm, mc.compile):
+        if method == ONE_AT_A_TIME:
+            return [vlm.generate(r.pop("prompt"), **r).token_ids for r in requests]
+        prune = None if method == "ar" else prune_config(method, mc)
+        return [r.token_ids for r in vlm.generate([dict(r, prune=prune) for r in requests])]
+
+
+def run_batched(
+    vlm: VLM, tasks: dict[str, list[Sample]], methods: list[str], size: int, mc: MethodConfig
+) -> dict[str, Tally]:
+    """Every method on every batch of `size` requests, interleaved batch by batch after a warm-up batch."""
+    methods = list(dict.fromkeys(["hf", *methods, ONE_AT_A_TIME]))
+    tallies = {m: Tally() for m in methods}
+    groups = [samples[i : i + size] for samples in tasks.values() for i in range(0, len(samples), size)]
+    for m in methods:  # warm-up: the first batch, untimed
+        run_group(vlm, m, groups[0], mc)
+    for group in tqdm(groups, desc="batches", unit="batch"):
+        for m in methods:
+            t0 = time.perf_counter()
+            ids = run_group(vlm, m, group, mc)
+            tally = tallies[m]
+            tally.seconds.append(time.perf_counter() - t0)
+            tally.tokens += sum(len(i) for i in ids)
+            tally.requests += len(group)
+            tally.ids.update({f"{s.task}:{s.id}": i for s, i in zip(group, ids, strict=True)})
+    return tallies
+
+
+def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
+    base = tallies["hf"]
+    out = {}
+    for m, t in tallies.items():
+        total = sum(t.seconds)
+        latency = sorted(s for s in t.seconds for _ in range(size))  # each request waits for its batch
+        out[m] = {
+            "batch": 1 if m == ONE_AT_A_TIME else size,
+            "requests_per_s": t.requests / total,
+            "tokens_per_s": t.tokens / total,
+            "latency_p50_s": statistics.median(latency),
+            "latency_p99_s": latency[min(len(latency) - 1, int(0.99 * len(latency)))],
+            "x_hf_tokens_per_s": (t.tokens / total) / (base.tokens / sum(base.seconds)),
+            "same_ids_as_hf": sum(t.ids[k] == base.ids.get(k) for k in t.ids),
+            "requests": t.requests,
+        }
+    return out
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| method | batch | requests/s | tokens/s | × hf tokens/s | latency p50 s | latency p99 s | hf's ids |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in rows.items():
+        lines.append(
+            f"| {m} | {r['batch']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['x_hf_tokens_per_s']:.2f}× | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | "
+            f"{r['same_ids_as_hf']}/{r['requests']} |"
+        )
+    return "\n".join(lines)
+
+
+def write(out: Path, rows: dict[str, dict[str, Any]], text: str, config: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch.json").write_text(json.dumps({"config": config, "summary": rows}, indent=2) + "\n")
+    (out / "table.md").write_text(text + "\n")
