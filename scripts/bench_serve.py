@@ -115,6 +115,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--modes", default="plain,ttp+ssd", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    ap.add_argument(
+        "--max-batch",
+        default="8",
+        help="the started server's --max-batch; several (e.g. 1,8): one server after another, each measured",
+    )
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     images = scene_images(8)
@@ -135,15 +140,19 @@ def main() -> None:
         return rows
 
     if args.url:
-        rows = run(args.url)
+        rows = [dict(r, max_batch="?") for r in run(args.url)]
     else:
-        flags = ["--model", args.model, "--twig", args.twig, "--max-queue", str(max(clients) * 2)]
-        with served(flags) as (url, _):
-            rows = run(url)
-    print("\n| mode | clients | requests | requests/s | TTFT median | TTFT p95 | tokens/s |")
-    print("|---|---|---|---|---|---|---|")
+        rows = []
+        for batch in args.max_batch.split(","):
+            flags = ["--model", args.model, "--twig", args.twig, "--max-queue", str(max(clients) * 2),
+                     "--max-batch", batch]  # fmt: skip
+            print(f"--max-batch {batch}", flush=True)
+            with served(flags) as (url, _):
+                rows += [dict(r, max_batch=batch) for r in run(url)]
+    print("\n| --max-batch | mode | clients | requests | requests/s | TTFT median | TTFT p95 | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | "
+        print(f"| {r['max_batch']} | {r['mode']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | "
               f"{r['ttft_median_s']:.2f} s | {r['ttft_p95_s']:.2f} s | {r['tokens_per_s']:.1f} |")  # fmt: skip
     print(f"\n{os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip

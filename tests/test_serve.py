@@ -367,3 +367,37 @@ def test_speculative_means_the_same_from_http_cli_and_python(server, client, ima
             assert py.stats.drafter == line["drafter"] == served_stats["drafter"] == drafter
         assert py.text == out["text"] == http.choices[0].message.content  # lossless: the same greedy answer
         assert line["drafter"] in ("chain", "tree", "none") and served_stats["drafter"] in ("chain", "tree", "none")
+
+
+def test_concurrent_requests_share_steps_and_give_their_sequential_texts(server, client, image):  # noqa: F811
+    """Continuous batching (--max-batch 8, the default): requests of different prompts, pictures, pruning and
+    lengths, sent together, run in one batch (several running at once) and each gives the text it gives alone;
+    streamed and not streamed alike."""
+    url = data_url(image.read_bytes())
+    bodies = [
+        dict(messages=user(f"{PROMPT} {i}", url if i % 3 else None), max_tokens=12 + 6 * i, temperature=0,
+             extra_body={"ignore_eos": True, **({"prune": "fastv", "keep_ratio": 0.5} if i % 4 == 1 else {})})
+        for i in range(6)
+    ]  # fmt: skip
+    alone = [client.chat.completions.create(model=server.model, **b).choices[0].message.content for b in bodies]
+    texts: list = [None] * len(bodies)
+    running: list[float] = []
+
+    def one(i: int) -> None:
+        if i % 2:
+            chunks = client.chat.completions.create(model=server.model, stream=True, **bodies[i])
+            texts[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            texts[i] = client.chat.completions.create(model=server.model, **bodies[i]).choices[0].message.content
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        running.append(server.metric("twigvlm_num_requests_running"))
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=60)
+    assert texts == alone
+    assert max(running) >= 2, "the requests never ran together"

@@ -63,6 +63,7 @@ class Slots:
         for layer in layers:
             k, _ = adapter.project_kv(layer, probe, rope)  # [1, H_kv, 1, D]: the cache's shape
             shape = (rows, k.shape[1], capacity, k.shape[3])
+            self.capacity = capacity
             self.k.append(k.new_zeros(shape))
             self.v.append(k.new_zeros(shape))
 
@@ -98,9 +99,10 @@ class Row:
     generator: torch.Generator | None = None
     eos: set[int] = field(default_factory=set)
     stop_ids: set[int] = field(default_factory=set)
+    pieces: list[str] = field(default_factory=list)  # text not yet handed on (a server streams and clears it)
 
     def take(self, token: int) -> None:
-        """Add a token and apply the stopping rules (`loop.emit`'s, for one token)."""
+        """Add a token and apply the stopping rules (`loop.emit`'s, for one token); new text goes to `pieces`."""
         self.ids.append(token)
         if token in self.eos:
             self.reason = "eos"
@@ -108,7 +110,9 @@ class Row:
             self.reason = "stop"
         else:
             assert self.text is not None
-            self.text.push(token)
+            piece = self.text.push(token)
+            if piece:
+                self.pieces.append(piece)
             if self.text.stopped:
                 self.reason = "stop"
             elif len(self.ids) >= self.cfg.max_new_tokens:
@@ -139,44 +143,103 @@ def batch_step(engine: Engine, slots: Slots, states: list[DecodeState], tokens: 
     return engine.logits(hidden)[:, -1]  # [R, V]
 
 
+class BatchSession:
+    """Requests that share decode steps, joining and leaving at step boundaries: `add` prefills a request into
+    the next slot (its first token taken), `step` gives every active row its next token, `drop` takes a row out
+    (finished or cancelled; the rows after it move down a slot). The slots grow when a request needs more room
+    (every row's caches move into the larger buffers)."""
+
+    def __init__(self, engine: Engine, max_rows: int) -> None:
+        self.engine, self.max_rows = engine, max_rows
+        self.slots: Slots | None = None
+        self.active: list[Row] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.active) >= self.max_rows
+
+    def add(self, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None) -> Row:
+        """Prefill one request into the next free slot and take its first token; a row that is already done
+        (one token asked for, or an end at once) is not kept."""
+        engine, adapter = self.engine, self.engine.adapter
+        require_batch_one(encoded.inputs_embeds.shape[0], "a batched request")
+        check_window(engine, encoded, cfg)
+        assert not self.full, "the batch is full"
+        row = Row(encoded, cfg, prune)
+        special = {s: adapter.special_token_id(s) for s in cfg.stop}
+        row.stop_ids = {t for t in special.values() if t is not None}
+        row.eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
+        row.text = TextStream(adapter.decode, [s for s, t in special.items() if t is None])
+        row.generator = make_generator(cfg, encoded.inputs_embeds.device)
+        self._room(encoded.num_tokens + cfg.max_new_tokens + 1)
+        assert self.slots is not None
+        row.state = engine.new_state()  # the twig's caches too, where TTP scores with it
+        self.slots.bind(row.state.cache, len(self.active))
+        t0 = time.perf_counter()
+        logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=False)
+        row.take(int(pick_tokens(logits, cfg, row.generator)[0]))
+        row.prefill_s = time.perf_counter() - t0
+        if row.reason is None:
+            self.active.append(row)
+        return row
+
+    def step(self) -> None:
+        """One token for every active row (rows that finish stay until `drop`ped; they take no more tokens)."""
+        rows = [row for row in self.active if row.reason is None]
+        assert len(rows) == len(self.active), "drop finished rows before the next step"
+        if not rows or self.slots is None:
+            return
+        t0 = time.perf_counter()
+        if len(rows) == 1:  # alone: the engine's own step (compiled where the steps are), on the row's slot views
+            state, token = rows[0].state, rows[0].next_token
+            assert state is not None
+            with torch.inference_mode():
+                ids = torch.tensor([[token]], device=state.cache[0].keys().device)
+                logits = self.engine.step(state, ids)[:, -1]
+        else:
+            states, tokens = [row.state for row in rows], [row.next_token for row in rows]
+            logits = batch_step(self.engine, self.slots, states, tokens)
+        for r, row in enumerate(rows):
+            row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]))
+        seconds = time.perf_counter() - t0
+        for row in rows:
+            row.decode_s += seconds
+
+    def drop(self, row: Row) -> None:
+        """Take `row` out of the batch; the rows after it move down one slot each."""
+        before = list(self.active)
+        self.active = [r for r in before if r is not row]
+        if self.slots is not None and len(self.active) < len(before):
+            _compact(self.slots, before, self.active)
+
+    def _room(self, needed: int) -> None:
+        """Slots of at least `needed` entries per row (allocated, or grown with every active row moved in)."""
+        if self.slots is not None and self.slots.capacity >= needed:
+            return
+        capacity = max(needed, 2 * self.slots.capacity if self.slots is not None else 0)
+        grown = Slots(self.engine, self.max_rows, capacity)
+        for i, row in enumerate(self.active):
+            assert row.state is not None
+            for j, layer in enumerate(row.state.cache.layers):
+                n = layer.length
+                grown.k[j][i, :, :n] = layer.keys()[0]
+                grown.v[j][i, :, :n] = layer.values()[0]
+                layer.bind(grown.k[j][i : i + 1], grown.v[j][i : i + 1], length=n)
+        self.slots = grown
+
+
 def generate_batch(
     engine: Engine, encoded: list[Encoded], configs: list[GenConfig], prunes: list[PruneConfig | None]
 ) -> list[GenerationResult]:
     """Generate for every request (no speculation), sharing each decode step; results in the requests' order."""
-    adapter = engine.adapter
-    rows = [Row(e, c, p) for e, c, p in zip(encoded, configs, prunes, strict=True)]
-    for row in rows:
-        require_batch_one(row.encoded.inputs_embeds.shape[0], "a batched request")
-        check_window(engine, row.encoded, row.cfg)
-    capacity = max(row.encoded.num_tokens + row.cfg.max_new_tokens + 1 for row in rows)
-    slots = Slots(engine, len(rows), capacity)
-    for i, row in enumerate(rows):
-        special = {s: adapter.special_token_id(s) for s in row.cfg.stop}
-        row.stop_ids = {t for t in special.values() if t is not None}
-        row.eos = set() if row.cfg.ignore_eos else set(adapter.eos_token_ids)
-        row.text = TextStream(adapter.decode, [s for s, t in special.items() if t is None])
-        row.generator = make_generator(row.cfg, row.encoded.inputs_embeds.device)
-        row.state = engine.new_state()  # the twig's caches too, where TTP scores with it
-        slots.bind(row.state.cache, i)
-        t0 = time.perf_counter()
-        logits, row.pruned = _prefill(engine, row.state, row.encoded, row.prune, prime_twig=False)
-        row.take(int(pick_tokens(logits, row.cfg, row.generator)[0]))
-        row.prefill_s = time.perf_counter() - t0
-    active = [row for row in rows if row.reason is None]
-    _compact(slots, rows, active)
-    while active:
-        t0 = time.perf_counter()
-        logits = batch_step(engine, slots, [row.state for row in active], [row.next_token for row in active])
-        for r, row in enumerate(active):
-            row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]))
-        seconds = time.perf_counter() - t0
-        for row in active:
-            row.decode_s += seconds
-        still = [row for row in active if row.reason is None]
-        if len(still) < len(active):
-            _compact(slots, active, still)
-        active = still
-    return [_result(row) for row in rows]
+    session = BatchSession(engine, len(encoded))
+    session._room(max(e.num_tokens + c.max_new_tokens + 1 for e, c in zip(encoded, configs, strict=True)))
+    rows = [session.add(e, c, p) for e, c, p in zip(encoded, configs, prunes, strict=True)]
+    while session.active:
+        session.step()
+        for row in [r for r in session.active if r.reason is not None]:
+            session.drop(row)
+    return [result(row) for row in rows]
 
 
 def _compact(slots: Slots, before: list[Row], after: list[Row]) -> None:
@@ -189,8 +252,11 @@ def _compact(slots: Slots, before: list[Row], after: list[Row]) -> None:
             slots.move(row.state.cache, src, dst)
 
 
-def _result(row: Row) -> GenerationResult:
+def result(row: Row) -> GenerationResult:
+    """A finished row's result (its text released to the end)."""
     assert row.text is not None and row.reason is not None
-    row.text.finish()  # releases what it held back into its text
+    tail = row.text.finish()  # what it held back: into its text, and to the pieces a server still streams
+    if tail:
+        row.pieces.append(tail)
     stats = generation_stats(row.encoded, row.ids, row.reason, row.prefill_s, row.decode_s, row.pruned, None)
     return GenerationResult(text=row.text.text, token_ids=row.ids, stats=stats)

@@ -37,6 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--max-queue", type=positive_int, default=32, help="requests that may wait; more get 503 (default: %(default)s)"
     )
+    s.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=8,
+        help="requests that share each decode step (continuous batching; drafting requests run on their own "
+        "between steps); 1: one request at a time (default: %(default)s)",
+    )
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--allowed-local-media-path", default=None, metavar="DIR", help="allow file:// images below DIR")
     s.add_argument("--allowed-media-domains", default="", metavar="A,B", help="allow http(s) images from these hosts")
@@ -105,6 +112,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         quantize=args.quantize,
         compile=args.compile,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         api_key=args.api_key,
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
         allowed_media_domains=_names(args.allowed_media_domains),

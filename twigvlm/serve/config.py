@@ -49,6 +49,7 @@ class ServeConfig:
     quantize: str = "none"  # the decoder's weights (`VLM.load`'s quantize): none or int8
     compile: str | None = None  # compiled decode steps (`VLM.load`'s compile: None → auto)
     max_queue: int = 32
+    max_batch: int = 8  # requests sharing each decode step (1: one at a time)
     api_key: str | None = None
     allowed_local_media_path: Path | None = None
     allowed_media_domains: tuple[str, ...] = ()
@@ -73,6 +74,8 @@ class ServeConfig:
 
     def validate(self) -> None:
         """One-line errors for settings that cannot work, before the model loads."""
+        if self.max_batch < 1:
+            raise TwigVLMError(f"--max-batch {self.max_batch} is invalid: allow at least one request per step")
         if self.max_queue < 1:
             raise TwigVLMError(f"--max-queue {self.max_queue} is invalid: allow at least one waiting request")
         if not 0 <= self.port < 65536:

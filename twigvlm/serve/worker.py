@@ -28,6 +28,7 @@ import torch
 
 from ..api import VLM
 from ..errors import TwigVLMError
+from ..generation.batch import BatchSession, Row, result
 from ..generation.loop import Generation
 from ..generation.stats import GenerationResult
 from ..pruning.picture import picture_layout
@@ -55,6 +56,8 @@ class Job:
     generation: Generation | None = None
     hold: Hold | None = None  # its share of the server's memory budget, given back when it ends
     stop_error: APIError | None = None  # why it was stopped, when the client still waits for an answer
+    started: float = 0.0  # when the inference thread took it (batched: when it joined the batch)
+    last_piece: float | None = None  # when its last text piece was sent (batched: for the inter-token metric)
 
     def finish(self, *event: Any) -> None:
         """The job's last event ("done" or "error"), after it gave back what it held (so that a client that
@@ -104,8 +107,10 @@ class Worker:
         max_queue: int,
         metrics: Metrics,
         on_load_error: Callable[[str], None] | None = None,
+        max_batch: int = 1,
     ) -> None:
         self._load, self.max_queue, self.metrics, self._on_load_error = load, max_queue, metrics, on_load_error
+        self.max_batch = max_batch  # > 1: continuous batching of the requests that do not draft
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by `admit`
         self._lock = threading.Lock()
         self._waiting = 0  # admitted, not started (reading images or queued)
@@ -190,16 +195,142 @@ class Worker:
         log.info("twigvlm serve: model loaded in %.1f s, ready", time.perf_counter() - t0)
         self.ready.set()
         with torch.inference_mode():
+            if self.max_batch > 1:
+                self._main_batched()
+                return
             while (job := self._queue.get()) is not None:
-                self.release()
-                self.metrics.running.inc()
+                self._begin(job)
                 try:
                     self._serve(job)
                 finally:
-                    self.metrics.running.dec()
-                    job.ended()
-                    with self._lock:
-                        self._live.discard(job)
+                    self._end(job)
+
+    def _begin(self, job: Job) -> None:
+        self.release()
+        self.metrics.running.inc()
+
+    def _end(self, job: Job) -> None:
+        self.metrics.running.dec()
+        job.ended()
+        with self._lock:
+            self._live.discard(job)
+
+    # ---- continuous batching ----------------------------------------------------------------------------------
+    def _main_batched(self) -> None:
+        """Requests join the running batch at step boundaries (each prefilled on its own) and leave it as soon as
+        they finish or are stopped; every step gives each row its next token. Drafting requests run on their own,
+        between steps."""
+        assert self.vlm is not None
+        session = BatchSession(self.vlm.engine, self.max_batch)
+        rows: dict[int, tuple[Row, Job, Generation]] = {}  # id(row) → its row, job and (unrun) generation
+        while True:
+            block = not session.active
+            while not session.full:
+                try:
+                    job = self._queue.get() if block else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    for row, job_, _ in rows.values():
+                        session.drop(row)
+                        self._stopped(job_)
+                        self._end(job_)
+                    return
+                block = False
+                self._begin(job)
+                self._join(job, session, rows)
+            if session.active:
+                try:
+                    session.step()
+                except Exception as e:  # a bug: the batch's requests fail, the server keeps serving
+                    log.exception("a batched step failed")
+                    for row, job, _ in list(rows.values()):
+                        session.drop(row)
+                        del rows[id(row)]
+                        self._fail(job, e)
+                        self._end(job)
+                    continue
+            self._deliver(session, rows)
+
+    def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
+        """Start one request: on its own when it drafts, else into the batch (or done at once)."""
+        m = self.metrics
+        m.queue.observe(time.perf_counter() - job.arrived)
+        if job.cancelled.is_set():
+            self._stopped(job)
+            self._end(job)
+            return
+        req, vlm = job.request, self.vlm
+        assert vlm is not None
+        if req.spec:
+            try:
+                self._serve(job)
+            finally:
+                self._end(job)
+            return
+        try:
+            job.generation = gen = vlm.stream(req.messages, image=req.images, config=req.gen, prune=req.prune)
+            fit_context(gen, req, vlm.adapter.context_length)
+            start = time.perf_counter()
+            row = session.add(gen.encoded, gen.cfg, gen.prune)
+            job.started = start
+        except Exception as e:  # noqa: BLE001 - one request's failure is its own
+            self._fail(job, e)
+            self._end(job)
+            return
+        rows[id(row)] = (row, job, gen)
+        if row.reason is not None:  # done at its first token: not in the batch
+            self._deliver_one(session, rows, row)
+
+    def _deliver(self, session: BatchSession, rows: dict) -> None:
+        """After a step: each row's new text to its client; finished and stopped rows leave the batch."""
+        for row, job, _ in list(rows.values()):
+            if job.cancelled.is_set():
+                session.drop(row)
+                del rows[id(row)]
+                self._stopped(job)
+                self._end(job)
+                continue
+            self._deliver_one(session, rows, row)
+
+    def _deliver_one(self, session: BatchSession, rows: dict, row: Row) -> None:
+        _, job, gen = rows[id(row)]
+        m = self.metrics
+        done = row.reason is not None
+        res = result(row) if done else None  # releases the text it held back into its pieces
+        for piece in row.pieces:
+            now = time.perf_counter()
+            if job.last_piece is None:
+                m.ttft.observe(now - job.arrived)
+            else:
+                m.itl.observe(now - job.last_piece)
+            job.last_piece = now
+            job.send("text", piece)
+        row.pieces.clear()
+        if not done:
+            return
+        session.drop(row)
+        del rows[id(row)]
+        assert res is not None
+        gen.result = res
+        extra = self.request_stats(gen, res, job.started - job.arrived, job.request.images)
+        m.record_result(res.stats, extra["processor_prompt_tokens"])
+        m.e2e.observe(time.perf_counter() - job.arrived)
+        m.requests.labels(res.stats.finish_reason).inc()
+        job.finish("done", res, extra)
+        self._end(job)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        """A request's one error event, as `_serve` words it."""
+        self.metrics.requests.labels("error").inc()
+        if isinstance(e, APIError):
+            job.finish("error", e)
+        elif isinstance(e, TwigVLMError):
+            job.finish("error", bad_request(str(e)))
+        else:
+            log.error("request %s failed: %s: %s", job.request.id, type(e).__name__, e)
+            bug = f"internal error ({type(e).__name__}) in request {job.request.id}: see the server log"
+            job.finish("error", APIError(500, bug))
 
     def _stopped(self, job: Job) -> None:
         """A job stopped before it produced an answer: its one final event."""
