@@ -12,7 +12,7 @@ import twigvlm
 from twigvlm import PruneConfig, TwigVLMError
 from twigvlm.generation import batch as batch_module
 
-from .conftest import random_image, random_prompt
+from .conftest import random_clip, random_image, random_prompt
 from .oracles import middle_twig
 
 PRUNES = {
@@ -74,6 +74,44 @@ def test_a_seeded_sampled_row_gives_its_solo_text(llava):
     assert together.token_ids == solo(llava, sampled)
 
 
+def test_rows_join_and_leave_a_running_batch(llava):
+    """A `BatchSession` as the server drives it: rows added while others are mid-answer, one taken out early
+    (cancelled), the rest finishing on their own; each finished row's ids ≡ its solo run, the cancelled one's a
+    prefix of its own."""
+    requests = [
+        dict(prompt=random_prompt(20 + i, 3 + 3 * i), image=random_image(20 + i) if i != 2 else None,
+             max_new_tokens=8 + 4 * i, ignore_eos=True, prune=PRUNES["twig"] if i == 1 else None)
+        for i in range(4)
+    ]  # fmt: skip
+    engine = llava.engine
+    session = batch_module.BatchSession(engine, max_rows=3)
+
+    def add(i: int) -> batch_module.Row:
+        r = requests[i]
+        cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
+        return session.add(llava.encode(r["prompt"], r["image"], r["prune"]), cfg, r["prune"])
+
+    rows = {0: add(0), 1: add(1)}
+    for _ in range(3):
+        session.step()
+    rows[2] = add(2)  # joins mid-answer of rows 0 and 1
+    assert session.full
+    session.step()
+    session.drop(rows[1])  # cancelled: its slot goes to the row after it
+    cancelled = list(rows[1].ids)
+    rows[3] = add(3)  # takes the free place
+    while session.active:
+        session.step()
+        for row in [r for r in session.active if r.reason is not None]:
+            session.drop(row)
+    for i, row in rows.items():
+        alone = solo(llava, requests[i])
+        if i == 1:
+            assert cancelled == alone[: len(cancelled)] and row.reason is None
+        else:
+            assert batch_module.result(row).token_ids == alone, i
+
+
 def test_qwen_vl_rows_with_different_grids(zoo):
     qwen = zoo("qwen2-vl")
     requests = [
@@ -81,6 +119,7 @@ def test_qwen_vl_rows_with_different_grids(zoo):
         dict(prompt=random_prompt(2, 9), image=random_image(2, (84, 56)), max_new_tokens=12, ignore_eos=True,
              prune=PruneConfig("fastv", keep=6)),
         dict(prompt=random_prompt(3, 3), max_new_tokens=5, ignore_eos=True),
+        dict(prompt=random_prompt(4, 4), video=random_clip(4, 5), max_new_tokens=9, ignore_eos=True),  # a video row
     ]  # fmt: skip
     assert qwen.adapter.position_rows == 3
     for request, result in zip(requests, qwen.generate(requests), strict=True):
