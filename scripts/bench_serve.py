@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     ap.add_argument(
         "--max-batch",
-        default="8",
+        default="16",
         help="the started server's --max-batch; several (e.g. 1,8): one server after another, each measured",
     )
     args = ap.parse_args()

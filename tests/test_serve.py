@@ -370,7 +370,7 @@ def test_speculative_means_the_same_from_http_cli_and_python(server, client, ima
 
 
 def test_concurrent_requests_share_steps_and_give_their_sequential_texts(server, client, image):  # noqa: F811
-    """Continuous batching (--max-batch 8, the default): requests of different prompts, pictures, pruning and
+    """Continuous batching (--max-batch 16, the default): requests of different prompts, pictures, pruning and
     lengths, sent together, run in one batch (several running at once) and each gives the text it gives alone;
     streamed and not streamed alike."""
     url = data_url(image.read_bytes())

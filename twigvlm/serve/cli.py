@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--max-batch",
         type=positive_int,
-        default=8,
+        default=16,
         help="requests that share each decode step (continuous batching; drafting requests run on their own "
         "between steps); 1: one request at a time (default: %(default)s)",
     )

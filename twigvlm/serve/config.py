@@ -49,7 +49,7 @@ class ServeConfig:
     quantize: str = "none"  # the decoder's weights (`VLM.load`'s quantize): none or int8
     compile: str | None = None  # compiled decode steps (`VLM.load`'s compile: None → auto)
     max_queue: int = 32
-    max_batch: int = 8  # requests sharing each decode step (1: one at a time)
+    max_batch: int = 16  # requests sharing each decode step (1: one at a time)
     api_key: str | None = None
     allowed_local_media_path: Path | None = None
     allowed_media_domains: tuple[str, ...] = ()

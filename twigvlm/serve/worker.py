@@ -279,8 +279,7 @@ class Worker:
             self._end(job)
             return
         rows[id(row)] = (row, job, gen)
-        if row.reason is not None:  # done at its first token: not in the batch
-            self._deliver_one(session, rows, row)
+        self._deliver_one(session, rows, row)  # its first token now, not after the others' prefills
 
     def _deliver(self, session: BatchSession, rows: dict) -> None:
         """After a step: each row's new text to its client; finished and stopped rows leave the batch."""
