@@ -15,9 +15,9 @@ allowed, measures a valid probe request's latency on the idle server, then runs 
 It reports requests by kind and status, the server's peak resident memory, the probe's latencies against its
 idle one (and each one's time less its wait for the requests ahead of it: the server answers one at a time, so
 valid and heavy clients make the probe wait; `--valid 0 --heavy 0` measures hostile and slow clients alone),
-whether /health and /metrics stayed truthful (200 and parseable, never more running requests than one
-or waiting than --max-queue), and any plain-text 500 or answer outside the OpenAI error shape (there should be
-none). It writes the report as JSON with --out. The process is always stopped at the end.
+whether /health and /metrics stayed truthful (200 and parseable, never more running requests than
+--max-batch or waiting than --max-queue), and any plain-text 500 or answer outside the OpenAI error shape
+(there should be none). It writes the report as JSON with --out. The process is always stopped at the end.
 
     .venv/bin/python scripts/soak_serve.py --minutes 10 --out soak.json
 """
@@ -106,8 +106,8 @@ class Media(http.server.BaseHTTPRequestHandler):
 
 
 class Soak:
-    def __init__(self, url: str, model: str, media: str, minutes: float, max_queue: int) -> None:
-        self.url, self.model, self.media, self.max_queue = url, model, media, max_queue
+    def __init__(self, url: str, model: str, media: str, minutes: float, max_queue: int, max_batch: int = 1) -> None:
+        self.url, self.model, self.media, self.max_queue, self.max_batch = url, model, media, max_queue, max_batch
         self.end = time.monotonic() + 60 * minutes
         self.picture = data_url(_png(320, 240, 1))
         self.large = data_url(_png(4000, 3000, 2))  # at the per-picture limit: 12 megapixels
@@ -253,7 +253,7 @@ class Soak:
             if line.startswith(("twigvlm_num_requests_running ", "twigvlm_num_requests_waiting ")):
                 name, value = line.rsplit(" ", 1)
                 values[name] = float(value)
-        if values.get("twigvlm_num_requests_running", 0) > 1:
+        if values.get("twigvlm_num_requests_running", 0) > self.max_batch:
             self.health_failures.append(f"running {values['twigvlm_num_requests_running']}")
         if not 0 <= values.get("twigvlm_num_requests_waiting", 0) <= self.max_queue:
             self.health_failures.append(f"waiting {values['twigvlm_num_requests_waiting']}")
@@ -269,6 +269,7 @@ def main() -> None:
     p.add_argument("--slow", type=int, default=2, help="slow clients")
     p.add_argument("--hostile", type=int, default=4, help="hostile clients")
     p.add_argument("--max-queue", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (1: one request at a time)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -277,10 +278,10 @@ def main() -> None:
     threading.Thread(target=media.serve_forever, daemon=True).start()
     media_url = f"http://127.0.0.1:{media.server_address[1]}"
     flags = ["--model", args.model, "--twig", args.twig, "--allowed-media-domains", "127.0.0.1",
-             "--max-queue", str(args.max_queue)]  # fmt: skip
+             "--max-queue", str(args.max_queue), "--max-batch", str(args.max_batch)]  # fmt: skip
     log = Path("soak-server.log")
     with served(flags, log=log) as (url, process):
-        soak = Soak(url, args.model, media_url, 0, args.max_queue)
+        soak = Soak(url, args.model, media_url, 0, args.max_queue, args.max_batch)
         soak.probe()  # warm-up
         idle = statistics.median(soak.probe()[0] for _ in range(3))
         idle_rss_kb = soak.rss_kb(process.pid)

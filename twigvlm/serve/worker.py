@@ -219,13 +219,16 @@ class Worker:
     def _main_batched(self) -> None:
         """Requests join the running batch at step boundaries (each prefilled on its own) and leave it as soon as
         they finish or are stopped; every step gives each row its next token. Drafting requests run on their own,
-        between steps."""
+        between steps. Fair shares: rows already decoding never spend more time waiting for others' prefills than
+        decoding — after a join they waited for, the next join waits until the steps since have taken as long (an
+        empty or just-started batch takes every waiting request at once)."""
         assert self.vlm is not None
         session = BatchSession(self.vlm.engine, self.max_batch)
         rows: dict[int, tuple[Row, Job, Generation]] = {}  # id(row) → its row, job and (unrun) generation
+        debt = 0.0  # seconds of prefill that rows already decoding waited for, not yet matched by decode steps
         while True:
             block = not session.active
-            while not session.full:
+            while not session.full and (block or debt <= 0):
                 try:
                     job = self._queue.get() if block else self._queue.get_nowait()
                 except queue.Empty:
@@ -237,9 +240,14 @@ class Worker:
                         self._end(job_)
                     return
                 block = False
+                decoding = any(len(row.ids) > 1 for row in session.active)
+                t0 = time.perf_counter()
                 self._begin(job)
                 self._join(job, session, rows)
+                if decoding:  # they waited for this prefill: the next join waits until they had as long to decode
+                    debt += time.perf_counter() - t0
             if session.active:
+                t0 = time.perf_counter()
                 try:
                     session.step()
                 except Exception as e:  # a bug: the batch's requests fail, the server keeps serving
@@ -250,6 +258,8 @@ class Worker:
                         self._fail(job, e)
                         self._end(job)
                     continue
+                finally:
+                    debt = max(0.0, debt - (time.perf_counter() - t0))
             self._deliver(session, rows)
 
     def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
