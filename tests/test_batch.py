@@ -137,3 +137,21 @@ def test_speculative_requests_run_on_their_own_and_bad_requests_are_one_line(lla
         llava.generate([dict(prompt="hi", imagez="x.png")])
     with pytest.raises(TwigVLMError, match="keep"):
         llava.generate([dict(prompt="hi", prune=PruneConfig("twig", keep=-1))])
+
+
+def test_batches_with_compiled_steps_on(llava):
+    """With compiled steps on, a batch's rows still give their solo runs' ids (a lone row takes the compiled
+    one-token program; several rows the batched eager step)."""
+    requests = [
+        dict(prompt=random_prompt(30 + i, 4 + 2 * i), image=random_image(30 + i), max_new_tokens=6 + 5 * i,
+             ignore_eos=True)
+        for i in range(3)
+    ]  # fmt: skip
+    llava.set_compile("on")
+    try:
+        calls = llava.engine.programs.stats.calls
+        results = llava.generate(requests)
+        assert [r.token_ids for r in results] == [solo(llava, r) for r in requests]
+        assert llava.engine.programs.stats.calls > calls
+    finally:
+        llava.set_compile("off")
