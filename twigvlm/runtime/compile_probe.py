@@ -15,13 +15,32 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 
-from .compiled import cached_verdict, probe_key, programs_for, store_verdict
+from . import native
+from .compiled import programs_for
+from .machine import measurement_key, read_cached, write_cached
 
 WIN = 0.95  # compiled steps are taken where they need at most this share of the eager step time
 PROBE_PROMPT = 48  # tokens in the synthetic cache
 WARM_UP = 4  # untimed decode steps per engine first
 PROBE_STEPS = 40  # timed decode steps per engine, the two engines alternating
+
+
+def probe_key(layers: list[nn.Module], quantized: str) -> str:
+    """Identifies a probe's verdict: the machine, the layers' count, classes and shapes, the weights' format and
+    the kernel build."""
+    shapes = sorted({(type(m).__name__, tuple(p.shape), str(p.dtype)) for m in layers[0].modules() for p in
+                     m.parameters(recurse=False)})  # fmt: skip
+    return measurement_key(len(layers), shapes, quantized, native.library_key())
+
+
+def cached_verdict(key: str) -> dict | None:
+    return read_cached(f"compile-{key}.json")
+
+
+def store_verdict(key: str, verdict: dict) -> None:
+    write_cached(f"compile-{key}.json", verdict)
 
 
 def compile_pays(vlm: Any) -> bool:

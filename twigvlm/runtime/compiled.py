@@ -29,11 +29,8 @@ measured faster on this machine (cached per CPU, like the kernel plan) — is `c
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import platform
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -47,7 +44,6 @@ from ..config import COMPILE_MODES
 from ..errors import TwigVLMError
 from . import native
 from .cache import LayerKV
-from .machine import cache_dir, cpuinfo_line
 from .sdpa import grouped_heads_with_masks
 
 log = logging.getLogger(__name__)
@@ -360,30 +356,3 @@ def check_compile(mode: str) -> str:
 def resolve_compile(mode: str | None) -> str:
     """The mode asked for, else the environment's TWIGVLM_COMPILE, else auto."""
     return check_compile(mode or os.environ.get("TWIGVLM_COMPILE") or "auto")
-
-
-def probe_key(layers: Sequence[nn.Module], quantized: str) -> str:
-    """Identifies a probe's verdict: the CPU, torch, threads, the layers' classes and shapes, the kernel build."""
-    first = layers[0]
-    shapes = sorted({(type(m).__name__, tuple(p.shape), str(p.dtype)) for m in first.modules() for p in
-                     m.parameters(recurse=False)})  # fmt: skip
-    cpu = cpuinfo_line("model name") or platform.processor() or platform.machine()
-    raw = json.dumps([cpu, torch.__version__, torch.get_num_threads(), len(layers), shapes, quantized,
-                      native.library_key()])  # fmt: skip
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def cached_verdict(key: str) -> dict | None:
-    try:
-        return json.loads((cache_dir() / f"compile-{key}.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def store_verdict(key: str, verdict: dict) -> None:
-    try:
-        path = cache_dir() / f"compile-{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(verdict, indent=1))
-    except OSError:
-        pass  # an unwritable cache only costs the probe next time

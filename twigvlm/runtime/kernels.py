@@ -23,10 +23,7 @@ for the length of a `with` block (the bench's `hf` baseline runs on the untouche
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +34,7 @@ from torch import nn
 
 from ..errors import TwigVLMError
 from . import compiled, native
-from .machine import cache_dir, cpuinfo_line
+from .machine import measurement_key, read_cached, write_cached
 
 KERNEL_MODES = ("auto", "stock")
 PROBE_ROWS = (1, 2, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
@@ -242,27 +239,18 @@ def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int
 
 def _key(found: list[nn.Linear]) -> str:
     shapes = sorted({(lin.out_features, lin.in_features) for lin in found})
-    cpu = cpuinfo_line("model name") or platform.processor() or platform.machine()
-    raw = json.dumps(
-        [cpu, torch.__version__, torch.get_num_threads(), str(found[0].weight.dtype), shapes, native.library_key()]
-    )
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return measurement_key(str(found[0].weight.dtype), shapes, native.library_key())
 
 
 def cached_plan(found: list[nn.Linear]) -> KernelPlan:
     """The plan for these weights on this machine: from the cache file, else probed now and written there."""
-    path = cache_dir() / f"kernels-{_key(found)}.json"
+    name = f"kernels-{_key(found)}.json"
+    raw = read_cached(name)
     try:
-        raw = json.loads(path.read_text())
         layouts = {tuple(map(int, k.split("x"))): {int(r): v for r, v in t.items()} for k, t in raw.items()}
         return KernelPlan(layouts, cached=True)
-    except (OSError, ValueError, AttributeError):
-        pass
+    except (ValueError, AttributeError):
+        pass  # none cached (None has no items), or not a plan
     plan = probe(found)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out = {f"{o}x{i}": {str(r): v for r, v in t.items()} for (o, i), t in plan.layouts.items()}
-        path.write_text(json.dumps(out, indent=1))
-    except OSError:
-        pass  # an unwritable cache only costs the probe next time
+    write_cached(name, {f"{o}x{i}": {str(r): v for r, v in t.items()} for (o, i), t in plan.layouts.items()})
     return plan

@@ -4,8 +4,12 @@ runs natively (the dtype policy of `--dtype auto`), and the folder where twigvlm
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,3 +55,29 @@ def auto_dtype(device: str) -> str:
 def cache_dir() -> Path:
     """Where kernel plans and native builds are cached: $TWIGVLM_CACHE, else ~/.cache/twigvlm."""
     return Path(os.environ.get("TWIGVLM_CACHE", Path.home() / ".cache" / "twigvlm"))
+
+
+def measurement_key(*facts: Any) -> str:
+    """A short key for something measured on this machine: the CPU's name, torch's version and thread count, and
+    the given facts (JSON-able), hashed."""
+    cpu = cpuinfo_line("model name") or platform.processor() or platform.machine()
+    raw = json.dumps([cpu, torch.__version__, torch.get_num_threads(), *facts])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def read_cached(name: str) -> Any:
+    """The JSON cached as `name` in `cache_dir()`, None where there is none (or it does not parse)."""
+    try:
+        return json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_cached(name: str, data: Any) -> None:
+    """Cache `data` as JSON under `name`; an unwritable cache only costs the measurement next time."""
+    try:
+        path = cache_dir() / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+    except OSError:
+        pass
