@@ -6,7 +6,7 @@ into a *slot* of caches the batch shares: per layer one buffer [R, H_kv, capacit
 view of row r (`LayerKV.bind`). A decode step then feeds every unfinished request's next token through each layer
 at once, so the products stream each weight once for all rows, with each row's own position ids (1-D, or M-RoPE's
 3 rows) and a mask over its own cache length in that layer (pruned layers are shorter, per row). A row that
-finishes leaves the batch at once: the last row's caches move into its slot, so the batch stays dense.
+finishes leaves the batch at once and the rows after it move down a slot each, so the batch stays dense.
 
 Each row computes what it would alone — its attention sees exactly its own keys — up to the order of additions
 in products over several rows; the tests hold every row to its solo run's greedy ids.
@@ -26,7 +26,7 @@ from ..errors import require_batch_one
 from ..pruning.prefill import PruneStats
 from ..runtime.cache import KVCache
 from ..runtime.sampling import make_generator, pick_tokens
-from .loop import _prefill, check_window
+from .loop import _prefill, check_window, stopping, take_token
 from .stats import GenerationResult, generation_stats
 from .stream import TextStream
 
@@ -58,12 +58,12 @@ class Slots:
         param = next(layers[0].parameters())
         probe = torch.zeros((1, 1, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)
         rope = adapter.rotary(probe, adapter.text_positions(0, 1))
+        self.capacity = capacity
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for layer in layers:
             k, _ = adapter.project_kv(layer, probe, rope)  # [1, H_kv, 1, D]: the cache's shape
             shape = (rows, k.shape[1], capacity, k.shape[3])
-            self.capacity = capacity
             self.k.append(k.new_zeros(shape))
             self.v.append(k.new_zeros(shape))
 
@@ -72,13 +72,13 @@ class Slots:
         for i, layer in enumerate(cache.layers):
             layer.bind(self.k[i][row : row + 1], self.v[i][row : row + 1])
 
-    def move(self, cache: KVCache, src: int, dst: int) -> None:
-        """Copy the caches held in slot `src` into slot `dst` and rebind `cache` (their owner) there."""
+    def hold(self, cache: KVCache, row: int) -> None:
+        """Copy what `cache` holds (another slot's, or another `Slots`'s) into slot `row` and rebind it there."""
         for i, layer in enumerate(cache.layers):
             n = layer.length
-            self.k[i][dst, :, :n] = self.k[i][src, :, :n]
-            self.v[i][dst, :, :n] = self.v[i][src, :, :n]
-            layer.bind(self.k[i][dst : dst + 1], self.v[i][dst : dst + 1], length=n)
+            self.k[i][row, :, :n] = layer.keys()[0]
+            self.v[i][row, :, :n] = layer.values()[0]
+            layer.bind(self.k[i][row : row + 1], self.v[i][row : row + 1], length=n)
 
 
 @dataclass
@@ -102,21 +102,11 @@ class Row:
     pieces: list[str] = field(default_factory=list)  # text not yet handed on (a server streams and clears it)
 
     def take(self, token: int) -> None:
-        """Add a token and apply the stopping rules (`loop.emit`'s, for one token); new text goes to `pieces`."""
-        self.ids.append(token)
-        if token in self.eos:
-            self.reason = "eos"
-        elif token in self.stop_ids:
-            self.reason = "stop"
-        else:
-            assert self.text is not None
-            piece = self.text.push(token)
-            if piece:
-                self.pieces.append(piece)
-            if self.text.stopped:
-                self.reason = "stop"
-            elif len(self.ids) >= self.cfg.max_new_tokens:
-                self.reason = "length"
+        """Add a token under the stopping rules (`loop.take_token`); new text goes to `pieces`."""
+        assert self.text is not None
+        piece, self.reason = take_token(token, self.ids, self.text, self.cfg.max_new_tokens, self.eos, self.stop_ids)
+        if piece:
+            self.pieces.append(piece)
         self.next_token = token
 
 
@@ -166,10 +156,7 @@ class BatchSession:
         check_window(engine, encoded, cfg)
         assert not self.full, "the batch is full"
         row = Row(encoded, cfg, prune)
-        special = {s: adapter.special_token_id(s) for s in cfg.stop}
-        row.stop_ids = {t for t in special.values() if t is not None}
-        row.eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
-        row.text = TextStream(adapter.decode, [s for s, t in special.items() if t is None])
+        row.eos, row.stop_ids, row.text = stopping(adapter, cfg)
         row.generator = make_generator(cfg, encoded.inputs_embeds.device)
         self._room(encoded.num_tokens + cfg.max_new_tokens + 1)
         assert self.slots is not None
@@ -185,8 +172,8 @@ class BatchSession:
 
     def step(self) -> None:
         """One token for every active row (rows that finish stay until `drop`ped; they take no more tokens)."""
-        rows = [row for row in self.active if row.reason is None]
-        assert len(rows) == len(self.active), "drop finished rows before the next step"
+        rows = self.active
+        assert all(row.reason is None for row in rows), "drop finished rows before the next step"
         if not rows or self.slots is None:
             return
         t0 = time.perf_counter()
@@ -220,11 +207,7 @@ class BatchSession:
         grown = Slots(self.engine, self.max_rows, capacity)
         for i, row in enumerate(self.active):
             assert row.state is not None
-            for j, layer in enumerate(row.state.cache.layers):
-                n = layer.length
-                grown.k[j][i, :, :n] = layer.keys()[0]
-                grown.v[j][i, :, :n] = layer.values()[0]
-                layer.bind(grown.k[j][i : i + 1], grown.v[j][i : i + 1], length=n)
+            grown.hold(row.state.cache, i)
         self.slots = grown
 
 
@@ -249,7 +232,7 @@ def _compact(slots: Slots, before: list[Row], after: list[Row]) -> None:
         src = where[id(row)]
         if src != dst:
             assert row.state is not None
-            slots.move(row.state.cache, src, dst)
+            slots.hold(row.state.cache, dst)
 
 
 def result(row: Row) -> GenerationResult:

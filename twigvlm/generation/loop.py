@@ -14,7 +14,7 @@ from collections.abc import Generator, Iterable, Iterator
 
 import torch
 
-from ..adapters.base import Encoded
+from ..adapters.base import Encoded, VLMAdapter
 from ..config import GenConfig, PruneConfig, SpecConfig, check_request
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
@@ -29,6 +29,31 @@ from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
 from .stats import GenerationResult, generation_stats
 from .stream import TextStream
+
+
+def take_token(
+    token: int, ids: list[int], text: TextStream, max_new_tokens: int, eos: set[int], stop_ids: set[int]
+) -> tuple[str, str | None]:
+    """Add one token to `ids` under the stopping rules: (the text it releases, why the generation ends with it —
+    "eos", "stop", "length" — or None). EOS and special-token stops release no text."""
+    ids.append(token)
+    if token in eos:
+        return "", "eos"
+    if token in stop_ids:
+        return "", "stop"
+    piece = text.push(token)
+    if text.stopped:
+        return piece, "stop"
+    return piece, "length" if len(ids) >= max_new_tokens else None
+
+
+def stopping(adapter: VLMAdapter, cfg: GenConfig) -> tuple[set[int], set[int], TextStream]:
+    """A generation's end-of-sequence ids, its stop strings that are special tokens (they never show in decoded
+    text, so they stop on their id) and its text stream (holding back the other stop strings)."""
+    eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
+    special = {s: adapter.special_token_id(s) for s in cfg.stop}
+    stop_ids = {i for i in special.values() if i is not None}
+    return eos, stop_ids, TextStream(adapter.decode, [s for s, i in special.items() if i is None])
 
 
 def emit(
@@ -46,20 +71,11 @@ def emit(
     """
     reason = "length"
     for token in itertools.chain.from_iterable(blocks):  # the next block is computed only when needed
-        ids.append(token)
-        if token in eos:
-            reason = "eos"
-            break
-        if token in stop_ids:
-            reason = "stop"
-            break
-        piece = text.push(token)
+        piece, ended = take_token(token, ids, text, max_new_tokens, eos, stop_ids)
         if piece:
             yield piece
-        if text.stopped:
-            reason = "stop"
-            break
-        if len(ids) >= max_new_tokens:
+        if ended is not None:
+            reason = ended
             break
     tail = text.finish()
     if tail:
@@ -178,12 +194,7 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         engine, encoded, cfg = self.engine, self.encoded, self.cfg
-        adapter = engine.adapter
-        eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
-        # Stop strings that are special tokens never show in decoded text: they stop on their token id.
-        special = {s: adapter.special_token_id(s) for s in cfg.stop}
-        stop_ids = {i for i in special.values() if i is not None}
-        text = TextStream(adapter.decode, [s for s, i in special.items() if i is None])
+        eos, stop_ids, text = stopping(engine.adapter, cfg)
         generator = make_generator(cfg, encoded.inputs_embeds.device)
         engine.prepare_programs()  # compiled steps: any program still missing is made here, before anything is timed
         t0 = time.perf_counter()
