@@ -57,7 +57,7 @@ class Job:
     hold: Hold | None = None  # its share of the server's memory budget, given back when it ends
     stop_error: APIError | None = None  # why it was stopped, when the client still waits for an answer
     started: float = 0.0  # when the inference thread took it (batched: when it joined the batch)
-    last_piece: float | None = None  # when its last text piece was sent (batched: for the inter-token metric)
+    last_piece: float | None = None  # when its last text piece was sent (for the inter-token metric)
 
     def finish(self, *event: Any) -> None:
         """The job's last event ("done" or "error"), after it gave back what it held (so that a client that
@@ -263,13 +263,7 @@ class Worker:
             self._deliver(session, rows)
 
     def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
-        """Start one request: on its own when it drafts, else into the batch (or done at once)."""
-        m = self.metrics
-        m.queue.observe(time.perf_counter() - job.arrived)
-        if job.cancelled.is_set():
-            self._stopped(job)
-            self._end(job)
-            return
+        """Start one request: on its own when it drafts (`_serve`), else into the batch (or done at once)."""
         req, vlm = job.request, self.vlm
         assert vlm is not None
         if req.spec:
@@ -278,12 +272,16 @@ class Worker:
             finally:
                 self._end(job)
             return
+        job.started = time.perf_counter()
+        self.metrics.queue.observe(job.started - job.arrived)
+        if job.cancelled.is_set():
+            self._stopped(job)
+            self._end(job)
+            return
         try:
             job.generation = gen = vlm.stream(req.messages, image=req.images, config=req.gen, prune=req.prune)
             fit_context(gen, req, vlm.adapter.context_length)
-            start = time.perf_counter()
             row = session.add(gen.encoded, gen.cfg, gen.prune)
-            job.started = start
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
             self._fail(job, e)
             self._end(job)
@@ -304,40 +302,49 @@ class Worker:
 
     def _deliver_one(self, session: BatchSession, rows: dict, row: Row) -> None:
         _, job, gen = rows[id(row)]
-        m = self.metrics
         done = row.reason is not None
         res = result(row) if done else None  # releases the text it held back into its pieces
         for piece in row.pieces:
-            now = time.perf_counter()
-            if job.last_piece is None:
-                m.ttft.observe(now - job.arrived)
-            else:
-                m.itl.observe(now - job.last_piece)
-            job.last_piece = now
-            job.send("text", piece)
+            self._send_piece(job, piece)
         row.pieces.clear()
-        if not done:
+        if res is None:
             return
         session.drop(row)
         del rows[id(row)]
-        assert res is not None
         gen.result = res
-        extra = self.request_stats(gen, res, job.started - job.arrived, job.request.images)
+        self._answer(job, gen, res, job.started - job.arrived)
+        self._end(job)
+
+    # ---- a request's events, one way for both paths ----------------------------------------------------------
+    def _send_piece(self, job: Job, piece: str) -> None:
+        """Stream one text piece; its time goes to the time-to-first-token or the inter-token metric."""
+        now = time.perf_counter()
+        if job.last_piece is None:
+            self.metrics.ttft.observe(now - job.arrived)
+        else:
+            self.metrics.itl.observe(now - job.last_piece)
+        job.last_piece = now
+        job.send("text", piece)
+
+    def _answer(self, job: Job, gen: Generation, res: GenerationResult, queue_s: float) -> None:
+        """A finished request's statistics into the metrics, and its one final "done" event."""
+        m = self.metrics
+        extra = self.request_stats(gen, res, queue_s, job.request.images)
         m.record_result(res.stats, extra["processor_prompt_tokens"])
         m.e2e.observe(time.perf_counter() - job.arrived)
         m.requests.labels(res.stats.finish_reason).inc()
         job.finish("done", res, extra)
-        self._end(job)
 
     def _fail(self, job: Job, e: Exception) -> None:
-        """A request's one error event, as `_serve` words it."""
+        """A failed request's one "error" event: its own API error, a 400 for what it got wrong, else (a bug) a
+        500 naming the request, with the traceback in the log. Called while `e` is being handled."""
         self.metrics.requests.labels("error").inc()
         if isinstance(e, APIError):
             job.finish("error", e)
         elif isinstance(e, TwigVLMError):
             job.finish("error", bad_request(str(e)))
         else:
-            log.error("request %s failed: %s: %s", job.request.id, type(e).__name__, e)
+            log.exception("request %s failed", job.request.id)
             bug = f"internal error ({type(e).__name__}) in request {job.request.id}: see the server log"
             job.finish("error", APIError(500, bug))
 
@@ -362,36 +369,16 @@ class Worker:
             fit_context(gen, req, vlm.adapter.context_length)
             if job.cancelled.is_set():
                 gen.cancel()
-            last = None
             for piece in gen:
-                now = time.perf_counter()
-                if last is None:
-                    m.ttft.observe(now - job.arrived)
-                else:
-                    m.itl.observe(now - last)
-                last = now
-                job.send("text", piece)
+                self._send_piece(job, piece)
             result = gen.result
             assert result is not None
             if job.stop_error is not None:  # a deadline or a shutdown: an error after what was streamed
                 self._stopped(job)
                 return
-            extra = self.request_stats(gen, result, start - job.arrived, req.images)
-            m.record_result(result.stats, extra["processor_prompt_tokens"])
-            m.e2e.observe(time.perf_counter() - job.arrived)
-            m.requests.labels(result.stats.finish_reason).inc()
-            job.finish("done", result, extra)
-        except APIError as e:
-            m.requests.labels("error").inc()
-            job.finish("error", e)
-        except TwigVLMError as e:
-            m.requests.labels("error").inc()
-            job.finish("error", bad_request(str(e)))
-        except Exception as e:  # a bug: the request fails, the server keeps serving
-            log.exception("request %s failed", req.id)
-            m.requests.labels("error").inc()
-            bug = f"internal error ({type(e).__name__}) in request {req.id}: see the server log"
-            job.finish("error", APIError(500, bug))
+            self._answer(job, gen, result, start - job.arrived)
+        except Exception as e:  # noqa: BLE001 - every failure is the request's own; the server keeps serving
+            self._fail(job, e)
 
     def request_stats(
         self, gen: Generation, result: GenerationResult, queue_s: float, images: list[Any]
