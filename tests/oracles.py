@@ -238,6 +238,14 @@ def assert_cache_matches(cache: KVCache, fresh: KVCache, layers: Iterable[int], 
             )
 
 
+def drafting_prefill(engine, enc, prune: PruneConfig | None) -> tuple[Any, torch.Tensor]:
+    """A fresh state prefilled for drafting (the twig's cache primed), pruned or not: (state, last logits)."""
+    state = engine.new_state()
+    if prune is None:
+        return state, engine.prefill(state, enc, prime_twig=True)
+    return state, pruned_prefill(engine, state, enc, prune, prime_twig=True)[0]
+
+
 def assert_caches_hold_the_committed_tokens(vlm, state, enc, committed: list[int], pending: int, pruned: bool) -> int:
     """After a speculative step: the base layers (only 1..K when pruned: the deeper ones hold fewer visual tokens)
     and the twig hold exactly what a fresh prefill of the prompt and `committed` leaves, the twig lagging by the

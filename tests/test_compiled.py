@@ -14,7 +14,6 @@ import torch
 
 import twigvlm
 from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
-from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime import compiled as compiled_steps
 from twigvlm.runtime.compiled import programs_for
 from twigvlm.runtime.kernels import stock_kernels
@@ -24,7 +23,7 @@ from twigvlm.speculative.loop import speculative_blocks
 from twigvlm.speculative.stats import SpecStats
 
 from .conftest import native_spy, random_image, random_prompt
-from .oracles import assert_caches_hold_the_committed_tokens, middle_twig
+from .oracles import assert_caches_hold_the_committed_tokens, drafting_prefill, middle_twig
 
 CHAIN, TREE = SpecConfig(draft="chain", draft_len=3, threshold=0), SpecConfig(draft="tree", threshold=0)
 TTP = PruneConfig("twig", keep=8)
@@ -105,11 +104,7 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_compiled_step(llav
     cfg = GenConfig(max_new_tokens=40, ignore_eos=True)
     try:
         with torch.no_grad():
-            state = engine.new_state()
-            if prune is None:
-                logits = engine.prefill(state, enc, prime_twig=True)
-            else:
-                logits, _ = pruned_prefill(engine, state, enc, prune, prime_twig=True)
+            state, logits = drafting_prefill(engine, enc, prune)
             capacity = state.cache[0].capacity
             assert enc.num_tokens < capacity < enc.num_tokens + cfg.max_new_tokens  # the buffers grow on the way
             drafter = TwigChainDrafter(engine, state, cfg, None, threshold=0)

@@ -14,7 +14,6 @@ import torch
 
 import twigvlm
 from twigvlm import GenConfig, PruneConfig, SpecConfig
-from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.sampling import pick_tokens
 from twigvlm.speculative.chain import TwigChainDrafter
 from twigvlm.speculative.loop import TreeDraft, accept, speculative_blocks
@@ -27,6 +26,7 @@ from .oracles import (
     assert_stub_sampling_is_lossless,
     chi2,
     chi2_critical,
+    drafting_prefill,
     logit_table,
     middle_twig,
 )
@@ -82,11 +82,7 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_step(middle, name,
     enc = vlm.encode(random_prompt(5, 6), random_image(5))
     cfg = GenConfig(max_new_tokens=40, ignore_eos=True)
     with torch.no_grad():
-        state = engine.new_state()
-        if prune is None:
-            logits = engine.prefill(state, enc, prime_twig=True)
-        else:
-            logits, _ = pruned_prefill(engine, state, enc, prune, prime_twig=True)
+        state, logits = drafting_prefill(engine, enc, prune)
         first = int(pick_tokens(logits, cfg, None)[0])
         model = Recorder(TwigChainDrafter(engine, state, cfg, None, threshold=0))
         emitted: list[int] = []

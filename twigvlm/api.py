@@ -224,11 +224,8 @@ class VLM:
         video: video input(s) for a family that takes video (see `encode`).
         kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
         """
-        cfg = self._gen_config(config, kwargs)
-        prune = _prune_config(prune)
-        spec = speculation(speculative)
         engine = self.engine_for(twig)
-        check_request(cfg, prune, spec, has_twig=engine.twig is not None)  # before the (slow) encoding
+        cfg, prune, spec = self._settings(engine, config, kwargs, prune, speculative)
         record = self.draft_record(engine.twig) if spec is not None and engine.twig is not None else None
         return Generation(engine, self.encode(prompt, image, prune, video), cfg, prune, spec, record)
 
@@ -273,10 +270,8 @@ class VLM:
                 raise TwigVLMError(f"request {i} has unknown field(s) {sorted(unknown)}: use {sorted(_REQUEST_FIELDS)}"
                                    " and GenConfig's fields")  # fmt: skip
             fields_ = {k: v for k, v in request.items() if k in _GEN_FIELDS}
-            cfg = self._gen_config(config, {**shared, **fields_})
-            own_prune = _prune_config(request.get("prune", prune))
-            spec = speculation(request.get("speculative", speculative))
-            check_request(cfg, own_prune, spec, has_twig=engine.twig is not None)
+            own = (request.get("prune", prune), request.get("speculative", speculative))
+            cfg, own_prune, spec = self._settings(engine, config, {**shared, **fields_}, *own)
             media = dict(image=request.get("image", image), video=request.get("video", video))
             if spec is not None:
                 results[i] = self.generate(request["prompt"], config=cfg, prune=own_prune, speculative=spec,
@@ -290,6 +285,19 @@ class VLM:
                                      [p[3] for p in prepared])  # fmt: skip
             results.update({p[0]: r for p, r in zip(prepared, batched, strict=True)})
         return [results[i] for i in range(len(requests))]
+
+    def _settings(
+        self,
+        engine: Engine,
+        config: GenConfig | None,
+        kwargs: dict[str, Any],
+        prune: PruneConfig | str | None,
+        speculative: SpecConfig | bool,
+    ) -> tuple[GenConfig, PruneConfig | None, SpecConfig | None]:
+        """One request's generation, pruning and drafting settings, checked together before the (slow) encoding."""
+        cfg, pruned, spec = self._gen_config(config, kwargs), _prune_config(prune), speculation(speculative)
+        check_request(cfg, pruned, spec, has_twig=engine.twig is not None)
+        return cfg, pruned, spec
 
     @staticmethod
     def _gen_config(config: GenConfig | None, kwargs: dict[str, Any]) -> GenConfig:

@@ -133,7 +133,7 @@ LayerCall = Callable[..., torch.Tensor]  # adapter.call_layer(layer, hidden, mas
 
 @dataclass
 class ProgramStats:
-    """What the compiled steps did in this process (shown by the bench and `generate --json`)."""
+    """What the compiled steps did in this process (the bench prints the programs and their compile time)."""
 
     programs: int = 0  # programs compiled
     compile_s: float = 0.0  # seconds spent compiling them
@@ -183,15 +183,15 @@ class StepPrograms:
                          time.perf_counter() - t0)  # fmt: skip
 
     def _prepare_kind(self, layer: nn.Module, q: int, masked: bool) -> None:
+        """Compile one kind of call for `layer`'s structure from inputs of the right kinds (`_examples` sets the
+        lengths it traces with)."""
         adapter = self.adapter
         param = next(layer.parameters())
         hidden = torch.zeros((1, q, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)  # [1, q, H]
         position_ids = adapter.text_positions(_EXAMPLE_K, q)
         rope = adapter.rotary(hidden, position_ids)
-        keys, values = adapter.project_kv(layer, hidden, rope)  # [1, H_kv, q, D]: the cache's shape
-        k = _EXAMPLE_K + q
-        keys, values = (t.new_zeros((*t.shape[:2], k, t.shape[3])) for t in (keys, values))
-        mask = torch.ones((1, 1, q, k), dtype=torch.bool, device=param.device) if masked else None
+        keys, values = adapter.project_kv(layer, hidden, rope)  # [1, H_kv, q, D]: the cache's kind
+        mask = torch.ones((1, 1, q, q), dtype=torch.bool, device=param.device) if masked else None
         key = self._program_key(layer, hidden, mask, position_ids)
         if key not in self._programs and key not in self._failed:
             self._compile(key, layer, hidden, mask, position_ids, rope, keys, values)
