@@ -36,6 +36,7 @@ class Tally:
     """One method's batches: wall seconds, tokens and requests, and each request's ids."""
 
     seconds: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # requests in each batch (the last may be short)
     tokens: int = 0
     requests: int = 0
     ids: dict[str, list[int]] = field(default_factory=dict)
@@ -81,6 +82,7 @@ def run_batched(
             ids = run_group(vlm, m, group, mc)
             tally = tallies[m]
             tally.seconds.append(time.perf_counter() - t0)
+            tally.sizes.append(len(group))
             tally.tokens += sum(len(i) for i in ids)
             tally.requests += len(group)
             tally.ids.update({f"{s.task}:{s.id}": i for s, i in zip(group, ids, strict=True)})
@@ -92,7 +94,8 @@ def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
     out = {}
     for m, t in tallies.items():
         total = sum(t.seconds)
-        latency = sorted(s for s in t.seconds for _ in range(size))  # each request waits for its batch
+        # each request waits for its whole batch (the last batch may hold fewer requests)
+        latency = sorted(s for s, n in zip(t.seconds, t.sizes, strict=True) for _ in range(n))
         out[m] = {
             "batch": 1 if m == ONE_AT_A_TIME else size,
             "requests_per_s": t.requests / total,
