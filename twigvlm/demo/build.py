@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
         )
         result = train_twig(cfg)
-        TWIG_DIR.mkdir(parents=True, exist_ok=True)
-        for name in ("twig.safetensors", CONFIG_NAME):
-            shutil.copy2(result.out / name, TWIG_DIR / name)
+        _ship_twig(result.out)
         print(
             f"twig stage done at {(time.perf_counter() - t0) / 60:.1f} min: agreement with the base "
             f"{result.eval_after.get('eval_agreement', float('nan')):.3f}",
@@ -162,14 +160,20 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
         )
         head = train_prune_head(cfg)
-        for name in ("twig.safetensors", CONFIG_NAME):
-            shutil.copy2(head.out / name, TWIG_DIR / name)
+        _ship_twig(head.out)
         print(
             f"pruning-head stage done at {(time.perf_counter() - t0) / 60:.1f} min: the teacher's top M/9 held "
             f"{head.overlap_before:.3f} → {head.overlap_after:.3f}",
             flush=True,
         )
     print(f"demo assets in {ASSETS} (built in {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+
+
+def _ship_twig(trained: Path) -> None:
+    """Copy a trained twig's weights and config into the shipped twig folder."""
+    TWIG_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("twig.safetensors", CONFIG_NAME):
+        shutil.copy2(trained / name, TWIG_DIR / name)
 
 
 if __name__ == "__main__":
