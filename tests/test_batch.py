@@ -1,8 +1,8 @@
 """Batched decoding (`generation/batch.py`): every row of a batch ≡ its solo run (greedy ids), for AR, TTP, FastV,
 VisionZip, CDPruner and DART, with images of different sizes and a text-only row in one batch on LLaVA, and with
 different image grids (3-row positions) on a Qwen-VL; rows leave the batch as they finish (others' caches move
-into their slots) and the rest go on unchanged; a seeded sampled row gives its solo text; speculative requests
-run on their own; bad requests are one-line errors."""
+into their slots) and the rest go on unchanged; a seeded sampled row gives its solo text; bad requests are one-line
+errors (speculation in a batch: test_batch_spec.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def solo(vlm: twigvlm.VLM, request: dict) -> list[int]:
 def test_every_row_of_a_batch_equals_its_solo_run_on_llava(llava, monkeypatch):
     steps: list[int] = []
     real = batch_module.batch_step
-    monkeypatch.setattr(batch_module, "batch_step", lambda e, s, st, t: steps.append(len(st)) or real(e, s, st, t))
+    monkeypatch.setattr(batch_module, "batch_step", lambda e, s, rows: steps.append(len(rows)) or real(e, s, rows))
     requests = [
         dict(prompt=random_prompt(i, 3 + 4 * i), image=random_image(i, (40 + 8 * i, 48)), prune=PRUNES[name],
              max_new_tokens=6 + 5 * i, ignore_eos=True)
@@ -126,7 +126,7 @@ def test_qwen_vl_rows_with_different_grids(zoo):
         assert result.token_ids == solo(qwen, request)
 
 
-def test_speculative_requests_run_on_their_own_and_bad_requests_are_one_line(llava):
+def test_speculative_and_plain_requests_share_a_batch_and_bad_requests_are_one_line(llava):
     requests = [
         dict(prompt=random_prompt(5, 4), image=random_image(5), max_new_tokens=8, ignore_eos=True),
         dict(prompt=random_prompt(6, 4), image=random_image(6), max_new_tokens=8, ignore_eos=True, speculative=True),

@@ -245,7 +245,8 @@ class VLM:
         prompt may also be a list of requests — dicts with a "prompt" and any of "image", "video", "prune",
         "speculative" and the GenConfig fields, each over the arguments given here — generated together: every
         decode step is shared by the requests still running (`generation/batch.py`), and the results come back as
-        a list, in order. Speculative requests run on their own, one after another."""
+        a list, in order. Speculative requests draft inside the batch (chains verified together, where the
+        batch's size still gains from drafting)."""
         if _is_batch(prompt):
             return self._generate_batch(prompt, config, prune, speculative, twig, video, image, kwargs)
         return self.stream(prompt, image, config, prune, speculative, twig, video, **kwargs).run()
@@ -262,8 +263,7 @@ class VLM:
         shared: dict[str, Any],
     ) -> list[GenerationResult]:
         engine = self.engine_for(twig)
-        prepared = []  # (index, encoded, config, prune) of the batched requests
-        results: dict[int, GenerationResult] = {}
+        prepared = []  # (encoded, config, prune, spec) of each request, in order
         for i, request in enumerate(requests):
             unknown = set(request) - _REQUEST_FIELDS - _GEN_FIELDS
             if unknown:
@@ -272,19 +272,11 @@ class VLM:
             fields_ = {k: v for k, v in request.items() if k in _GEN_FIELDS}
             own = (request.get("prune", prune), request.get("speculative", speculative))
             cfg, own_prune, spec = self._settings(engine, config, {**shared, **fields_}, *own)
-            media = dict(image=request.get("image", image), video=request.get("video", video))
-            if spec is not None:
-                results[i] = self.generate(request["prompt"], config=cfg, prune=own_prune, speculative=spec,
-                                           twig=twig, **media)  # fmt: skip
-                continue
-            prepared.append((i, self.encode(request["prompt"], media["image"], own_prune, media["video"]), cfg,
-                             own_prune))  # fmt: skip
-        if prepared:
-            engine.prepare_programs()
-            batched = generate_batch(engine, [p[1] for p in prepared], [p[2] for p in prepared],
-                                     [p[3] for p in prepared])  # fmt: skip
-            results.update({p[0]: r for p, r in zip(prepared, batched, strict=True)})
-        return [results[i] for i in range(len(requests))]
+            media = request.get("image", image), own_prune, request.get("video", video)
+            prepared.append((self.encode(request["prompt"], *media), cfg, own_prune, spec))
+        engine.prepare_programs()
+        record = self.draft_record(engine.twig) if engine.twig is not None else None
+        return generate_batch(engine, *(list(column) for column in zip(*prepared, strict=True)), record)
 
     def _settings(
         self,

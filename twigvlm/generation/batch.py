@@ -1,15 +1,20 @@
 """Batched decoding: several generations share every decode step, each with its own prompt, pictures, pruning,
-positions, sampling and stopping.
+drafting, positions, sampling and stopping.
 
 Each request is encoded and prefilled on its own — its pruning too (TTP, FastV, VisionZip, CDPruner, DART) —
-into a *slot* of caches the batch shares: per layer one buffer [R, H_kv, capacity, D], request r's `LayerKV` a
-view of row r (`LayerKV.bind`). A decode step then feeds every unfinished request's next token through each layer
-at once, so the products stream each weight once for all rows, with each row's own position ids (1-D, or M-RoPE's
-3 rows) and a mask over its own cache length in that layer (pruned layers are shorter, per row). A row that
-finishes leaves the batch at once and the rows after it move down a slot each, so the batch stays dense.
+into a *slot* of caches the batch shares (`rows.Slots`; the twig's caches too, for requests that draft). A decode
+step then feeds every unfinished request's next token through each layer at once (`rows.run_rows`), so the
+products stream each weight once for all rows. A row that finishes leaves the batch at once and the rows after
+it move down a slot each, so the batch stays dense.
 
-Each row computes what it would alone — its attention sees exactly its own keys — up to the order of additions
-in products over several rows; the tests hold every row to its solo run's greedy ids.
+Speculative requests draft inside the batch: alone, a row takes its own drafter's steps (chain or tree, as auto
+or the request chose: `speculative.loop`); with others, every drafting row drafts a chain and one pass verifies
+all (`speculative.batched`), at the draft length the batch's costs favour — none at all where a larger batch
+gains nothing from drafting (counted in the row's `undrafted` statistic). A row's twig skips the tokens of steps
+without drafting until it drafts again (`Row.pending`).
+
+Each row computes what it would alone up to the order of additions in products over several rows; the tests hold
+every row to its solo run's greedy ids.
 """
 
 from __future__ import annotations
@@ -20,74 +25,33 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.base import Encoded
-from ..config import GenConfig, PruneConfig
+from ..config import GenConfig, PruneConfig, SpecConfig
 from ..engine import DecodeState, Engine
 from ..errors import require_batch_one
 from ..pruning.prefill import PruneStats
-from ..runtime.cache import KVCache
 from ..runtime.sampling import make_generator, pick_tokens
+from ..speculative.batched import chain_step, draft_len
+from ..speculative.chain import TwigChainDrafter
+from ..speculative.choice import PROBE_ROWS, DrafterChoice, DraftRecord, choose_drafter, step_costs
+from ..speculative.loop import adapt_depth, speculative_step
+from ..speculative.stats import SpecStats
+from ..speculative.tree import TwigTreeDrafter
 from .loop import _prefill, check_window, stopping, take_token
+from .rows import Slots, row_positions, run_rows
 from .stats import GenerationResult, generation_stats
 from .stream import TextStream
 
-
-class RowsKV:
-    """The cache protocol a stock attention layer calls for a batched one-token step: row r's new keys/values go
-    to position lengths[r] of its slot, and attention reads every row's first max(lengths) + 1 slots (a mask
-    hides each row's tail)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.k, self.v, self.lengths = keys, values, lengths  # [R, H_kv, cap, D] ×2, [R]
-        self.end = int(lengths.max()) + 1
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, cache_kwargs=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(key_states.shape[0], device=key_states.device)
-        self.k[rows, :, self.lengths] = key_states[:, :, 0]  # [R, H_kv, D] into each row's next slot
-        self.v[rows, :, self.lengths] = value_states[:, :, 0]
-        return self.k[:, :, : self.end], self.v[:, :, : self.end]
-
-
-class Slots:
-    """Per layer one key and one value buffer [R, H_kv, capacity, D]; row r's caches are views of it."""
-
-    def __init__(self, engine: Engine, rows: int, capacity: int) -> None:
-        adapter = engine.adapter
-        layers = adapter.layers
-        param = next(layers[0].parameters())
-        probe = torch.zeros((1, 1, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)
-        rope = adapter.rotary(probe, adapter.text_positions(0, 1))
-        self.capacity = capacity
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        for layer in layers:
-            k, _ = adapter.project_kv(layer, probe, rope)  # [1, H_kv, 1, D]: the cache's shape
-            shape = (rows, k.shape[1], capacity, k.shape[3])
-            self.k.append(k.new_zeros(shape))
-            self.v.append(k.new_zeros(shape))
-
-    def bind(self, cache: KVCache, row: int) -> None:
-        """Make `cache`'s layers views of slot `row` (empty)."""
-        for i, layer in enumerate(cache.layers):
-            layer.bind(self.k[i][row : row + 1], self.v[i][row : row + 1])
-
-    def hold(self, cache: KVCache, row: int) -> None:
-        """Copy what `cache` holds (another slot's, or another `Slots`'s) into slot `row` and rebind it there."""
-        for i, layer in enumerate(cache.layers):
-            n = layer.length
-            self.k[i][row, :, :n] = layer.keys()[0]
-            self.v[i][row, :, :n] = layer.values()[0]
-            layer.bind(self.k[i][row : row + 1], self.v[i][row : row + 1], length=n)
+SPEC_ROOM = max(PROBE_ROWS) + 2  # entries a drafting row may write past its answer (auto's cost probe the most)
 
 
 @dataclass
 class Row:
-    """One request of a batch: its inputs, state, stopping rules and what it has produced."""
+    """One request of a batch: its inputs, state, stopping rules, drafting and what it has produced."""
 
     encoded: Encoded
     cfg: GenConfig
     prune: PruneConfig | None
+    spec: SpecConfig | None = None
     state: DecodeState | None = None
     ids: list[int] = field(default_factory=list)
     next_token: int = 0
@@ -100,6 +64,12 @@ class Row:
     eos: set[int] = field(default_factory=set)
     stop_ids: set[int] = field(default_factory=set)
     pieces: list[str] = field(default_factory=list)  # text not yet handed on (a server streams and clears it)
+    choice: DrafterChoice | None = None  # its drafter (speculative rows that draft), else None
+    spec_stats: SpecStats | None = None
+    depth: int = 0  # the draft depth it asks for (a chain's γ, adaptive where asked; a tree's D)
+    pending: list[torch.Tensor] = field(default_factory=list)  # layer-K states [1, 1, H] its twig has not seen
+    ranks: list[int | None] = field(default_factory=list)  # for the twig's acceptance record (`DraftRecord`)
+    solo: TwigChainDrafter | TwigTreeDrafter | None = None  # its own drafter while it is alone in the batch
 
     def take(self, token: int) -> None:
         """Add a token under the stopping rules (`loop.take_token`); new text goes to `pieces`."""
@@ -109,115 +79,258 @@ class Row:
             self.pieces.append(piece)
         self.next_token = token
 
+    def take_block(self, tokens: list[int]) -> None:
+        """Take a step's tokens in order until one ends the row (the rest are dropped, as `loop.emit` does)."""
+        for token in tokens:
+            self.take(token)
+            if self.reason is not None:
+                return
+
+    @property
+    def budget(self) -> int:
+        """The most drafts its next step may make: its depth, within what is left of its answer."""
+        return max(0, min(self.depth, self.cfg.max_new_tokens - len(self.ids) - 1)) if self.choice else 0
+
 
 @torch.inference_mode()
-def batch_step(engine: Engine, slots: Slots, states: list[DecodeState], tokens: list[int]) -> torch.Tensor:
-    """One token for each of R rows (their caches in `slots` 0..R-1, in order) through every base layer at once:
-    logits [R, V]. Each row's positions advance by one."""
+def batch_step(engine: Engine, slots: Slots, rows: list[Row]) -> torch.Tensor:
+    """One token for each row (their caches in `slots` 0..R-1, in order) through every base layer at once: logits
+    [R, V]. Each row's positions advance by one; a drafting row's layer-K state waits for its twig (`pending`)."""
     adapter = engine.adapter
-    device = states[0].cache[0].keys().device
-    r = len(states)
-    hidden = adapter.embed(torch.tensor(tokens, device=device).view(r, 1))  # [R, 1, H]
-    positions = torch.cat([adapter.text_positions(s.next_position, 1) for s in states], dim=-2)  # [(3,) R, 1]
+    states = [row.state for row in rows]
+    caches = [s.cache for s in states]
+    device = caches[0][0].keys().device
+    hidden = adapter.embed(torch.tensor([row.next_token for row in rows], device=device).view(-1, 1))  # [R, 1, H]
+    positions = row_positions(engine, [s.next_position for s in states], 1)  # [(3,) R, 1]
     for s in states:
         s.next_position += 1
-    rope = adapter.rotary(hidden, positions)
-    for i, layer in enumerate(adapter.layers):
-        caches = [s.cache[i] for s in states]
-        lengths = torch.tensor([c.length for c in caches], device=device)  # [R]
-        kv = RowsKV(slots.k[i][:r], slots.v[i][:r], lengths)
-        mask = torch.arange(kv.end, device=device).view(1, -1) <= lengths.view(-1, 1)  # [R, end]
-        hidden = adapter.call_layer(layer, hidden, mask.view(r, 1, 1, kv.end), positions, rope, kv)
-        for c in caches:
-            c.length += 1
+    ones = [1] * len(rows)
+    split = engine.twig.config.K if any(row.choice for row in rows) else 0
+    if split:
+        hidden = run_rows(engine, adapter.layers[:split], slots, 0, caches, hidden, positions, ones)
+        for r, row in enumerate(rows):
+            if row.choice is not None:
+                row.pending.append(hidden[r : r + 1])
+    hidden = run_rows(engine, adapter.layers[split:], slots, split, caches, hidden, positions, ones)
     return engine.logits(hidden)[:, -1]  # [R, V]
 
 
 class BatchSession:
     """Requests that share decode steps, joining and leaving at step boundaries: `add` prefills a request into
-    the next slot (its first token taken), `step` gives every active row its next token, `drop` takes a row out
+    the next slot (its first token taken), `step` gives every active row its next tokens, `drop` takes a row out
     (finished or cancelled; the rows after it move down a slot). The slots grow when a request needs more room
-    (every row's caches move into the larger buffers)."""
+    (every row's caches move into the larger buffers). `record`: the twig's `DraftRecord` that drafting rows read
+    (auto's costs and acceptance) and add to."""
 
-    def __init__(self, engine: Engine, max_rows: int) -> None:
+    def __init__(self, engine: Engine, max_rows: int, record: DraftRecord | None = None) -> None:
         self.engine, self.max_rows = engine, max_rows
+        self.record = record if record is not None else DraftRecord()
         self.slots: Slots | None = None
+        self.twig_slots: Slots | None = None  # the drafting rows' twig caches (made when the first one joins)
         self.active: list[Row] = []
+        self.drafted_steps = self.undrafted_steps = 0  # steps of several rows with and without drafting
 
     @property
     def full(self) -> bool:
         return len(self.active) >= self.max_rows
 
-    def add(self, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None) -> Row:
+    def add(self, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None, spec: SpecConfig | None = None) -> Row:
         """Prefill one request into the next free slot and take its first token; a row that is already done
-        (one token asked for, or an end at once) is not kept."""
+        (one token asked for, or an end at once) is not kept. A speculative request's drafter is chosen here."""
         engine, adapter = self.engine, self.engine.adapter
         require_batch_one(encoded.inputs_embeds.shape[0], "a batched request")
         check_window(engine, encoded, cfg)
         assert not self.full, "the batch is full"
-        row = Row(encoded, cfg, prune)
+        assert spec is None or engine.twig is not None, "speculative rows need an engine with a twig"
+        row = Row(encoded, cfg, prune, spec)
         row.eos, row.stop_ids, row.text = stopping(adapter, cfg)
         row.generator = make_generator(cfg, encoded.inputs_embeds.device)
-        self._room(encoded.num_tokens + cfg.max_new_tokens + 1)
+        self._room(self._needed(row), spec is not None)
         assert self.slots is not None
         row.state = engine.new_state()  # the twig's caches too, where TTP scores with it
         self.slots.bind(row.state.cache, len(self.active))
+        if spec is not None:
+            assert self.twig_slots is not None
+            self.twig_slots.bind(row.state.twig_cache, len(self.active))
         t0 = time.perf_counter()
-        logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=False)
+        logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=spec is not None)
         row.take(int(pick_tokens(logits, cfg, row.generator)[0]))
+        if spec is not None:
+            self._choose(row)
         row.prefill_s = time.perf_counter() - t0
         if row.reason is None:
             self.active.append(row)
         return row
 
+    def _choose(self, row: Row) -> None:
+        """A speculative row's drafter as a generation alone would choose it (auto: `choose_drafter`, which
+        measures the passes' costs once per record); "none" leaves it a plain row."""
+        assert row.spec is not None and row.state is not None
+        row.spec_stats = SpecStats()
+        choice = choose_drafter(self.engine, row.state, row.cfg, row.spec, self.record)
+        row.spec_stats.drafter = choice.kind
+        if choice.kind != "none":
+            row.choice = choice
+            row.depth = choice.spec.tree_depth if choice.kind == "tree" else choice.spec.draft_len
+
     def step(self) -> None:
-        """One token for every active row (rows that finish stay until `drop`ped; they take no more tokens)."""
+        """New tokens for every active row: one each, or a speculative step's (rows that finish stay until
+        `drop`ped; they take no more tokens)."""
         rows = self.active
         assert all(row.reason is None for row in rows), "drop finished rows before the next step"
         if not rows or self.slots is None:
             return
         t0 = time.perf_counter()
-        if len(rows) == 1:  # alone: the engine's own step (compiled where the steps are), on the row's slot views
-            state, token = rows[0].state, rows[0].next_token
-            assert state is not None
-            with torch.inference_mode():
-                ids = torch.tensor([[token]], device=state.cache[0].keys().device)
-                logits = self.engine.step(state, ids)[:, -1]
+        if len(rows) == 1:
+            self._alone(rows[0])
         else:
-            states, tokens = [row.state for row in rows], [row.next_token for row in rows]
-            logits = batch_step(self.engine, self.slots, states, tokens)
-        for r, row in enumerate(rows):
-            row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]))
+            for row in rows:
+                self._leave_solo(row)
+            self._together(rows)
         seconds = time.perf_counter() - t0
         for row in rows:
             row.decode_s += seconds
 
+    def _alone(self, row: Row) -> None:
+        """A lone row's step: its own drafter's (compiled where the steps are), or the engine's one-token step."""
+        state = row.state
+        assert state is not None
+        if row.choice is not None:
+            if row.solo is None:
+                row.solo = self._solo_drafter(row)
+            stop = row.eos | row.stop_ids
+            assert row.spec_stats is not None
+            block, drafted, accepted = speculative_step(
+                row.solo, row.next_token, row.budget, row.cfg, row.generator, row.spec_stats, stop
+            )
+            spec = row.choice.spec
+            cap = spec.max_draft_len if row.choice.kind == "chain" and spec.adaptive else None
+            row.depth = adapt_depth(row.depth, drafted, accepted, cap)
+            row.take_block(block)
+            return
+        with torch.inference_mode():
+            ids = torch.tensor([[row.next_token]], device=state.cache[0].keys().device)
+            logits = self.engine.step(state, ids)[:, -1]
+        row.take(int(pick_tokens(logits, row.cfg, row.generator)[0]))
+
+    def _solo_drafter(self, row: Row) -> TwigChainDrafter | TwigTreeDrafter:
+        """The row's own drafter (as `loop._speculative_blocks` makes it), taking over its twig's pending states
+        and adding to its ranks."""
+        assert row.choice is not None and row.state is not None
+        s = row.choice.spec
+        drafter: TwigChainDrafter | TwigTreeDrafter
+        if row.choice.kind == "tree":
+            drafter = TwigTreeDrafter(self.engine, row.state, row.cfg, s.tree_topk, s.tree_nodes)
+        else:
+            drafter = TwigChainDrafter(self.engine, row.state, row.cfg, row.generator, s.threshold)
+        drafter._pending, drafter.ranks = row.pending, row.ranks
+        return drafter
+
+    @staticmethod
+    def _leave_solo(row: Row) -> None:
+        """A row that was alone joins the others' steps: its drafter's pending states become its own."""
+        if row.solo is not None:
+            row.pending, row.solo = row.solo._pending, None
+
+    def _together(self, rows: list[Row]) -> None:
+        """A step of several rows: drafting rows draft chains (of the length the batch's costs favour, for those
+        whose drafter is auto's) and one pass verifies all; without drafts, one token per row."""
+        assert self.slots is not None
+        budgets = self._budgets(rows)
+        if not any(budgets):
+            self.undrafted_steps += any(row.choice for row in rows)
+            for row in rows:
+                if row.spec_stats is not None and row.choice is not None:
+                    row.spec_stats.undrafted += 1
+            logits = batch_step(self.engine, self.slots, rows)
+            for r, row in enumerate(rows):
+                row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]))
+            return
+        self.drafted_steps += 1
+        assert self.twig_slots is not None
+        for row, budget, (block, drafted, accepted) in zip(
+            rows, budgets, chain_step(self.engine, self.slots, self.twig_slots, rows, budgets), strict=True
+        ):
+            if row.choice is not None and row.choice.kind == "chain" and row.choice.spec.adaptive and budget:
+                row.depth = adapt_depth(row.depth, drafted, accepted, row.choice.spec.max_draft_len)
+            row.take_block(block)
+
+    def _budgets(self, rows: list[Row]) -> list[int]:
+        """Each row's drafts this step: a chain asked for by name drafts its γ; auto's rows (and trees, which draft
+        as chains in a batch) the batch's best draft length for its costs and the twig's acceptance so far."""
+        drafting = [row for row in rows if row.choice is not None]
+        if not drafting:
+            return [0] * len(rows)
+        first = drafting[0]
+        assert first.state is not None
+        costs = step_costs(self.engine, first.state, self.record)
+        longest = max(row.choice.spec.max_draft_len for row in drafting)
+        gamma = draft_len(costs, self.record.acceptance.vector()[0], len(rows), len(drafting), longest)
+        out = []
+        for row in rows:
+            if row.choice is None:
+                out.append(0)
+            elif row.spec is not None and row.spec.draft == "chain":
+                out.append(row.budget)
+            else:
+                out.append(max(0, min(gamma, row.cfg.max_new_tokens - len(row.ids) - 1)))
+        return out
+
     def drop(self, row: Row) -> None:
-        """Take `row` out of the batch; the rows after it move down one slot each."""
+        """Take `row` out of the batch; the rows after it move down one slot each. What a drafting row's twig
+        achieved goes into the record."""
         before = list(self.active)
         self.active = [r for r in before if r is not row]
+        if row.choice is not None:
+            self.record.acceptance.record(row.ranks)
+            row.ranks = []
         if self.slots is not None and len(self.active) < len(before):
-            _compact(self.slots, before, self.active)
+            _compact(self, before, self.active)
 
-    def _room(self, needed: int) -> None:
-        """Slots of at least `needed` entries per row (allocated, or grown with every active row moved in)."""
-        if self.slots is not None and self.slots.capacity >= needed:
-            return
-        capacity = max(needed, 2 * self.slots.capacity if self.slots is not None else 0)
-        grown = Slots(self.engine, self.max_rows, capacity)
-        for i, row in enumerate(self.active):
-            assert row.state is not None
-            grown.hold(row.state.cache, i)
-        self.slots = grown
+    def _needed(self, row: Row) -> int:
+        """Entries per slot the batch needs with `row` in it: each row's prompt and answer, and room for the
+        largest block a step writes past a row's answer (a verification's drafts, padding, auto's probe)."""
+        room = SPEC_ROOM if any(r.spec is not None for r in [*self.active, row]) else 1
+        return max(r.encoded.num_tokens + r.cfg.max_new_tokens for r in [*self.active, row]) + room
+
+    def _room(self, needed: int, twig: bool = False) -> None:
+        """Slots of at least `needed` entries per row (allocated, or grown with every active row moved in); twig
+        slots as well once a drafting row is in the batch (`twig`: one joins now)."""
+        if self.slots is None or self.slots.capacity < needed:
+            capacity = max(needed, 2 * self.slots.capacity if self.slots is not None else 0)
+            grown = Slots(self.engine, self.engine.adapter.layers, self.max_rows, capacity)
+            for i, row in enumerate(self.active):
+                assert row.state is not None
+                grown.hold(row.state.cache, i)
+            self.slots = grown
+            if self.twig_slots is not None:
+                self.twig_slots = None
+                twig = True
+        if twig and self.twig_slots is None:
+            assert self.engine.twig is not None
+            self.twig_slots = Slots(self.engine, self.engine.twig.layers, self.max_rows, self.slots.capacity)
+            for i, row in enumerate(self.active):
+                if row.spec is not None:
+                    assert row.state is not None and row.state.twig_cache is not None
+                    self.twig_slots.hold(row.state.twig_cache, i)
 
 
 def generate_batch(
-    engine: Engine, encoded: list[Encoded], configs: list[GenConfig], prunes: list[PruneConfig | None]
+    engine: Engine,
+    encoded: list[Encoded],
+    configs: list[GenConfig],
+    prunes: list[PruneConfig | None],
+    specs: list[SpecConfig | None] | None = None,
+    record: DraftRecord | None = None,
 ) -> list[GenerationResult]:
-    """Generate for every request (no speculation), sharing each decode step; results in the requests' order."""
-    session = BatchSession(engine, len(encoded))
-    session._room(max(e.num_tokens + c.max_new_tokens + 1 for e, c in zip(encoded, configs, strict=True)))
-    rows = [session.add(e, c, p) for e, c, p in zip(encoded, configs, prunes, strict=True)]
+    """Generate for every request, sharing each decode step; results in the requests' order. specs: each request's
+    drafting (None: none); record: the twig's `DraftRecord` drafting rows read and add to."""
+    specs = specs if specs is not None else [None] * len(encoded)
+    session = BatchSession(engine, len(encoded), record)
+    drafting = any(s is not None for s in specs)
+    longest = max(e.num_tokens + c.max_new_tokens for e, c in zip(encoded, configs, strict=True))
+    session._room(longest + (SPEC_ROOM if drafting else 1), drafting)  # one allocation for the whole batch
+    rows = [session.add(*request) for request in zip(encoded, configs, prunes, specs, strict=True)]
     while session.active:
         session.step()
         for row in [r for r in session.active if r.reason is not None]:
@@ -225,14 +338,17 @@ def generate_batch(
     return [result(row) for row in rows]
 
 
-def _compact(slots: Slots, before: list[Row], after: list[Row]) -> None:
+def _compact(session: BatchSession, before: list[Row], after: list[Row]) -> None:
     """Slots 0..len(after)-1 hold `after`'s caches, in order (rows that left give their slots to later ones)."""
+    assert session.slots is not None
     where = {id(row): i for i, row in enumerate(before)}
     for dst, row in enumerate(after):
         src = where[id(row)]
         if src != dst:
             assert row.state is not None
-            slots.hold(row.state.cache, dst)
+            session.slots.hold(row.state.cache, dst)
+            if row.spec is not None and session.twig_slots is not None:
+                session.twig_slots.hold(row.state.twig_cache, dst)
 
 
 def result(row: Row) -> GenerationResult:
@@ -241,5 +357,5 @@ def result(row: Row) -> GenerationResult:
     tail = row.text.finish()  # what it held back: into its text, and to the pieces a server still streams
     if tail:
         row.pieces.append(tail)
-    stats = generation_stats(row.encoded, row.ids, row.reason, row.prefill_s, row.decode_s, row.pruned, None)
+    stats = generation_stats(row.encoded, row.ids, row.reason, row.prefill_s, row.decode_s, row.pruned, row.spec_stats)
     return GenerationResult(text=row.text.text, token_ids=row.ids, stats=stats)

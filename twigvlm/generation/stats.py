@@ -48,6 +48,7 @@ class GenerationStats:
     verify_s: float | None = None
     drafter: str | None = None  # "chain", "tree" or "none" (auto chose not to draft); None without speculation
     accepted_per_step: list[int] | None = None  # drafts each verification accepted (the depth a tree reached)
+    undrafted: int | None = None  # decode steps without a draft: shared with a batch where drafting did not pay
 
 
 @dataclass

@@ -138,14 +138,19 @@ def choose_drafter(
         return DrafterChoice("tree", spec)
     if cfg.max_new_tokens <= SHORT_ANSWER:
         return DrafterChoice("none", spec)
-    # costs differ by device, dtype, the products (the LM head's class: stock, fast kernels or int8) and whether
-    # the steps run compiled (`runtime/compiled.py`)
+    scale = {kind: rec.calibration.factor(kind) for kind in ("chain", "tree")}
+    return best_drafter(step_costs(engine, state, rec), rec.acceptance.vector(), spec, scale)
+
+
+def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord) -> Costs:
+    """The passes' costs for this engine from `rec`, probed on `state` (`probe_costs`) the first time. They differ
+    by device, dtype, the products (the LM head's class: stock, fast kernels or int8) and whether the steps run
+    compiled (`runtime/compiled.py`)."""
     keys = state.cache[0].keys()
     key = (str(keys.device), str(keys.dtype), type(engine.adapter.lm_head).__name__, engine.programs is not None)
     if key not in rec.costs:
         rec.costs[key] = probe_costs(engine, state)
-    scale = {kind: rec.calibration.factor(kind) for kind in ("chain", "tree")}
-    return best_drafter(rec.costs[key], rec.acceptance.vector(), spec, scale)
+    return rec.costs[key]
 
 
 def best_drafter(

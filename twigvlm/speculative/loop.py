@@ -150,6 +150,36 @@ def _try_children(
     return (int(torch.multinomial(residual, 1, generator=generator)),)
 
 
+def speculative_step(
+    drafter: Drafter,
+    last: int,
+    budget: int,
+    cfg: GenConfig,
+    generator: torch.Generator | None,
+    stats: SpecStats,
+    stop_ids: set[int],
+) -> tuple[list[int], int, int]:
+    """One draft → verify → accept → commit below `last`, at most `budget` deep: (the new tokens — the accepted
+    drafts and the target's token after them —, the nodes drafted, the drafts accepted); timed into `stats`."""
+    t0 = time.perf_counter()
+    draft = drafter.propose(last, budget, stop_ids)
+    t1 = time.perf_counter()
+    logits = drafter.verify(draft)
+    path, nxt = accept(draft, logits, cfg, generator)
+    drafter.commit(path)
+    accepted = len(path) - 1
+    stats.add_step(draft.size, accepted, t1 - t0, time.perf_counter() - t1)
+    return [draft.tokens[i] for i in path[1:]] + [nxt], draft.size, accepted
+
+
+def adapt_depth(depth: int, drafted: int, accepted: int, cap: int | None) -> int:
+    """The next step's draft depth: with a cap (adaptive γ), one deeper after a draft accepted whole, one
+    shallower after a rejection, within 1..cap; without one (or after no draft), unchanged."""
+    if cap is None or not drafted:
+        return depth
+    return min(depth + 1, cap) if accepted == drafted else max(1, depth - 1)
+
+
 def speculative_blocks(
     drafter: Drafter,
     first: int,
@@ -162,23 +192,14 @@ def speculative_blocks(
 ) -> Iterator[list[int]]:
     """Yield blocks of new tokens: [first], then each verification's accepted path plus its extra token.
 
-    depth: the deepest draft a step asks for (a chain's γ, a tree's D); with `adaptive_cap` it adapts: one deeper
-    after a draft accepted whole, one shallower after a rejection, within 1..adaptive_cap."""
+    depth: the deepest draft a step asks for (a chain's γ, a tree's D); with `adaptive_cap` it adapts
+    (`adapt_depth`)."""
     yield [first]
     last, produced = first, 1
     while produced < cfg.max_new_tokens:
         budget = min(depth, cfg.max_new_tokens - produced - 1)  # a step emits at most budget + 1 tokens
-        t0 = time.perf_counter()
-        draft = drafter.propose(last, budget, stop_ids)
-        t1 = time.perf_counter()
-        logits = drafter.verify(draft)
-        path, nxt = accept(draft, logits, cfg, generator)
-        drafter.commit(path)
-        accepted = len(path) - 1
-        stats.add_step(draft.size, accepted, t1 - t0, time.perf_counter() - t1)
-        if adaptive_cap is not None and draft.size:
-            depth = min(depth + 1, adaptive_cap) if accepted == draft.size else max(1, depth - 1)
-        block = [draft.tokens[i] for i in path[1:]] + [nxt]
+        block, drafted, accepted = speculative_step(drafter, last, budget, cfg, generator, stats, stop_ids)
+        depth = adapt_depth(depth, drafted, accepted, adaptive_cap)
         produced += len(block)
-        last = nxt
+        last = block[-1]
         yield block

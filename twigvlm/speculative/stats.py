@@ -16,6 +16,7 @@ class SpecStats:
     drafter: str = "chain"  # "chain", "tree" or "none" (auto chose not to draft)
     accepted_per_step: list[int] = field(default_factory=list)  # drafts accepted by each verification
     drafted_per_step: list[int] = field(default_factory=list)  # drafts (chain) or nodes (tree) each one checked
+    undrafted: int = 0  # steps it shared with a batch too large to gain from drafting (one token each, no draft)
 
     def add_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """One verification: `drafted` tokens proposed, the first `accepted` of them (or one path) kept, plus the

@@ -1,0 +1,177 @@
+"""Speculation inside a batch (`speculative/batched.py`, `generation/batch.py`): every drafting row ≡ its solo
+plain run (greedy ids) — with pruning (TTP, FastV), a text-only row and plain rows beside it, on LLaVA and on a
+Qwen-VL (3-row positions, a video row); after every step each row's caches hold exactly a fresh prefill of its
+committed tokens (its twig lagging by the states it has not seen); rows that draft alone take their own drafter
+(chain or tree) and rejoin the batch's chains; auto's batch draft length falls to none as rows grow, and the
+steps without drafts are counted; a seeded sampled drafting row gives its solo text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import twigvlm
+from twigvlm import PruneConfig, SpecConfig
+from twigvlm.generation import batch as batch_module
+from twigvlm.speculative import batched
+from twigvlm.speculative.choice import Costs
+
+from .conftest import random_clip, random_image, random_prompt
+from .oracles import assert_caches_hold_the_committed_tokens, middle_twig
+
+CHAIN = SpecConfig(draft="chain", draft_len=3, threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def llava(adapters) -> twigvlm.VLM:
+    return middle_twig(twigvlm.VLM(adapters["llama-clip"]))
+
+
+def solo(vlm: twigvlm.VLM, request: dict) -> list[int]:
+    args = {k: v for k, v in request.items() if k not in ("prompt", "speculative")}
+    return vlm.generate(request["prompt"], **args).token_ids
+
+
+def requests_for(n: int, seed: int, **extra) -> list[dict]:
+    return [
+        dict(prompt=random_prompt(seed + i, 3 + 3 * i), image=random_image(seed + i, (40 + 8 * i, 48)),
+             max_new_tokens=7 + 4 * i, ignore_eos=True, **extra)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_drafting_rows_equal_their_plain_solo_runs_on_llava(llava, monkeypatch):
+    steps: list[int] = []
+    real = batched.chain_step
+    spy = lambda e, s, t, rows, b: steps.append(len(rows)) or real(e, s, t, rows, b)  # noqa: E731
+    monkeypatch.setattr(batch_module, "chain_step", spy)
+    requests = requests_for(4, 40, speculative=CHAIN)
+    requests[1]["prune"] = PruneConfig("twig", keep=8)
+    requests[2]["prune"] = PruneConfig("fastv", keep=8)
+    requests[3]["speculative"] = False  # a plain row in the drafting batch
+    requests.append(dict(prompt=random_prompt(49, 5), max_new_tokens=12, ignore_eos=True, speculative=CHAIN))
+    results = llava.generate(requests)
+    for i, (request, result) in enumerate(zip(requests, results, strict=True)):
+        assert result.token_ids == solo(llava, request), i
+    assert steps and steps[0] == len(requests)
+    drafted = [r.stats for r, q in zip(results, requests, strict=True) if q["speculative"]]
+    assert all(s.drafter == "chain" and s.verifications > 0 and s.drafted > 0 for s in drafted)
+    assert sum(s.accepted for s in drafted) > 0  # the middle twig is often right: drafts were taken in a batch
+    assert results[3].stats.drafter is None
+
+
+def check_caches(vlm: twigvlm.VLM, session: batch_module.BatchSession) -> None:
+    """Every active drafting row's caches ≡ a fresh prefill of its prompt and committed tokens (all but the newest,
+    which the next step feeds), its twig lagging by exactly its pending states."""
+    with torch.no_grad():
+        for row in session.active:
+            if row.choice is None:
+                continue
+            pending = row.solo._pending if row.solo is not None else row.pending
+            pruned = row.prune is not None
+            assert_caches_hold_the_committed_tokens(vlm, row.state, row.encoded, row.ids[:-1], len(pending), pruned)
+
+
+def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leave(llava):
+    requests = requests_for(4, 60)
+    requests[1]["prune"] = PruneConfig("twig", keep=8)
+    session = batch_module.BatchSession(llava.engine, max_rows=3)
+
+    def add(i: int) -> batch_module.Row:
+        r = requests[i]
+        cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
+        spec = None if i == 2 else CHAIN
+        return session.add(llava.encode(r["prompt"], r["image"], r.get("prune")), cfg, r.get("prune"), spec)
+
+    rows = {0: add(0), 1: add(1)}
+    session.step()
+    check_caches(llava, session)
+    rows[2] = add(2)  # a plain row joins two drafting ones
+    session.step()
+    check_caches(llava, session)
+    session.drop(rows[0])  # cancelled: the rows after it move down a slot, twig caches too
+    cancelled = list(rows[0].ids)
+    rows[3] = add(3)
+    while session.active:
+        session.step()
+        check_caches(llava, session)
+        for row in [r for r in session.active if r.reason is not None]:
+            session.drop(row)
+    for i, row in rows.items():
+        alone = solo(llava, requests[i])
+        if i == 0:
+            assert cancelled == alone[: len(cancelled)]
+        else:
+            assert batch_module.result(row).token_ids == alone, i
+
+
+@pytest.mark.parametrize("gamma", [0, 2])
+def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava, monkeypatch, gamma):
+    """With the batch's draft length forced (0: drafting never pays in a batch; 2), auto's rows take plain or
+    drafted steps together and their own drafter when alone; the twig catches up on every skipped token."""
+    monkeypatch.setattr(batch_module, "draft_len", lambda *a: gamma)
+    requests = requests_for(3, 80, speculative=SpecConfig(draft="auto", threshold=0.0))
+    session = batch_module.BatchSession(llava.engine, max_rows=3)
+    rows = []
+    for r in requests:
+        cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
+        rows.append(session.add(llava.encode(r["prompt"], r["image"]), cfg, None, r["speculative"]))
+    while session.active:
+        session.step()
+        check_caches(llava, session)
+        for row in [r for r in session.active if r.reason is not None]:
+            session.drop(row)
+    for request, row in zip(requests, rows, strict=True):
+        result = batch_module.result(row)
+        assert result.token_ids == solo(llava, request)
+        assert result.stats.drafter in ("chain", "tree")
+        assert (result.stats.undrafted > 0) == (gamma == 0)
+    assert batch_module.result(rows[-1]).stats.verifications > 0  # the longest row ends alone, drafting
+    assert (session.undrafted_steps > 0, session.drafted_steps > 0) == (gamma == 0, gamma > 0)
+
+
+def test_a_tree_row_drafts_chains_in_the_batch_and_its_tree_alone(llava):
+    short = dict(prompt=random_prompt(90, 4), image=random_image(90), max_new_tokens=5, ignore_eos=True,
+                 speculative=CHAIN)  # fmt: skip
+    tree = dict(prompt=random_prompt(91, 6), image=random_image(91), max_new_tokens=24, ignore_eos=True,
+                speculative=SpecConfig(draft="tree", tree_nodes=6, tree_depth=3, threshold=0.0))  # fmt: skip
+    results = llava.generate([short, tree])
+    assert [r.token_ids for r in results] == [solo(llava, short), solo(llava, tree)]
+    assert results[1].stats.drafter == "tree"
+
+
+def test_auto_draft_length_falls_to_none_as_the_batch_grows():
+    """Products bound by reading the weights up to 4 rows, then by arithmetic: drafting pays for one row, and
+    stops paying once the verification's rows × (γ + 1) leave the flat part."""
+    flat = {1: 1.0, 2: 1.0, 4: 1.0, 8: 2.0, 16: 4.0, 32: 8.0}
+    scaled = lambda f: {k: f * v for k, v in flat.items()}  # noqa: E731
+    costs = Costs(verify=scaled(10.0), level=scaled(1.0), base=scaled(0.5))
+    gammas = [batched.draft_len(costs, 0.8, rows, rows, 8) for rows in (1, 2, 8, 16)]
+    assert gammas[0] >= 2 and gammas[-1] == 0
+    assert gammas == sorted(gammas, reverse=True)
+    assert batched.draft_len(costs, 0.8, 8, 0, 8) == 0  # nobody drafts: nothing to gain
+
+
+def test_a_seeded_sampled_drafting_row_gives_its_solo_text(llava):
+    sampled = dict(prompt=random_prompt(95, 5), image=random_image(95), max_new_tokens=12, temperature=0.9, seed=5,
+                   speculative=SpecConfig(draft="chain", draft_len=3, threshold=0.0))  # fmt: skip
+    others = [dict(prompt=random_prompt(96, 8), image=random_image(96), max_new_tokens=16, ignore_eos=True)]
+    together = llava.generate([*others, sampled])[1]
+    args = {k: v for k, v in sampled.items() if k != "prompt"}
+    assert together.token_ids == llava.generate(sampled["prompt"], **args).token_ids
+
+
+def test_qwen_vl_drafting_rows_with_grids_and_a_video(zoo):
+    qwen = middle_twig(zoo("qwen2-vl"))
+    requests = [
+        dict(prompt=random_prompt(1, 4), image=random_image(1, (56, 84)), max_new_tokens=9, ignore_eos=True,
+             speculative=CHAIN),
+        dict(prompt=random_prompt(2, 9), image=random_image(2, (84, 56)), max_new_tokens=12, ignore_eos=True,
+             prune=PruneConfig("twig", keep=6), speculative=CHAIN),
+        dict(prompt=random_prompt(4, 4), video=random_clip(4, 5), max_new_tokens=10, ignore_eos=True,
+             speculative=CHAIN),
+        dict(prompt=random_prompt(3, 3), max_new_tokens=6, ignore_eos=True),
+    ]  # fmt: skip
+    assert qwen.adapter.position_rows == 3
+    for request, result in zip(requests, qwen.generate(requests), strict=True):
+        assert result.token_ids == solo(qwen, request)

@@ -1,0 +1,113 @@
+"""Several generations' caches in shared buffers, and one pass of a block of tokens per row through a range of layers.
+
+`Slots` holds, per layer, one key and one value buffer [R, H_kv, capacity, D]; request r's `LayerKV` is a view of
+row r (`LayerKV.bind`), so a pass reads every row's cache as one tensor. `run_rows` feeds hidden [R, q, H] — q
+tokens per row, each row with its own positions (1-D, or M-RoPE's 3 rows) — through layers whose caches hold
+different lengths per row (pruned layers are shorter, rows are at different points of their answers). Rows may
+use fewer than q of the block (`counts`): the rest is padding at the end of the row, computed but never counted
+in its caches (its keys are written past the row's length, where the row's next tokens overwrite them), and no
+real query sees it (a query sees its row's keys up to itself).
+
+Each row computes what it would alone — its attention sees exactly its own keys — up to the order of additions
+in products over several rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..engine import Engine
+from ..runtime.cache import KVCache, LayerKV
+from ..runtime.sdpa import grouped_heads_with_masks
+
+
+class RowsKV:
+    """The cache protocol a stock attention layer calls in `run_rows`: row r's q new keys/values go to positions
+    lengths[r] .. lengths[r] + q - 1 of its slot, and attention reads every row's first max(lengths) + q slots (a
+    mask hides what is not the row's own)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, q: int) -> None:
+        self.k, self.v, self.lengths = keys, values, lengths  # [R, H_kv, cap, D] ×2, [R]
+        self.end = int(lengths.max()) + q
+        self.where = lengths.view(-1, 1) + torch.arange(q, device=lengths.device)  # [R, q] slot of each new entry
+        self.rows = torch.arange(keys.shape[0], device=lengths.device).view(-1, 1)  # [R, 1]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, cache_kwargs=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[self.rows, :, self.where] = key_states.transpose(1, 2)  # [R, q, H_kv, D] into each row's next slots
+        self.v[self.rows, :, self.where] = value_states.transpose(1, 2)
+        return self.k[:, :, : self.end], self.v[:, :, : self.end]
+
+
+class Slots:
+    """Per layer of `layers` (base or twig) one key and one value buffer [rows, H_kv, capacity, D]."""
+
+    def __init__(self, engine: Engine, layers: Sequence[nn.Module], rows: int, capacity: int) -> None:
+        adapter = engine.adapter
+        param = next(layers[0].parameters())
+        probe = torch.zeros((1, 1, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)
+        rope = adapter.rotary(probe, adapter.text_positions(0, 1))
+        self.capacity = capacity
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for layer in layers:
+            k, _ = adapter.project_kv(layer, probe, rope)  # [1, H_kv, 1, D]: the cache's shape
+            shape = (rows, k.shape[1], capacity, k.shape[3])
+            self.k.append(k.new_zeros(shape))
+            self.v.append(k.new_zeros(shape))
+
+    def bind(self, cache: KVCache, row: int) -> None:
+        """Make `cache`'s layers views of slot `row` (empty)."""
+        for i, layer in enumerate(cache.layers):
+            layer.bind(self.k[i][row : row + 1], self.v[i][row : row + 1])
+
+    def hold(self, cache: KVCache, row: int) -> None:
+        """Copy what `cache` holds (another slot's, or another `Slots`'s) into slot `row` and rebind it there."""
+        for i, layer in enumerate(cache.layers):
+            n = layer.length
+            if n:
+                self.k[i][row, :, :n] = layer.keys()[0]
+                self.v[i][row, :, :n] = layer.values()[0]
+            layer.bind(self.k[i][row : row + 1], self.v[i][row : row + 1], length=n)
+
+
+def row_positions(engine: Engine, starts: Sequence[int], q: int) -> torch.Tensor:
+    """Position ids [(3,) R, q] of q tokens per row from each row's start (a row's padding goes on counting)."""
+    return torch.cat([engine.adapter.text_positions(s, q) for s in starts], dim=-2)
+
+
+def run_rows(
+    engine: Engine,
+    layers: Sequence[nn.Module],
+    slots: Slots,
+    first: int,
+    caches: Sequence[KVCache],
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    counts: Sequence[int],
+) -> torch.Tensor:
+    """hidden [R, q, H] through `layers`, whose buffers are slots' layers first, first + 1, …; row r is slot r and
+    caches[r] its `KVCache` (its layers first, first + 1, … are read and extended). Each row's caches count only
+    its first counts[r] tokens (the rest is padding); returns [R, q, H]."""
+    adapter = engine.adapter
+    r, q = hidden.shape[:2]
+    device = hidden.device
+    rope = adapter.rotary(hidden, positions)
+    offsets = torch.arange(q, device=device).view(1, q, 1)  # [1, q, 1]
+    masked = grouped_heads_with_masks(device) if q > 1 else contextlib.nullcontext()
+    with masked:
+        for j, layer in enumerate(layers):
+            own: list[LayerKV] = [c.layers[first + j] for c in caches]
+            lengths = torch.tensor([c.length for c in own], device=device)  # [R]
+            kv = RowsKV(slots.k[first + j][:r], slots.v[first + j][:r], lengths, q)
+            keys = torch.arange(kv.end, device=device).view(1, 1, -1)  # [1, 1, end]
+            mask = keys <= lengths.view(-1, 1, 1) + offsets  # [R, q, end]: a query sees its row's keys up to itself
+            hidden = adapter.call_layer(layer, hidden, mask.unsqueeze(1), positions, rope, kv)
+            for c, n in zip(own, counts, strict=True):
+                c.length += n
+    return hidden
