@@ -1,4 +1,4 @@
-"""Speculation inside a batch (`speculative/batched.py`, `generation/batch.py`): every drafting row ≡ its solo
+"""Speculation inside a batch (`generation/batch_chain.py`, `generation/batch.py`): every drafting row ≡ its solo
 plain run (greedy ids) — with pruning (TTP, FastV), a text-only row and plain rows beside it, on LLaVA and on a
 Qwen-VL (3-row positions, a video row); after every step each row's caches hold exactly a fresh prefill of its
 committed tokens (its twig lagging by the states it has not seen); rows that draft alone take their own drafter
@@ -13,7 +13,7 @@ import torch
 import twigvlm
 from twigvlm import PruneConfig, SpecConfig
 from twigvlm.generation import batch as batch_module
-from twigvlm.speculative import batched
+from twigvlm.generation import batch_chain as batched
 from twigvlm.speculative.choice import Costs
 
 from .conftest import random_clip, random_image, random_prompt
@@ -109,7 +109,7 @@ def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leav
 def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava, monkeypatch, gamma):
     """With the batch's draft length forced (0: drafting never pays in a batch; 2), auto's rows take plain or
     drafted steps together and their own drafter when alone; the twig catches up on every skipped token."""
-    monkeypatch.setattr(batch_module, "draft_len", lambda *a: gamma)
+    monkeypatch.setattr(batch_module, "draft_len", lambda *a: (gamma, 1.0))
     requests = requests_for(3, 80, speculative=SpecConfig(draft="auto", threshold=0.0))
     session = batch_module.BatchSession(llava.engine, max_rows=3)
     rows = []
@@ -146,10 +146,13 @@ def test_auto_draft_length_falls_to_none_as_the_batch_grows():
     flat = {1: 1.0, 2: 1.0, 4: 1.0, 8: 2.0, 16: 4.0, 32: 8.0}
     scaled = lambda f: {k: f * v for k, v in flat.items()}  # noqa: E731
     costs = Costs(verify=scaled(10.0), level=scaled(1.0), base=scaled(0.5))
-    gammas = [batched.draft_len(costs, 0.8, rows, rows, 8) for rows in (1, 2, 8, 16)]
+    gammas = [batched.draft_len(costs, 0.8, rows, rows, 8)[0] for rows in (1, 2, 8, 16)]
     assert gammas[0] >= 2 and gammas[-1] == 0
     assert gammas == sorted(gammas, reverse=True)
-    assert batched.draft_len(costs, 0.8, 8, 0, 8) == 0  # nobody drafts: nothing to gain
+    assert batched.draft_len(costs, 0.8, 8, 0, 8)[0] == 0  # nobody drafts: nothing to gain
+    # measured: chains ran at half the rate the model expected, plain steps as expected; a batch of 2 stops drafting
+    assert batched.draft_len(costs, 0.8, 2, 2, 8)[0] > 0
+    assert batched.draft_len(costs, 0.8, 2, 2, 8, {batched.CHAIN: 0.5, batched.PLAIN: 1.0})[0] == 0
 
 
 def test_a_seeded_sampled_drafting_row_gives_its_solo_text(llava):

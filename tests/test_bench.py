@@ -416,18 +416,21 @@ def test_head_ablation_runs_both_heads_and_tests_the_head_against_the_attention_
 
 def test_batch_mode_runs_batched_rows_against_stocks_padded_batch(model_dirs, bench_twig, tmp_path, capsys):
     out = tmp_path / "b"
+    methods = "hf,ar,fastv,twig,ssd,twig+ssd"
     argv = ["bench", "--model", model_dirs["llama-clip"], "--twig", bench_twig, "--tasks", "scenes", "--limit", "5",
-            "--max-new-tokens", "4", "--keep-ratio", "0.5", "--batch", "2", "--methods", "hf,ar,fastv,twig", "--out",
-            str(out)]  # fmt: skip
+            "--max-new-tokens", "4", "--keep-ratio", "0.5", "--batch", "2", "--methods", methods,
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads((out / "batch.json").read_text())["summary"]
-    assert list(rows) == ["hf", "ar", "fastv", "twig", "ar ×1"]
+    assert list(rows) == ["hf", "ar", "fastv", "twig", "ssd", "twig+ssd", "ar ×1", "twig+ssd ×1"]
     assert all(
         r["requests"] == 5 and r["tokens_per_s"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] for r in rows.values()
     )
     assert rows["ar"]["batch"] == 2 and rows["ar ×1"]["batch"] == 1
     assert rows["ar ×1"]["same_ids_as_hf"] == rows["ar"]["same_ids_as_hf"]  # batched ar ≡ ar alone, request by request
+    assert rows["ssd"]["same_ids_as_hf"] == rows["ar"]["same_ids_as_hf"]  # drafting in a batch is lossless
+    assert rows["twig+ssd"]["same_ids_as_hf"] == rows["twig"]["same_ids_as_hf"] == rows["twig+ssd ×1"]["same_ids_as_hf"]
     assert "| ar ×1 | 1 |" in capsys.readouterr().out
-    bad = [*argv[:-2], "--methods", "hf,ssd", "--out", str(tmp_path / "c")]
+    bad = [*argv[:-4], "--methods", "hf,hf-early-exit", "--out", str(tmp_path / "c")]
     assert main(bad) == 2
-    assert "ssd cannot run batched yet" in capsys.readouterr().err
+    assert "hf-early-exit cannot run batched yet" in capsys.readouterr().err

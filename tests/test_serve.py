@@ -370,13 +370,14 @@ def test_speculative_means_the_same_from_http_cli_and_python(server, client, ima
 
 
 def test_concurrent_requests_share_steps_and_give_their_sequential_texts(server, client, image):  # noqa: F811
-    """Continuous batching (--max-batch 16, the default): requests of different prompts, pictures, pruning and
-    lengths, sent together, run in one batch (several running at once) and each gives the text it gives alone;
+    """Continuous batching (--max-batch 16, the default): requests of different prompts, pictures, pruning, drafting
+    and lengths, sent together, run in one batch (several running at once) and each gives the text it gives alone;
     streamed and not streamed alike."""
     url = data_url(image.read_bytes())
     bodies = [
         dict(messages=user(f"{PROMPT} {i}", url if i % 3 else None), max_tokens=12 + 6 * i, temperature=0,
-             extra_body={"ignore_eos": True, **({"prune": "fastv", "keep_ratio": 0.5} if i % 4 == 1 else {})})
+             extra_body={"ignore_eos": True, **({"prune": "fastv", "keep_ratio": 0.5} if i % 4 == 1 else {}),
+                         **({"speculative": True} if i % 3 == 2 else {})})
         for i in range(6)
     ]  # fmt: skip
     alone = [client.chat.completions.create(model=server.model, **b).choices[0].message.content for b in bodies]

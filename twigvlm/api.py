@@ -272,8 +272,8 @@ class VLM:
             fields_ = {k: v for k, v in request.items() if k in _GEN_FIELDS}
             own = (request.get("prune", prune), request.get("speculative", speculative))
             cfg, own_prune, spec = self._settings(engine, config, {**shared, **fields_}, *own)
-            media = request.get("image", image), own_prune, request.get("video", video)
-            prepared.append((self.encode(request["prompt"], *media), cfg, own_prune, spec))
+            inputs = request.get("image", image), own_prune, request.get("video", video)
+            prepared.append((self.encode(request["prompt"], *inputs), cfg, own_prune, spec))
         engine.prepare_programs()
         record = self.draft_record(engine.twig) if engine.twig is not None else None
         return generate_batch(engine, *(list(column) for column in zip(*prepared, strict=True)), record)

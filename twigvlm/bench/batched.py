@@ -6,7 +6,9 @@ our batched generation (`VLM.generate` with a list: every decode step shared by 
 each with its own pruning), and `ar ×1` the same requests through our engine one after another (batch 1, for the
 batching's own gain). A request's latency is its batch's wall time (each call returns its whole batch).
 Reported per method: requests/s, tokens/s, latency p50/p99, × hf's tokens/s, and how many requests gave hf's ids.
-Speculative methods are not batched yet and are refused here.
+The speculative methods (`ssd`, `twig+ssd`) draft inside the batch (`generation/batch_chain.py`): together, every
+row drafts a chain at the length the batch's costs favour (none where drafting does not pay), and a row left alone
+takes its own drafter; `twig+ssd ×1` runs them one after another (batch 1) for speculation's gain without batching.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from ..adapters.capabilities import HFBaseline, require
 from ..api import VLM
 from ..errors import TwigVLMError
 from ..runtime.kernels import stock_kernels
-from .methods import MethodConfig, compiled, prune_config, quantized
+from .methods import MethodConfig, compiled, method_configs, quantized
 from .sample import Sample
 
-BATCHABLE = ("hf", "ar", "fastv", "visionzip", "cdpruner", "dart", "twig")
+BATCHABLE = ("hf", "ar", "fastv", "visionzip", "cdpruner", "dart", "twig", "ssd", "twig+ssd")
 ONE_AT_A_TIME = "ar ×1"
+DRAFTING_ONE_AT_A_TIME = "twig+ssd ×1"  # beside the speculative methods: the best of batch 1
 
 
 @dataclass
@@ -61,17 +64,20 @@ def run_group(vlm: VLM, method: str, group: list[Sample], mc: MethodConfig) -> l
         dict(prompt=s.prompt, image=s.image() if s.image else None, max_new_tokens=s.max_new_tokens) for s in group
     ]
     with quantized(vlm, mc.quantize), compiled(vlm, mc.compile):
-        if method == ONE_AT_A_TIME:
-            return [vlm.generate(r.pop("prompt"), **r).token_ids for r in requests]
-        prune = None if method == "ar" else prune_config(method, mc)
-        return [r.token_ids for r in vlm.generate([dict(r, prune=prune) for r in requests])]
+        if method in (ONE_AT_A_TIME, DRAFTING_ONE_AT_A_TIME):
+            prune, spec = method_configs(method.split()[0], mc)
+            return [vlm.generate(r.pop("prompt"), prune=prune, speculative=spec or False, **r).token_ids
+                    for r in requests]  # fmt: skip
+        prune, spec = method_configs(method, mc)
+        return [r.token_ids for r in vlm.generate([dict(r, prune=prune, speculative=spec or False) for r in requests])]
 
 
 def run_batched(
     vlm: VLM, tasks: dict[str, list[Sample]], methods: list[str], size: int, mc: MethodConfig
 ) -> dict[str, Tally]:
     """Every method on every batch of `size` requests, interleaved batch by batch after a warm-up batch."""
-    methods = list(dict.fromkeys(["hf", *methods, ONE_AT_A_TIME]))
+    alone = [ONE_AT_A_TIME] + ([DRAFTING_ONE_AT_A_TIME] if any(m.endswith("ssd") for m in methods) else [])
+    methods = list(dict.fromkeys(["hf", *methods, *alone]))
     tallies = {m: Tally() for m in methods}
     groups = [samples[i : i + size] for samples in tasks.values() for i in range(0, len(samples), size)]
     for m in methods:  # warm-up: the first batch, untimed
@@ -97,7 +103,7 @@ def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
         # each request waits for its whole batch (the last batch may hold fewer requests)
         latency = sorted(s for s, n in zip(t.seconds, t.sizes, strict=True) for _ in range(n))
         out[m] = {
-            "batch": 1 if m == ONE_AT_A_TIME else size,
+            "batch": 1 if m.endswith("×1") else size,
             "requests_per_s": t.requests / total,
             "tokens_per_s": t.tokens / total,
             "latency_p50_s": statistics.median(latency),

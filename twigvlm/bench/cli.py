@@ -20,7 +20,7 @@ from .harness import BASELINE, Variant
 from .methods import METHODS, NEEDS_TWIG, MethodConfig, close_peers, method_configs
 
 DEFAULT_METHODS = "hf,hf+kernels,ar,fastv,visionzip,twig,ssd,twig+ssd"
-DEFAULT_BATCH_METHODS = "hf,ar,fastv,visionzip,twig"  # --batch N: the methods that run batched
+DEFAULT_BATCH_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"  # --batch N: the methods that run batched
 
 
 def add_parser(sub) -> None:  # noqa: ANN001
@@ -108,8 +108,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
         type=positive_int,
         default=1,
         help="N > 1: requests in batches of N — hf as one stock generate over the padded batch, our methods as "
-        "batched generation, and ar one at a time beside them; reports requests/s, tokens/s and latency "
-        "(speed only; the speculative methods are not batched yet)",
+        "batched generation (the speculative ones drafting inside the batch), and ar (and twig+ssd) one at a "
+        "time beside them; reports requests/s, tokens/s and latency (speed only)",
     )
     b.add_argument("--split", default="test", choices=["test", "val"], help="split of the built-in tasks")
     b.add_argument("--seed", type=int, default=0, help="shuffles the built-in samples' order (0: as generated)")

@@ -9,7 +9,7 @@ it move down a slot each, so the batch stays dense.
 
 Speculative requests draft inside the batch: alone, a row takes its own drafter's steps (chain or tree, as auto
 or the request chose: `speculative.loop`); with others, every drafting row drafts a chain and one pass verifies
-all (`speculative.batched`), at the draft length the batch's costs favour — none at all where a larger batch
+all (`batch_chain`), at the draft length the batch's costs favour — none at all where a larger batch
 gains nothing from drafting (counted in the row's `undrafted` statistic). A row's twig skips the tokens of steps
 without drafting until it drafts again (`Row.pending`).
 
@@ -20,76 +20,26 @@ every row to its solo run's greedy ids.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from ..adapters.base import Encoded
 from ..config import GenConfig, PruneConfig, SpecConfig
-from ..engine import DecodeState, Engine
+from ..engine import Engine
 from ..errors import require_batch_one
-from ..pruning.prefill import PruneStats
 from ..runtime.sampling import make_generator, pick_tokens
-from ..speculative.batched import chain_step, draft_len
 from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import PROBE_ROWS, DrafterChoice, DraftRecord, choose_drafter, step_costs
+from ..speculative.choice import PROBE_ROWS, DraftRecord, choose_drafter, step_costs
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
-from .loop import _prefill, check_window, stopping, take_token
+from .batch_chain import CHAIN, EXPLORE_EVERY, EXPLORE_S, PLAIN, chain_step, draft_len
+from .loop import _prefill, check_window, stopping
+from .row import Row
 from .rows import Slots, row_positions, run_rows
 from .stats import GenerationResult, generation_stats
-from .stream import TextStream
 
 SPEC_ROOM = max(PROBE_ROWS) + 2  # entries a drafting row may write past its answer (auto's cost probe the most)
-
-
-@dataclass
-class Row:
-    """One request of a batch: its inputs, state, stopping rules, drafting and what it has produced."""
-
-    encoded: Encoded
-    cfg: GenConfig
-    prune: PruneConfig | None
-    spec: SpecConfig | None = None
-    state: DecodeState | None = None
-    ids: list[int] = field(default_factory=list)
-    next_token: int = 0
-    reason: str | None = None
-    pruned: PruneStats | None = None
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    text: TextStream | None = None
-    generator: torch.Generator | None = None
-    eos: set[int] = field(default_factory=set)
-    stop_ids: set[int] = field(default_factory=set)
-    pieces: list[str] = field(default_factory=list)  # text not yet handed on (a server streams and clears it)
-    choice: DrafterChoice | None = None  # its drafter (speculative rows that draft), else None
-    spec_stats: SpecStats | None = None
-    depth: int = 0  # the draft depth it asks for (a chain's γ, adaptive where asked; a tree's D)
-    pending: list[torch.Tensor] = field(default_factory=list)  # layer-K states [1, 1, H] its twig has not seen
-    ranks: list[int | None] = field(default_factory=list)  # for the twig's acceptance record (`DraftRecord`)
-    solo: TwigChainDrafter | TwigTreeDrafter | None = None  # its own drafter while it is alone in the batch
-
-    def take(self, token: int) -> None:
-        """Add a token under the stopping rules (`loop.take_token`); new text goes to `pieces`."""
-        assert self.text is not None
-        piece, self.reason = take_token(token, self.ids, self.text, self.cfg.max_new_tokens, self.eos, self.stop_ids)
-        if piece:
-            self.pieces.append(piece)
-        self.next_token = token
-
-    def take_block(self, tokens: list[int]) -> None:
-        """Take a step's tokens in order until one ends the row (the rest are dropped, as `loop.emit` does)."""
-        for token in tokens:
-            self.take(token)
-            if self.reason is not None:
-                return
-
-    @property
-    def budget(self) -> int:
-        """The most drafts its next step may make: its depth, within what is left of its answer."""
-        return max(0, min(self.depth, self.cfg.max_new_tokens - len(self.ids) - 1)) if self.choice else 0
 
 
 @torch.inference_mode()
@@ -129,6 +79,7 @@ class BatchSession:
         self.twig_slots: Slots | None = None  # the drafting rows' twig caches (made when the first one joins)
         self.active: list[Row] = []
         self.drafted_steps = self.undrafted_steps = 0  # steps of several rows with and without drafting
+        self.together_steps = 0  # steps of several rows where auto chose the draft length
 
     @property
     def full(self) -> bool:
@@ -236,8 +187,11 @@ class BatchSession:
         """A step of several rows: drafting rows draft chains (of the length the batch's costs favour, for those
         whose drafter is auto's) and one pass verifies all; without drafts, one token per row."""
         assert self.slots is not None
-        budgets = self._budgets(rows)
+        budgets, model_rate = self._budgets(rows)
+        before = sum(len(row.ids) for row in rows)
+        t0 = time.perf_counter()
         if not any(budgets):
+            kind = PLAIN
             self.undrafted_steps += any(row.choice for row in rows)
             for row in rows:
                 if row.spec_stats is not None and row.choice is not None:
@@ -245,36 +199,49 @@ class BatchSession:
             logits = batch_step(self.engine, self.slots, rows)
             for r, row in enumerate(rows):
                 row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]))
-            return
-        self.drafted_steps += 1
-        assert self.twig_slots is not None
-        for row, budget, (block, drafted, accepted) in zip(
-            rows, budgets, chain_step(self.engine, self.slots, self.twig_slots, rows, budgets), strict=True
-        ):
-            if row.choice is not None and row.choice.kind == "chain" and row.choice.spec.adaptive and budget:
-                row.depth = adapt_depth(row.depth, drafted, accepted, row.choice.spec.max_draft_len)
-            row.take_block(block)
+        else:
+            kind = CHAIN
+            self.drafted_steps += 1
+            assert self.twig_slots is not None
+            steps = chain_step(self.engine, self.slots, self.twig_slots, rows, budgets)
+            for row, budget, (block, drafted, accepted) in zip(rows, budgets, steps, strict=True):
+                if row.choice is not None and row.choice.kind == "chain" and row.choice.spec.adaptive and budget:
+                    row.depth = adapt_depth(row.depth, drafted, accepted, row.choice.spec.max_draft_len)
+                row.take_block(block)
+        if model_rate is not None:  # auto chose: how the choice fared goes into its calibration
+            tokens = sum(len(row.ids) for row in rows) - before
+            self.record.calibration.record(kind, tokens, time.perf_counter() - t0, model_rate)
 
-    def _budgets(self, rows: list[Row]) -> list[int]:
+    def _budgets(self, rows: list[Row]) -> tuple[list[int], float | None]:
         """Each row's drafts this step: a chain asked for by name drafts its γ; auto's rows (and trees, which draft
-        as chains in a batch) the batch's best draft length for its costs and the twig's acceptance so far."""
+        as chains in a batch) the batch's best draft length for its costs and the twig's acceptance so far. With
+        the cost model's tokens per second for auto's choice (None when it made none)."""
         drafting = [row for row in rows if row.choice is not None]
         if not drafting:
-            return [0] * len(rows)
+            return [0] * len(rows), None
         first = drafting[0]
         assert first.state is not None
         costs = step_costs(self.engine, first.state, self.record)
         longest = max(row.choice.spec.max_draft_len for row in drafting)
-        gamma = draft_len(costs, self.record.acceptance.vector()[0], len(rows), len(drafting), longest)
-        out = []
+        calibration = self.record.calibration
+        scale = {kind: calibration.factor(kind) for kind in (PLAIN, CHAIN)}
+        self.together_steps += 1
+        explore = None
+        if self.together_steps % EXPLORE_EVERY == 0:
+            explore = min((PLAIN, CHAIN), key=lambda kind: calibration.seconds.get(kind, 0.0))
+            explore = explore if calibration.seconds.get(explore, 0.0) < EXPLORE_S else None
+        a1 = self.record.acceptance.vector()[0]
+        gamma, model_rate = draft_len(costs, a1, len(rows), len(drafting), longest, scale, explore)
+        out, chosen = [], False
         for row in rows:
             if row.choice is None:
                 out.append(0)
             elif row.spec is not None and row.spec.draft == "chain":
                 out.append(row.budget)
             else:
+                chosen = True
                 out.append(max(0, min(gamma, row.cfg.max_new_tokens - len(row.ids) - 1)))
-        return out
+        return out, model_rate if chosen else None
 
     def drop(self, row: Row) -> None:
         """Take `row` out of the batch; the rows after it move down one slot each. What a drafting row's twig

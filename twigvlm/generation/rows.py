@@ -14,7 +14,6 @@ in products over several rows.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -99,8 +98,7 @@ def run_rows(
     device = hidden.device
     rope = adapter.rotary(hidden, positions)
     offsets = torch.arange(q, device=device).view(1, q, 1)  # [1, q, 1]
-    masked = grouped_heads_with_masks(device) if q > 1 else contextlib.nullcontext()
-    with masked:
+    with grouped_heads_with_masks(device):  # every row's call carries a mask
         for j, layer in enumerate(layers):
             own: list[LayerKV] = [c.layers[first + j] for c in caches]
             lengths = torch.tensor([c.length for c in own], device=device)  # [R]

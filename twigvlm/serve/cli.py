@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-batch",
         type=positive_int,
         default=16,
-        help="requests that share each decode step (continuous batching; drafting requests run on their own "
-        "between steps); 1: one request at a time (default: %(default)s)",
+        help="requests that share each decode step (continuous batching; drafting requests draft inside the "
+        "batch); 1: one request at a time (default: %(default)s)",
     )
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--allowed-local-media-path", default=None, metavar="DIR", help="allow file:// images below DIR")

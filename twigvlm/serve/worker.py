@@ -218,12 +218,14 @@ class Worker:
     # ---- continuous batching ----------------------------------------------------------------------------------
     def _main_batched(self) -> None:
         """Requests join the running batch at step boundaries (each prefilled on its own) and leave it as soon as
-        they finish or are stopped; every step gives each row its next token. Drafting requests run on their own,
-        between steps. Fair shares: rows already decoding never spend more time waiting for others' prefills than
-        decoding — after a join they waited for, the next join waits until the steps since have taken as long (an
-        empty or just-started batch takes every waiting request at once)."""
+        they finish or are stopped; every step gives each row its next tokens (drafting requests draft inside the
+        batch: `generation/batch.py`). Fair shares: rows already decoding never spend more time waiting for others'
+        prefills than decoding — after a join they waited for, the next join waits until the steps since have taken
+        as long (an empty or just-started batch takes every waiting request at once)."""
         assert self.vlm is not None
-        session = BatchSession(self.vlm.engine, self.max_batch)
+        engine = self.vlm.engine
+        record = self.vlm.draft_record(engine.twig) if engine.twig is not None else None
+        session = BatchSession(engine, self.max_batch, record)
         rows: dict[int, tuple[Row, Job, Generation]] = {}  # id(row) → its row, job and (unrun) generation
         debt = 0.0  # seconds of prefill that rows already decoding waited for, not yet matched by decode steps
         while True:
@@ -263,15 +265,9 @@ class Worker:
             self._deliver(session, rows)
 
     def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
-        """Start one request: on its own when it drafts (`_serve`), else into the batch (or done at once)."""
+        """Start one request: into the batch (or done at once), drafting inside it when it asks to."""
         req, vlm = job.request, self.vlm
         assert vlm is not None
-        if req.spec:
-            try:
-                self._serve(job)
-            finally:
-                self._end(job)
-            return
         job.started = time.perf_counter()
         self.metrics.queue.observe(job.started - job.arrived)
         if job.cancelled.is_set():
@@ -279,9 +275,11 @@ class Worker:
             self._end(job)
             return
         try:
-            job.generation = gen = vlm.stream(req.messages, image=req.images, config=req.gen, prune=req.prune)
+            job.generation = gen = vlm.stream(
+                req.messages, image=req.images, config=req.gen, prune=req.prune, speculative=req.spec or False
+            )
             fit_context(gen, req, vlm.adapter.context_length)
-            row = session.add(gen.encoded, gen.cfg, gen.prune)
+            row = session.add(gen.encoded, gen.cfg, gen.prune, gen.spec)
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
             self._fail(job, e)
             self._end(job)

@@ -11,37 +11,58 @@ greedy or sampled) and rolls its caches back on its own, exactly as `TwigChainDr
 
 `draft_len` is the batch's choice (Sequoia's criterion, as `choice.best_drafter` for one row): a verification
 of R rows × (γ + 1) tokens costs more as R grows, and drafting stops paying where the products stop being bound by
-reading the weights; the step then runs without drafts (`undrafted` in each row's statistics).
+reading the weights; the step then runs without drafts (`undrafted` in each row's statistics). The cost model
+times passes of one row, so it misses what a batch adds (each row's attention, masks, the bookkeeping): each
+kind of step's measured tokens per second against the model's (`Calibration`, kept in the twig's `DraftRecord`)
+scales its expectation, so the choice follows what the steps measure. A kind with little measured time is
+tried now and then (every `EXPLORE_EVERY`-th step) whatever the rates say, so that neither kind's calibration
+stays at its prior while the other's is measured.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..engine import Engine
 from ..runtime.sampling import pick_tokens, probs_from_logits
-from .choice import Costs
-from .loop import TreeDraft, accept
+from ..speculative.choice import Costs
+from ..speculative.loop import TreeDraft, accept
+from .row import Row
+from .rows import Slots, row_positions, run_rows
 
-if TYPE_CHECKING:
-    from ..generation.batch import Row
-    from ..generation.rows import Slots
+PLAIN, CHAIN = "batch plain", "batch chain"  # the batch's step kinds in a `Calibration`
+EXPLORE_EVERY = 8  # every so many steps of several rows, a kind measured for less than EXPLORE_S is tried
+EXPLORE_S = 2.0
 
 
-def draft_len(costs: Costs, a1: float, rows: int, drafting: int, longest: int) -> int:
-    """γ with the most expected tokens per second for a batch of `rows` of which `drafting` may draft (0: no
-    drafting), when the twig's best token is the target's with probability a1. A level of drafting runs every
-    row through layers 1..K and the twig, and the verification runs rows × (γ + 1) tokens through K+1..L."""
-    best, best_rate = 0, rows / (costs.t_base(rows) + costs.t_verify(rows))
-    for g in range(1, longest + 1):
+def draft_len(
+    costs: Costs,
+    a1: float,
+    rows: int,
+    drafting: int,
+    longest: int,
+    scale: dict[str, float] | None = None,
+    explore: str | None = None,
+) -> tuple[int, float]:
+    """(γ, the cost model's tokens per second for it): the draft length with the most expected tokens per second
+    for a batch of `rows` of which `drafting` may draft (0: no drafting), when the twig's best token is the
+    target's with probability a1. A level of drafting runs every row through layers 1..K and the twig, and the
+    verification runs rows × (γ + 1) tokens through K+1..L. `scale`: each kind's measured over expected rate
+    (`Calibration.factor` of PLAIN and CHAIN), which the choice goes by; `explore`: the kind to take whatever
+    the rates say (CHAIN: its best γ), so that both kinds' calibrations are measured."""
+    scale = scale or {}
+    model = rows / (costs.t_base(rows) + costs.t_verify(rows))
+    if explore == PLAIN:
+        return 0, model
+    best, best_model, best_rate = 0, model, model * scale.get(PLAIN, 1.0)
+    for g in range(1, longest + 1 if drafting else 1):
         tokens = rows - drafting + drafting * sum(a1**i for i in range(g + 1))
-        rate = tokens / (g * costs.t_level(rows) + costs.t_base(rows) + costs.t_verify(rows * (g + 1)))
-        if rate > best_rate:
-            best, best_rate = g, rate
-    return best
+        model = tokens / (g * costs.t_level(rows) + costs.t_base(rows) + costs.t_verify(rows * (g + 1)))
+        if model * scale.get(CHAIN, 1.0) > best_rate or explore == CHAIN and best == 0:
+            best, best_model, best_rate = g, model, model * scale.get(CHAIN, 1.0)
+    return best, best_model
 
 
 @torch.inference_mode()
@@ -52,8 +73,6 @@ def chain_step(
     tokens (0: none; a row without speculation must have 0). Returns per row (its new tokens — the accepted drafts
     and the target's token after them —, drafts made, drafts accepted); caches and positions are committed.
     Every row's statistics get the step's draft and verification times."""
-    from ..generation.rows import row_positions, run_rows
-
     assert engine.twig is not None
     K, adapter = engine.twig.config.K, engine.adapter
     states = [row.state for row in rows]
@@ -128,8 +147,6 @@ def _twig_logits(
 ) -> list[torch.Tensor | None]:
     """The twig on each drafting row's states it has not seen (its pending ones first, then this step's newest);
     the draft logits [V] at each drafting row's last state (None for the others)."""
-    from ..generation.rows import row_positions, run_rows
-
     blocks: list[list[torch.Tensor]] = []
     for r, row in enumerate(rows):
         if drafting[r]:
