@@ -162,7 +162,8 @@ def pruned_greedy(vlm: twigvlm.VLM, enc, cfg: PruneConfig, n: int):
 def assert_pruning_equals_masked_model(vlm: twigvlm.VLM, enc, cfg: PruneConfig, K: int, wipe: int, n: int = 5):
     """Prune at K with FinalWipe at `wipe` and decode n greedy tokens: the logits are the masked full model's, the
     ids its argmax, R' the budget's, and every cache holds what it should — layers 1..K everything, K+1..K_f the
-    text and the kept visual tokens, the rest the text only; the twig that scored, the prompt. Returns the stats."""
+    text and the kept visual tokens, the rest the text only; the twig that scored, nothing (a generation that does
+    not draft lets its keys go). Returns the stats."""
     ours, ids, stats, state = pruned_greedy(vlm, enc, cfg, n)
     with torch.no_grad():
         ref = masked_reference_logits(vlm, enc, ids, torch.tensor(stats.kept_indices), K, wipe)
@@ -174,7 +175,8 @@ def assert_pruning_equals_masked_model(vlm: twigvlm.VLM, enc, cfg: PruneConfig, 
     assert R == kept_per_layer(budget, L, M, K, wipe) == len(stats.kept_indices) and stats.visual_tokens == M
     assert state.cache.lengths() == [T + n] * K + [T - M + R + n] * (wipe - K) + [T - M + n] * (L - wipe)
     if cfg.method == "twig":
-        assert state.twig_cache.lengths() == [T] * len(vlm.twig.layers)
+        assert state.twig_cache.lengths() == [0] * len(vlm.twig.layers)
+        assert all(layer.k is None for layer in state.twig_cache.layers)
     return stats
 
 

@@ -155,3 +155,20 @@ def test_batches_with_compiled_steps_on(llava):
         assert llava.engine.programs.stats.calls > calls
     finally:
         llava.set_compile("off")
+
+
+def test_kv_bytes_count_the_tokens_each_layer_holds(llava):
+    """A generation's `kv_bytes`: every base layer holds the prompt and the answer but its last token; a pruned
+    request holds fewer (its deep layers keep R' visual tokens); a batched row reports what it reports alone."""
+    plain = dict(prompt=random_prompt(50, 6), image=random_image(50), max_new_tokens=6, ignore_eos=True)
+    pruned = dict(plain, prune=PRUNES["twig"])
+    gen = llava.stream(plain["prompt"], image=plain["image"], max_new_tokens=6, ignore_eos=True)
+    alone = gen.run()
+    k = gen.state.cache[0].k  # [1, H_kv, capacity, D]
+    entry = 2 * k.shape[1] * k.shape[3] * k.element_size()  # one token's keys and values in one layer
+    held = llava.adapter.spec.num_layers * (gen.encoded.num_tokens + 6 - 1)
+    assert alone.stats.kv_bytes == held * entry
+    solo_pruned = llava.generate(pruned["prompt"], **{k: v for k, v in pruned.items() if k != "prompt"})
+    assert 0 < solo_pruned.stats.kv_bytes < alone.stats.kv_bytes
+    together = llava.generate([plain, pruned])
+    assert [r.stats.kv_bytes for r in together] == [alone.stats.kv_bytes, solo_pruned.stats.kv_bytes]

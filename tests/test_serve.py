@@ -147,7 +147,8 @@ def test_stop_strings_end_the_answer_before_them(server, client):  # noqa: F811
 def test_metrics_count_what_the_requests_did(server, client, image):  # noqa: F811
     names = ["twigvlm_generation_tokens_total", "twigvlm_spec_decode_draft_tokens_total",
              "twigvlm_spec_decode_accepted_tokens_total", "twigvlm_kept_visual_tokens_total",
-             "twigvlm_prompt_tokens_total", "twigvlm_time_to_first_token_seconds_count"]  # fmt: skip
+             "twigvlm_prompt_tokens_total", "twigvlm_time_to_first_token_seconds_count",
+             "twigvlm_request_kv_cache_bytes_sum", "twigvlm_request_kv_cache_bytes_count"]  # fmt: skip
     before = {n: server.metric(n) for n in names}
     r = client.chat.completions.create(model=server.model, messages=user(PROMPT, data_url(image.read_bytes())),
                                        max_tokens=12, temperature=0,
@@ -160,6 +161,9 @@ def test_metrics_count_what_the_requests_did(server, client, image):  # noqa: F8
     assert delta["twigvlm_spec_decode_accepted_tokens_total"] == s["accepted"]
     assert delta["twigvlm_kept_visual_tokens_total"] == s["kept"] > 0
     assert delta["twigvlm_time_to_first_token_seconds_count"] == 1
+    assert delta["twigvlm_request_kv_cache_bytes_count"] == 1  # the keys and values it held, per request
+    assert delta["twigvlm_request_kv_cache_bytes_sum"] == s["kv_bytes"] > 0
+    assert server.metric("twigvlm_kv_cache_reserved_bytes") > 0  # the batch's buffers (--max-batch 16)
 
 
 def test_32_concurrent_streams_against_a_queue_of_8(server, client, image):  # noqa: F811

@@ -84,6 +84,10 @@ class DecodeState:
     next_position: int = 0  # position id of the next token to be fed
     draft_head: DraftHead | None = None  # the draft vocabulary's head rows, when the twig has one
 
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values this generation holds, base layers and twig."""
+        return self.cache.held_bytes() + (self.twig_cache.held_bytes() if self.twig_cache is not None else 0)
+
 
 class Engine:
     """Runs base layers, one twig (fixed at construction) and the heads of one adapter."""

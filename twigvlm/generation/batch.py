@@ -85,6 +85,13 @@ class BatchSession:
     def full(self) -> bool:
         return len(self.active) >= self.max_rows
 
+    def kv_bytes(self) -> tuple[int, int]:
+        """(bytes of keys and values the active rows hold, bytes the slots reserve)."""
+        held = sum(row.state.kv_bytes() for row in self.active if row.state is not None)
+        slots = [s for s in (self.slots, self.twig_slots) if s is not None]
+        reserved = sum(t.numel() * t.element_size() for s in slots for t in (*s.k, *s.v))
+        return held, reserved
+
     def add(self, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None, spec: SpecConfig | None = None) -> Row:
         """Prefill one request into the next free slot and take its first token; a row that is already done
         (one token asked for, or an end at once) is not kept. A speculative request's drafter is chosen here."""
@@ -324,5 +331,9 @@ def result(row: Row) -> GenerationResult:
     tail = row.text.finish()  # what it held back: into its text, and to the pieces a server still streams
     if tail:
         row.pieces.append(tail)
-    stats = generation_stats(row.encoded, row.ids, row.reason, row.prefill_s, row.decode_s, row.pruned, row.spec_stats)
+    assert row.state is not None
+    kv = row.state.kv_bytes()
+    stats = generation_stats(
+        row.encoded, row.ids, row.reason, row.prefill_s, row.decode_s, row.pruned, row.spec_stats, kv
+    )
     return GenerationResult(text=row.text.text, token_ids=row.ids, stats=stats)

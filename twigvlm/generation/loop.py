@@ -227,7 +227,9 @@ class Generation:
         self.result = GenerationResult(
             text=text.text,
             token_ids=ids,
-            stats=generation_stats(self.encoded, ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats),
+            stats=generation_stats(
+                self.encoded, ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats, state.kv_bytes()
+            ),
         )
 
     def run(self) -> GenerationResult:

@@ -49,6 +49,7 @@ class GenerationStats:
     drafter: str | None = None  # "chain", "tree" or "none" (auto chose not to draft); None without speculation
     accepted_per_step: list[int] | None = None  # drafts each verification accepted (the depth a tree reached)
     undrafted: int | None = None  # decode steps without a draft: shared with a batch where drafting did not pay
+    kv_bytes: int = 0  # keys and values it held at its end, base layers and twig (pruned layers hold fewer)
 
 
 @dataclass
@@ -74,6 +75,7 @@ def generation_stats(
     decode_s: float,
     pruned: PruneStats | None,
     spec: SpecStats | None,
+    kv_bytes: int = 0,
 ) -> GenerationStats:
     """The statistics of a finished generation from its parts (see the module docstring)."""
     total = encoded.encode_s + prefill_s + decode_s
@@ -87,6 +89,7 @@ def generation_stats(
         tokens_per_s=len(ids) / total if total > 0 else 0.0,
         finish_reason=reason,
         ttft_s=encoded.encode_s + prefill_s,
+        kv_bytes=kv_bytes,
     )
     if pruned is None and encoded.reduction is not None:  # VisionZip: fewer visual tokens in every layer
         pruned = PruneStats.of_reduction(encoded.reduction, encoded.num_visual_tokens)

@@ -245,6 +245,8 @@ def pruned_prefill(
                 f"pruning happens after layer {plan.K}: use the same layer"
             )
         engine.prime_twig(state, hidden, encoded.position_ids)
+    if not prime_twig and state.twig_cache is not None:
+        state.twig_cache.release()  # the twig scorer's keys: a generation that does not draft has no use for them
     keep = ~visual
     keep[visual.nonzero().flatten()[keep_visual]] = True
     keep[-1] = True  # the last prompt token carries the next-token logits

@@ -28,6 +28,13 @@ class LayerKV:
     def capacity(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
+    def held_bytes(self) -> int:
+        """Bytes of the keys and values it holds (its valid entries, not the buffer's spare room)."""
+        if self.k is None:
+            return 0
+        b, h, _, d = self.k.shape
+        return 2 * b * h * self.length * d * self.k.element_size()
+
     def keys(self) -> torch.Tensor:
         """Valid keys, [B, H_kv, length, D] (a view)."""
         assert self.k is not None, "empty cache"
@@ -104,6 +111,12 @@ class LayerKV:
         self.v[:, :, :n] = self.v.index_select(2, idx)
         self.length = n
 
+    def release(self) -> None:
+        """Hold nothing: its buffers are let go (a bound layer's, which belong to a batch, are only emptied)."""
+        self.length = 0
+        if not self.fixed:
+            self.k = self.v = None
+
     def crop(self, length: int) -> None:
         """Drop everything after the first `length` entries."""
         if not 0 <= length <= self.length:
@@ -140,6 +153,10 @@ class KVCache:
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]
 
+    def held_bytes(self) -> int:
+        """Bytes of the keys and values its layers hold (pruned layers hold fewer)."""
+        return sum(layer.held_bytes() for layer in self.layers)
+
     def _select(self, layers: Iterable[int] | None) -> list[LayerKV]:
         return self.layers if layers is None else [self.layers[i] for i in layers]
 
@@ -153,6 +170,11 @@ class KVCache:
     def crop(self, length: int, layers: Iterable[int] | None = None) -> None:
         for layer in self._select(layers):
             layer.crop(length)
+
+    def release(self) -> None:
+        """`LayerKV.release` on every layer."""
+        for layer in self.layers:
+            layer.release()
 
     def gather_tail(
         self, tail: int, offsets: torch.Tensor | Sequence[int], layers: Iterable[int] | None = None

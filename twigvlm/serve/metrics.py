@@ -9,12 +9,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ..generation.stats import GenerationStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BYTE_BUCKETS = tuple(float(2**k) for k in range(16, 34, 2))  # 64 KiB .. 8 GiB
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """Histograms of time to first token, inter-token latency, end-to-end and queue time; running and waiting
-    gauges; prompt, generation, drafted, accepted and kept-visual-token counters; requests by outcome."""
+    """Histograms of time to first token, inter-token latency, end-to-end and queue time, and of the keys and
+    values each request held at its end; running and waiting gauges, and the bytes of keys and values running
+    requests hold and the batch reserves; prompt, generation, drafted, accepted and kept-visual-token counters;
+    requests by outcome."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -36,12 +39,18 @@ class Metrics:
         self.visual = Counter(p + "visual_tokens", "Visual tokens of the prompts", registry=r)
         self.kept = Counter(p + "kept_visual_tokens", "Visual tokens kept (pruned requests)", registry=r)
         self.requests = Counter(p + "requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.kv_request = Histogram(
+            p + "request_kv_cache_bytes", "Keys and values a request held at its end", buckets=BYTE_BUCKETS, registry=r
+        )
+        self.kv_held = Gauge(p + "kv_cache_bytes", "Keys and values the running requests hold", registry=r)
+        self.kv_reserved = Gauge(p + "kv_cache_reserved_bytes", "Key and value buffers the batch reserves", registry=r)
 
     def record_result(self, stats: GenerationStats, prompt_tokens: int) -> None:
         """Count one finished generation's tokens."""
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(stats.new_tokens)
         self.visual.inc(stats.visual_tokens)
+        self.kv_request.observe(stats.kv_bytes)
         if stats.kept is not None:
             self.kept.inc(stats.kept)
         if stats.drafted is not None:

@@ -263,6 +263,9 @@ class Worker:
                 finally:
                     debt = max(0.0, debt - (time.perf_counter() - t0))
             self._deliver(session, rows)
+            held, reserved = session.kv_bytes()
+            self.metrics.kv_held.set(held)
+            self.metrics.kv_reserved.set(reserved)
 
     def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
         """Start one request: into the batch (or done at once), drafting inside it when it asks to."""
@@ -369,6 +372,8 @@ class Worker:
                 gen.cancel()
             for piece in gen:
                 self._send_piece(job, piece)
+                if gen.state is not None:
+                    m.kv_held.set(gen.state.kv_bytes())
             result = gen.result
             assert result is not None
             if job.stop_error is not None:  # a deadline or a shutdown: an error after what was streamed
@@ -377,6 +382,8 @@ class Worker:
             self._answer(job, gen, result, start - job.arrived)
         except Exception as e:  # noqa: BLE001 - every failure is the request's own; the server keeps serving
             self._fail(job, e)
+        finally:
+            m.kv_held.set(0)  # one request at a time: nothing is held between them
 
     def request_stats(
         self, gen: Generation, result: GenerationResult, queue_s: float, images: list[Any]
