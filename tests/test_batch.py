@@ -172,3 +172,27 @@ def test_kv_bytes_count_the_tokens_each_layer_holds(llava):
     assert 0 < solo_pruned.stats.kv_bytes < alone.stats.kv_bytes
     together = llava.generate([plain, pruned])
     assert [r.stats.kv_bytes for r in together] == [alone.stats.kv_bytes, solo_pruned.stats.kv_bytes]
+
+
+def test_a_batch_reserves_what_its_rows_need_and_nothing_once_empty(llava):
+    """Slots grow with the rows and each layer with the longest need in it: pruned rows' deep layers reserve less
+    than their shallow ones (TTP keeps R' visual tokens after layer K, none after K_f), and an empty batch holds
+    nothing."""
+
+    def reserved(prune) -> tuple[list[int], int, int]:
+        session = batch_module.BatchSession(llava.engine, max_rows=4)
+        for i in range(3):
+            enc = llava.encode(random_prompt(70 + i, 5), random_image(70 + i), prune)
+            session.add(enc, twigvlm.GenConfig(max_new_tokens=8, ignore_eos=True), prune)
+        capacities, rows = session.slots.capacities, session.slots.rows
+        held, total = session.kv_bytes()
+        for row in list(session.active):
+            session.drop(row)
+        assert session.slots is None and session.kv_bytes() == (0, 0)
+        assert 0 < held <= total
+        return capacities, rows, total
+
+    caps, rows, full = reserved(None)
+    pruned_caps, pruned_rows, pruned = reserved(PRUNES["twig"])
+    assert rows == pruned_rows == 4 and len(set(caps)) == 1  # 1 → 2 → 4 rows; unpruned: every layer alike
+    assert pruned_caps[-1] < pruned_caps[0] == caps[0] and pruned < full

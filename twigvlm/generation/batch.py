@@ -29,7 +29,7 @@ from ..engine import Engine
 from ..errors import require_batch_one
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import PROBE_ROWS, DraftRecord, choose_drafter, step_costs
+from ..speculative.choice import DraftRecord, choose_drafter, step_costs
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
@@ -38,8 +38,6 @@ from .loop import _prefill, check_window, stopping
 from .row import Row
 from .rows import Slots, row_positions, run_rows
 from .stats import GenerationResult, generation_stats
-
-SPEC_ROOM = max(PROBE_ROWS) + 2  # entries a drafting row may write past its answer (auto's cost probe the most)
 
 
 @torch.inference_mode()
@@ -88,13 +86,12 @@ class BatchSession:
     def kv_bytes(self) -> tuple[int, int]:
         """(bytes of keys and values the active rows hold, bytes the slots reserve)."""
         held = sum(row.state.kv_bytes() for row in self.active if row.state is not None)
-        slots = [s for s in (self.slots, self.twig_slots) if s is not None]
-        reserved = sum(t.numel() * t.element_size() for s in slots for t in (*s.k, *s.v))
-        return held, reserved
+        return held, sum(s.reserved_bytes() for s in (self.slots, self.twig_slots) if s is not None)
 
     def add(self, encoded: Encoded, cfg: GenConfig, prune: PruneConfig | None, spec: SpecConfig | None = None) -> Row:
-        """Prefill one request into the next free slot and take its first token; a row that is already done
-        (one token asked for, or an end at once) is not kept. A speculative request's drafter is chosen here."""
+        """Prefill one request (into caches of its own) and take its first token; a speculative request's drafter
+        is chosen here (auto measures the passes' costs on those caches the first time). A row that is already
+        done (one token asked for, or an end at once) is not kept; the others move into the next free slot."""
         engine, adapter = self.engine, self.engine.adapter
         require_batch_one(encoded.inputs_embeds.shape[0], "a batched request")
         check_window(engine, encoded, cfg)
@@ -103,13 +100,7 @@ class BatchSession:
         row = Row(encoded, cfg, prune, spec)
         row.eos, row.stop_ids, row.text = stopping(adapter, cfg)
         row.generator = make_generator(cfg, encoded.inputs_embeds.device)
-        self._room(self._needed(row), spec is not None)
-        assert self.slots is not None
         row.state = engine.new_state()  # the twig's caches too, where TTP scores with it
-        self.slots.bind(row.state.cache, len(self.active))
-        if spec is not None:
-            assert self.twig_slots is not None
-            self.twig_slots.bind(row.state.twig_cache, len(self.active))
         t0 = time.perf_counter()
         logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=spec is not None)
         row.take(int(pick_tokens(logits, cfg, row.generator)[0]))
@@ -118,6 +109,7 @@ class BatchSession:
         row.prefill_s = time.perf_counter() - t0
         if row.reason is None:
             self.active.append(row)
+            self._place()
         return row
 
     def _choose(self, row: Row) -> None:
@@ -127,6 +119,8 @@ class BatchSession:
         row.spec_stats = SpecStats()
         choice = choose_drafter(self.engine, row.state, row.cfg, row.spec, self.record)
         row.spec_stats.drafter = choice.kind
+        if row.spec.draft != "chain":  # the batch's draft length reads the costs: measured now, on the row's own caches
+            step_costs(self.engine, row.state, self.record)
         if choice.kind != "none":
             row.choice = choice
             row.depth = choice.spec.tree_depth if choice.kind == "tree" else choice.spec.draft_len
@@ -224,11 +218,11 @@ class BatchSession:
         as chains in a batch) the batch's best draft length for its costs and the twig's acceptance so far. With
         the cost model's tokens per second for auto's choice (None when it made none)."""
         drafting = [row for row in rows if row.choice is not None]
-        if not drafting:
-            return [0] * len(rows), None
-        first = drafting[0]
-        assert first.state is not None
-        costs = step_costs(self.engine, first.state, self.record)
+        auto = [row for row in drafting if row.spec is not None and row.spec.draft != "chain"]
+        if not auto:
+            return [row.budget for row in rows], None
+        assert auto[0].state is not None
+        costs = step_costs(self.engine, auto[0].state, self.record)  # measured when the row joined (`_choose`)
         longest = max(row.choice.spec.max_draft_len for row in drafting)
         calibration = self.record.calibration
         scale = {kind: calibration.factor(kind) for kind in (PLAIN, CHAIN)}
@@ -258,35 +252,46 @@ class BatchSession:
         if row.choice is not None:
             self.record.acceptance.record(row.ranks)
             row.ranks = []
-        if self.slots is not None and len(self.active) < len(before):
+        if not self.active:  # an empty batch holds nothing: the next one reserves what it needs
+            self.slots = self.twig_slots = None
+        elif self.slots is not None and len(self.active) < len(before):
             _compact(self, before, self.active)
 
-    def _needed(self, row: Row) -> int:
-        """Entries per slot the batch needs with `row` in it: each row's prompt and answer, and room for the
-        largest block a step writes past a row's answer (a verification's drafts, padding, auto's probe)."""
-        room = SPEC_ROOM if any(r.spec is not None for r in [*self.active, row]) else 1
-        return max(r.encoded.num_tokens + r.cfg.max_new_tokens for r in [*self.active, row]) + room
-
-    def _room(self, needed: int, twig: bool = False) -> None:
-        """Slots of at least `needed` entries per row (allocated, or grown with every active row moved in); twig
-        slots as well once a drafting row is in the batch (`twig`: one joins now)."""
-        if self.slots is None or self.slots.capacity < needed:
-            capacity = max(needed, 2 * self.slots.capacity if self.slots is not None else 0)
-            grown = Slots(self.engine, self.engine.adapter.layers, self.max_rows, capacity)
-            for i, row in enumerate(self.active):
-                assert row.state is not None
-                grown.hold(row.state.cache, i)
-            self.slots = grown
-            if self.twig_slots is not None:
-                self.twig_slots = None
-                twig = True
-        if twig and self.twig_slots is None:
-            assert self.engine.twig is not None
-            self.twig_slots = Slots(self.engine, self.engine.twig.layers, self.max_rows, self.slots.capacity)
-            for i, row in enumerate(self.active):
-                if row.spec is not None:
-                    assert row.state is not None and row.state.twig_cache is not None
-                    self.twig_slots.hold(row.state.twig_cache, i)
+    def _place(self) -> None:
+        """Slots for every active row (the newest last, in caches of its own until now): kept while they fit, else
+        made anew — twice as many rows when more are needed, each layer as long as the row that needs it most —
+        with every row's caches moved in. A row needs its caches' entries, the rest of its answer, and room past it
+        for what a step writes there: a drafting step pads every row to its longest block (`rows.run_rows`), a lone
+        drafter writes its whole tree."""
+        rows = self.active
+        drafting = [r.choice.spec for r in rows if r.choice is not None]
+        room = 2 + max((max(s.max_draft_len, s.draft_len, s.tree_nodes) for s in drafting), default=0)
+        for which in ("cache", "twig_cache"):
+            members = [(i, r) for i, r in enumerate(rows) if which == "cache" or r.spec is not None]
+            current = self.slots if which == "cache" else self.twig_slots
+            if not members:
+                continue
+            layers = getattr(members[0][1].state, which).layers
+            needs = [
+                max(getattr(r.state, which)[i].length + r.cfg.max_new_tokens - len(r.ids) + room for _, r in members)
+                for i in range(len(layers))
+            ]
+            if current is None or not current.fits(len(rows), needs):
+                source = self.engine.adapter.layers if which == "cache" else self.engine.twig.layers
+                count, capacities = len(rows), needs
+                if current is not None:  # grow: never shrink what the batch already needed (it empties to shrink)
+                    count = max(count, 2 * current.rows if count > current.rows else current.rows)
+                    capacities = [max(n, c) for n, c in zip(needs, current.capacities, strict=True)]
+                current = Slots(self.engine, source, min(count, self.max_rows), capacities)
+                members_to_move = members
+            else:
+                members_to_move = members[-1:] if members[-1][1] is rows[-1] else []
+            for i, r in members_to_move:
+                current.hold(getattr(r.state, which), i)
+            if which == "cache":
+                self.slots = current
+            else:
+                self.twig_slots = current
 
 
 def generate_batch(
@@ -301,9 +306,6 @@ def generate_batch(
     drafting (None: none); record: the twig's `DraftRecord` drafting rows read and add to."""
     specs = specs if specs is not None else [None] * len(encoded)
     session = BatchSession(engine, len(encoded), record)
-    drafting = any(s is not None for s in specs)
-    longest = max(e.num_tokens + c.max_new_tokens for e, c in zip(encoded, configs, strict=True))
-    session._room(longest + (SPEC_ROOM if drafting else 1), drafting)  # one allocation for the whole batch
     rows = [session.add(*request) for request in zip(encoded, configs, prunes, specs, strict=True)]
     while session.active:
         session.step()

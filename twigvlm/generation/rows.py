@@ -44,29 +44,33 @@ class RowsKV:
 
 
 class Slots:
-    """Per layer of `layers` (base or twig) one key and one value buffer [rows, H_kv, capacity, D]."""
+    """Per layer of `layers` (base or twig) one key and one value buffer [rows, H_kv, capacities[i], D]: each layer
+    as long as the batch needs it (pruned layers hold fewer tokens)."""
 
-    def __init__(self, engine: Engine, layers: Sequence[nn.Module], rows: int, capacity: int) -> None:
+    def __init__(self, engine: Engine, layers: Sequence[nn.Module], rows: int, capacities: Sequence[int]) -> None:
         adapter = engine.adapter
         param = next(layers[0].parameters())
         probe = torch.zeros((1, 1, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)
         rope = adapter.rotary(probe, adapter.text_positions(0, 1))
-        self.capacity = capacity
+        self.rows, self.capacities = rows, list(capacities)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        for layer in layers:
+        for layer, capacity in zip(layers, self.capacities, strict=True):
             k, _ = adapter.project_kv(layer, probe, rope)  # [1, H_kv, 1, D]: the cache's shape
             shape = (rows, k.shape[1], capacity, k.shape[3])
             self.k.append(k.new_zeros(shape))
             self.v.append(k.new_zeros(shape))
 
-    def bind(self, cache: KVCache, row: int) -> None:
-        """Make `cache`'s layers views of slot `row` (empty)."""
-        for i, layer in enumerate(cache.layers):
-            layer.bind(self.k[i][row : row + 1], self.v[i][row : row + 1])
+    def fits(self, rows: int, needs: Sequence[int]) -> bool:
+        """Whether `rows` rows of needs[i] entries in layer i fit."""
+        return rows <= self.rows and all(n <= c for n, c in zip(needs, self.capacities, strict=True))
+
+    def reserved_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def hold(self, cache: KVCache, row: int) -> None:
-        """Copy what `cache` holds (another slot's, or another `Slots`'s) into slot `row` and rebind it there."""
+        """Copy what `cache` holds (its own buffers', another slot's, or another `Slots`'s) into slot `row` and bind
+        it there."""
         for i, layer in enumerate(cache.layers):
             n = layer.length
             if n:
