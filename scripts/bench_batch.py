@@ -2,10 +2,16 @@
 
     python scripts/bench_batch.py                       # the demo model, 8 scene descriptions, 64 tokens each
     python scripts/bench_batch.py --sizes 1,2,4,8,16 --tokens 32
+    python scripts/bench_batch.py --speculative         # drafting requests, batched and one after another
+    python scripts/bench_batch.py --sweep --sizes 1,2,4,8,16   # where drafting stops paying as the batch grows
 
 Each size runs its requests one at a time (`vlm.generate(prompt, ...)` per request) and then as one list
 (`vlm.generate([...])`), after a warm-up, and checks that both give the same token ids. Prints the machine's
 CPU flags with the figures.
+
+--sweep times decode steps alone (no prefill): for each batch size, every row a drafting request (auto, the
+demo twig), 12 steps at each forced draft length γ (0: no drafting) after 3 untimed ones, reporting tokens per
+step and tokens/s, and the γ auto picks for that batch from its calibrated costs.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import time
 import torch
 
 from twigvlm.api import VLM
+from twigvlm.config import GenConfig, SpecConfig
 from twigvlm.data.examples import IMAGE_SIZE
 from twigvlm.data.scenes import DESCRIBE, make_scene, scene_seed
+from twigvlm.generation import batch as batch_module
 from twigvlm.runtime.machine import speed_flags
 
 
@@ -27,15 +35,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", default="off", choices=["auto", "on", "off"])
+    ap.add_argument("--speculative", action="store_true", help="every request drafts (auto)")
+    ap.add_argument("--sweep", action="store_true", help="decode steps at forced draft lengths per batch size")
+    ap.add_argument("--gammas", default="0,1,2,3,4", help="the draft lengths --sweep forces")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     vlm = VLM.load("demo", twig="demo", compile=args.compile)
     requests = [
         dict(prompt=DESCRIBE, image=make_scene(scene_seed("test", i)).render(IMAGE_SIZE), max_new_tokens=args.tokens,
-             ignore_eos=True)
+             ignore_eos=True, speculative=args.speculative or args.sweep)
         for i in range(max(sizes))
     ]  # fmt: skip
+    if args.sweep:
+        sweep(vlm, requests, sizes, [int(g) for g in args.gammas.split(",")], args.threads)
+        return
     vlm.generate(requests[:2])  # warm-up: both paths
     vlm.generate(DESCRIBE, image=requests[0]["image"], max_new_tokens=4)
     print(f"CPU flags: {speed_flags()}; threads {args.threads}; compile {args.compile}")
@@ -52,6 +66,37 @@ def main() -> None:
             f"batch {n:2d}: one after another {tokens / seq:6.1f} tokens/s, together {tokens / bat:6.1f} tokens/s "
             f"({seq / bat:.2f}×), identical: {same}"
         )
+
+
+def sweep(vlm: VLM, requests: list[dict], sizes: list[int], gammas: list[int], threads: int) -> None:
+    """Steady-state decode steps of batches of drafting rows at forced draft lengths (see the module docstring)."""
+    vlm.generate(requests[:2])  # warm-up, and auto's costs measured
+    record = vlm.draft_record(vlm.twig)
+    encoded = [vlm.encode(r["prompt"], r["image"]) for r in requests]
+    real = batch_module.draft_len
+    print(f"CPU flags: {speed_flags()}; threads {threads}; decode steps only (no prefill)")
+    print("| rows | " + " | ".join(f"γ = {g}" for g in gammas) + " | auto's γ |")
+    print("|---|" + "---|" * (len(gammas) + 1))
+    for n in sizes:
+        cells, auto = [], "own drafter"
+        for g in gammas:
+            batch_module.draft_len = lambda *a, g=g, **k: (g, 1.0)  # noqa: B023 - bound per γ
+            session = batch_module.BatchSession(vlm.engine, n, record)
+            cfg = GenConfig(max_new_tokens=10_000, ignore_eos=True)
+            for enc in encoded[:n]:
+                session.add(enc, cfg, None, SpecConfig(draft="auto"))
+            for _ in range(3):
+                session.step()
+            before, t = sum(len(r.ids) for r in session.active), time.perf_counter()
+            for _ in range(12):
+                session.step()
+            seconds, tokens = time.perf_counter() - t, sum(len(r.ids) for r in session.active) - before
+            cells.append(f"{tokens / seconds:.1f} tok/s ({tokens / 12:.1f}/step)")
+            batch_module.draft_len = real
+            if n > 1:  # what auto would pick for this batch now, from its calibrated costs (no exploring step)
+                session.together_steps = 0
+                auto = str(max(session._budgets(session.active)[0]))
+        print(f"| {n} | " + " | ".join(cells) + f" | {auto} |", flush=True)
 
 
 if __name__ == "__main__":

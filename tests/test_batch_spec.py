@@ -127,6 +127,7 @@ def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava,
         assert result.stats.drafter in ("chain", "tree")
         assert (result.stats.undrafted > 0) == (gamma == 0)
     assert batch_module.result(rows[-1]).stats.verifications > 0  # the longest row ends alone, drafting
+    assert session.record.calibration.seconds.get(rows[-1].choice.kind, 0.0) > 0  # how auto's drafter fared alone
     assert (session.undrafted_steps > 0, session.drafted_steps > 0) == (gamma == 0, gamma > 0)
 
 

@@ -274,7 +274,6 @@ class VLM:
             cfg, own_prune, spec = self._settings(engine, config, {**shared, **fields_}, *own)
             inputs = request.get("image", image), own_prune, request.get("video", video)
             prepared.append((self.encode(request["prompt"], *inputs), cfg, own_prune, spec))
-        engine.prepare_programs()
         record = self.draft_record(engine.twig) if engine.twig is not None else None
         return generate_batch(engine, *(list(column) for column in zip(*prepared, strict=True)), record)
 

@@ -100,6 +100,7 @@ class BatchSession:
         row = Row(encoded, cfg, prune, spec)
         row.eos, row.stop_ids, row.text = stopping(adapter, cfg)
         row.generator = make_generator(cfg, encoded.inputs_embeds.device)
+        engine.prepare_programs()  # compiled steps (a lone row takes them): made before anything is timed
         row.state = engine.new_state()  # the twig's caches too, where TTP scores with it
         t0 = time.perf_counter()
         logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=spec is not None)
@@ -152,9 +153,11 @@ class BatchSession:
                 row.solo = self._solo_drafter(row)
             stop = row.eos | row.stop_ids
             assert row.spec_stats is not None
+            t0 = time.perf_counter()
             block, drafted, accepted = speculative_step(
                 row.solo, row.next_token, row.budget, row.cfg, row.generator, row.spec_stats, stop
             )
+            row.solo_tokens, row.solo_s = row.solo_tokens + len(block), row.solo_s + time.perf_counter() - t0
             spec = row.choice.spec
             cap = spec.max_draft_len if row.choice.kind == "chain" and spec.adaptive else None
             row.depth = adapt_depth(row.depth, drafted, accepted, cap)
@@ -249,9 +252,12 @@ class BatchSession:
         achieved goes into the record."""
         before = list(self.active)
         self.active = [r for r in before if r is not row]
-        if row.choice is not None:
+        if row.choice is not None:  # what its twig achieved, and how auto's drafter fared alone (`choice.recording`)
             self.record.acceptance.record(row.ranks)
             row.ranks = []
+            if row.choice.model_rate is not None:
+                self.record.calibration.record(row.choice.kind, row.solo_tokens, row.solo_s, row.choice.model_rate)
+                row.solo_tokens, row.solo_s = 0, 0.0
         if not self.active:  # an empty batch holds nothing: the next one reserves what it needs
             self.slots = self.twig_slots = None
         elif self.slots is not None and len(self.active) < len(before):

@@ -45,6 +45,8 @@ class Row:
     pending: list[torch.Tensor] = field(default_factory=list)  # layer-K states [1, 1, H] its twig has not seen
     ranks: list[int | None] = field(default_factory=list)  # for the twig's acceptance record (`DraftRecord`)
     solo: TwigChainDrafter | TwigTreeDrafter | None = None  # its own drafter while it is alone in the batch
+    solo_tokens: int = 0  # tokens its own drafter's steps produced, and their seconds (auto's calibration)
+    solo_s: float = 0.0
 
     def take(self, token: int) -> None:
         """Add a token under the stopping rules (`loop.take_token`); new text goes to `pieces`."""
