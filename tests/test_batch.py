@@ -196,3 +196,17 @@ def test_a_batch_reserves_what_its_rows_need_and_nothing_once_empty(llava):
     pruned_caps, pruned_rows, pruned = reserved(PRUNES["twig"])
     assert rows == pruned_rows == 4 and len(set(caps)) == 1  # 1 → 2 → 4 rows; unpruned: every layer alike
     assert pruned_caps[-1] < pruned_caps[0] == caps[0] and pruned < full
+
+
+def test_int8_batches_with_drafting_rows_equal_their_solo_runs(llava):
+    requests = [
+        dict(prompt=random_prompt(80 + i, 4 + 2 * i), image=random_image(80 + i), max_new_tokens=6 + 4 * i,
+             ignore_eos=True, speculative=i == 1)
+        for i in range(3)
+    ]  # fmt: skip
+    llava.set_quantize("int8")
+    try:
+        results = llava.generate(requests)
+        assert [r.token_ids for r in results] == [solo(llava, r) for r in requests]
+    finally:
+        llava.set_quantize("none")

@@ -56,7 +56,8 @@ class Slots:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for layer, capacity in zip(layers, self.capacities, strict=True):
-            k, _ = adapter.project_kv(layer, probe, rope)  # [1, H_kv, 1, D]: the cache's shape
+            with torch.no_grad():  # (an int8 layer refuses a call that could be trained)
+                k, _ = adapter.project_kv(layer, probe, rope)  # [1, H_kv, 1, D]: the cache's shape
             shape = (rows, k.shape[1], capacity, k.shape[3])
             self.k.append(k.new_zeros(shape))
             self.v.append(k.new_zeros(shape))
