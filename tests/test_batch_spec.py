@@ -179,3 +179,27 @@ def test_qwen_vl_drafting_rows_with_grids_and_a_video(zoo):
     assert qwen.adapter.position_rows == 3
     for request, result in zip(requests, qwen.generate(requests), strict=True):
         assert result.token_ids == solo(qwen, request)
+
+
+def test_the_step_token_budget_cuts_drafts_and_never_a_rows_token(llava, monkeypatch):
+    """max_step_tokens = 6: three rows draft at most 6 // 3 - 1 = 1 token each, two rows 2, a lone row 5; a budget
+    below the rows still gives every row its token (no drafts); the ids stay the solo ones."""
+    seen: list[tuple[int, int]] = []
+    real = batched.chain_step
+    spy = lambda e, s, t, rows, b: seen.append((len(rows), max(b))) or real(e, s, t, rows, b)  # noqa: E731
+    monkeypatch.setattr(batch_module, "chain_step", spy)
+    for budget, rows in ((6, 3), (2, 3)):
+        requests = requests_for(rows, 100, speculative=SpecConfig(draft="chain", draft_len=4, threshold=0.0))
+        session = batch_module.BatchSession(llava.engine, rows, max_step_tokens=budget)
+        added = []
+        for r in requests:
+            cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
+            added.append(session.add(llava.encode(r["prompt"], r["image"]), cfg, None, r["speculative"]))
+        while session.active:
+            session.step()
+            for row in [x for x in session.active if x.reason is not None]:
+                session.drop(row)
+        assert [batch_module.result(row).token_ids for row in added] == [solo(llava, r) for r in requests]
+        assert all(drafts <= max(0, budget // n - 1) for n, drafts in seen)
+        assert 0 < max(added[-1].spec_stats.drafted_per_step) <= budget - 1  # alone at the end
+        seen.clear()

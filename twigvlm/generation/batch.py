@@ -68,10 +68,14 @@ class BatchSession:
     the next slot (its first token taken), `step` gives every active row its next tokens, `drop` takes a row out
     (finished or cancelled; the rows after it move down a slot). The slots grow when a request needs more room
     (every row's caches move into the larger buffers). `record`: the twig's `DraftRecord` that drafting rows read
-    (auto's costs and acceptance) and add to."""
+    (auto's costs and acceptance) and add to. `max_step_tokens`: the token budget of a step — drafts are cut so
+    that a verification feeds at most this many tokens (a step still gives every row one token)."""
 
-    def __init__(self, engine: Engine, max_rows: int, record: DraftRecord | None = None) -> None:
+    def __init__(
+        self, engine: Engine, max_rows: int, record: DraftRecord | None = None, max_step_tokens: int | None = None
+    ) -> None:
         self.engine, self.max_rows = engine, max_rows
+        self.max_step_tokens = max_step_tokens  # a step's verification feeds at most this many tokens (≥ 1 per row)
         self.record = record if record is not None else DraftRecord()
         self.slots: Slots | None = None
         self.twig_slots: Slots | None = None  # the drafting rows' twig caches (made when the first one joins)
@@ -154,8 +158,9 @@ class BatchSession:
             stop = row.eos | row.stop_ids
             assert row.spec_stats is not None
             t0 = time.perf_counter()
+            budget = min(row.budget, self._draft_cap(1))
             block, drafted, accepted = speculative_step(
-                row.solo, row.next_token, row.budget, row.cfg, row.generator, row.spec_stats, stop
+                row.solo, row.next_token, budget, row.cfg, row.generator, row.spec_stats, stop
             )
             row.solo_tokens, row.solo_s = row.solo_tokens + len(block), row.solo_s + time.perf_counter() - t0
             spec = row.choice.spec
@@ -222,11 +227,12 @@ class BatchSession:
         the cost model's tokens per second for auto's choice (None when it made none)."""
         drafting = [row for row in rows if row.choice is not None]
         auto = [row for row in drafting if row.spec is not None and row.spec.draft != "chain"]
+        cap = self._draft_cap(len(rows))
         if not auto:
-            return [row.budget for row in rows], None
+            return [min(row.budget, cap) for row in rows], None
         assert auto[0].state is not None
         costs = step_costs(self.engine, auto[0].state, self.record)  # measured when the row joined (`_choose`)
-        longest = max(row.choice.spec.max_draft_len for row in drafting)
+        longest = min(cap, max(row.choice.spec.max_draft_len for row in drafting))
         calibration = self.record.calibration
         scale = {kind: calibration.factor(kind) for kind in (PLAIN, CHAIN)}
         self.together_steps += 1
@@ -241,11 +247,16 @@ class BatchSession:
             if row.choice is None:
                 out.append(0)
             elif row.spec is not None and row.spec.draft == "chain":
-                out.append(row.budget)
+                out.append(min(row.budget, cap))
             else:
                 chosen = True
-                out.append(max(0, min(gamma, row.cfg.max_new_tokens - len(row.ids) - 1)))
+                own = min(gamma, row.choice.spec.max_draft_len, row.cfg.max_new_tokens - len(row.ids) - 1)
+                out.append(max(0, own))
         return out, model_rate if chosen else None
+
+    def _draft_cap(self, rows: int) -> int:
+        """The most drafts per row that keep a verification of `rows` rows within the step's token budget."""
+        return 1 << 30 if self.max_step_tokens is None else max(0, self.max_step_tokens // rows - 1)
 
     def drop(self, row: Row) -> None:
         """Take `row` out of the batch; the rows after it move down one slot each. What a drafting row's twig

@@ -77,7 +77,7 @@ def create_app(
         return vlm
 
     loader = load or load_model
-    worker = Worker(loader, cfg.max_queue, metrics, on_load_error, cfg.max_batch)
+    worker = Worker(loader, cfg.max_queue, metrics, on_load_error, cfg.max_batch, cfg.max_step_tokens)
     policy = MediaPolicy(
         cfg.allowed_local_media_path,
         cfg.allowed_media_domains,

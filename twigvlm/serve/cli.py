@@ -44,6 +44,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="requests that share each decode step (continuous batching; drafting requests draft inside the "
         "batch); 1: one request at a time (default: %(default)s)",
     )
+    s.add_argument(
+        "--max-step-tokens",
+        type=positive_int,
+        default=256,
+        help="a batched step's token budget: drafts are cut so that a verification feeds at most this many tokens "
+        "(every request still gets one token a step; default: %(default)s)",
+    )
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--allowed-local-media-path", default=None, metavar="DIR", help="allow file:// images below DIR")
     s.add_argument("--allowed-media-domains", default="", metavar="A,B", help="allow http(s) images from these hosts")
@@ -113,6 +120,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         compile=args.compile,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        max_step_tokens=args.max_step_tokens,
         api_key=args.api_key,
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
         allowed_media_domains=_names(args.allowed_media_domains),

@@ -50,6 +50,7 @@ class ServeConfig:
     compile: str | None = None  # compiled decode steps (`VLM.load`'s compile: None → auto)
     max_queue: int = 32
     max_batch: int = 16  # requests sharing each decode step (1: one at a time)
+    max_step_tokens: int = 256  # a batched step's token budget: drafts are cut to keep a verification within it
     api_key: str | None = None
     allowed_local_media_path: Path | None = None
     allowed_media_domains: tuple[str, ...] = ()
@@ -76,6 +77,8 @@ class ServeConfig:
         """One-line errors for settings that cannot work, before the model loads."""
         if self.max_batch < 1:
             raise TwigVLMError(f"--max-batch {self.max_batch} is invalid: allow at least one request per step")
+        if self.max_step_tokens < 1:
+            raise TwigVLMError(f"--max-step-tokens {self.max_step_tokens} is invalid: allow at least one token a step")
         if self.max_queue < 1:
             raise TwigVLMError(f"--max-queue {self.max_queue} is invalid: allow at least one waiting request")
         if not 0 <= self.port < 65536:

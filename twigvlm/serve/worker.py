@@ -108,9 +108,11 @@ class Worker:
         metrics: Metrics,
         on_load_error: Callable[[str], None] | None = None,
         max_batch: int = 1,
+        max_step_tokens: int | None = None,
     ) -> None:
         self._load, self.max_queue, self.metrics, self._on_load_error = load, max_queue, metrics, on_load_error
-        self.max_batch = max_batch  # > 1: continuous batching of the requests that do not draft
+        self.max_batch = max_batch  # > 1: continuous batching
+        self.max_step_tokens = max_step_tokens  # a batched step's token budget (`BatchSession`)
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by `admit`
         self._lock = threading.Lock()
         self._waiting = 0  # admitted, not started (reading images or queued)
@@ -225,7 +227,7 @@ class Worker:
         assert self.vlm is not None
         engine = self.vlm.engine
         record = self.vlm.draft_record(engine.twig) if engine.twig is not None else None
-        session = BatchSession(engine, self.max_batch, record)
+        session = BatchSession(engine, self.max_batch, record, self.max_step_tokens)
         rows: dict[int, tuple[Row, Job, Generation]] = {}  # id(row) → its row, job and (unrun) generation
         debt = 0.0  # seconds of prefill that rows already decoding waited for, not yet matched by decode steps
         while True:
