@@ -9,10 +9,11 @@ Phase A uses an s below bf16's resolution (every draft accepted, pruned or not: 
 machinery); phase B rescales the base (not the twig) so that the acceptance lands near a target (default 0.7,
 the demo model's measured acceptance). Weight values do not change the cost of any kernel, so every method's
 speed is that of a real LLaVA-1.5-7B; only the acceptance is staged. Phase C times the first token as the
-prompt grows (1, 2, 4 images); phase D puts stock `generate` against its compiled static-cache form and our
-methods with compiled decode steps (`ar compiled`, `ssd compiled`, `twig+ssd compiled`: `--compile on`) at phase
-B's acceptance, last, because compiled graphs were seen to slow the eager methods run after them in the same
-process.
+prompt grows (1, 2, 4 images); phase E runs batches of 1, 4 and 16 requests (stock batched `generate`, our
+batched `ar` and `ssd` with drafting inside the batch: where speculation stops paying as the batch grows);
+phase D puts stock `generate` against its compiled static-cache form and our methods with compiled decode steps
+(`ar compiled`, `ssd compiled`, `twig+ssd compiled`: `--compile on`) at phase B's acceptance, last, because
+compiled graphs were seen to slow the eager methods run after them in the same process.
 
 Methods, batch 1, greedy, a fixed number of new tokens (EOS off), interleaved A B C … A B C … after a warm-up
 round, medians: `hf` (generate, dynamic cache), `hf-static-compiled` (generate with a static cache, which
@@ -377,6 +378,53 @@ def prefill_sweep(bench: Bench, counts: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def batch_sweep(bench: Bench, sizes: list[int], tokens: int, repeats: int) -> list[dict]:
+    """Aggregate decode throughput of B identical requests together, for stock batched `generate`, our batched
+    `ar` and our batched `ssd` (drafting inside the batch, auto's draft length per step), interleaved, medians;
+    with the steps auto ran without drafts (where the batch gained nothing from drafting)."""
+    rows = []
+    for b in sizes:
+        images = [bench.image] * b
+        texts = [bench.vlm.adapter.render(PROMPT, 1)] * b
+        requests = [dict(prompt=PROMPT, image=bench.image, max_new_tokens=tokens, ignore_eos=True)] * b
+        runs: dict[str, list[float]] = {"hf": [], "ar": [], "ssd": []}
+        undrafted: list[int] = []
+        for r in range(repeats + 1):  # the first round warms up this batch size
+            for m in runs:
+                bench.sync()
+                t0 = time.perf_counter()
+                if m == "hf":
+                    batch = bench.processor(images=images, text=texts, return_tensors="pt").to(bench.device)
+                    batch["pixel_values"] = batch["pixel_values"].to(bench.model.dtype)
+                    with torch.inference_mode():
+                        bench.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                else:
+                    spec = SpecConfig(draft="auto") if m == "ssd" else False
+                    results = bench.vlm.generate([dict(q, speculative=spec) for q in requests])
+                    if m == "ssd" and r:
+                        undrafted.append(sum(x.stats.undrafted or 0 for x in results))
+                bench.sync()
+                if r:
+                    runs[m].append(time.perf_counter() - t0)
+        row: dict = dict(batch=b, tokens=tokens)
+        for m, seconds in runs.items():
+            row[f"{m}_tokens_per_s"] = b * tokens / statistics.median(seconds)
+        row["ssd_undrafted_steps"] = statistics.median(undrafted) if undrafted else None
+        rows.append(row)
+    return rows
+
+
+def batch_table(rows: list[dict]) -> str:
+    out = ["| batch | hf tokens/s | ar tokens/s | ssd tokens/s | ssd ÷ ar | ssd's undrafted row-steps |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(
+            f"| {r['batch']} | {r['hf_tokens_per_s']:.0f} | {r['ar_tokens_per_s']:.0f} | {r['ssd_tokens_per_s']:.0f} "
+            f"| {r['ssd_tokens_per_s'] / r['ar_tokens_per_s']:.2f}× | {r['ssd_undrafted_steps']} |"
+        )
+    return "\n".join(out)
+
+
 def prefill_table(rows: list[dict]) -> str:
     out = [
         "| images | M | hf TTFT ms | ar TTFT / LM prefill ms | fastv | twig | twig prefill ÷ ar prefill |",
@@ -453,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration-steps", type=int, default=7, help="bisection steps for phase B's scale")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--images", default="1,2,4", help="phase C's numbers of images in the prompt ('' skips it)")
+    ap.add_argument("--batches", default="1,4,16", help="phase E's batch sizes, at phase B's acceptance ('' skips it)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop adding rounds after this many seconds")
     ap.add_argument("--out", default=None, help="write every number as JSON here")
     args = ap.parse_args(argv)
@@ -521,6 +570,13 @@ def main(argv: list[str] | None = None) -> None:
         result["phase_c"] = prefill_sweep(bench, [int(n) for n in args.images.split(",")], args.repeats + 2)
         save()
         print(prefill_table(result["phase_c"]), flush=True)
+
+    batches = [int(n) for n in args.batches.split(",")] if args.batches else []
+    if batches and time.perf_counter() < deadline:
+        log(f"phase E: batches of {args.batches} requests, our ar and ssd (drafting inside the batch) against hf")
+        result["phase_e"] = batch_sweep(bench, batches, args.tokens, args.repeats)
+        save()
+        print(batch_table(result["phase_e"]), flush=True)
 
     if compiled:  # last: the compiled graphs slow every eager method run after them in the same process
         log("phase D: stock generate against its static-cache compiled form, and our compiled decode steps")
