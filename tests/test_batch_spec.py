@@ -111,6 +111,7 @@ def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava,
     drafted steps together and their own drafter when alone; the twig catches up on every skipped token."""
     monkeypatch.setattr(batch_module, "draft_len", lambda *a: (gamma, 1.0))
     requests = requests_for(3, 80, speculative=SpecConfig(draft="auto", threshold=0.0))
+    requests[-1]["max_new_tokens"] = 30  # long enough past the others for its twig to catch up more than once
     session = batch_module.BatchSession(llava.engine, max_rows=3)
     rows = []
     for r in requests:
@@ -119,6 +120,7 @@ def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava,
     while session.active:
         session.step()
         check_caches(llava, session)
+        assert all(len(r.pending) < batch_module.PENDING_FLUSH for r in session.active)  # the twig catches up
         for row in [r for r in session.active if r.reason is not None]:
             session.drop(row)
     for request, row in zip(requests, rows, strict=True):
@@ -203,3 +205,34 @@ def test_the_step_token_budget_cuts_drafts_and_never_a_rows_token(llava, monkeyp
         assert all(drafts <= max(0, budget // n - 1) for n, drafts in seen)
         assert 0 < max(added[-1].spec_stats.drafted_per_step) <= budget - 1  # alone at the end
         seen.clear()
+
+
+def test_a_lone_wide_tree_fits_and_a_row_that_never_drafts_counts_no_verifications(llava):
+    """A lone tree that may expand top-8 per level has room for 1 + 8·(D − 1) + N entries; a speculative request
+    of 3 tokens (auto does not draft) beside a drafting one reports no verifications."""
+    tree = SpecConfig(draft="tree", tree_topk=8, tree_depth=6, tree_nodes=16, threshold=0.0)
+    wide = dict(prompt=random_prompt(110, 12), image=random_image(110), max_new_tokens=12, ignore_eos=True,
+                speculative=tree)  # fmt: skip
+    short = dict(prompt=random_prompt(111, 9), image=random_image(111), max_new_tokens=3, ignore_eos=True,
+                 speculative=SpecConfig(draft="auto"))  # fmt: skip
+    results = llava.generate([wide, short])
+    assert [r.token_ids for r in results] == [solo(llava, wide), solo(llava, short)]
+    assert results[0].stats.drafter == "tree" and results[0].stats.verifications > 0
+    assert results[1].stats.drafter == "none" and results[1].stats.verifications == 0
+
+
+def test_a_row_that_cannot_be_placed_leaves_the_batch_as_it_was(llava, monkeypatch):
+    session = batch_module.BatchSession(llava.engine, max_rows=3)
+    cfg = twigvlm.GenConfig(max_new_tokens=6, ignore_eos=True)
+    first = session.add(llava.encode(random_prompt(120, 4), random_image(120)), cfg, None)
+    monkeypatch.setattr(session, "_place", lambda: (_ for _ in ()).throw(MemoryError("no room")))
+    with pytest.raises(MemoryError):
+        session.add(llava.encode(random_prompt(121, 4), random_image(121)), cfg, None)
+    assert session.active == [first]
+    monkeypatch.undo()
+    while session.active:
+        session.step()
+        for row in [r for r in session.active if r.reason is not None]:
+            session.drop(row)
+    alone = dict(prompt=random_prompt(120, 4), image=random_image(120), max_new_tokens=6, ignore_eos=True)
+    assert batch_module.result(first).token_ids == solo(llava, alone)

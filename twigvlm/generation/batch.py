@@ -29,11 +29,11 @@ from ..engine import Engine
 from ..errors import require_batch_one
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import DraftRecord, choose_drafter, step_costs
+from ..speculative.choice import DrafterChoice, DraftRecord, choose_drafter, step_costs
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
-from .batch_chain import CHAIN, EXPLORE_EVERY, EXPLORE_S, PLAIN, chain_step, draft_len
+from .batch_chain import CHAIN, EXPLORE_EVERY, EXPLORE_S, PENDING_FLUSH, PLAIN, catch_up, chain_step, draft_len
 from .loop import _prefill, check_window, stopping
 from .row import Row
 from .rows import Slots, row_positions, run_rows
@@ -110,18 +110,27 @@ class BatchSession:
         logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=spec is not None)
         row.take(int(pick_tokens(logits, cfg, row.generator)[0]))
         if spec is not None:
-            self._choose(row)
+            row.spec_stats = SpecStats()
+            if row.reason is None:
+                self._choose(row)
         row.prefill_s = time.perf_counter() - t0
         if row.reason is None:
             self.active.append(row)
-            self._place()
+            try:
+                self._place()
+            except BaseException:  # (out of memory, say): the batch goes on without it, as before it came
+                self.active.pop()
+                raise
         return row
+
+    def reset(self) -> None:
+        """Forget every row and buffer without touching them (after a failed step: nothing in them is trusted)."""
+        self.active, self.slots, self.twig_slots = [], None, None
 
     def _choose(self, row: Row) -> None:
         """A speculative row's drafter as a generation alone would choose it (auto: `choose_drafter`, which
         measures the passes' costs once per record); "none" leaves it a plain row."""
-        assert row.spec is not None and row.state is not None
-        row.spec_stats = SpecStats()
+        assert row.spec is not None and row.state is not None and row.spec_stats is not None
         choice = choose_drafter(self.engine, row.state, row.cfg, row.spec, self.record)
         row.spec_stats.drafter = choice.kind
         if row.spec.draft != "chain":  # the batch's draft length reads the costs: measured now, on the row's own caches
@@ -129,6 +138,8 @@ class BatchSession:
         if choice.kind != "none":
             row.choice = choice
             row.depth = choice.spec.tree_depth if choice.kind == "tree" else choice.spec.draft_len
+        elif row.state.twig_cache is not None:
+            row.state.twig_cache.release()  # it never drafts: no twig caches, no twig slot
 
     def step(self) -> None:
         """New tokens for every active row: one each, or a speculative step's (rows that finish stay until
@@ -196,7 +207,7 @@ class BatchSession:
         """A step of several rows: drafting rows draft chains (of the length the batch's costs favour, for those
         whose drafter is auto's) and one pass verifies all; without drafts, one token per row."""
         assert self.slots is not None
-        budgets, model_rate = self._budgets(rows)
+        budgets, gamma, model_rate = self._budgets(rows)
         before = sum(len(row.ids) for row in rows)
         t0 = time.perf_counter()
         if not any(budgets):
@@ -206,6 +217,9 @@ class BatchSession:
                 if row.spec_stats is not None and row.choice is not None:
                     row.spec_stats.undrafted += 1
             logits = batch_step(self.engine, self.slots, rows)
+            if any(len(row.pending) >= PENDING_FLUSH for row in rows):
+                assert self.twig_slots is not None
+                catch_up(self.engine, self.twig_slots, rows)
             for r, row in enumerate(rows):
                 row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]))
         else:
@@ -217,19 +231,19 @@ class BatchSession:
                 if row.choice is not None and row.choice.kind == "chain" and row.choice.spec.adaptive and budget:
                     row.depth = adapt_depth(row.depth, drafted, accepted, row.choice.spec.max_draft_len)
                 row.take_block(block)
-        if model_rate is not None:  # auto chose: how the choice fared goes into its calibration
+        if model_rate is not None and (kind == CHAIN) == (gamma > 0):  # auto's choice ran: how it fared
             tokens = sum(len(row.ids) for row in rows) - before
             self.record.calibration.record(kind, tokens, time.perf_counter() - t0, model_rate)
 
-    def _budgets(self, rows: list[Row]) -> tuple[list[int], float | None]:
+    def _budgets(self, rows: list[Row]) -> tuple[list[int], int, float | None]:
         """Each row's drafts this step: a chain asked for by name drafts its γ; auto's rows (and trees, which draft
         as chains in a batch) the batch's best draft length for its costs and the twig's acceptance so far. With
-        the cost model's tokens per second for auto's choice (None when it made none)."""
+        auto's γ and the cost model's tokens per second for it (None when auto chose nothing)."""
         drafting = [row for row in rows if row.choice is not None]
         auto = [row for row in drafting if row.spec is not None and row.spec.draft != "chain"]
         cap = self._draft_cap(len(rows))
         if not auto:
-            return [min(row.budget, cap) for row in rows], None
+            return [min(row.budget, cap) for row in rows], 0, None
         assert auto[0].state is not None
         costs = step_costs(self.engine, auto[0].state, self.record)  # measured when the row joined (`_choose`)
         longest = min(cap, max(row.choice.spec.max_draft_len for row in drafting))
@@ -252,7 +266,7 @@ class BatchSession:
                 chosen = True
                 own = min(gamma, row.choice.spec.max_draft_len, row.cfg.max_new_tokens - len(row.ids) - 1)
                 out.append(max(0, own))
-        return out, model_rate if chosen else None
+        return out, gamma, model_rate if chosen else None
 
     def _draft_cap(self, rows: int) -> int:
         """The most drafts per row that keep a verification of `rows` rows within the step's token budget."""
@@ -281,10 +295,9 @@ class BatchSession:
         for what a step writes there: a drafting step pads every row to its longest block (`rows.run_rows`), a lone
         drafter writes its whole tree."""
         rows = self.active
-        drafting = [r.choice.spec for r in rows if r.choice is not None]
-        room = 2 + max((max(s.max_draft_len, s.draft_len, s.tree_nodes) for s in drafting), default=0)
+        room = 2 + max((_writes_past(r.choice) for r in rows if r.choice is not None), default=0)
         for which in ("cache", "twig_cache"):
-            members = [(i, r) for i, r in enumerate(rows) if which == "cache" or r.spec is not None]
+            members = [(i, r) for i, r in enumerate(rows) if which == "cache" or r.choice is not None]
             current = self.slots if which == "cache" else self.twig_slots
             if not members:
                 continue
@@ -309,6 +322,15 @@ class BatchSession:
                 self.slots = current
             else:
                 self.twig_slots = current
+
+
+def _writes_past(choice: DrafterChoice) -> int:
+    """The most entries a drafting row's step writes past its newest token in one layer: a chain's drafts (and a
+    batched step's padding, PENDING_FLUSH of the twig's catching up at most), or every node a lone tree runs
+    through layers 1..K — the expanded ones (top-k a level) as well as the kept ones."""
+    s = choice.spec
+    longest = max(s.max_draft_len, s.draft_len, PENDING_FLUSH)
+    return max(longest, s.tree_topk * (s.tree_depth - 1) + s.tree_nodes) if choice.kind == "tree" else longest
 
 
 def generate_batch(
@@ -340,7 +362,7 @@ def _compact(session: BatchSession, before: list[Row], after: list[Row]) -> None
         if src != dst:
             assert row.state is not None
             session.slots.hold(row.state.cache, dst)
-            if row.spec is not None and session.twig_slots is not None:
+            if row.choice is not None and session.twig_slots is not None:
                 session.twig_slots.hold(row.state.twig_cache, dst)
 
 

@@ -33,6 +33,7 @@ from .row import Row
 from .rows import Slots, row_positions, run_rows
 
 PLAIN, CHAIN = "batch plain", "batch chain"  # the batch's step kinds in a `Calibration`
+PENDING_FLUSH = 8  # a row's twig catches up (`catch_up`) once this many states wait for it
 EXPLORE_EVERY = 8  # every so many steps of several rows, a kind measured for less than EXPLORE_S is tried
 EXPLORE_S = 2.0
 
@@ -131,9 +132,24 @@ def chain_step(
         results.append(([drafts[r][i] for i in range(accepted)] + [nxt], len(drafts[r]), accepted))
     t2 = time.perf_counter()
     for row, (_, n, a) in zip(rows, results, strict=True):
-        if row.spec_stats is not None:
+        if row.spec_stats is not None and row.choice is not None:
             row.spec_stats.add_step(n, a, t1 - t0, t2 - t1)
     return results
+
+
+@torch.inference_mode()
+def catch_up(engine: Engine, twig_slots: Slots, rows: list[Row]) -> None:
+    """The twig on every row's pending layer-K states (their keys and values into its caches; no output needed),
+    so that what waits for the twig — and so the block a step writes into its caches — stays short."""
+    counts = [len(row.pending) for row in rows]
+    q = max(counts)
+    pad = next(row.pending[0] for row in rows if row.pending)
+    block = torch.cat([torch.cat(row.pending + [pad] * (q - len(row.pending)), dim=1) for row in rows])  # [R, q, H]
+    starts = [row.state.next_position - c for row, c in zip(rows, counts, strict=True)]  # pending: the last c fed
+    twig_caches = [row.state.twig_cache for row in rows]
+    run_rows(engine, engine.twig.layers, twig_slots, 0, twig_caches, block, row_positions(engine, starts, q), counts)
+    for row in rows:
+        row.pending = []
 
 
 def _twig_logits(

@@ -32,6 +32,8 @@ class RowsKV:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, q: int) -> None:
         self.k, self.v, self.lengths = keys, values, lengths  # [R, H_kv, cap, D] ×2, [R]
         self.end = int(lengths.max()) + q
+        if self.end > keys.shape[2]:  # checked here: past the buffer, a device would only assert
+            raise RuntimeError(f"a block of {q} after {self.end - q} entries does not fit slots of {keys.shape[2]}")
         self.where = lengths.view(-1, 1) + torch.arange(q, device=lengths.device)  # [R, q] slot of each new entry
         self.rows = torch.arange(keys.shape[0], device=lengths.device).view(-1, 1)  # [R, 1]
 

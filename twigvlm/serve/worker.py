@@ -256,8 +256,8 @@ class Worker:
                     session.step()
                 except Exception as e:  # a bug: the batch's requests fail, the server keeps serving
                     log.exception("a batched step failed")
+                    session.reset()  # nothing in the batch is trusted now (nor touched again)
                     for row, job, _ in list(rows.values()):
-                        session.drop(row)
                         del rows[id(row)]
                         self._fail(job, e)
                         self._end(job)
