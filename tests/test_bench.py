@@ -430,6 +430,7 @@ def test_batch_mode_runs_batched_rows_against_stocks_padded_batch(model_dirs, be
     assert rows["ar ×1"]["same_ids_as_hf"] == rows["ar"]["same_ids_as_hf"]  # batched ar ≡ ar alone, request by request
     assert rows["ssd"]["same_ids_as_hf"] == rows["ar"]["same_ids_as_hf"]  # drafting in a batch is lossless
     assert rows["twig+ssd"]["same_ids_as_hf"] == rows["twig"]["same_ids_as_hf"] == rows["twig+ssd ×1"]["same_ids_as_hf"]
+    assert rows["ar ×1"]["x_ar_one_at_a_time"] == 1.0 and rows["ar"]["x_ar_one_at_a_time"] > 0
     assert "| ar ×1 | 1 |" in capsys.readouterr().out
     bad = [*argv[:-4], "--methods", "hf,hf-early-exit", "--out", str(tmp_path / "c")]
     assert main(bad) == 2

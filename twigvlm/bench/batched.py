@@ -5,7 +5,8 @@ Each task's samples are taken N at a time. Per batch, interleaved after a warm-u
 our batched generation (`VLM.generate` with a list: every decode step shared by the requests still running,
 each with its own pruning), and `ar ×1` the same requests through our engine one after another (batch 1, for the
 batching's own gain). A request's latency is its batch's wall time (each call returns its whole batch).
-Reported per method: requests/s, tokens/s, latency p50/p99, × hf's tokens/s, and how many requests gave hf's ids.
+Reported per method: requests/s, tokens/s, latency p50/p99, × hf's tokens/s, × `ar ×1`'s (the batching's gain over
+one request at a time), and how many requests gave hf's ids.
 The speculative methods (`ssd`, `twig+ssd`) draft inside the batch (`generation/batch_chain.py`): together, every
 row drafts a chain at the length the batch's costs favour (none where drafting does not pay), and a row left alone
 takes its own drafter; `twig+ssd ×1` runs them one after another (batch 1) for speculation's gain without batching.
@@ -96,7 +97,8 @@ def run_batched(
 
 
 def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
-    base = tallies["hf"]
+    base, alone = tallies["hf"], tallies[ONE_AT_A_TIME]
+    alone_rate = alone.tokens / sum(alone.seconds) if alone.seconds else None
     out = {}
     for m, t in tallies.items():
         total = sum(t.seconds)
@@ -109,6 +111,7 @@ def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
             "latency_p50_s": statistics.median(latency),
             "latency_p99_s": latency[min(len(latency) - 1, int(0.99 * len(latency)))],
             "x_hf_tokens_per_s": (t.tokens / total) / (base.tokens / sum(base.seconds)),
+            "x_ar_one_at_a_time": (t.tokens / total) / alone_rate if alone_rate else None,
             "same_ids_as_hf": sum(t.ids[k] == base.ids.get(k) for k in t.ids),
             "requests": t.requests,
         }
@@ -117,14 +120,15 @@ def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| method | batch | requests/s | tokens/s | × hf tokens/s | latency p50 s | latency p99 s | hf's ids |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | batch | requests/s | tokens/s | × hf tokens/s | × ar ×1 | latency p50 s | latency p99 s "
+        "| hf's ids |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():
         lines.append(
             f"| {m} | {r['batch']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-            f"{r['x_hf_tokens_per_s']:.2f}× | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | "
-            f"{r['same_ids_as_hf']}/{r['requests']} |"
+            f"{r['x_hf_tokens_per_s']:.2f}× | {r['x_ar_one_at_a_time']:.2f}× | {r['latency_p50_s']:.2f} | "
+            f"{r['latency_p99_s']:.2f} | {r['same_ids_as_hf']}/{r['requests']} |"
         )
     return "\n".join(lines)
 
