@@ -24,18 +24,30 @@ from ..runtime.cache import KVCache, LayerKV
 from ..runtime.sdpa import grouped_heads_with_masks
 
 
+class Layout:
+    """Where a block of q tokens per row goes in caches of the given lengths, and what each query sees: made once
+    per distinct set of lengths in a pass (unpruned layers share one)."""
+
+    def __init__(self, lengths: Sequence[int], q: int, device: torch.device) -> None:
+        held = torch.tensor(lengths, device=device)  # [R]
+        self.q, self.end = q, max(lengths) + q
+        self.where = held.view(-1, 1) + torch.arange(q, device=device)  # [R, q]: the slot of each new entry
+        self.rows = torch.arange(len(lengths), device=device).view(-1, 1)  # [R, 1]
+        keys = torch.arange(self.end, device=device).view(1, 1, -1)  # [1, 1, end]
+        self.mask = (keys <= self.where.unsqueeze(-1)).unsqueeze(1)  # [R, 1, q, end]: its row's keys up to itself
+
+
 class RowsKV:
     """The cache protocol a stock attention layer calls in `run_rows`: row r's q new keys/values go to positions
     lengths[r] .. lengths[r] + q - 1 of its slot, and attention reads every row's first max(lengths) + q slots (a
     mask hides what is not the row's own)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, q: int) -> None:
-        self.k, self.v, self.lengths = keys, values, lengths  # [R, H_kv, cap, D] ×2, [R]
-        self.end = int(lengths.max()) + q
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, layout: Layout) -> None:
+        self.k, self.v = keys, values  # [R, H_kv, cap, D] ×2
+        self.end, self.where, self.rows = layout.end, layout.where, layout.rows
         if self.end > keys.shape[2]:  # checked here: past the buffer, a device would only assert
+            q = layout.q
             raise RuntimeError(f"a block of {q} after {self.end - q} entries does not fit slots of {keys.shape[2]}")
-        self.where = lengths.view(-1, 1) + torch.arange(q, device=lengths.device)  # [R, q] slot of each new entry
-        self.rows = torch.arange(keys.shape[0], device=lengths.device).view(-1, 1)  # [R, 1]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, cache_kwargs=None
@@ -104,15 +116,16 @@ def run_rows(
     r, q = hidden.shape[:2]
     device = hidden.device
     rope = adapter.rotary(hidden, positions)
-    offsets = torch.arange(q, device=device).view(1, q, 1)  # [1, q, 1]
+    layouts: dict[tuple[int, ...], Layout] = {}
     with grouped_heads_with_masks(device):  # every row's call carries a mask
         for j, layer in enumerate(layers):
             own: list[LayerKV] = [c.layers[first + j] for c in caches]
-            lengths = torch.tensor([c.length for c in own], device=device)  # [R]
-            kv = RowsKV(slots.k[first + j][:r], slots.v[first + j][:r], lengths, q)
-            keys = torch.arange(kv.end, device=device).view(1, 1, -1)  # [1, 1, end]
-            mask = keys <= lengths.view(-1, 1, 1) + offsets  # [R, q, end]: a query sees its row's keys up to itself
-            hidden = adapter.call_layer(layer, hidden, mask.unsqueeze(1), positions, rope, kv)
+            lengths = tuple(c.length for c in own)
+            layout = layouts.get(lengths)
+            if layout is None:
+                layout = layouts[lengths] = Layout(lengths, q, device)
+            kv = RowsKV(slots.k[first + j][:r], slots.v[first + j][:r], layout)
+            hidden = adapter.call_layer(layer, hidden, layout.mask, positions, rope, kv)
             for c, n in zip(own, counts, strict=True):
                 c.length += n
     return hidden
