@@ -344,6 +344,14 @@ def calibrate(
     return best, seen
 
 
+def hf_generate(bench: Bench, images: list, text: str | list[str], tokens: int) -> None:
+    """Stock greedy `generate` of exactly `tokens` new tokens on the processor's inputs (one prompt or a batch)."""
+    batch = bench.processor(images=images, text=text, return_tensors="pt").to(bench.device)
+    batch["pixel_values"] = batch["pixel_values"].to(bench.model.dtype)
+    with torch.inference_mode():
+        bench.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+
 def prefill_sweep(bench: Bench, counts: list[int], repeats: int) -> list[dict]:
     """Time to the first token and the LM prefill with 1, 2, 4 … images (M = 576 each), interleaved, medians."""
     rows = []
@@ -356,10 +364,7 @@ def prefill_sweep(bench: Bench, counts: list[int], repeats: int) -> list[dict]:
                 bench.sync()
                 t0 = time.perf_counter()
                 if m == "hf":
-                    batch = bench.processor(images=images, text=text, return_tensors="pt").to(bench.device)
-                    batch["pixel_values"] = batch["pixel_values"].to(bench.model.dtype)
-                    with torch.inference_mode():
-                        bench.model.generate(**batch, max_new_tokens=1, do_sample=False)
+                    hf_generate(bench, images, text, 1)
                     prefill = None
                 else:
                     prune = None if m == "ar" else PruneConfig(m, keep_ratio=1 / 9)
@@ -394,10 +399,7 @@ def batch_sweep(bench: Bench, sizes: list[int], tokens: int, repeats: int) -> li
                 bench.sync()
                 t0 = time.perf_counter()
                 if m == "hf":
-                    batch = bench.processor(images=images, text=texts, return_tensors="pt").to(bench.device)
-                    batch["pixel_values"] = batch["pixel_values"].to(bench.model.dtype)
-                    with torch.inference_mode():
-                        bench.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                    hf_generate(bench, images, texts, tokens)
                 else:
                     spec = SpecConfig(draft="auto") if m == "ssd" else False
                     results = bench.vlm.generate([dict(q, speculative=spec) for q in requests])

@@ -60,6 +60,22 @@ def test_drafting_rows_equal_their_plain_solo_runs_on_llava(llava, monkeypatch):
     assert results[3].stats.drafter is None
 
 
+def run_session(vlm: twigvlm.VLM, session: batch_module.BatchSession, requests: list[dict], check=None) -> list:
+    """Add every request (no pruning) to `session` and step it to the end, `check(session)` after every step; the
+    rows, in order."""
+    rows = []
+    for r in requests:
+        cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
+        rows.append(session.add(vlm.encode(r["prompt"], r["image"]), cfg, None, r["speculative"]))
+    while session.active:
+        session.step()
+        if check is not None:
+            check(session)
+        for row in [x for x in session.active if x.reason is not None]:
+            session.drop(row)
+    return rows
+
+
 def check_caches(vlm: twigvlm.VLM, session: batch_module.BatchSession) -> None:
     """Every active drafting row's caches ≡ a fresh prefill of its prompt and committed tokens (all but the newest,
     which the next step feeds), its twig lagging by exactly its pending states."""
@@ -113,16 +129,12 @@ def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava,
     requests = requests_for(3, 80, speculative=SpecConfig(draft="auto", threshold=0.0))
     requests[-1]["max_new_tokens"] = 30  # long enough past the others for its twig to catch up more than once
     session = batch_module.BatchSession(llava.engine, max_rows=3)
-    rows = []
-    for r in requests:
-        cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
-        rows.append(session.add(llava.encode(r["prompt"], r["image"]), cfg, None, r["speculative"]))
-    while session.active:
-        session.step()
+
+    def check(session: batch_module.BatchSession) -> None:
         check_caches(llava, session)
         assert all(len(r.pending) < batch_module.PENDING_FLUSH for r in session.active)  # the twig catches up
-        for row in [r for r in session.active if r.reason is not None]:
-            session.drop(row)
+
+    rows = run_session(llava, session, requests, check)
     for request, row in zip(requests, rows, strict=True):
         result = batch_module.result(row)
         assert result.token_ids == solo(llava, request)
@@ -192,15 +204,7 @@ def test_the_step_token_budget_cuts_drafts_and_never_a_rows_token(llava, monkeyp
     monkeypatch.setattr(batch_module, "chain_step", spy)
     for budget, rows in ((6, 3), (2, 3)):
         requests = requests_for(rows, 100, speculative=SpecConfig(draft="chain", draft_len=4, threshold=0.0))
-        session = batch_module.BatchSession(llava.engine, rows, max_step_tokens=budget)
-        added = []
-        for r in requests:
-            cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
-            added.append(session.add(llava.encode(r["prompt"], r["image"]), cfg, None, r["speculative"]))
-        while session.active:
-            session.step()
-            for row in [x for x in session.active if x.reason is not None]:
-                session.drop(row)
+        added = run_session(llava, batch_module.BatchSession(llava.engine, rows, max_step_tokens=budget), requests)
         assert [batch_module.result(row).token_ids for row in added] == [solo(llava, r) for r in requests]
         assert all(drafts <= max(0, budget // n - 1) for n, drafts in seen)
         assert 0 < max(added[-1].spec_stats.drafted_per_step) <= budget - 1  # alone at the end
