@@ -139,22 +139,33 @@ def test_speculative_and_plain_requests_share_a_batch_and_bad_requests_are_one_l
         llava.generate([dict(prompt="hi", prune=PruneConfig("twig", keep=-1))])
 
 
-def test_batches_with_compiled_steps_on(llava):
-    """With compiled steps on, a batch's rows still give their solo runs' ids (a lone row takes the compiled
-    one-token program; several rows the batched eager step)."""
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_batches_with_compiled_steps_on(llava, zoo, family):
+    """With compiled steps on, a batch's rows still give their solo runs' ids — pruned, drafting and plain rows,
+    1-D and M-RoPE positions: several rows take the compiled batched program (row count and lengths dynamic: no
+    program is made after the batch formed, as rows leave and caches grow), a lone row the one-token program."""
+    vlm = llava if family == "llava" else middle_twig(zoo(family))
     requests = [
-        dict(prompt=random_prompt(30 + i, 4 + 2 * i), image=random_image(30 + i), max_new_tokens=6 + 5 * i,
-             ignore_eos=True)
-        for i in range(3)
+        dict(prompt=random_prompt(30 + i, 4 + 2 * i), image=random_image(30 + i, (56, 56)), max_new_tokens=6 + 5 * i,
+             ignore_eos=True, prune=PruneConfig("twig", keep=6) if i == 1 else None, speculative=i == 2)
+        for i in range(4)
     ]  # fmt: skip
-    llava.set_compile("on")
+    vlm.set_compile("on")
     try:
-        calls = llava.engine.programs.stats.calls
-        results = llava.generate(requests)
-        assert [r.token_ids for r in results] == [solo(llava, r) for r in requests]
-        assert llava.engine.programs.stats.calls > calls
+        programs = vlm.engine.programs
+        batched: list[int] = []
+        real = programs.run_rows_layer
+        programs.run_rows_layer = lambda layer, hidden, *a: batched.append(len(hidden)) or real(layer, hidden, *a)
+        vlm.generate(requests[:2])  # the batch's programs are made when it forms
+        made, calls, eager = programs.stats.programs, programs.stats.calls, programs.stats.eager_calls
+        results = vlm.generate(requests)
+        assert [r.token_ids for r in results] == [solo(vlm, r) for r in requests]
+        assert programs.stats.calls > calls and programs.stats.eager_calls == eager and not programs.stats.failures
+        assert programs.stats.programs == made  # 4, 3, 2 rows and growing caches: one batched program
+        assert {4, 3, 2} <= set(batched)
     finally:
-        llava.set_compile("off")
+        del programs.run_rows_layer
+        vlm.set_compile("off")
 
 
 def test_kv_bytes_count_the_tokens_each_layer_holds(llava):

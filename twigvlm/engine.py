@@ -111,10 +111,14 @@ class Engine:
         """An engine on the same adapter and twig whose decode-time layer calls run `programs` (None: eagerly)."""
         return self if programs is self.programs else Engine(self.adapter, self._twig, programs)
 
-    def prepare_programs(self) -> None:
-        """With compiled steps: compile, now, what this engine's layers (base and twig) have none of yet."""
+    def prepare_programs(self, rows: bool = False) -> None:
+        """With compiled steps: compile, now, what this engine's layers (base and twig) have none of yet; `rows`:
+        the batched one-token program too (for a batch of several requests)."""
         if self.programs is not None:
-            self.programs.prepare([*self.adapter.layers, *(self.twig.layers if self.twig is not None else ())])
+            layers = [*self.adapter.layers, *(self.twig.layers if self.twig is not None else ())]
+            self.programs.prepare(layers)
+            if rows:
+                self.programs.prepare_rows(layers)
 
     # ---- state ----------------------------------------------------------------------------------------------
     def new_state(self) -> DecodeState:

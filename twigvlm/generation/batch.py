@@ -104,7 +104,7 @@ class BatchSession:
         row = Row(encoded, cfg, prune, spec)
         row.eos, row.stop_ids, row.text = stopping(adapter, cfg)
         row.generator = make_generator(cfg, encoded.inputs_embeds.device)
-        engine.prepare_programs()  # compiled steps (a lone row takes them): made before anything is timed
+        engine.prepare_programs(rows=self.max_rows > 1)  # compiled steps: made before anything is timed
         row.state = engine.new_state()  # the twig's caches too, where TTP scores with it
         t0 = time.perf_counter()
         logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=spec is not None)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..engine import Engine
 from ..runtime.cache import KVCache, LayerKV
+from ..runtime.compiled import RowsWindowKV
 from ..runtime.sdpa import grouped_heads_with_masks
 
 
@@ -36,25 +37,19 @@ class Layout:
         keys = torch.arange(self.end, device=device).view(1, 1, -1)  # [1, 1, end]
         self.mask = (keys <= self.where.unsqueeze(-1)).unsqueeze(1)  # [R, 1, q, end]: its row's keys up to itself
 
+    @property
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(where, rows): the indices a cache write takes (`RowsWindowKV`)."""
+        return self.where, self.rows
 
-class RowsKV:
-    """The cache protocol a stock attention layer calls in `run_rows`: row r's q new keys/values go to positions
-    lengths[r] .. lengths[r] + q - 1 of its slot, and attention reads every row's first max(lengths) + q slots (a
-    mask hides what is not the row's own)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, layout: Layout) -> None:
-        self.k, self.v = keys, values  # [R, H_kv, cap, D] ×2
-        self.end, self.where, self.rows = layout.end, layout.where, layout.rows
-        if self.end > keys.shape[2]:  # checked here: past the buffer, a device would only assert
-            q = layout.q
-            raise RuntimeError(f"a block of {q} after {self.end - q} entries does not fit slots of {keys.shape[2]}")
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, cache_kwargs=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[self.rows, :, self.where] = key_states.transpose(1, 2)  # [R, q, H_kv, D] into each row's next slots
-        self.v[self.rows, :, self.where] = value_states.transpose(1, 2)
-        return self.k[:, :, : self.end], self.v[:, :, : self.end]
+def windows(slots: Slots, i: int, rows: int, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's keys and values for the first `rows` slots up to the layout's end: views [R, H_kv, end, D] (the
+    cache protocol, `RowsWindowKV`, writes each row's new entries into them and attention reads them whole)."""
+    if layout.end > slots.capacities[i]:  # checked here: past the buffer, a device would only assert
+        q = layout.q
+        raise RuntimeError(f"a block of {q} after {layout.end - q} entries does not fit slots of {slots.capacities[i]}")
+    return slots.k[i][:rows, :, : layout.end], slots.v[i][:rows, :, : layout.end]
 
 
 class Slots:
@@ -116,6 +111,7 @@ def run_rows(
     r, q = hidden.shape[:2]
     device = hidden.device
     rope = adapter.rotary(hidden, positions)
+    programs = engine.programs if q == 1 else None  # one token per row: the compiled batched program
     layouts: dict[tuple[int, ...], Layout] = {}
     with grouped_heads_with_masks(device):  # every row's call carries a mask
         for j, layer in enumerate(layers):
@@ -124,8 +120,13 @@ def run_rows(
             layout = layouts.get(lengths)
             if layout is None:
                 layout = layouts[lengths] = Layout(lengths, q, device)
-            kv = RowsKV(slots.k[first + j][:r], slots.v[first + j][:r], layout)
-            hidden = adapter.call_layer(layer, hidden, layout.mask, positions, rope, kv)
+            kv = windows(slots, first + j, r, layout)
+            out = None
+            if programs is not None:
+                out = programs.run_rows_layer(layer, hidden, layout.mask, positions, rope, kv, *layout.slots)
+            if out is None:
+                out = adapter.call_layer(layer, hidden, layout.mask, positions, rope, RowsWindowKV(*kv, *layout.slots))
+            hidden = out
             for c, n in zip(own, counts, strict=True):
                 c.length += n
     return hidden

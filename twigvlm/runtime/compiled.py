@@ -61,6 +61,7 @@ class NATIVE:
 
 
 BLOCK_ROWS = 4  # a program for blocks of dynamic size takes the layouts measured for this many rows
+ROWS_NATIVE = 8  # the batched program (rows of dynamic count) takes the layouts measured for this many rows
 
 
 class _Classes:
@@ -124,6 +125,22 @@ class WindowKV:
         q = key_states.shape[2]
         self.k[:, :, -q:].copy_(key_states)
         self.v[:, :, -q:].copy_(value_states)
+        return self.k, self.v
+
+
+class RowsWindowKV:
+    """The cache protocol a stock attention layer calls in a batched step (`generation/rows.py`), over one layer's
+    windows [R, H_kv, end, D] of the batch's slots: row r's new keys/values go to its slots where[r], and the
+    whole window is what attention reads (a mask hides what is not the row's own)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, where: torch.Tensor, rows: torch.Tensor) -> None:
+        self.k, self.v, self.where, self.rows = keys, values, where, rows  # where [R, q], rows [R, 1]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, cache_kwargs=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[self.rows, :, self.where] = key_states.transpose(1, 2)  # [R, q, H_kv, D] into each row's slots
+        self.v[self.rows, :, self.where] = value_states.transpose(1, 2)
         return self.k, self.v
 
 
@@ -227,6 +244,67 @@ class StepPrograms:
         self.stats.calls += 1
         return out
 
+    def run_rows_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        windows: tuple[torch.Tensor, torch.Tensor],
+        where: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """One layer on one token for each of R rows of a batch (hidden [R, 1, H]; `windows` the layer's keys and
+        values [R, H_kv, end, D], each row's new entry going to where[r]), compiled: → [R, 1, H]; None where the
+        program failed to compile (the caller runs the layer eagerly). The row count and the windows' end are
+        dynamic: one program serves every batch size and length."""
+        self._check_classes()
+        key = self._rows_key(layer, hidden, position_ids)
+        program = self._programs.get(key)
+        if program is None and key not in self._failed:
+            example = _rows_examples(hidden, mask, position_ids, rope, windows[0])
+            program = self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE)
+        if program is None:
+            self.stats.eager_calls += 1
+            return None
+        self.stats.calls += 1
+        return program(layer, hidden, mask, position_ids, rope[0], rope[1], *windows, where, rows)
+
+    @torch.inference_mode()
+    def prepare_rows(self, layers: Sequence[nn.Module]) -> None:
+        """Compile, now, the batched one-token program for each structure among `layers` that has none yet (a batch
+        calls this when it forms, so no program is compiled inside its steps)."""
+        self._check_classes()
+        adapter = self.adapter
+        for layer in layers:
+            param = next(layer.parameters())
+            hidden = torch.zeros((2, 1, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)
+            position_ids = torch.cat([adapter.text_positions(_EXAMPLE_K, 1)] * 2, dim=-2)  # [(3,) 2, 1]
+            key = self._rows_key(layer, hidden, position_ids)
+            if key in self._programs or key in self._failed:
+                continue
+            rope = adapter.rotary(hidden, position_ids)
+            keys, _ = adapter.project_kv(layer, hidden, rope)  # [2, H_kv, 1, D]: the cache's kind
+            mask = torch.ones((2, 1, 1, 1), dtype=torch.bool, device=param.device)
+            t0 = time.perf_counter()
+            example = _rows_examples(hidden, mask, position_ids, rope, keys)
+            self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE)
+            log.info("compiled the batched decode-step program in %.1f s", time.perf_counter() - t0)
+
+    def _rows_key(self, layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+        """Which batched program a call runs: the layer's structure, H, the dtype, the device and the position rows
+        (not the row count, which is dynamic)."""
+        return (self._layer_key(layer), "rows", hidden.shape[2], hidden.dtype, hidden.device, position_ids.dim())
+
+    def _rows_fn(self) -> Callable[..., torch.Tensor]:
+        call_layer = self._call_layer
+
+        def rows_call(layer, hidden, mask, position_ids, cos, sin, keys, values, where, rows):  # noqa: ANN001, ANN202
+            return call_layer(layer, hidden, mask, position_ids, (cos, sin), RowsWindowKV(keys, values, where, rows))
+
+        return rows_call
+
     def _program_key(
         self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor
     ) -> tuple:
@@ -268,14 +346,18 @@ class StepPrograms:
         keys: torch.Tensor,
         values: torch.Tensor,
     ) -> Any:
-        t0 = time.perf_counter()
         block = hidden.shape[1] > 1
         example = _examples(hidden, mask, position_ids, rope, keys, values, block)
-        NATIVE.rows = BLOCK_ROWS if block else 1
+        return self._aot(key, self._program_fn(), (layer, *example), BLOCK_ROWS if block else 1)
+
+    def _aot(self, key: tuple, fn: Callable[..., torch.Tensor], args: tuple, rows: int) -> Any:
+        """Compile `fn` ahead of time on the example `args` (their dynamic dimensions marked), its products traced
+        with the layouts measured for `rows` rows; None (and the key remembered) when that fails."""
+        t0 = time.perf_counter()
+        NATIVE.rows = rows
         try:
-            with _tracing_config(hidden.device), torch.no_grad():
-                fn = torch.compile(self._program_fn(), fullgraph=True)
-                program = fn.aot_compile(((layer, *example), {}))
+            with _tracing_config(args[1].device), torch.no_grad():
+                program = torch.compile(fn, fullgraph=True).aot_compile((args, {}))
             program.disable_guard_check()
         except Exception as exc:  # noqa: BLE001 - any compiler failure leaves this kind of call eager
             self._failed.add(key)
@@ -334,6 +416,40 @@ def _examples(
         if block:
             torch._dynamo.mark_dynamic(m, 2)
     return h, m, pos, cos, sin, window(keys), window(values)
+
+
+def _rows_examples(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor,
+) -> tuple:
+    """Stand-in inputs for the batched one-token program, the row count and the windows' end marked dynamic:
+    _EXAMPLE_Q rows, windows of _EXAMPLE_K keys inside buffers with more rows and entries."""
+    r, k = _EXAMPLE_Q, _EXAMPLE_K
+    pos_row = position_ids.dim() - 2
+
+    def like(t: torch.Tensor, sizes: dict[int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
+        shape = [sizes.get(d, s) for d, s in enumerate(t.shape)]
+        return torch.zeros(shape, dtype=dtype or t.dtype, device=t.device)
+
+    def window() -> torch.Tensor:
+        buf = like(keys, {0: r + 2, 2: k + _EXAMPLE_SLACK})
+        view = buf[:r, :, :k]
+        for d in (0, 2):
+            torch._dynamo.mark_dynamic(view, d)
+        return view
+
+    h, m = like(hidden, {0: r}), like(mask, {0: r, 3: k})
+    pos = like(position_ids, {pos_row: r})
+    cos, sin = (like(t, {0: r}) for t in rope)
+    where = torch.arange(r, device=hidden.device).view(r, 1) + (k - r)  # [R, 1]
+    rows = torch.arange(r, device=hidden.device).view(r, 1)  # [R, 1]
+    for t, dims in ((h, (0,)), (m, (0, 3)), (pos, (pos_row,)), (cos, (0,)), (sin, (0,)), (where, (0,)), (rows, (0,))):
+        for d in dims:
+            torch._dynamo.mark_dynamic(t, d)
+    return h, m, pos, cos, sin, window(), window(), where, rows
 
 
 @contextlib.contextmanager
