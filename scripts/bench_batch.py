@@ -35,13 +35,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", default="off", choices=["auto", "on", "off"])
+    ap.add_argument("--quantize", default="none", choices=["none", "int8"])
     ap.add_argument("--speculative", action="store_true", help="every request drafts (auto)")
     ap.add_argument("--sweep", action="store_true", help="decode steps at forced draft lengths per batch size")
     ap.add_argument("--gammas", default="0,1,2,3,4", help="the draft lengths --sweep forces")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    vlm = VLM.load("demo", twig="demo", compile=args.compile)
+    vlm = VLM.load("demo", twig="demo", compile=args.compile, quantize=args.quantize)
     requests = [
         dict(prompt=DESCRIBE, image=make_scene(scene_seed("test", i)).render(IMAGE_SIZE), max_new_tokens=args.tokens,
              ignore_eos=True, speculative=args.speculative or args.sweep)
@@ -52,7 +53,7 @@ def main() -> None:
         return
     vlm.generate(requests[:2])  # warm-up: both paths
     vlm.generate(DESCRIBE, image=requests[0]["image"], max_new_tokens=4)
-    print(f"CPU flags: {speed_flags()}; threads {args.threads}; compile {args.compile}")
+    print(f"CPU flags: {speed_flags()}; threads {args.threads}; compile {args.compile}; weights {args.quantize}")
     for n in sizes:
         t = time.perf_counter()
         alone = [vlm.generate(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}) for r in requests[:n]]
