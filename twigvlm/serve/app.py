@@ -74,6 +74,7 @@ def create_app(
             compile=cfg.compile,
         )
         vlm.warm_up()  # before /health says ready: the first request does not pay auto's cost probe
+        vlm.engine.prepare_programs(rows=cfg.max_batch > 1)  # nor a batch's first step its compiled program
         return vlm
 
     loader = load or load_model
