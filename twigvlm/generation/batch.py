@@ -29,7 +29,7 @@ from ..engine import Engine
 from ..errors import require_batch_one
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import DrafterChoice, DraftRecord, choose_drafter, step_costs
+from ..speculative.choice import DrafterChoice, DraftRecord, choose_drafter, draft_depth, make_drafter, step_costs
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
@@ -137,7 +137,7 @@ class BatchSession:
             step_costs(self.engine, row.state, self.record)
         if choice.kind != "none":
             row.choice = choice
-            row.depth = choice.spec.tree_depth if choice.kind == "tree" else choice.spec.draft_len
+            row.depth, row.cap = draft_depth(choice)
         elif row.state.twig_cache is not None:
             row.state.twig_cache.release()  # it never drafts: no twig caches, no twig slot
 
@@ -174,9 +174,7 @@ class BatchSession:
                 row.solo, row.next_token, budget, row.cfg, row.generator, row.spec_stats, stop
             )
             row.solo_tokens, row.solo_s = row.solo_tokens + len(block), row.solo_s + time.perf_counter() - t0
-            spec = row.choice.spec
-            cap = spec.max_draft_len if row.choice.kind == "chain" and spec.adaptive else None
-            row.depth = adapt_depth(row.depth, drafted, accepted, cap)
+            row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
             row.take_block(block)
             return
         with torch.inference_mode():
@@ -185,15 +183,10 @@ class BatchSession:
         row.take(int(pick_tokens(logits, row.cfg, row.generator)[0]))
 
     def _solo_drafter(self, row: Row) -> TwigChainDrafter | TwigTreeDrafter:
-        """The row's own drafter (as `loop._speculative_blocks` makes it), taking over its twig's pending states
-        and adding to its ranks."""
+        """The row's own drafter (`choice.make_drafter`, as a generation alone makes it), taking over its twig's
+        pending states and adding to its ranks."""
         assert row.choice is not None and row.state is not None
-        s = row.choice.spec
-        drafter: TwigChainDrafter | TwigTreeDrafter
-        if row.choice.kind == "tree":
-            drafter = TwigTreeDrafter(self.engine, row.state, row.cfg, s.tree_topk, s.tree_nodes)
-        else:
-            drafter = TwigChainDrafter(self.engine, row.state, row.cfg, row.generator, s.threshold)
+        drafter = make_drafter(self.engine, row.state, row.cfg, row.generator, row.choice)
         drafter._pending, drafter.ranks = row.pending, row.ranks
         return drafter
 
@@ -227,9 +220,8 @@ class BatchSession:
             self.drafted_steps += 1
             assert self.twig_slots is not None
             steps = chain_step(self.engine, self.slots, self.twig_slots, rows, budgets)
-            for row, budget, (block, drafted, accepted) in zip(rows, budgets, steps, strict=True):
-                if row.choice is not None and row.choice.kind == "chain" and row.choice.spec.adaptive and budget:
-                    row.depth = adapt_depth(row.depth, drafted, accepted, row.choice.spec.max_draft_len)
+            for row, (block, drafted, accepted) in zip(rows, steps, strict=True):
+                row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
                 row.take_block(block)
         if model_rate is not None and (kind == CHAIN) == (gamma > 0):  # auto's choice ran: how it fared
             tokens = sum(len(row.ids) for row in rows) - before
@@ -264,8 +256,7 @@ class BatchSession:
                 out.append(min(row.budget, cap))
             else:
                 chosen = True
-                own = min(gamma, row.choice.spec.max_draft_len, row.cfg.max_new_tokens - len(row.ids) - 1)
-                out.append(max(0, own))
+                out.append(min(gamma, row.choice.spec.max_draft_len, row.left))
         return out, gamma, model_rate if chosen else None
 
     def _draft_cap(self, rows: int) -> int:

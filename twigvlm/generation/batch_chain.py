@@ -7,7 +7,7 @@ drafting), and the drafts go through layers 1..K. A row stops drafting at its ow
 threshold τ, or at a stop token; rows that do not draft (not speculative, or no budget left) take part in level 0
 only. One pass over layers K+1..L then verifies every row's [newest token, drafts] — a ragged block, padded at
 the end of shorter rows (`rows.run_rows`) — and each row accepts its own prefix (`loop.accept`, the solo rule,
-greedy or sampled) and rolls its caches back on its own, exactly as `TwigChainDrafter.commit` does alone.
+greedy or sampled) and rolls its caches back on its own (`chain.commit_chain`, as a chain drafter does alone).
 
 `draft_len` is the batch's choice (Sequoia's criterion, as `choice.best_drafter` for one row): a verification
 of R rows × (γ + 1) tokens costs more as R grows, and drafting stops paying where the products stop being bound by
@@ -27,6 +27,7 @@ import torch
 
 from ..engine import Engine
 from ..runtime.sampling import pick_tokens, probs_from_logits
+from ..speculative.chain import commit_chain
 from ..speculative.choice import Costs
 from ..speculative.loop import TreeDraft, accept
 from .row import Row
@@ -78,7 +79,6 @@ def chain_step(
     K, adapter = engine.twig.config.K, engine.adapter
     states = [row.state for row in rows]
     caches = [s.cache for s in states]
-    twig_caches = [s.twig_cache for s in states]
     device = caches[0][0].keys().device
     starts = [s.next_position for s in states]
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def chain_step(
     fed = [0] * len(rows)  # tokens of this step (the newest, then drafts) that went through the twig
     drafting = [b > 0 for b in budgets]
     while any(drafting):
-        logits = _twig_logits(engine, twig_slots, twig_caches, rows, hs, fed, drafting)
+        logits = _twig_logits(engine, twig_slots, rows, hs, fed, drafting)
         picked = [0] * len(rows)
         for r, row in enumerate(rows):
             if not drafting[r]:
@@ -113,9 +113,9 @@ def chain_step(
                 hs[r].append(new[r : r + 1])
     t1 = time.perf_counter()
     counts = [len(h) for h in hs]
-    q = max(counts)
-    block = torch.cat([torch.cat(h + [h[-1]] * (q - len(h)), dim=1) for h in hs], dim=0)  # [R, q, H], padded
-    out = run_rows(engine, adapter.layers[K:], slots, K, caches, block, row_positions(engine, starts, q), counts)
+    block = _padded(hs, hs[0][0])  # [R, q, H]
+    positions = row_positions(engine, starts, block.shape[1])
+    out = run_rows(engine, adapter.layers[K:], slots, K, caches, block, positions, counts)
     wanted = torch.cat([out[r, : counts[r]] for r in range(len(rows))], dim=0).unsqueeze(0)  # [1, Σ counts, H]
     target = engine.logits(wanted)[0].split(counts)  # per row [counts[r], V]
     results = []
@@ -128,7 +128,7 @@ def chain_step(
         draft = TreeDraft.chain(row.next_token, drafts[r], sampled)
         path, nxt = accept(draft, target[r], row.cfg, row.generator)
         accepted = len(path) - 1
-        _commit(row, hs[r], fed[r], accepted, starts[r])
+        commit_chain(row.state, hs[r], fed[r], accepted, starts[r], row.pending, row.ranks)
         results.append(([drafts[r][i] for i in range(accepted)] + [nxt], len(drafts[r]), accepted))
     t2 = time.perf_counter()
     for row, (_, n, a) in zip(rows, results, strict=True):
@@ -141,13 +141,7 @@ def chain_step(
 def catch_up(engine: Engine, twig_slots: Slots, rows: list[Row]) -> None:
     """The twig on every row's pending layer-K states (their keys and values into its caches; no output needed),
     so that what waits for the twig — and so the block a step writes into its caches — stays short."""
-    counts = [len(row.pending) for row in rows]
-    q = max(counts)
-    pad = next(row.pending[0] for row in rows if row.pending)
-    block = torch.cat([torch.cat(row.pending + [pad] * (q - len(row.pending)), dim=1) for row in rows])  # [R, q, H]
-    starts = [row.state.next_position - c for row, c in zip(rows, counts, strict=True)]  # pending: the last c fed
-    twig_caches = [row.state.twig_cache for row in rows]
-    run_rows(engine, engine.twig.layers, twig_slots, 0, twig_caches, block, row_positions(engine, starts, q), counts)
+    _run_twig(engine, twig_slots, rows, [row.pending for row in rows])
     for row in rows:
         row.pending = []
 
@@ -155,7 +149,6 @@ def catch_up(engine: Engine, twig_slots: Slots, rows: list[Row]) -> None:
 def _twig_logits(
     engine: Engine,
     twig_slots: Slots,
-    twig_caches: list,
     rows: list[Row],
     hs: list[list[torch.Tensor]],
     fed: list[int],
@@ -171,18 +164,29 @@ def _twig_logits(
             row.pending = []
         else:
             blocks.append([])
-    counts = [len(b) for b in blocks]
-    q = max(counts)
-    pad = hs[0][0]
-    block = torch.cat([torch.cat(b + [pad] * (q - len(b)), dim=1) for b in blocks], dim=0)  # [R, q, H]
-    ends = [row.state.next_position for row in rows]  # one past each row's newest state
-    positions = row_positions(engine, [e - max(c, 1) for e, c in zip(ends, counts, strict=True)], q)
-    out = run_rows(engine, engine.twig.layers, twig_slots, 0, twig_caches, block, positions, counts)
-    last = [max(c, 1) - 1 for c in counts]
+    out = _run_twig(engine, twig_slots, rows, blocks)
+    last = [max(len(b), 1) - 1 for b in blocks]
     head_rows = next(row.state.draft_head for row in rows)  # one twig: the same draft vocabulary for every row
     picked = torch.cat([out[r, last[r] : last[r] + 1] for r in range(len(rows))], dim=0).unsqueeze(0)  # [1, R, H]
     logits = engine.twig_logits(picked, draft=head_rows is not None, rows=head_rows)[0]  # [R, V]
     return [logits[r] if drafting[r] else None for r in range(len(rows))]
+
+
+def _run_twig(engine: Engine, twig_slots: Slots, rows: list[Row], blocks: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The twig layers on each row's block of layer-K states [1, 1, H] — the last ones it was fed, ending at its
+    newest — into its twig caches: the output [R, q, H] (rows with no block feed padding)."""
+    counts = [len(b) for b in blocks]
+    block = _padded(blocks, next(b[0] for b in blocks if b))  # [R, q, H]
+    starts = [row.state.next_position - c for row, c in zip(rows, counts, strict=True)]
+    positions = row_positions(engine, starts, block.shape[1])
+    twig_caches = [row.state.twig_cache for row in rows]
+    return run_rows(engine, engine.twig.layers, twig_slots, 0, twig_caches, block, positions, counts)
+
+
+def _padded(blocks: list[list[torch.Tensor]], pad: torch.Tensor) -> torch.Tensor:
+    """Each row's states [1, 1, H] in a row of one block [R, q, H], shorter rows padded at the end with `pad`."""
+    q = max(len(b) for b in blocks)
+    return torch.cat([torch.cat(b + [pad] * (q - len(b)), dim=1) for b in blocks], dim=0)
 
 
 def _draft_token(logits: torch.Tensor, row: Row, probs: list[torch.Tensor]) -> tuple[int, float]:
@@ -196,20 +200,3 @@ def _draft_token(logits: torch.Tensor, row: Row, probs: list[torch.Tensor]) -> t
         return token, float(q[token])
     token = int(logits.argmax())
     return token, float(logits.float().softmax(-1)[token]) if threshold > 0 else 1.0
-
-
-def _commit(row: Row, hs: list[torch.Tensor], fed: int, accepted: int, start: int) -> None:
-    """Keep the newest token and the first `accepted` drafts in the row's caches (`TwigChainDrafter.commit`): hs
-    are the layer-K states of [newest, drafts…], `fed` of them went through the twig this step."""
-    state = row.state
-    surplus = len(hs) - 1 - accepted  # rejected drafts, in every base layer
-    for kv in state.cache.layers:
-        kv.crop(kv.length - surplus)
-    keep = accepted + 1
-    if fed >= keep:
-        for kv in state.twig_cache.layers:
-            kv.crop(kv.length - (fed - keep))
-    else:
-        row.pending += hs[fed:keep]
-    row.ranks += [0] * accepted + ([None] if accepted < len(hs) - 1 else [])
-    state.next_position = start + keep

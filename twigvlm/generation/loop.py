@@ -22,11 +22,9 @@ from ..pruning.prefill import PruneStats, pruned_prefill
 from ..runtime.interrupt import Interrupted, interruptible
 from ..runtime.quant import prefill_products
 from ..runtime.sampling import make_generator, pick_tokens
-from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import DraftRecord, choose_drafter, recording
+from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, recording
 from ..speculative.loop import speculative_blocks
 from ..speculative.stats import SpecStats
-from ..speculative.tree import TwigTreeDrafter
 from .stats import GenerationResult, generation_stats
 from .stream import TextStream
 
@@ -148,14 +146,8 @@ def _speculative_blocks(
     stats.drafter = choice.kind
     if choice.kind == "none":
         return _ar_blocks(engine, state, first, cfg, generator)
-    s = choice.spec
-    drafter: TwigChainDrafter | TwigTreeDrafter
-    if choice.kind == "tree":
-        drafter = TwigTreeDrafter(engine, state, cfg, s.tree_topk, s.tree_nodes)
-        depth, adapt = s.tree_depth, None
-    else:
-        drafter = TwigChainDrafter(engine, state, cfg, generator, s.threshold)
-        depth, adapt = s.draft_len, (s.max_draft_len if s.adaptive else None)
+    drafter = make_drafter(engine, state, cfg, generator, choice)
+    depth, adapt = draft_depth(choice)
     blocks = speculative_blocks(drafter, first, cfg, generator, stats, stop_ids, depth, adapt)
     return recording(blocks, record, lambda: drafter.ranks, choice, stats)
 

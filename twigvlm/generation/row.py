@@ -42,6 +42,7 @@ class Row:
     choice: DrafterChoice | None = None  # its drafter (speculative rows that draft), else None
     spec_stats: SpecStats | None = None
     depth: int = 0  # the draft depth it asks for (a chain's γ, adaptive where asked; a tree's D)
+    cap: int | None = None  # an adaptive γ's cap (`choice.draft_depth`), None where the depth stays
     pending: list[torch.Tensor] = field(default_factory=list)  # layer-K states [1, 1, H] its twig has not seen
     ranks: list[int | None] = field(default_factory=list)  # for the twig's acceptance record (`DraftRecord`)
     solo: TwigChainDrafter | TwigTreeDrafter | None = None  # its own drafter while it is alone in the batch
@@ -64,6 +65,11 @@ class Row:
                 return
 
     @property
+    def left(self) -> int:
+        """The most drafts its answer leaves room for (a step emits the drafts it accepts and one more token)."""
+        return max(0, self.cfg.max_new_tokens - len(self.ids) - 1)
+
+    @property
     def budget(self) -> int:
         """The most drafts its next step may make: its depth, within what is left of its answer."""
-        return max(0, min(self.depth, self.cfg.max_new_tokens - len(self.ids) - 1)) if self.choice else 0
+        return min(self.depth, self.left) if self.choice else 0

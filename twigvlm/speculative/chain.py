@@ -93,15 +93,31 @@ class TwigChainDrafter:
 
     def commit(self, path: list[int]) -> None:
         accepted = len(path) - 1  # a chain's path is its first nodes
-        n = len(self._hidden) - 1
-        self.ranks += [0] * accepted + ([None] if accepted < n else [])
-        surplus = n - accepted  # rejected drafts in layers 1..L
-        for kv in self.state.cache.layers:
-            kv.crop(kv.length - surplus)
-        keep = accepted + 1  # last, d_1..d_accepted
-        if self._twig_fed >= keep:
-            for kv in self.state.twig_cache.layers:
-                kv.crop(kv.length - (self._twig_fed - keep))
-        else:
-            self._pending += self._hidden[self._twig_fed : keep]  # pending only empties when the twig runs
-        self.state.next_position = self._start + keep
+        commit_chain(self.state, self._hidden, self._twig_fed, accepted, self._start, self._pending, self.ranks)
+
+
+def commit_chain(
+    state: DecodeState,
+    hidden: list[torch.Tensor],
+    twig_fed: int,
+    accepted: int,
+    start: int,
+    pending: list[torch.Tensor],
+    ranks: list[int | None],
+) -> None:
+    """Keep the newest token (at position `start`) and the first `accepted` drafts in every cache: `hidden` are
+    the layer-K states [1, 1, H] of [newest, drafts…], the first `twig_fed` of which went through the twig; the
+    kept states the twig has not seen join `pending`, and each draft's rank (0, or None at the rejection) joins
+    `ranks`. Every chain drafter's commit — alone (`TwigChainDrafter`) or a row of a batch."""
+    n = len(hidden) - 1
+    ranks += [0] * accepted + ([None] if accepted < n else [])
+    surplus = n - accepted  # rejected drafts in layers 1..L
+    for kv in state.cache.layers:
+        kv.crop(kv.length - surplus)
+    keep = accepted + 1  # last, d_1..d_accepted
+    if twig_fed >= keep:
+        for kv in state.twig_cache.layers:
+            kv.crop(kv.length - (twig_fed - keep))
+    else:
+        pending += hidden[twig_fed:keep]  # pending only empties when the twig runs
+    state.next_position = start + keep

@@ -31,7 +31,9 @@ import torch
 
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
+from .chain import TwigChainDrafter
 from .stats import SpecStats
+from .tree import TwigTreeDrafter
 
 SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
@@ -140,6 +142,25 @@ def choose_drafter(
         return DrafterChoice("none", spec)
     scale = {kind: rec.calibration.factor(kind) for kind in ("chain", "tree")}
     return best_drafter(step_costs(engine, state, rec), rec.acceptance.vector(), spec, scale)
+
+
+def make_drafter(
+    engine: Engine, state: DecodeState, cfg: GenConfig, generator: torch.Generator | None, choice: DrafterChoice
+) -> TwigChainDrafter | TwigTreeDrafter:
+    """The drafter a choice of "chain" or "tree" runs with its settings, on this generation's state."""
+    s = choice.spec
+    if choice.kind == "tree":
+        return TwigTreeDrafter(engine, state, cfg, s.tree_topk, s.tree_nodes)
+    return TwigChainDrafter(engine, state, cfg, generator, s.threshold)
+
+
+def draft_depth(choice: DrafterChoice) -> tuple[int, int | None]:
+    """(the depth a choice of "chain" or "tree" drafts to — a chain's γ, a tree's D —, the cap of an adaptive γ,
+    None where the depth stays)."""
+    s = choice.spec
+    if choice.kind == "tree":
+        return s.tree_depth, None
+    return s.draft_len, (s.max_draft_len if s.adaptive else None)
 
 
 def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord) -> Costs:
