@@ -38,7 +38,7 @@ class Layout:
         self.mask = (keys <= self.where.unsqueeze(-1)).unsqueeze(1)  # [R, 1, q, end]: its row's keys up to itself
 
     @property
-    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(where, rows): the indices a cache write takes (`RowsWindowKV`)."""
         return self.where, self.rows
 
@@ -123,9 +123,11 @@ def run_rows(
             kv = windows(slots, first + j, r, layout)
             out = None
             if programs is not None:
-                out = programs.run_rows_layer(layer, hidden, layout.mask, positions, rope, kv, *layout.slots)
+                out = programs.run_rows_layer(layer, hidden, layout.mask, positions, rope, kv, *layout.indices)
             if out is None:
-                out = adapter.call_layer(layer, hidden, layout.mask, positions, rope, RowsWindowKV(*kv, *layout.slots))
+                out = adapter.call_layer(
+                    layer, hidden, layout.mask, positions, rope, RowsWindowKV(*kv, *layout.indices)
+                )
             hidden = out
             for c, n in zip(own, counts, strict=True):
                 c.length += n

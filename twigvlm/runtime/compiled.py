@@ -169,7 +169,8 @@ class StepPrograms:
         self._programs: dict[tuple, Any] = {}
         self._failed: set[tuple] = set()
         self._layer_keys: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-        self._prepared: set[tuple] = set()
+        self._prepared: set[tuple] = set()  # layer keys whose single-row kinds were prepared
+        self._prepared_rows: set[tuple] = set()  # … and whose batched program was
         self._epoch = _Classes.epoch
         self.stats = ProgramStats()
 
@@ -178,6 +179,7 @@ class StepPrograms:
         if self._epoch != _Classes.epoch:
             self._layer_keys.clear()
             self._prepared.clear()
+            self._prepared_rows.clear()
             self._epoch = _Classes.epoch
 
     @torch.inference_mode()
@@ -202,13 +204,8 @@ class StepPrograms:
     def _prepare_kind(self, layer: nn.Module, q: int, masked: bool) -> None:
         """Compile one kind of call for `layer`'s structure from inputs of the right kinds (`_examples` sets the
         lengths it traces with)."""
-        adapter = self.adapter
-        param = next(layer.parameters())
-        hidden = torch.zeros((1, q, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)  # [1, q, H]
-        position_ids = adapter.text_positions(_EXAMPLE_K, q)
-        rope = adapter.rotary(hidden, position_ids)
-        keys, values = adapter.project_kv(layer, hidden, rope)  # [1, H_kv, q, D]: the cache's kind
-        mask = torch.ones((1, 1, q, q), dtype=torch.bool, device=param.device) if masked else None
+        hidden, mask, position_ids, rope, keys, values = self._stand_ins(layer, 1, q)
+        mask = mask if masked else None
         key = self._program_key(layer, hidden, mask, position_ids)
         if key not in self._programs and key not in self._failed:
             self._compile(key, layer, hidden, mask, position_ids, rope, keys, values)
@@ -276,21 +273,32 @@ class StepPrograms:
         """Compile, now, the batched one-token program for each structure among `layers` that has none yet (a batch
         calls this when it forms, so no program is compiled inside its steps)."""
         self._check_classes()
-        adapter = self.adapter
         for layer in layers:
-            param = next(layer.parameters())
-            hidden = torch.zeros((2, 1, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)
-            position_ids = torch.cat([adapter.text_positions(_EXAMPLE_K, 1)] * 2, dim=-2)  # [(3,) 2, 1]
+            layer_key = self._layer_key(layer)
+            if layer_key in self._prepared_rows:  # (a batch calls this as each request joins: no work twice)
+                continue
+            self._prepared_rows.add(layer_key)
+            hidden, mask, position_ids, rope, keys, _ = self._stand_ins(layer, 2, 1)
             key = self._rows_key(layer, hidden, position_ids)
             if key in self._programs or key in self._failed:
                 continue
-            rope = adapter.rotary(hidden, position_ids)
-            keys, _ = adapter.project_kv(layer, hidden, rope)  # [2, H_kv, 1, D]: the cache's kind
-            mask = torch.ones((2, 1, 1, 1), dtype=torch.bool, device=param.device)
             t0 = time.perf_counter()
             example = _rows_examples(hidden, mask, position_ids, rope, keys)
             self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE)
             log.info("compiled the batched decode-step program in %.1f s", time.perf_counter() - t0)
+
+    def _stand_ins(self, layer: nn.Module, rows: int, q: int) -> tuple:
+        """Inputs of the right kinds for a call of `layer` on q tokens in each of `rows` rows: (hidden [rows, q, H],
+        an all-true mask [rows, 1, q, q], position ids, the rotary tables, keys and values [rows, H_kv, q, D] of the
+        cache's kind)."""
+        adapter = self.adapter
+        param = next(layer.parameters())
+        hidden = torch.zeros((rows, q, adapter.spec.hidden_size), dtype=param.dtype, device=param.device)
+        position_ids = torch.cat([adapter.text_positions(_EXAMPLE_K, q)] * rows, dim=-2)  # [(3,) rows, q]
+        rope = adapter.rotary(hidden, position_ids)
+        keys, values = adapter.project_kv(layer, hidden, rope)
+        mask = torch.ones((rows, 1, q, q), dtype=torch.bool, device=param.device)
+        return hidden, mask, position_ids, rope, keys, values
 
     def _rows_key(self, layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
         """Which batched program a call runs: the layer's structure, H, the dtype, the device and the position rows
@@ -379,6 +387,12 @@ def programs_for(adapter: Any) -> StepPrograms:
     return programs
 
 
+def _like(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
+    """Zeros of `t`'s kind, its dimension d of sizes[d] where given (a stand-in input to trace with)."""
+    shape = [sizes.get(d, n) for d, n in enumerate(t.shape)]
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
 def _examples(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
@@ -394,20 +408,16 @@ def _examples(
     q = _EXAMPLE_Q if block else 1
     k = _EXAMPLE_K + q
 
-    def like(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
-        shape = [sizes.get(d, s) for d, s in enumerate(t.shape)]
-        return torch.zeros(shape, dtype=t.dtype, device=t.device)
-
     def window(t: torch.Tensor) -> torch.Tensor:
-        buf = like(t, {2: k + _EXAMPLE_SLACK})
+        buf = _like(t, {2: k + _EXAMPLE_SLACK})
         view = buf[:, :, :k]
         torch._dynamo.mark_dynamic(view, 2)
         return view
 
-    h = like(hidden, {1: q})
-    pos = like(position_ids, {position_ids.dim() - 1: q})
-    cos, sin = (like(r, {r.dim() - 2: q}) for r in rope)
-    m = None if mask is None else like(mask, {2: q, 3: k})
+    h = _like(hidden, {1: q})
+    pos = _like(position_ids, {position_ids.dim() - 1: q})
+    cos, sin = (_like(r, {r.dim() - 2: q}) for r in rope)
+    m = None if mask is None else _like(mask, {2: q, 3: k})
     if block:
         for t, d in ((h, 1), (pos, pos.dim() - 1), (cos, cos.dim() - 2), (sin, sin.dim() - 2)):
             torch._dynamo.mark_dynamic(t, d)
@@ -430,20 +440,16 @@ def _rows_examples(
     r, k = _EXAMPLE_Q, _EXAMPLE_K
     pos_row = position_ids.dim() - 2
 
-    def like(t: torch.Tensor, sizes: dict[int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
-        shape = [sizes.get(d, s) for d, s in enumerate(t.shape)]
-        return torch.zeros(shape, dtype=dtype or t.dtype, device=t.device)
-
     def window() -> torch.Tensor:
-        buf = like(keys, {0: r + 2, 2: k + _EXAMPLE_SLACK})
+        buf = _like(keys, {0: r + 2, 2: k + _EXAMPLE_SLACK})
         view = buf[:r, :, :k]
         for d in (0, 2):
             torch._dynamo.mark_dynamic(view, d)
         return view
 
-    h, m = like(hidden, {0: r}), like(mask, {0: r, 3: k})
-    pos = like(position_ids, {pos_row: r})
-    cos, sin = (like(t, {0: r}) for t in rope)
+    h, m = _like(hidden, {0: r}), _like(mask, {0: r, 3: k})
+    pos = _like(position_ids, {pos_row: r})
+    cos, sin = (_like(t, {0: r}) for t in rope)
     where = torch.arange(r, device=hidden.device).view(r, 1) + (k - r)  # [R, 1]
     rows = torch.arange(r, device=hidden.device).view(r, 1)  # [R, 1]
     for t, dims in ((h, (0,)), (m, (0, 3)), (pos, (pos_row,)), (cos, (0,)), (sin, (0,)), (where, (0,)), (rows, (0,))):
