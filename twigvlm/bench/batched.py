@@ -97,8 +97,10 @@ def run_batched(
 
 
 def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
-    base, alone = tallies["hf"], tallies[ONE_AT_A_TIME]
-    alone_rate = alone.tokens / sum(alone.seconds) if alone.seconds else None
+    def rate(t: Tally) -> float:
+        return t.tokens / sum(t.seconds)
+
+    base, alone = rate(tallies["hf"]), rate(tallies[ONE_AT_A_TIME])  # every batched run has both
     out = {}
     for m, t in tallies.items():
         total = sum(t.seconds)
@@ -107,12 +109,12 @@ def summary(tallies: dict[str, Tally], size: int) -> dict[str, dict[str, Any]]:
         out[m] = {
             "batch": 1 if m.endswith("×1") else size,
             "requests_per_s": t.requests / total,
-            "tokens_per_s": t.tokens / total,
+            "tokens_per_s": rate(t),
             "latency_p50_s": statistics.median(latency),
             "latency_p99_s": latency[min(len(latency) - 1, int(0.99 * len(latency)))],
-            "x_hf_tokens_per_s": (t.tokens / total) / (base.tokens / sum(base.seconds)),
-            "x_ar_one_at_a_time": (t.tokens / total) / alone_rate if alone_rate else None,
-            "same_ids_as_hf": sum(t.ids[k] == base.ids.get(k) for k in t.ids),
+            "x_hf_tokens_per_s": rate(t) / base,
+            "x_ar_one_at_a_time": rate(t) / alone,
+            "same_ids_as_hf": sum(t.ids[k] == tallies["hf"].ids.get(k) for k in t.ids),
             "requests": t.requests,
         }
     return out

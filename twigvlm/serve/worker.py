@@ -238,8 +238,8 @@ class Worker:
                 except queue.Empty:
                     break
                 if job is None:
-                    for row, job_, _ in rows.values():
-                        session.drop(row)
+                    session.reset()  # shutting down: the rows' caches are not moved, only let go
+                    for _, job_, _ in rows.values():
                         self._stopped(job_)
                         self._end(job_)
                     return
@@ -269,10 +269,18 @@ class Worker:
             self.metrics.kv_held.set(held)
             self.metrics.kv_reserved.set(reserved)
 
-    def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
-        """Start one request: into the batch (or done at once), drafting inside it when it asks to."""
+    def _generation(self, job: Job) -> Generation:
+        """The job's generation (encoded, not run), its prompt checked against the model's context."""
         req, vlm = job.request, self.vlm
         assert vlm is not None
+        job.generation = gen = vlm.stream(
+            req.messages, image=req.images, config=req.gen, prune=req.prune, speculative=req.spec or False
+        )
+        fit_context(gen, req, vlm.adapter.context_length)
+        return gen
+
+    def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
+        """Start one request: into the batch (or done at once), drafting inside it when it asks to."""
         job.started = time.perf_counter()
         self.metrics.queue.observe(job.started - job.arrived)
         if job.cancelled.is_set():
@@ -280,10 +288,7 @@ class Worker:
             self._end(job)
             return
         try:
-            job.generation = gen = vlm.stream(
-                req.messages, image=req.images, config=req.gen, prune=req.prune, speculative=req.spec or False
-            )
-            fit_context(gen, req, vlm.adapter.context_length)
+            gen = self._generation(job)
             row = session.add(gen.encoded, gen.cfg, gen.prune, gen.spec)
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
             self._fail(job, e)
@@ -363,13 +368,8 @@ class Worker:
         if job.cancelled.is_set():
             self._stopped(job)
             return
-        req, vlm = job.request, self.vlm
-        assert vlm is not None
         try:
-            job.generation = gen = vlm.stream(
-                req.messages, image=req.images, config=req.gen, prune=req.prune, speculative=req.spec or False
-            )
-            fit_context(gen, req, vlm.adapter.context_length)
+            gen = self._generation(job)
             if job.cancelled.is_set():
                 gen.cancel()
             for piece in gen:
