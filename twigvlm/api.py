@@ -32,6 +32,7 @@ from .pruning.visionzip import VisionZip
 from .runtime.compile_probe import compile_pays
 from .runtime.compiled import StepPrograms, check_compile, programs_for, resolve_compile
 from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
+from .runtime.native_layers import NativeLayers
 from .runtime.quant import apply_quantization, check_quantize
 from .speculative.choice import SHORT_ANSWER, DraftRecord
 from .twig.model import Twig, grow_twig, load_twig, save_twig
@@ -52,8 +53,11 @@ class VLM:
         self.adapter = adapter
         self._engine = Engine(adapter, twig)
         self.kernel_plan: KernelPlan | None = None
+        self.kernels = "stock"  # `set_kernels`: "auto" (native layers + fast products), "products" or "stock"
         self.quantize = "none"  # the decoder's weights: "none" (as loaded) or "int8" (`set_quantize`)
         self.programs: StepPrograms | None = None  # compiled decode steps (`set_compile`), None: eager
+        self.native: NativeLayers | None = None  # native decoder layers (`set_kernels("auto")`), None: stock layers
+        self._native: NativeLayers | None = None
         self._draft_records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Twig → DraftRecord
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -74,7 +78,9 @@ class VLM:
         model such as "demo"; and a twig directory if given. min_pixels / max_pixels: the image size range of a
         dynamic-resolution family (Qwen-VL), passed to its image processor. kernels: "auto" (the default on a
         CPU, from the environment variable TWIGVLM_KERNELS when set) picks the fastest measured layout for the
-        decoder's small-row products (`twigvlm.runtime.kernels`); "stock" keeps nn.Linear. quantize: "int8" runs
+        decoder's small-row products (`twigvlm.runtime.kernels`) and runs whole ranges of Llama-style decoder
+        layers natively in decode steps (`twigvlm.runtime.native_layers`); "products" only the former; "stock" keeps
+        nn.Linear and the stock layers. quantize: "int8" runs
         the decoder's and the twig's linear layers on int8 weights (CPU; `twigvlm.runtime.quant`). compile: "on"
         runs decode steps, drafts and verifications as compiled programs (`twigvlm.runtime.compiled`), "off"
         eagerly; "auto" (the default, or TWIGVLM_COMPILE) is on for CUDA and on a CPU where a probe measured it
@@ -97,8 +103,16 @@ class VLM:
 
     def set_kernels(self, mode: str) -> KernelPlan | None:
         """ "auto": the decoder's and the twig's linear layers take the layout measured fastest on this CPU for
-        each row count (no-op on a GPU); "stock": plain nn.Linear. Parameters and checkpoints never change."""
+        each row count, and decode steps run qualifying ranges of decoder layers natively (no-op on a GPU);
+        "products": the former only; "stock": plain nn.Linear and the stock layers. Parameters and checkpoints
+        never change."""
         self.kernel_plan = apply_kernels(self.kernel_modules(), mode)
+        self.kernels = mode
+        on = mode == "auto" and self.kernel_plan is not None and NativeLayers.available()
+        if on and self._native is None:
+            self._native = NativeLayers(self.adapter.rotary)  # kept: on again packs and checks nothing again
+        self.native = self._native if on else None
+        self._engine = self._engine.with_native(self.native)
         return self.kernel_plan
 
     def set_quantize(self, mode: str) -> int:
@@ -114,9 +128,11 @@ class VLM:
     def set_compile(self, mode: str) -> bool:
         """ "on": decode-time layer calls (decode steps, drafts, verification) run as compiled programs, made at
         their first use; "off": eagerly; "auto": on for CUDA, and on a CPU where `compile_probe` measured a gain
-        (cached per machine). Returns whether compiled steps are on."""
+        (cached per machine) — but off where native layers run every decoder layer (they take the calls compiled
+        programs would). Returns whether compiled steps are on."""
         mode = check_compile(mode)
-        on = mode == "on" or (mode == "auto" and compile_pays(self))
+        native = self.native is not None and self.native.covers(self.adapter.layers)
+        on = mode == "on" or (mode == "auto" and not native and compile_pays(self))
         self.programs = programs_for(self.adapter) if on else None  # the adapter keeps them: on again compiles nothing
         self._engine = self._engine.with_programs(self.programs)
         return on

@@ -102,6 +102,7 @@ class GenConfig:
 PRUNE_METHODS = ("none", "twig", "fastv", "visionzip", "cdpruner", "dart")
 QUERY_MODES = ("last", "text")
 PRUNE_HEADS = ("attention", "pruning")  # what the twig scores with: its last layer's attention, or its pruning head
+KERNEL_MODES = ("auto", "products", "stock")  # CPU: native layers + fast products; the products only; nn.Linear
 COMPILE_MODES = ("auto", "on", "off")  # compiled decode steps: on where a probe measured a gain, always, never
 QUANTIZE_MODES = ("none", "int8")  # the decoder's weights: as loaded, or int8 per output channel (CPU)
 DEFAULT_KEEP_RATIO = 1 / 9  # 64 of LLaVA-1.5's 576 visual tokens: the paper's main budget

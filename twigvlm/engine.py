@@ -28,6 +28,7 @@ from .adapters.base import Encoded, VLMAdapter
 from .runtime import interrupt
 from .runtime.cache import KVCache, LayerKV
 from .runtime.compiled import StepPrograms
+from .runtime.native_layers import NativeLayers
 from .runtime.quant import Int8Linear, int8_product
 from .runtime.sdpa import grouped_heads_with_masks
 from .twig.model import Twig
@@ -92,11 +93,18 @@ class DecodeState:
 class Engine:
     """Runs base layers, one twig (fixed at construction) and the heads of one adapter."""
 
-    def __init__(self, adapter: VLMAdapter, twig: Twig | None = None, programs: StepPrograms | None = None) -> None:
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        twig: Twig | None = None,
+        programs: StepPrograms | None = None,
+        native: NativeLayers | None = None,
+    ) -> None:
         self.adapter = adapter
         self._twig = twig
         self.num_layers = adapter.spec.num_layers
         self.programs = programs  # compiled decode steps (`runtime/compiled.py`), None: every layer call eager
+        self.native = native  # native decoder layers (`runtime/native_layers.py`), None: the stock layers
 
     @property
     def twig(self) -> Twig | None:
@@ -105,11 +113,16 @@ class Engine:
 
     def with_twig(self, twig: Twig | None) -> Engine:
         """An engine on the same adapter with `twig` (this one when it already has it); nothing is copied."""
-        return self if twig is self._twig else Engine(self.adapter, twig, self.programs)
+        return self if twig is self._twig else Engine(self.adapter, twig, self.programs, self.native)
 
     def with_programs(self, programs: StepPrograms | None) -> Engine:
         """An engine on the same adapter and twig whose decode-time layer calls run `programs` (None: eagerly)."""
-        return self if programs is self.programs else Engine(self.adapter, self._twig, programs)
+        return self if programs is self.programs else Engine(self.adapter, self._twig, programs, self.native)
+
+    def with_native(self, native: NativeLayers | None) -> Engine:
+        """An engine on the same adapter, twig and programs whose qualifying layer ranges run natively (None: the
+        stock layers)."""
+        return self if native is self.native else Engine(self.adapter, self._twig, self.programs, native)
 
     def prepare_programs(self, rows: bool = False) -> None:
         """With compiled steps: compile, now, what this engine's layers (base and twig) have none of yet; `rows`:
@@ -144,6 +157,11 @@ class Engine:
         attention), instead of the causal mask; None: causal."""
         rope = self.adapter.rotary(hidden, position_ids)
         q = hidden.shape[1]
+        if self.native is not None:
+            packed = self.native.runs(layers, hidden, caches, adds)
+            if packed is not None:
+                interrupt.check()
+                return self.native.run(packed, hidden, rope, caches, tail)
         programs = self.programs
         masks: dict[int, torch.Tensor | None] = {}
         masked = grouped_heads_with_masks(hidden.device) if q > 1 else contextlib.nullcontext()

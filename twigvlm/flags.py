@@ -14,6 +14,7 @@ from .config import (
     COMPILE_MODES,
     DEFAULT_KEEP_RATIO,
     DRAFTERS,
+    KERNEL_MODES,
     PRUNE_HEADS,
     PRUNE_METHODS,
     QUANTIZE_MODES,
@@ -90,10 +91,11 @@ def add_runtime_args(p: Group, quantize: bool = True) -> None:
     --threads (torch's intra-op threads); --quantize and --compile only where `quantize` (inference commands)."""
     p.add_argument(
         "--kernels",
-        choices=["auto", "stock"],
+        choices=list(KERNEL_MODES),
         default=None,
-        help="auto: the fastest measured layout for the decoder's small-row products on a CPU (default); "
-        "stock: plain nn.Linear",
+        help="auto (default): on a CPU, decode steps run whole ranges of Llama-style decoder layers natively, on "
+        "the fastest measured layout for the small-row products; products: those products only, in the stock "
+        "layers; stock: plain nn.Linear and the stock layers",
     )
     if quantize:
         p.add_argument(

@@ -129,6 +129,26 @@ def _compile(c: AblationContext) -> list[Variant]:
     return out
 
 
+@register(
+    "layers",
+    "our methods with the stock decoder layers (compiled steps) and with native layers (ar, ssd, twig+ssd, on the "
+    "weights as loaded and on int8 weights; each both ways in one interleaved run), beside the same decoder in "
+    "llama.cpp (f32 and Q8_0) where its GGUF file is known",
+)
+def _layers(c: AblationContext) -> list[Variant]:
+    methods = ["ar", *(("ssd", "twig+ssd") if c.twig_labels else ())]
+    out = [Variant(BASELINE, BASELINE, c.mc)]
+    for weights in ("none", "int8"):
+        suffix = " int8" if weights == "int8" else ""
+        for m in methods:
+            stock = replace(c.mc, quantize=weights, kernels="products", compile="on")  # the best before native layers
+            ours = replace(c.mc, quantize=weights, kernels="auto", compile="off")  # what auto runs
+            out += [Variant(f"{m}{suffix} stock layers", m, stock), Variant(f"{m}{suffix}", m, ours)]
+    if c.mc.gguf is not None:
+        out += [Variant(p, p, c.mc) for p in ("llama.cpp-f32", "llama.cpp-q8_0")]
+    return out
+
+
 @register("head", "the twig choosing with its attention row or with its trained pruning head", needs_twig=True)
 def _head(c: AblationContext) -> list[Variant]:
     out = [Variant(BASELINE, BASELINE, c.mc)]

@@ -27,7 +27,7 @@ from ..adapters.capabilities import HFBaseline, require
 from ..api import VLM
 from ..errors import TwigVLMError
 from ..runtime.kernels import stock_kernels
-from .methods import MethodConfig, compiled, method_configs, quantized
+from .methods import MethodConfig, method_configs, row_settings
 from .sample import Sample
 
 BATCHABLE = ("hf", "ar", "fastv", "visionzip", "cdpruner", "dart", "twig", "ssd", "twig+ssd")
@@ -64,7 +64,7 @@ def run_group(vlm: VLM, method: str, group: list[Sample], mc: MethodConfig) -> l
     requests = [
         dict(prompt=s.prompt, image=s.image() if s.image else None, max_new_tokens=s.max_new_tokens) for s in group
     ]
-    with quantized(vlm, mc.quantize), compiled(vlm, mc.compile):
+    with row_settings(vlm, mc):
         if method in (ONE_AT_A_TIME, DRAFTING_ONE_AT_A_TIME):
             prune, spec = method_configs(method.split()[0], mc)
             return [vlm.generate(r.pop("prompt"), prune=prune, speculative=spec or False, **r).token_ids

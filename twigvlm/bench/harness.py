@@ -231,6 +231,7 @@ def summarize(
         # A variant's twin runs with the same twig and weights (the twig ablation pairs each twig with itself).
         same = [v.name for v in twins if v.twig == me.twig and (v.config.quantize == "int8") == int8]
         same = [n for n in same if by_name[n].config.compile == me.config.compile] or same  # compiled ≡ compiled
+        same = [n for n in same if by_name[n].config.kernels == me.config.kernels] or same  # native ≡ native
         twin_name = same[0] if same else None if int8 else twins[0].name if twins else None
         if twin_name is not None:
             entry["same_as"] = twin_name

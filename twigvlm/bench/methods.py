@@ -100,6 +100,7 @@ class MethodConfig:
     spec: SpecConfig = SpecConfig(draft="auto")  # the speculative methods' drafting (the default rows: auto)
     quantize: str | None = None  # our methods' weights for this row ("none", "int8"); None: as the model loaded
     compile: str | None = None  # our methods' decode steps for this row ("on", "off"); None: as the model loaded
+    kernels: str | None = None  # our methods' layers for this row ("auto": native, "products": stock); None: as loaded
     gguf: str | None = None  # the decoder as a GGUF file, for the llama.cpp peers (None: the model names none)
 
     def drafting(self, **fields: Any) -> MethodConfig:
@@ -198,7 +199,7 @@ def run_method(vlm: VLM, method: str, sample: Sample, mc: MethodConfig, twig: Tw
     if method in NEEDS_TWIG and own is None:
         raise TwigVLMError(f"method {method} needs a twig: load one (--twig)")
     prune, spec = method_configs(method, mc)
-    with quantized(vlm, mc.quantize), compiled(vlm, mc.compile):
+    with row_settings(vlm, mc):
         return _generate(vlm, sample, images, videos, prune, spec, twig)
 
 
@@ -242,6 +243,30 @@ def _llamacpp(vlm: VLM, sample: Sample, mc: MethodConfig, kind: str, images: lis
         ttft_s=run.prefill_s,
     )
     return Run(vlm.adapter.decode(run.token_ids), run.token_ids, seconds, stats, scored=False)
+
+
+@contextlib.contextmanager
+def row_settings(vlm: VLM, mc: MethodConfig) -> Iterator[None]:
+    """Inside the block our methods run with the row's weights, layers and compiled steps (`quantized`,
+    `kernel_mode`, `compiled`); what was set before is restored after."""
+    with quantized(vlm, mc.quantize), kernel_mode(vlm, mc.kernels), compiled(vlm, mc.compile):
+        yield
+
+
+@contextlib.contextmanager
+def kernel_mode(vlm: VLM, mode: str | None) -> Iterator[None]:
+    """Inside the block the model's kernels are `mode` ("auto": native layers; "products": the stock layers on the
+    fast products); None: as they are. The kernel plan is cached and the layers are checked once, so switching
+    between rows costs class swaps only."""
+    before = vlm.kernels
+    if mode is None or mode == before:
+        yield
+        return
+    vlm.set_kernels(mode)
+    try:
+        yield
+    finally:
+        vlm.set_kernels(before)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,9 @@ CPU, thread count, dtype, shapes and kernel build. Products that need gradients 
 `F.linear`; the native kernel takes fp32 and bf16 weights.
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
-change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. `stock_kernels(...)` does that
+change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. ("products" does what "auto" does
+here; the two differ one floor up, where "auto" also runs whole ranges of decoder layers natively:
+`native_layers.py`.) `stock_kernels(...)` does that
 for the length of a `with` block (the bench's `hf` baseline runs on the untouched classes).
 """
 
@@ -32,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import KERNEL_MODES
 from ..errors import TwigVLMError
 from . import compiled, native
 from .machine import measurement_key, read_cached, write_cached
 
-KERNEL_MODES = ("auto", "stock")
 PROBE_ROWS = (1, 2, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
 PROBE_BYTES = 64 * 2**20  # per shape, time at most this much weight (all of a shape's weights when smaller)
 WIN = 0.9  # an alternative layout is taken where it needs at most this share of nn.Linear's time
@@ -145,8 +147,8 @@ def check_mode(mode: str) -> str:
 def apply_kernels(
     modules: Iterable[nn.Module], mode: str = "auto", plan: KernelPlan | None = None
 ) -> KernelPlan | None:
-    """Swap the nn.Linear classes inside `modules` to FastLinear (auto, CPU only) or back (stock). Returns the
-    plan used (probed or read from the cache when not given), None for stock or a non-CPU model."""
+    """Swap the nn.Linear classes inside `modules` to FastLinear (auto or products, CPU only) or back (stock).
+    Returns the plan used (probed or read from the cache when not given), None for stock or a non-CPU model."""
     check_mode(mode)
     found = linears(modules)
     compiled.classes_changed()

@@ -27,11 +27,16 @@ import torch
 
 from .machine import cache_dir, cpuinfo_line
 
-SOURCE = "csrc/gemv.c"
+SOURCES = ("csrc/gemv.c", "csrc/layer.c")  # layer.c includes gemv.c: the library is built from layer.c
+
+
+def _sources() -> dict[str, bytes]:
+    return {Path(name).name: (resources.files("twigvlm.runtime") / name).read_bytes() for name in SOURCES}
 
 
 def _source() -> bytes:
-    return (resources.files("twigvlm.runtime") / SOURCE).read_bytes()
+    """Every source file's bytes, one after the other (what the build's cache key and `library_key` hash)."""
+    return b"\0".join(_sources().values())
 
 
 def _compiler() -> str | None:
@@ -88,9 +93,9 @@ def gemv_library() -> ctypes.CDLL | None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                    src = Path(tmp) / "gemv.c"
-                    src.write_bytes(source)
-                    error = _compile(cc, src, Path(tmp) / "gemv.so", flags)
+                    for name, text in _sources().items():
+                        (Path(tmp) / name).write_bytes(text)
+                    error = _compile(cc, Path(tmp) / "layer.c", Path(tmp) / "gemv.so", flags)
                     if error is not None:
                         _Build.error = f"{Path(cc).name} {' '.join(flags)}: {error}"
                         continue

@@ -165,10 +165,16 @@ def draft_depth(choice: DrafterChoice) -> tuple[int, int | None]:
 
 def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord) -> Costs:
     """The passes' costs for this engine from `rec`, probed on `state` (`probe_costs`) the first time. They differ
-    by device, dtype, the products (the LM head's class: stock, fast kernels or int8) and whether the steps run
-    compiled (`runtime/compiled.py`)."""
+    by device, dtype, the products (the LM head's class: stock, fast kernels or int8), whether the steps run
+    compiled (`runtime/compiled.py`) and whether the layers run natively (`runtime/native_layers.py`)."""
     keys = state.cache[0].keys()
-    key = (str(keys.device), str(keys.dtype), type(engine.adapter.lm_head).__name__, engine.programs is not None)
+    key = (
+        str(keys.device),
+        str(keys.dtype),
+        type(engine.adapter.lm_head).__name__,
+        engine.programs is not None,
+        engine.native is not None,
+    )
     if key not in rec.costs:
         rec.costs[key] = probe_costs(engine, state)
     return rec.costs[key]

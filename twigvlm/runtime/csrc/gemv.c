@@ -152,6 +152,20 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
                             int64_t, int64_t);                                                     \
   static const NAME##_fn NAME##_BY_ROWS[9] = {0,         NAME##_1, NAME##_2, NAME##_3, NAME##_4,   \
                                               NAME##_5,  NAME##_6, NAME##_7, NAME##_8};            \
+  /* thread t of nt computes its share of the output range (whole cache lines of y each) */        \
+  static void NAME##_span(const float *x, const T *w, const float *s, const float *b, float *y,    \
+                          int64_t n, int64_t in, int64_t out, int t, int nt) {                     \
+    int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16;                                           \
+    int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;                                   \
+    /* a tile of TILE weight rows stays in L2 while every chunk of 8 x rows passes over it */     \
+    for (int64_t t0 = o0; t0 < o1; t0 += TILE) {                                                  \
+      int64_t t1 = t0 + TILE < o1 ? t0 + TILE : o1;                                               \
+      for (int64_t r0 = 0; r0 < n; r0 += 8) {                                                     \
+        int64_t m = n - r0 < 8 ? n - r0 : 8;                                                      \
+        NAME##_BY_ROWS[m](x + r0 * in, w, s, b, y + r0 * out, in, out, t0, t1);                   \
+      }                                                                                           \
+    }                                                                                             \
+  }                                                                                               \
   static int NAME##_product(const float *x, const T *w, const float *s, const float *b, float *y,  \
                             int64_t n, int64_t in, int64_t out, int threads) {                     \
     if (n < 1 || in < 1 || out < 1) return 1;                                                     \
@@ -159,16 +173,7 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
     _Pragma("omp parallel num_threads(threads)") {                                                \
       int t = 0, nt = 1;                                                                          \
       THREAD_IDS(t, nt);                                                                          \
-      int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16; /* whole cache lines of y per thread */ \
-      int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;                                 \
-      /* a tile of TILE weight rows stays in L2 while every chunk of 8 x rows passes over it */   \
-      for (int64_t t0 = o0; t0 < o1; t0 += TILE) {                                                \
-        int64_t t1 = t0 + TILE < o1 ? t0 + TILE : o1;                                             \
-        for (int64_t r0 = 0; r0 < n; r0 += 8) {                                                   \
-          int64_t m = n - r0 < 8 ? n - r0 : 8;                                                    \
-          NAME##_BY_ROWS[m](x + r0 * in, w, s, b, y + r0 * out, in, out, t0, t1);                 \
-        }                                                                                         \
-      }                                                                                           \
+      NAME##_span(x, w, s, b, y, n, in, out, t, nt);                                              \
     }                                                                                             \
     return 0;                                                                                     \
   }

@@ -1,0 +1,255 @@
+"""Native decoder layers (`runtime/native_layers.py`, `csrc/layer.c`) against the stock layers: one layer's output
+and cache ≡ the stock layer's (1e-5 relative) for 1–16 new tokens over caches short, long and growing, fp32 and
+int8 weights, Llama (grouped heads) and Qwen2 (biases) layers and an odd shape; a range of layers with pruned
+(different) cache lengths; a draft tree's tail mask; whole generations with the same greedy ids as the stock
+layers for AR, TTP, chain and tree SSD and TTP + SSD, SSD ≡ AR natively; layers that do not qualify (another
+class, a failed self-check, gradients, a batch) run stock; weights changed in place are followed; the modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+import twigvlm
+from twigvlm import PruneConfig, SpecConfig
+from twigvlm.engine import tail_mask
+from twigvlm.runtime import native, native_layers
+from twigvlm.runtime.cache import LayerKV
+from twigvlm.runtime.native_layers import NativeLayers
+from twigvlm.runtime.quant import apply_quantization
+
+from .conftest import random_image, random_prompt
+from .oracles import middle_twig
+
+CHAIN, TREE = SpecConfig(draft="chain", draft_len=3, threshold=0), SpecConfig(draft="tree", threshold=0)
+TTP = PruneConfig("twig", keep=8)
+METHODS = {"ar": (None, False), "twig": (TTP, False), "ssd chain": (None, CHAIN), "ssd tree": (None, TREE),
+           "twig+ssd": (TTP, CHAIN)}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the native library cannot be built (apt-get install gcc)")
+    assert native.gemv_library() is not None, f"the native library did not build: {native.build_error()}"
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))
+
+
+def odd_layer() -> tuple[LlamaDecoderLayer, LlamaRotaryEmbedding]:
+    """A Llama layer of odd sizes: hidden 40, 5 heads of 8 over one KV head, MLP 72 (shorter than a vector)."""
+    config = LlamaConfig(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, head_dim=8,
+                         intermediate_size=72, num_hidden_layers=1, vocab_size=16)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(3)
+    layer = LlamaDecoderLayer(config, 0).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer, LlamaRotaryEmbedding(config)
+
+
+def layer_cases(adapters) -> dict:
+    """name → (layer, rotary(hidden, positions)) for the Llama, Qwen2 and odd layers."""
+    cases = {name: (adapters[name].layers[1], adapters[name].rotary) for name in ("llama-clip", "qwen2-siglip")}
+    layer, rope = odd_layer()
+    cases["odd"] = (layer, rope)
+    return cases
+
+
+def stock_and_native(layer, rotary, cached: int, rows: int, tail: torch.Tensor | None = None, seed: int = 0):
+    """The same block of `rows` tokens after `cached` ones through the stock layer and natively: (stock output,
+    native output, stock cache, native cache)."""
+    hidden = layer.input_layernorm.weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, cached + rows, hidden, generator=gen)
+    pos = torch.arange(cached + rows).view(1, -1)
+    rope = rotary(x, pos)
+    ours = NativeLayers(rotary)
+    stock_kv, native_kv = LayerKV(), LayerKV()
+    with torch.inference_mode():
+        first = tuple(t[:, :cached] for t in rope)
+        for kv in (stock_kv, native_kv):
+            layer(x[:, :cached], attention_mask=None, position_ids=pos[:, :cached], past_key_values=kv,
+                  position_embeddings=first)  # fmt: skip
+        block = tuple(t[:, cached:] for t in rope)
+        k = cached + rows
+        if tail is None:
+            mask = torch.ones(rows, k, dtype=torch.bool).tril(cached).view(1, 1, rows, k) if rows > 1 else None
+        else:
+            mask = tail_mask(tail, k)
+        want = layer(x[:, cached:], attention_mask=mask, position_ids=pos[:, cached:], past_key_values=stock_kv,
+                     position_embeddings=block)  # fmt: skip
+        want = want[0] if isinstance(want, tuple) else want
+        packed = ours.runs([layer], x[:, cached:], [native_kv], ())
+        assert packed is not None, "the layer should run natively"
+        got = ours.run(packed, x[:, cached:], block, [native_kv], tail)
+    return want, got, stock_kv, native_kv
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("name", ["llama-clip", "qwen2-siglip", "odd"])
+def test_a_native_layer_matches_the_stock_layer(adapters, name, weights):
+    layer, rotary = layer_cases(adapters)[name]
+    if weights == "int8":
+        layer = __import__("copy").deepcopy(layer)
+        apply_quantization([layer], "int8")
+    for cached, rows in ((1, 1), (5, 2), (5, 3), (7, 8), (12, 16), (63, 1), (60, 9), (70, 5)):  # 64: buffers grow
+        want, got, stock_kv, native_kv = stock_and_native(layer, rotary, cached, rows, seed=cached + rows)
+        assert relative(got, want) < 1e-5, (cached, rows)
+        assert native_kv.length == stock_kv.length == cached + rows
+        assert relative(native_kv.keys(), stock_kv.keys()) < 1e-5
+        assert relative(native_kv.values(), stock_kv.values()) < 1e-5
+
+
+def test_a_draft_trees_tail_mask(adapters):
+    layer, rotary = layer_cases(adapters)["llama-clip"]
+    gen = torch.Generator().manual_seed(5)
+    for rows, m in ((4, 6), (1, 5), (3, 3)):
+        tail = torch.rand(rows, m, generator=gen) < 0.5
+        tail[torch.arange(rows), m - rows + torch.arange(rows)] = True  # every node sees itself
+        want, got, _, _ = stock_and_native(layer, rotary, 9, rows, tail=tail)
+        assert relative(got, want) < 1e-5, (rows, m)
+
+
+def test_a_range_of_layers_with_pruned_lengths(adapters):
+    """Three layers in one call, each on a cache of its own length (TTP's deep layers hold fewer keys)."""
+    adapter = adapters["llama-clip"]
+    layers, rotary = list(adapter.layers[:3]), adapter.rotary
+    gen = torch.Generator().manual_seed(7)
+    hidden = layers[0].input_layernorm.weight.shape[0]
+    lengths = (11, 6, 3)
+    stock, ours = [LayerKV() for _ in layers], [LayerKV() for _ in layers]
+    with torch.inference_mode():
+        for layer, n, a, b in zip(layers, lengths, stock, ours, strict=True):
+            x = torch.randn(1, n, hidden, generator=gen)
+            rope = rotary(x, torch.arange(n).view(1, -1))
+            for kv in (a, b):
+                layer(x, attention_mask=None, position_ids=None, past_key_values=kv, position_embeddings=rope)
+        x = torch.randn(1, 2, hidden, generator=gen)
+        rope = rotary(x, torch.tensor([[20, 21]]))
+        want = x
+        for layer, kv in zip(layers, stock, strict=True):
+            mask = torch.ones(2, kv.length + 2, dtype=torch.bool).tril(kv.length).view(1, 1, 2, -1)
+            want = layer(want, attention_mask=mask, position_ids=None, past_key_values=kv, position_embeddings=rope)
+            want = want[0] if isinstance(want, tuple) else want
+        runner = NativeLayers(rotary)
+        got = runner.run(runner.runs(layers, x, ours, ()), x, rope, ours)
+    assert relative(got, want) < 1e-5
+    assert [kv.length for kv in ours] == [n + 2 for n in lengths]
+    for a, b in zip(stock, ours, strict=True):
+        assert relative(b.keys(), a.keys()) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def llava(adapters) -> twigvlm.VLM:
+    return middle_twig(twigvlm.VLM(adapters["llama-clip"]))
+
+
+def both_ways(vlm: twigvlm.VLM, method: str, **request) -> tuple[list[int], list[int]]:
+    """Greedy ids with the stock layers (kernels "products") and natively (kernels "auto")."""
+    prune, spec = METHODS[method]
+    args = dict(max_new_tokens=24, ignore_eos=True, prune=prune, speculative=spec, **request)
+    vlm.set_kernels("products")
+    stock = vlm.generate(**args).token_ids
+    vlm.set_kernels("auto")
+    try:
+        return stock, vlm.generate(**args).token_ids
+    finally:
+        vlm.set_kernels("stock")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_native_layers_give_the_stock_ids(llava, method):
+    llava.set_kernels("auto")
+    runner = llava.native
+    calls = runner.calls
+    for seed in (0, 1):
+        stock, ours = both_ways(llava, method, prompt=random_prompt(seed, 4 + 9 * seed), image=random_image(seed))
+        assert ours == stock, (method, seed)
+    assert runner.calls > calls
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_ssd_equals_ar_natively(adapters, weights):
+    vlm = middle_twig(twigvlm.VLM(adapters["qwen2-siglip"]))
+    vlm.set_kernels("auto")
+    vlm.set_quantize(weights if weights == "int8" else "none")
+    try:
+        args = dict(prompt=random_prompt(3, 7), image=random_image(3), max_new_tokens=32, ignore_eos=True)
+        ar = vlm.generate(**args).token_ids
+        assert vlm.native.covers(vlm.adapter.layers)
+        for spec in (CHAIN, TREE):
+            assert vlm.generate(**args, speculative=spec).token_ids == ar, spec.draft
+            pruned = vlm.generate(**args, prune=TTP).token_ids
+            assert vlm.generate(**args, speculative=spec, prune=TTP).token_ids == pruned, spec.draft
+    finally:
+        vlm.set_quantize("none")
+        vlm.set_kernels("stock")
+
+
+def test_a_layer_of_another_class_runs_stock(zoo, caplog):
+    vlm = zoo("qwen2-vl")  # Qwen2-VL's layers take M-RoPE: not one of LAYER_CLASSES
+    vlm.set_kernels("auto")
+    try:
+        assert not vlm.native.covers(vlm.adapter.layers)
+        ids = vlm.generate(random_prompt(4, 5), image=random_image(4), max_new_tokens=6, ignore_eos=True).token_ids
+        assert len(ids) == 6 and vlm.native.calls == 0
+    finally:
+        vlm.set_kernels("stock")
+
+
+def test_a_failed_self_check_leaves_the_layer_stock(adapters, monkeypatch, caplog):
+    monkeypatch.setattr(native_layers, "TOLERANCE", -1.0)
+    runner = NativeLayers(adapters["llama-clip"].rotary)
+    with caplog.at_level("INFO", logger="twigvlm.runtime.native_layers"):
+        assert not runner.covers(adapters["llama-clip"].layers[:1])
+    assert "self-check differs" in caplog.text
+
+
+def test_calls_that_do_not_qualify(adapters):
+    adapter = adapters["llama-clip"]
+    runner, layers = NativeLayers(adapter.rotary), list(adapter.layers[:2])
+    hidden = torch.randn(1, 2, layers[0].input_layernorm.weight.shape[0])
+    full = [LayerKV() for _ in layers]
+    for kv in full:
+        kv.append(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+    assert runner.runs(layers, hidden, full, ()) is not None
+    assert runner.runs(layers, hidden, [LayerKV(), LayerKV()], ()) is None  # no keys yet: a prefill
+    assert runner.runs(layers, hidden, [None, None], ()) is None  # no cache
+    assert runner.runs(layers, hidden, full, (hidden,)) is None  # a layer output needs an addition
+    assert runner.runs(layers, hidden.repeat(2, 1, 1), full, ()) is None  # a batch
+    assert runner.runs(layers, torch.randn(1, native_layers.MAX_ROWS + 1, hidden.shape[-1]), full, ()) is None
+    assert runner.runs(layers, hidden.requires_grad_(), full, ()) is None  # gradients
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_weights_changed_in_place_are_followed(adapters, weights):
+    layer = __import__("copy").deepcopy(adapters["llama-clip"].layers[0])
+    if weights == "int8":
+        apply_quantization([layer], "int8")
+    stock_and_native(layer, adapters["llama-clip"].rotary, 4, 2)  # packed once
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(-3.0)
+        layer.self_attn.q_proj.weight.add_(0.5)
+    want, got, _, _ = stock_and_native(layer, adapters["llama-clip"].rotary, 4, 2)
+    assert relative(got, want) < 1e-5
+
+
+def test_the_modes(adapters, monkeypatch):
+    vlm = twigvlm.VLM(adapters["llama-clip"])
+    try:
+        vlm.set_kernels("products")
+        assert vlm.native is None and vlm.engine.native is None
+        vlm.set_kernels("auto")
+        assert isinstance(vlm.native, NativeLayers) and vlm.engine.native is vlm.native
+        monkeypatch.setattr(twigvlm.api, "compile_pays", lambda v: pytest.fail("no probe where layers run natively"))
+        assert vlm.set_compile("auto") is False  # the native layers take the calls compiled programs would
+        vlm.set_kernels("stock")
+        assert vlm.native is None and vlm.engine.native is None
+    finally:
+        vlm.set_kernels("stock")
+        vlm.set_compile("off")

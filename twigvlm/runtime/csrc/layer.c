@@ -1,0 +1,206 @@
+/* twigvlm's native decoder layers for CPU decoding: a range of Llama-style layers over a few new tokens, in one call.
+ *
+ * A decode step (and a draft, and a verification) runs every layer on 1 to ~16 new tokens against the cache. Run
+ * through the stock layer, each layer is a few dozen small torch operations and Python frames around seven weight
+ * products; on a small decoder those cost as much as the products (about 0.2 ms a layer on a 2-core CPU). Here the
+ * whole range runs in one call inside one OpenMP parallel region, the threads meeting at barriers between phases:
+ *
+ *   h = rmsnorm(x) · w1;  q, k, v = h·Wqᵀ(+b), h·Wkᵀ(+b), h·Wvᵀ(+b);  q, k rotated (rotate-half RoPE, given cos/sin);
+ *   k, v written into the cache after its `len` entries;  a = softmax(q·kᵀ · scaling, masked) · v (grouped heads);
+ *   x += a·Woᵀ(+b);  h = rmsnorm(x) · w2;  x += (silu(h·Wgᵀ) * h·Wuᵀ)·Wdᵀ
+ *
+ * — the arithmetic of transformers' LlamaDecoderLayer (and Qwen2's, Mistral's …), with the products on the same
+ * kernels as `gemv.c` (fp32 or int8 weights with per-row scales; x and the accumulation fp32). The mask is causal
+ * with the block aligned to the end of the keys, or, with a `tail` [n, m], what the tail says over the last m keys
+ * (a draft tree) while every query sees the keys before them. Which layers qualify and the oracle against the
+ * stock layer are twigvlm/runtime/native_layers.py's.
+ */
+#include "gemv.c"
+
+#include <math.h>
+#include <stdlib.h>
+
+enum { TWIG_F32 = 0, TWIG_I8 = 1 };
+
+typedef struct {
+  const void *w;      /* [out, in]: fp32, or int8 with scale */
+  const float *scale; /* [out] for int8, else NULL */
+  const float *bias;  /* [out] or NULL */
+  int64_t out, in, fmt;
+} twig_linear;
+
+typedef struct {
+  twig_linear q, k, v, o, gate, up, down;
+  const float *norm1, *norm2; /* [hidden] */
+  double eps1, eps2, scaling;
+  int64_t hidden, heads, kv_heads, head_dim, inter;
+} twig_layer;
+
+static void span(const twig_linear *L, const float *x, float *y, int64_t n, int t, int nt) {
+  if (L->fmt == TWIG_I8)
+    i8_span(x, (const int8_t *)L->w, L->scale, L->bias, y, n, L->in, L->out, t, nt);
+  else
+    f32_span(x, (const float *)L->w, NULL, L->bias, y, n, L->in, L->out, t, nt);
+}
+
+/* y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, rows r of [n, d] (as LlamaRMSNorm, in fp32) */
+static void rmsnorm(const float *x, const float *w, double eps, float *y, int64_t n, int64_t d) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float *xr = x + r * d;
+    float *yr = y + r * d;
+    double ss = 0.0;
+    for (int64_t j = 0; j < d; ++j) ss += (double)xr[j] * xr[j];
+    const float inv = 1.0f / sqrtf((float)(ss / (double)d) + (float)eps);
+    for (int64_t j = 0; j < d; ++j) yr[j] = w[j] * (xr[j] * inv);
+  }
+}
+
+/* v [D] rotated in place: out[j] = v[j]·cos[j] − v[j+D/2]·sin[j] (j < D/2), v[j]·cos[j] + v[j−D/2]·sin[j] else */
+static void rope(float *v, const float *cos, const float *sin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float a = v[j], b = v[j + half];
+    v[j] = a * cos[j] - b * sin[j];
+    v[j + half] = b * cos[j + half] + a * sin[j + half];
+  }
+}
+
+static float dot(const float *a, const float *b, int64_t d) {
+  vec acc = vzero();
+  int64_t j = 0;
+  for (; j + VEC <= d; j += VEC) acc = vfma(vload(a + j), vload(b + j), acc);
+  float s = vsum(acc);
+  for (; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
+/* scratch of one layer call, [n, ·] each, and `keys` scores per thread */
+typedef struct {
+  float *h, *q, *k, *v, *a, *o, *g, *u, *scores;
+} scratch;
+
+/* One layer on x [n, hidden] (updated in place), inside the parallel region (thread t of nt). */
+static void layer_forward(const twig_layer *L, float *x, int64_t n, const float *cos, const float *sin, float *kbuf,
+                          float *vbuf, int64_t cap, int64_t len, const uint8_t *tail, int64_t m, const scratch *s,
+                          int t, int nt) {
+  const int64_t H = L->hidden, D = L->head_dim, NH = L->heads, NKV = L->kv_heads, I = L->inter;
+  const int64_t QD = NH * D, KD = NKV * D, group = NH / NKV, keys = len + n;
+#pragma omp single
+  rmsnorm(x, L->norm1, L->eps1, s->h, n, H);
+  span(&L->q, s->h, s->q, n, t, nt);
+  span(&L->k, s->h, s->k, n, t, nt);
+  span(&L->v, s->h, s->v, n, t, nt);
+#pragma omp barrier
+  /* RoPE on each (row, head) of q and k; the block's keys and values go into the cache */
+  for (int64_t task = t; task < n * (NH + NKV); task += nt) {
+    const int64_t r = task / (NH + NKV), head = task % (NH + NKV);
+    const float *c = cos + r * D, *sn = sin + r * D;
+    if (head < NH) {
+      rope(s->q + r * QD + head * D, c, sn, D);
+    } else {
+      const int64_t g = head - NH;
+      float *kk = s->k + r * KD + g * D, *kd = kbuf + (g * cap + len + r) * D, *vd = vbuf + (g * cap + len + r) * D;
+      const float *vs = s->v + r * KD + g * D;
+      rope(kk, c, sn, D);
+      for (int64_t j = 0; j < D; ++j) kd[j] = kk[j], vd[j] = vs[j];
+    }
+  }
+#pragma omp barrier
+  /* attention, one (row, head) at a time */
+  float *sc = s->scores + (int64_t)t * keys;
+  for (int64_t task = t; task < n * NH; task += nt) {
+    const int64_t r = task / NH, head = task % NH, g = head / group;
+    const float *qv = s->q + r * QD + head * D;
+    const float *kb = kbuf + g * cap * D, *vb = vbuf + g * cap * D;
+    const int64_t open = tail ? keys - m : len + r + 1; /* keys every query of the row sees */
+    const int64_t last = tail ? keys : len + r + 1;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < last; ++j) {
+      if (j >= open && !tail[r * m + (j - open)]) {
+        sc[j] = -INFINITY;
+        continue;
+      }
+      sc[j] = dot(qv, kb + j * D, D) * (float)L->scaling;
+      if (sc[j] > mx) mx = sc[j];
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < last; ++j) {
+      sc[j] = sc[j] == -INFINITY ? 0.f : expf(sc[j] - mx);
+      total += sc[j];
+    }
+    float *out = s->a + r * QD + head * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+    for (int64_t j = 0; j < last; ++j) {
+      const float p = sc[j];
+      if (p == 0.f) continue;
+      const float *vr = vb + j * D;
+      for (int64_t d = 0; d < D; ++d) out[d] += p * vr[d];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  }
+#pragma omp barrier
+  span(&L->o, s->a, s->o, n, t, nt);
+#pragma omp barrier
+#pragma omp single
+  {
+    for (int64_t j = 0; j < n * H; ++j) x[j] += s->o[j];
+    rmsnorm(x, L->norm2, L->eps2, s->h, n, H);
+  }
+  span(&L->gate, s->h, s->g, n, t, nt);
+  span(&L->up, s->h, s->u, n, t, nt);
+#pragma omp barrier
+  {
+    const int64_t per = (n * I + nt - 1) / nt, j0 = t * per, j1 = j0 + per < n * I ? j0 + per : n * I;
+    for (int64_t j = j0; j < j1; ++j) s->g[j] = s->g[j] / (1.0f + expf(-s->g[j])) * s->u[j];
+  }
+#pragma omp barrier
+  span(&L->down, s->g, s->o, n, t, nt);
+#pragma omp barrier
+#pragma omp single
+  for (int64_t j = 0; j < n * H; ++j) x[j] += s->o[j];
+}
+
+/* `count` layers in order on x [n, hidden] (updated in place). cos, sin [n, head_dim]; layer i's cache buffers
+ * kbufs[i], vbufs[i] [kv_heads, caps[i], head_dim] hold lens[i] entries and have room for n more (written here;
+ * the caller counts them); tail [n, m] or NULL (causal). Returns 0, 1 on bad sizes, 2 when out of memory. */
+int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t n, const float *cos,
+                const float *sin, float *const *kbufs, float *const *vbufs, const int64_t *caps, const int64_t *lens,
+                const uint8_t *tail, int64_t m, int threads) {
+  if (count < 1 || n < 1 || (tail && m < 1)) return 1;
+  if (threads < 1) threads = 1;
+  int64_t QD = 0, KD = 0, I = 0, H = layers[0]->hidden, keys = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const twig_layer *L = layers[i];
+    if (L->hidden != H || L->kv_heads < 1 || L->heads % L->kv_heads || lens[i] + n > caps[i] ||
+        (tail && m > lens[i] + n))
+      return 1;
+    QD = L->heads * L->head_dim > QD ? L->heads * L->head_dim : QD;
+    KD = L->kv_heads * L->head_dim > KD ? L->kv_heads * L->head_dim : KD;
+    I = L->inter > I ? L->inter : I;
+    keys = lens[i] + n > keys ? lens[i] + n : keys;
+  }
+  const int64_t wide = H > QD ? H : QD;
+  const int64_t total = n * (wide + 2 * QD + 2 * KD + H + 2 * I) + (int64_t)threads * keys;
+  float *mem = (float *)malloc((size_t)total * sizeof(float));
+  if (!mem) return 2;
+  scratch s;
+  s.h = mem;
+  s.q = s.h + n * wide;
+  s.a = s.q + n * QD;
+  s.k = s.a + n * QD;
+  s.v = s.k + n * KD;
+  s.o = s.v + n * KD;
+  s.g = s.o + n * H;
+  s.u = s.g + n * I;
+  s.scores = s.u + n * I;
+#pragma omp parallel num_threads(threads)
+  {
+    int t = 0, nt = 1;
+    THREAD_IDS(t, nt);
+    for (int64_t i = 0; i < count; ++i)
+      layer_forward(layers[i], x, n, cos, sin, kbufs[i], vbufs[i], caps[i], lens[i], tail, m, &s, t, nt);
+  }
+  free(mem);
+  return 0;
+}
