@@ -106,7 +106,8 @@ class VLM:
         each row count, and decode steps run qualifying ranges of decoder layers natively (no-op on a GPU);
         "products": the former only; "stock": plain nn.Linear and the stock layers. Parameters and checkpoints
         never change."""
-        self.kernel_plan = apply_kernels(self.kernel_modules(), mode)
+        # the plan already measured is kept (the same object: compiled programs traced with it stay valid)
+        self.kernel_plan = apply_kernels(self.kernel_modules(), mode, self.kernel_plan if mode != "stock" else None)
         self.kernels = mode
         on = mode == "auto" and self.kernel_plan is not None and NativeLayers.available()
         if on and self._native is None:

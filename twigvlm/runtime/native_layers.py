@@ -124,9 +124,9 @@ class _Packed:
 
     def __init__(self, layer: nn.Module) -> None:
         attn = layer.self_attn
-        self.classes: tuple[type, ...] = ()
+        self.layer = weakref.ref(layer)
         self.keep: list[torch.Tensor] = []
-        self.sources: list[tuple[nn.Module, Any]] = []
+        self.watch: list[tuple[nn.Module, type, torch.Tensor, int, int, torch.Tensor | None]] = []
         fields = {name: self._linear(lin) for name, lin in _linears(layer).items()}
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         d = attn.head_dim
@@ -144,31 +144,31 @@ class _Packed:
             inter=layer.mlp.gate_proj.out_features,
         )
         self.keep += [n1.weight, n2.weight]
+        self.pointer = ctypes.pointer(self.struct)
 
     def _linear(self, lin: nn.Module) -> _Linear:
         bias = lin.bias.data_ptr() if lin.bias is not None else None
         if lin.bias is not None:
             self.keep.append(lin.bias)
+        weight = lin.weight
         if isinstance(lin, Int8Linear):
-            if lin.qsource != _source(lin.weight):  # new weights since the copy was made: follow them
+            if lin.qsource != _source(weight):  # new weights since the copy was made: follow them
                 _quantize_layer(lin)
             self.keep += [lin.qweight, lin.qscale]
-            self.sources.append((lin, lin.qsource))
-            w, scale, fmt = lin.qweight.data_ptr(), lin.qscale.data_ptr(), _I8
+            w, scale, fmt, copy = lin.qweight.data_ptr(), lin.qscale.data_ptr(), _I8, lin.qweight
         else:
-            self.keep.append(lin.weight)
-            self.sources.append((lin, lin.weight.data_ptr()))
-            w, scale, fmt = lin.weight.data_ptr(), None, _F32
+            self.keep.append(weight)
+            w, scale, fmt, copy = weight.data_ptr(), None, _F32, None
+        self.watch.append((lin, type(lin), weight, weight._version, weight.data_ptr(), copy))
         return _Linear(w=w, scale=scale, bias=bias, out=lin.out_features, inp=lin.in_features, fmt=fmt)
 
     def fresh(self) -> bool:
-        """Whether every pointer still points at the layer's current weights (an int8 copy of the weight's current
-        values, an fp32 weight's storage)."""
-        for lin, seen in self.sources:
-            now = _source(lin.weight) if isinstance(lin, Int8Linear) else lin.weight.data_ptr()
-            if isinstance(lin, Int8Linear) and (lin.qsource != seen or now != seen):
+        """Whether the pointers still describe the layer: the same classes, the same weight tensors with the same
+        storage and values (the in-place version counter), and the same int8 copies."""
+        for lin, cls, weight, version, ptr, copy in self.watch:
+            if type(lin) is not cls or lin._parameters["weight"] is not weight or weight._version != version:
                 return False
-            if not isinstance(lin, Int8Linear) and now != seen:
+            if weight.data_ptr() != ptr or (copy is not None and lin.__dict__.get("qweight") is not copy):
                 return False
         return True
 
@@ -178,9 +178,11 @@ class NativeLayers:
 
     def __init__(self, rotary: Any) -> None:
         self.rotary = rotary  # the adapter's rotary(hidden, position_ids) → (cos, sin): the self-check's tables
-        self._packed: weakref.WeakKeyDictionary[nn.Module, tuple[type, ...] | _Packed | None] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._packed: weakref.WeakKeyDictionary[nn.Module, _Packed] = weakref.WeakKeyDictionary()
+        self._refused: weakref.WeakKeyDictionary[nn.Module, tuple[type, ...]] = weakref.WeakKeyDictionary()
+        self._checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers whose self-check passed
+        self._ranges: dict[tuple[int, ...], tuple[int, list[_Packed]]] = {}  # layers (ids) → (epoch checked, packed)
+        self._epoch = 0
         self.calls = 0  # native range calls made (tests and the bench read it)
 
     @staticmethod
@@ -189,23 +191,24 @@ class NativeLayers:
         return _library() is not None
 
     def _pack(self, layer: nn.Module) -> _Packed | None:
-        """The layer's packed description (made, and checked against the stock layer, at its first use), or None
-        where it cannot run natively."""
-        classes = tuple(type(lin) for lin in _linears(layer).values()) if hasattr(layer, "mlp") else ()
+        """The layer's packed description (made at its first use, and again when its weights or classes change;
+        checked against the stock layer once), or None where it cannot run natively."""
         entry = self._packed.get(layer)
-        if isinstance(entry, _Packed) and entry.classes == classes and entry.fresh():
+        if entry is not None and entry.fresh():
             return entry
-        if entry is not None and not isinstance(entry, _Packed) and entry == classes:
+        classes = tuple(type(lin) for lin in _linears(layer).values()) if hasattr(layer, "mlp") else ()
+        if self._refused.get(layer) == classes:
             return None  # refused for these classes already
         why = _why_not(layer)
         packed = _Packed(layer) if why is None else None
-        if packed is not None:
-            packed.classes = classes
+        if packed is not None and layer not in self._checked:
             why = _self_check(self, layer, packed)
         if why is not None:
             log.info("decoder layer %s runs stock, not natively: %s", type(layer).__name__, why)
-            self._packed[layer] = classes
+            self._refused[layer] = classes
+            self._packed.pop(layer, None)
             return None
+        self._checked.add(layer)
         self._packed[layer] = packed
         return packed
 
@@ -225,8 +228,26 @@ class NativeLayers:
         for kv in caches:
             if kv is None or kv.k is None or kv.k.dtype is not torch.float32 or kv.k.shape[0] != 1:
                 return None
-        packed = [self._pack(layer) for layer in layers]
-        return None if any(p is None for p in packed) else packed  # type: ignore[return-value]
+        key = tuple(map(id, layers))
+        entry = self._ranges.get(key)
+        if entry is not None and all(p.layer() is layer for p, layer in zip(entry[1], layers, strict=True)):
+            if entry[0] == self._epoch:  # checked since the last `revalidate`
+                return entry[1]
+            if all(p.fresh() for p in entry[1]):
+                self._ranges[key] = (self._epoch, entry[1])
+                return entry[1]
+        found = [self._pack(layer) for layer in layers]
+        if any(p is None for p in found):
+            return None
+        if len(self._ranges) >= 64:  # ranges of layers since dropped (old twigs): start over
+            self._ranges.clear()
+        self._ranges[key] = (self._epoch, found)  # type: ignore[assignment]
+        return found  # type: ignore[return-value]
+
+    def revalidate(self) -> None:
+        """Check every range's weights again at its next call (a generation starts: its weights are read now and
+        trusted to its end, so a step pays no per-layer checks)."""
+        self._epoch += 1
 
     def run(
         self,
@@ -253,7 +274,7 @@ class NativeLayers:
                 raise RuntimeError("a native layer needs contiguous cache buffers")
             kptr[i], vptr[i] = kv.k.data_ptr(), kv.v.data_ptr()
             caps[i], lens[i] = kv.k.shape[2], kv.length
-        structs = (ctypes.POINTER(_Layer) * count)(*(ctypes.pointer(p.struct) for p in packed))
+        structs = (ctypes.POINTER(_Layer) * count)(*(p.pointer for p in packed))
         mask = None if tail is None else tail.to(torch.uint8).contiguous()  # [q, m]
         m = 0 if mask is None else mask.shape[1]
         args = (structs, count, x.data_ptr(), q, cos.data_ptr(), sin.data_ptr(), kptr, vptr, caps, lens)
