@@ -65,13 +65,117 @@ static void rope(float *v, const float *cos, const float *sin, int64_t d) {
   }
 }
 
-static float dot(const float *a, const float *b, int64_t d) {
-  vec acc = vzero();
+/* exp of VEC lanes (Cephes' expf: range reduction by ln 2 in two parts, a degree-6 polynomial, 2^n from the
+ * exponent bits; within 2 ulp of expf over the range softmax uses, and 0 below −87) */
+#if VEC == 16 && defined(__AVX512F__)
+static inline vec vexp(vec x) {
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.3762626647949f));
+  const vec n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  vec y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps((__mmask16)~under, y, _mm512_castsi512_ps(e));
+}
+#elif VEC == 8 && defined(__AVX2__)
+static inline vec vexp(vec x) {
+  const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
+  const vec n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  vec y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+#else
+static inline vec vexp(vec x) {
+  vec r;
+  for (int j = 0; j < VEC; ++j) r.v[j] = x.v[j] < -87.0f ? 0.0f : expf(x.v[j]);
+  return r;
+}
+#endif
+
+static inline void vstore(float *p, vec v) {
+#if VEC == 16 && defined(__AVX512F__)
+  _mm512_storeu_ps(p, v);
+#elif VEC == 8 && defined(__AVX2__)
+  _mm256_storeu_ps(p, v);
+#else
+  for (int j = 0; j < VEC; ++j) p[j] = v.v[j];
+#endif
+}
+
+/* sc[0..n) = exp(sc − mx) in place; returns their sum */
+static float exp_shifted(float *sc, int64_t n, float mx) {
+  float total = 0.f;
   int64_t j = 0;
-  for (; j + VEC <= d; j += VEC) acc = vfma(vload(a + j), vload(b + j), acc);
-  float s = vsum(acc);
-  for (; j < d; ++j) s += a[j] * b[j];
-  return s;
+#if VEC == 16 && defined(__AVX512F__)
+  const vec shift = _mm512_set1_ps(mx);
+  vec sum = vzero();
+  for (; j + VEC <= n; j += VEC) {
+    const vec e = vexp(_mm512_sub_ps(vload(sc + j), shift));
+    vstore(sc + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = vsum(sum);
+#elif VEC == 8 && defined(__AVX2__)
+  const vec shift = _mm256_set1_ps(mx);
+  vec sum = vzero();
+  for (; j + VEC <= n; j += VEC) {
+    const vec e = vexp(_mm256_sub_ps(vload(sc + j), shift));
+    vstore(sc + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  total = vsum(sum);
+#endif
+  for (; j < n; ++j) {
+    sc[j] = sc[j] - mx < -87.0f ? 0.0f : expf(sc[j] - mx);
+    total += sc[j];
+  }
+  return total;
+}
+
+/* out [D] = Σ_j p[j] · v[j] over `n` value rows of D (held in registers where D is at most 8 vectors) */
+static void weighted_sum(const float *p, const float *v, int64_t n, int64_t D, float *out) {
+  if (D % VEC == 0 && D / VEC <= 8) {
+    const int64_t c = D / VEC;
+    vec acc[8];
+    for (int64_t i = 0; i < c; ++i) acc[i] = vzero();
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == 0.f) continue;
+#if VEC == 16 && defined(__AVX512F__)
+      const vec pj = _mm512_set1_ps(p[j]);
+#elif VEC == 8 && defined(__AVX2__)
+      const vec pj = _mm256_set1_ps(p[j]);
+#else
+      vec pj;
+      for (int l = 0; l < VEC; ++l) pj.v[l] = p[j];
+#endif
+      for (int64_t i = 0; i < c; ++i) acc[i] = vfma(pj, vload(v + j * D + i * VEC), acc[i]);
+    }
+    for (int64_t i = 0; i < c; ++i) vstore(out + i * VEC, acc[i]);
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    if (p[j] == 0.f) continue;
+    for (int64_t d = 0; d < D; ++d) out[d] += p[j] * v[j * D + d];
+  }
 }
 
 /* scratch of one layer call, [n, ·] each, and `keys` scores per thread */
@@ -114,28 +218,16 @@ static void layer_forward(const twig_layer *L, float *x, int64_t n, const float 
     const float *kb = kbuf + g * cap * D, *vb = vbuf + g * cap * D;
     const int64_t open = tail ? keys - m : len + r + 1; /* keys every query of the row sees */
     const int64_t last = tail ? keys : len + r + 1;
+    f32_BY_ROWS[1](qv, kb, NULL, NULL, sc, D, last, 0, last); /* q · k for every visible key: [last] */
+    const float scaling = (float)L->scaling;
     float mx = -INFINITY;
     for (int64_t j = 0; j < last; ++j) {
-      if (j >= open && !tail[r * m + (j - open)]) {
-        sc[j] = -INFINITY;
-        continue;
-      }
-      sc[j] = dot(qv, kb + j * D, D) * (float)L->scaling;
-      if (sc[j] > mx) mx = sc[j];
+      sc[j] = j >= open && !tail[r * m + (j - open)] ? -INFINITY : sc[j] * scaling;
+      mx = sc[j] > mx ? sc[j] : mx;
     }
-    float total = 0.f;
-    for (int64_t j = 0; j < last; ++j) {
-      sc[j] = sc[j] == -INFINITY ? 0.f : expf(sc[j] - mx);
-      total += sc[j];
-    }
+    const float total = exp_shifted(sc, last, mx); /* masked keys: exp(−inf) = 0 */
     float *out = s->a + r * QD + head * D;
-    for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-    for (int64_t j = 0; j < last; ++j) {
-      const float p = sc[j];
-      if (p == 0.f) continue;
-      const float *vr = vb + j * D;
-      for (int64_t d = 0; d < D; ++d) out[d] += p * vr[d];
-    }
+    weighted_sum(sc, vb, last, D, out);
     const float inv = 1.0f / total;
     for (int64_t d = 0; d < D; ++d) out[d] *= inv;
   }
