@@ -253,3 +253,20 @@ def test_the_modes(adapters, monkeypatch):
     finally:
         vlm.set_kernels("stock")
         vlm.set_compile("off")
+
+
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "video-llava", "idefics3", "smolvlm"])
+def test_the_families_decoders_run_natively(zoo, family):
+    """Each family whose decoder is Llama- or Qwen2-shaped: every layer runs natively, with the stock layers' ids."""
+    vlm = middle_twig(zoo(family))
+    try:
+        vlm.set_kernels("auto")
+        runner = vlm.native
+        assert runner.covers([*vlm.adapter.layers, *vlm.twig.layers])
+        calls = runner.calls
+        for method in ("ar", "ssd chain"):
+            stock, ours = both_ways(vlm, method, prompt=random_prompt(5, 6), image=random_image(5))
+            assert ours == stock, (family, method)
+        assert runner.calls > calls
+    finally:
+        vlm.set_kernels("stock")
