@@ -270,3 +270,30 @@ def test_the_families_decoders_run_natively(zoo, family):
         assert runner.calls > calls
     finally:
         vlm.set_kernels("stock")
+
+
+def test_a_batch_runs_natively_and_each_row_equals_its_solo_run(llava, monkeypatch):
+    """Rows of a batch — pruned, drafting, text-only, of different lengths, joining and leaving — in one native call
+    per pass, each row reading its own slot up to its own length: every row's ids are its solo run's, natively and
+    on the stock layers alike."""
+    requests = [
+        dict(prompt=random_prompt(60 + i, 3 + 3 * i), image=random_image(60 + i, (40 + 8 * i, 48)) if i != 3 else None,
+             max_new_tokens=5 + 4 * i, ignore_eos=True, prune=TTP if i == 1 else None,
+             speculative=CHAIN if i == 2 else False)
+        for i in range(4)
+    ]  # fmt: skip
+    llava.set_kernels("auto")
+    try:
+        runner = llava.native
+        batched: list[tuple[int, int]] = []
+        real = runner.run_rows
+        monkeypatch.setattr(runner, "run_rows", lambda p, h, *a: batched.append(tuple(h.shape[:2])) or real(p, h, *a))
+        ours = [r.token_ids for r in llava.generate(requests)]
+        solo = [llava.generate(r.pop("prompt"), **r).token_ids for r in [dict(q) for q in requests]]
+        llava.set_kernels("products")
+        stock = [r.token_ids for r in llava.generate(requests)]
+    finally:
+        llava.set_kernels("stock")
+    assert ours == solo == stock
+    rows = {r for r, _ in batched}
+    assert max(rows) == 4 and len(rows) > 1 and any(q > 1 for _, q in batched)  # rows leave; drafts verified

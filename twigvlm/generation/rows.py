@@ -9,7 +9,8 @@ in its caches (its keys are written past the row's length, where the row's next 
 real query sees it (a query sees its row's keys up to itself).
 
 Each row computes what it would alone — its attention sees exactly its own keys — up to the order of additions
-in products over several rows.
+in products over several rows. Where the engine runs native layers (`runtime/native_layers.py`), the whole range
+is one native call that reads each row's keys in its own slot, up to its own length.
 """
 
 from __future__ import annotations
@@ -111,6 +112,20 @@ def run_rows(
     r, q = hidden.shape[:2]
     device = hidden.device
     rope = adapter.rotary(hidden, positions)
+    packed = engine.native.runs_rows(layers, hidden) if engine.native is not None else None
+    if packed is not None:  # the whole range in one native call (`runtime/native_layers.py`)
+        own_layers = [[c.layers[first + j] for c in caches] for j in range(len(layers))]
+        lengths = [[kv.length for kv in own] for own in own_layers]
+        for j, held in enumerate(lengths):
+            if max(held) + q > slots.capacities[first + j]:
+                raise RuntimeError(f"a block of {q} after {max(held)} entries does not fit slots of "
+                                   f"{slots.capacities[first + j]}")  # fmt: skip
+        span = slice(first, first + len(layers))
+        hidden = engine.native.run_rows(packed, hidden, rope, slots.k[span], slots.v[span], lengths)
+        for own in own_layers:
+            for kv, n in zip(own, counts, strict=True):
+                kv.length += n
+        return hidden
     programs = engine.programs if q == 1 else None  # one token per row: the compiled batched program
     layouts: dict[tuple[int, ...], Layout] = {}
     with grouped_heads_with_masks(device):  # every row's call carries a mask

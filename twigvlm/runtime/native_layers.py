@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
 MAX_ROWS = 16  # blocks of up to this many new tokens (decode, drafts, verification); longer ones run stock
+MAX_BATCH_ROWS = 64  # a batched pass of up to this many tokens in all (rows × block) runs natively
 TOLERANCE = 1e-4  # the self-check's largest difference to the stock layer, relative to the output's scale
 _F32, _I8 = 0, 1
 _PRODUCTS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -74,7 +75,7 @@ def _library() -> ctypes.CDLL | None:
     lib = native.gemv_library()
     if lib is not None and not getattr(lib, "_twig_layers_typed", False):
         fn = lib.twig_layers
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         fn.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int]
         fn.restype = ctypes.c_int
         lib._twig_layers_typed = True
@@ -228,6 +229,20 @@ class NativeLayers:
         for kv in caches:
             if kv is None or kv.k is None or kv.k.dtype is not torch.float32 or kv.k.shape[0] != 1:
                 return None
+        return self._range(layers)
+
+    def runs_rows(self, layers: Sequence[nn.Module], hidden: torch.Tensor) -> list[_Packed] | None:
+        """The packed layers when a batched pass of hidden [R, q, H] (`generation/rows.py`: each row its own
+        sequence, its caches in the batch's slots) can run natively, else None."""
+        r, q, _ = hidden.shape
+        if not 0 < q <= MAX_ROWS or r * q > MAX_BATCH_ROWS or hidden.dtype is not torch.float32 or not layers:
+            return None
+        if hidden.device.type != "cpu" or (torch.is_grad_enabled() and hidden.requires_grad):
+            return None
+        return self._range(layers)
+
+    def _range(self, layers: Sequence[nn.Module]) -> list[_Packed] | None:
+        """Every layer's packed description (a range seen before: from the cache), or None if one cannot run."""
         key = tuple(map(id, layers))
         entry = self._ranges.get(key)
         if entry is not None and all(p.layer() is layer for p, layer in zip(entry[1], layers, strict=True)):
@@ -260,29 +275,60 @@ class NativeLayers:
         """hidden [1, q, H] through the packed layers, each reading and extending its cache (the block's keys and
         values are written after each layer's entries and counted); tail: a draft tree's mask [q, m] over the
         last m keys, as `Engine.run_layers` takes it. Returns the output [1, q, H]."""
+        q = hidden.shape[1]
+        for kv in caches:
+            kv.window(q)  # room for the block (the buffers may grow here)
+        keys, values = [kv.k for kv in caches], [kv.v for kv in caches]
+        x = self._call(packed, hidden, rope, keys, values, [[kv.length] for kv in caches], tail)
+        for kv in caches:
+            kv.commit(q)
+        return x
+
+    def run_rows(
+        self,
+        packed: Sequence[_Packed],
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        lengths: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """hidden [R, q, H] through the packed layers, row r a sequence of its own: layer i's buffers keys[i],
+        values[i] [≥ R, H_kv, cap_i, D], row r in slot r holding lengths[i][r] entries with room for q more. Each
+        row's block is written after its own entries; the caller counts what it keeps. Returns [R, q, H]."""
+        return self._call(packed, hidden, rope, keys, values, lengths, None)
+
+    def _call(
+        self,
+        packed: Sequence[_Packed],
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        lengths: Sequence[Sequence[int]],
+        tail: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The library call: hidden [R, q, H] → [R, q, H] (a copy, updated in place by the layers)."""
         lib = _library()
         assert lib is not None
-        q = hidden.shape[1]
-        x = hidden.to(torch.float32, copy=True).contiguous()  # [1, q, H], updated in place
-        cos, sin = (t.to(torch.float32).reshape(q, -1).contiguous() for t in rope)  # [q, D]
+        rows, q = hidden.shape[:2]
+        x = hidden.to(torch.float32, copy=True).contiguous()  # [R, q, H], updated in place
+        cos, sin = (t.to(torch.float32).expand(rows, q, -1).reshape(rows * q, -1).contiguous() for t in rope)
         count = len(packed)
         kptr, vptr = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
-        caps, lens = (ctypes.c_int64 * count)(), (ctypes.c_int64 * count)()
-        for i, kv in enumerate(caches):
-            kv.window(q)  # room for the block (the buffers may grow here)
-            if not kv.k.is_contiguous():
-                raise RuntimeError("a native layer needs contiguous cache buffers")
-            kptr[i], vptr[i] = kv.k.data_ptr(), kv.v.data_ptr()
-            caps[i], lens[i] = kv.k.shape[2], kv.length
+        caps, lens = (ctypes.c_int64 * count)(), (ctypes.c_int64 * (count * rows))()
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            if not (k.is_contiguous() and v.is_contiguous()) or k.dtype is not torch.float32 or k.shape[0] < rows:
+                raise RuntimeError("native layers need contiguous fp32 cache buffers with a slot per row")
+            kptr[i], vptr[i], caps[i] = k.data_ptr(), v.data_ptr(), k.shape[2]
+            lens[i * rows : (i + 1) * rows] = list(lengths[i])
         structs = (ctypes.POINTER(_Layer) * count)(*(p.pointer for p in packed))
         mask = None if tail is None else tail.to(torch.uint8).contiguous()  # [q, m]
         m = 0 if mask is None else mask.shape[1]
-        args = (structs, count, x.data_ptr(), q, cos.data_ptr(), sin.data_ptr(), kptr, vptr, caps, lens)
+        args = (structs, count, x.data_ptr(), rows, q, cos.data_ptr(), sin.data_ptr(), kptr, vptr, caps, lens)
         code = lib.twig_layers(*args, None if mask is None else mask.data_ptr(), m, torch.get_num_threads())
         if code:
-            raise RuntimeError(f"native decoder layers refused the call (code {code}): q={q} tail={m}")
-        for kv in caches:
-            kv.commit(q)
+            raise RuntimeError(f"native decoder layers refused the call (code {code}): rows={rows} q={q} tail={m}")
         self.calls += 1
         return x
 

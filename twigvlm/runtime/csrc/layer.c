@@ -181,52 +181,55 @@ static void weighted_sum(const float *p, const float *v, int64_t n, int64_t D, f
 /* scratch of one layer call, [n, ·] each, and `keys` scores per thread */
 typedef struct {
   float *h, *q, *k, *v, *a, *o, *g, *u, *scores;
+  int64_t keys; /* the most keys one query reads (scores per thread) */
 } scratch;
 
-/* One layer on x [n, hidden] (updated in place), inside the parallel region (thread t of nt). */
-static void layer_forward(const twig_layer *L, float *x, int64_t n, const float *cos, const float *sin, float *kbuf,
-                          float *vbuf, int64_t cap, int64_t len, const uint8_t *tail, int64_t m, const scratch *s,
-                          int t, int nt) {
+/* One layer on x [R·q, hidden] (updated in place): R sequences (rows) of q new tokens each, row r's cache at kbuf,
+ * vbuf + r·row_stride ([kv_heads, cap, head_dim]) holding len[r] entries. Inside the parallel region (thread t of nt). */
+static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, const float *cos, const float *sin,
+                          float *kbuf, float *vbuf, int64_t cap, const int64_t *len, const uint8_t *tail, int64_t m,
+                          const scratch *s, int t, int nt) {
   const int64_t H = L->hidden, D = L->head_dim, NH = L->heads, NKV = L->kv_heads, I = L->inter;
-  const int64_t QD = NH * D, KD = NKV * D, group = NH / NKV, keys = len + n;
+  const int64_t QD = NH * D, KD = NKV * D, group = NH / NKV, n = R * q, row_stride = NKV * cap * D;
 #pragma omp single
   rmsnorm(x, L->norm1, L->eps1, s->h, n, H);
   span(&L->q, s->h, s->q, n, t, nt);
   span(&L->k, s->h, s->k, n, t, nt);
   span(&L->v, s->h, s->v, n, t, nt);
 #pragma omp barrier
-  /* RoPE on each (row, head) of q and k; the block's keys and values go into the cache */
+  /* RoPE on each (token, head) of q and k; the block's keys and values go into each row's cache after its own */
   for (int64_t task = t; task < n * (NH + NKV); task += nt) {
-    const int64_t r = task / (NH + NKV), head = task % (NH + NKV);
-    const float *c = cos + r * D, *sn = sin + r * D;
+    const int64_t i = task / (NH + NKV), head = task % (NH + NKV), r = i / q, j = i % q;
+    const float *c = cos + i * D, *sn = sin + i * D;
     if (head < NH) {
-      rope(s->q + r * QD + head * D, c, sn, D);
+      rope(s->q + i * QD + head * D, c, sn, D);
     } else {
-      const int64_t g = head - NH;
-      float *kk = s->k + r * KD + g * D, *kd = kbuf + (g * cap + len + r) * D, *vd = vbuf + (g * cap + len + r) * D;
-      const float *vs = s->v + r * KD + g * D;
+      const int64_t g = head - NH, at = r * row_stride + (g * cap + len[r] + j) * D;
+      float *kk = s->k + i * KD + g * D, *kd = kbuf + at, *vd = vbuf + at;
+      const float *vs = s->v + i * KD + g * D;
       rope(kk, c, sn, D);
-      for (int64_t j = 0; j < D; ++j) kd[j] = kk[j], vd[j] = vs[j];
+      for (int64_t d = 0; d < D; ++d) kd[d] = kk[d], vd[d] = vs[d];
     }
   }
 #pragma omp barrier
-  /* attention, one (row, head) at a time */
-  float *sc = s->scores + (int64_t)t * keys;
+  /* attention, one (token, head) at a time, over its row's keys */
+  float *sc = s->scores + (int64_t)t * s->keys;
   for (int64_t task = t; task < n * NH; task += nt) {
-    const int64_t r = task / NH, head = task % NH, g = head / group;
-    const float *qv = s->q + r * QD + head * D;
-    const float *kb = kbuf + g * cap * D, *vb = vbuf + g * cap * D;
-    const int64_t open = tail ? keys - m : len + r + 1; /* keys every query of the row sees */
-    const int64_t last = tail ? keys : len + r + 1;
+    const int64_t i = task / NH, head = task % NH, g = head / group, r = i / q, j = i % q;
+    const float *qv = s->q + i * QD + head * D;
+    const float *kb = kbuf + r * row_stride + g * cap * D, *vb = vbuf + r * row_stride + g * cap * D;
+    const int64_t keys = len[r] + q;
+    const int64_t open = tail ? keys - m : len[r] + j + 1; /* keys the query sees whatever the tail says */
+    const int64_t last = tail ? keys : len[r] + j + 1;
     f32_BY_ROWS[1](qv, kb, NULL, NULL, sc, D, last, 0, last); /* q · k for every visible key: [last] */
     const float scaling = (float)L->scaling;
     float mx = -INFINITY;
-    for (int64_t j = 0; j < last; ++j) {
-      sc[j] = j >= open && !tail[r * m + (j - open)] ? -INFINITY : sc[j] * scaling;
-      mx = sc[j] > mx ? sc[j] : mx;
+    for (int64_t k = 0; k < last; ++k) {
+      sc[k] = k >= open && !tail[j * m + (k - open)] ? -INFINITY : sc[k] * scaling;
+      mx = sc[k] > mx ? sc[k] : mx;
     }
     const float total = exp_shifted(sc, last, mx); /* masked keys: exp(−inf) = 0 */
-    float *out = s->a + r * QD + head * D;
+    float *out = s->a + i * QD + head * D;
     weighted_sum(sc, vb, last, D, out);
     const float inv = 1.0f / total;
     for (int64_t d = 0; d < D; ++d) out[d] *= inv;
@@ -253,24 +256,28 @@ static void layer_forward(const twig_layer *L, float *x, int64_t n, const float 
   for (int64_t j = 0; j < n * H; ++j) x[j] += s->o[j];
 }
 
-/* `count` layers in order on x [n, hidden] (updated in place). cos, sin [n, head_dim]; layer i's cache buffers
- * kbufs[i], vbufs[i] [kv_heads, caps[i], head_dim] hold lens[i] entries and have room for n more (written here;
- * the caller counts them); tail [n, m] or NULL (causal). Returns 0, 1 on bad sizes, 2 when out of memory. */
-int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t n, const float *cos,
+/* `count` layers in order on x [R·q, hidden] (updated in place): R rows (sequences) of q new tokens each. cos, sin
+ * [R·q, head_dim]; layer i's cache buffers kbufs[i], vbufs[i] [R, kv_heads, caps[i], head_dim], row r holding
+ * lens[i·R + r] entries with room for q more (written here; the caller counts them); tail [q, m] or NULL (causal;
+ * a tail only for one row). Returns 0, 1 on bad sizes, 2 when out of memory. */
+int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t R, int64_t q, const float *cos,
                 const float *sin, float *const *kbufs, float *const *vbufs, const int64_t *caps, const int64_t *lens,
                 const uint8_t *tail, int64_t m, int threads) {
-  if (count < 1 || n < 1 || (tail && m < 1)) return 1;
+  if (count < 1 || R < 1 || q < 1 || (tail && (m < 1 || R != 1))) return 1;
   if (threads < 1) threads = 1;
+  const int64_t n = R * q;
   int64_t QD = 0, KD = 0, I = 0, H = layers[0]->hidden, keys = 0;
   for (int64_t i = 0; i < count; ++i) {
     const twig_layer *L = layers[i];
-    if (L->hidden != H || L->kv_heads < 1 || L->heads % L->kv_heads || lens[i] + n > caps[i] ||
-        (tail && m > lens[i] + n))
-      return 1;
+    if (L->hidden != H || L->kv_heads < 1 || L->heads % L->kv_heads) return 1;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t held = lens[i * R + r];
+      if (held < 0 || held + q > caps[i] || (tail && m > held + q)) return 1;
+      keys = held + q > keys ? held + q : keys;
+    }
     QD = L->heads * L->head_dim > QD ? L->heads * L->head_dim : QD;
     KD = L->kv_heads * L->head_dim > KD ? L->kv_heads * L->head_dim : KD;
     I = L->inter > I ? L->inter : I;
-    keys = lens[i] + n > keys ? lens[i] + n : keys;
   }
   const int64_t wide = H > QD ? H : QD;
   const int64_t total = n * (wide + 2 * QD + 2 * KD + H + 2 * I) + (int64_t)threads * keys;
@@ -286,12 +293,13 @@ int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_
   s.g = s.o + n * H;
   s.u = s.g + n * I;
   s.scores = s.u + n * I;
+  s.keys = keys;
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, nt = 1;
     THREAD_IDS(t, nt);
     for (int64_t i = 0; i < count; ++i)
-      layer_forward(layers[i], x, n, cos, sin, kbufs[i], vbufs[i], caps[i], lens[i], tail, m, &s, t, nt);
+      layer_forward(layers[i], x, R, q, cos, sin, kbufs[i], vbufs[i], caps[i], lens + i * R, tail, m, &s, t, nt);
   }
   free(mem);
   return 0;
