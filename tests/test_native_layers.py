@@ -3,7 +3,7 @@ and cache ≡ the stock layer's (1e-5 relative) for 1–16 new tokens over cache
 int8 weights, Llama (grouped heads) and Qwen2 (biases) layers and an odd shape; a range of layers with pruned
 (different) cache lengths; a draft tree's tail mask; whole generations with the same greedy ids as the stock
 layers for AR, TTP, chain and tree SSD and TTP + SSD, SSD ≡ AR natively; layers that do not qualify (another
-class, a failed self-check, gradients, a batch) run stock; weights changed in place are followed; the modes."""
+class, a failed self-check, gradients anywhere, a batch of one-token rows too long) run stock; weights changed in place are followed; the modes."""
 
 from __future__ import annotations
 
@@ -211,19 +211,22 @@ def test_a_failed_self_check_leaves_the_layer_stock(adapters, monkeypatch, caplo
 
 
 def test_calls_that_do_not_qualify(adapters):
-    adapter = adapters["llama-clip"]
-    runner, layers = NativeLayers(adapter.rotary), list(adapter.layers[:2])
-    hidden = torch.randn(1, 2, layers[0].input_layernorm.weight.shape[0])
-    full = [LayerKV() for _ in layers]
-    for kv in full:
-        kv.append(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
-    assert runner.runs(layers, hidden, full, ()) is not None
-    assert runner.runs(layers, hidden, [LayerKV(), LayerKV()], ()) is None  # no keys yet: a prefill
-    assert runner.runs(layers, hidden, [None, None], ()) is None  # no cache
-    assert runner.runs(layers, hidden, full, (hidden,)) is None  # a layer output needs an addition
-    assert runner.runs(layers, hidden.repeat(2, 1, 1), full, ()) is None  # a batch
-    assert runner.runs(layers, torch.randn(1, native_layers.MAX_ROWS + 1, hidden.shape[-1]), full, ()) is None
-    assert runner.runs(layers, hidden.requires_grad_(), full, ()) is None  # gradients
+    with torch.no_grad():  # generation's mode
+        adapter = adapters["llama-clip"]
+        runner, layers = NativeLayers(adapter.rotary), list(adapter.layers[:2])
+        hidden = torch.randn(1, 2, layers[0].input_layernorm.weight.shape[0])
+        full = [LayerKV() for _ in layers]
+        for kv in full:
+            kv.append(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+        assert runner.runs(layers, hidden, full, ()) is not None
+        assert runner.runs(layers, hidden, [LayerKV(), LayerKV()], ()) is None  # no keys yet: a prefill
+        assert runner.runs(layers, hidden, [None, None], ()) is None  # no cache
+        assert runner.runs(layers, hidden, full, (hidden,)) is None  # a layer output needs an addition
+        assert runner.runs(layers, hidden.repeat(2, 1, 1), full, ()) is None  # a batch
+        assert runner.runs(layers, torch.randn(1, native_layers.MAX_ROWS + 1, hidden.shape[-1]), full, ()) is None
+        with torch.enable_grad():
+            assert runner.runs(layers, hidden, full, ()) is None  # gradients on: the twig's parameters may be training
+        assert runner.runs(layers, hidden, full, ()) is not None
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])

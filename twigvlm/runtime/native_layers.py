@@ -224,7 +224,7 @@ class NativeLayers:
         b, q, _ = hidden.shape
         if b != 1 or not 0 < q <= MAX_ROWS or adds or hidden.dtype is not torch.float32 or not layers:
             return None
-        if hidden.device.type != "cpu" or (torch.is_grad_enabled() and hidden.requires_grad):
+        if hidden.device.type != "cpu" or torch.is_grad_enabled():  # a native call has no backward
             return None
         for kv in caches:
             if kv is None or kv.k is None or kv.k.dtype is not torch.float32 or kv.k.shape[0] != 1:
@@ -237,7 +237,7 @@ class NativeLayers:
         r, q, _ = hidden.shape
         if not 0 < q <= MAX_ROWS or r * q > MAX_BATCH_ROWS or hidden.dtype is not torch.float32 or not layers:
             return None
-        if hidden.device.type != "cpu" or (torch.is_grad_enabled() and hidden.requires_grad):
+        if hidden.device.type != "cpu" or torch.is_grad_enabled():  # a native call has no backward
             return None
         return self._range(layers)
 
