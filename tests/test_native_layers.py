@@ -2,8 +2,9 @@
 and cache ≡ the stock layer's (1e-5 relative) for 1–16 new tokens over caches short, long and growing, fp32 and
 int8 weights, Llama (grouped heads) and Qwen2 (biases) layers and an odd shape; a range of layers with pruned
 (different) cache lengths; a draft tree's tail mask; whole generations with the same greedy ids as the stock
-layers for AR, TTP, chain and tree SSD and TTP + SSD, SSD ≡ AR natively; layers that do not qualify (another
-class, a failed self-check, gradients anywhere, a batch of one-token rows too long) run stock; weights changed in place are followed; the modes."""
+layers for AR, TTP, chain and tree SSD and TTP + SSD, SSD ≡ AR natively, on every Llama- or Qwen2-decoder family;
+batches whose rows equal their solo runs; calls that do not qualify (another class, a failed self-check,
+gradients on, a prefill, a block too long) run stock; weights changed in place are followed; the modes."""
 
 from __future__ import annotations
 
