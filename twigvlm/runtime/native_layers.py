@@ -6,12 +6,14 @@ a layer on a 2-core machine, and compiled steps (`compiled.py`) take only part o
 the whole range of layers a step needs — the base layers, or the twig's — in one call of the native library, on
 the same product kernels as `native.gemv` (fp32 or int8 weights, fp32 accumulation).
 
-What qualifies (`spec_of`): a layer whose class is one of `LAYER_CLASSES` (transformers' Llama and Qwen2
+What qualifies (`_why_not`): a layer whose class is one of `LAYER_CLASSES` (transformers' Llama and Qwen2
 layers, whose arithmetic `layer.c` repeats: RMSNorm, rotate-half RoPE, grouped-query attention without a sliding
 window, a SiLU-gated MLP), fp32 activations, fp32 (`nn.Linear`, `FastLinear`) or int8 (`Int8Linear`) weights, on
-the CPU, without gradients. A call qualifies when its rows are one sequence (batch 1) of at most `MAX_ROWS` new
-tokens, every layer holds a contiguous fp32 cache with keys already in it, and no layer output needs an addition.
-Anything else runs the stock layer, as before.
+the CPU, with gradients off. A call qualifies (`runs`) when it is one sequence of at most `MAX_ROWS` new tokens,
+every layer holds a contiguous fp32 cache with keys already in it, and no layer output needs an addition; or
+(`runs_rows`) when it is a batch's pass (`generation/rows.py`) of at most `MAX_BATCH_ROWS` tokens in all, each row
+its own sequence in the batch's slots. Anything else runs the stock layer, as before. A generation's start
+(`revalidate`) makes the next call check the weights' pointers again; between, a step pays no per-layer checks.
 
 Each layer is checked once against its stock forward on its own weights (`_self_check`: a block of 3 tokens on a
 short cache); a layer that does not match within `TOLERANCE` is left to the stock path and logged. Results equal
