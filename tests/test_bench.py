@@ -79,6 +79,7 @@ def test_every_method_runs_and_outputs_are_well_formed(model_dirs, bench_twig, t
     ran = {"hf", "ar", "fastv", "visionzip", "cdpruner", "dart", "twig", "ssd", "twig+ssd"}
     assert ran <= set(summary) and set(summary) | set(results["unsupported"]) == ran | {"hf-early-exit"}
     assert results["machine"]["torch"] and results["config"]["limit"] == 2
+    assert results["config"]["kernels"] == "stock"  # the resolved mode (the suite's TWIGVLM_KERNELS), not None
     kernel = results["machine"]["native kernel"]
     assert kernel == "built" if native._compiler() else kernel.startswith("unavailable: no C compiler")
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -275,6 +275,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     check_variants(vlm, tasks, chosen, loaded)  # the flags against this model, before any sample runs
     rows, unsupported = run_bench(vlm, tasks, chosen, twigs=loaded)
     config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["kernels"] = vlm.kernels  # resolved: auto (native layers), products or stock
     summary = summarize(rows, chosen, tasks)
     table = markdown(summary, list(tasks), unsupported)
     programs = getattr(vlm.adapter, "_step_programs", None)
