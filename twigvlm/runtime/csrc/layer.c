@@ -110,39 +110,35 @@ static inline vec vexp(vec x) {
 }
 #endif
 
-static inline void vstore(float *p, vec v) {
+/* the few lane-wise operations the attention below needs beyond gemv.c's, per instruction set */
 #if VEC == 16 && defined(__AVX512F__)
-  _mm512_storeu_ps(p, v);
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vset1(float a) { return _mm512_set1_ps(a); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 #elif VEC == 8 && defined(__AVX2__)
-  _mm256_storeu_ps(p, v);
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vset1(float a) { return _mm256_set1_ps(a); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 #else
-  for (int j = 0; j < VEC; ++j) p[j] = v.v[j];
+static inline void vstore(float *p, vec v) { for (int j = 0; j < VEC; ++j) p[j] = v.v[j]; }
+static inline vec vset1(float a) { vec r; for (int j = 0; j < VEC; ++j) r.v[j] = a; return r; }
+static inline vec vadd(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] += b.v[j]; return a; }
+static inline vec vsub(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] -= b.v[j]; return a; }
 #endif
-}
 
 /* sc[0..n) = exp(sc − mx) in place; returns their sum */
 static float exp_shifted(float *sc, int64_t n, float mx) {
-  float total = 0.f;
+  const vec shift = vset1(mx);
+  vec sum = vzero();
   int64_t j = 0;
-#if VEC == 16 && defined(__AVX512F__)
-  const vec shift = _mm512_set1_ps(mx);
-  vec sum = vzero();
   for (; j + VEC <= n; j += VEC) {
-    const vec e = vexp(_mm512_sub_ps(vload(sc + j), shift));
+    const vec e = vexp(vsub(vload(sc + j), shift));
     vstore(sc + j, e);
-    sum = _mm512_add_ps(sum, e);
+    sum = vadd(sum, e);
   }
-  total = vsum(sum);
-#elif VEC == 8 && defined(__AVX2__)
-  const vec shift = _mm256_set1_ps(mx);
-  vec sum = vzero();
-  for (; j + VEC <= n; j += VEC) {
-    const vec e = vexp(_mm256_sub_ps(vload(sc + j), shift));
-    vstore(sc + j, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  total = vsum(sum);
-#endif
+  float total = vsum(sum);
   for (; j < n; ++j) {
     sc[j] = sc[j] - mx < -87.0f ? 0.0f : expf(sc[j] - mx);
     total += sc[j];
@@ -158,14 +154,7 @@ static void weighted_sum(const float *p, const float *v, int64_t n, int64_t D, f
     for (int64_t i = 0; i < c; ++i) acc[i] = vzero();
     for (int64_t j = 0; j < n; ++j) {
       if (p[j] == 0.f) continue;
-#if VEC == 16 && defined(__AVX512F__)
-      const vec pj = _mm512_set1_ps(p[j]);
-#elif VEC == 8 && defined(__AVX2__)
-      const vec pj = _mm256_set1_ps(p[j]);
-#else
-      vec pj;
-      for (int l = 0; l < VEC; ++l) pj.v[l] = p[j];
-#endif
+      const vec pj = vset1(p[j]);
       for (int64_t i = 0; i < c; ++i) acc[i] = vfma(pj, vload(v + j * D + i * VEC), acc[i]);
     }
     for (int64_t i = 0; i < c; ++i) vstore(out + i * VEC, acc[i]);
