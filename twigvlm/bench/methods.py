@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -247,56 +247,29 @@ def _llamacpp(vlm: VLM, sample: Sample, mc: MethodConfig, kind: str, images: lis
 
 @contextlib.contextmanager
 def row_settings(vlm: VLM, mc: MethodConfig) -> Iterator[None]:
-    """Inside the block our methods run with the row's weights, layers and compiled steps (`quantized`,
-    `kernel_mode`, `compiled`); what was set before is restored after."""
-    with quantized(vlm, mc.quantize), kernel_mode(vlm, mc.kernels), compiled(vlm, mc.compile):
+    """Inside the block our methods run with the row's weights, kernels and compiled steps (each None: as they
+    are); what was set before is restored after. Each layer is quantised and checked once, the kernel plan is kept
+    and the compiled programs by the adapter, so switching between rows costs class swaps only."""
+    compile_before = "on" if vlm.programs is not None else "off"
+    with (
+        _switched(vlm.quantize, mc.quantize, vlm.set_quantize),
+        _switched(vlm.kernels, mc.kernels, vlm.set_kernels),
+        _switched(compile_before, mc.compile, vlm.set_compile),
+    ):
         yield
 
 
 @contextlib.contextmanager
-def kernel_mode(vlm: VLM, mode: str | None) -> Iterator[None]:
-    """Inside the block the model's kernels are `mode` ("auto": native layers; "products": the stock layers on the
-    fast products); None: as they are. The kernel plan is cached and the layers are checked once, so switching
-    between rows costs class swaps only."""
-    before = vlm.kernels
+def _switched(before: str, mode: str | None, apply: Callable[[str], Any]) -> Iterator[None]:
+    """`apply(mode)` for the block and `apply(before)` after it; nothing where mode is None or already `before`."""
     if mode is None or mode == before:
         yield
         return
-    vlm.set_kernels(mode)
+    apply(mode)
     try:
         yield
     finally:
-        vlm.set_kernels(before)
-
-
-@contextlib.contextmanager
-def quantized(vlm: VLM, mode: str | None) -> Iterator[None]:
-    """Inside the block the model's weights are `mode` (None: as they are); the mode before is restored after.
-    Each layer is quantised once, so switching back and forth between rows costs only class swaps."""
-    before = vlm.quantize
-    if mode is None or mode == before:
-        yield
-        return
-    vlm.set_quantize(mode)
-    try:
-        yield
-    finally:
-        vlm.set_quantize(before)
-
-
-@contextlib.contextmanager
-def compiled(vlm: VLM, mode: str | None) -> Iterator[None]:
-    """Inside the block decode steps run compiled ("on") or eagerly ("off"); None: as they are. The programs are
-    kept by the adapter, so switching between rows compiles nothing twice."""
-    before = vlm.programs is not None
-    if mode is None or (mode == "on") == before:
-        yield
-        return
-    vlm.set_compile(mode)
-    try:
-        yield
-    finally:
-        vlm.set_compile("on" if before else "off")
+        apply(before)
 
 
 def _generate(vlm: VLM, sample: Sample, images: list, videos: list, prune: Any, spec: Any, twig: Twig | bool) -> Run:
