@@ -156,6 +156,7 @@ def apply_kernels(
         for lin in found:
             if type(lin) is FastLinear:
                 lin.__class__ = nn.Linear
+                lin.__dict__.pop("kernel_plan", None)  # a plain layer again: compiled steps' keys must not see a plan
         return None
     plan = plan or cached_plan(found)
     for lin in found:
