@@ -47,10 +47,15 @@ class Layout:
 def windows(slots: Slots, i: int, rows: int, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer i's keys and values for the first `rows` slots up to the layout's end: views [R, H_kv, end, D] (the
     cache protocol, `RowsWindowKV`, writes each row's new entries into them and attention reads them whole)."""
-    if layout.end > slots.capacities[i]:  # checked here: past the buffer, a device would only assert
-        q = layout.q
-        raise RuntimeError(f"a block of {q} after {layout.end - q} entries does not fit slots of {slots.capacities[i]}")
+    check_room(slots, i, layout.end, layout.q)
     return slots.k[i][:rows, :, : layout.end], slots.v[i][:rows, :, : layout.end]
+
+
+def check_room(slots: Slots, i: int, end: int, q: int) -> None:
+    """Refuse a block of q entries ending at `end` in layer i's slots where it does not fit (checked here: past the
+    buffer, a device would only assert, and a native call would refuse with a code)."""
+    if end > slots.capacities[i]:
+        raise RuntimeError(f"a block of {q} after {end - q} entries does not fit slots of {slots.capacities[i]}")
 
 
 class Slots:
@@ -108,33 +113,45 @@ def run_rows(
     """hidden [R, q, H] through `layers`, whose buffers are slots' layers first, first + 1, …; row r is slot r and
     caches[r] its `KVCache` (its layers first, first + 1, … are read and extended). Each row's caches count only
     its first counts[r] tokens (the rest is padding); returns [R, q, H]."""
-    adapter = engine.adapter
-    r, q = hidden.shape[:2]
-    device = hidden.device
-    rope = adapter.rotary(hidden, positions)
+    q = hidden.shape[1]
+    rope = engine.adapter.rotary(hidden, positions)
+    own_layers: list[list[LayerKV]] = [[c.layers[first + j] for c in caches] for j in range(len(layers))]
+    lengths = [tuple(kv.length for kv in own) for own in own_layers]  # per layer, each row's entries before
     packed = engine.native.runs_rows(layers, hidden) if engine.native is not None else None
     if packed is not None:  # the whole range in one native call (`runtime/native_layers.py`)
-        own_layers = [[c.layers[first + j] for c in caches] for j in range(len(layers))]
-        lengths = [[kv.length for kv in own] for own in own_layers]
         for j, held in enumerate(lengths):
-            if max(held) + q > slots.capacities[first + j]:
-                raise RuntimeError(f"a block of {q} after {max(held)} entries does not fit slots of "
-                                   f"{slots.capacities[first + j]}")  # fmt: skip
+            check_room(slots, first + j, max(held) + q, q)
         span = slice(first, first + len(layers))
         hidden = engine.native.run_rows(packed, hidden, rope, slots.k[span], slots.v[span], lengths)
-        for own in own_layers:
-            for kv, n in zip(own, counts, strict=True):
-                kv.length += n
-        return hidden
+    else:
+        hidden = _stock_rows(engine, layers, slots, first, hidden, positions, rope, lengths)
+    for own in own_layers:  # each row counts its own tokens, not the block's padding
+        for kv, n in zip(own, counts, strict=True):
+            kv.length += n
+    return hidden
+
+
+def _stock_rows(
+    engine: Engine,
+    layers: Sequence[nn.Module],
+    slots: Slots,
+    first: int,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    lengths: Sequence[tuple[int, ...]],
+) -> torch.Tensor:
+    """`run_rows` on the stock layers, one layer call at a time (the compiled batched program for one token per
+    row, where compiled steps are on); the caches' lengths are counted by the caller."""
+    adapter = engine.adapter
+    r, q = hidden.shape[:2]
     programs = engine.programs if q == 1 else None  # one token per row: the compiled batched program
     layouts: dict[tuple[int, ...], Layout] = {}
-    with grouped_heads_with_masks(device):  # every row's call carries a mask
+    with grouped_heads_with_masks(hidden.device):  # every row's call carries a mask
         for j, layer in enumerate(layers):
-            own: list[LayerKV] = [c.layers[first + j] for c in caches]
-            lengths = tuple(c.length for c in own)
-            layout = layouts.get(lengths)
+            layout = layouts.get(lengths[j])
             if layout is None:
-                layout = layouts[lengths] = Layout(lengths, q, device)
+                layout = layouts[lengths[j]] = Layout(lengths[j], q, hidden.device)
             kv = windows(slots, first + j, r, layout)
             out = None
             if programs is not None:
@@ -144,6 +161,4 @@ def run_rows(
                     layer, hidden, layout.mask, positions, rope, RowsWindowKV(*kv, *layout.indices)
                 )
             hidden = out
-            for c, n in zip(own, counts, strict=True):
-                c.length += n
     return hidden
