@@ -116,16 +116,22 @@ static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
 static inline vec vset1(float a) { return _mm512_set1_ps(a); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 #elif VEC == 8 && defined(__AVX2__)
 static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec vset1(float a) { return _mm256_set1_ps(a); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 #else
 static inline void vstore(float *p, vec v) { for (int j = 0; j < VEC; ++j) p[j] = v.v[j]; }
 static inline vec vset1(float a) { vec r; for (int j = 0; j < VEC; ++j) r.v[j] = a; return r; }
 static inline vec vadd(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] += b.v[j]; return a; }
 static inline vec vsub(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] -= b.v[j]; return a; }
+static inline vec vmul(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] *= b.v[j]; return a; }
+static inline vec vdiv(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] /= b.v[j]; return a; }
 #endif
 
 /* sc[0..n) = exp(sc − mx) in place; returns their sum */
@@ -144,6 +150,17 @@ static float exp_shifted(float *sc, int64_t n, float mx) {
     total += sc[j];
   }
   return total;
+}
+
+/* g[0..n) = silu(g) · u = g / (1 + exp(−g)) · u, lane-wise (exp(−g) is 0 for g > 87: then g · u, as silu is) */
+static void silu_mul(float *g, const float *u, int64_t n) {
+  const vec one = vset1(1.0f);
+  int64_t j = 0;
+  for (; j + VEC <= n; j += VEC) {
+    const vec x = vload(g + j);
+    vstore(g + j, vmul(vdiv(x, vadd(one, vexp(vsub(vzero(), x)))), vload(u + j)));
+  }
+  for (; j < n; ++j) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
 /* out [D] = Σ_j p[j] · v[j] over `n` value rows of D (held in registers where D is at most 8 vectors) */
@@ -201,9 +218,13 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
     }
   }
 #pragma omp barrier
-  /* attention, one (token, head) at a time, over its row's keys */
+  /* attention, one (token, head) at a time, over its row's keys; each thread takes a run of consecutive tasks, so
+   * the query heads that share a key-value head mostly share a core too (its keys and values read from memory
+   * once, then from the core's cache) */
   float *sc = s->scores + (int64_t)t * s->keys;
-  for (int64_t task = t; task < n * NH; task += nt) {
+  const int64_t tasks = n * NH, per_thread = (tasks + nt - 1) / nt, first = t * per_thread;
+  const int64_t end = first + per_thread < tasks ? first + per_thread : tasks;
+  for (int64_t task = first; task < end; ++task) {
     const int64_t i = task / NH, head = task % NH, g = head / group, r = i / q, j = i % q;
     const float *qv = s->q + i * QD + head * D;
     const float *kb = kbuf + r * row_stride + g * cap * D, *vb = vbuf + r * row_stride + g * cap * D;
@@ -236,7 +257,7 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
 #pragma omp barrier
   {
     const int64_t per = (n * I + nt - 1) / nt, j0 = t * per, j1 = j0 + per < n * I ? j0 + per : n * I;
-    for (int64_t j = j0; j < j1; ++j) s->g[j] = s->g[j] / (1.0f + expf(-s->g[j])) * s->u[j];
+    silu_mul(s->g + j0, s->u + j0, j1 > j0 ? j1 - j0 : 0);
   }
 #pragma omp barrier
   span(&L->down, s->g, s->o, n, t, nt);
