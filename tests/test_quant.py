@@ -100,6 +100,21 @@ def test_a_prefill_runs_its_many_row_products_in_bf16_where_that_is_native(monke
         assert torch.equal(int8_product(big, q, s), fp32)
 
 
+@pytest.mark.parametrize("d_in", [1, 7, 16, 33, 576])
+def test_the_native_bf16_dequantisation_is_torchs_bit_for_bit(d_in, monkeypatch):
+    torch.manual_seed(d_in)
+    q = torch.randint(-127, 128, (37, d_in), dtype=torch.int8)
+    scale = torch.cat([torch.rand(33) * 10.0 ** torch.randint(-8, 3, (33,)), torch.tensor([1.0, 2**-7, 3.0, 1e30])])
+    scale[3] = 1 + 2**-8  # q · scale falls on bf16 rounding ties: nearest even
+    want = (q.to(torch.float32) * scale[:, None]).to(torch.bfloat16)
+    calls = native_spy(monkeypatch, "dequantize_bf16")
+    got = dequantize(q, scale, torch.bfloat16)
+    assert calls == [37] and got.dtype is torch.bfloat16
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    nan = native.dequantize_bf16(q[:2].contiguous(), torch.tensor([float("nan"), 1.0]))
+    assert nan[0].isnan().all() and torch.equal(nan[1], q[1].to(torch.bfloat16))
+
+
 def test_without_the_kernel_the_fallback_computes_the_same_product(monkeypatch):
     monkeypatch.setattr(native, "gemv_library", lambda: None)
     torch.manual_seed(1)

@@ -111,6 +111,8 @@ def gemv_library() -> ctypes.CDLL | None:
         for fn, pointers in ((lib.twig_gemv, 4), (lib.twig_gemv_bf16, 4), (lib.twig_gemv_i8, 5)):
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
             fn.restype = ctypes.c_int
+        lib.twig_dequant_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        lib.twig_dequant_bf16.restype = ctypes.c_int
         _Build.error = None
         return lib
     return None
@@ -207,3 +209,16 @@ def _int8_call(
     args = (x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), rows, d_in, d_out)
     if lib.twig_gemv_i8(*args, torch.get_num_threads()):
         raise ValueError(f"native gemv_int8 refused sizes n={rows} in={d_in} out={d_out}")
+
+
+def dequantize_bf16(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """(qweight [out, in] int8, scale [out] fp32), both contiguous on the CPU → qweight · scale as bf16 [out, in], in
+    one pass (torch's widen, multiply and round, bit for bit); None where the kernel is unavailable."""
+    lib = gemv_library()
+    if lib is None:
+        return None
+    d_out, d_in = qweight.shape
+    w = torch.empty(d_out, d_in, dtype=torch.bfloat16)  # [out, in]
+    if lib.twig_dequant_bf16(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), d_out, d_in, torch.get_num_threads()):
+        raise ValueError(f"native dequantisation refused sizes out={d_out} in={d_in}")
+    return w

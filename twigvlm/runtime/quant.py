@@ -76,8 +76,25 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q [out, in] int8, scale [out]) → the weight they stand for, [out, in] in `dtype` (computed in fp32)."""
+    """(q [out, in] int8, scale [out]) → the weight they stand for, [out, in] in `dtype` (computed in fp32). bf16 on
+    the CPU (a prompt's prefill, `prefill_products`) comes from the native kernel in one pass, the same bits."""
+    if dtype is torch.bfloat16 and _native_operands(q, scale):
+        w = native.dequantize_bf16(q, scale)
+        if w is not None:
+            return w
     return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+def _native_operands(q: torch.Tensor, scale: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype is torch.int8
+        and scale.dtype is torch.float32
+        and q.dim() == 2
+        and q.is_contiguous()
+        and scale.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def int8_product(

@@ -81,6 +81,31 @@ static inline vec vfma(vec a, vec b, vec c) { for (int j = 0; j < VEC; ++j) c.v[
 static inline float vsum(vec v) { float s = 0.f; for (int j = 0; j < VEC; ++j) s += v.v[j]; return s; }
 #endif
 
+/* lane-wise operations beyond the products' (the layers' attention and activations, the bf16 rounding), per
+ * instruction set */
+#if VEC == 16 && defined(__AVX512F__)
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vset1(float a) { return _mm512_set1_ps(a); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+#elif VEC == 8 && defined(__AVX2__)
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vset1(float a) { return _mm256_set1_ps(a); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+#else
+static inline void vstore(float *p, vec v) { for (int j = 0; j < VEC; ++j) p[j] = v.v[j]; }
+static inline vec vset1(float a) { vec r; for (int j = 0; j < VEC; ++j) r.v[j] = a; return r; }
+static inline vec vadd(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] += b.v[j]; return a; }
+static inline vec vsub(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] -= b.v[j]; return a; }
+static inline vec vmul(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] *= b.v[j]; return a; }
+static inline vec vdiv(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] /= b.v[j]; return a; }
+#endif
+
 /* The eight sums of a[0..7] at once (a transposing tree of pairwise adds: one store for eight rows instead of
  * eight horizontal reductions — a one-row product spends as long on those as on short weight rows). */
 static inline void vsum8(const vec *a, float *out) {
@@ -221,4 +246,51 @@ int twig_gemv_bf16(const float *x, const uint16_t *w, const float *b, float *y, 
 int twig_gemv_i8(const float *x, const int8_t *w, const float *s, const float *b, float *y, int64_t n, int64_t in,
                  int64_t out, int threads) {
   return i8_product(x, w, s, b, y, n, in, out, threads);
+}
+
+/* float → bf16 bits, rounded to nearest even (NaN → the quiet NaN), as torch's float → bfloat16 conversion */
+static inline uint16_t to_bf16(float f) {
+  union { float f; uint32_t u; } c;
+  c.f = f;
+  if (f != f) return 0x7FC0;
+  return (uint16_t)((c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* Eight or sixteen lanes of fp32 rounded to bf16 bits (as to_bf16) and stored at out. */
+#if VEC == 16 && defined(__AVX512F__)
+static inline void store_bf16(uint16_t *out, vec f) {
+  const __m512i u = _mm512_castps_si512(f), one = _mm512_set1_epi32(1);
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+  r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(r));
+}
+#elif VEC == 8 && defined(__AVX2__)
+static inline void store_bf16(uint16_t *out, vec f) {
+  const __m256i u = _mm256_castps_si256(f), one = _mm256_set1_epi32(1);
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+  r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08); /* 16-bit lanes 0-7 low */
+  _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(packed));
+}
+#else
+static inline void store_bf16(uint16_t *out, vec f) { for (int j = 0; j < VEC; ++j) out[j] = to_bf16(f.v[j]); }
+#endif
+
+/* w [rows, cols] bf16 bits = q [rows, cols] int8 · scale[row], rounded to bf16: in one pass what torch computes in
+ * three (widen to fp32, multiply by the row's scale, round to bf16), with the same result bit for bit. A prompt's
+ * prefill multiplies by the int8 weights this way (`quant.dequantize`). Returns 0, or 1 on bad sizes. */
+int twig_dequant_bf16(const int8_t *q, const float *scale, uint16_t *w, int64_t rows, int64_t cols, int threads) {
+  if (rows < 1 || cols < 1) return 1;
+  if (threads < 1) threads = 1;
+  _Pragma("omp parallel for num_threads(threads) schedule(static)")
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t *qr = q + r * cols;
+    uint16_t *wr = w + r * cols;
+    const float s = scale[r];
+    const vec sv = vset1(s);
+    int64_t k = 0;
+    for (; k + VEC <= cols; k += VEC) store_bf16(wr + k, vmul(vload_i8(qr + k), sv));
+    for (; k < cols; ++k) wr[k] = to_bf16((float)qr[k] * s);
+  }
+  return 0;
 }

@@ -110,30 +110,6 @@ static inline vec vexp(vec x) {
 }
 #endif
 
-/* the few lane-wise operations the attention below needs beyond gemv.c's, per instruction set */
-#if VEC == 16 && defined(__AVX512F__)
-static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
-static inline vec vset1(float a) { return _mm512_set1_ps(a); }
-static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
-#elif VEC == 8 && defined(__AVX2__)
-static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
-static inline vec vset1(float a) { return _mm256_set1_ps(a); }
-static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
-#else
-static inline void vstore(float *p, vec v) { for (int j = 0; j < VEC; ++j) p[j] = v.v[j]; }
-static inline vec vset1(float a) { vec r; for (int j = 0; j < VEC; ++j) r.v[j] = a; return r; }
-static inline vec vadd(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] += b.v[j]; return a; }
-static inline vec vsub(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] -= b.v[j]; return a; }
-static inline vec vmul(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] *= b.v[j]; return a; }
-static inline vec vdiv(vec a, vec b) { for (int j = 0; j < VEC; ++j) a.v[j] /= b.v[j]; return a; }
-#endif
-
 /* sc[0..n) = exp(sc − mx) in place; returns their sum */
 static float exp_shifted(float *sc, int64_t n, float mx) {
   const vec shift = vset1(mx);
