@@ -209,6 +209,46 @@ def test_a_batch_reserves_what_its_rows_need_and_nothing_once_empty(llava):
     assert pruned_caps[-1] < pruned_caps[0] == caps[0] and pruned < full
 
 
+def test_slots_grow_with_the_tokens_the_rows_hold(llava, monkeypatch):
+    """The slots reserve room for a row's next GROW_TOKENS tokens, not its whole answer, and double (per layer,
+    never past what the answers need) as the rows write; the rows still equal their solo runs."""
+    monkeypatch.setattr(batch_module, "GROW_TOKENS", 4)
+    made: list[list[int]] = []
+    real = batch_module.Slots
+
+    def counted(engine, layers, rows, capacities):
+        made.append(list(capacities))
+        return real(engine, layers, rows, capacities)
+
+    monkeypatch.setattr(batch_module, "Slots", counted)
+    requests = [
+        dict(prompt=random_prompt(90 + i, 4), image=random_image(90 + i), max_new_tokens=n, ignore_eos=True, **extra)
+        for i, (n, extra) in enumerate([(30, {}), (24, {"prune": PRUNES["twig"]}), (40, {"speculative": True})])
+    ]
+    session = batch_module.BatchSession(llava.engine, max_rows=4)
+    reserved: list[tuple[int, int]] = []
+    for r in requests:
+        args = {k: v for k, v in r.items() if k not in ("prompt", "image", "max_new_tokens", "ignore_eos")}
+        prune, spec = args.get("prune"), twigvlm.SpecConfig(draft="chain") if args.get("speculative") else None
+        enc = llava.encode(r["prompt"], r["image"], prune)
+        session.add(enc, twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True), prune, spec)
+    room = session.slots.capacities[0] - max(r.state.cache[0].length + min(4, r.left + 1) for r in session.active)
+    ceiling = max(r.state.cache[0].length + r.left + 1 for r in session.active) + room  # the whole answers
+    assert session.slots.capacities[0] < ceiling - 20  # room for the next tokens, not the whole answers
+    rows = list(session.active)
+    while session.active:
+        session.step()
+        reserved.append(session.kv_bytes())
+        for row in [r for r in session.active if r.reason is not None]:
+            session.drop(row)
+    assert all(0 < held <= total for held, total in reserved)
+    base = [caps for caps in made if len(caps) == llava.adapter.spec.num_layers]
+    assert len(base) >= 3 and base[-1][0] > base[0][0]  # grown while the rows wrote, a few times (doubling)
+    assert max(caps[0] for caps in base) <= ceiling  # never past what the answers need
+    for r, row in zip(requests, rows, strict=True):
+        assert batch_module.result(row).token_ids == solo(llava, r)
+
+
 def test_int8_batches_with_drafting_rows_equal_their_solo_runs(llava):
     requests = [
         dict(prompt=random_prompt(80 + i, 4 + 2 * i), image=random_image(80 + i), max_new_tokens=6 + 4 * i,

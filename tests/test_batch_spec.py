@@ -88,7 +88,9 @@ def check_caches(vlm: twigvlm.VLM, session: batch_module.BatchSession) -> None:
             assert_caches_hold_the_committed_tokens(vlm, row.state, row.encoded, row.ids[:-1], len(pending), pruned)
 
 
-def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leave(llava):
+@pytest.mark.parametrize("grow", [batch_module.GROW_TOKENS, 1])  # 1: the slots grow every few steps
+def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leave(llava, monkeypatch, grow):
+    monkeypatch.setattr(batch_module, "GROW_TOKENS", grow)
     requests = requests_for(4, 60)
     requests[1]["prune"] = PruneConfig("twig", keep=8)
     session = batch_module.BatchSession(llava.engine, max_rows=3)

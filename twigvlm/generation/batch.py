@@ -27,6 +27,7 @@ from ..adapters.base import Encoded
 from ..config import GenConfig, PruneConfig, SpecConfig
 from ..engine import Engine
 from ..errors import require_batch_one
+from ..runtime.cache import KVCache
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
 from ..speculative.choice import DrafterChoice, DraftRecord, choose_drafter, draft_depth, make_drafter, step_costs
@@ -38,6 +39,8 @@ from .loop import _prefill, check_window, stopping
 from .row import Row
 from .rows import Slots, row_positions, run_rows
 from .stats import GenerationResult, generation_stats
+
+GROW_TOKENS = 64  # a row's slots hold room for this many more of its tokens; they grow (doubling) as it writes them
 
 
 @torch.inference_mode()
@@ -79,6 +82,8 @@ class BatchSession:
         self.record = record if record is not None else DraftRecord()
         self.slots: Slots | None = None
         self.twig_slots: Slots | None = None  # the drafting rows' twig caches (made when the first one joins)
+        self._slack = 0  # the fewest free entries in any layer of the slots past a step's room, at the last check
+        self._written = 0  # the most tokens one row took since (steps before the next check: `_grow`)
         self.active: list[Row] = []
         self.drafted_steps = self.undrafted_steps = 0  # steps of several rows with and without drafting
         self.together_steps = 0  # steps of several rows where auto chose the draft length
@@ -148,6 +153,8 @@ class BatchSession:
         assert all(row.reason is None for row in rows), "drop finished rows before the next step"
         if not rows or self.slots is None:
             return
+        self._grow()
+        before = [len(row.ids) for row in rows]
         t0 = time.perf_counter()
         if len(rows) == 1:
             self._alone(rows[0])
@@ -155,6 +162,7 @@ class BatchSession:
             for row in rows:
                 self._leave_solo(row)
             self._together(rows)
+        self._written += max(len(row.ids) - n for row, n in zip(rows, before, strict=True))
         seconds = time.perf_counter() - t0
         for row in rows:
             row.decode_s += seconds
@@ -279,40 +287,63 @@ class BatchSession:
         elif self.slots is not None and len(self.active) < len(before):
             _compact(self, before, self.active)
 
-    def _place(self) -> None:
-        """Slots for every active row (the newest last, in caches of its own until now): kept while they fit, else
-        made anew — twice as many rows when more are needed, each layer as long as the row that needs it most —
-        with every row's caches moved in. A row needs its caches' entries, the rest of its answer, and room past it
-        for what a step writes there: a drafting step pads every row to its longest block (`rows.run_rows`), a lone
-        drafter writes its whole tree."""
+    def _place(self, joined: bool = True) -> None:
+        """Slots for every active row (after a join, the newest last, in caches of its own until now): kept while
+        they hold the rows' next step, else made anew — twice as many rows when more are needed; each layer as long
+        as the row that wants it most, or twice as long as before when it grows (never past what the rows' whole
+        answers need) — with every row's caches moved in. A row's next step needs its caches' entries and room past
+        them for what a step writes there: a drafting step pads every row to its longest block (`rows.run_rows`), a
+        lone drafter writes its whole tree. A row wants room for its next GROW_TOKENS tokens too (within its answer).
+        So the slots grow with the tokens the rows hold (`_grow` before a step), not with what they may still write."""
         rows = self.active
         room = 2 + max((_writes_past(r.choice) for r in rows if r.choice is not None), default=0)
+        slack = 1 << 30
         for which in ("cache", "twig_cache"):
             members = [(i, r) for i, r in enumerate(rows) if which == "cache" or r.choice is not None]
             current = self.slots if which == "cache" else self.twig_slots
             if not members:
                 continue
-            layers = getattr(members[0][1].state, which).layers
-            needs = [
-                max(getattr(r.state, which)[i].length + r.cfg.max_new_tokens - len(r.ids) + room for _, r in members)
-                for i in range(len(layers))
-            ]
+            needs, wants, ceilings = _needs([(getattr(r.state, which), r) for _, r in members], room)
             if current is None or not current.fits(len(rows), needs):
                 source = self.engine.adapter.layers if which == "cache" else self.engine.twig.layers
-                count, capacities = len(rows), needs
+                count, capacities = len(rows), wants
                 if current is not None:  # grow: never shrink what the batch already needed (it empties to shrink)
                     count = max(count, 2 * current.rows if count > current.rows else current.rows)
-                    capacities = [max(n, c) for n, c in zip(needs, current.capacities, strict=True)]
+                    capacities = [
+                        c if n <= c else max(w, min(2 * c, top))
+                        for n, w, c, top in zip(needs, wants, current.capacities, ceilings, strict=True)
+                    ]
                 current = Slots(self.engine, source, min(count, self.max_rows), capacities)
                 members_to_move = members
             else:
-                members_to_move = members[-1:] if members[-1][1] is rows[-1] else []
+                members_to_move = members[-1:] if joined and members[-1][1] is rows[-1] else []
             for i, r in members_to_move:
                 current.hold(getattr(r.state, which), i)
+            slack = min(slack, *(c - n for n, c in zip(needs, current.capacities, strict=True)))
             if which == "cache":
                 self.slots = current
             else:
                 self.twig_slots = current
+        self._slack, self._written = slack, 0
+
+    def _grow(self) -> None:
+        """Before a step: slots that hold every row's next step. Checked in full (`_place` without a newcomer) only
+        once the rows may have written the slack of the last check: a layer's entries grow by the tokens a row took
+        (a twig's, by the states it caught up: at most PENDING_FLUSH behind)."""
+        if self._written + PENDING_FLUSH >= self._slack:
+            self._place(joined=False)
+
+
+def _needs(caches: list[tuple[KVCache, Row]], room: int) -> tuple[list[int], list[int], list[int]]:
+    """Per layer, over the rows' caches (base or twig): what the next step needs (entries + room), what the slots
+    want (+ the next GROW_TOKENS tokens) and the most the whole answers need (+ every token left)."""
+    needs, wants, ceilings = [], [], []
+    for i in range(len(caches[0][0].layers)):
+        held = [(cache[i].length, row.cfg.max_new_tokens - len(row.ids)) for cache, row in caches]
+        needs.append(max(n for n, _ in held) + room)
+        wants.append(max(n + min(left, GROW_TOKENS) for n, left in held) + room)
+        ceilings.append(max(n + left for n, left in held) + room)
+    return needs, wants, ceilings
 
 
 def _writes_past(choice: DrafterChoice) -> int:
