@@ -7,11 +7,17 @@ Runs every linear layer of a decoder shaped like the demo's (SmolLM2-135M: 30 la
     x · Wᵀ   what `nn.Linear` computes (`torch.nn.functional.linear`), so what every HF layer runs
     W · xᵀ   the same product, transposed
 
+and on twigvlm's native kernels (`runtime/native.py`, where a C compiler builds them), fp32 and int8 weights:
+
+    native fp32   `native.gemv`: each weight row streamed once for all rows of x
+    native int8   `native.gemv_int8` on the weights quantised per output row
+
 Weights are fresh random tensors far larger than the CPU caches, so each pass streams them from memory as a
 decode step does. Prints milliseconds per pass over all layers (median of --repeats) and the cost relative
-to one row through `nn.Linear`.
+to one row of the same kind; with --head V, the same for an LM head of V rows alone.
 
     .venv/bin/python scripts/bench_matmul.py [--layers 30] [--hidden 576] [--mlp 1536] [--kv 192] [--repeats 15]
+    .venv/bin/python scripts/bench_matmul.py --rows 1,4,8,16 --head 49152
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from twigvlm.runtime import native
+from twigvlm.runtime.machine import speed_flags
+from twigvlm.runtime.quant import quantize_int8
 
 
 def layer_weights(n_layers: int, hidden: int, mlp: int, kv: int) -> list[torch.Tensor]:
@@ -58,27 +68,42 @@ def main() -> None:
     ap.add_argument("--kv", type=int, default=192)
     ap.add_argument("--rows", default="1,2,4,6,8")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--head", type=int, default=0, metavar="V", help="also an LM head of V rows alone")
     args = ap.parse_args()
-    weights = layer_weights(args.layers, args.hidden, args.mlp, args.kv)
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"CPU flags: {speed_flags()}; {torch.get_num_threads()} threads")
+    built = native.gemv_library() is not None
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; native kernels: {native.build_error() or built}")
+    table(layer_weights(args.layers, args.hidden, args.mlp, args.kv), rows, args.repeats)
+    if args.head:
+        table([torch.randn(args.head, args.hidden, generator=torch.Generator().manual_seed(1))], rows, args.repeats)
+
+
+def table(weights: list[torch.Tensor], rows: list[int], repeats: int) -> None:
+    """One line per row count: every product over `weights`, each way (ms, and × its one-row time)."""
     mib = sum(w.numel() * w.element_size() for w in weights) / 2**20
-    print(
-        f"{len(weights)} weights, {mib:.0f} MiB fp32, {torch.get_num_threads()} threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
-    )
-    inputs = {w.shape[1]: None for w in weights}
-    base = None
-    print("| rows | x · Wᵀ (nn.Linear) ms | × one row | W · xᵀ ms | × one row |")
-    print("|---|---|---|---|---|")
-    for rows in (int(r) for r in args.rows.split(",")):
-        for width in inputs:
-            inputs[width] = torch.randn(rows, width)  # [rows, in]
+    print(f"\n{len(weights)} weights, {mib:.0f} MiB fp32")
+    ways: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+        "x · Wᵀ (nn.Linear)": lambda x, i: torch.nn.functional.linear(x, weights[i]),
+        "W · xᵀ": lambda x, i: torch.mm(weights[i], x.t()),
+    }
+    if native.gemv_library() is not None:
+        quantized = [quantize_int8(w) for w in weights]
+        ways["native fp32"] = lambda x, i: native.gemv(x, weights[i])
+        ways["native int8"] = lambda x, i: native.gemv_int8(x, *quantized[i])
+    print("| rows | " + " | ".join(f"{name} ms | × one row" for name in ways) + " |")
+    print("|---|" + "---|---|" * len(ways))
+    first: dict[str, float] = {}
+    for n in rows:
+        inputs = {w.shape[1]: torch.randn(n, w.shape[1]) for w in weights}  # [n, in] per width
+        cells = []
         with torch.inference_mode():
-            linear = median_ms(
-                lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights], args.repeats
-            )
-            transposed = median_ms(lambda: [torch.mm(w, inputs[w.shape[1]].t()) for w in weights], args.repeats)
-        base = base or linear
-        print(f"| {rows} | {linear:.1f} | {linear / base:.2f} | {transposed:.1f} | {transposed / base:.2f} |")
+            for name, way in ways.items():
+                run = [(i, inputs[w.shape[1]]) for i, w in enumerate(weights)]
+                ms = median_ms(lambda way=way, run=run: [way(x, i) for i, x in run], repeats)
+                first.setdefault(name, ms)
+                cells.append(f"{ms:.2f} | {ms / first[name]:.2f}")
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
