@@ -7,6 +7,8 @@ steps without drafts are counted; a seeded sampled drafting row gives its solo t
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -145,6 +147,25 @@ def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava,
     assert batch_module.result(rows[-1]).stats.verifications > 0  # the longest row ends alone, drafting
     assert session.record.calibration.seconds.get(rows[-1].choice.kind, 0.0) > 0  # how auto's drafter fared alone
     assert (session.undrafted_steps > 0, session.drafted_steps > 0) == (gamma == 0, gamma > 0)
+
+
+def test_the_longest_drafts_after_the_most_pending_states_fit_slots_that_grow_as_rows_write(llava, monkeypatch):
+    """Seven steps without drafts (the twig 7 states behind), then a step at the longest draft length, over and
+    over, with slots that grow to exactly what the rows want (room for one more token): every step still fits
+    (the twig's block carries its pending states as well as the drafts) and every row equals its solo run."""
+    monkeypatch.setattr(batch_module, "GROW_TOKENS", 1)
+    monkeypatch.setattr(batch_module, "_capacity", lambda need, want, current, top: max(current, want))  # tight
+    calls = itertools.count()
+    longest = lambda costs, a1, rows, drafting, top, *rest: ((top if next(calls) % 8 == 7 else 0), 1.0)  # noqa: E731
+    monkeypatch.setattr(batch_module, "draft_len", longest)
+    requests = requests_for(3, 95, speculative=SpecConfig(draft="auto", threshold=0.0, max_draft_len=6))
+    for r in requests:
+        r["max_new_tokens"] = 40
+    session = batch_module.BatchSession(llava.engine, max_rows=3)
+    rows = run_session(llava, session, requests, lambda s: check_caches(llava, s))
+    for request, row in zip(requests, rows, strict=True):
+        assert batch_module.result(row).token_ids == solo(llava, request)
+    assert session.drafted_steps >= 3 and session.undrafted_steps >= 21
 
 
 def test_a_tree_row_drafts_chains_in_the_batch_and_its_tree_alone(llava):

@@ -299,6 +299,8 @@ class BatchSession:
         room = 2 + max((_writes_past(r.choice) for r in rows if r.choice is not None), default=0)
         slack = 1 << 30
         for which in ("cache", "twig_cache"):
+            if which == "twig_cache":  # a drafting step's twig block carries the pending states before the drafts
+                room += PENDING_FLUSH
             members = [(i, r) for i, r in enumerate(rows) if which == "cache" or r.choice is not None]
             current = self.slots if which == "cache" else self.twig_slots
             if not members:
@@ -309,10 +311,8 @@ class BatchSession:
                 count, capacities = len(rows), wants
                 if current is not None:  # grow: never shrink what the batch already needed (it empties to shrink)
                     count = max(count, 2 * current.rows if count > current.rows else current.rows)
-                    capacities = [
-                        c if n <= c else max(w, min(2 * c, top))
-                        for n, w, c, top in zip(needs, wants, current.capacities, ceilings, strict=True)
-                    ]
+                    layers = zip(needs, wants, current.capacities, ceilings, strict=True)
+                    capacities = [_capacity(need, want, c, top) for need, want, c, top in layers]
                 current = Slots(self.engine, source, min(count, self.max_rows), capacities)
                 members_to_move = members
             else:
@@ -334,6 +334,12 @@ class BatchSession:
             self._place(joined=False)
 
 
+def _capacity(need: int, want: int, current: int, ceiling: int) -> int:
+    """A layer's length in grown slots: kept while it holds the next step, else twice as long — at least what the
+    rows want, at most what their whole answers need."""
+    return current if need <= current else max(want, min(2 * current, ceiling))
+
+
 def _needs(caches: list[tuple[KVCache, Row]], room: int) -> tuple[list[int], list[int], list[int]]:
     """Per layer, over the rows' caches (base or twig): what the next step needs (entries + room), what the slots
     want (+ the next GROW_TOKENS tokens) and the most the whole answers need (+ every token left)."""
@@ -349,7 +355,8 @@ def _needs(caches: list[tuple[KVCache, Row]], room: int) -> tuple[list[int], lis
 def _writes_past(choice: DrafterChoice) -> int:
     """The most entries a drafting row's step writes past its newest token in one layer: a chain's drafts (and a
     batched step's padding, PENDING_FLUSH of the twig's catching up at most), or every node a lone tree runs
-    through layers 1..K — the expanded ones (top-k a level) as well as the kept ones."""
+    through layers 1..K — the expanded ones (top-k a level) as well as the kept ones. (A twig's drafting block
+    starts with its pending states: `_place` adds PENDING_FLUSH for the twig's caches.)"""
     s = choice.spec
     longest = max(s.max_draft_len, s.draft_len, PENDING_FLUSH)
     return max(longest, s.tree_topk * (s.tree_depth - 1) + s.tree_nodes) if choice.kind == "tree" else longest
