@@ -218,12 +218,19 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
 
 /* Weight rows at a time for 1, 2, 3, 4 and 5-8 rows of x. One row needs eight independent sums to hide the
  * FMA latency (measured on a 2-core AVX-512 EPYC: 8 > 4 > 2 rows at a time, in every format); two to four rows
- * of x take one weight row at a time; five to eight take two, which halves the loads of x per product (8 rows of
- * the demo's layers, weights cold: int8 1.25×, fp32 1.05×; three weight rows at a time run out of registers). */
+ * of x take one weight row at a time; five to eight take two with AVX-512, which halves the loads of x per
+ * product (8 rows of the demo's layers, weights cold: int8 1.25×, fp32 1.05×). Their 16 sums need AVX-512's 32
+ * vector registers: with AVX2's 16 they spill (8 rows 1.5× slower), so there five to eight take one too; three
+ * weight rows at a time run out of registers even with AVX-512. */
+#if VEC == 16
+#define MANY 2
+#else
+#define MANY 1
+#endif
 #ifndef GF32
-#define GF32 8, 1, 1, 1, 2
-#define GBF16 8, 1, 1, 1, 2
-#define GI8 8, 1, 1, 1, 2
+#define GF32 8, 1, 1, 1, MANY
+#define GBF16 8, 1, 1, 1, MANY
+#define GI8 8, 1, 1, 1, MANY
 #endif
 #define EXPAND(...) FORMAT(__VA_ARGS__)
 EXPAND(f32, float, GF32)
