@@ -279,7 +279,8 @@ def main() -> None:
     media_url = f"http://127.0.0.1:{media.server_address[1]}"
     flags = ["--model", args.model, "--twig", args.twig, "--allowed-media-domains", "127.0.0.1",
              "--max-queue", str(args.max_queue), "--max-batch", str(args.max_batch)]  # fmt: skip
-    log = Path("soak-server.log")
+    log = Path("runs") / "soak-server.log"  # the server's own output (runs/ is ignored by git)
+    log.parent.mkdir(exist_ok=True)
     with served(flags, log=log) as (url, process):
         soak = Soak(url, args.model, media_url, 0, args.max_queue, args.max_batch)
         soak.probe()  # warm-up
