@@ -11,7 +11,7 @@ from torch import nn
 
 import twigvlm
 from twigvlm import SpecConfig, TwigVLMError
-from twigvlm.runtime import native
+from twigvlm.runtime import kernels, native
 from twigvlm.runtime.kernels import FastLinear, KernelPlan, apply_kernels, cached_plan, linears, probe, stock_kernels
 
 from .conftest import native_spy, random_image, random_prompt
@@ -118,6 +118,29 @@ def test_the_plan_picks_by_row_count():
         "linear",  # past the largest probed row count: nn.Linear
     ]
     assert plan.layout((5, 5), 2) == "linear"  # a shape the probe never saw
+
+
+def test_prompt_sized_row_counts_try_only_the_native_kernel_on_a_slice_of_the_weights(monkeypatch):
+    """Past 64 rows (a prefill) the probe weighs nn.Linear against the native kernel alone, on at most
+    PROMPT_BYTES of weights (the first rows of a larger one); a prompt between probed counts takes the count below,
+    and one past the largest takes nn.Linear."""
+    big, small = nn.Linear(16, 4096), nn.Linear(16, 24)  # the big one: 256 KiB of weights
+    monkeypatch.setattr(kernels, "PROMPT_BYTES", 64 * 2**10)
+    seen: list[tuple[int, int, tuple[str, ...]]] = []
+    real = kernels._candidates
+
+    def spy(weights, x, **how):
+        passes = real(weights, x, **how)
+        seen.append((x.shape[0], sum(w.shape[0] for w in weights), tuple(passes)))
+        return passes
+
+    monkeypatch.setattr(kernels, "_candidates", spy)
+    plan = probe([big, small], rows=(4, 128), repeats=1)
+    assert {(n, rows) for n, rows, _ in seen} == {(4, 4096), (4, 24), (128, 1024), (128, 24)}
+    assert all("wxt" not in names for n, _, names in seen if n == 128)
+    assert all(set(t) == {4, 128} and t[128] in ("linear", "gemv") for t in plan.layouts.values())
+    table = KernelPlan({(8, 4): {1: "wxt", 128: "gemv", 512: "gemv"}})
+    assert [table.layout((8, 4), n) for n in (100, 160, 511, 512, 513)] == ["wxt", "gemv", "gemv", "gemv", "linear"]
 
 
 def test_stock_restores_the_classes_and_nothing_is_copied(model_dirs):

@@ -11,9 +11,10 @@ number of rows, the layout a short probe measured fastest on this machine for th
   streams each weight row once for all rows of x.
 
 The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a
-decode step), interleaved, and takes an alternative only where it wins clearly; the plan is cached on disk per
-CPU, thread count, dtype, shapes and kernel build. Products that need gradients (twig training) always run
-`F.linear`; the native kernel takes fp32 and bf16 weights.
+decode step), interleaved, and takes an alternative only where it wins clearly, for the row counts of decoding
+and verification (up to 64) and of prompts (128, 256, 512: a prefill; beyond them nn.Linear); the plan is cached
+on disk per CPU, thread count, dtype, shapes, kernel build and probed row counts. Products that need gradients
+(twig training) always run `F.linear`; the native kernel takes fp32 and bf16 weights.
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
 change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. ("products" does what "auto" does
@@ -40,7 +41,9 @@ from . import compiled, native
 from .machine import measurement_key, read_cached, write_cached
 
 PROBE_ROWS = (1, 2, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
+PROMPT_ROWS = (128, 256, 512)  # a prompt's rows (a prefill): nn.Linear against the native kernel; more: nn.Linear
 PROBE_BYTES = 64 * 2**20  # per shape, time at most this much weight (all of a shape's weights when smaller)
+PROMPT_BYTES = 16 * 2**20  # … and for prompt-sized row counts (compute-bound: less weight shows the same)
 WIN = 0.9  # an alternative layout is taken where it needs at most this share of nn.Linear's time
 LAYOUTS = ("linear", "wxt", "gemv")  # F.linear; (W · xᵀ)ᵀ; the native kernel
 
@@ -194,14 +197,14 @@ def _best_ms(fn: Callable[[], None], repeats: int) -> float:
     return min(times) * 1000
 
 
-def _candidates(weights: list[torch.Tensor], x: torch.Tensor) -> dict[str, Callable[[], None]]:
-    """One pass over `weights` with x for each layout available here."""
+def _candidates(weights: list[torch.Tensor], x: torch.Tensor, wxt: bool = True) -> dict[str, Callable[[], None]]:
+    """One pass over `weights` with x for each layout available here (without "wxt" when not `wxt`)."""
 
     def linear() -> None:
         for w in weights:
             F.linear(x, w)
 
-    def wxt() -> None:
+    def transposed() -> None:
         for w in weights:
             torch.mm(w, x.t())
 
@@ -209,17 +212,19 @@ def _candidates(weights: list[torch.Tensor], x: torch.Tensor) -> dict[str, Calla
         for w in weights:
             native.gemv(x, w)
 
-    out = {"linear": linear, "wxt": wxt}
+    out = {"linear": linear, "wxt": transposed} if wxt else {"linear": linear}
     if x.dtype in native.WEIGHT_DTYPES and native.gemv_library() is not None:
         out["gemv"] = gemv
     return out
 
 
 @torch.inference_mode()
-def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int = 3) -> KernelPlan:
+def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS + PROMPT_ROWS, repeats: int = 3) -> KernelPlan:
     """Time every layout over the weights of each shape (up to PROBE_BYTES of them), interleaved (stock, each
     alternative, stock again), for each row count; an alternative wins where it needs at most WIN of the
-    stock time."""
+    stock time. Past PROBE_ROWS (a prompt's rows) only the native kernel is tried, on up to PROMPT_BYTES of
+    weights and at most twice: those products are bound by arithmetic, where MKL's blocked product is strong,
+    and on some CPUs the native kernel's tiles still beat it (a demo prefill in fp32: 276 → 188 ms)."""
     t0 = time.perf_counter()
     by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
     for lin in found:
@@ -230,19 +235,36 @@ def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS, repeats: int
     for shape, weights in by_shape.items():
         table = {}
         for n in rows:
-            passes = _candidates(weights, torch.randn(n, shape[1], dtype=weights[0].dtype))
-            first = _best_ms(passes["linear"], repeats)
-            alt = {name: _best_ms(fn, repeats) for name, fn in passes.items() if name != "linear"}
-            stock = min(first, _best_ms(passes["linear"], repeats))
+            prompt = n > PROBE_ROWS[-1]
+            ws = _first_bytes(weights, PROMPT_BYTES) if prompt else weights
+            passes = _candidates(ws, torch.randn(n, shape[1], dtype=ws[0].dtype), wxt=not prompt)
+            times = min(repeats, 2) if prompt else repeats
+            first = _best_ms(passes["linear"], times)
+            alt = {name: _best_ms(fn, times) for name, fn in passes.items() if name != "linear"}
+            stock = min(first, _best_ms(passes["linear"], times))
             best = min(alt, key=alt.get) if alt else "linear"
             table[n] = best if alt and alt[best] <= WIN * stock else "linear"
         layouts[shape] = table
     return KernelPlan(layouts, probe_s=time.perf_counter() - t0)
 
 
+def _first_bytes(weights: list[torch.Tensor], limit: int) -> list[torch.Tensor]:
+    """The first of `weights` up to `limit` bytes in all; of a larger first weight, its first rows up to `limit`
+    (a product bound by arithmetic costs the same per output row)."""
+    out, total = [], 0
+    for w in weights:
+        total += w.numel() * w.element_size()
+        if total > limit:
+            if not out:
+                out.append(w[: max(1, limit // (w.shape[1] * w.element_size()))])
+            break
+        out.append(w)
+    return out
+
+
 def _key(found: list[nn.Linear]) -> str:
     shapes = sorted({(lin.out_features, lin.in_features) for lin in found})
-    return measurement_key(str(found[0].weight.dtype), shapes, native.library_key())
+    return measurement_key(str(found[0].weight.dtype), shapes, native.library_key(), PROBE_ROWS + PROMPT_ROWS)
 
 
 def cached_plan(found: list[nn.Linear]) -> KernelPlan:
