@@ -221,8 +221,10 @@ class BatchSession:
             if any(len(row.pending) >= PENDING_FLUSH for row in rows):
                 assert self.twig_slots is not None
                 catch_up(self.engine, self.twig_slots, rows)
+            greedy = logits.argmax(dim=-1).tolist()  # [R]: one call for the greedy rows
             for r, row in enumerate(rows):
-                row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]))
+                sampled = row.cfg.do_sample
+                row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]) if sampled else greedy[r])
         else:
             kind = CHAIN
             self.drafted_steps += 1
