@@ -41,23 +41,26 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))
 
 
-def odd_layer() -> tuple[LlamaDecoderLayer, LlamaRotaryEmbedding]:
-    """A Llama layer of odd sizes: hidden 40, 5 heads of 8 over one KV head, MLP 72 (shorter than a vector)."""
-    config = LlamaConfig(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, head_dim=8,
-                         intermediate_size=72, num_hidden_layers=1, vocab_size=16)  # fmt: skip
+def llama_layer(hidden: int, heads: int, kv: int, head_dim: int, mlp: int) -> tuple:
+    """A random Llama layer of the given sizes, and its rotary embedding."""
+    config = LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                         intermediate_size=mlp, num_hidden_layers=1, vocab_size=16)  # fmt: skip
     config._attn_implementation = "sdpa"
     torch.manual_seed(3)
     layer = LlamaDecoderLayer(config, 0).eval()
     for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+        torch.nn.init.normal_(p, std=0.3 if head_dim < 64 else 0.05)
     return layer, LlamaRotaryEmbedding(config)
 
 
 def layer_cases(adapters) -> dict:
-    """name → (layer, rotary(hidden, positions)) for the Llama, Qwen2 and odd layers."""
+    """name → (layer, rotary(hidden, positions)) for the Llama and Qwen2 layers of the tiny models; an odd layer
+    (hidden 40, 5 heads of 8 over one KV head, MLP 72: shorter than a vector); and layers of head_dim 64 with 3 and
+    2 query heads per KV head (the demo's head size: four vectors a head with AVX-512)."""
     cases = {name: (adapters[name].layers[1], adapters[name].rotary) for name in ("llama-clip", "qwen2-siglip")}
-    layer, rope = odd_layer()
-    cases["odd"] = (layer, rope)
+    cases["odd"] = llama_layer(40, 5, 1, 8, 72)
+    cases["group3"] = llama_layer(192, 6, 2, 64, 96)
+    cases["group2"] = llama_layer(128, 4, 2, 64, 96)
     return cases
 
 
@@ -92,7 +95,7 @@ def stock_and_native(layer, rotary, cached: int, rows: int, tail: torch.Tensor |
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-@pytest.mark.parametrize("name", ["llama-clip", "qwen2-siglip", "odd"])
+@pytest.mark.parametrize("name", ["llama-clip", "qwen2-siglip", "odd", "group3", "group2"])
 def test_a_native_layer_matches_the_stock_layer(adapters, name, weights):
     layer, rotary = layer_cases(adapters)[name]
     if weights == "int8":
@@ -106,8 +109,9 @@ def test_a_native_layer_matches_the_stock_layer(adapters, name, weights):
         assert relative(native_kv.values(), stock_kv.values()) < 1e-5
 
 
-def test_a_draft_trees_tail_mask(adapters):
-    layer, rotary = layer_cases(adapters)["llama-clip"]
+@pytest.mark.parametrize("name", ["llama-clip", "group3"])
+def test_a_draft_trees_tail_mask(adapters, name):
+    layer, rotary = layer_cases(adapters)[name]
     gen = torch.Generator().manual_seed(5)
     for rows, m in ((4, 6), (1, 5), (3, 3)):
         tail = torch.rand(rows, m, generator=gen) < 0.5
