@@ -96,10 +96,10 @@ def table(weights: list[torch.Tensor], rows: list[int], repeats: int) -> None:
     first: dict[str, float] = {}
     for n in rows:
         inputs = {w.shape[1]: torch.randn(n, w.shape[1]) for w in weights}  # [n, in] per width
+        run = [(i, inputs[w.shape[1]]) for i, w in enumerate(weights)]  # every product's weight index and x
         cells = []
         with torch.inference_mode():
             for name, way in ways.items():
-                run = [(i, inputs[w.shape[1]]) for i, w in enumerate(weights)]
                 ms = median_ms(lambda way=way, run=run: [way(x, i) for i, x in run], repeats)
                 first.setdefault(name, ms)
                 cells.append(f"{ms:.2f} | {ms / first[name]:.2f}")

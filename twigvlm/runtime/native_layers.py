@@ -281,7 +281,7 @@ class NativeLayers:
         for kv in caches:
             kv.window(q)  # room for the block (the buffers may grow here)
         keys, values = [kv.k for kv in caches], [kv.v for kv in caches]
-        x = self._call(packed, hidden, rope, keys, values, [[kv.length] for kv in caches], tail)
+        x = self.run_rows(packed, hidden, rope, keys, values, [[kv.length] for kv in caches], tail)
         for kv in caches:
             kv.commit(q)
         return x
@@ -294,23 +294,12 @@ class NativeLayers:
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         lengths: Sequence[Sequence[int]],
+        tail: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden [R, q, H] through the packed layers, row r a sequence of its own: layer i's buffers keys[i],
-        values[i] [≥ R, H_kv, cap_i, D], row r in slot r holding lengths[i][r] entries with room for q more. Each
-        row's block is written after its own entries; the caller counts what it keeps. Returns [R, q, H]."""
-        return self._call(packed, hidden, rope, keys, values, lengths, None)
-
-    def _call(
-        self,
-        packed: Sequence[_Packed],
-        hidden: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        keys: Sequence[torch.Tensor],
-        values: Sequence[torch.Tensor],
-        lengths: Sequence[Sequence[int]],
-        tail: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The library call: hidden [R, q, H] → [R, q, H] (a copy, updated in place by the layers)."""
+        """hidden [R, q, H] through the packed layers in one library call, row r a sequence of its own: layer i's
+        buffers keys[i], values[i] [≥ R, H_kv, cap_i, D], row r in slot r holding lengths[i][r] entries with room
+        for q more. Each row's block is written after its own entries; the caller counts what it keeps. tail: a
+        draft tree's mask [q, m] (one row only). Returns [R, q, H] (a copy of hidden, updated by the layers)."""
         lib = _library()
         assert lib is not None
         rows, q = hidden.shape[:2]
