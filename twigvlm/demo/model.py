@@ -1,8 +1,9 @@
 """Assembly of the demo VLM: a stock `LlavaForConditionalGeneration` from the SmolLM2 decoder and our vision parts.
 
-The vision tower is a small SigLIP ViT (192-px images, 16-px patches → 144 visual tokens, every patch kept) and
-the projector LLaVA's two-layer MLP; both are trained by `twigvlm.demo.train_vision` and shipped in
-`assets/vision.safetensors` (half precision). The image placeholder is an existing special token of SmolLM2's
+The vision tower is a small SigLIP ViT and the projector LLaVA's two-layer MLP; both are trained by
+`twigvlm.demo.train_vision` and shipped in `assets/vision.safetensors` (half precision), whose metadata names the
+recipe and geometry it was trained with (`twigvlm.demo.recipe`: v1, 192 px with 16-px patches → 144 visual tokens;
+v2, 336 px with 14-px patches → 576, LLaVA-1.5's). The image placeholder is an existing special token of SmolLM2's
 vocabulary that the model never writes (`<empty_output>`), so the decoder's embedding and head stay exactly the
 packaged ones. The chat template is SmolLM2's ChatML without its default system prompt, with image items.
 """
@@ -14,27 +15,16 @@ from typing import Any
 
 import torch
 
-from ..data.examples import IMAGE_SIZE
 from ..errors import TwigVLMError
 from ..inputs.named import NamedModel
 from .decoder import gguf_path, load_decoder
 from .lora import merge_lora
+from .recipe import V1, VisionRecipe, recipe_from_metadata
 
 ASSETS = Path(__file__).parent / "assets"
 VISION_WEIGHTS = "vision.safetensors"
 LORA_WEIGHTS = "decoder_lora.safetensors"  # optional: low-rank decoder adapters, merged into the weights at load
 IMAGE_TOKEN = "<empty_output>"
-PATCH_SIZE = 16  # IMAGE_SIZE is the size the demo world draws its pictures at
-GRID = IMAGE_SIZE // PATCH_SIZE  # 12 patches a side; a scene cell is GRID/3 patches a side
-VISION = dict(
-    hidden_size=256,
-    intermediate_size=1024,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    image_size=IMAGE_SIZE,
-    patch_size=PATCH_SIZE,
-    vision_use_head=False,
-)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -52,11 +42,15 @@ def vision_prefixes() -> tuple[str, ...]:
 
 
 def build_demo(
-    vision_state: dict[str, torch.Tensor] | None = None, seed: int = 0, progress: bool = True, use_assets: bool = True
+    vision_state: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    use_assets: bool = True,
+    recipe: VisionRecipe | None = None,
 ) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration, LlavaProcessor) in fp32: the packaged decoder, and the vision tower and
     projector from `vision_state` (else from the shipped assets when use_assets, else freshly initialised with
-    `seed`)."""
+    `seed`). The tower's geometry is `recipe`'s, else the shipped file's (v1's where there is none)."""
     from transformers import (
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -65,13 +59,16 @@ def build_demo(
         SiglipVisionConfig,
     )
 
+    shipped = use_assets and vision_state is None and (ASSETS / VISION_WEIGHTS).is_file()
+    if recipe is None:
+        recipe = recipe_from_metadata(read_metadata(ASSETS / VISION_WEIGHTS)) if shipped else V1
     decoder, tokenizer = load_decoder(torch.float32, progress)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = LlavaConfig(
-        vision_config=SiglipVisionConfig(**VISION),
+        vision_config=SiglipVisionConfig(**recipe.vision_config()),
         text_config=decoder.config,
         image_token_id=image_token_id,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=recipe.num_visual,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
@@ -81,7 +78,7 @@ def build_demo(
     model = LlavaForConditionalGeneration(config)
     model.model.language_model.load_state_dict(decoder.model.state_dict())
     model.tie_weights()
-    if vision_state is None and use_assets and (ASSETS / VISION_WEIGHTS).is_file():
+    if shipped:
         vision_state = read_vision_weights(ASSETS / VISION_WEIGHTS)
         if (ASSETS / LORA_WEIGHTS).is_file():
             lora, scale = read_lora_weights(ASSETS / LORA_WEIGHTS)
@@ -97,9 +94,9 @@ def build_demo(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config._attn_implementation = "sdpa"
     processor = LlavaProcessor(
-        image_processor=SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        image_processor=SiglipImageProcessorPil(size={"height": recipe.image_size, "width": recipe.image_size}),
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=recipe.patch_size,
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
@@ -127,13 +124,20 @@ def read_vision_weights(path: Path) -> dict[str, torch.Tensor]:
         raise TwigVLMError(f"the demo weights {path} are unreadable ({e}): reinstall twigvlm") from None
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata ({} where it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise TwigVLMError(f"the demo weights {path} are unreadable ({e}): reinstall twigvlm") from None
+
+
 def read_lora_weights(path: Path) -> tuple[dict[str, torch.Tensor], float]:
     """The shipped decoder LoRA tensors and their scale (alpha / rank, from the file's metadata)."""
-    from safetensors import safe_open
-
-    state = read_vision_weights(path)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    state, meta = read_vision_weights(path), read_metadata(path)
     try:
         return state, float(meta["lora_alpha"]) / int(meta["lora_rank"])
     except (KeyError, ValueError, ZeroDivisionError):

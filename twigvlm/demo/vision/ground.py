@@ -18,38 +18,39 @@ from tqdm.auto import tqdm
 from ...data import easyvqa
 from ...data.examples import IMAGE_SIZE, easyvqa_items, easyvqa_pool
 from ...data.scenes import make_scene, scene_seed
-from ..model import GRID, PATCH_SIZE
+from ..recipe import V1
 from .evaluation import evaluate, format_scores
 from .loop import autocast, batches, due, optimize, resume_vision, save_vision, schedule
 
 BACKGROUND_WORD = ","
 
 
-def patch_cover(mask: Image.Image) -> torch.Tensor:
-    """Fraction of each 16-px patch a mask covers: [144]."""
+def patch_cover(mask: Image.Image, grid: int = V1.grid) -> torch.Tensor:
+    """Fraction of each patch (grid × grid of them over the picture) a mask covers: [grid²]."""
     m = torch.from_numpy(np.asarray(mask.resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) / 255.0)
-    return m.view(GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean(dim=(1, 3)).flatten()
+    cell = IMAGE_SIZE // grid
+    return m.view(grid, cell, grid, cell).mean(dim=(1, 3)).flatten()
 
 
-def patch_words(objects: list[tuple[list[str], torch.Tensor]]) -> list[str]:
+def patch_words(objects: list[tuple[list[str], torch.Tensor]], grid: int = V1.grid) -> list[str]:
     """A word per patch: each object's patches (cover > 0.3) cycle through its words in reading order; the
     rest read as the background word."""
-    words = [BACKGROUND_WORD] * (GRID * GRID)
+    words = [BACKGROUND_WORD] * (grid * grid)
     for vocab, cover in objects:
         for k, patch in enumerate(torch.nonzero(cover > 0.3).flatten().tolist()):
             words[patch] = vocab[k % len(vocab)]
     return words
 
 
-def _example(rng: random.Random, labels: dict) -> tuple[Image.Image, list[str]]:
+def _example(rng: random.Random, labels: dict, grid: int) -> tuple[Image.Image, list[str]]:
     """A training picture and its per-patch target words (scenes half the time, easy-VQA otherwise)."""
     if rng.random() < 0.5:
         scene = make_scene(scene_seed("train", rng.randrange(10**7)))
         objects = [
-            ([o.size, o.color, o.shape, *o.position.split()], patch_cover(mask))
+            ([o.size, o.color, o.shape, *o.position.split()], patch_cover(mask, grid))
             for o, mask in zip(scene.objects, scene.object_masks(IMAGE_SIZE), strict=True)
         ]
-        return scene.render(IMAGE_SIZE), patch_words(objects)
+        return scene.render(IMAGE_SIZE), patch_words(objects, grid)
     pool = easyvqa_pool("train")
     while True:
         item = easyvqa_items("train")[pool[rng.randrange(len(pool))]]
@@ -59,7 +60,7 @@ def _example(rng: random.Random, labels: dict) -> tuple[Image.Image, list[str]]:
     image = item.image_rgb()
     pixels = np.asarray(image, dtype=np.int32)
     mask = Image.fromarray(((np.abs(pixels - pixels[0, 0]).sum(-1) > 40) * 255).astype(np.uint8))
-    return image, patch_words([([color, shape], patch_cover(mask))])
+    return image, patch_words([([color, shape], patch_cover(mask, grid))], grid)
 
 
 class WordTargets:
@@ -76,9 +77,9 @@ class WordTargets:
         return torch.stack([self.cache[w] for w in words])  # [144, H]
 
 
-def _batch(step: int, batch: int, processor: Any, labels: dict) -> dict:
+def _batch(step: int, batch: int, processor: Any, labels: dict, grid: int) -> dict:
     rng = random.Random(7919 * step + 11)
-    items = [_example(rng, labels) for _ in range(batch)]
+    items = [_example(rng, labels, grid) for _ in range(batch)]
     return {
         "pixel_values": processor.image_processor([im for im, _ in items], return_tensors="pt")["pixel_values"],
         "words": [words for _, words in items],
@@ -103,7 +104,10 @@ def ground(model: Any, processor: Any, args: argparse.Namespace) -> None:
     embeddings = vlm.adapter.embed(torch.arange(1000, device=args.device)[None]).detach()
     scale = embeddings.float().pow(2).mean()  # mean squared embedding entry
     bar = tqdm(range(start, args.ground_steps), initial=start, total=args.ground_steps, desc="ground")
-    data = batches(lambda step: _batch(step, args.pretrain_batch, processor, labels), start, args.ground_steps, args)
+    grid = args.recipe.grid
+    data = batches(
+        lambda step: _batch(step, args.pretrain_batch, processor, labels, grid), start, args.ground_steps, args
+    )
     for step, batch in zip(bar, data, strict=False):
         want = torch.cat([targets(words) for words in batch["words"]]).float()  # [B·144, H]
         with autocast(args):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -25,8 +26,32 @@ def cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+class Cosine:
+    """The schedule's factor as an object, so that a checkpoint keeps its horizon and a budgeted run can shorten
+    it (`total`) once it knows its speed."""
+
+    def __init__(self, total: int, warmup: int) -> None:
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        return cosine(step, self.total, self.warmup)
+
+
 def schedule(opt: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
+    return torch.optim.lr_scheduler.LambdaLR(opt, Cosine(total, warmup))
+
+
+def fit_horizon(
+    sched: torch.optim.lr_scheduler.LambdaLR, done: int, seconds_per_step: float, args: argparse.Namespace
+) -> int:
+    """The steps a budgeted run can finish: `done` plus what the time left (less `args.reserve_s` for the final
+    validation and writing) allows at this speed, at most the planned total. Sets the schedule's horizon to it,
+    so the cosine still reaches zero at the last step."""
+    left = args.deadline - time.monotonic() - args.reserve_s
+    total = max(done + 1, min(sched.lr_lambdas[0].total, done + int(left / seconds_per_step)))
+    for f in sched.lr_lambdas:
+        f.total = total
+    return total
 
 
 class _Steps(torch.utils.data.IterableDataset):
@@ -78,6 +103,12 @@ def optimize(
     opt.step()
     sched.step()
     bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def out_of_time(args: argparse.Namespace) -> bool:
+    """Whether the run's wall-clock budget (`args.deadline`, a time.monotonic() value, None: no budget) is spent."""
+    deadline = getattr(args, "deadline", None)
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def due(step: int, every: int, total: int) -> bool:

@@ -1,10 +1,17 @@
 """Stage 1 (minutes on a CPU): the ViT alone, with small linear heads on pooled patch features — per grid cell
 the colour, shape and size of the scene object there (or none), and for easy-VQA pictures the shape and colour
-— so that its features already say what is where before the decoder ever sees them."""
+— so that its features already say what is where before the decoder ever sees them.
+
+With a recipe's `context_weight` (v2), the picture-level targets are also asked of every token alone and of the
+pooled tokens: the objects (colour and shape pairs), colours, shapes, sizes and occupied places of a scene, how
+many objects it has (at least 1 … at least 6), and an easy-VQA picture's shape and colour. A token must then carry
+context beyond its own patch, as the tokens of a CLIP/SigLIP tower trained on whole-picture objectives do — the
+redundancy that lets a VLM answer from a few of them."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from typing import Any
 
@@ -15,23 +22,32 @@ from tqdm.auto import tqdm
 
 from ...data import easyvqa
 from ...data.examples import IMAGE_SIZE, easyvqa_items, easyvqa_pool
-from ...data.scenes import COLORS, SHAPES, SIZES, make_scene, scene_seed
-from ..model import GRID
-from .loop import autocast, batches, checkpoint, due, optimize, schedule, to_device
+from ...data.scenes import COLORS, POSITIONS, SHAPES, SIZES, make_scene, scene_seed
+from .loop import autocast, batches, checkpoint, due, optimize, out_of_time, schedule, to_device
+
+MAX_OBJECTS = 6
+PAIRS = [(c, s) for c in sorted(COLORS) for s in SHAPES]
+# A scene's picture-level bits: objects, colours, shapes, sizes, occupied places, "at least k objects".
+BAG = len(PAIRS) + len(COLORS) + len(SHAPES) + len(SIZES) + len(POSITIONS) + MAX_OBJECTS
+BAG_SCALE = 16  # the bag's mean-over-bits BCE × about the bits a scene sets: a loss on the cells' CE's scale
 
 
 class AuxHeads(nn.Module):
-    """Linear read-outs used only in stage 1: per cell (colour, shape, size incl. "none"); per picture (easy-VQA)."""
+    """Linear read-outs used only in stage 1: per cell (colour, shape, size incl. "none"); per picture (easy-VQA's
+    shape and colour; a scene's bag of picture-level bits)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, context: bool = False) -> None:
         super().__init__()
         self.cell = nn.Linear(width, (len(COLORS) + 1) + (len(SHAPES) + 1) + (len(SIZES) + 1))
         self.whole = nn.Linear(width, len(easyvqa.SHAPES) + len(easyvqa.COLORS))
+        self.bag = nn.Linear(width, BAG) if context else None  # the recipe's context targets (v2)
 
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n, w = feats.shape  # [B, 144, W]
-        grid = feats.view(b, 3, GRID // 3, 3, GRID // 3, w).mean(dim=(2, 4)).reshape(b, 9, w)  # [B, 9, W]
-        return self.cell(grid), self.whole(feats.mean(1))  # [B, 9, 17], [B, 11]
+    def cells(self, feats: torch.Tensor) -> torch.Tensor:
+        """Per 3×3 cell: [B, N, W] → [B, 9, 17] logits from the cell's mean token."""
+        b, n, w = feats.shape
+        g = math.isqrt(n)  # patches a side; a cell is g/3 of them
+        grid = feats.view(b, 3, g // 3, 3, g // 3, w).mean(dim=(2, 4)).reshape(b, 9, w)  # [B, 9, W]
+        return self.cell(grid)
 
 
 def _scene_targets(index: int) -> torch.Tensor:
@@ -44,6 +60,23 @@ def _scene_targets(index: int) -> torch.Tensor:
     return t
 
 
+def scene_bag(objects: list) -> torch.Tensor:
+    """A scene's picture-level bits [BAG] (0/1): which objects (colour and shape), colours, shapes, sizes and places
+    it has, and whether it has at least 1, 2, … MAX_OBJECTS objects."""
+    bits = torch.zeros(BAG)
+    colors, offsets = sorted(COLORS), [0]
+    for n in (len(PAIRS), len(COLORS), len(SHAPES), len(SIZES), len(POSITIONS)):
+        offsets.append(offsets[-1] + n)
+    for o in objects:
+        bits[offsets[0] + PAIRS.index((o.color, o.shape))] = 1
+        bits[offsets[1] + colors.index(o.color)] = 1
+        bits[offsets[2] + SHAPES.index(o.shape)] = 1
+        bits[offsets[3] + SIZES.index(o.size)] = 1
+        bits[offsets[4] + o.cell] = 1
+    bits[offsets[5] : offsets[5] + min(len(objects), MAX_OBJECTS)] = 1
+    return bits
+
+
 def _batch(step: int, batch: int, processor: Any, labels: dict) -> dict[str, torch.Tensor]:
     """Step `step`'s pictures: half scenes (per-cell targets), half easy-VQA (shape and colour, -100 if unknown)."""
     rng = random.Random(10_007 * step + 3)
@@ -51,7 +84,8 @@ def _batch(step: int, batch: int, processor: Any, labels: dict) -> dict[str, tor
     scene_ids = [rng.randrange(10**7) for _ in range(half)]
     pool = easyvqa_pool("train")
     evqa = [easyvqa_items("train")[pool[rng.randrange(len(pool))]] for _ in range(batch - half)]
-    images = [make_scene(scene_seed("train", i)).render(IMAGE_SIZE) for i in scene_ids] + [e.image_rgb() for e in evqa]
+    scenes = [make_scene(scene_seed("train", i)) for i in scene_ids]
+    images = [sc.render(IMAGE_SIZE) for sc in scenes] + [e.image_rgb() for e in evqa]
     whole = torch.full((batch - half, 2), -100, dtype=torch.long)
     for k, e in enumerate(evqa):
         shape, color = labels.get(e.q.image_id, (None, None))
@@ -62,29 +96,54 @@ def _batch(step: int, batch: int, processor: Any, labels: dict) -> dict[str, tor
     return {
         "pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"],
         "cells": torch.stack([_scene_targets(i) for i in scene_ids]),
+        "bag": torch.stack([scene_bag(list(sc.objects)) for sc in scenes]),
         "whole": whole,
         "half": half,
     }
 
 
-def _loss(tower: nn.Module, heads: AuxHeads, b: dict) -> torch.Tensor:
-    feats = tower(pixel_values=b["pixel_values"], output_hidden_states=True).hidden_states[-1]  # [B, 144, W]
-    cell, whole = heads(feats)
+def _whole_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """easy-VQA shape and colour CE; logits [n, 9] or [n, N, 9] (every token), target [n, 2] (-100: unknown)."""
+    if logits.dim() == 3:
+        target = target[:, None].expand(-1, logits.shape[1], -1)  # [n, N, 2]
+        logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1, 2)
+    k = len(easyvqa.SHAPES)
+    return F.cross_entropy(logits[:, :k], target[:, 0], ignore_index=-100) + F.cross_entropy(
+        logits[:, k:], target[:, 1], ignore_index=-100
+    )
+
+
+def _loss(tower: nn.Module, heads: AuxHeads, b: dict, context_weight: float = 0.0) -> torch.Tensor:
+    """Stage 1's loss on a batch whose first b["half"] pictures are scenes; context_weight > 0 adds the
+    picture-level targets asked of every token and of the pooled tokens."""
+    feats = tower(pixel_values=b["pixel_values"], output_hidden_states=True).hidden_states[-1]  # [B, N, W]
     h = b["half"]
+    cell = heads.cells(feats[:h])  # [h, 9, 17]
     c, s = len(COLORS) + 1, len(SHAPES) + 1
-    splits = (cell[:h, :, :c], cell[:h, :, c : c + s], cell[:h, :, c + s :])
+    splits = (cell[..., :c], cell[..., c : c + s], cell[..., c + s :])
     loss = sum(
         F.cross_entropy(x.reshape(-1, x.shape[-1]), b["cells"][..., k].reshape(-1)) for k, x in enumerate(splits)
     )
-    n_shape = len(easyvqa.SHAPES)
-    loss = loss + F.cross_entropy(whole[h:, :n_shape], b["whole"][:, 0], ignore_index=-100)
-    return loss + F.cross_entropy(whole[h:, n_shape:], b["whole"][:, 1], ignore_index=-100)
+    easy = feats.shape[0] > h  # easy-VQA rows follow the scenes
+    if easy:
+        loss = loss + _whole_loss(heads.whole(feats[h:].mean(1)), b["whole"])
+    if context_weight:
+        bag = b["bag"]  # [h, BAG]
+        pooled = F.binary_cross_entropy_with_logits(heads.bag(feats[:h].mean(1)), bag)
+        tokens = heads.bag(feats[:h])  # [h, N, BAG]: every token alone
+        each = F.binary_cross_entropy_with_logits(tokens, bag[:, None].expand_as(tokens))
+        context = BAG_SCALE * (pooled + each)
+        if easy:
+            context = context + _whole_loss(heads.whole(feats[h:]), b["whole"])
+        loss = loss + context_weight * context
+    return loss
 
 
-def pretrain(model: Any, processor: Any, args: argparse.Namespace) -> None:
-    """Stage 1: the ViT and aux heads on per-cell / per-picture labels (checkpoint: WORK/pretrain.pt)."""
+def pretrain(model: Any, processor: Any, args: argparse.Namespace) -> bool:
+    """Stage 1: the ViT and aux heads on per-cell / per-picture labels (checkpoint: WORK/pretrain.pt). Whether it
+    finished (False: the run's budget ran out first; checkpointed)."""
     tower = model.model.vision_tower
-    heads = AuxHeads(tower.config.hidden_size).to(args.device)
+    heads = AuxHeads(tower.config.hidden_size, context=args.recipe.context_weight > 0).to(args.device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.pretrain_lr, weight_decay=0.0)
     sched = schedule(opt, args.pretrain_steps, 50)
@@ -100,17 +159,22 @@ def pretrain(model: Any, processor: Any, args: argparse.Namespace) -> None:
     tower.train()
     bar = tqdm(range(start, args.pretrain_steps), initial=start, total=args.pretrain_steps, desc="pretrain")
     data = batches(lambda step: _batch(step, args.pretrain_batch, processor, labels), start, args.pretrain_steps, args)
+    done = start
     for step, batch in zip(bar, data, strict=False):
+        if out_of_time(args):
+            break
         with autocast(args):
-            loss = _loss(tower, heads, to_device(batch, args.device))
+            loss = _loss(tower, heads, to_device(batch, args.device), args.recipe.context_weight)
         optimize(loss, opt, sched, params, bar)
-        if due(step + 1, args.save_every, args.pretrain_steps):
+        done = step + 1
+        if due(done, args.save_every, args.pretrain_steps) or out_of_time(args):
             checkpoint(
                 ckpt,
                 tower=tower.state_dict(),
                 heads=heads.state_dict(),
                 opt=opt.state_dict(),
                 sched=sched.state_dict(),
-                step=step + 1,
+                step=done,
             )
     tower.eval()
+    return done >= args.pretrain_steps

@@ -1,0 +1,221 @@
+"""The demo base's v2 recipe: the wiped alignment loss against stock HF and a masked reference, LoRA on the layers
+below K_f only, the picture-level pre-training targets, and the recipe recorded in (and read from) the vision file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from twigvlm.data.examples import eval_set
+from twigvlm.data.scenes import SceneObject
+from twigvlm.demo.lora import DecoderLoRA, layer_of
+from twigvlm.demo.recipe import V1, V2, recipe, recipe_from_metadata
+from twigvlm.demo.vision.align import _batch
+from twigvlm.demo.vision.pretrain import BAG, AuxHeads, _loss, scene_bag
+from twigvlm.demo.vision.wiped import IGNORE, _dropped, answer_loss
+from twigvlm.errors import TwigVLMError
+
+
+@pytest.fixture
+def adapter(adapters):
+    return adapters["qwen2-siglip"]
+
+
+@pytest.fixture
+def batch(adapter):
+    examples = eval_set("scenes", 2, "val") + eval_set("describe", 1, "val")  # rows of different lengths
+    return _batch(adapter, examples)
+
+
+def _reference(adapter, batch, gone_from: list[torch.Tensor]) -> torch.Tensor:
+    """The same loss with every token kept and masks instead: from layer i on, no query sees the keys in
+    gone_from[i] (bool [B, T]) but its own; right padding, so the rest is plain causal."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    visual = ids == adapter.image_token_id
+    hidden = adapter.embed(ids).masked_scatter(visual[..., None], adapter.image_features(batch["pixel_values"]))
+    pos = adapter.prompt_positions(ids)
+    rope = adapter.rotary(hidden, pos)
+    t = ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for i, layer in enumerate(adapter.layers):
+        gone = gone_from[i]  # [B, T]
+        mask = causal & (~gone[:, None, :] | torch.eye(t, dtype=torch.bool))  # [B, T, T]
+        hidden = adapter.call_layer(layer, hidden, mask[:, None], pos, rope, None)
+    logits = adapter.lm_head(adapter.final_norm(hidden))[:, :-1]  # predicts positions 1..T-1
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def test_without_a_wipe_it_is_stock_hf_llava_loss(adapter, batch):
+    with torch.no_grad():
+        stock = adapter.model(**batch).loss
+        ours = answer_loss(adapter, batch)
+    assert (batch["labels"] != IGNORE).sum() > 10
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+    n = len(adapter.layers)
+    torch.testing.assert_close(answer_loss(adapter, batch, wipe=n), ours)  # a wipe after the last layer: none
+
+
+@pytest.mark.parametrize("wipe", [1, 2, 3])
+def test_wiped_equals_masking_the_picture_from_that_layer_on(adapter, batch, wipe):
+    visual = batch["input_ids"] == adapter.image_token_id
+    none = torch.zeros_like(visual)
+    with torch.no_grad():
+        ours = answer_loss(adapter, batch, wipe=wipe)
+        ref = _reference(adapter, batch, [none if i < wipe else visual for i in range(len(adapter.layers))])
+        full = answer_loss(adapter, batch)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, full)  # the deep layers did read the picture before
+
+
+def test_token_dropout_equals_masking_the_dropped_tokens(adapter, batch):
+    visual = batch["input_ids"] == adapter.image_token_id
+    dropped = _dropped(visual, 0.5, torch.Generator().manual_seed(3))
+    assert (dropped.sum(1) == round(0.5 * int(visual.sum(1)[0]))).all() and not (dropped & ~visual).any()
+    none, n = torch.zeros_like(visual), len(adapter.layers)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        ours = answer_loss(adapter, batch, wipe=3, dropout=0.5, dropout_layer=1, generator=gen)
+        wiped = answer_loss(adapter, batch, wipe=3)
+        gone = [none, dropped, dropped] + [visual] * (n - 3)
+        ref = _reference(adapter, batch, gone)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, wiped)
+
+
+def test_the_wiped_loss_trains_the_vision_parts(adapter, batch):
+    model = adapter.model
+    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        answer_loss(adapter, batch, wipe=2).backward()
+        reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
+        assert all(reached[-4:])  # the projector
+        assert reached[0]  # the patch embedding, through the tower (its layers after the one LLaVA reads get none)
+    finally:
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def test_lora_below_the_wipe_adapts_only_those_layers(adapter):
+    model = adapter.model
+    lora = DecoderLoRA(model, rank=2, below=2)
+    layers = {layer_of(k.replace("__", ".")) for k in lora.A}
+    assert layers == {0, 1} and len(lora.A) == 7 * 2
+    assert layer_of("model.language_model.layers.12.mlp.up_proj") == 12 and layer_of("model.lm_head") is None
+    assert len(DecoderLoRA(model, rank=2).A) == 7 * len(adapter.layers)
+
+
+def test_scene_bag_names_what_the_scene_has():
+    objects = [SceneObject("circle", "red", "large", 0), SceneObject("square", "red", "small", 8)]
+    bits = scene_bag(objects)
+    assert bits.shape == (BAG,) and set(bits.unique().tolist()) == {0.0, 1.0}
+    # 2 objects + 1 colour + 2 shapes + 2 sizes + 2 places + "at least 1", "at least 2"
+    assert int(bits.sum()) == 2 + 1 + 2 + 2 + 2 + 2
+    assert int(scene_bag(objects[:1]).sum()) == 1 + 1 + 1 + 1 + 1 + 1
+
+
+@pytest.mark.parametrize("grid", [12, 24])
+def test_context_targets_ask_every_token(grid):
+    """Per-token context loss: all tokens equal ⇒ each token's loss is the pooled one; tokens that differ raise it."""
+    torch.manual_seed(0)
+    heads = AuxHeads(8, context=True)
+
+    class Tower(torch.nn.Module):
+        def __init__(self, feats):
+            super().__init__()
+            self.feats = feats
+
+        def forward(self, pixel_values, output_hidden_states):
+            return argparse.Namespace(hidden_states=[self.feats])
+
+    bag = torch.stack([scene_bag([SceneObject("circle", "red", "large", 4)])] * 2)
+    b = {"pixel_values": None, "half": 2, "cells": torch.zeros(2, 9, 3, dtype=torch.long), "bag": bag}
+    b["whole"] = torch.zeros(0, 2, dtype=torch.long)
+    same = torch.randn(2, 1, 8).expand(2, grid * grid, 8).contiguous()
+    noisy = same + 2 * torch.randn_like(same) * (torch.rand(2, grid * grid, 1) < 0.5)
+    noisy = noisy - noisy.mean(1, keepdim=True) + same.mean(1, keepdim=True)  # same pool
+
+    def context(feats):
+        with torch.no_grad():
+            return (_loss(Tower(feats), heads, b, 1.0) - _loss(Tower(feats), heads, b, 0.0)).item()
+
+    assert context(noisy) > context(same)
+
+
+def test_recipes_and_their_metadata():
+    assert V2.num_visual == 576 and V2.grid == 24 and V1.num_visual == 144
+    assert V2.wipe_layer == 23 and V2.lora_below_wipe and V2.token_dropout == 0.0 and not V2.ground
+    assert recipe_from_metadata(None) == V1 and recipe_from_metadata({"format": "pt"}) == V1
+    assert recipe_from_metadata(V2.metadata()) == V2
+    custom = dataclasses.replace(V2, num_layers=4)
+    assert recipe_from_metadata(custom.metadata()) == custom
+    assert recipe("v2") is V2
+    with pytest.raises(TwigVLMError, match="unknown demo recipe"):
+        recipe("v3")
+    with pytest.raises(TwigVLMError, match="not numeric"):
+        recipe_from_metadata({"recipe": "v2", "patch_size": "x"})
+    with pytest.raises(TwigVLMError, match="multiple"):
+        recipe_from_metadata({"recipe": "v2", "patch_size": "13"})
+
+
+def test_shipped_file_metadata_reads_back(tmp_path):
+    from twigvlm.demo.model import read_metadata
+
+    path = tmp_path / "vision.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "pt", **V2.metadata()})
+    assert recipe_from_metadata(read_metadata(path)) == V2
+
+
+def test_a_budgeted_run_fits_its_schedule_to_the_time_left():
+    import time
+
+    from twigvlm.demo.vision.loop import fit_horizon, schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = schedule(opt, total=1000, warmup=10)
+    args = argparse.Namespace(deadline=time.monotonic() + 12.0, reserve_s=2.0)
+    total = fit_horizon(sched, done=30, seconds_per_step=0.5, args=args)
+    assert 30 + 18 <= total <= 30 + 20  # about (12 − 2) / 0.5 steps left
+    assert sched.lr_lambdas[0](total) == 0.0 and sched.lr_lambdas[0](total - 5) > 0  # decays to zero there
+    assert fit_horizon(sched, 30, 1e-6, args) == total  # never past the horizon it already has
+    restored = schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total=1000, warmup=10)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.lr_lambdas[0].total == total  # a checkpoint keeps the fitted horizon
+    args.deadline = time.monotonic() - 1
+    assert fit_horizon(sched, 30, 0.5, args) == 31  # no time left: finish with the next step
+
+
+def test_shipped_lora_values_load_back_for_training(adapter):
+    model = adapter.model
+    lora = DecoderLoRA(model, rank=2, below=2)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_()
+    again = DecoderLoRA(model, rank=2, below=2)
+    again.load_shipped(lora.state(torch.float32))
+    for k in lora.A:
+        torch.testing.assert_close(again.A[k], lora.A[k])
+        torch.testing.assert_close(again.B[k], lora.B[k])
+    with pytest.raises(TwigVLMError, match="does not adapt"):
+        DecoderLoRA(model, rank=2, below=1).load_shipped(lora.state())
+
+
+def test_init_refuses_another_recipes_files(adapter, tmp_path):
+    from twigvlm.demo.train_vision import _init_from, parse_args
+
+    args = parse_args(["--recipe", "v2", "--init", str(tmp_path)])
+    assert args.align_steps == 2400 and args.recipe == V2 and args.token_dropout == 0.0
+    with pytest.raises(TwigVLMError, match="holds no vision.safetensors"):
+        _init_from(adapter.model, args)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=V1.metadata())
+    with pytest.raises(TwigVLMError, match="recipe v1, not v2"):
+        _init_from(adapter.model, args)
+    assert parse_args(["--recipe", "v2", "--token-dropout", "0.3"]).recipe.token_dropout == 0.3
+    with pytest.raises(SystemExit):
+        parse_args(["--token-dropout", "1.5"])
