@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--align-batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--pretrain-batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on a GPU")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     r = recipe(args.recipe)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     align_batch = args.align_batch or plan["align_batch"]
     pretrain_batch = args.pretrain_batch or plan["pretrain_batch"]
     device = torch.device(args.device)
-    bf16 = device.type == "cuda"
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     report: dict = {
         "recipe": r.name,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

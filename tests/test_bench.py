@@ -170,6 +170,25 @@ def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
     assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {24}
 
 
+def test_budget_and_wipe_ablations_run_without_a_twig():
+    """A base with no twig yet (a new demo base) can still be asked how prunable it is."""
+    args = Namespace(
+        keep=None,
+        keep_ratio=1 / 9,
+        wipe_layer=None,
+        draft_len=5,
+        draft_threshold=0.6,
+        methods=None,
+        twig=None,
+        query="last",
+        ablation="budget",
+    )
+    budget = variants(args, {}, 30)
+    assert {v.method for v in budget} == {"hf", "fastv", "visionzip"} and len(budget) == 1 + 2 * 3
+    args.ablation = "wipe"
+    assert {v.method for v in variants(args, {}, 30)} == {"hf", "ar", "fastv"}
+
+
 def test_query_ablation_scores_with_each_query(model_dirs, bench_twig, tmp_path):
     results = _ablation(model_dirs["llama-clip"], bench_twig, tmp_path / "q", "query", "--keep-ratio", "0.5")
     names = ["fastv (last)", "fastv (text)", "twig (last)", "twig (text)"]

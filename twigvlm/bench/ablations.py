@@ -54,14 +54,12 @@ def wipe_layers(num_layers: int, K: int) -> list[int]:
     return sorted({k for f in (0.6, 0.75, 0.85) if K < (k := int(f * num_layers + 0.5)) < num_layers})
 
 
-@register("budget", "pruning methods at R̄ = M/9, 2M/9, 3M/9")
+@register("budget", "pruning methods at R̄ = M/9, 2M/9, 3M/9 (the twig's only with --twig)")
 def _budget(c: AblationContext) -> list[Variant]:
     out = [Variant(BASELINE, BASELINE, c.mc)]
+    methods = ("fastv", "visionzip", "twig") if c.twig_labels else ("fastv", "visionzip")
     for k in (1, 2, 3):
-        out += [
-            Variant(f"{m}@{k}M/9", m, replace(c.mc, keep=None, keep_ratio=k / 9))
-            for m in ("fastv", "visionzip", "twig")
-        ]
+        out += [Variant(f"{m}@{k}M/9", m, replace(c.mc, keep=None, keep_ratio=k / 9)) for m in methods]
     return out
 
 

@@ -10,6 +10,7 @@ packaged ones. The chat template is SmolLM2's ChatML without its default system 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ from .decoder import gguf_path, load_decoder
 from .lora import merge_lora
 from .recipe import V1, VisionRecipe, recipe_from_metadata
 
-ASSETS = Path(__file__).parent / "assets"
+# The shipped parts; $TWIGVLM_DEMO_ASSETS names another folder of them (a rebuilt base, e.g. `train_vision --out`),
+# read when this module is imported.
+ASSETS_ENV = "TWIGVLM_DEMO_ASSETS"
+ASSETS = Path(os.environ.get(ASSETS_ENV) or Path(__file__).parent / "assets").expanduser()
 VISION_WEIGHTS = "vision.safetensors"
 LORA_WEIGHTS = "decoder_lora.safetensors"  # optional: low-rank decoder adapters, merged into the weights at load
 IMAGE_TOKEN = "<empty_output>"

@@ -101,9 +101,10 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
         if done == start + FIT_FROM:
             clock = time.monotonic()
         if clock is not None and done == start + FIT_AFTER and args.deadline is not None:
-            total = fit_horizon(sched, done, (time.monotonic() - clock) / (FIT_AFTER - FIT_FROM), args)
+            per_step = (time.monotonic() - clock) / (FIT_AFTER - FIT_FROM)
+            total = fit_horizon(sched, done, per_step, args)
             bar.total = total
-            bar.write(f"align: {total} steps fit the budget at this speed (planned {args.align_steps})")
+            bar.write(f"align: {per_step:.3f} s a step; {total} steps fit the budget (planned {args.align_steps})")
         if out_of_time(args):
             save_vision(ckpt, model, opt, sched, done, lora)
             bar.write(f"align: the budget ran out at step {done} of {args.align_steps} (checkpointed; re-run to go on)")
