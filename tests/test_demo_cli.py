@@ -19,6 +19,8 @@ def test_demo_without_trained_parts_runs_the_main_job_on_a_tiny_model(no_assets,
     out = capsys.readouterr().out
     assert "tiny random LLaVA" in out and "HF generate" in out and "TTP + SSD" in out and "× HF" in out
     assert "of drafted tokens accepted" in out and "kept 6/16 visual tokens" in out
+    same = "same text as HF" in out
+    assert f"TTP + SSD kept HF's answer on {int(same)} of 1 requests, keeping 37.5% of the visual tokens" in out
     assert (tmp_path / "out" / "kept-describe.png").is_file()
 
 
@@ -39,3 +41,16 @@ def test_twig_demo_without_assets_says_how_to_build(no_assets, capsys, model_dir
     assert main(["generate", "--model", model_dirs["llama-clip"], "--twig", "demo", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "demo twig" in err and "python -m twigvlm.demo.build" in err
+
+
+def test_the_closing_line_counts_the_answers_kept():
+    from twigvlm.demo.run import Comparison, summary
+
+    def c(text: str, kept: int | None) -> Comparison:
+        return Comparison("x", "q", "a red circle", 3, 1.0, text, 3, 0.5, 0.5, kept, 576)
+
+    line = summary([c("a red circle", 64), c("a blue circle", 64), c("a red circle", 64)])
+    assert (
+        line == "TTP + SSD kept HF's answer on 2 of 3 requests, keeping 11.1% of the visual tokens in the deep layers"
+    )
+    assert summary([c("a red circle", None)]) == "TTP + SSD kept HF's answer on 1 of 1 requests"

@@ -3,7 +3,9 @@
 For a short question and a "describe" request about pictures the package can draw itself, it runs the base
 model's own greedy `generate` and then twigvlm with twig-guided pruning (keep 11.1%) and self-speculative
 decoding, and prints both answers, the tokens/s of each, the speed-up, the acceptance rate and the kept/total
-visual tokens; it saves a picture of the kept tokens. Both paths are warmed up once first; each is timed
+visual tokens; it saves a picture of the kept tokens, and ends with how many requests kept HF's answer under
+TTP (pruning changes the decoder's input, so this is the method's accuracy claim on these requests; SSD itself
+never changes a token). Both paths are warmed up once first; each is timed
 from the prompt text to the last token (processing, vision, prefill, decode).
 """
 
@@ -94,6 +96,15 @@ def report(c: Comparison) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[Comparison]) -> str:
+    """The closing line: on how many requests TTP + SSD kept HF's answer, with the visual tokens kept."""
+    same = sum(c.text == c.hf_text for c in results)
+    kept = [c for c in results if c.kept is not None]
+    share = sum(c.kept for c in kept) / max(1, sum(c.visual for c in kept))
+    where = f", keeping {share:.1%} of the visual tokens in the deep layers" if kept else ""
+    return f"TTP + SSD kept HF's answer on {same} of {len(results)} requests{where}"
+
+
 def main_job(
     vlm: VLM, requests: list[tuple[str, str, Image.Image, int]], out_dir: Path, keep_ratio: float = 1 / 9
 ) -> list[Comparison]:
@@ -109,4 +120,5 @@ def main_job(
         save_kept_picture(vlm.adapter.visual_layout([image]), kept, picture)
         print(f"                 kept tokens pictured in {picture}", flush=True)
         results.append(c)
+    print(summary(results), flush=True)
     return results
