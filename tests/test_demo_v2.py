@@ -219,3 +219,15 @@ def test_init_refuses_another_recipes_files(adapter, tmp_path):
     assert parse_args(["--recipe", "v2", "--token-dropout", "0.3"]).recipe.token_dropout == 0.3
     with pytest.raises(SystemExit):
         parse_args(["--token-dropout", "1.5"])
+
+
+def test_build_refuses_to_grow_a_twig_for_another_recipes_base(monkeypatch, tmp_path, capsys):
+    from twigvlm.demo import build
+    from twigvlm.errors import module_main
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=V1.metadata())
+    monkeypatch.setattr(build, "ASSETS", tmp_path)
+    assert module_main(build.main, "twigvlm.demo.build", ["--recipe", "v2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a v1 base, not v2" in err and err.count("\n") == 1
+    assert build.TWIG_WIPE["v2"] == V2.wipe_layer and build.HEAD_TEACHER["v2"] < V2.wipe_layer

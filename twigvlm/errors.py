@@ -4,6 +4,10 @@ Everything that a user can get wrong (paths, images, prompts, budgets, twig/base
 `TwigVLMError`; the CLI turns it into one line on stderr and exit code 2. Bugs stay ordinary exceptions.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 
 class TwigVLMError(ValueError):
     """Bad input: the message names the problem and how to fix it, on one line."""
@@ -15,3 +19,16 @@ def require_batch_one(batch: int, what: str) -> None:
         raise TwigVLMError(
             f"batched generation is not supported yet: {what} got a batch of {batch} prompts; run them one at a time"
         )
+
+
+def module_main(main: Callable[[list[str] | None], object], name: str, argv: list[str] | None = None) -> int:
+    """Run a `python -m` module's main the way the CLI runs a command: a TwigVLMError becomes one line on stderr
+    and exit code 2, with no traceback."""
+    import sys
+
+    try:
+        main(argv)
+    except TwigVLMError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

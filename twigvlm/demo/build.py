@@ -1,7 +1,7 @@
 """Build the demo model's shipped parts from nothing: `python -m twigvlm.demo.build`.
 
-1. The vision tower and projector (`twigvlm.demo.train_vision`: pre-training, grounding, alignment; resumable)
-   → assets/vision.safetensors.
+1. The vision tower and projector (`twigvlm.demo.train_vision --recipe`: pre-training, grounding (v1),
+   alignment; resumable) → assets/vision.safetensors.
 2. The twig (K=2, T=3, shared head, layers initialised from the last 3 base layers: on this base they draft
    and prune better than the paper's K+1..K+T, see the twig ablation in docs/results.md) with the training recipe
    (`twigvlm train`) on a LLaVA-format set written from the training mixture, evaluated on val → assets/twig
@@ -25,15 +25,22 @@ from pathlib import Path
 
 from ..config import LAYER_INITS
 from ..data.examples import eval_set, training_stream, write_llava
+from ..errors import TwigVLMError
 from ..train.config import TrainConfig
 from ..train.prune_head import train_prune_head
 from ..train.recipe import train_twig
 from ..twig.model import CONFIG_NAME, read_twig_config
 from . import train_vision
-from .model import ASSETS, TWIG_DIR, VISION_WEIGHTS
+from .model import ASSETS, ASSETS_ENV, TWIG_DIR, VISION_WEIGHTS, read_metadata
+from .recipe import recipe_from_metadata
 from .vision.loop import default_workers
 
-HEAD_TEACHER = 24  # where this base still reads the picture (layer 18, round(0.6·L), measured a tie: 10 : 9)
+# Per recipe: the K_f the twig records and the base layer the pruning head learns from. v1 still reads the picture in
+# layers 24-26 (the wipe ablation), so its twig wipes after 26 and its head learns from 24 (18, round(0.6·L),
+# measured a tie: 10 : 9); v2's alignment wiped the picture from round(0.75·L) = 23 on, so the paper's K_f holds and
+# the head learns from round(0.6·L) = 18, a layer that reads the picture.
+TWIG_WIPE = {"v1": 26, "v2": 23}
+HEAD_TEACHER = {"v1": 24, "v2": 18}
 
 
 def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: int = 0) -> tuple[Path, Path]:
@@ -77,23 +84,37 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(LAYER_INITS),
         help="where the twig's layers start (the twig ablation in docs/results.md picked 'last' for the demo)",
     )
+    ap.add_argument("--recipe", default="v1", choices=list(TWIG_WIPE), help="the vision recipe (train_vision's)")
     ap.add_argument(
         "--wipe-layer",
         type=int,
-        default=26,
-        help="the FinalWipe layer K_f the twig records (the wipe ablation in docs/results.md: this base still reads "
-        "the image in layers 24-26, so the paper's 0.75·L = 23 costs accuracy)",
+        default=None,
+        help="the FinalWipe layer K_f the twig records (default: the recipe's, v1 26 — the wipe ablation in "
+        "docs/results.md: v1 still reads the image in layers 24-26 — v2 23, round(0.75·L))",
     )
     ap.add_argument("--head-examples", type=int, default=1200, help="the pruning head's training examples")
     ap.add_argument(
-        "--head-teacher-layer", type=int, default=HEAD_TEACHER, help="the base layer the pruning head learns from"
+        "--head-teacher-layer",
+        type=int,
+        default=None,
+        help="the base layer the pruning head learns from (default: the recipe's, v1 24, v2 18)",
     )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--seed", type=int, default=0)
     args, vision_argv = ap.parse_known_args(argv)
+    args.wipe_layer = TWIG_WIPE[args.recipe] if args.wipe_layer is None else args.wipe_layer
+    if args.head_teacher_layer is None:
+        args.head_teacher_layer = HEAD_TEACHER[args.recipe]
     t0 = time.perf_counter()
-    if not (ASSETS / VISION_WEIGHTS).is_file():
+    if (ASSETS / VISION_WEIGHTS).is_file():
+        built = recipe_from_metadata(read_metadata(ASSETS / VISION_WEIGHTS)).name
+        if built != args.recipe:
+            raise TwigVLMError(
+                f"{ASSETS} holds a {built} base, not {args.recipe}: pass --recipe {built}, or build into another "
+                f"folder ({ASSETS_ENV}=DIR)"
+            )
+    else:
         train_vision.main(
             [
                 "--work",
@@ -104,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.device,
                 "--workers",
                 str(args.workers),
+                "--recipe",
+                args.recipe,
                 *vision_argv,
             ]
         )
@@ -177,4 +200,8 @@ def _ship_twig(trained: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..errors import module_main
+
+    sys.exit(module_main(main, "twigvlm.demo.build"))

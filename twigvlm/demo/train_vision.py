@@ -182,4 +182,8 @@ def _init_from(model: torch.nn.Module, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..errors import module_main
+
+    sys.exit(module_main(main, "twigvlm.demo.train_vision"))
