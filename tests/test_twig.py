@@ -136,6 +136,52 @@ def test_save_load_is_bit_exact(tmp_path, model_dirs):
     assert sorted(p.name for p in (tmp_path / "twig").iterdir()) == ["twig.json", "twig.safetensors"]
 
 
+def test_a_twig_in_size_limited_files_loads_bit_exact(tmp_path, model_dirs):
+    from twigvlm.twig.model import copy_twig, save_twig
+
+    vlm = twigvlm.load(model_dirs["llama-clip"])
+    twig = vlm.grow_twig(K=2, T=3)
+    with torch.no_grad():
+        for p in twig.parameters():
+            p.add_(torch.randn_like(p))
+    limit = (1 << 16) + 4096  # a few tensors a file
+    save_twig(twig, tmp_path / "t", shard_bytes=limit)
+    meta = json.loads((tmp_path / "t" / "twig.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "t").glob("*.safetensors"))
+    assert len(meta["shards"]) == len(files) > 2 and meta["shards"][0] == "twig.safetensors"
+    big = max(t.numel() * t.element_size() for t in twig.state_dict().values())
+    assert all((tmp_path / "t" / n).stat().st_size <= max(limit, big + 4096) for n in files)
+    loaded = twigvlm.load(model_dirs["llama-clip"], twig=tmp_path / "t").twig
+    a, b = twig.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    copy_twig(tmp_path / "t", tmp_path / "t")  # in place, one file: the old shards go
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["twig.json", "twig.safetensors"]
+    assert "shards" not in json.loads((tmp_path / "t" / "twig.json").read_text())
+    again = vlm.load_twig(tmp_path / "t").state_dict()
+    assert all(torch.equal(a[n], again[n]) for n in a)
+
+
+def test_a_twigs_shard_list_is_checked(tmp_path, model_dirs):
+    from twigvlm.twig.model import save_twig
+
+    vlm = twigvlm.load(model_dirs["llama-clip"])
+    save_twig(vlm.grow_twig(K=1, T=2), tmp_path / "t", shard_bytes=1 << 17)
+    cfg = tmp_path / "t" / "twig.json"
+    good = json.loads(cfg.read_text())
+    assert len(good["shards"]) > 1
+    for shards, message in (
+        (["../outside.safetensors"], "shards must list"),
+        (["twig-2.safetensors", "twig.safetensors"], "shards must list"),
+        (["twig.safetensors", "twig.safetensors"], "shards must list"),
+        ("twig.safetensors", "shards must list"),
+        ([*good["shards"], "twig-99.safetensors"], "lacks twig-99.safetensors"),
+        (good["shards"][:1], "does not match"),  # a listed shard left out: tensors missing
+    ):
+        cfg.write_text(json.dumps({**good, "shards": shards}))
+        with pytest.raises(TwigVLMError, match=message):
+            vlm.load_twig(tmp_path / "t")
+
+
 def test_twig_for_another_base_is_refused(tmp_path, model_dirs):
     twigvlm.load(model_dirs["llama-clip"]).grow_twig(K=1, T=2)
     src = twigvlm.load(model_dirs["llama-clip"])

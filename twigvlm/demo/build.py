@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ..errors import TwigVLMError
 from ..train.config import TrainConfig
 from ..train.prune_head import train_prune_head
 from ..train.recipe import train_twig
-from ..twig.model import CONFIG_NAME, read_twig_config
+from ..twig.model import CONFIG_NAME, copy_twig, read_twig_config
 from . import train_vision
 from .model import ASSETS, ASSETS_ENV, TWIG_DIR, VISION_WEIGHTS, read_metadata
 from .recipe import recipe_from_metadata
@@ -192,11 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"demo assets in {ASSETS} (built in {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 
+SHIPPED_FILE_BYTES = 16 * 2**20  # no shipped file larger than this
+
+
 def _ship_twig(trained: Path) -> None:
-    """Copy a trained twig's weights and config into the shipped twig folder."""
-    TWIG_DIR.mkdir(parents=True, exist_ok=True)
-    for name in ("twig.safetensors", CONFIG_NAME):
-        shutil.copy2(trained / name, TWIG_DIR / name)
+    """Write a trained twig into the shipped twig folder, in files of at most 16 MiB."""
+    copy_twig(trained, TWIG_DIR, SHIPPED_FILE_BYTES)
 
 
 if __name__ == "__main__":

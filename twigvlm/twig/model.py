@@ -4,7 +4,9 @@ Growing copies base layers K+1..K+T (1-based) into new layers (or, for the paper
 last T base layers or fresh random weights), the base final norm into the twig norm, and the LM head into a twig
 head ("copy") or reuses the frozen base head ("shared"). Every base parameter is frozen.
 Saving writes only the twig (`twig.safetensors` + `twig.json` with a fingerprint of the base); loading onto a
-base with another fingerprint is refused with a message naming the mismatch.
+base with another fingerprint is refused with a message naming the mismatch. A twig saved with a file-size limit
+(`shard_bytes`, e.g. the demo's 16 MiB) spreads its tensors over `twig.safetensors`, `twig-2.safetensors`, …, which
+twig.json lists under "shards".
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +35,8 @@ WEIGHTS_NAME = "twig.safetensors"
 CONFIG_NAME = "twig.json"
 FORMAT = "twigvlm-twig"
 FORMAT_VERSION = 1
+SHARD = re.compile(r"twig(-[1-9][0-9]*)?\.safetensors")  # the file names a twig's "shards" may list
+HEADER_ROOM = 1 << 16  # bytes kept free in each shard for its safetensors header
 
 
 class Twig(nn.Module):
@@ -120,18 +125,43 @@ def grow_twig(adapter: VLMAdapter, config: TwigConfig | None = None) -> Twig:
     return twig
 
 
+def _shards(tensors: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, torch.Tensor]]:
+    """The tensors in name order, cut into files of at most `limit` bytes each (one tensor larger than that
+    alone in its file); one file without a limit."""
+    if limit is None:
+        return [tensors]
+    room = max(1, limit - HEADER_ROOM)
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name in sorted(tensors):
+        size = tensors[name].numel() * tensors[name].element_size()
+        if groups[-1] and used + size > room:
+            groups.append({})
+            used = 0
+        groups[-1][name] = tensors[name]
+        used += size
+    return groups
+
+
+def shard_names(n: int) -> list[str]:
+    """The file names of a twig saved in n files."""
+    return [WEIGHTS_NAME] + [f"twig-{i}.safetensors" for i in range(2, n + 1)]
+
+
 def save_twig(
-    twig: Twig, out_dir: str | Path, dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None
+    twig: Twig,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    shard_bytes: int | None = None,
 ) -> Path:
     """Write twig.safetensors (twig tensors only) and twig.json (config, dtype, base fingerprint).
 
     dtype: cast the saved tensors (default: the twig's own dtype). tensors: the state dict to write instead of
-    the twig's own (a gathered copy, when training sharded it). Both files are written to temporary names first
-    and renamed at the end, so a failure leaves nothing.
+    the twig's own (a gathered copy, when training sharded it). shard_bytes: no file larger than this (the tensors
+    spread over twig.safetensors, twig-2.safetensors, …). Every file is written to a temporary name first and
+    renamed at the end, so a failure leaves nothing.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise TwigVLMError(f"{out} exists and is not a directory: choose another output directory")
     state = twig.state_dict() if tensors is None else tensors
     dtype = dtype or next(iter(state.values())).dtype
     tensors = {
@@ -152,18 +182,35 @@ def save_twig(
         "draft_vocab": int(tensors["draft_vocab"].numel()) if "draft_vocab" in tensors else None,
         "prune_head": any(name.startswith("prune_head.") for name in tensors),
     }
+    return _write_twig(Path(out_dir), tensors, meta, shard_bytes)
+
+
+def _write_twig(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], shard_bytes: int | None) -> Path:
+    """Write a twig's files (its tensors in one file or in shards, and twig.json) atomically; remove shards an
+    earlier save left that this one does not list."""
+    if out.exists() and not out.is_dir():
+        raise TwigVLMError(f"{out} exists and is not a directory: choose another output directory")
+    groups = _shards(tensors, shard_bytes)
+    names = shard_names(len(groups))
+    meta = {k: v for k, v in meta.items() if k != "shards"}
+    if len(groups) > 1:
+        meta["shards"] = names
     created = not out.exists()
     temps: list[Path] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name in (*names, CONFIG_NAME):
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
             os.close(fd)
             temps.append(Path(tmp))
-        save_file(tensors, str(temps[0]), metadata={"format": "pt"})
-        temps[1].write_text(json.dumps(meta, indent=2) + "\n")
-        for tmp, name in zip(temps, (WEIGHTS_NAME, CONFIG_NAME), strict=True):
+        for group, tmp in zip(groups, temps, strict=False):
+            save_file(group, str(tmp), metadata={"format": "pt"})
+        temps[-1].write_text(json.dumps(meta, indent=2) + "\n")
+        for tmp, name in zip(temps, (*names, CONFIG_NAME), strict=True):
             os.replace(tmp, out / name)
+        for stale in out.glob("twig-*.safetensors"):
+            if stale.name not in names and SHARD.fullmatch(stale.name):
+                stale.unlink()
     except OSError as e:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
@@ -211,7 +258,43 @@ def read_twig_config(twig_dir: str | Path) -> dict[str, Any]:
         raise _bad_config(cfg_file, f"head must be one of {', '.join(HEAD_MODES)}, got {meta.get('head')!r}")
     if not isinstance(meta.get("base"), dict):
         raise _bad_config(cfg_file, "the base fingerprint is missing")
+    shards = meta.setdefault("shards", [WEIGHTS_NAME])
+    if (
+        not isinstance(shards, list)
+        or not shards
+        or shards[0] != WEIGHTS_NAME
+        or len(set(shards)) != len(shards)
+        or not all(isinstance(n, str) and SHARD.fullmatch(n) for n in shards)
+    ):
+        raise _bad_config(cfg_file, f"shards must list {WEIGHTS_NAME} first, then twig-N.safetensors files: {shards!r}")
+    missing = [n for n in shards if not (d / n).is_file()]
+    if missing:
+        raise TwigVLMError(f"{d} lacks {missing[0]}, which its {CONFIG_NAME} lists: copy the whole twig directory")
     return meta
+
+
+def read_twig_tensors(twig_dir: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """All of a twig directory's tensors, from its one file or its shards."""
+    state: dict[str, torch.Tensor] = {}
+    for name in meta["shards"]:
+        path = Path(twig_dir) / name
+        try:
+            part = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise TwigVLMError(
+                f"{path} is not a readable safetensors file ({e}): grow or train the twig again"
+            ) from None
+        twice = sorted(set(part) & set(state))
+        if twice:
+            raise TwigVLMError(f"{path} repeats the tensor {twice[0]} of another shard: grow or train the twig again")
+        state.update(part)
+    return state
+
+
+def copy_twig(src: str | Path, dst: str | Path, shard_bytes: int | None = None) -> Path:
+    """A saved twig written again elsewhere, its tensors in files of at most `shard_bytes` (the values as saved)."""
+    meta = read_twig_config(src)
+    return _write_twig(Path(dst), read_twig_tensors(src, meta), meta, shard_bytes)
 
 
 def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
@@ -233,7 +316,7 @@ def load_twig(adapter: VLMAdapter, twig_dir: str | Path) -> Twig:
     twig.config = replace(twig.config, layer_init=meta["layer_init"])
     if meta.get("prune_head"):  # twigs saved before the pruning head existed have none
         twig.add_prune_head(adapter.query_width)
-    _load_weights(twig, twig_dir)
+    _load_weights(twig, twig_dir, meta)
     return twig
 
 
@@ -249,17 +332,12 @@ def load_twig_weights(twig: Twig, twig_dir: str | Path) -> None:
     base = twig.base_fingerprint
     if any(meta["base"].get(k) != base[k] for k in ARCH_KEYS) or not same_weights(meta["base"], base):
         raise TwigVLMError(f"the twig in {twig_dir} was grown for another base model than this one")
-    _load_weights(twig, twig_dir)
+    _load_weights(twig, twig_dir, meta)
 
 
-def _load_weights(twig: Twig, twig_dir: str | Path) -> None:
+def _load_weights(twig: Twig, twig_dir: str | Path, meta: dict[str, Any]) -> None:
     weights = Path(twig_dir) / WEIGHTS_NAME
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise TwigVLMError(
-            f"{weights} is not a readable safetensors file ({e}): grow or train the twig again"
-        ) from None
+    state = read_twig_tensors(twig_dir, meta)
     if "draft_vocab" in state:
         twig.set_draft_vocab(state["draft_vocab"])
         vocab_size = twig.base_fingerprint["vocab_size"]

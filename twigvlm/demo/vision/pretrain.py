@@ -50,10 +50,10 @@ class AuxHeads(nn.Module):
         return self.cell(grid)
 
 
-def _scene_targets(index: int) -> torch.Tensor:
+def cell_targets(objects: list) -> torch.Tensor:
     """[9, 3] class ids per cell: colour, shape, size (0 = empty)."""
     t = torch.zeros(9, 3, dtype=torch.long)
-    for o in make_scene(scene_seed("train", index)).objects:
+    for o in objects:
         t[o.cell] = torch.tensor(
             [sorted(COLORS).index(o.color) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
         )
@@ -95,7 +95,7 @@ def _batch(step: int, batch: int, processor: Any, labels: dict) -> dict[str, tor
             whole[k, 1] = easyvqa.COLORS.index(color)
     return {
         "pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"],
-        "cells": torch.stack([_scene_targets(i) for i in scene_ids]),
+        "cells": torch.stack([cell_targets(list(sc.objects)) for sc in scenes]),
         "bag": torch.stack([scene_bag(list(sc.objects)) for sc in scenes]),
         "whole": whole,
         "half": half,
