@@ -216,6 +216,13 @@ def test_init_refuses_another_recipes_files(adapter, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=V1.metadata())
     with pytest.raises(TwigVLMError, match="recipe v1, not v2"):
         _init_from(adapter.model, args)
+    meta = {**V2.metadata(), "align_step": "10", "align_steps": "40"}
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=meta)
+    assert _init_from(adapter.model, args) == 10 and args.align_steps == 40 and args.init_lora is None
+    args.align_steps = 2400
+    meta = {**V2.metadata(), "align_step": "40", "align_steps": "40"}  # finished: on to --align-steps
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=meta)
+    assert _init_from(adapter.model, args) == 40 and args.align_steps == 2400
     assert parse_args(["--recipe", "v2", "--token-dropout", "0.3"]).recipe.token_dropout == 0.3
     with pytest.raises(SystemExit):
         parse_args(["--token-dropout", "1.5"])

@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _init_from(model: torch.nn.Module, args: argparse.Namespace) -> int:
     """Load the vision weights (and, as trainable starting values, the LoRA) an earlier run wrote to args.init; the
-    alignment step they had. The LoRA is re-attached by `align`, so here it only seeds `args.init_lora`."""
+    alignment step they had. A run that stopped short of its schedule's horizon is continued on that schedule;
+    one that finished goes on to --align-steps. The LoRA is re-attached by `align`, so here it only seeds
+    `args.init_lora`."""
     path = args.init / VISION_WEIGHTS
     if not path.is_file():
         raise TwigVLMError(f"--init {args.init} holds no {VISION_WEIGHTS}")
@@ -178,7 +180,10 @@ def _init_from(model: torch.nn.Module, args: argparse.Namespace) -> int:
 
     model.load_state_dict({k: v.float() for k, v in read_vision_weights(path).items()}, strict=False)
     args.init_lora = read_lora_weights(args.init / LORA_WEIGHTS)[0] if (args.init / LORA_WEIGHTS).is_file() else None
-    return int(meta.get("align_step", 0))
+    step, horizon = int(meta.get("align_step", 0)), int(meta.get("align_steps", 0))
+    if horizon > step:  # stopped short of its schedule: finish that one
+        args.align_steps = horizon
+    return step
 
 
 if __name__ == "__main__":
