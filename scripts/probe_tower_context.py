@@ -39,24 +39,26 @@ PAIRS = len(stage1.PAIRS)
 
 @torch.no_grad()
 def _features(tower, processor, split: str, n: int, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen tokens [n, N, W] (bf16 to save memory), object bits [n, PAIRS] and cell targets [n, 9, 3]."""
+    """Frozen tokens [n, N, W], object bits [n, PAIRS] and cell targets [n, 9, 3]."""
     feats, bags, cells = [], [], []
     for i in range(0, n, batch):
         scenes = [make_scene(scene_seed(split, j)) for j in range(i, min(n, i + batch))]
         pixels = processor.image_processor([s.render(IMAGE_SIZE) for s in scenes], return_tensors="pt")["pixel_values"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
-        feats.append(out.to(torch.bfloat16))
+        feats.append(out.float())
         bags += [stage1.scene_bag(list(s.objects))[:PAIRS] for s in scenes]
         cells += [stage1.cell_targets(list(s.objects)) for s in scenes]
     return torch.cat(feats), torch.stack(bags), torch.stack(cells)
 
 
 def _subset_mean(feats: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Each picture's mean over k of its tokens drawn at random: [n, W]."""
+    """Each picture's mean over k of its tokens drawn at random: [n, W] (feats fp32 [n, N, W])."""
     n, m, _ = feats.shape
+    if k >= m:
+        return feats.mean(1)
     idx = torch.rand(n, m, generator=gen).argsort(1)[:, :k]  # [n, k]
-    return feats.float().gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])).mean(1)
+    return feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])).mean(1)
 
 
 def _probe_f1(train: tuple, val: tuple, k: int, steps: int = 300) -> float:
@@ -115,8 +117,10 @@ def _cell_accuracy(train: tuple, val: tuple, steps: int = 300) -> float:
     heads = stage1.AuxHeads(train[0].shape[-1])
     opt = torch.optim.Adam(heads.cell.parameters(), lr=1e-2)
     bounds = _splits()
+    with torch.no_grad():
+        grid = _cell_pool(train[0]), _cell_pool(val[0])  # [n, 9, W]
     for _ in range(steps):
-        logits = heads.cells(train[0].float())  # [n, 9, 17]
+        logits = heads.cell(grid[0])  # [n, 9, 17]
         loss = sum(
             F.cross_entropy(logits[..., a:b].reshape(-1, b - a), train[1][..., i].reshape(-1))
             for i, (a, b) in enumerate(bounds)
@@ -125,9 +129,16 @@ def _cell_accuracy(train: tuple, val: tuple, steps: int = 300) -> float:
         loss.backward()
         opt.step()
     with torch.no_grad():
-        logits = heads.cells(val[0].float())
+        logits = heads.cell(grid[1])
         right = [(logits[..., a:b].argmax(-1) == val[1][..., i]).float().mean() for i, (a, b) in enumerate(bounds)]
     return round(float(sum(right) / len(right)), 3)
+
+
+def _cell_pool(feats: torch.Tensor) -> torch.Tensor:
+    """Each 3×3 cell's mean token, as AuxHeads.cells pools them: [n, N, W] → [n, 9, W]."""
+    n, m, w = feats.shape
+    g = int(m**0.5)
+    return feats.view(n, 3, g // 3, 3, g // 3, w).mean(dim=(2, 4)).reshape(n, 9, w)
 
 
 def _splits() -> list[tuple[int, int]]:
