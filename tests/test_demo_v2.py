@@ -238,3 +238,16 @@ def test_build_refuses_to_grow_a_twig_for_another_recipes_base(monkeypatch, tmp_
     err = capsys.readouterr().err
     assert "holds a v1 base, not v2" in err and err.count("\n") == 1
     assert build.TWIG_WIPE["v2"] == V2.wipe_layer and build.HEAD_TEACHER["v2"] < V2.wipe_layer
+
+
+def test_the_demo_name_resolves_without_an_installed_package(monkeypatch):
+    """From a source tree (no entry points registered), `--model demo` still names the demo."""
+    from twigvlm.demo.model import NAMED
+    from twigvlm.inputs import named
+
+    monkeypatch.setattr(named, "entry_points", lambda group: [])
+    named._registered.cache_clear()
+    try:
+        assert named.lookup("demo") is NAMED and named.lookup("not-a-name") is None and named.names() == ["demo"]
+    finally:
+        named._registered.cache_clear()

@@ -33,9 +33,14 @@ class NamedModel:
     decoder_gguf: Callable[[], Path] | None = None  # → its decoder as a GGUF file (the bench's llama.cpp peer)
 
 
+# twigvlm's own names, also where the package runs from a source tree without being installed (no entry points).
+BUILT_IN = {"demo": "twigvlm.demo.model:NAMED"}
+
+
 @functools.cache
 def _registered() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    own = {name: EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILT_IN.items()}
+    return {**own, **{ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}}
 
 
 def names() -> list[str]:
