@@ -146,22 +146,18 @@ def test_ablations_expand_into_variants(model_dirs, bench_twig, tmp_path, capsys
     assert all(summary[k]["mismatches"] == 0 for k in summary if k.startswith("ssd"))
 
 
+def _variant_args(**given) -> Namespace:
+    """The bench options `variants` reads, at their defaults, with `given` on top."""
+    defaults = dict(keep=None, keep_ratio=1 / 9, wipe_layer=None, draft_len=5, draft_threshold=0.6, query="last")
+    return Namespace(**{**defaults, **given})
+
+
 @pytest.mark.parametrize(
     "ablation,methods",
     [("twig", None), ("none", "hf,fastv,visionzip,twig,twig+ssd"), ("source", None), ("budget", None), ("query", None)],
 )
 def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
-    args = Namespace(
-        keep=None,
-        keep_ratio=1 / 9,
-        wipe_layer=None,
-        draft_len=5,
-        draft_threshold=0.6,
-        ablation=ablation,
-        methods=methods,
-        twig="own",
-        query="last",
-    )
+    args = _variant_args(ablation=ablation, methods=methods, twig="own")
     own, other = BenchTwig("own", 2, 3, 26), BenchTwig("other", 2, 1, None)
     assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {26}
     # The run's own twig records none: round(0.75·L) for every variant, not each twig's own.
@@ -172,17 +168,7 @@ def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
 
 def test_budget_and_wipe_ablations_run_without_a_twig():
     """A base with no twig yet (a new demo base) can still be asked how prunable it is."""
-    args = Namespace(
-        keep=None,
-        keep_ratio=1 / 9,
-        wipe_layer=None,
-        draft_len=5,
-        draft_threshold=0.6,
-        methods=None,
-        twig=None,
-        query="last",
-        ablation="budget",
-    )
+    args = _variant_args(ablation="budget", methods=None, twig=None)
     budget = variants(args, {}, 30)
     assert {v.method for v in budget} == {"hf", "fastv", "visionzip"} and len(budget) == 1 + 2 * 3
     args.ablation = "wipe"
