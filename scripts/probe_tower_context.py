@@ -116,36 +116,23 @@ def _cell_accuracy(train: tuple, val: tuple, steps: int = 300) -> float:
     """A linear probe from each 3×3 cell's pooled tokens to its (colour, shape, size) classes: accuracy on val."""
     heads = stage1.AuxHeads(train[0].shape[-1])
     opt = torch.optim.Adam(heads.cell.parameters(), lr=1e-2)
-    bounds = _splits()
     with torch.no_grad():
-        grid = _cell_pool(train[0]), _cell_pool(val[0])  # [n, 9, W]
+        grid = stage1.cell_pool(train[0]), stage1.cell_pool(val[0])  # [n, 9, W]
     for _ in range(steps):
         logits = heads.cell(grid[0])  # [n, 9, 17]
         loss = sum(
-            F.cross_entropy(logits[..., a:b].reshape(-1, b - a), train[1][..., i].reshape(-1))
-            for i, (a, b) in enumerate(bounds)
+            F.cross_entropy(logits[..., part].flatten(0, 1), train[1][..., i].reshape(-1))
+            for i, part in enumerate(stage1.CELL_SPLITS)
         )
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         logits = heads.cell(grid[1])
-        right = [(logits[..., a:b].argmax(-1) == val[1][..., i]).float().mean() for i, (a, b) in enumerate(bounds)]
+        right = [
+            (logits[..., part].argmax(-1) == val[1][..., i]).float().mean() for i, part in enumerate(stage1.CELL_SPLITS)
+        ]
     return round(float(sum(right) / len(right)), 3)
-
-
-def _cell_pool(feats: torch.Tensor) -> torch.Tensor:
-    """Each 3×3 cell's mean token, as AuxHeads.cells pools them: [n, N, W] → [n, 9, W]."""
-    n, m, w = feats.shape
-    g = int(m**0.5)
-    return feats.view(n, 3, g // 3, 3, g // 3, w).mean(dim=(2, 4)).reshape(n, 9, w)
-
-
-def _splits() -> list[tuple[int, int]]:
-    from twigvlm.data.scenes import COLORS, SHAPES, SIZES
-
-    c, s, z = len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1
-    return [(0, c), (c, c + s), (c + s, c + s + z)]
 
 
 if __name__ == "__main__":

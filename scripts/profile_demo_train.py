@@ -13,7 +13,6 @@ guess), and counts the data processes needed to build batches as fast as the GPU
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import resource
@@ -27,7 +26,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from twigvlm.api import VLM
 from twigvlm.data import easyvqa
-from twigvlm.data.examples import training_stream
 from twigvlm.demo.lora import DecoderLoRA
 from twigvlm.demo.model import build_demo, vision_prefixes
 from twigvlm.demo.recipe import recipe
@@ -123,12 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     params = [p for n, p in model.named_parameters() if n.startswith(vision_prefixes())] + list(lora.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def make(step: int) -> dict:
-        examples = itertools.islice(training_stream(0, step * align_batch), align_batch)
-        return align_stage._batch(vlm.adapter, list(examples))
-
-    build = _timed(lambda: make(1), 2)
-    batch = to_device(make(0), device)
+    build = _timed(lambda: align_stage.step_batch(vlm.adapter, 0, 1, align_batch), 2)
+    batch = to_device(align_stage.step_batch(vlm.adapter, 0, 0, align_batch), device)
     report["align_tokens_per_row"] = int(batch["input_ids"].shape[1])
 
     def align_step() -> None:

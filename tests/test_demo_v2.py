@@ -16,8 +16,9 @@ from twigvlm.demo.lora import DecoderLoRA, layer_of
 from twigvlm.demo.recipe import V1, V2, recipe, recipe_from_metadata
 from twigvlm.demo.vision.align import _batch
 from twigvlm.demo.vision.pretrain import BAG, AuxHeads, _loss, scene_bag
-from twigvlm.demo.vision.wiped import IGNORE, _dropped, answer_loss
+from twigvlm.demo.vision.wiped import _dropped, answer_loss
 from twigvlm.errors import TwigVLMError
+from twigvlm.train.data import IGNORE_INDEX
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_without_a_wipe_it_is_stock_hf_llava_loss(adapter, batch):
     with torch.no_grad():
         stock = adapter.model(**batch).loss
         ours = answer_loss(adapter, batch)
-    assert (batch["labels"] != IGNORE).sum() > 10
+    assert (batch["labels"] != IGNORE_INDEX).sum() > 10
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
     n = len(adapter.layers)
     torch.testing.assert_close(answer_loss(adapter, batch, wipe=n), ours)  # a wipe after the last layer: none
@@ -206,23 +207,25 @@ def test_shipped_lora_values_load_back_for_training(adapter):
         DecoderLoRA(model, rank=2, below=1).load_shipped(lora.state())
 
 
-def test_init_refuses_another_recipes_files(adapter, tmp_path):
-    from twigvlm.demo.train_vision import _init_from, parse_args
+def test_init_refuses_another_recipes_files(tmp_path):
+    from twigvlm.demo.train_vision import _read_init, parse_args
 
     args = parse_args(["--recipe", "v2", "--init", str(tmp_path)])
     assert args.align_steps == 2400 and args.recipe == V2 and args.token_dropout == 0.0
     with pytest.raises(TwigVLMError, match="holds no vision.safetensors"):
-        _init_from(adapter.model, args)
+        _read_init(args)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=V1.metadata())
     with pytest.raises(TwigVLMError, match="recipe v1, not v2"):
-        _init_from(adapter.model, args)
+        _read_init(args)
     meta = {**V2.metadata(), "align_step": "10", "align_steps": "40"}
     save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=meta)
-    assert _init_from(adapter.model, args) == 10 and args.align_steps == 40 and args.init_lora is None
+    assert set(_read_init(args)) == {"x"}
+    assert args.init_step == 10 and args.align_steps == 40 and args.init_lora is None
     args.align_steps = 2400
     meta = {**V2.metadata(), "align_step": "40", "align_steps": "40"}  # finished: on to --align-steps
     save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=meta)
-    assert _init_from(adapter.model, args) == 40 and args.align_steps == 2400
+    _read_init(args)
+    assert args.init_step == 40 and args.align_steps == 2400
     assert parse_args(["--recipe", "v2", "--token-dropout", "0.3"]).recipe.token_dropout == 0.3
     with pytest.raises(SystemExit):
         parse_args(["--token-dropout", "1.5"])

@@ -6,6 +6,7 @@ Everything that a user can get wrong (paths, images, prompts, budgets, twig/base
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 
@@ -24,8 +25,6 @@ def require_batch_one(batch: int, what: str) -> None:
 def module_main(main: Callable[[list[str] | None], object], name: str, argv: list[str] | None = None) -> int:
     """Run a `python -m` module's main the way the CLI runs a command: a TwigVLMError becomes one line on stderr
     and exit code 2, with no traceback."""
-    import sys
-
     try:
         main(argv)
     except TwigVLMError as e:

@@ -31,14 +31,14 @@ from ..train.recipe import train_twig
 from ..twig.model import CONFIG_NAME, copy_twig, read_twig_config
 from . import train_vision
 from .model import ASSETS, ASSETS_ENV, TWIG_DIR, VISION_WEIGHTS, read_metadata
-from .recipe import recipe_from_metadata
+from .recipe import RECIPES, V2, recipe_from_metadata
 from .vision.loop import default_workers
 
 # Per recipe: the K_f the twig records and the base layer the pruning head learns from. v1 still reads the picture in
 # layers 24-26 (the wipe ablation), so its twig wipes after 26 and its head learns from 24 (18, round(0.6·L),
 # measured a tie: 10 : 9); v2's alignment wiped the picture from round(0.75·L) = 23 on, so the paper's K_f holds and
 # the head learns from round(0.6·L) = 18, a layer that reads the picture.
-TWIG_WIPE = {"v1": 26, "v2": 23}
+TWIG_WIPE = {"v1": 26, "v2": V2.wipe_layer}
 HEAD_TEACHER = {"v1": 24, "v2": 18}
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(LAYER_INITS),
         help="where the twig's layers start (the twig ablation in docs/results.md picked 'last' for the demo)",
     )
-    ap.add_argument("--recipe", default="v1", choices=list(TWIG_WIPE), help="the vision recipe (train_vision's)")
+    ap.add_argument("--recipe", default="v1", choices=list(RECIPES), help="the vision recipe (train_vision's)")
     ap.add_argument(
         "--wipe-layer",
         type=int,
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--seed", type=int, default=0)
     args, vision_argv = ap.parse_known_args(argv)
-    args.wipe_layer = TWIG_WIPE[args.recipe] if args.wipe_layer is None else args.wipe_layer
+    if args.wipe_layer is None:
+        args.wipe_layer = TWIG_WIPE[args.recipe]
     if args.head_teacher_layer is None:
         args.head_teacher_layer = HEAD_TEACHER[args.recipe]
     t0 = time.perf_counter()

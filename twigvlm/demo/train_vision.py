@@ -30,7 +30,16 @@ from safetensors.torch import save_file
 
 from ..errors import TwigVLMError
 from .lora import DecoderLoRA
-from .model import ASSETS, LORA_WEIGHTS, VISION_WEIGHTS, build_demo, read_lora_weights, read_metadata, vision_state
+from .model import (
+    ASSETS,
+    LORA_WEIGHTS,
+    VISION_WEIGHTS,
+    build_demo,
+    read_lora_weights,
+    read_metadata,
+    read_vision_weights,
+    vision_state,
+)
 from .recipe import RECIPES, recipe, recipe_from_metadata
 from .vision.align import align
 from .vision.ground import ground
@@ -146,10 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
-    # random vision weights; checkpoints (or --init) restore
-    model, processor = build_demo(seed=args.seed, use_assets=False, recipe=args.recipe)
-    if args.init is not None:
-        args.init_step = _init_from(model, args)
+    # random vision weights (or --init's); checkpoints restore
+    state = _read_init(args) if args.init is not None else None
+    model, processor = build_demo(vision_state=state, seed=args.seed, use_assets=False, recipe=args.recipe)
     model.to(args.device)
     if args.init is None and not (args.work / "align.pt").is_file():
         if not (args.work / "ground.pt").is_file():
@@ -164,11 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out / VISION_WEIGHTS} ({state}) in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
 
-def _init_from(model: torch.nn.Module, args: argparse.Namespace) -> int:
-    """Load the vision weights (and, as trainable starting values, the LoRA) an earlier run wrote to args.init; the
-    alignment step they had. A run that stopped short of its schedule's horizon is continued on that schedule;
-    one that finished goes on to --align-steps. The LoRA is re-attached by `align`, so here it only seeds
-    `args.init_lora`."""
+def _read_init(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """The vision weights an earlier run wrote to args.init (`build_demo` loads them, checking that none is
+    missing); their alignment step goes to `args.init_step` and their LoRA, as trainable starting values, to
+    `args.init_lora` (`align` attaches it). A run that stopped short of its schedule's horizon is continued on that
+    schedule; one that finished goes on to --align-steps."""
     path = args.init / VISION_WEIGHTS
     if not path.is_file():
         raise TwigVLMError(f"--init {args.init} holds no {VISION_WEIGHTS}")
@@ -176,14 +184,12 @@ def _init_from(model: torch.nn.Module, args: argparse.Namespace) -> int:
     if recipe_from_metadata(meta).metadata() != args.recipe.metadata():
         trained = meta.get("recipe", "v1")
         raise TwigVLMError(f"--init {args.init} holds weights of recipe {trained}, not {args.recipe.name}")
-    from .model import read_vision_weights
-
-    model.load_state_dict({k: v.float() for k, v in read_vision_weights(path).items()}, strict=False)
     args.init_lora = read_lora_weights(args.init / LORA_WEIGHTS)[0] if (args.init / LORA_WEIGHTS).is_file() else None
     step, horizon = int(meta.get("align_step", 0)), int(meta.get("align_steps", 0))
     if horizon > step:  # stopped short of its schedule: finish that one
         args.align_steps = horizon
-    return step
+    args.init_step = step
+    return read_vision_weights(path)
 
 
 if __name__ == "__main__":

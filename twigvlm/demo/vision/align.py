@@ -60,6 +60,12 @@ def _batch(adapter: Any, examples: list[Example]) -> dict[str, torch.Tensor]:
     return Collator(pad_token_id(adapter))(items)
 
 
+def step_batch(adapter: Any, seed: int, step: int, batch: int) -> dict[str, torch.Tensor]:
+    """Alignment step `step`'s batch: the next `batch` examples of the training mixture (a pure function of the
+    step, so a resumed run sees the same data)."""
+    return _batch(adapter, list(itertools.islice(training_stream(seed, step * batch), batch)))
+
+
 def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[DecoderLoRA | None, int, int]:
     """Stage 2: projector + ViT (+ decoder LoRA) through the decoder, on the answers of the training mixture
     (checkpoint: WORK/align.pt); validates every --eval-every steps. Returns the LoRA (if one was trained), the
@@ -90,8 +96,7 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
             sched.step()
 
     def make(step: int) -> dict:
-        examples = itertools.islice(training_stream(args.seed, step * args.align_batch), args.align_batch)
-        return _batch(vlm.adapter, list(examples))
+        return step_batch(vlm.adapter, args.seed, step, args.align_batch)
 
     bar = tqdm(range(start, args.align_steps), initial=start, total=args.align_steps, desc="align")
     done, total, clock = start, sched.lr_lambdas[0].total, None

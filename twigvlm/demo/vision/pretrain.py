@@ -29,6 +29,9 @@ MAX_OBJECTS = 6
 PAIRS = [(c, s) for c in sorted(COLORS) for s in SHAPES]
 # A scene's picture-level bits: objects, colours, shapes, sizes, occupied places, "at least k objects".
 BAG = len(PAIRS) + len(COLORS) + len(SHAPES) + len(SIZES) + len(POSITIONS) + MAX_OBJECTS
+# The cell head's logits [17]: colour (8 + none), shape (4 + none), size (2 + none), as slices.
+_C, _S = len(COLORS) + 1, len(SHAPES) + 1
+CELL_SPLITS = (slice(0, _C), slice(_C, _C + _S), slice(_C + _S, _C + _S + len(SIZES) + 1))
 BAG_SCALE = 16  # the bag's mean-over-bits BCE × about the bits a scene sets: a loss on the cells' CE's scale
 
 
@@ -44,10 +47,14 @@ class AuxHeads(nn.Module):
 
     def cells(self, feats: torch.Tensor) -> torch.Tensor:
         """Per 3×3 cell: [B, N, W] → [B, 9, 17] logits from the cell's mean token."""
-        b, n, w = feats.shape
-        g = math.isqrt(n)  # patches a side; a cell is g/3 of them
-        grid = feats.view(b, 3, g // 3, 3, g // 3, w).mean(dim=(2, 4)).reshape(b, 9, w)  # [B, 9, W]
-        return self.cell(grid)
+        return self.cell(cell_pool(feats))
+
+
+def cell_pool(feats: torch.Tensor) -> torch.Tensor:
+    """Each 3×3 cell's mean token: [B, N, W] → [B, 9, W]."""
+    b, n, w = feats.shape
+    g = math.isqrt(n)  # patches a side; a cell is g/3 of them
+    return feats.view(b, 3, g // 3, 3, g // 3, w).mean(dim=(2, 4)).reshape(b, 9, w)
 
 
 def cell_targets(objects: list) -> torch.Tensor:
@@ -119,8 +126,7 @@ def _loss(tower: nn.Module, heads: AuxHeads, b: dict, context_weight: float = 0.
     feats = tower(pixel_values=b["pixel_values"], output_hidden_states=True).hidden_states[-1]  # [B, N, W]
     h = b["half"]
     cell = heads.cells(feats[:h])  # [h, 9, 17]
-    c, s = len(COLORS) + 1, len(SHAPES) + 1
-    splits = (cell[..., :c], cell[..., c : c + s], cell[..., c + s :])
+    splits = [cell[..., part] for part in CELL_SPLITS]
     loss = sum(
         F.cross_entropy(x.reshape(-1, x.shape[-1]), b["cells"][..., k].reshape(-1)) for k, x in enumerate(splits)
     )

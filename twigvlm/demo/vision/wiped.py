@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = -100
+from ...train.data import IGNORE_INDEX
 
 
 def _keep(hidden: Tensor, pos: Tensor, targets: Tensor, visual: Tensor, keep: Tensor) -> tuple[Tensor, ...]:
@@ -67,7 +67,7 @@ def answer_loss(
     feats = adapter.image_features(batch["pixel_values"])  # [B·M, H]
     hidden = hidden.masked_scatter(visual[..., None], feats.to(hidden.dtype))
     pos = adapter.prompt_positions(ids)  # [B, T]
-    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)  # what each position predicts
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)  # what each position predicts
     rope = None
     for i, layer in enumerate(adapter.layers):
         if dropout and i == dropout_layer:
@@ -79,6 +79,6 @@ def answer_loss(
         if rope is None:
             rope = adapter.rotary(hidden, pos)
         hidden = adapter.call_layer(layer, hidden, None, pos, rope, None)  # [B, T', H]
-    scored = targets != IGNORE  # [B, T']
+    scored = targets != IGNORE_INDEX  # [B, T']
     logits = adapter.lm_head(adapter.final_norm(hidden[scored]))  # [n, V]
     return F.cross_entropy(logits.float(), targets[scored])
