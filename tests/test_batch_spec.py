@@ -1,9 +1,9 @@
-"""Speculation inside a batch (`generation/batch_chain.py`, `generation/batch.py`): every drafting row ≡ its solo
+"""Speculation inside a batch (`generation/batch_draft.py`, `generation/batch.py`): every drafting row ≡ its solo
 plain run (greedy ids) — with pruning (TTP, FastV), a text-only row and plain rows beside it, on LLaVA and on a
 Qwen-VL (3-row positions, a video row); after every step each row's caches hold exactly a fresh prefill of its
 committed tokens (its twig lagging by the states it has not seen); rows that draft alone take their own drafter
-(chain or tree) and rejoin the batch's chains; auto's batch draft length falls to none as rows grow, and the
-steps without drafts are counted; a seeded sampled drafting row gives its solo text."""
+(chain or tree) and rejoin the batch; auto's batch plan falls to none as rows grow, and the steps without drafts
+are counted; a seeded sampled drafting row gives its solo text. Trees for several rows: `test_batch_trees.py`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import twigvlm
 from twigvlm import PruneConfig, SpecConfig
 from twigvlm.generation import batch as batch_module
-from twigvlm.generation import batch_chain as batched
+from twigvlm.generation import batch_draft as batched
 from twigvlm.speculative.choice import Costs
 
 from .conftest import random_clip, random_image, random_prompt
@@ -44,9 +44,9 @@ def requests_for(n: int, seed: int, **extra) -> list[dict]:
 
 def test_drafting_rows_equal_their_plain_solo_runs_on_llava(llava, monkeypatch):
     steps: list[int] = []
-    real = batched.chain_step
-    spy = lambda e, s, t, rows, b: steps.append(len(rows)) or real(e, s, t, rows, b)  # noqa: E731
-    monkeypatch.setattr(batch_module, "chain_step", spy)
+    real = batched.draft_step
+    spy = lambda e, s, t, rows, p: steps.append(len(rows)) or real(e, s, t, rows, p)  # noqa: E731
+    monkeypatch.setattr(batch_module, "draft_step", spy)
     requests = requests_for(4, 40, speculative=CHAIN)
     requests[1]["prune"] = PruneConfig("twig", keep=8)
     requests[2]["prune"] = PruneConfig("fastv", keep=8)
@@ -129,7 +129,7 @@ def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leav
 def test_steps_without_drafts_keep_the_twig_pending_until_it_drafts_again(llava, monkeypatch, gamma):
     """With the batch's draft length forced (0: drafting never pays in a batch; 2), auto's rows take plain or
     drafted steps together and their own drafter when alone; the twig catches up on every skipped token."""
-    monkeypatch.setattr(batch_module, "draft_len", lambda *a: (gamma, 1.0))
+    monkeypatch.setattr(batch_module, "batch_plan", lambda *a: (batched.Plan("chain", gamma) if gamma else None, 1.0))
     requests = requests_for(3, 80, speculative=SpecConfig(draft="auto", threshold=0.0))
     requests[-1]["max_new_tokens"] = 30  # long enough past the others for its twig to catch up more than once
     session = batch_module.BatchSession(llava.engine, max_rows=3)
@@ -156,8 +156,11 @@ def test_the_longest_drafts_after_the_most_pending_states_fit_slots_that_grow_as
     monkeypatch.setattr(batch_module, "GROW_TOKENS", 1)
     monkeypatch.setattr(batch_module, "_capacity", lambda need, want, current, top: max(current, want))  # tight
     calls = itertools.count()
-    longest = lambda costs, a1, rows, drafting, top, *rest: ((top if next(calls) % 8 == 7 else 0), 1.0)  # noqa: E731
-    monkeypatch.setattr(batch_module, "draft_len", longest)
+    longest = lambda costs, a, rows, drafting, top, *rest: (  # noqa: E731
+        batched.Plan("chain", top) if next(calls) % 8 == 7 else None,
+        1.0,
+    )
+    monkeypatch.setattr(batch_module, "batch_plan", longest)
     requests = requests_for(3, 95, speculative=SpecConfig(draft="auto", threshold=0.0, max_draft_len=6))
     for r in requests:
         r["max_new_tokens"] = 40
@@ -168,14 +171,11 @@ def test_the_longest_drafts_after_the_most_pending_states_fit_slots_that_grow_as
     assert session.drafted_steps >= 3 and session.undrafted_steps >= 21
 
 
-def test_a_tree_row_drafts_chains_in_the_batch_and_its_tree_alone(llava):
-    short = dict(prompt=random_prompt(90, 4), image=random_image(90), max_new_tokens=5, ignore_eos=True,
-                 speculative=CHAIN)  # fmt: skip
-    tree = dict(prompt=random_prompt(91, 6), image=random_image(91), max_new_tokens=24, ignore_eos=True,
-                speculative=SpecConfig(draft="tree", tree_nodes=6, tree_depth=3, threshold=0.0))  # fmt: skip
-    results = llava.generate([short, tree])
-    assert [r.token_ids for r in results] == [solo(llava, short), solo(llava, tree)]
-    assert results[1].stats.drafter == "tree"
+def gamma_of(costs, a1: float, rows: int, drafting: int, longest: int, scale=None) -> int:
+    """The chain length `batch_plan` chooses (chains only), 0 for none."""
+    plan, _ = batched.batch_plan(costs, (a1,), rows, drafting, longest, None, scale)
+    assert plan is None or plan.kind == "chain"
+    return 0 if plan is None else plan.depth
 
 
 def test_auto_draft_length_falls_to_none_as_the_batch_grows():
@@ -184,13 +184,13 @@ def test_auto_draft_length_falls_to_none_as_the_batch_grows():
     flat = {1: 1.0, 2: 1.0, 4: 1.0, 8: 2.0, 16: 4.0, 32: 8.0}
     scaled = lambda f: {k: f * v for k, v in flat.items()}  # noqa: E731
     costs = Costs(verify=scaled(10.0), level=scaled(1.0), base=scaled(0.5))
-    gammas = [batched.draft_len(costs, 0.8, rows, rows, 8)[0] for rows in (1, 2, 8, 16)]
+    gammas = [gamma_of(costs, 0.8, rows, rows, 8) for rows in (1, 2, 8, 16)]
     assert gammas[0] >= 2 and gammas[-1] == 0
     assert gammas == sorted(gammas, reverse=True)
-    assert batched.draft_len(costs, 0.8, 8, 0, 8)[0] == 0  # nobody drafts: nothing to gain
+    assert gamma_of(costs, 0.8, 8, 0, 8) == 0  # nobody drafts: nothing to gain
     # measured: chains ran at half the rate the model expected, plain steps as expected; a batch of 2 stops drafting
-    assert batched.draft_len(costs, 0.8, 2, 2, 8)[0] > 0
-    assert batched.draft_len(costs, 0.8, 2, 2, 8, {batched.CHAIN: 0.5, batched.PLAIN: 1.0})[0] == 0
+    assert gamma_of(costs, 0.8, 2, 2, 8) > 0
+    assert gamma_of(costs, 0.8, 2, 2, 8, {batched.CHAIN: 0.5, batched.PLAIN: 1.0}) == 0
 
 
 def test_a_seeded_sampled_drafting_row_gives_its_solo_text(llava):
@@ -222,9 +222,9 @@ def test_the_step_token_budget_cuts_drafts_and_never_a_rows_token(llava, monkeyp
     """max_step_tokens = 6: three rows draft at most 6 // 3 - 1 = 1 token each, two rows 2, a lone row 5; a budget
     below the rows still gives every row its token (no drafts); the ids stay the solo ones."""
     seen: list[tuple[int, int]] = []
-    real = batched.chain_step
-    spy = lambda e, s, t, rows, b: seen.append((len(rows), max(b))) or real(e, s, t, rows, b)  # noqa: E731
-    monkeypatch.setattr(batch_module, "chain_step", spy)
+    real = batched.draft_step
+    spy = lambda e, s, t, rows, p: seen.append((len(rows), max(x.depth for x in p if x))) or real(e, s, t, rows, p)  # noqa: E731
+    monkeypatch.setattr(batch_module, "draft_step", spy)
     for budget, rows in ((6, 3), (2, 3)):
         requests = requests_for(rows, 100, speculative=SpecConfig(draft="chain", draft_len=4, threshold=0.0))
         added = run_session(llava, batch_module.BatchSession(llava.engine, rows, max_step_tokens=budget), requests)

@@ -8,10 +8,10 @@ products stream each weight once for all rows. A row that finishes leaves the ba
 it move down a slot each, so the batch stays dense.
 
 Speculative requests draft inside the batch: alone, a row takes its own drafter's steps (chain or tree, as auto
-or the request chose: `speculative.loop`); with others, every drafting row drafts a chain and one pass verifies
-all (`batch_chain`), at the draft length the batch's costs favour — none at all where a larger batch
-gains nothing from drafting (counted in the row's `undrafted` statistic). A row's twig skips the tokens of steps
-without drafting until it drafts again (`Row.pending`).
+or the request chose: `speculative.loop`); with others, every drafting row grows its draft — the chain or tree it
+asked for by name, or for auto's rows what the batch's costs favour: chains, trees, or none at all where a larger
+batch gains nothing from drafting (counted in the row's `undrafted` statistic) — and one pass verifies all
+(`batch_draft`). A row's twig skips the tokens of steps without drafting until it drafts again (`Row.pending`).
 
 Each row computes what it would alone up to the order of additions in products over several rows; the tests hold
 every row to its solo run's greedy ids.
@@ -34,7 +34,7 @@ from ..speculative.choice import DrafterChoice, DraftRecord, choose_drafter, dra
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
-from .batch_chain import CHAIN, EXPLORE_EVERY, EXPLORE_S, PENDING_FLUSH, PLAIN, catch_up, chain_step, draft_len
+from .batch_draft import EXPLORE_EVERY, EXPLORE_S, KINDS, PENDING_FLUSH, PLAIN, Plan, batch_plan, catch_up, draft_step
 from .loop import _prefill, check_window, stopping
 from .row import Row
 from .rows import Slots, row_positions, run_rows
@@ -205,14 +205,13 @@ class BatchSession:
             row.pending, row.solo = row.solo._pending, None
 
     def _together(self, rows: list[Row]) -> None:
-        """A step of several rows: drafting rows draft chains (of the length the batch's costs favour, for those
-        whose drafter is auto's) and one pass verifies all; without drafts, one token per row."""
+        """A step of several rows: drafting rows grow their drafts (the chain or tree each asked for by name; for
+        auto's rows, what the batch's costs favour) and one pass verifies all; without drafts, one token per row."""
         assert self.slots is not None
-        budgets, gamma, model_rate = self._budgets(rows)
+        plans, kind, model_rate = self._plans(rows)
         before = sum(len(row.ids) for row in rows)
         t0 = time.perf_counter()
-        if not any(budgets):
-            kind = PLAIN
+        if not any(plans):
             self.undrafted_steps += any(row.choice for row in rows)
             for row in rows:
                 if row.spec_stats is not None and row.choice is not None:
@@ -226,48 +225,62 @@ class BatchSession:
                 sampled = row.cfg.do_sample
                 row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]) if sampled else greedy[r])
         else:
-            kind = CHAIN
             self.drafted_steps += 1
             assert self.twig_slots is not None
-            steps = chain_step(self.engine, self.slots, self.twig_slots, rows, budgets)
+            steps = draft_step(self.engine, self.slots, self.twig_slots, rows, plans)
             for row, (block, drafted, accepted) in zip(rows, steps, strict=True):
-                row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
+                if row.choice is not None and row.choice.kind == "chain":  # (a tree's depth stays)
+                    row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
                 row.take_block(block)
-        if model_rate is not None and (kind == CHAIN) == (gamma > 0):  # auto's choice ran: how it fared
+        if model_rate is not None and (kind != PLAIN) == any(plans):  # auto's choice ran: how it fared
             tokens = sum(len(row.ids) for row in rows) - before
             self.record.calibration.record(kind, tokens, time.perf_counter() - t0, model_rate)
 
-    def _budgets(self, rows: list[Row]) -> tuple[list[int], int, float | None]:
-        """Each row's drafts this step: a chain asked for by name drafts its γ; auto's rows (and trees, which draft
-        as chains in a batch) the batch's best draft length for its costs and the twig's acceptance so far. With
-        auto's γ and the cost model's tokens per second for it (None when auto chose nothing)."""
-        drafting = [row for row in rows if row.choice is not None]
-        auto = [row for row in drafting if row.spec is not None and row.spec.draft != "chain"]
+    def _plans(self, rows: list[Row]) -> tuple[list[Plan | None], str, float | None]:
+        """What each row drafts this step: a chain or tree asked for by name drafts as asked; auto's rows take the
+        batch's best plan for its costs and the twig's acceptance so far (`batch_draft.batch_plan`). With the kind
+        of step auto chose and the cost model's tokens per second for it (None when no row is auto's)."""
         cap = self._draft_cap(len(rows))
+        out: list[Plan | None] = []
+        auto = []
+        for r, row in enumerate(rows):
+            choice = row.choice
+            if choice is None or cap <= 0 or row.left <= 0:
+                out.append(None)
+            elif choice.spec.draft == "chain":
+                out.append(Plan("chain", min(row.budget, cap)) if row.budget > 0 else None)
+            elif choice.spec.draft == "tree":
+                s = choice.spec
+                out.append(Plan("tree", min(row.depth, row.left), min(s.tree_nodes, cap), s.tree_topk))
+            else:
+                out.append(None)
+                auto.append(r)
         if not auto:
-            return [min(row.budget, cap) for row in rows], 0, None
-        assert auto[0].state is not None
-        costs = step_costs(self.engine, auto[0].state, self.record)  # measured when the row joined (`_choose`)
+            return out, PLAIN, None
+        first = rows[auto[0]]
+        assert first.state is not None and first.choice is not None
+        costs = step_costs(self.engine, first.state, self.record)  # measured when the row joined (`_choose`)
+        drafting = [row for row in rows if row.choice is not None]
         longest = min(cap, max(row.choice.spec.max_draft_len for row in drafting))
+        s = first.choice.spec
+        tree = (s.tree_topk, min(s.tree_nodes, cap), s.tree_depth)
         calibration = self.record.calibration
-        scale = {kind: calibration.factor(kind) for kind in (PLAIN, CHAIN)}
+        scale = {kind: calibration.factor(kind) for kind in KINDS}
         self.together_steps += 1
         explore = None
         if self.together_steps % EXPLORE_EVERY == 0:
-            explore = min((PLAIN, CHAIN), key=lambda kind: calibration.seconds.get(kind, 0.0))
+            explore = min(KINDS, key=lambda kind: calibration.seconds.get(kind, 0.0))
             explore = explore if calibration.seconds.get(explore, 0.0) < EXPLORE_S else None
-        a1 = self.record.acceptance.vector()[0]
-        gamma, model_rate = draft_len(costs, a1, len(rows), len(drafting), longest, scale, explore)
-        out, chosen = [], False
-        for row in rows:
-            if row.choice is None:
-                out.append(0)
-            elif row.spec is not None and row.spec.draft == "chain":
-                out.append(min(row.budget, cap))
-            else:
-                chosen = True
-                out.append(min(gamma, row.choice.spec.max_draft_len, row.left))
-        return out, gamma, model_rate if chosen else None
+        a = self.record.acceptance.vector()
+        plan, model_rate = batch_plan(costs, a, len(rows), len(drafting), longest, tree, scale, explore)
+        for r in auto:
+            row = rows[r]
+            if plan is not None and plan.kind == "chain":
+                out[r] = Plan("chain", min(plan.depth, row.choice.spec.max_draft_len, row.left))
+            elif plan is not None:
+                out[r] = Plan("tree", min(plan.depth, row.left), plan.nodes, plan.topk)
+        kind = PLAIN if plan is None else KINDS[("chain", "tree").index(plan.kind) + 1]
+        return out, kind, model_rate
 
     def _draft_cap(self, rows: int) -> int:
         """The most drafts per row that keep a verification of `rows` rows within the step's token budget."""
@@ -356,12 +369,15 @@ def _needs(caches: list[tuple[KVCache, Row]], room: int) -> tuple[list[int], lis
 
 def _writes_past(choice: DrafterChoice) -> int:
     """The most entries a drafting row's step writes past its newest token in one layer: a chain's drafts (and a
-    batched step's padding, PENDING_FLUSH of the twig's catching up at most), or every node a lone tree runs
-    through layers 1..K — the expanded ones (top-k a level) as well as the kept ones. (A twig's drafting block
-    starts with its pending states: `_place` adds PENDING_FLUSH for the twig's caches.)"""
+    batched step's padding, PENDING_FLUSH of the twig's catching up at most), or, for a row that may draft a tree
+    (by name, or auto's), every node a tree runs through layers 1..K — the expanded ones (top-k a level) as well
+    as the kept ones — and the padding of a batched pass after them (the widest block: k nodes, or N + 1). (A
+    twig's drafting block starts with its pending states: `_place` adds PENDING_FLUSH for the twig's caches.)"""
     s = choice.spec
     longest = max(s.max_draft_len, s.draft_len, PENDING_FLUSH)
-    return max(longest, s.tree_topk * (s.tree_depth - 1) + s.tree_nodes) if choice.kind == "tree" else longest
+    if s.draft == "chain":
+        return longest
+    return max(longest, s.tree_topk * (s.tree_depth - 1) + s.tree_nodes + max(s.tree_topk, s.tree_nodes + 1))
 
 
 def generate_batch(

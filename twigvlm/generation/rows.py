@@ -28,15 +28,22 @@ from ..runtime.sdpa import grouped_heads_with_masks
 
 class Layout:
     """Where a block of q tokens per row goes in caches of the given lengths, and what each query sees: made once
-    per distinct set of lengths in a pass (unpruned layers share one)."""
+    per distinct set of lengths in a pass (unpruned layers share one). `tails` [R, q, m]: draft trees' masks over
+    each row's last m keys once its block is in (every key before them is seen); None: causal."""
 
-    def __init__(self, lengths: Sequence[int], q: int, device: torch.device) -> None:
+    def __init__(self, lengths: Sequence[int], q: int, device: torch.device, tails: torch.Tensor | None = None) -> None:
         held = torch.tensor(lengths, device=device)  # [R]
         self.q, self.end = q, max(lengths) + q
         self.where = held.view(-1, 1) + torch.arange(q, device=device)  # [R, q]: the slot of each new entry
         self.rows = torch.arange(len(lengths), device=device).view(-1, 1)  # [R, 1]
         keys = torch.arange(self.end, device=device).view(1, 1, -1)  # [1, 1, end]
-        self.mask = (keys <= self.where.unsqueeze(-1)).unsqueeze(1)  # [R, 1, q, end]: its row's keys up to itself
+        mask = keys <= self.where.unsqueeze(-1)  # [R, q, end]: its row's keys up to itself
+        if tails is not None:  # (a row with fewer than m keys: its tail's first columns fall before them)
+            r, _, m = tails.shape
+            cols = (held + q).view(-1, 1) + torch.arange(m, device=device)  # [R, m]: each row's last m keys, + m
+            wide = torch.cat([mask.new_zeros((r, q, m)), mask], dim=2)  # [R, q, m + end]
+            mask = wide.scatter(2, cols.view(r, 1, m).expand(r, q, m), tails.to(device))[:, :, m:]
+        self.mask = mask.unsqueeze(1)  # [R, 1, q, end]
 
     @property
     def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +116,12 @@ def run_rows(
     hidden: torch.Tensor,
     positions: torch.Tensor,
     counts: Sequence[int],
+    tails: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hidden [R, q, H] through `layers`, whose buffers are slots' layers first, first + 1, …; row r is slot r and
     caches[r] its `KVCache` (its layers first, first + 1, … are read and extended). Each row's caches count only
-    its first counts[r] tokens (the rest is padding); returns [R, q, H]."""
+    its first counts[r] tokens (the rest is padding); returns [R, q, H]. tails [R, q, m]: what each query sees
+    among its row's last m keys once the block is in (draft trees, `Layout`); None: causal."""
     q = hidden.shape[1]
     rope = engine.adapter.rotary(hidden, positions)
     own_layers: list[list[LayerKV]] = [[c.layers[first + j] for c in caches] for j in range(len(layers))]
@@ -122,9 +131,9 @@ def run_rows(
         for j, held in enumerate(lengths):
             check_room(slots, first + j, max(held) + q, q)
         span = slice(first, first + len(layers))
-        hidden = engine.native.run_rows(packed, hidden, rope, slots.k[span], slots.v[span], lengths)
+        hidden = engine.native.run_rows(packed, hidden, rope, slots.k[span], slots.v[span], lengths, tails)
     else:
-        hidden = _stock_rows(engine, layers, slots, first, hidden, positions, rope, lengths)
+        hidden = _stock_rows(engine, layers, slots, first, hidden, positions, rope, lengths, tails)
     for own in own_layers:  # each row counts its own tokens, not the block's padding
         for kv, n in zip(own, counts, strict=True):
             kv.length += n
@@ -140,6 +149,7 @@ def _stock_rows(
     positions: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
     lengths: Sequence[tuple[int, ...]],
+    tails: torch.Tensor | None,
 ) -> torch.Tensor:
     """`run_rows` on the stock layers, one layer call at a time (the compiled batched program for one token per
     row, where compiled steps are on); the caches' lengths are counted by the caller."""
@@ -151,7 +161,7 @@ def _stock_rows(
         for j, layer in enumerate(layers):
             layout = layouts.get(lengths[j])
             if layout is None:
-                layout = layouts[lengths[j]] = Layout(lengths[j], q, hidden.device)
+                layout = layouts[lengths[j]] = Layout(lengths[j], q, hidden.device, tails)
             kv = windows(slots, first + j, r, layout)
             out = None
             if programs is not None:

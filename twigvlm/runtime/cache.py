@@ -132,7 +132,7 @@ class LayerKV:
         if idx.numel() and (idx.min() < 0 or idx.max() >= tail):
             raise IndexError(f"gather offsets out of range for a tail of {tail} entries")
         start, n = self.length - tail, idx.numel()
-        if self.k is not None and n:
+        if self.k is not None and n and not bool((idx == torch.arange(n, device=idx.device)).all()):  # (else a crop)
             self.k[:, :, start : start + n] = self.k.index_select(2, idx + start)  # index_select copies first
             self.v[:, :, start : start + n] = self.v.index_select(2, idx + start)
         self.length = start + n

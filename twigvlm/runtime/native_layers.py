@@ -298,8 +298,9 @@ class NativeLayers:
     ) -> torch.Tensor:
         """hidden [R, q, H] through the packed layers in one library call, row r a sequence of its own: layer i's
         buffers keys[i], values[i] [≥ R, H_kv, cap_i, D], row r in slot r holding lengths[i][r] entries with room
-        for q more. Each row's block is written after its own entries; the caller counts what it keeps. tail: a
-        draft tree's mask [q, m] (one row only). Returns [R, q, H] (a copy of hidden, updated by the layers)."""
+        for q more. Each row's block is written after its own entries; the caller counts what it keeps. tail: draft
+        trees' masks [R, q, m] over each row's last m keys once its block is in ([q, m] for one row). Returns
+        [R, q, H] (a copy of hidden, updated by the layers)."""
         lib = _library()
         assert lib is not None
         rows, q = hidden.shape[:2]
@@ -314,8 +315,8 @@ class NativeLayers:
             kptr[i], vptr[i], caps[i] = k.data_ptr(), v.data_ptr(), k.shape[2]
             lens[i * rows : (i + 1) * rows] = list(lengths[i])
         structs = (ctypes.POINTER(_Layer) * count)(*(p.pointer for p in packed))
-        mask = None if tail is None else tail.to(torch.uint8).contiguous()  # [q, m]
-        m = 0 if mask is None else mask.shape[1]
+        mask = None if tail is None else tail.to(torch.uint8).reshape(rows, q, -1).contiguous()  # [R, q, m]
+        m = 0 if mask is None else mask.shape[2]
         args = (structs, count, x.data_ptr(), rows, q, cos.data_ptr(), sin.data_ptr(), kptr, vptr, caps, lens)
         code = lib.twig_layers(*args, None if mask is None else mask.data_ptr(), m, torch.get_num_threads())
         if code:

@@ -11,8 +11,8 @@
  *
  * — the arithmetic of transformers' LlamaDecoderLayer (and Qwen2's, Mistral's …), with the products on the same
  * kernels as `gemv.c` (fp32 or int8 weights with per-row scales; x and the accumulation fp32). The mask is causal
- * with the block aligned to the end of the keys, or, with a `tail` [n, m], what the tail says over the last m keys
- * (a draft tree) while every query sees the keys before them. Which layers qualify and the oracle against the
+ * with the block aligned to the end of the keys, or, with a `tail` [R, q, m], what each row's tail says over its last
+ * m keys (draft trees) while every query sees its row's keys before them. Which layers qualify and the oracle against the
  * stock layer are twigvlm/runtime/native_layers.py's.
  */
 #include "gemv.c"
@@ -207,11 +207,12 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
     const int64_t keys = len[r] + q;
     const int64_t open = tail ? keys - m : len[r] + j + 1; /* keys the query sees whatever the tail says */
     const int64_t last = tail ? keys : len[r] + j + 1;
+    const uint8_t *seen = tail ? tail + i * m : NULL; /* its row of the tail: [m] (i = r·q + j) */
     f32_BY_ROWS[1](qv, kb, NULL, NULL, sc, D, last, 0, last); /* q · k for every visible key: [last] */
     const float scaling = (float)L->scaling;
     float mx = -INFINITY;
     for (int64_t k = 0; k < last; ++k) {
-      sc[k] = k >= open && !tail[j * m + (k - open)] ? -INFINITY : sc[k] * scaling;
+      sc[k] = k >= open && !seen[k - open] ? -INFINITY : sc[k] * scaling;
       mx = sc[k] > mx ? sc[k] : mx;
     }
     const float total = exp_shifted(sc, last, mx); /* masked keys: exp(−inf) = 0 */
@@ -244,12 +245,13 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
 
 /* `count` layers in order on x [R·q, hidden] (updated in place): R rows (sequences) of q new tokens each. cos, sin
  * [R·q, head_dim]; layer i's cache buffers kbufs[i], vbufs[i] [R, kv_heads, caps[i], head_dim], row r holding
- * lens[i·R + r] entries with room for q more (written here; the caller counts them); tail [q, m] or NULL (causal;
- * a tail only for one row). Returns 0, 1 on bad sizes, 2 when out of memory. */
+ * lens[i·R + r] entries with room for q more (written here; the caller counts them); tail [R, q, m] or NULL (causal):
+ * row r's query j sees every key before its row's last m and, among those, what tail[r][j] says (draft trees).
+ * Returns 0, 1 on bad sizes, 2 when out of memory. */
 int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t R, int64_t q, const float *cos,
                 const float *sin, float *const *kbufs, float *const *vbufs, const int64_t *caps, const int64_t *lens,
                 const uint8_t *tail, int64_t m, int threads) {
-  if (count < 1 || R < 1 || q < 1 || (tail && (m < 1 || R != 1))) return 1;
+  if (count < 1 || R < 1 || q < 1 || (tail && m < 1)) return 1;
   if (threads < 1) threads = 1;
   const int64_t n = R * q;
   int64_t QD = 0, KD = 0, I = 0, H = layers[0]->hidden, keys = 0;
@@ -258,7 +260,8 @@ int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_
     if (L->hidden != H || L->kv_heads < 1 || L->heads % L->kv_heads) return 1;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t held = lens[i * R + r];
-      if (held < 0 || held + q > caps[i] || (tail && m > held + q)) return 1;
+      if (held < 0 || held + q > caps[i]) return 1; /* (a tail longer than a row's keys: its first columns
+                                                        fall before them and are never read) */
       keys = held + q > keys ? held + q : keys;
     }
     QD = L->heads * L->head_dim > QD ? L->heads * L->head_dim : QD;
