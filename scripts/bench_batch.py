@@ -4,14 +4,16 @@
     python scripts/bench_batch.py --sizes 1,2,4,8,16 --tokens 32
     python scripts/bench_batch.py --speculative         # drafting requests, batched and one after another
     python scripts/bench_batch.py --sweep --sizes 1,2,4,8,16   # where drafting stops paying as the batch grows
+    python scripts/bench_batch.py --sweep --sizes 1,2,4,8 --trees 6:3:2,12:4:4   # chains against draft trees
 
 Each size runs its requests one at a time (`vlm.generate(prompt, ...)` per request) and then as one list
 (`vlm.generate([...])`), after a warm-up, and checks that both give the same token ids. Prints the machine's
 CPU flags with the figures.
 
 --sweep times decode steps alone (no prefill): for each batch size, every row a drafting request (auto, the
-demo twig), 12 steps at each forced draft length γ (0: no drafting) after 3 untimed ones, reporting tokens per
-step and tokens/s, and the γ auto picks for that batch from its calibrated costs.
+demo twig), 12 steps at each forced plan after 3 untimed ones — each draft length γ (0: no drafting) and each
+draft tree N:D:k of --trees (N nodes, D deep, top-k) —, reporting tokens per step and tokens/s, and the plan auto
+picks for that batch from its calibrated costs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from twigvlm.config import GenConfig, SpecConfig
 from twigvlm.data.examples import IMAGE_SIZE
 from twigvlm.data.scenes import DESCRIBE, make_scene, scene_seed
 from twigvlm.generation import batch as batch_module
+from twigvlm.generation.batch_draft import Plan
 from twigvlm.runtime.machine import speed_flags
 
 
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--speculative", action="store_true", help="every request drafts (auto)")
     ap.add_argument("--sweep", action="store_true", help="decode steps at forced draft lengths per batch size")
     ap.add_argument("--gammas", default="0,1,2,3,4", help="the draft lengths --sweep forces")
+    ap.add_argument("--trees", default="", help="the draft trees --sweep forces, N:D:k each (comma-separated)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -49,7 +53,11 @@ def main() -> None:
         for i in range(max(sizes))
     ]  # fmt: skip
     if args.sweep:
-        sweep(vlm, requests, sizes, [int(g) for g in args.gammas.split(",")], args.threads)
+        plans = [Plan("chain", int(g)) if int(g) else None for g in args.gammas.split(",")]
+        for tree in filter(None, args.trees.split(",")):
+            n, d, k = (int(x) for x in tree.split(":"))
+            plans.append(Plan("tree", d, n, k))
+        sweep(vlm, requests, sizes, plans, args.threads)
         return
     vlm.generate(requests[:2])  # warm-up: both paths
     vlm.generate(DESCRIBE, image=requests[0]["image"], max_new_tokens=4)
@@ -69,19 +77,25 @@ def main() -> None:
         )
 
 
-def sweep(vlm: VLM, requests: list[dict], sizes: list[int], gammas: list[int], threads: int) -> None:
-    """Steady-state decode steps of batches of drafting rows at forced draft lengths (see the module docstring)."""
+def describe(plan: Plan | None) -> str:
+    if plan is None:
+        return "none"
+    return f"γ = {plan.depth}" if plan.kind == "chain" else f"tree {plan.nodes}:{plan.depth}:{plan.topk}"
+
+
+def sweep(vlm: VLM, requests: list[dict], sizes: list[int], plans: list[Plan | None], threads: int) -> None:
+    """Steady-state decode steps of batches of drafting rows under forced plans (see the module docstring)."""
     vlm.generate(requests[:2])  # warm-up, and auto's costs measured
     record = vlm.draft_record(vlm.twig)
     encoded = [vlm.encode(r["prompt"], r["image"]) for r in requests]
-    real = batch_module.draft_len
+    real = batch_module.batch_plan
     print(f"CPU flags: {speed_flags()}; threads {threads}; decode steps only (no prefill)")
-    print("| rows | " + " | ".join(f"γ = {g}" for g in gammas) + " | auto's γ |")
-    print("|---|" + "---|" * (len(gammas) + 1))
+    print("| rows | " + " | ".join(describe(p) for p in plans) + " | auto's plan |")
+    print("|---|" + "---|" * (len(plans) + 1))
     for n in sizes:
         cells, auto = [], "own drafter"
-        for g in gammas:
-            batch_module.draft_len = lambda *a, g=g, **k: (g, 1.0)  # noqa: B023 - bound per γ
+        for plan in plans:
+            batch_module.batch_plan = lambda *a, plan=plan, **k: (plan, None)  # noqa: B023 - (None: not auto's, uncalibrated)
             session = batch_module.BatchSession(vlm.engine, n, record)
             cfg = GenConfig(max_new_tokens=10_000, ignore_eos=True)
             for enc in encoded[:n]:
@@ -93,10 +107,10 @@ def sweep(vlm: VLM, requests: list[dict], sizes: list[int], gammas: list[int], t
                 session.step()
             seconds, tokens = time.perf_counter() - t, sum(len(r.ids) for r in session.active) - before
             cells.append(f"{tokens / seconds:.1f} tok/s ({tokens / 12:.1f}/step)")
-            batch_module.draft_len = real
+            batch_module.batch_plan = real
             if n > 1:  # what auto would pick for this batch now, from its calibrated costs (no exploring step)
                 session.together_steps = 0
-                auto = str(max(session._budgets(session.active)[0]))
+                auto = describe(next((p for p in session._plans(session.active)[0] if p), None))
         print(f"| {n} | " + " | ".join(cells) + f" | {auto} |", flush=True)
 
 

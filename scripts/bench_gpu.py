@@ -10,7 +10,8 @@ machinery); phase B rescales the base (not the twig) so that the acceptance land
 the demo model's measured acceptance). Weight values do not change the cost of any kernel, so every method's
 speed is that of a real LLaVA-1.5-7B; only the acceptance is staged. Phase C times the first token as the
 prompt grows (1, 2, 4 images); phase E runs batches of 1, 4 and 16 requests (stock batched `generate`, our
-batched `ar` and `ssd` with drafting inside the batch: where speculation stops paying as the batch grows);
+batched `ar`, `ssd` with auto's plan inside the batch — chain, tree or none — and `ssd tree` with every row
+drafting a tree: where speculation, and trees, stop paying as the batch grows);
 phase D puts stock `generate` against its compiled static-cache form and our methods with compiled decode steps
 (`ar compiled`, `ssd compiled`, `twig+ssd compiled`: `--compile on`) at phase B's acceptance, last, because
 compiled graphs were seen to slow the eager methods run after them in the same process.
@@ -383,17 +384,25 @@ def prefill_sweep(bench: Bench, counts: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+BATCH_SPECS = {  # phase E's drafting methods: auto's plan per step, and draft trees (the defaults) in every step
+    "ssd": SpecConfig(draft="auto"),
+    "ssd tree": SpecConfig(draft="tree"),
+}
+
+
 def batch_sweep(bench: Bench, sizes: list[int], tokens: int, repeats: int) -> list[dict]:
     """Aggregate decode throughput of B identical requests together, for stock batched `generate`, our batched
-    `ar` and our batched `ssd` (drafting inside the batch, auto's draft length per step), interleaved, medians;
-    with the steps auto ran without drafts (where the batch gained nothing from drafting)."""
+    `ar`, our batched `ssd` (drafting inside the batch, auto's plan per step: chain, tree or none) and `ssd tree`
+    (every row drafts a tree in every step), interleaved, medians; with the row-steps auto ran without drafts
+    (where the batch gained nothing from drafting) and the share of its verifications that checked trees."""
     rows = []
     for b in sizes:
         images = [bench.image] * b
         texts = [bench.vlm.adapter.render(PROMPT, 1)] * b
         requests = [dict(prompt=PROMPT, image=bench.image, max_new_tokens=tokens, ignore_eos=True)] * b
-        runs: dict[str, list[float]] = {"hf": [], "ar": [], "ssd": []}
+        runs: dict[str, list[float]] = {"hf": [], "ar": [], **{m: [] for m in BATCH_SPECS}}
         undrafted: list[int] = []
+        trees: list[float] = []
         for r in range(repeats + 1):  # the first round warms up this batch size
             for m in runs:
                 bench.sync()
@@ -401,28 +410,33 @@ def batch_sweep(bench: Bench, sizes: list[int], tokens: int, repeats: int) -> li
                 if m == "hf":
                     hf_generate(bench, images, texts, tokens)
                 else:
-                    spec = SpecConfig(draft="auto") if m == "ssd" else False
+                    spec = BATCH_SPECS.get(m, False)
                     results = bench.vlm.generate([dict(q, speculative=spec) for q in requests])
                     if m == "ssd" and r:
                         undrafted.append(sum(x.stats.undrafted or 0 for x in results))
+                        checks = sum(x.stats.verifications or 0 for x in results)
+                        trees.append(sum(x.stats.tree_steps or 0 for x in results) / max(1, checks))
                 bench.sync()
                 if r:
                     runs[m].append(time.perf_counter() - t0)
         row: dict = dict(batch=b, tokens=tokens)
         for m, seconds in runs.items():
-            row[f"{m}_tokens_per_s"] = b * tokens / statistics.median(seconds)
+            row[f"{m.replace(' ', '_')}_tokens_per_s"] = b * tokens / statistics.median(seconds)
         row["ssd_undrafted_steps"] = statistics.median(undrafted) if undrafted else None
+        row["ssd_tree_share"] = statistics.median(trees) if trees else None
         rows.append(row)
     return rows
 
 
 def batch_table(rows: list[dict]) -> str:
-    out = ["| batch | hf tokens/s | ar tokens/s | ssd tokens/s | ssd ÷ ar | ssd's undrafted row-steps |",
-           "|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| batch | hf tokens/s | ar tokens/s | ssd tokens/s | ssd tree tokens/s | ssd ÷ ar "
+           "| ssd's undrafted row-steps | ssd's tree share |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         out.append(
             f"| {r['batch']} | {r['hf_tokens_per_s']:.0f} | {r['ar_tokens_per_s']:.0f} | {r['ssd_tokens_per_s']:.0f} "
-            f"| {r['ssd_tokens_per_s'] / r['ar_tokens_per_s']:.2f}× | {r['ssd_undrafted_steps']} |"
+            f"| {r['ssd_tree_tokens_per_s']:.0f} | {r['ssd_tokens_per_s'] / r['ar_tokens_per_s']:.2f}× "
+            f"| {r['ssd_undrafted_steps']} | {r['ssd_tree_share']:.2f} |"
         )
     return "\n".join(out)
 

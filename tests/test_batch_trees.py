@@ -58,7 +58,8 @@ def test_tree_rows_draft_their_trees_together_and_every_row_equals_its_solo_run(
     together = [p for p in seen if sum(x is not None and x.kind == "tree" for x in p) >= 2]
     assert together and any(x is not None and x.kind == "chain" for x in together[0])  # trees and a chain, one step
     trees = [results[i].stats for i in (0, 1, 4)]
-    assert all(s.drafter == "tree" and s.verifications > 0 for s in trees)
+    assert all(s.drafter == "tree" and 0 < s.tree_steps <= s.verifications for s in trees)
+    assert results[2].stats.tree_steps == 0 and results[2].stats.verifications > 0  # the chain row
     assert sum(s.accepted for s in trees) > 0 and any(s.drafted > 3 * s.verifications for s in trees)  # real trees
 
 
@@ -113,6 +114,8 @@ def test_auto_rows_draft_the_batchs_tree_and_equal_their_solo_runs(llava, monkey
     for request, row in zip(requests, rows, strict=True):
         assert batch_module.result(row).token_ids == solo(llava, request)
     assert {x.kind for p in seen for x in p if x is not None} == {"tree", "chain"}
+    stats = batch_module.result(rows[0]).stats
+    assert 0 < stats.tree_steps < stats.verifications  # trees and chains, as the plan said
 
 
 def test_a_seeded_sampled_tree_row_gives_its_solo_text_inside_a_batch(llava):

@@ -7,8 +7,8 @@ each with its own pruning), and `ar ×1` the same requests through our engine on
 batching's own gain). A request's latency is its batch's wall time (each call returns its whole batch).
 Reported per method: requests/s, tokens/s, latency p50/p99, × hf's tokens/s, × `ar ×1`'s (the batching's gain over
 one request at a time), and how many requests gave hf's ids.
-The speculative methods (`ssd`, `twig+ssd`) draft inside the batch (`generation/batch_chain.py`): together, every
-row drafts a chain at the length the batch's costs favour (none where drafting does not pay), and a row left alone
+The speculative methods (`ssd`, `twig+ssd`) draft inside the batch (`generation/batch_draft.py`): together, every
+row drafts the chain or tree the batch's costs favour (none where drafting does not pay), and a row left alone
 takes its own drafter; `twig+ssd ×1` runs them one after another (batch 1) for speculation's gain without batching.
 """
 

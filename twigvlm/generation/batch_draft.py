@@ -151,9 +151,9 @@ def draft_step(
         commit_path(row.state, growth, path, passes.kslots[r], passes.tslots[r], row.pending, starts[r], K)
         results.append(([draft.tokens[i] for i in path[1:]] + [nxt], draft.size, len(path) - 1))
     t2 = time.perf_counter()
-    for row, (_, n, a) in zip(rows, results, strict=True):
+    for row, growth, (_, n, a) in zip(rows, growths, results, strict=True):
         if row.spec_stats is not None and row.choice is not None:
-            row.spec_stats.add_step(n, a, t1 - t0, t2 - t1)
+            row.spec_stats.add_step(n, a, t1 - t0, t2 - t1, n > 0 and isinstance(growth, TreeGrowth))
     return results
 
 

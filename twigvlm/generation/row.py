@@ -1,5 +1,5 @@
 """One request of a batch (`Row`): its inputs, decoding state, stopping rules, drafting and what it has produced —
-what the batch's steps (`batch.py`, `batch_chain.py`) read and advance."""
+what the batch's steps (`batch.py`, `batch_draft.py`) read and advance."""
 
 from __future__ import annotations
 

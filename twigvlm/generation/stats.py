@@ -49,6 +49,7 @@ class GenerationStats:
     drafter: str | None = None  # "chain", "tree" or "none" (auto chose not to draft); None without speculation
     accepted_per_step: list[int] | None = None  # drafts each verification accepted (the depth a tree reached)
     undrafted: int | None = None  # decode steps without a draft: shared with a batch where drafting did not pay
+    tree_steps: int | None = None  # verifications of a draft tree (auto's rows in a batch may draft either kind)
     kv_bytes: int = 0  # keys and values it held at its end, base layers and twig (pruned layers hold fewer)
 
 

@@ -27,6 +27,8 @@ class TwigChainDrafter:
     draft of a step is run through layers 1..K for verification but never through the twig.
     """
 
+    kind = "chain"
+
     def __init__(
         self,
         engine: Engine,

@@ -168,7 +168,13 @@ def speculative_step(
     path, nxt = accept(draft, logits, cfg, generator)
     drafter.commit(path)
     accepted = len(path) - 1
-    stats.add_step(draft.size, accepted, t1 - t0, time.perf_counter() - t1)
+    stats.add_step(
+        draft.size,
+        accepted,
+        t1 - t0,
+        time.perf_counter() - t1,
+        draft.size > 0 and getattr(drafter, "kind", "") == "tree",
+    )
     return [draft.tokens[i] for i in path[1:]] + [nxt], draft.size, accepted
 
 

@@ -17,10 +17,12 @@ class SpecStats:
     accepted_per_step: list[int] = field(default_factory=list)  # drafts accepted by each verification
     drafted_per_step: list[int] = field(default_factory=list)  # drafts (chain) or nodes (tree) each one checked
     undrafted: int = 0  # steps it shared with a batch too large to gain from drafting (one token each, no draft)
+    tree_steps: int = 0  # verifications of a drafted tree (alone or in a batch); the others checked chains or none
 
-    def add_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        """One verification: `drafted` tokens proposed, the first `accepted` of them (or one path) kept, plus the
-        target's own token."""
+    def add_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float, tree: bool = False) -> None:
+        """One verification: `drafted` tokens proposed (a chain's, or a tree's nodes with `tree`), the first
+        `accepted` of them (or one path) kept, plus the target's own token."""
+        self.tree_steps += tree
         self.draft_s += draft_s
         self.verify_s += verify_s
         self.drafted += drafted

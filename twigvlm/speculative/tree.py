@@ -32,6 +32,8 @@ class TwigTreeDrafter:
     except the newest one, which the next `propose` feeds; the twig may lag behind by the states in `_pending`.
     """
 
+    kind = "tree"
+
     def __init__(
         self,
         engine: Engine,
