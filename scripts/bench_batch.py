@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", default="off", choices=["auto", "on", "off"])
     ap.add_argument("--quantize", default="none", choices=["none", "int8"])
+    ap.add_argument("--kernels", default="auto", choices=["auto", "products", "stock"], help="products: stock layers")
     ap.add_argument("--speculative", action="store_true", help="every request drafts (auto)")
     ap.add_argument("--sweep", action="store_true", help="decode steps at forced draft lengths per batch size")
     ap.add_argument("--gammas", default="0,1,2,3,4", help="the draft lengths --sweep forces")
@@ -46,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    vlm = VLM.load("demo", twig="demo", compile=args.compile, quantize=args.quantize)
+    vlm = VLM.load("demo", twig="demo", compile=args.compile, quantize=args.quantize, kernels=args.kernels)
     requests = [
         dict(prompt=DESCRIBE, image=make_scene(scene_seed("test", i)).render(IMAGE_SIZE), max_new_tokens=args.tokens,
              ignore_eos=True, speculative=args.speculative or args.sweep)
@@ -57,7 +58,7 @@ def main() -> None:
         for tree in filter(None, args.trees.split(",")):
             n, d, k = (int(x) for x in tree.split(":"))
             plans.append(Plan("tree", d, n, k))
-        sweep(vlm, requests, sizes, plans, args.threads)
+        sweep(vlm, requests, sizes, plans, args.threads, f"kernels {args.kernels}, compile {args.compile}")
         return
     vlm.generate(requests[:2])  # warm-up: both paths
     vlm.generate(DESCRIBE, image=requests[0]["image"], max_new_tokens=4)
@@ -83,13 +84,15 @@ def describe(plan: Plan | None) -> str:
     return f"γ = {plan.depth}" if plan.kind == "chain" else f"tree {plan.nodes}:{plan.depth}:{plan.topk}"
 
 
-def sweep(vlm: VLM, requests: list[dict], sizes: list[int], plans: list[Plan | None], threads: int) -> None:
+def sweep(
+    vlm: VLM, requests: list[dict], sizes: list[int], plans: list[Plan | None], threads: int, settings: str
+) -> None:
     """Steady-state decode steps of batches of drafting rows under forced plans (see the module docstring)."""
     vlm.generate(requests[:2])  # warm-up, and auto's costs measured
     record = vlm.draft_record(vlm.twig)
     encoded = [vlm.encode(r["prompt"], r["image"]) for r in requests]
     real = batch_module.batch_plan
-    print(f"CPU flags: {speed_flags()}; threads {threads}; decode steps only (no prefill)")
+    print(f"CPU flags: {speed_flags()}; threads {threads}; {settings}; decode steps only (no prefill)")
     print("| rows | " + " | ".join(describe(p) for p in plans) + " | auto's plan |")
     print("|---|" + "---|" * (len(plans) + 1))
     for n in sizes:

@@ -225,3 +225,27 @@ def test_run_rows_with_tails_equals_each_rows_own_pass_with_its_tree_mask(llava)
     for r, c in enumerate(counts):
         torch.testing.assert_close(out[r : r + 1, :c], alone[r], rtol=1e-5, atol=1e-5)
         assert states[r].cache.lengths()[:2] == [lengths[r] + c] * 2
+
+
+def test_a_batch_measures_the_wide_passes_its_plans_read_once(adapters, monkeypatch):
+    """A batch's verifications reach rows × drafted tokens past a solo probe's 32: where a batch can form, the
+    passes of WIDE_ROWS rows are measured once (warm-up with `batch`, or the first drafting row that joins) and
+    kept in the twig's record; a solo generation does not pay for them."""
+    import twigvlm.speculative.choice as choice
+
+    vlm = middle_twig(twigvlm.VLM(adapters["llama-clip"]), seed=3)
+    calls: list[tuple[int, ...]] = []
+    real = choice.probe_costs
+    monkeypatch.setattr(
+        choice, "probe_costs", lambda e, s, r=3, sizes=choice.PROBE_ROWS: calls.append(sizes) or real(e, s, r, sizes)
+    )
+    vlm.warm_up()
+    costs = next(iter(vlm.draft_record(vlm.twig).costs.values()))
+    assert max(costs.verify) == choice.PROBE_ROWS[-1] and calls == [choice.PROBE_ROWS]
+    vlm.warm_up(batch=True)
+    costs = next(iter(vlm.draft_record(vlm.twig).costs.values()))
+    assert set(choice.WIDE_ROWS) <= set(costs.verify) and calls == [choice.PROBE_ROWS, choice.WIDE_ROWS]
+    times = [costs.verify[n] for n in sorted(costs.verify)]
+    assert times == sorted(times)  # merged, and still never cheaper with more rows
+    vlm.generate(requests_for(2, 270, speculative=SpecConfig(draft="auto", threshold=0.0)))
+    assert len(calls) == 2  # kept: measured once

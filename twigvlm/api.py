@@ -181,10 +181,14 @@ class VLM:
         record)."""
         return self._draft_records.setdefault(twig, DraftRecord())
 
-    def warm_up(self) -> None:
+    def warm_up(self, batch: bool = False) -> None:
         """Pay the one-off costs before the first request is timed or waited on: a short generation, speculative
-        when a twig is attached, so auto's cost probe for this twig, device and dtype runs here."""
-        self.generate("Hi", max_new_tokens=SHORT_ANSWER + 5, ignore_eos=True, speculative=self.twig is not None)
+        when a twig is attached, so auto's cost probe for this twig, device and dtype runs here; with `batch`, two
+        together as well (what a batch's choices read: the passes of up to 256 rows)."""
+        request = dict(max_new_tokens=SHORT_ANSWER + 5, ignore_eos=True, speculative=self.twig is not None)
+        self.generate("Hi", **request)
+        if batch:
+            self.generate([dict(request, prompt="Hi"), dict(request, prompt="Hello")])
 
     def grow_twig(self, config: TwigConfig | None = None, **kwargs: Any) -> Twig:
         """Grow a twig (copies of base layers K+1..K+T) and attach it. kwargs: the TwigConfig fields (K, T, head,

@@ -126,8 +126,8 @@ class Engine:
 
     def prepare_programs(self, rows: bool = False) -> None:
         """With compiled steps: compile, now, what this engine's layers (base and twig) have none of yet; `rows`:
-        the batched one-token program too (for a batch of several requests). With native layers: their weights
-        are checked again at the next call (a generation reads its weights when it starts)."""
+        the batched programs too (one token and a block per row, for a batch of several requests). With native
+        layers: their weights are checked again at the next call (a generation reads its weights when it starts)."""
         if self.native is not None:
             self.native.revalidate()
         if self.programs is not None:

@@ -139,7 +139,7 @@ class BatchSession:
         choice = choose_drafter(self.engine, row.state, row.cfg, row.spec, self.record)
         row.spec_stats.drafter = choice.kind
         if row.spec.draft != "chain":  # the batch's draft length reads the costs: measured now, on the row's own caches
-            step_costs(self.engine, row.state, self.record)
+            step_costs(self.engine, row.state, self.record, wide=self.max_rows > 1)
         if choice.kind != "none":
             row.choice = choice
             row.depth, row.cap = draft_depth(choice)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..engine import Engine
 from ..runtime.cache import KVCache, LayerKV
-from ..runtime.compiled import RowsWindowKV
+from ..runtime.compiled import MAX_BLOCK, RowsWindowKV
 from ..runtime.sdpa import grouped_heads_with_masks
 
 
@@ -42,7 +42,7 @@ class Layout:
             r, _, m = tails.shape
             cols = (held + q).view(-1, 1) + torch.arange(m, device=device)  # [R, m]: each row's last m keys, + m
             wide = torch.cat([mask.new_zeros((r, q, m)), mask], dim=2)  # [R, q, m + end]
-            mask = wide.scatter(2, cols.view(r, 1, m).expand(r, q, m), tails.to(device))[:, :, m:]
+            mask = wide.scatter(2, cols.view(r, 1, m).expand(r, q, m), tails.to(device))[:, :, m:].contiguous()
         self.mask = mask.unsqueeze(1)  # [R, 1, q, end]
 
     @property
@@ -151,11 +151,11 @@ def _stock_rows(
     lengths: Sequence[tuple[int, ...]],
     tails: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`run_rows` on the stock layers, one layer call at a time (the compiled batched program for one token per
-    row, where compiled steps are on); the caches' lengths are counted by the caller."""
+    """`run_rows` on the stock layers, one layer call at a time (the compiled batched programs, one token or a
+    block per row, where compiled steps are on); the caches' lengths are counted by the caller."""
     adapter = engine.adapter
     r, q = hidden.shape[:2]
-    programs = engine.programs if q == 1 else None  # one token per row: the compiled batched program
+    programs = engine.programs if q <= MAX_BLOCK else None  # the compiled batched programs
     layouts: dict[tuple[int, ...], Layout] = {}
     with grouped_heads_with_masks(hidden.device):  # every row's call carries a mask
         for j, layer in enumerate(layers):

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCK = 64  # blocks of up to this many queries run compiled (decode, drafts, verification); longer ones eager
 _EXAMPLE_Q, _EXAMPLE_K, _EXAMPLE_SLACK = 3, 13, 7  # trace sizes: distinct, > 1, a buffer longer than its window
+_BLOCK_Q = 2  # a batched block program's trace: tokens per row (distinct from the rows, _EXAMPLE_Q)
 
 
 class NATIVE:
@@ -252,15 +253,17 @@ class StepPrograms:
         where: torch.Tensor,
         rows: torch.Tensor,
     ) -> torch.Tensor | None:
-        """One layer on one token for each of R rows of a batch (hidden [R, 1, H]; `windows` the layer's keys and
-        values [R, H_kv, end, D], each row's new entry going to where[r]), compiled: → [R, 1, H]; None where the
-        program failed to compile (the caller runs the layer eagerly). The row count and the windows' end are
-        dynamic: one program serves every batch size and length."""
+        """One layer on q tokens for each of R rows of a batch (hidden [R, q, H], q ≤ MAX_BLOCK; `windows` the
+        layer's keys and values [R, H_kv, end, D], row r's new entries going to where[r]; `mask` [R, 1, q, end]),
+        compiled: → [R, q, H]; None where the program failed to compile (the caller runs the layer eagerly). Two
+        programs: one token per row (a decode step, a chain's draft level) and a block per row (verifications,
+        a tree's levels); the row count, the windows' end and a block's size are dynamic, so each serves every
+        batch size, length and draft."""
         self._check_classes()
         key = self._rows_key(layer, hidden, position_ids)
         program = self._programs.get(key)
         if program is None and key not in self._failed:
-            example = _rows_examples(hidden, mask, position_ids, rope, windows[0])
+            example = _rows_examples(hidden, mask, position_ids, rope, windows[0], hidden.shape[1] > 1)
             program = self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE)
         if program is None:
             self.stats.eager_calls += 1
@@ -270,22 +273,23 @@ class StepPrograms:
 
     @torch.inference_mode()
     def prepare_rows(self, layers: Sequence[nn.Module]) -> None:
-        """Compile, now, the batched one-token program for each structure among `layers` that has none yet (a batch
-        calls this when it forms, so no program is compiled inside its steps)."""
+        """Compile, now, the batched programs (one token per row, and a block per row) for each structure among
+        `layers` that has none yet (a batch calls this when it forms, so no program is compiled inside its steps)."""
         self._check_classes()
         for layer in layers:
             layer_key = self._layer_key(layer)
             if layer_key in self._prepared_rows:  # (a batch calls this as each request joins: no work twice)
                 continue
             self._prepared_rows.add(layer_key)
-            hidden, mask, position_ids, rope, keys, _ = self._stand_ins(layer, 2, 1)
-            key = self._rows_key(layer, hidden, position_ids)
-            if key in self._programs or key in self._failed:
-                continue
-            t0 = time.perf_counter()
-            example = _rows_examples(hidden, mask, position_ids, rope, keys)
-            self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE)
-            log.info("compiled the batched decode-step program in %.1f s", time.perf_counter() - t0)
+            for q in (1, 2):
+                hidden, mask, position_ids, rope, keys, _ = self._stand_ins(layer, 2, q)
+                key = self._rows_key(layer, hidden, position_ids)
+                if key in self._programs or key in self._failed:
+                    continue
+                t0 = time.perf_counter()
+                example = _rows_examples(hidden, mask, position_ids, rope, keys, q > 1)
+                self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE)
+                log.info("compiled a batched decode-step program in %.1f s", time.perf_counter() - t0)
 
     def _stand_ins(self, layer: nn.Module, rows: int, q: int) -> tuple:
         """Inputs of the right kinds for a call of `layer` on q tokens in each of `rows` rows: (hidden [rows, q, H],
@@ -301,9 +305,10 @@ class StepPrograms:
         return hidden, mask, position_ids, rope, keys, values
 
     def _rows_key(self, layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
-        """Which batched program a call runs: the layer's structure, H, the dtype, the device and the position rows
-        (not the row count, which is dynamic)."""
-        return (self._layer_key(layer), "rows", hidden.shape[2], hidden.dtype, hidden.device, position_ids.dim())
+        """Which batched program a call runs: the layer's structure, one token per row or a block, H, the dtype,
+        the device and the position rows (not the row count or the block's size, which are dynamic)."""
+        return (self._layer_key(layer), "rows", hidden.shape[1] == 1, hidden.shape[2], hidden.dtype, hidden.device,
+                position_ids.dim())  # fmt: skip
 
     def _rows_fn(self) -> Callable[..., torch.Tensor]:
         call_layer = self._call_layer
@@ -434,10 +439,12 @@ def _rows_examples(
     position_ids: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
     keys: torch.Tensor,
+    block: bool = False,
 ) -> tuple:
-    """Stand-in inputs for the batched one-token program, the row count and the windows' end marked dynamic:
-    _EXAMPLE_Q rows, windows of _EXAMPLE_K keys inside buffers with more rows and entries."""
-    r, k = _EXAMPLE_Q, _EXAMPLE_K
+    """Stand-in inputs for a batched program, the row count and the windows' end marked dynamic (and a block's
+    size, for the block program): _EXAMPLE_Q rows of one token (a block: _BLOCK_Q tokens), windows of _EXAMPLE_K
+    keys inside buffers with more rows and entries."""
+    r, k, q = _EXAMPLE_Q, _EXAMPLE_K, _BLOCK_Q if block else 1
     pos_row = position_ids.dim() - 2
 
     def window() -> torch.Tensor:
@@ -447,13 +454,17 @@ def _rows_examples(
             torch._dynamo.mark_dynamic(view, d)
         return view
 
-    h, m = _like(hidden, {0: r}), _like(mask, {0: r, 3: k})
-    pos = _like(position_ids, {pos_row: r})
-    cos, sin = (_like(t, {0: r}) for t in rope)
-    where = torch.arange(r, device=hidden.device).view(r, 1) + (k - r)  # [R, 1]
+    h, m = _like(hidden, {0: r, 1: q}), _like(mask, {0: r, 2: q, 3: k})
+    pos = _like(position_ids, {pos_row: r, pos_row + 1: q})
+    cos, sin = (_like(t, {0: r, 1: q}) for t in rope)
+    where = torch.arange(q, device=hidden.device).view(1, q) + torch.arange(r, device=hidden.device).view(r, 1)
+    where = where + (k - r - q)  # [R, q]: inside each row's window
     rows = torch.arange(r, device=hidden.device).view(r, 1)  # [R, 1]
-    for t, dims in ((h, (0,)), (m, (0, 3)), (pos, (pos_row,)), (cos, (0,)), (sin, (0,)), (where, (0,)), (rows, (0,))):
-        for d in dims:
+    seq = (1,) if block else ()  # the block's size: dynamic in the block program
+    dims = ((h, (0, *seq)), (m, (0, 3, *(2,) * block)), (pos, (pos_row, *(pos_row + 1,) * block)),
+            (cos, (0, *seq)), (sin, (0, *seq)), (where, (0, *seq)), (rows, (0,)))  # fmt: skip
+    for t, ds in dims:
+        for d in ds:
             torch._dynamo.mark_dynamic(t, d)
     return h, m, pos, cos, sin, window(), window(), where, rows
 

@@ -73,7 +73,7 @@ def create_app(
             quantize=cfg.quantize,
             compile=cfg.compile,
         )
-        vlm.warm_up()  # before /health says ready: the first request does not pay auto's cost probe
+        vlm.warm_up(batch=cfg.max_batch > 1)  # before /health says ready: no request pays auto's cost probe
         vlm.engine.prepare_programs(rows=cfg.max_batch > 1)  # nor a batch's first step its compiled program
         return vlm
 

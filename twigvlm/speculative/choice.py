@@ -37,6 +37,7 @@ from .tree import TwigTreeDrafter
 
 SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
+WIDE_ROWS = (64, 128, 256)  # probed too where a batch can form (`step_costs(wide=True)`)
 PRIOR = (0.6, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)  # a_r before any step is seen
 PRIOR_WEIGHT = 8.0  # in node visits
 CALIBRATION_PRIOR_S = 1.0  # seconds of "as expected" a kind's calibration starts from
@@ -163,10 +164,12 @@ def draft_depth(choice: DrafterChoice) -> tuple[int, int | None]:
     return s.draft_len, (s.max_draft_len if s.adaptive else None)
 
 
-def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord) -> Costs:
+def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord, wide: bool = False) -> Costs:
     """The passes' costs for this engine from `rec`, probed on `state` (`probe_costs`) the first time. They differ
     by device, dtype, the products (the LM head's class: stock, fast kernels or int8), whether the steps run
-    compiled (`runtime/compiled.py`) and whether the layers run natively (`runtime/native_layers.py`)."""
+    compiled (`runtime/compiled.py`) and whether the layers run natively (`runtime/native_layers.py`). `wide`:
+    with the passes of WIDE_ROWS rows too (a batch's verifications, rows × drafted tokens, go past PROBE_ROWS:
+    measured once, where a batch can form, instead of extrapolated)."""
     keys = state.cache[0].keys()
     key = (
         str(keys.device),
@@ -177,7 +180,16 @@ def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord) -> Costs:
     )
     if key not in rec.costs:
         rec.costs[key] = probe_costs(engine, state)
-    return rec.costs[key]
+    costs = rec.costs[key]
+    if wide and max(costs.verify) < WIDE_ROWS[-1]:
+        more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
+        tables = [_monotone({**a, **b}) for a, b in zip(_tables(costs), _tables(more), strict=True)]
+        costs = rec.costs[key] = Costs(*tables)
+    return costs
+
+
+def _tables(costs: Costs) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+    return costs.verify, costs.level, costs.base
 
 
 def best_drafter(
@@ -222,8 +234,9 @@ def best_tree_value(a: tuple[float, ...], n: int, d: int) -> float:
 
 
 @torch.inference_mode()
-def probe_costs(engine: Engine, state: DecodeState, repeats: int = 3) -> Costs:
-    """Time the passes a step is made of on this state (its caches are left as they were): the best of `repeats`."""
+def probe_costs(engine: Engine, state: DecodeState, repeats: int = 3, sizes: tuple[int, ...] = PROBE_ROWS) -> Costs:
+    """Time the passes a step is made of on this state, over each of `sizes` rows (its caches are left as they were):
+    the best of `repeats`."""
     assert engine.twig is not None and state.twig_cache is not None
     K, L, adapter = engine.twig.config.K, engine.num_layers, engine.adapter
     device = state.cache[0].keys().device
@@ -254,7 +267,7 @@ def probe_costs(engine: Engine, state: DecodeState, repeats: int = 3) -> Costs:
                 kv.crop(m)
         return best
 
-    tables = {part: _monotone({n: timed(part, n) for n in PROBE_ROWS}) for part in ("verify", "level", "base")}
+    tables = {part: _monotone({n: timed(part, n) for n in sizes}) for part in ("verify", "level", "base")}
     return Costs(tables["verify"], tables["level"], tables["base"])
 
 
