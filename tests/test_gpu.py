@@ -139,3 +139,32 @@ def test_compiled_steps_equal_eager_on_cuda(pair, method):
             vlm.set_compile("off")
             assert ours == eager or (not exact and first_difference_is_a_tie(vlm, args, ours, eager)), (seed, exact)
         assert vlm.adapter._step_programs.stats.calls > 0 and not vlm.adapter._step_programs.stats.failures
+
+
+def assert_batch_equals_solo(vlm: twigvlm.VLM, compile_mode: str) -> None:
+    """A chain row, a tree row, a TTP row and a plain row in one batch give their solo runs' greedy ids."""
+    drafts = [
+        SpecConfig(draft="chain", draft_len=3, threshold=0.0),
+        SpecConfig(draft="tree", tree_nodes=6, tree_depth=3, tree_topk=2, threshold=0.0),
+        False,
+        False,
+    ]
+    requests = [
+        dict(prompt=random_prompt(40 + i, 3 + 3 * i), image=random_image(40 + i), max_new_tokens=10 + 3 * i,
+             ignore_eos=True, speculative=d, prune=PruneConfig("twig", keep=30.0) if i == 2 else None)
+        for i, d in enumerate(drafts)
+    ]  # fmt: skip
+    vlm.set_compile(compile_mode)
+    try:
+        together = [r.token_ids for r in vlm.generate(requests)]
+        alone = [vlm.generate(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}).token_ids for r in requests]
+    finally:
+        vlm.set_compile("off")
+    assert together == alone
+
+
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_a_batch_of_chains_and_trees_equals_its_solo_runs_on_cuda(pair, compile_mode):
+    """float32 on CUDA, eager and with the compiled batched programs (one token and a block per row)."""
+    _, gpu = pair
+    assert_batch_equals_solo(gpu, compile_mode)
