@@ -90,9 +90,19 @@ def check_caches(vlm: twigvlm.VLM, session: batch_module.BatchSession) -> None:
             assert_caches_hold_the_committed_tokens(vlm, row.state, row.encoded, row.ids[:-1], len(pending), pruned)
 
 
-@pytest.mark.parametrize("grow", [batch_module.GROW_TOKENS, 1])  # 1: the slots grow every few steps
-def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leave(llava, monkeypatch, grow):
-    monkeypatch.setattr(batch_module, "GROW_TOKENS", grow)
+TREE = SpecConfig(draft="tree", tree_nodes=6, tree_depth=3, tree_topk=3, threshold=0.0)
+
+
+@pytest.mark.parametrize("draft", [CHAIN, TREE], ids=["chains", "trees"])
+@pytest.mark.parametrize("tight", [False, True], ids=["roomy", "tight"])
+def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leave(llava, monkeypatch, draft, tight):
+    """Drafting rows (chains, or trees) — one pruned — and a plain row joining, a drafting row cancelled, another
+    joining late: after every step each drafting row's caches hold a fresh prefill of its committed tokens, and
+    every row equals its solo run. `tight`: the slots grow every few steps, to exactly what the rows want (room for
+    one more token), so every padded pass of a step must fit."""
+    if tight:
+        monkeypatch.setattr(batch_module, "GROW_TOKENS", 1)
+        monkeypatch.setattr(batch_module, "_capacity", lambda need, want, current, top: max(current, want))
     requests = requests_for(4, 60)
     requests[1]["prune"] = PruneConfig("twig", keep=8)
     session = batch_module.BatchSession(llava.engine, max_rows=3)
@@ -100,7 +110,7 @@ def test_caches_hold_the_committed_tokens_after_every_step_as_rows_join_and_leav
     def add(i: int) -> batch_module.Row:
         r = requests[i]
         cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
-        spec = None if i == 2 else CHAIN
+        spec = None if i == 2 else draft
         return session.add(llava.encode(r["prompt"], r["image"], r.get("prune")), cfg, r.get("prune"), spec)
 
     rows = {0: add(0), 1: add(1)}

@@ -1,10 +1,11 @@
 """Draft trees for several rows of a batch (`generation/batch_draft.py`, `speculative/growth.py`): tree rows
 draft their trees together — beside chain rows, plain rows, pruned rows and a text-only row — and every row ≡
 its solo run (greedy ids), on LLaVA and on a Qwen-VL (3-row positions), on the stock layers and natively; after
-every step each row's caches hold exactly a fresh prefill of its committed tokens, while rows join and leave and
-the slots grow as tightly as they may; a seeded sampled tree row gives its solo text inside a batch; auto's batch
-plan picks trees where a verification costs the same for more nodes (a GPU's weight-bound passes) and chains or
-nothing where it does not; `rows.run_rows` with tails ≡ each row's own pass with its tree mask."""
+every step each row's caches hold exactly a fresh prefill of its committed tokens (as rows join and leave, with
+slots grown as tightly as they may: `test_batch_spec.py`, its trees case); a seeded sampled tree row gives its
+solo text inside a batch; auto's batch plan picks trees where a verification costs the same for more nodes (a
+GPU's weight-bound passes) and chains or nothing where it does not; `rows.run_rows` with tails ≡ each row's own
+pass with its tree mask; slot room, the twig's catching up and auto's calibration beside named drafters."""
 
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from twigvlm.speculative.choice import Costs
 
 from .conftest import random_image, random_prompt
 from .oracles import middle_twig
-from .test_batch_spec import check_caches, requests_for, run_session, solo
+from .test_batch_spec import TREE, check_caches, requests_for, run_session, solo
 
-TREE = SpecConfig(draft="tree", tree_nodes=6, tree_depth=3, tree_topk=3, threshold=0.0)
 CHAIN = SpecConfig(draft="chain", draft_len=3, threshold=0.0)
 
 
@@ -61,42 +61,6 @@ def test_tree_rows_draft_their_trees_together_and_every_row_equals_its_solo_run(
     assert all(s.drafter == "tree" and 0 < s.tree_steps <= s.verifications for s in trees)
     assert results[2].stats.tree_steps == 0 and results[2].stats.verifications > 0  # the chain row
     assert sum(s.accepted for s in trees) > 0 and any(s.drafted > 3 * s.verifications for s in trees)  # real trees
-
-
-@pytest.mark.parametrize("tight", [False, True])
-def test_caches_hold_the_committed_tokens_after_every_tree_step_as_rows_join_and_leave(llava, monkeypatch, tight):
-    """Tree rows (one pruned) and a plain row, a row cancelled mid-way and one joining late; with `tight`, the
-    slots grow to exactly what the rows want (room for one more token), so every padded pass must fit."""
-    if tight:
-        monkeypatch.setattr(batch_module, "GROW_TOKENS", 1)
-        monkeypatch.setattr(batch_module, "_capacity", lambda need, want, current, top: max(current, want))
-    requests = requests_for(4, 220)
-    requests[1]["prune"] = PruneConfig("twig", keep=8)
-    session = batch_module.BatchSession(llava.engine, max_rows=3)
-
-    def add(i: int) -> batch_module.Row:
-        r = requests[i]
-        cfg = twigvlm.GenConfig(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
-        spec = None if i == 2 else TREE
-        return session.add(llava.encode(r["prompt"], r["image"], r.get("prune")), cfg, r.get("prune"), spec)
-
-    rows = {0: add(0), 1: add(1), 2: add(2)}
-    session.step()
-    check_caches(llava, session)
-    session.drop(rows[0])  # cancelled: the rows after it move down a slot, twig caches too
-    cancelled = list(rows[0].ids)
-    rows[3] = add(3)
-    while session.active:
-        session.step()
-        check_caches(llava, session)
-        for row in [r for r in session.active if r.reason is not None]:
-            session.drop(row)
-    for i, row in rows.items():
-        alone = solo(llava, {**requests[i], "speculative": TREE if i != 2 else False})
-        if i == 0:
-            assert cancelled == alone[: len(cancelled)]
-        else:
-            assert batch_module.result(row).token_ids == alone, i
 
 
 def test_auto_rows_draft_the_batchs_tree_and_equal_their_solo_runs(llava, monkeypatch):
@@ -249,3 +213,52 @@ def test_a_batch_measures_the_wide_passes_its_plans_read_once(adapters, monkeypa
     assert times == sorted(times)  # merged, and still never cheaper with more rows
     vlm.generate(requests_for(2, 270, speculative=SpecConfig(draft="auto", threshold=0.0)))
     assert len(calls) == 2  # kept: measured once
+
+
+def test_a_long_chain_beside_a_wide_flat_tree_fits_tight_slots(llava, monkeypatch):
+    """A named adaptive chain (up to 10 drafts) writes its drafts and then the padding of the tree's pass of kept
+    nodes (a tree one level deep keeps 4 nodes it never expanded): the slots, grown as tightly as they may, still
+    hold every pass, and each row equals its solo run."""
+    monkeypatch.setattr(batch_module, "GROW_TOKENS", 1)
+    monkeypatch.setattr(batch_module, "_capacity", lambda need, want, current, top: max(current, want))
+    chain = SpecConfig(draft="chain", draft_len=10, max_draft_len=10, threshold=0.0, adaptive=True)
+    flat = SpecConfig(draft="tree", tree_depth=1, tree_topk=4, tree_nodes=4, threshold=0.0)
+    requests = requests_for(2, 280)
+    requests[0]["speculative"], requests[1]["speculative"] = chain, flat
+    for r in requests:
+        r["max_new_tokens"] = 40
+    session = batch_module.BatchSession(llava.engine, max_rows=2)
+    rows = run_session(llava, session, [dict(r, speculative=r["speculative"]) for r in requests])
+    for request, row in zip(requests, rows, strict=True):
+        assert batch_module.result(row).token_ids == solo(llava, request)
+
+
+def test_auto_rows_beside_named_drafters_keep_their_twig_close_and_record_nothing(llava, monkeypatch):
+    """auto's plan "none" beside a named chain: every step drafts (the chain's), so the auto rows' twig catches up
+    after drafting steps too (never PENDING_FLUSH behind), and such mixed steps go into no kind's calibration."""
+    monkeypatch.setattr(batch_module, "batch_plan", lambda *a: (None, 1.0))
+    requests = requests_for(3, 290, speculative=SpecConfig(draft="auto", threshold=0.0))
+    requests[0]["speculative"] = CHAIN
+    for r in requests:
+        r["max_new_tokens"] = 20  # (a twig PENDING_FLUSH behind and more, without the catch-up)
+    requests[0]["max_new_tokens"] = 80  # the named chain outlives the auto rows: every shared step is mixed
+    session = batch_module.BatchSession(llava.engine, max_rows=3)
+
+    def check(session: batch_module.BatchSession) -> None:
+        check_caches(llava, session)
+        assert all(len(r.pending) < batch_module.PENDING_FLUSH for r in session.active)
+
+    rows = run_session(llava, session, requests, check)
+    for request, row in zip(requests, rows, strict=True):
+        assert batch_module.result(row).token_ids == solo(llava, request)
+    assert not any(k in session.record.calibration.seconds for k in batched.KINDS)
+
+
+def test_plans_within_a_rows_bounds_and_the_kinds_auto_may_explore():
+    tight = SpecConfig(draft="auto", max_draft_len=2, tree_nodes=3, tree_depth=2, tree_topk=2)
+    assert batched.Plan("chain", 5).within(tight, 9) == batched.Plan("chain", 2)
+    assert batched.Plan("tree", 4, 8, 4).within(tight, 1) == batched.Plan("tree", 1, 3, 2)
+    assert batched.feasible_kinds(2, 3, (4, 8, 3)) == [batched.PLAIN, batched.CHAIN, batched.TREE]
+    assert batched.feasible_kinds(2, 3, (4, 1, 3)) == [batched.PLAIN, batched.CHAIN]  # one node: no tree
+    assert batched.feasible_kinds(2, 3, (4, 8, 1)) == [batched.PLAIN, batched.CHAIN]  # one level: no tree
+    assert batched.feasible_kinds(0, 3, (4, 8, 3)) == [batched.PLAIN]

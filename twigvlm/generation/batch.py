@@ -30,11 +30,22 @@ from ..errors import require_batch_one
 from ..runtime.cache import KVCache
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import DrafterChoice, DraftRecord, choose_drafter, draft_depth, make_drafter, step_costs
+from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, step_costs
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
-from .batch_draft import EXPLORE_EVERY, EXPLORE_S, KINDS, PENDING_FLUSH, PLAIN, Plan, batch_plan, catch_up, draft_step
+from .batch_draft import (
+    EXPLORE_EVERY,
+    EXPLORE_S,
+    KINDS,
+    PENDING_FLUSH,
+    PLAIN,
+    Plan,
+    batch_plan,
+    catch_up,
+    draft_step,
+    feasible_kinds,
+)
 from .loop import _prefill, check_window, stopping
 from .row import Row
 from .rows import Slots, row_positions, run_rows
@@ -86,7 +97,7 @@ class BatchSession:
         self._written = 0  # the most tokens one row took since (steps before the next check: `_grow`)
         self.active: list[Row] = []
         self.drafted_steps = self.undrafted_steps = 0  # steps of several rows with and without drafting
-        self.together_steps = 0  # steps of several rows where auto chose the draft length
+        self.together_steps = 0  # steps of several rows where auto chose the plan
 
     @property
     def full(self) -> bool:
@@ -138,7 +149,7 @@ class BatchSession:
         assert row.spec is not None and row.state is not None and row.spec_stats is not None
         choice = choose_drafter(self.engine, row.state, row.cfg, row.spec, self.record)
         row.spec_stats.drafter = choice.kind
-        if row.spec.draft != "chain":  # the batch's draft length reads the costs: measured now, on the row's own caches
+        if row.spec.draft != "chain":  # the batch's plan reads the costs: measured now, on the row's own caches
             step_costs(self.engine, row.state, self.record, wide=self.max_rows > 1)
         if choice.kind != "none":
             row.choice = choice
@@ -217,9 +228,6 @@ class BatchSession:
                 if row.spec_stats is not None and row.choice is not None:
                     row.spec_stats.undrafted += 1
             logits = batch_step(self.engine, self.slots, rows)
-            if any(len(row.pending) >= PENDING_FLUSH for row in rows):
-                assert self.twig_slots is not None
-                catch_up(self.engine, self.twig_slots, rows)
             greedy = logits.argmax(dim=-1).tolist()  # [R]: one call for the greedy rows
             for r, row in enumerate(rows):
                 sampled = row.cfg.do_sample
@@ -228,59 +236,60 @@ class BatchSession:
             self.drafted_steps += 1
             assert self.twig_slots is not None
             steps = draft_step(self.engine, self.slots, self.twig_slots, rows, plans)
-            for row, (block, drafted, accepted) in zip(rows, steps, strict=True):
-                if row.choice is not None and row.choice.kind == "chain":  # (a tree's depth stays)
+            for row, plan, (block, drafted, accepted) in zip(rows, plans, steps, strict=True):
+                if plan is not None and plan.kind == "chain":  # (a tree's depth stays)
                     row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
                 row.take_block(block)
-        if model_rate is not None and (kind != PLAIN) == any(plans):  # auto's choice ran: how it fared
+        if any(len(row.pending) >= PENDING_FLUSH for row in rows):  # rows that did not draft: their twig catches up
+            assert self.twig_slots is not None
+            catch_up(self.engine, self.twig_slots, rows)
+        if model_rate is not None and (kind != PLAIN) == any(plans):  # auto's choice ran, alone: how it fared
             tokens = sum(len(row.ids) for row in rows) - before
             self.record.calibration.record(kind, tokens, time.perf_counter() - t0, model_rate)
 
     def _plans(self, rows: list[Row]) -> tuple[list[Plan | None], str, float | None]:
-        """What each row drafts this step: a chain or tree asked for by name drafts as asked; auto's rows take the
-        batch's best plan for its costs and the twig's acceptance so far (`batch_draft.batch_plan`). With the kind
-        of step auto chose and the cost model's tokens per second for it (None when no row is auto's)."""
+        """What each row drafts this step: a chain or tree asked for by name drafts as asked (within the step's
+        token budget); auto's rows take the batch's best plan for its costs and the twig's acceptance so far
+        (`batch_draft.batch_plan`), each within its own request's bounds. With the kind of step auto chose and the
+        cost model's tokens per second for it — None where no row is auto's, or where named rows draft beside
+        them (a step of mixed drafts measures no one kind: it is not recorded, nor explored)."""
         cap = self._draft_cap(len(rows))
         out: list[Plan | None] = []
-        auto = []
-        for r, row in enumerate(rows):
-            choice = row.choice
-            if choice is None or cap <= 0 or row.left <= 0:
+        auto: list[Row] = []
+        for row in rows:
+            choice, spec = row.choice, row.spec
+            if choice is None or spec is None or cap <= 0 or row.left <= 0:
                 out.append(None)
-            elif choice.spec.draft == "chain":
+            elif spec.draft == "chain":
                 out.append(Plan("chain", min(row.budget, cap)) if row.budget > 0 else None)
-            elif choice.spec.draft == "tree":
-                s = choice.spec
-                out.append(Plan("tree", min(row.depth, row.left), min(s.tree_nodes, cap), s.tree_topk))
+            elif spec.draft == "tree":
+                out.append(Plan("tree", min(row.depth, row.left), min(spec.tree_nodes, cap), spec.tree_topk))
             else:
                 out.append(None)
-                auto.append(r)
+                auto.append(row)
         if not auto:
             return out, PLAIN, None
-        first = rows[auto[0]]
-        assert first.state is not None and first.choice is not None
-        costs = step_costs(self.engine, first.state, self.record)  # measured when the row joined (`_choose`)
-        drafting = [row for row in rows if row.choice is not None]
-        longest = min(cap, max(row.choice.spec.max_draft_len for row in drafting))
-        s = first.choice.spec
-        tree = (s.tree_topk, min(s.tree_nodes, cap), s.tree_depth)
+        named = any(out)
+        assert auto[0].state is not None
+        costs = step_costs(self.engine, auto[0].state, self.record)  # measured when the row joined (`_choose`)
+        longest = min(cap, max(row.spec.max_draft_len for row in auto))
+        tree = (max(r.spec.tree_topk for r in auto), min(cap, max(r.spec.tree_nodes for r in auto)),
+                max(r.spec.tree_depth for r in auto))  # fmt: skip
         calibration = self.record.calibration
         scale = {kind: calibration.factor(kind) for kind in KINDS}
         self.together_steps += 1
         explore = None
-        if self.together_steps % EXPLORE_EVERY == 0:
-            explore = min(KINDS, key=lambda kind: calibration.seconds.get(kind, 0.0))
+        if self.together_steps % EXPLORE_EVERY == 0 and not named:
+            kinds = feasible_kinds(len(auto), longest, tree)
+            explore = min(kinds, key=lambda kind: calibration.seconds.get(kind, 0.0))
             explore = explore if calibration.seconds.get(explore, 0.0) < EXPLORE_S else None
         a = self.record.acceptance.vector()
-        plan, model_rate = batch_plan(costs, a, len(rows), len(drafting), longest, tree, scale, explore)
-        for r in auto:
-            row = rows[r]
-            if plan is not None and plan.kind == "chain":
-                out[r] = Plan("chain", min(plan.depth, row.choice.spec.max_draft_len, row.left))
-            elif plan is not None:
-                out[r] = Plan("tree", min(plan.depth, row.left), plan.nodes, plan.topk)
+        plan, model_rate = batch_plan(costs, a, len(rows), len(auto), longest, tree, scale, explore)
+        for r, row in enumerate(rows):
+            if plan is not None and any(row is x for x in auto):
+                out[r] = plan.within(row.spec, row.left)
         kind = PLAIN if plan is None else KINDS[("chain", "tree").index(plan.kind) + 1]
-        return out, kind, model_rate
+        return out, kind, None if named else model_rate
 
     def _draft_cap(self, rows: int) -> int:
         """The most drafts per row that keep a verification of `rows` rows within the step's token budget."""
@@ -311,7 +320,8 @@ class BatchSession:
         lone drafter writes its whole tree. A row wants room for its next GROW_TOKENS tokens too (within its answer).
         So the slots grow with the tokens the rows hold (`_grow` before a step), not with what they may still write."""
         rows = self.active
-        room = 2 + max((_writes_past(r.choice) for r in rows if r.choice is not None), default=0)
+        drafting = [r.spec for r in rows if r.choice is not None and r.spec is not None]
+        room = 2 + max((_writes_past(s) for s in drafting), default=0) + max((_block(s) for s in drafting), default=0)
         slack = 1 << 30
         for which in ("cache", "twig_cache"):
             if which == "twig_cache":  # a drafting step's twig block carries the pending states before the drafts
@@ -367,17 +377,24 @@ def _needs(caches: list[tuple[KVCache, Row]], room: int) -> tuple[list[int], lis
     return needs, wants, ceilings
 
 
-def _writes_past(choice: DrafterChoice) -> int:
-    """The most entries a drafting row's step writes past its newest token in one layer: a chain's drafts (and a
-    batched step's padding, PENDING_FLUSH of the twig's catching up at most), or, for a row that may draft a tree
-    (by name, or auto's), every node a tree runs through layers 1..K — the expanded ones (top-k a level) as well
-    as the kept ones — and the padding of a batched pass after them (the widest block: k nodes, or N + 1). (A
-    twig's drafting block starts with its pending states: `_place` adds PENDING_FLUSH for the twig's caches.)"""
-    s = choice.spec
-    longest = max(s.max_draft_len, s.draft_len, PENDING_FLUSH)
-    if s.draft == "chain":
+def _writes_past(spec: SpecConfig) -> int:
+    """The most entries a drafting row's own nodes take past its newest token in one layer in a step: a chain's
+    drafts (PENDING_FLUSH of the twig's catching up at least), or, for a row that may draft a tree (by name, or
+    auto's), every node a tree runs through layers 1..K — the root, the expanded ones (top-k a level) and the
+    kept ones. (A twig's drafting block starts with its pending states: `_place` adds PENDING_FLUSH for the twig's
+    caches.)"""
+    longest = max(spec.max_draft_len, spec.draft_len, PENDING_FLUSH)
+    if spec.draft == "chain":
         return longest
-    return max(longest, s.tree_topk * (s.tree_depth - 1) + s.tree_nodes + max(s.tree_topk, s.tree_nodes + 1))
+    return max(longest, 1 + spec.tree_topk * (spec.tree_depth - 1) + spec.tree_nodes)
+
+
+def _block(spec: SpecConfig) -> int:
+    """The widest block a drafting row adds to one pass of a step (every row of the pass is padded to it, past its
+    own entries so far): a chain's verification (γ + 1), or a tree's level (k nodes), kept nodes or verification
+    (N + 1)."""
+    chain = max(spec.max_draft_len, spec.draft_len) + 1
+    return chain if spec.draft == "chain" else max(chain, spec.tree_topk, spec.tree_nodes + 1)
 
 
 def generate_batch(

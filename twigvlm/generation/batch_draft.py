@@ -20,7 +20,9 @@ drafts (`undrafted` in each row's statistics). The cost model times passes of on
 adds (each row's attention, masks, the bookkeeping): each kind of step's measured tokens per second against the
 model's (`Calibration`, kept in the twig's `DraftRecord`) scales its expectation, so the choice follows what the
 steps measure. A kind with little measured time is tried now and then (every `EXPLORE_EVERY`-th step) whatever
-the rates say, so that no kind's calibration stays at its prior while the others are measured.
+the rates say — among the kinds these requests allow, and only in steps where auto's rows alone draft (a step
+beside rows that named their drafter measures no one kind, and is not recorded) —, so that no kind's
+calibration stays at its prior while the others are measured.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import SpecConfig
 from ..engine import Engine
 from ..runtime.sampling import pick_tokens
 from ..speculative.choice import Costs, best_tree_value
@@ -62,6 +65,28 @@ class Plan:
             return TreeGrowth(row.next_token, self.topk, self.nodes, self.depth, stop, row.cfg)
         assert row.choice is not None
         return ChainGrowth(row.next_token, self.depth, row.choice.spec.threshold, stop, row.cfg, row.generator)
+
+    def within(self, spec: SpecConfig, left: int) -> Plan:
+        """This plan for a row whose request allows `spec`'s draft lengths and tree sizes at most, and whose answer
+        leaves room for `left` drafts (≥ 1)."""
+        if self.kind == "chain":
+            return Plan("chain", min(self.depth, spec.max_draft_len, left))
+        return Plan(
+            "tree",
+            min(self.depth, spec.tree_depth, left),
+            min(self.nodes, spec.tree_nodes),
+            min(self.topk, spec.tree_topk),
+        )
+
+
+def feasible_kinds(drafting: int, longest: int, tree: tuple[int, int, int] | None) -> list[str]:
+    """The kinds of step `batch_plan` can choose among for these bounds (a tree needs 2 nodes and 2 levels)."""
+    kinds = [PLAIN]
+    if drafting and longest >= 1:
+        kinds.append(CHAIN)
+    if drafting and tree is not None and tree[1] >= 2 and tree[2] >= 2:
+        kinds.append(TREE)
+    return kinds
 
 
 def batch_plan(
@@ -212,8 +237,7 @@ class _Passes:
         for slots, run in zip(self.tslots, ids, strict=True):
             slots += run
         q = max(len(b) for b in blocks)
-        pad = next(b[0] for b in blocks if b)
-        block = torch.cat([torch.cat(b + [pad] * (q - len(b)), dim=1) for b in blocks], dim=0)  # [R, q, H]
+        block = _padded(blocks)  # [R, q, H]
         positions = self._positions(ids, q, lead)
         tails = self._tails(ids, self.tslots, q) if self.trees and not first else None  # (first: pending + root)
         caches = [row.state.twig_cache for row in self.rows]
@@ -230,8 +254,7 @@ class _Passes:
         counts = [len(o) for o in orders]
         q = max(counts)
         states = [[g.nodes[i].hidden for i in o] for g, o in zip(self.growths, orders, strict=True)]
-        pad = states[0][0]
-        block = torch.cat([torch.cat(s + [pad] * (q - len(s)), dim=1) for s in states], dim=0)  # [R, q, H]
+        block = _padded(states)  # [R, q, H]
         tails = self._tails(orders, orders, q) if self.trees else None
         caches = [row.state.cache for row in self.rows]
         layers = self.engine.adapter.layers[self.K :]
@@ -271,11 +294,18 @@ def catch_up(engine: Engine, twig_slots: Slots, rows: list[Row]) -> None:
     so that what waits for the twig — and so the block a step writes into its caches — stays short."""
     blocks = [row.pending for row in rows]
     q = max(len(b) for b in blocks)
-    pad = next(b[0] for b in blocks if b)
-    block = torch.cat([torch.cat(b + [pad] * (q - len(b)), dim=1) for b in blocks], dim=0)  # [R, q, H]
+    block = _padded(blocks)  # [R, q, H]
     starts = [row.state.next_position - len(b) for row, b in zip(rows, blocks, strict=True)]
     positions = torch.cat([engine.adapter.text_positions(s, q) for s in starts], dim=-2)
     caches = [row.state.twig_cache for row in rows]
     run_rows(engine, engine.twig.layers, twig_slots, 0, caches, block, positions, [len(b) for b in blocks])
     for row in rows:
         row.pending = []
+
+
+def _padded(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Each row's states [1, 1, H] in a row of one block [R, q, H], shorter rows padded at the end (with the first
+    state of any row: padding is computed, never read)."""
+    q = max(len(b) for b in blocks)
+    pad = next(b[0] for b in blocks if b)
+    return torch.cat([torch.cat(b + [pad] * (q - len(b)), dim=1) for b in blocks], dim=0)

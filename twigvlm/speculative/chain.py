@@ -14,7 +14,7 @@ import torch
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
 from ..errors import require_batch_one
-from ..runtime.sampling import probs_from_logits
+from .growth import ChainGrowth
 from .loop import TreeDraft
 
 
@@ -67,24 +67,14 @@ class TwigChainDrafter:
     def propose(self, last: int, max_depth: int, stop_ids: set[int]) -> TreeDraft:
         self._start = self.state.next_position  # position of `last`
         self._hidden = [self._shallow_base(last)]
-        ids, probs = [], []
-        threshold = self.threshold
-        for _ in range(max_depth):
-            logits = self._twig_logits(self._hidden[-1])
-            if self.cfg.do_sample:
-                q = probs_from_logits(logits, self.cfg)  # [V]
-                token = int(torch.multinomial(q, 1, generator=self.generator))
-                probs.append(q)
-                confidence = float(q[token])
-            else:
-                token = int(logits.argmax())
-                confidence = float(logits.float().softmax(-1)[token]) if threshold > 0 else 1.0
-            ids.append(token)
-            self._hidden.append(self._shallow_base(token))
-            if token in stop_ids or confidence < threshold:
-                break
-        self._twig_fed = len(ids)  # the twig saw last, d_1..d_{n-1}
-        return TreeDraft.chain(last, ids, torch.stack(probs) if probs else None)
+        growth = ChainGrowth(last, max_depth, self.threshold, stop_ids, self.cfg, self.generator)
+        more = max_depth > 0
+        while more:  # the twig's next draft after the newest, which then runs through layers 1..K
+            logits = self._twig_logits(self._hidden[-1])  # [V]
+            (new,), more = growth.grow([len(self._hidden) - 1], logits.unsqueeze(0))
+            self._hidden.append(self._shallow_base(growth.nodes[new].token))
+        self._twig_fed = len(self._hidden) - 1  # the twig saw last, d_1..d_{n-1}
+        return growth.draft()
 
     @torch.inference_mode()
     def verify(self, draft: TreeDraft) -> torch.Tensor:

@@ -5,7 +5,8 @@ of a few tokens, and otherwise picks what maximises the expected tokens per seco
 
 - costs are measured once per `DraftRecord` (a VLM keeps one per twig), device and dtype, on the generation's own
   state right after its prefill
-  (`probe_costs`: a verification over n = 1, 2, 4, … 32 rows, a draft level over w nodes, layers 1..K alone);
+  (`probe_costs`: a verification over n = 1, 2, 4, … 32 rows, a draft level over w nodes, layers 1..K alone; where
+  a batch can form, 64, 128 and 256 rows too);
 - the expected tokens per step come from a positional acceptance vector a_r — the chance that the twig's r-th
   best token is the target's — estimated from the twig's steps so far (`Acceptance` in its `DraftRecord`, smoothed
   towards a prior), with Sequoia's dynamic program for the best tree of n nodes and depth d;
