@@ -101,7 +101,8 @@ def test_a_native_layer_matches_the_stock_layer(adapters, name, weights):
     if weights == "int8":
         layer = __import__("copy").deepcopy(layer)
         apply_quantization([layer], "int8")
-    for cached, rows in ((1, 1), (5, 2), (5, 3), (7, 8), (12, 16), (63, 1), (60, 9), (70, 5)):  # 64: buffers grow
+    cases = ((1, 1), (5, 2), (5, 3), (7, 8), (12, 16), (63, 1), (60, 9), (70, 5), (30, 33), (3, 64))  # 64: buffers grow
+    for cached, rows in cases:
         want, got, stock_kv, native_kv = stock_and_native(layer, rotary, cached, rows, seed=cached + rows)
         assert relative(got, want) < 1e-5, (cached, rows)
         assert native_kv.length == stock_kv.length == cached + rows
@@ -113,7 +114,7 @@ def test_a_native_layer_matches_the_stock_layer(adapters, name, weights):
 def test_a_draft_trees_tail_mask(adapters, name):
     layer, rotary = layer_cases(adapters)[name]
     gen = torch.Generator().manual_seed(5)
-    for rows, m in ((4, 6), (1, 5), (3, 3)):
+    for rows, m in ((4, 6), (1, 5), (3, 3), (17, 20)):
         tail = torch.rand(rows, m, generator=gen) < 0.5
         tail[torch.arange(rows), m - rows + torch.arange(rows)] = True  # every node sees itself
         want, got, _, _ = stock_and_native(layer, rotary, 9, rows, tail=tail)

@@ -39,8 +39,8 @@ from .quant import Int8Linear, _quantize_layer, _source
 log = logging.getLogger(__name__)
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
-MAX_ROWS = 16  # blocks of up to this many new tokens (decode, drafts, verification); longer ones run stock
-MAX_BATCH_ROWS = 64  # a batched pass of up to this many tokens in all (rows × block) runs natively
+MAX_ROWS = 64  # blocks of up to this many new tokens (decode, drafts, a tree's verification); longer ones run stock
+MAX_BATCH_ROWS = 256  # a batched pass of up to this many tokens in all (rows × block) runs natively
 TOLERANCE = 1e-4  # the self-check's largest difference to the stock layer, relative to the output's scale
 _F32, _I8 = 0, 1
 _PRODUCTS = ("q", "k", "v", "o", "gate", "up", "down")
