@@ -125,16 +125,21 @@ class LayerKV:
 
     def gather_tail(self, tail: int, offsets: torch.Tensor | Sequence[int]) -> None:
         """Keep everything before the last `tail` entries, then the tail's entries at `offsets` (0-based within
-        the tail), in that order; drop the rest. Committing a draft tree's accepted path: a gather, not a crop."""
+        the tail), in that order; drop the rest. Committing a draft tree's accepted path: a gather, not a crop
+        (unless the path is the tail's start, a chain's accepted drafts: then a crop)."""
+        kept = _tail_offsets(tail, offsets)
+        prefix = kept == list(range(len(kept)))
+        index = None if prefix or self.k is None else torch.tensor(kept, dtype=torch.long, device=self.k.device)
+        self._keep_tail(tail, len(kept), index)
+
+    def _keep_tail(self, tail: int, n: int, index: torch.Tensor | None) -> None:
+        """`gather_tail` on checked offsets: `index` [n] (on this layer's device), or None where they are 0..n-1."""
         if not 0 <= tail <= self.length:
             raise ValueError(f"a tail of {tail} entries does not fit in a layer of length {self.length}")
-        idx = torch.as_tensor(offsets, dtype=torch.long, device=None if self.k is None else self.k.device)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= tail):
-            raise IndexError(f"gather offsets out of range for a tail of {tail} entries")
-        start, n = self.length - tail, idx.numel()
-        if self.k is not None and n and not bool((idx == torch.arange(n, device=idx.device)).all()):  # (else a crop)
-            self.k[:, :, start : start + n] = self.k.index_select(2, idx + start)  # index_select copies first
-            self.v[:, :, start : start + n] = self.v.index_select(2, idx + start)
+        start = self.length - tail
+        if self.k is not None and index is not None:
+            self.k[:, :, start : start + n] = self.k.index_select(2, index + start)  # index_select copies first
+            self.v[:, :, start : start + n] = self.v.index_select(2, index + start)
         self.length = start + n
 
 
@@ -179,6 +184,19 @@ class KVCache:
     def gather_tail(
         self, tail: int, offsets: torch.Tensor | Sequence[int], layers: Iterable[int] | None = None
     ) -> None:
-        """`LayerKV.gather_tail` on each layer: every layer keeps its own prefix (lengths may differ)."""
+        """`LayerKV.gather_tail` on each layer: every layer keeps its own prefix (lengths may differ). The offsets
+        are checked, and made a tensor, once for all layers (a commit of every step)."""
+        kept = _tail_offsets(tail, offsets)
+        prefix, index = kept == list(range(len(kept))), None
         for layer in self._select(layers):
-            layer.gather_tail(tail, offsets)
+            if not prefix and layer.k is not None and (index is None or index.device != layer.k.device):
+                index = torch.tensor(kept, dtype=torch.long, device=layer.k.device)
+            layer._keep_tail(tail, len(kept), None if prefix else index)
+
+
+def _tail_offsets(tail: int, offsets: torch.Tensor | Sequence[int]) -> list[int]:
+    """`gather_tail`'s offsets as a list, each within the tail (IndexError otherwise)."""
+    kept = offsets.tolist() if isinstance(offsets, torch.Tensor) else [int(i) for i in offsets]
+    if any(not 0 <= i < tail for i in kept):
+        raise IndexError(f"gather offsets out of range for a tail of {tail} entries")
+    return kept
