@@ -255,8 +255,8 @@ class BatchSession:
         them (a step of mixed drafts measures no one kind: it is not recorded, nor explored)."""
         cap = self._draft_cap(len(rows))
         out: list[Plan | None] = []
-        auto: list[Row] = []
-        for row in rows:
+        auto: list[int] = []  # auto's rows, by index
+        for r, row in enumerate(rows):
             choice, spec = row.choice, row.spec
             if choice is None or spec is None or cap <= 0 or row.left <= 0:
                 out.append(None)
@@ -266,15 +266,17 @@ class BatchSession:
                 out.append(Plan("tree", min(row.depth, row.left), min(spec.tree_nodes, cap), spec.tree_topk))
             else:
                 out.append(None)
-                auto.append(row)
+                auto.append(r)
         if not auto:
             return out, PLAIN, None
         named = any(out)
-        assert auto[0].state is not None
-        costs = step_costs(self.engine, auto[0].state, self.record)  # measured when the row joined (`_choose`)
-        longest = min(cap, max(row.spec.max_draft_len for row in auto))
-        tree = (max(r.spec.tree_topk for r in auto), min(cap, max(r.spec.tree_nodes for r in auto)),
-                max(r.spec.tree_depth for r in auto))  # fmt: skip
+        specs = [rows[r].spec for r in auto]
+        state = rows[auto[0]].state
+        assert state is not None
+        costs = step_costs(self.engine, state, self.record)  # measured when the row joined (`_choose`)
+        longest = min(cap, max(s.max_draft_len for s in specs))
+        tree = (max(s.tree_topk for s in specs), min(cap, max(s.tree_nodes for s in specs)),
+                max(s.tree_depth for s in specs))  # fmt: skip
         calibration = self.record.calibration
         scale = {kind: calibration.factor(kind) for kind in KINDS}
         self.together_steps += 1
@@ -285,9 +287,9 @@ class BatchSession:
             explore = explore if calibration.seconds.get(explore, 0.0) < EXPLORE_S else None
         a = self.record.acceptance.vector()
         plan, model_rate = batch_plan(costs, a, len(rows), len(auto), longest, tree, scale, explore)
-        for r, row in enumerate(rows):
-            if plan is not None and any(row is x for x in auto):
-                out[r] = plan.within(row.spec, row.left)
+        if plan is not None:
+            for r in auto:
+                out[r] = plan.within(rows[r].spec, rows[r].left)
         kind = PLAIN if plan is None else KINDS[("chain", "tree").index(plan.kind) + 1]
         return out, kind, None if named else model_rate
 

@@ -281,7 +281,7 @@ class StepPrograms:
             if layer_key in self._prepared_rows:  # (a batch calls this as each request joins: no work twice)
                 continue
             self._prepared_rows.add(layer_key)
-            for q in (1, 2):
+            for q in (1, _BLOCK_Q):
                 hidden, mask, position_ids, rope, keys, _ = self._stand_ins(layer, 2, q)
                 key = self._rows_key(layer, hidden, position_ids)
                 if key in self._programs or key in self._failed:

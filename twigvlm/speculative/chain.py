@@ -3,8 +3,9 @@ drafts γ tokens in a row, the full model verifies them.
 
 `propose` runs the last accepted token and each draft through base layers 1..K once (their KV entries and
 layer-K hidden states are kept) while the twig drafts; `verify` runs only base layers K+1..L over [last token,
-drafts] in one pass on those saved states; `commit` crops every cache to the accepted prefix. The accept rule
-and the step loop are every drafter's (`loop`).
+drafts] in one pass on those saved states; `commit` crops every cache to the accepted prefix (`growth.commit_path`,
+as every drafter keeps its path). The draft itself grows as a `growth.ChainGrowth`; the accept rule and the step
+loop are every drafter's (`loop`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
 from ..errors import require_batch_one
-from .growth import ChainGrowth
+from .growth import ChainGrowth, commit_path
 from .loop import TreeDraft
 
 
@@ -41,11 +42,11 @@ class TwigChainDrafter:
         require_batch_one(state.cache[0].keys().shape[0], "speculative decoding")
         self.engine, self.state, self.cfg, self.generator = engine, state, cfg, generator
         self.threshold = threshold
-        self.ranks: list[int | None] = []  # rank visits for auto's record: each accepted draft is rank 0
+        self.ranks: list[int | None] = []  # rank visits for auto's record
         self.K = engine.twig.config.K
         self._pending: list[torch.Tensor] = []  # layer-K hidden states [1, 1, H] not yet in the twig cache
-        self._hidden: list[torch.Tensor] = []  # layer-K hidden states of [last, d_1..d_n] this step
-        self._twig_fed = 0
+        self._growth = ChainGrowth(0, 0, threshold, set(), cfg, generator)  # this step's [last, d_1..d_n]
+        self._start = 0  # the position of `last`
 
     def _shallow_base(self, token: int) -> torch.Tensor:
         """Layers 1..K on one token (their caches grow by one): layer-K hidden state [1, 1, H]."""
@@ -65,51 +66,27 @@ class TwigChainDrafter:
 
     @torch.inference_mode()
     def propose(self, last: int, max_depth: int, stop_ids: set[int]) -> TreeDraft:
-        self._start = self.state.next_position  # position of `last`
-        self._hidden = [self._shallow_base(last)]
-        growth = ChainGrowth(last, max_depth, self.threshold, stop_ids, self.cfg, self.generator)
+        self._start = self.state.next_position
+        growth = self._growth = ChainGrowth(last, max_depth, self.threshold, stop_ids, self.cfg, self.generator)
+        nodes = growth.nodes
+        nodes[0].hidden = self._shallow_base(last)
         more = max_depth > 0
         while more:  # the twig's next draft after the newest, which then runs through layers 1..K
-            logits = self._twig_logits(self._hidden[-1])  # [V]
-            (new,), more = growth.grow([len(self._hidden) - 1], logits.unsqueeze(0))
-            self._hidden.append(self._shallow_base(growth.nodes[new].token))
-        self._twig_fed = len(self._hidden) - 1  # the twig saw last, d_1..d_{n-1}
+            logits = self._twig_logits(nodes[-1].hidden)  # [V]
+            (new,), more = growth.grow([len(nodes) - 1], logits.unsqueeze(0))
+            nodes[new].hidden = self._shallow_base(nodes[new].token)
         return growth.draft()
 
     @torch.inference_mode()
     def verify(self, draft: TreeDraft) -> torch.Tensor:
-        block = torch.cat(self._hidden, dim=1)  # [1, n + 1, H]
+        block = torch.cat([node.hidden for node in self._growth.nodes], dim=1)  # [1, n + 1, H]
         pos = self.engine.adapter.text_positions(self._start, block.shape[1])
         out = self.engine.forward(self.state, block, pos, self.K, self.engine.num_layers)
         return self.engine.logits(out)[0]  # [n + 1, V]
 
     def commit(self, path: list[int]) -> None:
-        accepted = len(path) - 1  # a chain's path is its first nodes
-        commit_chain(self.state, self._hidden, self._twig_fed, accepted, self._start, self._pending, self.ranks)
-
-
-def commit_chain(
-    state: DecodeState,
-    hidden: list[torch.Tensor],
-    twig_fed: int,
-    accepted: int,
-    start: int,
-    pending: list[torch.Tensor],
-    ranks: list[int | None],
-) -> None:
-    """Keep the newest token (at position `start`) and the first `accepted` drafts in every cache: `hidden` are
-    the layer-K states [1, 1, H] of [newest, drafts…], the first `twig_fed` of which went through the twig; the
-    kept states the twig has not seen join `pending`, and each draft's rank (0, or None at the rejection) joins
-    `ranks`. Every chain drafter's commit — alone (`TwigChainDrafter`) or a row of a batch."""
-    n = len(hidden) - 1
-    ranks += [0] * accepted + ([None] if accepted < n else [])
-    surplus = n - accepted  # rejected drafts in layers 1..L
-    for kv in state.cache.layers:
-        kv.crop(kv.length - surplus)
-    keep = accepted + 1  # last, d_1..d_accepted
-    if twig_fed >= keep:
-        for kv in state.twig_cache.layers:
-            kv.crop(kv.length - (twig_fed - keep))
-    else:
-        pending += hidden[twig_fed:keep]  # pending only empties when the twig runs
-    state.next_position = start + keep
+        growth = self._growth
+        self.ranks += growth.ranks(path)  # each accepted draft is rank 0; a rejection, None
+        every = list(range(len(growth.nodes)))  # the order they ran through layers 1..K and are verified in
+        fed = every[:-1]  # the twig saw last, d_1..d_{n-1}
+        commit_path(self.state, growth, path, every, fed, self._pending, self._start, self.K)

@@ -13,9 +13,10 @@ it answers which nodes go through base layers 1..K next and whether the twig rea
   speculative sampling) after the newest draft, until γ, a stop token, or a confidence below τ. Its last draft goes
   through layers 1..K for verification but never through the twig.
 
-The solo tree drafter (`tree.TwigTreeDrafter`) runs a `TreeGrowth` on its own caches; a batch step
-(`generation/batch_draft.py`) runs one growth per drafting row in shared passes. Both keep the path with
-`commit_path`, and both build attention masks from `Growth.mask` (a node sees its own path).
+The solo drafters run one growth on their own caches (`tree.TwigTreeDrafter` a `TreeGrowth`,
+`chain.TwigChainDrafter` a `ChainGrowth`); a batch step (`generation/batch_draft.py`) runs one growth per drafting
+row in shared passes. Each keeps the path with `commit_path`, and trees build attention masks from `Growth.mask`
+(a node sees its own path).
 """
 
 from __future__ import annotations
