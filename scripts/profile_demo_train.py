@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed training steps per stage (after one untimed)")
     ap.add_argument("--align-batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--pretrain-batch", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--pack", type=int, default=None, help="alignment examples a picture (default: the recipe's)")
+    ap.add_argument("--align-only", action="store_true", help="skip stage 1")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on a GPU")
     ap.add_argument("--out", type=Path, default=None)
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = DEFAULTS[r.name]
     align_batch = args.align_batch or plan["align_batch"]
     pretrain_batch = args.pretrain_batch or plan["pretrain_batch"]
+    pack = args.pack or plan["pack"]
     device = torch.device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     report: dict = {
@@ -96,7 +99,17 @@ def main(argv: list[str] | None = None) -> None:
     vlm = VLM.from_model(model, processor)
     auto = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    # --- stage 1: the tower alone ------------------------------------------------------------------------------
+    if not args.align_only:
+        _profile_pretrain(args, r, plan, pretrain_batch, model, processor, device, auto, report)
+    _profile_align(args, r, plan, align_batch, pack, model, vlm, device, auto, report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _profile_pretrain(args, r, plan, pretrain_batch, model, processor, device, auto, report) -> None:
+    """Stage 1: the tower alone."""
     labels = easyvqa.image_labels(easyvqa.load("train"))
     build = _timed(lambda: pretrain_stage._batch(0, pretrain_batch, processor, labels), 2)
     tower = model.model.vision_tower
@@ -114,16 +127,20 @@ def main(argv: list[str] | None = None) -> None:
     report["pretrain"] = _stage(pretrain_batch, build, flops.get_total_flops(), times, plan["pretrain_steps"], device)
     print(json.dumps({"pretrain": report["pretrain"]}), flush=True)
 
-    # --- stage 2: answers through the decoder, the picture wiped from K_f on ------------------------------------
+
+def _profile_align(args, r, plan, align_batch, pack, model, vlm, device, auto, report) -> None:
+    """Stage 2: answers through the decoder, the picture wiped from K_f on (`pack` examples behind each picture)."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(vision_prefixes()))
     lora = DecoderLoRA(model, args.lora_rank, below=r.wipe_layer if r.lora_below_wipe else None).attach(model)
     params = [p for n, p in model.named_parameters() if n.startswith(vision_prefixes())] + list(lora.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    build = _timed(lambda: align_stage.step_batch(vlm.adapter, 0, 1, align_batch), 2)
-    batch = to_device(align_stage.step_batch(vlm.adapter, 0, 0, align_batch), device)
+    build = _timed(lambda: align_stage.step_batch(vlm.adapter, 0, 1, align_batch, pack), 2)
+    batch = to_device(align_stage.step_batch(vlm.adapter, 0, 0, align_batch, pack), device)
     report["align_tokens_per_row"] = int(batch["input_ids"].shape[1])
+    report["align_pack"] = pack
+    report["align_examples_per_step"] = int(batch["segment"].max(1).values.sum()) if pack > 1 else align_batch
 
     def align_step() -> None:
         _train_step(lambda: answer_loss(vlm.adapter, batch, r.wipe_layer, r.token_dropout, r.dropout_layer), opt, auto)
@@ -133,11 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         align_step()
     times = _timed(align_step, args.steps)
     report["align"] = _stage(align_batch, build, flops.get_total_flops(), times, plan["align_steps"], device)
+    report["align"]["s_per_example_here"] = round(report["align"]["step_s_here"] / report["align_examples_per_step"], 3)
     print(json.dumps({"align": report["align"]}), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
 
 
 def _stage(batch: int, build: list[float], flops: int, times: list[float], planned: int, device) -> dict:

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from twigvlm.data.examples import eval_set
+from twigvlm.data.examples import easyvqa_question, eval_set, group_stream, scene_group
 from twigvlm.data.scenes import SceneObject
 from twigvlm.demo.lora import DecoderLoRA, layer_of
 from twigvlm.demo.recipe import V1, V2, recipe, recipe_from_metadata
-from twigvlm.demo.vision.align import _batch
+from twigvlm.demo.vision.align import _batch, packed_batch
 from twigvlm.demo.vision.pretrain import BAG, AuxHeads, _loss, scene_bag
 from twigvlm.demo.vision.wiped import _dropped, answer_loss
 from twigvlm.errors import TwigVLMError
@@ -101,6 +102,62 @@ def test_the_wiped_loss_trains_the_vision_parts(adapter, batch):
         for p in model.parameters():
             p.grad = None
             p.requires_grad_(False)
+
+
+def _alone(adapter, examples, wipe, grads=False):
+    """Σ over examples of (answer tokens × mean loss) computed one example at a time, and the tokens."""
+    total, tokens = 0.0, 0
+    for ex in examples:
+        single = _batch(adapter, [ex])
+        n = int((single["labels"] != IGNORE_INDEX).sum())
+        total, tokens = total + answer_loss(adapter, single, wipe=wipe) * n, tokens + n
+    return total, tokens
+
+
+@pytest.mark.parametrize("wipe", [None, 2])
+def test_a_packed_batch_gives_each_example_its_loss_alone(adapter, wipe):
+    groups = [scene_group("val", 0)[:4], scene_group("val", 1)[:1], [easyvqa_question("val", i) for i in (0, 1, 2)]]
+    assert len({ex.key for ex in groups[2]}) == 3 and len({ex.image().tobytes() for ex in groups[2]}) == 1
+    packed = packed_batch(adapter, groups)
+    assert packed["segment"].max() == 4 and (packed["segment"][1] <= 1).all()  # row 1: one example, then padding
+    with torch.no_grad():
+        total, tokens = _alone(adapter, [ex for g in groups for ex in g], wipe)
+        ours = answer_loss(adapter, packed, wipe=wipe)
+        assert int((packed["labels"] != IGNORE_INDEX).sum()) == tokens
+        torch.testing.assert_close(ours, total / tokens, rtol=1e-5, atol=1e-5)
+        # without its mask the examples would read each other: the mask is what makes them equal
+        seen = answer_loss(adapter, {**packed, "segment": packed["segment"].clamp(max=1)}, wipe=wipe)
+        assert not torch.allclose(seen, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_a_packed_batch_trains_the_vision_parts_as_its_examples_alone(adapter):
+    proj = list(adapter.model.model.multi_modal_projector.parameters())
+    group = scene_group("val", 2)[:3]
+    for p in proj:
+        p.requires_grad_(True)
+    try:
+        total, tokens = _alone(adapter, group, wipe=2)
+        (total / tokens).backward()
+        alone = [p.grad.clone() for p in proj]
+        for p in proj:
+            p.grad = None
+        answer_loss(adapter, packed_batch(adapter, [group]), wipe=2).backward()
+        for a, p in zip(alone, proj, strict=True):
+            torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+    finally:
+        for p in proj:
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def test_the_packed_stream_is_a_function_of_the_group_number():
+    first = list(itertools.islice(group_stream(0, 0, 5), 6))
+    again = list(itertools.islice(group_stream(0, 3, 5), 3))
+    assert [[e.key for e in g] for g in first[3:]] == [[e.key for e in g] for g in again]
+    for group in first:
+        assert 1 <= len(group) <= 5 and len({e.image().tobytes() for e in group}) == 1
+    scenes = [g for g in itertools.islice(group_stream(0, 0, 8), 40) if g[0].source != "easyvqa"]
+    assert scenes and all({e.source for e in g} == {"scenes", "describe"} for g in scenes)
 
 
 def test_lora_below_the_wipe_adapts_only_those_layers(adapter):

@@ -24,6 +24,9 @@ IMAGE_SIZE = 192  # pictures are drawn at the demo vision tower's input size (tw
 SHORT = "\nAnswer with a single word or phrase."
 SOURCES = ("scenes", "describe", "easyvqa")
 MIX = {"scenes": 0.45, "describe": 0.2, "easyvqa": 0.35}  # training mixture
+# The packed training mixture (`group_stream`), by picture: a scene brings its description and its short questions,
+# an easy-VQA picture its questions.
+GROUP_MIX = {"scenes": 0.65, "easyvqa": 0.35}
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,47 @@ def training_stream(seed: int, start: int = 0) -> Iterator[Example]:
         rng = random.Random(seed * 1_000_003 + n)
         source = rng.choices(list(MIX), weights=list(MIX.values()))[0]
         yield example("train", source, rng.randrange(10**7 if source != "easyvqa" else 10**6))
+        n += 1
+
+
+def scene_group(split: str, index: int) -> list[Example]:
+    """Every training example a scene gives: its description, then one short question of each kind that applies."""
+    scene = make_scene(scene_seed(split, index))
+    short = [
+        Example("scenes", f"scenes:{split}:{index}", question + SHORT, answer, kind)
+        for kind, question, answer in questions(scene, random.Random(scene.seed * 31 + 7))
+    ]
+    return [scene_description(split, index), *short]
+
+
+_EASYVQA_PICTURES: dict[str, dict[int, list[int]]] = {}
+
+
+def easyvqa_pictures(split: str) -> dict[int, list[int]]:
+    """A split's easy-VQA pictures: image id → the indices of its questions (`easyvqa_items`)."""
+    if split not in _EASYVQA_PICTURES:
+        items, pictures = easyvqa_items(split), {}
+        for i in easyvqa_pool(split):
+            pictures.setdefault(items[i].q.image_id, []).append(i)
+        _EASYVQA_PICTURES[split] = pictures
+    return _EASYVQA_PICTURES[split]
+
+
+def group_stream(seed: int, start: int = 0, size: int = 8) -> Iterator[list[Example]]:
+    """The packed training mixture from group number `start` on: each group is one picture's examples (at most
+    `size`; a scene's description and short questions, or an easy-VQA picture's questions, drawn at random), for
+    an alignment that reads each picture once for all of them. Deterministic: group n depends on seed and n."""
+    n = start
+    while True:
+        rng = random.Random(seed * 1_000_033 + n)
+        source = rng.choices(list(GROUP_MIX), weights=list(GROUP_MIX.values()))[0]
+        if source == "scenes":
+            group = scene_group("train", rng.randrange(10**7))
+        else:
+            pictures = easyvqa_pictures("train")
+            asked = pictures[rng.choice(list(pictures))]
+            group = [easyvqa_question("train", i) for i in asked]
+        yield rng.sample(group, min(size, len(group)))
         n += 1
 
 

@@ -49,8 +49,8 @@ from .vision.pretrain import pretrain
 # Each recipe's training defaults. v1's are the shipped run's (an H100, 17.7 min for alignment); v2's are sized for
 # one ≤ 9-minute H200 call (docs/demo-model.md gives the measured step times they come from).
 DEFAULTS = {
-    "v1": dict(pretrain_steps=800, pretrain_batch=32, ground_steps=800, align_steps=3000, align_batch=32),
-    "v2": dict(pretrain_steps=1200, pretrain_batch=64, ground_steps=0, align_steps=2400, align_batch=48),
+    "v1": dict(pretrain_steps=800, pretrain_batch=32, ground_steps=800, align_steps=3000, align_batch=32, pack=1),
+    "v2": dict(pretrain_steps=1200, pretrain_batch=64, ground_steps=0, align_steps=2400, align_batch=8, pack=8),
 }
 
 
@@ -66,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ground-lr", type=float, default=1e-3)
     ap.add_argument("--align-steps", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--align-batch", type=int, default=None, help="default: the recipe's")
+    ap.add_argument(
+        "--pack",
+        type=int,
+        default=None,
+        help="alignment examples packed behind one copy of their picture (then --align-batch counts pictures); "
+        "default: the recipe's",
+    )
     ap.add_argument("--align-lr", type=float, default=1e-3)
     ap.add_argument("--tower-lr-scale", type=float, default=0.3, help="the ViT's lr relative to the projector's")
     ap.add_argument("--lora-rank", type=int, default=16, help="decoder LoRA rank (0: decoder frozen)")
@@ -111,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in DEFAULTS[args.recipe.name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.pack < 1:
+        ap.error(f"--pack must be at least 1, got {args.pack}")
     if args.token_dropout is None:
         args.token_dropout = args.recipe.token_dropout
     if not 0 <= args.token_dropout < 1:
@@ -137,6 +146,7 @@ def write_assets(
         "align_step": str(done),
         "align_steps": str(total),
         "token_dropout": str(args.token_dropout),
+        "pack": str(args.pack),
     }
     save_file(vision_state(model), str(out / VISION_WEIGHTS), metadata=meta)
     if lora is not None:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...data.examples import Example, training_stream
+from ...adapters.capabilities import concat_vision
+from ...data.examples import Example, group_stream, training_stream
 from ..lora import DecoderLoRA
 from ..model import vision_prefixes
 from .evaluation import evaluate, format_scores
@@ -39,30 +40,79 @@ from .wiped import answer_loss
 FIT_FROM, FIT_AFTER = 5, 30
 
 
+def _tokenized(adapter: Any, ex: Example, image: Any) -> tuple[list[int], list[bool], Any]:
+    """One (image, question, answer) conversation: ids, the answer mask and pixel values."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]},
+        {"role": "assistant", "content": ex.answer},
+    ]
+    return adapter.tokenize_chat(messages, [image])
+
+
+def _labels(ids: list[int], is_answer: list[bool]) -> list[int]:
+    from ...train.data import IGNORE_INDEX
+
+    return [t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)]
+
+
 def _batch(adapter: Any, examples: list[Example]) -> dict[str, torch.Tensor]:
     """A padded batch of (image, question, answer) conversations, labels on the answer tokens only."""
-    from ...train.data import IGNORE_INDEX, Collator, pad_token_id
+    from ...train.data import Collator, pad_token_id
 
     items = []
     for ex in examples:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]},
-            {"role": "assistant", "content": ex.answer},
-        ]
-        ids, is_answer, pixels = adapter.tokenize_chat(messages, [ex.image()])
+        ids, is_answer, pixels = _tokenized(adapter, ex, ex.image())
         items.append(
-            {
-                "input_ids": torch.tensor(ids),
-                "pixel_values": pixels,
-                "labels": torch.tensor([t if a else IGNORE_INDEX for t, a in zip(ids, is_answer, strict=True)]),
-            }
+            {"input_ids": torch.tensor(ids), "pixel_values": pixels, "labels": torch.tensor(_labels(ids, is_answer))}
         )
     return Collator(pad_token_id(adapter))(items)
 
 
-def step_batch(adapter: Any, seed: int, step: int, batch: int) -> dict[str, torch.Tensor]:
-    """Alignment step `step`'s batch: the next `batch` examples of the training mixture (a pure function of the
-    step, so a resumed run sees the same data)."""
+def packed_batch(adapter: Any, groups: list[list[Example]]) -> dict[str, torch.Tensor]:
+    """A right-padded batch with one picture a row and all of that picture's examples packed behind it.
+
+    A row is the conversation's shared start (through the last image token) once, then each example's own tokens
+    (question, assistant header, answer). `segment` [B, T] says whose token each is (0: the shared start, s ≥ 1:
+    example s, −1: padding) and `position_ids` [B, T] put each example's tokens where they would be alone, so
+    with `wiped.answer_loss`'s mask (a token sees the shared start and its own example's earlier tokens) every
+    example's loss is exactly its loss alone, while the picture runs through the decoder once for all of them."""
+    from ...train.data import IGNORE_INDEX, pad_token_id
+
+    rows, pixels = [], []
+    for group in groups:
+        image = group[0].image()
+        tokenized = [_tokenized(adapter, ex, image) for ex in group]
+        first = tokenized[0][0]
+        start = max(i for i, t in enumerate(first) if t == adapter.image_token_id) + 1
+        ids, labels, segment, pos = first[:start], [IGNORE_INDEX] * start, [0] * start, list(range(start))
+        for s, (own, is_answer, _) in enumerate(tokenized, 1):
+            if own[:start] != first[:start]:
+                raise ValueError("the packed examples of a picture must share the conversation's start")
+            ids += own[start:]
+            labels += _labels(own, is_answer)[start:]
+            segment += [s] * (len(own) - start)
+            pos += range(start, len(own))
+        rows.append((ids, labels, segment, pos))
+        pixels.append(tokenized[0][2])
+    n = max(len(r[0]) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), n), pad_token_id(adapter), dtype=torch.long),  # [B, T]
+        "labels": torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long),
+        "segment": torch.full((len(rows), n), -1, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), n), dtype=torch.long),
+    }
+    for b, row in enumerate(rows):
+        for key, values in zip(("input_ids", "labels", "segment", "position_ids"), row, strict=True):
+            out[key][b, : len(values)] = torch.tensor(values)
+    return {**out, "pixel_values": concat_vision(pixels)}
+
+
+def step_batch(adapter: Any, seed: int, step: int, batch: int, pack: int = 1) -> dict[str, torch.Tensor]:
+    """Alignment step `step`'s batch (a pure function of the step, so a resumed run sees the same data): the next
+    `batch` examples of the training mixture, or with `pack` > 1 the next `batch` pictures of the packed mixture,
+    each with up to `pack` of its examples (`packed_batch`)."""
+    if pack > 1:
+        return packed_batch(adapter, list(itertools.islice(group_stream(seed, step * batch, pack), batch)))
     return _batch(adapter, list(itertools.islice(training_stream(seed, step * batch), batch)))
 
 
@@ -96,7 +146,7 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
             sched.step()
 
     def make(step: int) -> dict:
-        return step_batch(vlm.adapter, args.seed, step, args.align_batch)
+        return step_batch(vlm.adapter, args.seed, step, args.align_batch, args.pack)
 
     bar = tqdm(range(start, args.align_steps), initial=start, total=args.align_steps, desc="align")
     done, total, clock = start, sched.lr_lambdas[0].total, None

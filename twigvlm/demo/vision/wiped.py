@@ -9,7 +9,9 @@ the shipped recipe. Every kept token keeps its own position (RoPE), exactly as t
 them. With no wipe and no dropout it is stock HF's LLaVA loss (tested), computed on the answer tokens only.
 
 Batches are right-padded (`train.data.Collator`), one picture of one geometry per row, so every row drops the
-same number of tokens and plain causal attention needs no mask.
+same number of tokens and plain causal attention needs no mask. A packed batch (`align.packed_batch`: a picture's
+examples behind one copy of it, with `segment` and `position_ids`) runs under a mask by which each token sees the
+shared start and its own example's earlier tokens, so each example's loss is its loss alone (tested).
 """
 
 from __future__ import annotations
@@ -23,19 +25,26 @@ from torch import Tensor
 from ...train.data import IGNORE_INDEX
 
 
-def _keep(hidden: Tensor, pos: Tensor, targets: Tensor, visual: Tensor, keep: Tensor) -> tuple[Tensor, ...]:
-    """The rows' kept positions, in order. keep: bool [B, T] with the same count on every row."""
+def _keep(tokens: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
+    """The rows' kept positions, in order, of every per-token tensor ([B, T] or [B, T, H]). keep: bool [B, T]
+    with the same count on every row."""
     counts = keep.sum(1)
     if not bool((counts == counts[0]).all()):
         raise ValueError("every row must keep as many tokens (one picture of one geometry per row)")
     index = torch.nonzero(keep)[:, 1].view(keep.shape[0], -1)  # [B, T'] ascending
-    take = lambda t: t.gather(1, index)  # noqa: E731
-    return (
-        hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])),
-        take(pos),
-        take(targets),
-        take(visual),
-    )
+    return {
+        k: t.gather(1, index if t.dim() == 2 else index[..., None].expand(-1, -1, t.shape[-1]))
+        for k, t in tokens.items()
+    }
+
+
+def packed_mask(segment: Tensor) -> Tensor:
+    """bool [B, 1, T, T] (True = attend) of a packed batch: causal, and a token sees the shared start (segment 0)
+    and its own segment. segment: [B, T] (0: shared, s ≥ 1: example s, −1: padding)."""
+    t = segment.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment.device).tril()  # [T, T]
+    seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, T(query), T(key)]
+    return (causal & seen)[:, None]
 
 
 def _dropped(visual: Tensor, share: float, generator: torch.Generator | None) -> Tensor:
@@ -62,23 +71,32 @@ def answer_loss(
     pixel_values), the visual tokens gone from decoder layer `wipe` on (None: never) and a `dropout` share of
     them from `dropout_layer` on."""
     ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
+    segment = batch.get("segment")  # [B, T] for a packed batch
+    if segment is not None and adapter.position_rows != 1:
+        raise ValueError("packed batches take 1-D positions; this family has M-RoPE")
     visual = ids == adapter.image_token_id  # [B, T]
     hidden = adapter.embed(ids)  # [B, T, H]
     feats = adapter.image_features(batch["pixel_values"])  # [B·M, H]
     hidden = hidden.masked_scatter(visual[..., None], feats.to(hidden.dtype))
-    pos = adapter.prompt_positions(ids)  # [B, T]
-    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)  # what each position predicts
-    rope = None
+    tokens = {
+        "hidden": hidden,
+        "pos": batch["position_ids"] if segment is not None else adapter.prompt_positions(ids),  # [B, T]
+        # what each position predicts (a packed example's first token is its question's: never a target)
+        "targets": torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1),
+        "visual": visual,
+    }
+    if segment is not None:
+        tokens["segment"] = segment
+    rope = mask = None
     for i, layer in enumerate(adapter.layers):
         if dropout and i == dropout_layer:
-            hidden, pos, targets, visual = _keep(hidden, pos, targets, visual, ~_dropped(visual, dropout, generator))
-            rope = None
+            tokens, rope = _keep(tokens, ~_dropped(tokens["visual"], dropout, generator)), None
         if wipe is not None and i == wipe:
-            hidden, pos, targets, visual = _keep(hidden, pos, targets, visual, ~visual)
-            rope = None
+            tokens, rope = _keep(tokens, ~tokens["visual"]), None
         if rope is None:
-            rope = adapter.rotary(hidden, pos)
-        hidden = adapter.call_layer(layer, hidden, None, pos, rope, None)  # [B, T', H]
-    scored = targets != IGNORE_INDEX  # [B, T']
-    logits = adapter.lm_head(adapter.final_norm(hidden[scored]))  # [n, V]
-    return F.cross_entropy(logits.float(), targets[scored])
+            rope = adapter.rotary(tokens["hidden"], tokens["pos"])
+            mask = packed_mask(tokens["segment"]) if segment is not None else None
+        tokens["hidden"] = adapter.call_layer(layer, tokens["hidden"], mask, tokens["pos"], rope, None)  # [B, T', H]
+    scored = tokens["targets"] != IGNORE_INDEX  # [B, T']
+    logits = adapter.lm_head(adapter.final_norm(tokens["hidden"][scored]))  # [n, V]
+    return F.cross_entropy(logits.float(), tokens["targets"][scored])
