@@ -311,3 +311,27 @@ def test_the_demo_name_resolves_without_an_installed_package(monkeypatch):
         assert named.lookup("demo") is NAMED and named.lookup("not-a-name") is None and named.names() == ["demo"]
     finally:
         named._registered.cache_clear()
+
+
+def test_build_passes_its_precision_to_every_stage(monkeypatch, tmp_path):
+    from twigvlm.demo import build
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def twig_stage(cfg):
+        seen["twig"] = cfg.precision
+        raise Stop
+
+    monkeypatch.setattr(build, "ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(build, "TWIG_DIR", tmp_path / "assets" / "twig")
+    monkeypatch.setattr(build.train_vision, "main", lambda argv: seen.setdefault("vision", argv))
+    monkeypatch.setattr(build, "build_twig_data", lambda *a: (tmp_path / "d.json", tmp_path / "v.json"))
+    monkeypatch.setattr(build, "train_twig", twig_stage)
+    with pytest.raises(Stop):
+        build.main(["--recipe", "v2", "--precision", "bf16", "--work", str(tmp_path), "--align-steps", "7"])
+    vision = seen["vision"]
+    assert vision[vision.index("--precision") + 1] == "bf16" and vision[-2:] == ["--align-steps", "7"]
+    assert seen["twig"] == "bf16"

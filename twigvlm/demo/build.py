@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the base layer the pruning head learns from (default: the recipe's, v1 24, v2 18)",
     )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="every stage's (auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 pays on a CPU with AVX-512 BF16)",
+    )
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--seed", type=int, default=0)
     args, vision_argv = ap.parse_known_args(argv)
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                 str(args.workers),
                 "--recipe",
                 args.recipe,
+                "--precision",
+                args.precision,
                 *vision_argv,
             ]
         )
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             logging_steps=20,
             save_dtype="bfloat16",
             device=args.device,
+            precision=args.precision,
             num_workers=args.workers,
             draft_vocab=args.draft_vocab,
             resume=any(out.glob("checkpoint-*")),
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             lr=1e-3,
             save_dtype="bfloat16",
             device=args.device,
+            precision=args.precision,
             seed=args.seed,
         )
         head = train_prune_head(cfg)
