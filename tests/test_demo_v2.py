@@ -335,3 +335,19 @@ def test_build_passes_its_precision_to_every_stage(monkeypatch, tmp_path):
     vision = seen["vision"]
     assert vision[vision.index("--precision") + 1] == "bf16" and vision[-2:] == ["--align-steps", "7"]
     assert seen["twig"] == "bf16"
+
+
+def test_a_share_of_the_alignment_steps_runs_with_the_wipe():
+    from twigvlm.demo.train_vision import parse_args
+    from twigvlm.demo.vision.align import step_wipe
+
+    wiped = [step_wipe(V2, 0, step) for step in range(400)]
+    assert set(wiped) == {None, V2.wipe_layer} and 150 < wiped.count(V2.wipe_layer) < 250  # V2: half
+    assert wiped[100:] == [step_wipe(V2, 0, step) for step in range(100, 400)]  # a function of the step
+    assert {step_wipe(dataclasses.replace(V2, wipe_share=1.0), 0, s) for s in range(50)} == {V2.wipe_layer}
+    assert {step_wipe(dataclasses.replace(V2, wipe_share=0.0), 0, s) for s in range(50)} == {None}
+    assert {step_wipe(V1, 0, s) for s in range(50)} == {None}  # v1 never wipes
+    assert parse_args(["--recipe", "v2", "--wipe-share", "1"]).recipe.wipe_share == 1.0
+    assert parse_args(["--recipe", "v2"]).recipe.wipe_share == 0.5
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "v2", "--wipe-share", "1.5"])

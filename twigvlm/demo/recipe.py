@@ -11,8 +11,10 @@ tower the file was trained for; a file without that metadata is v1's.
 - **v2**: LLaVA-1.5's geometry, 336 px with 14-px patches, so 576 visual tokens and R̄ = 64 is the paper's budget
   M/9 exactly; an 8-layer tower whose tokens must carry context (besides the per-cell read-outs, every token alone
   and the pooled tokens must predict the picture's objects, colours, shapes and places: `vision/pretrain.py`); no
-  grounding stage; alignment with the visual tokens wiped from layer K_f = round(0.75·L) on (the decoder learns to
-  finish reading the picture by then, as LLaVA's does) and the LoRA on layers below K_f only. Random visual-token
+  grounding stage; alignment with the visual tokens wiped from layer K_f = round(0.75·L) on in half of the steps
+  (the decoder learns to finish reading the picture by then, as LLaVA's does) and kept in every layer in the others
+  (the stock deep layers, which have no LoRA, must still answer with the picture's tokens among their keys, as the
+  unpruned base does at inference), and the LoRA on layers below K_f only. Random visual-token
   dropout during alignment exists as a lever (`token_dropout`) and is off: a base trained with it is easier to prune
   than an off-the-shelf VLM, so any result that used it must say so next to its RelAcc.
 """
@@ -40,6 +42,7 @@ class VisionRecipe:
     context_weight: float = 0.0  # pre-training: weight of the picture-level targets on every token and the pool
     ground: bool = True  # run stage 1b (per-patch word grounding)
     wipe_layer: int | None = None  # alignment: decoder layers ≥ this one run without the visual tokens (None: all)
+    wipe_share: float = 1.0  # alignment: the share of steps run with that wipe (the others read it in every layer)
     lora_below_wipe: bool = False  # alignment: the decoder LoRA only on layers < wipe_layer
     token_dropout: float = 0.0  # alignment: fraction of visual tokens dropped at random from layer `dropout_layer`
     dropout_layer: int = 2  # where TTP prunes (the twig's K)
@@ -71,7 +74,20 @@ class VisionRecipe:
 
 
 V1 = VisionRecipe("v1", 192, 16, 256, 1024, 6, 4)
-V2 = VisionRecipe("v2", 336, 14, 256, 1024, 8, 4, context_weight=1.0, ground=False, wipe_layer=23, lora_below_wipe=True)
+V2 = VisionRecipe(
+    "v2",
+    336,
+    14,
+    256,
+    1024,
+    8,
+    4,
+    context_weight=1.0,
+    ground=False,
+    wipe_layer=23,
+    wipe_share=0.5,
+    lora_below_wipe=True,
+)
 RECIPES = {r.name: r for r in (V1, V2)}
 
 

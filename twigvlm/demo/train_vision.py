@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with it is easier to prune than an off-the-shelf VLM: say so beside any RelAcc)",
     )
     ap.add_argument(
+        "--wipe-share",
+        type=float,
+        default=None,
+        help="share of alignment steps run with the picture wiped from K_f on (default: the recipe's; v2 0.5)",
+    )
+    ap.add_argument(
         "--budget-min",
         type=float,
         default=None,
@@ -126,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--token-dropout must be in [0, 1), got {args.token_dropout}")
     if args.token_dropout != args.recipe.token_dropout:
         args.recipe = dataclasses.replace(args.recipe, token_dropout=args.token_dropout)
+    if args.wipe_share is not None:
+        if not 0 <= args.wipe_share <= 1:
+            ap.error(f"--wipe-share must be in [0, 1], got {args.wipe_share}")
+        args.recipe = dataclasses.replace(args.recipe, wipe_share=args.wipe_share)
     args.deadline = time.monotonic() + 60 * args.budget_min if args.budget_min else None
     args.reserve_s = 60 * args.reserve_min
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -147,6 +157,7 @@ def write_assets(
         "align_steps": str(total),
         "token_dropout": str(args.token_dropout),
         "pack": str(args.pack),
+        "wipe_share": str(args.recipe.wipe_share),
     }
     save_file(vision_state(model), str(out / VISION_WEIGHTS), metadata=meta)
     if lora is not None:

@@ -2,7 +2,7 @@
 (`twigvlm.data.examples`), gradients through the frozen decoder into the projector and the ViT — and, with a
 LoRA rank, into low-rank adapters on the decoder's linear layers, which ship beside the vision weights and are
 merged into the decoder at load (`twigvlm.demo.lora`). The recipe says whether the decoder's layers from K_f on run
-without the picture (`wiped.answer_loss`) and whether the LoRA adapts only the layers below K_f (v2 does both).
+without the picture (`wiped.answer_loss`; in a share of the steps, `step_wipe`) and whether the LoRA adapts only the layers below K_f (v2 does both).
 
 Stops early, checkpointed, when the run's wall-clock budget is spent (`loop.out_of_time`); a re-run continues."""
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from ...adapters.capabilities import concat_vision
 from ...data.examples import Example, group_stream, training_stream
 from ..lora import DecoderLoRA
 from ..model import vision_prefixes
+from ..recipe import VisionRecipe
 from .evaluation import evaluate, format_scores
 from .loop import (
     autocast,
@@ -116,6 +118,14 @@ def step_batch(adapter: Any, seed: int, step: int, batch: int, pack: int = 1) ->
     return _batch(adapter, list(itertools.islice(training_stream(seed, step * batch), batch)))
 
 
+def step_wipe(recipe: VisionRecipe, seed: int, step: int) -> int | None:
+    """The layer from which step `step` runs without the picture: the recipe's K_f in a `wipe_share` of the steps
+    (drawn per step, so a resumed run draws the same), None (every layer reads it) in the others."""
+    if recipe.wipe_layer is None or random.Random(seed * 7_919 + step).random() >= recipe.wipe_share:
+        return None
+    return recipe.wipe_layer
+
+
 def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[DecoderLoRA | None, int, int]:
     """Stage 2: projector + ViT (+ decoder LoRA) through the decoder, on the answers of the training mixture
     (checkpoint: WORK/align.pt); validates every --eval-every steps. Returns the LoRA (if one was trained), the
@@ -169,7 +179,12 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
         dropout = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         with autocast(args):
             loss = answer_loss(
-                vlm.adapter, batch, recipe.wipe_layer, args.token_dropout, recipe.dropout_layer, generator=dropout
+                vlm.adapter,
+                batch,
+                step_wipe(recipe, args.seed, step),
+                args.token_dropout,
+                recipe.dropout_layer,
+                generator=dropout,
             )
         optimize(loss, opt, sched, [p for g in groups for p in g["params"]], bar)
         model.eval()
