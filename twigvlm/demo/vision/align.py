@@ -2,7 +2,9 @@
 (`twigvlm.data.examples`), gradients through the frozen decoder into the projector and the ViT — and, with a
 LoRA rank, into low-rank adapters on the decoder's linear layers, which ship beside the vision weights and are
 merged into the decoder at load (`twigvlm.demo.lora`). The recipe says whether the decoder's layers from K_f on run
-without the picture (`wiped.answer_loss`; in a share of the steps, `step_wipe`) and whether the LoRA adapts only the layers below K_f (v2 does both).
+without the picture (`wiped.answer_loss`) and in what share of the steps (`step_wipe`), and whether the LoRA adapts
+only the layers below K_f (v2 does both). With `--pack`, each picture carries several of its examples
+(`packed_batch`).
 
 Stops early, checkpointed, when the run's wall-clock budget is spent (`loop.out_of_time`); a re-run continues."""
 
