@@ -29,7 +29,7 @@ echo "== $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)
 # shellcheck disable=SC2086  # EXTRA is a list of options
 python3 -m twigvlm.demo.build --recipe v2 --device cpu --precision "$PRECISION" --work "$WORK" --workers 1 \
   --pretrain-steps 1200 --pretrain-batch 32 --align-steps 900 --align-batch 6 --pack 8 \
-  --eval-every 300 --eval-n 64 --eval-describe 16 --save-every 10 --threads "$THREADS" ${EXTRA:-} 2>&1 | log
+  --eval-every 250 --eval-n 64 --eval-describe 16 --save-every 10 --threads "$THREADS" ${EXTRA:-} 2>&1 | log
 common=(--model demo --twig demo --device cpu --dtype float32 --split val --tasks scenes,easyvqa --limit "$LIMIT")
 for ablation in budget wipe; do
   if [ ! -f "$WORK/bench/$ablation/results.json" ]; then
