@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import easyvqa
-from .scenes import DESCRIBE, describe, make_scene, questions, scene_seed
+from .scenes import DESCRIBE, Scene, describe, make_scene, questions, scene_seed
 
 IMAGE_SIZE = 192  # pictures are drawn at the demo vision tower's input size (twigvlm.demo.model)
 
@@ -71,15 +71,24 @@ def easyvqa_pool(split: str) -> list[int]:
     return [i for i, q in enumerate(items) if (q.q.image_id > cut) == (split == "val")]
 
 
+def _scene_questions(split: str, index: int, scene: Scene) -> list[Example]:
+    """A scene's short questions, one of each kind that applies, in its own order (the first is its test one)."""
+    return [
+        Example("scenes", f"scenes:{split}:{index}", question + SHORT, answer, kind)
+        for kind, question, answer in questions(scene, random.Random(scene.seed * 31 + 7))
+    ]
+
+
 def scene_question(split: str, index: int) -> Example:
-    scene = make_scene(scene_seed(split, index))
-    kind, question, answer = questions(scene, random.Random(scene.seed * 31 + 7))[0]
-    return Example("scenes", f"scenes:{split}:{index}", question + SHORT, answer, kind)
+    return _scene_questions(split, index, make_scene(scene_seed(split, index)))[0]
+
+
+def _description(split: str, index: int, scene: Scene) -> Example:
+    return Example("describe", f"describe:{split}:{index}", DESCRIBE, describe(scene))
 
 
 def scene_description(split: str, index: int) -> Example:
-    scene = make_scene(scene_seed(split, index))
-    return Example("describe", f"describe:{split}:{index}", DESCRIBE, describe(scene))
+    return _description(split, index, make_scene(scene_seed(split, index)))
 
 
 def easyvqa_question(split: str, index: int) -> Example:
@@ -112,11 +121,7 @@ def training_stream(seed: int, start: int = 0) -> Iterator[Example]:
 def scene_group(split: str, index: int) -> list[Example]:
     """Every training example a scene gives: its description, then one short question of each kind that applies."""
     scene = make_scene(scene_seed(split, index))
-    short = [
-        Example("scenes", f"scenes:{split}:{index}", question + SHORT, answer, kind)
-        for kind, question, answer in questions(scene, random.Random(scene.seed * 31 + 7))
-    ]
-    return [scene_description(split, index), *short]
+    return [_description(split, index, scene), *_scene_questions(split, index, scene)]
 
 
 _EASYVQA_PICTURES: dict[str, dict[int, list[int]]] = {}
