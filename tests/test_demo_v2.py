@@ -327,7 +327,13 @@ def test_build_passes_its_precision_to_every_stage(monkeypatch, tmp_path):
 
     monkeypatch.setattr(build, "ASSETS", tmp_path / "assets")
     monkeypatch.setattr(build, "TWIG_DIR", tmp_path / "assets" / "twig")
-    monkeypatch.setattr(build.train_vision, "main", lambda argv: seen.setdefault("vision", argv))
+
+    def vision_stage(argv):
+        seen["vision"] = argv
+        (tmp_path / "assets").mkdir()
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "assets" / "vision.safetensors"), metadata=V2.metadata())
+
+    monkeypatch.setattr(build.train_vision, "main", vision_stage)
     monkeypatch.setattr(build, "build_twig_data", lambda *a: (tmp_path / "d.json", tmp_path / "v.json"))
     monkeypatch.setattr(build, "train_twig", twig_stage)
     with pytest.raises(Stop):
@@ -335,6 +341,20 @@ def test_build_passes_its_precision_to_every_stage(monkeypatch, tmp_path):
     vision = seen["vision"]
     assert vision[vision.index("--precision") + 1] == "bf16" and vision[-2:] == ["--align-steps", "7"]
     assert seen["twig"] == "bf16"
+
+
+def test_build_stops_when_the_vision_stages_wrote_nothing(monkeypatch, tmp_path, capsys):
+    """A budget that ran out in pre-training writes no weights: the build says so and grows no twig on a random
+    tower."""
+    from twigvlm.demo import build
+    from twigvlm.errors import module_main
+
+    monkeypatch.setattr(build, "ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(build.train_vision, "main", lambda argv: None)
+    monkeypatch.setattr(build, "train_twig", lambda cfg: pytest.fail("grew a twig on a base that was not written"))
+    assert module_main(build.main, "twigvlm.demo.build", ["--recipe", "v2", "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the vision stages stopped before writing" in err and "re-run to go on" in err and err.count("\n") == 1
 
 
 def test_a_share_of_the_alignment_steps_runs_with_the_wipe():
@@ -351,3 +371,37 @@ def test_a_share_of_the_alignment_steps_runs_with_the_wipe():
     assert parse_args(["--recipe", "v2"]).recipe.wipe_share == 0.5
     with pytest.raises(SystemExit):
         parse_args(["--recipe", "v2", "--wipe-share", "1.5"])
+
+
+def test_build_data_only_writes_the_twigs_and_heads_sets_and_trains_nothing(monkeypatch, tmp_path):
+    """`--data-only` (a GPU job's first call, before its decoder has arrived) writes exactly the sets the full
+    build reads, and a second run (the build itself) reuses them rather than drawing them again."""
+    import json
+
+    from twigvlm.demo import build
+
+    def trained(*a, **k):
+        raise AssertionError("--data-only must train nothing")
+
+    monkeypatch.setattr(build.train_vision, "main", trained)
+    monkeypatch.setattr(build, "train_twig", trained)
+    monkeypatch.setattr(build, "train_prune_head", trained)
+    small = build.eval_set
+    monkeypatch.setattr(build, "eval_set", lambda task, n, split: small(task, min(n, 2), split))  # 2 of each set
+    argv = ["--data-only", "--work", str(tmp_path), "--twig-examples", "3", "--head-examples", "2", "--workers", "0"]
+    build.main(argv)
+    counts = {
+        part: len(json.loads((tmp_path / part / "data.json").read_text()))
+        for part in ("twig-data/train", "twig-data/val", "head-data/train", "head-data/val")
+    }
+    assert counts == {"twig-data/train": 3, "twig-data/val": 6, "head-data/train": 2, "head-data/val": 6}
+    records = json.loads((tmp_path / "twig-data/train/data.json").read_text())
+    assert all((tmp_path / "twig-data/train" / r["image"]).is_file() for r in records)
+    stamp = (tmp_path / "twig-data/train/data.json").stat().st_mtime_ns
+    seen = []
+    monkeypatch.setattr(build, "write_llava", lambda *a, **k: seen.append(a))
+    assert build.build_twig_data(tmp_path, 3, 120, 0) == (
+        tmp_path / "twig-data/train/data.json",
+        tmp_path / "twig-data/val/data.json",
+    )
+    assert not seen and (tmp_path / "twig-data/train/data.json").stat().st_mtime_ns == stamp

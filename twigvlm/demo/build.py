@@ -107,12 +107,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--data-only",
+        action="store_true",
+        help="write the twig's and the pruning head's data sets under --work and stop (they do not depend on the "
+        "base: a GPU job writes them while its decoder is still arriving)",
+    )
     args, vision_argv = ap.parse_known_args(argv)
     if args.wipe_layer is None:
         args.wipe_layer = TWIG_WIPE[args.recipe]
     if args.head_teacher_layer is None:
         args.head_teacher_layer = HEAD_TEACHER[args.recipe]
     t0 = time.perf_counter()
+    if args.data_only:
+        build_twig_data(args.work, args.twig_examples, 120, args.seed, args.workers)
+        build_head_data(args.work, args.head_examples, args.seed, args.workers)
+        print(f"the twig's and the head's data in {args.work} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return
     if (ASSETS / VISION_WEIGHTS).is_file():
         built = recipe_from_metadata(read_metadata(ASSETS / VISION_WEIGHTS)).name
         if built != args.recipe:
@@ -138,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                 *vision_argv,
             ]
         )
+        if not (ASSETS / VISION_WEIGHTS).is_file():  # the budget ran out before alignment wrote the weights
+            raise TwigVLMError(f"the vision stages stopped before writing {ASSETS / VISION_WEIGHTS}: re-run to go on")
         print(f"vision stage done at {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     if not (TWIG_DIR / CONFIG_NAME).is_file():
         data, val = build_twig_data(args.work, args.twig_examples, 120, args.seed, args.workers)
