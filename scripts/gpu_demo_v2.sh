@@ -44,6 +44,10 @@ start=$(date +%s)
 if [ "$PHASE" != unpack ]; then mkdir -p "$OUT" "$ASSETS"; fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TWIGVLM_DEMO_ASSETS=$PWD/$ASSETS
 if [ -d .site ]; then export PYTHONPATH=$PWD/.site:$PWD; fi
+if [ "$DEVICE" = cuda ] && [ "$PHASE" != prep ] && [ "$PHASE" != unpack ] && [ ! -d .site ]; then
+  echo "gpu_demo_v2.sh: no .site here: run the prep call first (a machine given back between calls starts bare)" >&2
+  exit 2
+fi
 quiet() { sed -u 's/\r/\n/g' | grep --line-buffered -v -E "[0-9.?]+(s/[a-z]+|[a-z]+/s)[],]"; }
 elapsed() { echo $(($(date +%s) - start)); }
 
@@ -102,6 +106,7 @@ case $PHASE in
     if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$OUT/train.log"; fi
     # the build stops in time to pack what it has (the vision parts once written, the twig once trained)
     left=$((CALL_S - $(elapsed) - 20))
+    if [ "$left" -lt 60 ]; then left=60; fi  # (timeout 0 would mean no limit)
     built=yes
     # shellcheck disable=SC2086  # EXTRA is a list of options
     if ! timeout "$left" python3 -m twigvlm.demo.build --recipe v2 --device "$DEVICE" --work "$WORK" \
