@@ -23,6 +23,12 @@ declare -A ARGS=(
   [wipe]="--tasks easyvqa,scenes --limit $LIMIT --ablation wipe"
   [source]="--tasks easyvqa,scenes --limit $LIMIT --ablation source"
 )
+for table in $TABLES; do
+  if [ -z "${ARGS[$table]:-}" ]; then
+    echo "demo_tables.sh: unknown table $table (${!ARGS[*]})" >&2
+    exit 2
+  fi
+done
 mkdir -p "$WORK"
 {
   echo "base: ${TWIGVLM_DEMO_ASSETS:-the shipped parts}"
@@ -33,10 +39,6 @@ mkdir -p "$WORK"
 } > "$WORK/machine.txt"
 cat "$WORK/machine.txt"
 for table in $TABLES; do
-  if [ -z "${ARGS[$table]:-}" ]; then
-    echo "demo_tables.sh: unknown table $table (${!ARGS[*]})" >&2
-    exit 2
-  fi
   if [ -f "$WORK/$table/results.json" ]; then
     echo "$table: done already ($WORK/$table)"
     continue
