@@ -9,12 +9,17 @@
 #
 # The base is $TWIGVLM_DEMO_ASSETS (default: the shipped parts); $WORK/machine.txt records the CPU and its flags,
 # which every speed figure must be read beside. Do not run it while anything else loads the cores.
+# SPLIT, DEVICE and DTYPE (default test, cpu, float32) run the same tables elsewhere: `scripts/gpu_demo_v2.sh`
+# measures a new base on val on a GPU with them.
 # Needs twigvlm's virtual environment first on PATH (`make install`).
 set -euo pipefail
 WORK=$(realpath -m "${WORK:-runs/tables}")
 TABLES=${TABLES:-headline speed head budget wipe source}
 LIMIT=${LIMIT:-100}
 DESCRIBE=${DESCRIBE:-10}
+SPLIT=${SPLIT:-test}
+DEVICE=${DEVICE:-cpu}
+DTYPE=${DTYPE:-float32}
 declare -A ARGS=(
   [headline]="--tasks easyvqa,scenes --limit $LIMIT --methods hf,fastv,visionzip,cdpruner,dart,twig"
   [speed]="--tasks describe --limit $DESCRIBE --methods hf,fastv,visionzip,cdpruner,dart,ssd,twig+ssd"
@@ -31,7 +36,7 @@ for table in $TABLES; do
 done
 mkdir -p "$WORK"
 {
-  echo "base: ${TWIGVLM_DEMO_ASSETS:-the shipped parts}"
+  echo "base: ${TWIGVLM_DEMO_ASSETS:-the shipped parts}; $SPLIT split; $DEVICE, $DTYPE"
   grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-
   grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_vnni|avx512_bf16|amx_bf16)$' \
     | tr '\n' ' '
@@ -45,6 +50,7 @@ for table in $TABLES; do
   fi
   start=$(date +%s)
   # shellcheck disable=SC2086  # each table's options are a list
-  python3 -m twigvlm bench --model demo --twig demo --split test ${ARGS[$table]} --out "$WORK/$table"
+  python3 -m twigvlm bench --model demo --twig demo --split "$SPLIT" --device "$DEVICE" --dtype "$DTYPE" \
+    ${ARGS[$table]} --out "$WORK/$table"
   echo "$table: $(($(date +%s) - start)) s"
 done

@@ -51,34 +51,32 @@ fi
 quiet() { sed -u 's/\r/\n/g' | grep --line-buffered -v -E "[0-9.?]+(s/[a-z]+|[a-z]+/s)[],]"; }
 elapsed() { echo $(($(date +%s) - start)); }
 
+table() { # one table on val in dtype $2: a published one (scripts/demo_tables.sh), or init (the two twigs)
+  if [ "$1" = init ]; then
+    python3 -m twigvlm bench --model demo --twig "demo,$ROOT/ablate/T3-next" --wipe-layer 23 --ablation twig \
+      --device "$DEVICE" --dtype "$2" --split val --tasks easyvqa,scenes --limit "$LIMIT" --out "$ROOT/bench/init"
+  else
+    WORK=$ROOT/bench TABLES=$1 SPLIT=val DEVICE=$DEVICE DTYPE=$2 LIMIT=$LIMIT bash scripts/demo_tables.sh
+  fi
+}
+
 bench() {
   local dtype=bfloat16 name
   if [ "$DEVICE" = cpu ]; then dtype=float32; fi
-  local common=(--model demo --twig demo --device "$DEVICE" --dtype "$dtype" --split val --tasks scenes,easyvqa
-    --limit "$LIMIT")
   # the headline's methods at M/9 first (what the base is judged on), then the ablations; last the twig's
   # initialisation: a twig from the paper's layers K+1..K+T, trained as the built one (from the last T layers) was
-  local -A runs=(
-    [headline]="--methods hf,fastv,visionzip,cdpruner,dart,twig"
-    [head]="--ablation head"
-    [wipe]="--ablation wipe"
-    [budget]="--ablation budget"
-    [init]="--ablation twig --twig demo,$ROOT/ablate/T3-next --wipe-layer 23"
-  )
   for name in headline head wipe budget init; do
     if [ "$PHASE" = build ] && [ $(($(elapsed) + 75)) -gt "$CALL_S" ]; then
       echo "bench: $name and what follows left for the bench call ($(elapsed) s gone)" | tee -a "$OUT/bench.log"
       break
     fi
-    if [ -f "$ROOT/bench/$name/results.json" ]; then continue; fi  # measured in an earlier call
+    if [ -f "$ROOT/bench/$name/results.json" ]; then continue; fi # measured in an earlier call
     if [ "$name" = init ]; then
       python3 scripts/train_ablation_twigs.py --work "$ROOT/ablate" --data-work "$WORK" --twigs 3:next \
         --steps "${INIT_STEPS:-1000}" --device "$DEVICE" 2>&1 | quiet | grep -E "agreement|Error" \
         | tee -a "$OUT/bench.log"
     fi
-    # shellcheck disable=SC2086  # each run's options are a list
-    if ! python3 -m twigvlm bench "${common[@]}" ${runs[$name]} --out "$ROOT/bench/$name" 2>&1 | quiet \
-      | tail -n 16 | tee -a "$OUT/bench.log"; then
+    if ! table "$name" "$dtype" 2>&1 | quiet | tail -n 16 | tee -a "$OUT/bench.log"; then
       echo "bench: $name failed (its last lines above); going on with the next" | tee -a "$OUT/bench.log"
     fi
     tar -C "$ROOT" -cf "$OUT/bench.tar" --exclude='*.png' bench # after each run: a call cut short keeps the rest

@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from twigvlm.demo.build import build_twig_data
+from twigvlm.demo.build import TWIG_VAL_EXAMPLES, build_twig_data
 from twigvlm.train.config import TrainConfig
 from twigvlm.train.recipe import train_twig
 from twigvlm.twig.model import CONFIG_NAME
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = ap.parse_args()
-    data, val = build_twig_data(args.data_work, 8000, 120, seed=0)
+    data, val = build_twig_data(args.data_work, 8000, TWIG_VAL_EXAMPLES, seed=0)
     for spec in args.twigs.split(","):
         T, init = spec.split(":")
         out = args.work / f"T{T}-{init}"

@@ -40,6 +40,7 @@ from .vision.loop import default_workers
 # the head learns from round(0.6·L) = 18, a layer that reads the picture.
 TWIG_WIPE = {"v1": 26, "v2": V2.wipe_layer}
 HEAD_TEACHER = {"v1": 24, "v2": 18}
+TWIG_VAL_EXAMPLES = 120  # the twig's val set: a third each of scenes, easy-VQA and descriptions
 
 
 def build_twig_data(work: Path, n_train: int, n_eval: int, seed: int, workers: int = 0) -> tuple[Path, Path]:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         args.head_teacher_layer = HEAD_TEACHER[args.recipe]
     t0 = time.perf_counter()
     if args.data_only:
-        build_twig_data(args.work, args.twig_examples, 120, args.seed, args.workers)
+        build_twig_data(args.work, args.twig_examples, TWIG_VAL_EXAMPLES, args.seed, args.workers)
         build_head_data(args.work, args.head_examples, args.seed, args.workers)
         print(f"the twig's and the head's data in {args.work} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             raise TwigVLMError(f"the vision stages stopped before writing {ASSETS / VISION_WEIGHTS}: re-run to go on")
         print(f"vision stage done at {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     if not (TWIG_DIR / CONFIG_NAME).is_file():
-        data, val = build_twig_data(args.work, args.twig_examples, 120, args.seed, args.workers)
+        data, val = build_twig_data(args.work, args.twig_examples, TWIG_VAL_EXAMPLES, args.seed, args.workers)
         out = args.work / "twig"
         cfg = TrainConfig(
             model="demo",
