@@ -122,10 +122,12 @@ def test_the_plan_picks_by_row_count():
 
 def test_prompt_sized_row_counts_try_only_the_native_kernel_on_a_slice_of_the_weights(monkeypatch):
     """Past 64 rows (a prefill) the probe weighs nn.Linear against the native kernel alone, on at most
-    PROMPT_BYTES of weights (the first rows of a larger one); a prompt between probed counts takes the count below,
-    and one past the largest takes nn.Linear."""
+    PROMPT_BYTES of weights (the first rows of a larger one); from BLOCK_ROWS rows on (bound by arithmetic) every
+    layout is timed on at most BLOCK_BYTES, below that on all of a shape's weights; a prompt between probed counts
+    takes the count below, and one past the largest takes nn.Linear."""
     big, small = nn.Linear(16, 4096), nn.Linear(16, 24)  # the big one: 256 KiB of weights
     monkeypatch.setattr(kernels, "PROMPT_BYTES", 64 * 2**10)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 128 * 2**10)
     seen: list[tuple[int, int, tuple[str, ...]]] = []
     real = kernels._candidates
 
@@ -135,10 +137,19 @@ def test_prompt_sized_row_counts_try_only_the_native_kernel_on_a_slice_of_the_we
         return passes
 
     monkeypatch.setattr(kernels, "_candidates", spy)
-    plan = probe([big, small], rows=(4, 128), repeats=1)
-    assert {(n, rows) for n, rows, _ in seen} == {(4, 4096), (4, 24), (128, 1024), (128, 24)}
+    plan = probe([big, small], rows=(4, kernels.BLOCK_ROWS, 128), repeats=1)
+    block = kernels.BLOCK_ROWS
+    assert {(n, rows) for n, rows, _ in seen} == {
+        (4, 4096),
+        (4, 24),
+        (block, 2048),
+        (block, 24),
+        (128, 1024),
+        (128, 24),
+    }
     assert all("wxt" not in names for n, _, names in seen if n == 128)
-    assert all(set(t) == {4, 128} and t[128] in ("linear", "gemv") for t in plan.layouts.values())
+    assert all("wxt" in names for n, _, names in seen if n < 128)
+    assert all(set(t) == {4, block, 128} and t[128] in ("linear", "gemv") for t in plan.layouts.values())
     table = KernelPlan({(8, 4): {1: "wxt", 128: "gemv", 512: "gemv"}})
     assert [table.layout((8, 4), n) for n in (100, 160, 511, 512, 513)] == ["wxt", "gemv", "gemv", "gemv", "linear"]
 

@@ -11,7 +11,7 @@ number of rows, the layout a short probe measured fastest on this machine for th
   streams each weight row once for all rows of x.
 
 The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a
-decode step), interleaved, and takes an alternative only where it wins clearly, for the row counts of decoding
+decode step; from BLOCK_ROWS rows on, where a product is bound by arithmetic, over less of them), interleaved, and takes an alternative only where it wins clearly, for the row counts of decoding
 and verification (up to 64) and of prompts (128, 256, 512: a prefill; beyond them nn.Linear); the plan is cached
 on disk per CPU, thread count, dtype, shapes, kernel build and probed row counts. Products that need gradients
 (twig training) always run `F.linear`; the native kernel takes fp32 and bf16 weights.
@@ -43,7 +43,9 @@ from .machine import measurement_key, read_cached, write_cached
 PROBE_ROWS = (1, 2, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
 PROMPT_ROWS = (128, 256, 512)  # a prompt's rows (a prefill): nn.Linear against the native kernel; more: nn.Linear
 PROBE_BYTES = 64 * 2**20  # per shape, time at most this much weight (all of a shape's weights when smaller)
-PROMPT_BYTES = 16 * 2**20  # … and for prompt-sized row counts (compute-bound: less weight shows the same)
+BLOCK_ROWS = 16  # from this many rows on, a product is bound by arithmetic, not by streaming its weights …
+BLOCK_BYTES = 16 * 2**20  # … so less weight shows the same: this much, for row counts up to PROBE_ROWS[-1]
+PROMPT_BYTES = 4 * 2**20  # … and this much for prompt-sized row counts
 WIN = 0.9  # an alternative layout is taken where it needs at most this share of nn.Linear's time
 LAYOUTS = ("linear", "wxt", "gemv")  # F.linear; (W · xᵀ)ᵀ; the native kernel
 
@@ -236,7 +238,7 @@ def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS + PROMPT_ROWS
         table = {}
         for n in rows:
             prompt = n > PROBE_ROWS[-1]
-            ws = _first_bytes(weights, PROMPT_BYTES) if prompt else weights
+            ws = _first_bytes(weights, PROMPT_BYTES if prompt else BLOCK_BYTES if n >= BLOCK_ROWS else PROBE_BYTES)
             passes = _candidates(ws, torch.randn(n, shape[1], dtype=ws[0].dtype), wxt=not prompt)
             times = min(repeats, 2) if prompt else repeats
             first = _best_ms(passes["linear"], times)
