@@ -89,3 +89,33 @@ def test_damaged_cache_says_to_delete_it(monkeypatch, tmp_path):
     (target / "config.json").write_text("{not json")
     with pytest.raises(TwigVLMError, match=f"cached demo decoder in {target} is unreadable .*delete that folder"):
         decoder.load_decoder(progress=False)
+
+
+def test_the_demo_built_without_initialising_is_the_same_model(monkeypatch):
+    """With its vision weights known, build_demo skips transformers' random initialisation (every parameter is
+    loaded afterwards): the model equals a fully initialised build's, every parameter and buffer bit for bit."""
+    import contextlib
+    import importlib
+
+    import torch
+
+    from twigvlm.demo.model import build_demo
+
+    def everything(model) -> dict:
+        out = dict(model.named_parameters(remove_duplicate=False))
+        return out | {f"buffer {k}": v for k, v in model.named_buffers(remove_duplicate=False)}
+
+    fast, _ = build_demo(progress=False)
+    initialization = importlib.import_module("transformers.initialization")  # what build_demo imports it from
+    entered = []
+
+    def initialising() -> contextlib.AbstractContextManager:
+        entered.append(True)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(initialization, "no_init_weights", initialising)
+    full, _ = build_demo(progress=False)
+    assert entered == [True]  # the reference build did initialise
+    fast, full = everything(fast), everything(full)
+    assert fast.keys() == full.keys() and any(k.startswith("buffer") for k in fast)
+    assert [k for k in fast if not torch.equal(fast[k], full[k])] == []

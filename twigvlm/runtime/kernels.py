@@ -11,9 +11,10 @@ number of rows, the layout a short probe measured fastest on this machine for th
   streams each weight row once for all rows of x.
 
 The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a
-decode step; from BLOCK_ROWS rows on, where a product is bound by arithmetic, over less of them), interleaved, and takes an alternative only where it wins clearly, for the row counts of decoding
-and verification (up to 64) and of prompts (128, 256, 512: a prefill; beyond them nn.Linear); the plan is cached
-on disk per CPU, thread count, dtype, shapes, kernel build and probed row counts. Products that need gradients
+decode step; from BLOCK_ROWS rows on, where a product is bound by arithmetic, over less of them), interleaved,
+and takes an alternative only where it wins clearly, for the row counts of decoding and verification (up to 64)
+and of prompts (128, 256, 512: a prefill; beyond them nn.Linear); the plan is cached on disk per CPU, thread
+count, dtype, shapes, kernel build and probed row counts. Products that need gradients
 (twig training) always run `F.linear`; the native kernel takes fp32 and bf16 weights.
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
