@@ -8,8 +8,9 @@ the weights. This module reads the file once:
   magic, version, tensor and key counts, typed key/value pairs, then per tensor its name, dimensions fastest
   first, ggml type and offset into the data section, which starts at the next `general.alignment` boundary);
 - the tensors dequantised in torch with the `gguf` package's arithmetic (F32, F16, BF16, Q8_0, Q4_0, Q4_1: the
-  block formats a Llama file of this size comes in), renamed from llama.cpp's names to LlamaForCausalLM's, with
-  the row order llama.cpp gives the query and key projections (its rotary layout) put back;
+  block formats a Llama file of this size comes in; the type ids and block sizes are the package's), renamed
+  from llama.cpp's names to LlamaForCausalLM's, with the row order llama.cpp gives the query and key projections
+  (its rotary layout) put back;
 - the `LlamaConfig` from the metadata, key for key as transformers maps it.
 
 `read_llama` raises `Unsupported` for anything else (another architecture, a block format or a tensor it does
@@ -19,6 +20,7 @@ it from the file in about a second (`PreTrainedTokenizerFast.from_pretrained(...
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -26,21 +28,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as V
 
 
 class Unsupported(ValueError):
     """The file is not one this reader covers (the caller falls back to transformers' GGUF loader)."""
 
 
-# metadata value types: fixed-width ones (struct format), 8 string, 9 array
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-# ggml types: plain values (torch dtype) and blocks (elements, bytes per block)
-_PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
-_Q4_0, _Q4_1, _Q8_0 = 2, 3, 8
-_BLOCKS = {_Q4_0: (32, 18), _Q4_1: (32, 20), _Q8_0: (32, 34)}
+# the struct format of each fixed-width metadata value type (strings and arrays are read by `_Cursor.value`)
+_SCALARS = {
+    V.UINT8: "<B",
+    V.INT8: "<b",
+    V.UINT16: "<H",
+    V.INT16: "<h",
+    V.UINT32: "<I",
+    V.INT32: "<i",
+    V.FLOAT32: "<f",
+    V.BOOL: "<?",
+    V.UINT64: "<Q",
+    V.INT64: "<q",
+    V.FLOAT64: "<d",
+}
+# the ggml types read here: plain values (as this torch dtype) and blocks (their sizes: GGML_QUANT_SIZES)
+_PLAIN = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+_READ = {*_PLAIN, Q.Q4_0, Q.Q4_1, Q.Q8_0}
 
 # llama.cpp's tensor names → LlamaForCausalLM's
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -117,11 +131,11 @@ class _Cursor:
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
             return self.unpack(_SCALARS[kind])[0]
-        if kind == _STRING:
+        if kind == V.STRING:
             return self.string()
-        if kind == _ARRAY:
+        if kind == V.ARRAY:
             element, count = self.unpack("<IQ")
-            if element == _STRING:
+            if element == V.STRING:
                 self.skip_strings(count)  # a vocabulary or merge table: the tokenizer is read elsewhere
                 return count
             if element in _SCALARS:
@@ -168,11 +182,10 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> tor
     """A tensor's bytes (uint8) → fp32 values of `shape`, with the `gguf` package's arithmetic."""
     if ggml_type in _PLAIN:
         return raw.view(_PLAIN[ggml_type]).float().reshape(shape)
-    elements, size = _BLOCKS[ggml_type]
-    blocks = raw.reshape(-1, size)  # (n_blocks, bytes)
-    if ggml_type == _Q8_0:
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])  # (n_blocks, bytes)
+    if ggml_type == Q.Q8_0:
         values = blocks[:, 2:].contiguous().view(torch.int8).float() * _half(blocks, 0)
-    elif ggml_type == _Q4_0:
+    elif ggml_type == Q.Q4_0:
         values = _half(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8)
     else:  # Q4_1
         values = _half(blocks, 0) * _nibbles(blocks[:, 4:]) + _half(blocks, 2)
@@ -180,11 +193,8 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> tor
 
 
 def _nbytes(entry: TensorEntry) -> int:
-    count = int(np.prod(entry.shape))
-    if entry.ggml_type in _PLAIN:
-        return count * _PLAIN[entry.ggml_type].itemsize
-    elements, size = _BLOCKS[entry.ggml_type]
-    return count // elements * size
+    elements, size = GGML_QUANT_SIZES[entry.ggml_type]  # plain types: (1, bytes per value)
+    return math.prod(entry.shape) // elements * size
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -223,7 +233,7 @@ def read_llama(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         header = read_header(path, buf)
         names = {t.name for t in header.tensors}
         fields = config_fields(header.metadata, names)
-        unknown = {t.ggml_type for t in header.tensors} - set(_PLAIN) - set(_BLOCKS)
+        unknown = {t.ggml_type for t in header.tensors} - _READ
         if unknown:
             raise Unsupported(f"ggml types {sorted(unknown)} are not read here")
         heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
