@@ -12,9 +12,10 @@ demo: $(STAMP)
 	$(VENV)/bin/twigvlm demo
 
 # Two workers of one thread each: the tiny models' products are too small for a second thread to pay, and two
-# processes keep both cores busy without oversubscribing them (pytest-xdist).
+# processes keep both cores busy without oversubscribing them (pytest-xdist). Tests marked with an xdist_group
+# (those sharing compiled programs or a large model) run in one process, so its work is done once.
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
 # What the linters read (the whole tree by default; ruff skips .venv and what .gitignore ignores).
 LINT_PATHS ?= .

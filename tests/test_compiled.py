@@ -27,6 +27,9 @@ from .oracles import assert_caches_hold_the_committed_tokens, drafting_prefill, 
 
 CHAIN, TREE = SpecConfig(draft="chain", draft_len=3, threshold=0), SpecConfig(draft="tree", threshold=0)
 TTP = PruneConfig("twig", keep=8)
+# The tests on the shared tiny adapters run in one test process (`make test`'s `--dist loadgroup`): an adapter's
+# programs are shared by every VLM on it, so they are compiled once, not once in each process.
+SHARED_PROGRAMS = pytest.mark.xdist_group("compiled-programs")
 METHODS = {  # name → (prune, speculative)
     "ar": (None, False),
     "fastv": (PruneConfig("fastv", keep=8), False),
@@ -61,6 +64,7 @@ def qwen(zoo) -> twigvlm.VLM:
     return middle_twig(zoo("qwen2-vl"))
 
 
+@SHARED_PROGRAMS
 @pytest.mark.parametrize("method", list(METHODS))
 def test_compiled_steps_give_the_eager_ids_on_llava(llava, method):
     programs = programs_for(llava.adapter)
@@ -71,6 +75,7 @@ def test_compiled_steps_give_the_eager_ids_on_llava(llava, method):
     assert programs.stats.calls > calls and programs.stats.eager_calls == 0 and not programs.stats.failures
 
 
+@SHARED_PROGRAMS
 @pytest.mark.parametrize("method", ["ar", "fastv", "twig", "ssd chain", "ssd tree", "twig+ssd"])
 def test_compiled_steps_give_the_eager_ids_on_qwen_vl(qwen, method):
     assert qwen.adapter.position_rows == 3  # M-RoPE: the programs take 3-row positions
@@ -81,6 +86,7 @@ def test_compiled_steps_give_the_eager_ids_on_qwen_vl(qwen, method):
     assert programs.stats.calls > calls and programs.stats.eager_calls == 0 and not programs.stats.failures
 
 
+@SHARED_PROGRAMS
 def test_speculation_equals_ar_under_compilation(llava):
     llava.set_compile("on")
     calls = programs_for(llava.adapter).stats.calls
@@ -95,6 +101,7 @@ def test_speculation_equals_ar_under_compilation(llava):
         llava.set_compile("off")
 
 
+@SHARED_PROGRAMS
 @pytest.mark.parametrize("prune", [None, PruneConfig("twig", keep=10, wipe_layer=5)], ids=["unpruned", "pruned"])
 def test_caches_hold_exactly_the_committed_tokens_after_every_compiled_step(llava, prune):
     llava.set_compile("on")
@@ -119,6 +126,7 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_compiled_step(llav
         llava.set_compile("off")
 
 
+@SHARED_PROGRAMS
 def test_one_program_per_kind_of_call_and_none_after_warm_up(llava):
     programs = programs_for(llava.adapter)
     llava.set_compile("on")
@@ -127,8 +135,10 @@ def test_one_program_per_kind_of_call_and_none_after_warm_up(llava):
         for spec in (False, CHAIN, TREE):  # warm-up: every kind of call these generations make
             llava.generate(**args, max_new_tokens=8, speculative=spec)
         made, graphs = programs.stats.programs, torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        # one token, a masked one-token tree step, and a masked block: base and twig layers share them
-        assert made <= 3, made
+        # one token, a masked one-token tree step, and a masked block: base and twig layers share them (a batch's
+        # programs, "rows", may be on this adapter too, from the batch tests)
+        single = [key for key in programs._programs if key[1] != "rows"]
+        assert len(single) <= 3, single
         calls = programs.stats.calls
         for spec in (False, CHAIN, TREE):
             assert len(llava.generate(**args, max_new_tokens=300, speculative=spec).token_ids) == 300
@@ -184,7 +194,7 @@ def test_switching_the_weights_format_makes_new_programs(model_dirs, first):
             stock = vlm.generate(**args).token_ids
             vlm.set_compile("on")
             assert vlm.generate(**args).token_ids == stock, (mode, "stock")
-    assert programs_for(vlm.adapter).stats.programs >= 6  # fp32 and int8 layers: programs of their own
+    assert programs_for(vlm.adapter).stats.programs == 2  # the one-token program of fp32 and of int8 layers
 
 
 def test_a_program_that_fails_to_compile_leaves_its_calls_eager(model_dirs, monkeypatch, caplog):
@@ -219,10 +229,39 @@ def test_auto_follows_the_cached_probe_and_the_flag_is_checked(model_dirs, monke
     assert "--compile" in capsys.readouterr().err
 
 
-def test_the_probe_measures_both_engines(model_dirs):
+def test_the_probe_measures_both_engines_and_a_generation_without_drafts_needs_its_program_only(model_dirs):
     from twigvlm.runtime.compile_probe import probe
 
     vlm = twigvlm.load(model_dirs["llama-clip"], compile="off")
     verdict = probe(vlm)
     assert verdict["eager_ms"] > 0 and verdict["compiled_ms"] > 0 and verdict["compile_s"] > 0
-    assert programs_for(vlm.adapter).stats.programs >= 1
+    programs = programs_for(vlm.adapter)
+    assert programs.stats.programs == 1  # the one-token program
+    vlm = middle_twig(vlm)  # a twig, which TTP scores with and this generation does not draft with
+    vlm.set_compile("on")
+    out = vlm.generate(random_prompt(11, 5), random_image(11), max_new_tokens=10, ignore_eos=True, prune=TTP)
+    assert len(out.token_ids) == 10 and programs.stats.calls >= 9 * vlm.adapter.spec.num_layers
+    assert programs.stats.programs == 1 and programs.stats.eager_calls == 0  # it was all this generation called
+
+
+def test_a_generation_prepares_the_kinds_of_call_it_can_make(llava, monkeypatch):
+    """Before its prefill, a generation that may draft prepares all three kinds of call on the base and twig
+    layers; one that does not, the one-token call on the base layers (and a batch, the batched programs too)."""
+    prepared: list[tuple] = []
+    monkeypatch.setattr(
+        compiled_steps.StepPrograms, "_prepare_kind", lambda self, layer, q, m: prepared.append((layer, q, m))
+    )
+    monkeypatch.setattr(
+        compiled_steps.StepPrograms, "prepare_rows", lambda self, layers: prepared.append(("rows", len(layers)))
+    )
+    engine = llava.engine.with_programs(compiled_steps.StepPrograms(llava.adapter))  # programs with nothing prepared
+    base, twig = llava.adapter.layers[0], llava.twig.layers[0]
+    engine.prepare_programs(drafting=False)
+    assert prepared == [(base, 1, False)]  # every layer has the base's structure: the first one stands for them
+    engine.prepare_programs(drafting=False)
+    engine.prepare_programs()
+    assert prepared[1:] == [(base, 1, True), (base, compiled_steps._EXAMPLE_Q, True)]
+    assert twig not in {p[0] for p in prepared}  # the twig's layers share the base's structure, so its programs
+    prepared.clear()
+    engine.prepare_programs(rows=True)
+    assert prepared == [("rows", llava.adapter.spec.num_layers + len(llava.twig.layers))]

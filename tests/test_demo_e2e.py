@@ -10,6 +10,7 @@ import twigvlm
 from twigvlm.bench.tasks import builtin
 from twigvlm.config import PruneConfig, SpecConfig
 
+pytestmark = pytest.mark.xdist_group("demo-e2e")  # one test process loads the demo for both tests
 N = 8  # questions per set: the first N of each test split (no selection)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from .adapters.base import Encoded, VLMAdapter
 from .runtime import interrupt
 from .runtime.cache import KVCache, LayerKV
-from .runtime.compiled import StepPrograms
+from .runtime.compiled import KINDS, UNDRAFTED_KINDS, StepPrograms
 from .runtime.native_layers import NativeLayers
 from .runtime.quant import Int8Linear, int8_product
 from .runtime.sdpa import grouped_heads_with_masks
@@ -124,15 +124,18 @@ class Engine:
         stock layers)."""
         return self if native is self.native else Engine(self.adapter, self._twig, self.programs, native)
 
-    def prepare_programs(self, rows: bool = False) -> None:
-        """With compiled steps: compile, now, what this engine's layers (base and twig) have none of yet; `rows`:
-        the batched programs too (one token and a block per row, for a batch of several requests). With native
-        layers: their weights are checked again at the next call (a generation reads its weights when it starts)."""
+    def prepare_programs(self, rows: bool = False, drafting: bool = True) -> None:
+        """With compiled steps: compile, now, what this engine's layers have none of yet; `drafting`: every kind of
+        call on the base and twig layers (a generation that may draft), else the one-token call on the base layers
+        (all a generation without drafts makes); `rows`: the batched programs too (one token and a block per row,
+        for a batch of several requests). With native layers: their weights are checked again at the next call (a
+        generation reads its weights when it starts)."""
         if self.native is not None:
             self.native.revalidate()
         if self.programs is not None:
-            layers = [*self.adapter.layers, *(self.twig.layers if self.twig is not None else ())]
-            self.programs.prepare(layers)
+            twig = self.twig.layers if self.twig is not None and drafting else ()
+            layers = [*self.adapter.layers, *twig]
+            self.programs.prepare(layers, KINDS if drafting else UNDRAFTED_KINDS)
             if rows:
                 self.programs.prepare_rows(layers)
 

@@ -188,7 +188,8 @@ class Generation:
         engine, encoded, cfg = self.engine, self.encoded, self.cfg
         eos, stop_ids, text = stopping(engine.adapter, cfg)
         generator = make_generator(cfg, encoded.inputs_embeds.device)
-        engine.prepare_programs()  # compiled steps: any program still missing is made here, before anything is timed
+        # compiled steps: any program this generation can call and still misses is made here, before anything is timed
+        engine.prepare_programs(drafting=self.spec is not None)
         t0 = time.perf_counter()
         self.state = state = engine.new_state()
         ids: list[int] = []

@@ -61,6 +61,11 @@ class NATIVE:
     rows = 1
 
 
+# The kinds of single-row call, as (queries traced with, masked): one query (a decode step, a chain's twig draft),
+# a masked query (a draft tree's twig steps) and a masked block (a verification). Only drafting calls the last two.
+TOKEN, TREE_STEP, BLOCK = (1, False), (1, True), (_EXAMPLE_Q, True)
+KINDS, UNDRAFTED_KINDS = (TOKEN, TREE_STEP, BLOCK), (TOKEN,)
+
 BLOCK_ROWS = 4  # a program for blocks of dynamic size takes the layouts measured for this many rows
 ROWS_NATIVE = 8  # the batched program (rows of dynamic count) takes the layouts measured for this many rows
 
@@ -170,7 +175,7 @@ class StepPrograms:
         self._programs: dict[tuple, Any] = {}
         self._failed: set[tuple] = set()
         self._layer_keys: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-        self._prepared: set[tuple] = set()  # layer keys whose single-row kinds were prepared
+        self._prepared: set[tuple] = set()  # (layer key, kind) pairs whose single-row program was prepared
         self._prepared_rows: set[tuple] = set()  # … and whose batched program was
         self._epoch = _Classes.epoch
         self.stats = ProgramStats()
@@ -184,19 +189,19 @@ class StepPrograms:
             self._epoch = _Classes.epoch
 
     @torch.inference_mode()
-    def prepare(self, layers: Sequence[nn.Module]) -> None:
-        """Compile, now, every kind of call for each structure among `layers` that has none yet: one query, a
-        masked query (a tree's twig steps) and a masked block (verification), batch 1 in the layers' dtype. A
-        generation calls this before its prefill, so no program is ever compiled inside a timed decode step (nor
-        inside the drafter's cost probe, whose measurements auto's choices rest on)."""
+    def prepare(self, layers: Sequence[nn.Module], kinds: Sequence[tuple[int, bool]] = KINDS) -> None:
+        """Compile, now, each of `kinds` (default: all three, `KINDS`) for each structure among `layers` that has
+        none yet, batch 1 in the layers' dtype. A generation calls this before its prefill with the kinds it can
+        call (one that does not draft: `UNDRAFTED_KINDS`), so no program is ever compiled inside a timed decode step
+        (nor inside the drafter's cost probe, whose measurements auto's choices rest on)."""
         self._check_classes()
         for layer in layers:
-            key = self._layer_key(layer)
-            if key in self._prepared:
+            todo = [kind for kind in kinds if (self._layer_key(layer), kind) not in self._prepared]
+            if not todo:
                 continue
-            self._prepared.add(key)
             t0, made = time.perf_counter(), self.stats.programs
-            for q, masked in ((1, False), (1, True), (_EXAMPLE_Q, True)):
+            for q, masked in todo:
+                self._prepared.add((self._layer_key(layer), (q, masked)))
                 self._prepare_kind(layer, q, masked)
             if self.stats.programs > made:
                 log.info("compiled %d decode-step programs in %.1f s", self.stats.programs - made,
