@@ -62,13 +62,21 @@ def easyvqa_items(split: str) -> list[_EasyVQAItem]:
     return _EASYVQA_CACHE[split]
 
 
-def easyvqa_pool(split: str) -> list[int]:
-    """easy-VQA has train and test only: our val split is the last 10% of its train pictures."""
-    items = easyvqa_items(split)
-    if split == "test":
-        return list(range(len(items)))
-    cut = max(q.q.image_id for q in items) * 9 // 10
-    return [i for i, q in enumerate(items) if (q.q.image_id > cut) == (split == "val")]
+_EASYVQA_POOLS: dict[str, tuple[int, ...]] = {}
+
+
+def easyvqa_pool(split: str) -> tuple[int, ...]:
+    """A split's easy-VQA questions (indices into `easyvqa_items`), worked out once: easy-VQA has train and test
+    only, and our val split is the last 10% of its train pictures."""
+    if split not in _EASYVQA_POOLS:
+        items = easyvqa_items(split)
+        if split == "test":
+            pool = tuple(range(len(items)))
+        else:
+            cut = max(q.q.image_id for q in items) * 9 // 10
+            pool = tuple(i for i, q in enumerate(items) if (q.q.image_id > cut) == (split == "val"))
+        _EASYVQA_POOLS[split] = pool
+    return _EASYVQA_POOLS[split]
 
 
 def _scene_questions(split: str, index: int, scene: Scene) -> list[Example]:
