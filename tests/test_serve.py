@@ -23,6 +23,7 @@ from tests.serve_support import (
 )
 from twigvlm.cli import main as cli
 
+pytestmark = pytest.mark.xdist_group("served")  # one test process starts the served model's server
 PROMPT = "hi"
 
 
