@@ -246,22 +246,25 @@ def test_the_probe_measures_both_engines_and_a_generation_without_drafts_needs_i
 
 def test_a_generation_prepares_the_kinds_of_call_it_can_make(llava, monkeypatch):
     """Before its prefill, a generation that may draft prepares all three kinds of call on the base and twig
-    layers; one that does not, the one-token call on the base layers (and a batch, the batched programs too)."""
-    prepared: list[tuple] = []
-    monkeypatch.setattr(
-        compiled_steps.StepPrograms, "_prepare_kind", lambda self, layer, q, m: prepared.append((layer, q, m))
-    )
-    monkeypatch.setattr(
-        compiled_steps.StepPrograms, "prepare_rows", lambda self, layers: prepared.append(("rows", len(layers)))
-    )
-    engine = llava.engine.with_programs(compiled_steps.StepPrograms(llava.adapter))  # programs with nothing prepared
-    base, twig = llava.adapter.layers[0], llava.twig.layers[0]
+    layers; one that does not, the one-token call on the base layers (and a batch, the batched programs too). A
+    kind already prepared for a layer structure is not prepared again."""
+    asked, made = [], []
+    programs = compiled_steps.StepPrograms(llava.adapter)  # nothing prepared yet
+    real_prepare = programs.prepare
+    monkeypatch.setattr(programs, "prepare", lambda layers, kinds: (asked.append((list(layers), kinds)),
+                                                                    real_prepare(layers, kinds)))  # fmt: skip
+    monkeypatch.setattr(programs, "prepare_rows", lambda layers: asked.append((list(layers), "rows")))
+    monkeypatch.setattr(programs, "_prepare_kind", lambda layer, q, masked: made.append((layer, q, masked)))
+    engine = llava.engine.with_programs(programs)
+    base, twig = list(llava.adapter.layers), list(llava.twig.layers)
     engine.prepare_programs(drafting=False)
-    assert prepared == [(base, 1, False)]  # every layer has the base's structure: the first one stands for them
+    assert made == [(base[0], 1, False)]  # the one-token program only
     engine.prepare_programs(drafting=False)
     engine.prepare_programs()
-    assert prepared[1:] == [(base, 1, True), (base, compiled_steps._EXAMPLE_Q, True)]
-    assert twig not in {p[0] for p in prepared}  # the twig's layers share the base's structure, so its programs
-    prepared.clear()
     engine.prepare_programs(rows=True)
-    assert prepared == [("rows", llava.adapter.spec.num_layers + len(llava.twig.layers))]
+    undrafted, drafting = compiled_steps.UNDRAFTED_KINDS, compiled_steps.KINDS
+    assert asked == [(base, undrafted), (base, undrafted), (base + twig, drafting), (base + twig, drafting),
+                     (base + twig, "rows")]  # fmt: skip
+    assert undrafted == ((1, False),) and set(drafting) == {(1, False), (1, True), (compiled_steps._EXAMPLE_Q, True)}
+    # all layers here have one structure (the twig's copy base layers): the first layer's kinds stand for them all
+    assert made == [(base[0], 1, False), (base[0], 1, True), (base[0], compiled_steps._EXAMPLE_Q, True)]

@@ -196,12 +196,13 @@ class StepPrograms:
         (nor inside the drafter's cost probe, whose measurements auto's choices rest on)."""
         self._check_classes()
         for layer in layers:
-            todo = [kind for kind in kinds if (self._layer_key(layer), kind) not in self._prepared]
+            layer_key = self._layer_key(layer)
+            todo = [kind for kind in kinds if (layer_key, kind) not in self._prepared]
             if not todo:
                 continue
             t0, made = time.perf_counter(), self.stats.programs
             for q, masked in todo:
-                self._prepared.add((self._layer_key(layer), (q, masked)))
+                self._prepared.add((layer_key, (q, masked)))
                 self._prepare_kind(layer, q, masked)
             if self.stats.programs > made:
                 log.info("compiled %d decode-step programs in %.1f s", self.stats.programs - made,
