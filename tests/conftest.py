@@ -70,6 +70,10 @@ FAMILIES = {
 }
 QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
+# Tests compiling steps on the session's shared adapters run in one test process (`make test`'s `--dist
+# loadgroup`): an adapter's programs are shared by every VLM on it, so they are compiled once, not once per process.
+SHARED_PROGRAMS = pytest.mark.xdist_group("compiled-programs")
+
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, str]:

@@ -12,7 +12,7 @@ import twigvlm
 from twigvlm import PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.generation import batch as batch_module
 
-from .conftest import random_clip, random_image, random_prompt
+from .conftest import SHARED_PROGRAMS, random_clip, random_image, random_prompt
 from .oracles import middle_twig
 
 PRUNES = {
@@ -139,7 +139,7 @@ def test_speculative_and_plain_requests_share_a_batch_and_bad_requests_are_one_l
         llava.generate([dict(prompt="hi", prune=PruneConfig("twig", keep=-1))])
 
 
-@pytest.mark.xdist_group("compiled-programs")  # with tests/test_compiled.py's: the shared adapters' programs
+@SHARED_PROGRAMS  # with tests/test_compiled.py's: the shared adapters' programs
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
 def test_batches_with_compiled_steps_on(llava, zoo, family):
     """With compiled steps on, a batch's rows still give their solo runs' ids — pruned, drafting (a chain and a

@@ -22,14 +22,11 @@ from twigvlm.speculative.chain import TwigChainDrafter
 from twigvlm.speculative.loop import speculative_blocks
 from twigvlm.speculative.stats import SpecStats
 
-from .conftest import native_spy, random_image, random_prompt
+from .conftest import SHARED_PROGRAMS, native_spy, random_image, random_prompt
 from .oracles import assert_caches_hold_the_committed_tokens, drafting_prefill, middle_twig
 
 CHAIN, TREE = SpecConfig(draft="chain", draft_len=3, threshold=0), SpecConfig(draft="tree", threshold=0)
 TTP = PruneConfig("twig", keep=8)
-# The tests on the shared tiny adapters run in one test process (`make test`'s `--dist loadgroup`): an adapter's
-# programs are shared by every VLM on it, so they are compiled once, not once in each process.
-SHARED_PROGRAMS = pytest.mark.xdist_group("compiled-programs")
 METHODS = {  # name → (prune, speculative)
     "ar": (None, False),
     "fastv": (PruneConfig("fastv", keep=8), False),
