@@ -15,9 +15,9 @@ import twigvlm
 from twigvlm.bench.ablations import wipe_layers
 from twigvlm.bench.cli import BenchTwig, variants
 from twigvlm.bench.memory import cpu_memory_supported, measure
-from twigvlm.bench.methods import MethodConfig, prune_config
 from twigvlm.bench.sample import exact_match, normalize
 from twigvlm.bench.tasks import from_files
+from twigvlm.bench.variants import MethodConfig, prune_config
 from twigvlm.cli.main import main
 from twigvlm.errors import TwigVLMError
 from twigvlm.runtime import native

@@ -353,3 +353,74 @@ def test_version_and_python_m_twigvlm(capsys):
     assert run.returncode == 0 and run.stdout.strip() == f"twigvlm {twigvlm.__version__}"
     bad = subprocess.run([sys.executable, "-m", "twigvlm", "grow", "--K", "2"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("twigvlm grow: error:")
+
+
+# Run in a fresh interpreter: every call of the console script below must answer without importing these.
+_HEAVY = ("torch", "transformers", "PIL")
+_READS_FLAGS_ONLY = r"""
+import contextlib, io, json, logging, sys
+from twigvlm.cli.main import build_parser, main
+
+commands = sorted(build_parser()._subparsers._group_actions[0].choices)
+calls = [["--version"], ["--help"], *[[c, "--help"] for c in commands],
+         ["tiny", "--out", "x", "--family", "nope"], ["bench", "--model", "m", "--limit", "0"],
+         ["serve", "--model", "m", "--port", "-1"], ["generate", "--model", "m", "--prompt", " "],
+         ["generate", "--model", "m", "--prompt", "hi", "--fps", "2"]]
+answers = []
+for argv in calls:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    answers.append([argv, rc, out.getvalue(), err.getvalue()])
+imported = [m for m in HEAVY if m in sys.modules]
+import transformers  # after the commands: the quiet logging they asked for holds once it is imported
+quiet = transformers.utils.logging.get_verbosity() == logging.ERROR
+print(json.dumps({"commands": commands, "answers": answers, "imported": imported, "quiet": quiet}))
+"""
+
+
+def test_the_console_script_reads_its_flags_without_torch():
+    """--version, --help, every command's --help, argparse's errors and the checks a command makes before it
+    loads a model answer without importing torch, transformers or PIL (seconds on a small CPU), and the quiet
+    logging the script sets still reaches transformers once a command imports it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    code = f"HEAVY = {_HEAVY!r}\n" + _READS_FLAGS_ONLY
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    report = json.loads(run.stdout)
+    assert report["imported"] == []
+    assert report["quiet"]
+    assert set(report["commands"]) == {
+        "bench", "chat", "demo", "distill-data", "generate", "grow", "serve", "tiny", "train",
+    }  # fmt: skip
+    answers = {" ".join(argv): (rc, out, err) for argv, rc, out, err in report["answers"]}
+    assert answers["--version"][:2] == (0, "twigvlm 0.1.0\n")
+    assert all(name in answers["--help"][1] for name in report["commands"])
+    for command in report["commands"]:
+        rc, out, _ = answers[f"{command} --help"]
+        assert rc == 0 and out.startswith(f"usage: twigvlm {command}")
+    errors = {argv: err for argv, (rc, _, err) in answers.items() if "--help" not in argv and argv != "--version"}
+    assert all(answers[argv][0] == 2 and err.count("\n") == 1 for argv, err in errors.items())
+    assert "invalid choice: 'nope'" in errors["tiny --out x --family nope"]
+    assert "--limit: 0 is not positive" in errors["bench --model m --limit 0"]
+    assert "--prompt is empty" in errors["generate --model m --prompt  "]
+    assert "--fps and --max-frames sample a --video" in errors["generate --model m --prompt hi --fps 2"]
+
+
+def test_the_package_exports_load_on_first_use():
+    """`import twigvlm` is light; each public name is the defining module's object, and unknown names fail as
+    attribute errors do."""
+    import twigvlm
+    import twigvlm.tiny
+    from twigvlm import api, config, errors, tiny
+    from twigvlm.generation import stats
+    from twigvlm.tiny import llava
+
+    defined = {"VLM": api, "load": api, "GenConfig": config, "PruneConfig": config, "SpecConfig": config}
+    defined |= {"TwigConfig": config, "TwigVLMError": errors, "GenerationResult": stats, "GenerationStats": stats}
+    assert set(twigvlm.__all__) == {*defined, "__version__"} and set(twigvlm.__all__) <= set(dir(twigvlm))
+    for name, module in defined.items():
+        assert getattr(twigvlm, name) is getattr(module, name)
+    assert all(getattr(tiny, name) is getattr(llava, name) for name in tiny.__all__)
+    for package in (twigvlm, tiny):
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            package.nope  # noqa: B018

@@ -191,9 +191,10 @@ def test_moving_shapes_answers_are_what_the_frames_show():
 
 def test_bench_runs_video_tasks(zoo, tmp_path):
     # The built-in procedural clips and a task in the Video-LLaVA evaluation format (video folder + files).
-    from twigvlm.bench.harness import Variant, run_bench
-    from twigvlm.bench.methods import MethodConfig, visual_tokens
+    from twigvlm.bench.harness import run_bench
+    from twigvlm.bench.methods import visual_tokens
     from twigvlm.bench.tasks import parse_task_spec
+    from twigvlm.bench.variants import MethodConfig, Variant
 
     (tmp_path / "videos" / "v1").mkdir(parents=True)
     for f in range(3):

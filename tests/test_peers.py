@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from twigvlm.bench import llamacpp
-from twigvlm.bench.harness import Variant, summarize
+from twigvlm.bench.harness import summarize
+from twigvlm.bench.variants import Variant
 from twigvlm.cli.main import main
 
 gguf = pytest.importorskip("gguf")

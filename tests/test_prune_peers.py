@@ -150,7 +150,7 @@ def test_budgets_and_errors(model):
 
 
 def test_the_names_reach_every_entry_point(capsys):
-    from twigvlm.bench.methods import METHODS, MethodConfig, method_configs
+    from twigvlm.bench.variants import METHODS, MethodConfig, method_configs
     from twigvlm.serve.config import ServeConfig
     from twigvlm.serve.protocol import parse_chat_request
 

@@ -2,13 +2,36 @@
 
 Public API: `load`, `VLM`, the settings (`GenConfig`, `PruneConfig`, `SpecConfig`, `TwigConfig`), the result
 (`GenerationResult`, `GenerationStats`) and `TwigVLMError`.
+
+The names load on first use (PEP 562), so `import twigvlm` — and with it `twigvlm --help`, `--version` and every
+usage error of the console script — does not wait for torch and transformers to import.
 """
 
-from .api import VLM, load
-from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
-from .errors import TwigVLMError
-from .generation.stats import GenerationResult, GenerationStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports each name on first use
+    from .api import VLM, load
+    from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig
+    from .errors import TwigVLMError
+    from .generation.stats import GenerationResult, GenerationStats
+
+# public name → the module that defines it
+_EXPORTS = {
+    "GenConfig": "twigvlm.config",
+    "GenerationResult": "twigvlm.generation.stats",
+    "GenerationStats": "twigvlm.generation.stats",
+    "PruneConfig": "twigvlm.config",
+    "SpecConfig": "twigvlm.config",
+    "TwigConfig": "twigvlm.config",
+    "TwigVLMError": "twigvlm.errors",
+    "VLM": "twigvlm.api",
+    "load": "twigvlm.api",
+}
 
 __all__ = [
     "GenConfig",
@@ -22,3 +45,15 @@ __all__ = [
     "load",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'twigvlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

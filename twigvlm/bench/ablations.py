@@ -11,8 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..config import QUERY_MODES
-from .harness import BASELINE, Variant
-from .methods import MethodConfig
+from .variants import BASELINE, MethodConfig, Variant
 
 UNTRAINED = "__untrained__"  # the source ablation's copy of base layers K+1..K+T
 

@@ -27,8 +27,9 @@ from ..adapters.capabilities import HFBaseline, require
 from ..api import VLM
 from ..errors import TwigVLMError
 from ..runtime.kernels import stock_kernels
-from .methods import MethodConfig, method_configs, row_settings
+from .methods import row_settings
 from .sample import Sample
+from .variants import MethodConfig, method_configs
 
 BATCHABLE = ("hf", "ar", "fastv", "visionzip", "cdpruner", "dart", "twig", "ssd", "twig+ssd")
 ONE_AT_A_TIME = "ar ×1"

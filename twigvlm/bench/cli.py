@@ -12,12 +12,8 @@ from ..config import DEFAULT_KEEP_RATIO, PRUNE_HEADS, QUERY_MODES, PruneConfig, 
 from ..errors import TwigVLMError
 from ..flags import add_draft_args, add_model_args, draft_fields, layer_number, positive_float, positive_int
 from ..inputs.paths import output_dir
-from ..pruning.prefill import resolve_wipe_layer
-from ..runtime.kernels import resolve_mode
-from . import batched
 from .ablations import ABLATIONS, UNTRAINED, AblationContext, ablation_help
-from .harness import BASELINE, Variant
-from .methods import METHODS, NEEDS_TWIG, MethodConfig, close_peers, method_configs
+from .variants import BASELINE, METHODS, NEEDS_TWIG, MethodConfig, Variant, method_configs
 
 DEFAULT_METHODS = "hf,hf+kernels,ar,fastv,visionzip,twig,ssd,twig+ssd"
 DEFAULT_BATCH_METHODS = "hf,ar,fastv,visionzip,twig,ssd,twig+ssd"  # --batch N: the methods that run batched
@@ -119,6 +115,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
 def _bench_batched(args: argparse.Namespace, vlm, tasks: dict, chosen: list, out: Path) -> None:  # noqa: ANN001
     """`--batch N`: the methods on batches of N requests (`bench/batched.py`)."""
     from ..runtime.machine import speed_flags
+    from . import batched
 
     mc = chosen[0].config
     tallies = batched.run_batched(vlm, tasks, [v.method for v in chosen], args.batch, mc)
@@ -194,6 +191,8 @@ def variants(
     K = own.K if own else 2  # FastV's default pruning layer without a twig
     wipe = args.wipe_layer
     if num_layers is not None:
+        from ..pruning.prefill import resolve_wipe_layer
+
         wipe = resolve_wipe_layer(args.wipe_layer, own.wipe_layer if own else None, num_layers, K)
     mc = MethodConfig(
         keep_ratio=None if args.keep is not None else args.keep_ratio,
@@ -208,6 +207,8 @@ def variants(
     if args.ablation in ABLATIONS:
         context = AblationContext(mc, K, own.T if own else None, tuple(twigs), num_layers)
         return ABLATIONS[args.ablation].build(context)
+    from ..runtime.kernels import resolve_mode
+
     fast = resolve_mode(getattr(args, "kernels", None)) == "auto" and getattr(args, "device", "cpu") == "cpu"
     defaults = DEFAULT_METHODS if getattr(args, "batch", 1) == 1 else DEFAULT_BATCH_METHODS
     methods = args.methods or ",".join(
@@ -226,7 +227,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ..api import VLM
     from ..config import TwigConfig
     from ..twig.model import grow_twig
+    from . import batched
     from .harness import check_variants, run_bench, summarize
+    from .methods import close_peers
     from .report import markdown, paper_table, write_outputs
     from .tasks import parse_task_spec
 

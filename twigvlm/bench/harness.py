@@ -12,7 +12,7 @@ measurement changes how the allocator behaves.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -23,20 +23,9 @@ from ..speculative.stats import SpecStats
 from ..twig.model import Twig
 from .compare import against_peers
 from .memory import measure
-from .methods import SAME_AS, MethodConfig, Run, check_method, run_method, visual_tokens
+from .methods import Run, check_method, run_method, visual_tokens
 from .tasks import Sample
-
-BASELINE = "hf"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A named method configuration (an ablation point is a variant of a method)."""
-
-    name: str
-    method: str
-    config: MethodConfig = MethodConfig()
-    twig: str | None = None  # which loaded twig it runs with (the twig ablation); None: the VLM's own
+from .variants import BASELINE, SAME_AS, Variant
 
 
 def _twig_of(v: Variant, twigs: dict[str, Twig]) -> Twig | bool:

@@ -26,8 +26,8 @@ import torch
 
 from ..errors import TwigVLMError
 from ..runtime.machine import cache_dir
+from .variants import LLAMACPP_KINDS as KINDS
 
-KINDS = ("f32", "q8_0", "q4_1")  # method llama.cpp-<kind>; q4_1 is the shipped file as it is
 INSTALL_HINT = 'pip install "twigvlm[peers]" (builds llama.cpp from source: a few minutes)'
 
 

@@ -11,11 +11,8 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from PIL import Image
-
-from ..api import VLM
 from ..config import GenConfig, PruneConfig, SpecConfig, check_request
 from ..errors import TwigVLMError
 from ..flags import (
@@ -28,8 +25,12 @@ from ..flags import (
     spec_from_args,
     twig_flag,
 )
-from ..generation.stats import GenerationStats
-from ..inputs.images import load_image
+
+if TYPE_CHECKING:  # the chat's flags are read without torch, PIL or the model code
+    from PIL import Image
+
+    from ..api import VLM
+    from ..generation.stats import GenerationStats
 
 HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
 
@@ -113,6 +114,8 @@ def run_chat(
 
 def _command(chat: Chat, line: str, out: TextIO) -> bool:
     """Run a /command; False to leave the chat."""
+    from ..inputs.images import load_image
+
     name, _, arg = line.partition(" ")
     if name in ("/quit", "/exit"):
         return False
@@ -131,6 +134,8 @@ def _command(chat: Chat, line: str, out: TextIO) -> bool:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from ..api import VLM
+
     twig = twig_flag(args)
     config, prune, spec = gen_from_args(args), prune_from_args(args), spec_from_args(args)
     check_request(config, prune, spec, has_twig=twig is not None)  # before the slow model load

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -32,8 +33,7 @@ from ..flags import (
 )
 from ..inputs.paths import output_dir, output_file, twig_output_dir
 from ..serve import cli as serve_cli
-from ..tiny.families import FAMILIES as TINY_FAMILIES
-from ..tiny.qwen import FAMILIES as TINY_QWEN
+from ..tiny.catalog import OTHER_FAMILIES, TINY_FAMILIES
 from ..train import cli as train_cli
 from ..version import __version__
 from . import chat as chat_cli
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument(
         "--family",
-        choices=["llava", *TINY_QWEN, *TINY_FAMILIES],
+        choices=TINY_FAMILIES,
         default="llava",
         help="the model family (default: llava)",
     )
@@ -120,17 +120,15 @@ def load_video_args(args: argparse.Namespace) -> list:
     """The --video inputs, decoded and sampled (before the slow model load)."""
     from ..inputs.video import load_video
 
-    if (args.fps is not None or args.max_frames is not None) and not args.video:
-        raise TwigVLMError("--fps and --max-frames sample a --video: give one")
     return [load_video(v, fps=args.fps, max_frames=args.max_frames) for v in args.video]
 
 
 def cmd_grow(args: argparse.Namespace) -> None:
-    from ..api import VLM
-
     config = TwigConfig(K=args.K, T=args.T, head=args.head, layer_init=args.layer_init, wipe_layer=args.wipe_layer)
     config.validate()  # before the slow model load
     out = twig_output_dir(args.out, force=args.force)
+    from ..api import VLM
+
     vlm = VLM.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, compile="off")
     twig = vlm.grow_twig(config)
     vlm.save_twig(out)
@@ -141,10 +139,6 @@ def cmd_grow(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from ..api import VLM
-    from ..inputs.images import load_images
-    from ..pruning.picture import picture_layout, save_kept_picture
-
     if not args.prompt.strip():
         raise TwigVLMError("--prompt is empty: give the question or instruction")
     cfg, prune, spec = gen_from_args(args), prune_from_args(args), spec_from_args(args)
@@ -153,6 +147,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         output_file(args.save_kept, "--save-kept")
     if args.save_kept and not (args.image or args.video):
         raise TwigVLMError("--save-kept needs an --image or a --video")
+    if (args.fps is not None or args.max_frames is not None) and not args.video:
+        raise TwigVLMError("--fps and --max-frames sample a --video: give one")
+    from ..api import VLM
+    from ..inputs.images import load_images
+    from ..pruning.picture import picture_layout, save_kept_picture
+
     images = load_images(args.image)  # read images and videos before the (slow) model load
     videos = load_video_args(args)
     vlm = VLM.load(
@@ -200,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tiny(args: argparse.Namespace) -> None:
     from ..tiny.llava import TinySpec, save_tiny_llava
 
-    if args.family in TINY_FAMILIES:
+    if args.family in OTHER_FAMILIES:
         from ..tiny.families import TinyFamilySpec, save_tiny_family
 
         spec = TinyFamilySpec(family=args.family, num_layers=args.layers, seed=args.seed)
@@ -281,11 +281,19 @@ COMMANDS = {
 
 
 def _quiet_transformers() -> None:
-    """Only errors from transformers' logger; its progress bars only on a terminal."""
+    """Only errors from transformers' logger; its progress bars only on a terminal. Before transformers is
+    imported this is its environment variables (a user's own setting wins), so a command that fails its checks
+    never waits for the import; once imported, its logging API."""
+    bars = sys.stderr.isatty()
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if not bars:
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if not sys.stderr.isatty():
+    if not bars:
         hf_logging.disable_progress_bar()
 
 

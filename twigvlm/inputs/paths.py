@@ -1,13 +1,13 @@
 """Output paths, checked before anything is loaded or written: every command that writes refuses a folder path
 that is a file (or lies inside one), a file path that is a folder, and a twig folder that already holds a twig.
-Each refusal is one `TwigVLMError` line that names the flag."""
+Each refusal is one `TwigVLMError` line that names the flag. Importing this module imports no torch: the
+commands read their flags without it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import TwigVLMError
-from ..twig.model import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _first_existing(path: Path) -> Path | None:
@@ -37,6 +37,8 @@ def output_file(path: str | Path, flag: str) -> Path:
 
 def twig_output_dir(path: str | Path, force: bool = False, flag: str = "--out") -> Path:
     """A folder to save a new twig into: refused when it already holds one, unless `force`."""
+    from ..twig.model import CONFIG_NAME, WEIGHTS_NAME  # torch: here, not when the command line is read
+
     out = output_dir(path, flag)
     held = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (out / name).exists()]
     if held and not force:

@@ -19,8 +19,6 @@ import torch
 from ..adapters.qwen_processor import without_video
 from .llava import TinySpec, build_tokenizer, save_model_dir, text_config
 
-FAMILIES = ("video-llava", "llava-next", "llava-next-video", "llava-onevision", "idefics3")
-
 CHAT = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.qwen_processor import without_video
+from .catalog import QWEN_FAMILIES as FAMILIES
 from .llava import build_tokenizer
-
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
