@@ -374,7 +374,8 @@ for argv in calls:
     answers.append([argv, rc, out.getvalue(), err.getvalue()])
 imported = [m for m in HEAVY if m in sys.modules]
 import transformers  # after the commands: the quiet logging they asked for holds once it is imported
-quiet = transformers.utils.logging.get_verbosity() == logging.ERROR
+log = transformers.utils.logging
+quiet = log.get_verbosity() == logging.ERROR and not log.is_progress_bar_enabled()  # stderr is no terminal here
 print(json.dumps({"commands": commands, "answers": answers, "imported": imported, "quiet": quiet}))
 """
 
