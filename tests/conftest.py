@@ -11,10 +11,12 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 import pytest
+from packaging.version import Version
 from PIL import Image
 
 # The suite's oracles compare against stock nn.Linear products bit for bit: every model (and every CLI subprocess)
@@ -73,6 +75,20 @@ QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # Tests compiling steps on the session's shared adapters run in one test process (`make test`'s `--dist
 # loadgroup`): an adapter's programs are shared by every VLM on it, so they are compiled once, not once per process.
 SHARED_PROGRAMS = pytest.mark.xdist_group("compiled-programs")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`--dist loadgroup` needs a pytest that keeps the group pytest-xdist 3.8 appends to each node id, all its
+    scheduler reads: pytest 9.2 drops it (pytest-xdist#1386) and the groups split without a word, every shared
+    fixture loading in both processes. Stop instead."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    pytest_v, xdist_v = Version(pytest.__version__), Version(version("pytest-xdist"))
+    if pytest_v >= Version("9.2.0.dev0") and xdist_v <= Version("3.8.0"):
+        raise pytest.UsageError(
+            f"pytest {pytest_v} with pytest-xdist {xdist_v} does not group tests under --dist loadgroup: "
+            "install the versions constraints.txt names (make install)"
+        )
 
 
 @pytest.fixture(scope="session")

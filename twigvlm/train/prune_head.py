@@ -169,7 +169,7 @@ def train_prune_head(cfg: TrainConfig) -> PruneHeadResult:
                 step += 1
                 bar.update(1)
                 if step % cfg.logging_steps == 0:
-                    bar.set_postfix(kl=f"{float(loss):.4f}")
+                    bar.set_postfix(kl=f"{loss.item():.4f}")
                 if step >= steps:
                     break
     kl1, overlap1 = evaluate(engine, twig, held)
