@@ -341,6 +341,20 @@ def test_grow_never_overwrites_a_twig_without_force(capsys, model_dirs, tmp_path
     assert (meta["K"], meta["T"]) == (1, 1)
 
 
+def test_one_time_work_says_what_it_is_doing(capsys, model_dirs, image, tmp_path, monkeypatch):
+    """On a machine whose cache holds no kernel plan, a command says on stderr that it is measuring the CPU's
+    products (and how long that took) before the answer; once the plan is cached it says nothing of it."""
+    monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path / "cache"))
+    argv = ["generate", "--model", model_dirs["llama-clip"], "--image", image, "--prompt", "hi", "--max-new-tokens",
+            "2", "--kernels", "products"]  # fmt: skip
+    first, again = _run(capsys, argv), _run(capsys, argv)
+    assert first[0] == again[0] == 0 and first[1] == again[1]
+    notice = [line for line in first[2].splitlines() if "products for" in line or line.startswith("... measured")]
+    assert len(notice) == 2 and notice[0].startswith("measuring this CPU's fastest products for")
+    assert str(tmp_path / "cache") in notice[0] and notice[1].endswith(" s")
+    assert "measuring" not in again[2] and "measured" not in again[2]
+
+
 def test_version_and_python_m_twigvlm(capsys):
     from importlib.metadata import version
 

@@ -148,14 +148,19 @@ def test_scorers_choose_differently_and_query_modes_work(model):
     assert len({tuple(v) for v in kept.values()}) > 1
 
 
-def test_pruning_errors(model):
+def test_pruning_errors(model, monkeypatch):
     bare = twigvlm.VLM(model.adapter)
     with pytest.raises(TwigVLMError, match="needs a twig"):
         bare.generate("hi", image=random_image(0), prune=PruneConfig("twig", keep=30))
+    prepared = []
+    monkeypatch.setattr(model.engine, "prepare_programs", lambda **kw: prepared.append(kw))
     with pytest.raises(TwigVLMError, match="infeasible"):
         model.generate("hi", image=random_image(0), prune="twig")  # 11.1% of 64 is below layers 1..K's share
+    with pytest.raises(TwigVLMError, match="infeasible"):  # a batch's row too
+        model.generate([dict(prompt="hi", image=random_image(0), prune="fastv")])
     with pytest.raises(TwigVLMError, match="after the twig's layer K=2"):
         model.generate("hi", image=random_image(0), prune=PruneConfig("twig", keep=30, layer=3))
+    assert prepared == []  # found before any compiled step is made (`--compile on`: seconds each) or any layer runs
     out = model.generate("text only", prune=PruneConfig("twig", keep=30), max_new_tokens=3)
     assert out.stats.visual_tokens == 0  # nothing to prune: plain prefill
 

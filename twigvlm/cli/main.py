@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from ..bench import cli as bench_cli
 from ..config import LAYER_INITS, TwigConfig, check_request
@@ -300,12 +301,35 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
+class _StderrLines(logging.StreamHandler):
+    """Log lines to whatever `sys.stderr` is when they are written (a caller may swap it between commands)."""
+
+    @property
+    def stream(self) -> TextIO:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
+def _show_notices() -> None:
+    """twigvlm's INFO lines on stderr as they happen: the one-time work before an answer (measuring this CPU's
+    products, building the native kernel, compiling decode steps) says what it is doing instead of a silent wait.
+    A `twigvlm` logger the caller configured is left as it is."""
+    log = logging.getLogger("twigvlm")
+    if not log.handlers:
+        log.addHandler(_StderrLines())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad flag (one line already printed): its exit code
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     _quiet_transformers()
+    _show_notices()
     if getattr(args, "threads", None):
         import torch
 

@@ -46,7 +46,7 @@ from .batch_draft import (
     draft_step,
     feasible_kinds,
 )
-from .loop import _prefill, check_window, stopping
+from .loop import _prefill, check_pruning, check_window, stopping
 from .row import Row
 from .rows import Slots, row_positions, run_rows
 from .stats import GenerationResult, generation_stats
@@ -115,6 +115,7 @@ class BatchSession:
         engine, adapter = self.engine, self.engine.adapter
         require_batch_one(encoded.inputs_embeds.shape[0], "a batched request")
         check_window(engine, encoded, cfg)
+        check_pruning(engine, encoded, prune)
         assert not self.full, "the batch is full"
         assert spec is None or engine.twig is not None, "speculative rows need an engine with a twig"
         row = Row(encoded, cfg, prune, spec)

@@ -18,7 +18,7 @@ from ..adapters.base import Encoded, VLMAdapter
 from ..config import GenConfig, PruneConfig, SpecConfig, check_request
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
-from ..pruning.prefill import PruneStats, pruned_prefill
+from ..pruning.prefill import PruneStats, plan_for, pruned_prefill
 from ..runtime.interrupt import Interrupted, interruptible
 from ..runtime.quant import prefill_products
 from ..runtime.sampling import make_generator, pick_tokens
@@ -103,6 +103,14 @@ def check_window(engine: Engine, encoded: Encoded, cfg: GenConfig) -> None:
         )
 
 
+def check_pruning(engine: Engine, encoded: Encoded, prune: PruneConfig | None) -> None:
+    """An infeasible pruning setting for this model and prompt (a budget out of range, a layer the twig does not
+    prune at) fails here in one line, as `pruned_prefill` would, but before any program is compiled or any layer
+    runs."""
+    if prune is not None and prune.active and prune.method != "visionzip":  # VisionZip's budget: checked at encoding
+        plan_for(engine, prune, encoded.num_visual_tokens)
+
+
 def _until(blocks: Iterable[list[int]], cancelled: threading.Event) -> Iterator[list[int]]:
     """The blocks, ending before the next one is computed once `cancelled` is set; a block being computed when it
     is set stops at its next layer (`Interrupted`). The stop signal is armed only while a block is computed, never
@@ -173,6 +181,7 @@ class Generation:
         check_request(cfg, prune, spec, has_twig=engine.twig is not None)
         require_batch_one(encoded.inputs_embeds.shape[0], "Generation")
         check_window(engine, encoded, cfg)
+        check_pruning(engine, encoded, prune)
         self.engine, self.encoded, self.cfg, self.prune, self.spec = engine, encoded, cfg, prune, spec
         self.state: DecodeState | None = None  # the caches, for inspection after (or during) a run
         self.result: GenerationResult | None = None

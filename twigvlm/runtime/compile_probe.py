@@ -11,6 +11,7 @@ read it.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -19,7 +20,9 @@ from torch import nn
 
 from . import native
 from .compiled import programs_for
-from .machine import measurement_key, read_cached, write_cached
+from .machine import cache_dir, measurement_key, read_cached, write_cached
+
+log = logging.getLogger(__name__)
 
 WIN = 0.95  # compiled steps are taken where they need at most this share of the eager step time
 PROBE_PROMPT = 48  # tokens in the synthetic cache
@@ -53,8 +56,10 @@ def compile_pays(vlm: Any) -> bool:
     key = probe_key(list(vlm.adapter.layers), vlm.quantize)
     verdict = cached_verdict(key)
     if verdict is None:
+        log.info("measuring whether compiled decode steps pay on this CPU, once (cached in %s) ...", cache_dir())
         verdict = probe(vlm)
         store_verdict(key, verdict)
+        log.info("... compiled %.2f ms, eager %.2f ms per step", verdict["compiled_ms"], verdict["eager_ms"])
     return bool(verdict.get("compiled_ms", float("inf")) <= WIN * verdict.get("eager_ms", 0.0))
 
 

@@ -201,6 +201,7 @@ class StepPrograms:
             if not todo:
                 continue
             t0, made = time.perf_counter(), self.stats.programs
+            log.info("compiling %d kinds of decode step for %s, once per process ...", len(todo), type(layer).__name__)
             for q, masked in todo:
                 self._prepared.add((layer_key, (q, masked)))
                 self._prepare_kind(layer, q, masked)

@@ -27,6 +27,7 @@ for the length of a `with` block (the bench's `hf` baseline runs on the untouche
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +40,9 @@ from torch import nn
 from ..config import KERNEL_MODES
 from ..errors import TwigVLMError
 from . import compiled, native
-from .machine import measurement_key, read_cached, write_cached
+from .machine import cache_dir, measurement_key, read_cached, write_cached
+
+log = logging.getLogger(__name__)
 
 PROBE_ROWS = (1, 2, 4, 6, 8, 12, 16, 32, 64)  # row counts the probe measures; others use the nearest below
 PROMPT_ROWS = (128, 256, 512)  # a prompt's rows (a prefill): nn.Linear against the native kernel; more: nn.Linear
@@ -279,6 +282,9 @@ def cached_plan(found: list[nn.Linear]) -> KernelPlan:
         return KernelPlan(layouts, cached=True)
     except (ValueError, AttributeError):
         pass  # none cached (None has no items), or not a plan
+    shapes = len({(lin.out_features, lin.in_features) for lin in found})
+    log.info("measuring this CPU's fastest products for %d weight shapes, once (cached in %s) ...", shapes, cache_dir())
     plan = probe(found)
+    log.info("... measured in %.1f s", plan.probe_s)
     write_cached(name, {f"{o}x{i}": {str(r): v for r, v in t.items()} for (o, i), t in plan.layouts.items()})
     return plan

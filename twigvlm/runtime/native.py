@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 
 from .machine import cache_dir, cpuinfo_line
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("csrc/gemv.c", "csrc/layer.c")  # layer.c includes gemv.c: the library is built from layer.c
 
@@ -90,6 +93,8 @@ def gemv_library() -> ctypes.CDLL | None:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
         path = folder / f"twig_gemv-{key.hexdigest()[:16]}.so"
         if not path.exists():
+            log.info("building the native product kernel with %s %s, once (cached in %s)", Path(cc).name,
+                     " ".join(flags), folder)  # fmt: skip
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:

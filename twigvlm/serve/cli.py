@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"twigvlm serve needs the serve extra ({e.name} is missing): pip install 'twigvlm[serve]'"
         ) from None
     log = logging.getLogger("twigvlm.serve")
-    if not log.handlers:  # the server's own lines on stderr; the root logger is left alone
+    if not log.hasHandlers():  # the server's own lines on stderr (the console script's handler, if it set one)
         log.addHandler(logging.StreamHandler(sys.stderr))
         log.setLevel(logging.INFO)
     failed: list[str] = []
