@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from twigvlm.cli.main import main
 from twigvlm.pruning.prefill import default_wipe_layer
 from twigvlm.tiny.llava import TinySpec, save_tiny_llava
+from twigvlm.version import __version__
 
 from .conftest import random_image
 
@@ -408,7 +409,7 @@ def test_the_console_script_reads_its_flags_without_torch():
         "bench", "chat", "demo", "distill-data", "generate", "grow", "serve", "tiny", "train",
     }  # fmt: skip
     answers = {" ".join(argv): (rc, out, err) for argv, rc, out, err in report["answers"]}
-    assert answers["--version"][:2] == (0, "twigvlm 0.1.0\n")
+    assert answers["--version"][:2] == (0, f"twigvlm {__version__}\n")
     assert all(name in answers["--help"][1] for name in report["commands"])
     for command in report["commands"]:
         rc, out, _ = answers[f"{command} --help"]

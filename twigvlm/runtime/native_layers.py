@@ -184,6 +184,7 @@ class NativeLayers:
         self._packed: weakref.WeakKeyDictionary[nn.Module, _Packed] = weakref.WeakKeyDictionary()
         self._refused: weakref.WeakKeyDictionary[nn.Module, tuple[type, ...]] = weakref.WeakKeyDictionary()
         self._checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers whose self-check passed
+        self._told: set[tuple[str, str]] = set()  # (layer class, reason) already logged: one line, not one per layer
         self._ranges: dict[tuple[int, ...], tuple[int, list[_Packed]]] = {}  # layers (ids) → (epoch checked, packed)
         self._epoch = 0
         self.calls = 0  # native range calls made (tests and the bench read it)
@@ -207,7 +208,9 @@ class NativeLayers:
         if packed is not None and layer not in self._checked:
             why = _self_check(self, layer, packed)
         if why is not None:
-            log.info("decoder layer %s runs stock, not natively: %s", type(layer).__name__, why)
+            if (type(layer).__name__, why) not in self._told:
+                self._told.add((type(layer).__name__, why))
+                log.info("%s decoder layers run stock, not natively: %s", type(layer).__name__, why)
             self._refused[layer] = classes
             self._packed.pop(layer, None)
             return None

@@ -158,7 +158,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"twigvlm serve needs the serve extra ({e.name} is missing): pip install 'twigvlm[serve]'"
         ) from None
     log = logging.getLogger("twigvlm.serve")
-    if not log.hasHandlers():  # the server's own lines on stderr (the console script's handler, if it set one)
+    # Its lines on stderr: through the console script's handler on `twigvlm` where it set one, else its own; the
+    # root logger is left alone.
+    if not log.handlers and not logging.getLogger("twigvlm").handlers:
         log.addHandler(logging.StreamHandler(sys.stderr))
         log.setLevel(logging.INFO)
     failed: list[str] = []
