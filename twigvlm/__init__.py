@@ -10,6 +10,7 @@ usage error of the console script — does not wait for torch and transformers t
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__
@@ -48,11 +49,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'twigvlm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a subpackage, `twigvlm.api.VLM` as ever
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'twigvlm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
