@@ -223,9 +223,19 @@ def test_bad_twig_configs(fresh_vlm, kwargs, message):
         fresh_vlm.grow_twig(TwigConfig(**kwargs))
 
 
-def test_not_a_twig_directory(tmp_path, model_dirs):
-    with pytest.raises(TwigVLMError, match="not a twig directory"):
-        twigvlm.load(model_dirs["llama-clip"], twig=tmp_path)
+def test_not_a_twig_directory(tmp_path, model_dirs, monkeypatch):
+    """A twig path that is no twig, and settings that do not exist, fail before the model loads (a minute for a
+    large model), as a twig that does not fit the model fails once it has."""
+    monkeypatch.setattr(twigvlm.api, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    for bad, message in [
+        (dict(twig=tmp_path), "not a twig directory"),
+        (dict(twig=tmp_path / "missing"), "not a twig directory"),
+        (dict(quantize="int4"), "quantize 'int4' is unknown"),
+        (dict(compile="always"), "compile 'always' is unknown"),
+        (dict(kernels="fast"), "kernels 'fast' is unknown"),
+    ]:
+        with pytest.raises(TwigVLMError, match=message):
+            twigvlm.load(model_dirs["llama-clip"], **bad)
 
 
 def test_fingerprint_accepts_float16_and_refuses_broken_configs(tmp_path, model_dirs):

@@ -35,7 +35,7 @@ from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
 from .runtime.native_layers import NativeLayers
 from .runtime.quant import apply_quantization, check_quantize
 from .speculative.choice import SHORT_ANSWER, DraftRecord
-from .twig.model import Twig, grow_twig, load_twig, save_twig
+from .twig.model import Twig, grow_twig, load_twig, read_twig_config, save_twig
 
 _GEN_FIELDS = {f.name for f in fields(GenConfig)}
 _REQUEST_FIELDS = {"prompt", "image", "video", "prune", "speculative"}  # a batched request's own fields
@@ -85,10 +85,15 @@ class VLM:
         runs decode steps, drafts and verifications as compiled programs (`twigvlm.runtime.compiled`), "off"
         eagerly; "auto" (the default, or TWIGVLM_COMPILE) is on for CUDA and on a CPU where a probe measured it
         faster."""
+        # the settings and the twig's own file are checked before the (slow) model load; its fit to the model after
+        kernels, compile = resolve_mode(kernels), resolve_compile(compile)
+        check_quantize(quantize)
+        if twig is not None:
+            read_twig_config(twig_directory(twig))
         vlm = cls(load_model(model, dtype=dtype, device=device))
-        vlm.set_kernels(resolve_mode(kernels))
+        vlm.set_kernels(kernels)
         vlm.set_quantize(quantize)
-        vlm.set_compile(resolve_compile(compile))
+        vlm.set_compile(compile)
         if min_pixels is not None or max_pixels is not None:
             require(vlm.adapter, PixelRange, "min_pixels / max_pixels").set_pixel_range(min_pixels, max_pixels)
         if twig is not None:
