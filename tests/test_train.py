@@ -324,6 +324,30 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     assert (out / "checkpoint-4").is_dir()
 
 
+def test_missing_files_are_named_before_any_model_loads(model_dirs, llava_data, tmp_path, capsys, monkeypatch):
+    """A data file, image folder or --init twig that is not there is one line before the base loads (minutes for
+    a large one), from `train`, `train --objective pruning` and `distill-data` alike."""
+    from twigvlm.train import prune_head, recipe
+
+    for module in (recipe, prune_head, twigvlm.api):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the base loaded first"))
+    model, data, x = model_dirs["qwen2-siglip"], llava_data["train"], str(tmp_path / "x")
+    cases = [
+        (["train", "--data", str(tmp_path / "none.json"), "--out", x], "data file"),
+        (["train", "--data", data, "--eval-data", str(tmp_path / "none.json"), "--out", x], "data file"),
+        (["train", "--data", data, "--image-folder", str(tmp_path / "none"), "--out", x], "image folder"),
+        (["train", "--data", data, "--out", x, "--init", str(tmp_path)], "is not a twig directory"),
+        (["train", "--data", data, "--out", x, "--objective", "pruning", "--init", str(tmp_path)], "not a twig dir"),
+        (["distill-data", "--data", str(tmp_path / "none.json"), "--out", x + ".json"], "data file"),
+        (["distill-data", "--data", data, "--out", x + ".json", "--twig", str(tmp_path)], "not a twig directory"),
+    ]
+    for argv, why in cases:
+        assert main([*argv[:1], "--model", model, *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+    assert not Path(x).exists()
+
+
 def test_distill_data_answers_with_the_base_greedy_output(vlms, model_dirs, llava_data, tmp_path, capsys):
     records = json.loads(Path(llava_data["eval"]).read_text())[:3]
     records[0]["conversations"] = records[0]["conversations"][:3]  # answered, then unanswered
@@ -406,4 +430,4 @@ def test_kl_distillation_keeps_the_twig_closer_to_the_base(vlms, model_dirs, lla
 )
 def test_train_config_validation(change, why):
     with pytest.raises(twigvlm.TwigVLMError, match=why):
-        replace(TrainConfig(model="m", data="d", out="o"), **change).validate()
+        replace(TrainConfig(model="m", data=__file__, out="o"), **change).validate()  # a file that exists

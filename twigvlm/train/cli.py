@@ -63,11 +63,12 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    cfg = config_from_args(TrainConfig, args)
+    cfg.validate()  # before torch, the Trainer and the model load
     import torch.distributed as dist
 
     from .recipe import train_twig
 
-    cfg = config_from_args(TrainConfig, args)
     if cfg.objective == "pruning":
         from .prune_head import train_prune_head
 
@@ -95,7 +96,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_distill_data(args: argparse.Namespace) -> None:
+    cfg = config_from_args(DistillDataConfig, args)
+    cfg.validate()  # before torch and the model load
     from .distill import distill_data
 
-    out, records, answers = distill_data(config_from_args(DistillDataConfig, args))
+    out, records, answers = distill_data(cfg)
     print(f"wrote {records} record(s) with {answers} generated answer(s) to {out}")

@@ -8,6 +8,7 @@ recipe: lr 1e-4, cosine schedule, 3% warm-up, no weight decay, one epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import HEAD_MODES, LAYER_INITS
 from ..errors import TwigVLMError
@@ -41,6 +42,11 @@ class DataConfig:
     video_max_frames: int | None = _opt(8, "at most this many frames per video")
 
     def validate(self) -> None:
+        """The options on their own, and that the files they name exist: before any model loads."""
+        if self.data is not None and not Path(self.data).is_file():
+            raise TwigVLMError(f"data file {self.data} does not exist")
+        if self.image_folder is not None and not Path(self.image_folder).is_dir():
+            raise TwigVLMError(f"image folder {self.image_folder} does not exist")
         if self.max_length < 2:
             raise TwigVLMError(f"--max-length {self.max_length} is too small: give at least 2 tokens")
         if self.video_fps is not None and not self.video_fps > 0:
@@ -142,6 +148,8 @@ class TrainConfig(DataConfig):
             raise TwigVLMError(f"--max-steps {self.max_steps} must be a positive number of steps")
         if self.max_steps == -1 and not self.epochs > 0:
             raise TwigVLMError(f"--epochs {self.epochs} must be positive")
+        if self.eval_data is not None and not Path(self.eval_data).is_file():
+            raise TwigVLMError(f"data file {self.eval_data} does not exist")
         if self.num_workers < 0:
             raise TwigVLMError(f"--num-workers {self.num_workers} must be >= 0")
         if self.draft_vocab is not None and self.draft_vocab < 1:

@@ -30,7 +30,7 @@ from ..engine import Engine
 from ..errors import TwigVLMError
 from ..inputs.named import load_model, twig_directory
 from ..runtime.cache import KVCache
-from ..twig.model import Twig, load_twig, save_twig
+from ..twig.model import Twig, load_twig, read_twig_config, save_twig
 from .config import TrainConfig
 from .data import IGNORE_INDEX, LlavaDataset
 
@@ -129,6 +129,7 @@ def train_prune_head(cfg: TrainConfig) -> PruneHeadResult:
     if cfg.init is None:
         raise TwigVLMError("--objective pruning trains the pruning head of an existing twig: give it with --init DIR")
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    read_twig_config(twig_directory(cfg.init))  # its own files before the model load; its fit to it after
     adapter = load_model(cfg.model, dtype=torch.float32, device=device)
     twig = load_twig(adapter, twig_directory(cfg.init))
     twig.requires_grad_(False)

@@ -29,7 +29,15 @@ from ..config import TwigConfig
 from ..errors import TwigVLMError
 from ..inputs.named import load_model, twig_directory
 from ..inputs.paths import output_dir
-from ..twig.model import CONFIG_NAME, WEIGHTS_NAME, grow_twig, load_twig, load_twig_weights, save_twig
+from ..twig.model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    grow_twig,
+    load_twig,
+    load_twig_weights,
+    read_twig_config,
+    save_twig,
+)
 from .config import TrainConfig
 from .data import Collator, LlavaDataset, pad_token_id
 from .objective import EVAL_FIELDS, TwigObjective, eval_metrics
@@ -229,6 +237,8 @@ def train_twig(
     resume_from = resume_point(out, cfg.resume)
     args = training_arguments(cfg)
     base_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if cfg.init is not None:
+        read_twig_config(twig_directory(cfg.init))  # its own files before the model load; its fit to it after
     if adapter is None:
         adapter = load_model(cfg.model, dtype=base_dtype, device=str(args.device))
     set_seed(cfg.seed)
