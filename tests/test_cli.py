@@ -380,7 +380,8 @@ commands = sorted(build_parser()._subparsers._group_actions[0].choices)
 calls = [["--version"], ["--help"], *[[c, "--help"] for c in commands],
          ["tiny", "--out", "x", "--family", "nope"], ["bench", "--model", "m", "--limit", "0"],
          ["serve", "--model", "m", "--port", "-1"], ["generate", "--model", "m", "--prompt", " "],
-         ["generate", "--model", "m", "--prompt", "hi", "--fps", "2"]]
+         ["generate", "--model", "m", "--prompt", "hi", "--fps", "2"], ["chat", "--model", "m", "--speculative"],
+         ["train", "--model", "m", "--data", "no-such.json", "--out", "o"]]
 answers = []
 for argv in calls:
     out, err = io.StringIO(), io.StringIO()
@@ -422,6 +423,8 @@ def test_the_console_script_reads_its_flags_without_torch():
     assert "--limit: 0 is not positive" in errors["bench --model m --limit 0"]
     assert "--prompt is empty" in errors["generate --model m --prompt  "]
     assert "--fps and --max-frames sample a --video" in errors["generate --model m --prompt hi --fps 2"]
+    assert "drafts with a twig" in errors["chat --model m --speculative"]
+    assert "data file no-such.json does not exist" in errors["train --model m --data no-such.json --out o"]
 
 
 def test_the_package_exports_load_on_first_use():

@@ -134,11 +134,11 @@ def _command(chat: Chat, line: str, out: TextIO) -> bool:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from ..api import VLM
-
     twig = twig_flag(args)
     config, prune, spec = gen_from_args(args), prune_from_args(args), spec_from_args(args)
-    check_request(config, prune, spec, has_twig=twig is not None)  # before the slow model load
+    check_request(config, prune, spec, has_twig=twig is not None)  # before torch and the slow model load
+    from ..api import VLM
+
     vlm = VLM.load(
         args.model,
         twig=twig,
