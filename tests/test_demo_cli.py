@@ -28,7 +28,7 @@ def test_demo_without_trained_parts_runs_the_main_job_on_a_tiny_model(no_assets,
     "argv,why",
     [
         (["generate", "--model", "demo", "--prompt", "hi"], "vision weights"),
-        (["train", "--model", "demo", "--data", "d.json", "--out", "x"], "vision weights"),
+        (["train", "--model", "demo", "--data", __file__, "--out", "x"], "vision weights"),  # a data file that exists
     ],
 )
 def test_model_demo_without_assets_says_how_to_build(no_assets, capsys, argv, why):
