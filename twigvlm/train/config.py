@@ -22,6 +22,22 @@ DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("draft", "pruning")
 
 
+def check_data_file(path: str | Path) -> Path:
+    """A LLaVA-format data file that must exist (read by `data.read_records`, checked by the configs first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TwigVLMError(f"data file {path} does not exist")
+    return path
+
+
+def check_image_folder(folder: str | Path) -> Path:
+    """The folder a data file's image paths are relative to: it must exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TwigVLMError(f"image folder {folder} does not exist")
+    return folder
+
+
 def _opt(default, help: str, **meta):  # noqa: A002 — mirrors argparse's keyword
     return field(default=default, metadata={"help": help, **meta})
 
@@ -43,10 +59,10 @@ class DataConfig:
 
     def validate(self) -> None:
         """The options on their own, and that the files they name exist: before any model loads."""
-        if self.data is not None and not Path(self.data).is_file():
-            raise TwigVLMError(f"data file {self.data} does not exist")
-        if self.image_folder is not None and not Path(self.image_folder).is_dir():
-            raise TwigVLMError(f"image folder {self.image_folder} does not exist")
+        if self.data is not None:
+            check_data_file(self.data)
+        if self.image_folder is not None:
+            check_image_folder(self.image_folder)
         if self.max_length < 2:
             raise TwigVLMError(f"--max-length {self.max_length} is too small: give at least 2 tokens")
         if self.video_fps is not None and not self.video_fps > 0:
@@ -148,8 +164,8 @@ class TrainConfig(DataConfig):
             raise TwigVLMError(f"--max-steps {self.max_steps} must be a positive number of steps")
         if self.max_steps == -1 and not self.epochs > 0:
             raise TwigVLMError(f"--epochs {self.epochs} must be positive")
-        if self.eval_data is not None and not Path(self.eval_data).is_file():
-            raise TwigVLMError(f"data file {self.eval_data} does not exist")
+        if self.eval_data is not None:
+            check_data_file(self.eval_data)
         if self.num_workers < 0:
             raise TwigVLMError(f"--num-workers {self.num_workers} must be >= 0")
         if self.draft_vocab is not None and self.draft_vocab < 1:

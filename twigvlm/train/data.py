@@ -27,7 +27,7 @@ from ..adapters.capabilities import ChatTraining, concat_vision, require
 from ..errors import TwigVLMError
 from ..inputs.images import load_images
 from ..inputs.video import Video, load_video
-from .config import DataConfig
+from .config import DataConfig, check_data_file, check_image_folder
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -59,9 +59,7 @@ class Record:
 
 def read_records(path: str | Path) -> list[Any]:
     """The raw records of a JSON list or a JSONL file, or a one-line error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise TwigVLMError(f"data file {path} does not exist")
+    path = check_data_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -135,9 +133,7 @@ def load_records(
     require_answer: a record must have an assistant turn (training); trailing unanswered turns are dropped.
     """
     source = Path(path)
-    folder = Path(image_folder) if image_folder is not None else source.parent
-    if image_folder is not None and not folder.is_dir():
-        raise TwigVLMError(f"image folder {folder} does not exist")
+    folder = check_image_folder(image_folder) if image_folder is not None else source.parent
     records, skipped = [], 0
     for i, raw in enumerate(read_records(source)):
         rec = parse_record(raw, i, source, folder)
