@@ -1,7 +1,7 @@
 """The oracles on a CUDA device (`pytest -m gpu`; skipped without one): engine greedy ≡ HF generate, pruning ≡
-the masked full model, SSD ≡ AR, compiled decode steps ≡ eager ones. In float32 every oracle must hold exactly as
-on the CPU (TF32 off); in bfloat16 the engine must match HF except where HF's own top-2 logits are tied within
-bf16's resolution."""
+the masked full model, SSD ≡ AR, compiled decode steps ≡ eager ones (compiled, and loaded from the program cache).
+In float32 every oracle must hold exactly as on the CPU (TF32 off); in bfloat16 the engine must match HF except
+where HF's own top-2 logits are tied within bf16's resolution."""
 
 from __future__ import annotations
 
@@ -139,6 +139,28 @@ def test_compiled_steps_equal_eager_on_cuda(pair, method):
             vlm.set_compile("off")
             assert ours == eager or (not exact and first_difference_is_a_tie(vlm, args, ours, eager)), (seed, exact)
         assert vlm.adapter._step_programs.stats.calls > 0 and not vlm.adapter._step_programs.stats.failures
+
+
+def test_a_fresh_vlm_loads_the_compiled_programs_on_cuda(pair, tmp_path, monkeypatch):
+    """The program cache on CUDA: a second VLM on a copy of the model loads the programs the first one compiled
+    (drafting: all three kinds), compiles none, and gives the eager ids."""
+    monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path))
+    _, gpu = pair
+
+    def fresh() -> twigvlm.VLM:
+        return twigvlm.VLM.from_model(copy.deepcopy(gpu.adapter.model), gpu.adapter.processor, copy.deepcopy(gpu.twig))
+
+    run = dict(prompt=random_prompt(7, 6), image=random_image(7), max_new_tokens=16, ignore_eos=True,
+               speculative=SpecConfig(draft_len=3, threshold=0))  # fmt: skip
+    first, later = fresh(), fresh()
+    eager = first.generate(**run).token_ids
+    first.set_compile("on")
+    assert first.generate(**run).token_ids == eager
+    compiled = first.adapter._step_programs.stats
+    later.set_compile("on")
+    assert later.generate(**run).token_ids == eager
+    loaded = later.adapter._step_programs.stats
+    assert loaded.loaded == loaded.programs == compiled.programs > 0 and compiled.loaded == 0 and loaded.calls > 0
 
 
 def assert_batch_equals_solo(vlm: twigvlm.VLM, compile_mode: str) -> None:

@@ -20,6 +20,9 @@ own forward, run through the adapter's `call_layer` — is traced once into a fu
   registered here (`twigvlm::gemv`, `twigvlm::gemv_int8`) while traced, so a compiled step streams the same
   weights with the same kernels as an eager one.
 
+- **Compiled once per machine.** Each program is saved in the program cache (`program_cache.py`), named by
+  everything its code depends on; a later process loads it (about 0.1 s) instead of compiling it again.
+
 A program that fails to compile is reported once and that kind of call stays eager (the generation goes on).
 Results equal the eager steps' up to the order of floating-point additions in fused kernels (greedy ids agree;
 the oracle tests assert it). What "auto" means — on for CUDA, and on a CPU where compiled decode steps were
@@ -42,7 +45,7 @@ from torch import nn
 
 from ..config import COMPILE_MODES
 from ..errors import TwigVLMError
-from . import native
+from . import native, program_cache
 from .cache import LayerKV
 from .sdpa import grouped_heads_with_masks
 
@@ -158,8 +161,9 @@ LayerCall = Callable[..., torch.Tensor]  # adapter.call_layer(layer, hidden, mas
 class ProgramStats:
     """What the compiled steps did in this process (the bench prints the programs and their compile time)."""
 
-    programs: int = 0  # programs compiled
-    compile_s: float = 0.0  # seconds spent compiling them
+    programs: int = 0  # programs made: compiled, or loaded from the program cache (`loaded` of them)
+    compile_s: float = 0.0  # seconds spent making them
+    loaded: int = 0  # programs loaded from the program cache (compiled by an earlier process on this machine)
     calls: int = 0  # compiled layer calls
     eager_calls: int = 0  # layer calls that qualified but ran eagerly (a program that failed to compile)
     failures: list[str] = field(default_factory=list)
@@ -200,14 +204,15 @@ class StepPrograms:
             todo = [kind for kind in kinds if (layer_key, kind) not in self._prepared]
             if not todo:
                 continue
-            t0, made = time.perf_counter(), self.stats.programs
-            log.info("compiling %d kinds of decode step for %s, once per process ...", len(todo), type(layer).__name__)
+            t0, made, loaded = time.perf_counter(), self.stats.programs, self.stats.loaded
+            log.info("preparing %d kinds of decode step for %s (compiled once per machine) ...", len(todo),
+                     type(layer).__name__)  # fmt: skip
             for q, masked in todo:
                 self._prepared.add((layer_key, (q, masked)))
                 self._prepare_kind(layer, q, masked)
             if self.stats.programs > made:
-                log.info("compiled %d decode-step programs in %.1f s", self.stats.programs - made,
-                         time.perf_counter() - t0)  # fmt: skip
+                seconds = time.perf_counter() - t0
+                log.info(program_cache.made_line(self.stats.programs - made, self.stats.loaded - loaded, seconds))
 
     def _prepare_kind(self, layer: nn.Module, q: int, masked: bool) -> None:
         """Compile one kind of call for `layer`'s structure from inputs of the right kinds (`_examples` sets the
@@ -293,10 +298,11 @@ class StepPrograms:
                 key = self._rows_key(layer, hidden, position_ids)
                 if key in self._programs or key in self._failed:
                     continue
-                t0 = time.perf_counter()
+                t0, loaded = time.perf_counter(), self.stats.loaded
                 example = _rows_examples(hidden, mask, position_ids, rope, keys, q > 1)
-                self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE)
-                log.info("compiled a batched decode-step program in %.1f s", time.perf_counter() - t0)
+                if self._aot(key, self._rows_fn(), (layer, *example), ROWS_NATIVE) is not None:
+                    seconds = time.perf_counter() - t0
+                    log.info("batch steps: " + program_cache.made_line(1, self.stats.loaded - loaded, seconds))
 
     def _stand_ins(self, layer: nn.Module, rows: int, q: int) -> tuple:
         """Inputs of the right kinds for a call of `layer` on q tokens in each of `rows` rows: (hidden [rows, q, H],
@@ -342,7 +348,7 @@ class StepPrograms:
                 (n, tuple(t.shape), t.dtype, t.device, t.is_contiguous())
                 for n, t in layer.state_dict(keep_vars=True).items()
             ]
-            tensors += [(id(m.kernel_plan),) for m in layer.modules() if hasattr(m, "kernel_plan")][:1]
+            tensors += [(m.kernel_plan.fingerprint(),) for m in layer.modules() if hasattr(m, "kernel_plan")][:1]
             found = (tuple(type(m).__name__ for m in layer.modules()), tuple(tensors))
             self._layer_keys[layer] = found
         return found
@@ -371,20 +377,27 @@ class StepPrograms:
         return self._aot(key, self._program_fn(), (layer, *example), BLOCK_ROWS if block else 1)
 
     def _aot(self, key: tuple, fn: Callable[..., torch.Tensor], args: tuple, rows: int) -> Any:
-        """Compile `fn` ahead of time on the example `args` (their dynamic dimensions marked), its products traced
-        with the layouts measured for `rows` rows; None (and the key remembered) when that fails."""
+        """The program for `key`: loaded from the program cache where this machine compiled it before, else
+        compiled ahead of time on the example `args` (their dynamic dimensions marked), its products traced with
+        the layouts measured for `rows` rows, and saved there; None (and the key remembered) when that fails."""
         t0 = time.perf_counter()
-        NATIVE.rows = rows
-        try:
-            with _tracing_config(args[1].device), torch.no_grad():
-                program = torch.compile(fn, fullgraph=True).aot_compile((args, {}))
-            program.disable_guard_check()
-        except Exception as exc:  # noqa: BLE001 - any compiler failure leaves this kind of call eager
-            self._failed.add(key)
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self.stats.failures.append(reason)
-            log.warning("a compiled decode step failed to compile; running it eagerly (%s)", reason)
-            return None
+        name = program_cache.digest(key, args[0], rows, args[1].device)
+        program = program_cache.load(name, self._call_layer)
+        if program is None:
+            NATIVE.rows = rows
+            try:
+                with _tracing_config(args[1].device), torch.no_grad():
+                    program = torch.compile(fn, fullgraph=True).aot_compile((args, {}))
+            except Exception as exc:  # noqa: BLE001 - any compiler failure leaves this kind of call eager
+                self._failed.add(key)
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.stats.failures.append(reason)
+                log.warning("a compiled decode step failed to compile; running it eagerly (%s)", reason)
+                return None
+            program_cache.save(name, program, self._call_layer)
+        else:
+            self.stats.loaded += 1
+        program.disable_guard_check()
         self._programs[key] = program
         self.stats.programs += 1
         self.stats.compile_s += time.perf_counter() - t0

@@ -73,6 +73,10 @@ class KernelPlan:
             self._memo[key] = found
         return found
 
+    def fingerprint(self) -> str:
+        """The layouts as one string: what a program traced with this plan depends on (`runtime/compiled.py`)."""
+        return repr(sorted((shape, sorted(table.items())) for shape, table in self.layouts.items()))
+
     def summary(self) -> dict[str, dict[str, list[int]]]:
         """Per shape, the probed row counts each layout runs at (for stats and logs)."""
         out: dict[str, dict[str, list[int]]] = {}
