@@ -136,3 +136,20 @@ def test_the_cli_exits_2_with_one_line_for_a_missing_hub_id(tmp_path):
     assert (
         "owner/missing" in run.stderr and "HF_HUB_OFFLINE" in run.stderr and "hf download owner/missing" in run.stderr
     )
+
+
+def test_a_pixel_range_is_checked_before_the_model_loads(cache, model_dirs, monkeypatch, capsys):
+    """--min-pixels on a family without an image size range, named by a directory or a cached hub id, and an empty
+    range, are one line before the load (minutes for a large model); the demo (a name) is checked after it."""
+    from twigvlm.cli.main import main
+
+    monkeypatch.setattr(twigvlm.api, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    put_in_cache(cache, "owner/llava", model_dirs["llama-clip"], MAIN)
+    for model, extra, why in [
+        (model_dirs["llama-clip"], ["--min-pixels", "4096"], "needs an image size range"),
+        ("owner/llava", ["--max-pixels", "4096"], "needs an image size range"),
+        ("owner/qwen", ["--min-pixels", "4096", "--max-pixels", "1024"], "must not exceed max_pixels"),
+    ]:
+        assert main(["generate", "--model", model, "--prompt", "hi", *extra]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err

@@ -26,7 +26,7 @@ from .generation.batch import generate_batch
 from .generation.loop import Generation
 from .generation.stats import GenerationResult
 from .inputs.images import ImageInput, load_images
-from .inputs.named import load_model, twig_directory
+from .inputs.named import check_pixel_range, load_model, twig_directory
 from .inputs.video import VideoInput, load_videos
 from .pruning.visionzip import VisionZip
 from .runtime.compile_probe import compile_pays
@@ -90,6 +90,8 @@ class VLM:
         check_quantize(quantize)
         if twig is not None:
             read_twig_config(twig_directory(twig))
+        if min_pixels is not None or max_pixels is not None:
+            check_pixel_range(model, min_pixels, max_pixels)
         vlm = cls(load_model(model, dtype=dtype, device=device))
         vlm.set_kernels(kernels)
         vlm.set_quantize(quantize)

@@ -78,6 +78,16 @@ def adapter_for(model: Any, processor: Any) -> VLMAdapter:
     return ADAPTERS[model_type](model, processor)
 
 
+def adapter_class(config_file: Path) -> type[VLMAdapter] | None:
+    """The adapter class a model's config.json names, read without loading the model; None where the file does not
+    read as a config of a supported type (the load then says why)."""
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+
+
 def load_adapter(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
     """Load a saved Hugging Face VLM directory (config, weights, processor) with SDPA attention. Names such as
     "demo" are resolved above this registry, in `twigvlm.inputs.named`."""

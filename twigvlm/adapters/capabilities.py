@@ -36,12 +36,17 @@ C = TypeVar("C", bound=Capability)
 
 def require(adapter: VLMAdapter, capability: type[C], purpose: str) -> C:
     """The adapter as `capability`, or a one-line error naming what is missing."""
-    if not isinstance(adapter, capability):
+    require_class(type(adapter), capability, purpose)
+    return adapter  # type: ignore[return-value]  # an instance of a class that offers it
+
+
+def require_class(adapter_class: type[VLMAdapter], capability: type[Capability], purpose: str) -> None:
+    """`require` before any model is loaded, on the adapter class a model's config names."""
+    if not issubclass(adapter_class, capability):
         raise TwigVLMError(
-            f"{purpose} needs {capability.label}, which the {type(adapter).__name__} adapter does not offer "
+            f"{purpose} needs {capability.label}, which the {adapter_class.__name__} adapter does not offer "
             "(see docs/adding-a-model.md)"
         )
-    return adapter
 
 
 def check_reducer(adapter: VLMAdapter, reducer: Reducer | None) -> None:

@@ -91,3 +91,18 @@ def _snapshot(model: str, repo_id: str, revision: str | None) -> Path:
     except Exception as e:  # noqa: BLE001 — any other failure of the download (HTTP, proxy, TLS, disk)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise TwigVLMError(f"could not download model {model} ({type(e).__name__}: {first}): {fetch}") from None
+
+
+def local_config(model: str | Path) -> Path | None:
+    """The config.json a model argument names without fetching anything: a directory's own, or a hub id's in the
+    Hugging Face cache; None where neither is on disk (or the argument is a name such as "demo")."""
+    path = Path(model)
+    if path.is_dir():
+        return path / "config.json" if (path / "config.json").is_file() else None
+    parsed = None if path.exists() else parse_hub_id(str(model))
+    if parsed is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(parsed[0], "config.json", revision=parsed[1])
+    return Path(found) if isinstance(found, str) else None

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import VLMAdapter, check_device, load_adapter, parse_dtype
+from ..adapters import VLMAdapter, adapter_class, check_device, load_adapter, parse_dtype
+from ..adapters.capabilities import PixelRange, require_class
 from ..errors import TwigVLMError
-from .hub import resolve_model_dir
+from .hub import local_config, resolve_model_dir
 
 ENTRY_POINT_GROUP = "twigvlm.named_models"
 
@@ -71,6 +72,18 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device: 
     if named is None:
         return load_adapter(resolve_model_dir(model), dtype=torch_dtype, device=device)
     return named.load(torch_dtype, device)
+
+
+def check_pixel_range(model: str | Path, min_pixels: int | None, max_pixels: int | None) -> None:
+    """min_pixels / max_pixels before the load: an empty range, or a model whose config (on disk, nothing fetched)
+    names a family without an image size range, is one line now rather than after the load (the bounds that need
+    the processor are checked after it)."""
+    if min_pixels is not None and max_pixels is not None and max_pixels < min_pixels:
+        raise TwigVLMError(f"pixel range {min_pixels}..{max_pixels} is invalid: min_pixels must not exceed max_pixels")
+    config = None if lookup(model) is not None else local_config(model)
+    family = adapter_class(config) if config is not None else None
+    if family is not None:
+        require_class(family, PixelRange, "min_pixels / max_pixels")
 
 
 def twig_directory(twig: str | Path) -> Path:
