@@ -24,6 +24,7 @@ The files are pickles, like torch's own compile caches: the cache folder must be
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -142,13 +143,15 @@ def load(name: str | None, call_layer: Any) -> Any | None:
     try:
         with path.open("rb") as f:
             program = torch.compiler.load_compiled_function(f, external_data={"call_layer": call_layer})
-        os.utime(path)  # recently used: kept when old ones are removed
-        return program
     except Exception as exc:  # noqa: BLE001 - any failure to load means: compile it again
         log.warning("a cached decode-step program did not load; compiling it again (%s: %s)", type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only cache keeps it)
+            path.unlink(missing_ok=True)
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: kept when old ones are removed
+    return program
 
 
 def save(name: str | None, program: Any, call_layer: Any) -> None:
@@ -183,7 +186,8 @@ def _remove_old(where: Path) -> None:
     if len(files) <= MAX_FILES:
         return
     for path in sorted(files, key=_mtime)[:-MAX_FILES]:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _mtime(path: Path) -> float:
