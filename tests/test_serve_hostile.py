@@ -65,7 +65,9 @@ def png(w: int, h: int) -> bytes:
 
 def body(*urls: str, text: str = "hi", **more) -> dict:
     content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
-    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **more}
+    # greedy, to its full length: a request's token count never depends on when a sampled EOS comes
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 2, "temperature": 0,
+            "ignore_eos": True, **more}  # fmt: skip
 
 
 def error_of(r: httpx.Response, status: int, words: str, param: str | None = "any") -> dict:
