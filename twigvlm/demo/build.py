@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.twig_batch,
             lr=args.twig_lr,
             distill=args.distill,
-            save_steps=200,
+            save_steps=200 if _on_gpu(args.device) else 50,  # CPU steps are slow: a stopped session loses less
             logging_steps=20,
             save_dtype="bfloat16",
             device=args.device,
@@ -214,6 +214,13 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     print(f"demo assets in {ASSETS} (built in {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+
+
+def _on_gpu(device: str) -> bool:
+    """Whether the build's stages run on a GPU (--device cuda, or auto where one is available)."""
+    import torch
+
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 SHIPPED_FILE_BYTES = 16 * 2**20  # no shipped file larger than this
