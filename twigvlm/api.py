@@ -29,8 +29,8 @@ from .inputs.images import ImageInput, load_images
 from .inputs.named import check_pixel_range, load_model, twig_directory
 from .inputs.video import VideoInput, load_videos
 from .pruning.visionzip import VisionZip
-from .runtime.compile_probe import compile_pays
-from .runtime.compiled import StepPrograms, check_compile, programs_for, resolve_compile
+from .runtime.compile_probe import check_compile, compile_pays, resolve_compile
+from .runtime.compiled import StepPrograms, programs_for
 from .runtime.kernels import KernelPlan, apply_kernels, resolve_mode
 from .runtime.native_layers import NativeLayers
 from .runtime.quant import apply_quantization, check_quantize

@@ -6,18 +6,21 @@ per machine and model shape: the probe compiles the one-token program, then time
 the compiled engine alternately, step by step, on a synthetic cache (nothing is generated), and compiled steps
 are taken where they need at most WIN of the eager time. The verdict is cached beside the kernel plan
 (`compile-<key>.json`: the CPU, torch, threads, layer shapes, quantisation and kernel build), so later loads only
-read it.
+read it. The mode itself (on, off or auto, from the argument or TWIGVLM_COMPILE) is checked here too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import COMPILE_MODES
+from ..errors import TwigVLMError
 from . import native
 from .compiled import programs_for
 from .machine import cache_dir, measurement_key, read_cached, write_cached
@@ -97,3 +100,15 @@ def probe(vlm: Any) -> dict[str, float]:
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
+
+
+# ---- the mode -------------------------------------------------------------------------------------------------
+def check_compile(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise TwigVLMError(f"compile {mode!r} is unknown: use one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def resolve_compile(mode: str | None) -> str:
+    """The mode asked for, else the environment's TWIGVLM_COMPILE, else auto."""
+    return check_compile(mode or os.environ.get("TWIGVLM_COMPILE") or "auto")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -43,8 +42,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import COMPILE_MODES
-from ..errors import TwigVLMError
 from . import native, program_cache
 from .cache import LayerKV
 from .sdpa import grouped_heads_with_masks
@@ -381,7 +378,8 @@ class StepPrograms:
         compiled ahead of time on the example `args` (their dynamic dimensions marked), its products traced with
         the layouts measured for `rows` rows, and saved there; None (and the key remembered) when that fails."""
         t0 = time.perf_counter()
-        name = program_cache.digest(key, args[0], rows, args[1].device)
+        call = f"{self._call_layer.__module__}.{self._call_layer.__qualname__}"  # the adapter's layer call, traced
+        name = program_cache.digest((call, key), args[0], rows, args[1].device)
         program = program_cache.load(name, self._call_layer)
         if program is None:
             NATIVE.rows = rows
@@ -497,15 +495,3 @@ def _tracing_config(device: torch.device) -> Any:
 
     with grouped_heads_with_masks(device), fx_config.patch(use_duck_shape=False):
         yield
-
-
-# ---- the mode -------------------------------------------------------------------------------------------------
-def check_compile(mode: str) -> str:
-    if mode not in COMPILE_MODES:
-        raise TwigVLMError(f"compile {mode!r} is unknown: use one of {', '.join(COMPILE_MODES)}")
-    return mode
-
-
-def resolve_compile(mode: str | None) -> str:
-    """The mode asked for, else the environment's TWIGVLM_COMPILE, else auto."""
-    return check_compile(mode or os.environ.get("TWIGVLM_COMPILE") or "auto")

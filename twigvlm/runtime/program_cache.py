@@ -9,7 +9,8 @@ about 3 s, in a process that compiled nothing yet).
 A program's file is named by a digest of everything its code depends on, so a stale program is never loaded:
 
 - **the call**: the program's own key (the layer structure — classes, tensor shapes, dtypes, devices, layouts —
-  the kind of call, the batch shape, the position rows) and the rows its products were traced for;
+  the kind of call, the batch shape, the position rows), the adapter's layer call it traces through, and the
+  rows its products were traced for;
 - **the layer's constants**: every plain attribute of the layer's modules but its index (head counts, the
   attention scale, a sliding window …), their configs, and the source files of their classes (transformers'
   modeling code), since tracing bakes these in;
