@@ -25,7 +25,7 @@ from pathlib import Path
 from ..config import LAYER_INITS
 from ..data.examples import eval_set, training_stream, write_llava
 from ..errors import TwigVLMError
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, resolve_device
 from ..train.prune_head import train_prune_head
 from ..train.recipe import train_twig
 from ..twig.model import CONFIG_NAME, copy_twig, read_twig_config
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.twig_batch,
             lr=args.twig_lr,
             distill=args.distill,
-            save_steps=200 if _on_gpu(args.device) else 50,  # CPU steps are slow: a stopped session loses less
+            save_steps=200 if resolve_device(args.device) == "cuda" else 50,  # CPU: a stopped session loses less
             logging_steps=20,
             save_dtype="bfloat16",
             device=args.device,
@@ -214,13 +214,6 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     print(f"demo assets in {ASSETS} (built in {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-
-
-def _on_gpu(device: str) -> bool:
-    """Whether the build's stages run on a GPU (--device cuda, or auto where one is available)."""
-    import torch
-
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 SHIPPED_FILE_BYTES = 16 * 2**20  # no shipped file larger than this

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TwigVLMError
+from ..train.config import resolve_device
 from .lora import DecoderLoRA
 from .model import (
     ASSETS,
@@ -138,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.recipe = dataclasses.replace(args.recipe, wipe_share=args.wipe_share)
     args.deadline = time.monotonic() + 60 * args.budget_min if args.budget_min else None
     args.reserve_s = 60 * args.reserve_min
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device = resolve_device(args.device)
     args.device = torch.device(device)
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and device == "cuda")
     return args

@@ -22,6 +22,13 @@ DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("draft", "pruning")
 
 
+def resolve_device(device: str) -> str:
+    """A training device flag (`DEVICES`) as torch names it: auto is the GPU when there is one, else the CPU."""
+    import torch
+
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def check_data_file(path: str | Path) -> Path:
     """A LLaVA-format data file that must exist (read by `data.read_records`, checked by the configs first)."""
     path = Path(path)

@@ -31,7 +31,7 @@ from ..errors import TwigVLMError
 from ..inputs.named import load_model, twig_directory
 from ..runtime.cache import KVCache
 from ..twig.model import Twig, load_twig, read_twig_config, save_twig
-from .config import TrainConfig
+from .config import TrainConfig, resolve_device
 from .data import IGNORE_INDEX, LlavaDataset
 
 TEACHER_SHARE = 0.6  # the default teacher layer: round(0.6·L)
@@ -128,7 +128,7 @@ def train_prune_head(cfg: TrainConfig) -> PruneHeadResult:
     cfg.validate()
     if cfg.init is None:
         raise TwigVLMError("--objective pruning trains the pruning head of an existing twig: give it with --init DIR")
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = resolve_device(cfg.device)
     read_twig_config(twig_directory(cfg.init))  # its own files before the model load; its fit to it after
     adapter = load_model(cfg.model, dtype=torch.float32, device=device)
     twig = load_twig(adapter, twig_directory(cfg.init))
