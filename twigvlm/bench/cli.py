@@ -226,6 +226,7 @@ def variants(
 def cmd_bench(args: argparse.Namespace) -> None:
     from ..api import VLM
     from ..config import TwigConfig
+    from ..runtime.program_cache import made_line
     from ..twig.model import grow_twig
     from . import batched
     from .harness import check_variants, run_bench, summarize
@@ -284,8 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     programs = getattr(vlm.adapter, "_step_programs", None)
     if programs is not None and programs.stats.programs:
         s = programs.stats
-        made = f"{s.programs - s.loaded} compiled, {s.loaded} loaded from the program cache" if s.loaded else "compiled"
-        table += f"\n\ncompiled decode steps: {s.programs} programs ({made}) in {s.compile_s:.1f} s"
+        table += f"\n\ncompiled decode steps: {made_line(s.programs, s.loaded, s.compile_s)}"
         config["compiled_steps"] = {"programs": s.programs, "loaded": s.loaded, "compile_s": round(s.compile_s, 2),
                                     "failures": s.failures}  # fmt: skip
     native = {task: samples[0].benchmark for task, samples in tasks.items() if samples[0].benchmark}
