@@ -55,7 +55,7 @@ def test_a_later_process_loads_the_programs_instead_of_compiling_them(model_dirs
                          capture_output=True, text=True, check=True)  # fmt: skip
     later = json.loads(run.stdout.splitlines()[-1])
     assert later["ids"] == eager
-    assert later["programs"] == later["loaded"] == 1 and later["calls"] > 0  # loaded, run, nothing compiled
+    assert later["programs"] == later["loaded"] == 1 and later["calls"] > 0, run.stderr  # loaded, nothing compiled
 
 
 def test_a_programs_name_follows_what_its_code_depends_on(adapters, model_dirs, tmp_path):
@@ -87,13 +87,13 @@ def test_bad_files_off_and_old_files(tmp_path, monkeypatch, caplog):
     folder = program_cache.folder()
     folder.mkdir(parents=True)
     (folder / "bad.bin").write_bytes(b"not a program")
-    assert program_cache.load("bad", None) is None and not (folder / "bad.bin").exists()
+    assert program_cache.load("bad", None, {}) is None and not (folder / "bad.bin").exists()
     assert "did not load; compiling it again" in caplog.text
     monkeypatch.setenv(program_cache.ENV, "off")
     program_cache.save("p", _Program(), None)
     assert not (folder / "p.bin").exists()
     (folder / "p.bin").write_bytes(b"not a program")
-    assert program_cache.load("p", None) is None and (folder / "p.bin").exists()  # not even read
+    assert program_cache.load("p", None, {}) is None and (folder / "p.bin").exists()  # not even read
     monkeypatch.delenv(program_cache.ENV)
     monkeypatch.setattr(program_cache, "MAX_FILES", 2)
     for i, name in enumerate(("p", "q", "r")):

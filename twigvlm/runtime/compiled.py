@@ -380,7 +380,7 @@ class StepPrograms:
         t0 = time.perf_counter()
         call = f"{self._call_layer.__module__}.{self._call_layer.__qualname__}"  # the adapter's layer call, traced
         name = program_cache.digest((call, key), args[0], rows, args[1].device)
-        program = program_cache.load(name, self._call_layer)
+        program = program_cache.load(name, self._call_layer, fn.__globals__)
         if program is None:
             NATIVE.rows = rows
             try:

@@ -133,9 +133,10 @@ def digest(key: tuple, layer: nn.Module, rows: int, device: torch.device) -> str
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
-def load(name: str | None, call_layer: Any) -> Any | None:
-    """The program saved as `name`, its closure's layer call bound to `call_layer`; None where none is saved or it
-    does not load (the file is then removed: the caller compiles and saves it again)."""
+def load(name: str | None, call_layer: Any, f_globals: dict[str, Any]) -> Any | None:
+    """The program saved as `name`, its closure's layer call bound to `call_layer` and its code to `f_globals` (the
+    globals of the function it was compiled from, as compiling binds them); None where none is saved or it does
+    not load (the file is then removed: the caller compiles and saves it again)."""
     if name is None or not enabled():
         return None
     path = folder() / f"{name}.bin"
@@ -143,7 +144,9 @@ def load(name: str | None, call_layer: Any) -> Any | None:
         return None
     try:
         with path.open("rb") as f:
-            program = torch.compiler.load_compiled_function(f, external_data={"call_layer": call_layer})
+            program = torch.compiler.load_compiled_function(
+                f, f_globals=f_globals, external_data={"call_layer": call_layer}
+            )
     except Exception as exc:  # noqa: BLE001 - any failure to load means: compile it again
         log.warning("a cached decode-step program did not load; compiling it again (%s: %s)", type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
