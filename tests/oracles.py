@@ -329,7 +329,7 @@ class SamplingStub:
     def __init__(self, p, q, first: int, generator: torch.Generator) -> None:
         self.p, self.q, self.prefix, self.generator = p, q, (first,), generator
 
-    def propose(self, last, max_depth, stop_ids):
+    def propose(self, last, max_depth, stop_ids, index):
         from twigvlm.speculative.loop import TreeDraft
 
         ids, probs = [], []
@@ -376,11 +376,13 @@ def assert_stub_sampling_is_lossless(p, vocab: int, runs: int, make_stub, depth:
 
 def assert_sampling_is_lossless(vlm: twigvlm.VLM, enc, runs: int = 400, spec: SpecConfig | None = None) -> None:
     """Speculative samples of 3 tokens (top-k 2, temperature 1: at most 8 outcomes) follow the exact AR
-    distribution, computed from the model's own logits (χ², 10⁻³); spec: the drafting (default: a chain, γ = 2)."""
+    distribution, computed from the model's own logits (χ², 10⁻³); spec: the drafting (default: a chain, γ = 2).
+    Sequential sampling, whose drafts are verified by speculative sampling's rules (positional sampling's drafts
+    change nothing: `test_positional_sampling.py` holds every drafter to the plain text, seed by seed)."""
     from twigvlm.generation.loop import Generation
     from twigvlm.runtime.sampling import probs_from_logits
 
-    cfg = GenConfig(max_new_tokens=3, temperature=1.0, top_k=2, ignore_eos=True)
+    cfg = GenConfig(max_new_tokens=3, temperature=1.0, top_k=2, ignore_eos=True, sampling="sequential")
     engine = vlm.engine
     exact = {}
     with torch.no_grad():

@@ -204,8 +204,11 @@ def test_auto_draft_length_falls_to_none_as_the_batch_grows():
 
 
 def test_a_seeded_sampled_drafting_row_gives_its_solo_text(llava):
+    # sequential sampling: a named chain draws from its generator as alone (positional sampling gives one text
+    # whatever is drafted: test_positional_sampling.py)
+    chain = SpecConfig(draft="chain", draft_len=3, threshold=0.0)
     sampled = dict(prompt=random_prompt(95, 5), image=random_image(95), max_new_tokens=12, temperature=0.9, seed=5,
-                   speculative=SpecConfig(draft="chain", draft_len=3, threshold=0.0))  # fmt: skip
+                   sampling="sequential", speculative=chain)  # fmt: skip
     others = [dict(prompt=random_prompt(96, 8), image=random_image(96), max_new_tokens=16, ignore_eos=True)]
     together = llava.generate([*others, sampled])[1]
     args = {k: v for k, v in sampled.items() if k != "prompt"}

@@ -84,7 +84,7 @@ def test_auto_rows_draft_the_batchs_tree_and_equal_their_solo_runs(llava, monkey
 
 def test_a_seeded_sampled_tree_row_gives_its_solo_text_inside_a_batch(llava):
     sampled = dict(prompt=random_prompt(250, 5), image=random_image(250), max_new_tokens=14, temperature=0.9, seed=7,
-                   speculative=TREE)  # fmt: skip
+                   sampling="sequential", speculative=TREE)  # fmt: skip
     others = [dict(prompt=random_prompt(251, 8), image=random_image(251), max_new_tokens=18, ignore_eos=True,
                    speculative=TREE)]  # fmt: skip
     together = llava.generate([*others, sampled])[1]

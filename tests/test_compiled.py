@@ -113,7 +113,7 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_compiled_step(llav
             assert enc.num_tokens < capacity < enc.num_tokens + cfg.max_new_tokens  # the buffers grow on the way
             drafter = TwigChainDrafter(engine, state, cfg, None, threshold=0)
             emitted: list[int] = []
-            first = int(pick_tokens(logits, cfg, None)[0])
+            first = int(pick_tokens(logits, cfg, None, 0)[0])
             for block in speculative_blocks(drafter, first, cfg, None, SpecStats(), set(), 4):
                 emitted += block
                 pending = len(drafter._pending)

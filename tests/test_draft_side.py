@@ -83,7 +83,7 @@ def test_caches_hold_exactly_the_committed_tokens_after_every_step(middle, name,
     cfg = GenConfig(max_new_tokens=40, ignore_eos=True)
     with torch.no_grad():
         state, logits = drafting_prefill(engine, enc, prune)
-        first = int(pick_tokens(logits, cfg, None)[0])
+        first = int(pick_tokens(logits, cfg, None, 0)[0])
         model = Recorder(TwigChainDrafter(engine, state, cfg, None, threshold=0))
         emitted: list[int] = []
         for block in speculative_blocks(model, first, cfg, None, SpecStats(), set(), 4):
@@ -105,7 +105,7 @@ def test_residual_resample_follows_max_p_minus_q():
     logits = p.log().unsqueeze(0).repeat(2, 1)  # [n + 1, V]
     kept, counts = 0, torch.zeros(5)
     for _ in range(runs):
-        path, token = accept(TreeDraft.chain(9, [0], q.unsqueeze(0)), logits, cfg, g)
+        path, token = accept(TreeDraft.chain(9, [0], q.unsqueeze(0)), logits, cfg, g, 0)
         if len(path) == 2:
             kept += 1
         else:

@@ -127,12 +127,12 @@ def test_per_request_acceleration_changes_the_stats_and_ssd_keeps_the_text(serve
 
 
 def test_seed_gives_a_per_request_generator(server, client):  # noqa: F811
-    def sample(seed):
+    def sample(seed, **extra):
         r = client.chat.completions.create(model=server.model, messages=user(PROMPT), max_tokens=16,
-                                           temperature=1.5, seed=seed)  # fmt: skip
+                                           temperature=1.5, seed=seed, extra_body=extra)  # fmt: skip
         return r.choices[0].message.content
 
-    assert sample(3) == sample(3)
+    assert sample(3) == sample(3) == sample(3, speculative=True)  # positional sampling: drafted or not, one text
     assert len({sample(s) for s in (4, 5, 6)}) > 1
 
 

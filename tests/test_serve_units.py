@@ -44,6 +44,7 @@ def test_openai_fields_become_generation_settings():
     assert r.stream and r.include_usage and r.prune is None and r.spec is None
     assert parse(max_tokens=5).gen.max_new_tokens == 5
     assert parse().gen.max_new_tokens == CFG.max_tokens and parse().gen.temperature == 1.0  # OpenAI's default
+    assert parse().gen.sampling == "auto" and parse(sampling="sequential", seed=1).gen.sampling == "sequential"
 
 
 def test_messages_become_hf_chat_messages_with_image_placeholders():
@@ -72,6 +73,8 @@ def test_messages_become_hf_chat_messages_with_image_placeholders():
         ({"top_p": 0}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"seed": 2**64}, "seed"),
+        ({"sampling": "gumbel"}, "sampling"),
+        ({"sampling": 1}, "sampling"),
         ({"stop": [""]}, "stop"),
         ({"max_tokens": True}, "max_tokens"),
         ({"temperature": "hot"}, "temperature"),

@@ -40,7 +40,7 @@ class StubModel:
         self.pos = 1  # index in `target` of the token after `last`; target[0] came from the prefill
         self.requested: list[int] = []
 
-    def propose(self, last, max_depth, stop_ids):
+    def propose(self, last, max_depth, stop_ids, index):
         self.requested.append(max_depth)
         ids = []
         for t in self.propose_fn(self.pos)[:max_depth]:
@@ -140,7 +140,7 @@ def test_accept_keeps_drafts_from_the_target_itself():
 
     q = probs_from_logits(logits[:3], cfg)
     draft = TreeDraft.chain(0, [int(q[i].argmax()) for i in range(3)], q)
-    path, _ = accept(draft, logits, cfg, torch.Generator().manual_seed(0))
+    path, _ = accept(draft, logits, cfg, torch.Generator().manual_seed(0), 0)
     assert path == [0, 1, 2, 3]  # p == q: min(1, p/q) = 1 for every draft
 
 
@@ -199,7 +199,7 @@ def test_cache_invariant_after_every_step(vlms):
     with torch.no_grad():
         state = engine.new_state()
         logits, pstats = pruned_prefill(engine, state, enc, prune, prime_twig=True)
-        first = int(pick_tokens(logits, cfg, None)[0])
+        first = int(pick_tokens(logits, cfg, None, 0)[0])
         model = TwigChainDrafter(engine, state, cfg, None, threshold=0)
         T, M, R, K, wipe = enc.num_tokens, pstats.visual_tokens, pstats.kept, 2, 5
         produced = 0

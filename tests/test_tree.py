@@ -57,10 +57,10 @@ def _onehot(rows: list[int], vocab: int = 12) -> torch.Tensor:
 def test_greedy_accept_follows_the_matching_children():
     tree = TreeDraft([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 2])
     cfg = GenConfig()
-    assert accept(tree, _onehot([2, 0, 5, 0, 0, 7]), cfg, None) == ([0, 2, 5], 7)  # the second branch
-    assert accept(tree, _onehot([1, 4, 0, 0, 8, 0]), cfg, None) == ([0, 1, 4], 8)
-    assert accept(tree, _onehot([6, 0, 0, 0, 0, 0]), cfg, None) == ([0], 6)  # none accepted
-    assert accept(TreeDraft([9], [-1]), _onehot([3]), cfg, None) == ([0], 3)  # no drafts: a plain step
+    assert accept(tree, _onehot([2, 0, 5, 0, 0, 7]), cfg, None, 0) == ([0, 2, 5], 7)  # the second branch
+    assert accept(tree, _onehot([1, 4, 0, 0, 8, 0]), cfg, None, 0) == ([0, 1, 4], 8)
+    assert accept(tree, _onehot([6, 0, 0, 0, 0, 0]), cfg, None, 0) == ([0], 6)  # none accepted
+    assert accept(TreeDraft([9], [-1]), _onehot([3]), cfg, None, 0) == ([0], 3)  # no drafts: a plain step
 
 
 def test_sibling_rule_keeps_the_target_distribution_at_one_node():
@@ -71,7 +71,7 @@ def test_sibling_rule_keeps_the_target_distribution_at_one_node():
     tree = TreeDraft([9, 0, 3], [-1, 0, 0])
     counts: dict[int, int] = {}
     for _ in range(runs):
-        path, nxt = accept(tree, p.log().unsqueeze(0).repeat(3, 1), cfg, g)
+        path, nxt = accept(tree, p.log().unsqueeze(0).repeat(3, 1), cfg, g, 0)
         token = tree.tokens[path[1]] if len(path) > 1 else nxt
         assert len(path) == 1 or path[1] in (1, 2)
         counts[token] = counts.get(token, 0) + 1
@@ -88,7 +88,7 @@ class TreeStub:
         self.pos = 1  # index in `target` of the token after `last`
         self.depths: list[int] = []
 
-    def propose(self, last, max_depth, stop_ids):
+    def propose(self, last, max_depth, stop_ids, index):
         self.depths.append(max_depth)
         tokens, parents, depth = [last], [-1], [0]
         for parent, token in self.shape(self.pos):
@@ -178,7 +178,7 @@ class TreeSamplingStub:
         self.p, self.q, self.prefix, self.k, self.depth = p, q, (first,), k, depth
         self.paths: list[tuple[int, ...]] = []
 
-    def propose(self, last, max_depth, stop_ids):
+    def propose(self, last, max_depth, stop_ids, index):
         tokens, parents, self.paths = [last], [-1], [()]
         frontier = [0]
         for _ in range(min(self.depth, max_depth)):
@@ -308,7 +308,7 @@ def _start(vlm, enc, cfg, prune):
         logits = vlm.engine.prefill(state, enc, prime_twig=True)
     else:
         logits, _ = pruned_prefill(vlm.engine, state, enc, prune, prime_twig=True)
-    return state, int(pick_tokens(logits, cfg, None)[0])
+    return state, int(pick_tokens(logits, cfg, None, 0)[0])
 
 
 @pytest.mark.parametrize("shape", [(8, 4, 3), (4, 4, 1)], ids=["tree", "chain-shaped"])

@@ -64,7 +64,13 @@ class TwigConfig:
 
 @dataclass(frozen=True)
 class GenConfig:
-    """How to pick tokens and when to stop. temperature == 0 means greedy decoding."""
+    """How to pick tokens and when to stop. temperature == 0 means greedy decoding.
+
+    sampling: where a sampled token's randomness comes from (`runtime/sampling.py`) — "positional": from the seed
+    and the token's index in the answer, so a seed gives one text whether the answer is drafted or not, alone or
+    in any batch; "sequential": drawn in order from a seeded generator, drafts verified by speculative sampling
+    (the most drafts accepted, but the text depends on what was drafted); "auto" (the default): positional where
+    a seed is given, else sequential."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -73,6 +79,7 @@ class GenConfig:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    sampling: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not one per character
@@ -83,6 +90,11 @@ class GenConfig:
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def positional(self) -> bool:
+        """Whether sampled tokens take their randomness from their index in the answer (see `sampling`)."""
+        return self.do_sample and (self.sampling == "positional" or (self.sampling == "auto" and self.seed is not None))
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -97,8 +109,11 @@ class GenConfig:
             raise TwigVLMError(f"seed={self.seed} is invalid: use an integer in [0, 2**63)")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise TwigVLMError("stop strings must be non-empty strings")
+        if self.sampling not in SAMPLING_MODES:
+            raise TwigVLMError(f"sampling={self.sampling!r} is unknown: use one of {', '.join(SAMPLING_MODES)}")
 
 
+SAMPLING_MODES = ("auto", "positional", "sequential")  # GenConfig.sampling
 PRUNE_METHODS = ("none", "twig", "fastv", "visionzip", "cdpruner", "dart")
 QUERY_MODES = ("last", "text")
 PRUNE_HEADS = ("attention", "pruning")  # what the twig scores with: its last layer's attention, or its pruning head

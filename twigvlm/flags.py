@@ -19,6 +19,7 @@ from .config import (
     PRUNE_METHODS,
     QUANTIZE_MODES,
     QUERY_MODES,
+    SAMPLING_MODES,
     GenConfig,
     PruneConfig,
     SpecConfig,
@@ -117,13 +118,20 @@ def add_runtime_args(p: Group, quantize: bool = True) -> None:
 
 
 def add_sampling_args(p: Group, max_new_tokens: int = GenConfig.max_new_tokens, full: bool = True) -> None:
-    """--max-new-tokens, --temperature, --seed; with `full` also --top-k, --top-p, --stop, --ignore-eos."""
+    """--max-new-tokens, --temperature, --seed; with `full` also --top-k, --top-p, --sampling, --stop, --ignore-eos."""
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="(default: %(default)s)")
     p.add_argument("--temperature", type=float, default=GenConfig.temperature, help="0 = greedy (the default)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     if full:
         p.add_argument("--top-k", type=int, default=GenConfig.top_k, help="(default: %(default)s, off)")
         p.add_argument("--top-p", type=float, default=GenConfig.top_p, help="(default: %(default)s, off)")
+        p.add_argument(
+            "--sampling",
+            choices=list(SAMPLING_MODES),
+            default=GenConfig.sampling,
+            help="positional: a seed gives one text whether drafted or not; sequential: drafts verified by "
+            "speculative sampling, the most accepted; auto (default): positional where --seed is given",
+        )
         p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
@@ -138,6 +146,7 @@ def gen_from_args(args: argparse.Namespace) -> GenConfig:
         seed=args.seed,
         stop=tuple(getattr(args, "stop", ())),
         ignore_eos=getattr(args, "ignore_eos", False),
+        sampling=getattr(args, "sampling", GenConfig.sampling),
     )
 
 

@@ -125,7 +125,7 @@ class BatchSession:
         row.state = engine.new_state()  # the twig's caches too, where TTP scores with it
         t0 = time.perf_counter()
         logits, row.pruned = _prefill(engine, row.state, encoded, prune, prime_twig=spec is not None)
-        row.take(int(pick_tokens(logits, cfg, row.generator)[0]))
+        row.take(int(pick_tokens(logits, cfg, row.generator, 0)[0]))  # the answer's first token
         if spec is not None:
             row.spec_stats = SpecStats()
             if row.reason is None:
@@ -191,7 +191,7 @@ class BatchSession:
             t0 = time.perf_counter()
             budget = min(row.budget, self._draft_cap(1))
             block, drafted, accepted = speculative_step(
-                row.solo, row.next_token, budget, row.cfg, row.generator, row.spec_stats, stop
+                row.solo, row.next_token, budget, row.cfg, row.generator, row.spec_stats, stop, len(row.ids)
             )
             row.solo_tokens, row.solo_s = row.solo_tokens + len(block), row.solo_s + time.perf_counter() - t0
             row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
@@ -200,7 +200,7 @@ class BatchSession:
         with torch.inference_mode():
             ids = torch.tensor([[row.next_token]], device=state.cache[0].keys().device)
             logits = self.engine.step(state, ids)[:, -1]
-        row.take(int(pick_tokens(logits, row.cfg, row.generator)[0]))
+        row.take(int(pick_tokens(logits, row.cfg, row.generator, len(row.ids))[0]))
 
     def _solo_drafter(self, row: Row) -> TwigChainDrafter | TwigTreeDrafter:
         """The row's own drafter (`choice.make_drafter`, as a generation alone makes it), taking over its twig's
@@ -231,8 +231,10 @@ class BatchSession:
             logits = batch_step(self.engine, self.slots, rows)
             greedy = logits.argmax(dim=-1).tolist()  # [R]: one call for the greedy rows
             for r, row in enumerate(rows):
-                sampled = row.cfg.do_sample
-                row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator)[0]) if sampled else greedy[r])
+                if row.cfg.do_sample:  # at its answer index, len(row.ids)
+                    row.take(int(pick_tokens(logits[r : r + 1], row.cfg, row.generator, len(row.ids))[0]))
+                else:
+                    row.take(greedy[r])
         else:
             self.drafted_steps += 1
             assert self.twig_slots is not None

@@ -61,10 +61,12 @@ class Plan:
     def growth(self, row: Row) -> Growth:
         """The row's growth for this step (its own stop tokens, sampling, threshold and generator)."""
         stop = row.eos | row.stop_ids
+        index = len(row.ids)  # the answer index of the root's children
         if self.kind == "tree":
-            return TreeGrowth(row.next_token, self.topk, self.nodes, self.depth, stop, row.cfg)
+            return TreeGrowth(row.next_token, self.topk, self.nodes, self.depth, stop, row.cfg, row.generator, index)
         assert row.choice is not None
-        return ChainGrowth(row.next_token, self.depth, row.choice.spec.threshold, stop, row.cfg, row.generator)
+        threshold = row.choice.spec.threshold
+        return ChainGrowth(row.next_token, self.depth, threshold, stop, row.cfg, row.generator, index)
 
     def within(self, spec: SpecConfig, left: int) -> Plan:
         """This plan for a row whose request allows `spec`'s draft lengths and tree sizes at most, and whose answer
@@ -168,10 +170,10 @@ def draft_step(
         growth, draft = growths[r], tree_drafts[r]
         if row.choice is None:  # not speculative: its token as a plain step picks it
             row.state.next_position = starts[r] + 1
-            results.append(([int(pick_tokens(target[r], row.cfg, row.generator)[0])], 0, 0))
+            results.append(([int(pick_tokens(target[r], row.cfg, row.generator, len(row.ids))[0])], 0, 0))
             continue
         draft = draft or growth.draft()  # a drafting row without drafts this step: its root alone
-        path, nxt = accept(draft, target[r], row.cfg, row.generator)
+        path, nxt = accept(draft, target[r], row.cfg, row.generator, len(row.ids))
         row.ranks += growth.ranks(path)
         commit_path(row.state, growth, path, passes.kslots[r], passes.tslots[r], row.pending, starts[r], K)
         results.append(([draft.tokens[i] for i in path[1:]] + [nxt], draft.size, len(path) - 1))

@@ -21,7 +21,7 @@ from ..errors import TwigVLMError, require_batch_one
 from ..pruning.prefill import PruneStats, plan_for, pruned_prefill
 from ..runtime.interrupt import Interrupted, interruptible
 from ..runtime.quant import prefill_products
-from ..runtime.sampling import make_generator, pick_tokens
+from ..runtime.sampling import Sampler, make_generator, pick_tokens
 from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, recording
 from ..speculative.loop import speculative_blocks
 from ..speculative.stats import SpecStats
@@ -125,16 +125,16 @@ def _until(blocks: Iterable[list[int]], cancelled: threading.Event) -> Iterator[
 
 
 def _ar_blocks(
-    engine: Engine, state: DecodeState, first: int, cfg: GenConfig, generator: torch.Generator | None
+    engine: Engine, state: DecodeState, first: int, cfg: GenConfig, generator: Sampler | None
 ) -> Iterator[list[int]]:
     """Plain autoregressive decoding: one token per block; a step runs only when the next block is asked for."""
     token = first
     device = state.cache[0].keys().device
-    while True:
+    for index in itertools.count(1):  # the answer index of the token this step picks
         yield [token]
         with torch.inference_mode():
             logits = engine.step(state, torch.tensor([[token]], device=device))[:, -1]
-        token = int(pick_tokens(logits, cfg, generator)[0])
+        token = int(pick_tokens(logits, cfg, generator, index)[0])
 
 
 def _speculative_blocks(
@@ -143,7 +143,7 @@ def _speculative_blocks(
     first: int,
     cfg: GenConfig,
     spec: SpecConfig,
-    generator: torch.Generator | None,
+    generator: Sampler | None,
     stats: SpecStats,
     stop_ids: set[int],
     record: DraftRecord,
@@ -210,7 +210,7 @@ class Generation:
             stats = generation_stats(encoded, ids, "cancelled", t_end - t0, 0.0, None, None)
             self.result = GenerationResult(text="", token_ids=ids, stats=stats)
             return
-        first = int(pick_tokens(logits, cfg, generator)[0])  # logits [1, V]
+        first = int(pick_tokens(logits, cfg, generator, 0)[0])  # logits [1, V]: answer index 0
         t_prefill = time.perf_counter()
         spec_stats = SpecStats() if self.spec is not None else None
         if self.spec is not None:

@@ -11,6 +11,7 @@ from ..adapters.base import Encoded
 from ..config import GenConfig, PruneConfig, SpecConfig
 from ..engine import DecodeState
 from ..pruning.prefill import PruneStats
+from ..runtime.sampling import Sampler
 from ..speculative.chain import TwigChainDrafter
 from ..speculative.choice import DrafterChoice
 from ..speculative.stats import SpecStats
@@ -35,7 +36,7 @@ class Row:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     text: TextStream | None = None
-    generator: torch.Generator | None = None
+    generator: Sampler | None = None  # a sampled request's randomness
     eos: set[int] = field(default_factory=set)
     stop_ids: set[int] = field(default_factory=set)
     pieces: list[str] = field(default_factory=list)  # text not yet handed on (a server streams and clears it)

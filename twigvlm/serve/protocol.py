@@ -18,7 +18,17 @@ from typing import Any
 
 from PIL import Image
 
-from ..config import DRAFTERS, PRUNE_METHODS, GenConfig, PruneConfig, SettingError, SpecConfig, pruning, speculation
+from ..config import (
+    DRAFTERS,
+    PRUNE_METHODS,
+    SAMPLING_MODES,
+    GenConfig,
+    PruneConfig,
+    SettingError,
+    SpecConfig,
+    pruning,
+    speculation,
+)
 from ..errors import TwigVLMError
 from ..generation.stats import GenerationResult
 from .config import ServeConfig
@@ -56,6 +66,7 @@ KNOWN = (
         "top_p",
         "top_k",
         "seed",
+        "sampling",
         "stop",
         "stream",
         "stream_options",
@@ -201,6 +212,9 @@ def _gen_config(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenConfig, str 
     seed = _typed(body, "seed", (int,), "an integer")
     if seed is not None and not 0 <= seed < 2**63:
         raise bad_request(f"'seed' must be an integer in [0, 2**63), got {seed}", "seed")
+    sampling = _typed(body, "sampling", (str,), f"one of {', '.join(SAMPLING_MODES)}")
+    if sampling is not None and sampling not in SAMPLING_MODES:
+        raise bad_request(f"'sampling' must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}", "sampling")
     gen = GenConfig(
         max_new_tokens=cfg.max_tokens if max_new is None else max_new,
         temperature=float(1.0 if temperature is None else temperature),
@@ -209,6 +223,7 @@ def _gen_config(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenConfig, str 
         seed=seed,
         stop=tuple(stop or ()),
         ignore_eos=bool(_typed(body, "ignore_eos", (bool,), "true or false")),
+        sampling=sampling or GenConfig.sampling,
     )
     return gen, max_param
 

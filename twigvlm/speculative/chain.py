@@ -15,6 +15,7 @@ import torch
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
 from ..errors import require_batch_one
+from ..runtime.sampling import Sampler
 from .growth import ChainGrowth, commit_path
 from .loop import TreeDraft
 
@@ -35,7 +36,7 @@ class TwigChainDrafter:
         engine: Engine,
         state: DecodeState,
         cfg: GenConfig,
-        generator: torch.Generator | None,
+        generator: Sampler | None,
         threshold: float = SpecConfig.threshold,
     ) -> None:
         assert engine.twig is not None and state.twig_cache is not None
@@ -45,7 +46,7 @@ class TwigChainDrafter:
         self.ranks: list[int | None] = []  # rank visits for auto's record
         self.K = engine.twig.config.K
         self._pending: list[torch.Tensor] = []  # layer-K hidden states [1, 1, H] not yet in the twig cache
-        self._growth = ChainGrowth(0, 0, threshold, set(), cfg, generator)  # this step's [last, d_1..d_n]
+        self._growth = ChainGrowth(0, 0, threshold, set(), cfg, generator, 0)  # this step's [last, d_1..d_n]
         self._start = 0  # the position of `last`
 
     def _shallow_base(self, token: int) -> torch.Tensor:
@@ -65,9 +66,10 @@ class TwigChainDrafter:
         return self.engine.twig_logits(out[:, -1:], draft=rows is not None, rows=rows)[0, -1]  # [V]
 
     @torch.inference_mode()
-    def propose(self, last: int, max_depth: int, stop_ids: set[int]) -> TreeDraft:
+    def propose(self, last: int, max_depth: int, stop_ids: set[int], index: int) -> TreeDraft:
         self._start = self.state.next_position
-        growth = self._growth = ChainGrowth(last, max_depth, self.threshold, stop_ids, self.cfg, self.generator)
+        growth = ChainGrowth(last, max_depth, self.threshold, stop_ids, self.cfg, self.generator, index)
+        self._growth = growth
         nodes = growth.nodes
         nodes[0].hidden = self._shallow_base(last)
         more = max_depth > 0

@@ -32,6 +32,7 @@ import torch
 
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
+from ..runtime.sampling import Sampler
 from .chain import TwigChainDrafter
 from .stats import SpecStats
 from .tree import TwigTreeDrafter
@@ -147,12 +148,12 @@ def choose_drafter(
 
 
 def make_drafter(
-    engine: Engine, state: DecodeState, cfg: GenConfig, generator: torch.Generator | None, choice: DrafterChoice
+    engine: Engine, state: DecodeState, cfg: GenConfig, generator: Sampler | None, choice: DrafterChoice
 ) -> TwigChainDrafter | TwigTreeDrafter:
     """The drafter a choice of "chain" or "tree" runs with its settings, on this generation's state."""
     s = choice.spec
     if choice.kind == "tree":
-        return TwigTreeDrafter(engine, state, cfg, s.tree_topk, s.tree_nodes)
+        return TwigTreeDrafter(engine, state, cfg, s.tree_topk, s.tree_nodes, generator)
     return TwigChainDrafter(engine, state, cfg, generator, s.threshold)
 
 

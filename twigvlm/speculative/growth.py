@@ -27,7 +27,7 @@ import torch
 
 from ..config import GenConfig
 from ..engine import DecodeState
-from ..runtime.sampling import probs_from_logits
+from ..runtime.sampling import PositionalNoise, Sampler, probs_from_logits
 from .loop import TreeDraft
 
 
@@ -95,14 +95,31 @@ class TreeGrowth(Growth):
     """EAGLE-2's dynamic tree of at most `nodes` drafted nodes, `max_depth` deep, k = `topk` children per expanded
     node and nodes expanded per level (see the module docstring)."""
 
-    def __init__(self, root: int, topk: int, nodes: int, max_depth: int, stop_ids: set[int], cfg: GenConfig) -> None:
+    def __init__(
+        self,
+        root: int,
+        topk: int,
+        nodes: int,
+        max_depth: int,
+        stop_ids: set[int],
+        cfg: GenConfig,
+        generator: Sampler | None,
+        index: int,
+    ) -> None:
         super().__init__(root)
         self.topk, self.n, self.max_depth, self.stop_ids, self.cfg = topk, nodes, max_depth, stop_ids, cfg
+        self.noise = generator if isinstance(generator, PositionalNoise) and cfg.do_sample else None
+        self.index = index  # the answer index of the root's children
         self.level = 0
 
     def grow(self, parents: list[int], logits: torch.Tensor) -> tuple[list[int], bool]:
-        # in sampling, the filtered distribution's: any fixed choice of drafts is lossless
-        logp = probs_from_logits(logits, self.cfg).log() if self.cfg.do_sample else logits.float().log_softmax(-1)
+        if self.noise is not None:  # positional sampling: the twig's scores perturbed as the target's will be
+            indices = [self.index + self.nodes[p].depth for p in parents]
+            logp = self.noise.scores(logits, self.cfg, indices).log_softmax(-1)
+        elif self.cfg.do_sample:  # the filtered distribution's: any fixed choice of drafts is lossless
+            logp = probs_from_logits(logits, self.cfg).log()
+        else:
+            logp = logits.float().log_softmax(-1)
         self.level += 1
         new = self._expand(parents, logp)
         live = [i for i in new if self.nodes[i].token not in self.stop_ids]  # nothing follows a stop token
@@ -144,8 +161,9 @@ class TreeGrowth(Growth):
 
 
 class ChainGrowth(Growth):
-    """At most `budget` drafts in a row, each the twig's best token after the newest (sampling: drawn from its
-    distribution q, kept in `probs`), stopping at a stop token or below the confidence `threshold`."""
+    """At most `budget` drafts in a row, each the twig's best token after the newest (sequential sampling: drawn
+    from its distribution q, kept in `probs`; positional: the best of its perturbed scores), stopping at a stop
+    token or below the confidence `threshold`. `index`: the answer index of the first draft."""
 
     def __init__(
         self,
@@ -154,16 +172,21 @@ class ChainGrowth(Growth):
         threshold: float,
         stop_ids: set[int],
         cfg: GenConfig,
-        generator: torch.Generator | None,
+        generator: Sampler | None,
+        index: int,
     ) -> None:
         super().__init__(root)
         self.budget, self.threshold, self.stop_ids = budget, threshold, stop_ids
-        self.cfg, self.generator = cfg, generator
+        self.cfg, self.generator, self.index = cfg, generator, index
         self.probs: list[torch.Tensor] = []
 
     def grow(self, parents: list[int], logits: torch.Tensor) -> tuple[list[int], bool]:
         logits = logits[-1]  # [V]: after the newest draft
-        if self.cfg.do_sample:
+        if self.cfg.do_sample and isinstance(self.generator, PositionalNoise):
+            scores = self.generator.scores(logits[None], self.cfg, [self.index + len(self.nodes) - 1])[0]  # [V]
+            token = int(scores.argmax())  # a sample of q, as sequential sampling's draft; τ reads q(token) alike
+            confidence = float(probs_from_logits(logits, self.cfg)[token]) if self.threshold > 0 else 1.0
+        elif self.cfg.do_sample:
             q = probs_from_logits(logits, self.cfg)
             token = int(torch.multinomial(q, 1, generator=self.generator))
             self.probs.append(q)

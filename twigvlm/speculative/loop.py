@@ -13,6 +13,9 @@ logits predicts the token after node i's path), and `accept` picks the accepted 
   distribution there, try its children in order: accept child x with probability p(x); on rejection set
   p(x) = 0 and renormalise; when every child is rejected (or there is none), sample the extra token from what
   remains of p — sampling from p by asking "is it x₁? x₂? …" in turn.
+- positional sampling (`runtime.sampling.PositionalNoise`): the greedy rule on the target's perturbed scores, each
+  node's row perturbed with the noise of the answer index it predicts — the token plain sampling would pick
+  there, so the text is the same whatever was drafted.
 
 `commit` keeps the root and the accepted path in every cache. The loop talks to a drafter only through `Drafter`,
 so stub drafters with hand-written logits test the accept rules and the loop directly; the engine's drafters are
@@ -29,7 +32,7 @@ from typing import Protocol
 import torch
 
 from ..config import GenConfig
-from ..runtime.sampling import probs_from_logits
+from ..runtime.sampling import PositionalNoise, Sampler, probs_from_logits
 from .stats import SpecStats
 
 
@@ -85,8 +88,9 @@ class TreeDraft:
 
 
 class Drafter(Protocol):
-    def propose(self, last: int, max_depth: int, stop_ids: set[int]) -> TreeDraft:
-        """Feed `last` (the newest accepted token, not yet in any cache) and draft at most max_depth deep."""
+    def propose(self, last: int, max_depth: int, stop_ids: set[int], index: int) -> TreeDraft:
+        """Feed `last` (the newest accepted token, not yet in any cache) and draft at most max_depth deep; `index`:
+        the answer index of the token after `last` (where positional sampling's noise is keyed)."""
 
     def verify(self, draft: TreeDraft) -> torch.Tensor:
         """Target logits [N + 1, V]: row i predicts the token after node i's path."""
@@ -96,11 +100,14 @@ class Drafter(Protocol):
 
 
 def accept(
-    draft: TreeDraft, target_logits: torch.Tensor, cfg: GenConfig, generator: torch.Generator | None
+    draft: TreeDraft, target_logits: torch.Tensor, cfg: GenConfig, generator: Sampler | None, index: int
 ) -> tuple[list[int], int]:
-    """(the accepted path as node indices, the root first; the token that follows it). See the module docstring."""
+    """(the accepted path as node indices, the root first; the token that follows it). See the module docstring.
+    `index`: the answer index of the token after the root (node i's row predicts index + its depth)."""
     children, path = draft.children(), [0]
-    if not cfg.do_sample:
+    if isinstance(generator, PositionalNoise) and cfg.do_sample:
+        target_logits = generator.scores(target_logits, cfg, [index + d for d in draft.depths()])
+    if not cfg.do_sample or isinstance(generator, PositionalNoise):
         target = target_logits.argmax(dim=-1).tolist()  # [N + 1]
         while True:
             node = path[-1]
@@ -155,17 +162,19 @@ def speculative_step(
     last: int,
     budget: int,
     cfg: GenConfig,
-    generator: torch.Generator | None,
+    generator: Sampler | None,
     stats: SpecStats,
     stop_ids: set[int],
+    index: int,
 ) -> tuple[list[int], int, int]:
-    """One draft → verify → accept → commit below `last`, at most `budget` deep: (the new tokens — the accepted
-    drafts and the target's token after them —, the nodes drafted, the drafts accepted); timed into `stats`."""
+    """One draft → verify → accept → commit below `last`, at most `budget` deep, `index` the answer index of the
+    token after `last`: (the new tokens — the accepted drafts and the target's token after them —, the nodes
+    drafted, the drafts accepted); timed into `stats`."""
     t0 = time.perf_counter()
-    draft = drafter.propose(last, budget, stop_ids)
+    draft = drafter.propose(last, budget, stop_ids, index)
     t1 = time.perf_counter()
     logits = drafter.verify(draft)
-    path, nxt = accept(draft, logits, cfg, generator)
+    path, nxt = accept(draft, logits, cfg, generator, index)
     drafter.commit(path)
     accepted = len(path) - 1
     stats.add_step(
@@ -190,7 +199,7 @@ def speculative_blocks(
     drafter: Drafter,
     first: int,
     cfg: GenConfig,
-    generator: torch.Generator | None,
+    generator: Sampler | None,
     stats: SpecStats,
     stop_ids: set[int],
     depth: int,
@@ -204,7 +213,7 @@ def speculative_blocks(
     last, produced = first, 1
     while produced < cfg.max_new_tokens:
         budget = min(depth, cfg.max_new_tokens - produced - 1)  # a step emits at most budget + 1 tokens
-        block, drafted, accepted = speculative_step(drafter, last, budget, cfg, generator, stats, stop_ids)
+        block, drafted, accepted = speculative_step(drafter, last, budget, cfg, generator, stats, stop_ids, produced)
         depth = adapt_depth(depth, drafted, accepted, adaptive_cap)
         produced += len(block)
         last = block[-1]

@@ -21,6 +21,7 @@ import torch
 from ..config import GenConfig
 from ..engine import DecodeState, Engine
 from ..errors import require_batch_one
+from ..runtime.sampling import Sampler
 from .growth import TreeGrowth, commit_path
 from .loop import TreeDraft
 
@@ -41,23 +42,26 @@ class TwigTreeDrafter:
         cfg: GenConfig,
         topk: int,
         nodes: int,
+        generator: Sampler | None = None,
     ) -> None:
         assert engine.twig is not None and state.twig_cache is not None
         require_batch_one(state.cache[0].keys().shape[0], "speculative decoding")
         self.engine, self.state, self.cfg, self.topk, self.nodes = engine, state, cfg, topk, nodes
+        self.generator = generator  # positional sampling's noise perturbs the twig's scores (a generator: unused)
         self.ranks: list[int | None] = []  # at each reached node with children: the accepted child's rank, or None
         self.K = engine.twig.config.K
         self._pending: list[torch.Tensor] = []  # layer-K states [1, 1, H] not yet in the twig cache
-        self._growth = TreeGrowth(0, topk, nodes, 0, set(), cfg)
+        self._growth = TreeGrowth(0, topk, nodes, 0, set(), cfg, generator, 0)
         self._kslots: list[int] = []  # the node in each entry of the layers-1..K caches' tail this step
         self._tslots: list[int] = []  # the node in each entry of the twig caches' tail this step
         self._start = 0  # the root's position
 
     # ---- drafting -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def propose(self, last: int, max_depth: int, stop_ids: set[int]) -> TreeDraft:
+    def propose(self, last: int, max_depth: int, stop_ids: set[int], index: int) -> TreeDraft:
         self._start = self.state.next_position
-        growth = self._growth = TreeGrowth(last, self.topk, self.nodes, max_depth, stop_ids, self.cfg)
+        growth = TreeGrowth(last, self.topk, self.nodes, max_depth, stop_ids, self.cfg, self.generator, index)
+        self._growth = growth
         self._kslots, self._tslots = [], []
         self._run_base([0])
         if max_depth > 0:
