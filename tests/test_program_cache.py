@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import twigvlm
+from twigvlm.runtime import compiled as compiled_steps
 from twigvlm.runtime import program_cache
 
 from .conftest import random_image, random_prompt
@@ -73,6 +74,18 @@ def test_a_programs_name_follows_what_its_code_depends_on(adapters, model_dirs, 
     other = copy.deepcopy(layers[0])
     other.self_attn.config.rope_theta = 1.0  # the layer's config
     assert program_cache.digest(key, other, 1, cpu) != name
+
+
+def test_layers_whose_constants_differ_share_no_program_in_a_process(adapters):
+    """The in-process key, like the file's name: layers that differ only in their index share one program; a layer
+    with a constant of its own (a sliding window, a scale) gets its own."""
+    layers = adapters["llama-clip"].layers
+    programs = compiled_steps.StepPrograms(adapters["llama-clip"])
+    assert programs._layer_key(layers[0]) == programs._layer_key(layers[-1])
+    for attribute, value in (("sliding_window", 4), ("scaling", 2 * layers[0].self_attn.scaling)):
+        changed = copy.deepcopy(layers[0])
+        setattr(changed.self_attn, attribute, value)
+        assert programs._layer_key(changed) != programs._layer_key(layers[0]), attribute
 
 
 class _Program:

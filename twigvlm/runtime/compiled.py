@@ -338,7 +338,8 @@ class StepPrograms:
 
     def _layer_key(self, layer: nn.Module) -> tuple:
         """What a program depends on in a layer: its classes (the kernels' among them), its tensors' shapes, dtypes,
-        devices and layouts, and its kernel plans (traced in: a layout per weight shape)."""
+        devices and layouts, its kernel plans (traced in: a layout per weight shape) and its modules' constants (a
+        sliding window or a scale that differs from layer to layer: `program_cache.layer_constants`)."""
         found = self._layer_keys.get(layer)
         if found is None:
             tensors = [
@@ -346,7 +347,8 @@ class StepPrograms:
                 for n, t in layer.state_dict(keep_vars=True).items()
             ]
             tensors += [(m.kernel_plan.fingerprint(),) for m in layer.modules() if hasattr(m, "kernel_plan")][:1]
-            found = (tuple(type(m).__name__ for m in layer.modules()), tuple(tensors))
+            constants = program_cache.layer_constants(layer)
+            found = (tuple(type(m).__name__ for m in layer.modules()), tuple(tensors), constants)
             self._layer_keys[layer] = found
         return found
 

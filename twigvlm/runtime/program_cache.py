@@ -101,6 +101,18 @@ def _config(config: Any) -> str:
     return json.dumps({k: v for k, v in raw.items() if k not in _CONFIG_PATHS}, sort_keys=True, default=str)
 
 
+def _constants(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    """A module's plain attributes but its index, sorted: (name, repr) pairs."""
+    return tuple(sorted((k, repr(v)) for k, v in vars(module).items()
+                        if not k.startswith("_") and k not in _PER_LAYER and _plain(v)))  # fmt: skip
+
+
+def layer_constants(layer: nn.Module) -> tuple:
+    """The plain attributes a trace of `layer` may bake in, per module (its index excluded): what can differ
+    between layers of one shape — a sliding window, a scale — and must then give each its own program."""
+    return tuple((name, _constants(module)) for name, module in layer.named_modules())
+
+
 def layer_fingerprint(layer: nn.Module) -> list:
     """The constants a trace of `layer` bakes in: per module, its class and the hash of the class's source file,
     its plain attributes (but its index) and its config."""
@@ -111,9 +123,8 @@ def layer_fingerprint(layer: nn.Module) -> list:
             source = _file_digest(inspect.getfile(cls))
         except TypeError:  # a class without a file (built in)
             source = "builtin"
-        attrs = sorted((k, repr(v)) for k, v in vars(module).items()
-                       if not k.startswith("_") and k not in _PER_LAYER and _plain(v))  # fmt: skip
         config = getattr(module, "config", None)
+        attrs = list(_constants(module))
         out.append([name, f"{cls.__module__}.{cls.__qualname__}", source, attrs, _config(config) if config else ""])
     return out
 
