@@ -93,6 +93,19 @@ def test_generate_streams_text(capsys, model_dirs, image):
     assert code == 0 and out.endswith("\n") and "32 visual tokens" in err
 
 
+def test_a_seed_gives_one_text_with_speculation_on_the_command_line(capsys, model_dirs, image, twig_dir):
+    gen = ["generate", "--model", model_dirs["llama-clip"], "--twig", twig_dir, "--image", image, "--prompt", "hi",
+           "--max-new-tokens", "8", "--ignore-eos", "--temperature", "1", "--seed", "5", "--json"]  # fmt: skip
+    texts = []
+    for extra in ([], ["--speculative"], ["--speculative", "--draft", "tree"], ["--sampling", "positional"]):
+        code, out, err = _run(capsys, gen + extra)
+        assert code == 0, err
+        texts.append(json.loads(out)["token_ids"])
+    assert texts[1:] == texts[:1] * 3
+    code, out, err = _run(capsys, gen + ["--sampling", "sequential"])
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 8, err
+
+
 @pytest.mark.parametrize("method", ["twig", "fastv", "visionzip"])
 def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(
     capsys, model_dirs, image, twig_dir, tmp_path, method
@@ -249,6 +262,7 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "unknown flag": (gen + ["--bogus"], "unrecognized arguments"),
         "image is a directory": (gen + ["--image", str(tmp)], "is a directory"),
         "huge seed": (gen + ["--seed", str(2**70), "--temperature", "1"], "seed"),
+        "bad sampling": (gen + ["--sampling", "gumbel"], "invalid choice: 'gumbel'"),
         "no such device": (gen + ["--device", "banana"], "not a torch device"),
         "grow into a file": (["grow", "--model", m, "--out", str(tmp / "notes.png" / "twig")], "which is a file"),
         "tiny onto a file": (["tiny", "--out", str(tmp / "notes.png")], "notes.png is a file: give a folder path"),
