@@ -115,6 +115,30 @@ def test_a_twig_that_is_the_target_has_every_draft_accepted(vlms):
     assert tree.stats.accepted_per_step == [3] * 4 + [2]  # 19 tokens after the first: 4 × (3 + 1), then 2 + 1
 
 
+@pytest.mark.parametrize("plan", ["chains", "trees"])
+def test_rows_drafting_together_with_a_twig_that_is_the_target_have_every_draft_accepted(vlms, monkeypatch, plan):
+    """The same in a batch's shared passes (`Plan.growth`'s index): two seeded rows drafting together, a chain of 3
+    or a one-child tree 3 deep each step, accept every draft and give their plain ids."""
+    base = vlms["llama-clip"]
+    vlm = with_twig(base, 2, base.adapter.spec.num_layers - 2)
+    forced = batched.Plan("chain", 3) if plan == "chains" else batched.Plan("tree", 3, 3, 1)
+    together: list[int] = []
+    real = batched.draft_step
+    monkeypatch.setattr(batch_module, "batch_plan", lambda *a: (forced, 1.0))
+    monkeypatch.setattr(
+        batch_module, "draft_step", lambda e, s, t, rows, p: together.append(len(rows)) or real(e, s, t, rows, p)
+    )
+    spec = SpecConfig(draft="tree" if plan == "trees" else "chain", draft_len=3, threshold=0.0, tree_nodes=3,
+                      tree_depth=3, tree_topk=1)  # fmt: skip
+    requests = [dict(prompt=random_prompt(90 + i, 4 + i), image=random_image(90 + i), max_new_tokens=17, seed=i,
+                     speculative=spec, **SAMPLED) for i in range(2)]  # fmt: skip
+    results = vlm.generate(requests)
+    assert together and min(together) == 2  # the steps drafted with both rows in them
+    for request, result in zip(requests, results, strict=True):
+        assert result.token_ids == _ids(vlm, request, speculative=None)
+        assert result.stats.accepted == result.stats.drafted > 0
+
+
 PLANS = {"plain": None, "chains": batched.Plan("chain", 2), "trees": batched.Plan("tree", 3, 6, 2)}
 
 

@@ -250,7 +250,7 @@ class VLM:
             twig and verifies with the full model (lossless).
         twig: the twig this generation uses: True the current one (`VLM.twig`), False none, or a Twig.
         video: video input(s) for a family that takes video (see `encode`).
-        kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos.
+        kwargs are GenConfig fields: max_new_tokens, temperature, top_k, top_p, seed, sampling, stop, ignore_eos.
         """
         engine = self.engine_for(twig)
         cfg, prune, spec = self._settings(engine, config, kwargs, prune, speculative)

@@ -9,10 +9,13 @@ A sampled request's randomness (`make_generator`, by `GenConfig.sampling`) is on
   (`speculative/loop.py`), which accepts the most drafts a lossless rule can (1 − TV per draft), but what it
   draws depends on what was drafted: the same seed gives another (equally distributed) text when the drafts differ.
 - **positional** (`PositionalNoise`): the token at answer index n is argmax_v (log p_n(v) + G_n(v)), with G_n
-  standard Gumbel noise drawn from (seed, n) alone — an exact sample of p_n (the Gumbel-max trick). The text is
-  then a function of the seed, the prompt and the model only: plain decoding, a chain, a tree, auto's plan, alone
-  or in any batch all give it, and a draft is accepted exactly when it is the token the target picks at its index
-  (the greedy rule on the perturbed scores, `PositionalNoise.scores`). Drafts drawn with the same noise from the
+  standard Gumbel noise drawn from (seed, n) alone (on the CPU, whatever the model's device) — an exact sample of
+  p_n (the Gumbel-max trick). The text is then a function of the seed, the prompt and the model's logits only:
+  plain decoding, a chain, a tree, auto's plan, alone or in any batch all give it wherever their logits agree bit
+  for bit (fp32 on a CPU, as the tests hold; in bf16 on a GPU a verification's logits can differ from a one-token
+  step's in the last bits, and a token whose two best perturbed scores are that close may flip), and a draft is
+  accepted exactly when it is the token the target picks at its index (the greedy rule on the perturbed scores,
+  `PositionalNoise.scores`). Drafts drawn with the same noise from the
   twig's distribution are accepted with probability at least (1 − TV) / (1 + TV) (drafter-invariant speculative
   decoding, Daliri, Musco and Suresh 2024).
 """
@@ -57,20 +60,22 @@ class PositionalNoise:
 
     def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
         self.seed, self.device = seed, torch.device(device)
-        self._generator = torch.Generator(device=self.device)
-        self._kept: dict[tuple[int, int], torch.Tensor] = {}  # (index, V) → noise [V], the newest NOISE_KEPT
+        self._generator = torch.Generator()  # on the CPU: the same noise whatever device the model is on
+        self._kept: dict[tuple[int, int], torch.Tensor] = {}  # (index, V) → noise [V], least recently used first
 
     def gumbel(self, index: int, vocab: int) -> torch.Tensor:
-        """G_index [V] (float32): the same numbers for the same seed and index, whoever asks and when."""
-        noise = self._kept.get((index, vocab))
+        """G_index [V] (float32, on the request's device): the same numbers for the same seed and index, whoever
+        asks and when."""
+        noise = self._kept.pop((index, vocab), None)
         if noise is None:
             key = hashlib.blake2b(f"{self.seed}/{index}".encode(), digest_size=8).digest()
             self._generator.manual_seed(int.from_bytes(key, "little") >> 1)
-            u = torch.rand(vocab, generator=self._generator, device=self.device)  # [V] in [0, 1)
-            noise = -torch.log(-torch.log(u.clamp_(min=torch.finfo(u.dtype).tiny)))
+            u = torch.rand(vocab, generator=self._generator, dtype=torch.float32)  # [V] in [0, 1)
+            u = u.clamp_(torch.finfo(torch.float32).tiny, 1.0 - 2.0**-24)  # finite noise at both ends
+            noise = (-torch.log(-torch.log(u))).to(self.device)
             if len(self._kept) >= NOISE_KEPT:
                 self._kept.pop(next(iter(self._kept)))
-            self._kept[(index, vocab)] = noise
+        self._kept[(index, vocab)] = noise  # (re)inserted last: the most recently used
         return noise
 
     def scores(self, logits: torch.Tensor, cfg: GenConfig, indices: Sequence[int]) -> torch.Tensor:
