@@ -15,9 +15,9 @@ A sampled request's randomness (`make_generator`, by `GenConfig.sampling`) is on
   for bit (fp32 on a CPU, as the tests hold; in bf16 on a GPU a verification's logits can differ from a one-token
   step's in the last bits, and a token whose two best perturbed scores are that close may flip), and a draft is
   accepted exactly when it is the token the target picks at its index (the greedy rule on the perturbed scores,
-  `PositionalNoise.scores`). Drafts drawn with the same noise from the
-  twig's distribution are accepted with probability at least (1 − TV) / (1 + TV) (drafter-invariant speculative
-  decoding, Daliri, Musco and Suresh 2024).
+  `PositionalNoise.scores`). Drafts drawn with the same noise from the twig's distribution are accepted with
+  probability at least (1 − TV) / (1 + TV) (drafter-invariant speculative decoding, Daliri, Musco and Suresh
+  2024).
 """
 
 from __future__ import annotations
@@ -48,10 +48,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def tempered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
+    """The logits [..., V] (float32) divided by the temperature, -inf outside `cfg`'s top-k and top-p."""
+    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
+
+
 def probs_from_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
     """The sampling distribution [..., V] (float32) that `cfg` defines over these logits."""
-    scaled = logits.float() / cfg.temperature
-    return filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(dim=-1)
+    return tempered_logits(logits, cfg).softmax(dim=-1)
 
 
 class PositionalNoise:
@@ -81,9 +85,12 @@ class PositionalNoise:
     def scores(self, logits: torch.Tensor, cfg: GenConfig, indices: Sequence[int]) -> torch.Tensor:
         """Perturbed scores [n, V] (float32) of logits [n, V] whose row i predicts answer index indices[i]: the
         tempered, filtered logits plus that index's noise. A row's argmax is the token sampled there."""
-        scaled = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)  # [n, V]
-        noise = torch.stack([self.gumbel(i, logits.shape[-1]) for i in indices]).to(scaled.device)
-        return scaled + noise
+        return self.perturb(tempered_logits(logits, cfg), indices)
+
+    def perturb(self, tempered: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """`scores` of logits already tempered and filtered (`tempered_logits`) [n, V]."""
+        noise = torch.stack([self.gumbel(i, tempered.shape[-1]) for i in indices]).to(tempered.device)
+        return tempered + noise
 
 
 Sampler = torch.Generator | PositionalNoise  # a sampled request's randomness

@@ -27,7 +27,7 @@ import torch
 
 from ..config import GenConfig
 from ..engine import DecodeState
-from ..runtime.sampling import PositionalNoise, Sampler, probs_from_logits
+from ..runtime.sampling import PositionalNoise, Sampler, probs_from_logits, tempered_logits
 from .loop import TreeDraft
 
 
@@ -183,9 +183,10 @@ class ChainGrowth(Growth):
     def grow(self, parents: list[int], logits: torch.Tensor) -> tuple[list[int], bool]:
         logits = logits[-1]  # [V]: after the newest draft
         if self.cfg.do_sample and isinstance(self.generator, PositionalNoise):
-            scores = self.generator.scores(logits[None], self.cfg, [self.index + len(self.nodes) - 1])[0]  # [V]
+            tempered = tempered_logits(logits, self.cfg)  # [V], filtered once for the draft and its confidence
+            scores = self.generator.perturb(tempered[None], [self.index + len(self.nodes) - 1])[0]  # [V]
             token = int(scores.argmax())  # a sample of q, as sequential sampling's draft; τ reads q(token) alike
-            confidence = float(probs_from_logits(logits, self.cfg)[token]) if self.threshold > 0 else 1.0
+            confidence = float(tempered.softmax(-1)[token]) if self.threshold > 0 else 1.0
         elif self.cfg.do_sample:
             q = probs_from_logits(logits, self.cfg)
             token = int(torch.multinomial(q, 1, generator=self.generator))
