@@ -99,6 +99,9 @@ def stock_logits(vlm: twigvlm.VLM, prompt, images, videos, new_ids: list[int]) -
     adapter = vlm.adapter
     batch = dict(adapter.process(prompt, list(images), list(videos)))
     batch.pop("attention_mask", None)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in batch and batch[key].is_floating_point():
+            batch[key] = batch[key].to(adapter.dtype)
     ids = torch.cat([batch["input_ids"], torch.tensor([new_ids], dtype=batch["input_ids"].dtype)], 1)
     batch["input_ids"] = ids
     if "mm_token_type_ids" in batch:  # Qwen-VL: the token types of the longer sequence
