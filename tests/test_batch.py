@@ -139,6 +139,20 @@ def test_speculative_and_plain_requests_share_a_batch_and_bad_requests_are_one_l
         llava.generate([dict(prompt="hi", prune=PruneConfig("twig", keep=-1))])
 
 
+def test_a_generation_past_the_models_context_is_refused_before_it_starts(llava):
+    """The decoder's `max_position_embeddings` bounds prompt + answer, alone and in a batch (the server's rule)."""
+    context = llava.adapter.context_length
+    n = llava.encode("hi", random_image(7)).num_tokens
+    room = context - n
+    with pytest.raises(TwigVLMError, match=rf"max_new_tokens={room + 1} does not fit.*ask for at most {room}$"):
+        llava.generate("hi", random_image(7), max_new_tokens=room + 1)
+    with pytest.raises(TwigVLMError, match=rf"^request 1: max_new_tokens=100000000 does not fit.*at most {room}$"):
+        llava.generate([dict(prompt="hi", max_new_tokens=4), dict(prompt="hi", image=random_image(7),
+                                                                   max_new_tokens=10**8)])  # fmt: skip
+    with pytest.raises(TwigVLMError, match=rf"and this model's context is {context}: shorten it"):
+        llava.generate(" ".join(["word"] * context), max_new_tokens=1)
+
+
 @SHARED_PROGRAMS  # with tests/test_compiled.py's: the shared adapters' programs
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
 def test_batches_with_compiled_steps_on(llava, zoo, family):

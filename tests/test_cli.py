@@ -258,6 +258,7 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         ),
         "max-new-tokens 0": (gen + ["--max-new-tokens", "0"], "not positive"),
         "max-new-tokens -3": (gen + ["--max-new-tokens=-3"], "not positive"),
+        "past the context": (gen + ["--max-new-tokens", "100000000"], "does not fit: the prompt"),
         "bad top-p": (gen + ["--top-p", "0"], "top_p"),
         "unknown flag": (gen + ["--bogus"], "unrecognized arguments"),
         "image is a directory": (gen + ["--image", str(tmp)], "is a directory"),
