@@ -23,7 +23,7 @@ from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_reques
 from .engine import Engine
 from .errors import TwigVLMError
 from .generation.batch import generate_batch
-from .generation.loop import Generation
+from .generation.loop import Generation, check_context
 from .generation.stats import GenerationResult
 from .inputs.images import ImageInput, load_images
 from .inputs.named import check_pixel_range, load_model, twig_directory
@@ -277,9 +277,7 @@ class VLM:
         batch's size still gains from drafting)."""
         if _is_batch(prompt):
             return self._generate_batch(prompt, config, prune, speculative, twig, video, image, kwargs)
-        gen = self.stream(prompt, image, config, prune, speculative, twig, video, **kwargs)
-        check_context(gen.encoded.num_tokens, gen.cfg.max_new_tokens, self.adapter.context_length)
-        return gen.run()
+        return self.stream(prompt, image, config, prune, speculative, twig, video, **kwargs).run()
 
     def _generate_batch(
         self,
@@ -328,21 +326,6 @@ class VLM:
         if unknown:
             raise TypeError(f"unknown generation option(s) {sorted(unknown)}; valid: {sorted(_GEN_FIELDS)}")
         return replace(config or GenConfig(), **kwargs)  # checked with the rest by `check_request`
-
-
-def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None, where: str = "") -> None:
-    """A generation must fit the decoder's context (its `max_position_embeddings`; None: no limit known): the prompt
-    leaves room for at least one token, and max_new_tokens fits that room. `where` prefixes the message."""
-    if context is None:
-        return
-    room = context - prompt_tokens
-    if room < 1:
-        raise TwigVLMError(f"{where}the prompt is {prompt_tokens} tokens (pictures included) and this model's context "
-                           f"is {context}: shorten it")  # fmt: skip
-    if max_new_tokens > room:
-        raise TwigVLMError(f"{where}max_new_tokens={max_new_tokens} does not fit: the prompt ({prompt_tokens} tokens, "
-                           f"pictures included) leaves {room} of this model's context of {context}: ask for at most "
-                           f"{room}")  # fmt: skip
 
 
 def _is_batch(prompt: Any) -> bool:

@@ -83,8 +83,6 @@ def run_chat(
     spec: SpecConfig | None = None,
 ) -> Chat:
     """The chat loop: `read(prompt)` gives a line (EOFError ends the chat); answers stream to `out`."""
-    from ..api import check_context
-
     chat = Chat()
     out.write(HELP + "\n")
     while True:
@@ -102,7 +100,6 @@ def run_chat(
         messages, images = chat.turn(line)
         try:
             stream = vlm.stream(messages, image=images, config=config, prune=prune, speculative=spec)
-            check_context(stream.encoded.num_tokens, stream.cfg.max_new_tokens, vlm.adapter.context_length)
             out.write("assistant> ")
             for piece in stream:
                 out.write(piece)

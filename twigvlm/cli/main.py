@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise TwigVLMError("--save-kept needs an --image or a --video")
     if (args.fps is not None or args.max_frames is not None) and not args.video:
         raise TwigVLMError("--fps and --max-frames sample a --video: give one")
-    from ..api import VLM, check_context
+    from ..api import VLM
     from ..inputs.images import load_images
     from ..pruning.picture import picture_layout, save_kept_picture
 
@@ -168,7 +168,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         compile=args.compile,
     )
     stream = vlm.stream(args.prompt, image=images, config=cfg, prune=prune, speculative=spec, video=videos or None)
-    check_context(stream.encoded.num_tokens, stream.cfg.max_new_tokens, vlm.adapter.context_length)
     if args.json:
         stream.run()
     else:

@@ -81,6 +81,21 @@ def emit(
     return reason
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None, where: str = "") -> None:
+    """A generation must fit the decoder's context (its `max_position_embeddings`; None: no limit known): the prompt
+    leaves room for at least one token, and max_new_tokens fits that room. `where` prefixes the message."""
+    if context is None:
+        return
+    room = context - prompt_tokens
+    if room < 1:
+        raise TwigVLMError(f"{where}the prompt is {prompt_tokens} tokens (pictures included) and this model's context "
+                           f"is {context}: shorten it")  # fmt: skip
+    if max_new_tokens > room:
+        raise TwigVLMError(f"{where}max_new_tokens={max_new_tokens} does not fit: the prompt ({prompt_tokens} tokens, "
+                           f"pictures included) leaves {room} of this model's context of {context}: ask for at most "
+                           f"{room}")  # fmt: skip
+
+
 @torch.inference_mode()  # the caches are inference tensors: edit them only inside inference_mode
 def _prefill(
     engine: Engine, state: DecodeState, encoded: Encoded, prune: PruneConfig | None, prime_twig: bool
@@ -195,6 +210,7 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         engine, encoded, cfg = self.engine, self.encoded, self.cfg
+        check_context(encoded.num_tokens, cfg.max_new_tokens, engine.adapter.context_length)  # before any work
         eos, stop_ids, text = stopping(engine.adapter, cfg)
         generator = make_generator(cfg, encoded.inputs_embeds.device)
         # compiled steps: any program this generation can call and still misses is made here, before anything is timed
