@@ -70,7 +70,19 @@ def test_processor_without_chat_template_uses_the_llava15_format(vlm, monkeypatc
         ("", 0, "prompt is empty"),
         ("   ", 1, "prompt is empty"),
         ([], 0, "no messages"),
-        ("<image> and <image>", 1, "2 image placeholder"),
+        ("<image> and <image>", 1, "2 image placeholder"),  # a LLaVA prompt may place its own, one per picture
+        (
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>?"}]}],
+            1,
+            "'<image>', this model's image placeholder: leave it out",
+        ),  # fmt: skip
+        (
+            [{"role": "user", "content": [{"type": "text", "text": " "}]}, {"role": "user", "content": ""}],
+            0,
+            "no text and no picture",
+        ),  # fmt: skip
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}], 1, None),
+        (5, 0, r"prompt \(5\) is invalid: give the question as text, or a chat"),
         ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], 1, "0 image placeholder"),
         ([{"content": "hi"}], 0, "needs a 'role'"),
         ([{"role": "user", "content": [{"type": "video"}]}], 0, "takes images, not videos"),

@@ -115,11 +115,38 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
         ({"top_p": 0}, "top_p"),
         ({"top_k": -2}, "top_k"),
         ({"stop": [""]}, "stop"),
+        ({"max_new_tokens": "5"}, "max_new_tokens='5' is invalid"),  # a string is not a count, quoted as given
+        ({"max_new_tokens": True}, "max_new_tokens=True is invalid"),
+        ({"temperature": "hot"}, "temperature='hot' is invalid"),
+        ({"top_p": "a"}, "top_p='a' is invalid"),
+        ({"stop": 5}, "stop=5 is invalid"),
+        ({"ignore_eos": "yes"}, "ignore_eos='yes' is invalid"),
     ],
 )
 def test_bad_generation_options(vlm, kwargs, message):
     with pytest.raises(TwigVLMError, match=message):
         vlm.generate("hello", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"image": 5}, r"image \(5\) is not a picture"),
+        ({"image": [5]}, r"image \(5\) is not a picture"),
+        ({"image": torch.zeros(3, 8, 8)}, r"image \(a Tensor\) is not a picture"),  # one line, not the tensor
+        ({"video": 5}, r"video \(5\) is invalid"),
+        ({"speculative": "yes"}, r"speculative \('yes'\) is invalid: give True, False or a SpecConfig"),
+        ({"prune": 5}, r"prune \(5\) is invalid: give a method name"),
+        ({"twig": "twig_dir"}, r"twig \('twig_dir'\) is invalid: give True .*vlm.load_twig"),
+        ({"config": {"max_new_tokens": 3}}, r"config \(\{'max_new_tokens': 3\}\) is invalid: give a GenConfig"),
+    ],
+)
+def test_wrongly_typed_arguments_are_one_line_errors_not_type_errors(vlm, kwargs, message):
+    """What a Python user can pass wrongly is a TwigVLMError naming the argument (a TypeError is left for
+    unknown keywords, as Python's own)."""
+    with pytest.raises(TwigVLMError, match=message) as e:
+        vlm.generate("hello", max_new_tokens=2, **kwargs)
+    assert "\n" not in str(e.value)
 
 
 def test_gen_config_object_and_unknown_option(vlm):

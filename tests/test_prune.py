@@ -12,7 +12,7 @@ import torch
 
 import twigvlm
 from twigvlm import PruneConfig, TwigVLMError
-from twigvlm.config import TwigConfig
+from twigvlm.config import SettingError, TwigConfig
 from twigvlm.pruning.prefill import default_wipe_layer, kept_per_layer, plan_pruning, pruned_prefill, query_positions
 from twigvlm.pruning.visionzip import VisionZip
 from twigvlm.twig.model import Twig, grow_twig
@@ -50,17 +50,28 @@ def test_budget_on_the_papers_numbers():
 
 
 @pytest.mark.parametrize(
-    "cfg,message",
+    "cfg,message,param",
     [
-        (PruneConfig("twig", keep=20), "above 36.0 and at most 432.0"),
-        (PruneConfig("twig", keep=500), "at most 432.0; a larger wipe layer"),
-        (PruneConfig("twig", keep=64, wipe_layer=2), "wipe_layer=2 is invalid"),
-        (PruneConfig("twig", keep=64, wipe_layer=33), "wipe_layer=33 is invalid"),
+        (PruneConfig("twig", keep=20), r"\(keep=20\) is infeasible .* above 36.0 and at most 432.0", "keep"),
+        (PruneConfig("twig", keep=500), "at most 432.0; a later wipe layer", "keep"),
+        (PruneConfig("twig", keep_ratio=0.02), r"\(keep_ratio=0.02 of M=576\) is infeasible", "keep_ratio"),
+        (PruneConfig("twig", keep=64, wipe_layer=2), "wipe_layer=2 is invalid", "wipe_layer"),
+        (PruneConfig("twig", keep=64, wipe_layer=33), "wipe_layer=33 is invalid", "wipe_layer"),
+        (PruneConfig("fastv", keep=64, layer=32), "pruning layer K=32 is invalid", "prune_layer"),
     ],
 )
-def test_budget_errors_name_the_feasible_range(cfg, message):
-    with pytest.raises(TwigVLMError, match=message):
-        plan_pruning(cfg, num_layers=32, num_visual=576, K=2)
+def test_budget_errors_name_the_feasible_range_and_the_setting(cfg, message, param):
+    with pytest.raises(SettingError, match=message) as e:
+        plan_pruning(cfg, num_layers=32, num_visual=576, K=cfg.layer or 2)
+    assert e.value.param == param  # the field a server's 400 names
+
+
+def test_an_infeasible_default_budget_says_it_is_the_default():
+    """No budget given: the error says the budget is the default (and names no setting the user gave)."""
+    with pytest.raises(SettingError, match=r"a budget of 1.8 visual tokens per layer \(the default keep_ratio, 1/9 of "
+                       r"M=16\) is infeasible .* above 5.3 and at most 13.3") as e:  # fmt: skip
+        plan_pruning(PruneConfig("twig"), num_layers=6, num_visual=16, K=2)
+    assert e.value.param == "prune"
 
 
 @pytest.mark.parametrize(

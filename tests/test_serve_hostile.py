@@ -256,6 +256,24 @@ def test_errors_name_the_request_own_fields(app):
     error_of(post(app, body(top_p=2)), 400, "'top_p'", "top_p")
     error_of(post(app, body(prune="twig")), 400, "no picture", "prune")  # nothing to prune is not a silent no-op
     error_of(post(app, body(keep=8)), 400, "no picture", "keep")
+    error_of(post(app, body(prune_layer=1)), 400, "no picture", "prune_layer")
+    error_of(post(app, body(text=" ")), 400, "no text and no picture", "messages")
+    error_of(post(app, body(text="<image> hi")), 400, "this model's image placeholder: leave it out", "messages")
+
+
+def test_a_budget_this_model_cannot_honour_names_its_field(app):
+    """Errors found once the picture's M is known (the budget, the layers) name the field that set them, and an
+    infeasible default says it is the default (param: prune); the CLI's --prune-layer, --query and --prune-head
+    are fields here too."""
+    pic = data_url(png_bytes(0))
+    error_of(post(app, body(pic, prune="fastv", wipe_layer=99)), 400, "wipe_layer=99 is invalid", "wipe_layer")
+    error_of(post(app, body(pic, prune="fastv", keep=0.5)), 400, "(keep=0.5) is infeasible", "keep")
+    error_of(post(app, body(pic, prune="fastv", keep_ratio=0.01)), 400, "(keep_ratio=0.01 of M=", "keep_ratio")
+    error_of(post(app, body(pic, prune="fastv", prune_layer=99)), 400, "pruning layer K=99 is invalid", "prune_layer")
+    error_of(post(app, body(pic, prune="fastv", prune_head="pruning")), 400, "pruning head scores for the twig")
+    error_of(post(app, body(pic, prune="dart")), 400, "(the default keep_ratio, 1/9 of M=", "prune")
+    r = post(app, body(pic, prune="fastv", keep_ratio=0.5, prune_layer=1, query="text"))
+    assert r.status_code == 200 and r.json()["twigvlm"]["prune_method"] == "fastv", r.text
 
 
 def test_the_prompt_and_the_answer_must_fit_the_context(app):

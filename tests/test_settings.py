@@ -55,5 +55,6 @@ def test_a_requests_pruning_goes_over_the_servers():
 
 
 def test_speculative_takes_a_switch_or_a_config_not_a_name():
-    with pytest.raises(TypeError, match="draft="):
+    with pytest.raises(SettingError, match="draft=") as e:
         speculation("chain")  # a drafter by name is draft="chain", not speculative="chain"
+    assert e.value.param == "speculative"

@@ -162,14 +162,14 @@ def _bad_inputs(tmp: Path, clip: Path) -> dict[str, tuple[object, dict, str]]:
         "no stream": (tmp / "empty.mp4", {}, f"video {tmp / 'empty.mp4'} has no video stream, so no frames"),
         "folder without images": (tmp / "no-frames", {}, f"frame folder {tmp / 'no-frames'} holds no images"),
         "empty list": ([], {}, "video is an empty list of frames"),
-        "non-image item": ([Image.new("RGB", (4, 4)), 3], {}, "video frame 1 is a int, not an image"),
+        "non-image item": ([Image.new("RGB", (4, 4)), 3], {}, "video frame 1 (3) is not an image"),
         "missing frame file": ([tmp / "f.png"], {}, f"image {tmp / 'f.png'} does not exist"),
         "fps 0": (clip, {"fps": 0}, "fps must be a positive number of frames per second, got 0"),
         "fps < 0": (clip, {"fps": -2.5}, "fps must be a positive number of frames per second, got -2.5"),
         "fps nan": (clip, {"fps": math.nan}, "fps must be a positive number"),
         "max_frames 0": (clip, {"max_frames": 0}, "max_frames must be a whole number >= 1, got 0"),
         "max_frames 2.5": (clip, {"max_frames": 2.5}, "max_frames must be a whole number >= 1, got 2.5"),
-        "not a video": (3.5, {}, "video must be a path, a folder of frames, a list of images or a Video, not a float"),
+        "not a video": (3.5, {}, "video (3.5) is invalid: give a path, a folder of frames"),
     }
 
 

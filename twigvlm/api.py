@@ -19,9 +19,19 @@ import torch
 from .adapters import VLMAdapter, adapter_for
 from .adapters.base import Encoded, Prompt
 from .adapters.capabilities import PixelRange, require
-from .config import GenConfig, PruneConfig, SpecConfig, TwigConfig, check_request, pruning, speculation
+from .config import (
+    PRUNE_METHODS,
+    GenConfig,
+    PruneConfig,
+    SettingError,
+    SpecConfig,
+    TwigConfig,
+    check_request,
+    pruning,
+    speculation,
+)
 from .engine import Engine
-from .errors import TwigVLMError
+from .errors import TwigVLMError, shown
 from .generation.batch import generate_batch
 from .generation.loop import Generation, check_context
 from .generation.stats import GenerationResult
@@ -178,6 +188,11 @@ class VLM:
         """The engine of a generation: True → with the current twig, False → without a twig, a Twig → with it."""
         if twig is True:
             return self._engine
+        if not isinstance(twig, bool | Twig):
+            raise TwigVLMError(
+                f"twig ({shown(twig)}) is invalid: give True (the current twig), False (none) or a Twig "
+                "(vlm.load_twig(path) loads one)"
+            )
         if twig is not False:
             self._runs_like_base(twig)
         return self._engine.with_twig(None if twig is False else twig)
@@ -325,6 +340,8 @@ class VLM:
         unknown = set(kwargs) - _GEN_FIELDS
         if unknown:
             raise TypeError(f"unknown generation option(s) {sorted(unknown)}; valid: {sorted(_GEN_FIELDS)}")
+        if config is not None and not isinstance(config, GenConfig):
+            raise TwigVLMError(f"config ({shown(config)}) is invalid: give a GenConfig, or its fields as keywords")
         return replace(config or GenConfig(), **kwargs)  # checked with the rest by `check_request`
 
 
@@ -336,6 +353,11 @@ def _is_batch(prompt: Any) -> bool:
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
     """A method name ("twig", "fastv", "visionzip", "cdpruner", "dart") at the default budget, or the config as
     given; through `config.pruning` either way, so a budget without a method is refused as on the CLI and over HTTP."""
+    if not (prune is None or isinstance(prune, str | PruneConfig)):
+        raise SettingError(
+            f"prune ({shown(prune)}) is invalid: give a method name ({', '.join(PRUNE_METHODS[1:])}) or a PruneConfig",
+            "prune",
+        )
     return pruning(prune) if isinstance(prune, str) else pruning(base=prune) if prune is not None else None
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sized
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import TwigVLMError
+from .errors import TwigVLMError, shown
 
 HEAD_MODES = ("shared", "copy")
 LAYER_INITS = ("next", "last", "random")  # the paper's initialisation ablation
@@ -84,7 +84,7 @@ class GenConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not one per character
             object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
+        elif isinstance(self.stop, list | set | frozenset):  # anything else is left for `validate` to name
             object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
@@ -97,20 +97,32 @@ class GenConfig:
         return self.do_sample and (self.sampling == "positional" or (self.sampling == "auto" and self.seed is not None))
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise TwigVLMError(f"max_new_tokens={self.max_new_tokens} is invalid: it must be a positive integer")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise TwigVLMError(f"temperature={self.temperature} is invalid: use 0 for greedy or a positive value")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise TwigVLMError(f"top_k={self.top_k} is invalid: use 0 to disable or a positive integer")
-        if not (0.0 < self.top_p <= 1.0):
-            raise TwigVLMError(f"top_p={self.top_p} is invalid: it must be in (0, 1]; 1 disables nucleus sampling")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise TwigVLMError(f"seed={self.seed} is invalid: use an integer in [0, 2**63)")
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise TwigVLMError("stop strings must be non-empty strings")
+        if not _integer(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise TwigVLMError(f"max_new_tokens={self.max_new_tokens!r} is invalid: it must be a positive integer")
+        if not _number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise TwigVLMError(f"temperature={self.temperature!r} is invalid: use 0 for greedy or a positive number")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise TwigVLMError(f"top_k={self.top_k!r} is invalid: use 0 to disable or a positive integer")
+        if not _number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise TwigVLMError(f"top_p={self.top_p!r} is invalid: it must be in (0, 1]; 1 disables nucleus sampling")
+        if self.seed is not None and not (_integer(self.seed) and 0 <= self.seed < 2**63):
+            raise TwigVLMError(f"seed={self.seed!r} is invalid: use an integer in [0, 2**63)")
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise TwigVLMError(f"stop={self.stop!r} is invalid: give a non-empty string or a list of them")
+        if not isinstance(self.ignore_eos, bool):
+            raise TwigVLMError(f"ignore_eos={self.ignore_eos!r} is invalid: give True or False")
         if self.sampling not in SAMPLING_MODES:
             raise TwigVLMError(f"sampling={self.sampling!r} is unknown: use one of {', '.join(SAMPLING_MODES)}")
+
+
+def _integer(value: Any) -> bool:
+    """An int that is not a bool (True is not a token count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 SAMPLING_MODES = ("auto", "positional", "sequential")  # GenConfig.sampling
@@ -158,14 +170,14 @@ class PruneConfig:
             raise TwigVLMError(f"the pruning head scores for the twig: use it with --prune twig, not {self.method}")
         if self.keep is not None and self.keep_ratio is not None:
             raise TwigVLMError("give either keep (average visual tokens per layer) or keep_ratio, not both")
-        if self.keep is not None and not (math.isfinite(self.keep) and self.keep > 0):
-            raise TwigVLMError(f"keep={self.keep} is invalid: give a positive number of visual tokens")
-        if self.keep_ratio is not None and not (0 < self.keep_ratio <= 1):
-            raise TwigVLMError(f"keep_ratio={self.keep_ratio} is invalid: it must be in (0, 1]")
-        if self.wipe_layer is not None and (not isinstance(self.wipe_layer, int) or self.wipe_layer < 1):
-            raise TwigVLMError(f"wipe_layer={self.wipe_layer} is invalid: give a layer number >= 1")
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 1):
-            raise TwigVLMError(f"layer={self.layer} is invalid: give a layer number >= 1")
+        if self.keep is not None and not (_number(self.keep) and math.isfinite(self.keep) and self.keep > 0):
+            raise TwigVLMError(f"keep={self.keep!r} is invalid: give a positive number of visual tokens")
+        if self.keep_ratio is not None and not (_number(self.keep_ratio) and 0 < self.keep_ratio <= 1):
+            raise TwigVLMError(f"keep_ratio={self.keep_ratio!r} is invalid: it must be in (0, 1]")
+        if self.wipe_layer is not None and (not _integer(self.wipe_layer) or self.wipe_layer < 1):
+            raise TwigVLMError(f"wipe_layer={self.wipe_layer!r} is invalid: give a layer number >= 1")
+        if self.layer is not None and (not _integer(self.layer) or self.layer < 1):
+            raise TwigVLMError(f"layer={self.layer!r} is invalid: give a layer number >= 1")
 
     @property
     def active(self) -> bool:
@@ -176,6 +188,15 @@ class PruneConfig:
         if self.keep is not None:
             return float(self.keep)
         return (self.keep_ratio if self.keep_ratio is not None else DEFAULT_KEEP_RATIO) * num_visual
+
+    def budget_origin(self, num_visual: int) -> tuple[str, str]:
+        """Where R̄ came from: the setting as a request names it (the `param` of a budget error) and in words —
+        ("keep", "keep=6"), ("keep_ratio", "keep_ratio=0.25 of M=54"), ("prune", "the default 1/9 of M=54")."""
+        if self.keep is not None:
+            return "keep", f"keep={self.keep:g}"
+        if self.keep_ratio is not None:
+            return "keep_ratio", f"keep_ratio={self.keep_ratio:g} of M={num_visual}"
+        return "prune", f"the default keep_ratio, 1/{round(1 / DEFAULT_KEEP_RATIO)} of M={num_visual}"
 
 
 DRAFTERS = ("auto", "chain", "tree")
@@ -323,7 +344,10 @@ def speculation(
     SpecConfig; `fields` (SpecConfig's names: draft, draft_len, threshold, adaptive, tree_*) are set over it, and
     a draft length above max_draft_len raises the cap with it. Drafter settings without drafting are an error."""
     if not (on is None or isinstance(on, bool | SpecConfig)):
-        raise TypeError(f"speculative={on!r}: give True, False or a SpecConfig (a drafter by name: draft=...)")
+        raise SettingError(
+            f"speculative ({shown(on)}) is invalid: give True, False or a SpecConfig (a drafter by name: draft=...)",
+            "speculative",
+        )
     if isinstance(on, SpecConfig):
         spec: SpecConfig | None = on
     elif on is None:

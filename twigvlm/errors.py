@@ -14,6 +14,12 @@ class TwigVLMError(ValueError):
     """Bad input: the message names the problem and how to fix it, on one line."""
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """A value as an error message quotes it, on one line: its repr when short, else its type ("a ndarray")."""
+    text = repr(value)
+    return text if len(text) <= limit and "\n" not in text else f"a {type(value).__name__}"
+
+
 def require_batch_one(batch: int, what: str) -> None:
     """The explicit check where code handles one prompt at a time (the batch-1 assumptions, named)."""
     if batch != 1:

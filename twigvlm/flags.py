@@ -26,6 +26,7 @@ from .config import (
     pruning,
     speculation,
 )
+from .errors import TwigVLMError
 
 Group = argparse.ArgumentParser | argparse._ArgumentGroup
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -117,36 +118,59 @@ def add_runtime_args(p: Group, quantize: bool = True) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's choice)")
 
 
-def add_sampling_args(p: Group, max_new_tokens: int = GenConfig.max_new_tokens, full: bool = True) -> None:
-    """--max-new-tokens, --temperature, --seed; with `full` also --top-k, --top-p, --sampling, --stop, --ignore-eos."""
-    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="(default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=GenConfig.temperature, help="0 = greedy (the default)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    if full:
-        p.add_argument("--top-k", type=int, default=GenConfig.top_k, help="(default: %(default)s, off)")
-        p.add_argument("--top-p", type=float, default=GenConfig.top_p, help="(default: %(default)s, off)")
-        p.add_argument(
-            "--sampling",
-            choices=list(SAMPLING_MODES),
-            default=GenConfig.sampling,
-            help="positional: a seed gives one text whether drafted or not; sequential: drafts verified by "
-            "speculative sampling, the most accepted; auto (default): positional where --seed is given",
-        )
-        p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-        p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+def add_sampling_args(p: Group, max_new_tokens: int = GenConfig.max_new_tokens) -> None:
+    """--max-new-tokens, --temperature, --seed, --top-k, --top-p, --sampling, --stop, --ignore-eos."""
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=max_new_tokens,
+        help="the most tokens to generate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=GenConfig.temperature, help="above 0 samples; 0 is greedy (the default)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (needs --temperature)")
+    p.add_argument(
+        "--top-k", type=int, default=GenConfig.top_k, help="sample from the k likeliest tokens (default: off)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=GenConfig.top_p, help="nucleus sampling's probability mass (default: 1, off)"
+    )
+    p.add_argument(
+        "--sampling",
+        choices=list(SAMPLING_MODES),
+        default=GenConfig.sampling,
+        help="positional: a seed gives one text whether drafted or not; sequential: drafts verified by "
+        "speculative sampling, the most accepted; auto (default): positional where --seed is given",
+    )
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+
+SAMPLING_FLAGS = (
+    ("seed", "--seed", None),
+    ("top_k", "--top-k", 0),
+    ("top_p", "--top-p", 1.0),
+    ("sampling", "--sampling", "auto"),
+)
 
 
 def gen_from_args(args: argparse.Namespace) -> GenConfig:
-    """The sampling flags as a GenConfig (flags a command does not have keep GenConfig's defaults)."""
+    """The sampling flags as a GenConfig; a flag that shapes sampling without --temperature above 0 is an error,
+    not silently greedy."""
+    if not args.temperature > 0:
+        given = [flag for name, flag, off in SAMPLING_FLAGS if getattr(args, name) != off]
+        if given:
+            raise TwigVLMError(f"{given[0]} needs --temperature above 0: without it decoding is greedy")
     return GenConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
-        top_k=getattr(args, "top_k", GenConfig.top_k),
-        top_p=getattr(args, "top_p", GenConfig.top_p),
+        top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
-        stop=tuple(getattr(args, "stop", ())),
-        ignore_eos=getattr(args, "ignore_eos", False),
-        sampling=getattr(args, "sampling", GenConfig.sampling),
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+        sampling=args.sampling,
     )
 
 
@@ -194,8 +218,8 @@ def add_prune_args(p: Group) -> None:
         "--query",
         choices=list(QUERY_MODES),
         default=None,
-        help=f"score with the last prompt token (last, the default: {PruneConfig.query}) or the mean over the text "
-        "after the image",
+        help="what the scores attend from: the last prompt token (last) or the mean over the text after the image "
+        f"(text); default: {PruneConfig.query}",
     )
 
 

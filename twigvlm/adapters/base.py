@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import Module
 
-from ..errors import TwigVLMError
+from ..errors import TwigVLMError, shown
 from ..runtime.cache import LayerKV
 
 # A prompt is either plain user text or a list of chat messages in the Hugging Face chat format
@@ -337,8 +337,12 @@ def checked_messages(messages: Any, video: bool = False) -> list[dict[str, Any]]
     """Chat messages in the HF format, or a one-line error naming the first malformed one. video: whether
     `{"type": "video"}` items are allowed (a family that takes video)."""
     kinds = ("image", "video", "text") if video else ("image", "text")
-    shown = "{'type': 'image'}, {'type': 'video'}" if video else "{'type': 'image'}"
-    if not isinstance(messages, list) or not messages:
+    items = "{'type': 'image'}, {'type': 'video'}" if video else "{'type': 'image'}"
+    if not isinstance(messages, list):
+        raise TwigVLMError(
+            f"prompt ({shown(messages)}) is invalid: give the question as text, or a chat (a list of messages)"
+        )
+    if not messages:
         raise TwigVLMError("the chat has no messages: pass a list with at least one user message")
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
@@ -349,8 +353,13 @@ def checked_messages(messages: Any, video: bool = False) -> list[dict[str, Any]]
                 kind = item.get("type") if isinstance(item, dict) else None
                 if kind not in kinds or (kind == "text" and not isinstance(item.get("text"), str)):
                     raise TwigVLMError(
-                        f"chat message {i} has a content item {item!r}: use {shown} or {{'type': 'text', 'text': ...}}"
+                        f"chat message {i} has a content item ({shown(item, 60)}): use {items} or "
+                        "{'type': 'text', 'text': ...}"
                     )
         elif not isinstance(content, str):
             raise TwigVLMError(f"chat message {i} has content of type {type(content).__name__}: use text or a list")
+    parts = [i for m in messages for i in (m["content"] if isinstance(m["content"], list) else [m["content"]])]
+    if all(isinstance(p, str) and not p.strip() or isinstance(p, dict) and p["type"] == "text" and not p["text"].strip()
+           for p in parts):  # fmt: skip
+        raise TwigVLMError("the chat holds no text and no picture: ask something")
     return messages

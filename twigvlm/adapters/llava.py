@@ -31,6 +31,7 @@ class LlavaStyleAdapter(StockAdapter):
     video, `frame_pixels` (frames → the model's pixel tensors)."""
 
     mismatch_hint = "the processor's patch_size or vision_feature_select_strategy does not match the model config"
+    places_own_placeholders = True
 
     @property
     def attention_window(self) -> int | None:

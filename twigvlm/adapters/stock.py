@@ -49,10 +49,12 @@ class StockAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayou
     Llama-style text model (`model.model.language_model` or `.text_model`) and `model.lm_head`.
 
     placeholder_texts: the image and video placeholders where the processor names none; mismatch_hint: what a
-    placeholder count that differs from the tower's feature count means for this family."""
+    placeholder count that differs from the tower's feature count means for this family; places_own_placeholders:
+    whether a plain-text prompt may hold them where its pictures go (else they are an error)."""
 
     model_types: tuple[str, ...] = ()
     placeholder_texts = ("<image>", "<video>")
+    places_own_placeholders = False
     mismatch_hint = "the processor does not match the model config"
     video_token_id: int | None = None
 
@@ -94,7 +96,25 @@ class StockAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayou
             self.check_videos(
                 [i for m in messages if isinstance(m["content"], list) for i in m["content"] if i["type"] == "video"]
             )
+        self.check_texts(prompt)
         return self.check_placeholders(self.render_messages(messages, True), num_images, num_videos)
+
+    def check_texts(self, prompt: Prompt) -> None:
+        """A one-line error where the user's text holds the model's image or video placeholder: a chat's pictures
+        are its items, and twigvlm puts one placeholder in for each (a plain-text prompt may place its own where
+        the family says so: `places_own_placeholders`)."""
+        if isinstance(prompt, str):
+            texts = [] if self.places_own_placeholders else [prompt]
+        else:
+            texts = [m["content"] for m in prompt if isinstance(m["content"], str)] + [
+                i["text"] for m in prompt if isinstance(m["content"], list) for i in m["content"] if i["type"] == "text"
+            ]
+        for token, what in ((self.image_token, "image"), (self.video_token, "video")):
+            if token and any(token in t for t in texts):
+                raise TwigVLMError(
+                    f"the prompt's text holds {token!r}, this model's {what} placeholder: leave it out (twigvlm puts "
+                    f"one in for each {what} given, where the chat template places it)"
+                )
 
     def leading_items(self, prompt: str, num_images: int, num_videos: int) -> list[dict[str, Any]]:
         """The items that go before a plain-text prompt in its user message: one per image, then one per video."""

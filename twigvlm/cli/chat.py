@@ -38,7 +38,7 @@ HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", help="a terminal chat with the model (multi-turn, /image PATH to attach)")
     add_served_model_args(c)
-    add_sampling_args(c, max_new_tokens=256, full=False)
+    add_sampling_args(c, max_new_tokens=256)
     add_prune_args(c)
     add_spec_args(c)
 

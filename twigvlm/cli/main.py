@@ -146,6 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_request(cfg, prune, spec, has_twig=args.twig is not None)  # before the slow model load
     if args.save_kept is not None:
         output_file(args.save_kept, "--save-kept")
+    if prune is not None and not (args.image or args.video):
+        raise TwigVLMError(f"--prune {prune.method} needs an --image or a --video: this prompt has nothing to prune")
     if args.save_kept and not (args.image or args.video):
         raise TwigVLMError("--save-kept needs an --image or a --video")
     if (args.fps is not None or args.max_frames is not None) and not args.video:

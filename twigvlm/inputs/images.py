@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import TwigVLMError
+from ..errors import TwigVLMError, shown
 
 # Modes that convert to RGB without losing meaning; others (32-bit int/float, 16-bit grey) are refused.
 CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -19,6 +19,8 @@ def load_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a path or a PIL image."""
     if isinstance(image, Image.Image):
         img, source = image, "the given image"
+    elif not isinstance(image, str | Path):
+        raise TwigVLMError(f"image ({shown(image)}) is not a picture: give a file path or a PIL image")
     else:
         path = Path(image)
         if path.is_dir():
@@ -57,4 +59,6 @@ def load_images(images: ImageInput | Sequence[ImageInput] | None) -> list[Image.
         return []
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
+    if not isinstance(images, Sequence):
+        raise TwigVLMError(f"image ({shown(images)}) is not a picture: give a file path, a PIL image or a list of them")
     return [load_image(i) for i in images]

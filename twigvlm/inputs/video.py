@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import TwigVLMError
+from ..errors import TwigVLMError, shown
 from .images import load_image
 
 # Seek to a chosen frame of a file when it is this far ahead of the decoder (seconds); decode up to it when closer.
@@ -61,7 +61,7 @@ def load_video(video: VideoInput, fps: float | None = None, max_frames: int | No
     if isinstance(video, Sequence):
         return _load_list(video, fps, max_frames)
     raise TwigVLMError(
-        f"video must be a path, a folder of frames, a list of images or a Video, not a {type(video).__name__}"
+        f"video ({shown(video)}) is invalid: give a path, a folder of frames, a list of images or a Video"
     )
 
 
@@ -150,9 +150,7 @@ def _load_list(items: Sequence[str | Path | Image.Image], fps: float | None, max
         raise TwigVLMError("video is an empty list of frames: pass at least one image")
     for i, item in enumerate(items):
         if not isinstance(item, (str, Path, Image.Image)):
-            raise TwigVLMError(
-                f"video frame {i} is a {type(item).__name__}, not an image: pass PIL images or image paths"
-            )
+            raise TwigVLMError(f"video frame {i} ({shown(item)}) is not an image: pass PIL images or image paths")
     return _from_images(items, fps, max_frames, f"a list of {len(items)} frames")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..adapters.base import Encoded, Reduction
-from ..config import NO_TWIG_TO_PRUNE, PruneConfig
+from ..config import NO_TWIG_TO_PRUNE, PruneConfig, SettingError
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
 from .peers import cdpruner_keep, dart_keep
@@ -72,24 +72,31 @@ def plan_pruning(
     """Resolve a PruneConfig for this model and prompt; an infeasible budget names the feasible range.
     `model_wipe`: the K_f the attached twig records (`resolve_wipe_layer`)."""
     if not 1 <= K < num_layers:
-        raise TwigVLMError(f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}")
+        raise SettingError(
+            f"pruning layer K={K} is invalid: it must be between 1 and L-1={num_layers - 1}",
+            "prune_layer" if cfg.layer is not None else "prune",
+        )
     wipe = resolve_wipe_layer(cfg.wipe_layer, model_wipe, num_layers, K)
     if not K < wipe <= num_layers:
-        raise TwigVLMError(
-            f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} (L disables FinalWipe)"
+        raise SettingError(
+            f"wipe_layer={wipe} is invalid: it must be between K+1={K + 1} and L={num_layers} (L disables FinalWipe)",
+            "wipe_layer" if cfg.wipe_layer is not None else "prune",
         )
     avg = cfg.average_budget(num_visual)
     kept = kept_per_layer(avg, num_layers, num_visual, K, wipe)
     if not 1 <= kept <= num_visual:
         low, high = K * num_visual / num_layers, num_visual * wipe / num_layers
         hint = (
-            f"; a larger wipe layer (up to --wipe-layer {num_layers}) allows more"
+            f"; a later wipe layer (up to wipe_layer={num_layers}) allows more"
             if kept > num_visual and wipe < num_layers
             else ""
         )
-        raise TwigVLMError(
-            f"a budget of {avg:.1f} visual tokens per layer is infeasible for this model and prompt (M={num_visual}, "
-            f"L={num_layers}, K={K}, K_f={wipe}): choose an average above {low:.1f} and at most {high:.1f}{hint}"
+        param, origin = cfg.budget_origin(num_visual)
+        raise SettingError(
+            f"a budget of {avg:.1f} visual tokens per layer ({origin}) is infeasible for this model and prompt "
+            f"(M={num_visual}, L={num_layers}, K={K}, K_f={wipe}): choose an average above {low:.1f} and at most "
+            f"{high:.1f}{hint}",
+            param,
         )
     return PrunePlan(cfg.method, num_layers, num_visual, K, wipe, kept)
 
@@ -105,9 +112,11 @@ def plan_before_layers(cfg: PruneConfig, num_layers: int, num_visual: int) -> Pr
     avg = cfg.average_budget(num_visual)
     kept = math.ceil(avg - 1e-9)
     if not 1 <= kept <= num_visual:
-        raise TwigVLMError(
-            f"a {cfg.method} budget of {avg:.1f} visual tokens is infeasible for this prompt (M={num_visual}): "
-            f"choose between 1 and {num_visual}"
+        param, origin = cfg.budget_origin(num_visual)
+        raise SettingError(
+            f"a {cfg.method} budget of {avg:.1f} visual tokens ({origin}) is infeasible for this prompt "
+            f"(M={num_visual}): choose between 1 and {num_visual}",
+            param,
         )
     return PrunePlan(cfg.method, num_layers, num_visual, 0, num_layers, kept)
 

@@ -13,8 +13,7 @@ import math
 
 import torch
 
-from ..config import PruneConfig
-from ..errors import TwigVLMError
+from ..config import PruneConfig, SettingError
 
 DOMINANT_SHARE = 54 / 64
 
@@ -30,9 +29,11 @@ class VisionZip:
         total = self.cfg.average_budget(total_visual)
         keep = math.ceil(total * per_image / total_visual - 1e-9)  # rounded up, as the twig's R'
         if not 1 <= keep <= per_image:
-            raise TwigVLMError(
-                f"a VisionZip budget of {total:.1f} visual tokens is infeasible for this prompt "
-                f"(M={total_visual}): choose between {total_visual / per_image:.0f} and {total_visual}"
+            param, origin = self.cfg.budget_origin(total_visual)
+            raise SettingError(
+                f"a VisionZip budget of {total:.1f} visual tokens ({origin}) is infeasible for this prompt "
+                f"(M={total_visual}): choose between {total_visual / per_image:.0f} and {total_visual}",
+                param,
             )
         return keep
 

@@ -20,7 +20,9 @@ from PIL import Image
 
 from ..config import (
     DRAFTERS,
+    PRUNE_HEADS,
     PRUNE_METHODS,
+    QUERY_MODES,
     SAMPLING_MODES,
     GenConfig,
     PruneConfig,
@@ -55,7 +57,8 @@ REFUSED_UNLESS = {
     "prediction": (None,),
     "reasoning_effort": (None,),
 }
-ACCELERATION = {"prune", "keep", "keep_ratio", "wipe_layer", "speculative", "draft", "draft_len", "draft_threshold"}
+PRUNE_FIELDS = ("prune", "keep", "keep_ratio", "wipe_layer", "prune_layer", "query", "prune_head")
+ACCELERATION = {*PRUNE_FIELDS, "speculative", "draft", "draft_len", "draft_threshold"}
 KNOWN = (
     {
         "model",
@@ -237,7 +240,7 @@ def _acceleration(
     400 (there is nothing to prune); the server's default pruning simply does not apply to it."""
     prune = _typed(body, "prune", (str,), f"one of {', '.join(PRUNE_METHODS)}")
     if not has_pictures:
-        asked = [n for n in ("prune", "keep", "keep_ratio", "wipe_layer") if body.get(n) not in (None, "none")]
+        asked = [n for n in PRUNE_FIELDS if body.get(n) not in (None, "none")]
         if asked:
             raise bad_request(
                 f"'{asked[0]}' prunes visual tokens, and this request has no picture: leave it out", asked[0]
@@ -245,6 +248,9 @@ def _acceleration(
     keep = _typed(body, "keep", (int, float), "a number of visual tokens")
     keep_ratio = _typed(body, "keep_ratio", (int, float), "a number in (0, 1]")
     wipe = _typed(body, "wipe_layer", (int,), "a layer number")
+    layer = _typed(body, "prune_layer", (int,), "a layer number")
+    query = _typed(body, "query", (str,), f"one of {', '.join(QUERY_MODES)}")
+    head = _typed(body, "prune_head", (str,), f"one of {', '.join(PRUNE_HEADS)}")
     speculative = _typed(body, "speculative", (bool,), "true or false")
     drafting = {
         "draft": _typed(body, "draft", (str,), f"one of {', '.join(DRAFTERS)}"),
@@ -252,7 +258,8 @@ def _acceleration(
         "threshold": _typed(body, "draft_threshold", (int, float), "a number in [0, 1)"),
     }
     try:
-        pruned = pruning(prune, keep=keep, keep_ratio=keep_ratio, wipe_layer=wipe, base=cfg.prune)
+        budget = {"keep": keep, "keep_ratio": keep_ratio, "wipe_layer": wipe, "layer": layer}
+        pruned = pruning(prune, **budget, query=query, head=head, base=cfg.prune)
         spec = speculation(speculative, base=cfg.speculative, **{k: v for k, v in drafting.items() if v is not None})
     except SettingError as e:
         raise bad_request(str(e), e.param) from None

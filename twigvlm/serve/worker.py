@@ -350,7 +350,7 @@ class Worker:
         if isinstance(e, APIError):
             job.finish("error", e)
         elif isinstance(e, TwigVLMError):
-            job.finish("error", bad_request(str(e)))
+            job.finish("error", bad_request(str(e), getattr(e, "param", None)))
         else:
             log.exception("request %s failed", job.request.id)
             bug = f"internal error ({type(e).__name__}) in request {job.request.id}: see the server log"
