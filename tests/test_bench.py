@@ -166,6 +166,18 @@ def test_every_variant_wipes_where_the_runs_own_twig_says(ablation, methods):
     assert {v.config.wipe_layer for v in variants(args, {"own": own, "other": other}, 30)} == {24}
 
 
+def test_prune_layer_moves_fastv_and_dart_and_the_wipe_follows():
+    """--prune-layer K: FastV and DART prune after layer K (the twig keeps its own), and a K_f that would come
+    before it (the twig's record, or the default) moves after it."""
+    args = _variant_args(ablation="none", methods="hf,fastv,dart,twig", twig="own", prune_layer=27)
+    rows = {v.method: prune_config(v.method, v.config) for v in variants(args, {"own": BenchTwig("own", 2, 3, 26)}, 30)}
+    assert (rows["fastv"].layer, rows["dart"].layer, rows["twig"].layer) == (27, 27, None)
+    assert {rows[m].wipe_layer for m in ("fastv", "dart", "twig")} == {28}
+    args.prune_layer = None
+    rows = {v.method: prune_config(v.method, v.config) for v in variants(args, {"own": BenchTwig("own", 2, 3, 26)}, 30)}
+    assert (rows["fastv"].layer, rows["fastv"].wipe_layer) == (None, 26)
+
+
 def test_budget_and_wipe_ablations_run_without_a_twig():
     """A base with no twig yet (a new demo base) can still be asked how prunable it is."""
     args = _variant_args(ablation="budget", methods=None, twig=None)
@@ -340,6 +352,7 @@ def test_bench_checks_every_flag_against_the_model_first(model_dirs, bench_twig,
         (["--methods", "hf,visionzip", "--keep", "100"], "VisionZip budget of 100.0 visual tokens (keep=100)"),
         (["--ablation", "budget", "--wipe-layer", "99"], "wipe_layer=99 is invalid"),
         (["--keep-ratio", "2"], "keep_ratio=2.0 is invalid"),
+        (["--methods", "hf,fastv", "--prune-layer", "99"], "pruning layer K=99 is invalid"),
         (["--methods", "hf,ssd", "--draft-len", "0"], "--draft-len: 0 is not positive"),
         (["--methods", "hf,ssd", "--draft-threshold", "1.5"], "threshold=1.5 is invalid"),
     ]:

@@ -38,3 +38,18 @@ def test_relative_links_resolve(page):
         assert ROOT in dest.parents or dest == ROOT, f"{page.name} links outside the repository: {target}"
         if fragment:
             assert fragment in anchors(dest), f"{page.name} links to #{fragment}, not a heading of {dest.name}"
+
+
+def test_usage_names_every_stats_field_and_every_flag_of_generate():
+    """The `--json` stats list and the CLI section stay whole as fields and flags are added (two went stale once)."""
+    from dataclasses import fields
+
+    from twigvlm.cli.main import build_parser
+    from twigvlm.generation.stats import GenerationStats
+
+    text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    stats = text[text.index("`--json` prints one object") :]
+    assert [f.name for f in fields(GenerationStats) if f"`{f.name}`" not in stats] == []
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    flags = {o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    assert sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", text)) == []

@@ -134,7 +134,7 @@ def test_a_batch_is_refused_with_one_line_where_code_is_batch_one(vlm):
         lambda: query_positions(enc, "text"),
     ]
     for call in calls:
-        with pytest.raises(TwigVLMError, match="batched generation is not supported yet") as e:
+        with pytest.raises(TwigVLMError, match="takes one prompt per encoding.*as a list of requests") as e:
             call()
         assert "\n" not in str(e.value) and "batch of 2" in str(e.value)
 

@@ -21,10 +21,11 @@ def shown(value: object, limit: int = 40) -> str:
 
 
 def require_batch_one(batch: int, what: str) -> None:
-    """The explicit check where code handles one prompt at a time (the batch-1 assumptions, named)."""
+    """The explicit check where code takes one encoded prompt (a batch is a list of requests, each encoded alone)."""
     if batch != 1:
         raise TwigVLMError(
-            f"batched generation is not supported yet: {what} got a batch of {batch} prompts; run them one at a time"
+            f"{what} takes one prompt per encoding, and got a batch of {batch}: encode each prompt on its own and "
+            "pass them to VLM.generate as a list of requests, which batches them"
         )
 
 

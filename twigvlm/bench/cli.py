@@ -72,6 +72,12 @@ def add_parser(sub) -> None:  # noqa: ANN001
         help="K_f (default: the K_f the twig records, else round(0.75·L))",
     )
     b.add_argument(
+        "--prune-layer",
+        type=layer_number,
+        default=None,
+        help="K, the layer after which fastv and dart prune (default: the twig's K, else 2)",
+    )
+    b.add_argument(
         "--query",
         choices=QUERY_MODES,
         default=PruneConfig.query,
@@ -189,15 +195,18 @@ def variants(
     twigs = twigs or {}
     own = next(iter(twigs.values()), None)
     K = own.K if own else 2  # FastV's default pruning layer without a twig
+    layer = getattr(args, "prune_layer", None)
     wipe = args.wipe_layer
     if num_layers is not None:
         from ..pruning.prefill import resolve_wipe_layer
 
-        wipe = resolve_wipe_layer(args.wipe_layer, own.wipe_layer if own else None, num_layers, K)
+        # after the latest pruning layer, so FastV and DART at --prune-layer wipe after they prune, as the twig
+        wipe = resolve_wipe_layer(args.wipe_layer, own.wipe_layer if own else None, num_layers, max(K, layer or K))
     mc = MethodConfig(
         keep_ratio=None if args.keep is not None else args.keep_ratio,
         keep=args.keep,
         wipe_layer=wipe,
+        layer=layer,
         query=args.query,
         prune_head=getattr(args, "prune_head", PruneConfig.head),
         spec=speculation(True, where="flags", **draft_fields(args)),
