@@ -13,6 +13,7 @@ from tests.conftest import random_image
 from tests.serve_support import data_url, png_bytes, user
 from twigvlm.cli import main as cli
 from twigvlm.config import SpecConfig
+from twigvlm.serve.cli import listening_socket
 from twigvlm.serve.config import ServeConfig
 from twigvlm.serve.errors import APIError
 from twigvlm.serve.launch import free_port
@@ -218,11 +219,32 @@ def test_bad_serve_flags_are_one_line_and_exit_2(flags, words, capsys):
     assert words in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_a_model_that_fails_to_load_stops_the_server_with_exit_2(tmp_path, capsys):
-    missing = tmp_path / "no-model"
-    assert cli.main(["serve", "--model", str(missing), "--port", str(free_port())]) == 2
-    err = capsys.readouterr().err
-    assert "twigvlm serve: error:" in err and str(missing) in err and "Traceback" not in err
+def test_a_model_that_fails_to_load_stops_the_server_with_exit_2_and_one_line(tmp_path, capsys):
+    missing, empty = tmp_path / "no-model", tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["serve", "--model", str(missing), "--port", str(free_port())]) == 2  # refused before listening
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("twigvlm serve: error: model ") and str(missing) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert cli.main(["serve", "--model", str(empty), "--port", str(free_port())]) == 2  # fails once it loads
+    out, err = capsys.readouterr()
+    assert "loading" in out and err.count("\n") == 1 and "twigvlm serve: error: " in err and "config.json" in err
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads_and_port_0_is_a_free_port(capsys):
+    import socket
+
+    held = listening_socket("127.0.0.1", 0)
+    try:
+        port = held.getsockname()[1]
+        assert port != 0
+        assert cli.main(["serve", "--model", "no-such-owner/no-such-model", "--port", str(port)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and f"127.0.0.1:{port}: the port is in use" in err
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # listening from the first moment: a client connects before anything is served
+    finally:
+        held.close()
 
 
 def test_health_is_503_while_the_model_loads_then_200(vlms):

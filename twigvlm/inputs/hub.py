@@ -35,12 +35,12 @@ def parse_hub_id(model: str) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
-def resolve_model_dir(model: str | Path) -> Path:
-    """The directory of a model: `model` itself when it is a directory, else the cached (or, with network,
-    downloaded) snapshot of the hub id it names."""
+def check_model_path(model: str | Path) -> tuple[str, str | None] | None:
+    """None for a directory, else the (repo id, revision) of the hub id `model` has the shape of; a one-line error
+    when it is neither (nothing is looked up on the hub)."""
     path = Path(model)
     if path.is_dir():
-        return path
+        return None
     parsed = None if path.exists() else parse_hub_id(str(model))
     if parsed is None:
         problem = "is a file" if path.exists() else "does not exist"
@@ -48,7 +48,14 @@ def resolve_model_dir(model: str | Path) -> Path:
             f"model {model} {problem}: it is neither a model directory (save_pretrained output) nor a Hugging Face "
             "hub id (owner/name)"
         )
-    return _snapshot(str(model), *parsed)
+    return parsed
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """The directory of a model: `model` itself when it is a directory, else the cached (or, with network,
+    downloaded) snapshot of the hub id it names."""
+    parsed = check_model_path(model)
+    return Path(model) if parsed is None else _snapshot(str(model), *parsed)
 
 
 def _snapshot(model: str, repo_id: str, revision: str | None) -> Path:

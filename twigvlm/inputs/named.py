@@ -20,7 +20,7 @@ import torch
 from ..adapters import VLMAdapter, adapter_class, check_device, load_adapter, parse_dtype
 from ..adapters.capabilities import PixelRange, require_class
 from ..errors import TwigVLMError
-from .hub import local_config, resolve_model_dir
+from .hub import check_model_path, local_config, resolve_model_dir
 
 ENTRY_POINT_GROUP = "twigvlm.named_models"
 
@@ -72,6 +72,13 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device: 
     if named is None:
         return load_adapter(resolve_model_dir(model), dtype=torch_dtype, device=device)
     return named.load(torch_dtype, device)
+
+
+def check_model_name(model: str | Path) -> None:
+    """A model argument that cannot name a model — not a registered name, not a directory, not shaped like a hub
+    id — is one line now, before a slow start; whether a hub id exists is learnt when it loads."""
+    if lookup(model) is None:
+        check_model_path(model)
 
 
 def check_pixel_range(model: str | Path, min_pixels: int | None, max_pixels: int | None) -> None:

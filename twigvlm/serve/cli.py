@@ -9,7 +9,9 @@ ends them with an error event and exits.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -33,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) with a playground page")
     add_served_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s; 0: a free one, printed)"
+    )
     s.add_argument(
         "--max-queue", type=positive_int, default=32, help="requests that may wait; more get 503 (default: %(default)s)"
     )
@@ -140,7 +144,33 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     cfg.validate()
     if cfg.twig is None and (cfg.speculative is not None or cfg.prune.method == "twig"):
         raise TwigVLMError("--speculative and --prune twig need a twig: pass --twig DIR")
+    from ..inputs.named import check_model_name
+
+    check_model_name(cfg.model)  # a typo is one line now, not after the server started loading
     return cfg
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening before anything loads: a port in use is one line and exit 2
+    (not uvicorn's log once the model load has begun), `--port 0` gets a free port that the banner names, and
+    clients can connect from the first moment (`/health` answers 503 until the model is ready)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise TwigVLMError(f"--host {host} is not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own: a restart may reuse the port
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        in_use = e.errno == errno.EADDRINUSE
+        why = "the port is in use: stop what holds it, or pick another --port" if in_use else e.strerror
+        raise TwigVLMError(f"could not listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _names(flag: str) -> tuple[str, ...]:
@@ -187,12 +217,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=int(cfg.shutdown_grace_s) + 10,  # a backstop: the grace timer ends them first
     )
     server = Server(config)
-    print(f"twigvlm serve: http://{cfg.host}:{cfg.port}/ (loading {cfg.model_id}; /health says when ready)", flush=True)
+    sock = listening_socket(cfg.host, cfg.port)
+    port = sock.getsockname()[1]
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    print(f"twigvlm serve: http://{host}:{port}/ (loading {cfg.model_id}; /health says when ready)", flush=True)
     try:
-        server.run()
-    except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
-        raise TwigVLMError(f"could not listen on {cfg.host}:{cfg.port}: is the port in use?") from None
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn exits when the app's startup fails; it has logged why
+        raise TwigVLMError("the server did not start: see the lines above") from None
+    finally:
+        sock.close()
     if failed:
         raise TwigVLMError(failed[0])
-    if not server.started:
-        raise TwigVLMError(f"could not listen on {cfg.host}:{cfg.port}: is the port in use?")

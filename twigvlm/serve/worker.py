@@ -190,7 +190,10 @@ class Worker:
             self.vlm = self._load()
         except Exception as e:  # reported by /health, and to `on_load_error` (the CLI stops the server)
             self.load_error = str(e) if isinstance(e, TwigVLMError) else f"{type(e).__name__}: {e}"
-            log.error("loading the model failed: %s", self.load_error)
+            if not isinstance(e, TwigVLMError):  # a bug: its traceback goes to the log
+                log.exception("loading the model failed")
+            elif self._on_load_error is None:  # else the one who stops the server says it, once
+                log.error("loading the model failed: %s", self.load_error)
             if self._on_load_error is not None:
                 self._on_load_error(self.load_error)
             return
