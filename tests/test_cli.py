@@ -110,7 +110,7 @@ def test_a_seed_gives_one_text_with_speculation_on_the_command_line(capsys, mode
 def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(
     capsys, model_dirs, image, twig_dir, tmp_path, method
 ):
-    png = tmp_path / "kept.png"
+    png = tmp_path / ("kept.webp" if method == "visionzip" else "kept.png")  # written as its suffix says
     code, out, err = _run(
         capsys,
         [
@@ -142,6 +142,7 @@ def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(
     L = AutoConfig.from_pretrained(model_dirs["llama-clip"]).text_config.num_hidden_layers
     assert stats["wipe_layer"] == (None if method == "visionzip" else default_wipe_layer(L))
     picture = Image.open(png)
+    assert picture.format == png.suffix[1:].upper()
     side = picture.size[0]
     assert picture.size == (side, side) and side >= 336  # a 32-px model view, enlarged; 4×4 patches
     cell = side // 4
@@ -284,6 +285,7 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "infeasible budget": (gen + ["--image", image, "--prune", "fastv", "--keep", "1"], "infeasible"),
         "keep and keep-ratio": (gen + ["--keep", "3", "--keep-ratio", "0.1"], "not allowed with"),
         "unknown prune method": (gen + ["--prune", "random"], "invalid choice"),
+        "save-kept in no format": (gen + ["--image", image, "--save-kept", str(tmp / "k.jpgx")], "no .jpgx pictures"),
         "save-kept into nowhere": (
             gen + ["--image", image, "--save-kept", str(tmp / "no" / "k.png")],
             "does not exist",

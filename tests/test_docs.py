@@ -53,3 +53,12 @@ def test_usage_names_every_stats_field_and_every_flag_of_generate():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
     flags = {o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
     assert sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", text)) == []
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    from twigvlm.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    silent = [f"{name} {a.option_strings[0]}" for name, sub in commands.items() for a in sub._actions
+              if a.option_strings and not a.help]  # fmt: skip
+    assert silent == []

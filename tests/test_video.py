@@ -154,7 +154,9 @@ def _bad_inputs(tmp: Path, clip: Path) -> dict[str, tuple[object, dict, str]]:
     write_video(tmp / "empty.mp4", 0)  # MP4 drops a stream without frames
     (tmp / "no-frames").mkdir()
     (tmp / "no-frames" / "readme.txt").write_text("frames go here")
+    Image.new("RGB", (8, 8)).save(tmp / "still.png")
     return {
+        "a still picture": (tmp / "still.png", {}, f"video {tmp / 'still.png'} is a still picture, not a video"),
         "missing": (tmp / "nope.mp4", {}, f"video {tmp / 'nope.mp4'} does not exist"),
         "text file": (tmp / "notes.mp4", {}, f"video {tmp / 'notes.mp4'} is not a readable video"),
         "truncated": (tmp / "partial.mp4", {}, f"video {tmp / 'partial.mp4'} is not a readable video"),
@@ -181,3 +183,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, clip):
         assert message in text and "\n" not in text, (name, text)
         e = exc.value  # no av traceback chained to it
         assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), name
+
+
+def test_an_animated_gif_is_a_video_and_a_still_one_is_not(tmp_path):
+    frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert len(load_video(tmp_path / "moving.gif").frames) == 3  # FFmpeg decodes it, at its own rate
+    frames[0].save(tmp_path / "still.gif")
+    with pytest.raises(TwigVLMError, match="is a still picture, not a video"):
+        load_video(tmp_path / "still.gif")

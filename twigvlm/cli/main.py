@@ -92,11 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
     pr = gen.add_argument_group("visual-token pruning")
     add_prune_args(pr)
-    pr.add_argument("--save-kept", default=None, metavar="PNG", help="write the image(s) with pruned patches dimmed")
+    pr.add_argument(
+        "--save-kept",
+        default=None,
+        metavar="FILE",
+        help="write the image(s) with pruned patches dimmed (in the format of FILE's suffix: .png, .jpg, .webp …)",
+    )
     add_spec_args(gen.add_argument_group("self-speculative decoding (needs --twig)"))
 
     t = sub.add_parser("tiny", help="write a tiny random VLM (offline) for trying things out")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True, help="folder to write the model into (save_pretrained layout)")
     t.add_argument(
         "--family",
         choices=TINY_FAMILIES,
@@ -105,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--backbone", choices=["llama", "mistral", "qwen2"], default="llama", help="llava only")
     t.add_argument("--tower", choices=["clip", "siglip"], default="clip", help="llava only")
-    t.add_argument("--layers", type=positive_int, default=6)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=positive_int, default=6, help="decoder layers (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
 
     d = sub.add_parser("demo", help="the main job on the embedded demo model: HF generate vs TTP+SSD")
     d.add_argument("--out", default="out/demo", help="folder for the kept-token pictures (default: out/demo)")
@@ -145,7 +150,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cfg, prune, spec = gen_from_args(args), prune_from_args(args), spec_from_args(args)
     check_request(cfg, prune, spec, has_twig=args.twig is not None)  # before the slow model load
     if args.save_kept is not None:
-        output_file(args.save_kept, "--save-kept")
+        from ..pruning.picture import picture_format
+
+        picture_format(output_file(args.save_kept, "--save-kept"))
     if prune is not None and not (args.image or args.video):
         raise TwigVLMError(f"--prune {prune.method} needs an --image or a --video: this prompt has nothing to prune")
     if args.save_kept and not (args.image or args.video):

@@ -154,9 +154,21 @@ def _load_list(items: Sequence[str | Path | Image.Image], fps: float | None, max
     return _from_images(items, fps, max_frames, f"a list of {len(items)} frames")
 
 
+def _still_picture(path: Path) -> bool:
+    """Whether PIL reads the file as one picture (its header only); an animated GIF or WebP is a video."""
+    try:
+        with Image.open(path) as img:
+            return img.format != "MPEG" and getattr(img, "n_frames", 1) == 1  # PIL reads an MPEG header too
+    except Exception:  # noqa: BLE001 - not a picture PIL knows (a video file): left to FFmpeg
+        return False
+
+
 def _load_file(path: Path, fps: float | None, max_frames: int | None) -> Video:
     """Two passes over the file: list the frames' timestamps from its packets (no decoding), then decode only as
-    far as the chosen frames need, turning only those into images."""
+    far as the chosen frames need, turning only those into images. A still picture (one frame PIL reads) is
+    refused: as a video it would be one frame at a made-up rate."""
+    if _still_picture(path):
+        raise TwigVLMError(f"video {path} is a still picture, not a video: pass it as an image (--image, image=)")
     try:
         import av
     except ImportError:

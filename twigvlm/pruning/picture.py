@@ -58,12 +58,25 @@ def kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None) -
     return canvas
 
 
+def picture_format(path: str | Path) -> str:
+    """The format a kept-token picture is written in: the one its suffix names (PNG without a suffix), or a
+    one-line error for a suffix no writer of PIL's takes."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    Image.init()  # every plugin registered, so every suffix PIL can write is known
+    kind = Image.registered_extensions().get(suffix)
+    if kind is None or kind not in Image.SAVE:
+        raise TwigVLMError(f"--save-kept {path}: PIL writes no {suffix} pictures: use .png, .jpg or .webp")
+    return kind
+
+
 def save_kept_picture(layout: Sequence[Layout], kept_indices: Sequence[int] | None, path: str | Path) -> Path:
     path = Path(path)
     if not layout:
         raise TwigVLMError("--save-kept needs at least one image or video")
     try:
-        kept_picture(layout, kept_indices).save(path, format="PNG")
+        kept_picture(layout, kept_indices).save(path, format=picture_format(path))
     except OSError as e:
         raise TwigVLMError(f"cannot write {path} ({e.strerror or e}): choose a writable path") from None
     return path
