@@ -286,6 +286,8 @@ def test_the_prompt_and_the_answer_must_fit_the_context(app):
     room = context - post(app, body(text=long, max_tokens=1)).json()["usage"]["prompt_tokens"]
     assert 0 < room < ServeConfig().max_tokens
     error_of(post(app, body(text=long, max_tokens=room + 1)), 400, f"ask for at most {room}", "max_tokens")
+    # the library's own rule and words (`check_context`), the field named as the request named it
+    error_of(post(app, body(text=long, max_tokens=room + 1)), 400, f"max_tokens={room + 1} does not fit", "max_tokens")
     r = post(app, {**body(text=long, ignore_eos=True), "max_tokens": None})  # the server's default is cut to fit
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == room
 

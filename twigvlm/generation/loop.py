@@ -15,7 +15,7 @@ from collections.abc import Generator, Iterable, Iterator
 import torch
 
 from ..adapters.base import Encoded, VLMAdapter
-from ..config import GenConfig, PruneConfig, SpecConfig, check_request
+from ..config import GenConfig, PruneConfig, SettingError, SpecConfig, check_request
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
 from ..pruning.prefill import PruneStats, plan_for, pruned_prefill
@@ -81,19 +81,23 @@ def emit(
     return reason
 
 
-def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None, where: str = "") -> None:
+def check_context(
+    prompt_tokens: int, max_new_tokens: int, context: int | None, where: str = "", length: str = "max_new_tokens"
+) -> None:
     """A generation must fit the decoder's context (its `max_position_embeddings`; None: no limit known): the prompt
-    leaves room for at least one token, and max_new_tokens fits that room. `where` prefixes the message."""
+    leaves room for at least one token, and max_new_tokens fits that room. `where` prefixes the message; `length`
+    names the answer's length as the caller took it (the server: its request's field). The error's `param` is
+    "messages" for the prompt and `length` for the answer, so the server's 400 names the field."""
     if context is None:
         return
     room = context - prompt_tokens
     if room < 1:
-        raise TwigVLMError(f"{where}the prompt is {prompt_tokens} tokens (pictures included) and this model's context "
-                           f"is {context}: shorten it")  # fmt: skip
+        raise SettingError(f"{where}the prompt is {prompt_tokens} tokens (pictures included) and this model's context "
+                           f"is {context}: shorten it", "messages")  # fmt: skip
     if max_new_tokens > room:
-        raise TwigVLMError(f"{where}max_new_tokens={max_new_tokens} does not fit: the prompt ({prompt_tokens} tokens, "
+        raise SettingError(f"{where}{length}={max_new_tokens} does not fit: the prompt ({prompt_tokens} tokens, "
                            f"pictures included) leaves {room} of this model's context of {context}: ask for at most "
-                           f"{room}")  # fmt: skip
+                           f"{room}", length)  # fmt: skip
 
 
 @torch.inference_mode()  # the caches are inference tensors: edit them only inside inference_mode

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from ..api import VLM
+from ..config import SettingError
 from ..errors import TwigVLMError
 from ..generation.batch import BatchSession, Row, result
-from ..generation.loop import Generation
+from ..generation.loop import Generation, check_context
 from ..generation.stats import GenerationResult
 from ..pruning.picture import picture_layout
 from .budget import Hold
@@ -410,26 +411,16 @@ class Worker:
 
 
 def fit_context(gen: Generation, req: ChatRequest, context: int | None) -> None:
-    """Before the prefill: a prompt that leaves no room in the model's context is a 400 with its count; an answer
-    length the request asked for that does not fit is a 400 naming its field; the server's default is cut to fit."""
-    if context is None:
-        return
+    """Before the prefill, the library's own rule (`check_context`), as a 400 naming the field: a prompt that leaves
+    no room, or an answer length the request asked for that does not fit; the server's default is cut to fit."""
     n = gen.encoded.num_tokens
-    room = context - n
-    if room < 1:
-        raise bad_request(
-            f"the prompt is {n} tokens (pictures included) and this model's context is {context}: shorten it",
-            "messages",
-        )
-    if gen.cfg.max_new_tokens <= room:
-        return
-    if req.max_tokens_param is not None:
-        raise bad_request(
-            f"'{req.max_tokens_param}' is {gen.cfg.max_new_tokens}, and the prompt ({n} tokens) leaves {room} of "
-            f"this model's context of {context}: ask for at most {room}",
-            req.max_tokens_param,
-        )
-    gen.cfg = replace(gen.cfg, max_new_tokens=room)
+    asked = req.max_tokens_param is not None
+    try:
+        check_context(n, gen.cfg.max_new_tokens if asked else 1, context, length=req.max_tokens_param or "")
+    except SettingError as e:
+        raise bad_request(str(e), e.param) from None
+    if context is not None and gen.cfg.max_new_tokens > context - n:
+        gen.cfg = replace(gen.cfg, max_new_tokens=context - n)
 
 
 def _layouts(vlm: VLM | None, images: list[Any]) -> list[tuple[Any, int, int, int]]:
