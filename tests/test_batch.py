@@ -133,10 +133,20 @@ def test_speculative_and_plain_requests_share_a_batch_and_bad_requests_are_one_l
     ]
     results = llava.generate(requests)
     assert [r.token_ids for r in results] == [solo(llava, r) for r in requests]
-    with pytest.raises(TwigVLMError, match=r"request 0 has unknown field\(s\) \['imagez'\]"):
+    with pytest.raises(TwigVLMError, match=r"request 0: unknown field\(s\) \['imagez'\]"):
         llava.generate([dict(prompt="hi", imagez="x.png")])
     with pytest.raises(TwigVLMError, match="keep"):
         llava.generate([dict(prompt="hi", prune=PruneConfig("twig", keep=-1))])
+    # Each request is checked, its index named, before any is prefilled: no work is lost to a later bad one.
+    ok = dict(prompt="hi", image=random_image(5), max_new_tokens=2)
+    for bad, words in [
+        (dict(prompt="hi", image=5), r"^request 1: image \(5\) is not a picture"),
+        (dict(image=random_image(5)), r"^request 1: no 'prompt' given"),
+        (dict(ok, prune=PruneConfig("fastv", keep=0.5)), r"^request 1: .*\(keep=0.5\) is infeasible"),
+        (dict(ok, speculative="yes"), r"^request 1: speculative \('yes'\) is invalid"),
+    ]:
+        with pytest.raises(TwigVLMError, match=words):
+            llava.generate([ok, bad])
 
 
 def test_a_generation_past_the_models_context_is_refused_before_it_starts(llava):

@@ -33,7 +33,7 @@ from .config import (
 from .engine import Engine
 from .errors import TwigVLMError, shown
 from .generation.batch import generate_batch
-from .generation.loop import Generation, check_context
+from .generation.loop import Generation, check_context, check_pruning, check_window
 from .generation.stats import GenerationResult
 from .inputs.images import ImageInput, load_images
 from .inputs.named import check_pixel_range, load_model, twig_directory
@@ -308,19 +308,39 @@ class VLM:
         engine = self.engine_for(twig)
         prepared = []  # (encoded, config, prune, spec) of each request, in order
         for i, request in enumerate(requests):
-            unknown = set(request) - _REQUEST_FIELDS - _GEN_FIELDS
-            if unknown:
-                raise TwigVLMError(f"request {i} has unknown field(s) {sorted(unknown)}: use {sorted(_REQUEST_FIELDS)}"
-                                   " and GenConfig's fields")  # fmt: skip
-            fields_ = {k: v for k, v in request.items() if k in _GEN_FIELDS}
-            own = (request.get("prune", prune), request.get("speculative", speculative))
-            cfg, own_prune, spec = self._settings(engine, config, {**shared, **fields_}, *own)
-            inputs = request.get("image", image), own_prune, request.get("video", video)
-            encoded = self.encode(request["prompt"], *inputs)
-            check_context(encoded.num_tokens, cfg.max_new_tokens, self.adapter.context_length, f"request {i}: ")
-            prepared.append((encoded, cfg, own_prune, spec))
+            try:  # every request is checked, its index named, before any is prefilled
+                prepared.append(self._batch_request(engine, request, config, prune, speculative, video, image, shared))
+            except TwigVLMError as e:
+                raise _for_request(e, i) from None
         record = self.draft_record(engine.twig) if engine.twig is not None else None
         return generate_batch(engine, *(list(column) for column in zip(*prepared, strict=True)), record)
+
+    def _batch_request(
+        self,
+        engine: Engine,
+        request: dict[str, Any],
+        config: GenConfig | None,
+        prune: PruneConfig | str | None,
+        speculative: SpecConfig | bool,
+        video: Any,
+        image: Any,
+        shared: dict[str, Any],
+    ) -> tuple[Encoded, GenConfig, PruneConfig | None, SpecConfig | None]:
+        """One request of a batch, encoded and checked (its settings, its context, its pruning for its picture)."""
+        if not isinstance(request, dict) or "prompt" not in request:
+            raise TwigVLMError("no 'prompt' given: a batch is a list of dicts, each with a 'prompt'")
+        unknown = set(request) - _REQUEST_FIELDS - _GEN_FIELDS
+        if unknown:
+            fields_known = f"{sorted(_REQUEST_FIELDS)} and GenConfig's fields"
+            raise TwigVLMError(f"unknown field(s) {sorted(unknown)}: use {fields_known}")
+        fields_ = {k: v for k, v in request.items() if k in _GEN_FIELDS}
+        own = (request.get("prune", prune), request.get("speculative", speculative))
+        cfg, own_prune, spec = self._settings(engine, config, {**shared, **fields_}, *own)
+        encoded = self.encode(request["prompt"], request.get("image", image), own_prune, request.get("video", video))
+        check_context(encoded.num_tokens, cfg.max_new_tokens, self.adapter.context_length)
+        check_window(engine, encoded, cfg)
+        check_pruning(engine, encoded, own_prune)
+        return encoded, cfg, own_prune, spec
 
     def _settings(
         self,
@@ -346,8 +366,15 @@ class VLM:
 
 
 def _is_batch(prompt: Any) -> bool:
-    """A list of requests (dicts with a "prompt"), not a chat (dicts with a "role")."""
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(r, dict) and "prompt" in r for r in prompt)
+    """A list of requests (dicts, one at least with a "prompt"), not a chat (dicts with a "role")."""
+    dicts = isinstance(prompt, list) and bool(prompt) and all(isinstance(r, dict) for r in prompt)
+    return dicts and any("prompt" in r for r in prompt) and not any("role" in r for r in prompt)
+
+
+def _for_request(e: TwigVLMError, i: int) -> TwigVLMError:
+    """The error of a batch's request i, as its own type (a SettingError keeps its param), named "request i"."""
+    message = f"request {i}: {e}"
+    return SettingError(message, e.param) if isinstance(e, SettingError) else TwigVLMError(message)
 
 
 def _prune_config(prune: PruneConfig | str | None) -> PruneConfig | None:
