@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sized
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -121,8 +122,8 @@ def _integer(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A real number (numpy's too) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 SAMPLING_MODES = ("auto", "positional", "sequential")  # GenConfig.sampling

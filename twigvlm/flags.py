@@ -147,11 +147,11 @@ def add_sampling_args(p: Group, max_new_tokens: int = GenConfig.max_new_tokens) 
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
 
-SAMPLING_FLAGS = (
-    ("seed", "--seed", None),
-    ("top_k", "--top-k", 0),
-    ("top_p", "--top-p", 1.0),
-    ("sampling", "--sampling", "auto"),
+SAMPLING_FLAGS = (  # (field, flag): the flags that shape sampling, off at GenConfig's defaults
+    ("seed", "--seed"),
+    ("top_k", "--top-k"),
+    ("top_p", "--top-p"),
+    ("sampling", "--sampling"),
 )
 
 
@@ -159,7 +159,7 @@ def gen_from_args(args: argparse.Namespace) -> GenConfig:
     """The sampling flags as a GenConfig; a flag that shapes sampling without --temperature above 0 is an error,
     not silently greedy."""
     if not args.temperature > 0:
-        given = [flag for name, flag, off in SAMPLING_FLAGS if getattr(args, name) != off]
+        given = [flag for name, flag in SAMPLING_FLAGS if getattr(args, name) != getattr(GenConfig, name)]
         if given:
             raise TwigVLMError(f"{given[0]} needs --temperature above 0: without it decoding is greedy")
     return GenConfig(
