@@ -270,7 +270,8 @@ def test_a_budget_this_model_cannot_honour_names_its_field(app):
     error_of(post(app, body(pic, prune="fastv", keep=0.5)), 400, "(keep=0.5) is infeasible", "keep")
     error_of(post(app, body(pic, prune="fastv", keep_ratio=0.01)), 400, "(keep_ratio=0.01 of M=", "keep_ratio")
     error_of(post(app, body(pic, prune="fastv", prune_layer=99)), 400, "pruning layer K=99 is invalid", "prune_layer")
-    error_of(post(app, body(pic, prune="fastv", prune_head="pruning")), 400, "pruning head scores for the twig")
+    error_of(post(app, body(pic, prune="fastv", prune_head="pruning")), 400, "head scores for the twig", "prune_head")
+    error_of(post(app, body(pic, prune="fastv", query="first")), 400, "query 'first' is unknown", "query")
     error_of(post(app, body(pic, prune="dart")), 400, "(the default keep_ratio, 1/9 of M=", "prune")
     r = post(app, body(pic, prune="fastv", keep_ratio=0.5, prune_layer=1, query="text"))
     assert r.status_code == 200 and r.json()["twigvlm"]["prune_method"] == "fastv", r.text

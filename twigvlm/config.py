@@ -161,24 +161,25 @@ class PruneConfig:
     head: str = "attention"
 
     def validate(self) -> None:
+        """A one-line SettingError whose `param` names the setting as a request names it (a server's 400)."""
         if self.method not in PRUNE_METHODS:
-            raise TwigVLMError(f"prune method {self.method!r} is unknown: use one of {', '.join(PRUNE_METHODS)}")
+            raise _setting("method", f"prune method {self.method!r} is unknown: use one of {', '.join(PRUNE_METHODS)}")
         if self.query not in QUERY_MODES:
-            raise TwigVLMError(f"query {self.query!r} is unknown: use one of {', '.join(QUERY_MODES)}")
+            raise _setting("query", f"query {self.query!r} is unknown: use one of {', '.join(QUERY_MODES)}")
         if self.head not in PRUNE_HEADS:
-            raise TwigVLMError(f"prune head {self.head!r} is unknown: use one of {', '.join(PRUNE_HEADS)}")
+            raise _setting("head", f"prune head {self.head!r} is unknown: use one of {', '.join(PRUNE_HEADS)}")
         if self.head != "attention" and self.method != "twig":
-            raise TwigVLMError(f"the pruning head scores for the twig: use it with --prune twig, not {self.method}")
+            raise _setting("head", f"the pruning head scores for the twig: use it with --prune twig, not {self.method}")
         if self.keep is not None and self.keep_ratio is not None:
-            raise TwigVLMError("give either keep (average visual tokens per layer) or keep_ratio, not both")
+            raise _setting("keep", "give either keep (average visual tokens per layer) or keep_ratio, not both")
         if self.keep is not None and not (_number(self.keep) and math.isfinite(self.keep) and self.keep > 0):
-            raise TwigVLMError(f"keep={self.keep!r} is invalid: give a positive number of visual tokens")
+            raise _setting("keep", f"keep={self.keep!r} is invalid: give a positive number of visual tokens")
         if self.keep_ratio is not None and not (_number(self.keep_ratio) and 0 < self.keep_ratio <= 1):
-            raise TwigVLMError(f"keep_ratio={self.keep_ratio!r} is invalid: it must be in (0, 1]")
+            raise _setting("keep_ratio", f"keep_ratio={self.keep_ratio!r} is invalid: it must be in (0, 1]")
         if self.wipe_layer is not None and (not _integer(self.wipe_layer) or self.wipe_layer < 1):
-            raise TwigVLMError(f"wipe_layer={self.wipe_layer!r} is invalid: give a layer number >= 1")
+            raise _setting("wipe_layer", f"wipe_layer={self.wipe_layer!r} is invalid: give a layer number >= 1")
         if self.layer is not None and (not _integer(self.layer) or self.layer < 1):
-            raise TwigVLMError(f"layer={self.layer!r} is invalid: give a layer number >= 1")
+            raise _setting("layer", f"layer={self.layer!r} is invalid: give a layer number >= 1")
 
     @property
     def active(self) -> bool:
@@ -250,6 +251,11 @@ class SettingError(TwigVLMError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def _setting(name: str, message: str) -> SettingError:
+    """The error of one setting (a config field's name), its `param` the name a request gives it."""
+    return SettingError(message, SETTING_NAMES[name][0])
 
 
 # How each setting is named where a user gives it: the field (Python keyword, HTTP body) and the CLI flag.
@@ -326,10 +332,7 @@ def pruning(
                 "(twig, fastv, visionzip, cdpruner or dart)",
                 "prune",
             )
-    try:
-        prune.validate()
-    except TwigVLMError as e:
-        raise SettingError(str(e), SETTING_NAMES["method"][0]) from None
+    prune.validate()  # its SettingError names the setting
     return prune if prune.active else None
 
 
