@@ -65,3 +65,18 @@ def test_chat_flags_are_checked_before_loading(capsys):
     assert "twig" in err and err.count("\n") == 1
     assert cli.main(["chat", "--model", "/nonexistent", "--keep", "8"]) == 2
     assert "--keep needs --prune" in capsys.readouterr().err
+
+
+def test_a_turn_that_fails_drops_its_pictures_and_the_chat_goes_on(vlms, tmp_path):
+    """Two pictures push M past what --keep allows: that turn fails in one line, its pictures are not kept, and
+    the next message (text only) is answered, not refused again."""
+    vlm = vlms["llama-clip"]
+    for name in ("a.png", "b.png"):
+        random_image(4).save(tmp_path / name)
+    out = io.StringIO()
+    lines = ["/image " + str(tmp_path / "a.png"), "/image " + str(tmp_path / "b.png"), "both?", "and now?"]
+    chat = run_chat(vlm, scripted(lines), out, GenConfig(max_new_tokens=3), PruneConfig("fastv", keep=8))
+    text = out.getvalue()
+    assert "is infeasible" in text and "the 2 picture(s) attached to it are dropped); /reset" in text
+    assert text.count("error:") == 1 and text.count("assistant> ") == 1  # refused before its answer began
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] and chat.images == [] and chat.pending == []

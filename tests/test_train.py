@@ -289,7 +289,19 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     assert eos <= set(twig.draft_vocab.tolist()) and len(twig.draft_vocab) <= 5 + len(eos)
     capsys.readouterr()
     (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "fake.png").write_text("not a picture")
+    unreadable = tmp_path / "unreadable.json"
+    unreadable.write_text(json.dumps([{"image": "fake.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}]))  # fmt: skip
     cases = [
+        (  # every answer cut away: it would train on nothing
+            ["train", "--model", model, "--data", data, "--out", str(tmp_path / "x"), "--max-length", "5"],
+            "record 0: --max-length 5 leaves none of its answer",
+        ),
+        (  # found when the first example is read, before the Trainer creates --out
+            ["train", "--model", model, "--data", str(unreadable), "--out", str(tmp_path / "x")],
+            "record 0: image",
+        ),
         (args, "already holds checkpoint-2 from an earlier run: pass --resume"),
         (
             ["train", "--model", model, "--data", data, "--out", str(tmp_path / "notes.txt" / "x")],

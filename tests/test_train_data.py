@@ -166,6 +166,10 @@ MALFORMED = [
     ),
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "<image>"}]}, "an answer contains"),
     ({"conversations": [{"from": "human", "value": "only a question"}]}, "has no answer"),
+    (
+        {"conversations": [{"from": f, "value": v} for f, v in (("gpt", "A"), ("human", "Q"), ("gpt", "B"))]},
+        "the conversation opens with a 'gpt' turn",
+    ),
 ]
 
 

@@ -104,8 +104,10 @@ def run_chat(
             for piece in stream:
                 out.write(piece)
                 out.flush()
-        except TwigVLMError as e:
-            out.write(f"error: {e}\n")
+        except TwigVLMError as e:  # the turn is not kept, nor the pictures attached to it: the next can succeed
+            dropped = f" (the {len(chat.pending)} picture(s) attached to it are dropped)" if chat.pending else ""
+            out.write(f"error: {e}{dropped}; /reset starts the conversation over\n")
+            chat.pending = []
             continue
         assert stream.result is not None
         out.write("\n" + stats_line(stream.result.stats) + "\n")

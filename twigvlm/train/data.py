@@ -121,6 +121,9 @@ def parse_record(raw: Any, index: int, source: Path, image_folder: Path) -> Reco
         elif placed != len(names):
             raise bad(f"{placed} {placeholder} placeholder(s) in the human turns but {len(names)} {key}(s)")
         files[key] = [image_folder / n for n in names]
+    opening = next((role for role, _ in turns if role != "system"), None)
+    if opening == "assistant":
+        raise bad("the conversation opens with a 'gpt' turn: it must open with a human turn (after any system turn)")
     rid = raw.get("id")
     return Record(index, None if rid is None else str(rid), turns, files["image"], files["video"])
 
@@ -243,6 +246,17 @@ class LlavaDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def check_first(self) -> None:
+        """Read the first example as training will, before anything is written: its pictures open, and the cut
+        to max_length leaves some of its answer (a max_length that cuts every answer would train on nothing)."""
+        example = self[0]
+        if not bool((example["labels"] != IGNORE_INDEX).any()):
+            rec = self.records[0]
+            raise TwigVLMError(
+                f"{self.source} record {rec.index}: --max-length {self.max_length} leaves none of its answer (the "
+                "prompt before it, pictures included, is longer): raise --max-length"
+            )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]

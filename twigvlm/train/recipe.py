@@ -257,6 +257,9 @@ def train_twig(
     twig.to(torch.float32)  # master weights; autocast runs the matmuls in bf16 when asked
     train_set = LlavaDataset(cfg.data, adapter, cfg)
     eval_set = LlavaDataset(cfg.eval_data, adapter, cfg) if cfg.eval_data else None
+    for dataset in (train_set, eval_set):  # read before the Trainer creates --out: a bad start writes nothing
+        if dataset is not None:
+            dataset.check_first()
     if train_set.skipped_missing and args.should_log:
         print(f"skipped {train_set.skipped_missing} record(s) of {cfg.data} whose image is missing", flush=True)
     trainer = TwigTrainer(
