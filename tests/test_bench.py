@@ -322,10 +322,14 @@ def test_malformed_task_files_name_file_and_line(tmp_path, content, name, why):
 
 def test_bench_errors_exit_2(model_dirs, tmp_path, capsys):
     base = ["bench", "--model", model_dirs["llama-clip"], "--out", str(tmp_path / "o")]
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "text": "q", "image": "a.png"}\n')
     for argv, why in [
         (base + ["--methods", "ar,warp"], "unknown method 'warp'"),
         (base + ["--methods", "twig"], "need a twig"),
         (base + ["--tasks", "nope", "--methods", "hf,ar"], "unknown task 'nope'"),
+        (base + ["--tasks", " , ", "--methods", "hf,ar"], "--tasks is empty"),  # was a StopIteration traceback
+        (base + ["--tasks", f"mme={tmp_path / 'q.jsonl'}"], "is a file: give the folder of pictures"),
+        (base + ["--tasks", f"mmbench={tmp_path}"], f"task file {tmp_path} is a folder: give the file itself"),
         (base + ["--limit", "0"], "--limit: 0 is not positive"),
         (base + ["--ablation", "source"], "--ablation source needs a twig"),
         (base + ["--ablation", "twig", "--twig", str(tmp_path)], "is not a twig directory"),
@@ -349,6 +353,8 @@ def test_bench_checks_every_flag_against_the_model_first(model_dirs, bench_twig,
         (["--wipe-layer", "99"], f"wipe_layer=99 is invalid: it must be between K+1=3 and L={L}"),
         (["--methods", "hf,fastv", "--wipe-layer", "99"], "fastv cannot run on scenes: wipe_layer=99"),
         (["--methods", "hf,fastv", "--keep", "0.5"], "is infeasible for this model and prompt (M=16"),
+        (["--methods", "hf,fastv", "--keep", "0.5"], "at most 13.3 (--keep sets it)"),
+        (["--methods", "hf,fastv", "--keep-ratio", "0.05"], "(keep_ratio=0.05 of M=16) is infeasible"),
         (["--methods", "hf,visionzip", "--keep", "100"], "VisionZip budget of 100.0 visual tokens (keep=100)"),
         (["--ablation", "budget", "--wipe-layer", "99"], "wipe_layer=99 is invalid"),
         (["--keep-ratio", "2"], "keep_ratio=2.0 is invalid"),

@@ -245,7 +245,7 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "K+T > L": (["grow", "--model", m, "--K", "4", "--T", "3", "--out", str(tmp / "g2")], "exceeds"),
         "wipe before K": (
             ["grow", "--model", m, "--wipe-layer", "2", "--out", str(tmp / "g4")],
-            "wipe_layer=2 is invalid: give a layer from K+1=3",
+            "wipe_layer=2 is invalid: give a layer after K=2 (FinalWipe",  # L is not known before the load
         ),
         "wipe past L": (
             ["grow", "--model", m, "--wipe-layer", "99", "--out", str(tmp / "g5")],

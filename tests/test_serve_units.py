@@ -81,6 +81,7 @@ def test_messages_become_hf_chat_messages_with_image_placeholders():
         ({"temperature": "hot"}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus"),  # nothing is silently ignored
         ({"prune": "magic"}, "prune"),
         ({"draft": "bush", "speculative": True}, "draft"),
         ({"keep": 8}, "prune"),

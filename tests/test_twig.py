@@ -208,7 +208,8 @@ def test_fingerprint_survives_a_dtype_change(tmp_path, model_dirs):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"K": 0}, "K must be >= 1"),
+        ({"K": 0}, "K=0 is invalid: the twig attaches after base layer K, an integer >= 1"),
+        ({"K": "2"}, "K='2' is invalid"),  # a string is not a layer, and the message shows it as given
         ({"T": 0}, "T >= 1"),
         ({"K": 4, "T": 3}, "exceeds"),
         ({"head": "x"}, "head"),

@@ -34,10 +34,10 @@ class TwigConfig:
 
     def validate(self, num_layers: int | None = None) -> None:
         """Check K, T and head; with `num_layers`, also that K+T fits in the base."""
-        if not isinstance(self.K, int) or self.K < 1:
-            raise TwigVLMError(f"K={self.K} is invalid: the twig attaches after base layer K, so K must be >= 1")
-        if not isinstance(self.T, int) or self.T < 1:
-            raise TwigVLMError(f"T={self.T} is invalid: a twig needs at least one layer (T >= 1)")
+        if not _integer(self.K) or self.K < 1:
+            raise TwigVLMError(f"K={self.K!r} is invalid: the twig attaches after base layer K, an integer >= 1")
+        if not _integer(self.T) or self.T < 1:
+            raise TwigVLMError(f"T={self.T!r} is invalid: a twig needs at least one layer (an integer T >= 1)")
         if num_layers is not None and self.K + self.T > num_layers:
             raise TwigVLMError(
                 f"K+T={self.K + self.T} exceeds the base model's {num_layers} decoder layers: "
@@ -50,10 +50,10 @@ class TwigConfig:
         if self.wipe_layer is not None:
             top = num_layers if num_layers is not None else self.wipe_layer
             if type(self.wipe_layer) is not int or not self.K < self.wipe_layer <= top:
+                where = f"from K+1={self.K + 1} to L={num_layers}" if num_layers is not None else f"after K={self.K}"
                 raise TwigVLMError(
-                    f"wipe_layer={self.wipe_layer!r} is invalid: give a layer from K+1={self.K + 1} "
-                    f"to L={num_layers if num_layers is not None else 'the number of layers'} "
-                    f"(FinalWipe drops every visual token after it)"
+                    f"wipe_layer={self.wipe_layer!r} is invalid: give a layer {where} (FinalWipe drops every visual "
+                    "token after it)"
                 )
 
     def resolved(self, tied_embeddings: bool) -> TwigConfig:
@@ -197,7 +197,7 @@ class PruneConfig:
         if self.keep is not None:
             return "keep", f"keep={self.keep:g}"
         if self.keep_ratio is not None:
-            return "keep_ratio", f"keep_ratio={self.keep_ratio:g} of M={num_visual}"
+            return "keep_ratio", f"keep_ratio={self.keep_ratio:.4g} of M={num_visual}"
         return "prune", f"the default keep_ratio, 1/{round(1 / DEFAULT_KEEP_RATIO)} of M={num_visual}"
 
 

@@ -258,7 +258,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise TwigVLMError("--batch runs the --methods list; it takes no --ablation")
         batched.check_batchable([v.method for v in chosen])
     out = output_dir(args.out)
-    specs = [s for part in args.tasks.split(";") for s in (part.split(",") if "=" not in part else [part]) if s]
+    specs = [s for part in args.tasks.split(";") for s in (part.split(",") if "=" not in part else [part]) if s.strip()]
+    if not specs:
+        raise TwigVLMError("--tasks is empty: name at least one task (easyvqa, scenes, describe or NAME=FILES)")
     tasks = {}
     for spec in specs:
         samples = parse_task_spec(spec.strip(), args.limit, args.split, args.circular)

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..api import VLM
+from ..config import SETTING_NAMES
 from ..errors import TwigVLMError
 from ..speculative.stats import SpecStats
 from ..twig.model import Twig
@@ -66,7 +67,16 @@ def check_variants(
             try:
                 check_method(vlm, v.method, v.config, num_visual, twig=_twig_of(v, twigs or {}))
             except TwigVLMError as e:
-                raise TwigVLMError(f"{v.name} cannot run on {task}: {e}") from None
+                flag = _bench_flag(getattr(e, "param", None))
+                hint = f" ({flag} sets it)" if flag else ""
+                raise TwigVLMError(f"{v.name} cannot run on {task}: {e}{hint}") from None
+
+
+def _bench_flag(param: str | None) -> str | None:
+    """The bench flag that sets a setting an error names (its `param`); the default budget: --keep(-ratio)."""
+    if param == "prune":  # the bench has no --prune: the budget that failed was its default
+        return "--keep or --keep-ratio"
+    return next((flag for field, flag in SETTING_NAMES.values() if field == param), None)
 
 
 def _bench(

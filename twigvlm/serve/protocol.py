@@ -79,6 +79,7 @@ KNOWN = (
     | set(REFUSED_UNLESS)
     | ACCELERATION
 )
+STREAM_OPTIONS = {"include_usage", "include_obfuscation"}  # the second pads chunks against side channels: a no-op here
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -138,6 +139,10 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     options = _typed(body, "stream_options", (dict,), "an object") or {}
     if options and not stream:
         raise bad_request("'stream_options' is only allowed with stream: true", "stream_options")
+    unknown = sorted(set(options) - STREAM_OPTIONS)
+    if unknown:
+        raise bad_request(f"unsupported field 'stream_options.{unknown[0]}': twigvlm does not implement it",
+                          f"stream_options.{unknown[0]}")  # fmt: skip
     include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
     gen, max_param = _gen_config(body, cfg)
     prune, spec = _acceleration(body, cfg, has_pictures=bool(image_urls))

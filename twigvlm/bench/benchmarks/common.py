@@ -50,8 +50,7 @@ def fail(path: Path, where: str, what: str) -> TwigVLMError:
 
 
 def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise TwigVLMError(f"task file {path} does not exist")
+    check_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -60,8 +59,7 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(line number, record) of every non-empty line."""
-    if not path.is_file():
-        raise TwigVLMError(f"task file {path} does not exist")
+    check_file(path)
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -75,8 +73,7 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
 def is_jsonl(path: Path) -> bool:
     """Whether a file holds question records one per line (LLaVA's format) rather than one JSON document (a
     benchmark's own file: a list, or an object that is not itself a question record)."""
-    if not path.is_file():
-        raise TwigVLMError(f"task file {path} does not exist")
+    check_file(path)
     try:
         whole = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
@@ -114,7 +111,17 @@ def first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+def check_file(path: Path) -> None:
+    """A task file that is there and is a file (a folder given in its place is named as one)."""
+    if path.is_dir():
+        raise TwigVLMError(f"task file {path} is a folder: give the file itself")
+    if not path.is_file():
+        raise TwigVLMError(f"task file {path} does not exist")
+
+
 def check_folder(folder: Path) -> None:
+    if folder.is_file():
+        raise TwigVLMError(f"image folder {folder} is a file: give the folder of pictures")
     if not folder.is_dir():
         raise TwigVLMError(f"image folder {folder} does not exist")
 

@@ -39,7 +39,8 @@ def _gold(path) -> dict[str, dict]:  # noqa: ANN001
         raise fail(path, "", "needs GQA's question JSON: an object keyed by question id (testdev_balanced_questions)")
     for qid, record in data.items():
         if not isinstance(record, dict) or not isinstance(record.get("answer"), str):
-            raise fail(path, f"question {qid}", "needs 'answer' (text)")
+            raise fail(path, f"question {qid}", "needs 'answer' (text): GQA's answers are in its own question JSON "
+                       "(testdev_balanced_questions.json), an object keyed by question id")  # fmt: skip
     return data
 
 

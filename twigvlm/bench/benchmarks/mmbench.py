@@ -26,7 +26,7 @@ from PIL import Image
 
 from ...errors import TwigVLMError
 from ..sample import Sample
-from .common import LETTER_ANSWER, Benchmark, TaskFiles, by_key, fail, mean
+from .common import LETTER_ANSWER, Benchmark, TaskFiles, by_key, check_file, fail, mean
 from .normalize import choice_letter
 
 LETTERS = "ABCD"
@@ -38,8 +38,7 @@ def _none(value: str | None) -> bool:
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise TwigVLMError(f"task file {path} does not exist")
+    check_file(path)
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))

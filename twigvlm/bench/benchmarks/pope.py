@@ -20,6 +20,7 @@ from .common import (
     Benchmark,
     TaskFiles,
     by_key,
+    check_file,
     check_folder,
     fail,
     first_line,
@@ -41,8 +42,7 @@ def annotation_files(answers: Path) -> dict[str, Path]:
         raise TwigVLMError(f"{answers} holds no {PREFIX}<category>{SUFFIX} annotation file")
     out = {}
     for file in files:
-        if not file.is_file():
-            raise TwigVLMError(f"task file {file} does not exist")
+        check_file(file)
         if not (file.name.startswith(PREFIX) and file.name.endswith(SUFFIX)):
             raise TwigVLMError(f"{file}: name a POPE annotation file {PREFIX}<category>{SUFFIX} (its category)")
         out[file.name[len(PREFIX) : -len(SUFFIX)]] = file
