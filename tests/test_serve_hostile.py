@@ -473,3 +473,20 @@ def test_pixel_bytes_budget_covers_one_request_at_the_defaults():
     )
     with pytest.raises(twigvlm.TwigVLMError, match="--max-buffered-mb"):
         replace(cfg, max_buffered_bytes=10**6).validate()
+
+
+def test_refusals_are_counted_and_health_answers_head(app):
+    """A request refused before it runs counts as `invalid` (a 4xx) in /metrics, beside the outcomes of those that
+    ran; HEAD /health answers as GET does, without a body."""
+
+    def invalid() -> float:
+        line = next((x for x in app.get("/metrics").text.splitlines()
+                     if x.startswith('twigvlm_requests_total{outcome="invalid"}')), "x 0")  # fmt: skip
+        return float(line.split()[-1])
+
+    before = invalid()
+    error_of(post(app, body(top_p=2)), 400, "'top_p'", "top_p")
+    error_of(post(app, body(text="<image> hi")), 400, "leave it out", "messages")
+    assert invalid() == before + 2
+    head = app.head("/health")
+    assert head.status_code == 200 and head.content == b""

@@ -106,7 +106,7 @@ def create_app(
     app.add_middleware(RequestIds)  # outermost of ours: every response gets its id, every surprise a JSON 500
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/health", _health, methods=["GET", "HEAD"])  # HEAD: what load balancers probe with
     app.add_api_route("/v1/models", _models, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/", _playground, methods=["GET"])
@@ -187,9 +187,11 @@ async def _chat_completions(request: Request) -> Response:
         job = Job(req, asyncio.get_running_loop(), arrived=arrived, hold=hold)
         req.images = await asyncio.to_thread(_prepare, req, served, hold)
         hold.give(body_share)  # the body was parsed and dropped, and the URLs with it: the pictures stay held
-    except BaseException:
+    except BaseException as e:
         worker.release()
         hold.release()
+        if isinstance(e, APIError):  # refused before it ran: a bad field, picture or prompt; or the memory budget
+            worker.metrics.requests.labels("invalid" if e.status < 500 else "rejected").inc()
         raise
     deadline = job.loop.call_later(
         max(0.0, cfg.request_timeout_s - (time.perf_counter() - arrived)), job.timed_out, cfg.request_timeout_s
