@@ -490,3 +490,11 @@ def test_refusals_are_counted_and_health_answers_head(app):
     assert invalid() == before + 2
     head = app.head("/health")
     assert head.status_code == 200 and head.content == b""
+
+
+def test_the_served_model_can_be_retrieved_by_id(app):
+    """OpenAI's GET /v1/models/{id}: the card /v1/models lists, or a 404 naming the model served."""
+    listed = app.get("/v1/models").json()["data"][0]
+    got = app.get(f"/v1/models/{listed['id']}")
+    assert got.status_code == 200 and got.json() == listed
+    error_of(app.get("/v1/models/owner/other-model"), 404, "this server serves 'm'", "model")

@@ -1,6 +1,6 @@
 """The FastAPI app of `twigvlm serve`: routes, authentication, OpenAI-shaped errors and SSE streaming.
 
-GET /health (200 once the model is loaded, 503 before), GET /v1/models, POST /v1/chat/completions, GET /metrics
+GET /health (200 once the model is loaded, 503 before), GET /v1/models[/{id}], POST /v1/chat/completions, GET /metrics
 (Prometheus text) and GET / (the playground page). The event loop only parses, admits and relays: images are read
 in pool threads and the model runs on the inference thread (`worker.py`). A completion request passes, in order:
 its API key, the JSON and origin rules (`guard.py`), a queue slot, its body under the byte limit and the memory
@@ -33,7 +33,16 @@ from .errors import APIError, bad_request, error_body
 from .guard import RequestIds, check_content_type, check_origin, parse_json, read_body
 from .media import MediaPolicy, load_image_url
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import FINISH_REASONS, ChatRequest, chunk, completion, parse_chat_request, prompt_chars, usage
+from .protocol import (
+    FINISH_REASONS,
+    ChatRequest,
+    chunk,
+    completion,
+    model_not_found,
+    parse_chat_request,
+    prompt_chars,
+    usage,
+)
 from .worker import Job, Worker
 
 STATIC = files(__package__) / "static"
@@ -108,6 +117,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_api_route("/health", _health, methods=["GET", "HEAD"])  # HEAD: what load balancers probe with
     app.add_api_route("/v1/models", _models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", _model, methods=["GET"])  # a hub id holds a slash
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/", _playground, methods=["GET"])
     app.add_api_route("/playground.js", _playground_js, methods=["GET"])
@@ -148,11 +158,24 @@ async def _health(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=503)
 
 
+def _card(cfg: ServeConfig) -> dict[str, Any]:
+    """The served model as OpenAI's model object, with its twig."""
+    return {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "twigvlm", "root": cfg.model_id,
+            "twig": cfg.twig}  # fmt: skip
+
+
 async def _models(request: Request) -> JSONResponse:
     _authorize(request)
-    cfg = _served(request).cfg
-    card = {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "twigvlm", "root": cfg.model_id}
-    return JSONResponse({"object": "list", "data": [{**card, "twig": cfg.twig}]})
+    return JSONResponse({"object": "list", "data": [_card(_served(request).cfg)]})
+
+
+async def _model(request: Request) -> JSONResponse:
+    """GET /v1/models/{id} (OpenAI's retrieve): the served model, or a 404 naming the one served."""
+    _authorize(request)
+    cfg, asked = _served(request).cfg, request.path_params["model_id"]
+    if asked != cfg.model_id:
+        raise model_not_found(asked, cfg)
+    return JSONResponse(_card(cfg))
 
 
 async def _metrics(request: Request) -> Response:

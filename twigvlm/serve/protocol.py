@@ -126,9 +126,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     if model is None:
         raise bad_request("'model' is required: GET /v1/models lists it", "model")
     if model != cfg.model_id:
-        raise APIError(
-            404, f"the model '{model}' does not exist: this server serves '{cfg.model_id}'", "model", "model_not_found"
-        )
+        raise model_not_found(model, cfg)
     messages, image_urls = parse_messages(body.get("messages"))
     if len(image_urls) > cfg.max_images:
         where = image_urls[cfg.max_images][1]
@@ -151,6 +149,13 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     except TwigVLMError as e:
         raise bad_request(str(e)) from None
     return ChatRequest(messages, image_urls, gen, prune, spec, stream, include_usage, max_param)
+
+
+def model_not_found(model: str, cfg: ServeConfig) -> APIError:
+    """The 404 of a model this server does not serve (a request's `model`, GET /v1/models/{id})."""
+    return APIError(
+        404, f"the model '{model}' does not exist: this server serves '{cfg.model_id}'", "model", "model_not_found"
+    )
 
 
 def prompt_chars(messages: list[dict[str, Any]]) -> int:
