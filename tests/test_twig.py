@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,10 @@ def test_save_load_is_bit_exact(tmp_path, model_dirs):
     loaded = twigvlm.load(model_dirs["llama-clip"], twig=tmp_path / "twig").twig
     a, b = twig.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    before = sorted(p.name for p in Path(model_dirs["llama-clip"]).iterdir())
+    with pytest.raises(TwigVLMError, match="holds a model \\(config.json\\): save the twig in a folder of its own"):
+        vlm.save_twig(model_dirs["llama-clip"])  # its files would mix with the model's
+    assert sorted(p.name for p in Path(model_dirs["llama-clip"]).iterdir()) == before
     assert sorted(p.name for p in (tmp_path / "twig").iterdir()) == ["twig.json", "twig.safetensors"]
 
 

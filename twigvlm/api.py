@@ -224,8 +224,12 @@ class VLM:
         return twig
 
     def save_twig(self, path: str | Path) -> Path:
+        """Write the current twig to its own folder (a twig already there is replaced; a model's folder is
+        refused: its files and the twig's would mix)."""
         if self.twig is None:
             raise TwigVLMError("no twig to save: grow or load one first")
+        if (Path(path) / "config.json").is_file():
+            raise TwigVLMError(f"{path} holds a model (config.json): save the twig in a folder of its own")
         return save_twig(self.twig, path)
 
     # ---- generation -----------------------------------------------------------------------------------------
