@@ -358,8 +358,12 @@ def checked_messages(messages: Any, video: bool = False) -> list[dict[str, Any]]
                     )
         elif not isinstance(content, str):
             raise TwigVLMError(f"chat message {i} has content of type {type(content).__name__}: use text or a list")
-    parts = [i for m in messages for i in (m["content"] if isinstance(m["content"], list) else [m["content"]])]
-    if all(isinstance(p, str) and not p.strip() or isinstance(p, dict) and p["type"] == "text" and not p["text"].strip()
-           for p in parts):  # fmt: skip
+    if all(i["type"] == "text" and not i["text"].strip() for i in chat_items(messages)):
         raise TwigVLMError("the chat holds no text and no picture: ask something")
     return messages
+
+
+def chat_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every content item of checked chat messages, in order; a message's plain-text content as one text item."""
+    return [item for m in messages for item in (
+        m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}])]  # fmt: skip

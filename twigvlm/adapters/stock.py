@@ -23,7 +23,18 @@ from torch import Tensor
 from torch.nn import Module
 
 from ..errors import TwigVLMError
-from .base import Encoded, Images, ModelSpec, Prompt, Reducer, Videos, VLMAdapter, checked_messages, items_index
+from .base import (
+    Encoded,
+    Images,
+    ModelSpec,
+    Prompt,
+    Reducer,
+    Videos,
+    VLMAdapter,
+    chat_items,
+    checked_messages,
+    items_index,
+)
 from .capabilities import ChatTraining, HFBaseline, PictureLayout, check_reducer
 from .decoder import LlamaStyleDecoder, TextModelParts
 
@@ -93,9 +104,7 @@ class StockAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayou
             messages: list[dict[str, Any]] = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
         else:
             messages = checked_messages(prompt, video=True)  # a video item to an image-only family: check_videos
-            self.check_videos(
-                [i for m in messages if isinstance(m["content"], list) for i in m["content"] if i["type"] == "video"]
-            )
+            self.check_videos([i for i in chat_items(messages) if i["type"] == "video"])
         self.check_texts(prompt)
         return self.check_placeholders(self.render_messages(messages, True), num_images, num_videos)
 
@@ -106,9 +115,7 @@ class StockAdapter(LlamaStyleDecoder, TextModelParts, ChatTraining, PictureLayou
         if isinstance(prompt, str):
             texts = [] if self.places_own_placeholders else [prompt]
         else:
-            texts = [m["content"] for m in prompt if isinstance(m["content"], str)] + [
-                i["text"] for m in prompt if isinstance(m["content"], list) for i in m["content"] if i["type"] == "text"
-            ]
+            texts = [i["text"] for i in chat_items(prompt) if i["type"] == "text"]
         for token, what in ((self.image_token, "image"), (self.video_token, "video")):
             if token and any(token in t for t in texts):
                 raise TwigVLMError(

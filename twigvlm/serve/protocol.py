@@ -22,8 +22,10 @@ from ..config import (
     DRAFTERS,
     PRUNE_HEADS,
     PRUNE_METHODS,
+    PRUNE_SETTINGS,
     QUERY_MODES,
     SAMPLING_MODES,
+    SETTING_NAMES,
     GenConfig,
     PruneConfig,
     SettingError,
@@ -57,7 +59,7 @@ REFUSED_UNLESS = {
     "prediction": (None,),
     "reasoning_effort": (None,),
 }
-PRUNE_FIELDS = ("prune", "keep", "keep_ratio", "wipe_layer", "prune_layer", "query", "prune_head")
+PRUNE_FIELDS = ("prune", *(SETTING_NAMES[k][0] for k in PRUNE_SETTINGS))  # prune, keep, … prune_head: as Python
 ACCELERATION = {*PRUNE_FIELDS, "speculative", "draft", "draft_len", "draft_threshold"}
 KNOWN = (
     {
@@ -118,7 +120,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
         raise bad_request("the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN)
     if unknown:
-        raise bad_request(f"unsupported field '{unknown[0]}': twigvlm does not implement it", unknown[0])
+        raise unsupported(unknown[0])
     for name, neutral in REFUSED_UNLESS.items():
         if name in body and body[name] not in neutral:
             raise bad_request(f"'{name}'={body[name]!r} is not supported by twigvlm: leave it out", name)
@@ -139,8 +141,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
         raise bad_request("'stream_options' is only allowed with stream: true", "stream_options")
     unknown = sorted(set(options) - STREAM_OPTIONS)
     if unknown:
-        raise bad_request(f"unsupported field 'stream_options.{unknown[0]}': twigvlm does not implement it",
-                          f"stream_options.{unknown[0]}")  # fmt: skip
+        raise unsupported(f"stream_options.{unknown[0]}")
     include_usage = bool(_typed(options, "include_usage", (bool,), "true or false"))
     gen, max_param = _gen_config(body, cfg)
     prune, spec = _acceleration(body, cfg, has_pictures=bool(image_urls))
@@ -149,6 +150,11 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     except TwigVLMError as e:
         raise bad_request(str(e)) from None
     return ChatRequest(messages, image_urls, gen, prune, spec, stream, include_usage, max_param)
+
+
+def unsupported(field: str) -> APIError:
+    """The 400 of a request field twigvlm does not implement (nothing is silently ignored)."""
+    return bad_request(f"unsupported field '{field}': twigvlm does not implement it", field)
 
 
 def model_not_found(model: str, cfg: ServeConfig) -> APIError:

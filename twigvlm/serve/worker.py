@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from ..api import VLM
-from ..config import SettingError
 from ..errors import TwigVLMError
 from ..generation.batch import BatchSession, Row, result
 from ..generation.loop import Generation, check_context
@@ -411,14 +410,12 @@ class Worker:
 
 
 def fit_context(gen: Generation, req: ChatRequest, context: int | None) -> None:
-    """Before the prefill, the library's own rule (`check_context`), as a 400 naming the field: a prompt that leaves
-    no room, or an answer length the request asked for that does not fit; the server's default is cut to fit."""
+    """Before the prefill, the library's own rule (`check_context`): a prompt that leaves no room, or an answer
+    length the request asked for that does not fit, is a `SettingError` naming the field (`_fail` makes it the
+    400); the server's default is cut to fit."""
     n = gen.encoded.num_tokens
     asked = req.max_tokens_param is not None
-    try:
-        check_context(n, gen.cfg.max_new_tokens if asked else 1, context, length=req.max_tokens_param or "")
-    except SettingError as e:
-        raise bad_request(str(e), e.param) from None
+    check_context(n, gen.cfg.max_new_tokens if asked else 1, context, length=req.max_tokens_param or "")
     if context is not None and gen.cfg.max_new_tokens > context - n:
         gen.cfg = replace(gen.cfg, max_new_tokens=context - n)
 
