@@ -8,6 +8,8 @@ gradients on, a prefill, a block too long) run stock; weights changed in place a
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -148,6 +150,49 @@ def test_a_range_of_layers_with_pruned_lengths(adapters):
     assert [kv.length for kv in ours] == [n + 2 for n in lengths]
     for a, b in zip(stock, ours, strict=True):
         assert relative(b.keys(), a.keys()) < 1e-5
+
+
+@pytest.mark.parametrize("spin_ns", [0, 20_000])
+def test_two_threads_that_sleep_at_the_barriers_give_the_same_layers(adapters, spin_ns):
+    """The layers' own barrier (`csrc/barrier.h`) on two threads: with no spin every waiting thread sleeps on the
+    futex (and the count of sleeps shows it did), with the default spin it mostly does not; either way twenty calls
+    of three layers over pruned lengths equal the stock layers, each call's cache growing by its block."""
+    lib = native_layers._library()  # (typed there)
+    adapter = adapters["llama-clip"]
+    layers, rotary = list(adapter.layers[:3]), adapter.rotary
+    hidden = layers[0].input_layernorm.weight.shape[0]
+    gen = torch.Generator().manual_seed(11)
+    stock, ours = [LayerKV() for _ in layers], [LayerKV() for _ in layers]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    lib.twig_set_spin_ns(ctypes.c_int64(spin_ns))
+    slept = lib.twig_barrier_sleeps()
+    try:
+        with torch.inference_mode():
+            for layer, n, a, b in zip(layers, (9, 5, 2), stock, ours, strict=True):
+                x = torch.randn(1, n, hidden, generator=gen)
+                rope = rotary(x, torch.arange(n).view(1, -1))
+                for kv in (a, b):
+                    layer(x, attention_mask=None, position_ids=None, past_key_values=kv, position_embeddings=rope)
+            runner = NativeLayers(rotary)
+            for step in range(20):
+                x = torch.randn(1, 1 + step % 3, hidden, generator=gen)
+                rope = rotary(x, torch.arange(30 + 3 * step, 30 + 3 * step + x.shape[1]).view(1, -1))
+                want = x
+                for layer, kv in zip(layers, stock, strict=True):
+                    q = x.shape[1]
+                    mask = torch.ones(q, kv.length + q, dtype=torch.bool).tril(kv.length).view(1, 1, q, -1)
+                    want = layer(want, attention_mask=mask, position_ids=None, past_key_values=kv,
+                                 position_embeddings=rope)  # fmt: skip
+                    want = want[0] if isinstance(want, tuple) else want
+                got = runner.run(runner.runs(layers, x, ours, ()), x, rope, ours)
+                assert relative(got, want) < 1e-5, f"call {step}"
+    finally:
+        lib.twig_set_spin_ns(ctypes.c_int64(20_000))
+        torch.set_num_threads(threads)
+    assert [kv.length for kv in ours] == [kv.length for kv in stock]
+    if spin_ns == 0:  # 20 calls × 3 layers × 9 barriers, the first thread in sleeping at nearly every one
+        assert lib.twig_barrier_sleeps() - slept > 100
 
 
 @pytest.fixture(scope="module")

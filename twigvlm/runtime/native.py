@@ -30,7 +30,7 @@ from .machine import cache_dir, cpuinfo_line
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("csrc/gemv.c", "csrc/layer.c")  # layer.c includes gemv.c: the library is built from layer.c
+SOURCES = ("csrc/gemv.c", "csrc/barrier.h", "csrc/layer.c")  # the library is built from layer.c (it includes both)
 
 
 def _sources() -> dict[str, bytes]:

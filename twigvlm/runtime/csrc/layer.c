@@ -3,7 +3,8 @@
  * A decode step (and a draft, and a verification) runs every layer on 1 to ~16 new tokens against the cache. Run
  * through the stock layer, each layer is a few dozen small torch operations and Python frames around seven weight
  * products; on a small decoder those cost as much as the products (about 0.2 ms a layer on a 2-core CPU). Here the
- * whole range runs in one call inside one OpenMP parallel region, the threads meeting at barriers between phases:
+ * whole range runs in one call inside one OpenMP parallel region, the threads meeting at barriers between phases
+ * (`barrier.h`'s, which sleep after a short spin: a busy machine's other processes get the cores back):
  *
  *   h = rmsnorm(x) · w1;  q, k, v = h·Wqᵀ(+b), h·Wkᵀ(+b), h·Wvᵀ(+b);  q, k rotated (rotate-half RoPE, given cos/sin);
  *   k, v written into the cache after its `len` entries;  a = softmax(q·kᵀ · scaling, masked) · v (grouped heads);
@@ -16,6 +17,7 @@
  * stock layer are twigvlm/runtime/native_layers.py's.
  */
 #include "gemv.c"
+#include "barrier.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -170,15 +172,15 @@ typedef struct {
  * vbuf + r·row_stride ([kv_heads, cap, head_dim]) holding len[r] entries. Inside the parallel region (thread t of nt). */
 static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, const float *cos, const float *sin,
                           float *kbuf, float *vbuf, int64_t cap, const int64_t *len, const uint8_t *tail, int64_t m,
-                          const scratch *s, int t, int nt) {
+                          const scratch *s, twig_barrier *bar, int t, int nt) {
   const int64_t H = L->hidden, D = L->head_dim, NH = L->heads, NKV = L->kv_heads, I = L->inter;
   const int64_t QD = NH * D, KD = NKV * D, group = NH / NKV, n = R * q, row_stride = NKV * cap * D;
-#pragma omp single
-  rmsnorm(x, L->norm1, L->eps1, s->h, n, H);
+  if (t == 0) rmsnorm(x, L->norm1, L->eps1, s->h, n, H);
+  twig_barrier_wait(bar);
   span(&L->q, s->h, s->q, n, t, nt);
   span(&L->k, s->h, s->k, n, t, nt);
   span(&L->v, s->h, s->v, n, t, nt);
-#pragma omp barrier
+  twig_barrier_wait(bar);
   /* RoPE on each (token, head) of q and k; the block's keys and values go into each row's cache after its own */
   for (int64_t task = t; task < n * (NH + NKV); task += nt) {
     const int64_t i = task / (NH + NKV), head = task % (NH + NKV), r = i / q, j = i % q;
@@ -193,7 +195,7 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
       for (int64_t d = 0; d < D; ++d) kd[d] = kk[d], vd[d] = vs[d];
     }
   }
-#pragma omp barrier
+  twig_barrier_wait(bar);
   /* attention, one (token, head) at a time, over its row's keys; each thread takes a run of consecutive tasks, so
    * the query heads that share a key-value head mostly share a core too (its keys and values read from memory
    * once, then from the core's cache) */
@@ -221,26 +223,27 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
     const float inv = 1.0f / total;
     for (int64_t d = 0; d < D; ++d) out[d] *= inv;
   }
-#pragma omp barrier
+  twig_barrier_wait(bar);
   span(&L->o, s->a, s->o, n, t, nt);
-#pragma omp barrier
-#pragma omp single
-  {
+  twig_barrier_wait(bar);
+  if (t == 0) {
     for (int64_t j = 0; j < n * H; ++j) x[j] += s->o[j];
     rmsnorm(x, L->norm2, L->eps2, s->h, n, H);
   }
+  twig_barrier_wait(bar);
   span(&L->gate, s->h, s->g, n, t, nt);
   span(&L->up, s->h, s->u, n, t, nt);
-#pragma omp barrier
+  twig_barrier_wait(bar);
   {
     const int64_t per = (n * I + nt - 1) / nt, j0 = t * per, j1 = j0 + per < n * I ? j0 + per : n * I;
     silu_mul(s->g + j0, s->u + j0, j1 > j0 ? j1 - j0 : 0);
   }
-#pragma omp barrier
+  twig_barrier_wait(bar);
   span(&L->down, s->g, s->o, n, t, nt);
-#pragma omp barrier
-#pragma omp single
-  for (int64_t j = 0; j < n * H; ++j) x[j] += s->o[j];
+  twig_barrier_wait(bar);
+  if (t == 0)
+    for (int64_t j = 0; j < n * H; ++j) x[j] += s->o[j];
+  twig_barrier_wait(bar);
 }
 
 /* `count` layers in order on x [R·q, hidden] (updated in place): R rows (sequences) of q new tokens each. cos, sin
@@ -248,6 +251,10 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
  * lens[i·R + r] entries with room for q more (written here; the caller counts them); tail [R, q, m] or NULL (causal):
  * row r's query j sees every key before its row's last m and, among those, what tail[r][j] says (draft trees).
  * Returns 0, 1 on bad sizes, 2 when out of memory. */
+/* The barriers' spin before sleeping, in ns (for tests), and how many times a thread has slept at one so far. */
+void twig_set_spin_ns(int64_t ns) { atomic_store(&twig_spin_ns, ns < 0 ? 0 : ns); }
+int64_t twig_barrier_sleeps(void) { return atomic_load(&twig_sleeps); }
+
 int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t R, int64_t q, const float *cos,
                 const float *sin, float *const *kbufs, float *const *vbufs, const int64_t *caps, const int64_t *lens,
                 const uint8_t *tail, int64_t m, int threads) {
@@ -283,12 +290,16 @@ int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_
   s.u = s.g + n * I;
   s.scores = s.u + n * I;
   s.keys = keys;
+  twig_barrier bar;
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, nt = 1;
     THREAD_IDS(t, nt);
+#pragma omp single
+    twig_barrier_init(&bar, nt); /* (the team's size; its implicit barrier publishes it) */
     for (int64_t i = 0; i < count; ++i)
-      layer_forward(layers[i], x, R, q, cos, sin, kbufs[i], vbufs[i], caps[i], lens + i * R, tail, m, &s, t, nt);
+      layer_forward(layers[i], x, R, q, cos, sin, kbufs[i], vbufs[i], caps[i], lens + i * R, tail, m, &s, &bar, t,
+                    nt);
   }
   free(mem);
   return 0;
