@@ -323,7 +323,11 @@ def test_malformed_task_files_name_file_and_line(tmp_path, content, name, why):
 def test_bench_errors_exit_2(model_dirs, tmp_path, capsys):
     base = ["bench", "--model", model_dirs["llama-clip"], "--out", str(tmp_path / "o")]
     (tmp_path / "q.jsonl").write_text('{"question_id": 1, "text": "q", "image": "a.png"}\n')
+    random_image(0).save(tmp_path / "a.png")
+    png = tmp_path / "a.png"  # a picture given as a task's file (was a UnicodeDecodeError traceback, exit 1)
     for argv, why in [
+        (base + ["--tasks", f"mmbench={png}"], f"task file {png} is not UTF-8 text (byte 0)"),
+        (base + ["--tasks", f"mine={tmp_path / 'q.jsonl'},{tmp_path},{png}"], f"task file {png} is not UTF-8"),
         (base + ["--methods", "ar,warp"], "unknown method 'warp'"),
         (base + ["--methods", "twig"], "need a twig"),
         (base + ["--tasks", "nope", "--methods", "hf,ar"], "unknown task 'nope'"),

@@ -11,6 +11,7 @@ import torch
 import twigvlm
 from twigvlm import PruneConfig, TwigVLMError
 from twigvlm.adapters.decoder import family_rotary
+from twigvlm.cli.main import build_parser
 from twigvlm.pruning.prefill import pruned_prefill
 
 from .conftest import pruning_model, random_image, random_prompt
@@ -84,10 +85,12 @@ def test_the_head_is_saved_and_loaded_with_the_twig(headed, tmp_path):
     plain.save_twig(tmp_path / "plain")
     plain.load_twig(tmp_path / "plain")
     assert plain.twig.prune_head is None
-    with pytest.raises(TwigVLMError, match="no pruning head"):
+    with pytest.raises(TwigVLMError, match="no pruning head") as refused:
         plain.generate(
             "hi", image=random_image(0), prune=PruneConfig("twig", keep=30, head="pruning"), max_new_tokens=1
         )
+    hint = str(refused.value).split("`")[1].split()  # the command it suggests parses (it named --twig, not --init)
+    build_parser().parse_args([*hint[1:], "--model", "m", "--data", "d", "--out", "o"])
     with pytest.raises(TwigVLMError, match="use it with --prune twig"):
         PruneConfig("fastv", head="pruning").validate()
 

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import TwigVLMError
 from ..inputs.images import load_image
 from ..inputs.video import load_video
-from .benchmarks.common import check_file
+from .benchmarks.common import read_text
 from .sample import SHORT_MAX_NEW_TOKENS, Sample
 
 BUILTIN = ("easyvqa", "scenes", "describe", "moving-shapes")
@@ -69,8 +69,7 @@ def moving_shapes(n: int, split: str = "test") -> list[Sample]:
 # ---- LLaVA evaluation format ----------------------------------------------------------------------------------
 def _read_rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, record) of a JSONL file, or of a JSON list (line numbers are then 1-based indices)."""
-    check_file(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             return list(enumerate(json.loads(text), 1))

@@ -26,7 +26,7 @@ from ..errors import TwigVLMError, require_batch_one
 from .peers import cdpruner_keep, dart_keep
 
 NO_PRUNE_HEAD = (
-    "this twig has no pruning head: train one with `twigvlm train --objective pruning --twig DIR`, "
+    "this twig has no pruning head: train one with `twigvlm train --objective pruning --init TWIG_DIR`, "
     "or score with its attention (--prune-head attention)"
 )
 

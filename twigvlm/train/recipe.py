@@ -121,7 +121,7 @@ class LossBar(ProgressCallback):
         evals = {
             k: v
             for k, v in logs.items()
-            if k.startswith("eval") and k.endswith(("_agreement", "_twig_accuracy", "_loss"))
+            if k.startswith("eval") and k.endswith(("_agreement", "_twig_accuracy", "_base_accuracy", "_loss"))
         }
         if evals:
             _write(

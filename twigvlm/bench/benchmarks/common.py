@@ -49,19 +49,31 @@ def fail(path: Path, where: str, what: str) -> TwigVLMError:
     return TwigVLMError(f"{path} {where}: {what}" if where else f"{path}: {what}")
 
 
-def read_json(path: Path) -> Any:
+def read_text(path: Path) -> str:
+    """A task file's text (there, a file, and UTF-8: a picture or a binary given in its place is one line)."""
     check_file(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise not_text(path, e) from None
+
+
+def not_text(path: Path, e: UnicodeDecodeError) -> TwigVLMError:
+    return TwigVLMError(f"task file {path} is not UTF-8 text (byte {e.start}): give the task's JSON, JSONL or TSV")
+
+
+def read_json(path: Path) -> Any:
+    text = read_text(path)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise TwigVLMError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(line number, record) of every non-empty line."""
-    check_file(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append((n, json.loads(line)))
@@ -73,9 +85,9 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
 def is_jsonl(path: Path) -> bool:
     """Whether a file holds question records one per line (LLaVA's format) rather than one JSON document (a
     benchmark's own file: a list, or an object that is not itself a question record)."""
-    check_file(path)
+    text = read_text(path)
     try:
-        whole = json.loads(path.read_text(encoding="utf-8"))
+        whole = json.loads(text)
     except json.JSONDecodeError:
         return True
     return isinstance(whole, dict) and "question_id" in whole

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ...errors import TwigVLMError
 from ..sample import Sample
-from .common import LETTER_ANSWER, Benchmark, TaskFiles, by_key, check_file, fail, mean
+from .common import LETTER_ANSWER, Benchmark, TaskFiles, by_key, check_file, fail, mean, not_text
 from .normalize import choice_letter
 
 LETTERS = "ABCD"
@@ -40,8 +40,11 @@ def _none(value: str | None) -> bool:
 def read_tsv(path: Path) -> list[dict[str, str]]:
     check_file(path)
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except UnicodeDecodeError as e:
+        raise not_text(path, e) from None
     missing = [k for k in ("index", "question", "A", "B", "answer", "image") if rows and k not in rows[0]]
     if not rows or missing:
         raise fail(path, "", f"needs MMBench's TSV columns (missing: {', '.join(missing) or 'every row'})")

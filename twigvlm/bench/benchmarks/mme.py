@@ -18,7 +18,17 @@ from typing import Any
 
 from ...errors import TwigVLMError
 from ..sample import Sample
-from .common import SHORT_ANSWER, Benchmark, TaskFiles, by_key, check_folder, fail, image_loader, llava_questions
+from .common import (
+    SHORT_ANSWER,
+    Benchmark,
+    TaskFiles,
+    by_key,
+    check_folder,
+    fail,
+    image_loader,
+    llava_questions,
+    read_text,
+)
 from .normalize import mme_yes_no
 
 PERCEPTION = (
@@ -41,7 +51,7 @@ def _gold(root: Path) -> dict[tuple[str, str, str], tuple[str, str]]:
             image = next((images / (txt.stem + s) for s in IMAGE_SUFFIXES if (images / (txt.stem + s)).is_file()), None)
             if image is None:
                 raise fail(txt, "", f"has no image {txt.stem}.jpg/.png in {images}")
-            for n, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(read_text(txt).splitlines(), 1):
                 if not line.strip():
                     continue
                 parts = line.strip().split("\t")
