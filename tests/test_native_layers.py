@@ -8,8 +8,6 @@ gradients on, a prefill, a block too long) run stock; weights changed in place a
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -123,13 +121,13 @@ def test_a_draft_trees_tail_mask(adapters, name):
         assert relative(got, want) < 1e-5, (rows, m)
 
 
-def test_a_range_of_layers_with_pruned_lengths(adapters):
-    """Three layers in one call, each on a cache of its own length (TTP's deep layers hold fewer keys)."""
+def pruned_caches(adapters, lengths: tuple[int, ...], seed: int) -> tuple:
+    """The first len(lengths) layers of the tiny LLaVA, each layer's cache primed with its own number of entries
+    (TTP's deep layers hold fewer keys), twice over: (layers, rotary, stock caches, native caches, generator)."""
     adapter = adapters["llama-clip"]
-    layers, rotary = list(adapter.layers[:3]), adapter.rotary
-    gen = torch.Generator().manual_seed(7)
+    layers, rotary = list(adapter.layers[: len(lengths)]), adapter.rotary
+    gen = torch.Generator().manual_seed(seed)
     hidden = layers[0].input_layernorm.weight.shape[0]
-    lengths = (11, 6, 3)
     stock, ours = [LayerKV() for _ in layers], [LayerKV() for _ in layers]
     with torch.inference_mode():
         for layer, n, a, b in zip(layers, lengths, stock, ours, strict=True):
@@ -137,14 +135,29 @@ def test_a_range_of_layers_with_pruned_lengths(adapters):
             rope = rotary(x, torch.arange(n).view(1, -1))
             for kv in (a, b):
                 layer(x, attention_mask=None, position_ids=None, past_key_values=kv, position_embeddings=rope)
-        x = torch.randn(1, 2, hidden, generator=gen)
-        rope = rotary(x, torch.tensor([[20, 21]]))
-        want = x
-        for layer, kv in zip(layers, stock, strict=True):
-            mask = torch.ones(2, kv.length + 2, dtype=torch.bool).tril(kv.length).view(1, 1, 2, -1)
-            want = layer(want, attention_mask=mask, position_ids=None, past_key_values=kv, position_embeddings=rope)
-            want = want[0] if isinstance(want, tuple) else want
-        runner = NativeLayers(rotary)
+    return layers, rotary, stock, ours, gen
+
+
+def stock_pass(layers, caches, x: torch.Tensor, rope: tuple) -> torch.Tensor:
+    """x [1, q, H] through the stock layers in order, causal after each one's own cache (which grows by q)."""
+    q = x.shape[1]
+    with torch.inference_mode():
+        for layer, kv in zip(layers, caches, strict=True):
+            mask = torch.ones(q, kv.length + q, dtype=torch.bool).tril(kv.length).view(1, 1, q, -1)
+            x = layer(x, attention_mask=mask, position_ids=None, past_key_values=kv, position_embeddings=rope)
+            x = x[0] if isinstance(x, tuple) else x
+    return x
+
+
+def test_a_range_of_layers_with_pruned_lengths(adapters):
+    """Three layers in one call, each on a cache of its own length (TTP's deep layers hold fewer keys)."""
+    lengths = (11, 6, 3)
+    layers, rotary, stock, ours, gen = pruned_caches(adapters, lengths, seed=7)
+    x = torch.randn(1, 2, layers[0].input_layernorm.weight.shape[0], generator=gen)
+    rope = rotary(x, torch.tensor([[20, 21]]))
+    want = stock_pass(layers, stock, x, rope)
+    runner = NativeLayers(rotary)
+    with torch.inference_mode():
         got = runner.run(runner.runs(layers, x, ours, ()), x, rope, ours)
     assert relative(got, want) < 1e-5
     assert [kv.length for kv in ours] == [n + 2 for n in lengths]
@@ -152,43 +165,31 @@ def test_a_range_of_layers_with_pruned_lengths(adapters):
         assert relative(b.keys(), a.keys()) < 1e-5
 
 
-@pytest.mark.parametrize("spin_ns", [0, 20_000])
+@pytest.mark.parametrize("spin_ns", [0, None])
 def test_two_threads_that_sleep_at_the_barriers_give_the_same_layers(adapters, spin_ns):
     """The layers' own barrier (`csrc/barrier.h`) on two threads: with no spin every waiting thread sleeps on the
-    futex (and the count of sleeps shows it did), with the default spin it mostly does not; either way twenty calls
-    of three layers over pruned lengths equal the stock layers, each call's cache growing by its block."""
+    futex (and the count of sleeps shows it did), with the library's default spin (None) it mostly does not; either
+    way twenty calls of three layers over pruned lengths equal the stock layers, each call's cache growing by its
+    block."""
     lib = native_layers._library()  # (typed there)
-    adapter = adapters["llama-clip"]
-    layers, rotary = list(adapter.layers[:3]), adapter.rotary
+    layers, rotary, stock, ours, gen = pruned_caches(adapters, (9, 5, 2), seed=11)
     hidden = layers[0].input_layernorm.weight.shape[0]
-    gen = torch.Generator().manual_seed(11)
-    stock, ours = [LayerKV() for _ in layers], [LayerKV() for _ in layers]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    lib.twig_set_spin_ns(ctypes.c_int64(spin_ns))
+    default = lib.twig_set_spin_ns(0)  # (returns the spin it replaces)
+    lib.twig_set_spin_ns(default if spin_ns is None else spin_ns)
     slept = lib.twig_barrier_sleeps()
     try:
-        with torch.inference_mode():
-            for layer, n, a, b in zip(layers, (9, 5, 2), stock, ours, strict=True):
-                x = torch.randn(1, n, hidden, generator=gen)
-                rope = rotary(x, torch.arange(n).view(1, -1))
-                for kv in (a, b):
-                    layer(x, attention_mask=None, position_ids=None, past_key_values=kv, position_embeddings=rope)
-            runner = NativeLayers(rotary)
-            for step in range(20):
-                x = torch.randn(1, 1 + step % 3, hidden, generator=gen)
-                rope = rotary(x, torch.arange(30 + 3 * step, 30 + 3 * step + x.shape[1]).view(1, -1))
-                want = x
-                for layer, kv in zip(layers, stock, strict=True):
-                    q = x.shape[1]
-                    mask = torch.ones(q, kv.length + q, dtype=torch.bool).tril(kv.length).view(1, 1, q, -1)
-                    want = layer(want, attention_mask=mask, position_ids=None, past_key_values=kv,
-                                 position_embeddings=rope)  # fmt: skip
-                    want = want[0] if isinstance(want, tuple) else want
+        runner = NativeLayers(rotary)
+        for step in range(20):
+            x = torch.randn(1, 1 + step % 3, hidden, generator=gen)
+            rope = rotary(x, torch.arange(30 + 3 * step, 30 + 3 * step + x.shape[1]).view(1, -1))
+            want = stock_pass(layers, stock, x, rope)
+            with torch.inference_mode():
                 got = runner.run(runner.runs(layers, x, ours, ()), x, rope, ours)
-                assert relative(got, want) < 1e-5, f"call {step}"
+            assert relative(got, want) < 1e-5, f"call {step}"
     finally:
-        lib.twig_set_spin_ns(ctypes.c_int64(20_000))
+        lib.twig_set_spin_ns(default)
         torch.set_num_threads(threads)
     assert [kv.length for kv in ours] == [kv.length for kv in stock]
     if spin_ns == 0:  # 20 calls × 3 layers × 9 barriers, the first thread in sleeping at nearly every one

@@ -80,7 +80,7 @@ def _library() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         fn.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int]
         fn.restype = ctypes.c_int
-        lib.twig_set_spin_ns.argtypes, lib.twig_set_spin_ns.restype = [ctypes.c_int64], None
+        lib.twig_set_spin_ns.argtypes, lib.twig_set_spin_ns.restype = [ctypes.c_int64], ctypes.c_int64
         lib.twig_barrier_sleeps.argtypes, lib.twig_barrier_sleeps.restype = [], ctypes.c_int64
         lib._twig_layers_typed = True
     return lib

@@ -251,8 +251,9 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
  * lens[i·R + r] entries with room for q more (written here; the caller counts them); tail [R, q, m] or NULL (causal):
  * row r's query j sees every key before its row's last m and, among those, what tail[r][j] says (draft trees).
  * Returns 0, 1 on bad sizes, 2 when out of memory. */
-/* The barriers' spin before sleeping, in ns (for tests), and how many times a thread has slept at one so far. */
-void twig_set_spin_ns(int64_t ns) { atomic_store(&twig_spin_ns, ns < 0 ? 0 : ns); }
+/* Set the barriers' spin before sleeping, in ns (for tests), returning the one it replaces; and how many times a
+ * thread has slept at a barrier so far. */
+int64_t twig_set_spin_ns(int64_t ns) { return atomic_exchange(&twig_spin_ns, ns < 0 ? 0 : ns); }
 int64_t twig_barrier_sleeps(void) { return atomic_load(&twig_sleeps); }
 
 int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t R, int64_t q, const float *cos,
