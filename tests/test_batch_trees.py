@@ -191,12 +191,13 @@ def test_run_rows_with_tails_equals_each_rows_own_pass_with_its_tree_mask(llava)
         assert states[r].cache.lengths()[:2] == [lengths[r] + c] * 2
 
 
-def test_a_batch_measures_the_wide_passes_its_plans_read_once(adapters, monkeypatch):
+def test_a_batch_measures_the_wide_passes_its_plans_read_once(adapters, monkeypatch, tmp_path):
     """A batch's verifications reach rows × drafted tokens past a solo probe's 32: where a batch can form, the
     passes of WIDE_ROWS rows are measured once (warm-up with `batch`, or the first drafting row that joins) and
     kept in the twig's record; a solo generation does not pay for them."""
     import twigvlm.speculative.choice as choice
 
+    monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path))  # nothing measured by earlier tests
     vlm = middle_twig(twigvlm.VLM(adapters["llama-clip"]), seed=3)
     calls: list[tuple[int, ...]] = []
     real = choice.probe_costs

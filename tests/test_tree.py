@@ -473,7 +473,14 @@ def test_auto_records_its_choices_for_calibration(vlms):
     assert cal.seconds[kind] == pytest.approx(out.stats.draft_s + out.stats.verify_s)
 
 
-def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """No costs measured by earlier tests: auto's drafter reads and writes its own cache folder."""
+    monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch, fresh_cache):
     import twigvlm.speculative.choice as dc
 
     vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
@@ -488,7 +495,7 @@ def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch):
     assert all(o.token_ids == vlm.generate(**args, max_new_tokens=12).token_ids for o in outs)
 
 
-def test_warm_up_pays_autos_cost_probe_before_the_first_request(vlms, monkeypatch):
+def test_warm_up_pays_autos_cost_probe_before_the_first_request(vlms, monkeypatch, fresh_cache):
     import twigvlm.speculative.choice as dc
 
     vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
@@ -499,6 +506,56 @@ def test_warm_up_pays_autos_cost_probe_before_the_first_request(vlms, monkeypatc
     assert calls == [1] and vlm.draft_record(vlm.twig).costs  # measured, and kept for this twig
     vlm.generate("describe", random_image(1), max_new_tokens=12, ignore_eos=True, speculative=True)
     assert calls == [1]  # the first request did not measure again
+
+
+def test_autos_cost_probe_is_reported_apart_from_prefill_and_decoding(vlms, monkeypatch, fresh_cache):
+    """The first auto generation of a twig pays the probe: its `probe_s`, outside prefill_s and decode_s and
+    inside tokens_per_s, alone and in a batch (where a row's drafter is chosen inside its prefill)."""
+    import time
+
+    import twigvlm.speculative.choice as dc
+
+    real = dc.probe_costs
+    monkeypatch.setattr(dc, "probe_costs", lambda *a: time.sleep(0.5) or real(*a))
+    args = dict(prompt="describe", image=random_image(1), max_new_tokens=12, ignore_eos=True, speculative=True)
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    first, again = vlm.generate(**args).stats, vlm.generate(**args).stats
+    assert first.probe_s >= 0.5 and again.probe_s == 0.0
+    monkeypatch.setenv("TWIGVLM_CACHE", str(fresh_cache / "again"))
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)  # a fresh record, and nothing on disk
+    rows = [out.stats for out in vlm.generate([args, {**args, "prompt": "what is it"}])]
+    assert rows[0].probe_s >= 1.0 and rows[1].probe_s == 0.0  # the solo passes and the batch's wide ones
+    for s in (first, *rows):
+        assert s.prefill_s < 0.5 and s.decode_s < 0.5
+        total = s.encode_s + s.prefill_s + s.probe_s + s.decode_s
+        assert s.tokens_per_s == pytest.approx(s.new_tokens / total)
+
+
+def test_autos_costs_are_read_from_disk_by_the_next_process(vlms, monkeypatch, fresh_cache):
+    """A fresh record (a new process) reads the costs an earlier one measured for the same shapes on this machine,
+    and measures again for another twig shape or where the file is unreadable."""
+    import twigvlm.speculative.choice as dc
+
+    calls = []
+    real = dc.probe_costs
+    monkeypatch.setattr(dc, "probe_costs", lambda *a: calls.append(1) or real(*a))
+    args = dict(prompt="describe", image=random_image(1), max_new_tokens=12, ignore_eos=True, speculative=True)
+
+    def costs(T: int, noise: float) -> tuple:
+        vlm = with_twig(vlms["llama-clip"], 2, T, noise=noise)  # a fresh record each time
+        out = vlm.generate(**args)
+        return next(iter(vlm.draft_record(vlm.twig).costs.values())), out.stats.probe_s
+
+    first, probed = costs(2, 0.05)
+    assert calls == [1] and probed > 0 and len(list(fresh_cache.glob("draft-costs-*.json"))) == 1
+    again, probed = costs(2, 0.2)  # other weights, the same shapes
+    assert calls == [1] and probed == 0.0 and again == first
+    costs(3, 0.05)  # another twig depth: other passes
+    assert calls == [1, 1] and len(list(fresh_cache.glob("draft-costs-*.json"))) == 2
+    for path in fresh_cache.glob("draft-costs-*.json"):
+        path.write_text('{"verify": {"1": "fast"}}')
+    costs(2, 0.05)
+    assert calls == [1, 1, 1]
 
 
 def test_tree_ablation_runs_the_chain_trees_and_auto(model_dirs, cli_twig, tmp_path):

@@ -199,8 +199,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if s.drafter == "none"
         else ""
     )
+    probe = f" (with auto's one-off cost probe, {s.probe_s:.1f} s)" if s.probe_s else ""
     print(
-        f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, first token in {s.ttft_s * 1000:.0f} ms "
+        f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s{probe}, first token in {s.ttft_s * 1000:.0f} ms "
         f"(prefill {s.prefill_s * 1000:.0f} ms), "
         f"{s.visual_tokens} visual tokens{kept}{drafts}, finished by {s.finish_reason}]",
         file=sys.stderr,

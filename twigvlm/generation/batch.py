@@ -130,7 +130,7 @@ class BatchSession:
             row.spec_stats = SpecStats()
             if row.reason is None:
                 self._choose(row)
-        row.prefill_s = time.perf_counter() - t0
+        row.prefill_s = time.perf_counter() - t0 - (row.spec_stats.probe_s if row.spec_stats is not None else 0.0)
         if row.reason is None:
             self.active.append(row)
             try:
@@ -148,10 +148,12 @@ class BatchSession:
         """A speculative row's drafter as a generation alone would choose it (auto: `choose_drafter`, which
         measures the passes' costs once per record); "none" leaves it a plain row."""
         assert row.spec is not None and row.state is not None and row.spec_stats is not None
+        probed = self.record.probe_s
         choice = choose_drafter(self.engine, row.state, row.cfg, row.spec, self.record)
         row.spec_stats.drafter = choice.kind
         if row.spec.draft != "chain":  # the batch's plan reads the costs: measured now, on the row's own caches
             step_costs(self.engine, row.state, self.record, wide=self.max_rows > 1)
+        row.spec_stats.probe_s = self.record.probe_s - probed  # not a prefill cost (`GenerationStats.probe_s`)
         if choice.kind != "none":
             row.choice = choice
             row.depth, row.cap = draft_depth(choice)

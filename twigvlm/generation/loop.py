@@ -234,9 +234,11 @@ class Generation:
         t_prefill = time.perf_counter()
         spec_stats = SpecStats() if self.spec is not None else None
         if self.spec is not None:
+            probed = self.draft_record.probe_s
             blocks = _speculative_blocks(
                 engine, state, first, cfg, self.spec, generator, spec_stats, eos | stop_ids, self.draft_record
             )
+            spec_stats.probe_s = self.draft_record.probe_s - probed  # auto's cost probe: not a decoding cost
         else:
             blocks = _ar_blocks(engine, state, first, cfg, generator)
         try:
@@ -250,7 +252,14 @@ class Generation:
             text=text.text,
             token_ids=ids,
             stats=generation_stats(
-                self.encoded, ids, reason, t_prefill - t0, t_end - t_prefill, pruned, spec_stats, state.kv_bytes()
+                self.encoded,
+                ids,
+                reason,
+                t_prefill - t0,
+                t_end - t_prefill - (spec_stats.probe_s if spec_stats is not None else 0.0),
+                pruned,
+                spec_stats,
+                state.kv_bytes(),
             ),
         )
 

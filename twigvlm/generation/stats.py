@@ -18,7 +18,8 @@ from ..speculative.stats import SpecStats
 
 @dataclass
 class GenerationStats:
-    """Counts and times of one generation. tokens_per_s counts everything from the prompt to the last token.
+    """Counts and times of one generation. tokens_per_s counts everything from the prompt to the last token:
+    encode_s + prefill_s + probe_s + decode_s.
 
     mean_accepted_per_step is a deprecated alias of tokens_per_verification (it counts emitted tokens, not accepted
     drafts), kept only because it is in the JSON output (`twigvlm generate --json`, `GenerationResult.to_dict`).
@@ -51,6 +52,8 @@ class GenerationStats:
     undrafted: int | None = None  # decode steps without a draft: shared with a batch where drafting did not pay
     tree_steps: int | None = None  # verifications of a draft tree (auto's rows in a batch may draft either kind)
     kv_bytes: int = 0  # keys and values it held at its end, base layers and twig (pruned layers hold fewer)
+    probe_s: float = 0.0  # auto's one-off measurement of the drafter's costs (a twig's first speculative generation
+    # on a device and dtype in a process pays it): outside prefill_s and decode_s, inside tokens_per_s
 
 
 @dataclass
@@ -79,7 +82,7 @@ def generation_stats(
     kv_bytes: int = 0,
 ) -> GenerationStats:
     """The statistics of a finished generation from its parts (see the module docstring)."""
-    total = encoded.encode_s + prefill_s + decode_s
+    total = encoded.encode_s + prefill_s + decode_s + (spec.probe_s if spec is not None else 0.0)
     stats = GenerationStats(
         prompt_tokens=encoded.num_tokens,
         visual_tokens=encoded.num_visual_tokens,

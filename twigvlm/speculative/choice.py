@@ -6,7 +6,7 @@ of a few tokens, and otherwise picks what maximises the expected tokens per seco
 - costs are measured once per `DraftRecord` (a VLM keeps one per twig), device and dtype, on the generation's own
   state right after its prefill
   (`probe_costs`: a verification over n = 1, 2, 4, … 32 rows, a draft level over w nodes, layers 1..K alone; where
-  a batch can form, 64, 128 and 256 rows too);
+  a batch can form, 64, 128 and 256 rows too), and cached on disk for the next process (`cost_cache`);
 - the expected tokens per step come from a positional acceptance vector a_r — the chance that the twig's r-th
   best token is the target's — estimated from the twig's steps so far (`Acceptance` in its `DraftRecord`, smoothed
   towards a prior), with Sequoia's dynamic program for the best tree of n nodes and depth d;
@@ -22,7 +22,9 @@ of a few tokens, and otherwise picks what maximises the expected tokens per seco
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +35,12 @@ import torch
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
 from ..runtime.sampling import Sampler
+from . import cost_cache
 from .chain import TwigChainDrafter
 from .stats import SpecStats
 from .tree import TwigTreeDrafter
+
+log = logging.getLogger(__name__)
 
 SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
@@ -118,11 +123,13 @@ class DraftRecord:
     """What auto has learned about one twig, read by its next choices: the passes' costs (per device and dtype),
     the twig's acceptance by rank, and each kind's calibration. Its owner passes it in (`VLM` keeps one per twig,
     `VLM.draft_record`); a generation without one starts from a fresh record, so no choice depends on hidden
-    process state."""
+    process state (a fresh record's costs come from the machine's cache where an earlier process measured them:
+    `cost_cache`)."""
 
     costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype, products, compiled steps)
     acceptance: Acceptance = field(default_factory=Acceptance)
     calibration: Calibration = field(default_factory=Calibration)
+    probe_s: float = 0.0  # seconds spent measuring costs, all probes (a generation reports its own share)
 
 
 @dataclass(frozen=True)
@@ -180,14 +187,36 @@ def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord, wide: bool 
         engine.programs is not None,
         engine.native is not None,
     )
+    name = None
     if key not in rec.costs:
-        rec.costs[key] = probe_costs(engine, state)
+        name = cost_cache.disk_key(engine, state, key)
+        cached = cost_cache.load(name)
+        if cached is None:
+            with _probing(rec, "auto's drafter: measuring this model's draft and verification passes here, once"):
+                cached = probe_costs(engine, state)
+            cost_cache.store(name, cached)
+        rec.costs[key] = cached
     costs = rec.costs[key]
     if wide and max(costs.verify) < WIDE_ROWS[-1]:
-        more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
+        with _probing(rec, f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows, once"):
+            more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
         tables = [_monotone({**a, **b}) for a, b in zip(_tables(costs), _tables(more), strict=True)]
         costs = rec.costs[key] = Costs(*tables)
+        cost_cache.store(name or cost_cache.disk_key(engine, state, key), costs)
     return costs
+
+
+@contextlib.contextmanager
+def _probing(rec: DraftRecord, what: str) -> Iterator[None]:
+    """Time a probe into `rec.probe_s`, saying what it is (the CLI shows twigvlm's INFO lines) and how long it took."""
+    log.info("%s ...", what)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - t0
+        rec.probe_s += seconds
+        log.info("... measured in %.1f s", seconds)
 
 
 def _tables(costs: Costs) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:

@@ -18,6 +18,7 @@ class SpecStats:
     drafted_per_step: list[int] = field(default_factory=list)  # drafts (chain) or nodes (tree) each one checked
     undrafted: int = 0  # steps it shared with a batch too large to gain from drafting (one token each, no draft)
     tree_steps: int = 0  # verifications of a drafted tree (alone or in a batch); the others checked chains or none
+    probe_s: float = 0.0  # auto's one-off measurement of the passes' costs, when this generation paid it
 
     def add_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float, tree: bool = False) -> None:
         """One verification: `drafted` tokens proposed (a chain's, or a tree's nodes with `tree`), the first

@@ -1,0 +1,73 @@
+"""auto's measured pass costs on disk, so that a new process (each CLI command, a restarted server) reads them
+instead of measuring them again.
+
+`choice.step_costs` measures the draft and verification passes once per twig, device and dtype in a process
+(`choice.probe_costs`, a second or two on a CPU). The tables depend on the machine and on the shapes of what runs,
+not on the weights' values, so they are cached beside the kernel plan and the compile verdict
+(`draft-costs-<key>.json` in `runtime.machine.cache_dir()`), keyed by what the in-process record keys them by plus
+the machine (CPU, torch, threads; the GPU's name on CUDA), the base layers' count and shapes, the LM head's, the
+twig's K, T and shapes, the draft vocabulary's size and the native kernel's build. Deleting the file measures
+again (after a probe on a busy machine, say).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..runtime import native
+from ..runtime.machine import measurement_key, read_cached, write_cached
+
+if TYPE_CHECKING:  # (choice imports this module)
+    from ..engine import DecodeState, Engine
+    from .choice import Costs
+
+
+def _shapes(module: nn.Module) -> list:
+    """The names, shapes and dtypes of a module's tensors (weights, int8 rows and scales alike)."""
+    return sorted((k, list(v.shape), str(v.dtype)) for k, v in module.state_dict().items())
+
+
+def disk_key(engine: Engine, state: DecodeState, key: tuple) -> str:
+    """The file key of the costs the in-process record keeps under `key` (see the module docstring)."""
+    assert engine.twig is not None
+    device = state.cache[0].keys().device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    head = state.draft_head
+    facts = [
+        [str(k) for k in key],
+        gpu,
+        engine.num_layers,
+        _shapes(engine.adapter.layers[0]),
+        _shapes(engine.adapter.lm_head),
+        engine.twig.config.K,
+        engine.twig.config.T,
+        _shapes(engine.twig),
+        None if head is None else list(head.weight.shape),
+        native.library_key(),
+    ]
+    return measurement_key(*facts)
+
+
+def load(name: str) -> Costs | None:
+    """The costs cached under this key, None where there are none (or the file does not parse)."""
+    from .choice import Costs
+
+    raw = read_cached(f"draft-costs-{name}.json")
+    try:
+        tables = [{int(n): float(t) for n, t in raw[part].items()} for part in ("verify", "level", "base")]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+    if not all(tables):
+        return None
+    return Costs(*tables)
+
+
+def store(name: str, costs: Costs) -> None:
+    """Cache `costs` under this key (an unwritable cache only costs the measurement next time)."""
+    tables = {"verify": costs.verify, "level": costs.level, "base": costs.base}
+    write_cached(
+        f"draft-costs-{name}.json", {part: {str(n): t for n, t in table.items()} for part, table in tables.items()}
+    )
