@@ -266,6 +266,8 @@ def _bad_inputs(model_dirs, image, twig_dir, tmp: Path):
         "sampling while greedy": (gen + ["--sampling", "positional"], "--sampling needs --temperature"),
         "pruning without a picture": (gen + ["--prune", "fastv"], "--prune fastv needs an --image or a --video"),
         "unknown flag": (gen + ["--bogus"], "unrecognized arguments"),
+        "abbreviated flag": (gen + ["--max-new", "3"], "unrecognized arguments: --max-new 3"),
+        "save-kept without pruning": (gen + ["--image", image, "--save-kept", str(tmp / "k.png")], "give --prune"),
         "image is a directory": (gen + ["--image", str(tmp)], "is a directory"),
         "huge seed": (gen + ["--seed", str(2**70), "--temperature", "1"], "seed"),
         "bad sampling": (gen + ["--sampling", "gumbel"], "invalid choice: 'gumbel'"),

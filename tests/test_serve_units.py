@@ -84,8 +84,8 @@ def test_messages_become_hf_chat_messages_with_image_placeholders():
         ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus"),  # nothing is silently ignored
         ({"prune": "magic"}, "prune"),
         ({"draft": "bush", "speculative": True}, "draft"),
-        ({"keep": 8}, "prune"),
-        ({"draft_len": 3}, "speculative"),
+        ({"keep": 8}, "keep"),  # the field sent, not the one missing
+        ({"draft_len": 3}, "draft_len"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0]"),

@@ -27,13 +27,13 @@ def test_drafter_settings_go_over_the_defaults_and_raise_the_cap():
 @pytest.mark.parametrize(
     "call,param,words",
     [
-        (lambda: speculation(False, draft_len=3), "speculative", "draft_len needs speculative true"),
-        (lambda: speculation(None, draft="tree", where="flags"), "speculative", "--draft needs --speculative"),
+        (lambda: speculation(False, draft_len=3), "draft_len", "draft_len needs speculative true"),
+        (lambda: speculation(None, draft="tree", where="flags"), "draft", "--draft needs --speculative"),
         (lambda: speculation(True, draft="bush"), "draft", "draft='bush' is unknown"),
         (lambda: speculation(True, tree_nodes=0, draft="tree"), "speculative", "tree_nodes=0 is invalid"),
-        (lambda: pruning("none", keep=8, wipe_layer=5), "prune", "keep, wipe_layer need prune"),
-        (lambda: pruning(None, keep_ratio=0.5, where="flags"), "prune", "--keep-ratio needs --prune"),
-        (lambda: pruning(base=PruneConfig(keep=8)), "prune", "keep needs prune"),
+        (lambda: pruning("none", keep=8, wipe_layer=5), "keep", "keep, wipe_layer need prune"),
+        (lambda: pruning(None, keep_ratio=0.5, where="flags"), "keep_ratio", "--keep-ratio needs --prune"),
+        (lambda: pruning(base=PruneConfig(keep=8)), "keep", "keep needs prune"),
         (lambda: pruning("magic"), "prune", "prune method 'magic' is unknown"),
     ],
 )

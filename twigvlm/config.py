@@ -330,7 +330,7 @@ def pruning(
             raise SettingError(
                 f"{_names(names, where)} {_need(names)} {_names(['method'], where)} "
                 "(twig, fastv, visionzip, cdpruner or dart)",
-                "prune",
+                SETTING_NAMES[names[0]][0],  # the setting sent (a client marks that field), not the one missing
             )
     prune.validate()  # its SettingError names the setting
     return prune if prune.active else None
@@ -366,7 +366,7 @@ def speculation(
             raise SettingError(
                 f"{_names(list(fields), where)} {_need(fields)} {_names(['speculative'], where)}"
                 + (" true" if where != "flags" else ""),
-                "speculative",
+                SETTING_NAMES[next(iter(fields))][0],
             )
         return None
     spec = replace(spec, **fields)

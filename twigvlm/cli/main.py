@@ -43,7 +43,12 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump) and exit code 2."""
+    """argparse with one-line errors (no usage dump) and exit code 2, and no abbreviated flags (`--thr 2` is
+    refused, not read as `--threads`: a flag added later would change what an abbreviation means)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (argparse's own)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -157,6 +162,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise TwigVLMError(f"--prune {prune.method} needs an --image or a --video: this prompt has nothing to prune")
     if args.save_kept and not (args.image or args.video):
         raise TwigVLMError("--save-kept needs an --image or a --video")
+    if args.save_kept and prune is None:
+        raise TwigVLMError("--save-kept dims the patches pruning drops: give --prune METHOD")
     if (args.fps is not None or args.max_frames is not None) and not args.video:
         raise TwigVLMError("--fps and --max-frames sample a --video: give one")
     from ..api import VLM
