@@ -79,8 +79,9 @@ def test_an_uncached_hub_id_offline_is_one_line_naming_the_id_and_hf_hub_offline
     text = str(exc.value)
     assert "\n" not in text and exc.value.__cause__ is None
     assert text.startswith(f"model {model} is neither a local directory nor in the Hugging Face cache")
-    repo = str(model).partition("@")[0]
-    assert "HF_HUB_OFFLINE is set" in text and f"`hf download {repo}` on a machine with network" in text
+    repo, _, revision = str(model).partition("@")
+    command = f"hf download {repo}" + (f" --revision {revision}" if revision else "")  # the revision asked for
+    assert "HF_HUB_OFFLINE is set" in text and f"`{command}` on a machine with network" in text
 
 
 def test_an_unreachable_hub_is_one_line_naming_the_id(cache, monkeypatch):

@@ -114,7 +114,7 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
         assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
 
 
-def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(vlms, model_dirs, llava_data, tmp_path):
+def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(vlms, model_dirs, llava_data, tmp_path, capsys):
     vlm = vlms["llama-clip"]
     base_before = {k: v.clone() for k, v in vlm.adapter.model.state_dict().items()}
     grown = {k: v.clone() for k, v in grow_twig(vlm.adapter, TwigConfig()).state_dict().items()}
@@ -125,8 +125,12 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(vlms, model_
         eval_data=llava_data["eval"],
         max_steps=12,
         save_steps=100,
+        eval_steps=6,
     )
+    capsys.readouterr()
     result = train_twig(cfg, adapter=vlm.adapter)
+    log = "".join(capsys.readouterr())  # (not a terminal, as a log file)
+    assert "step 6: eval_loss" in log and "\x1b[A" not in log  # no nested bar moving the cursor up
     for k, v in vlm.adapter.model.state_dict().items():
         assert torch.equal(v, base_before[k]), f"base tensor {k} changed"
     assert all(not p.requires_grad for p in vlm.adapter.model.parameters())

@@ -67,7 +67,8 @@ def _snapshot(model: str, repo_id: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    fetch = f"download it with `hf download {repo_id}` on a machine with network, or pass a local model directory"
+    at = f" --revision {revision}" if revision else ""
+    fetch = f"download it with `hf download {repo_id}{at}` on a machine with network, or pass a local model directory"
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES, local_files_only=True))
     except LocalEntryNotFoundError:  # not cached (or cached in part): the hub may have it

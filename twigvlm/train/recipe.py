@@ -14,6 +14,7 @@ devices, mixed precision, gradient accumulation, the schedule and the checkpoint
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,7 +110,12 @@ class TwigTrainer(Trainer):
 
 class LossBar(ProgressCallback):
     """The Trainer's progress bar, with the latest loss (and KL parts) as its postfix; evaluations and the
-    final summary are written as single lines above it."""
+    final summary are written as single lines above it. The evaluation's own bar only on a terminal: a second bar
+    below the first moves the cursor up (ESC[A), which a log file keeps as garbage on every line."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):  # noqa: ANN001
+        if sys.stderr.isatty():
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if not state.is_world_process_zero or not logs:
