@@ -190,19 +190,19 @@ def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord, wide: bool 
     name = None
     if key not in rec.costs:
         name = cost_cache.disk_key(engine, state, key)
-        cached = cost_cache.load(name)
-        if cached is None:
+        tables = cost_cache.load(name)
+        if tables is None:
             with _probing(rec, "auto's drafter: measuring this model's draft and verification passes here, once"):
-                cached = probe_costs(engine, state)
-            cost_cache.store(name, cached)
-        rec.costs[key] = cached
+                tables = _tables(probe_costs(engine, state))
+            cost_cache.store(name, tables)
+        rec.costs[key] = Costs(*tables)
     costs = rec.costs[key]
     if wide and max(costs.verify) < WIDE_ROWS[-1]:
         with _probing(rec, f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows, once"):
             more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
         tables = [_monotone({**a, **b}) for a, b in zip(_tables(costs), _tables(more), strict=True)]
         costs = rec.costs[key] = Costs(*tables)
-        cost_cache.store(name or cost_cache.disk_key(engine, state, key), costs)
+        cost_cache.store(name or cost_cache.disk_key(engine, state, key), _tables(costs))
     return costs
 
 

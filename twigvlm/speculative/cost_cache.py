@@ -20,9 +20,11 @@ from torch import nn
 from ..runtime import native
 from ..runtime.machine import measurement_key, read_cached, write_cached
 
-if TYPE_CHECKING:  # (choice imports this module)
+if TYPE_CHECKING:
     from ..engine import DecodeState, Engine
-    from .choice import Costs
+
+Tables = tuple[dict[int, float], dict[int, float], dict[int, float]]  # seconds by rows: verify, level, base
+PARTS = ("verify", "level", "base")
 
 
 def _shapes(module: nn.Module) -> list:
@@ -51,23 +53,19 @@ def disk_key(engine: Engine, state: DecodeState, key: tuple) -> str:
     return measurement_key(*facts)
 
 
-def load(name: str) -> Costs | None:
-    """The costs cached under this key, None where there are none (or the file does not parse)."""
-    from .choice import Costs
-
+def load(name: str) -> Tables | None:
+    """The tables (`choice.Costs`'s) cached under this key, None where there are none (or the file does not parse)."""
     raw = read_cached(f"draft-costs-{name}.json")
     try:
-        tables = [{int(n): float(t) for n, t in raw[part].items()} for part in ("verify", "level", "base")]
+        verify, level, base = ({int(n): float(t) for n, t in raw[part].items()} for part in PARTS)
     except (TypeError, KeyError, ValueError, AttributeError):
         return None
-    if not all(tables):
-        return None
-    return Costs(*tables)
+    return (verify, level, base) if verify and level and base else None
 
 
-def store(name: str, costs: Costs) -> None:
-    """Cache `costs` under this key (an unwritable cache only costs the measurement next time)."""
-    tables = {"verify": costs.verify, "level": costs.level, "base": costs.base}
+def store(name: str, tables: Tables) -> None:
+    """Cache the tables under this key (an unwritable cache only costs the measurement next time)."""
     write_cached(
-        f"draft-costs-{name}.json", {part: {str(n): t for n, t in table.items()} for part, table in tables.items()}
+        f"draft-costs-{name}.json",
+        {part: {str(n): t for n, t in table.items()} for part, table in zip(PARTS, tables, strict=True)},
     )
