@@ -4,6 +4,7 @@ spinning Python thread) and beside a 2-thread torch job (products in a loop, as 
 
     python scripts/bench_contention.py --threads 2
     python scripts/bench_contention.py --threads 1 --quantize int8 --loads quiet,busy
+    TWIGVLM_ADAPTIVE_THREADS=0 python scripts/bench_contention.py   # the native layers' team fixed at --threads
 
 Prints one line per method and load: the ms per decoded token of each run (sorted), and the machine's CPU flags.
 Run it with nothing else on the machine: the loads are its own.
@@ -47,6 +48,7 @@ def main() -> None:
     from twigvlm.data.examples import IMAGE_SIZE
     from twigvlm.data.scenes import make_scene, scene_seed
     from twigvlm.runtime.machine import cpuinfo_line
+    from twigvlm.runtime.thread_governor import GOVERNOR
 
     vlm = twigvlm.load("demo", twig="demo", quantize=args.quantize)
     picture = make_scene(scene_seed("test", 3)).render(IMAGE_SIZE)
@@ -73,7 +75,8 @@ def main() -> None:
                     proc.wait()
             name = "ssd" if speculative else "ar"
             shown = " ".join(f"{x:.1f}" for x in runs)
-            print(f"{name:3s} {load:7s} ms/token {shown}  (median {statistics.median(runs):.1f})", flush=True)
+            team = f"native team {GOVERNOR.current or args.threads} of {args.threads}"
+            print(f"{name:3s} {load:7s} ms/token {shown}  (median {statistics.median(runs):.1f}; {team})", flush=True)
 
 
 if __name__ == "__main__":

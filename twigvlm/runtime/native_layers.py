@@ -15,6 +15,9 @@ every layer holds a contiguous fp32 cache with keys already in it, and no layer 
 its own sequence in the batch's slots. Anything else runs the stock layer, as before. A generation's start
 (`revalidate`) makes the next call check the weights' pointers again; between, a step pays no per-layer checks.
 
+A call runs on torch's threads, or on fewer while another process takes their cores (`thread_governor.py`, which
+reads the library's count of the threads' preemptions after every call).
+
 Each layer is checked once against its stock forward on its own weights (`_self_check`: a block of 3 tokens on a
 short cache); a layer that does not match within `TOLERANCE` is left to the stock path and logged. Results equal
 the stock layer's up to the order of floating-point additions (the oracle tests assert closeness, and that greedy
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +39,7 @@ from torch import nn
 from . import native
 from .cache import LayerKV
 from .quant import Int8Linear, _quantize_layer, _source
+from .thread_governor import GOVERNOR
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,7 @@ def _library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         lib.twig_set_spin_ns.argtypes, lib.twig_set_spin_ns.restype = [ctypes.c_int64], ctypes.c_int64
         lib.twig_barrier_sleeps.argtypes, lib.twig_barrier_sleeps.restype = [], ctypes.c_int64
+        lib.twig_preemptions.argtypes, lib.twig_preemptions.restype = [], ctypes.c_int64
         lib._twig_layers_typed = True
     return lib
 
@@ -323,7 +329,10 @@ class NativeLayers:
         mask = None if tail is None else tail.to(torch.uint8).reshape(rows, q, -1).contiguous()  # [R, q, m]
         m = 0 if mask is None else mask.shape[2]
         args = (structs, count, x.data_ptr(), rows, q, cos.data_ptr(), sin.data_ptr(), kptr, vptr, caps, lens)
-        code = lib.twig_layers(*args, None if mask is None else mask.data_ptr(), m, torch.get_num_threads())
+        threads, preempted = GOVERNOR.threads(torch.get_num_threads()), lib.twig_preemptions()
+        t0 = time.perf_counter()
+        code = lib.twig_layers(*args, None if mask is None else mask.data_ptr(), m, threads)
+        GOVERNOR.record(time.perf_counter() - t0, lib.twig_preemptions() - preempted)
         if code:
             raise RuntimeError(f"native decoder layers refused the call (code {code}): rows={rows} q={q} tail={m}")
         self.calls += 1

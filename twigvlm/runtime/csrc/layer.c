@@ -16,11 +16,15 @@
  * m keys (draft trees) while every query sees its row's keys before them. Which layers qualify and the oracle against the
  * stock layer are twigvlm/runtime/native_layers.py's.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* RUSAGE_THREAD (before any system header) */
+#endif
 #include "gemv.c"
 #include "barrier.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 
 enum { TWIG_F32 = 0, TWIG_I8 = 1 };
 
@@ -256,6 +260,21 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
 int64_t twig_set_spin_ns(int64_t ns) { return atomic_exchange(&twig_spin_ns, ns < 0 ? 0 : ns); }
 int64_t twig_barrier_sleeps(void) { return atomic_load(&twig_sleeps); }
 
+/* Involuntary context switches of the layers' threads while they ran (the scheduler gave their core to another
+ * runnable thread: a busy machine), summed over every call; what `thread_governor.py` reads to shrink the team.
+ * A wait at a barrier sleeps voluntarily, so it does not count. 0 where the OS counts none per thread. */
+static atomic_llong twig_preempted;
+
+static long long twig_nivcsw(void) {
+#ifdef RUSAGE_THREAD
+  struct rusage u;
+  if (getrusage(RUSAGE_THREAD, &u) == 0) return (long long)u.ru_nivcsw;
+#endif
+  return 0;
+}
+
+int64_t twig_preemptions(void) { return atomic_load(&twig_preempted); }
+
 int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t R, int64_t q, const float *cos,
                 const float *sin, float *const *kbufs, float *const *vbufs, const int64_t *caps, const int64_t *lens,
                 const uint8_t *tail, int64_t m, int threads) {
@@ -296,11 +315,13 @@ int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_
   {
     int t = 0, nt = 1;
     THREAD_IDS(t, nt);
+    const long long switched = twig_nivcsw();
 #pragma omp single
     twig_barrier_init(&bar, nt); /* (the team's size; its implicit barrier publishes it) */
     for (int64_t i = 0; i < count; ++i)
       layer_forward(layers[i], x, R, q, cos, sin, kbufs[i], vbufs[i], caps[i], lens + i * R, tail, m, &s, &bar, t,
                     nt);
+    atomic_fetch_add_explicit(&twig_preempted, twig_nivcsw() - switched, memory_order_relaxed);
   }
   free(mem);
   return 0;
