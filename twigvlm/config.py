@@ -380,8 +380,15 @@ def speculation(
     return spec
 
 
-NO_TWIG_TO_DRAFT = "speculative decoding drafts with a twig: load one (--twig DIR) or grow one (twigvlm grow)"
-NO_TWIG_TO_PRUNE = "twig-guided pruning needs a twig: load one (--twig DIR) or use --prune fastv"
+# (one wording for every front end: the Python API's way and the CLI's / server's flag, side by side)
+NO_TWIG_TO_DRAFT = (
+    "speculative decoding drafts with a twig: load one (twig=DIR in Python, --twig DIR on the command line) or "
+    "grow one (vlm.grow_twig(), twigvlm grow)"
+)
+NO_TWIG_TO_PRUNE = (
+    "twig-guided pruning needs a twig: load one (twig=DIR in Python, --twig DIR on the command line) or prune "
+    "with fastv"
+)
 
 
 def check_request(

@@ -6,8 +6,8 @@ instead of measuring them again.
 not on the weights' values, so they are cached beside the kernel plan and the compile verdict
 (`draft-costs-<key>.json` in `runtime.machine.cache_dir()`), keyed by what the in-process record keys them by plus
 the machine (CPU, torch, threads; the GPU's name on CUDA), the base layers' count and shapes, the LM head's, the
-twig's K, T and shapes, the draft vocabulary's size and the native kernel's build. Deleting the file measures
-again (after a probe on a busy machine, say).
+twig's K, T and shapes, the draft vocabulary's size, the native kernel's build and twigvlm's version. Deleting
+the file measures again (after a probe on a busy machine, say).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..runtime import native
+from ..version import __version__
 from ..runtime.machine import measurement_key, read_cached, write_cached
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def disk_key(engine: Engine, state: DecodeState, key: tuple) -> str:
         _shapes(engine.twig),
         None if head is None else list(head.weight.shape),
         native.library_key(),
+        __version__,  # (what a probe measures may change with the package)
     ]
     return measurement_key(*facts)
 
