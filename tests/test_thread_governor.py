@@ -6,6 +6,7 @@ reduced team equal to the full team's bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -91,40 +92,54 @@ def lib():
     return built
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux's sched_setaffinity")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counts preemptions per thread")
 def test_a_busy_process_on_a_threads_core_shows_in_the_preemption_count(adapters, lib, monkeypatch):
-    """This thread pinned to one core with a spinning process pinned there too: the calls it makes are preempted,
-    `twig_preemptions` counts it, and a governor that reads it reduces the team (to one thread here)."""
+    """This thread pinned to one core with a spinning process pinned there too: the layers' calls report being
+    preempted, and a governor that reads them reduces the team (to one thread here)."""
     layers, rotary, stock, ours, gen = pruned_caches(adapters, (40, 40, 40), seed=5)
     hidden = layers[0].input_layernorm.weight.shape[0]
-    cpu = min(os.sched_getaffinity(0))
     g, _ = governor()
     g.limit = 1e-9  # any preemption at all
+    seen = []
+    record = g.record
+    monkeypatch.setattr(g, "record", lambda seconds, preempted: seen.append(preempted) or record(seconds, preempted))
     monkeypatch.setattr(native_layers, "GOVERNOR", g)
-    before, mask = lib.twig_preemptions(), os.sched_getaffinity(0)
+    runner = NativeLayers(rotary)
+    x = torch.randn(1, 1, hidden, generator=gen)
+    rope = rotary(x, torch.tensor([[60]]))
+    threads, masks = torch.get_num_threads(), {tid: os.sched_getaffinity(tid) for tid in _threads()}
+    torch.set_num_threads(2)
+
+    def call() -> None:
+        with torch.inference_mode():
+            runner.run(packed, x, rope, ours)
+        for kv in ours:
+            kv.crop(40)
+
+    with torch.inference_mode():
+        packed = runner.runs(layers, x, ours, ())  # (the self-checks, before any pinning)
+    call()  # the team's threads exist before this one is pinned: they stay free
+    cpu = min(os.sched_getaffinity(0))
     busy = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
-    threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
         os.sched_setaffinity(0, {cpu})
         time.sleep(0.2)  # the spinner is running
-        runner = NativeLayers(rotary)
-        x = torch.randn(1, 1, hidden, generator=gen)
-        rope = rotary(x, torch.tensor([[60]]))
-        end = time.monotonic() + 1.0
-        with torch.inference_mode():
-            while time.monotonic() < end and lib.twig_preemptions() - before < 3:
-                packed = runner.runs(layers, x, ours, ())
-                runner.run(packed, x, rope, ours)
-                for kv in ours:
-                    kv.crop(40)
+        seen.clear()
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end and not (sum(seen) >= 3 and g.threads(2) == 1):
+            call()
     finally:
-        os.sched_setaffinity(0, mask)
-        torch.set_num_threads(threads)
         busy.kill()
         busy.wait()
-    assert lib.twig_preemptions() - before >= 3
-    assert g.threads(2) == 1
+        for tid, mask in masks.items():  # every thread as it was
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
+        torch.set_num_threads(threads)
+    assert sum(seen) >= 3 and g.threads(2) == 1
+
+
+def _threads() -> list[int]:
+    return [int(t) for t in os.listdir("/proc/self/task")]
 
 
 def test_a_reduced_team_gives_the_full_teams_layers_bit_for_bit(adapters, lib, monkeypatch):

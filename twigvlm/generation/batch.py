@@ -30,7 +30,7 @@ from ..errors import require_batch_one
 from ..runtime.cache import KVCache
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, step_costs
+from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, probe_seconds, step_costs
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
@@ -148,12 +148,12 @@ class BatchSession:
         """A speculative row's drafter as a generation alone would choose it (auto: `choose_drafter`, which
         measures the passes' costs once per record); "none" leaves it a plain row."""
         assert row.spec is not None and row.state is not None and row.spec_stats is not None
-        probed = self.record.probe_s
+        probed = probe_seconds()
         choice = choose_drafter(self.engine, row.state, row.cfg, row.spec, self.record)
         row.spec_stats.drafter = choice.kind
         if row.spec.draft != "chain":  # the batch's plan reads the costs: measured now, on the row's own caches
             step_costs(self.engine, row.state, self.record, wide=self.max_rows > 1)
-        row.spec_stats.probe_s = self.record.probe_s - probed  # not a prefill cost (`GenerationStats.probe_s`)
+        row.spec_stats.probe_s = probe_seconds() - probed  # not a prefill cost (`GenerationStats.probe_s`)
         if choice.kind != "none":
             row.choice = choice
             row.depth, row.cap = draft_depth(choice)

@@ -22,7 +22,7 @@ from ..pruning.prefill import PruneStats, plan_for, pruned_prefill
 from ..runtime.interrupt import Interrupted, interruptible
 from ..runtime.quant import prefill_products
 from ..runtime.sampling import Sampler, make_generator, pick_tokens
-from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, recording
+from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, probe_seconds, recording
 from ..speculative.loop import speculative_blocks
 from ..speculative.stats import SpecStats
 from .stats import GenerationResult, generation_stats
@@ -234,11 +234,11 @@ class Generation:
         t_prefill = time.perf_counter()
         spec_stats = SpecStats() if self.spec is not None else None
         if self.spec is not None:
-            probed = self.draft_record.probe_s
+            probed = probe_seconds()
             blocks = _speculative_blocks(
                 engine, state, first, cfg, self.spec, generator, spec_stats, eos | stop_ids, self.draft_record
             )
-            spec_stats.probe_s = self.draft_record.probe_s - probed  # auto's cost probe: not a decoding cost
+            spec_stats.probe_s = probe_seconds() - probed  # auto's cost probe: not a decoding cost
         else:
             blocks = _ar_blocks(engine, state, first, cfg, generator)
         try:

@@ -33,7 +33,7 @@ class GenerationStats:
     decode_s: float
     tokens_per_s: float
     finish_reason: str  # "eos" | "stop" | "length" | "cancelled" (`Generation.cancel`)
-    ttft_s: float = 0.0  # time to first token: encode_s + prefill_s (the first token comes from the prefill)
+    ttft_s: float = 0.0  # time to first token: encode_s + prefill_s (+ probe_s: the first token waits for it)
     prune_method: str = "none"
     kept: int | None = None  # R', visual tokens the deep layers keep (None: no pruning)
     avg_kept: float | None = None  # realised R̄, visual tokens per layer averaged over all layers
@@ -92,7 +92,7 @@ def generation_stats(
         decode_s=decode_s,
         tokens_per_s=len(ids) / total if total > 0 else 0.0,
         finish_reason=reason,
-        ttft_s=encoded.encode_s + prefill_s,
+        ttft_s=encoded.encode_s + prefill_s + (spec.probe_s if spec is not None else 0.0),
         kv_bytes=kv_bytes,
     )
     if pruned is None and encoded.reduction is not None:  # VisionZip: fewer visual tokens in every layer

@@ -16,7 +16,7 @@ its own sequence in the batch's slots. Anything else runs the stock layer, as be
 (`revalidate`) makes the next call check the weights' pointers again; between, a step pays no per-layer checks.
 
 A call runs on torch's threads, or on fewer while another process takes their cores (`thread_governor.py`, which
-reads the library's count of the threads' preemptions after every call).
+reads how often each call's threads were preempted, as the library reports it).
 
 Each layer is checked once against its stock forward on its own weights (`_self_check`: a block of 3 tokens on a
 short cache); a layer that does not match within `TOLERANCE` is left to the stock path and logged. Results equal
@@ -83,11 +83,10 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None and not getattr(lib, "_twig_layers_typed", False):
         fn = lib.twig_layers
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-        fn.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int]
+        fn.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         lib.twig_set_spin_ns.argtypes, lib.twig_set_spin_ns.restype = [ctypes.c_int64], ctypes.c_int64
         lib.twig_barrier_sleeps.argtypes, lib.twig_barrier_sleeps.restype = [], ctypes.c_int64
-        lib.twig_preemptions.argtypes, lib.twig_preemptions.restype = [], ctypes.c_int64
         lib._twig_layers_typed = True
     return lib
 
@@ -329,10 +328,10 @@ class NativeLayers:
         mask = None if tail is None else tail.to(torch.uint8).reshape(rows, q, -1).contiguous()  # [R, q, m]
         m = 0 if mask is None else mask.shape[2]
         args = (structs, count, x.data_ptr(), rows, q, cos.data_ptr(), sin.data_ptr(), kptr, vptr, caps, lens)
-        threads, preempted = GOVERNOR.threads(torch.get_num_threads()), lib.twig_preemptions()
+        threads, preempted = GOVERNOR.threads(torch.get_num_threads()), ctypes.c_int64(0)
         t0 = time.perf_counter()
-        code = lib.twig_layers(*args, None if mask is None else mask.data_ptr(), m, threads)
-        GOVERNOR.record(time.perf_counter() - t0, lib.twig_preemptions() - preempted)
+        code = lib.twig_layers(*args, None if mask is None else mask.data_ptr(), m, threads, ctypes.byref(preempted))
+        GOVERNOR.record(time.perf_counter() - t0, preempted.value)
         if code:
             raise RuntimeError(f"native decoder layers refused the call (code {code}): rows={rows} q={q} tail={m}")
         self.calls += 1

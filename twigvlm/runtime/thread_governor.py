@@ -4,8 +4,9 @@ The native layers' threads meet at about nine barriers a layer. On idle cores th
 process holds a core, every barrier waits for whichever thread lost its turn, and on a 2-core machine beside one
 busy process a decode step on two threads takes half again as long as on one (SSD 48–56 ms a token against 25).
 The scheduler says when it happens: a thread's *involuntary* context switches (its core given to another runnable
-thread; `csrc/layer.c` sums them over each call, `twig_preemptions`) are under one per call of 30 layers on idle
-cores and 50–100 a call beside a busy process.
+thread; `csrc/layer.c` reports each call's, summed over its threads) are under one per call of 30 layers on idle
+cores and 50–100 a call beside a busy process. Linux counts them per thread; elsewhere the count is 0 and the team
+stays as asked.
 
 `ThreadGovernor` reads that count after every call and, over windows of `window_s` seconds of calls, compares the
 rate with `limit` preemptions per millisecond:
@@ -15,7 +16,9 @@ rate with `limit` preemptions per millisecond:
   `max_hold_s`); calm, it stays full and the hold starts over.
 
 So on idle cores nothing changes (the rate never nears the limit), a busy machine costs one window of slow calls
-per hold, and a load that comes and goes is followed within a window. Results do not depend on the team's size
+per hold, a load that arrives is followed within a window and one that ends within the hold (at most 2 s). The
+rate is the team's, not a thread's: each preemption stalls the whole team at its next barrier. Its limit was set
+on 2 cores (idle 0.03, busy 1 or more); a host of many cores may want its own. Results do not depend on the team's size
 (each output of a product, a norm or an attention head is computed by one thread, whatever their number).
 `TWIGVLM_ADAPTIVE_THREADS=0` keeps the full team (for measurements that want it fixed).
 """
@@ -42,6 +45,7 @@ class ThreadGovernor:
     hold: float = 0.0  # the current hold (0: the next reduction starts from hold_s)
     retry_at: float = 0.0  # when a reduced team tries the full one again
     trial: bool = False  # the full team is back on trial (a contended window halves it with a doubled hold)
+    reductions: int = 0  # how many times the team was halved (a measurement taken meanwhile saw a busy machine)
     _spent: float = 0.0  # the window so far: seconds in calls and preemptions in them
     _preempted: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -75,9 +79,14 @@ class ThreadGovernor:
                     self.hold = min(2 * self.hold, self.max_hold_s)
                 self.hold = self.hold or self.hold_s
                 self.current, self.trial = max(1, self.current // 2), False
+                self.reductions += 1
                 self.retry_at = self.clock() + self.hold
             elif rate <= self.limit and self.current == self.full:
                 self.trial, self.hold = False, 0.0
+
+    def calm(self) -> bool:
+        """Whether the team is as asked (or nothing has run yet): no contention seen lately."""
+        return not self.enabled or self.current == self.full
 
     def _reset_window(self) -> None:
         self._spent, self._preempted = 0.0, 0

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ import torch
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
 from ..runtime.sampling import Sampler
+from ..runtime.thread_governor import GOVERNOR
 from . import cost_cache
 from .chain import TwigChainDrafter
 from .stats import SpecStats
@@ -129,7 +131,7 @@ class DraftRecord:
     costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype, products, compiled steps)
     acceptance: Acceptance = field(default_factory=Acceptance)
     calibration: Calibration = field(default_factory=Calibration)
-    probe_s: float = 0.0  # seconds spent measuring costs, all probes (a generation reports its own share)
+    probe_s: float = 0.0  # seconds spent measuring costs, all probes (a generation's own: `probe_seconds`)
 
 
 @dataclass(frozen=True)
@@ -192,23 +194,37 @@ def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord, wide: bool 
         name = cost_cache.disk_key(engine, state, key)
         tables = cost_cache.load(name)
         if tables is None:
+            reductions = GOVERNOR.reductions
             with _probing(rec, "auto's drafter: measuring this model's draft and verification passes here, once"):
                 tables = _tables(probe_costs(engine, state))
-            cost_cache.store(name, tables)
+            if GOVERNOR.reductions == reductions and GOVERNOR.calm():  # (a busy machine's: this process's only)
+                cost_cache.store(name, tables)
         rec.costs[key] = Costs(*tables)
     costs = rec.costs[key]
     if wide and max(costs.verify) < WIDE_ROWS[-1]:
+        reductions = GOVERNOR.reductions
         with _probing(rec, f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows, once"):
             more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
         tables = [_monotone({**a, **b}) for a, b in zip(_tables(costs), _tables(more), strict=True)]
         costs = rec.costs[key] = Costs(*tables)
-        cost_cache.store(name or cost_cache.disk_key(engine, state, key), _tables(costs))
+        if GOVERNOR.reductions == reductions and GOVERNOR.calm():
+            cost_cache.store(name or cost_cache.disk_key(engine, state, key), _tables(costs))
     return costs
+
+
+_spent = threading.local()  # this thread's seconds in probes (`probe_seconds`)
+
+
+def probe_seconds() -> float:
+    """The seconds this thread has spent in auto's cost probes so far: a generation's `probe_s` is the difference
+    across its drafter choice (per thread, so generations on other threads do not count)."""
+    return getattr(_spent, "seconds", 0.0)
 
 
 @contextlib.contextmanager
 def _probing(rec: DraftRecord, what: str) -> Iterator[None]:
-    """Time a probe into `rec.probe_s`, saying what it is (the CLI shows twigvlm's INFO lines) and how long it took."""
+    """Time a probe (into `rec.probe_s` and this thread's `probe_seconds`), saying what it is (the CLI shows
+    twigvlm's INFO lines) and how long it took."""
     log.info("%s ...", what)
     t0 = time.perf_counter()
     try:
@@ -216,6 +232,7 @@ def _probing(rec: DraftRecord, what: str) -> Iterator[None]:
     finally:
         seconds = time.perf_counter() - t0
         rec.probe_s += seconds
+        _spent.seconds = probe_seconds() + seconds
         log.info("... measured in %.1f s", seconds)
 
 

@@ -6,8 +6,10 @@ instead of measuring them again.
 not on the weights' values, so they are cached beside the kernel plan and the compile verdict
 (`draft-costs-<key>.json` in `runtime.machine.cache_dir()`), keyed by what the in-process record keys them by plus
 the machine (CPU, torch, threads; the GPU's name on CUDA), the base layers' count and shapes, the LM head's, the
-twig's K, T and shapes, the draft vocabulary's size, the native kernel's build and twigvlm's version. Deleting
-the file measures again (after a probe on a busy machine, say).
+twig's K, T and shapes, the draft vocabulary's size, the native kernel's build, the attention implementation and
+the versions of transformers and twigvlm. Costs measured while the machine was busy (the native layers' thread
+governor shrank their team meanwhile) serve their own process only and are not stored; deleting the file measures
+again.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from torch import nn
 
 from ..runtime import native
-from ..version import __version__
 from ..runtime.machine import measurement_key, read_cached, write_cached
+from ..version import __version__
 
 if TYPE_CHECKING:
     from ..engine import DecodeState, Engine
@@ -29,8 +32,10 @@ PARTS = ("verify", "level", "base")
 
 
 def _shapes(module: nn.Module) -> list:
-    """The names, shapes and dtypes of a module's tensors (weights, int8 rows and scales alike)."""
-    return sorted((k, list(v.shape), str(v.dtype)) for k, v in module.state_dict().items())
+    """The classes of a module's parts (an `Int8Linear` is told from an `nn.Linear` by its class: its int8 rows are
+    not in the state dict) and the names, shapes and dtypes of its tensors."""
+    classes = sorted({type(m).__name__ for m in module.modules()})
+    return [classes, sorted((k, list(v.shape), str(v.dtype)) for k, v in module.state_dict().items())]
 
 
 def disk_key(engine: Engine, state: DecodeState, key: tuple) -> str:
@@ -50,6 +55,8 @@ def disk_key(engine: Engine, state: DecodeState, key: tuple) -> str:
         _shapes(engine.twig),
         None if head is None else list(head.weight.shape),
         native.library_key(),
+        getattr(engine.adapter.model.config, "_attn_implementation", None),
+        transformers.__version__,
         __version__,  # (what a probe measures may change with the package)
     ]
     return measurement_key(*facts)

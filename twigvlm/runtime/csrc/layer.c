@@ -260,11 +260,9 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
 int64_t twig_set_spin_ns(int64_t ns) { return atomic_exchange(&twig_spin_ns, ns < 0 ? 0 : ns); }
 int64_t twig_barrier_sleeps(void) { return atomic_load(&twig_sleeps); }
 
-/* Involuntary context switches of the layers' threads while they ran (the scheduler gave their core to another
- * runnable thread: a busy machine), summed over every call; what `thread_governor.py` reads to shrink the team.
- * A wait at a barrier sleeps voluntarily, so it does not count. 0 where the OS counts none per thread. */
-static atomic_llong twig_preempted;
-
+/* Involuntary context switches of a thread so far (the scheduler gave its core to another runnable thread: a busy
+ * machine): each call of the layers reports its threads' own, what `thread_governor.py` reads to shrink the team.
+ * A wait at a barrier sleeps voluntarily, so it does not count. 0 where the OS counts none per thread (macOS). */
 static long long twig_nivcsw(void) {
 #ifdef RUSAGE_THREAD
   struct rusage u;
@@ -273,11 +271,9 @@ static long long twig_nivcsw(void) {
   return 0;
 }
 
-int64_t twig_preemptions(void) { return atomic_load(&twig_preempted); }
-
 int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t R, int64_t q, const float *cos,
                 const float *sin, float *const *kbufs, float *const *vbufs, const int64_t *caps, const int64_t *lens,
-                const uint8_t *tail, int64_t m, int threads) {
+                const uint8_t *tail, int64_t m, int threads, int64_t *preempted) {
   if (count < 1 || R < 1 || q < 1 || (tail && m < 1)) return 1;
   if (threads < 1) threads = 1;
   const int64_t n = R * q;
@@ -311,18 +307,20 @@ int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_
   s.scores = s.u + n * I;
   s.keys = keys;
   twig_barrier bar;
+  atomic_llong switched = 0; /* the team's involuntary switches during this call (`preempted`, where asked) */
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, nt = 1;
     THREAD_IDS(t, nt);
-    const long long switched = twig_nivcsw();
+    const long long before = twig_nivcsw();
 #pragma omp single
     twig_barrier_init(&bar, nt); /* (the team's size; its implicit barrier publishes it) */
     for (int64_t i = 0; i < count; ++i)
       layer_forward(layers[i], x, R, q, cos, sin, kbufs[i], vbufs[i], caps[i], lens + i * R, tail, m, &s, &bar, t,
                     nt);
-    atomic_fetch_add_explicit(&twig_preempted, twig_nivcsw() - switched, memory_order_relaxed);
+    atomic_fetch_add_explicit(&switched, twig_nivcsw() - before, memory_order_relaxed);
   }
   free(mem);
+  if (preempted) *preempted = atomic_load(&switched);
   return 0;
 }
