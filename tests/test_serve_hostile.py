@@ -476,18 +476,21 @@ def test_pixel_bytes_budget_covers_one_request_at_the_defaults():
 
 
 def test_refusals_are_counted_and_health_answers_head(app):
-    """A request refused before it runs counts as `invalid` (a 4xx) in /metrics, beside the outcomes of those that
-    ran; HEAD /health answers as GET does, without a body."""
+    """A refused request counts as `invalid` (a 4xx: a field, the content type, a budget found infeasible as it
+    starts), not `error` (a 500), in /metrics; HEAD /health answers as GET does, without a body."""
 
-    def invalid() -> float:
+    def count(outcome: str) -> float:
         line = next((x for x in app.get("/metrics").text.splitlines()
-                     if x.startswith('twigvlm_requests_total{outcome="invalid"}')), "x 0")  # fmt: skip
+                     if x.startswith(f'twigvlm_requests_total{{outcome="{outcome}"}}')), "x 0")  # fmt: skip
         return float(line.split()[-1])
 
-    before = invalid()
+    before, errors = count("invalid"), count("error")
     error_of(post(app, body(top_p=2)), 400, "'top_p'", "top_p")
     error_of(post(app, body(text="<image> hi")), 400, "leave it out", "messages")
-    assert invalid() == before + 2
+    error_of(post(app, None, content=b"hi", headers={"content-type": "text/plain"}), 415, "application/json")
+    pic = data_url(png_bytes(0))  # a budget the picture cannot honour: found as the request starts, still the client's
+    error_of(post(app, body(pic, prune="fastv", keep=0.5)), 400, "(keep=0.5) is infeasible", "keep")
+    assert count("invalid") == before + 4 and count("error") == errors
     head = app.head("/health")
     assert head.status_code == 200 and head.content == b""
 

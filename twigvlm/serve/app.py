@@ -190,15 +190,24 @@ async def _playground_js(request: Request) -> Response:
     return Response(_served(request).script, media_type="text/javascript")
 
 
+def _count_refusal(worker: Any, e: APIError) -> None:
+    """A request refused before it ran, in the metrics: `invalid` (a 4xx) or `rejected` (a 503)."""
+    worker.metrics.requests.labels("invalid" if e.status < 500 else "rejected").inc()
+
+
 async def _chat_completions(request: Request) -> Response:
     arrived = time.perf_counter()
     served = _served(request)
     cfg, worker = served.cfg, served.worker
-    _authorize(request)
-    check_content_type(request)
-    check_origin(request, cfg.api_key, cfg.allowed_origins)
-    if not worker.ready.is_set():
-        raise APIError(503, "the model is still loading: retry in a few seconds", retry_after=5)
+    try:
+        _authorize(request)
+        check_content_type(request)
+        check_origin(request, cfg.api_key, cfg.allowed_origins)
+        if not worker.ready.is_set():
+            raise APIError(503, "the model is still loading: retry in a few seconds", retry_after=5)
+    except APIError as e:
+        _count_refusal(worker, e)
+        raise
     worker.admit()  # a queue slot first: only admitted requests read bodies and pictures
     hold = served.budget.hold()
     try:
@@ -214,7 +223,7 @@ async def _chat_completions(request: Request) -> Response:
         worker.release()
         hold.release()
         if isinstance(e, APIError):  # refused before it ran: a bad field, picture or prompt; or the memory budget
-            worker.metrics.requests.labels("invalid" if e.status < 500 else "rejected").inc()
+            _count_refusal(worker, e)
         raise
     deadline = job.loop.call_later(
         max(0.0, cfg.request_timeout_s - (time.perf_counter() - arrived)), job.timed_out, cfg.request_timeout_s

@@ -348,8 +348,10 @@ class Worker:
 
     def _fail(self, job: Job, e: Exception) -> None:
         """A failed request's one "error" event: its own API error, a 400 for what it got wrong, else (a bug) a
-        500 naming the request, with the traceback in the log. Called while `e` is being handled."""
-        self.metrics.requests.labels("error").inc()
+        500 naming the request, with the traceback in the log. Called while `e` is being handled. In the metrics a
+        4xx (a budget the picture cannot honour, found as the request starts) is `invalid`, anything else `error`."""
+        client = isinstance(e, TwigVLMError) or (isinstance(e, APIError) and e.status < 500)
+        self.metrics.requests.labels("invalid" if client else "error").inc()
         if isinstance(e, APIError):
             job.finish("error", e)
         elif isinstance(e, TwigVLMError):

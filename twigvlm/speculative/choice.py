@@ -35,6 +35,7 @@ import torch
 
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
+from ..runtime.machine import cache_dir
 from ..runtime.sampling import Sampler
 from ..runtime.thread_governor import GOVERNOR
 from . import cost_cache
@@ -195,21 +196,29 @@ def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord, wide: bool 
         tables = cost_cache.load(name)
         if tables is None:
             reductions = GOVERNOR.reductions
-            with _probing(rec, "auto's drafter: measuring this model's draft and verification passes here, once"):
+            with _probing(rec, "auto's drafter: measuring this model's draft and verification passes on this machine"):
                 tables = _tables(probe_costs(engine, state))
-            if GOVERNOR.reductions == reductions and GOVERNOR.calm():  # (a busy machine's: this process's only)
-                cost_cache.store(name, tables)
+            _keep(name, tables, reductions)
         rec.costs[key] = Costs(*tables)
     costs = rec.costs[key]
     if wide and max(costs.verify) < WIDE_ROWS[-1]:
         reductions = GOVERNOR.reductions
-        with _probing(rec, f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows, once"):
+        with _probing(rec, f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows"):
             more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
         tables = [_monotone({**a, **b}) for a, b in zip(_tables(costs), _tables(more), strict=True)]
         costs = rec.costs[key] = Costs(*tables)
-        if GOVERNOR.reductions == reductions and GOVERNOR.calm():
-            cost_cache.store(name or cost_cache.disk_key(engine, state, key), _tables(costs))
+        _keep(name or cost_cache.disk_key(engine, state, key), _tables(costs), reductions)
     return costs
+
+
+def _keep(name: str, tables: tuple, reductions: int) -> None:
+    """Cache measured tables for later processes, unless the machine was busy meanwhile (the native layers' thread
+    governor shrank their team): such costs serve this process only."""
+    if GOVERNOR.reductions == reductions and GOVERNOR.calm():
+        cost_cache.store(name, tables)
+        log.info("... kept for later processes (in %s)", cache_dir())
+    else:
+        log.info("... for this process only: other work took this machine's cores meanwhile")
 
 
 _spent = threading.local()  # this thread's seconds in probes (`probe_seconds`)
