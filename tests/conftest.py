@@ -30,6 +30,9 @@ os.environ["TWIGVLM_CACHE"] = tempfile.mkdtemp(prefix="twigvlm-cache-")
 # The native layers' team stays at the threads a test sets (the thread governor's own tests build governors of
 # their own): under `-n 2` the suite's workers preempt each other, and a test meant to run two threads would not.
 os.environ["TWIGVLM_ADAPTIVE_THREADS"] = "0"
+# Likewise auto's draft gate (tests/test_gate.py turns it on): a timed pause in drafting would make the statistics
+# the tests read (drafted, undrafted, verifications) depend on the machine's load; the ids never do.
+os.environ["TWIGVLM_DRAFT_GATE"] = "0"
 
 import twigvlm
 from twigvlm.runtime import native

@@ -30,7 +30,15 @@ from ..errors import require_batch_one
 from ..runtime.cache import KVCache
 from ..runtime.sampling import make_generator, pick_tokens
 from ..speculative.chain import TwigChainDrafter
-from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, probe_seconds, step_costs
+from ..speculative.choice import (
+    DraftRecord,
+    choose_drafter,
+    draft_depth,
+    draft_gate,
+    make_drafter,
+    probe_seconds,
+    step_costs,
+)
 from ..speculative.loop import adapt_depth, speculative_step
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
@@ -157,6 +165,7 @@ class BatchSession:
         if choice.kind != "none":
             row.choice = choice
             row.depth, row.cap = draft_depth(choice)
+            row.gate = draft_gate(self.engine, row.state, row.spec, self.record)  # (auto's, while it runs alone)
         elif row.state.twig_cache is not None:
             row.state.twig_cache.release()  # it never drafts: no twig caches, no twig slot
 
@@ -191,11 +200,15 @@ class BatchSession:
             stop = row.eos | row.stop_ids
             assert row.spec_stats is not None
             t0 = time.perf_counter()
-            budget = min(row.budget, self._draft_cap(1))
+            budget = min(row.budget if row.gate is None else row.gate.depth(row.budget), self._draft_cap(1))
             block, drafted, accepted = speculative_step(
                 row.solo, row.next_token, budget, row.cfg, row.generator, row.spec_stats, stop, len(row.ids)
             )
-            row.solo_tokens, row.solo_s = row.solo_tokens + len(block), row.solo_s + time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            row.solo_tokens, row.solo_s = row.solo_tokens + len(block), row.solo_s + seconds
+            if row.gate is not None:
+                row.spec_stats.undrafted += row.gate.off > 0 and budget == 0  # (drafting did not pay: a plain step)
+                row.gate.record(len(block), seconds, budget > 0)
             row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
             row.take_block(block)
             return

@@ -22,7 +22,15 @@ from ..pruning.prefill import PruneStats, plan_for, pruned_prefill
 from ..runtime.interrupt import Interrupted, interruptible
 from ..runtime.quant import prefill_products
 from ..runtime.sampling import Sampler, make_generator, pick_tokens
-from ..speculative.choice import DraftRecord, choose_drafter, draft_depth, make_drafter, probe_seconds, recording
+from ..speculative.choice import (
+    DraftRecord,
+    choose_drafter,
+    draft_depth,
+    draft_gate,
+    make_drafter,
+    probe_seconds,
+    recording,
+)
 from ..speculative.loop import speculative_blocks
 from ..speculative.stats import SpecStats
 from .stats import GenerationResult, generation_stats
@@ -175,7 +183,8 @@ def _speculative_blocks(
         return _ar_blocks(engine, state, first, cfg, generator)
     drafter = make_drafter(engine, state, cfg, generator, choice)
     depth, adapt = draft_depth(choice)
-    blocks = speculative_blocks(drafter, first, cfg, generator, stats, stop_ids, depth, adapt)
+    gate = draft_gate(engine, state, spec, record)
+    blocks = speculative_blocks(drafter, first, cfg, generator, stats, stop_ids, depth, adapt, gate)
     return recording(blocks, record, lambda: drafter.ranks, choice, stats)
 
 

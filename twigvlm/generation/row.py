@@ -14,6 +14,7 @@ from ..pruning.prefill import PruneStats
 from ..runtime.sampling import Sampler
 from ..speculative.chain import TwigChainDrafter
 from ..speculative.choice import DrafterChoice
+from ..speculative.gate import DraftGate
 from ..speculative.stats import SpecStats
 from ..speculative.tree import TwigTreeDrafter
 from .loop import take_token
@@ -44,6 +45,7 @@ class Row:
     spec_stats: SpecStats | None = None
     depth: int = 0  # the draft depth it asks for (a chain's γ, adaptive where asked; a tree's D)
     cap: int | None = None  # an adaptive γ's cap (`choice.draft_depth`), None where the depth stays
+    gate: DraftGate | None = None  # auto's, for its steps alone (`speculative.gate`); None for a named drafter
     pending: list[torch.Tensor] = field(default_factory=list)  # layer-K states [1, 1, H] its twig has not seen
     ranks: list[int | None] = field(default_factory=list)  # for the twig's acceptance record (`DraftRecord`)
     solo: TwigChainDrafter | TwigTreeDrafter | None = None  # its own drafter while it is alone in the batch

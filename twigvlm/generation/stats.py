@@ -49,7 +49,7 @@ class GenerationStats:
     verify_s: float | None = None
     drafter: str | None = None  # "chain", "tree" or "none" (auto chose not to draft); None without speculation
     accepted_per_step: list[int] | None = None  # drafts each verification accepted (the depth a tree reached)
-    undrafted: int | None = None  # decode steps without a draft: shared with a batch where drafting did not pay
+    undrafted: int | None = None  # decode steps without a draft: drafting did not pay (a batch's, auto's gate)
     tree_steps: int | None = None  # verifications of a draft tree (auto's rows in a batch may draft either kind)
     kv_bytes: int = 0  # keys and values it held at its end, base layers and twig (pruned layers hold fewer)
     probe_s: float = 0.0  # auto's one-off measurement of the drafter's costs (a twig's first speculative generation

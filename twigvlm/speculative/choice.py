@@ -26,6 +26,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from ..runtime.sampling import Sampler
 from ..runtime.thread_governor import GOVERNOR
 from . import cost_cache
 from .chain import TwigChainDrafter
+from .gate import DraftGate
 from .stats import SpecStats
 from .tree import TwigTreeDrafter
 
@@ -165,6 +167,16 @@ def make_drafter(
     if choice.kind == "tree":
         return TwigTreeDrafter(engine, state, cfg, s.tree_topk, s.tree_nodes, generator)
     return TwigChainDrafter(engine, state, cfg, generator, s.threshold)
+
+
+def draft_gate(engine: Engine, state: DecodeState, spec: SpecConfig, rec: DraftRecord) -> DraftGate | None:
+    """auto's `DraftGate` for one generation (its plain rate from the costs `rec` holds); None for a drafter the
+    request named, which drafts every step, or with TWIGVLM_DRAFT_GATE=0 (for measurements that want every step
+    drafted)."""
+    if spec.draft != "auto" or os.environ.get("TWIGVLM_DRAFT_GATE", "1") == "0":
+        return None
+    costs = step_costs(engine, state, rec)  # (measured when auto chose: read, not measured again)
+    return DraftGate(costs.t_base(1) + costs.t_verify(1))
 
 
 def draft_depth(choice: DrafterChoice) -> tuple[int, int | None]:

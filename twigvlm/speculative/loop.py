@@ -33,6 +33,7 @@ import torch
 
 from ..config import GenConfig
 from ..runtime.sampling import PositionalNoise, Sampler, probs_from_logits
+from .gate import DraftGate
 from .stats import SpecStats
 
 
@@ -204,16 +205,23 @@ def speculative_blocks(
     stop_ids: set[int],
     depth: int,
     adaptive_cap: int | None = None,
+    gate: DraftGate | None = None,
 ) -> Iterator[list[int]]:
     """Yield blocks of new tokens: [first], then each verification's accepted path plus its extra token.
 
     depth: the deepest draft a step asks for (a chain's γ, a tree's D); with `adaptive_cap` it adapts
-    (`adapt_depth`)."""
+    (`adapt_depth`). gate: auto's `DraftGate`, which turns drafting off while it measures slower than plain steps
+    (a step of depth 0)."""
     yield [first]
     last, produced = first, 1
     while produced < cfg.max_new_tokens:
-        budget = min(depth, cfg.max_new_tokens - produced - 1)  # a step emits at most budget + 1 tokens
+        asked = depth if gate is None else gate.depth(depth)
+        budget = min(asked, cfg.max_new_tokens - produced - 1)  # a step emits at most budget + 1 tokens
+        t0 = time.perf_counter()
         block, drafted, accepted = speculative_step(drafter, last, budget, cfg, generator, stats, stop_ids, produced)
+        if gate is not None:
+            gate.record(len(block), time.perf_counter() - t0, budget > 0)
+            stats.undrafted += asked == 0  # (drafting did not pay: a plain step)
         depth = adapt_depth(depth, drafted, accepted, adaptive_cap)
         produced += len(block)
         last = block[-1]

@@ -16,7 +16,8 @@ class SpecStats:
     drafter: str = "chain"  # "chain", "tree" or "none" (auto chose not to draft)
     accepted_per_step: list[int] = field(default_factory=list)  # drafts accepted by each verification
     drafted_per_step: list[int] = field(default_factory=list)  # drafts (chain) or nodes (tree) each one checked
-    undrafted: int = 0  # steps it shared with a batch too large to gain from drafting (one token each, no draft)
+    undrafted: int = 0  # steps without a draft because drafting did not pay: in a batch too large to gain from it,
+    # or while auto's gate measured drafting slower than plain steps (`gate.DraftGate`); one token each
     tree_steps: int = 0  # verifications of a drafted tree (alone or in a batch); the others checked chains or none
     probe_s: float = 0.0  # auto's one-off measurement of the passes' costs, when this generation paid it
 
