@@ -47,6 +47,8 @@ def test_a_first_window_within_the_margin_of_the_models_plain_rate_keeps_draftin
     gate = DraftGate(plain_s=0.010, window=4)
     assert steps(gate, 40, 1, 0.0105) == [3] * 40 and gate.switches == 0  # 95 tokens/s: within 0.9 of 100
     assert gate.depth(5) == 5
+    free = DraftGate(plain_s=0.0, window=1)  # a plain step the model measured at no cost: drafting loses, no error
+    assert steps(free, 2, 5, 0.001) == [3, 0] and free.switches == 1
 
 
 @pytest.fixture

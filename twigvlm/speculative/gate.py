@@ -55,7 +55,7 @@ class DraftGate:
         if self._steps < self.window:
             return
         rate = self._tokens / max(self._seconds, 1e-9)
-        plain = 1.0 / self.plain_measured if self.plain_measured else self.margin / self.plain_s
+        plain = 1.0 / self.plain_measured if self.plain_measured else self.margin / max(self.plain_s, 1e-9)
         self._reset()
         if rate < plain:
             self._hold = min(2 * self._hold, self.max_hold) if self.trial and self._hold else self.hold
