@@ -206,9 +206,8 @@ class BatchSession:
             )
             seconds = time.perf_counter() - t0
             row.solo_tokens, row.solo_s = row.solo_tokens + len(block), row.solo_s + seconds
-            if row.gate is not None:
-                row.spec_stats.undrafted += row.gate.off > 0 and budget == 0  # (drafting did not pay: a plain step)
-                row.gate.record(len(block), seconds, budget > 0)
+            if row.gate is not None:  # (its plain steps: drafting did not pay)
+                row.spec_stats.undrafted += row.gate.record(len(block), seconds, budget > 0)
             row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
             row.take_block(block)
             return

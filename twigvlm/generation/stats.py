@@ -82,7 +82,8 @@ def generation_stats(
     kv_bytes: int = 0,
 ) -> GenerationStats:
     """The statistics of a finished generation from its parts (see the module docstring)."""
-    total = encoded.encode_s + prefill_s + decode_s + (spec.probe_s if spec is not None else 0.0)
+    probe_s = spec.probe_s if spec is not None else 0.0  # (the first token waits for it too)
+    total = encoded.encode_s + prefill_s + decode_s + probe_s
     stats = GenerationStats(
         prompt_tokens=encoded.num_tokens,
         visual_tokens=encoded.num_visual_tokens,
@@ -92,7 +93,7 @@ def generation_stats(
         decode_s=decode_s,
         tokens_per_s=len(ids) / total if total > 0 else 0.0,
         finish_reason=reason,
-        ttft_s=encoded.encode_s + prefill_s + (spec.probe_s if spec is not None else 0.0),
+        ttft_s=encoded.encode_s + prefill_s + probe_s,
         kv_bytes=kv_bytes,
     )
     if pruned is None and encoded.reduction is not None:  # VisionZip: fewer visual tokens in every layer

@@ -134,7 +134,6 @@ class DraftRecord:
     costs: dict[tuple, Costs] = field(default_factory=dict)  # by (device, dtype, products, compiled steps)
     acceptance: Acceptance = field(default_factory=Acceptance)
     calibration: Calibration = field(default_factory=Calibration)
-    probe_s: float = 0.0  # seconds spent measuring costs, all probes (a generation's own: `probe_seconds`)
 
 
 @dataclass(frozen=True)
@@ -208,14 +207,14 @@ def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord, wide: bool 
         tables = cost_cache.load(name)
         if tables is None:
             reductions = GOVERNOR.reductions
-            with _probing(rec, "auto's drafter: measuring this model's draft and verification passes on this machine"):
+            with _probing("auto's drafter: measuring this model's draft and verification passes on this machine"):
                 tables = _tables(probe_costs(engine, state))
             _keep(name, tables, reductions)
         rec.costs[key] = Costs(*tables)
     costs = rec.costs[key]
     if wide and max(costs.verify) < WIDE_ROWS[-1]:
         reductions = GOVERNOR.reductions
-        with _probing(rec, f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows"):
+        with _probing(f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows"):
             more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
         tables = [_monotone({**a, **b}) for a, b in zip(_tables(costs), _tables(more), strict=True)]
         costs = rec.costs[key] = Costs(*tables)
@@ -243,16 +242,15 @@ def probe_seconds() -> float:
 
 
 @contextlib.contextmanager
-def _probing(rec: DraftRecord, what: str) -> Iterator[None]:
-    """Time a probe (into `rec.probe_s` and this thread's `probe_seconds`), saying what it is (the CLI shows
-    twigvlm's INFO lines) and how long it took."""
+def _probing(what: str) -> Iterator[None]:
+    """Time a probe into this thread's `probe_seconds`, saying what it is (the CLI shows twigvlm's INFO lines) and
+    how long it took."""
     log.info("%s ...", what)
     t0 = time.perf_counter()
     try:
         yield
     finally:
         seconds = time.perf_counter() - t0
-        rec.probe_s += seconds
         _spent.seconds = probe_seconds() + seconds
         log.info("... measured in %.1f s", seconds)
 

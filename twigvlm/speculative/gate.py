@@ -40,20 +40,22 @@ class DraftGate:
         """The next step's draft depth: `depth`, or 0 while drafting is off."""
         return 0 if self.off > 0 else depth
 
-    def record(self, tokens: int, seconds: float, drafted: bool) -> None:
-        """A step that emitted `tokens` in `seconds`; `drafted`: whether it was allowed to draft."""
+    def record(self, tokens: int, seconds: float, drafted: bool) -> bool:
+        """A step that emitted `tokens` in `seconds`; `drafted`: whether it was allowed to draft. Returns whether
+        it was one of the gate's plain steps (a caller counts them in `SpecStats.undrafted`)."""
         self._steps, self._tokens, self._seconds = self._steps + 1, self._tokens + tokens, self._seconds + seconds
         if not drafted:
-            if self.off > 0:
+            paused = self.off > 0
+            if paused:
                 self.off -= 1
                 if self.off == 0:  # the hold is over: its mean step, and a trial window of drafting next
                     self.plain_measured, self.trial = self._seconds / self._steps, True
                     self._reset()
             else:
                 self._reset()  # (a last step kept short by the answer's length: not a measurement)
-            return
+            return paused
         if self._steps < self.window:
-            return
+            return False
         rate = self._tokens / max(self._seconds, 1e-9)
         plain = 1.0 / self.plain_measured if self.plain_measured else self.margin / max(self.plain_s, 1e-9)
         self._reset()
@@ -63,6 +65,7 @@ class DraftGate:
             self.switches += 1
         elif self.trial:
             self.trial, self._hold = False, 0
+        return False
 
     def _reset(self) -> None:
         self._steps, self._tokens, self._seconds = 0, 0, 0.0

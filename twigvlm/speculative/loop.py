@@ -215,13 +215,12 @@ def speculative_blocks(
     yield [first]
     last, produced = first, 1
     while produced < cfg.max_new_tokens:
-        asked = depth if gate is None else gate.depth(depth)
+        asked = depth if gate is None else gate.depth(depth)  # (0 while the gate has drafting off)
         budget = min(asked, cfg.max_new_tokens - produced - 1)  # a step emits at most budget + 1 tokens
         t0 = time.perf_counter()
         block, drafted, accepted = speculative_step(drafter, last, budget, cfg, generator, stats, stop_ids, produced)
-        if gate is not None:
-            gate.record(len(block), time.perf_counter() - t0, budget > 0)
-            stats.undrafted += asked == 0  # (drafting did not pay: a plain step)
+        if gate is not None:  # (its plain steps: drafting did not pay)
+            stats.undrafted += gate.record(len(block), time.perf_counter() - t0, budget > 0)
         depth = adapt_depth(depth, drafted, accepted, adaptive_cap)
         produced += len(block)
         last = block[-1]

@@ -250,11 +250,6 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
   twig_barrier_wait(bar);
 }
 
-/* `count` layers in order on x [R·q, hidden] (updated in place): R rows (sequences) of q new tokens each. cos, sin
- * [R·q, head_dim]; layer i's cache buffers kbufs[i], vbufs[i] [R, kv_heads, caps[i], head_dim], row r holding
- * lens[i·R + r] entries with room for q more (written here; the caller counts them); tail [R, q, m] or NULL (causal):
- * row r's query j sees every key before its row's last m and, among those, what tail[r][j] says (draft trees).
- * Returns 0, 1 on bad sizes, 2 when out of memory. */
 /* Set the barriers' spin before sleeping, in ns (for tests), returning the one it replaces; and how many times a
  * thread has slept at a barrier so far. */
 int64_t twig_set_spin_ns(int64_t ns) { return atomic_exchange(&twig_spin_ns, ns < 0 ? 0 : ns); }
@@ -271,6 +266,12 @@ static long long twig_nivcsw(void) {
   return 0;
 }
 
+/* `count` layers in order on x [R·q, hidden] (updated in place): R rows (sequences) of q new tokens each. cos, sin
+ * [R·q, head_dim]; layer i's cache buffers kbufs[i], vbufs[i] [R, kv_heads, caps[i], head_dim], row r holding
+ * lens[i·R + r] entries with room for q more (written here; the caller counts them); tail [R, q, m] or NULL (causal):
+ * row r's query j sees every key before its row's last m and, among those, what tail[r][j] says (draft trees).
+ * `preempted` (or NULL): the team's involuntary context switches during the call. Returns 0, 1 on bad sizes, 2
+ * when out of memory. */
 int twig_layers(const twig_layer *const *layers, int64_t count, float *x, int64_t R, int64_t q, const float *cos,
                 const float *sin, float *const *kbufs, float *const *vbufs, const int64_t *caps, const int64_t *lens,
                 const uint8_t *tail, int64_t m, int threads, int64_t *preempted) {
