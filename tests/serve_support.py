@@ -4,6 +4,7 @@ Every wait is bounded in time."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -85,3 +86,16 @@ def server(tmp_path_factory, model_dirs) -> Server:
              "--allowed-local-media-path", str(allowed)]  # fmt: skip
     with served(flags, log=root / "server.log", env=env, timeout=START_TIMEOUT_S) as (url, process):
         yield Server(url, model, str(twig), allowed, allowed / "cat.png", process)
+
+
+def job_events(job, timeout: float = 20) -> list:
+    """A server `Job`'s events up to its final one ("done" or "error"), each awaited on the job's own loop for at most
+    `timeout` seconds."""
+
+    async def collect():
+        out = []
+        while not out or out[-1][0] not in ("done", "error"):
+            out.append(await asyncio.wait_for(job.events.get(), timeout))
+        return out
+
+    return job.loop.run_until_complete(collect())

@@ -276,3 +276,25 @@ def test_a_row_that_cannot_be_placed_leaves_the_batch_as_it_was(llava, monkeypat
             session.drop(row)
     alone = dict(prompt=random_prompt(120, 4), image=random_image(120), max_new_tokens=6, ignore_eos=True)
     assert batch_module.result(first).token_ids == solo(llava, alone)
+
+
+def test_a_rows_room_is_what_its_answer_can_draft_and_a_tiny_temperature_is_greedy(llava):
+    """A drafting row's room in the slots is reserved for the drafts its answer leaves room for: draft_len 256 on
+    an 8-token answer reserves what draft_len 10 does (at most 6 drafts either way), and answers as its solo run.
+    A temperature of 1e-37 decodes greedily inside a batch (dividing by it would overflow: softmax's NaN)."""
+    reserved = {}
+    for n in (10, 256):
+        session = batch_module.BatchSession(llava.engine, max_rows=2)
+        spec = SpecConfig(draft="chain", draft_len=n, threshold=0.0)
+        requests = requests_for(2, 130, speculative=spec)
+        for r in requests:
+            r["max_new_tokens"] = 8
+        seen: list[int] = []
+        rows = run_session(llava, session, requests, check=lambda s, seen=seen: seen.append(s.kv_bytes()[1]))
+        reserved[n] = max(seen)
+        for request, row in zip(requests, rows, strict=True):
+            assert batch_module.result(row).token_ids == solo(llava, {**request, "speculative": False})
+    assert reserved[256] == reserved[10] > 0
+    tiny = [dict(r, temperature=1e-37, seed=None) for r in requests_for(2, 140)]
+    results = llava.generate(tiny)
+    assert [r.token_ids for r in results] == [solo(llava, dict(r, temperature=0.0)) for r in tiny]

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import twigvlm
-from tests.serve_support import data_url, png_bytes
+from tests.serve_support import data_url, job_events, png_bytes
 from twigvlm.serve.config import PIXEL_BYTES, ServeConfig
 from twigvlm.serve.errors import APIError
 from twigvlm.serve.launch import served
@@ -380,16 +380,6 @@ def _job(parse_body: dict) -> Job:
     return Job(parse_chat_request(parse_body, ServeConfig(model="m", twig=None)), asyncio.new_event_loop())
 
 
-def _events(job: Job, timeout: float = 20) -> list:
-    async def collect():
-        out = []
-        while not out or out[-1][0] not in ("done", "error"):
-            out.append(await asyncio.wait_for(job.events.get(), timeout))
-        return out
-
-    return job.loop.run_until_complete(collect())
-
-
 def test_the_queue_limit_and_a_job_cancelled_while_queued_still_ends(adapters):
     worker = _worker(adapters, max_queue=1)
     try:
@@ -400,7 +390,7 @@ def test_the_queue_limit_and_a_job_cancelled_while_queued_still_ends(adapters):
         job = _job(body())
         job.cancel()  # the client left while it waited
         worker.submit(job)
-        ((kind, error),) = _events(job)
+        ((kind, error),) = job_events(job)
         assert kind == "error" and error.code == "cancelled"
     finally:
         worker.stop()
@@ -416,11 +406,11 @@ def test_drain_refuses_new_requests_and_ends_running_ones_with_an_error(adapters
         with pytest.raises(APIError) as e:
             worker.admit()
         assert e.value.code == "shutting_down" and e.value.status == 503
-        kind, error = _events(job)[-1]
+        kind, error = job_events(job)[-1]
         assert kind == "error" and error.code == "shutting_down"
         late = _job(body())  # admitted before the signal, submitted after the grace period: ended at once
         worker.submit(late)
-        assert _events(late)[-1][1].code == "shutting_down"
+        assert job_events(late)[-1][1].code == "shutting_down"
     finally:
         worker.stop()
 

@@ -31,6 +31,7 @@ def test_drafter_settings_go_over_the_defaults_and_raise_the_cap():
         (lambda: speculation(None, draft="tree", where="flags"), "draft", "--draft needs --speculative"),
         (lambda: speculation(True, draft="bush"), "draft", "draft='bush' is unknown"),
         (lambda: speculation(True, tree_nodes=0, draft="tree"), "speculative", "tree_nodes=0 is invalid"),
+        (lambda: speculation(True, draft_len=257), "draft_len", "draft_len=257 is invalid"),
         (lambda: pruning("none", keep=8, wipe_layer=5), "keep", "keep, wipe_layer need prune"),
         (lambda: pruning(None, keep_ratio=0.5, where="flags"), "keep_ratio", "--keep-ratio needs --prune"),
         (lambda: pruning(base=PruneConfig(keep=8)), "keep", "keep needs prune"),
@@ -58,3 +59,12 @@ def test_speculative_takes_a_switch_or_a_config_not_a_name():
     with pytest.raises(SettingError, match="draft=") as e:
         speculation("chain")  # a drafter by name is draft="chain", not speculative="chain"
     assert e.value.param == "speculative"
+
+
+def test_a_temperature_too_small_to_divide_by_decodes_greedily():
+    """Below GREEDY_BELOW (vLLM's rule), a temperature is greedy decoding: logits divided by 1e-37 overflow float32
+    (softmax's NaN would fail a whole batch's step)."""
+    from twigvlm.config import GREEDY_BELOW, GenConfig
+
+    assert not GenConfig(temperature=1e-37).do_sample and not GenConfig(temperature=GREEDY_BELOW / 2).do_sample
+    assert GenConfig(temperature=GREEDY_BELOW).do_sample and GenConfig(temperature=0.7).do_sample

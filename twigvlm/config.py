@@ -63,9 +63,12 @@ class TwigConfig:
         return replace(self, head="shared" if tied_embeddings else "copy")
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily (`GenConfig.do_sample`)
+
+
 @dataclass(frozen=True)
 class GenConfig:
-    """How to pick tokens and when to stop. temperature == 0 means greedy decoding.
+    """How to pick tokens and when to stop. temperature == 0 (or below GREEDY_BELOW) means greedy decoding.
 
     sampling: where a sampled token's randomness comes from (`runtime/sampling.py`) — "positional": from the seed
     and the token's index in the answer, so a seed gives one text whether the answer is drafted or not, alone or
@@ -90,7 +93,9 @@ class GenConfig:
 
     @property
     def do_sample(self) -> bool:
-        return self.temperature > 0
+        """Whether tokens are sampled: a temperature of GREEDY_BELOW or more (below it, as vLLM does, greedy: the
+        logits divided by it would overflow float32, and its distribution is the greedy token's all but exactly)."""
+        return self.temperature >= GREEDY_BELOW
 
     @property
     def positional(self) -> bool:
@@ -204,6 +209,10 @@ class PruneConfig:
 DRAFTERS = ("auto", "chain", "tree")
 
 
+MAX_DRAFT = 256  # the most drafts (chain) or nodes, levels and children (tree) a step may ask for: far past what pays,
+# and a bound on the cache room a drafting row reserves in a batch
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Self-speculative decoding: the shallow net (layers 1..K + twig) drafts, the full model verifies.
@@ -235,14 +244,17 @@ class SpecConfig:
             raise TwigVLMError(f"draft={self.draft!r} is unknown: use one of {', '.join(DRAFTERS)}")
         for name, low in (("tree_nodes", 1), ("tree_depth", 1), ("tree_topk", 1)):
             value = getattr(self, name)
-            if type(value) is not int or not low <= value <= 256:
-                raise TwigVLMError(f"{name}={value!r} is invalid: give an integer from {low} to 256")
-        if not isinstance(self.draft_len, int) or self.draft_len < 1:
-            raise TwigVLMError(f"draft_len={self.draft_len} is invalid: draft at least one token per step")
+            if type(value) is not int or not low <= value <= MAX_DRAFT:
+                raise TwigVLMError(f"{name}={value!r} is invalid: give an integer from {low} to {MAX_DRAFT}")
+        if not _integer(self.draft_len) or not 1 <= self.draft_len <= MAX_DRAFT:
+            raise TwigVLMError(f"draft_len={self.draft_len!r} is invalid: give an integer from 1 to {MAX_DRAFT}")
         if not (0.0 <= self.threshold < 1.0):
             raise TwigVLMError(f"draft threshold={self.threshold} is invalid: it must be in [0, 1); 0 disables it")
-        if not isinstance(self.max_draft_len, int) or self.max_draft_len < self.draft_len:
-            raise TwigVLMError(f"max_draft_len={self.max_draft_len} must be an integer >= draft_len={self.draft_len}")
+        if not _integer(self.max_draft_len) or not self.draft_len <= self.max_draft_len <= MAX_DRAFT:
+            raise TwigVLMError(
+                f"max_draft_len={self.max_draft_len!r} is invalid: give an integer from draft_len={self.draft_len} "
+                f"to {MAX_DRAFT}"
+            )
 
 
 class SettingError(TwigVLMError):

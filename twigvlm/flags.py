@@ -14,6 +14,7 @@ from .config import (
     COMPILE_MODES,
     DEFAULT_KEEP_RATIO,
     DRAFTERS,
+    GREEDY_BELOW,
     KERNEL_MODES,
     PRUNE_HEADS,
     PRUNE_METHODS,
@@ -158,7 +159,7 @@ SAMPLING_FLAGS = (  # (field, flag): the flags that shape sampling, off at GenCo
 def gen_from_args(args: argparse.Namespace) -> GenConfig:
     """The sampling flags as a GenConfig; a flag that shapes sampling without --temperature above 0 is an error,
     not silently greedy."""
-    if not args.temperature > 0:
+    if not args.temperature >= GREEDY_BELOW:
         given = [flag for name, flag in SAMPLING_FLAGS if getattr(args, name) != getattr(GenConfig, name)]
         if given:
             raise TwigVLMError(f"{given[0]} needs --temperature above 0: without it decoding is greedy")

@@ -20,6 +20,7 @@ every row to its solo run's greedy ids.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -339,7 +340,7 @@ class BatchSession:
         lone drafter writes its whole tree. A row wants room for its next GROW_TOKENS tokens too (within its answer).
         So the slots grow with the tokens the rows hold (`_grow` before a step), not with what they may still write."""
         rows = self.active
-        drafting = [r.spec for r in rows if r.choice is not None and r.spec is not None]
+        drafting = [_usable(r.spec, r.left, self._draft_cap(1)) for r in rows if r.choice is not None and r.spec]
         room = 2 + max((_writes_past(s) for s in drafting), default=0) + max((_block(s) for s in drafting), default=0)
         slack = 1 << 30
         for which in ("cache", "twig_cache"):
@@ -394,6 +395,16 @@ def _needs(caches: list[tuple[KVCache, Row]], room: int) -> tuple[list[int], lis
         wants.append(max(n + min(left, GROW_TOKENS) for n, left in held) + room)
         ceilings.append(max(n + left for n, left in held) + room)
     return needs, wants, ceilings
+
+
+def _usable(spec: SpecConfig, left: int, cap: int) -> SpecConfig:
+    """`spec`'s draft sizes as far as a row's steps can use them (what its room in the slots is reserved for): no
+    chain longer, and no tree deeper, than the drafts its answer leaves room for (`Row.left`), and no chain longer
+    than one row's share of a step's token budget (`_draft_cap`). A request's `draft_len` of 200 on a 20-token
+    answer reserves what one of 19 does."""
+    deepest = max(1, left)
+    chain = max(1, min(spec.max_draft_len, deepest, cap))
+    return replace(spec, draft_len=chain, max_draft_len=chain, tree_depth=min(spec.tree_depth, deepest))
 
 
 def _writes_past(spec: SpecConfig) -> int:

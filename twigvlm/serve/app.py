@@ -46,6 +46,7 @@ from .protocol import (
 from .worker import Job, Worker
 
 STATIC = files(__package__) / "static"
+STOPPED = "the server's inference thread stopped (a bug: see the server log); restart the server"
 CHARS_PER_TOKEN = 32  # no tokenizer packs more characters into one token: a prompt longer is refused untokenized
 
 
@@ -152,6 +153,8 @@ def _authorize(request: Request) -> None:
 
 async def _health(request: Request) -> JSONResponse:
     worker = _served(request).worker
+    if worker.ready.is_set() and not worker.alive:  # a bug ended the inference thread: nothing will be answered
+        return JSONResponse({"status": f"failed: {STOPPED}"}, status_code=503)
     if worker.ready.is_set():
         return JSONResponse({"status": "ok"})
     status = "failed: " + worker.load_error if worker.load_error else "loading"
@@ -205,10 +208,12 @@ async def _chat_completions(request: Request) -> Response:
         check_origin(request, cfg.api_key, cfg.allowed_origins)
         if not worker.ready.is_set():
             raise APIError(503, "the model is still loading: retry in a few seconds", retry_after=5)
+        if not worker.alive:
+            raise APIError(503, STOPPED, code="server_failed")
+        worker.admit()  # a queue slot first: only admitted requests read bodies and pictures
     except APIError as e:
         _count_refusal(worker, e)
         raise
-    worker.admit()  # a queue slot first: only admitted requests read bodies and pictures
     hold = served.budget.hold()
     try:
         body = await read_body(request, cfg.max_body_bytes, hold)

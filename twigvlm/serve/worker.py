@@ -32,6 +32,7 @@ from ..generation.batch import BatchSession, Row, result
 from ..generation.loop import Generation, check_context
 from ..generation.stats import GenerationResult
 from ..pruning.picture import picture_layout
+from ..runtime.interrupt import Interrupted, interruptible
 from .budget import Hold
 from .errors import APIError, bad_request
 from .metrics import Metrics
@@ -56,8 +57,20 @@ class Job:
     generation: Generation | None = None
     hold: Hold | None = None  # its share of the server's memory budget, given back when it ends
     stop_error: APIError | None = None  # why it was stopped, when the client still waits for an answer
+    submitted: float = 0.0  # when it was queued for the inference thread (its pictures read)
     started: float = 0.0  # when the inference thread took it (batched: when it joined the batch)
     last_piece: float | None = None  # when its last text piece was sent (for the inter-token metric)
+    on_unstarted: Callable[[Job], None] | None = None  # ends a job stopped before it started (`Worker.submit`)
+    _claimed: bool = False
+    _claim_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def claim(self) -> bool:
+        """Take the job on, once: the inference thread, to run it, or a stop that comes before that, to end it at
+        once (so a request stopped while it waits gives back its queue place and pictures now, not when the
+        inference thread reaches it). True for the first caller only."""
+        with self._claim_lock:
+            first, self._claimed = not self._claimed, True
+        return first
 
     def finish(self, *event: Any) -> None:
         """The job's last event ("done" or "error"), after it gave back what it held (so that a client that
@@ -79,12 +92,15 @@ class Job:
     def stop(self, error: APIError | None) -> None:
         """Do no more work for this job (safe from any thread); `error` is what its client is sent (None: the
         client is gone). The first reason stays."""
-        if not self.cancelled.is_set():
-            self.stop_error = error
-        self.cancelled.set()
+        with self._claim_lock:  # (two stops at once: the first reason stays)
+            if not self.cancelled.is_set():
+                self.stop_error = error
+            self.cancelled.set()
         generation = self.generation
         if generation is not None:
             generation.cancel()
+        if self.on_unstarted is not None and self.claim():  # it had not started: it ends here, now
+            self.on_unstarted(self)
 
     def timed_out(self, limit_s: float) -> None:
         """The request's deadline passed (`--request-timeout`)."""
@@ -123,8 +139,13 @@ class Worker:
         self.ready = threading.Event()
         self.load_error: str | None = None
         self._thread = threading.Thread(target=self._main, name="twigvlm-inference", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()  # (the app's lifespan starts it: `drain` hands work to the loop)
+        except RuntimeError:
+            self._loop = None
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -137,8 +158,7 @@ class Worker:
         with self._lock:
             if self.draining:
                 raise APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S)
-            if self._waiting >= self.max_queue:
-                self.metrics.requests.labels("rejected").inc()
+            if self._waiting >= self.max_queue:  # (counted as `rejected` by the caller, as every 503 refusal)
                 raise APIError(
                     503,
                     f"the server is busy: {self._waiting} requests are waiting (--max-queue {self.max_queue}); "
@@ -156,20 +176,43 @@ class Worker:
             self.metrics.waiting.set(self._waiting)
 
     def submit(self, job: Job) -> None:
+        job.submitted = time.perf_counter()
+        job.on_unstarted = self._end_unstarted
         with self._lock:
             self._live.add(job)
             late = self._aborted  # admitted before SIGTERM, its pictures read after the grace period
         if late:
             job.stop(APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
-        self._queue.put(job)
+        self._queue.put(job)  # (a job already ended is skipped when the inference thread takes it: `_take`)
+
+    def _end_unstarted(self, job: Job) -> None:
+        """A job stopped while it waited (its client left, its deadline passed, the server shuts down): it gives
+        back its queue place and pictures and gets its one final event now, from whichever thread stopped it."""
+        self.release()
+        self._stopped(job)
+        with self._lock:
+            self._live.discard(job)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the inference thread runs (False before `start`, and after a bug ended it)."""
+        return self._thread.is_alive()
 
     def drain(self, grace_s: float) -> None:
         """SIGTERM: refuse new requests now; after `grace_s` seconds, stop every request still queued or running
-        with a "shutting down" error (safe to call from a signal handler, more than once)."""
-        with self._lock:
-            if self.draining:
-                return
-            self.draining = True
+        with a "shutting down" error. Safe in a signal handler, more than once: it takes no lock (the handler runs
+        on the event loop's thread, which may have been inside `admit` holding one) and hands the timer to the
+        event loop."""
+        if self.draining:
+            return
+        self.draining = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._grace(grace_s)
+        else:
+            loop.call_soon_threadsafe(self._grace, grace_s)
+
+    def _grace(self, grace_s: float) -> None:
         log.info("twigvlm serve: shutting down; running requests have %.0f s to finish", grace_s)
         timer = threading.Timer(grace_s, self.abort_all)
         timer.daemon = True
@@ -204,6 +247,8 @@ class Worker:
                 self._main_batched()
                 return
             while (job := self._queue.get()) is not None:
+                if not job.claim():  # stopped while it waited: already ended
+                    continue
                 self._begin(job)
                 try:
                     self._serve(job)
@@ -217,6 +262,7 @@ class Worker:
     def _end(self, job: Job) -> None:
         self.metrics.running.dec()
         job.ended()
+        job.generation = None  # its prompt's tensors and caches go now, not when its client has read the answer
         with self._lock:
             self._live.discard(job)
 
@@ -232,45 +278,54 @@ class Worker:
         record = self.vlm.draft_record(engine.twig) if engine.twig is not None else None
         session = BatchSession(engine, self.max_batch, record, self.max_step_tokens)
         rows: dict[int, tuple[Row, Job, Generation]] = {}  # id(row) → its row, job and (unrun) generation
-        debt = 0.0  # seconds of prefill that rows already decoding waited for, not yet matched by decode steps
+        self._debt = 0.0  # seconds of prefill that rows already decoding waited for, not yet matched by decoding
         while True:
-            block = not session.active
-            while not session.full and (block or debt <= 0):
-                try:
-                    job = self._queue.get() if block else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    session.reset()  # shutting down: the rows' caches are not moved, only let go
-                    for _, job_, _ in rows.values():
-                        self._stopped(job_)
-                        self._end(job_)
+            try:
+                if not self._batch_round(session, rows):
                     return
-                block = False
-                decoding = any(len(row.ids) > 1 for row in session.active)
-                t0 = time.perf_counter()
-                self._begin(job)
-                self._join(job, session, rows)
-                if decoding:  # they waited for this prefill: the next join waits until they had as long to decode
-                    debt += time.perf_counter() - t0
-            if session.active:
-                t0 = time.perf_counter()
-                try:
-                    session.step()
-                except Exception as e:  # a bug: the batch's requests fail, the server keeps serving
-                    log.exception("a batched step failed")
-                    session.reset()  # nothing in the batch is trusted now (nor touched again)
-                    for row, job, _ in list(rows.values()):
-                        del rows[id(row)]
-                        self._fail(job, e)
-                        self._end(job)
-                    continue
-                finally:
-                    debt = max(0.0, debt - (time.perf_counter() - t0))
-            self._deliver(session, rows)
+            except Exception as e:  # a bug (in a step, or around one): the batch's requests fail, the server serves on
+                log.exception("a batched step failed")
+                session.reset()  # nothing in the batch is trusted now (nor touched again)
+                for row, job, _ in list(rows.values()):
+                    del rows[id(row)]
+                    self._fail(job, e)
+                    self._end(job)
             held, reserved = session.kv_bytes()
             self.metrics.kv_held.set(held)
             self.metrics.kv_reserved.set(reserved)
+
+    def _batch_round(self, session: BatchSession, rows: dict) -> bool:
+        """Admit what may join, run one step, deliver its text; False once the server shuts down."""
+        block = not session.active
+        while not session.full and (block or self._debt <= 0):
+            try:
+                job = self._queue.get() if block else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                session.reset()  # shutting down: the rows' caches are not moved, only let go
+                for _, job_, _ in rows.values():
+                    self._stopped(job_)
+                    self._end(job_)
+                rows.clear()
+                return False
+            if not job.claim():  # stopped while it waited: already ended
+                continue
+            block = False
+            decoding = any(len(row.ids) > 1 for row in session.active)
+            t0 = time.perf_counter()
+            self._begin(job)
+            self._join(job, session, rows)
+            if decoding:  # they waited for this prefill: the next join waits until they had as long to decode
+                self._debt += time.perf_counter() - t0
+        if session.active:
+            t0 = time.perf_counter()
+            try:
+                session.step()
+            finally:
+                self._debt = max(0.0, self._debt - (time.perf_counter() - t0))
+        self._deliver(session, rows)
+        return True
 
     def _generation(self, job: Job) -> Generation:
         """The job's generation (encoded, not run), its prompt checked against the model's context."""
@@ -285,14 +340,19 @@ class Worker:
     def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
         """Start one request: into the batch (or done at once), drafting inside it when it asks to."""
         job.started = time.perf_counter()
-        self.metrics.queue.observe(job.started - job.arrived)
+        self.metrics.queue.observe(job.started - job.submitted)
         if job.cancelled.is_set():
             self._stopped(job)
             self._end(job)
             return
         try:
             gen = self._generation(job)
-            row = session.add(gen.encoded, gen.cfg, gen.prune, gen.spec)
+            with interruptible(job.cancelled):  # a stop ends its prefill at the next layer; the batch waits no more
+                row = session.add(gen.encoded, gen.cfg, gen.prune, gen.spec)
+        except Interrupted:
+            self._stopped(job)
+            self._end(job)
+            return
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
             self._fail(job, e)
             self._end(job)
@@ -303,7 +363,7 @@ class Worker:
     def _deliver(self, session: BatchSession, rows: dict) -> None:
         """After a step: each row's new text to its client; finished and stopped rows leave the batch."""
         for row, job, _ in list(rows.values()):
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() and row.reason is None:  # (one that finished as it was stopped: its answer)
                 session.drop(row)
                 del rows[id(row)]
                 self._stopped(job)
@@ -323,8 +383,12 @@ class Worker:
         session.drop(row)
         del rows[id(row)]
         gen.result = res
-        self._answer(job, gen, res, job.started - job.arrived)
-        self._end(job)
+        try:
+            self._answer(job, gen, res, job.started - job.submitted)
+        except Exception as e:  # noqa: BLE001 - its statistics failed (a bug): its own 500, the batch goes on
+            self._fail(job, e)
+        finally:
+            self._end(job)
 
     # ---- a request's events, one way for both paths ----------------------------------------------------------
     def _send_piece(self, job: Job, piece: str) -> None:
@@ -368,8 +432,8 @@ class Worker:
 
     def _serve(self, job: Job) -> None:
         m = self.metrics
-        start = time.perf_counter()
-        m.queue.observe(start - job.arrived)
+        start = job.started = time.perf_counter()
+        m.queue.observe(start - job.submitted)
         if job.cancelled.is_set():
             self._stopped(job)
             return
@@ -386,7 +450,7 @@ class Worker:
             if job.stop_error is not None:  # a deadline or a shutdown: an error after what was streamed
                 self._stopped(job)
                 return
-            self._answer(job, gen, result, start - job.arrived)
+            self._answer(job, gen, result, start - job.submitted)
         except Exception as e:  # noqa: BLE001 - every failure is the request's own; the server keeps serving
             self._fail(job, e)
         finally:

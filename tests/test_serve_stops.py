@@ -1,0 +1,172 @@
+"""How the server's requests stop and fail, alone and in a batch: a request stopped while it waits ends at once and
+gives its queue place back; a stop during a batched request's prefill ends it at the next layer; a bug around a
+batched step fails that batch's requests, and the server serves on; if the inference thread ends all the same,
+/health and new requests say so (503) instead of queueing forever; SIGTERM's drain takes no lock (its handler runs
+on the event loop's thread, which may hold one). Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import twigvlm
+from tests.serve_support import job_events
+from twigvlm.serve.config import ServeConfig
+from twigvlm.serve.errors import APIError
+from twigvlm.serve.metrics import Metrics
+from twigvlm.serve.protocol import parse_chat_request
+from twigvlm.serve.worker import Job, Worker
+
+MODEL = "qwen2-siglip"
+LONG = 900  # tokens: a request that is still running when the test is done with it
+
+
+def _worker(adapters, max_queue: int = 4, max_batch: int = 1) -> Worker:
+    vlm = twigvlm.VLM(adapters[MODEL])
+    worker = Worker(lambda: vlm, max_queue, Metrics(), max_batch=max_batch)
+    worker.start()
+    assert worker.ready.wait(30)
+    return worker
+
+
+def _job(max_tokens: int = 2, **more) -> Job:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, **more}  # fmt: skip
+    return Job(parse_chat_request(body, ServeConfig(model="m", twig=None)), asyncio.new_event_loop())
+
+
+def _submit(worker: Worker, job: Job) -> Job:
+    worker.admit()
+    worker.submit(job)
+    return job
+
+
+def _until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2], ids=["one-at-a-time", "batched"])
+def test_a_request_stopped_while_it_waits_ends_at_once_and_gives_its_place_back(adapters, max_batch):
+    worker = _worker(adapters, max_queue=1, max_batch=max_batch)
+    running: list[Job] = []
+    try:
+        for _ in range(max_batch):  # every place of the inference thread taken
+            running.append(_submit(worker, _job(LONG)))
+            _until(lambda: running[-1].started)
+        waiting = _submit(worker, _job())
+        with pytest.raises(APIError):  # the queue holds one
+            worker.admit()
+        waiting.timed_out(5.0)  # its deadline passes while the running ones go on
+        assert worker._waiting == 0 and waiting not in worker._live  # given back now, not when a place frees
+        ((kind, error),) = job_events(waiting, timeout=2)
+        assert kind == "error" and error.code == "timeout"
+        assert all(job.events.empty() for job in running)  # (they are still running)
+        worker.admit()  # its place is free
+        worker.release()
+        assert worker.metrics.requests.labels("timeout")._value.get() == 1
+    finally:
+        for job in running:
+            job.cancel()
+        worker.stop()
+    for job in running:  # (ended: a cancelled answer alone, a cancelled error in a batch; their clients are gone)
+        assert job_events(job)[-1][0] in ("done", "error")
+
+
+def test_a_stop_during_a_batched_prefill_ends_it_at_the_next_layer(adapters):
+    worker = _worker(adapters, max_batch=2)
+    adapter, calls = worker.vlm.adapter, []
+    original = type(adapter).call_layer
+    job = _job(5)
+    job.request.messages[0]["content"] = "hi " * 50
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        job.cancel()  # as if the client left during the prefill's first layer
+        return original(self, *args, **kwargs)
+
+    adapter.call_layer = counting.__get__(adapter)
+    try:
+        _submit(worker, job)
+        kind, error = job_events(job)[-1]
+    finally:
+        del adapter.call_layer
+    assert kind == "error" and error.code == "cancelled" and len(calls) == 1  # not a 500, not every layer
+    try:
+        assert job_events(_submit(worker, _job()))[-1][0] == "done"  # the batch serves on
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("where", ["request_stats", "_deliver"])
+def test_a_bug_after_a_batched_step_fails_that_batch_and_the_server_serves_on(adapters, monkeypatch, where):
+    """A bug in a finished request's statistics fails that request; one in delivering a step's text fails the
+    batch's requests; either way the next request is served."""
+    worker = _worker(adapters, max_batch=2)
+    real = getattr(worker, where)
+    failures = iter([RuntimeError("a bug"), None])
+
+    def fails_once(*args):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real(*args)
+
+    monkeypatch.setattr(worker, where, fails_once)
+    try:
+        kind, error = job_events(_submit(worker, _job()))[-1]
+        assert kind == "error" and error.status == 500 and "internal error" in error.message
+        kind, *_ = job_events(_submit(worker, _job()))[-1]
+        assert kind == "done" and worker.alive
+    finally:
+        worker.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_inference_thread_is_a_503_not_a_queue(adapters, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from twigvlm.serve.app import create_app
+
+    vlm = twigvlm.VLM(adapters[MODEL])
+    client = TestClient(create_app(ServeConfig(model="m", twig=None, max_batch=2), load=lambda: vlm))
+    with client:
+        _until(lambda: client.get("/health").status_code == 200)
+        worker = client.app.state.served.worker
+
+        def dies(*args):
+            raise SystemExit("beyond the batch's own failures")  # (not an Exception: the thread ends)
+
+        monkeypatch.setattr(worker, "_batch_round", dies)
+        worker._queue.put_nowait(_job())  # wakes the thread, which dies
+        _until(lambda: not worker.alive)
+        health = client.get("/health")
+        assert health.status_code == 503 and "inference thread stopped" in health.json()["status"]
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_failed"
+
+
+def test_drain_takes_no_lock(adapters):
+    """SIGTERM's handler runs on the event loop's thread, which may be inside `admit` holding the worker's lock:
+    draining must not wait for it."""
+    worker = _worker(adapters)
+    try:
+        drained = threading.Event()
+
+        def handler() -> None:
+            with worker._lock:  # the signal arrived while this thread held it
+                worker.drain(0.05)
+            drained.set()
+
+        threading.Thread(target=handler, daemon=True).start()
+        assert drained.wait(5)
+        with pytest.raises(APIError) as e:
+            worker.admit()
+        assert e.value.code == "shutting_down"
+    finally:
+        worker.stop()
