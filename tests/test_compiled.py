@@ -252,7 +252,7 @@ def test_a_generation_prepares_the_kinds_of_call_it_can_make(llava, monkeypatch)
     monkeypatch.setattr(programs, "prepare", lambda layers, kinds: (asked.append((list(layers), kinds)),
                                                                     real_prepare(layers, kinds)))  # fmt: skip
     monkeypatch.setattr(programs, "prepare_rows", lambda layers: asked.append((list(layers), "rows")))
-    monkeypatch.setattr(programs, "_prepare_kind", lambda layer, q, masked: made.append((layer, q, masked)))
+    monkeypatch.setattr(programs, "_missing", lambda layer, q, masked: made.append((layer, q, masked)))
     engine = llava.engine.with_programs(programs)
     base, twig = list(llava.adapter.layers), list(llava.twig.layers)
     engine.prepare_programs(drafting=False)
@@ -266,3 +266,17 @@ def test_a_generation_prepares_the_kinds_of_call_it_can_make(llava, monkeypatch)
     assert undrafted == ((1, False),) and set(drafting) == {(1, False), (1, True), (compiled_steps._EXAMPLE_Q, True)}
     # all layers here have one structure (the twig's copy base layers): the first layer's kinds stand for them all
     assert made == [(base[0], 1, False), (base[0], 1, True), (base[0], compiled_steps._EXAMPLE_Q, True)]
+
+
+def test_programs_looked_up_again_are_not_announced_again(llava, monkeypatch, caplog):
+    """After a class swap (the bench switches kernels between its methods) the prepared kinds are looked up again:
+    programs already made are found, nothing is compiled, and no "preparing" line is logged for them."""
+    programs = compiled_steps.StepPrograms(llava.adapter)
+    engine = llava.engine.with_programs(programs)
+    with caplog.at_level("INFO", logger=compiled_steps.log.name):
+        engine.prepare_programs(drafting=False)
+        made = programs.stats.programs
+        monkeypatch.setattr(compiled_steps._Classes, "epoch", compiled_steps._Classes.epoch + 1)
+        engine.prepare_programs(drafting=False)
+    lines = [r.getMessage() for r in caplog.records if "preparing" in r.getMessage()]
+    assert made == 1 and programs.stats.programs == 1 and len(lines) == 1, lines

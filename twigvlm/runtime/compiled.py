@@ -199,26 +199,29 @@ class StepPrograms:
         for layer in layers:
             layer_key = self._layer_key(layer)
             todo = [kind for kind in kinds if (layer_key, kind) not in self._prepared]
-            if not todo:
+            self._prepared.update((layer_key, kind) for kind in todo)
+            missing = [args for q, masked in todo if (args := self._missing(layer, q, masked)) is not None]
+            if not missing:  # (made before: a class swap only made them be looked up again)
                 continue
             t0, made, loaded = time.perf_counter(), self.stats.programs, self.stats.loaded
-            log.info("preparing %d kinds of decode step for %s (compiled once per machine) ...", len(todo),
+            log.info("preparing %d kinds of decode step for %s (compiled once per machine) ...", len(missing),
                      type(layer).__name__)  # fmt: skip
-            for q, masked in todo:
-                self._prepared.add((layer_key, (q, masked)))
-                self._prepare_kind(layer, q, masked)
+            for args in missing:
+                self._compile(*args)
             if self.stats.programs > made:
                 seconds = time.perf_counter() - t0
                 log.info(program_cache.made_line(self.stats.programs - made, self.stats.loaded - loaded, seconds))
 
-    def _prepare_kind(self, layer: nn.Module, q: int, masked: bool) -> None:
-        """Compile one kind of call for `layer`'s structure from inputs of the right kinds (`_examples` sets the
-        lengths it traces with)."""
+    def _missing(self, layer: nn.Module, q: int, masked: bool) -> tuple | None:
+        """What compiling one kind of call for `layer`'s structure takes (`_compile`'s arguments, from stand-in
+        inputs of the right kinds: `_examples` sets the lengths it traces with), or None where its program exists
+        (or failed before)."""
         hidden, mask, position_ids, rope, keys, values = self._stand_ins(layer, 1, q)
         mask = mask if masked else None
         key = self._program_key(layer, hidden, mask, position_ids)
-        if key not in self._programs and key not in self._failed:
-            self._compile(key, layer, hidden, mask, position_ids, rope, keys, values)
+        if key in self._programs or key in self._failed:
+            return None
+        return key, layer, hidden, mask, position_ids, rope, keys, values
 
     @staticmethod
     def takes(q: int, kv: LayerKV | None) -> bool:
