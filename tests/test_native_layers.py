@@ -246,9 +246,10 @@ def test_ssd_equals_ar_natively(adapters, weights):
 def test_a_layer_of_another_class_runs_stock(zoo, caplog):
     vlm = zoo("qwen2-vl")  # Qwen2-VL's layers take M-RoPE: not one of LAYER_CLASSES
     runner = NativeLayers(vlm.adapter.rotary)
-    with caplog.at_level("INFO", logger="twigvlm.runtime.native_layers"):
+    with caplog.at_level("DEBUG", logger="twigvlm.runtime.native_layers"):
         assert not runner.covers(vlm.adapter.layers) and not runner.covers(vlm.adapter.layers[:2])
     told = [r.getMessage() for r in caplog.records if "run stock" in r.getMessage()]
+    assert {r.levelname for r in caplog.records if "run stock" in r.getMessage()} == {"DEBUG"}  # not every command's
     assert told == [
         "Qwen2VLDecoderLayer decoder layers run stock, not natively: Qwen2VLDecoderLayer is not one of "
         + ", ".join(native_layers.LAYER_CLASSES)

@@ -217,7 +217,10 @@ class NativeLayers:
         if why is not None:
             if (type(layer).__name__, why) not in self._told:
                 self._told.add((type(layer).__name__, why))
-                log.info("%s decoder layers run stock, not natively: %s", type(layer).__name__, why)
+                # another family's layers (M-RoPE, …) always run stock: said at debug level, not in every command's
+                # output; a layer of a covered class refused for its weights or a failed check is worth a line
+                level = logging.INFO if type(layer).__name__ in LAYER_CLASSES else logging.DEBUG
+                log.log(level, "%s decoder layers run stock, not natively: %s", type(layer).__name__, why)
             self._refused[layer] = classes
             self._packed.pop(layer, None)
             return None
