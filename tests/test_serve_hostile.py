@@ -383,10 +383,12 @@ def _job(parse_body: dict) -> Job:
 def test_the_queue_limit_and_a_job_cancelled_while_queued_still_ends(adapters):
     worker = _worker(adapters, max_queue=1)
     try:
+        worker.admit()  # (it would run at once: the idle worker's one place)
         worker.admit()
         with pytest.raises(APIError) as e:  # the queue limit (a probe success, kept)
             worker.admit()
         assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+        worker.release()
         job = _job(body())
         job.cancel()  # the client left while it waited
         worker.submit(job)

@@ -127,6 +127,32 @@ def test_a_bug_after_a_batched_step_fails_that_batch_and_the_server_serves_on(ad
         worker.stop()
 
 
+def test_a_burst_on_an_idle_batching_server_fills_the_batch_before_the_queue_counts(adapters):
+    """`--max-queue` counts requests waiting beyond the batch's free places: 4 places and a queue of 1 admit 5 at
+    once on an idle server, not 1; each running request takes a free place away."""
+    worker = _worker(adapters, max_queue=1, max_batch=4)
+    try:
+        for _ in range(5):
+            worker.admit()
+        with pytest.raises(APIError) as e:
+            worker.admit()
+        assert e.value.code == "queue_full" and "0 requests are running and 1 waiting" in e.value.message
+        for _ in range(5):
+            worker.release()
+        running = _submit(worker, _job(LONG))
+        _until(lambda: running.started)
+        for _ in range(4):  # 3 free places and the queue's 1
+            worker.admit()
+        with pytest.raises(APIError):
+            worker.admit()
+        for _ in range(4):
+            worker.release()
+        running.cancel()
+        job_events(running)
+    finally:
+        worker.stop()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_inference_thread_is_a_503_not_a_queue(adapters, monkeypatch):
     from fastapi.testclient import TestClient

@@ -87,6 +87,7 @@ def test_messages_become_hf_chat_messages_with_image_placeholders():
         ({"keep": 8}, "keep"),  # the field sent, not the one missing
         ({"draft_len": 3}, "draft_len"),
         ({"draft_len": 257, "speculative": True}, "draft_len"),  # far past what pays: a bound on a row's room
+        ({"draft_len": 4, "speculative": True, "draft": "tree"}, "draft_len"),  # a tree takes no γ: not ignored
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0]"),

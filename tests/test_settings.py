@@ -21,7 +21,8 @@ def test_speculative_on_is_auto_and_a_servers_default_is_used_when_not_said():
 def test_drafter_settings_go_over_the_defaults_and_raise_the_cap():
     spec = speculation(True, draft="chain", draft_len=12, threshold=0.0)
     assert (spec.draft, spec.draft_len, spec.max_draft_len, spec.threshold) == ("chain", 12, 12, 0.0)
-    assert speculation(True, draft_len=3).max_draft_len == SpecConfig.max_draft_len  # the cap only grows
+    assert speculation(True, draft="chain", draft_len=3).max_draft_len == SpecConfig.max_draft_len  # it only grows
+    assert speculation(True, draft_len=3).max_draft_len == 3  # auto's chains: γ bounds them
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,16 @@ def test_drafter_settings_go_over_the_defaults_and_raise_the_cap():
         (lambda: speculation(True, draft="bush"), "draft", "draft='bush' is unknown"),
         (lambda: speculation(True, tree_nodes=0, draft="tree"), "speculative", "tree_nodes=0 is invalid"),
         (lambda: speculation(True, draft_len=257), "draft_len", "draft_len=257 is invalid"),
+        (
+            lambda: speculation(True, draft="tree", draft_len=4),
+            "draft_len",
+            "draft_len does nothing for the tree drafter",
+        ),
+        (
+            lambda: speculation(True, draft="chain", tree_nodes=4, tree_depth=2, where="flags"),
+            "tree_nodes",
+            "--tree-nodes, --tree-depth do nothing for the chain drafter (it takes --draft-len, --draft-threshold",
+        ),
         (lambda: pruning("none", keep=8, wipe_layer=5), "keep", "keep, wipe_layer need prune"),
         (lambda: pruning(None, keep_ratio=0.5, where="flags"), "keep_ratio", "--keep-ratio needs --prune"),
         (lambda: pruning(base=PruneConfig(keep=8)), "keep", "keep needs prune"),

@@ -297,6 +297,12 @@ def _names(fields: list[str], where: str) -> str:
 
 PRUNE_SETTINGS = ("keep", "keep_ratio", "wipe_layer", "layer", "query", "head")  # what only a pruning method uses
 DRAFT_SETTINGS = ("draft", "draft_len", "threshold", "adaptive", "tree_nodes", "tree_depth", "tree_topk")
+CHAIN_ONLY = ("draft_len", "threshold", "adaptive")  # settings of a chain (and of auto's chains)
+TREE_ONLY = ("tree_nodes", "tree_depth", "tree_topk")  # … of a tree (and of auto's trees)
+
+
+def _does(settings: Sized) -> str:
+    return "does" if len(settings) == 1 else "do"
 
 
 def _need(settings: Sized) -> str:
@@ -384,6 +390,16 @@ def speculation(
     spec = replace(spec, **fields)
     if isinstance(spec.draft_len, int) and spec.draft_len > spec.max_draft_len:
         spec = replace(spec, max_draft_len=spec.draft_len)
+    if spec.draft == "auto" and isinstance(spec.draft_len, int) and "draft_len" in fields:
+        spec = replace(spec, max_draft_len=spec.draft_len)  # auto's chains: γ is their bound, not a start
+    own, other = {"chain": (CHAIN_ONLY, TREE_ONLY), "tree": (TREE_ONLY, CHAIN_ONLY)}.get(spec.draft, ((), ()))
+    unused = [k for k in fields if k in other]
+    if unused:  # nothing a request sets is silently ignored
+        raise SettingError(
+            f"{_names(unused, where)} {_does(unused)} nothing for the {spec.draft} drafter (it takes "
+            f"{_names(list(own), where)}): leave {'it' if len(unused) == 1 else 'them'} out, or draft auto",
+            SETTING_NAMES[unused[0]][0],
+        )
     try:
         spec.validate()
     except TwigVLMError as e:  # name the setting when the request gave just one

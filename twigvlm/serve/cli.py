@@ -39,7 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--port", type=int, default=8000, help="port to listen on (default: %(default)s; 0: a free one, printed)"
     )
     s.add_argument(
-        "--max-queue", type=positive_int, default=32, help="requests that may wait; more get 503 (default: %(default)s)"
+        "--max-queue",
+        type=positive_int,
+        default=32,
+        help="requests that may wait beyond the batch's free places; more get 503 (default: %(default)s)",
     )
     s.add_argument(
         "--max-batch",

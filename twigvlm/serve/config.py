@@ -28,7 +28,8 @@ class ServeConfig:
     """Settings of one server.
 
     model, twig:            a model directory or a named model ("demo"), and a twig directory or name (None: none).
-    max_queue:              requests that may wait for the inference thread; one more is answered 503.
+    max_queue:              requests that may wait for the inference thread beyond the batch's free places; one
+                            more is answered 503.
     api_key:                when set, every /v1 request must send `Authorization: Bearer <api_key>`.
     allowed_local_media_path: `file://` image URLs are read only below this directory (None: refused).
     allowed_media_domains:  `http(s)` image URLs are fetched only from these hosts (empty: refused).

@@ -132,6 +132,7 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by `admit`
         self._lock = threading.Lock()
         self._waiting = 0  # admitted, not started (reading images or queued)
+        self._running = 0  # started, not ended (at most max_batch)
         self._live: set[Job] = set()  # submitted, not ended
         self.draining = False  # SIGTERM: no new requests
         self._aborted = False  # the grace period is over: whatever is submitted now ends at once
@@ -154,15 +155,17 @@ class Worker:
 
     # ---- the event loop's side ------------------------------------------------------------------------------
     def admit(self) -> None:
-        """Count a request in, or refuse it with 503 + Retry-After when the queue is full or the server drains."""
+        """Count a request in, or refuse it with 503 + Retry-After when the server drains or when `max_queue`
+        requests already wait beyond the places free in the batch (a burst on an idle server fills the batch)."""
         with self._lock:
             if self.draining:
                 raise APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S)
-            if self._waiting >= self.max_queue:  # (counted as `rejected` by the caller, as every 503 refusal)
+            free = max(0, self.max_batch - self._running)  # places a request takes at once: not a wait
+            if self._waiting >= self.max_queue + free:  # (counted as `rejected` by the caller, as every 503 refusal)
                 raise APIError(
                     503,
-                    f"the server is busy: {self._waiting} requests are waiting (--max-queue {self.max_queue}); "
-                    "retry later",
+                    f"the server is busy: {self._running} requests are running and {self._waiting - free} waiting "
+                    f"(--max-queue {self.max_queue}); retry later",
                     code="queue_full",
                     retry_after=RETRY_AFTER_S,
                 )
@@ -256,7 +259,10 @@ class Worker:
                     self._end(job)
 
     def _begin(self, job: Job) -> None:
-        self.release()
+        with self._lock:
+            self._waiting -= 1
+            self._running += 1
+            self.metrics.waiting.set(self._waiting)
         self.metrics.running.inc()
 
     def _end(self, job: Job) -> None:
@@ -264,6 +270,7 @@ class Worker:
         job.ended()
         job.generation = None  # its prompt's tensors and caches go now, not when its client has read the answer
         with self._lock:
+            self._running -= 1
             self._live.discard(job)
 
     # ---- continuous batching ----------------------------------------------------------------------------------
