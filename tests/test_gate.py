@@ -104,3 +104,26 @@ def test_a_named_drafter_is_never_gated_nor_one_with_the_switch_off(vlms, gated,
     monkeypatch.setenv("TWIGVLM_DRAFT_GATE", "0")
     out = vlm.generate("describe", random_image(5), max_new_tokens=16, ignore_eos=True, speculative=True)
     assert out.stats.undrafted == 0 and gated == []
+
+
+def test_a_long_pause_of_a_lone_batch_row_keeps_its_twig_within_its_slots(vlms, monkeypatch):
+    """A lone row of a batch whose auto drafter pauses for 40 steps: its twig's pending states catch up every
+    PENDING_FLUSH of them (as a batch's undrafted rows do), so drafting again writes a short block into its twig
+    slots — no "cannot hold" — and its ids and caches stay exact."""
+    monkeypatch.setenv("TWIGVLM_DRAFT_GATE", "1")
+    made: list[DraftGate] = []
+    monkeypatch.setattr(choice, "DraftGate", lambda plain_s: made.append(DraftGate(1e-9, 2, hold=40)) or made[-1])
+    vlm = with_twig(vlms["llama-clip"], 2, 2, noise=0.05)
+    request = requests_for(1, 310, speculative=SpecConfig(draft="auto"))[0]
+    request["max_new_tokens"] = 60
+    session = batch_module.BatchSession(vlm.engine, max_rows=2, record=vlm.draft_record(vlm.twig))
+
+    def check(s):
+        check_caches(vlm, s)
+        for row in s.active:
+            pending = row.solo._pending if row.solo is not None else row.pending
+            assert len(pending) <= batch_module.PENDING_FLUSH
+
+    (row,) = run_session(vlm, session, [request], check)
+    plain = vlm.generate(request["prompt"], request["image"], max_new_tokens=60, ignore_eos=True)
+    assert row.spec_stats.undrafted >= 40 and made[-1].switches >= 2 and row.ids == plain.token_ids

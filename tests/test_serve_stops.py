@@ -66,7 +66,7 @@ def test_a_request_stopped_while_it_waits_ends_at_once_and_gives_its_place_back(
         assert worker._waiting == 0 and waiting not in worker._live  # given back now, not when a place frees
         ((kind, error),) = job_events(waiting, timeout=2)
         assert kind == "error" and error.code == "timeout"
-        assert all(job.events.empty() for job in running)  # (they are still running)
+        assert worker._running == max_batch and not any(job.cancelled.is_set() for job in running)  # still running
         worker.admit()  # its place is free
         worker.release()
         assert worker.metrics.requests.labels("timeout")._value.get() == 1
@@ -169,12 +169,17 @@ def test_a_dead_inference_thread_is_a_503_not_a_queue(adapters, monkeypatch):
             raise SystemExit("beyond the batch's own failures")  # (not an Exception: the thread ends)
 
         monkeypatch.setattr(worker, "_batch_round", dies)
-        worker._queue.put_nowait(_job())  # wakes the thread, which dies
+        _submit(worker, _job())  # wakes the thread: it answers this one, then dies
         _until(lambda: not worker.alive)
         health = client.get("/health")
         assert health.status_code == 503 and "inference thread stopped" in health.json()["status"]
         r = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_failed"
+        late = _job()  # admitted just before the thread ended: answered at once, not at its deadline
+        worker.admit()
+        worker.submit(late)
+        ((kind, error),) = job_events(late, timeout=2)
+        assert kind == "error" and error.code == "server_failed" and worker._waiting == 0
 
 
 def test_drain_takes_no_lock(adapters):

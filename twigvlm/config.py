@@ -222,7 +222,8 @@ class SpecConfig:
                 tokens). A SpecConfig built by hand keeps "chain"; "speculative on" from every entry point
                 (`speculative=True`, `--speculative`, HTTP `"speculative": true`, the bench, lmms-eval) is
                 `speculation(True)`, whose drafter is "auto".
-    draft_len:  γ, the most tokens drafted per verification (upstream: 5).
+    draft_len:  γ, the most tokens drafted per verification (upstream: 5). auto's chains take 1..max_draft_len drafts:
+                `speculation(..., draft_len=γ)`, which every front end calls, makes γ that bound.
     threshold:  τ, stop drafting when the drafted token's probability under the twig falls below it (0 disables).
     adaptive:   raise γ by one after a fully accepted draft, lower it by one after a rejection (1..max_draft_len).
     tree_nodes: N, the drafted nodes a tree keeps (the best by cumulative probability; auto: at most N).

@@ -162,7 +162,7 @@ def gen_from_args(args: argparse.Namespace) -> GenConfig:
     if not args.temperature >= GREEDY_BELOW:
         given = [flag for name, flag in SAMPLING_FLAGS if getattr(args, name) != getattr(GenConfig, name)]
         if given:
-            raise TwigVLMError(f"{given[0]} needs --temperature above 0: without it decoding is greedy")
+            raise TwigVLMError(f"{given[0]} needs --temperature above 0 (1e-5 or more): without it decoding is greedy")
     return GenConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

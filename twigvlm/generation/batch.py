@@ -211,6 +211,10 @@ class BatchSession:
                 row.spec_stats.undrafted += row.gate.record(len(block), seconds, budget > 0)
             row.depth = adapt_depth(row.depth, drafted, accepted, row.cap)
             row.take_block(block)
+            if len(row.solo._pending) >= PENDING_FLUSH:  # (auto's gate paused its drafts: nothing fed the twig)
+                self._leave_solo(row)  # its twig catches up, as a batch's undrafted rows do: a short block in its slots
+                assert self.twig_slots is not None
+                catch_up(self.engine, self.twig_slots, [row])
             return
         with torch.inference_mode():
             ids = torch.tensor([[row.next_token]], device=state.cache[0].keys().device)

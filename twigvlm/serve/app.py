@@ -43,10 +43,9 @@ from .protocol import (
     prompt_chars,
     usage,
 )
-from .worker import Job, Worker
+from .worker import STOPPED, Job, Worker
 
 STATIC = files(__package__) / "static"
-STOPPED = "the server's inference thread stopped (a bug: see the server log); restart the server"
 CHARS_PER_TOKEN = 32  # no tokenizer packs more characters into one token: a prompt longer is refused untokenized
 
 

@@ -1,14 +1,18 @@
-"""The inference thread: it loads the model, owns it, and runs one request at a time from a bounded queue.
+"""The inference thread: it loads the model, owns it, and runs requests from a bounded queue — one at a time, or
+batched continuously (`max_batch` > 1).
 
-The event loop admits a request (`admit`: a 503 with Retry-After when `max_queue` requests already wait), reads
+The event loop admits a request (`admit`: a 503 with Retry-After when `max_queue` requests already wait beyond the
+batch's free places), reads
 its images in a pool thread, then `submit`s a `Job`. The inference thread encodes, generates, and sends the job's
 events — ("text", piece), ("done", result, stats), ("error", APIError) — back to the loop thread-safely; every
 job ends with exactly one "done" or "error", so no handler waits forever.
 
 A job is stopped (`Job.stop`) when its client goes away, when its deadline (`--request-timeout`) passes, or when
-the server shuts down: skipped if it has not started, else stopped at the next layer of its prefill or before its
-next decoding step (`Generation.cancel`). A deadline or a shutdown ends it with an error (after what it already
-streamed). On SIGTERM, `drain` refuses new requests at once and ends those still running after the grace period.
+the server shuts down: ended at once if it has not started (its queue place and pictures given back: `Job.claim`),
+else stopped at the next layer of its prefill or before its next decoding step. A deadline or a shutdown ends it
+with an error (after what it already streamed). On SIGTERM, `drain` refuses new requests at once and ends those
+still running after the grace period. If the thread itself ends (a bug beyond one request's or one batch's
+failures), every request it holds, and any submitted later, gets a 503 `server_failed`.
 The prompt is checked against the model's context once it is encoded, before its prefill.
 `torch.inference_mode` is entered inside this thread.
 """
@@ -43,6 +47,7 @@ RETRY_AFTER_S = 1
 
 
 SHUTTING_DOWN = "the server is shutting down: retry on another instance or after it restarts"
+STOPPED = "the server's inference thread stopped (a bug: see the server log); restart the server"
 
 
 @dataclass(eq=False)  # jobs are compared (and hashed) by identity
@@ -136,6 +141,7 @@ class Worker:
         self._live: set[Job] = set()  # submitted, not ended
         self.draining = False  # SIGTERM: no new requests
         self._aborted = False  # the grace period is over: whatever is submitted now ends at once
+        self._dead: APIError | None = None  # the inference thread has ended: what a request submitted now is told
         self.vlm: VLM | None = None
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -184,9 +190,10 @@ class Worker:
         with self._lock:
             self._live.add(job)
             late = self._aborted  # admitted before SIGTERM, its pictures read after the grace period
-        if late:
-            job.stop(APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
-        self._queue.put(job)  # (a job already ended is skipped when the inference thread takes it: `_take`)
+            dead = self._dead  # (the inference thread has ended: nothing will take it)
+        if late or dead:
+            job.stop(dead or APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
+        self._queue.put(job)  # (a job already ended is skipped when the inference thread takes it: `Job.claim`)
 
     def _end_unstarted(self, job: Job) -> None:
         """A job stopped while it waited (its client left, its deadline passed, the server shuts down): it gives
@@ -245,18 +252,45 @@ class Worker:
             return
         log.info("twigvlm serve: model loaded in %.1f s, ready", time.perf_counter() - t0)
         self.ready.set()
-        with torch.inference_mode():
-            if self.max_batch > 1:
-                self._main_batched()
-                return
-            while (job := self._queue.get()) is not None:
-                if not job.claim():  # stopped while it waited: already ended
-                    continue
-                self._begin(job)
-                try:
-                    self._serve(job)
-                finally:
-                    self._end(job)
+        failed = True
+        try:
+            with torch.inference_mode():
+                if self.max_batch > 1:
+                    self._main_batched()
+                else:
+                    self._main_serial()
+            failed = False
+        finally:
+            self._orphans(failed)
+
+    def _main_serial(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if not job.claim():  # stopped while it waited: already ended
+                continue
+            self._begin(job)
+            try:
+                self._serve(job)
+            finally:
+                self._end(job)
+
+    def _orphans(self, failed: bool) -> None:
+        """The inference thread ends (shut down, or a bug beyond a request's own failures): every request it still
+        holds, running or queued, gets its final error now, and any submitted later at once (`submit`)."""
+        if failed:
+            log.error("twigvlm serve: the inference thread stopped; every request now gets a 503 (see above)")
+        error = (
+            APIError(503, STOPPED, code="server_failed")
+            if failed
+            else APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S)
+        )
+        with self._lock:
+            self._dead = error
+            jobs = list(self._live)
+        for job in jobs:
+            job.stop(error)  # a queued one ends here (`on_unstarted`)
+            if job in self._live:  # one it had taken on: its last event from here
+                self._stopped(job)
+                self._end(job)
 
     def _begin(self, job: Job) -> None:
         with self._lock:
@@ -454,7 +488,8 @@ class Worker:
                     m.kv_held.set(gen.state.kv_bytes())
             result = gen.result
             assert result is not None
-            if job.stop_error is not None:  # a deadline or a shutdown: an error after what was streamed
+            if job.stop_error is not None and result.stats.finish_reason == "cancelled":  # a deadline or a shutdown
+                # stopped it: an error after what was streamed (one that finished as it was stopped: its answer)
                 self._stopped(job)
                 return
             self._answer(job, gen, result, start - job.submitted)
