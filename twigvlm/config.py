@@ -389,10 +389,10 @@ def speculation(
             )
         return None
     spec = replace(spec, **fields)
-    if isinstance(spec.draft_len, int) and spec.draft_len > spec.max_draft_len:
+    if isinstance(spec.draft_len, int) and (
+        spec.draft_len > spec.max_draft_len or (spec.draft == "auto" and "draft_len" in fields)
+    ):  # the cap grows with γ; and for auto's chains γ is their bound, not a start
         spec = replace(spec, max_draft_len=spec.draft_len)
-    if spec.draft == "auto" and isinstance(spec.draft_len, int) and "draft_len" in fields:
-        spec = replace(spec, max_draft_len=spec.draft_len)  # auto's chains: γ is their bound, not a start
     own, other = {"chain": (CHAIN_ONLY, TREE_ONLY), "tree": (TREE_ONLY, CHAIN_ONLY)}.get(spec.draft, ((), ()))
     unused = [k for k in fields if k in other]
     if unused:  # nothing a request sets is silently ignored

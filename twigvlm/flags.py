@@ -14,7 +14,6 @@ from .config import (
     COMPILE_MODES,
     DEFAULT_KEEP_RATIO,
     DRAFTERS,
-    GREEDY_BELOW,
     KERNEL_MODES,
     PRUNE_HEADS,
     PRUNE_METHODS,
@@ -159,11 +158,7 @@ SAMPLING_FLAGS = (  # (field, flag): the flags that shape sampling, off at GenCo
 def gen_from_args(args: argparse.Namespace) -> GenConfig:
     """The sampling flags as a GenConfig; a flag that shapes sampling without --temperature above 0 is an error,
     not silently greedy."""
-    if not args.temperature >= GREEDY_BELOW:
-        given = [flag for name, flag in SAMPLING_FLAGS if getattr(args, name) != getattr(GenConfig, name)]
-        if given:
-            raise TwigVLMError(f"{given[0]} needs --temperature above 0 (1e-5 or more): without it decoding is greedy")
-    return GenConfig(
+    cfg = GenConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -173,6 +168,11 @@ def gen_from_args(args: argparse.Namespace) -> GenConfig:
         ignore_eos=args.ignore_eos,
         sampling=args.sampling,
     )
+    if not cfg.do_sample:  # (GenConfig's one rule: greedy at 0, and below GREEDY_BELOW)
+        given = [flag for name, flag in SAMPLING_FLAGS if getattr(args, name) != getattr(GenConfig, name)]
+        if given:
+            raise TwigVLMError(f"{given[0]} needs --temperature above 0 (1e-5 or more): without it decoding is greedy")
+    return cfg
 
 
 def add_video_args(p: argparse.ArgumentParser) -> None:
