@@ -133,6 +133,20 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
  * layers and 2.5× over its LM head; 2 and 4 rows 1.2×; from 5 rows on, 4 groups ahead beat 1 and 2). */
 #define AHEAD(N) ((N) <= 4 ? 1 : 4)
 
+/* One row of int8 x with AVX2: instead of the above, the next group's weight rows are prefetched in memory order,
+ * SEQ_LINES(T, G) cache lines per step of VEC columns, so that the group's whole span (G contiguous rows) arrives
+ * in order by the time the step loop reaches it. The demo's layers, weights cold, 2-core AVX2 EPYC, in the same C
+ * loop: 4.8 ms against 7.1 (the hardware prefetcher follows one stream far better than eight interleaved ones);
+ * fp32 is at the memory's rate either way. Unmeasured with AVX-512, which keeps AHEAD's. */
+#define SEQ_LINES(T, G) ((int)((G) * VEC * sizeof(T) / 64))
+#ifndef SEQ_I8
+#define SEQ_I8 (VEC == 8)
+#endif
+#define SEQ(NAME, T, N, G) ((N) == 1 && SEQ_##NAME && SEQ_LINES(T, G) >= 1)
+#define SEQ_f32 0
+#define SEQ_bf16 0
+#define SEQ_i8 SEQ_I8
+
 /* N rows of x [N, in] against weight rows o0..o1 of w [out, in] (type T, widened by LOAD/SCALAR), G weight rows
  * at a time. s: a scale per output row, or NULL. */
 #define KERNEL(NAME, T, N, G)                                                                      \
@@ -146,13 +160,19 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
         for (int r = 0; r < N; ++r) acc[g][r] = vzero();                                          \
       int64_t k = 0;                                                                              \
       if (gn == G)                                                                                \
-        for (; k + VEC <= in; k += VEC)                                                           \
+        for (; k + VEC <= in; k += VEC) {                                                         \
+          if (SEQ(NAME, T, N, G)) /* the next group's span in memory order (SEQ_I8) */             \
+            for (int j = 0; j < SEQ_LINES(T, G); ++j) {                                           \
+              const int64_t at = (o + G) * in * (int64_t)sizeof(T) + 64 * ((k / VEC) * SEQ_LINES(T, G) + j); \
+              if (at < out * in * (int64_t)sizeof(T)) __builtin_prefetch((const char *)w + at, 0, 0); \
+            }                                                                                     \
           for (int g = 0; g < G; ++g) {                                                           \
-            if (o + AHEAD(N) * G + g < out) /* a later group's rows: more lines in flight */       \
+            if (!SEQ(NAME, T, N, G) && o + AHEAD(N) * G + g < out) /* a later group's rows */       \
               __builtin_prefetch(w + (o + AHEAD(N) * G + g) * in + k, 0, 0);                      \
             const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
           }                                                                                       \
+        }                                                                                         \
       const int tree = N == 1 && G == 8 && gn == G; /* a full group of one row: the add tree */   \
       float sums[8];                                                                              \
       if (tree) {                                                                                 \
