@@ -65,7 +65,7 @@ def test_native_kernel_is_identical_over_thread_counts(native_calls, weights):
         "bf16": lambda x: native.gemv(x.bfloat16(), w.bfloat16(), b.bfloat16()),
         "int8": lambda x: native.gemv_int8(x, q, s, b),
     }[weights]
-    xs = [torch.randn(k, 96) for k in (1, 5, 9)]
+    xs = [torch.randn(k, 96) for k in (1, 2, 3, 5, 9)]  # every kernel shape: 1, 2, 3 rows differ in group size
     threads = torch.get_num_threads()
     try:
         results = []

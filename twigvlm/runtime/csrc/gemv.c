@@ -133,16 +133,16 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
  * layers and 2.5× over its LM head; 2 and 4 rows 1.2×; from 5 rows on, 4 groups ahead beat 1 and 2). */
 #define AHEAD(N) ((N) <= 4 ? 1 : 4)
 
-/* One row of int8 x with AVX2: instead of the above, the next group's weight rows are prefetched in memory order,
- * SEQ_LINES(T, G) cache lines per step of VEC columns, so that the group's whole span (G contiguous rows) arrives
- * in order by the time the step loop reaches it. The demo's layers, weights cold, 2-core AVX2 EPYC, in the same C
- * loop: 4.8 ms against 7.1 (the hardware prefetcher follows one stream far better than eight interleaved ones);
- * fp32 is at the memory's rate either way. Unmeasured with AVX-512, which keeps AHEAD's. */
-#define SEQ_LINES(T, G) ((int)((G) * VEC * sizeof(T) / 64))
+/* int8 weights with AVX2, where a kernel takes several weight rows at a time (one to three rows of x): instead of
+ * the above, the next group's weight rows are prefetched in memory order, G · VEC bytes' worth of cache lines per
+ * step of VEC columns, so that the group's whole span (G contiguous rows) has arrived in order when the step loop
+ * reaches it (the hardware prefetcher follows one stream far better than G interleaved ones). The demo's layers,
+ * weights cold, 2-core AVX2 EPYC, through `twig_gemv_i8` (interleaved builds, medians of 15–21): one row of x
+ * 7.2–7.5 → 4.9–5.3 ms; fp32 is at the memory's rate either way. Unmeasured with AVX-512, which keeps AHEAD's. */
 #ifndef SEQ_I8
 #define SEQ_I8 (VEC == 8)
 #endif
-#define SEQ(NAME, T, N, G) ((N) == 1 && SEQ_##NAME && SEQ_LINES(T, G) >= 1)
+#define SEQ(NAME, T, G) (SEQ_##NAME && (G) * VEC * sizeof(T) >= 16)
 #define SEQ_f32 0
 #define SEQ_bf16 0
 #define SEQ_i8 SEQ_I8
@@ -161,13 +161,14 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
       int64_t k = 0;                                                                              \
       if (gn == G)                                                                                \
         for (; k + VEC <= in; k += VEC) {                                                         \
-          if (SEQ(NAME, T, N, G)) /* the next group's span in memory order (SEQ_I8) */             \
-            for (int j = 0; j < SEQ_LINES(T, G); ++j) {                                           \
-              const int64_t at = (o + G) * in * (int64_t)sizeof(T) + 64 * ((k / VEC) * SEQ_LINES(T, G) + j); \
-              if (at < out * in * (int64_t)sizeof(T)) __builtin_prefetch((const char *)w + at, 0, 0); \
-            }                                                                                     \
+          if (SEQ(NAME, T, G)) { /* the next group's span in memory order: SEQ_I8 */                \
+            const int64_t step = G * VEC * (int64_t)sizeof(T), at = (o + G) * in * (int64_t)sizeof(T); \
+            const int64_t size = out * in * (int64_t)sizeof(T), s0 = k / VEC;                     \
+            for (int64_t l = (s0 * step) >> 6; l < ((s0 + 1) * step) >> 6; ++l) /* its lines */      \
+              if (at + 64 * l < size) __builtin_prefetch((const char *)w + at + 64 * l, 0, 0);     \
+          }                                                                                       \
           for (int g = 0; g < G; ++g) {                                                           \
-            if (!SEQ(NAME, T, N, G) && o + AHEAD(N) * G + g < out) /* a later group's rows */       \
+            if (!SEQ(NAME, T, G) && o + AHEAD(N) * G + g < out) /* a later group's rows */          \
               __builtin_prefetch(w + (o + AHEAD(N) * G + g) * in + k, 0, 0);                      \
             const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
@@ -241,7 +242,11 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
  * of x take one weight row at a time; five to eight take two with AVX-512, which halves the loads of x per
  * product (8 rows of the demo's layers, weights cold: int8 1.25×, fp32 1.05×). Their 16 sums need AVX-512's 32
  * vector registers: with AVX2's 16 they spill (8 rows 1.5× slower), so there five to eight take one too; three
- * weight rows at a time run out of registers even with AVX-512. */
+ * weight rows at a time run out of registers even with AVX-512. With AVX2, int8 weights and SEQ's prefetch, two
+ * rows of x take four weight rows at a time and three take two (the demo's layers, as SEQ's figures: 2 rows
+ * 9.2–9.7 → 7.3–7.9 ms, 3 rows 11.8–12.2 → 10.6–10.9; four rows measured slower so, 13.0 → 15.4). A group
+ * must divide TILE: a short group at a tile's end would sum in another order. Which weight rows share a group
+ * never changes a sum (each is its own accumulator, over the same steps in the same order). */
 #if VEC == 16
 #define MANY 2
 #else
@@ -250,7 +255,11 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
 #ifndef GF32
 #define GF32 8, 1, 1, 1, MANY
 #define GBF16 8, 1, 1, 1, MANY
+#if VEC == 8 && SEQ_I8
+#define GI8 8, 4, 2, 1, MANY
+#else
 #define GI8 8, 1, 1, 1, MANY
+#endif
 #endif
 #define EXPAND(...) FORMAT(__VA_ARGS__)
 EXPAND(f32, float, GF32)
