@@ -133,7 +133,7 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
  * layers and 2.5× over its LM head; 2 and 4 rows 1.2×; from 5 rows on, 4 groups ahead beat 1 and 2). */
 #define AHEAD(N) ((N) <= 4 ? 1 : 4)
 
-/* int8 weights with AVX2, where a kernel takes several weight rows at a time (one to three rows of x): instead of
+/* int8 weights with AVX2, one to three rows of x, where a kernel takes several weight rows at a time: instead of
  * the above, the next group's weight rows are prefetched in memory order, G · VEC bytes' worth of cache lines per
  * step of VEC columns, so that the group's whole span (G contiguous rows) has arrived in order when the step loop
  * reaches it (the hardware prefetcher follows one stream far better than G interleaved ones). The demo's layers,
@@ -142,7 +142,7 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
 #ifndef SEQ_I8
 #define SEQ_I8 (VEC == 8)
 #endif
-#define SEQ(NAME, T, G) (SEQ_##NAME && (G) * VEC * sizeof(T) >= 16)
+#define SEQ(NAME, T, N, G) (SEQ_##NAME && (N) <= 3 && (G) * VEC * sizeof(T) >= 16)
 #define SEQ_f32 0
 #define SEQ_bf16 0
 #define SEQ_i8 SEQ_I8
@@ -161,14 +161,14 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
       int64_t k = 0;                                                                              \
       if (gn == G)                                                                                \
         for (; k + VEC <= in; k += VEC) {                                                         \
-          if (SEQ(NAME, T, G)) { /* the next group's span in memory order: SEQ_I8 */                \
+          if (SEQ(NAME, T, N, G)) { /* the next group's span in memory order: SEQ_I8 */                \
             const int64_t step = G * VEC * (int64_t)sizeof(T), at = (o + G) * in * (int64_t)sizeof(T); \
             const int64_t size = out * in * (int64_t)sizeof(T), s0 = k / VEC;                     \
             for (int64_t l = (s0 * step) >> 6; l < ((s0 + 1) * step) >> 6; ++l) /* its lines */      \
               if (at + 64 * l < size) __builtin_prefetch((const char *)w + at + 64 * l, 0, 0);     \
           }                                                                                       \
           for (int g = 0; g < G; ++g) {                                                           \
-            if (!SEQ(NAME, T, G) && o + AHEAD(N) * G + g < out) /* a later group's rows */          \
+            if (!SEQ(NAME, T, N, G) && o + AHEAD(N) * G + g < out) /* a later group's rows */          \
               __builtin_prefetch(w + (o + AHEAD(N) * G + g) * in + k, 0, 0);                      \
             const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
@@ -242,10 +242,11 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
  * of x take one weight row at a time; five to eight take two with AVX-512, which halves the loads of x per
  * product (8 rows of the demo's layers, weights cold: int8 1.25×, fp32 1.05×). Their 16 sums need AVX-512's 32
  * vector registers: with AVX2's 16 they spill (8 rows 1.5× slower), so there five to eight take one too; three
- * weight rows at a time run out of registers even with AVX-512. With AVX2, int8 weights and SEQ's prefetch, two
- * rows of x take four weight rows at a time and three take two (the demo's layers, as SEQ's figures: 2 rows
- * 9.2–9.7 → 7.3–7.9 ms, 3 rows 11.8–12.2 → 10.6–10.9; four rows measured slower so, 13.0 → 15.4). A group
- * must divide TILE: a short group at a tile's end would sum in another order. Which weight rows share a group
+ * weight rows at a time run out of registers even with AVX-512. With AVX2 and int8 weights, two rows of x take
+ * four weight rows at a time and three and four take two (the demo's layers, weights cold, interleaved builds,
+ * medians of 21–31, across runs on a noisy machine: 2 rows 9.2–9.7 → 7.1–8.6 ms, 3 rows 11.3–12.2 → 8.1–10.9,
+ * 4 rows 11.1–12.8 → 10.2–11.1; with SEQ's prefetch up to three rows, AHEAD's for four, which measured better so).
+ * A group must divide TILE: a short group at a tile's end runs the scalar loop. Which weight rows share a group
  * never changes a sum (each is its own accumulator, over the same steps in the same order). */
 #if VEC == 16
 #define MANY 2
@@ -255,8 +256,10 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
 #ifndef GF32
 #define GF32 8, 1, 1, 1, MANY
 #define GBF16 8, 1, 1, 1, MANY
+#endif
+#ifndef GI8
 #if VEC == 8 && SEQ_I8
-#define GI8 8, 4, 2, 1, MANY
+#define GI8 8, 4, 2, 2, MANY
 #else
 #define GI8 8, 1, 1, 1, MANY
 #endif
