@@ -16,7 +16,7 @@ from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.cache import LayerKV
 from twigvlm.runtime.sampling import pick_tokens
 from twigvlm.runtime.thread_governor import ThreadGovernor
-from twigvlm.speculative.choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_tree_value
+from twigvlm.speculative.choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_in_rounds, best_tree_value
 from twigvlm.speculative.loop import TreeDraft, accept, speculative_blocks
 from twigvlm.speculative.stats import SpecStats
 from twigvlm.speculative.tree import TwigTreeDrafter
@@ -479,6 +479,22 @@ def fresh_cache(tmp_path, monkeypatch):
     """No costs measured by earlier tests: auto's drafter reads and writes its own cache folder."""
     monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def test_autos_cost_probe_times_in_rounds_so_a_slow_spell_does_not_skew_one_pass():
+    base = {("verify", 1): 1.0, ("verify", 2): 4.0, ("level", 1): 3.0, ("base", 1): 2.0}
+    clock = [0.0]
+
+    def measure(key: tuple[str, int]) -> float:  # the machine is 5x slower for its first 15 s
+        seconds = base[key] * (5 if clock[0] < 15.0 else 1)
+        clock[0] += seconds
+        return seconds
+
+    assert best_in_rounds(measure, list(base), repeats=3) == base
+    # timed one key at a time, the spell would have covered every sample of the first pass (at 0, 5 and 10 s)
+    clock[0] = 0.0
+    one_at_a_time = {key: min(measure(key) for _ in range(3)) for key in base}
+    assert one_at_a_time[("verify", 1)] == 5.0 and one_at_a_time[("verify", 2)] == 4.0
 
 
 def test_auto_measures_once_and_skips_short_answers(vlms, monkeypatch, fresh_cache):

@@ -29,8 +29,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import torch
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
+Key = TypeVar("Key", bound=Hashable)  # what `best_in_rounds` times: here (pass, rows)
 WIDE_ROWS = (64, 128, 256)  # probed too where a batch can form (`step_costs(wide=True)`)
 PRIOR = (0.6, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)  # a_r before any step is seen
 PRIOR_WEIGHT = 8.0  # in node visits
@@ -303,7 +305,7 @@ def best_tree_value(a: tuple[float, ...], n: int, d: int) -> float:
 @torch.inference_mode()
 def probe_costs(engine: Engine, state: DecodeState, repeats: int = 3, sizes: tuple[int, ...] = PROBE_ROWS) -> Costs:
     """Time the passes a step is made of on this state, over each of `sizes` rows (its caches are left as they were):
-    the best of `repeats`."""
+    the best of `repeats`, taken in rounds (`best_in_rounds`)."""
     assert engine.twig is not None and state.twig_cache is not None
     K, L, adapter = engine.twig.config.K, engine.num_layers, engine.adapter
     device = state.cache[0].keys().device
@@ -320,22 +322,33 @@ def probe_costs(engine: Engine, state: DecodeState, repeats: int = 3, sizes: tup
         if part == "level":
             engine.twig_logits(engine.forward_twig(state, hidden, pos), draft=rows is not None, rows=rows)
 
-    def timed(part: str, n: int) -> float:
-        best = math.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            run(part, n)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t)
-            for kv, m in zip(state.cache.layers, lengths, strict=True):
-                kv.crop(m)
-            for kv, m in zip(state.twig_cache.layers, twig_lengths, strict=True):
-                kv.crop(m)
-        return best
+    def timed(key: tuple[str, int]) -> float:
+        t = time.perf_counter()
+        run(*key)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t
+        for kv, m in zip(state.cache.layers, lengths, strict=True):
+            kv.crop(m)
+        for kv, m in zip(state.twig_cache.layers, twig_lengths, strict=True):
+            kv.crop(m)
+        return seconds
 
-    tables = {part: _monotone({n: timed(part, n) for n in sizes}) for part in ("verify", "level", "base")}
+    parts = ("verify", "level", "base")
+    best = best_in_rounds(timed, [(part, n) for part in parts for n in sizes], repeats)
+    tables = {part: _monotone({n: best[part, n] for n in sizes}) for part in parts}
     return Costs(tables["verify"], tables["level"], tables["base"])
+
+
+def best_in_rounds(measure: Callable[[Key], float], keys: list[Key], repeats: int) -> dict[Key, float]:
+    """The least of `repeats` measurements of each key, taken in rounds (every key once, then again): a slow spell
+    of a shared machine then costs one sample of several keys, not every sample of one, whose cost would be
+    overstated against the others' (auto's choices rest on the ratios)."""
+    best = dict.fromkeys(keys, math.inf)
+    for _ in range(repeats):
+        for key in keys:
+            best[key] = min(best[key], measure(key))
+    return best
 
 
 def _monotone(table: dict[int, float]) -> dict[int, float]:
