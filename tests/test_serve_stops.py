@@ -201,3 +201,21 @@ def test_drain_takes_no_lock(adapters):
         assert e.value.code == "shutting_down"
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("max_batch", [1, 2], ids=["one-at-a-time", "batched"])
+@pytest.mark.parametrize("how", ["client gone", "deadline"])
+def test_a_request_stopped_mid_answer_counts_the_tokens_it_generated(adapters, max_batch, how):
+    worker = _worker(adapters, max_batch=max_batch)
+    try:
+        job = _submit(worker, _job(LONG))
+        _until(lambda: job.generation is not None and job.started)
+        time.sleep(0.2)  # some tokens into its answer
+        job.cancel() if how == "client gone" else job.timed_out(5.0)
+        events = job_events(job, timeout=10)
+        assert events[-1][0] in ("done", "error")
+        streamed = sum(1 for event in events if event[0] == "text")
+        counted = worker.metrics.generation_tokens._value.get()
+        assert 0 < streamed <= counted < LONG  # each piece needs a token (text is held back at most)
+    finally:
+        worker.stop()

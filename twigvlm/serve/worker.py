@@ -345,8 +345,8 @@ class Worker:
                 break
             if job is None:
                 session.reset()  # shutting down: the rows' caches are not moved, only let go
-                for _, job_, _ in rows.values():
-                    self._stopped(job_)
+                for row, job_, _ in rows.values():
+                    self._stopped(job_, len(row.ids))
                     self._end(job_)
                 rows.clear()
                 return False
@@ -407,7 +407,7 @@ class Worker:
             if job.cancelled.is_set() and row.reason is None:  # (one that finished as it was stopped: its answer)
                 session.drop(row)
                 del rows[id(row)]
-                self._stopped(job)
+                self._stopped(job, len(row.ids))
                 self._end(job)
                 continue
             self._deliver_one(session, rows, row)
@@ -466,8 +466,10 @@ class Worker:
             bug = f"internal error ({type(e).__name__}) in request {job.request.id}: see the server log"
             job.finish("error", APIError(500, bug))
 
-    def _stopped(self, job: Job) -> None:
-        """A job stopped before it produced an answer: its one final event."""
+    def _stopped(self, job: Job, new_tokens: int = 0) -> None:
+        """A job stopped before it produced an answer: its one final event. The `new_tokens` it generated before
+        the stop count among the generated tokens (they cost their steps, as a finished answer's do)."""
+        self.metrics.generation_tokens.inc(new_tokens)
         self.metrics.requests.labels("cancelled" if job.stop_error is None else job.stop_error.code).inc()
         job.finish("error", job.stop_error or APIError(499, "the request was cancelled", code="cancelled"))
 
@@ -490,7 +492,7 @@ class Worker:
             assert result is not None
             if job.stop_error is not None and result.stats.finish_reason == "cancelled":  # a deadline or a shutdown
                 # stopped it: an error after what was streamed (one that finished as it was stopped: its answer)
-                self._stopped(job)
+                self._stopped(job, result.stats.new_tokens)
                 return
             self._answer(job, gen, result, start - job.submitted)
         except Exception as e:  # noqa: BLE001 - every failure is the request's own; the server keeps serving
