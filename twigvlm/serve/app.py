@@ -43,7 +43,7 @@ from .protocol import (
     prompt_chars,
     usage,
 )
-from .worker import STOPPED, Job, Worker
+from .worker import STOPPED, Job, Worker, server_failed
 
 STATIC = files(__package__) / "static"
 CHARS_PER_TOKEN = 32  # no tokenizer packs more characters into one token: a prompt longer is refused untokenized
@@ -208,7 +208,7 @@ async def _chat_completions(request: Request) -> Response:
         if not worker.ready.is_set():
             raise APIError(503, "the model is still loading: retry in a few seconds", retry_after=5)
         if not worker.alive:
-            raise APIError(503, STOPPED, code="server_failed")
+            raise server_failed()
         worker.admit()  # a queue slot first: only admitted requests read bodies and pictures
     except APIError as e:
         _count_refusal(worker, e)

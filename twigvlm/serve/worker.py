@@ -50,6 +50,16 @@ SHUTTING_DOWN = "the server is shutting down: retry on another instance or after
 STOPPED = "the server's inference thread stopped (a bug: see the server log); restart the server"
 
 
+def shutting_down() -> APIError:
+    """What a request refused or stopped by a shutdown is told: 503 with Retry-After."""
+    return APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S)
+
+
+def server_failed() -> APIError:
+    """What a request is told once the inference thread has ended (a bug): 503, restart the server."""
+    return APIError(503, STOPPED, code="server_failed")
+
+
 @dataclass(eq=False)  # jobs are compared (and hashed) by identity
 class Job:
     """One admitted request on its way through the inference thread."""
@@ -165,7 +175,7 @@ class Worker:
         requests already wait beyond the places free in the batch (a burst on an idle server fills the batch)."""
         with self._lock:
             if self.draining:
-                raise APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S)
+                raise shutting_down()
             free = max(0, self.max_batch - self._running)  # places a request takes at once: not a wait
             if self._waiting >= self.max_queue + free:  # (counted as `rejected` by the caller, as every 503 refusal)
                 raise APIError(
@@ -192,7 +202,7 @@ class Worker:
             late = self._aborted  # admitted before SIGTERM, its pictures read after the grace period
             dead = self._dead  # (the inference thread has ended: nothing will take it)
         if late or dead:
-            job.stop(dead or APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
+            job.stop(dead or shutting_down())
         self._queue.put(job)  # (a job already ended is skipped when the inference thread takes it: `Job.claim`)
 
     def _end_unstarted(self, job: Job) -> None:
@@ -234,7 +244,7 @@ class Worker:
             self._aborted = True
             jobs = list(self._live)
         for job in jobs:
-            job.stop(APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S))
+            job.stop(shutting_down())
 
     # ---- the inference thread -------------------------------------------------------------------------------
     def _main(self) -> None:
@@ -278,11 +288,7 @@ class Worker:
         holds, running or queued, gets its final error now, and any submitted later at once (`submit`)."""
         if failed:
             log.error("twigvlm serve: the inference thread stopped; every request now gets a 503 (see above)")
-        error = (
-            APIError(503, STOPPED, code="server_failed")
-            if failed
-            else APIError(503, SHUTTING_DOWN, code="shutting_down", retry_after=RETRY_AFTER_S)
-        )
+        error = server_failed() if failed else shutting_down()
         with self._lock:
             self._dead = error
             jobs = list(self._live)
