@@ -40,21 +40,14 @@ def build(folder: Path, name: str, gemv_source: str | None, flags: list[str]) ->
     cc = native._compiler()
     if cc is None:
         sys.exit("bench_kernel_builds: no C compiler found (set CC, or install gcc or clang)")
-    src = folder / name
-    src.mkdir()
-    for file, text in native._sources().items():
-        (src / file).write_bytes(text)
+    sources = native._sources()
     if gemv_source is not None:
-        (src / "gemv.c").write_text(gemv_source)
-    out = src / "lib.so"
-    error = native._compile(cc, src / "layer.c", out, [*native._arch_flags(), "-fopenmp", *flags])
+        sources["gemv.c"] = gemv_source.encode()
+    path = folder / f"{name}.so"
+    error = native.build(cc, sources, [*native._arch_flags(), "-fopenmp", *flags], path)
     if error is not None:
         sys.exit(f"bench_kernel_builds: build {name} failed: {error}")
-    lib = ctypes.CDLL(str(out))
-    for fn, pointers in ((lib.twig_gemv, 4), (lib.twig_gemv_i8, 5)):
-        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        fn.restype = ctypes.c_int
-    return lib
+    return native.load(path)
 
 
 def gemv_source(spec: str) -> str:

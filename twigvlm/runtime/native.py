@@ -97,30 +97,44 @@ def gemv_library() -> ctypes.CDLL | None:
                      " ".join(flags), folder)  # fmt: skip
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                    for name, text in _sources().items():
-                        (Path(tmp) / name).write_bytes(text)
-                    error = _compile(cc, Path(tmp) / "layer.c", Path(tmp) / "gemv.so", flags)
-                    if error is not None:
-                        _Build.error = f"{Path(cc).name} {' '.join(flags)}: {error}"
-                        continue
-                    os.replace(Path(tmp) / "gemv.so", path)  # atomic: parallel builders each write a whole file
+                error = build(cc, _sources(), flags, path)
             except OSError as exc:
                 _Build.error = f"cannot write {folder}: {exc}"
                 return None
+            if error is not None:
+                _Build.error = f"{Path(cc).name} {' '.join(flags)}: {error}"
+                continue
         try:
-            lib = ctypes.CDLL(str(path))
+            lib = load(path)
         except OSError as exc:
             _Build.error = str(exc)
             continue
-        for fn, pointers in ((lib.twig_gemv, 4), (lib.twig_gemv_bf16, 4), (lib.twig_gemv_i8, 5)):
-            fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
-            fn.restype = ctypes.c_int
-        lib.twig_dequant_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-        lib.twig_dequant_bf16.restype = ctypes.c_int
         _Build.error = None
         return lib
     return None
+
+
+def build(cc: str, sources: dict[str, bytes], flags: list[str], path: Path) -> str | None:
+    """Compile `sources` (file name → bytes, as `_sources` gives them; layer.c includes the others) into the
+    library `path`, written whole or not at all; None on success, else the compiler's last line."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        for name, text in sources.items():
+            (Path(tmp) / name).write_bytes(text)
+        error = _compile(cc, Path(tmp) / "layer.c", Path(tmp) / "gemv.so", flags)
+        if error is None:
+            os.replace(Path(tmp) / "gemv.so", path)  # atomic: parallel builders each write a whole file
+        return error
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library, its product entry points' argument types declared."""
+    lib = ctypes.CDLL(str(path))
+    for fn, pointers in ((lib.twig_gemv, 4), (lib.twig_gemv_bf16, 4), (lib.twig_gemv_i8, 5)):
+        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.twig_dequant_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.twig_dequant_bf16.restype = ctypes.c_int
+    return lib
 
 
 def build_error() -> str | None:
