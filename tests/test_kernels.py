@@ -29,9 +29,10 @@ def native_calls(monkeypatch):
     return native_spy(monkeypatch, "gemv")
 
 
-@pytest.mark.parametrize("layout", ["wxt", "gemv"])
+@pytest.mark.parametrize("layout", ["wxt", "gemv", "gemm"])
 @pytest.mark.parametrize(("d_in", "bias"), [(48, True), (48, False), (13, True), (200, False)])
-def test_fast_linear_equals_nn_linear(layout, d_in, bias, native_calls):
+def test_fast_linear_equals_nn_linear(layout, d_in, bias, monkeypatch):
+    native_calls = native_spy(monkeypatch, "gemm" if layout == "gemm" else "gemv")
     torch.manual_seed(0)
     lin = nn.Linear(d_in, 80, bias=bias)
     ref = nn.Linear(d_in, 80, bias=bias)
@@ -45,8 +46,10 @@ def test_fast_linear_equals_nn_linear(layout, d_in, bias, native_calls):
             torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-6)
         x = torch.randn(6, 2 * d_in)[:, ::2]  # a strided input
         torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-6)
-    # products up to 64 rows ran the native kernel under "gemv"; past the plan's largest row count, nn.Linear
-    assert native_calls == ([n for n in range(1, 18)] + [64, 6, 1, 63, 6] if layout == "gemv" else [])
+    # products up to 64 rows ran the native kernel under "gemv"; past the plan's largest row count, nn.Linear —
+    # except where the largest count's layout is "gemm", which runs every larger count too
+    up_to_64 = [n for n in range(1, 18)] + [64, 6, 1, 63]
+    assert native_calls == {"gemv": [*up_to_64, 6], "gemm": [*up_to_64, 100, 6], "wxt": []}[layout]
     seen = list(native_calls)
     x = torch.randn(4, d_in, requires_grad=True)  # gradients flow (twig training): F.linear or the BLAS layout
     lin(x).sum().backward()
@@ -79,6 +82,44 @@ def test_native_kernel_is_identical_over_thread_counts(native_calls, weights):
     if weights == "fp32":
         for x, y in zip(xs, results[0], strict=True):
             torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize(("d_out", "d_in"), [(48, 64), (37, 300), (5, 13), (300, 520)])
+def test_many_row_kernel_equals_the_fp64_reference_and_a_row_does_not_depend_on_its_neighbours(weights, d_out, d_in):
+    """The many-row kernel (gemm.c) over partial panels (outputs not a multiple of its panels' width), partial
+    column blocks and columns not a multiple of 8, row counts not a multiple of its micro-tile's: within 1e-5 of
+    the fp64 product of the weight it stands for; and each row's result bit for bit the same whatever rows are
+    multiplied with it and whatever the thread count (what lets a batch's prefill equal each request's own)."""
+    if native.gemv_library() is None:
+        pytest.skip("the native kernel is not built here")
+    from twigvlm.runtime.quant import dequantize, quantize_int8
+
+    torch.manual_seed(d_out + d_in)
+    w, b = torch.randn(d_out, d_in), torch.randn(d_out)
+    q, s = quantize_int8(w)
+    product, exact = {
+        "fp32": (lambda x, bias: native.gemm(x, w, bias), w),
+        "bf16": (lambda x, bias: native.gemm(x, w.bfloat16(), None if bias is None else bias), w.bfloat16()),
+        "int8": (lambda x, bias: native.gemm_int8(x, q, s, bias), dequantize(q, s, torch.float64)),
+    }[weights]
+    x = torch.randn(23, d_in)
+    threads = torch.get_num_threads()
+    try:
+        for bias in (None, b):
+            ref = x.double() @ exact.double().t() + (0 if bias is None else bias.double())
+            results = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(product(x, bias))
+                for rows in (1, 6, 7, 13):  # the first rows alone: the same bits
+                    assert torch.equal(product(x[:rows].contiguous(), bias), results[-1][:rows])
+            got = results[0]
+            assert got.shape == (23, d_out) and got.dtype is torch.float32
+            assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+            assert all(torch.equal(got, other) for other in results[1:])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_without_a_compiler_the_kernel_is_unavailable_and_the_plan_never_picks_it(monkeypatch, tmp_path):
@@ -118,13 +159,15 @@ def test_the_plan_picks_by_row_count():
         "linear",  # past the largest probed row count: nn.Linear
     ]
     assert plan.layout((5, 5), 2) == "linear"  # a shape the probe never saw
+    many = KernelPlan({(8, 4): {1: "gemv", 16: "gemm", 512: "gemm"}})
+    assert [many.layout((8, 4), n) for n in (1, 15, 16, 511, 512, 513, 4096)] == ["gemv"] * 2 + ["gemm"] * 5
 
 
 def test_prompt_sized_row_counts_try_only_the_native_kernel_on_a_slice_of_the_weights(monkeypatch):
-    """Past 64 rows (a prefill) the probe weighs nn.Linear against the native kernel alone, on at most
+    """Past 64 rows (a prefill) the probe weighs nn.Linear against the native kernels alone, on at most
     PROMPT_BYTES of weights (the first rows of a larger one); from BLOCK_ROWS rows on (bound by arithmetic) every
-    layout is timed on at most BLOCK_BYTES, below that on all of a shape's weights; a prompt between probed counts
-    takes the count below, and one past the largest takes nn.Linear."""
+    layout, the many-row kernel too, is timed on at most BLOCK_BYTES, below that on all of a shape's weights; a
+    prompt between probed counts takes the count below, and one past the largest takes nn.Linear."""
     big, small = nn.Linear(16, 4096), nn.Linear(16, 24)  # the big one: 256 KiB of weights
     monkeypatch.setattr(kernels, "PROMPT_BYTES", 64 * 2**10)
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 128 * 2**10)
@@ -149,7 +192,8 @@ def test_prompt_sized_row_counts_try_only_the_native_kernel_on_a_slice_of_the_we
     }
     assert all("wxt" not in names for n, _, names in seen if n == 128)
     assert all("wxt" in names for n, _, names in seen if n < 128)
-    assert all(set(t) == {4, block, 128} and t[128] in ("linear", "gemv") for t in plan.layouts.values())
+    assert all(("gemm" in names) == (n >= block) for n, _, names in seen)  # the many-row kernel from BLOCK_ROWS
+    assert all(set(t) == {4, block, 128} and t[128] in ("linear", "gemv", "gemm") for t in plan.layouts.values())
     table = KernelPlan({(8, 4): {1: "wxt", 128: "gemv", 512: "gemv"}})
     assert [table.layout((8, 4), n) for n in (100, 160, 511, 512, 513)] == ["wxt", "gemv", "gemv", "gemv", "linear"]
 
@@ -195,7 +239,7 @@ def test_the_probe_measures_every_shape_and_is_cached(vlms, monkeypatch, tmp_pat
     assert again.cached and again.layouts == first.layouts
 
 
-@pytest.fixture(params=["wxt", "gemv"])
+@pytest.fixture(params=["wxt", "gemv", "gemm"])
 def fast(model_dirs, request):
     """The Llama + CLIP model loaded with one layout forced on every product up to 64 rows (the strictest case)."""
     vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock")

@@ -40,6 +40,12 @@ def int8_calls(monkeypatch):
     return native_spy(monkeypatch, "gemv_int8")
 
 
+@pytest.fixture
+def many_calls(monkeypatch):
+    """Counts the products the native many-row int8 kernel computed."""
+    return native_spy(monkeypatch, "gemm_int8")
+
+
 def test_quantization_is_symmetric_per_output_channel():
     w = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [2.0, 1.0, -0.5]])
     q, s = quantize_int8(w)
@@ -50,7 +56,7 @@ def test_quantization_is_symmetric_per_output_channel():
 
 
 @pytest.mark.parametrize(("d_out", "d_in", "bias"), [(80, 48, True), (33, 13, False), (130, 257, True), (7, 8, False)])
-def test_int8_product_equals_the_dequantized_reference(d_out, d_in, bias, int8_calls):
+def test_int8_product_equals_the_dequantized_reference(d_out, d_in, bias, int8_calls, many_calls):
     torch.manual_seed(0)
     w, b = torch.randn(d_out, d_in), (torch.randn(d_out) if bias else None)
     q, s = quantize_int8(w)
@@ -61,13 +67,14 @@ def test_int8_product_equals_the_dequantized_reference(d_out, d_in, bias, int8_c
     got = int8_product(x, q, s, b)
     assert got.shape == (2, 3, d_out)
     assert_close_relative(got.reshape(6, d_out), reference(x.reshape(6, d_in), q, s, b))
-    # up to NATIVE_ROWS rows ran the native kernel; more rows ran the dequantised product
+    # up to NATIVE_ROWS rows ran the small-row kernel; more rows the many-row one
     assert int8_calls == [n for n in ROWS if n <= quant.NATIVE_ROWS] + [6]
+    assert many_calls == [n for n in ROWS if n > quant.NATIVE_ROWS]
 
 
-def test_bf16_activations_run_on_int8_weights(int8_calls):
+def test_bf16_activations_run_on_int8_weights(int8_calls, many_calls):
     """`--dtype bfloat16 --quantize int8`: bf16 rows in, the fp32 product rounded once to bf16 out (decode on the
-    kernel, a prefill's many rows on the bf16 product of the dequantised weight)."""
+    small-row kernel, a prefill's many rows on the many-row one)."""
     torch.manual_seed(5)
     q, s = quantize_int8(torch.randn(96, 64))
     for n in (1, 7, 100):
@@ -75,7 +82,7 @@ def test_bf16_activations_run_on_int8_weights(int8_calls):
         got = int8_product(x, q, s)
         assert got.dtype is torch.bfloat16
         torch.testing.assert_close(got.double(), reference(x, q, s, None), rtol=2e-2, atol=2e-2 * n**0.5)
-    assert int8_calls == [1, 7]
+    assert int8_calls == [1, 7] and many_calls == [100]
 
 
 def test_a_prefill_runs_its_many_row_products_in_bf16_where_that_is_native(monkeypatch):

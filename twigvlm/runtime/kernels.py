@@ -8,12 +8,16 @@ number of rows, the layout a short probe measured fastest on this machine for th
 - "linear": `F.linear` (what nn.Linear runs);
 - "wxt": the same product written as `(W · xᵀ)ᵀ` (another BLAS path);
 - "gemv": twigvlm's native kernel (`twigvlm.runtime.native`, built at first use with the machine's C compiler), which
-  streams each weight row once for all rows of x.
+  streams each weight row once for all rows of x;
+- "gemm": its many-row kernel (weights copied into panels, a block of the result held in registers), tried from
+  BLOCK_ROWS rows on, where products are bound by arithmetic.
 
 The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a
 decode step; from BLOCK_ROWS rows on, where a product is bound by arithmetic, over less of them), interleaved,
 and takes an alternative only where it wins clearly, for the row counts of decoding and verification (up to 64)
-and of prompts (128, 256, 512: a prefill; beyond them nn.Linear); the plan is cached on disk per CPU, thread
+and of prompts (128, 256, 512: a prefill; beyond them nn.Linear, or "gemm" where it won at 512 rows: a row's
+result from it does not depend on the rows beside it, so a batch's prefill gives each request what it gets
+alone); the plan is cached on disk per CPU, thread
 count, dtype, shapes, kernel build and probed row counts. Products that need gradients
 (twig training) always run `F.linear`; the native kernel takes fp32 and bf16 weights.
 
@@ -51,7 +55,7 @@ BLOCK_ROWS = 16  # from this many rows on, a product is bound by arithmetic, not
 BLOCK_BYTES = 16 * 2**20  # … so less weight shows the same: this much, for row counts up to PROBE_ROWS[-1]
 PROMPT_BYTES = 4 * 2**20  # … and this much for prompt-sized row counts
 WIN = 0.9  # an alternative layout is taken where it needs at most this share of nn.Linear's time
-LAYOUTS = ("linear", "wxt", "gemv")  # F.linear; (W · xᵀ)ᵀ; the native kernel
+LAYOUTS = ("linear", "wxt", "gemv", "gemm")  # F.linear; (W · xᵀ)ᵀ; the native kernels (few rows, many rows)
 
 
 @dataclass
@@ -69,7 +73,8 @@ class KernelPlan:
         if found is None:
             table = self.layouts.get(shape)
             probed = [r for r in table if r <= rows] if table else []
-            found = table[max(probed)] if probed and rows <= max(table) else "linear"
+            last = max(table) if table else 0
+            found = table[max(probed)] if probed and (rows <= last or table[last] == "gemm") else "linear"
             self._memo[key] = found
         return found
 
@@ -107,6 +112,8 @@ class FastLinear(nn.Linear):
         flat = x.reshape(rows, d_in)  # [n, in]
         if layout == "gemv" and native.takes(flat, weight, bias):
             out = native.gemv(flat, weight, bias)  # [n, out]
+        elif layout == "gemm" and native.takes(flat, weight, bias):
+            out = native.gemm(flat, weight, bias)  # [n, out]
         else:
             out = torch.mm(weight, flat.t()).t()  # [out, in] · [in, n] → [n, out]
             if bias is not None:
@@ -222,9 +229,15 @@ def _candidates(weights: list[torch.Tensor], x: torch.Tensor, wxt: bool = True) 
         for w in weights:
             native.gemv(x, w)
 
+    def gemm() -> None:
+        for w in weights:
+            native.gemm(x, w)
+
     out = {"linear": linear, "wxt": transposed} if wxt else {"linear": linear}
     if x.dtype in native.WEIGHT_DTYPES and native.gemv_library() is not None:
         out["gemv"] = gemv
+        if x.shape[0] >= BLOCK_ROWS:
+            out["gemm"] = gemm
     return out
 
 
@@ -232,7 +245,7 @@ def _candidates(weights: list[torch.Tensor], x: torch.Tensor, wxt: bool = True) 
 def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS + PROMPT_ROWS, repeats: int = 3) -> KernelPlan:
     """Time every layout over the weights of each shape (up to PROBE_BYTES of them), interleaved (stock, each
     alternative, stock again), for each row count; an alternative wins where it needs at most WIN of the
-    stock time. Past PROBE_ROWS (a prompt's rows) only the native kernel is tried, on up to PROMPT_BYTES of
+    stock time. Past PROBE_ROWS (a prompt's rows) only the native kernels are tried, on up to PROMPT_BYTES of
     weights and at most twice: those products are bound by arithmetic, where MKL's blocked product is strong,
     and on some CPUs the native kernel's tiles still beat it (a demo prefill in fp32: 230 → 171 ms)."""
     t0 = time.perf_counter()

@@ -2,7 +2,10 @@
 
 MKL's fp32 `x · Wᵀ` over the 1–8 rows that decoding and verification run reaches a fraction of the memory
 bandwidth on many CPUs (on AMD ones it takes a generic path); the product is bound by reading the weights, so a
-plain kernel that streams each weight row once for all rows does better. It is compiled at first use with the
+plain kernel that streams each weight row once for all rows does better. Over a prompt's hundreds of rows, where a
+product is bound by arithmetic, a second kernel (`csrc/gemm.c`, `gemm`) copies the weights into panels and keeps
+a block of the result in registers, as BLAS libraries do (the kernel plan picks between them, and MKL, by
+measurement). The library is compiled at first use with the
 machine's compiler (`$CC`, else `cc`, `gcc`, `clang`) for this CPU (`-march=native`) and OpenMP, into the twigvlm
 cache (`$TWIGVLM_CACHE/native`, keyed by the source, the compiler, the flags and the CPU), in well under a second.
 Where no compiler works the kernel is simply unavailable: `gemv_library()` returns None, `build_error()` says why,
@@ -23,6 +26,7 @@ import subprocess
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +34,7 @@ from .machine import cache_dir, cpuinfo_line
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("csrc/gemv.c", "csrc/barrier.h", "csrc/layer.c")  # the library is built from layer.c (it includes both)
+SOURCES = ("csrc/gemv.c", "csrc/gemm.c", "csrc/barrier.h", "csrc/layer.c")  # layer.c includes the others
 
 
 def _sources() -> dict[str, bytes]:
@@ -129,7 +133,11 @@ def build(cc: str, sources: dict[str, bytes], flags: list[str], path: Path) -> s
 def load(path: Path) -> ctypes.CDLL:
     """A built library, its product entry points' argument types declared."""
     lib = ctypes.CDLL(str(path))
-    for fn, pointers in ((lib.twig_gemv, 4), (lib.twig_gemv_bf16, 4), (lib.twig_gemv_i8, 5)):
+    for name, pointers in [(f"twig_{k}", 4) for k in ("gemv", "gemv_bf16", "gemm", "gemm_bf16")] + [
+        ("twig_gemv_i8", 5),
+        ("twig_gemm_i8", 5),
+    ]:
+        fn = getattr(lib, name)  # (attribute access keeps the function object, and so its argument types)
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.twig_dequant_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -172,19 +180,29 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [n, in] · weight[out, in]ᵀ (+ bias) → [n, out] in x's dtype with the native kernel (where `takes` says it
     can). A bf16 weight is widened to fp32 in the kernel and accumulated in fp32, as MKL's bf16 product does."""
+    return _product("gemv", x, weight, bias)
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As `gemv` on the many-row kernel (`csrc/gemm.c`: a prompt's rows), whose result for a row does not depend
+    on the other rows multiplied with it."""
+    return _product("gemm", x, weight, bias)
+
+
+def _product(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     lib = gemv_library()
-    assert lib is not None, "gemv() called where the native kernel is unavailable"
+    assert lib is not None, f"{kind}() called where the native kernel is unavailable"
     rows = _fp32(x)
     n, d_in = rows.shape
     d_out = weight.shape[0]
     y = torch.empty(n, d_out, dtype=torch.float32)  # [n, out]
     b = None if bias is None else _fp32(bias)
-    fn, w = (
-        (lib.twig_gemv_bf16, weight.view(torch.int16)) if weight.dtype is torch.bfloat16 else (lib.twig_gemv, weight)
-    )
+    bf16 = weight.dtype is torch.bfloat16
+    fn = getattr(lib, f"twig_{kind}_bf16" if bf16 else f"twig_{kind}")
+    w = weight.view(torch.int16) if bf16 else weight
     b_ptr = None if b is None else b.data_ptr()
-    if fn(rows.data_ptr(), w.data_ptr(), b_ptr, y.data_ptr(), n, d_in, d_out, torch.get_num_threads()):
-        raise ValueError(f"native gemv refused sizes n={n} in={d_in} out={d_out}")
+    rc = fn(rows.data_ptr(), w.data_ptr(), b_ptr, y.data_ptr(), n, d_in, d_out, torch.get_num_threads())
+    _check(rc, fn, n, d_in, d_out)
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
@@ -196,7 +214,7 @@ def gemv_int8_rows(x: torch.Tensor, rows: int, qweight: torch.Tensor, scale: tor
     if lib is None:
         return None
     y = torch.empty(*x.shape[:-1], qweight.shape[0])  # [..., out] fp32
-    _int8_call(lib, x, rows, qweight, scale, None, y)
+    _int8_call(lib.twig_gemv_i8, x, rows, qweight, scale, None, y)
     return y
 
 
@@ -205,16 +223,29 @@ def gemv_int8(
 ) -> torch.Tensor:
     """x [n, in] · (qweight [out, in] int8 · scale [out] fp32)ᵀ (+ bias) → [n, out] fp32, accumulated in fp32.
     qweight and scale must be contiguous (as `quant.quantize_int8` makes them); x and bias are made fp32 here."""
+    return _int8_product("twig_gemv_i8", x, qweight, scale, bias)
+
+
+def gemm_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """As `gemv_int8` on the many-row kernel (`gemm`: a prompt's rows), the int8 weights widened as it goes."""
+    return _int8_product("twig_gemm_i8", x, qweight, scale, bias)
+
+
+def _int8_product(
+    name: str, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     lib = gemv_library()
-    assert lib is not None, "gemv_int8() called where the native kernel is unavailable"
+    assert lib is not None, f"{name} called where the native kernel is unavailable"
     rows = _fp32(x)
     y = torch.empty(rows.shape[0], qweight.shape[0], dtype=torch.float32)  # [n, out]
-    _int8_call(lib, rows, rows.shape[0], qweight, scale, None if bias is None else _fp32(bias), y)
+    _int8_call(getattr(lib, name), rows, rows.shape[0], qweight, scale, None if bias is None else _fp32(bias), y)
     return y
 
 
 def _int8_call(
-    lib: ctypes.CDLL,
+    fn: Any,
     x: torch.Tensor,
     rows: int,
     qweight: torch.Tensor,
@@ -222,12 +253,20 @@ def _int8_call(
     bias: torch.Tensor | None,
     y: torch.Tensor,
 ) -> None:
-    """The kernel call both int8 entry points make: x (contiguous fp32, `rows` rows) into y, all pointers."""
+    """The kernel call the int8 entry points make (fn: twig_gemv_i8 or twig_gemm_i8): x (contiguous fp32, `rows`
+    rows) into y, all pointers."""
     d_out, d_in = qweight.shape
     b_ptr = None if bias is None else bias.data_ptr()
     args = (x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), rows, d_in, d_out)
-    if lib.twig_gemv_i8(*args, torch.get_num_threads()):
-        raise ValueError(f"native gemv_int8 refused sizes n={rows} in={d_in} out={d_out}")
+    _check(fn(*args, torch.get_num_threads()), fn, rows, d_in, d_out)
+
+
+def _check(rc: int, fn: Any, n: int, d_in: int, d_out: int) -> None:
+    """A product entry point's return code: 0 done, 1 bad sizes, 2 out of memory (gemm's panels)."""
+    if rc == 2:
+        raise MemoryError(f"native {fn.__name__}: no memory for its weight panels")
+    if rc:
+        raise ValueError(f"native {fn.__name__} refused sizes n={n} in={d_in} out={d_out}")
 
 
 def dequantize_bf16(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:

@@ -8,9 +8,11 @@ on that copy — a quarter of fp32's bytes:
 
 - up to `NATIVE_ROWS` rows (decode, the twig's drafts, chain and tree verification): twigvlm's native kernel
   (`native.gemv_int8`), which widens each int8 to fp32 and accumulates in fp32;
-- more rows (a prompt's prefill) or where the kernel cannot be built: `x · (q · scale)ᵀ` in the input's dtype
-  with the weight dequantised for the call (compute-bound there, so the dequantisation is cheap); inside a
-  prefill (`prefill_products`) in bf16 where the CPU has native bf16 products, three times faster.
+- more rows (a prompt's prefill): the native many-row kernel (`native.gemm_int8`: the int8 weights widened into
+  fp32 panels as it goes, with no dequantised copy of the weight), except inside a prefill (`prefill_products`)
+  where the CPU has native bf16 products: there in bf16, three times faster than fp32;
+- where the kernel cannot be built: `x · (q · scale)ᵀ` in the input's dtype with the weight dequantised for the
+  call.
 
 Both compute the same product (the dequantised weight's) up to the order of the additions (the bf16 prefill up to
 bf16's rounding of its inputs), so decode, drafts and verification run one model — the quantised one — and
@@ -100,16 +102,19 @@ def _native_operands(q: torch.Tensor, scale: torch.Tensor) -> bool:
 def int8_product(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [..., in] · (q · scale)ᵀ (+ bias) → [..., out] in x's dtype: the native kernel for up to NATIVE_ROWS rows
-    where it is built, else the dequantised weight's product."""
+    """x [..., in] · (q · scale)ᵀ (+ bias) → [..., out] in x's dtype: the native kernels where they are built (up
+    to NATIVE_ROWS rows the small-row one, beyond it the many-row one, or bf16 inside a prefill on a bf16-native
+    CPU), else the dequantised weight's product."""
     d_out, d_in = q.shape
     rows = x.numel() // d_in if d_in else 0
-    if 0 < rows <= NATIVE_ROWS and x.device.type == "cpu" and native.gemv_library() is not None:
-        out = native.gemv_int8(x.reshape(rows, d_in), q, scale, bias)  # [n, out] fp32
+    bulk_bf16 = x.dtype is torch.float32 and rows > NATIVE_ROWS and _BULK_BF16.get()  # (`prefill_products`)
+    if rows > 0 and not bulk_bf16 and x.device.type == "cpu" and native.gemv_library() is not None:
+        product = native.gemv_int8 if rows <= NATIVE_ROWS else native.gemm_int8
+        out = product(x.reshape(rows, d_in), q, scale, bias)  # [n, out] fp32
         if x.dtype is not torch.float32:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], d_out)
-    if x.dtype is torch.float32 and rows > NATIVE_ROWS and _BULK_BF16.get():  # a prefill (`prefill_products`)
+    if bulk_bf16:
         b = None if bias is None else bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), dequantize(q, scale, torch.bfloat16), b).to(torch.float32)
     b = None if bias is None else bias.to(x.dtype)

@@ -20,6 +20,7 @@
 #define _GNU_SOURCE /* RUSAGE_THREAD (before any system header) */
 #endif
 #include "gemv.c"
+#include "gemm.c"
 #include "barrier.h"
 
 #include <math.h>
