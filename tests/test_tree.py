@@ -14,9 +14,10 @@ from twigvlm import GenConfig, PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.generation.loop import TextStream, emit
 from twigvlm.pruning.prefill import pruned_prefill
 from twigvlm.runtime.cache import LayerKV
+from twigvlm.runtime.machine import best_in_rounds
 from twigvlm.runtime.sampling import pick_tokens
 from twigvlm.runtime.thread_governor import ThreadGovernor
-from twigvlm.speculative.choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_in_rounds, best_tree_value
+from twigvlm.speculative.choice import SHORT_ANSWER, Calibration, Costs, best_drafter, best_tree_value
 from twigvlm.speculative.loop import TreeDraft, accept, speculative_blocks
 from twigvlm.speculative.stats import SpecStats
 from twigvlm.speculative.tree import TwigTreeDrafter

@@ -13,7 +13,7 @@ number of rows, the layout a short probe measured fastest on this machine for th
   BLOCK_ROWS rows on, where products are bound by arithmetic.
 
 The probe times every layout over all the model's weights of a shape (so weights stream from memory as in a
-decode step; from BLOCK_ROWS rows on, where a product is bound by arithmetic, over less of them), interleaved,
+decode step; from BLOCK_ROWS rows on, where a product is bound by arithmetic, over less of them), in rounds,
 and takes an alternative only where it wins clearly, for the row counts of decoding and verification (up to 64)
 and of prompts (128, 256, 512: a prefill; beyond them nn.Linear, or "gemm" where it won at 512 rows: a row's
 result from it does not depend on the rows beside it, so a batch's prefill gives each request what it gets
@@ -44,7 +44,7 @@ from torch import nn
 from ..config import KERNEL_MODES
 from ..errors import TwigVLMError
 from . import compiled, native
-from .machine import cache_dir, measurement_key, read_cached, write_cached
+from .machine import best_in_rounds, cache_dir, measurement_key, read_cached, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +203,10 @@ def stock_kernels(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 
 # ---- the probe ------------------------------------------------------------------------------------------------
-def _best_ms(fn: Callable[[], None], repeats: int) -> float:
-    """The fastest of `repeats` timed calls after one warm-up (noise on a shared machine only adds time)."""
+def _pass_ms(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1000
+    return (time.perf_counter() - t0) * 1000
 
 
 def _candidates(weights: list[torch.Tensor], x: torch.Tensor, wxt: bool = True) -> dict[str, Callable[[], None]]:
@@ -243,11 +238,12 @@ def _candidates(weights: list[torch.Tensor], x: torch.Tensor, wxt: bool = True) 
 
 @torch.inference_mode()
 def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS + PROMPT_ROWS, repeats: int = 3) -> KernelPlan:
-    """Time every layout over the weights of each shape (up to PROBE_BYTES of them), interleaved (stock, each
-    alternative, stock again), for each row count; an alternative wins where it needs at most WIN of the
-    stock time. Past PROBE_ROWS (a prompt's rows) only the native kernels are tried, on up to PROMPT_BYTES of
-    weights and at most twice: those products are bound by arithmetic, where MKL's blocked product is strong,
-    and on some CPUs the native kernel's tiles still beat it (a demo prefill in fp32: 230 → 171 ms)."""
+    """Time every layout over the weights of each shape (up to PROBE_BYTES of them), the fastest of repeats + 1
+    passes each taken in rounds (`best_in_rounds`: every layout once, then again), for each row count; an
+    alternative wins where it needs at most WIN of the stock time. Past PROBE_ROWS (a prompt's rows) only the
+    native kernels are tried, on up to PROMPT_BYTES of weights and in at most three rounds: those products are
+    bound by arithmetic, where MKL's blocked product is strong, and on some CPUs the native kernels still beat
+    it (a demo prefill in fp32: 230 → 171 ms on gemv's tiles)."""
     t0 = time.perf_counter()
     by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
     for lin in found:
@@ -261,10 +257,11 @@ def probe(found: list[nn.Linear], rows: Iterable[int] = PROBE_ROWS + PROMPT_ROWS
             prompt = n > PROBE_ROWS[-1]
             ws = _first_bytes(weights, PROMPT_BYTES if prompt else BLOCK_BYTES if n >= BLOCK_ROWS else PROBE_BYTES)
             passes = _candidates(ws, torch.randn(n, shape[1], dtype=ws[0].dtype), wxt=not prompt)
-            times = min(repeats, 2) if prompt else repeats
-            first = _best_ms(passes["linear"], times)
-            alt = {name: _best_ms(fn, times) for name, fn in passes.items() if name != "linear"}
-            stock = min(first, _best_ms(passes["linear"], times))
+            for fn in passes.values():
+                fn()  # a warm-up each
+            rounds = (min(repeats, 2) if prompt else repeats) + 1
+            alt = best_in_rounds(lambda name, passes=passes: _pass_ms(passes[name]), list(passes), rounds)
+            stock = alt.pop("linear")
             best = min(alt, key=alt.get) if alt else "linear"
             table[n] = best if alt and alt[best] <= WIN * stock else "linear"
         layouts[shape] = table

@@ -1,15 +1,17 @@
 """Facts about this machine that every floor may ask for: the CPU's /proc/cpuinfo lines and flags, whether bf16
-runs natively (the dtype policy of `--dtype auto`), and the folder where twigvlm caches what it measures or builds
-(`TWIGVLM_CACHE`, default ~/.cache/twigvlm)."""
+runs natively (the dtype policy of `--dtype auto`), the folder where twigvlm caches what it measures or builds
+(`TWIGVLM_CACHE`, default ~/.cache/twigvlm), and how it measures on a shared machine (`best_in_rounds`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -81,3 +83,18 @@ def write_cached(name: str, data: Any) -> None:
         path.write_text(json.dumps(data, indent=1))
     except OSError:
         pass
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def best_in_rounds(measure: Callable[[Key], float], keys: list[Key], repeats: int) -> dict[Key, float]:
+    """The least of `repeats` measurements of each key, taken in rounds (every key once, then again): a slow spell
+    of a shared machine then costs one sample of several keys, not every sample of one, whose cost would be
+    overstated against the others' (choices made by measurement rest on the ratios: auto's drafting, the kernel
+    plan's layouts)."""
+    best = dict.fromkeys(keys, math.inf)
+    for _ in range(repeats):
+        for key in keys:
+            best[key] = min(best[key], measure(key))
+    return best

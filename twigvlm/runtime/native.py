@@ -1,4 +1,5 @@
-"""The native small-row product (`csrc/gemv.c`): built once per machine with its C compiler, loaded with ctypes.
+"""The native products (`csrc/gemv.c` for few rows, `csrc/gemm.c` for many): built once per machine with its C
+compiler, loaded with ctypes.
 
 MKL's fp32 `x · Wᵀ` over the 1–8 rows that decoding and verification run reaches a fraction of the memory
 bandwidth on many CPUs (on AMD ones it takes a generic path); the product is bound by reading the weights, so a

@@ -29,15 +29,14 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
 
 import torch
 
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
-from ..runtime.machine import cache_dir
+from ..runtime.machine import best_in_rounds, cache_dir
 from ..runtime.sampling import Sampler
 from ..runtime.thread_governor import GOVERNOR
 from . import cost_cache
@@ -50,7 +49,6 @@ log = logging.getLogger(__name__)
 
 SHORT_ANSWER = 3  # auto does not draft when max_new_tokens is at most this: a verification costs more than it saves
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
-Key = TypeVar("Key", bound=Hashable)  # what `best_in_rounds` times: here (pass, rows)
 WIDE_ROWS = (64, 128, 256)  # probed too where a batch can form (`step_costs(wide=True)`)
 PRIOR = (0.6, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)  # a_r before any step is seen
 PRIOR_WEIGHT = 8.0  # in node visits
@@ -338,17 +336,6 @@ def probe_costs(engine: Engine, state: DecodeState, repeats: int = 3, sizes: tup
     best = best_in_rounds(timed, [(part, n) for part in parts for n in sizes], repeats)
     tables = {part: _monotone({n: best[part, n] for n in sizes}) for part in parts}
     return Costs(tables["verify"], tables["level"], tables["base"])
-
-
-def best_in_rounds(measure: Callable[[Key], float], keys: list[Key], repeats: int) -> dict[Key, float]:
-    """The least of `repeats` measurements of each key, taken in rounds (every key once, then again): a slow spell
-    of a shared machine then costs one sample of several keys, not every sample of one, whose cost would be
-    overstated against the others' (auto's choices rest on the ratios)."""
-    best = dict.fromkeys(keys, math.inf)
-    for _ in range(repeats):
-        for key in keys:
-            best[key] = min(best[key], measure(key))
-    return best
 
 
 def _monotone(table: dict[int, float]) -> dict[int, float]:

@@ -2,11 +2,12 @@
  *
  * Over a prompt's hundreds of rows a product is bound by arithmetic, not by reading the weights, and gemv.c's
  * kernels (each output a dot product of two rows, summed across a vector at the end) reach about half of the FMA
- * units' rate at best. Here, as in BLAS libraries, the weights are first copied, a block of KC columns at a time,
- * into panels of NR = 2·VEC outputs laid out column by column (fp32; int8 and bf16 widened exactly on the way), and
- * a micro-kernel keeps an MR × NR block of y in registers: per column k it loads two vectors of the panel and
- * multiplies them by each of MR broadcast x[r, k] — 2·MR FMAs for MR + 2 loads. The copy costs one pass over the
- * weights per call; the products cost n passes.
+ * units' rate at best (a 2-core AVX2 EPYC, operands in L1: 46-57% for dot-product tiles of 1-8 rows of x by 1-8
+ * weight rows, 84% for this kernel's). Here, as in BLAS libraries, the weights are first copied, a block of KC
+ * columns at a time, into panels of NR = 2·VEC outputs laid out column by column (fp32; int8 and bf16 widened
+ * exactly on the way), and a micro-kernel keeps an MR × NR block of y in registers: per column k it loads two
+ * vectors of the panel and multiplies them by each of MR broadcast x[r, k] — 2·MR FMAs for MR + 2 loads. The
+ * copy costs one pass over the weights per call; the products cost n passes.
  *
  * Each output is one lane of one accumulator summed over k in order, across the KC blocks (y holds it between
  * blocks), then multiplied by its scale and the bias added: so a row's result does not depend on how many rows
