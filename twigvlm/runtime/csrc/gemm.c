@@ -21,7 +21,8 @@
 #define MR 6           /* rows of x per micro-tile: 2·MR accumulators (12 of AVX2's 16 registers) */
 #define NR (2 * VEC)   /* outputs per panel */
 #ifndef KC
-#define KC 256 /* columns per block: an MR × KC block of x and an NR × KC panel stay in L1 */
+#define KC 256 /* at most this many columns per block (the columns split evenly): an MR × KC block of x and an
+                  NR × KC panel stay in L1 (576 columns as 3 × 192, not 256 + 256 + 64: 5-10% faster) */
 #endif
 #ifndef NC
 #define NC (8 * NR) /* outputs packed at a time: KC × NC fp32 (128 KiB with AVX2) stays in L2 */
@@ -169,8 +170,9 @@ static float *gemm_panels(void) {
       if (t0 < t1 && !p) failed = 1;                                                               \
       for (int64_t o0 = t0; p && o0 < t1; o0 += NC) {                                              \
         const int64_t o1 = o0 + NC < t1 ? o0 + NC : t1, nc = (o1 - o0 + NR - 1) / NR * NR;         \
-        for (int64_t k0 = 0; k0 < in; k0 += KC) {                                                  \
-          const int64_t kc = k0 + KC < in ? KC : in - k0;                                          \
+        const int64_t blocks = (in + KC - 1) / KC, step = (in + blocks - 1) / blocks; /* equal blocks */ \
+        for (int64_t k0 = 0; k0 < in; k0 += step) {                                                \
+          const int64_t kc = k0 + step < in ? step : in - k0;                                      \
           NAME##_pack(w, p, in, o1, o0, nc, k0, kc);                                               \
           for (int64_t r0 = 0; r0 < n; r0 += MR) {                                                 \
             const int m = n - r0 < MR ? (int)(n - r0) : MR;                                        \
