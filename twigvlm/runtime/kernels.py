@@ -17,9 +17,8 @@ decode step; from BLOCK_ROWS rows on, where a product is bound by arithmetic, ov
 and takes an alternative only where it wins clearly, for the row counts of decoding and verification (up to 64)
 and of prompts (128, 256, 512: a prefill; beyond them nn.Linear, or "gemm" where it won at 512 rows: a row's
 result from it does not depend on the rows beside it, so a batch's prefill gives each request what it gets
-alone); the plan is cached on disk per CPU, thread
-count, dtype, shapes, kernel build and probed row counts. Products that need gradients
-(twig training) always run `F.linear`; the native kernel takes fp32 and bf16 weights.
+alone); the plan is cached on disk per CPU, thread count, dtype, shapes, kernel build and probed row counts.
+Products that need gradients (twig training) always run `F.linear`; the native kernels take fp32 and bf16 weights.
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
 change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. ("products" does what "auto" does

@@ -6,9 +6,9 @@ bandwidth on many CPUs (on AMD ones it takes a generic path); the product is bou
 plain kernel that streams each weight row once for all rows does better. Over a prompt's hundreds of rows, where a
 product is bound by arithmetic, a second kernel (`csrc/gemm.c`, `gemm`) copies the weights into panels and keeps
 a block of the result in registers, as BLAS libraries do (the kernel plan picks between them, and MKL, by
-measurement). The library is compiled at first use with the
-machine's compiler (`$CC`, else `cc`, `gcc`, `clang`) for this CPU (`-march=native`) and OpenMP, into the twigvlm
-cache (`$TWIGVLM_CACHE/native`, keyed by the source, the compiler, the flags and the CPU), in well under a second.
+measurement). The library is compiled at first use with the machine's compiler (`$CC`, else `cc`, `gcc`,
+`clang`) for this CPU (`-march=native`) and OpenMP, into the twigvlm cache (`$TWIGVLM_CACHE/native`, keyed by the
+source, the compiler, the flags and the CPU), in a few seconds.
 Where no compiler works the kernel is simply unavailable: `gemv_library()` returns None, `build_error()` says why,
 and the kernel plan never picks it. The OpenMP runtime is the libgomp that torch already loaded, so the kernel runs
 on torch's threads (`torch.get_num_threads()`, which `--threads` sets) rather than on a second pool.
@@ -36,6 +36,11 @@ from .machine import cache_dir, cpuinfo_line
 log = logging.getLogger(__name__)
 
 SOURCES = ("csrc/gemv.c", "csrc/gemm.c", "csrc/barrier.h", "csrc/layer.c")  # layer.c includes the others
+# The product entry points and their pointer arguments (x, w, [scale,] b, y), each followed by n, in, out, threads.
+ENTRY_POINTERS = {f"twig_{k}": 4 for k in ("gemv", "gemv_bf16", "gemm", "gemm_bf16")} | {
+    "twig_gemv_i8": 5,
+    "twig_gemm_i8": 5,
+}
 
 
 def _sources() -> dict[str, bytes]:
@@ -134,10 +139,7 @@ def build(cc: str, sources: dict[str, bytes], flags: list[str], path: Path) -> s
 def load(path: Path) -> ctypes.CDLL:
     """A built library, its product entry points' argument types declared."""
     lib = ctypes.CDLL(str(path))
-    for name, pointers in [(f"twig_{k}", 4) for k in ("gemv", "gemv_bf16", "gemm", "gemm_bf16")] + [
-        ("twig_gemv_i8", 5),
-        ("twig_gemm_i8", 5),
-    ]:
+    for name, pointers in ENTRY_POINTERS.items():
         fn = getattr(lib, name)  # (attribute access keeps the function object, and so its argument types)
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
         fn.restype = ctypes.c_int
