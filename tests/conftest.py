@@ -27,6 +27,7 @@ os.environ["TWIGVLM_KERNELS"] = "stock"
 # otherwise compile and time every tiny model the suite loads.
 os.environ["TWIGVLM_COMPILE"] = "off"
 os.environ["TWIGVLM_CACHE"] = tempfile.mkdtemp(prefix="twigvlm-cache-")
+os.environ.pop("TWIGVLM_REMEASURE", None)  # the suite's caching tests read what they wrote
 # The native layers' team stays at the threads a test sets (the thread governor's own tests build governors of
 # their own): under `-n 2` the suite's workers preempt each other, and a test meant to run two threads would not.
 os.environ["TWIGVLM_ADAPTIVE_THREADS"] = "0"

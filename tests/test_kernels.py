@@ -219,6 +219,25 @@ def test_the_probe_times_its_layouts_in_rounds_so_a_slow_spell_cannot_pick_for_i
     assert timed == list(true_ms) * 5  # a warm-up each, then 4 rounds of every layout once
 
 
+def test_remeasure_probes_again_and_caches_the_new_plan(monkeypatch, tmp_path):
+    """TWIGVLM_REMEASURE=1 ignores a cached plan (one probed on a busy machine, say), probes, and writes the new
+    plan over it; without it the cached plan is used as it is."""
+    from twigvlm.runtime import machine
+
+    monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path))
+    lin = nn.Linear(16, 24)
+    name = f"kernels-{kernels._key([lin])}.json"
+    machine.write_cached(name, {"24x16": {"1": "wxt"}})  # a stale plan
+    assert cached_plan([lin]).layouts == {(24, 16): {1: "wxt"}}
+    probed = KernelPlan({(24, 16): {1: "linear", 4: "linear"}})
+    monkeypatch.setattr(kernels, "probe", lambda found: probed)
+    monkeypatch.setenv(machine.REMEASURE_ENV, "1")
+    again = cached_plan([lin])
+    assert again is probed and not again.cached
+    monkeypatch.delenv(machine.REMEASURE_ENV)
+    assert cached_plan([lin]).layouts == probed.layouts  # written over the stale one
+
+
 def test_stock_restores_the_classes_and_nothing_is_copied(model_dirs):
     # A model of its own: the swaps change the modules of the adapter in place.
     vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock")

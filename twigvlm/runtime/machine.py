@@ -1,6 +1,7 @@
 """Facts about this machine that every floor may ask for: the CPU's /proc/cpuinfo lines and flags, whether bf16
 runs natively (the dtype policy of `--dtype auto`), the folder where twigvlm caches what it measures or builds
-(`TWIGVLM_CACHE`, default ~/.cache/twigvlm), and how it measures on a shared machine (`best_in_rounds`)."""
+(`TWIGVLM_CACHE`, default ~/.cache/twigvlm; `TWIGVLM_REMEASURE=1` measures again), and how it measures on a shared
+machine (`best_in_rounds`)."""
 
 from __future__ import annotations
 
@@ -67,8 +68,15 @@ def measurement_key(*facts: Any) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+REMEASURE_ENV = "TWIGVLM_REMEASURE"  # "1": what this machine measured is measured again (and cached anew)
+
+
 def read_cached(name: str) -> Any:
-    """The JSON cached as `name` in `cache_dir()`, None where there is none (or it does not parse)."""
+    """The JSON cached as `name` in `cache_dir()`, None where there is none (or it does not parse), or where
+    TWIGVLM_REMEASURE=1 asks for every measurement again: kernel plans, compile probes and drafting costs measured
+    during a busy spell of a shared machine are otherwise kept for good."""
+    if os.environ.get(REMEASURE_ENV) == "1":
+        return None
     try:
         return json.loads((cache_dir() / name).read_text())
     except (OSError, ValueError):
