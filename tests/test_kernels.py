@@ -122,6 +122,24 @@ def test_many_row_kernel_equals_the_fp64_reference_and_a_row_does_not_depend_on_
         torch.set_num_threads(threads)
 
 
+def test_a_product_the_kernels_refuse_is_one_error_naming_the_sizes():
+    if native.gemv_library() is None:
+        pytest.skip("the native kernel is not built here")
+    from twigvlm.runtime.quant import quantize_int8
+
+    w = torch.randn(8, 0)  # no columns: every entry point refuses the sizes
+    q, s = quantize_int8(torch.randn(8, 4))
+    products = [
+        lambda: native.gemv(torch.randn(3, 0), w),
+        lambda: native.gemm(torch.randn(3, 0), w),
+        lambda: native.gemv_int8(torch.randn(3, 0), q[:, :0].contiguous(), s),
+        lambda: native.gemm_int8(torch.randn(3, 0), q[:, :0].contiguous(), s),
+    ]
+    for product, name in zip(products, ["twig_gemv", "twig_gemm", "twig_gemv_i8", "twig_gemm_i8"], strict=True):
+        with pytest.raises(ValueError, match=f"native {name} refused sizes n=3 in=0 out=8"):
+            product()
+
+
 def test_without_a_compiler_the_kernel_is_unavailable_and_the_plan_never_picks_it(monkeypatch, tmp_path):
     monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path))
     broken = tmp_path / "cc"

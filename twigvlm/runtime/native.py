@@ -205,7 +205,8 @@ def _product(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     w = weight.view(torch.int16) if bf16 else weight
     b_ptr = None if b is None else b.data_ptr()
     rc = fn(rows.data_ptr(), w.data_ptr(), b_ptr, y.data_ptr(), n, d_in, d_out, torch.get_num_threads())
-    _check(rc, fn, n, d_in, d_out)
+    if rc:
+        _refused(rc, fn, n, d_in, d_out)
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
@@ -261,15 +262,16 @@ def _int8_call(
     d_out, d_in = qweight.shape
     b_ptr = None if bias is None else bias.data_ptr()
     args = (x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), rows, d_in, d_out)
-    _check(fn(*args, torch.get_num_threads()), fn, rows, d_in, d_out)
+    rc = fn(*args, torch.get_num_threads())
+    if rc:  # (the decode step's hot path: no call unless the kernel refused)
+        _refused(rc, fn, rows, d_in, d_out)
 
 
-def _check(rc: int, fn: Any, n: int, d_in: int, d_out: int) -> None:
-    """A product entry point's return code: 0 done, 1 bad sizes, 2 out of memory (gemm's panels)."""
+def _refused(rc: int, fn: Any, n: int, d_in: int, d_out: int) -> None:
+    """The error for a product entry point's non-zero return code: 1 bad sizes, 2 out of memory (gemm's panels)."""
     if rc == 2:
         raise MemoryError(f"native {fn.__name__}: no memory for its weight panels")
-    if rc:
-        raise ValueError(f"native {fn.__name__} refused sizes n={n} in={d_in} out={d_out}")
+    raise ValueError(f"native {fn.__name__} refused sizes n={n} in={d_in} out={d_out}")
 
 
 def dequantize_bf16(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
