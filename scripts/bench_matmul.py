@@ -10,7 +10,7 @@ Runs every linear layer of a decoder shaped like the demo's (SmolLM2-135M: 30 la
 and on twigvlm's native kernels (`runtime/native.py`, where a C compiler builds them), fp32 and int8 weights:
 
     native fp32   `native.gemv`: each weight row streamed once for all rows of x
-    native int8   `native.gemv_int8` on the weights quantised per output row
+    native int8   `native.panel_int8` on the weights quantised per output row (stored in panels)
     gemm fp32 / gemm int8   `native.gemm` / `native.gemm_int8`, the many-row kernel (a prompt's rows)
     int8 dequantised · nn.Linear   what int8 weights ran over a prompt's rows before the many-row kernel
 
@@ -36,7 +36,7 @@ import torch
 
 from twigvlm.runtime import native
 from twigvlm.runtime.machine import speed_flags
-from twigvlm.runtime.quant import dequantize, quantize_int8
+from twigvlm.runtime.quant import dequantize, quantize_int8, to_panels
 
 
 def layer_weights(n_layers: int, hidden: int, mlp: int, kv: int) -> list[torch.Tensor]:
@@ -102,12 +102,12 @@ def table(weights: list[torch.Tensor], rows: list[int], repeats: int, prompt: bo
     if not prompt:
         ways["W · xᵀ"] = lambda x, i: torch.mm(weights[i], x.t())
     if native.gemv_library() is not None:
-        quantized = [quantize_int8(w) for w in weights]
+        quantized = [(to_panels(q), s) for q, s in map(quantize_int8, weights)]
         ways["native fp32"] = lambda x, i: native.gemv(x, weights[i])
         if prompt:
             ways["gemm fp32"] = lambda x, i: native.gemm(x, weights[i])
             ways["int8 dequantised · nn.Linear"] = lambda x, i: torch.nn.functional.linear(x, dequantize(*quantized[i]))
-        ways["native int8"] = lambda x, i: native.gemv_int8(x, *quantized[i])
+        ways["native int8"] = lambda x, i: native.panel_int8(x, *quantized[i])
         if prompt:
             ways["gemm int8"] = lambda x, i: native.gemm_int8(x, *quantized[i])
     unit = "GFLOP/s" if prompt else "× one row"

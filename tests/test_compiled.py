@@ -147,14 +147,14 @@ def test_one_program_per_kind_of_call_and_none_after_warm_up(llava):
 
 
 def test_the_int8_programs_call_the_native_kernel(model_dirs, monkeypatch):
-    int8 = native_spy(monkeypatch, "gemv_int8")
+    int8 = native_spy(monkeypatch, "panel_int8")
     vlm = twigvlm.load(model_dirs["qwen2-siglip"], quantize="int8", compile="off")
     args = dict(prompt=random_prompt(7, 5), image=random_image(7), max_new_tokens=12, ignore_eos=True)
     eager = vlm.generate(**args).token_ids
     vlm.set_compile("on")
     int8.clear()
     assert vlm.generate(**args).token_ids == eager
-    assert 1 in int8  # the one-token program's products, through the int8 kernel's torch op (eager: `gemv_int8_rows`)
+    assert 1 in int8  # the one-token program's products, through the int8 kernel's torch op (eager: `panel_int8_rows`)
 
 
 @pytest.mark.parametrize("layout", ["gemv", "wxt", "linear"])

@@ -58,15 +58,16 @@ def test_fast_linear_equals_nn_linear(layout, d_in, bias, monkeypatch):
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
 def test_native_kernel_is_identical_over_thread_counts(native_calls, weights):
-    from twigvlm.runtime.quant import quantize_int8
+    from twigvlm.runtime.quant import quantize_int8, to_panels
 
     torch.manual_seed(1)
     w, b = torch.randn(301, 96), torch.randn(301)
     q, s = quantize_int8(w)
+    p = to_panels(q)
     product = {
         "fp32": lambda x: native.gemv(x, w, b),
         "bf16": lambda x: native.gemv(x.bfloat16(), w.bfloat16(), b.bfloat16()),
-        "int8": lambda x: native.gemv_int8(x, q, s, b),
+        "int8": lambda x: native.panel_int8(x, p, s, b),
     }[weights]
     xs = [torch.randn(k, 96) for k in (1, 2, 3, 5, 9)]  # every kernel shape: 1, 2, 3 rows differ in group size
     threads = torch.get_num_threads()
@@ -93,11 +94,12 @@ def test_many_row_kernel_equals_the_fp64_reference_and_a_row_does_not_depend_on_
     multiplied with it and whatever the thread count (what lets a batch's prefill equal each request's own)."""
     if native.gemv_library() is None:
         pytest.skip("the native kernel is not built here")
-    from twigvlm.runtime.quant import dequantize, quantize_int8
+    from twigvlm.runtime.quant import dequantize, quantize_int8, to_panels
 
     torch.manual_seed(d_out + d_in)
     w, b = torch.randn(d_out, d_in), torch.randn(d_out)
     q, s = quantize_int8(w)
+    q = to_panels(q)
     product, exact = {
         "fp32": (lambda x, bias: native.gemm(x, w, bias), w),
         "bf16": (lambda x, bias: native.gemm(x, w.bfloat16(), None if bias is None else bias), w.bfloat16()),
@@ -125,17 +127,18 @@ def test_many_row_kernel_equals_the_fp64_reference_and_a_row_does_not_depend_on_
 def test_a_product_the_kernels_refuse_is_one_error_naming_the_sizes():
     if native.gemv_library() is None:
         pytest.skip("the native kernel is not built here")
-    from twigvlm.runtime.quant import quantize_int8
+    from twigvlm.runtime.quant import quantize_int8, to_panels
 
     w = torch.randn(8, 0)  # no columns: every entry point refuses the sizes
     q, s = quantize_int8(torch.randn(8, 4))
+    p = to_panels(q[:, :0])
     products = [
         lambda: native.gemv(torch.randn(3, 0), w),
         lambda: native.gemm(torch.randn(3, 0), w),
-        lambda: native.gemv_int8(torch.randn(3, 0), q[:, :0].contiguous(), s),
-        lambda: native.gemm_int8(torch.randn(3, 0), q[:, :0].contiguous(), s),
+        lambda: native.panel_int8(torch.randn(3, 0), p, s),
+        lambda: native.gemm_int8(torch.randn(3, 0), p, s),
     ]
-    for product, name in zip(products, ["twig_gemv", "twig_gemm", "twig_gemv_i8", "twig_gemm_i8"], strict=True):
+    for product, name in zip(products, ["twig_gemv", "twig_gemm", "twig_panel_i8", "twig_gemm_i8"], strict=True):
         with pytest.raises(ValueError, match=f"native {name} refused sizes n=3 in=0 out=8"):
             product()
 

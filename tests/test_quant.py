@@ -15,7 +15,16 @@ import twigvlm
 from twigvlm import PruneConfig, SpecConfig, TwigVLMError
 from twigvlm.runtime import native, quant
 from twigvlm.runtime.kernels import FastLinear, linears, stock_kernels
-from twigvlm.runtime.quant import Int8Linear, apply_quantization, dequantize, int8_product, quantize_int8
+from twigvlm.runtime.quant import (
+    Int8Linear,
+    apply_quantization,
+    dequantize,
+    from_panels,
+    int8_product,
+    quantize_int8,
+    select_rows,
+    to_panels,
+)
 
 from .conftest import native_spy, random_image, random_prompt
 from .oracles import middle_twig, stock_greedy
@@ -24,8 +33,11 @@ ROWS = [*range(1, 18), 31, 64, 65, 100]
 
 
 def reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """Dequantise, then an fp64 product (the reference both paths are held to)."""
-    out = x.double() @ dequantize(q, s, torch.float64).t()
+    """Dequantise q [out, in] (rows, or a layer's stored panels), then an fp64 product (the reference both paths
+    are held to)."""
+    if q.dim() == 3:
+        q = from_panels(q, s.shape[0])
+    out = x.double() @ (q.to(torch.float32) * s[:, None]).double().t()
     return out if b is None else out + b.double()
 
 
@@ -37,7 +49,7 @@ def assert_close_relative(got: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.fixture
 def int8_calls(monkeypatch):
     """Counts the products the native int8 kernel computed (a test cannot pass on the fallback alone)."""
-    return native_spy(monkeypatch, "gemv_int8")
+    return native_spy(monkeypatch, "panel_int8")
 
 
 @pytest.fixture
@@ -52,7 +64,7 @@ def test_quantization_is_symmetric_per_output_channel():
     assert q.dtype is torch.int8 and s.dtype is torch.float32
     torch.testing.assert_close(s, torch.tensor([1.0 / 127, 1.0, 2.0 / 127]))  # an all-zero row: scale 1
     assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, -32]]  # round half away: 63.5 → 64
-    assert (dequantize(q, s) - w).abs().max() <= s.max() / 2 + 1e-7  # within half a step of each row
+    assert (dequantize(to_panels(q), s) - w).abs().max() <= s.max() / 2 + 1e-7  # within half a step of each row
 
 
 @pytest.mark.parametrize(("d_out", "d_in", "bias"), [(80, 48, True), (33, 13, False), (130, 257, True), (7, 8, False)])
@@ -60,16 +72,61 @@ def test_int8_product_equals_the_dequantized_reference(d_out, d_in, bias, int8_c
     torch.manual_seed(0)
     w, b = torch.randn(d_out, d_in), (torch.randn(d_out) if bias else None)
     q, s = quantize_int8(w)
+    p = to_panels(q)
     for n in ROWS:
         x = torch.randn(n, d_in)
-        assert_close_relative(int8_product(x, q, s, b), reference(x, q, s, b))
+        assert_close_relative(int8_product(x, p, s, b), reference(x, q, s, b))
     x = torch.randn(2, 3, 2 * d_in)[..., ::2]  # strided, and a leading batch dimension
-    got = int8_product(x, q, s, b)
+    got = int8_product(x, p, s, b)
     assert got.shape == (2, 3, d_out)
     assert_close_relative(got.reshape(6, d_out), reference(x.reshape(6, d_in), q, s, b))
     # up to NATIVE_ROWS rows ran the small-row kernel; more rows the many-row one
     assert int8_calls == [n for n in ROWS if n <= quant.NATIVE_ROWS] + [6]
     assert many_calls == [n for n in ROWS if n > quant.NATIVE_ROWS]
+
+
+def test_the_stored_copy_holds_each_panel_column_by_column():
+    q = (torch.arange(70 * 3).reshape(70, 3) % 251 - 125).to(torch.int8)
+    p = to_panels(q)
+    assert p.shape == (2, 3, quant.PANEL) and p.is_contiguous() and p.dtype is torch.int8
+    assert p[1, 2, 5] == q[quant.PANEL + 5, 2] and p[0, 1, 63] == q[63, 1]
+    assert not p[1, :, 70 - quant.PANEL :].any()  # the last panel's outputs past `out`: zero
+    assert torch.equal(from_panels(p, 70), q)
+    rows, scale = select_rows(p, torch.arange(70.0), torch.tensor([3, 64, 69]))
+    assert torch.equal(from_panels(rows, 3), q[[3, 64, 69]]) and scale.tolist() == [3.0, 64.0, 69.0]
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(200, 576), (37, 13), (64, 1)])
+def test_every_row_count_sums_each_output_in_one_order(d_out, d_in, int8_calls):
+    """A row's int8 product has the same bits whatever rows are multiplied with it, on either kernel and at any
+    thread count: a decode step, a verification, a batch's step and a prompt all run one model, bit for bit."""
+    torch.manual_seed(d_out + d_in)
+    q, s = quantize_int8(torch.randn(d_out, d_in))
+    p, b, x = to_panels(q), torch.randn(d_out), torch.randn(80, d_in)
+    alone = torch.cat([native.panel_int8(x[i : i + 1], p, s, b) for i in range(80)])  # [80, out], a row at a time
+    assert_close_relative(alone, reference(x, q, s, b))
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            for n in (2, 3, 4, 5, 6, 7, 8, 13, 64):
+                assert torch.equal(native.panel_int8(x[:n], p, s, b), alone[:n]), n
+            assert torch.equal(native.gemm_int8(x, p, s, b), alone)  # the many-row kernel: the same sums
+            assert torch.equal(int8_product(x[:9], p, s, b), alone[:9])
+            assert torch.equal(dequantize(p, s), q.float() * s[:, None])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_draft_heads_int8_rows_give_the_full_heads_bits():
+    """The twig drafts with its draft vocabulary's rows of the int8 head (`select_rows`): their logits are the
+    full head's, bit for bit."""
+    torch.manual_seed(3)
+    q, s = quantize_int8(torch.randn(300, 40))
+    p, x = to_panels(q), torch.randn(3, 40)
+    vocab = torch.tensor([0, 5, 63, 64, 65, 128, 299])
+    rows, scale = select_rows(p, s, vocab)
+    assert torch.equal(int8_product(x, rows, scale), int8_product(x, p, s)[:, vocab])
 
 
 def test_bf16_activations_run_on_int8_weights(int8_calls, many_calls):
@@ -79,7 +136,7 @@ def test_bf16_activations_run_on_int8_weights(int8_calls, many_calls):
     q, s = quantize_int8(torch.randn(96, 64))
     for n in (1, 7, 100):
         x = torch.randn(n, 64).bfloat16()
-        got = int8_product(x, q, s)
+        got = int8_product(x, to_panels(q), s)
         assert got.dtype is torch.bfloat16
         torch.testing.assert_close(got.double(), reference(x, q, s, None), rtol=2e-2, atol=2e-2 * n**0.5)
     assert int8_calls == [1, 7] and many_calls == [100]
@@ -88,23 +145,24 @@ def test_bf16_activations_run_on_int8_weights(int8_calls, many_calls):
 def test_a_prefill_runs_its_many_row_products_in_bf16_where_that_is_native(monkeypatch):
     torch.manual_seed(8)
     q, s = quantize_int8(torch.randn(48, 64))
+    p = to_panels(q)
     big, few = torch.randn(quant.NATIVE_ROWS + 6, 64), torch.randn(5, 64)
-    fp32 = int8_product(big, q, s)
+    fp32 = int8_product(big, p, s)
     monkeypatch.setattr(quant, "_bf16_native", lambda: True)
     with quant.prefill_products():
-        fast = int8_product(big, q, s)
-        assert torch.equal(int8_product(few, q, s), int8_product(few, q, s)) and fast.dtype is torch.float32
-        assert_close_relative(int8_product(few, q, s), reference(few, q, s, None))  # decode-sized: untouched
+        fast = int8_product(big, p, s)
+        assert torch.equal(int8_product(few, p, s), int8_product(few, p, s)) and fast.dtype is torch.float32
+        assert_close_relative(int8_product(few, p, s), reference(few, q, s, None))  # decode-sized: untouched
     assert not torch.equal(fast, fp32)  # bf16 inputs: another rounding, within bf16's
     torch.testing.assert_close(fast.double(), reference(big, q, s, None), rtol=2e-2, atol=0.1)
-    assert torch.equal(int8_product(big, q, s), fp32)  # outside a prefill: fp32
+    assert torch.equal(int8_product(big, p, s), fp32)  # outside a prefill: fp32
     monkeypatch.setenv(quant.PREFILL_ENV, "fp32")
     with quant.prefill_products():
-        assert torch.equal(int8_product(big, q, s), fp32)
+        assert torch.equal(int8_product(big, p, s), fp32)
     monkeypatch.delenv(quant.PREFILL_ENV)
     monkeypatch.setattr(quant, "_bf16_native", lambda: False)  # an AVX2-only CPU: bf16 would be emulated
     with quant.prefill_products():
-        assert torch.equal(int8_product(big, q, s), fp32)
+        assert torch.equal(int8_product(big, p, s), fp32)
 
 
 @pytest.mark.parametrize("d_in", [1, 7, 16, 33, 576])
@@ -115,7 +173,7 @@ def test_the_native_bf16_dequantisation_is_torchs_bit_for_bit(d_in, monkeypatch)
     scale[3] = 1 + 2**-8  # q · scale falls on bf16 rounding ties: nearest even
     want = (q.to(torch.float32) * scale[:, None]).to(torch.bfloat16)
     calls = native_spy(monkeypatch, "dequantize_bf16")
-    got = dequantize(q, scale, torch.bfloat16)
+    got = dequantize(to_panels(q), scale, torch.bfloat16)
     assert calls == [37] and got.dtype is torch.bfloat16
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     nan = native.dequantize_bf16(q[:2].contiguous(), torch.tensor([float("nan"), 1.0]))
@@ -129,7 +187,7 @@ def test_without_the_kernel_the_fallback_computes_the_same_product(monkeypatch):
     b = torch.randn(40)
     for n in (1, 5, 80):
         x = torch.randn(n, 24)
-        assert_close_relative(int8_product(x, q, s, b), reference(x, q, s, b))
+        assert_close_relative(int8_product(x, to_panels(q), s, b), reference(x, q, s, b))
 
 
 def test_bf16_weights_stream_through_the_native_kernel():
@@ -171,7 +229,7 @@ def test_an_int8_layer_is_a_class_swap_and_refuses_gradients():
 def test_a_bias_free_layer_takes_the_direct_kernel_call(monkeypatch):
     """A decode step's projections (no bias, contiguous fp32 rows) go straight to the kernel, with the same
     product; anything else (strided, bf16, many rows) takes the general path."""
-    calls = native_spy(monkeypatch, "gemv_int8_rows")
+    calls = native_spy(monkeypatch, "panel_int8_rows")
     torch.manual_seed(7)
     lin = nn.Linear(40, 24, bias=False)
     apply_quantization([lin], "int8")
@@ -199,7 +257,7 @@ def test_the_int8_copy_follows_the_weight():
         for layer in (lin, twin):
             assert_close_relative(layer(x), reference(x, *quantize_int8(layer.weight), layer.bias))
     apply_quantization([twin], "int8")  # and apply_quantization re-quantises a copied layer at once
-    assert torch.equal(twin.qweight, quantize_int8(twin.weight)[0])
+    assert torch.equal(twin.qweight, to_panels(quantize_int8(twin.weight)[0]))
 
 
 def test_quantized_copies_round_trip_through_a_file_bit_for_bit(model_dirs, tmp_path):

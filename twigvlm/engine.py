@@ -29,7 +29,7 @@ from .runtime import interrupt
 from .runtime.cache import KVCache, LayerKV
 from .runtime.compiled import KINDS, UNDRAFTED_KINDS, StepPrograms
 from .runtime.native_layers import NativeLayers
-from .runtime.quant import Int8Linear, int8_product
+from .runtime.quant import Int8Linear, int8_product, select_rows
 from .runtime.sdpa import grouped_heads_with_masks
 from .twig.model import Twig
 
@@ -64,7 +64,7 @@ class DraftHead:
     """The twig head's rows for its draft vocabulary, taken once per generation (not cached in the engine)."""
 
     vocab: torch.Tensor  # [Vd] sorted token ids
-    weight: torch.Tensor  # [Vd, H]; int8 when the head is quantised
+    weight: torch.Tensor  # [Vd, H]; int8 panels [⌈Vd / 64⌉, H, 64] when the head is quantised (`quant.to_panels`)
     bias: torch.Tensor | None  # [Vd]
     vocab_size: int  # V, the full vocabulary the logits are scattered back into
     scale: torch.Tensor | None = None  # [Vd] the int8 rows' scales (a quantised head), else None
@@ -270,12 +270,15 @@ class Engine:
             return None
         bias = getattr(head, "bias", None)
         quantized = isinstance(head, Int8Linear)  # draft with the int8 rows the full head verifies with
+        weight, scale = (
+            select_rows(head.qweight, head.qscale, vocab) if quantized else (head.weight.detach()[vocab], None)
+        )
         return DraftHead(
             vocab=vocab,
-            weight=(head.qweight if quantized else head.weight.detach())[vocab],
+            weight=weight,
             bias=None if bias is None else bias.detach()[vocab],
             vocab_size=head.weight.shape[0],
-            scale=head.qscale[vocab] if quantized else None,
+            scale=scale,
         )
 
     def twig_logits(self, hidden: torch.Tensor, draft: bool = False, rows: DraftHead | None = None) -> torch.Tensor:

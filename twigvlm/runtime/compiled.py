@@ -17,7 +17,7 @@ own forward, run through the adapter's `call_layer` — is traced once into a fu
   guard checks (about a millisecond a step for a few hundred weight tensors): this module picks the program by
   its own key, and the compiled code still asserts every input's shape and strides.
 - **The native products inside.** `FastLinear` and `Int8Linear` call the native kernels through the torch ops
-  registered here (`twigvlm::gemv`, `twigvlm::gemv_int8`) while traced, so a compiled step streams the same
+  registered here (`twigvlm::gemv`, `twigvlm::panel_int8`) while traced, so a compiled step streams the same
   weights with the same kernels as an eager one.
 
 - **Compiled once per machine.** Each program is saved in the program cache (`program_cache.py`), named by
@@ -86,9 +86,9 @@ def classes_changed() -> None:
 # ---- the native products as torch ops (what a traced FastLinear / Int8Linear calls) ---------------------------
 _LIB = torch.library.Library("twigvlm", "DEF")
 _LIB.define("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIB.define("gemv_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
+_LIB.define("panel_int8(Tensor x, Tensor panels, Tensor scale, Tensor? bias) -> Tensor")
 _LIB.impl("gemv", lambda x, w, b: native.gemv(x, w, b), "CPU")
-_LIB.impl("gemv_int8", lambda x, q, s, b: native.gemv_int8(x, q, s, b), "CPU")
+_LIB.impl("panel_int8", lambda x, p, s, b: native.panel_int8(x, p, s, b), "CPU")
 
 
 @torch.library.register_fake("twigvlm::gemv")
@@ -96,9 +96,9 @@ def _gemv_fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-@torch.library.register_fake("twigvlm::gemv_int8")
-def _gemv_int8_fake(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+@torch.library.register_fake("twigvlm::panel_int8")
+def _panel_int8_fake(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], s.shape[0], dtype=torch.float32)
 
 
 def traced_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -108,12 +108,13 @@ def traced_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], d_out)
 
 
-def traced_gemv_int8(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+def traced_panel_int8(
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x [..., in] · (qweight · scale)ᵀ (+ bias) with the native int8 kernel, as a traced graph calls it."""
-    d_out, d_in = qweight.shape
-    out = torch.ops.twigvlm.gemv_int8(x.reshape(-1, d_in).float().contiguous(), qweight, scale, bias)  # [n, out]
+    """x [..., in] · (q · scale)ᵀ (+ bias), q stored as int8 panels, with the native kernel, as a traced graph
+    calls it."""
+    d_out, d_in = scale.shape[0], panels.shape[1]
+    out = torch.ops.twigvlm.panel_int8(x.reshape(-1, d_in).float().contiguous(), panels, scale, bias)  # [n, out]
     return out.to(x.dtype).view(*x.shape[:-1], d_out)
 
 

@@ -1,5 +1,5 @@
-"""The native products (`csrc/gemv.c` for few rows, `csrc/gemm.c` for many): built once per machine with its C
-compiler, loaded with ctypes.
+"""The native products (`csrc/gemv.c` for few rows, `csrc/gemm.c` for many, `csrc/panel.c` for int8 weights
+stored in panels): built once per machine with its C compiler, loaded with ctypes.
 
 MKL's fp32 `x · Wᵀ` over the 1–8 rows that decoding and verification run reaches a fraction of the memory
 bandwidth on many CPUs (on AMD ones it takes a generic path); the product is bound by reading the weights, so a
@@ -35,10 +35,10 @@ from .machine import cache_dir, cpuinfo_line
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("csrc/gemv.c", "csrc/gemm.c", "csrc/barrier.h", "csrc/layer.c")  # layer.c includes the others
+SOURCES = ("csrc/gemv.c", "csrc/gemm.c", "csrc/panel.c", "csrc/barrier.h", "csrc/layer.c")  # layer.c: the rest
 # The product entry points and their pointer arguments (x, w, [scale,] b, y), each followed by n, in, out, threads.
 ENTRY_POINTERS = {f"twig_{k}": 4 for k in ("gemv", "gemv_bf16", "gemm", "gemm_bf16")} | {
-    "twig_gemv_i8": 5,
+    "twig_panel_i8": 5,
     "twig_gemm_i8": 5,
 }
 
@@ -158,7 +158,7 @@ def library_key() -> str:
     return hashlib.sha256(_source()).hexdigest()[:12] if gemv_library() is not None else "none"
 
 
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what `gemv` streams (int8 weights go through `gemv_int8`)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what `gemv` streams (int8 weights go through `panel_int8`)
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -210,41 +210,42 @@ def _product(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
-def gemv_int8_rows(x: torch.Tensor, rows: int, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """`gemv_int8` without a bias for a contiguous fp32 x [..., in] of `rows` rows, shaped [..., out]: the one call
-    a decode step makes per layer product, with nothing but the kernel call around it. None where the kernel is
-    unavailable."""
+def panel_int8_rows(x: torch.Tensor, rows: int, panels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """`panel_int8` without a bias for a contiguous fp32 x [..., in] of `rows` rows, shaped [..., out]: the one
+    call a decode step makes per layer product, with nothing but the kernel call around it. None where the kernel
+    is unavailable."""
     lib = gemv_library()
     if lib is None:
         return None
-    y = torch.empty(*x.shape[:-1], qweight.shape[0])  # [..., out] fp32
-    _int8_call(lib.twig_gemv_i8, x, rows, qweight, scale, None, y)
+    y = torch.empty(*x.shape[:-1], scale.shape[0])  # [..., out] fp32
+    _int8_call(lib.twig_panel_i8, x, rows, panels, scale, None, y)
     return y
 
 
-def gemv_int8(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+def panel_int8(
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [n, in] · (qweight [out, in] int8 · scale [out] fp32)ᵀ (+ bias) → [n, out] fp32, accumulated in fp32.
-    qweight and scale must be contiguous (as `quant.quantize_int8` makes them); x and bias are made fp32 here."""
-    return _int8_product("twig_gemv_i8", x, qweight, scale, bias)
+    """x [n, in] · (q · scale)ᵀ (+ bias) → [n, out] fp32, with q [out, in] int8 stored as `panels` [⌈out / 64⌉,
+    in, 64] (`quant.to_panels`) and scale [out] fp32, both contiguous; each output summed over k in order in
+    fp32, so a row's result does not depend on the rows beside it. x and bias are made fp32 here."""
+    return _int8_product("twig_panel_i8", x, panels, scale, bias)
 
 
 def gemm_int8(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """As `gemv_int8` on the many-row kernel (`gemm`: a prompt's rows), the int8 weights widened as it goes."""
-    return _int8_product("twig_gemm_i8", x, qweight, scale, bias)
+    """As `panel_int8` (the same sums, bit for bit) on the many-row kernel (`gemm`: a prompt's rows)."""
+    return _int8_product("twig_gemm_i8", x, panels, scale, bias)
 
 
 def _int8_product(
-    name: str, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    name: str, x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     lib = gemv_library()
     assert lib is not None, f"{name} called where the native kernel is unavailable"
     rows = _fp32(x)
-    y = torch.empty(rows.shape[0], qweight.shape[0], dtype=torch.float32)  # [n, out]
-    _int8_call(getattr(lib, name), rows, rows.shape[0], qweight, scale, None if bias is None else _fp32(bias), y)
+    y = torch.empty(rows.shape[0], scale.shape[0], dtype=torch.float32)  # [n, out]
+    _int8_call(getattr(lib, name), rows, rows.shape[0], panels, scale, None if bias is None else _fp32(bias), y)
     return y
 
 
@@ -252,16 +253,16 @@ def _int8_call(
     fn: Any,
     x: torch.Tensor,
     rows: int,
-    qweight: torch.Tensor,
+    panels: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     y: torch.Tensor,
 ) -> None:
-    """The kernel call the int8 entry points make (fn: twig_gemv_i8 or twig_gemm_i8): x (contiguous fp32, `rows`
+    """The kernel call the int8 entry points make (fn: twig_panel_i8 or twig_gemm_i8): x (contiguous fp32, `rows`
     rows) into y, all pointers."""
-    d_out, d_in = qweight.shape
+    d_out, d_in = scale.shape[0], panels.shape[1]
     b_ptr = None if bias is None else bias.data_ptr()
-    args = (x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), rows, d_in, d_out)
+    args = (x.data_ptr(), panels.data_ptr(), scale.data_ptr(), b_ptr, y.data_ptr(), rows, d_in, d_out)
     rc = fn(*args, torch.get_num_threads())
     if rc:  # (the decode step's hot path: no call unless the kernel refused)
         _refused(rc, fn, rows, d_in, d_out)

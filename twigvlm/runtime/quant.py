@@ -4,19 +4,22 @@ step kind.
 A decode step streams every weight of the decoder once, so on a CPU its time is the weights' bytes over the
 memory bandwidth. `Int8Linear` keeps, beside the layer's own parameters, a copy of its weight in int8 with one fp32
 scale per output channel (symmetric: `scale = max|w_row| / 127`, `q = round(w / scale)`), and runs every product
-on that copy — a quarter of fp32's bytes:
+on that copy — a quarter of fp32's bytes. The copy is stored in panels (`to_panels`: [⌈out / 64⌉, in, 64], 64
+outputs column by column, so one column of a panel is one cache line), the layout twigvlm's int8 kernels read:
 
-- up to `NATIVE_ROWS` rows (decode, the twig's drafts, chain and tree verification): twigvlm's native kernel
-  (`native.gemv_int8`), which widens each int8 to fp32 and accumulates in fp32;
-- more rows (a prompt's prefill): the native many-row kernel (`native.gemm_int8`: the int8 weights widened into
-  fp32 panels as it goes, with no dequantised copy of the weight), except inside a prefill (`prefill_products`)
-  where the CPU has native bf16 products: there in bf16, three times faster than fp32;
+- up to `NATIVE_ROWS` rows (decode, the twig's drafts, chain and tree verification, a batch's step):
+  `native.panel_int8`, which widens each int8 to fp32 once for all the rows and accumulates each output in fp32
+  over k in order;
+- more rows (a prompt's prefill): the many-row kernel (`native.gemm_int8`: the same sums, bit for bit, faster
+  over hundreds of rows), except inside a prefill (`prefill_products`) where the CPU has native bf16 products:
+  there in bf16, three times faster than fp32;
 - where the kernel cannot be built: `x · (q · scale)ᵀ` in the input's dtype with the weight dequantised for the
   call.
 
-Both compute the same product (the dequantised weight's) up to the order of the additions (the bf16 prefill up to
-bf16's rounding of its inputs), so decode, drafts and verification run one model — the quantised one — and
-speculative decoding stays lossless with respect to it (AR and SSD share the prefill). The copy follows the weight:
+The native kernels give every row the same bits whatever rows it is multiplied with, so decode, drafts and
+verification run one model — the quantised one — bit for bit, and speculative decoding stays lossless with respect
+to it (AR and SSD share the prefill; the others compute the same product up to the order of the additions, the
+bf16 prefill up to bf16's rounding of its inputs). The copy follows the weight:
 a layer whose weight changed since (loaded in place, or a copied layer — a twig grown from quantised base layers) is
 quantised again before its next product. Like `FastLinear` it is a class swap (`apply_quantization`): the parameters
 and the `state_dict` stay as loaded (fingerprints, the twig's draft head and stock `generate` read them), so memory
@@ -42,7 +45,8 @@ from . import compiled, native
 from .kernels import FastLinear, linears
 from .machine import bf16_pays
 
-NATIVE_ROWS = 64  # the native kernel up to this many rows (measured faster than dequantise + MKL up to 64)
+NATIVE_ROWS = 64  # `panel_int8` up to this many rows, `gemm_int8` beyond (faster there; the same sums)
+PANEL = 64  # outputs per panel of the stored int8 copy (csrc/panel.c's PW)
 QMAX = 127  # symmetric int8: -127..127 (-128 unused, so negation is exact)
 PREFILL_ENV = "TWIGVLM_INT8_PREFILL"  # "fp32" keeps a prompt's int8 products in fp32 on bf16-native CPUs too
 _BULK_BF16: ContextVar[bool] = ContextVar("twigvlm_int8_bulk_bf16", default=False)
@@ -77,9 +81,32 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q [out, in] int8, scale [out]) → the weight they stand for, [out, in] in `dtype` (computed in fp32). bf16 on
-    the CPU (a prompt's prefill, `prefill_products`) comes from the native kernel in one pass, the same bits."""
+def to_panels(q: torch.Tensor) -> torch.Tensor:
+    """q [out, in] → panels [⌈out / PANEL⌉, in, PANEL], contiguous: panel i, column k holds q[i·PANEL + j, k] at j,
+    the outputs past `out` zero."""
+    d_out, d_in = q.shape
+    panels = -(-d_out // PANEL)
+    padded = torch.zeros(panels * PANEL, d_in, dtype=q.dtype, device=q.device)  # [out', in]
+    padded[:d_out] = q
+    return padded.view(panels, PANEL, d_in).transpose(1, 2).contiguous()  # [out' / PANEL, in, PANEL]
+
+
+def from_panels(panels: torch.Tensor, d_out: int) -> torch.Tensor:
+    """`to_panels`' inverse: panels [⌈out / PANEL⌉, in, PANEL] → q [out, in], contiguous."""
+    return panels.transpose(1, 2).reshape(panels.shape[0] * PANEL, panels.shape[1])[:d_out].contiguous()
+
+
+def select_rows(panels: torch.Tensor, scale: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 copy of output rows `index` of a stored copy (panels, scale [out]), as panels and scales of their
+    own: a product over them gives those outputs' bits (the twig's draft head, a subset of the full head)."""
+    return to_panels(from_panels(panels, scale.shape[0])[index]), scale[index].contiguous()
+
+
+def dequantize(panels: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(panels of q [out, in] int8 (`to_panels`), scale [out]) → the weight they stand for, [out, in] in `dtype`
+    (computed in fp32). bf16 on the CPU (a prompt's prefill, `prefill_products`) comes from the native kernel in
+    one pass, the same bits."""
+    q = from_panels(panels, scale.shape[0])  # [out, in]
     if dtype is torch.bfloat16 and _native_operands(q, scale):
         w = native.dequantize_bf16(q, scale)
         if w is not None:
@@ -100,30 +127,31 @@ def _native_operands(q: torch.Tensor, scale: torch.Tensor) -> bool:
 
 
 def int8_product(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [..., in] · (q · scale)ᵀ (+ bias) → [..., out] in x's dtype: the native kernels where they are built (up
-    to NATIVE_ROWS rows the small-row one, beyond it the many-row one, or bf16 inside a prefill on a bf16-native
-    CPU), else the dequantised weight's product."""
-    d_out, d_in = q.shape
+    """x [..., in] · (q · scale)ᵀ (+ bias) → [..., out] in x's dtype, q stored as `panels` (`to_panels`): the
+    native kernels where they are built (up to NATIVE_ROWS rows `panel_int8`, beyond it `gemm_int8`, or bf16
+    inside a prefill on a bf16-native CPU), else the dequantised weight's product."""
+    d_out, d_in = scale.shape[0], panels.shape[1]
     rows = x.numel() // d_in if d_in else 0
     bulk_bf16 = x.dtype is torch.float32 and rows > NATIVE_ROWS and _BULK_BF16.get()  # (`prefill_products`)
     if rows > 0 and not bulk_bf16 and x.device.type == "cpu" and native.gemv_library() is not None:
-        product = native.gemv_int8 if rows <= NATIVE_ROWS else native.gemm_int8
-        out = product(x.reshape(rows, d_in), q, scale, bias)  # [n, out] fp32
+        product = native.panel_int8 if rows <= NATIVE_ROWS else native.gemm_int8
+        out = product(x.reshape(rows, d_in), panels, scale, bias)  # [n, out] fp32
         if x.dtype is not torch.float32:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], d_out)
     if bulk_bf16:
         b = None if bias is None else bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), dequantize(q, scale, torch.bfloat16), b).to(torch.float32)
+        return F.linear(x.to(torch.bfloat16), dequantize(panels, scale, torch.bfloat16), b).to(torch.float32)
     b = None if bias is None else bias.to(x.dtype)
-    return F.linear(x, dequantize(q, scale, x.dtype), b)
+    return F.linear(x, dequantize(panels, scale, x.dtype), b)
 
 
 class Int8Linear(FastLinear):
     """An `nn.Linear` (a FastLinear subclass, so `stock_kernels` covers it) whose forward runs on its int8 copy
-    (`qweight` [out, in], `qscale` [out]); set by `apply_quantization`. Inference only: no gradients."""
+    (`qweight`: panels [⌈out / 64⌉, in, 64] (`to_panels`), `qscale` [out]); set by `apply_quantization`. Inference
+    only: no gradients."""
 
     qweight: torch.Tensor
     qscale: torch.Tensor
@@ -132,7 +160,7 @@ class Int8Linear(FastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled step (`runtime/compiled.py`): the kernel through its op
             if compiled.NATIVE.ready and x.device.type == "cpu":
-                return compiled.traced_gemv_int8(x, self.qweight, self.qscale, self.bias)
+                return compiled.traced_panel_int8(x, self.qweight, self.qscale, self.bias)
             return F.linear(x, dequantize(self.qweight, self.qscale, x.dtype), self.bias)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             raise TwigVLMError("an int8-quantised layer cannot be trained: load the model without quantize")
@@ -142,7 +170,7 @@ class Int8Linear(FastLinear):
             # a decode step's hot path (hundreds of calls per step): straight to the kernel, no reshapes
             rows = x.numel() // self.in_features
             if 0 < rows <= NATIVE_ROWS:
-                out = native.gemv_int8_rows(x, rows, self.qweight, self.qscale)
+                out = native.panel_int8_rows(x, rows, self.qweight, self.qscale)
                 if out is not None:
                     return out
         return int8_product(x, self.qweight, self.qscale, self.bias)
@@ -154,7 +182,8 @@ def _source(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
 
 
 def _quantize_layer(lin: nn.Linear) -> None:
-    lin.qweight, lin.qscale = quantize_int8(lin.weight)
+    q, lin.qscale = quantize_int8(lin.weight)
+    lin.qweight = to_panels(q)
     lin.qsource = _source(lin.weight)
 
 
@@ -191,13 +220,14 @@ def apply_quantization(modules: Iterable[nn.Module], mode: str) -> int:
 
 def int8_state(named: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The int8 copies of the quantised layers inside `named` modules, by parameter-style names
-    ("<prefix>.<layer path>.qweight" / ".qscale"), for a safetensors file."""
+    ("<prefix>.<layer path>.qweight" [out, in] / ".qscale" [out]), for a safetensors file."""
     state: dict[str, torch.Tensor] = {}
     for prefix, module in named.items():
         for name, sub in module.named_modules():
             if type(sub) is Int8Linear:
                 key = ".".join(p for p in (prefix, name) if p)
-                state[f"{key}.qweight"], state[f"{key}.qscale"] = sub.qweight, sub.qscale
+                state[f"{key}.qweight"] = from_panels(sub.qweight, sub.qscale.shape[0])  # (the file: rows)
+                state[f"{key}.qscale"] = sub.qscale
     return state
 
 
@@ -216,7 +246,7 @@ def load_int8_state(named: dict[str, nn.Module], state: dict[str, torch.Tensor])
                 raise TwigVLMError(f"quantized weights for {key} lack their {'qweight' if q is None else 'qscale'}")
             if q.dtype is not torch.int8 or q.shape != sub.weight.shape or s.shape != (sub.weight.shape[0],):
                 raise TwigVLMError(f"quantized weights for {key} do not fit its layer {tuple(sub.weight.shape)}")
-            sub.qweight, sub.qscale = q.contiguous(), s.to(torch.float32).contiguous()
+            sub.qweight, sub.qscale = to_panels(q), s.to(torch.float32).contiguous()
             sub.qsource = _source(sub.weight)
             sub.__class__ = Int8Linear
             compiled.classes_changed()

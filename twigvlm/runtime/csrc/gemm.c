@@ -4,15 +4,16 @@
  * kernels (each output a dot product of two rows, summed across a vector at the end) reach about half of the FMA
  * units' rate at best (a 2-core AVX2 EPYC, operands in L1: 46-57% for dot-product tiles of 1-8 rows of x by 1-8
  * weight rows, 84% for this kernel's). Here, as in BLAS libraries, the weights are first copied, a block of KC
- * columns at a time, into panels of NR = 2·VEC outputs laid out column by column (fp32; int8 and bf16 widened
- * exactly on the way), and a micro-kernel keeps an MR × NR block of y in registers: per column k it loads two
- * vectors of the panel and multiplies them by each of MR broadcast x[r, k] — 2·MR FMAs for MR + 2 loads. The
- * copy costs one pass over the weights per call; the products cost n passes.
+ * columns at a time, into panels of NR = 2·VEC outputs laid out column by column (fp32; bf16 widened exactly on
+ * the way, and int8 from its own stored panels: panel.c), and a micro-kernel keeps an MR × NR block of y in
+ * registers: per column k it loads two vectors of the panel and multiplies them by each of MR broadcast x[r, k] —
+ * 2·MR FMAs for MR + 2 loads. The copy costs one pass over the weights per call; the products cost n passes.
  *
  * Each output is one lane of one accumulator summed over k in order, across the KC blocks (y holds it between
- * blocks), then multiplied by its scale and the bias added: so a row's result does not depend on how many rows
- * are multiplied with it, nor on the thread count (threads split the outputs). It differs from gemv.c's order of
- * additions (whose products over 1 to 64 rows decoding and verification run, alone, so speculation stays exact).
+ * blocks), then multiplied by its scale and the bias added (one fused rounding): so a row's result does not depend on how many rows
+ * are multiplied with it, nor on the thread count (threads split the outputs). For int8 weights this is also
+ * panel.c's order, so a prompt's rows and a decode step's agree; fp32 and bf16 weights differ from gemv.c's order
+ * of additions (whose products over 1 to 64 rows decoding and verification run, alone, so speculation stays exact).
  *
  * Included by layer.c after gemv.c, whose vector helpers it uses.
  */
@@ -35,9 +36,6 @@
 static inline __m256 w8_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 w8_bf16(const uint16_t *p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-static inline __m256 w8_i8(const int8_t *p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline void transpose8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -90,7 +88,6 @@ static inline void transpose8(__m256 r[8]) {
 #endif
 GEMM_PACK(f32, float)
 GEMM_PACK(bf16, uint16_t)
-GEMM_PACK(i8, int8_t)
 
 /* n ≤ VEC floats at p, the rest of the vector zero. */
 static inline vec vload_part(const float *p, int n) {
@@ -120,13 +117,13 @@ static inline vec vload_part(const float *p, int n) {
         a1[r] = vfma(xr, b1, a1[r]);                                                                \
       }                                                                                             \
     }                                                                                               \
-    if (last && s) {                                                                                \
-      const vec s0 = vload_part(s, n0), s1 = vload_part(s + VEC, n1);                               \
-      for (int r = 0; r < M; ++r) a0[r] = vmul(a0[r], s0), a1[r] = vmul(a1[r], s1);                \
-    }                                                                                               \
-    if (last && b) {                                                                                \
-      const vec c0 = vload_part(b, n0), c1 = vload_part(b + VEC, n1);                               \
-      for (int r = 0; r < M; ++r) a0[r] = vadd(a0[r], c0), a1[r] = vadd(a1[r], c1);                \
+    if (last && (s || b)) { /* sum · s + b, one rounding with both (as panel.c's): never left to contraction */ \
+      const vec s0 = s ? vload_part(s, n0) : vzero(), s1 = s ? vload_part(s + VEC, n1) : vzero();   \
+      const vec c0 = b ? vload_part(b, n0) : vzero(), c1 = b ? vload_part(b + VEC, n1) : vzero();   \
+      for (int r = 0; r < M; ++r) {                                                                 \
+        a0[r] = s && b ? vfma(a0[r], s0, c0) : s ? vmul(a0[r], s0) : vadd(a0[r], c0);               \
+        a1[r] = s && b ? vfma(a1[r], s1, c1) : s ? vmul(a1[r], s1) : vadd(a1[r], c1);               \
+      }                                                                                             \
     }                                                                                               \
     for (int r = 0; r < M; ++r) {                                                                   \
       if (cols == NR) {                                                                             \
@@ -190,7 +187,6 @@ static float *gemm_panels(void) {
   }
 GEMM(f32, float)
 GEMM(bf16, uint16_t)
-GEMM(i8, int8_t)
 
 /* x [n, in], w [out, in], b [out] or NULL, y [n, out]: all contiguous fp32. Returns 0, 1 on bad sizes, 2 where
  * the panels could not be allocated. */
@@ -203,10 +199,4 @@ int twig_gemm(const float *x, const float *w, const float *b, float *y, int64_t 
 int twig_gemm_bf16(const float *x, const uint16_t *w, const float *b, float *y, int64_t n, int64_t in, int64_t out,
                    int threads) {
   return bf16_gemm(x, w, NULL, b, y, n, in, out, threads);
-}
-
-/* As twig_gemm with w [out, in] in int8 and s [out] fp32: y[r, o] = s[o] * sum_k x[r, k] * w[o, k] (+ b[o]). */
-int twig_gemm_i8(const float *x, const int8_t *w, const float *s, const float *b, float *y, int64_t n, int64_t in,
-                 int64_t out, int threads) {
-  return i8_gemm(x, w, s, b, y, n, in, out, threads);
 }

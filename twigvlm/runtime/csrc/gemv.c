@@ -1,17 +1,15 @@
-/* twigvlm's small-row products for CPU decoding: y[r, o] = scale[o] * sum_k x[r, k] * w[o, k] (+ b[o]).
+/* twigvlm's small-row products for CPU decoding: y[r, o] = sum_k x[r, k] * w[o, k] (+ b[o]).
  *
  * Decoding and verification multiply 1 to ~8 rows by every weight of the decoder; the product is bound by
  * memory traffic, not arithmetic. Each weight row is read once from memory and used for all the rows of x
  * (which stay in L1/L2), several weight rows at a time so that several streams are in flight. The output range
  * is split evenly over the OpenMP threads (the same libgomp that torch runs on, so no second thread pool).
  * More than 8 rows run as chunks of 8 over tiles of 32 weight rows held in cache (the weights are read once).
- * One row of x (a decode step) also prefetches the next group's weight rows as it reads the current ones: short
- * int8 rows are otherwise read with too few lines in flight (measured 1.45x on a 2-core AVX-512 EPYC).
+ * Each kernel also prefetches a later group's weight rows as it reads the current ones.
  *
- * Three weight formats, one loop: fp32 (`twig_gemv`), bf16 (`twig_gemv_bf16`: the top half of an fp32, widened
- * exactly) and int8 with one fp32 scale per output row (`twig_gemv_i8`: weight-only quantisation; each int8 is
- * widened exactly to fp32, the row's sum is multiplied by its scale once). x, y, b and the accumulation are fp32
- * in all three, so a product equals the dequantised weight's fp32 product up to the order of the additions.
+ * Two weight formats, one loop: fp32 (`twig_gemv`) and bf16 (`twig_gemv_bf16`: the top half of an fp32, widened
+ * exactly); x, y, b and the accumulation are fp32 in both. (int8 weights are stored panel by panel and multiplied
+ * by panel.c.) The file also holds the vector helpers the other kernels share.
  *
  * Built at first use by twigvlm/runtime/native.py with the machine's C compiler (-O3 -march=native -fopenmp).
  */
@@ -125,27 +123,12 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
   c.u = (uint32_t)w[i] << 16;
   return c.f;
 }
-static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; }
 
 /* How many groups ahead a kernel of N rows of x prefetches the weight rows it will read (at the same offset k):
  * the hardware prefetcher alone leaves a group of weight rows waiting on memory, worst where every weight row
  * serves many rows of x (measured on a 2-core AVX-512 EPYC, weights cold: 8 rows of x 1.3× faster over the demo's
  * layers and 2.5× over its LM head; 2 and 4 rows 1.2×; from 5 rows on, 4 groups ahead beat 1 and 2). */
 #define AHEAD(N) ((N) <= 4 ? 1 : 4)
-
-/* int8 weights with AVX2, one to three rows of x, where a kernel takes several weight rows at a time: instead of
- * the above, the next group's weight rows are prefetched in memory order, G · VEC bytes' worth of cache lines per
- * step of VEC columns, so that the group's whole span (G contiguous rows) has arrived in order when the step loop
- * reaches it (the hardware prefetcher follows one stream far better than G interleaved ones). The demo's layers,
- * weights cold, 2-core AVX2 EPYC, through `twig_gemv_i8` (interleaved builds, medians of 15–21): one row of x
- * 7.2–7.5 → 4.9–5.3 ms; fp32 is at the memory's rate either way. Unmeasured with AVX-512, which keeps AHEAD's. */
-#ifndef SEQ_I8
-#define SEQ_I8 (VEC == 8)
-#endif
-#define SEQ(NAME, T, N, G) (SEQ_##NAME && (N) <= 3 && (G) * VEC * sizeof(T) >= 16)
-#define SEQ_f32 0
-#define SEQ_bf16 0
-#define SEQ_i8 SEQ_I8
 
 /* N rows of x [N, in] against weight rows o0..o1 of w [out, in] (type T, widened by LOAD/SCALAR), G weight rows
  * at a time. s: a scale per output row, or NULL. */
@@ -161,14 +144,8 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
       int64_t k = 0;                                                                              \
       if (gn == G)                                                                                \
         for (; k + VEC <= in; k += VEC) {                                                         \
-          if (SEQ(NAME, T, N, G)) { /* the next group's span in memory order: SEQ_I8 */                \
-            const int64_t step = G * VEC * (int64_t)sizeof(T), at = (o + G) * in * (int64_t)sizeof(T); \
-            const int64_t size = out * in * (int64_t)sizeof(T), s0 = k / VEC;                     \
-            for (int64_t l = (s0 * step) >> 6; l < ((s0 + 1) * step) >> 6; ++l) /* its lines */      \
-              if (at + 64 * l < size) __builtin_prefetch((const char *)w + at + 64 * l, 0, 0);     \
-          }                                                                                       \
           for (int g = 0; g < G; ++g) {                                                           \
-            if (!SEQ(NAME, T, N, G) && o + AHEAD(N) * G + g < out) /* a later group's rows */          \
+            if (o + AHEAD(N) * G + g < out) /* a later group's rows */                            \
               __builtin_prefetch(w + (o + AHEAD(N) * G + g) * in + k, 0, 0);                      \
             const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
@@ -242,11 +219,8 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
  * of x take one weight row at a time; five to eight take two with AVX-512, which halves the loads of x per
  * product (8 rows of the demo's layers, weights cold: int8 1.25×, fp32 1.05×). Their 16 sums need AVX-512's 32
  * vector registers: with AVX2's 16 they spill (8 rows 1.5× slower), so there five to eight take one too; three
- * weight rows at a time run out of registers even with AVX-512. With AVX2 and int8 weights, two rows of x take
- * four weight rows at a time and three and four take two (the demo's layers, weights cold, interleaved builds,
- * medians of 21–31, across runs on a noisy machine: 2 rows 9.2–9.7 → 7.1–8.6 ms, 3 rows 11.3–12.2 → 8.1–10.9,
- * 4 rows 11.1–12.8 → 10.2–11.1; with SEQ's prefetch up to three rows, AHEAD's for four, which measured better so).
- * A group must divide TILE: a short group at a tile's end runs the scalar loop. Which weight rows share a group
+ * weight rows at a time run out of registers even with AVX-512. A group must divide TILE: a short group at a
+ * tile's end runs the scalar loop. Which weight rows share a group
  * never changes a sum (each is its own accumulator, over the same steps in the same order). */
 #if VEC == 16
 #define MANY 2
@@ -257,17 +231,9 @@ static inline float scalar_i8(const int8_t *w, int64_t i) { return (float)w[i]; 
 #define GF32 8, 1, 1, 1, MANY
 #define GBF16 8, 1, 1, 1, MANY
 #endif
-#ifndef GI8
-#if VEC == 8 && SEQ_I8
-#define GI8 8, 4, 2, 2, MANY
-#else
-#define GI8 8, 1, 1, 1, MANY
-#endif
-#endif
 #define EXPAND(...) FORMAT(__VA_ARGS__)
 EXPAND(f32, float, GF32)
 EXPAND(bf16, uint16_t, GBF16)
-EXPAND(i8, int8_t, GI8)
 
 /* x [n, in], w [out, in], b [out] or NULL, y [n, out]: all contiguous fp32. Returns 0, or 1 on bad sizes. */
 int twig_gemv(const float *x, const float *w, const float *b, float *y, int64_t n, int64_t in, int64_t out,
@@ -279,12 +245,6 @@ int twig_gemv(const float *x, const float *w, const float *b, float *y, int64_t 
 int twig_gemv_bf16(const float *x, const uint16_t *w, const float *b, float *y, int64_t n, int64_t in,
                    int64_t out, int threads) {
   return bf16_product(x, w, NULL, b, y, n, in, out, threads);
-}
-
-/* As twig_gemv with w [out, in] in int8 and s [out] fp32: y[r, o] = s[o] * sum_k x[r, k] * w[o, k] (+ b[o]). */
-int twig_gemv_i8(const float *x, const int8_t *w, const float *s, const float *b, float *y, int64_t n, int64_t in,
-                 int64_t out, int threads) {
-  return i8_product(x, w, s, b, y, n, in, out, threads);
 }
 
 /* float → bf16 bits, rounded to nearest even (NaN → the quiet NaN), as torch's float → bfloat16 conversion */

@@ -11,7 +11,8 @@
  *   x += a·Woᵀ(+b);  h = rmsnorm(x) · w2;  x += (silu(h·Wgᵀ) * h·Wuᵀ)·Wdᵀ
  *
  * — the arithmetic of transformers' LlamaDecoderLayer (and Qwen2's, Mistral's …), with the products on the same
- * kernels as `gemv.c` (fp32 or int8 weights with per-row scales; x and the accumulation fp32). The mask is causal
+ * kernels as the layers' own products (`gemv.c` for fp32 weights, `panel.c` for int8 panels with per-row scales;
+ * x and the accumulation fp32). The mask is causal
  * with the block aligned to the end of the keys, or, with a `tail` [R, q, m], what each row's tail says over its last
  * m keys (draft trees) while every query sees its row's keys before them. Which layers qualify and the oracle against the
  * stock layer are twigvlm/runtime/native_layers.py's.
@@ -21,6 +22,7 @@
 #endif
 #include "gemv.c"
 #include "gemm.c"
+#include "panel.c"
 #include "barrier.h"
 
 #include <math.h>
@@ -30,7 +32,7 @@
 enum { TWIG_F32 = 0, TWIG_I8 = 1 };
 
 typedef struct {
-  const void *w;      /* [out, in]: fp32, or int8 with scale */
+  const void *w;      /* fp32 [out, in], or int8 panels [ceil(out / PW)][in][PW] (panel.c) with scale */
   const float *scale; /* [out] for int8, else NULL */
   const float *bias;  /* [out] or NULL */
   int64_t out, in, fmt;
@@ -45,7 +47,7 @@ typedef struct {
 
 static void span(const twig_linear *L, const float *x, float *y, int64_t n, int t, int nt) {
   if (L->fmt == TWIG_I8)
-    i8_span(x, (const int8_t *)L->w, L->scale, L->bias, y, n, L->in, L->out, t, nt);
+    i8p_span(x, (const int8_t *)L->w, L->scale, L->bias, y, n, L->in, L->out, t, nt);
   else
     f32_span(x, (const float *)L->w, NULL, L->bias, y, n, L->in, L->out, t, nt);
 }
