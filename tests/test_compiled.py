@@ -216,7 +216,7 @@ def test_auto_follows_the_cached_probe_and_the_flag_is_checked(model_dirs, monke
     verdicts = iter([{"eager_ms": 10.0, "compiled_ms": 6.0}, {"eager_ms": 10.0, "compiled_ms": 9.9}])
     monkeypatch.setattr(compile_probe, "probe", lambda vlm: next(verdicts))
     monkeypatch.setattr(compile_probe, "cached_verdict", lambda key: None)
-    monkeypatch.setattr(compile_probe, "store_verdict", lambda key, verdict: None)
+    monkeypatch.setattr(compile_probe, "store_verdict", lambda key, verdict, steal=None: None)
     vlm = twigvlm.load(model_dirs["llama-clip"], compile="off")
     assert vlm.programs is None
     assert vlm.set_compile("auto") is True and vlm.engine.programs is not None  # 6 ms ≤ 0.95 · 10 ms

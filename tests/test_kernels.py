@@ -259,6 +259,68 @@ def test_remeasure_probes_again_and_caches_the_new_plan(monkeypatch, tmp_path):
     assert cached_plan([lin]).layouts == probed.layouts  # written over the stale one
 
 
+def test_a_plan_probed_under_steal_is_probed_again_by_the_next_loads(monkeypatch, tmp_path):
+    """A probe during which the host took more than STEAL_LIMIT of the machine's time (steal, read from
+    /proc/stat around it) serves its process, and the next BUSY_TRIES loads probe again (each writing over it);
+    a calm probe's plan is then kept for good."""
+    from twigvlm.runtime import machine
+
+    monkeypatch.setenv("TWIGVLM_CACHE", str(tmp_path))
+    ticks = iter([])
+
+    def cpu_times():
+        return next(ticks)
+
+    monkeypatch.setattr(machine, "_cpu_times", cpu_times)
+    lin, probes = nn.Linear(16, 24), []
+
+    def fake_probe(found):
+        probes.append(KernelPlan({(24, 16): {1: ["wxt", "linear", "gemv"][min(len(probes), 2)]}}))
+        return probes[-1]
+
+    monkeypatch.setattr(kernels, "probe", fake_probe)
+
+    def load(steal: int) -> KernelPlan:  # a probe over 1000 ticks of the machine's time, `steal` of them stolen
+        nonlocal ticks
+        ticks = iter([(0, 0), (steal, 1000)])
+        return cached_plan([lin])
+
+    assert load(300).layouts == {(24, 16): {1: "wxt"}}  # 30% steal: used, and measured again next time
+    assert load(300).layouts == {(24, 16): {1: "linear"}} and len(probes) == 2
+    assert load(20).layouts == {(24, 16): {1: "gemv"}}  # 2%: kept
+    assert cached_plan([lin]).cached and len(probes) == 3
+    for _ in range(machine.BUSY_TRIES - 1):  # a host that always steals: measured BUSY_TRIES times, the last kept
+        machine.write_cached("x.json", {"n": 1}, steal=0.5)
+        assert machine.read_cached("x.json") is None
+    machine.write_cached("x.json", {"n": 2}, steal=0.5)
+    assert machine.read_cached("x.json") == {"n": 2}
+
+
+def test_the_steal_meter_reads_proc_stat(monkeypatch, tmp_path):
+    from twigvlm.runtime import machine
+
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(machine, "PROC_STAT", str(stat))
+
+    def write(user: int, idle: int, steal: int) -> None:  # user nice system idle iowait irq softirq steal guest …
+        stat.write_text(f"cpu  {user} 0 10 {idle} 0 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+
+    write(100, 50, 40)
+    with machine.StealMeter() as meter:
+        write(400, 60, 140)  # 300 + 10 + 100 ticks more, 100 of them stolen
+    assert meter.share == pytest.approx(100 / 410) and meter.busy() and "24%" in meter.said()
+    with machine.StealMeter() as meter:
+        write(401, 62, 140)  # 3 ticks: too short to tell
+    assert meter.share is None and not meter.busy()
+    stat.write_text("intr 1 2 3\n")  # not the file it should be, or none (not Linux): nothing known, nothing refused
+    with machine.StealMeter() as meter:
+        pass
+    assert meter.share is None and not meter.busy()
+    monkeypatch.setattr(machine, "PROC_STAT", "/proc/stat")
+    real = machine._cpu_times()
+    assert real is None or 0 <= real[0] <= real[1]
+
+
 def test_stock_restores_the_classes_and_nothing_is_copied(model_dirs):
     # A model of its own: the swaps change the modules of the adapter in place.
     vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock")

@@ -23,7 +23,7 @@ from ..config import COMPILE_MODES
 from ..errors import TwigVLMError
 from . import native
 from .compiled import programs_for
-from .machine import cache_dir, measurement_key, read_cached, write_cached
+from .machine import StealMeter, cache_dir, measurement_key, read_cached, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def cached_verdict(key: str) -> dict | None:
     return read_cached(f"compile-{key}.json")
 
 
-def store_verdict(key: str, verdict: dict) -> None:
-    write_cached(f"compile-{key}.json", verdict)
+def store_verdict(key: str, verdict: dict, steal: float | None = None) -> None:
+    write_cached(f"compile-{key}.json", verdict, steal=steal)
 
 
 def compile_pays(vlm: Any) -> bool:
@@ -60,9 +60,12 @@ def compile_pays(vlm: Any) -> bool:
     verdict = cached_verdict(key)
     if verdict is None:
         log.info("measuring whether compiled decode steps pay on this CPU, once (cached in %s) ...", cache_dir())
-        verdict = probe(vlm)
-        store_verdict(key, verdict)
+        with StealMeter() as steal:
+            verdict = probe(vlm)
+        store_verdict(key, verdict, steal.share)
         log.info("... compiled %.2f ms, eager %.2f ms per step", verdict["compiled_ms"], verdict["eager_ms"])
+        if steal.busy():
+            log.info("... %s: measured again by the next processes", steal.said())
     return bool(verdict.get("compiled_ms", float("inf")) <= WIN * verdict.get("eager_ms", 0.0))
 
 

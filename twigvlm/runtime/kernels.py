@@ -43,7 +43,7 @@ from torch import nn
 from ..config import KERNEL_MODES
 from ..errors import TwigVLMError
 from . import compiled, native
-from .machine import best_in_rounds, cache_dir, measurement_key, read_cached, write_cached
+from .machine import StealMeter, best_in_rounds, cache_dir, measurement_key, read_cached, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,11 @@ def cached_plan(found: list[nn.Linear]) -> KernelPlan:
         pass  # none cached (None has no items), or not a plan
     shapes = len({(lin.out_features, lin.in_features) for lin in found})
     log.info("measuring this CPU's fastest products for %d weight shapes, once (cached in %s) ...", shapes, cache_dir())
-    plan = probe(found)
+    with StealMeter() as steal:
+        plan = probe(found)
     log.info("... measured in %.1f s", plan.probe_s)
-    write_cached(name, {f"{o}x{i}": {str(r): v for r, v in t.items()} for (o, i), t in plan.layouts.items()})
+    if steal.busy():
+        log.info("... %s: measured again by the next processes", steal.said())
+    layouts = {f"{o}x{i}": {str(r): v for r, v in t.items()} for (o, i), t in plan.layouts.items()}
+    write_cached(name, layouts, steal=steal.share)
     return plan

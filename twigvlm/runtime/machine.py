@@ -1,7 +1,8 @@
 """Facts about this machine that every floor may ask for: the CPU's /proc/cpuinfo lines and flags, whether bf16
 runs natively (the dtype policy of `--dtype auto`), the folder where twigvlm caches what it measures or builds
 (`TWIGVLM_CACHE`, default ~/.cache/twigvlm; `TWIGVLM_REMEASURE=1` measures again), and how it measures on a shared
-machine (`best_in_rounds`)."""
+machine (`best_in_rounds`; `StealMeter`: what a measurement taken while the host held back the machine's cores is
+worth keeping)."""
 
 from __future__ import annotations
 
@@ -71,11 +72,19 @@ def measurement_key(*facts: Any) -> str:
 REMEASURE_ENV = "TWIGVLM_REMEASURE"  # "1": what this machine measured is measured again (and cached anew)
 
 
+STEAL_LIMIT = 0.10  # a measurement during which the host took more of the machine's time is measured again later
+BUSY_TRIES = 3  # … up to this many measurements in all (a host that always takes that much keeps the last one)
+_BUSY = "busy.json"  # {name: times measured under steal so far}
+
+
 def read_cached(name: str) -> Any:
-    """The JSON cached as `name` in `cache_dir()`, None where there is none (or it does not parse), or where
-    TWIGVLM_REMEASURE=1 asks for every measurement again: kernel plans, compile probes and drafting costs measured
-    during a busy spell of a shared machine are otherwise kept for good."""
+    """The JSON cached as `name` in `cache_dir()`, None where there is none (or it does not parse), where
+    TWIGVLM_REMEASURE=1 asks for every measurement again (kernel plans, compile probes and drafting costs measured
+    during a busy spell of a shared machine are otherwise kept for good), or where it was measured while the host
+    took more than STEAL_LIMIT of the machine's time and fewer than BUSY_TRIES measurements were taken so."""
     if os.environ.get(REMEASURE_ENV) == "1":
+        return None
+    if _busy().get(name, BUSY_TRIES) < BUSY_TRIES:
         return None
     try:
         return json.loads((cache_dir() / name).read_text())
@@ -83,14 +92,78 @@ def read_cached(name: str) -> Any:
         return None
 
 
-def write_cached(name: str, data: Any) -> None:
-    """Cache `data` as JSON under `name`; an unwritable cache only costs the measurement next time."""
+def write_cached(name: str, data: Any, steal: float | None = None) -> None:
+    """Cache `data` as JSON under `name`; an unwritable cache only costs the measurement next time. `steal`: the
+    share of the machine's time its host took while `data` was measured (`StealMeter`); above STEAL_LIMIT the next
+    processes measure again (each writing over it) until one measures calmly or BUSY_TRIES measurements were taken
+    under steal; a calm measurement is kept for good."""
+    busy = _busy()
+    before = dict(busy)
+    tries = busy.pop(name, 0)
+    if steal is not None and steal > STEAL_LIMIT:
+        busy[name] = tries + 1
+    if busy != before:
+        _write(_BUSY, busy)
+    _write(name, data)
+
+
+def _busy() -> dict[str, int]:
+    try:
+        raw = json.loads((cache_dir() / _BUSY).read_text())
+        return {str(k): int(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _write(name: str, data: Any) -> None:
     try:
         path = cache_dir() / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1))
+        tmp = path.with_name(f".{name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)  # whole files only: processes measuring side by side each write one
     except OSError:
         pass
+
+
+PROC_STAT = "/proc/stat"
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(steal, total) of the machine's CPU time so far, in /proc/stat's ticks; None where there is no /proc/stat."""
+    try:
+        with open(PROC_STAT) as f:
+            fields = f.readline().split()
+        values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (values[7], sum(values)) if fields[:1] == ["cpu"] and len(values) == 8 else None
+
+
+class StealMeter:
+    """`with StealMeter() as meter:` around a measurement; then `meter.share` is the part of the machine's time its
+    host (a hypervisor) took while the block ran — steal, which the guest never sees as its own threads waiting —
+    or None where the kernel does not count it (not Linux) or the block was too short to tell. On a shared VM
+    a measurement taken under steal can be off by any amount (a probe under 30% steal put several products on a
+    slower kernel), and `write_cached(..., steal=meter.share)` has it measured again by the next processes."""
+
+    share: float | None = None
+
+    def __enter__(self) -> StealMeter:
+        self._start = _cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = _cpu_times()
+        if self._start is not None and end is not None and end[1] - self._start[1] >= 10:
+            self.share = (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+    def busy(self) -> bool:
+        return self.share is not None and self.share > STEAL_LIMIT
+
+    def said(self) -> str:
+        """How the log tells it."""
+        return f"the host took {100 * (self.share or 0):.0f}% of this machine's time meanwhile (steal)"
 
 
 Key = TypeVar("Key", bound=Hashable)

@@ -36,7 +36,7 @@ import torch
 
 from ..config import GenConfig, SpecConfig
 from ..engine import DecodeState, Engine
-from ..runtime.machine import best_in_rounds, cache_dir
+from ..runtime.machine import StealMeter, best_in_rounds, cache_dir
 from ..runtime.sampling import Sampler
 from ..runtime.thread_governor import GOVERNOR
 from . import cost_cache
@@ -207,29 +207,35 @@ def step_costs(engine: Engine, state: DecodeState, rec: DraftRecord, wide: bool 
         tables = cost_cache.load(name)
         if tables is None:
             reductions = GOVERNOR.reductions
-            with _probing("auto's drafter: measuring this model's draft and verification passes on this machine"):
+            with _probing(
+                "auto's drafter: measuring this model's draft and verification passes on this machine"
+            ) as steal:
                 tables = _tables(probe_costs(engine, state))
-            _keep(name, tables, reductions)
+            _keep(name, tables, reductions, steal)
         rec.costs[key] = Costs(*tables)
     costs = rec.costs[key]
     if wide and max(costs.verify) < WIDE_ROWS[-1]:
         reductions = GOVERNOR.reductions
-        with _probing(f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows"):
+        with _probing(f"auto's drafter: measuring batch verifications of up to {WIDE_ROWS[-1]} rows") as steal:
             more = probe_costs(engine, state, 1, WIDE_ROWS)  # (long passes: one run each is steady)
         tables = [_monotone({**a, **b}) for a, b in zip(_tables(costs), _tables(more), strict=True)]
         costs = rec.costs[key] = Costs(*tables)
-        _keep(name or cost_cache.disk_key(engine, state, key), _tables(costs), reductions)
+        _keep(name or cost_cache.disk_key(engine, state, key), _tables(costs), reductions, steal)
     return costs
 
 
-def _keep(name: str, tables: tuple, reductions: int) -> None:
+def _keep(name: str, tables: tuple, reductions: int, steal: StealMeter) -> None:
     """Cache measured tables for later processes, unless the machine was busy meanwhile (the native layers' thread
-    governor shrank their team): such costs serve this process only."""
-    if GOVERNOR.reductions == reductions and GOVERNOR.calm():
-        cost_cache.store(name, tables)
-        log.info("... kept for later processes (in %s)", cache_dir())
-    else:
+    governor shrank their team): such costs serve this process only. Measured while the host took the cores
+    (steal, which the governor cannot see), they are cached for the next processes to measure again."""
+    if not (GOVERNOR.reductions == reductions and GOVERNOR.calm()):
         log.info("... for this process only: other work took this machine's cores meanwhile")
+        return
+    cost_cache.store(name, tables, steal.share)
+    if steal.busy():
+        log.info("... %s: measured again by the next processes", steal.said())
+    else:
+        log.info("... kept for later processes (in %s)", cache_dir())
 
 
 _spent = threading.local()  # this thread's seconds in probes (`probe_seconds`)
@@ -242,13 +248,14 @@ def probe_seconds() -> float:
 
 
 @contextlib.contextmanager
-def _probing(what: str) -> Iterator[None]:
+def _probing(what: str) -> Iterator[StealMeter]:
     """Time a probe into this thread's `probe_seconds`, saying what it is (the CLI shows twigvlm's INFO lines) and
-    how long it took."""
+    how long it took; yields the steal it met (read when the block ends)."""
     log.info("%s ...", what)
     t0 = time.perf_counter()
     try:
-        yield
+        with StealMeter() as steal:
+            yield steal
     finally:
         seconds = time.perf_counter() - t0
         _spent.seconds = probe_seconds() + seconds

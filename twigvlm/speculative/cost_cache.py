@@ -72,9 +72,11 @@ def load(name: str) -> Tables | None:
     return (verify, level, base) if verify and level and base else None
 
 
-def store(name: str, tables: Tables) -> None:
-    """Cache the tables under this key (an unwritable cache only costs the measurement next time)."""
+def store(name: str, tables: Tables, steal: float | None = None) -> None:
+    """Cache the tables under this key (an unwritable cache only costs the measurement next time; steal: as
+    `machine.write_cached` takes it)."""
     write_cached(
         f"draft-costs-{name}.json",
         {part: {str(n): t for n, t in table.items()} for part, table in zip(PARTS, tables, strict=True)},
+        steal=steal,
     )
