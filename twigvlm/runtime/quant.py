@@ -99,7 +99,8 @@ def from_panels(panels: torch.Tensor, d_out: int) -> torch.Tensor:
 def select_rows(panels: torch.Tensor, scale: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 copy of output rows `index` of a stored copy (panels, scale [out]), as panels and scales of their
     own: a product over them gives those outputs' bits (the twig's draft head, a subset of the full head)."""
-    return to_panels(from_panels(panels, scale.shape[0])[index]), scale[index].contiguous()
+    rows = panels[index // PANEL, :, index % PANEL]  # [len(index), in]: each output's column of its panel
+    return to_panels(rows), scale[index].contiguous()
 
 
 def dequantize(panels: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -10,10 +10,11 @@
  * 2·MR FMAs for MR + 2 loads. The copy costs one pass over the weights per call; the products cost n passes.
  *
  * Each output is one lane of one accumulator summed over k in order, across the KC blocks (y holds it between
- * blocks), then multiplied by its scale and the bias added (one fused rounding): so a row's result does not depend on how many rows
- * are multiplied with it, nor on the thread count (threads split the outputs). For int8 weights this is also
- * panel.c's order, so a prompt's rows and a decode step's agree; fp32 and bf16 weights differ from gemv.c's order
- * of additions (whose products over 1 to 64 rows decoding and verification run, alone, so speculation stays exact).
+ * blocks), then multiplied by its scale and the bias added (one fused rounding): so a row's result does not depend
+ * on how many rows are multiplied with it, nor on the thread count (threads split the outputs). For int8 weights
+ * this is also panel.c's order, so a prompt's rows and a decode step's agree; fp32 and bf16 weights differ from
+ * gemv.c's order of additions (whose products over 1 to 64 rows decoding and verification run, alone, so
+ * speculation stays exact).
  *
  * Included by layer.c after gemv.c, whose vector helpers it uses.
  */

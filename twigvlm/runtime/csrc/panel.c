@@ -18,7 +18,6 @@
  */
 
 #define PW 64 /* outputs per panel (the stored layout: fixed, whatever the vector width) */
-#define PV (PW / VEC) /* vectors per panel column */
 #ifndef PFD
 #define PFD 64 /* columns (cache lines of a panel) prefetched ahead: 4 KiB */
 #endif
@@ -76,8 +75,13 @@
 typedef void (*ptile_fn)(const float *, int64_t, const int8_t *, int64_t, float *, int64_t, int, const float *,
                          const float *, const int8_t *);
 
-/* Tiles by rows of x (1-6) and vectors of outputs: each M takes the widest W whose M · W sums and W widened
- * vectors fit the registers (AVX2: 16; AVX-512: 32), then narrower ones for a span's remainder. */
+/* Tiles by rows of x (1-6) and vectors of outputs (PWIDE: the widest W for M rows, narrower ones for a span's
+ * remainder). With AVX2's 16 registers, measured on a 2-core AVX2 EPYC with a panel in cache (share of the FMA
+ * units' rate): 1 × 8 vectors 47-52%, 2 × 4 63-69%, 3 × 4 73-82% (its 12 sums, 3 broadcasts and one widened
+ * vector fill the 16 registers exactly), 4 × 2 68-93%, 6 × 2 79-87%; with weights from memory a tile narrower than
+ * a panel reads it in several passes, so 3 × 4 is the cheapest per row there (3 rows 1.6× one row's time, 4 rows as
+ * 4 × 2 2.3×; as 2 + 2 or 3 + 1 no better). AVX-512's 32 registers hold a whole panel (4 vectors) for up to 6
+ * rows; unmeasured. */
 #define PTILES(M) PTILE(M, 1) PTILE(M, 2) PTILE(M, 4) PTILE(M, 8)
 PTILES(1)
 PTILES(2)
@@ -109,10 +113,12 @@ static void i8p_range(const float *x, const int8_t *p, const float *s, const flo
         const int64_t left = (end - c + VEC - 1) / VEC, room = (PW - c % PW) / VEC; /* vectors to do, in panel */
         while (wv > left || wv > room) wv /= 2;
         const int cols = end - c < wv * VEC ? (int)(end - c) : wv * VEC;
-        /* the first tile reads the panel from memory (prefetched PFD columns ahead), the second prefetches the
-         * next panel while the rest run from cache */
-        const int8_t *pf = r0 == 0 && tile == 0 ? pp + c % PW + PFD * PW : r0 == 0 && tile == 1 ? pp + in * PW : NULL;
-        PTILE_BY[m][wv](x + r0 * in, in, pp + c % PW, in, y + r0 * out + c, out, cols, s + c, b ? b + c : NULL, pf);
+        /* the first tile reads the panel from memory, prefetching PFD columns ahead (one row: 1.06-1.2× against
+         * the hardware's prefetch alone, in a noisy spell); the second prefetches the next panel while the rest
+         * run from cache (spreading that over all the later tiles measured no better) */
+        const int8_t *pf = r0 || tile > 1 ? NULL : tile == 0 ? pp + c % PW + PFD * PW : pp + in * PW;
+        PTILE_BY[m][wv](x + r0 * in, in, pp + c % PW, in, y + r0 * out + c, out, cols, s + c, b ? b + c : NULL,
+                        pf);
         c += wv * VEC;
       }
       r0 += m;
