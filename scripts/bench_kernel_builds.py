@@ -52,7 +52,7 @@ def build(folder: Path, name: str, replaced: dict[str, bytes], flags: list[str])
     if error is not None:
         sys.exit(f"bench_kernel_builds: build {name} failed: {error}")
     lib = ctypes.CDLL(str(path))
-    for entry, pointers in (("twig_gemv", 4), *((e, 5) for e in INT8_ENTRIES)):
+    for entry, pointers in {**native.ENTRY_POINTERS, "twig_gemv_i8": 5}.items():  # (and the old int8 entry)
         if hasattr(lib, entry):
             fn = getattr(lib, entry)
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]

@@ -45,7 +45,7 @@ def cached_verdict(key: str) -> dict | None:
     return read_cached(f"compile-{key}.json")
 
 
-def store_verdict(key: str, verdict: dict, steal: float | None = None) -> None:
+def store_verdict(key: str, verdict: dict, steal: StealMeter | None = None) -> None:
     write_cached(f"compile-{key}.json", verdict, steal=steal)
 
 
@@ -62,10 +62,8 @@ def compile_pays(vlm: Any) -> bool:
         log.info("measuring whether compiled decode steps pay on this CPU, once (cached in %s) ...", cache_dir())
         with StealMeter() as steal:
             verdict = probe(vlm)
-        store_verdict(key, verdict, steal.share)
         log.info("... compiled %.2f ms, eager %.2f ms per step", verdict["compiled_ms"], verdict["eager_ms"])
-        if steal.busy():
-            log.info("... %s: measured again by the next processes", steal.said())
+        store_verdict(key, verdict, steal)
     return bool(verdict.get("compiled_ms", float("inf")) <= WIN * verdict.get("eager_ms", 0.0))
 
 

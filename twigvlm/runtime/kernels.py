@@ -300,8 +300,6 @@ def cached_plan(found: list[nn.Linear]) -> KernelPlan:
     with StealMeter() as steal:
         plan = probe(found)
     log.info("... measured in %.1f s", plan.probe_s)
-    if steal.busy():
-        log.info("... %s: measured again by the next processes", steal.said())
     layouts = {f"{o}x{i}": {str(r): v for r, v in t.items()} for (o, i), t in plan.layouts.items()}
-    write_cached(name, layouts, steal=steal.share)
+    write_cached(name, layouts, steal=steal)
     return plan

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def cpuinfo_line(*prefixes: str) -> str | None:
@@ -92,19 +95,23 @@ def read_cached(name: str) -> Any:
         return None
 
 
-def write_cached(name: str, data: Any, steal: float | None = None) -> None:
+def write_cached(name: str, data: Any, steal: StealMeter | None = None) -> bool:
     """Cache `data` as JSON under `name`; an unwritable cache only costs the measurement next time. `steal`: the
-    share of the machine's time its host took while `data` was measured (`StealMeter`); above STEAL_LIMIT the next
-    processes measure again (each writing over it) until one measures calmly or BUSY_TRIES measurements were taken
-    under steal; a calm measurement is kept for good."""
+    meter read around the measurement of `data`; where the host took more than STEAL_LIMIT of the machine's time,
+    the next processes measure again (each writing over it) until one measures calmly or BUSY_TRIES measurements
+    were taken under steal, and the log says so; a calm measurement is kept for good. Returns whether it was
+    calm."""
     busy = _busy()
     before = dict(busy)
     tries = busy.pop(name, 0)
-    if steal is not None and steal > STEAL_LIMIT:
+    calm = steal is None or not steal.busy()
+    if not calm:
         busy[name] = tries + 1
+        log.info("... %s: measured again by the next processes", steal.said())
     if busy != before:
         _write(_BUSY, busy)
     _write(name, data)
+    return calm
 
 
 def _busy() -> dict[str, int]:
@@ -145,7 +152,7 @@ class StealMeter:
     host (a hypervisor) took while the block ran — steal, which the guest never sees as its own threads waiting —
     or None where the kernel does not count it (not Linux) or the block was too short to tell. On a shared VM
     a measurement taken under steal can be off by any amount (a probe under 30% steal put several products on a
-    slower kernel), and `write_cached(..., steal=meter.share)` has it measured again by the next processes."""
+    slower kernel), and `write_cached(..., steal=meter)` has it measured again by the next processes."""
 
     share: float | None = None
 

@@ -231,10 +231,7 @@ def _keep(name: str, tables: tuple, reductions: int, steal: StealMeter) -> None:
     if not (GOVERNOR.reductions == reductions and GOVERNOR.calm()):
         log.info("... for this process only: other work took this machine's cores meanwhile")
         return
-    cost_cache.store(name, tables, steal.share)
-    if steal.busy():
-        log.info("... %s: measured again by the next processes", steal.said())
-    else:
+    if cost_cache.store(name, tables, steal):  # (under steal, the store says it is measured again)
         log.info("... kept for later processes (in %s)", cache_dir())
 
 

@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 
 from ..runtime import native
-from ..runtime.machine import measurement_key, read_cached, write_cached
+from ..runtime.machine import StealMeter, measurement_key, read_cached, write_cached
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -72,10 +72,10 @@ def load(name: str) -> Tables | None:
     return (verify, level, base) if verify and level and base else None
 
 
-def store(name: str, tables: Tables, steal: float | None = None) -> None:
-    """Cache the tables under this key (an unwritable cache only costs the measurement next time; steal: as
-    `machine.write_cached` takes it)."""
-    write_cached(
+def store(name: str, tables: Tables, steal: StealMeter | None = None) -> bool:
+    """Cache the tables under this key (an unwritable cache only costs the measurement next time; steal, and
+    the answer, as `machine.write_cached`'s)."""
+    return write_cached(
         f"draft-costs-{name}.json",
         {part: {str(n): t for n, t in table.items()} for part, table in zip(PARTS, tables, strict=True)},
         steal=steal,

@@ -131,10 +131,10 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
 #define AHEAD(N) ((N) <= 4 ? 1 : 4)
 
 /* N rows of x [N, in] against weight rows o0..o1 of w [out, in] (type T, widened by LOAD/SCALAR), G weight rows
- * at a time. s: a scale per output row, or NULL. */
+ * at a time. */
 #define KERNEL(NAME, T, N, G)                                                                      \
-  static void NAME##_##N(const float *restrict x, const T *restrict w, const float *restrict s,    \
-                         const float *restrict b, float *restrict y, int64_t in, int64_t out,       \
+  static void NAME##_##N(const float *restrict x, const T *restrict w, const float *restrict b,    \
+                         float *restrict y, int64_t in, int64_t out,                                \
                          int64_t o0, int64_t o1) {                                                  \
     for (int64_t o = o0; o < o1; o += G) {                                                        \
       const int gn = o + G <= o1 ? G : (int)(o1 - o);                                             \
@@ -162,7 +162,6 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
         for (int r = 0; r < N; ++r) {                                                             \
           float sum = tree ? sums[g] : vsum(acc[g][r]);                                           \
           for (int64_t kk = k; kk < in; ++kk) sum += scalar_##NAME(w, (o + g) * in + kk) * x[r * in + kk]; \
-          if (s) sum *= s[o + g];                                                                 \
           y[r * out + o + g] = b ? sum + b[o + g] : sum;                                          \
         }                                                                                         \
     }                                                                                             \
@@ -177,12 +176,12 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
   KERNEL(NAME, T, 6, G5)                                                                           \
   KERNEL(NAME, T, 7, G5)                                                                           \
   KERNEL(NAME, T, 8, G5)                                                                           \
-  typedef void (*NAME##_fn)(const float *, const T *, const float *, const float *, float *, int64_t, int64_t, \
-                            int64_t, int64_t);                                                     \
+  typedef void (*NAME##_fn)(const float *, const T *, const float *, float *, int64_t, int64_t, int64_t, \
+                            int64_t);                                                              \
   static const NAME##_fn NAME##_BY_ROWS[9] = {0,         NAME##_1, NAME##_2, NAME##_3, NAME##_4,   \
                                               NAME##_5,  NAME##_6, NAME##_7, NAME##_8};            \
   /* thread t of nt computes its share of the output range (whole cache lines of y each) */        \
-  static void NAME##_span(const float *x, const T *w, const float *s, const float *b, float *y,    \
+  static void NAME##_span(const float *x, const T *w, const float *b, float *y,                    \
                           int64_t n, int64_t in, int64_t out, int t, int nt) {                     \
     int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16;                                           \
     int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;                                   \
@@ -191,18 +190,18 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
       int64_t t1 = t0 + TILE < o1 ? t0 + TILE : o1;                                               \
       for (int64_t r0 = 0; r0 < n; r0 += 8) {                                                     \
         int64_t m = n - r0 < 8 ? n - r0 : 8;                                                      \
-        NAME##_BY_ROWS[m](x + r0 * in, w, s, b, y + r0 * out, in, out, t0, t1);                   \
+        NAME##_BY_ROWS[m](x + r0 * in, w, b, y + r0 * out, in, out, t0, t1);                      \
       }                                                                                           \
     }                                                                                             \
   }                                                                                               \
-  static int NAME##_product(const float *x, const T *w, const float *s, const float *b, float *y,  \
+  static int NAME##_product(const float *x, const T *w, const float *b, float *y,                  \
                             int64_t n, int64_t in, int64_t out, int threads) {                     \
     if (n < 1 || in < 1 || out < 1) return 1;                                                     \
     if (threads < 1) threads = 1;                                                                 \
     _Pragma("omp parallel num_threads(threads)") {                                                \
       int t = 0, nt = 1;                                                                          \
       THREAD_IDS(t, nt);                                                                          \
-      NAME##_span(x, w, s, b, y, n, in, out, t, nt);                                              \
+      NAME##_span(x, w, b, y, n, in, out, t, nt);                                                 \
     }                                                                                             \
     return 0;                                                                                     \
   }
@@ -220,8 +219,8 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
  * product (8 rows of the demo's layers, weights cold: int8 1.25×, fp32 1.05×). Their 16 sums need AVX-512's 32
  * vector registers: with AVX2's 16 they spill (8 rows 1.5× slower), so there five to eight take one too; three
  * weight rows at a time run out of registers even with AVX-512. A group must divide TILE: a short group at a
- * tile's end runs the scalar loop. Which weight rows share a group
- * never changes a sum (each is its own accumulator, over the same steps in the same order). */
+ * tile's end runs the scalar loop. Which weight rows share a group never changes a sum (each is its own
+ * accumulator, over the same steps in the same order). */
 #if VEC == 16
 #define MANY 2
 #else
@@ -238,13 +237,13 @@ EXPAND(bf16, uint16_t, GBF16)
 /* x [n, in], w [out, in], b [out] or NULL, y [n, out]: all contiguous fp32. Returns 0, or 1 on bad sizes. */
 int twig_gemv(const float *x, const float *w, const float *b, float *y, int64_t n, int64_t in, int64_t out,
               int threads) {
-  return f32_product(x, w, NULL, b, y, n, in, out, threads);
+  return f32_product(x, w, b, y, n, in, out, threads);
 }
 
 /* As twig_gemv with w [out, in] in bf16 (raw 16-bit patterns). */
 int twig_gemv_bf16(const float *x, const uint16_t *w, const float *b, float *y, int64_t n, int64_t in,
                    int64_t out, int threads) {
-  return bf16_product(x, w, NULL, b, y, n, in, out, threads);
+  return bf16_product(x, w, b, y, n, in, out, threads);
 }
 
 /* float → bf16 bits, rounded to nearest even (NaN → the quiet NaN), as torch's float → bfloat16 conversion */

@@ -49,7 +49,7 @@ static void span(const twig_linear *L, const float *x, float *y, int64_t n, int 
   if (L->fmt == TWIG_I8)
     i8p_span(x, (const int8_t *)L->w, L->scale, L->bias, y, n, L->in, L->out, t, nt);
   else
-    f32_span(x, (const float *)L->w, NULL, L->bias, y, n, L->in, L->out, t, nt);
+    f32_span(x, (const float *)L->w, L->bias, y, n, L->in, L->out, t, nt);
 }
 
 /* y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, rows r of [n, d] (as LlamaRMSNorm, in fp32) */
@@ -217,7 +217,7 @@ static void layer_forward(const twig_layer *L, float *x, int64_t R, int64_t q, c
     const int64_t open = tail ? keys - m : len[r] + j + 1; /* keys the query sees whatever the tail says */
     const int64_t last = tail ? keys : len[r] + j + 1;
     const uint8_t *seen = tail ? tail + i * m : NULL; /* its row of the tail: [m] (i = r·q + j) */
-    f32_BY_ROWS[1](qv, kb, NULL, NULL, sc, D, last, 0, last); /* q · k for every visible key: [last] */
+    f32_BY_ROWS[1](qv, kb, NULL, sc, D, last, 0, last); /* q · k for every visible key: [last] */
     const float scaling = (float)L->scaling;
     float mx = -INFINITY;
     for (int64_t k = 0; k < last; ++k) {
