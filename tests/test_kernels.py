@@ -85,6 +85,31 @@ def test_native_kernel_is_identical_over_thread_counts(native_calls, weights):
             torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+@pytest.mark.parametrize(("d_out", "d_in"), [(301, 96), (64, 576), (37, 300)])
+def test_the_small_row_kernel_gives_a_row_the_same_bits_at_any_row_count(weights, d_out, d_in):
+    """Decoding multiplies one row, verification and a batch's steps 2 to 64: each output must have the same bits
+    either way (the one-row kernel sums its vector lanes in the order the others do), or a drafted token's check
+    could differ from plain decoding at a near-tie. Groups of weight rows short at a range's end, columns not a
+    multiple of 8, 1 and 3 threads."""
+    if native.gemv_library() is None:
+        pytest.skip("the native kernel is not built here")
+    torch.manual_seed(d_out * d_in)
+    w, b = torch.randn(d_out, d_in), torch.randn(d_out)
+    if weights == "bf16":
+        w, b = w.bfloat16(), b.bfloat16()
+    x = torch.randn(17, d_in)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            alone = torch.cat([native.gemv(x[r : r + 1].to(w.dtype), w, b) for r in range(17)])
+            for rows in (2, 3, 4, 5, 8, 9, 17):
+                assert torch.equal(native.gemv(x[:rows].to(w.dtype), w, b), alone[:rows]), (rows, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize(("d_out", "d_in"), [(48, 64), (37, 300), (5, 13), (300, 520)])
 def test_many_row_kernel_equals_the_fp64_reference_and_a_row_does_not_depend_on_its_neighbours(weights, d_out, d_in):

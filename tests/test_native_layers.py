@@ -110,6 +110,40 @@ def test_a_native_layer_matches_the_stock_layer(adapters, name, weights):
         assert relative(native_kv.values(), stock_kv.values()) < 1e-5
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("name", ["llama-clip", "qwen2-siglip", "odd", "group3"])
+def test_a_block_of_tokens_has_the_bits_of_one_token_at_a_time(adapters, name, weights):
+    """What makes verification lossless: a block of k new tokens through a native layer gives each token the bits,
+    output and cache, that it gets when the tokens come one at a time (decoding) — fp32 and int8 weights, blocks of
+    2 to 9 tokens (one-row and several-row products, a short group of weight rows at a range's end)."""
+    layer, rotary = layer_cases(adapters)[name]
+    layer = __import__("copy").deepcopy(layer)
+    if weights == "int8":
+        apply_quantization([layer], "int8")
+    hidden, cached = layer.input_layernorm.weight.shape[0], 5
+    gen = torch.Generator().manual_seed(11)
+    for rows in (2, 3, 8, 9):
+        x = torch.randn(1, cached + rows, hidden, generator=gen)
+        rope = rotary(x, torch.arange(cached + rows).view(1, -1))
+        ours, outs, caches = NativeLayers(rotary), [], []
+        with torch.inference_mode():
+            for step in ([rows], [1] * rows):  # the block at once, then the same tokens one at a time
+                kv, got, at = LayerKV(), [], cached
+                layer(x[:, :cached], attention_mask=None,
+                      position_ids=torch.arange(cached).view(1, -1), past_key_values=kv,
+                      position_embeddings=tuple(t[:, :cached] for t in rope))  # fmt: skip
+                for n in step:
+                    block = x[:, at : at + n]
+                    packed = ours.runs([layer], block, [kv], ())
+                    assert packed is not None, "the layer should run natively"
+                    got.append(ours.run(packed, block, tuple(t[:, at : at + n] for t in rope), [kv], None))
+                    at += n
+                outs.append(torch.cat(got, dim=1))
+                caches.append((kv.keys().clone(), kv.values().clone()))
+        assert torch.equal(outs[0], outs[1]), (rows, (outs[0] - outs[1]).abs().max().item())
+        assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1]), rows
+
+
 @pytest.mark.parametrize("name", ["llama-clip", "group3"])
 def test_a_draft_trees_tail_mask(adapters, name):
     layer, rotary = layer_cases(adapters)[name]

@@ -19,8 +19,19 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(TWIG_NO_AVX512)
+#if (defined(__AVX512F__) && defined(__AVX512BW__) && !defined(TWIG_NO_AVX512)) || \
+    (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+/* The sum of eight lanes as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): the order vsum8 sums each of its
+ * eight vectors in, so an output gets the same bits from a one-row product (vsum8) as from a product of several
+ * rows (vsum) — what keeps speculation's verification and a batch's rows equal to one-row decoding. */
+static inline float sum8(__m256 v) {
+  const __m256 t = _mm256_hadd_ps(v, v), u = _mm256_hadd_ps(t, t); /* lanes 0 and 4: the two halves' sums */
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(TWIG_NO_AVX512)
 #define VEC 16
 typedef __m512 vec;
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
@@ -34,13 +45,12 @@ static inline vec vload_i8(const int8_t *p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 static inline __m256 fold(vec v) { /* 16 lanes → 8: low half + high half */
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
+static inline float vsum(vec v) { return sum8(fold(v)); }
 #define HSUM8 1
 #elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 #define VEC 8
 typedef __m256 vec;
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
@@ -54,13 +64,8 @@ static inline vec vload_i8(const int8_t *p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 static inline __m256 fold(vec v) { return v; }
+static inline float vsum(vec v) { return sum8(v); }
 #define HSUM8 1
 #else /* portable: the compiler vectorises these 8-wide loops where it can */
 #define VEC 8
@@ -151,6 +156,12 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
             for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
           }                                                                                       \
         }                                                                                         \
+      else /* a short group at the end: the same sums, fewer rows (never the scalar loop's order) */ \
+        for (; k + VEC <= in; k += VEC)                                                           \
+          for (int g = 0; g < gn; ++g) {                                                          \
+            const vec wv = vload_##NAME(w + (o + g) * in + k);                                    \
+            for (int r = 0; r < N; ++r) acc[g][r] = vfma(wv, vload(x + r * in + k), acc[g][r]);   \
+          }                                                                                       \
       const int tree = N == 1 && G == 8 && gn == G; /* a full group of one row: the add tree */   \
       float sums[8];                                                                              \
       if (tree) {                                                                                 \
