@@ -174,9 +174,13 @@ def test_the_native_bf16_dequantisation_is_torchs_bit_for_bit(d_in, monkeypatch)
     want = (q.to(torch.float32) * scale[:, None]).to(torch.bfloat16)
     calls = native_spy(monkeypatch, "dequantize_bf16")
     got = dequantize(to_panels(q), scale, torch.bfloat16)
-    assert calls == [37] and got.dtype is torch.bfloat16
+    assert calls == [d_in] and got.shape == (37, d_in) and got.dtype is torch.bfloat16  # one call: its panel's columns
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    nan = native.dequantize_bf16(q[:2].contiguous(), torch.tensor([float("nan"), 1.0]))
+    many = torch.randint(-127, 128, (130, d_in), dtype=torch.int8)  # three panels, the last one partial
+    wide = torch.rand(130) * 10.0 ** torch.randint(-8, 3, (130,))
+    want = (many.to(torch.float32) * wide[:, None]).to(torch.bfloat16)
+    assert torch.equal(native.dequantize_bf16(to_panels(many), wide).view(torch.int16), want.view(torch.int16))
+    nan = native.dequantize_bf16(to_panels(q[:2]), torch.tensor([float("nan"), 1.0]))
     assert nan[0].isnan().all() and torch.equal(nan[1], q[1].to(torch.bfloat16))
 
 

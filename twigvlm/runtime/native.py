@@ -275,14 +275,15 @@ def _refused(rc: int, fn: Any, n: int, d_in: int, d_out: int) -> None:
     raise ValueError(f"native {fn.__name__} refused sizes n={n} in={d_in} out={d_out}")
 
 
-def dequantize_bf16(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """(qweight [out, in] int8, scale [out] fp32), both contiguous on the CPU → qweight · scale as bf16 [out, in], in
-    one pass (torch's widen, multiply and round, bit for bit); None where the kernel is unavailable."""
+def dequantize_bf16(panels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """(q [out, in] int8 stored as `panels` [⌈out / 64⌉, in, 64] (`quant.to_panels`), scale [out] fp32), both
+    contiguous on the CPU → q · scale as bf16 [out, in], in one pass (torch's widen, multiply and round, bit for
+    bit); None where the kernel is unavailable."""
     lib = gemv_library()
     if lib is None:
         return None
-    d_out, d_in = qweight.shape
+    d_out, d_in = scale.shape[0], panels.shape[1]
     w = torch.empty(d_out, d_in, dtype=torch.bfloat16)  # [out, in]
-    if lib.twig_dequant_bf16(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), d_out, d_in, torch.get_num_threads()):
+    if lib.twig_dequant_bf16(panels.data_ptr(), scale.data_ptr(), w.data_ptr(), d_out, d_in, torch.get_num_threads()):
         raise ValueError(f"native dequantisation refused sizes out={d_out} in={d_in}")
     return w

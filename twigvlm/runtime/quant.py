@@ -107,21 +107,22 @@ def dequantize(panels: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     """(panels of q [out, in] int8 (`to_panels`), scale [out]) → the weight they stand for, [out, in] in `dtype`
     (computed in fp32). bf16 on the CPU (a prompt's prefill, `prefill_products`) comes from the native kernel in
     one pass, the same bits."""
-    q = from_panels(panels, scale.shape[0])  # [out, in]
-    if dtype is torch.bfloat16 and _native_operands(q, scale):
-        w = native.dequantize_bf16(q, scale)
+    if dtype is torch.bfloat16 and _native_operands(panels, scale):
+        w = native.dequantize_bf16(panels, scale)  # straight from the panels: no copy of q in rows first
         if w is not None:
             return w
+    q = from_panels(panels, scale.shape[0])  # [out, in]
     return (q.to(torch.float32) * scale[:, None]).to(dtype)
 
 
-def _native_operands(q: torch.Tensor, scale: torch.Tensor) -> bool:
+def _native_operands(panels: torch.Tensor, scale: torch.Tensor) -> bool:
     return (
-        q.device.type == "cpu"
-        and q.dtype is torch.int8
+        panels.device.type == "cpu"
+        and panels.dtype is torch.int8
         and scale.dtype is torch.float32
-        and q.dim() == 2
-        and q.is_contiguous()
+        and panels.dim() == 3
+        and panels.shape[2] == PANEL
+        and panels.is_contiguous()
         and scale.is_contiguous()
         and not torch.compiler.is_compiling()
     )

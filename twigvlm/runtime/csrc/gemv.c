@@ -229,9 +229,9 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
  * of x take one weight row at a time; five to eight take two with AVX-512, which halves the loads of x per
  * product (8 rows of the demo's layers, weights cold: int8 1.25×, fp32 1.05×). Their 16 sums need AVX-512's 32
  * vector registers: with AVX2's 16 they spill (8 rows 1.5× slower), so there five to eight take one too; three
- * weight rows at a time run out of registers even with AVX-512. A group must divide TILE: a short group at a
- * tile's end runs the scalar loop. Which weight rows share a group never changes a sum (each is its own
- * accumulator, over the same steps in the same order). */
+ * weight rows at a time run out of registers even with AVX-512. A group must divide TILE: a short group (at the
+ * end of a shape whose size is not a multiple of it) runs the same vector loop over its rows. Which weight rows
+ * share a group never changes a sum (each is its own accumulator, over the same steps in the same order). */
 #if VEC == 16
 #define MANY 2
 #else
@@ -265,7 +265,18 @@ static inline uint16_t to_bf16(float f) {
   return (uint16_t)((c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16);
 }
 
-/* Eight or sixteen lanes of fp32 rounded to bf16 bits (as to_bf16) and stored at out. */
+/* Eight lanes of fp32 rounded to bf16 bits (as to_bf16) and stored at out (AVX2, also in AVX-512 builds). */
+#if defined(__AVX2__)
+static inline void store_bf16x8(uint16_t *out, __m256 f) {
+  const __m256i u = _mm256_castps_si256(f), one = _mm256_set1_epi32(1);
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+  r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08); /* 16-bit lanes 0-7 low */
+  _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(packed));
+}
+#endif
+
+/* A vector's lanes (eight or sixteen) rounded to bf16 bits (as to_bf16) and stored at out. */
 #if VEC == 16 && defined(__AVX512F__)
 static inline void store_bf16(uint16_t *out, vec f) {
   const __m512i u = _mm512_castps_si512(f), one = _mm512_set1_epi32(1);
@@ -274,32 +285,7 @@ static inline void store_bf16(uint16_t *out, vec f) {
   _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(r));
 }
 #elif VEC == 8 && defined(__AVX2__)
-static inline void store_bf16(uint16_t *out, vec f) {
-  const __m256i u = _mm256_castps_si256(f), one = _mm256_set1_epi32(1);
-  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-  r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08); /* 16-bit lanes 0-7 low */
-  _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(packed));
-}
+static inline void store_bf16(uint16_t *out, vec f) { store_bf16x8(out, f); }
 #else
 static inline void store_bf16(uint16_t *out, vec f) { for (int j = 0; j < VEC; ++j) out[j] = to_bf16(f.v[j]); }
 #endif
-
-/* w [rows, cols] bf16 bits = q [rows, cols] int8 · scale[row], rounded to bf16: in one pass what torch computes in
- * three (widen to fp32, multiply by the row's scale, round to bf16), with the same result bit for bit. A prompt's
- * prefill multiplies by the int8 weights this way (`quant.dequantize`). Returns 0, or 1 on bad sizes. */
-int twig_dequant_bf16(const int8_t *q, const float *scale, uint16_t *w, int64_t rows, int64_t cols, int threads) {
-  if (rows < 1 || cols < 1) return 1;
-  if (threads < 1) threads = 1;
-  _Pragma("omp parallel for num_threads(threads) schedule(static)")
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t *qr = q + r * cols;
-    uint16_t *wr = w + r * cols;
-    const float s = scale[r];
-    const vec sv = vset1(s);
-    int64_t k = 0;
-    for (; k + VEC <= cols; k += VEC) store_bf16(wr + k, vmul(vload_i8(qr + k), sv));
-    for (; k < cols; ++k) wr[k] = to_bf16((float)qr[k] * s);
-  }
-  return 0;
-}

@@ -150,6 +150,46 @@ static void i8p_pack(const int8_t *w, float *d, int64_t in, int64_t out, int64_t
 }
 GEMM(i8p, int8_t)
 
+/* w [out, in] bf16 bits = q · scale[row] rounded to bf16, q read from its panels p [ceil(out / PW)][in][PW]: in one
+ * pass what torch computes in three (widen to fp32, multiply by the row's scale, round to bf16), with the same
+ * result bit for bit (each element is its own product and rounding). A prompt's prefill multiplies by the int8
+ * weights this way on bf16-native CPUs (`quant.dequantize`). Panel by panel, eight columns at a time with AVX2 (a
+ * transpose of each 8 × 8 block), else VEC columns widened into a block of the panel's rows (in L1), then each
+ * row's values scaled, rounded and stored whole.
+ * Returns 0, or 1 on bad sizes. */
+int twig_dequant_bf16(const int8_t *p, const float *scale, uint16_t *w, int64_t out, int64_t in, int threads) {
+  if (out < 1 || in < 1) return 1;
+  if (threads < 1) threads = 1;
+  const int64_t panels = (out + PW - 1) / PW;
+  _Pragma("omp parallel for num_threads(threads) schedule(static)")
+  for (int64_t i = 0; i < panels; ++i) {
+    const int8_t *pp = p + i * in * PW;
+    const int64_t o0 = i * PW, rows = out - o0 < PW ? out - o0 : PW;
+    float block[PW][VEC]; /* [row of the panel][column]: VEC columns */
+    int64_t k = 0;
+#if PACK8 /* eight columns at a time: each eight rows' values widened, transposed into rows, rounded, stored */
+    for (; k + 8 <= in; k += 8)
+      for (int64_t j = 0; j < rows; j += 8) {
+        __m256 r[8];
+        for (int c = 0; c < 8; ++c)
+          r[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(pp + (k + c) * PW + j))));
+        transpose8(r); /* r[l]: row j + l, columns k .. k + 7 */
+        for (int l = 0; l < 8 && j + l < rows; ++l)
+          store_bf16x8(w + (o0 + j + l) * in + k, _mm256_mul_ps(r[l], _mm256_set1_ps(scale[o0 + j + l])));
+      }
+#endif
+    for (; k + VEC <= in; k += VEC) {
+      for (int c = 0; c < VEC; ++c)
+        for (int j = 0; j < PW; ++j) block[j][c] = (float)pp[(k + c) * PW + j];
+      for (int64_t j = 0; j < rows; ++j)
+        store_bf16(w + (o0 + j) * in + k, vmul(vload(block[j]), vset1(scale[o0 + j])));
+    }
+    for (; k < in; ++k)
+      for (int64_t j = 0; j < rows; ++j) w[(o0 + j) * in + k] = to_bf16((float)pp[k * PW + j] * scale[o0 + j]);
+  }
+  return 0;
+}
+
 /* x [n, in] fp32, p [ceil(out / PW)][in][PW] int8 (panels), s [out] fp32, b [out] fp32 or NULL, y [n, out] fp32.
  * Returns 0, or 1 on bad sizes. */
 int twig_panel_i8(const float *x, const int8_t *p, const float *s, const float *b, float *y, int64_t n, int64_t in,
