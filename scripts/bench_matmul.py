@@ -12,6 +12,7 @@ and on twigvlm's native kernels (`runtime/native.py`, where a C compiler builds 
     native fp32   `native.gemv`: each weight row streamed once for all rows of x
     native int8   `native.panel_int8` on the weights quantised per output row (stored in panels)
     gemm fp32 / gemm int8   `native.gemm` / `native.gemm_int8`, the many-row kernel (a prompt's rows)
+    lanes fp32   `native.gemm_lanes`, the many-row kernel's tiles summing in native fp32's order (a step's rows)
     int8 dequantised · nn.Linear   what int8 weights ran over a prompt's rows before the many-row kernel
 
 Weights are fresh random tensors far larger than the CPU caches, so each pass streams them from memory as a
@@ -23,6 +24,7 @@ instead of the median); with --head V, the same for an LM head of V rows alone.
     .venv/bin/python scripts/bench_matmul.py [--layers 30] [--hidden 576] [--mlp 1536] [--kv 192] [--repeats 15]
     .venv/bin/python scripts/bench_matmul.py --rows 1,4,8,16 --head 49152
     .venv/bin/python scripts/bench_matmul.py --prompt --repeats 15 --best
+    .venv/bin/python scripts/bench_matmul.py --prompt --rows 16,32,64,104 --head 49152 --best
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def table(weights: list[torch.Tensor], rows: list[int], repeats: int, prompt: bo
         ways["native fp32"] = lambda x, i: native.gemv(x, weights[i])
         if prompt:
             ways["gemm fp32"] = lambda x, i: native.gemm(x, weights[i])
+            ways["lanes fp32"] = lambda x, i: native.gemm_lanes(x, weights[i])
             ways["int8 dequantised · nn.Linear"] = lambda x, i: torch.nn.functional.linear(x, dequantize(*quantized[i]))
         ways["native int8"] = lambda x, i: native.panel_int8(x, *quantized[i])
         if prompt:

@@ -47,7 +47,8 @@ def test_fast_linear_equals_nn_linear(layout, d_in, bias, monkeypatch):
         x = torch.randn(6, 2 * d_in)[:, ::2]  # a strided input
         torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-6)
     # products up to 64 rows ran the native kernel under "gemv"; past the plan's largest row count, nn.Linear —
-    # except where the largest count's layout is "gemm", which runs every larger count too
+    # except where the largest count's layout is "gemm", which runs every larger count too, and in a step (not
+    # inside `bulk_products`) where one row runs "gemv": there gemv's order on gemm's tiles ("lanes")
     up_to_64 = [n for n in range(1, 18)] + [64, 6, 1, 63]
     assert native_calls == {"gemv": [*up_to_64, 6], "gemm": [*up_to_64, 100, 6], "wxt": []}[layout]
     seen = list(native_calls)
@@ -86,26 +87,30 @@ def test_native_kernel_is_identical_over_thread_counts(native_calls, weights):
 
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
-@pytest.mark.parametrize(("d_out", "d_in"), [(301, 96), (64, 576), (37, 300)])
+@pytest.mark.parametrize(("d_out", "d_in"), [(301, 96), (64, 576), (37, 300), (40, 13)])
 def test_the_small_row_kernel_gives_a_row_the_same_bits_at_any_row_count(weights, d_out, d_in):
-    """Decoding multiplies one row, verification and a batch's steps 2 to 64: each output must have the same bits
-    either way (the one-row kernel sums its vector lanes in the order the others do), or a drafted token's check
-    could differ from plain decoding at a near-tie. Groups of weight rows short at a range's end, columns not a
-    multiple of 8, 1 and 3 threads."""
+    """Decoding multiplies one row, verification and a batch's steps 2 to 256: each output must have the same bits
+    either way (the one-row kernel sums its vector lanes in the order the others do, and the lane-order tiles of
+    the many-row kernel, `gemm_lanes`, in that order too), or a drafted token's check could differ from plain
+    decoding at a near-tie. Groups of weight rows short at a range's end, partial panels, columns not a multiple
+    of 8, row counts not a multiple of a tile's, with and without a bias, 1 and 3 threads."""
     if native.gemv_library() is None:
         pytest.skip("the native kernel is not built here")
     torch.manual_seed(d_out * d_in)
     w, b = torch.randn(d_out, d_in), torch.randn(d_out)
     if weights == "bf16":
         w, b = w.bfloat16(), b.bfloat16()
-    x = torch.randn(17, d_in)
+    x = torch.randn(40, d_in).to(w.dtype)
     threads = torch.get_num_threads()
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            alone = torch.cat([native.gemv(x[r : r + 1].to(w.dtype), w, b) for r in range(17)])
-            for rows in (2, 3, 4, 5, 8, 9, 17):
-                assert torch.equal(native.gemv(x[:rows].to(w.dtype), w, b), alone[:rows]), (rows, n)
+            for bias in (b, None):
+                alone = torch.cat([native.gemv(x[r : r + 1], w, bias) for r in range(40)])
+                for rows in (2, 3, 4, 5, 8, 9, 17, 40):
+                    assert torch.equal(native.gemv(x[:rows], w, bias), alone[:rows]), (rows, n)
+                for rows in (1, 6, 7, 16, 17, 40):
+                    assert torch.equal(native.gemm_lanes(x[:rows], w, bias), alone[:rows]), (rows, n)
     finally:
         torch.set_num_threads(threads)
 
@@ -207,6 +212,67 @@ def test_the_plan_picks_by_row_count():
     assert plan.layout((5, 5), 2) == "linear"  # a shape the probe never saw
     many = KernelPlan({(8, 4): {1: "gemv", 16: "gemm", 512: "gemm"}})
     assert [many.layout((8, 4), n) for n in (1, 15, 16, 511, 512, 513, 4096)] == ["gemv"] * 2 + ["gemm"] * 5
+
+
+STEP_PLAN = {1: "gemv", 16: "gemm", 32: "wxt", 64: "linear", 512: "gemm"}  # one row on gemv, more on the others
+
+
+def test_a_steps_product_gives_each_row_its_one_row_bits_at_any_row_count(monkeypatch):
+    """Outside a pass over whole sequences (decoding, verification, a batch's step) a weight whose one-row layout
+    is the native kernel keeps its order of additions at every row count — the kernel itself, or from BLOCK_ROWS
+    rows on the many-row kernel's tiles in its order — so each row of a product of n rows has the bits of its own
+    one-row product (the plan's faster many-row layouts sum in another order); inside `bulk_products` each row
+    count takes its measured layout, and a plan whose one row runs another layout is followed in steps too."""
+    calls = {name: native_spy(monkeypatch, name) for name in ("gemv", "gemm", "gemm_lanes")}
+    torch.manual_seed(3)
+    lin = nn.Linear(40, 72)
+    apply_kernels([lin], "auto", KernelPlan({(72, 40): dict(STEP_PLAN)}))
+    x = torch.randn(600, 40)
+    counts = (2, 5, 16, 33, 64, 100, 600)
+    with torch.inference_mode():
+        alone = torch.cat([lin(x[i : i + 1]) for i in range(600)])  # [600, 72], one row at a time
+        for n in counts:
+            assert torch.equal(lin(x[:n]), alone[:n]), n
+            assert torch.equal(lin(x[:n].view(1, n, 40)), alone[:n].view(1, n, 72)), n
+        # a step: gemv below BLOCK_ROWS rows, gemv's order on gemm's tiles from there (where gemv did not win)
+        assert calls["gemv"] == [1] * 600 + [2, 2, 5, 5] and not calls["gemm"]
+        assert calls["gemm_lanes"] == [n for n in counts[2:] for _ in range(2)]
+        calls["gemv"].clear()
+        calls["gemm_lanes"].clear()
+        with kernels.bulk_products():
+            many = {n: lin(x[:n]) for n in counts}
+        assert calls["gemv"] == [2, 5] and calls["gemm"] == [16, 600]  # 33, 64, 100 rows: wxt, nn.Linear
+        assert not calls["gemm_lanes"]
+        assert not torch.equal(many[600], alone), "the test needs the many-row kernel to sum in another order"
+    plan = KernelPlan({(8, 4): {1: "wxt", 16: "gemm", 512: "gemm"}})
+    assert [plan.layout((8, 4), n, bulk=False) for n in (1, 16, 600)] == ["wxt", "gemm", "gemm"]
+    plan = KernelPlan({(8, 4): {1: "gemv", 8: "wxt", 16: "gemv", 32: "gemm"}})
+    steps = [plan.layout((8, 4), n, bulk=False) for n in (1, 8, 15, 16, 31, 32, 64)]
+    assert steps == ["gemv", "gemv", "gemv", "gemv", "gemv", "lanes", "lanes"]
+
+
+def test_verification_gives_each_token_the_logits_of_its_decode_step(model_dirs):
+    """End to end on native layers and the LM head, with a plan whose many-row layouts differ from one row's: a
+    block of 20 new tokens (a tree's verification) through the whole model gives each token the bits it gets when
+    the tokens come one at a time, logits and cache."""
+    vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock")
+    shapes = {(lin.out_features, lin.in_features) for lin in linears(vlm.kernel_modules())}
+    vlm.kernel_plan = KernelPlan({s: dict(STEP_PLAN) for s in shapes})
+    vlm.set_kernels("auto")
+    if vlm.engine.native is None:
+        pytest.skip("the native layers cannot be built here")
+    enc = vlm.encode(random_prompt(2, 6), [random_image(2)])
+    ids = torch.randint(3, vlm.adapter.lm_head.out_features, (1, 20), generator=torch.Generator().manual_seed(4))
+    logits, caches = [], []
+    with torch.inference_mode():
+        for block in (20, 1):
+            state = vlm.engine.new_state()
+            vlm.engine.prefill(state, enc)
+            logits.append(torch.cat([vlm.engine.step(state, ids[:, i : i + block]) for i in range(0, 20, block)], 1))
+            caches.append([t.clone() for kv in state.cache.layers for t in (kv.keys(), kv.values())])
+    assert torch.equal(logits[0], logits[1]), (logits[0] - logits[1]).abs().max().item()
+    assert all(torch.equal(a, b) for a, b in zip(*caches, strict=True))
+    vlm.set_kernels("stock")
 
 
 def test_prompt_sized_row_counts_try_only_the_native_kernel_on_a_slice_of_the_weights(monkeypatch):

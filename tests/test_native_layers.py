@@ -110,19 +110,32 @@ def test_a_native_layer_matches_the_stock_layer(adapters, name, weights):
         assert relative(native_kv.values(), stock_kv.values()) < 1e-5
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
 @pytest.mark.parametrize("name", ["llama-clip", "qwen2-siglip", "odd", "group3"])
-def test_a_block_of_tokens_has_the_bits_of_one_token_at_a_time(adapters, name, weights):
+def test_a_block_of_tokens_has_the_bits_of_one_token_at_a_time(adapters, name, weights, threads):
     """What makes verification lossless: a block of k new tokens through a native layer gives each token the bits,
     output and cache, that it gets when the tokens come one at a time (decoding) — fp32 and int8 weights, blocks of
-    2 to 9 tokens (one-row and several-row products, a short group of weight rows at a range's end)."""
+    2 to 17 tokens (one-row and several-row products, a short group of weight rows at a range's end, the lane-order
+    tiles from 16 rows), on 1 and 3 threads (where the threads' shares of the MLP's activations start depends on
+    the block's size: the odd layer's SiLU put an element on the vector path in one and the scalar one in the
+    other before)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the team the native layers run on
+    try:
+        block_and_tokens(adapters, name, weights)
+    finally:
+        torch.set_num_threads(before)
+
+
+def block_and_tokens(adapters, name: str, weights: str) -> None:
     layer, rotary = layer_cases(adapters)[name]
     layer = __import__("copy").deepcopy(layer)
     if weights == "int8":
         apply_quantization([layer], "int8")
     hidden, cached = layer.input_layernorm.weight.shape[0], 5
     gen = torch.Generator().manual_seed(11)
-    for rows in (2, 3, 8, 9):
+    for rows in (2, 3, 8, 9, 17):  # 17: the fp32 products on the many-row kernel's tiles (in one-row order)
         x = torch.randn(1, cached + rows, hidden, generator=gen)
         rope = rotary(x, torch.arange(cached + rows).view(1, -1))
         ours, outs, caches = NativeLayers(rotary), [], []

@@ -28,6 +28,7 @@ from .adapters.base import Encoded, VLMAdapter
 from .runtime import interrupt
 from .runtime.cache import KVCache, LayerKV
 from .runtime.compiled import KINDS, UNDRAFTED_KINDS, StepPrograms
+from .runtime.kernels import bulk_products
 from .runtime.native_layers import NativeLayers
 from .runtime.quant import Int8Linear, int8_product, select_rows
 from .runtime.sdpa import grouped_heads_with_masks
@@ -352,11 +353,13 @@ class Engine:
     def shallow_logits(self, encoded: Encoded) -> torch.Tensor:
         """The shallow net without a cache (layers 1..K → twig → norm → head): logits [B, S, V]."""
         assert self.twig is not None, "no twig is attached"
-        hidden = self.forward(
-            None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K, encoded.layer_adds
-        )
-        return self.twig_logits(self.forward_twig(None, hidden, encoded.position_ids))
+        with bulk_products():
+            hidden = self.forward(
+                None, encoded.inputs_embeds, encoded.position_ids, 0, self.twig.config.K, encoded.layer_adds
+            )
+            return self.twig_logits(self.forward_twig(None, hidden, encoded.position_ids))
 
     def full_logits(self, encoded: Encoded) -> torch.Tensor:
         """The whole base model without a cache: logits [B, S, V] (a reference for tests and scorers)."""
-        return self.logits(self.forward(None, encoded.inputs_embeds, encoded.position_ids, adds=encoded.layer_adds))
+        with bulk_products():
+            return self.logits(self.forward(None, encoded.inputs_embeds, encoded.position_ids, adds=encoded.layer_adds))

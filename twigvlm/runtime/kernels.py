@@ -20,6 +20,15 @@ result from it does not depend on the rows beside it, so a batch's prefill gives
 alone); the plan is cached on disk per CPU, thread count, dtype, shapes, kernel build and probed row counts.
 Products that need gradients (twig training) always run `F.linear`; the native kernels take fp32 and bf16 weights.
 
+The plan's choice per row count holds inside a pass over whole sequences (`bulk_products`: a prompt's prefill,
+training's passes without gradient, scoring). Outside it — decoding, drafting, verification, a batch's step — a
+weight whose one-row layout is "gemv" keeps gemv's order of additions at every row count, so a token's logits in
+a tree's verification or in a batch of 8 × 5 rows are those of its one-row decode step, and speculation and
+batching stay lossless (BLAS and "gemm" sum in other orders): "gemv" where the plan has it, and from BLOCK_ROWS
+rows on, where the plan found a blocked product faster, "lanes" — `native.gemm_lanes`, gemm's tiles summing in
+gemv's order, within about 10% of "gemm" (the demo's LM head on AVX2: 16.8 ms at 32 rows against gemm's 15.9
+and gemv's 21.9; 41.9 against 37.9 and 67.7 at 104).
+
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
 change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. ("products" does what "auto" does
 here; the two differ one floor up, where "auto" also runs whole ranges of decoder layers natively:
@@ -34,6 +43,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +65,20 @@ BLOCK_BYTES = 16 * 2**20  # … so less weight shows the same: this much, for ro
 PROMPT_BYTES = 4 * 2**20  # … and this much for prompt-sized row counts
 WIN = 0.9  # an alternative layout is taken where it needs at most this share of nn.Linear's time
 LAYOUTS = ("linear", "wxt", "gemv", "gemm")  # F.linear; (W · xᵀ)ᵀ; the native kernels (few rows, many rows)
+# (and "lanes", never probed: a step's many-row products where one row runs "gemv" — `KernelPlan.layout`)
+_BULK: ContextVar[bool] = ContextVar("twigvlm_bulk_products", default=False)
+
+
+@contextlib.contextmanager
+def bulk_products() -> Iterator[None]:
+    """Inside the block — a pass over whole sequences: a prompt's prefill, training's passes without gradient —
+    every product takes the layout measured fastest for its row count; outside it, a step's products keep one-row
+    decoding's bits at every row count (see the module)."""
+    token = _BULK.set(True)
+    try:
+        yield
+    finally:
+        _BULK.reset(token)
 
 
 @dataclass
@@ -64,16 +88,21 @@ class KernelPlan:
     layouts: dict[tuple[int, int], dict[int, str]]
     probe_s: float = 0.0
     cached: bool = False
-    _memo: dict[tuple[tuple[int, int], int], str] = field(default_factory=dict, repr=False, compare=False)
+    _memo: dict[tuple[tuple[int, int], int, bool], str] = field(default_factory=dict, repr=False, compare=False)
 
-    def layout(self, shape: tuple[int, int], rows: int) -> str:
-        key = (shape, rows)
+    def layout(self, shape: tuple[int, int], rows: int, bulk: bool = True) -> str:
+        """The layout for `rows` rows of a weight of `shape`: the measured one in a pass over whole sequences
+        (`bulk`); in a step (not `bulk`) where one row runs "gemv", gemv's bits at every row count: "gemv", or
+        "lanes" from BLOCK_ROWS rows on where another layout measured faster."""
+        key = (shape, rows, bulk)
         found = self._memo.get(key)
         if found is None:
             table = self.layouts.get(shape)
             probed = [r for r in table if r <= rows] if table else []
             last = max(table) if table else 0
             found = table[max(probed)] if probed and (rows <= last or table[last] == "gemm") else "linear"
+            if table and not bulk and table[min(table)] == "gemv" and found != "gemv":
+                found = "gemv" if rows < BLOCK_ROWS else "lanes"
             self._memo[key] = found
         return found
 
@@ -104,13 +133,15 @@ class FastLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         d_in, d_out = self.in_features, self.out_features
         rows = x.numel() // d_in
-        layout = self.kernel_plan.layout((d_out, d_in), rows)
+        layout = self.kernel_plan.layout((d_out, d_in), rows, _BULK.get())
         if layout == "linear" or rows == 0:
             return F.linear(x, self.weight, self.bias)
         weight, bias = self.weight, self.bias
         flat = x.reshape(rows, d_in)  # [n, in]
         if layout == "gemv" and native.takes(flat, weight, bias):
             out = native.gemv(flat, weight, bias)  # [n, out]
+        elif layout == "lanes" and native.takes(flat, weight, bias):
+            out = native.gemm_lanes(flat, weight, bias)  # [n, out], gemv's bits
         elif layout == "gemm" and native.takes(flat, weight, bias):
             out = native.gemm(flat, weight, bias)  # [n, out]
         else:
@@ -121,9 +152,10 @@ class FastLinear(nn.Linear):
 
     def _traced(self, x: torch.Tensor) -> torch.Tensor:
         """The product as a compiled step traces it (`runtime/compiled.py`): the plan's layout for the program's
-        rows (one query, or a block of dynamic size: the layout measured for BLOCK_ROWS rows), the native kernel
-        through its torch op."""
-        layout = self.kernel_plan.layout((self.out_features, self.in_features), compiled.NATIVE.rows)
+        rows (one query, or a block of dynamic size: the layout measured for BLOCK_ROWS rows; a step's, as
+        eagerly), the native kernel through its torch op."""
+        shape = (self.out_features, self.in_features)
+        layout = self.kernel_plan.layout(shape, compiled.NATIVE.rows, bulk=False)
         weight = self.weight
         native_ok = (
             compiled.NATIVE.ready
@@ -133,7 +165,7 @@ class FastLinear(nn.Linear):
             and weight.is_contiguous()
             and (self.bias is None or self.bias.is_contiguous())
         )  # what `native.takes` checks eagerly; the program's key holds these facts of every layer it runs
-        if layout == "gemv" and native_ok:
+        if layout in ("gemv", "lanes") and native_ok:  # (a block program's rows on gemv: the same bits)
             return compiled.traced_gemv(x, self.weight, self.bias)
         if layout == "wxt":
             out = torch.mm(self.weight, x.reshape(-1, self.in_features).t()).t()  # [n, out]

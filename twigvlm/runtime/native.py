@@ -6,9 +6,10 @@ bandwidth on many CPUs (on AMD ones it takes a generic path); the product is bou
 plain kernel that streams each weight row once for all rows does better. Over a prompt's hundreds of rows, where a
 product is bound by arithmetic, a second kernel (`csrc/gemm.c`, `gemm`) copies the weights into panels and keeps
 a block of the result in registers, as BLAS libraries do (the kernel plan picks between them, and MKL, by
-measurement). The library is compiled at first use with the machine's compiler (`$CC`, else `cc`, `gcc`,
-`clang`) for this CPU (`-march=native`) and OpenMP, into the twigvlm cache (`$TWIGVLM_CACHE/native`, keyed by the
-source, the compiler, the flags and the CPU), in a few seconds.
+measurement). `gemm_lanes` runs gemm's tiles in gemv's order of additions: a step's many rows at about gemm's
+speed with the bits of one-row decoding. The library is compiled at first use with the machine's compiler
+(`$CC`, else `cc`, `gcc`, `clang`) for this CPU (`-march=native`) and OpenMP, into the twigvlm cache
+(`$TWIGVLM_CACHE/native`, keyed by the source, the compiler, the flags and the CPU), in a few seconds.
 Where no compiler works the kernel is simply unavailable: `gemv_library()` returns None, `build_error()` says why,
 and the kernel plan never picks it. The OpenMP runtime is the libgomp that torch already loaded, so the kernel runs
 on torch's threads (`torch.get_num_threads()`, which `--threads` sets) rather than on a second pool.
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("csrc/gemv.c", "csrc/gemm.c", "csrc/panel.c", "csrc/barrier.h", "csrc/layer.c")  # layer.c: the rest
 # The product entry points and their pointer arguments (x, w, [scale,] b, y), each followed by n, in, out, threads.
-ENTRY_POINTERS = {f"twig_{k}": 4 for k in ("gemv", "gemv_bf16", "gemm", "gemm_bf16")} | {
+ENTRY_POINTERS = {
+    f"twig_{k}": 4 for k in ("gemv", "gemv_bf16", "gemm", "gemm_bf16", "gemm_lanes", "gemm_lanes_bf16")
+} | {
     "twig_panel_i8": 5,
     "twig_gemm_i8": 5,
 }
@@ -190,6 +193,12 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """As `gemv` on the many-row kernel (`csrc/gemm.c`: a prompt's rows), whose result for a row does not depend
     on the other rows multiplied with it."""
     return _product("gemm", x, weight, bias)
+
+
+def gemm_lanes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As `gemv`, bit for bit, on the many-row kernel's tiles (`csrc/gemm.c`, each output summed in gemv's order):
+    a step's many-row products (a tree's verification, a batch's step) at about `gemm`'s speed."""
+    return _product("gemm_lanes", x, weight, bias)
 
 
 def _product(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from ..adapters.base import Encoded, VLMAdapter
 from ..adapters.capabilities import ChatTraining, require
 from ..engine import Engine
+from ..runtime.kernels import bulk_products
 from ..twig.model import Twig
 from .data import IGNORE_INDEX
 
@@ -47,7 +48,7 @@ class TwigObjective(nn.Module):
     def _layer_k(self, input_ids: torch.Tensor, pixel_values: Any) -> tuple[torch.Tensor, Encoded]:
         """Base layers 1..K on the batch, without gradient: hidden states [B, T, H] and the batch as the adapter
         encodes it (positions [B, T], or [3, B, T] for M-RoPE, and layer additions) — as inference does."""
-        with torch.no_grad():
+        with torch.no_grad(), bulk_products():
             enc = self.trainable.embed_inputs(input_ids, pixel_values)
             hidden = self.engine.forward(
                 None, enc.inputs_embeds, enc.position_ids, 0, self.twig.config.K, enc.layer_adds
@@ -66,7 +67,7 @@ class TwigObjective(nn.Module):
 
     def _base_logits(self, hidden_k: torch.Tensor, enc: Encoded, where: torch.Tensor) -> torch.Tensor:
         """The full base's logits [N, V] at the selected positions, without gradient (layers K+1..L)."""
-        with torch.no_grad():
+        with torch.no_grad(), bulk_products():
             K = self.twig.config.K
             deep = self.engine.forward(None, hidden_k, enc.position_ids, K, adds=enc.layer_adds)  # [B, T, H]
             return self.engine.logits(deep[:, :-1][where]).float()

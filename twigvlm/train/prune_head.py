@@ -30,6 +30,7 @@ from ..engine import Engine
 from ..errors import TwigVLMError
 from ..inputs.named import load_model, twig_directory
 from ..runtime.cache import KVCache
+from ..runtime.kernels import bulk_products
 from ..twig.model import Twig, load_twig, read_twig_config, save_twig
 from .config import TrainConfig, resolve_device
 from .data import IGNORE_INDEX, LlavaDataset
@@ -78,7 +79,8 @@ def _examples(engine: Engine, data: LlavaDataset, A: int, desc: str) -> list[Exa
         enc = trainable.embed_inputs(item["input_ids"][None, : q + 1], item["pixel_values"])
         if enc.num_visual_tokens == 0:
             continue
-        below = engine.forward(None, enc.inputs_embeds, enc.position_ids, 0, A - 1, enc.layer_adds)  # [1, S, H]
+        with bulk_products():
+            below = engine.forward(None, enc.inputs_embeds, enc.position_ids, 0, A - 1, enc.layer_adds)  # [1, S, H]
         layer = adapter.layers[A - 1]
         keys, _ = adapter.project_kv(layer, below, adapter.rotary(below, enc.position_ids))
         qidx = torch.tensor([q], device=below.device)
@@ -92,7 +94,7 @@ def _examples(engine: Engine, data: LlavaDataset, A: int, desc: str) -> list[Exa
 def _student(engine: Engine, twig: Twig, ex: Example) -> torch.Tensor:
     """The pruning head's scores [M] for one prompt: the twig's layers run without gradient, the head with it."""
     adapter, enc = engine.adapter, ex.inputs
-    with torch.no_grad():
+    with torch.no_grad(), bulk_products():
         hidden_k = engine.forward(None, enc.inputs_embeds, enc.position_ids, 0, twig.config.K, enc.layer_adds)
         caches = KVCache(len(twig.layers)).layers
         below = engine._all_but_last(twig.layers, hidden_k, enc.position_ids, caches)  # the last layer's input

@@ -97,6 +97,18 @@ static inline vec vload_part(const float *p, int n) {
   return vload(tmp);
 }
 
+/* Column k of a panel p [·][NR] into the M × NR block of sums a0, a1 (rows of x at stride ldx): two loads of the
+ * panel, M broadcasts of x[r, k], 2·M FMAs. */
+#define COLUMN(M, k)                                                                               \
+  {                                                                                                \
+    const vec b0 = vload(p + (k) * NR), b1 = vload(p + (k) * NR + VEC);                            \
+    for (int r = 0; r < M; ++r) {                                                                  \
+      const vec xr = vset1(x[r * ldx + (k)]);                                                      \
+      a0[r] = vfma(xr, b0, a0[r]);                                                                 \
+      a1[r] = vfma(xr, b1, a1[r]);                                                                 \
+    }                                                                                              \
+  }
+
 /* M rows of x (row stride ldx) times one panel [kc][NR] into y (row stride ldy), the first `cols` ≤ NR outputs
  * valid: y starts from zero on the first block and from what it holds on the others; on the last block each
  * output is multiplied by its scale s and the bias b is added (each NULL, or the panel's outputs'). */
@@ -110,14 +122,7 @@ static inline vec vload_part(const float *p, int n) {
       a0[r] = first ? vzero() : cols == NR ? vload(y + r * ldy) : vload_part(y + r * ldy, n0);       \
       a1[r] = first ? vzero() : cols == NR ? vload(y + r * ldy + VEC) : vload_part(y + r * ldy + VEC, n1); \
     }                                                                                               \
-    for (int64_t k = 0; k < kc; ++k) {                                                              \
-      const vec b0 = vload(p + k * NR), b1 = vload(p + k * NR + VEC);                               \
-      for (int r = 0; r < M; ++r) {                                                                 \
-        const vec xr = vset1(x[r * ldx + k]);                                                       \
-        a0[r] = vfma(xr, b0, a0[r]);                                                                \
-        a1[r] = vfma(xr, b1, a1[r]);                                                                \
-      }                                                                                             \
-    }                                                                                               \
+    for (int64_t k = 0; k < kc; ++k) COLUMN(M, k)                                                   \
     if (last && (s || b)) { /* sum · s + b, one rounding with both (as panel.c's): never left to contraction */ \
       const vec s0 = s ? vload_part(s, n0) : vzero(), s1 = s ? vload_part(s + VEC, n1) : vzero();   \
       const vec c0 = b ? vload_part(b, n0) : vzero(), c1 = b ? vload_part(b + VEC, n1) : vzero();   \
@@ -188,6 +193,115 @@ static float *gemm_panels(void) {
   }
 GEMM(f32, float)
 GEMM(bf16, uint16_t)
+
+/* ---- gemv.c's order of additions on this kernel's tiles: the many-row products of decode-time steps ----------
+ *
+ * A verification or a batch's step multiplies 16 to 256 rows, where this kernel is 1.4-1.5× faster than gemv.c's
+ * (the demo's LM head on AVX2); but a step's token must get the bits of its one-row decode step, which gemv.c
+ * sums in another order: per output, VEC partial sums p_j over the columns k ≡ j (mod VEC), each in order, then
+ * those VEC sums by vsum, then the columns past the last whole vector one by one. The lane-order tile computes
+ * exactly that: VEC passes over a panel (pass j reads columns j, j + VEC, j + 2·VEC …, broadcast x by packed
+ * column as in `micro_`), each pass's MR × NR block of partial sums kept aside, then vsum_across them, the tail
+ * columns and the bias as gemv.c adds them. Panels hold every column of NR outputs (no KC blocks: a partial sum
+ * runs over all of them). */
+#define LANES(M)                                                                                   \
+  static void lanes_##M(const float *restrict x, int64_t ldx, const float *restrict p, int64_t in,  \
+                        float *restrict y, int64_t ldy, int cols, const float *restrict b) {        \
+    const int64_t kv = in / VEC * VEC; /* columns summed in vector lanes; the rest one by one */    \
+    vec part[VEC][M][2];                                                                            \
+    for (int j = 0; j < VEC; ++j) {                                                                 \
+      vec a0[M], a1[M];                                                                             \
+      for (int r = 0; r < M; ++r) a0[r] = vzero(), a1[r] = vzero();                                 \
+      for (int64_t k = j; k < kv; k += VEC) COLUMN(M, k)                                            \
+      for (int r = 0; r < M; ++r) part[j][r][0] = a0[r], part[j][r][1] = a1[r];                     \
+    }                                                                                               \
+    for (int r = 0; r < M; ++r) {                                                                   \
+      float sums[NR];                                                                               \
+      for (int h = 0; h < 2; ++h) {                                                                 \
+        vec lanes[VEC];                                                                             \
+        for (int j = 0; j < VEC; ++j) lanes[j] = part[j][r][h];                                     \
+        const vec sum = vsum_across(lanes);                                                         \
+        if (kv == in && cols == NR) /* no column left over, a whole panel: straight to y */         \
+          vstore(y + r * ldy + h * VEC, b ? vadd(sum, vload(b + h * VEC)) : sum);                   \
+        else                                                                                        \
+          vstore(sums + h * VEC, sum);                                                              \
+      }                                                                                             \
+      if (kv == in && cols == NR) continue;                                                         \
+      for (int c = 0; c < cols; ++c) {                                                              \
+        float sum = sums[c];                                                                        \
+        for (int64_t kk = kv; kk < in; ++kk) sum = tail_fma(p[kk * NR + c], x[r * ldx + kk], sum);  \
+        y[r * ldy + c] = b ? sum + b[c] : sum;                                                      \
+      }                                                                                             \
+    }                                                                                               \
+  }
+LANES(1)
+LANES(2)
+LANES(3)
+LANES(4)
+LANES(5)
+LANES(6)
+typedef void (*lanes_fn)(const float *, int64_t, const float *, int64_t, float *, int64_t, int, const float *);
+static const lanes_fn LANES_BY_ROWS[MR + 1] = {0, lanes_1, lanes_2, lanes_3, lanes_4, lanes_5, lanes_6};
+
+/* The calling thread's panel of NR outputs over `in` columns (grown as needed, kept between calls). */
+static float *lanes_panel(int64_t in) {
+  static _Thread_local float *buf;
+  static _Thread_local int64_t held;
+  if (in > held) {
+    free(buf);
+    buf = aligned_alloc(64, (size_t)((in * NR * sizeof(float) + 63) / 64 * 64));
+    held = buf ? in : 0;
+  }
+  return buf;
+}
+
+/* Thread t of nt: its share of the outputs (whole panels), every row of x; where its panel cannot be allocated,
+ * gemv.c's kernels compute the share (the same bits, slower). */
+#define GEMM_LANES(NAME, T)                                                                        \
+  static void NAME##_lanes_span(const float *x, const T *w, const float *b, float *y, int64_t n,    \
+                                int64_t in, int64_t out, int t, int nt) {                          \
+    const int64_t per = ((out + nt - 1) / nt + NR - 1) / NR * NR; /* whole panels each */          \
+    const int64_t t0 = t * per, t1 = t0 + per < out ? t0 + per : out;                              \
+    float *p = t0 < t1 ? lanes_panel(in) : NULL;                                                   \
+    for (int64_t r0 = 0; !p && t0 < t1 && r0 < n; r0 += 8) {                                       \
+      const int64_t m = n - r0 < 8 ? n - r0 : 8;                                                   \
+      NAME##_BY_ROWS[m](x + r0 * in, w, b, y + r0 * out, in, out, t0, t1);                         \
+    }                                                                                              \
+    for (int64_t o0 = t0; p && o0 < t1; o0 += NR) {                                                     \
+      const int cols = t1 - o0 < NR ? (int)(t1 - o0) : NR;                                        \
+      NAME##_pack(w, p, in, t1, o0, NR, 0, in);                                                    \
+      for (int64_t r0 = 0; r0 < n; r0 += MR) {                                                     \
+        const int m = n - r0 < MR ? (int)(n - r0) : MR;                                            \
+        LANES_BY_ROWS[m](x + r0 * in, in, p, in, y + r0 * out + o0, out, cols, b ? b + o0 : NULL);  \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+  static int NAME##_gemm_lanes(const float *x, const T *w, const float *b, float *y, int64_t n,     \
+                               int64_t in, int64_t out, int threads) {                             \
+    if (n < 1 || in < 1 || out < 1) return 1;                                                      \
+    if (threads < 1) threads = 1;                                                                  \
+    _Pragma("omp parallel num_threads(threads)") {                                                \
+      int t = 0, nt = 1;                                                                           \
+      THREAD_IDS(t, nt);                                                                           \
+      NAME##_lanes_span(x, w, b, y, n, in, out, t, nt);                                            \
+    }                                                                                              \
+    return 0;                                                                                      \
+  }
+GEMM_LANES(f32, float)
+GEMM_LANES(bf16, uint16_t)
+
+/* As twig_gemm, each output summed in twig_gemv's order: the same bits as twig_gemv (any rows, any threads).
+ * Returns 0, or 1 on bad sizes. */
+int twig_gemm_lanes(const float *x, const float *w, const float *b, float *y, int64_t n, int64_t in, int64_t out,
+                    int threads) {
+  return f32_gemm_lanes(x, w, b, y, n, in, out, threads);
+}
+
+/* As twig_gemm_lanes with w [out, in] in bf16 (raw 16-bit patterns). */
+int twig_gemm_lanes_bf16(const float *x, const uint16_t *w, const float *b, float *y, int64_t n, int64_t in,
+                         int64_t out, int threads) {
+  return bf16_gemm_lanes(x, w, b, y, n, in, out, threads);
+}
 
 /* x [n, in], w [out, in], b [out] or NULL, y [n, out]: all contiguous fp32. Returns 0, 1 on bad sizes, 2 where
  * the panels could not be allocated. */

@@ -122,6 +122,30 @@ static inline void vsum8(const vec *a, float *out) {
 #endif
 }
 
+/* vsum across vectors: lane c of the result is vsum of the VEC values p[0..VEC)[c], added in vsum's order (the
+ * AVX-512 fold, then sum8's tree; the portable build's left-to-right sum from zero). gemm.c's lane-order tiles
+ * reduce VEC partial sums per output with it, so an output gets the bits the kernels here give it. */
+static inline vec vsum_across(const vec *p) {
+#if VEC == 16 && defined(HSUM8)
+  vec q[8];
+  for (int j = 0; j < 8; ++j) q[j] = _mm512_add_ps(p[j], p[j + 8]);
+#elif defined(HSUM8)
+  const vec *q = p;
+#endif
+#ifdef HSUM8
+  return vadd(vadd(vadd(q[0], q[1]), vadd(q[2], q[3])), vadd(vadd(q[4], q[5]), vadd(q[6], q[7])));
+#else
+  vec s = vzero();
+  for (int j = 0; j < VEC; ++j) s = vadd(s, p[j]);
+  return s;
+#endif
+}
+
+/* acc + w·x in one rounding: a product's columns past its last whole vector, added one by one — always fused,
+ * never left to the compiler's contraction (which may differ between two loops), so gemm.c's lane-order tiles
+ * add them exactly as the kernels here do. */
+static inline float tail_fma(float w, float x, float acc) { return __builtin_fmaf(w, x, acc); }
+
 static inline float scalar_f32(const float *w, int64_t i) { return w[i]; }
 static inline float scalar_bf16(const uint16_t *w, int64_t i) {
   union { uint32_t u; float f; } c;
@@ -172,7 +196,8 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
       for (int g = 0; g < gn; ++g)                                                                \
         for (int r = 0; r < N; ++r) {                                                             \
           float sum = tree ? sums[g] : vsum(acc[g][r]);                                           \
-          for (int64_t kk = k; kk < in; ++kk) sum += scalar_##NAME(w, (o + g) * in + kk) * x[r * in + kk]; \
+          for (int64_t kk = k; kk < in; ++kk)                                                     \
+            sum = tail_fma(scalar_##NAME(w, (o + g) * in + kk), x[r * in + kk], sum);              \
           y[r * out + o + g] = b ? sum + b[o + g] : sum;                                          \
         }                                                                                         \
     }                                                                                             \
