@@ -117,7 +117,7 @@ def test_a_block_of_tokens_has_the_bits_of_one_token_at_a_time(adapters, name, w
     """What makes verification lossless: a block of k new tokens through a native layer gives each token the bits,
     output and cache, that it gets when the tokens come one at a time (decoding) — fp32 and int8 weights, blocks of
     2 to 17 tokens (one-row and several-row products, a short group of weight rows at a range's end, the lane-order
-    tiles from 16 rows), on 1 and 3 threads (where the threads' shares of the MLP's activations start depends on
+    tiles past 16 rows), on 1 and 3 threads (where the threads' shares of the MLP's activations start depends on
     the block's size: the odd layer's SiLU put an element on the vector path in one and the scalar one in the
     other before)."""
     before = torch.get_num_threads()

@@ -26,8 +26,8 @@ weight whose one-row layout is "gemv" keeps gemv's order of additions at every r
 a tree's verification or in a batch of 8 × 5 rows are those of its one-row decode step, and speculation and
 batching stay lossless (BLAS and "gemm" sum in other orders): "gemv" where the plan has it, and from BLOCK_ROWS
 rows on, where the plan found a blocked product faster, "lanes" — `native.gemm_lanes`, gemm's tiles summing in
-gemv's order, within about 10% of "gemm" (the demo's LM head on AVX2: 16.8 ms at 32 rows against gemm's 15.9
-and gemv's 21.9; 41.9 against 37.9 and 67.7 at 104).
+gemv's order, within 0-20% of "gemm" (the demo's LM head over 104 rows on AVX2: 44.5 ms against gemm's 39.7 and
+gemv's 53.6).
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
 change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. ("products" does what "auto" does

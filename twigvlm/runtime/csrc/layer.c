@@ -46,8 +46,9 @@ typedef struct {
 } twig_layer;
 
 /* From this many rows on (a tree's verification, a batch's step) fp32 products run gemm.c's lane-order tiles:
- * gemv.c's bits, 1.3-1.6× faster from 24 rows (AVX2, the demo's shapes), level at 16. */
-#define LANES_ROWS 16
+ * gemv.c's bits, faster past 16 rows (the demo's layers from memory on AVX2: 20, 24, 32 and 64 rows 1.07×, 1.26×,
+ * 1.13× and 1.37×), where gemv.c's chunks of 8 rows leave a short one; at 16 rows gemv.c is 1.11× faster. */
+#define LANES_ROWS 17
 
 static void span(const twig_linear *L, const float *x, float *y, int64_t n, int t, int nt) {
   if (L->fmt == TWIG_I8)
