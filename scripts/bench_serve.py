@@ -6,15 +6,20 @@ image." with --max-tokens new tokens, EOS ignored so every answer has the same l
 number of requests over the wall time of the level; the modes take turns level by level. Time to first token is
 measured by the client, from sending the request to its first content chunk, so it includes the wait in the
 server's queue. One warm-up request per mode comes first. Without --url the script starts
-`twigvlm serve --model MODEL --twig TWIG` on a free port and stops it after.
+`twigvlm serve --model MODEL --twig TWIG` on a free port and stops it after; with several --max-batch values it
+starts one server for each, all at once (the others idle while one is measured), and the servers take turns
+within each level and mode, so that a drift of the machine's speed hits all of them alike; --rounds repeats the
+whole schedule (each round a row of the table, and the medians over the rounds after it).
 
     .venv/bin/python scripts/bench_serve.py --clients 1,4,16 --requests 4 --max-tokens 32
+    .venv/bin/python scripts/bench_serve.py --clients 1 --requests 8 --max-batch 1,16 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -26,6 +31,7 @@ import httpx
 
 from twigvlm.serve.launch import served
 
+MEASURES = ("requests_per_s", "ttft_median_s", "tokens_per_s")  # the medians over rounds
 MODES = {"plain": {"prune": "none", "speculative": False}, "ttp+ssd": {"prune": "twig", "speculative": True}}
 
 
@@ -118,42 +124,59 @@ def main() -> None:
     ap.add_argument(
         "--max-batch",
         default="16",
-        help="the started server's --max-batch; several (e.g. 1,8): one server after another, each measured",
+        help="the started server's --max-batch; several (e.g. 1,8): one server each, taking turns",
     )
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole schedule this many times")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     images = scene_images(8)
 
-    def run(url: str) -> list[dict]:
-        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    def run(servers: dict[str, str]) -> list[dict]:
+        """Every level and mode on each server (--max-batch → url) in turn, --rounds times."""
+        models = {b: httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] for b, url in servers.items()}
         rows, modes = [], args.modes.split(",")
-        for mode in modes:
-            one_request(url, model, images[0], args.max_tokens, MODES[mode])  # warm-up
-        for c in clients:  # the modes interleaved level by level, so that a change in the machine's load hits both
+        for batch, url in servers.items():
             for mode in modes:
-                per_client = max(1, -(-args.requests // c))
-                row = {"mode": mode, **level(url, model, images, c, per_client, args.max_tokens, MODES[mode])}
-                print(f"{mode:8s} {c:3d} clients: {row['requests']:3d} requests, {row['requests_per_s']:.2f} req/s, "
-                      f"TTFT median {row['ttft_median_s']:.2f} s, p95 {row['ttft_p95_s']:.2f} s, "
-                      f"{row['tokens_per_s']:.1f} tokens/s", flush=True)  # fmt: skip
-                rows.append(row)
+                one_request(url, models[batch], images[0], args.max_tokens, MODES[mode])  # warm-up
+        for round_ in range(1, args.rounds + 1):
+            for c in clients:  # modes and servers take turns level by level: a change in the machine hits all
+                for mode in modes:
+                    for batch, url in servers.items():
+                        per_client = max(1, -(-args.requests // c))
+                        got = level(url, models[batch], images, c, per_client, args.max_tokens, MODES[mode])
+                        row = {"round": round_, "max_batch": batch, "mode": mode, **got}
+                        print(f"round {round_} --max-batch {batch} {mode:8s} {c:3d} clients: {row['requests']:3d} "
+                              f"requests, {row['requests_per_s']:.2f} req/s, TTFT median {row['ttft_median_s']:.2f} "
+                              f"s, p95 {row['ttft_p95_s']:.2f} s, {row['tokens_per_s']:.1f} tokens/s",
+                              flush=True)  # fmt: skip
+                        rows.append(row)
         return rows
 
     if args.url:
-        rows = [dict(r, max_batch="?") for r in run(args.url)]
+        rows = run({"?": args.url})
     else:
-        rows = []
-        for batch in args.max_batch.split(","):
-            flags = ["--model", args.model, "--twig", args.twig, "--max-queue", str(max(clients) * 2),
-                     "--max-batch", batch]  # fmt: skip
-            print(f"--max-batch {batch}", flush=True)
-            with served(flags) as (url, _):
-                rows += [dict(r, max_batch=batch) for r in run(url)]
-    print("\n| --max-batch | mode | clients | requests | requests/s | TTFT median | TTFT p95 | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for batch in args.max_batch.split(","):
+                flags = ["--model", args.model, "--twig", args.twig, "--max-queue", str(max(clients) * 2),
+                         "--max-batch", batch]  # fmt: skip
+                print(f"starting a server with --max-batch {batch}", flush=True)
+                servers[batch] = stack.enter_context(served(flags))[0]
+            rows = run(servers)
+    print("\n| round | --max-batch | mode | clients | requests | requests/s | TTFT median | TTFT p95 | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['max_batch']} | {r['mode']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | "
-              f"{r['ttft_median_s']:.2f} s | {r['ttft_p95_s']:.2f} s | {r['tokens_per_s']:.1f} |")  # fmt: skip
+        print(f"| {r['round']} | {r['max_batch']} | {r['mode']} | {r['clients']} | {r['requests']} | "
+              f"{r['requests_per_s']:.2f} | {r['ttft_median_s']:.2f} s | {r['ttft_p95_s']:.2f} s | "
+              f"{r['tokens_per_s']:.1f} |")  # fmt: skip
+    if args.rounds > 1:
+        print("\nmedians over the rounds:\n\n| --max-batch | mode | clients | requests/s | TTFT median | tokens/s |")
+        print("|---|---|---|---|---|---|")
+        for key in dict.fromkeys((r["max_batch"], r["mode"], r["clients"]) for r in rows):
+            same = [r for r in rows if (r["max_batch"], r["mode"], r["clients"]) == key]
+            med = {k: statistics.median(r[k] for r in same) for k in MEASURES}
+            print(f"| {key[0]} | {key[1]} | {key[2]} | {med['requests_per_s']:.2f} | {med['ttft_median_s']:.2f} s | "
+                  f"{med['tokens_per_s']:.1f} |")  # fmt: skip
     print(f"\n{os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
     if args.json:
