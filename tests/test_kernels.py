@@ -33,6 +33,7 @@ def native_calls(monkeypatch):
 @pytest.mark.parametrize(("d_in", "bias"), [(48, True), (48, False), (13, True), (200, False)])
 def test_fast_linear_equals_nn_linear(layout, d_in, bias, monkeypatch):
     native_calls = native_spy(monkeypatch, "gemm" if layout == "gemm" else "gemv")
+    lanes_calls = native_spy(monkeypatch, "gemm_lanes")
     torch.manual_seed(0)
     lin = nn.Linear(d_in, 80, bias=bias)
     ref = nn.Linear(d_in, 80, bias=bias)
@@ -51,6 +52,7 @@ def test_fast_linear_equals_nn_linear(layout, d_in, bias, monkeypatch):
     # inside `bulk_products`) where one row runs "gemv": there gemv's order on gemm's tiles ("lanes")
     up_to_64 = [n for n in range(1, 18)] + [64, 6, 1, 63]
     assert native_calls == {"gemv": [*up_to_64, 6], "gemm": [*up_to_64, 100, 6], "wxt": []}[layout]
+    assert lanes_calls == ([100] if layout == "gemv" else [])
     seen = list(native_calls)
     x = torch.randn(4, d_in, requires_grad=True)  # gradients flow (twig training): F.linear or the BLAS layout
     lin(x).sum().backward()
@@ -113,6 +115,36 @@ def test_the_small_row_kernel_gives_a_row_the_same_bits_at_any_row_count(weights
                     assert torch.equal(native.gemm_lanes(x[:rows], w, bias), alone[:rows]), (rows, n)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_portable_build_keeps_one_row_bits_where_the_cpu_fuses(tmp_path):
+    """The portable kernels (no AVX2: what aarch64 and older x86 build) on a CPU that has fused multiply-adds: the
+    compiler must not fuse `a * b + c` in one kernel and not in the other (gemv.c's against gemm.c's lane tiles),
+    which the build's -ffp-contract=off forbids (without it, this test fails: GCC tuned for Haswell fused the
+    portable loop in gemv.c's kernels and not in the 2-row lane tile)."""
+    cc = native._compiler()
+    if cc is None or "fma" not in (native._cpu_id() or "").split() or "-march=native" not in native._arch_flags():
+        pytest.skip("needs an x86 CPU with FMA and a C compiler")
+    path = tmp_path / "portable.so"
+    portable = [f for f in native._arch_flags() if not f.startswith("-march")] + ["-march=haswell", "-mno-avx2"]
+    error = native.build(cc, native._sources(), portable, path)  # (an FMA CPU's tuning that fused in one kernel)
+    assert error is None, error
+    lib = native.load(path)
+
+    def product(name: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = torch.empty(x.shape[0], w.shape[0])
+        b_ptr = None if bias is None else bias.data_ptr()
+        assert getattr(lib, name)(x.data_ptr(), w.data_ptr(), b_ptr, y.data_ptr(), *x.shape, w.shape[0], 2) == 0
+        return y
+
+    g = torch.Generator().manual_seed(0)
+    for d_out, d_in in ((80, 13), (37, 45), (100, 96), (40, 300), (33, 577)):
+        w, x, b = torch.randn(d_out, d_in, generator=g), torch.randn(14, d_in, generator=g), torch.randn(d_out)
+        for bias in (b, None):
+            alone = torch.cat([product("twig_gemv", x[r : r + 1], w, bias) for r in range(14)])
+            for rows in (1, 2, 3, 4, 5, 6, 14):  # every tile height of the lane tiles
+                got = product("twig_gemm_lanes", x[:rows].contiguous(), w, bias)
+                assert torch.equal(got, alone[:rows]), (d_out, d_in, rows, (got != alone[:rows]).sum().item())
 
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
@@ -251,28 +283,34 @@ def test_a_steps_product_gives_each_row_its_one_row_bits_at_any_row_count(monkey
     assert steps == ["gemv", "gemv", "gemv", "gemv", "gemv", "lanes", "lanes"]
 
 
-def test_verification_gives_each_token_the_logits_of_its_decode_step(model_dirs):
+def test_verification_gives_each_token_the_logits_of_its_decode_step(model_dirs, monkeypatch):
     """End to end on native layers and the LM head, with a plan whose many-row layouts differ from one row's: a
     block of 20 new tokens (a tree's verification) through the whole model gives each token the bits it gets when
-    the tokens come one at a time, logits and cache."""
+    the tokens come one at a time, logits and cache (the block's LM head on the lane tiles)."""
+    lanes = native_spy(monkeypatch, "gemm_lanes")
     vlm = twigvlm.load(model_dirs["llama-clip"], kernels="stock")
     shapes = {(lin.out_features, lin.in_features) for lin in linears(vlm.kernel_modules())}
     vlm.kernel_plan = KernelPlan({s: dict(STEP_PLAN) for s in shapes})
-    vlm.set_kernels("auto")
-    if vlm.engine.native is None:
-        pytest.skip("the native layers cannot be built here")
-    enc = vlm.encode(random_prompt(2, 6), [random_image(2)])
-    ids = torch.randint(3, vlm.adapter.lm_head.out_features, (1, 20), generator=torch.Generator().manual_seed(4))
-    logits, caches = [], []
-    with torch.inference_mode():
-        for block in (20, 1):
-            state = vlm.engine.new_state()
-            vlm.engine.prefill(state, enc)
-            logits.append(torch.cat([vlm.engine.step(state, ids[:, i : i + block]) for i in range(0, 20, block)], 1))
-            caches.append([t.clone() for kv in state.cache.layers for t in (kv.keys(), kv.values())])
-    assert torch.equal(logits[0], logits[1]), (logits[0] - logits[1]).abs().max().item()
-    assert all(torch.equal(a, b) for a, b in zip(*caches, strict=True))
-    vlm.set_kernels("stock")
+    try:
+        vlm.set_kernels("auto")
+        if vlm.engine.native is None:
+            pytest.skip("the native layers cannot be built here")
+        enc = vlm.encode(random_prompt(2, 6), [random_image(2)])
+        gen = torch.Generator().manual_seed(4)
+        ids = torch.randint(3, vlm.adapter.lm_head.out_features, (1, 20), generator=gen)
+        logits, caches = [], []
+        with torch.inference_mode():
+            for block in (20, 1):
+                state = vlm.engine.new_state()
+                vlm.engine.prefill(state, enc)
+                steps = [vlm.engine.step(state, ids[:, i : i + block]) for i in range(0, 20, block)]
+                logits.append(torch.cat(steps, 1))
+                caches.append([t.clone() for kv in state.cache.layers for t in (kv.keys(), kv.values())])
+        assert lanes == [20], "the block's LM head should run on the lane tiles"
+        assert torch.equal(logits[0], logits[1]), (logits[0] - logits[1]).abs().max().item()
+        assert all(torch.equal(a, b) for a, b in zip(*caches, strict=True))
+    finally:
+        vlm.set_kernels("stock")
 
 
 def test_prompt_sized_row_counts_try_only_the_native_kernel_on_a_slice_of_the_weights(monkeypatch):

@@ -310,7 +310,12 @@ class Engine:
         """Run the whole prompt through every base layer, filling the cache; logits of the last token [B, V].
 
         prime_twig: also fill the twig's cache from the layer-K states (speculative decoding drafts from it).
+        A pass over the whole prompt: its products take their fastest layouts (`bulk_products`).
         """
+        with bulk_products():
+            return self._prefill(state, encoded, prime_twig)
+
+    def _prefill(self, state: DecodeState, encoded: Encoded, prime_twig: bool) -> torch.Tensor:
         adds = encoded.layer_adds
         if prime_twig:
             K = self.twig.config.K

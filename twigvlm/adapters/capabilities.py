@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ..errors import TwigVLMError
+from ..runtime.kernels import bulk_products
 from .base import Encoded, Images, Layout, Prompt, Reducer, Reduction, Videos, VLMAdapter, checked_messages
 
 
@@ -279,7 +280,8 @@ class HFBaseline(Capability):
                 config = CompileConfig(fullgraph=True, mode="default")
                 config._compile_all_devices = True  # transformers' own switch for compiling on a CPU
                 extra["compile_config"] = config
-        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+        with bulk_products():  # stock generate: every product on its fastest layout (the fast kernels' plan)
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
         return out[0, batch["input_ids"].shape[1] :].tolist()
 
     @torch.inference_mode()
@@ -307,7 +309,8 @@ class HFBaseline(Capability):
                 raise TwigVLMError(f"this family's inputs ({key}) do not stack into one stock batch: {e}") from None
             if key.startswith("pixel_values") and batch[key].is_floating_point():
                 batch[key] = batch[key].to(self.dtype)
-        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        with bulk_products():
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         eos = set(self.eos_token_ids)
         rows = []
         for row in out[:, longest:].tolist():

@@ -23,6 +23,7 @@ from ..adapters.base import Encoded, Reduction
 from ..config import NO_TWIG_TO_PRUNE, PruneConfig, SettingError
 from ..engine import DecodeState, Engine
 from ..errors import TwigVLMError, require_batch_one
+from ..runtime.kernels import bulk_products
 from .peers import cdpruner_keep, dart_keep
 
 NO_PRUNE_HEAD = (
@@ -236,7 +237,15 @@ def pruned_prefill(
     """Prefill with pruning after layer K and FinalWipe after K_f; logits of the last prompt token [B, V].
 
     prime_twig: make sure the twig's cache holds the whole prompt (for drafting; the twig scorer fills it anyway).
+    A pass over the whole prompt: its products take their fastest layouts (`bulk_products`).
     """
+    with bulk_products():
+        return _pruned_prefill(engine, state, encoded, cfg, prime_twig)
+
+
+def _pruned_prefill(
+    engine: Engine, state: DecodeState, encoded: Encoded, cfg: PruneConfig, prime_twig: bool
+) -> tuple[torch.Tensor, PruneStats]:
     L = engine.num_layers
     visual = visual_row(encoded)  # [S]
     plan = plan_for(engine, cfg, encoded.num_visual_tokens)

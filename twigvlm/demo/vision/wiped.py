@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...runtime.kernels import bulk_products
 from ...train.data import IGNORE_INDEX
 
 
@@ -98,5 +99,6 @@ def answer_loss(
             mask = packed_mask(tokens["segment"]) if segment is not None else None
         tokens["hidden"] = adapter.call_layer(layer, tokens["hidden"], mask, tokens["pos"], rope, None)  # [B, T', H]
     scored = tokens["targets"] != IGNORE_INDEX  # [B, T']
-    logits = adapter.lm_head(adapter.final_norm(tokens["hidden"][scored]))  # [n, V]
+    with bulk_products():  # (a whole batch's answers: the fastest layouts, where products run without gradient)
+        logits = adapter.lm_head(adapter.final_norm(tokens["hidden"][scored]))  # [n, V]
     return F.cross_entropy(logits.float(), tokens["targets"][scored])
