@@ -266,9 +266,9 @@ def test_a_steps_product_gives_each_row_its_one_row_bits_at_any_row_count(monkey
         for n in counts:
             assert torch.equal(lin(x[:n]), alone[:n]), n
             assert torch.equal(lin(x[:n].view(1, n, 40)), alone[:n].view(1, n, 72)), n
-        # a step: gemv below BLOCK_ROWS rows, gemv's order on gemm's tiles from there (where gemv did not win)
-        assert calls["gemv"] == [1] * 600 + [2, 2, 5, 5] and not calls["gemm"]
-        assert calls["gemm_lanes"] == [n for n in counts[2:] for _ in range(2)]
+        # a step: gemv up to BLOCK_ROWS rows, past them gemv's order on gemm's tiles (where gemv did not win)
+        assert calls["gemv"] == [1] * 600 + [2, 2, 5, 5, 16, 16] and not calls["gemm"]
+        assert calls["gemm_lanes"] == [n for n in counts[3:] for _ in range(2)]
         calls["gemv"].clear()
         calls["gemm_lanes"].clear()
         with kernels.bulk_products():
@@ -278,9 +278,9 @@ def test_a_steps_product_gives_each_row_its_one_row_bits_at_any_row_count(monkey
         assert not torch.equal(many[600], alone), "the test needs the many-row kernel to sum in another order"
     plan = KernelPlan({(8, 4): {1: "wxt", 16: "gemm", 512: "gemm"}})
     assert [plan.layout((8, 4), n, bulk=False) for n in (1, 16, 600)] == ["wxt", "gemm", "gemm"]
-    plan = KernelPlan({(8, 4): {1: "gemv", 8: "wxt", 16: "gemv", 32: "gemm"}})
-    steps = [plan.layout((8, 4), n, bulk=False) for n in (1, 8, 15, 16, 31, 32, 64)]
-    assert steps == ["gemv", "gemv", "gemv", "gemv", "gemv", "lanes", "lanes"]
+    plan = KernelPlan({(8, 4): {1: "gemv", 8: "wxt", 16: "gemv", 32: "gemm", 64: "gemv", 128: "linear"}})
+    steps = [plan.layout((8, 4), n, bulk=False) for n in (1, 8, 15, 16, 17, 31, 32, 33, 64, 65, 128, 600)]
+    assert steps == ["gemv"] * 4 + ["lanes"] * 3 + ["gemv"] * 2 + ["lanes"] * 3  # by the count at or above
 
 
 def test_verification_gives_each_token_the_logits_of_its_decode_step(model_dirs, monkeypatch):

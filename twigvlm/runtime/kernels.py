@@ -24,10 +24,10 @@ The plan's choice per row count holds inside a pass over whole sequences (`bulk_
 training's passes without gradient, scoring). Outside it — decoding, drafting, verification, a batch's step — a
 weight whose one-row layout is "gemv" keeps gemv's order of additions at every row count, so a token's logits in
 a tree's verification or in a batch of 8 × 5 rows are those of its one-row decode step, and speculation and
-batching stay lossless (BLAS and "gemm" sum in other orders): "gemv" where the plan has it, and from BLOCK_ROWS
-rows on, where the plan found a blocked product faster, "lanes" — `native.gemm_lanes`, gemm's tiles summing in
-gemv's order, within 0-20% of "gemm" (the demo's LM head over 104 rows on AVX2: 44.5 ms against gemm's 39.7 and
-gemv's 53.6).
+batching stay lossless (BLAS and "gemm" sum in other orders): "gemv" up to BLOCK_ROWS rows and where the plan
+has it, elsewhere "lanes" — `native.gemm_lanes`, gemm's tiles summing in gemv's order, within 0-20% of "gemm"
+(the demo's LM head over 104 rows on AVX2: 44.5 ms against gemm's 39.7 and gemv's 53.6; over 17-31 rows, where
+gemv runs a short chunk of rows, 1.2-1.4× faster than gemv).
 
 `apply_kernels(modules, "auto")` turns the `nn.Linear`s of the given modules into `FastLinear`s in place (a class
 change: no tensor is copied, so memory is unchanged); `"stock"` turns them back. ("products" does what "auto" does
@@ -92,8 +92,9 @@ class KernelPlan:
 
     def layout(self, shape: tuple[int, int], rows: int, bulk: bool = True) -> str:
         """The layout for `rows` rows of a weight of `shape`: the measured one in a pass over whole sequences
-        (`bulk`); in a step (not `bulk`) where one row runs "gemv", gemv's bits at every row count: "gemv", or
-        "lanes" from BLOCK_ROWS rows on where another layout measured faster."""
+        (`bulk`); in a step (not `bulk`) where one row runs "gemv", gemv's bits at every row count: "gemv" up to
+        BLOCK_ROWS rows, past them "lanes" unless "gemv" won at the nearest probed count at or above (gemv runs
+        rows in chunks of 8: the count below, 16, where they fit, says little of 17-31)."""
         key = (shape, rows, bulk)
         found = self._memo.get(key)
         if found is None:
@@ -101,8 +102,10 @@ class KernelPlan:
             probed = [r for r in table if r <= rows] if table else []
             last = max(table) if table else 0
             found = table[max(probed)] if probed and (rows <= last or table[last] == "gemm") else "linear"
-            if table and not bulk and table[min(table)] == "gemv" and found != "gemv":
-                found = "gemv" if rows < BLOCK_ROWS else "lanes"
+            if table and not bulk and table[min(table)] == "gemv":
+                above = [r for r in table if r >= rows]
+                nearest = table[min(above)] if above else found
+                found = "gemv" if rows <= BLOCK_ROWS or nearest == "gemv" else "lanes"
             self._memo[key] = found
         return found
 
