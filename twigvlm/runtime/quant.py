@@ -42,7 +42,7 @@ from torch import nn
 from ..config import QUANTIZE_MODES
 from ..errors import TwigVLMError
 from . import compiled, native
-from .kernels import FastLinear, bulk_products, linears
+from .kernels import FastLinear, linears
 from .machine import bf16_pays
 
 NATIVE_ROWS = 64  # `panel_int8` up to this many rows, `gemm_int8` beyond (faster there; the same sums)
@@ -63,12 +63,11 @@ def prefill_products() -> Iterator[None]:
     (x and the dequantised weight rounded to bf16, summed in fp32, the result back in fp32) where the CPU has
     native bf16 products: compute-bound there, and about 3× faster than fp32. Decoding, drafting and verification
     (at most NATIVE_ROWS rows) never run in it, so speculation stays lossless: AR and SSD share the prefill.
-    TWIGVLM_INT8_PREFILL=fp32 keeps fp32. The other layers' products take their fastest layout for a prompt's
-    rows in it (`kernels.bulk_products`)."""
+    TWIGVLM_INT8_PREFILL=fp32 keeps fp32. (The other layers' fastest layouts for a prompt's rows are the
+    prefill's own: `Engine.prefill` and `pruned_prefill` enter `kernels.bulk_products`.)"""
     token = _BULK_BF16.set(os.environ.get(PREFILL_ENV, "auto") != "fp32" and _bf16_native())
     try:
-        with bulk_products():
-            yield
+        yield
     finally:
         _BULK_BF16.reset(token)
 

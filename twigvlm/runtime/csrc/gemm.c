@@ -208,6 +208,7 @@ GEMM(bf16, uint16_t)
   static void lanes_##M(const float *restrict x, int64_t ldx, const float *restrict p, int64_t in,  \
                         float *restrict y, int64_t ldy, int cols, const float *restrict b) {        \
     const int64_t kv = in / VEC * VEC; /* columns summed in vector lanes; the rest one by one */    \
+    const int whole = kv == in && cols == NR; /* no column left over, a whole panel: sums straight to y */ \
     vec part[VEC][M][2];                                                                            \
     for (int j = 0; j < VEC; ++j) {                                                                 \
       vec a0[M], a1[M];                                                                             \
@@ -221,12 +222,12 @@ GEMM(bf16, uint16_t)
         vec lanes[VEC];                                                                             \
         for (int j = 0; j < VEC; ++j) lanes[j] = part[j][r][h];                                     \
         const vec sum = vsum_across(lanes);                                                         \
-        if (kv == in && cols == NR) /* no column left over, a whole panel: straight to y */         \
+        if (whole)                                                                                  \
           vstore(y + r * ldy + h * VEC, b ? vadd(sum, vload(b + h * VEC)) : sum);                   \
         else                                                                                        \
           vstore(sums + h * VEC, sum);                                                              \
       }                                                                                             \
-      if (kv == in && cols == NR) continue;                                                         \
+      if (whole) continue;                                                                          \
       for (int c = 0; c < cols; ++c) {                                                              \
         float sum = sums[c];                                                                        \
         for (int64_t kk = kv; kk < in; ++kk) sum = tail_fma(p[kk * NR + c], x[r * ldx + kk], sum);  \
@@ -263,10 +264,7 @@ static float *lanes_panel(int64_t in) {
     const int64_t per = ((out + nt - 1) / nt + NR - 1) / NR * NR; /* whole panels each */          \
     const int64_t t0 = t * per, t1 = t0 + per < out ? t0 + per : out;                              \
     float *p = t0 < t1 ? lanes_panel(in) : NULL;                                                   \
-    for (int64_t r0 = 0; !p && t0 < t1 && r0 < n; r0 += 8) {                                       \
-      const int64_t m = n - r0 < 8 ? n - r0 : 8;                                                   \
-      NAME##_BY_ROWS[m](x + r0 * in, w, b, y + r0 * out, in, out, t0, t1);                         \
-    }                                                                                              \
+    if (!p && t0 < t1) NAME##_range(x, w, b, y, n, in, out, t0, t1);                               \
     for (int64_t o0 = t0; p && o0 < t1; o0 += NR) {                                                \
       const int cols = t1 - o0 < NR ? (int)(t1 - o0) : NR;                                        \
       NAME##_pack(w, p, in, t1, o0, NR, 0, in);                                                    \

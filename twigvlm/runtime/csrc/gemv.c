@@ -216,12 +216,10 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
                             int64_t);                                                              \
   static const NAME##_fn NAME##_BY_ROWS[9] = {0,         NAME##_1, NAME##_2, NAME##_3, NAME##_4,   \
                                               NAME##_5,  NAME##_6, NAME##_7, NAME##_8};            \
-  /* thread t of nt computes its share of the output range (whole cache lines of y each) */        \
-  static void NAME##_span(const float *x, const T *w, const float *b, float *y,                    \
-                          int64_t n, int64_t in, int64_t out, int t, int nt) {                     \
-    int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16;                                           \
-    int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;                                   \
-    /* a tile of TILE weight rows stays in L2 while every chunk of 8 x rows passes over it */     \
+  /* outputs o0 .. o1 for every row of x: a tile of TILE weight rows stays in L2 while every chunk of 8 x rows \
+   * passes over it */                                                                           \
+  static void NAME##_range(const float *x, const T *w, const float *b, float *y,                   \
+                           int64_t n, int64_t in, int64_t out, int64_t o0, int64_t o1) {          \
     for (int64_t t0 = o0; t0 < o1; t0 += TILE) {                                                  \
       int64_t t1 = t0 + TILE < o1 ? t0 + TILE : o1;                                               \
       for (int64_t r0 = 0; r0 < n; r0 += 8) {                                                     \
@@ -229,6 +227,13 @@ static inline float scalar_bf16(const uint16_t *w, int64_t i) {
         NAME##_BY_ROWS[m](x + r0 * in, w, b, y + r0 * out, in, out, t0, t1);                      \
       }                                                                                           \
     }                                                                                             \
+  }                                                                                               \
+  /* thread t of nt computes its share of the output range (whole cache lines of y each) */        \
+  static void NAME##_span(const float *x, const T *w, const float *b, float *y,                    \
+                          int64_t n, int64_t in, int64_t out, int t, int nt) {                     \
+    int64_t per = ((out + nt - 1) / nt + 15) / 16 * 16;                                           \
+    int64_t o0 = t * per, o1 = o0 + per < out ? o0 + per : out;                                   \
+    NAME##_range(x, w, b, y, n, in, out, o0, o1);                                                 \
   }                                                                                               \
   static int NAME##_product(const float *x, const T *w, const float *b, float *y,                  \
                             int64_t n, int64_t in, int64_t out, int threads) {                     \
