@@ -17,8 +17,9 @@ from twigvlm.demo.lora import DecoderLoRA, layer_of
 from twigvlm.demo.recipe import V1, V2, recipe, recipe_from_metadata
 from twigvlm.demo.vision.align import _batch, packed_batch
 from twigvlm.demo.vision.pretrain import BAG, AuxHeads, _loss, scene_bag
-from twigvlm.demo.vision.wiped import _dropped, answer_loss
+from twigvlm.demo.vision.wiped import _dropped, answer_loss, packed_mask
 from twigvlm.errors import TwigVLMError
+from twigvlm.runtime import sdpa
 from twigvlm.train.data import IGNORE_INDEX
 
 
@@ -148,6 +149,78 @@ def test_a_packed_batch_trains_the_vision_parts_as_its_examples_alone(adapter):
         for p in proj:
             p.grad = None
             p.requires_grad_(False)
+
+
+def test_causal_rows_counts_the_first_rows_a_mask_keeps_causal():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert sdpa.causal_rows(causal[None, None]) == 6
+    later = causal.clone()
+    later[4, 1] = False  # row 4 is the first that does not see a key it would causally
+    assert sdpa.causal_rows(later[None, None]) == 4
+    seen = causal.clone()
+    seen[2, 3] = True  # or that sees a later key
+    assert sdpa.causal_rows(torch.stack([causal, seen])[:, None]) == 2  # the first such row in any batch row
+    first = causal.clone()
+    first[0, 0] = False
+    assert sdpa.causal_rows(first[None, None]) == 0
+
+
+def test_the_split_attention_is_sdpa_on_a_mask_causal_for_its_first_rows(adapter):
+    """`prefix_split_attention` against transformers' SDPA call on the same inputs: output and gradients, with a
+    packed mask (causal up to its second example), a fully causal mask, and masks it passes on unsplit."""
+    module = adapter.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    heads, kv = module.config.num_attention_heads, module.config.num_key_value_heads
+    segment = torch.tensor([[0] * 7 + [1] * 4 + [2] * 5 + [3] * 3, [0] * 7 + [1] * 6 + [-1] * 6])  # [2, 19]
+    t = segment.shape[1]
+    first = packed_mask(segment)
+    first[0, 0, 0, 1] = True  # the first row sees a later key
+    masks = {"packed": packed_mask(segment), "causal": torch.ones(1, 1, t, t, dtype=torch.bool).tril(), "first": first}
+    assert sdpa.causal_rows(masks["packed"]) == 11
+    calls = []
+    real = sdpa.sdpa_attention_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[4] is None and kwargs.get("is_causal"))
+        return real(*args, **kwargs)
+
+    for name, mask in masks.items():
+        q = torch.randn(2, heads, t, 16, generator=gen, requires_grad=True)
+        k = torch.randn(2, kv, t, 16, generator=gen, requires_grad=True)
+        v = torch.randn(2, kv, t, 16, generator=gen, requires_grad=True)
+        want, _ = real(module, q, k, v, mask, scaling=0.25, dropout=0.0)
+        grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+        calls.clear()
+        sdpa.sdpa_attention_forward = spy
+        try:
+            got, _ = sdpa.prefix_split_attention(module, q, k, v, mask, scaling=0.25, dropout=0.0)
+        finally:
+            sdpa.sdpa_attention_forward = real
+        assert calls == {"packed": [True, False], "causal": [True], "first": [False]}[name]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_training_runs_the_split_attention_and_restores_sdpa(adapter, monkeypatch):
+    config = adapter.layers[0].self_attn.config
+    seen = []
+    real = sdpa.prefix_split_attention
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append(attention_mask is not None and sdpa.causal_rows(attention_mask) > 0)
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(sdpa.AttentionInterface._global_mapping, sdpa.PREFIX_SPLIT, spy)
+    packed = packed_batch(adapter, [scene_group("val", 0)[:3]])
+    with torch.no_grad():
+        answer_loss(adapter, packed, wipe=2)
+    assert len(seen) == len(adapter.layers) and all(seen)
+    assert config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), sdpa.causal_prefix(adapter.layers):
+        assert config._attn_implementation == sdpa.PREFIX_SPLIT
+        raise RuntimeError
+    assert config._attn_implementation == "sdpa"
 
 
 def test_the_packed_stream_is_a_function_of_the_group_number():

@@ -11,7 +11,9 @@ them. With no wipe and no dropout it is stock HF's LLaVA loss (tested), computed
 Batches are right-padded (`train.data.Collator`), one picture of one geometry per row, so every row drops the
 same number of tokens and plain causal attention needs no mask. A packed batch (`align.packed_batch`: a picture's
 examples behind one copy of it, with `segment` and `position_ids`) runs under a mask by which each token sees the
-shared start and its own example's earlier tokens, so each example's loss is its loss alone (tested).
+shared start and its own example's earlier tokens, so each example's loss is its loss alone (tested). That mask
+is causal up to the second example: the layers' attention runs split there (`runtime.sdpa.causal_prefix`), the
+first part causal, about half the attention's work.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...runtime.kernels import bulk_products
+from ...runtime.sdpa import causal_prefix
 from ...train.data import IGNORE_INDEX
 
 
@@ -89,15 +92,17 @@ def answer_loss(
     if segment is not None:
         tokens["segment"] = segment
     rope = mask = None
-    for i, layer in enumerate(adapter.layers):
-        if dropout and i == dropout_layer:
-            tokens, rope = _keep(tokens, ~_dropped(tokens["visual"], dropout, generator)), None
-        if wipe is not None and i == wipe:
-            tokens, rope = _keep(tokens, ~tokens["visual"]), None
-        if rope is None:
-            rope = adapter.rotary(tokens["hidden"], tokens["pos"])
-            mask = packed_mask(tokens["segment"]) if segment is not None else None
-        tokens["hidden"] = adapter.call_layer(layer, tokens["hidden"], mask, tokens["pos"], rope, None)  # [B, T', H]
+    with causal_prefix(adapter.layers):
+        for i, layer in enumerate(adapter.layers):
+            if dropout and i == dropout_layer:
+                tokens, rope = _keep(tokens, ~_dropped(tokens["visual"], dropout, generator)), None
+            if wipe is not None and i == wipe:
+                tokens, rope = _keep(tokens, ~tokens["visual"]), None
+            if rope is None:
+                rope = adapter.rotary(tokens["hidden"], tokens["pos"])
+                mask = packed_mask(tokens["segment"]) if segment is not None else None
+            hidden = adapter.call_layer(layer, tokens["hidden"], mask, tokens["pos"], rope, None)  # [B, T', H]
+            tokens["hidden"] = hidden
     scored = tokens["targets"] != IGNORE_INDEX  # [B, T']
     with bulk_products():  # (a whole batch's answers: the fastest layouts, where products run without gradient)
         logits = adapter.lm_head(adapter.final_norm(tokens["hidden"][scored]))  # [n, V]
