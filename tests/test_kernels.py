@@ -283,6 +283,26 @@ def test_a_steps_product_gives_each_row_its_one_row_bits_at_any_row_count(monkey
     assert steps == ["gemv"] * 4 + ["lanes"] * 3 + ["gemv"] * 2 + ["lanes"] * 3  # by the count at or above
 
 
+def test_a_compiled_steps_product_keeps_one_row_bits_on_the_lane_tiles_past_16_rows(monkeypatch):
+    """The torch op a compiled step traces for a "gemv" or "lanes" layout (`compiled.step_product`): a block
+    program learns its rows only when it runs, so the op picks gemv up to 16 rows and the lane tiles past them —
+    each row with its one-row bits either way, in a compiled function too."""
+    from twigvlm.runtime import compiled
+
+    if native.gemv_library() is None:
+        pytest.skip("the native kernel cannot be built here")
+    calls = {name: native_spy(monkeypatch, name) for name in ("gemv", "gemm_lanes")}
+    torch.manual_seed(5)
+    w, b, x = torch.randn(72, 40), torch.randn(72), torch.randn(40, 40)
+    alone = torch.cat([native.gemv(x[i : i + 1], w, b) for i in range(40)])  # [40, 72]
+    calls["gemv"].clear()
+    traced = torch.compile(compiled.traced_gemv, dynamic=True, fullgraph=True)
+    for n in (3, 16, 17, 40):
+        assert torch.equal(torch.ops.twigvlm.gemv(x[:n], w, b), alone[:n]), n
+        assert torch.equal(traced(x[:n].view(1, n, 40), w, b), alone[:n].view(1, n, 72)), n
+    assert calls["gemv"] == [3, 3, 16, 16] and calls["gemm_lanes"] == [17, 17, 40, 40]
+
+
 def test_verification_gives_each_token_the_logits_of_its_decode_step(model_dirs, monkeypatch):
     """End to end on native layers and the LM head, with a plan whose many-row layouts differ from one row's: a
     block of 20 new tokens (a tree's verification) through the whole model gives each token the bits it gets when

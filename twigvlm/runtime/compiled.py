@@ -87,7 +87,7 @@ def classes_changed() -> None:
 _LIB = torch.library.Library("twigvlm", "DEF")
 _LIB.define("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIB.define("panel_int8(Tensor x, Tensor panels, Tensor scale, Tensor? bias) -> Tensor")
-_LIB.impl("gemv", lambda x, w, b: native.gemv(x, w, b), "CPU")
+_LIB.impl("gemv", lambda x, w, b: step_product(x, w, b), "CPU")
 _LIB.impl("panel_int8", lambda x, p, s, b: native.panel_int8(x, p, s, b), "CPU")
 
 
@@ -99,6 +99,14 @@ def _gemv_fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 @torch.library.register_fake("twigvlm::panel_int8")
 def _panel_int8_fake(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], s.shape[0], dtype=torch.float32)
+
+
+def step_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`native.gemv`'s bits for x [n, in]: gemv up to 16 rows, its lane-order tiles past them (faster there), as
+    layer.c and the eager steps choose; a program for blocks of dynamic size learns its rows only when it runs."""
+    if x.shape[0] >= native.LANES_ROWS:
+        return native.gemm_lanes(x, weight, bias)
+    return native.gemv(x, weight, bias)
 
 
 def traced_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

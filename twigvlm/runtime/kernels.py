@@ -168,7 +168,7 @@ class FastLinear(nn.Linear):
             and weight.is_contiguous()
             and (self.bias is None or self.bias.is_contiguous())
         )  # what `native.takes` checks eagerly; the program's key holds these facts of every layer it runs
-        if layout in ("gemv", "lanes") and native_ok:  # (a block program's rows on gemv: the same bits)
+        if layout in ("gemv", "lanes") and native_ok:  # (gemv's bits at any rows: `compiled.step_product`)
             return compiled.traced_gemv(x, self.weight, self.bias)
         if layout == "wxt":
             out = torch.mm(self.weight, x.reshape(-1, self.in_features).t()).t()  # [n, out]

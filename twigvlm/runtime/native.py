@@ -164,6 +164,7 @@ def library_key() -> str:
     return hashlib.sha256(_source()).hexdigest()[:12] if gemv_library() is not None else "none"
 
 
+LANES_ROWS = 17  # from this many rows on a step's product runs `gemm_lanes` where it would run `gemv` (layer.c's)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what `gemv` streams (int8 weights go through `panel_int8`)
 
 
