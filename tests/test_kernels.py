@@ -5,6 +5,10 @@ its cache, and the bench's hf / hf+kernels pair."""
 
 from __future__ import annotations
 
+import os
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -301,6 +305,31 @@ def test_a_compiled_steps_product_keeps_one_row_bits_on_the_lane_tiles_past_16_r
         assert torch.equal(torch.ops.twigvlm.gemv(x[:n], w, b), alone[:n]), n
         assert torch.equal(traced(x[:n].view(1, n, 40), w, b), alone[:n].view(1, n, 72)), n
     assert calls["gemv"] == [3, 3, 16, 16] and calls["gemm_lanes"] == [17, 17, 40, 40]
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def test_a_thread_that_ends_gives_back_its_panel_memory():
+    """The many-row kernels keep each thread's panels between calls; a thread that ends frees them, so a program
+    calling the kernels from short-lived threads does not grow by every ended thread's (2 MiB of lane panels and
+    128 KiB of gemm panels each here)."""
+    if native.gemv_library() is None:
+        pytest.skip("the native kernel cannot be built here")
+    x, w = torch.randn(20, 32768), torch.randn(16, 32768)
+
+    def work() -> None:
+        native.gemm_lanes(x, w)
+        native.gemm(x, w)
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    work()  # this thread's, and the library loaded
+    before = resident_mib()
+    for _ in range(64):
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert resident_mib() - before < 40, "ended threads kept their panels"
 
 
 def test_verification_gives_each_token_the_logits_of_its_decode_step(model_dirs, monkeypatch):

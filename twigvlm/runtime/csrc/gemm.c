@@ -18,6 +18,7 @@
  *
  * Included by layer.c after gemv.c, whose vector helpers it uses.
  */
+#include <pthread.h>
 #include <stdlib.h>
 
 #define MR 6           /* rows of x per micro-tile: 2·MR accumulators (12 of AVX2's 16 registers) */
@@ -151,11 +152,41 @@ typedef void (*micro_fn)(const float *, int64_t, const float *, int64_t, float *
                          const float *, const float *);
 static const micro_fn MICRO_BY_ROWS[MR + 1] = {0, micro_1, micro_2, micro_3, micro_4, micro_5, micro_6};
 
+/* A thread's panel memory, kept between calls and freed when the thread ends (a program that calls the kernels
+ * from short-lived threads would otherwise keep every ended thread's, OpenMP's team included). */
+typedef struct {
+  float *gemm;    /* KC × NC fp32: `gemm_panels` */
+  float *lanes;   /* `lanes_held` columns × NR fp32: `lanes_panel` */
+  int64_t lanes_held;
+} panel_mem;
+static pthread_key_t panel_mem_key;
+static pthread_once_t panel_mem_once = PTHREAD_ONCE_INIT;
+static int panel_mem_keyed; /* 1 once the key exists (0: pthread_key_create failed; the memory then stays) */
+
+static void panel_mem_free(void *p) {
+  panel_mem *s = (panel_mem *)p;
+  free(s->gemm);
+  free(s->lanes);
+  free(s);
+}
+static void panel_mem_key_make(void) { panel_mem_keyed = pthread_key_create(&panel_mem_key, panel_mem_free) == 0; }
+
+/* The calling thread's panel_mem (NULL where it cannot be allocated). */
+static panel_mem *my_panel_mem(void) {
+  static _Thread_local panel_mem *mine; /* (the key's value too: what the destructor receives) */
+  if (!mine) {
+    pthread_once(&panel_mem_once, panel_mem_key_make);
+    mine = (panel_mem *)calloc(1, sizeof(panel_mem));
+    if (mine && panel_mem_keyed) pthread_setspecific(panel_mem_key, mine);
+  }
+  return mine;
+}
+
 /* The packed panels of the calling thread (KC × NC fp32), kept between calls. */
 static float *gemm_panels(void) {
-  static _Thread_local float *buf;
-  if (!buf) buf = aligned_alloc(64, (size_t)KC * NC * sizeof(float));
-  return buf;
+  panel_mem *s = my_panel_mem();
+  if (s && !s->gemm) s->gemm = aligned_alloc(64, (size_t)KC * NC * sizeof(float));
+  return s ? s->gemm : NULL;
 }
 
 #define GEMM(NAME, T)                                                                              \
@@ -246,14 +277,14 @@ static const lanes_fn LANES_BY_ROWS[MR + 1] = {0, lanes_1, lanes_2, lanes_3, lan
 
 /* The calling thread's panel of NR outputs over `in` columns (grown as needed, kept between calls). */
 static float *lanes_panel(int64_t in) {
-  static _Thread_local float *buf;
-  static _Thread_local int64_t held;
-  if (in > held) {
-    free(buf);
-    buf = aligned_alloc(64, (size_t)((in * NR * sizeof(float) + 63) / 64 * 64));
-    held = buf ? in : 0;
+  panel_mem *s = my_panel_mem();
+  if (!s) return NULL;
+  if (in > s->lanes_held) {
+    free(s->lanes);
+    s->lanes = aligned_alloc(64, (size_t)((in * NR * sizeof(float) + 63) / 64 * 64));
+    s->lanes_held = s->lanes ? in : 0;
   }
-  return buf;
+  return s->lanes;
 }
 
 /* Thread t of nt: its share of the outputs (whole panels), every row of x; where its panel cannot be allocated,
