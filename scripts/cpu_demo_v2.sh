@@ -24,7 +24,11 @@ if [ -z "${PRECISION:-}" ]; then
 fi
 mkdir -p "$WORK/assets"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TWIGVLM_DEMO_ASSETS=$WORK/assets
-log() { sed -u 's/\r/\n/g' | grep --line-buffered -v -E "[0-9.]+(s/[a-z]+|[a-z]+/s)[],]" >> "$WORK/route.log"; }
+# the log keeps every line but progress bars' redraws: one of those a minute
+log() {
+  sed -u 's/\r/\n/g' | awk '/[0-9.]+(s\/[a-z]+|[a-z]+\/s)[],]/ { srand(); now = srand(); if (now - last < 60) next; last = now }
+    { print; fflush() }' >> "$WORK/route.log"
+}
 echo "== $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) precision $PRECISION" | log
 # shellcheck disable=SC2086  # EXTRA is a list of options
 python3 -m twigvlm.demo.build --recipe v2 --device cpu --precision "$PRECISION" --work "$WORK" --workers 1 \
