@@ -102,8 +102,9 @@ def _panel_int8_fake(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch
 
 
 def step_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`native.gemv`'s bits for x [n, in]: gemv up to 16 rows, its lane-order tiles past them (faster there), as
-    layer.c and the eager steps choose; a program for blocks of dynamic size learns its rows only when it runs."""
+    """`native.gemv`'s bits for x [n, in]: gemv up to 16 rows, its lane-order tiles past them (mostly faster
+    there), as layer.c chooses; a program for blocks of dynamic size learns its rows only when it runs, so it
+    cannot follow the plan's count at or above as eager steps do (the same bits either way)."""
     if x.shape[0] >= native.LANES_ROWS:
         return native.gemm_lanes(x, weight, bias)
     return native.gemv(x, weight, bias)

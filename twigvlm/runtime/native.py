@@ -84,7 +84,7 @@ class _Build:
 
 def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> str | None:
     """Compile src into out; None on success, else the compiler's last line."""
-    cmd = [cc, "-O3", *flags, "-shared", "-fPIC", str(src), "-o", str(out)]
+    cmd = [cc, "-O3", *flags, "-pthread", "-shared", "-fPIC", str(src), "-o", str(out)]  # (gemm.c's thread keys)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as exc:

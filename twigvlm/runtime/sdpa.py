@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -63,6 +64,19 @@ def causal_rows(mask: Tensor) -> int:
     return int(deviates.to(torch.int8).argmax()) if bool(deviates.any()) else q
 
 
+_last: tuple[weakref.ref | None, int] = (None, 0)  # the last mask measured, and its causal rows
+
+
+def _causal_rows_cached(mask: Tensor) -> int:
+    """`causal_rows`, measured once per mask tensor (the layers of a pass share theirs)."""
+    global _last
+    ref, rows = _last
+    if ref is None or ref() is not mask:
+        rows = causal_rows(mask)
+        _last = (weakref.ref(mask), rows)
+    return rows
+
+
 def prefix_split_attention(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs
 ) -> tuple[Tensor, None]:
@@ -71,9 +85,10 @@ def prefix_split_attention(
     docstring); any other call is SDPA's as it is."""
     mask = attention_mask
     q = query.shape[2]
-    if mask is None or mask.dtype != torch.bool or key.shape[2] != q or mask.shape[-1] != q or q < 2:
+    plain = mask is None or mask.dtype != torch.bool or key.shape[2] != q or mask.shape[-1] != q or q < 2
+    if plain or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:  # (nothing to split)
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-    p = causal_rows(mask)
+    p = _causal_rows_cached(mask)
     if p == 0:
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     kwargs.pop("is_causal", None)
@@ -92,13 +107,15 @@ AttentionInterface.register(PREFIX_SPLIT, prefix_split_attention)
 @contextlib.contextmanager
 def causal_prefix(layers: nn.ModuleList) -> Iterator[None]:
     """Inside the block, these stock decoder layers (transformers' SDPA attention) run `prefix_split_attention`;
-    layers on any other attention implementation are left as they are."""
+    layers on any other attention implementation are left as they are. The switch is on their config, so nothing
+    else may run those layers meanwhile (training's loss, on one thread, is its one use)."""
     config = getattr(getattr(layers[0], "self_attn", None), "config", None) if len(layers) else None
-    if config is None or config._attn_implementation != "sdpa":
+    before = getattr(config, "_attn_implementation", None)
+    if before != "sdpa":
         yield
         return
     config._attn_implementation = PREFIX_SPLIT
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = before

@@ -161,26 +161,29 @@ typedef struct {
 } panel_mem;
 static pthread_key_t panel_mem_key;
 static pthread_once_t panel_mem_once = PTHREAD_ONCE_INIT;
-static int panel_mem_keyed; /* 1 once the key exists (0: pthread_key_create failed; the memory then stays) */
-static _Thread_local panel_mem *panel_mine; /* the calling thread's (also the key's value) */
+static int panel_mem_keyed; /* 1 once the key exists */
+static _Thread_local panel_mem *panel_unkeyed; /* where pthread_key_create failed: kept for good, as before */
 
-static void panel_mem_free(void *p) { /* at the thread's end, on that thread */
+static void panel_mem_free(void *p) { /* at the thread's end (the key's value reads NULL from then on) */
   panel_mem *s = (panel_mem *)p;
   free(s->gemm);
   free(s->lanes);
   free(s);
-  panel_mine = NULL; /* (a later call on this thread, from another key's destructor, starts afresh) */
 }
 static void panel_mem_key_make(void) { panel_mem_keyed = pthread_key_create(&panel_mem_key, panel_mem_free) == 0; }
 
 /* The calling thread's panel memory (NULL where it cannot be allocated). */
 static panel_mem *my_panel_mem(void) {
-  if (!panel_mine) {
-    pthread_once(&panel_mem_once, panel_mem_key_make);
-    panel_mine = (panel_mem *)calloc(1, sizeof(panel_mem));
-    if (panel_mine && panel_mem_keyed) pthread_setspecific(panel_mem_key, panel_mine);
+  pthread_once(&panel_mem_once, panel_mem_key_make);
+  panel_mem *s = panel_mem_keyed ? (panel_mem *)pthread_getspecific(panel_mem_key) : panel_unkeyed;
+  if (!s) {
+    s = (panel_mem *)calloc(1, sizeof(panel_mem));
+    if (s && panel_mem_keyed)
+      pthread_setspecific(panel_mem_key, s);
+    else
+      panel_unkeyed = s;
   }
-  return panel_mine;
+  return s;
 }
 
 /* The packed panels of the calling thread (KC × NC fp32), kept between calls. */
