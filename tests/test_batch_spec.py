@@ -278,6 +278,23 @@ def test_a_row_that_cannot_be_placed_leaves_the_batch_as_it_was(llava, monkeypat
     assert batch_module.result(first).token_ids == solo(llava, alone)
 
 
+def test_a_first_row_that_cannot_be_placed_leaves_no_buffers(llava, monkeypatch):
+    """Slots made for the only row before its placement failed (the twig's, say) go with it: an empty batch holds
+    nothing."""
+    session = batch_module.BatchSession(llava.engine, max_rows=2)
+    real = session._place
+
+    def fails_after_making_slots() -> None:
+        real()  # (the slots exist now)
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(session, "_place", fails_after_making_slots)
+    cfg = twigvlm.GenConfig(max_new_tokens=6, ignore_eos=True)
+    with pytest.raises(MemoryError):
+        session.add(llava.encode(random_prompt(122, 4), random_image(122)), cfg, None)
+    assert session.active == [] and session.slots is None and session.kv_bytes() == (0, 0)
+
+
 def test_a_rows_room_is_what_its_answer_can_draft_and_a_tiny_temperature_is_greedy(llava):
     """A drafting row's room in the slots is reserved for the drafts its answer leaves room for: draft_len 256 on
     an 8-token answer reserves what draft_len 10 does (at most 6 drafts either way), and answers as its solo run.

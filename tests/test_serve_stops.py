@@ -14,6 +14,7 @@ import pytest
 
 import twigvlm
 from tests.serve_support import job_events
+from twigvlm.errors import TwigVLMError
 from twigvlm.serve.config import ServeConfig
 from twigvlm.serve.errors import APIError
 from twigvlm.serve.metrics import Metrics
@@ -218,4 +219,100 @@ def test_a_request_stopped_mid_answer_counts_the_tokens_it_generated(adapters, m
         counted = worker.metrics.generation_tokens._value.get()
         assert 0 < streamed <= counted < LONG  # each piece needs a token (text is held back at most)
     finally:
+        worker.stop()
+
+
+def test_a_wait_owed_to_rows_that_left_does_not_hold_newcomers_back(adapters):
+    """Fair shares: after a join that decoding rows waited for, the next join waits until they had as long to
+    decode — but only while they are still there. A debt whose rows have left (here: one set by hand, owed to
+    no row) is dropped at the next step, and waiting requests join at once."""
+    worker = _worker(adapters, max_batch=4)
+    try:
+        running = _submit(worker, _job(LONG))
+        _until(lambda: running.started)
+        worker._debt = 1e6  # (owed to rows that have left: `_owed` holds none of the batch's rows)
+        newcomers = [_submit(worker, _job(LONG)) for _ in range(2)]
+        _until(lambda: all(job.started for job in newcomers), timeout=20)
+        assert worker._debt == 0.0
+    finally:
+        for job in [running, *newcomers]:
+            job.cancel()
+        worker.stop()
+
+
+def test_a_shutdown_tells_running_batched_requests_so(adapters):
+    """The inference thread told to stop while rows still decode: their clients get 503 shutting_down with
+    Retry-After (not a 499 "cancelled", which would say they had left)."""
+    worker = _worker(adapters, max_batch=2)
+    job = _submit(worker, _job(LONG))
+    _until(lambda: job.started)
+    worker.stop()
+    kind, error = job_events(job)[-1]
+    assert kind == "error" and error.code == "shutting_down" and error.status == 503 and error.retry_after > 0
+    assert worker.metrics.requests.labels("shutting_down")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [(MemoryError("no memory for its weight panels"), 503, "out_of_memory"), (TwigVLMError("a bug"), 500, None)],
+)
+def test_a_failed_batched_step_fails_its_rows_with_a_500_or_a_retryable_503(adapters, monkeypatch, failure, status,
+                                                                           code):  # fmt: skip
+    """Every row of a failed step gets the step's error — a 503 with Retry-After where memory ran out, else a 500,
+    even for an exception that alone would be the request's own 400 — and the server serves on."""
+    from twigvlm.generation.batch import BatchSession
+
+    worker = _worker(adapters, max_batch=2)
+    real, failures = BatchSession.step, iter([failure])
+
+    def fails_once(self):
+        e = next(failures, None)
+        if e is not None:
+            raise e
+        return real(self)
+
+    monkeypatch.setattr(BatchSession, "step", fails_once)
+    try:
+        jobs = [_submit(worker, _job(LONG)) for _ in range(2)]
+        for job in jobs:
+            kind, error = job_events(job)[-1]
+            assert kind == "error" and error.status == status and error.code == code
+            assert (error.retry_after > 0) == (status == 503)
+        assert worker.metrics.requests.labels("error")._value.get() == 2
+        assert job_events(_submit(worker, _job()))[-1][0] == "done" and worker.alive
+    finally:
+        worker.stop()
+
+
+def test_a_row_stopped_while_another_joins_takes_no_more_steps(adapters, monkeypatch):
+    """A client that leaves during another request's prefill: its row leaves before the batch's next step."""
+    from twigvlm.generation.batch import BatchSession
+
+    worker = _worker(adapters, max_batch=2)
+    running = _submit(worker, _job(LONG))
+    _until(lambda: running.started and running.generation is not None)
+    stepped: list[int] = []
+    real_step = BatchSession.step
+    monkeypatch.setattr(BatchSession, "step", lambda self: stepped.append(len(self.active)) or real_step(self))
+    adapter = worker.vlm.adapter
+    original = type(adapter).call_layer
+
+    def leaving(self, layer, hidden, *args, **kwargs):  # the newcomer's prefill (many tokens at once): the running
+        if hidden.shape[1] > 1:  # request's client leaves meanwhile
+            running.cancel()
+        return original(self, layer, hidden, *args, **kwargs)
+
+    newcomer = _job(3)
+    try:
+        stepped.clear()
+        adapter.call_layer = leaving.__get__(adapter)
+        _submit(worker, newcomer)
+        _until(lambda: newcomer.started)
+        assert job_events(running)[-1][1].code == "cancelled"
+        del adapter.call_layer
+        assert job_events(newcomer)[-1][0] == "done"
+        assert stepped and stepped[0] == 1 and all(n == 1 for n in stepped)  # the newcomer alone from then on
+    finally:
+        adapter.__dict__.pop("call_layer", None)
+        running.cancel()
         worker.stop()

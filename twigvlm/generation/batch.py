@@ -146,6 +146,8 @@ class BatchSession:
                 self._place()
             except BaseException:  # (out of memory, say): the batch goes on without it, as before it came
                 self.active.pop()
+                if not self.active:  # (nor keeps buffers made for it)
+                    self.slots = self.twig_slots = None
                 raise
         return row
 

@@ -48,6 +48,7 @@ RETRY_AFTER_S = 1
 
 SHUTTING_DOWN = "the server is shutting down: retry on another instance or after it restarts"
 STOPPED = "the server's inference thread stopped (a bug: see the server log); restart the server"
+NO_MEMORY = "the server ran out of memory in a batched step with this request: retry later, or with fewer tokens"
 
 
 def shutting_down() -> APIError:
@@ -326,23 +327,29 @@ class Worker:
         session = BatchSession(engine, self.max_batch, record, self.max_step_tokens)
         rows: dict[int, tuple[Row, Job, Generation]] = {}  # id(row) → its row, job and (unrun) generation
         self._debt = 0.0  # seconds of prefill that rows already decoding waited for, not yet matched by decoding
+        self._owed: list[Row] = []  # the rows that waited for those prefills (the debt goes when they have left)
         while True:
             try:
                 if not self._batch_round(session, rows):
                     return
-            except Exception as e:  # a bug (in a step, or around one): the batch's requests fail, the server serves on
-                log.exception("a batched step failed")
+                held, reserved = session.kv_bytes()
+            except Exception as e:  # a bug (in a step, or around one), or no memory: the batch's requests fail, the
+                log.exception("a batched step failed")  # server serves on (the traceback once, here)
                 session.reset()  # nothing in the batch is trusted now (nor touched again)
+                self._debt, self._owed, held, reserved = 0.0, [], 0, 0
                 for row, job, _ in list(rows.values()):
                     del rows[id(row)]
-                    self._fail(job, e)
+                    self._batch_failed(job, e)
                     self._end(job)
-            held, reserved = session.kv_bytes()
             self.metrics.kv_held.set(held)
             self.metrics.kv_reserved.set(reserved)
 
     def _batch_round(self, session: BatchSession, rows: dict) -> bool:
         """Admit what may join, run one step, deliver its text; False once the server shuts down."""
+        self._leave_stopped(session, rows)  # (a row stopped meanwhile takes no step, nor a place a newcomer could)
+        self._owed = [row for row in self._owed if any(row is r for r in session.active)]
+        if not self._owed:  # the rows that waited have left: no one is owed a wait
+            self._debt = 0.0
         block = not session.active
         while not session.full and (block or self._debt <= 0):
             try:
@@ -352,6 +359,7 @@ class Worker:
             if job is None:
                 session.reset()  # shutting down: the rows' caches are not moved, only let go
                 for row, job_, _ in rows.values():
+                    job_.stop(shutting_down())  # (its client, if still there, is told so: 503, not "cancelled")
                     self._stopped(job_, len(row.ids))
                     self._end(job_)
                 rows.clear()
@@ -359,12 +367,14 @@ class Worker:
             if not job.claim():  # stopped while it waited: already ended
                 continue
             block = False
-            decoding = any(len(row.ids) > 1 for row in session.active)
+            decoding = [row for row in session.active if len(row.ids) > 1]
             t0 = time.perf_counter()
             self._begin(job)
             self._join(job, session, rows)
             if decoding:  # they waited for this prefill: the next join waits until they had as long to decode
                 self._debt += time.perf_counter() - t0
+                self._owed += [row for row in decoding if not any(row is r for r in self._owed)]
+        self._leave_stopped(session, rows)  # (stopped while others joined: before their step, not after it)
         if session.active:
             t0 = time.perf_counter()
             try:
@@ -409,14 +419,19 @@ class Worker:
 
     def _deliver(self, session: BatchSession, rows: dict) -> None:
         """After a step: each row's new text to its client; finished and stopped rows leave the batch."""
+        self._leave_stopped(session, rows)
+        for row, _, _ in list(rows.values()):
+            self._deliver_one(session, rows, row)
+
+    def _leave_stopped(self, session: BatchSession, rows: dict) -> None:
+        """Rows whose requests were stopped (client gone, deadline, shutdown) leave the batch with their one final
+        event; one that finished as it was stopped keeps its answer (`_deliver_one`)."""
         for row, job, _ in list(rows.values()):
-            if job.cancelled.is_set() and row.reason is None:  # (one that finished as it was stopped: its answer)
+            if job.cancelled.is_set() and row.reason is None:
                 session.drop(row)
                 del rows[id(row)]
                 self._stopped(job, len(row.ids))
                 self._end(job)
-                continue
-            self._deliver_one(session, rows, row)
 
     def _deliver_one(self, session: BatchSession, rows: dict, row: Row) -> None:
         _, job, gen = rows[id(row)]
@@ -471,6 +486,18 @@ class Worker:
             log.exception("request %s failed", job.request.id)
             bug = f"internal error ({type(e).__name__}) in request {job.request.id}: see the server log"
             job.finish("error", APIError(500, bug))
+
+    def _batch_failed(self, job: Job, e: Exception) -> None:
+        """A request whose batched step failed (its traceback logged once for the batch): a 503 with Retry-After
+        where memory ran out, else a 500 — never its own 400, whatever the exception, since the step was not its
+        alone."""
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "not enough memory" in str(e):
+            error = APIError(503, NO_MEMORY, code="out_of_memory", retry_after=RETRY_AFTER_S)
+        else:
+            name, rid = type(e).__name__, job.request.id
+            error = APIError(500, f"internal error ({name}) in a batched step with request {rid}: see the server log")
+        self.metrics.requests.labels("error").inc()
+        job.finish("error", error)
 
     def _stopped(self, job: Job, new_tokens: int = 0) -> None:
         """A job stopped before it produced an answer: its one final event. The `new_tokens` it generated before
