@@ -316,3 +316,15 @@ def test_a_row_stopped_while_another_joins_takes_no_more_steps(adapters, monkeyp
         adapter.__dict__.pop("call_layer", None)
         running.cancel()
         worker.stop()
+
+
+def test_a_dying_thread_leaves_a_job_a_stop_claimed_first_to_that_stop(adapters):
+    """A queued job that a stop (its client leaving, on the event loop's thread) claimed is ended by that stop's
+    thread; the inference thread, ending at that moment, must not end it too (two final events, and a running
+    count below zero)."""
+    worker = Worker(lambda: twigvlm.VLM(adapters[MODEL]), 4, Metrics(), max_batch=2)  # (its thread never started)
+    job = _submit(worker, _job())
+    assert job.claim()  # the stop's thread has claimed it and not yet ended it
+    worker._orphans(failed=True)
+    job.loop.run_until_complete(asyncio.sleep(0))  # (events reach the job's queue through its loop)
+    assert job.events.empty() and worker._running == 0

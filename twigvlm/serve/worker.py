@@ -150,6 +150,7 @@ class Worker:
         self._waiting = 0  # admitted, not started (reading images or queued)
         self._running = 0  # started, not ended (at most max_batch)
         self._live: set[Job] = set()  # submitted, not ended
+        self._taken: set[Job] = set()  # started by the inference thread, not ended (ended by it alone)
         self.draining = False  # SIGTERM: no new requests
         self._aborted = False  # the grace period is over: whatever is submitted now ends at once
         self._dead: APIError | None = None  # the inference thread has ended: what a request submitted now is told
@@ -295,12 +296,13 @@ class Worker:
             jobs = list(self._live)
         for job in jobs:
             job.stop(error)  # a queued one ends here (`on_unstarted`)
-            if job in self._live:  # one it had taken on: its last event from here
-                self._stopped(job)
+            if job in self._taken:  # one it had taken on: its last event from here (not one a stop claimed first:
+                self._stopped(job)  # that stop's thread ends it, though it may still be in `_live` a moment)
                 self._end(job)
 
     def _begin(self, job: Job) -> None:
         with self._lock:
+            self._taken.add(job)
             self._waiting -= 1
             self._running += 1
             self.metrics.waiting.set(self._waiting)
@@ -313,6 +315,7 @@ class Worker:
         with self._lock:
             self._running -= 1
             self._live.discard(job)
+            self._taken.discard(job)
 
     # ---- continuous batching ----------------------------------------------------------------------------------
     def _main_batched(self) -> None:
