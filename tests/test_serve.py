@@ -227,7 +227,10 @@ def test_a_client_that_disconnects_cancels_its_generation(server, image):  # noq
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
-def test_an_error_inside_a_stream_is_an_error_event_then_done(server, image):  # noqa: F811
+def test_a_streaming_request_found_wrong_by_the_model_is_its_own_400(server, image):  # noqa: F811
+    """A request that only the inference thread finds wrong (here an infeasible budget) gets its 400 as the
+    response's status with streaming too, not a 200 stream that ends in an error event (those are for what fails
+    after the answer began: a deadline, a shutdown; `test_serve_hostile.py`)."""
     body = {
         "model": server.model,
         "messages": user(PROMPT, data_url(image.read_bytes())),
@@ -236,12 +239,9 @@ def test_an_error_inside_a_stream_is_an_error_event_then_done(server, image):  #
         "prune": "twig",
         "keep": 100000,
     }  # an infeasible budget: found when the model runs
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=60) as r:
-        events = sse_events(r)
-    assert events[-1] == (None, "[DONE]")
-    kind, data = events[-2]
-    assert kind == "error" and "infeasible" in json.loads(data)["error"]["message"]
-    with pytest.raises(openai.APIError, match="infeasible"):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 400 and "infeasible" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="infeasible"):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
         list(client.chat.completions.create(model=server.model, messages=body["messages"], stream=True,
                                             extra_body={"prune": "twig", "keep": 100000}))  # fmt: skip

@@ -291,6 +291,9 @@ def test_the_prompt_and_the_answer_must_fit_the_context(app):
     error_of(post(app, body(text=long, max_tokens=room + 1)), 400, f"max_tokens={room + 1} does not fit", "max_tokens")
     r = post(app, {**body(text=long, ignore_eos=True), "max_tokens": None})  # the server's default is cut to fit
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == room
+    # streaming too: found once the prompt is tokenized, the error is still the response's status, not a 200 stream
+    error_of(post(app, body(text="hello " * 2000, stream=True)), 400, "1024", "messages")
+    error_of(post(app, body(text=long, max_tokens=room + 1, stream=True)), 400, "does not fit", "max_tokens")
 
 
 def test_a_request_past_its_deadline_ends_with_an_error(adapters):
@@ -300,7 +303,13 @@ def test_a_request_past_its_deadline_ends_with_an_error(adapters):
         t0 = time.monotonic()
         error_of(post(client, slow), 503, "--request-timeout", None)
         assert time.monotonic() - t0 < 5
+        assert client.app.state.served.budget.used == 0
+    finally:
+        client.__exit__(None, None, None)
+    client = _app_client(adapters, ServeConfig(model="m", twig=None, request_timeout_s=0.5))  # a stream: it starts,
+    try:  # then its deadline passes mid-answer (900 tokens take longer)
         with client.stream("POST", "/v1/chat/completions", json={**slow, "stream": True}) as r:
+            assert r.status_code == 200
             lines = [line for line in r.iter_lines() if line]
         assert lines[-1] == "data: [DONE]" and lines[-3] == "event: error"
         assert json.loads(lines[-2][6:])["error"]["code"] == "timeout"

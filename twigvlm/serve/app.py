@@ -238,6 +238,11 @@ async def _chat_completions(request: Request) -> Response:
         deadline.cancel()
         raise
     if req.stream:
+        try:
+            await _started(job, request)
+        except BaseException:
+            deadline.cancel()
+            raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(_sse(job, cfg.model_id, deadline), media_type="text/event-stream", headers=headers)
     try:
@@ -306,6 +311,23 @@ async def _complete(job: Job, request: Request, model: str) -> JSONResponse:
         job.cancel()  # a no-op once it has finished
 
 
+async def _started(job: Job, request: Request) -> None:
+    """Wait until the inference thread has taken a streaming request and its prompt fits the model (its "started"
+    event), so that what fails before — a prompt beyond the context (400), a deadline or a shutdown while it
+    waited (503) — is the response's own status, as for a request without streaming, not a 200 stream that ends in
+    an error event. The generation is cancelled if the client leaves first."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        kind, *payload = await job.events.get()
+    except BaseException:
+        job.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if kind == "error":
+        raise payload[0]
+
+
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -329,6 +351,8 @@ async def _sse(job: Job, model: str, deadline: asyncio.TimerHandle) -> AsyncIter
             kind, *payload = await job.events.get()
             if kind == "text":
                 yield _data(chunk(req, model, {"content": payload[0]}, **more))
+                continue
+            if kind == "started":  # (read by `_started` before the stream begins)
                 continue
             if kind == "done":
                 result, extra = payload

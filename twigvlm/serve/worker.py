@@ -4,8 +4,9 @@ batched continuously (`max_batch` > 1).
 The event loop admits a request (`admit`: a 503 with Retry-After when `max_queue` requests already wait beyond the
 batch's free places), reads
 its images in a pool thread, then `submit`s a `Job`. The inference thread encodes, generates, and sends the job's
-events — ("text", piece), ("done", result, stats), ("error", APIError) — back to the loop thread-safely; every
-job ends with exactly one "done" or "error", so no handler waits forever.
+events — ("started",) once its prompt is encoded and fits the model, ("text", piece), ("done", result, stats),
+("error", APIError) — back to the loop thread-safely; every job ends with exactly one "done" or "error", so no
+handler waits forever.
 
 A job is stopped (`Job.stop`) when its client goes away, when its deadline (`--request-timeout`) passes, or when
 the server shuts down: ended at once if it has not started (its queue place and pictures given back: `Job.claim`),
@@ -395,6 +396,7 @@ class Worker:
             req.messages, image=req.images, config=req.gen, prune=req.prune, speculative=req.spec or False
         )
         fit_context(gen, req, vlm.adapter.context_length)
+        job.send("started")  # (a streaming answer's headers go out now: an error before this is its HTTP status)
         return gen
 
     def _join(self, job: Job, session: BatchSession, rows: dict) -> None:
