@@ -24,10 +24,16 @@ if [ -z "${PRECISION:-}" ]; then
 fi
 mkdir -p "$WORK/assets"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TWIGVLM_DEMO_ASSETS=$WORK/assets
-# the log keeps every line but progress bars' redraws: one of those a minute
+# the log keeps every line but progress bars' redraws: one of those a minute (read line by line: awk would buffer)
 log() {
-  sed -u 's/\r/\n/g' | awk '/[0-9.]+(s\/[a-z]+|[a-z]+\/s)[],]/ { srand(); now = srand(); if (now - last < 60) next; last = now }
-    { print; fflush() }' >> "$WORK/route.log"
+  local line last=-60 bar='[0-9.]+(s/[a-z]+|[a-z]+/s)[],]'
+  sed -u 's/\r/\n/g' | while IFS= read -r line; do
+    if [[ $line =~ $bar ]]; then
+      ((SECONDS - last < 60)) && continue
+      last=$SECONDS
+    fi
+    printf '%s\n' "$line"
+  done >> "$WORK/route.log"
 }
 echo "== $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) precision $PRECISION" | log
 # shellcheck disable=SC2086  # EXTRA is a list of options
