@@ -24,10 +24,12 @@ if [ -z "${PRECISION:-}" ]; then
 fi
 mkdir -p "$WORK/assets"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TWIGVLM_DEMO_ASSETS=$WORK/assets
-# the log keeps every line but progress bars' redraws: one of those a minute (read line by line: awk would buffer)
+# the log keeps every line but progress bars' redraws (a bar redraws itself after a carriage return, with no
+# newline until it closes): one of those a minute, as they come (unbuffered tr, then bash reading line by line)
 log() {
-  local line last=-60 bar='[0-9.]+(s/[a-z]+|[a-z]+/s)[],]'
-  sed -u 's/\r/\n/g' | while IFS= read -r line; do
+  local line last=-60 bar='[0-9.]+(s/[a-z]+|[a-z]+/s)[],]' now=()
+  if command -v stdbuf > /dev/null; then now=(stdbuf -o0); fi
+  "${now[@]}" tr '\r' '\n' | while IFS= read -r line; do
     if [[ $line =~ $bar ]]; then
       ((SECONDS - last < 60)) && continue
       last=$SECONDS
