@@ -92,8 +92,8 @@ class KernelPlan:
 
     def layout(self, shape: tuple[int, int], rows: int, bulk: bool = True) -> str:
         """The layout for `rows` rows of a weight of `shape`: the measured one in a pass over whole sequences
-        (`bulk`); in a step (not `bulk`) where one row runs "gemv", gemv's bits at every row count: "gemv" up to
-        BLOCK_ROWS rows, past them "lanes" unless "gemv" won at the nearest probed count at or above (gemv runs
+        (`bulk`); in a step (not `bulk`) where one row runs "gemv", gemv's bits at every row count: "gemv" below
+        native.LANES_ROWS rows, from there "lanes" unless "gemv" won at the nearest probed count at or above (gemv runs
         rows in chunks of 8: the count below, 16, where they fit, says little of 17-31)."""
         key = (shape, rows, bulk)
         found = self._memo.get(key)
@@ -105,7 +105,7 @@ class KernelPlan:
             if table and not bulk and table[min(table)] == "gemv":
                 above = [r for r in table if r >= rows]
                 nearest = table[min(above)] if above else found
-                found = "gemv" if rows <= BLOCK_ROWS or nearest == "gemv" else "lanes"
+                found = "gemv" if rows < native.LANES_ROWS or nearest == "gemv" else "lanes"
             self._memo[key] = found
         return found
 

@@ -350,7 +350,6 @@ class Worker:
 
     def _batch_round(self, session: BatchSession, rows: dict) -> bool:
         """Admit what may join, run one step, deliver its text; False once the server shuts down."""
-        self._leave_stopped(session, rows)  # (a row stopped meanwhile takes no step, nor a place a newcomer could)
         self._owed = [row for row in self._owed if any(row is r for r in session.active)]
         if not self._owed:  # the rows that waited have left: no one is owed a wait
             self._debt = 0.0
