@@ -366,7 +366,9 @@ def test_the_modes(adapters, monkeypatch):
         vlm.set_compile("off")
 
 
-@pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "video-llava", "idefics3", "smolvlm"])
+@pytest.mark.parametrize(
+    "family", ["llava-next", "llava-next-video", "llava-onevision", "video-llava", "idefics3", "smolvlm"]
+)
 def test_the_families_decoders_run_natively(zoo, family):
     """Each family whose decoder is Llama- or Qwen2-shaped: every layer runs natively, with the stock layers' ids."""
     vlm = middle_twig(zoo(family))

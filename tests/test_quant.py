@@ -328,3 +328,23 @@ def test_quantize_flag_is_checked(model_dirs, capsys):
 
     assert main(["generate", "--model", model_dirs["llama-clip"], "--prompt", "hi", "--quantize", "int4"]) == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_int8_on_a_gpu_is_refused_before_the_model_loads(model_dirs, monkeypatch, capsys):
+    """The check runs before the (slow) load, not once the weights sit on the GPU: the loader is never called,
+    through the Python API and the CLI (exit code 2, one line); a CPU device passes it."""
+    from twigvlm import api
+    from twigvlm.cli.main import main
+
+    def never(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(api, "load_model", never)
+    for device in ("cuda", "cuda:1", "mps"):
+        with pytest.raises(TwigVLMError, match=f"quantize 'int8' runs on a CPU, not on '{device}'"):
+            twigvlm.VLM.load(model_dirs["llama-clip"], device=device, quantize="int8")
+    argv = ["generate", "--model", model_dirs["llama-clip"], "--prompt", "hi", "--quantize", "int8"]
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "runs on a CPU" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert quant.check_quantize("int8", "cpu") == "int8" and quant.check_quantize("none", "cuda") == "none"

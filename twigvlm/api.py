@@ -97,7 +97,7 @@ class VLM:
         faster."""
         # the settings and the twig's own file are checked before the (slow) model load; its fit to the model after
         kernels, compile = resolve_mode(kernels), resolve_compile(compile)
-        check_quantize(quantize)
+        check_quantize(quantize, device)
         if twig is not None:
             read_twig_config(twig_directory(twig))
         if min_pixels is not None or max_pixels is not None:

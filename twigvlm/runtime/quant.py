@@ -190,9 +190,13 @@ def _quantize_layer(lin: nn.Linear) -> None:
     lin.qsource = _source(lin.weight)
 
 
-def check_quantize(mode: str) -> str:
+def check_quantize(mode: str, device: str | torch.device | None = None) -> str:
+    """A known quantisation mode; with `device`, one that runs there (int8 runs on a CPU only), so that a load
+    onto a GPU is refused before the model is read, not after."""
     if mode not in QUANTIZE_MODES:
         raise TwigVLMError(f"quantize {mode!r} is unknown: use one of {', '.join(QUANTIZE_MODES)}")
+    if mode != "none" and device is not None and str(device).split(":")[0] != "cpu":
+        raise TwigVLMError(f"quantize {mode!r} runs on a CPU, not on {device!r}: drop it or use device 'cpu'")
     return mode
 
 
