@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +59,7 @@ METHODS = (
     "ssd compiled",
     "twig+ssd compiled",
 )
+D_RESERVE = 0.35  # the share of --budget-s kept for phase D (compiling, then its rounds): phase E stops short of it
 COMPILED = " compiled"  # our method with `--compile on` (its decode-time layer calls as compiled programs)
 PHASE_B = ("hf", "ar", "ssd", "twig", "twig+ssd")
 PROMPT = "Describe the image in detail."
@@ -390,13 +391,18 @@ BATCH_SPECS = {  # phase E's drafting methods: auto's plan per step, and draft t
 }
 
 
-def batch_sweep(bench: Bench, sizes: list[int], tokens: int, repeats: int) -> list[dict]:
+def batch_sweep(
+    bench: Bench, sizes: list[int], tokens: int, repeats: int, until: float = float("inf"), log=print
+) -> list[dict]:
     """Aggregate decode throughput of B identical requests together, for stock batched `generate`, our batched
     `ar`, our batched `ssd` (drafting inside the batch, auto's plan per step: chain, tree or none) and `ssd tree`
     (every row drafts a tree in every step), interleaved, medians; with the row-steps auto ran without drafts
     (where the batch gained nothing from drafting) and the share of its verifications that checked trees."""
     rows = []
     for b in sizes:
+        if rows and time.perf_counter() > until:  # (the compiled rows after this phase keep their time)
+            log(f"  batches of {b} and more left out: the time budget is spent")
+            break
         images = [bench.image] * b
         texts = [bench.vlm.adapter.render(PROMPT, 1)] * b
         requests = [dict(prompt=PROMPT, image=bench.image, max_new_tokens=tokens, ignore_eos=True)] * b
@@ -419,7 +425,9 @@ def batch_sweep(bench: Bench, sizes: list[int], tokens: int, repeats: int) -> li
                 bench.sync()
                 if r:
                     runs[m].append(time.perf_counter() - t0)
-        row: dict = dict(batch=b, tokens=tokens)
+            if r and time.perf_counter() > until:
+                break  # one timed round is enough where time is short
+        row: dict = dict(batch=b, tokens=tokens, rounds=len(runs["hf"]))
         for m, seconds in runs.items():
             row[f"{m.replace(' ', '_')}_tokens_per_s"] = b * tokens / statistics.median(seconds)
         row["ssd_undrafted_steps"] = statistics.median(undrafted) if undrafted else None
@@ -588,9 +596,10 @@ def main(argv: list[str] | None = None) -> None:
         print(prefill_table(result["phase_c"]), flush=True)
 
     batches = [int(n) for n in args.batches.split(",")] if args.batches else []
-    if batches and time.perf_counter() < deadline:
+    reserve = D_RESERVE * args.budget_s if compiled else 0.0  # phase D's: compiling and its rounds come last
+    if batches and time.perf_counter() < deadline - reserve:
         log(f"phase E: batches of {args.batches} requests, our ar and ssd (drafting inside the batch) against hf")
-        result["phase_e"] = batch_sweep(bench, batches, args.tokens, args.repeats)
+        result["phase_e"] = batch_sweep(bench, batches, args.tokens, args.repeats, deadline - reserve, log)
         save()
         print(batch_table(result["phase_e"]), flush=True)
 
@@ -598,10 +607,28 @@ def main(argv: list[str] | None = None) -> None:
         log("phase D: stock generate against its static-cache compiled form, and our compiled decode steps")
         samples = interleave(bench, ["hf", *compiled], args.repeats, deadline + 60, log)
         same = {"ssd compiled": samples["ar compiled"][-1].ids if samples.get("ar compiled") else None}
-        result["phase_d"] = dict(rows=summarize(samples, args.tokens, same))
+        result["phase_d"] = dict(rows=summarize(samples, args.tokens, same), programs=program_record(bench, log))
+        hf_a = [r["seconds"] for r in result["phase_a"]["rows"] if r["method"] == "hf"]
+        result["phase_d"]["hf_phase_a_seconds"] = hf_a[0] if hf_a else None  # stock before any graph was compiled
         save()
         print(table(result["phase_d"]["rows"]), flush=True)
     log("done")
+
+
+def program_record(bench: Bench, log: Callable[[str], None]) -> dict | None:
+    """What our compiled steps did (programs, compile time, calls): a program that failed to compile runs its
+    calls eagerly, so the "compiled" rows are then partly eager, and the log says so."""
+    programs = getattr(bench.vlm.adapter, "_step_programs", None)
+    if programs is None:
+        return None
+    stats = asdict(programs.stats)
+    if stats["failures"] or stats["eager_calls"]:
+        log(
+            f"  WARNING: {len(stats['failures'])} programs failed to compile and {stats['eager_calls']} layer calls "
+            f"ran eagerly: the compiled rows are partly eager ({'; '.join(stats['failures'])[:300]})"
+        )
+    log(f"  compiled steps: {stats['programs']} programs in {stats['compile_s']:.1f} s, {stats['calls']} calls")
+    return stats
 
 
 def environment(device: str) -> dict:

@@ -26,7 +26,9 @@ start=$(date +%s)
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
 } 2>&1 | tee "$OUT/env.txt"
-timeout "$PYTEST_S" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 40 | tee "$OUT/pytest_gpu.log"
+# SIGINT at the limit: pytest then prints its summary (what passed, what was cut); the whole log is kept
+timeout -s INT -k 15 "$PYTEST_S" python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  | tee "$OUT/pytest_gpu.log" | tail -n 40
 echo "pytest -m gpu: rc ${PIPESTATUS[0]}, $(($(date +%s) - start)) s" | tee -a "$OUT/pytest_gpu.log"
 python3 scripts/bench_gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --tokens "$TOKENS" --repeats "$REPEATS" \
   --budget-s "$BUDGET_S" --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"

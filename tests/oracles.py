@@ -102,7 +102,8 @@ def stock_logits(vlm: twigvlm.VLM, prompt, images, videos, new_ids: list[int]) -
     for key in ("pixel_values", "pixel_values_videos"):
         if key in batch and batch[key].is_floating_point():
             batch[key] = batch[key].to(adapter.dtype)
-    ids = torch.cat([batch["input_ids"], torch.tensor([new_ids], dtype=batch["input_ids"].dtype)], 1)
+    old = batch["input_ids"]
+    ids = torch.cat([old, torch.tensor([new_ids], dtype=old.dtype, device=old.device)], 1)
     batch["input_ids"] = ids
     if "mm_token_type_ids" in batch:  # Qwen-VL: the token types of the longer sequence
         batch["mm_token_type_ids"] = adapter.token_types(ids)
@@ -119,7 +120,7 @@ def assert_cached_decode_equals_uncached(vlm: twigvlm.VLM, prompt, images=(), vi
         logits, tokens = [engine.prefill(state, enc)], []
         for _ in range(n):
             tokens.append(int(logits[-1].argmax(-1)))
-            logits.append(engine.step(state, torch.tensor([[tokens[-1]]]))[:, -1])
+            logits.append(engine.step(state, torch.tensor([[tokens[-1]]], device=vlm.adapter.device))[:, -1])
     ref = stock_logits(vlm, prompt, images, videos, tokens[:-1])[enc.num_tokens - 1 :]
     torch.testing.assert_close(torch.cat(logits[:-1], 0), ref, rtol=1e-5, atol=1e-5)
 

@@ -253,3 +253,26 @@ def test_a_seed_gives_one_text_however_it_is_decoded_on_cuda(pair):
             else:
                 assert first_difference_is_a_perturbed_tie(bf16, request, ours, ids["plain"]), (seed, name)
     assert exact >= 0.75 * compared, f"only {exact}/{compared} bf16 seeded runs gave the plain ids"
+
+
+def test_the_pruning_head_trains_on_cuda(model_dirs, tmp_path):
+    """`twigvlm train --objective pruning` on CUDA (the demo build's last stage): the teacher rows, the training
+    and the held-out check run with the model on the GPU (the data set's tensors start on the CPU)."""
+    from twigvlm.train.config import TrainConfig
+    from twigvlm.train.prune_head import train_prune_head
+
+    from .conftest import write_llava_data
+
+    model = model_dirs["llama-clip"]
+    vlm = twigvlm.load(model)
+    vlm.grow_twig(K=2, T=2)
+    vlm.save_twig(tmp_path / "twig")
+    data = write_llava_data(tmp_path / "d", 4)
+    cfg = TrainConfig(
+        model=model, init=str(tmp_path / "twig"), objective="pruning", data=data, out=str(tmp_path / "out"),
+        max_steps=4, batch_size=2, lr=3e-2, device="cuda",
+    )  # fmt: skip
+    result = train_prune_head(cfg)
+    assert result.overlap_after == result.overlap_after  # a number (not NaN)
+    trained = twigvlm.load(model, twig=str(tmp_path / "out"), device="cuda")
+    assert trained.twig.prune_head is not None

@@ -180,7 +180,8 @@ class StepPrograms:
     """The compiled layer-call programs of one adapter, by kind of call; `run_layer` replays (or compiles) one."""
 
     def __init__(self, adapter: Any) -> None:
-        NATIVE.ready = native.gemv_library() is not None
+        if adapter.device.type == "cpu":  # (the CPU kernels: not built for a model on a GPU, which never runs them)
+            NATIVE.ready = native.gemv_library() is not None
         self.adapter = adapter
         self._call_layer: LayerCall = adapter.call_layer
         self._programs: dict[tuple, Any] = {}

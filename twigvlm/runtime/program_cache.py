@@ -84,7 +84,9 @@ def _environment(device: torch.device) -> list[str]:
     from . import native
 
     facts = [_source_digest(), torch.__version__, transformers.__version__, sys.version, platform.machine()]
-    facts += [cpuinfo_line("model name") or "", cpuinfo_line("flags", "Features") or "", native.library_key()]
+    facts += [cpuinfo_line("model name") or "", cpuinfo_line("flags", "Features") or ""]
+    if device.type == "cpu":  # the CPU kernels the programs call (a GPU's programs call none: nothing to build)
+        facts.append(native.library_key())
     if device.type == "cuda":
         facts += [torch.cuda.get_device_name(device), str(torch.version.cuda)]
     return facts

@@ -76,7 +76,8 @@ def _examples(engine: Engine, data: LlavaDataset, A: int, desc: str) -> list[Exa
         if answers.numel() == 0:
             continue
         q = int(answers[0]) - 1  # the last prompt token
-        enc = trainable.embed_inputs(item["input_ids"][None, : q + 1], item["pixel_values"])
+        ids = item["input_ids"][None, : q + 1].to(adapter.device)  # (the data set's tensors are on the CPU)
+        enc = trainable.embed_inputs(ids, item["pixel_values"])
         if enc.num_visual_tokens == 0:
             continue
         with bulk_products():
