@@ -252,6 +252,21 @@ def test_a_shutdown_tells_running_batched_requests_so(adapters):
     assert worker.metrics.requests.labels("shutting_down")._value.get() == 1
 
 
+@pytest.mark.parametrize("max_batch", [1, 2], ids=["one-at-a-time", "batched"])
+def test_a_stop_with_every_place_taken_ends_the_thread_at_once(adapters, max_batch):
+    """The app's shutdown with long requests in every place (a full batch reads the queue only when a row leaves):
+    they stop with shutting_down and the thread ends within its join, not after their answers."""
+    worker = _worker(adapters, max_batch=max_batch)
+    jobs = [_submit(worker, _job(LONG)) for _ in range(max_batch)]
+    _until(lambda: all(job.started for job in jobs))
+    t0 = time.perf_counter()
+    worker.stop(timeout=10)
+    assert not worker._thread.is_alive() and time.perf_counter() - t0 < 5
+    for job in jobs:
+        kind, error = job_events(job)[-1]
+        assert kind == "error" and error.code == "shutting_down"
+
+
 @pytest.mark.parametrize(
     ("failure", "status", "code"),
     [(MemoryError("no memory for its weight panels"), 503, "out_of_memory"), (TwigVLMError("a bug"), 500, None)],

@@ -169,6 +169,10 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """End the inference thread (the app's shutdown): every request it still holds stops with "shutting down"
+        first — a full batch reads the queue, and so its end, only when a row leaves, and one request at a time
+        only when it ends — then the thread is joined."""
+        self.abort_all()
         self._queue.put(None)
         self._thread.join(timeout)
 
