@@ -14,6 +14,9 @@
 #   WORK=/tmp/v2smoke LIMIT=2 EXTRA="--pretrain-steps 2 --pretrain-batch 4 --align-steps 3 --align-batch 2
 #   --eval-every 0 --twig-examples 16 --head-examples 8" bash scripts/cpu_demo_v2.sh).
 # Needs twigvlm's virtual environment first on PATH (`make install`).
+# Memory: alignment holds about 17 GB at its peak (6 packed pictures through 30 layers, with their gradients), so
+# on a 24 GB machine a test suite beside it gets it killed (out of memory): end it just after a checkpoint
+# (runs/v2cpu/vision/*.pt's time changes every 10 steps) rather than pausing it, and start it again after.
 set -euo pipefail
 WORK=$(realpath -m "${WORK:-runs/v2cpu}")
 LIMIT=${LIMIT:-60}
