@@ -14,9 +14,11 @@
 #   WORK=/tmp/v2smoke LIMIT=2 EXTRA="--pretrain-steps 2 --pretrain-batch 4 --align-steps 3 --align-batch 2
 #   --eval-every 0 --twig-examples 16 --head-examples 8" bash scripts/cpu_demo_v2.sh).
 # Needs twigvlm's virtual environment first on PATH (`make install`).
-# Memory: alignment holds about 17 GB at its peak (6 packed pictures through 30 layers, with their gradients), so
+# Memory: alignment's process grows to about 17 GB (6 packed pictures through 30 layers, with their gradients), so
 # on a 24 GB machine a test suite beside it gets it killed (out of memory): end it just after a checkpoint
-# (runs/v2cpu/vision/*.pt's time changes every 10 steps) rather than pausing it, and start it again after.
+# (runs/v2cpu/vision/*.pt's time changes every 10 steps) rather than pausing it, and start it again after; or give
+# it EXTRA="--align-micro 2" (each step's pictures in two parts, gradients summed: the same step, 9.4 GB at its
+# peak against 12.4 over the first two steps).
 set -euo pipefail
 WORK=$(realpath -m "${WORK:-runs/v2cpu}")
 LIMIT=${LIMIT:-60}

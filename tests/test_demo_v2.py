@@ -4,6 +4,7 @@ below K_f only, the picture-level pre-training targets, and the recipe recorded 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 
@@ -17,7 +18,7 @@ from twigvlm.demo.lora import DecoderLoRA, layer_of
 from twigvlm.demo.recipe import V1, V2, recipe, recipe_from_metadata
 from twigvlm.demo.vision.align import _batch, packed_batch
 from twigvlm.demo.vision.pretrain import BAG, AuxHeads, _loss, scene_bag
-from twigvlm.demo.vision.wiped import _dropped, answer_loss, packed_mask
+from twigvlm.demo.vision.wiped import _dropped, answer_loss, packed_mask, row_parts, scored_tokens
 from twigvlm.errors import TwigVLMError
 from twigvlm.runtime import sdpa
 from twigvlm.train.data import IGNORE_INDEX
@@ -131,24 +132,98 @@ def test_a_packed_batch_gives_each_example_its_loss_alone(adapter, wipe):
         assert not torch.allclose(seen, ours, rtol=1e-4, atol=1e-4)
 
 
-def test_a_packed_batch_trains_the_vision_parts_as_its_examples_alone(adapter):
+@contextlib.contextmanager
+def trained_projector(adapter):
+    """The projector's parameters with gradients on (and off again, none left, after)."""
     proj = list(adapter.model.model.multi_modal_projector.parameters())
-    group = scene_group("val", 2)[:3]
     for p in proj:
         p.requires_grad_(True)
     try:
-        total, tokens = _alone(adapter, group, wipe=2)
-        (total / tokens).backward()
-        alone = [p.grad.clone() for p in proj]
-        for p in proj:
-            p.grad = None
-        answer_loss(adapter, packed_batch(adapter, [group]), wipe=2).backward()
-        for a, p in zip(alone, proj, strict=True):
-            torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+        yield proj
     finally:
         for p in proj:
             p.grad = None
             p.requires_grad_(False)
+
+
+def _taken_grads(params) -> list[torch.Tensor]:
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def test_a_packed_batch_trains_the_vision_parts_as_its_examples_alone(adapter):
+    group = scene_group("val", 2)[:3]
+    with trained_projector(adapter) as proj:
+        total, tokens = _alone(adapter, group, wipe=2)
+        (total / tokens).backward()
+        alone = _taken_grads(proj)
+        answer_loss(adapter, packed_batch(adapter, [group]), wipe=2).backward()
+        for a, p in zip(alone, proj, strict=True):
+            torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_a_step_in_parts_is_the_whole_steps_loss_and_gradients(adapter, parts):
+    """`--align-micro`: a packed step's rows in parts (uneven ones too), each loss over the whole step's answer
+    tokens, sum to the step's loss, and their summed gradients are its gradients."""
+    groups = [scene_group("val", 3)[:3], scene_group("val", 4)[:2], [easyvqa_question("val", 5)], scene_group("val", 6)]
+    packed = packed_batch(adapter, groups)
+    with trained_projector(adapter) as proj:
+        whole = answer_loss(adapter, packed, wipe=2)
+        whole.backward()
+        expected = _taken_grads(proj)
+        split = row_parts(packed, parts)
+        assert [len(part["input_ids"]) for part in split] == ([2, 2] if parts == 2 else [1, 1, 2])
+        assert all(len(part["pixel_values"]) == len(part["input_ids"]) for part in split)
+        total, summed = scored_tokens(packed), 0.0
+        assert total == int((packed["labels"] != IGNORE_INDEX).sum())
+        for part in split:
+            loss = answer_loss(adapter, part, wipe=2, total=total)
+            loss.backward()
+            summed += loss.item()
+        assert summed == pytest.approx(whole.item(), rel=1e-5)
+        for e, p in zip(expected, proj, strict=True):
+            torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot split a batch of 4 rows into 5 parts"):
+        row_parts(packed, 5)
+
+
+def test_the_alignment_loop_in_parts_takes_the_whole_steps(adapters, tmp_path):
+    """`align` with --align-micro 2 ends where one part a step ends: the same vision weights after two packed steps
+    (the parts' gradients summed before each optimizer step, not replaced), and they did move."""
+    import copy
+
+    from twigvlm.demo.model import vision_prefixes
+    from twigvlm.demo.train_vision import parse_args
+    from twigvlm.demo.vision.align import align
+
+    adapter = adapters["qwen2-siglip"]
+    before = {k: v.detach().clone() for k, v in adapter.model.named_parameters() if k.startswith(vision_prefixes())}
+    after = []
+    for micro in (1, 2):
+        model = copy.deepcopy(adapter.model)
+        (tmp_path / f"w{micro}").mkdir()
+        argv = ["--recipe", "v2", "--work", str(tmp_path / f"w{micro}"), "--align-steps", "2", "--align-batch", "2",
+                "--pack", "2", "--align-micro", str(micro), "--lora-rank", "0", "--eval-every", "0", "--workers", "0",
+                "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+        _, done, _ = align(model, adapter.processor, parse_args(argv))
+        assert done == 2
+        after.append({k: v.detach() for k, v in model.named_parameters() if k in before})
+    moved = [k for k in before if not torch.allclose(after[0][k], before[k], rtol=0, atol=1e-7)]
+    assert len(moved) > len(before) // 2
+    for k in before:
+        torch.testing.assert_close(after[1][k], after[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_align_micro_is_checked_against_the_batch(capsys):
+    from twigvlm.demo.train_vision import parse_args
+
+    assert parse_args(["--recipe", "v2", "--align-micro", "2"]).align_micro == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "v2", "--align-batch", "4", "--align-micro", "5"])
+    assert "--align-micro must be between 1 and --align-batch (4), got 5" in capsys.readouterr().err
 
 
 def test_causal_rows_counts_the_first_rows_a_mask_keeps_causal():

@@ -26,6 +26,7 @@ from ..model import vision_prefixes
 from ..recipe import VisionRecipe
 from .evaluation import evaluate, format_scores
 from .loop import (
+    apply_gradients,
     autocast,
     batches,
     due,
@@ -37,7 +38,7 @@ from .loop import (
     schedule,
     to_device,
 )
-from .wiped import answer_loss
+from .wiped import answer_loss, row_parts, scored_tokens
 
 # A budgeted run times steps FIT_FROM..FIT_AFTER after its start (the first ones warm caches and kernels up) and then
 # fits its schedule's horizon to the time left (`loop.fit_horizon`).
@@ -179,16 +180,24 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
         batch = to_device(batch, args.device)
         model.train()
         dropout = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        with autocast(args):
-            loss = answer_loss(
-                vlm.adapter,
-                batch,
-                step_wipe(recipe, args.seed, step),
-                args.token_dropout,
-                recipe.dropout_layer,
-                generator=dropout,
-            )
-        optimize(loss, opt, sched, [p for g in groups for p in g["params"]], bar)
+        params = [p for g in groups for p in g["params"]]
+        wipe = step_wipe(recipe, args.seed, step)
+        parts = getattr(args, "align_micro", 1)
+        if parts <= 1:
+            with autocast(args):
+                loss = answer_loss(vlm.adapter, batch, wipe, args.token_dropout, recipe.dropout_layer, dropout)
+            optimize(loss, opt, sched, params, bar)
+        else:  # the same step in less memory: its rows in parts, their gradients summed
+            opt.zero_grad()
+            total, value = scored_tokens(batch), 0.0
+            for part in row_parts(batch, parts):
+                with autocast(args):
+                    loss = answer_loss(
+                        vlm.adapter, part, wipe, args.token_dropout, recipe.dropout_layer, dropout, total=total
+                    )
+                loss.backward()
+                value += loss.item()
+            apply_gradients(opt, sched, params, bar, value)
         model.eval()
         done = step + 1
         if due(done, args.save_every, total):

@@ -99,10 +99,18 @@ def optimize(
     """One optimizer step of a stage: backward, clip to norm 1, step the optimizer and schedule, show the loss."""
     opt.zero_grad()
     loss.backward()
+    apply_gradients(opt, sched, params, bar, loss.item())
+
+
+def apply_gradients(
+    opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, params: list, bar: tqdm, loss: float
+) -> None:
+    """The end of a step whose gradients are in place: clip to norm 1, step the optimizer and schedule, show the
+    loss."""
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
-    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
 
 def out_of_time(args: argparse.Namespace) -> bool:

@@ -18,6 +18,7 @@ first part causal (a layer's attention about 1.35× faster on v2's packed rows).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -70,10 +71,12 @@ def answer_loss(
     dropout: float = 0.0,
     dropout_layer: int = 2,
     generator: torch.Generator | None = None,
+    total: int | None = None,
 ) -> Tensor:
     """Mean next-token cross-entropy on the answer tokens of a right-padded batch (input_ids, labels [B, T],
     pixel_values), the visual tokens gone from decoder layer `wipe` on (None: never) and a `dropout` share of
-    them from `dropout_layer` on."""
+    them from `dropout_layer` on. `total`: divide the summed cross-entropy by this many tokens instead (the answer
+    tokens of the whole step whose part this batch is: `scored_tokens`), so parts' losses add up to the step's."""
     ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
     segment = batch.get("segment")  # [B, T] for a packed batch
     if segment is not None and adapter.position_rows != 1:
@@ -106,4 +109,24 @@ def answer_loss(
     scored = tokens["targets"] != IGNORE_INDEX  # [B, T']
     with bulk_products():  # (a whole batch's answers: the fastest layouts, where products run without gradient)
         logits = adapter.lm_head(adapter.final_norm(tokens["hidden"][scored]))  # [n, V]
+    if total is not None:
+        return F.cross_entropy(logits.float(), tokens["targets"][scored], reduction="sum") / total
     return F.cross_entropy(logits.float(), tokens["targets"][scored])
+
+
+def scored_tokens(batch: dict[str, Tensor]) -> int:
+    """The answer tokens `answer_loss` scores in a batch: those whose label is set, but a row's first."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def row_parts(batch: dict[str, Tensor], parts: int) -> list[dict[str, Tensor]]:
+    """The batch's rows in `parts` consecutive groups (as even as they divide), each a batch of its own: every
+    per-row tensor [B, …] split along its rows, pixel_values too (one picture per row)."""
+    rows = batch["input_ids"].shape[0]
+    if not 1 <= parts <= rows:
+        raise ValueError(f"cannot split a batch of {rows} rows into {parts} parts")
+    bounds = [i * rows // parts for i in range(parts + 1)]
+    for key, value in batch.items():
+        if value.shape[0] != rows:
+            raise ValueError(f"{key} has {value.shape[0]} rows, not the batch's {rows} (one picture per row)")
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in itertools.pairwise(bounds)]
