@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     if "ssd" in phase_b and time.perf_counter() < deadline:
         log(f"phase B: the scale for acceptance ≈ {args.target_acceptance}")
         scale, seen = calibrate(bench, scaler, args.target_acceptance, args.upper_scale, args.calibration_steps, log)
-        samples = interleave(bench, phase_b, args.repeats, t_start + 0.65 * args.budget_s, log)
+        samples = interleave(bench, phase_b, args.repeats, t_start + 0.55 * args.budget_s, log)
         same = {
             "ssd": samples["ar"][-1].ids if samples.get("ar") else None,
             "twig+ssd": samples["twig"][-1].ids if samples.get("twig") else None,
@@ -602,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
         result["phase_e"] = batch_sweep(bench, batches, args.tokens, args.repeats, deadline - reserve, log)
         save()
         print(batch_table(result["phase_e"]), flush=True)
+    elif batches:
+        log(f"phase E left out: {time.perf_counter() - t_start:.0f} s gone, phase D keeps the last {reserve:.0f} s")
 
     if compiled:  # last: the compiled graphs slow every eager method run after them in the same process
         log("phase D: stock generate against its static-cache compiled form, and our compiled decode steps")

@@ -11,8 +11,8 @@
 #   bash scripts/gpu_demo_v2.sh build   # call 2, carry .dev2: join the GGUF, build v2 (BUDGET minutes for the
 #                                       #   vision stages; the twig and the head after them), pack the parts into
 #                                       #   $OUT, then measure on val while CALL_S seconds allow
-#   bash scripts/gpu_demo_v2.sh bench   # call 3, if the build call had no time left: measure on val (the
-#                                       #   machine still warm from the build call, or carry .dev2 again)
+#   bash scripts/gpu_demo_v2.sh bench   # call 3, if the build call had no time left: measure on val (on the
+#                                       #   machine still warm from the build call: its .site and GGUF file)
 #   bash scripts/gpu_demo_v2.sh unpack DIR   # here, afterwards: the returned parts into runs/demo-v2/assets
 #
 # $OUT (default runs/gpu-v2) receives at most 8 files, each under 16 MiB: train.log, bench.log, bench.tar (each
@@ -49,7 +49,7 @@ if [ "$DEVICE" = cuda ] && [ "$PHASE" != prep ] && [ "$PHASE" != unpack ] && [ !
   echo "gpu_demo_v2.sh: no .site here: run the prep call first (a machine given back between calls starts bare)" >&2
   exit 2
 fi
-quiet() { sed -u 's/\r/\n/g' | grep --line-buffered -v -E "[0-9.?]+(s/[a-z]+|[a-z]+/s)[],]"; }
+quiet() { sed -u 's/\r/\n/g' | { grep --line-buffered -v -E "[0-9.?]+(s/[a-z]+|[a-z]+/s)[],]" || true; }; }
 elapsed() { echo $(($(date +%s) - start)); }
 
 table() { # one table on val in dtype $2: a published one (scripts/demo_tables.sh), or init (the two twigs)
@@ -87,8 +87,8 @@ bench() {
 
 decoder() { # the decoder's GGUF file from the two halves the calls carried (the build and bench phases read it)
   if [ -f .dev2/gguf.part2 ]; then
-    if [ ! -f /tmp/decoder.gguf ]; then
-      cat .dev1/gguf.part1 .dev2/gguf.part2 > /tmp/decoder.gguf.part
+    if ! echo "$(cat .dev2/gguf.sha256)  /tmp/decoder.gguf" | sha256sum -c --quiet > /dev/null 2>&1; then
+      cat .dev1/gguf.part1 .dev2/gguf.part2 > /tmp/decoder.gguf.part # (none yet, or not these halves' file)
       echo "$(cat .dev2/gguf.sha256)  /tmp/decoder.gguf.part" | sha256sum -c --quiet
       mv /tmp/decoder.gguf.part /tmp/decoder.gguf
     fi

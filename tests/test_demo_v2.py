@@ -208,8 +208,8 @@ def test_the_alignment_loop_in_parts_takes_the_whole_steps(adapters, tmp_path):
         argv = ["--recipe", "v2", "--work", str(tmp_path / f"w{micro}"), "--align-steps", "2", "--align-batch", "2",
                 "--pack", "2", "--align-micro", str(micro), "--lora-rank", "0", "--eval-every", "0", "--workers", "0",
                 "--device", "cpu", "--precision", "fp32"]  # fmt: skip
-        _, done, _ = align(model, adapter.processor, parse_args(argv))
-        assert done == 2
+        _, done, horizon = align(model, adapter.processor, parse_args(argv))
+        assert (done, horizon) == (2, 2)
         after.append({k: v.detach() for k, v in model.named_parameters() if k in before})
     moved = [k for k in before if not torch.allclose(after[0][k], before[k], rtol=0, atol=1e-7)]
     assert len(moved) > len(before) // 2

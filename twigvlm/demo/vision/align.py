@@ -189,11 +189,11 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
             optimize(loss, opt, sched, params, bar)
         else:  # the same step in less memory: its rows in parts, their gradients summed
             opt.zero_grad()
-            total, value = scored_tokens(batch), 0.0
+            answers, value = scored_tokens(batch), 0.0  # (`total` is the schedule's horizon)
             for part in row_parts(batch, parts):
                 with autocast(args):
                     loss = answer_loss(
-                        vlm.adapter, part, wipe, args.token_dropout, recipe.dropout_layer, dropout, total=total
+                        vlm.adapter, part, wipe, args.token_dropout, recipe.dropout_layer, dropout, total=answers
                     )
                 loss.backward()
                 value += loss.item()

@@ -127,6 +127,8 @@ def row_parts(batch: dict[str, Tensor], parts: int) -> list[dict[str, Tensor]]:
         raise ValueError(f"cannot split a batch of {rows} rows into {parts} parts")
     bounds = [i * rows // parts for i in range(parts + 1)]
     for key, value in batch.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{key} is not one tensor of rows: a batch in parts needs one picture tensor per row")
         if value.shape[0] != rows:
             raise ValueError(f"{key} has {value.shape[0]} rows, not the batch's {rows} (one picture per row)")
     return [{k: v[a:b] for k, v in batch.items()} for a, b in itertools.pairwise(bounds)]
