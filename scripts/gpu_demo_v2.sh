@@ -93,11 +93,9 @@ decoder() { # the decoder's GGUF file from the two halves the calls carried (the
       mv /tmp/decoder.gguf.part /tmp/decoder.gguf
     fi
     export TWIGVLM_DECODER_GGUF=/tmp/decoder.gguf
-  elif [ "$DEVICE" = cuda ] && [ ! -f /tmp/decoder.gguf ]; then
+  elif [ "$DEVICE" = cuda ]; then # (a CPU smoke run reads the installed decoder)
     echo "gpu_demo_v2.sh: no .dev2/gguf.part2 here: carry .dev2 (scripts/gpu_kit.sh demo) for the $PHASE call" >&2
     exit 2
-  else
-    if [ -f /tmp/decoder.gguf ]; then export TWIGVLM_DECODER_GGUF=/tmp/decoder.gguf; fi
   fi
 }
 

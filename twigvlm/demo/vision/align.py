@@ -151,6 +151,7 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
             lora.load_shipped(args.init_lora)
         groups.append({"params": list(lora.parameters()), "lr": args.lora_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    params = [p for g in groups for p in g["params"]]
     sched = schedule(opt, args.align_steps, 100)
     ckpt = args.work / "align.pt"
     start = resume_vision(ckpt, model, opt, sched, lora) or getattr(args, "init_step", 0)
@@ -180,17 +181,15 @@ def align(model: Any, processor: Any, args: argparse.Namespace) -> tuple[Decoder
         batch = to_device(batch, args.device)
         model.train()
         dropout = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        params = [p for g in groups for p in g["params"]]
         wipe = step_wipe(recipe, args.seed, step)
-        parts = getattr(args, "align_micro", 1)
-        if parts <= 1:
+        if args.align_micro == 1:
             with autocast(args):
                 loss = answer_loss(vlm.adapter, batch, wipe, args.token_dropout, recipe.dropout_layer, dropout)
             optimize(loss, opt, sched, params, bar)
         else:  # the same step in less memory: its rows in parts, their gradients summed
             opt.zero_grad()
             answers, value = scored_tokens(batch), 0.0  # (`total` is the schedule's horizon)
-            for part in row_parts(batch, parts):
+            for part in row_parts(batch, args.align_micro):
                 with autocast(args):
                     loss = answer_loss(
                         vlm.adapter, part, wipe, args.token_dropout, recipe.dropout_layer, dropout, total=answers
