@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig
 
+from twigvlm import PruneConfig
 from twigvlm.cli.main import main
-from twigvlm.pruning.prefill import default_wipe_layer
+from twigvlm.pruning.prefill import default_wipe_layer, plan_pruning
 from twigvlm.tiny.llava import TinySpec, save_tiny_llava
 from twigvlm.version import __version__
 
@@ -101,6 +102,9 @@ def test_a_seed_gives_one_text_with_speculation_on_the_command_line(capsys, mode
         code, out, err = _run(capsys, gen + extra)
         assert code == 0, err
         texts.append(json.loads(out)["token_ids"])
+        stats = json.loads(out)["stats"]
+        if "--speculative" in extra:  # it drafted (a tree where one was asked for; auto's choice otherwise)
+            assert stats["drafted"] > 0 and stats["drafter"] in ({"tree"} if "tree" in extra else {"chain", "tree"})
     assert texts[1:] == texts[:1] * 3
     code, out, err = _run(capsys, gen + ["--sampling", "sequential"])
     assert code == 0 and len(json.loads(out)["token_ids"]) == 8, err
@@ -138,8 +142,11 @@ def test_generate_with_pruning_reports_and_pictures_the_kept_tokens(
     stats = json.loads(out)["stats"]
     assert stats["visual_tokens"] == 16 and stats["prune_method"] == method
     assert len(stats["kept_indices"]) == stats["kept"] and 0 < stats["kept"] < 16
-    assert stats["avg_kept"] == pytest.approx(8, abs=1.0)
     L = AutoConfig.from_pretrained(model_dirs["llama-clip"]).text_config.num_hidden_layers
+    if method != "visionzip":  # R̄ = 8 over the layers: every layer's kept count as the budget's formula says
+        assert stats["avg_kept"] == pytest.approx(plan_pruning(PruneConfig(method, keep=8), L, 16, 2).avg_kept)
+    else:  # every layer holds VisionZip's 8
+        assert stats["avg_kept"] == stats["kept"] == 8
     assert stats["wipe_layer"] == (None if method == "visionzip" else default_wipe_layer(L))
     picture = Image.open(png)
     assert picture.format == png.suffix[1:].upper()
@@ -204,6 +211,9 @@ def test_generate_speculative_json(capsys, model_dirs, image, twig_dir):
     } <= set(stats) and stats["drafted"] > 0
     assert stats["mean_accepted_per_step"] == stats["tokens_per_verification"]
     assert len(sd["token_ids"]) == 12 and len(ar["token_ids"]) == 12
+    code, out, err = _run(capsys, base + ["--prune", "twig", "--keep", "8"])
+    assert code == 0, err
+    assert sd["token_ids"] == json.loads(out)["token_ids"]  # TTP + SSD ≡ TTP
 
 
 def test_grow_writes_a_twig(capsys, model_dirs, tmp_path):

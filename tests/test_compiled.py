@@ -90,10 +90,14 @@ def test_speculation_equals_ar_under_compilation(llava):
     try:
         for seed, spec in ((3, CHAIN), (4, TREE), (5, SpecConfig(draft="chain", draft_len=5, threshold=0))):
             args = dict(prompt=random_prompt(seed, 7), image=random_image(seed), max_new_tokens=20, ignore_eos=True)
-            assert llava.generate(**args, speculative=spec).token_ids == llava.generate(**args).token_ids, seed
+            sd = llava.generate(**args, speculative=spec)
+            assert sd.token_ids == llava.generate(**args).token_ids, seed
             ttp = llava.generate(**args, prune=TTP).token_ids
-            assert llava.generate(**args, prune=TTP, speculative=spec).token_ids == ttp, seed
-        assert programs_for(llava.adapter).stats.calls > calls
+            both = llava.generate(**args, prune=TTP, speculative=spec)
+            assert both.token_ids == ttp, seed
+            assert sd.stats.accepted > 0 and both.stats.accepted > 0, seed  # drafts were verified and kept
+        stats = programs_for(llava.adapter).stats
+        assert stats.calls > calls and stats.eager_calls == 0 and not stats.failures
     finally:
         llava.set_compile("off")
 

@@ -147,6 +147,26 @@ def test_twig_scores_equal_an_eager_attention_reference(model):
     torch.testing.assert_close(probs[0], weights[0][:, qidx], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("K,query", [(1, "last"), (2, "text"), (3, "last")])
+def test_fastv_keeps_the_top_tokens_of_the_stock_models_own_attention(model, K, query):
+    """FastV's choice against HF: base layer K's attention (stock model, eager), heads and query rows averaged."""
+    enc = model.encode(random_prompt(K + 11, 5), [random_image(K + 11)])
+    cfg = PruneConfig("fastv", keep=30, layer=K, query=query)
+    with torch.no_grad():
+        _, stats = pruned_prefill(model.engine, model.engine.new_state(), enc, cfg)
+        lm = model.adapter.model.model.language_model
+        lm.set_attn_implementation("eager")  # HF's own attention weights
+        try:
+            out = lm(inputs_embeds=enc.inputs_embeds, position_ids=enc.position_ids, output_attentions=True)
+        finally:
+            lm.set_attn_implementation("sdpa")
+    rows = query_positions(enc, query)
+    attn = out.attentions[K - 1][0][:, rows].mean(dim=(0, 1))[enc.visual_mask[0]]  # [M]
+    kept = plan_pruning(cfg, lm.config.num_hidden_layers, enc.num_visual_tokens, K).kept
+    assert len(stats.kept_indices) == kept < enc.num_visual_tokens
+    assert stats.kept_indices == attn.topk(kept).indices.sort().values.tolist()
+
+
 def test_scorers_choose_differently_and_query_modes_work(model):
     enc = model.encode(random_prompt(3, 4), [random_image(3)])
     kept = {}

@@ -294,13 +294,17 @@ def test_int8_model_runs_its_quantized_weights_and_stock_generate_stays_untouche
     prompt, image = random_prompt(0, 6), [random_image(0)]
     found = linears(int8.kernel_modules())
     assert found and all(type(lin) is Int8Linear for lin in found)
-    stock = stock_greedy(int8, prompt, image, 10)  # stock generate runs on the fp32 weights inside the block
+    with stock_kernels(int8.kernel_modules()):  # the untouched model: plain nn.Linear on the fp32 weights
+        stock, fp32_logits = stock_greedy(int8, prompt, image, 10, logits=True)
     assert all(type(lin) is Int8Linear for lin in found)
+    hf_int8, int8_logits = stock_greedy(int8, prompt, image, 10, logits=True)  # HF's generate on the int8 layers
+    gap = (int8_logits[0] - fp32_logits[0]).abs().max().item()  # the first token's logits: the same inputs
+    assert 1e-4 < gap < 0.1 * fp32_logits[0].abs().max().item()  # quantised (not the fp32 weights), and close
     ours = int8.generate(prompt, image=image, max_new_tokens=10, ignore_eos=True).token_ids
+    assert ours == hf_int8  # our engine on the int8 weights ≡ stock generate on the same layers
     int8.set_quantize("none")
     assert not any(type(lin) is Int8Linear for lin in found)
     assert int8.generate(prompt, image=image, max_new_tokens=10, ignore_eos=True).token_ids == stock
-    assert len(ours) == 10  # the quantised model is another model: its ids are its own (not compared to fp32)
 
 
 def test_speculation_equals_ar_on_the_int8_model(int8, monkeypatch):

@@ -130,6 +130,8 @@ def test_seed_gives_a_per_request_generator(server, client):  # noqa: F811
     def sample(seed, **extra):
         r = client.chat.completions.create(model=server.model, messages=user(PROMPT), max_tokens=16,
                                            temperature=1.5, seed=seed, extra_body=extra)  # fmt: skip
+        if extra.get("speculative"):
+            assert r.model_extra["twigvlm"]["drafted"] > 0  # it drafted: the one text is not a plain run's
         return r.choices[0].message.content
 
     assert sample(3) == sample(3) == sample(3, speculative=True)  # positional sampling: drafted or not, one text

@@ -249,8 +249,12 @@ def test_adaptive_drafting_and_threshold(vlms):
 def test_speculation_errors(vlms):
     with pytest.raises(TwigVLMError, match="drafts with a twig"):
         twigvlm.VLM(vlms["llama-clip"].adapter).generate("hi", speculative=True)
-    for bad in (SpecConfig(draft_len=0), SpecConfig(threshold=1.0), SpecConfig(draft_len=4, max_draft_len=3)):
-        with pytest.raises(TwigVLMError):
+    for bad, message in (
+        (SpecConfig(draft_len=0), r"^draft_len=0 is invalid: give an integer from 1 to 256$"),
+        (SpecConfig(threshold=1.0), r"^draft threshold=1.0 is invalid: it must be in \[0, 1\); 0 disables it$"),
+        (SpecConfig(draft_len=4, max_draft_len=3), r"^max_draft_len=3 is invalid: give an integer from draft_len=4"),
+    ):
+        with pytest.raises(TwigVLMError, match=message):
             bad.validate()
     assert make_generator(GenConfig()) is None
 

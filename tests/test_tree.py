@@ -377,16 +377,16 @@ def test_qwen_vl_tree_speculation_equals_ar(zoo):
 
 # ---- choosing the drafter; settings -----------------------------------------------------------------------------
 def test_bad_tree_settings_are_one_line():
-    for bad in (
-        SpecConfig(draft="bush"),
-        SpecConfig(tree_nodes=0),
-        SpecConfig(tree_depth=0),
-        SpecConfig(tree_topk=0),
-        SpecConfig(tree_nodes=1.5),
+    for bad, message in (
+        (SpecConfig(draft="bush"), "draft='bush' is unknown: use one of auto, chain, tree"),
+        (SpecConfig(tree_nodes=0), "tree_nodes=0 is invalid: give an integer from 1 to 256"),
+        (SpecConfig(tree_depth=0), "tree_depth=0 is invalid: give an integer from 1 to 256"),
+        (SpecConfig(tree_topk=0), "tree_topk=0 is invalid: give an integer from 1 to 256"),
+        (SpecConfig(tree_nodes=1.5), "tree_nodes=1.5 is invalid: give an integer from 1 to 256"),
     ):
         with pytest.raises(TwigVLMError) as e:
             bad.validate()
-        assert "\n" not in str(e.value)
+        assert str(e.value) == message
 
 
 @pytest.fixture(scope="module")
