@@ -105,30 +105,41 @@ def test_the_head_flag_needs_twig_pruning(model_dirs, capsys):
 
 
 # ---- training (`twigvlm train --objective pruning`) --------------------------------------------------------------
-def test_the_teacher_row_is_hf_eager_attention(model_dirs, tmp_path):
+def test_the_teacher_row_is_hf_eager_attention_and_the_heads_inputs_give_its_rule(model_dirs, tmp_path):
+    from twigvlm.adapters.capabilities import ChatTraining, require
     from twigvlm.engine import Engine
     from twigvlm.train.config import TrainConfig
     from twigvlm.train.data import LlavaDataset
-    from twigvlm.train.prune_head import _examples
+    from twigvlm.train.prune_head import _examples, _student
 
     from .conftest import write_llava_data
 
     vlm = twigvlm.load(model_dirs["llama-clip"])
+    vlm.grow_twig(K=2, T=2)
+    torch.manual_seed(0)
+    vlm.twig.add_prune_head(vlm.adapter.query_width)
     data = write_llava_data(tmp_path / "d", 2)
     cfg = TrainConfig(model="m", out=str(tmp_path / "o"), data=data)
-    A = 3
+    dataset, engine, A = LlavaDataset(data, vlm.adapter, cfg), Engine(vlm.adapter, vlm.twig), 3
     with torch.no_grad():
-        ex = _examples(Engine(vlm.adapter), LlavaDataset(data, vlm.adapter, cfg), A, "t")[0]
+        examples = _examples(engine, dataset, A, "t")
+        assert len(examples) == len(dataset) - 1  # the text-only record at the end has no visual tokens
+        ex, item = examples[0], dataset[0]
+        ids = item["input_ids"][None, : ex.query + 1]
+        enc = require(vlm.adapter, ChatTraining, "t").embed_inputs(ids, item["pixel_values"])
+        assert int((item["labels"][: ex.query + 1] != -100).sum()) == 0  # cut after the prompt's last token
+        assert item["labels"][ex.query + 1] != -100
         model = vlm.adapter.model
         model.set_attn_implementation("eager")  # HF's own attention weights
         out = model.model.language_model(
-            inputs_embeds=ex.inputs.inputs_embeds, position_ids=ex.inputs.position_ids, output_attentions=True
+            inputs_embeds=enc.inputs_embeds, position_ids=enc.position_ids, output_attentions=True
         )
         model.set_attn_implementation("sdpa")
-    row = out.attentions[A - 1][0, :, ex.query][:, ex.inputs.visual_mask[0]]  # [heads, M]
-    expected = (row / row.sum(-1, keepdim=True)).mean(0)
-    torch.testing.assert_close(ex.teacher, expected, rtol=1e-4, atol=1e-6)
-    assert ex.query == ex.inputs.num_tokens - 1  # the prompt is cut after its last token
+        row = out.attentions[A - 1][0, :, ex.query][:, enc.visual_mask[0]]  # [heads, M]
+        expected = (row / row.sum(-1, keepdim=True)).mean(0)
+        torch.testing.assert_close(ex.teacher, expected, rtol=1e-4, atol=1e-6)
+        # the head's inputs, computed once per example, give its own score: the rule by hand from stock modules
+        torch.testing.assert_close(_student(engine, vlm.twig, ex), head_scores_by_hand(vlm, enc), rtol=1e-4, atol=1e-6)
 
 
 def test_training_moves_the_head_toward_the_teacher(model_dirs, tmp_path, capsys):

@@ -128,9 +128,12 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(vlms, model_
         eval_steps=6,
     )
     capsys.readouterr()
-    result = train_twig(cfg, adapter=vlm.adapter)
+    evaluations = _Evaluations()
+    result = train_twig(cfg, adapter=vlm.adapter, callbacks=[evaluations])
     log = "".join(capsys.readouterr())  # (not a terminal, as a log file)
     assert "step 6: eval_loss" in log and "\x1b[A" not in log  # no nested bar moving the cursor up
+    # before, at step 6 and at the last step (the Trainer's own, which is the result's: not run a second time)
+    assert [step for step, _ in evaluations.seen] == [0, 6, 12] and result.eval_after == evaluations.seen[-1][1]
     for k, v in vlm.adapter.model.state_dict().items():
         assert torch.equal(v, base_before[k]), f"base tensor {k} changed"
     assert all(not p.requires_grad for p in vlm.adapter.model.parameters())
@@ -170,6 +173,16 @@ def test_gradient_accumulation_is_exact(vlms, model_dirs, llava_data, tmp_path):
         adapter=vlm.adapter,
     )
     _assert_close(_twig_state(a.out), _twig_state(b.out), atol=1e-5)
+
+
+class _Evaluations(TrainerCallback):
+    """Every evaluation's step and metrics, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, dict]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.seen.append((state.global_step, metrics))
 
 
 class _StopAt(TrainerCallback):

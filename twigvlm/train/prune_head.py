@@ -4,7 +4,9 @@ to choose the visual tokens a deep base layer attends to, with the base and the 
 Per example of the LLaVA-format data (read as `twigvlm train` reads it), the prompt is the conversation up to its
 first answer and the query is its last token — where inference scores. The teacher is base layer A's attention
 from that token to the visual tokens, renormalised over them and averaged over heads (A = `--teacher-layer`,
-default round(0.6·L): the follow-up distils from layer 20 of LLaVA-1.5-7B's 32); it is computed once per example.
+default round(0.6·L): the follow-up distils from layer 20 of LLaVA-1.5-7B's 32); it is computed once per example,
+and so is what the head reads (the frozen layers 1..K, the twig's first layers, its last layer's keys): a step runs
+only that layer's query and the head's gates.
 The student is the pruning head's score (a softmax over the same visual tokens). The loss is KL(teacher ‖
 student), summed over the visual tokens and averaged over the examples of a step, with AdamW and a cosine
 schedule. Reported before and after: the mean KL, and how many of the teacher's top R visual tokens the head's
@@ -20,7 +22,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -41,9 +42,13 @@ KEEP_SHARE = 1 / 9  # R for the overlap metric: the paper's 64 of 576
 
 @dataclass
 class Example:
-    """One prompt as the head sees it: the encoded prompt cut after its query token, and the teacher's row."""
+    """One prompt as the head sees it, cut after its query token: the teacher's row, and what the head's own
+    attention reads (the frozen twig's last-layer input and keys, computed once: only the head trains)."""
 
-    inputs: Any  # Encoded, cut to the prompt
+    below: torch.Tensor  # [1, S, H] the input of the twig's last layer
+    keys: torch.Tensor  # that layer's keys over the prompt (`project_kv`), with its positions' rotary
+    position_ids: torch.Tensor  # the prompt's positions ([1, S], or M-RoPE's [3, 1, S])
+    visual: torch.Tensor  # [S] bool: the visual tokens
     query: int  # the last prompt token's index
     teacher: torch.Tensor  # [M] base layer A's attention to the visual tokens, summing to 1
 
@@ -66,9 +71,11 @@ def teacher_layer(cfg: TrainConfig, num_layers: int) -> int:
 
 
 def _examples(engine: Engine, data: LlavaDataset, A: int, desc: str) -> list[Example]:
-    """Encode each record's prompt and compute base layer A's attention row from its last token (no gradient)."""
-    adapter = engine.adapter
+    """Encode each record's prompt; compute base layer A's attention row from its last token and the head's inputs
+    (the frozen layers 1..K and the twig's, once per example: no gradient)."""
+    adapter, twig = engine.adapter, engine.twig
     trainable = require(adapter, ChatTraining, "pruning-head training")
+    K = twig.config.K
     out = []
     for i in tqdm(range(len(data)), desc=desc, leave=False):
         item = data[i]
@@ -80,33 +87,33 @@ def _examples(engine: Engine, data: LlavaDataset, A: int, desc: str) -> list[Exa
         enc = trainable.embed_inputs(ids, item["pixel_values"])
         if enc.num_visual_tokens == 0:
             continue
-        with bulk_products():
-            below = engine.forward(None, enc.inputs_embeds, enc.position_ids, 0, A - 1, enc.layer_adds)  # [1, S, H]
+        pos, adds, visual = enc.position_ids, enc.layer_adds, enc.visual_mask[0]
+        qidx = torch.tensor([q], device=adapter.device)
+        with bulk_products():  # layers 1..min(K, A-1) once, then on to K (the twig's) and A-1 (the teacher's)
+            first = min(K, A - 1)
+            shared = engine.forward(None, enc.inputs_embeds, pos, 0, first, adds)  # [1, S, H]
+            hidden_k = shared if first == K else engine.forward(None, shared, pos, first, K, adds)
+            below = shared if first == A - 1 else engine.forward(None, shared, pos, first, A - 1, adds)
+            caches = KVCache(len(twig.layers)).layers
+            twig_below = engine._all_but_last(twig.layers, hidden_k, pos, caches)  # the twig's last layer's input
         layer = adapter.layers[A - 1]
-        keys, _ = adapter.project_kv(layer, below, adapter.rotary(below, enc.position_ids))
-        qidx = torch.tensor([q], device=below.device)
-        rope = adapter.rotary(below, enc.position_ids[..., qidx])
-        visual = enc.visual_mask[0]
+        keys, _ = adapter.project_kv(layer, below, adapter.rotary(below, pos))
+        rope = adapter.rotary(below, pos[..., qidx])
         probs = adapter.attention_probs(layer, below[:, qidx], rope, keys, qidx, allowed=visual)  # [1, heads, 1, S]
-        out.append(Example(enc, q, probs.mean(dim=(1, 2))[0][visual]))
+        twig_keys, _ = adapter.project_kv(twig.layers[-1], twig_below, adapter.rotary(twig_below, pos))
+        out.append(Example(twig_below, twig_keys, pos, visual, q, probs.mean(dim=(1, 2))[0][visual]))
     return out
 
 
 def _student(engine: Engine, twig: Twig, ex: Example) -> torch.Tensor:
-    """The pruning head's scores [M] for one prompt: the twig's layers run without gradient, the head with it."""
-    adapter, enc = engine.adapter, ex.inputs
-    with torch.no_grad(), bulk_products():
-        hidden_k = engine.forward(None, enc.inputs_embeds, enc.position_ids, 0, twig.config.K, enc.layer_adds)
-        caches = KVCache(len(twig.layers)).layers
-        below = engine._all_but_last(twig.layers, hidden_k, enc.position_ids, caches)  # the last layer's input
-        keys, _ = adapter.project_kv(twig.layers[-1], below, adapter.rotary(below, enc.position_ids))
+    """The pruning head's scores [M] for one prompt: its gate on the twig's last attention, with gradient."""
+    adapter, below = engine.adapter, ex.below
     qidx = torch.tensor([ex.query], device=below.device)
-    rope = adapter.rotary(below, enc.position_ids[..., qidx])
-    visual = enc.visual_mask[0]
+    rope = adapter.rotary(below, ex.position_ids[..., qidx])
     probs = adapter.attention_probs(
-        twig.layers[-1], below[:, qidx], rope, keys, qidx, gate=twig.prune_head, key_hidden=below, allowed=visual
+        twig.layers[-1], below[:, qidx], rope, ex.keys, qidx, gate=twig.prune_head, key_hidden=below, allowed=ex.visual
     )
-    return probs.mean(dim=(1, 2))[0][visual]  # [M]
+    return probs.mean(dim=(1, 2))[0][ex.visual]  # [M]
 
 
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

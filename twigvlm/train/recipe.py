@@ -88,6 +88,7 @@ class TwigTrainer(Trainer):
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         module.train(was_training)
         metrics = eval_metrics(totals, metric_key_prefix)
+        self.last_eval = (self.state.global_step, metrics)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -282,7 +283,10 @@ def train_twig(
     # ---- train ----
     before = trainer.evaluate(metric_key_prefix="eval_before") if eval_set is not None and not resume_from else {}
     result = trainer.train(resume_from_checkpoint=resume_from)
-    after = trainer.evaluate() if eval_set is not None else {}
+    after = {}
+    if eval_set is not None:  # the Trainer evaluates at its last step itself (a step-based strategy): not twice
+        step, metrics = getattr(trainer, "last_eval", (None, {}))
+        after = metrics if step == result.global_step and metrics else trainer.evaluate()
 
     # ---- save ----
     if cfg.draft_vocab is not None:
