@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -202,7 +203,10 @@ def test_resume_reaches_the_uninterrupted_parameters(vlms, model_dirs, llava_dat
     train_twig(cut, adapter=vlm.adapter, callbacks=[_StopAt(3)])
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-3"]
     (tmp_path / "cut" / "twig.json").unlink()  # as if the run had been killed before its final save
-    resumed = train_twig(replace(cut, resume=True), adapter=vlm.adapter)
+    broken = tmp_path / "cut" / "checkpoint-5"  # and while writing a later checkpoint: no trainer state in it
+    shutil.copytree(tmp_path / "cut" / "checkpoint-3", broken)
+    (broken / "trainer_state.json").unlink()
+    resumed = train_twig(replace(cut, resume=True), adapter=vlm.adapter)  # from checkpoint-3, not the broken 5
     assert resumed.steps == full.steps == 6
     state = json.loads((tmp_path / "cut" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
@@ -306,6 +310,7 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
     assert eos <= set(twig.draft_vocab.tolist()) and len(twig.draft_vocab) <= 5 + len(eos)
     capsys.readouterr()
     (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "killed" / "checkpoint-2").mkdir(parents=True)
     (tmp_path / "fake.png").write_text("not a picture")
     unreadable = tmp_path / "unreadable.json"
     unreadable.write_text(json.dumps([{"image": "fake.png", "conversations": [
@@ -327,6 +332,10 @@ def test_cli_train_and_its_errors(model_dirs, llava_data, tmp_path, capsys):
         (
             ["train", "--model", model, "--data", data, "--out", str(tmp_path / "new"), "--resume"],
             "has no checkpoint-N folder",
+        ),
+        (  # a run killed while writing its first checkpoint
+            ["train", "--model", model, "--data", data, "--out", str(tmp_path / "killed"), "--resume"],
+            f"no checkpoint-N folder in {tmp_path / 'killed'} was finished (trainer_state.json missing)",
         ),
         (
             ["train", "--model", model, "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")],

@@ -14,6 +14,7 @@ devices, mixed precision, gradient accumulation, the schedule and the checkpoint
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -22,8 +23,9 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, set_seed
 
 from ..adapters import VLMAdapter, parse_dtype
 from ..config import TwigConfig
@@ -181,7 +183,7 @@ def resume_point(out: Path, resume: bool) -> str | None:
     if resume:
         if last is None:
             raise TwigVLMError(f"--resume: {out} has no checkpoint-N folder to continue from")
-        return last
+        return _last_complete(out)
     if last is not None:
         raise TwigVLMError(
             f"--out {out} already holds {Path(last).name} from an earlier run: pass --resume to "
@@ -190,6 +192,21 @@ def resume_point(out: Path, resume: bool) -> str | None:
     if (out / CONFIG_NAME).exists():
         raise TwigVLMError(f"--out {out} already holds a trained twig: choose another --out")
     return None
+
+
+def _last_complete(out: Path) -> str:
+    """The newest checkpoint-N under out that the Trainer finished writing (its trainer state is written last); the
+    unfinished ones after it (a process killed while saving) are removed, as the steps they held will run again."""
+    found = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    steps = {int(p.name.split("-")[-1]): p for p in found}
+    done = [n for n, p in steps.items() if (p / TRAINER_STATE_NAME).is_file()]
+    if not done:
+        raise TwigVLMError(f"--resume: no checkpoint-N folder in {out} was finished ({TRAINER_STATE_NAME} missing)")
+    newest = max(done)
+    for n in sorted(n for n in steps if n > newest):
+        print(f"{steps[n].name} was not finished ({TRAINER_STATE_NAME} missing): removed, resuming from step {newest}")
+        shutil.rmtree(steps[n])
+    return str(steps[newest])
 
 
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
