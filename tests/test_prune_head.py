@@ -105,7 +105,8 @@ def test_the_head_flag_needs_twig_pruning(model_dirs, capsys):
 
 
 # ---- training (`twigvlm train --objective pruning`) --------------------------------------------------------------
-def test_the_teacher_row_is_hf_eager_attention_and_the_heads_inputs_give_its_rule(model_dirs, tmp_path):
+@pytest.mark.parametrize("A", [2, 3, 4])  # the teacher's layer below, at and above the twig's K + 1 = 3
+def test_the_teacher_row_is_hf_eager_attention_and_the_heads_inputs_give_its_rule(model_dirs, tmp_path, A):
     from twigvlm.adapters.capabilities import ChatTraining, require
     from twigvlm.engine import Engine
     from twigvlm.train.config import TrainConfig
@@ -120,7 +121,7 @@ def test_the_teacher_row_is_hf_eager_attention_and_the_heads_inputs_give_its_rul
     vlm.twig.add_prune_head(vlm.adapter.query_width)
     data = write_llava_data(tmp_path / "d", 2)
     cfg = TrainConfig(model="m", out=str(tmp_path / "o"), data=data)
-    dataset, engine, A = LlavaDataset(data, vlm.adapter, cfg), Engine(vlm.adapter, vlm.twig), 3
+    dataset, engine = LlavaDataset(data, vlm.adapter, cfg), Engine(vlm.adapter, vlm.twig)
     with torch.no_grad():
         examples = _examples(engine, dataset, A, "t")
         assert len(examples) == len(dataset) - 1  # the text-only record at the end has no visual tokens

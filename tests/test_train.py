@@ -203,10 +203,14 @@ def test_resume_reaches_the_uninterrupted_parameters(vlms, model_dirs, llava_dat
     train_twig(cut, adapter=vlm.adapter, callbacks=[_StopAt(3)])
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-3"]
     (tmp_path / "cut" / "twig.json").unlink()  # as if the run had been killed before its final save
-    broken = tmp_path / "cut" / "checkpoint-5"  # and while writing a later checkpoint: no trainer state in it
-    shutil.copytree(tmp_path / "cut" / "checkpoint-3", broken)
-    (broken / "trainer_state.json").unlink()
-    resumed = train_twig(replace(cut, resume=True), adapter=vlm.adapter)  # from checkpoint-3, not the broken 5
+    # and while writing later checkpoints: no trainer state (5), a state cut short (4); a folder of the user's stays
+    for name in ("checkpoint-4", "checkpoint-5", "checkpoint-backup-9"):
+        shutil.copytree(tmp_path / "cut" / "checkpoint-3", tmp_path / "cut" / name)
+    (tmp_path / "cut" / "checkpoint-5" / "trainer_state.json").unlink()
+    state_4 = tmp_path / "cut" / "checkpoint-4" / "trainer_state.json"
+    state_4.write_text(state_4.read_text()[:40])
+    resumed = train_twig(replace(cut, resume=True), adapter=vlm.adapter)  # from checkpoint-3, not the broken 4, 5
+    assert (tmp_path / "cut" / "checkpoint-backup-9").is_dir()
     assert resumed.steps == full.steps == 6
     state = json.loads((tmp_path / "cut" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6

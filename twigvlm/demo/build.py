@@ -27,7 +27,7 @@ from ..data.examples import eval_set, training_stream, write_llava
 from ..errors import TwigVLMError
 from ..train.config import TrainConfig, resolve_device
 from ..train.prune_head import train_prune_head
-from ..train.recipe import train_twig
+from ..train.recipe import clear_unfinished, train_twig
 from ..twig.model import CONFIG_NAME, copy_twig, read_twig_config
 from . import train_vision
 from .model import ASSETS, ASSETS_ENV, TWIG_DIR, VISION_WEIGHTS, read_metadata
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             precision=args.precision,
             num_workers=args.workers,
             draft_vocab=args.draft_vocab,
-            resume=any(out.glob("checkpoint-*")),
+            resume=clear_unfinished(out),  # a checkpoint left half-written by a stopped session goes
             seed=args.seed,
         )
         result = train_twig(cfg)

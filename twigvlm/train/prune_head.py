@@ -70,6 +70,7 @@ def teacher_layer(cfg: TrainConfig, num_layers: int) -> int:
     return A
 
 
+@torch.no_grad()
 def _examples(engine: Engine, data: LlavaDataset, A: int, desc: str) -> list[Example]:
     """Encode each record's prompt; compute base layer A's attention row from its last token and the head's inputs
     (the frozen layers 1..K and the twig's, once per example: no gradient)."""
@@ -96,11 +97,11 @@ def _examples(engine: Engine, data: LlavaDataset, A: int, desc: str) -> list[Exa
             below = shared if first == A - 1 else engine.forward(None, shared, pos, first, A - 1, adds)
             caches = KVCache(len(twig.layers)).layers
             twig_below = engine._all_but_last(twig.layers, hidden_k, pos, caches)  # the twig's last layer's input
+            twig_keys, _ = adapter.project_kv(twig.layers[-1], twig_below, adapter.rotary(twig_below, pos))
         layer = adapter.layers[A - 1]
         keys, _ = adapter.project_kv(layer, below, adapter.rotary(below, pos))
         rope = adapter.rotary(below, pos[..., qidx])
         probs = adapter.attention_probs(layer, below[:, qidx], rope, keys, qidx, allowed=visual)  # [1, heads, 1, S]
-        twig_keys, _ = adapter.project_kv(twig.layers[-1], twig_below, adapter.rotary(twig_below, pos))
         out.append(Example(twig_below, twig_keys, pos, visual, q, probs.mean(dim=(1, 2))[0][visual]))
     return out
 

@@ -13,7 +13,9 @@ devices, mixed precision, gradient accumulation, the schedule and the checkpoint
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import sys
 from collections import Counter
@@ -90,7 +92,8 @@ class TwigTrainer(Trainer):
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         module.train(was_training)
         metrics = eval_metrics(totals, metric_key_prefix)
-        self.last_eval = (self.state.global_step, metrics)
+        if metric_key_prefix == "eval":  # (not the evaluation before training)
+            self.last_eval = (self.state.global_step, metrics)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -194,19 +197,44 @@ def resume_point(out: Path, resume: bool) -> str | None:
     return None
 
 
-def _last_complete(out: Path) -> str:
-    """The newest checkpoint-N under out that the Trainer finished writing (its trainer state is written last); the
-    unfinished ones after it (a process killed while saving) are removed, as the steps they held will run again."""
-    found = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    steps = {int(p.name.split("-")[-1]): p for p in found}
-    done = [n for n, p in steps.items() if (p / TRAINER_STATE_NAME).is_file()]
-    if not done:
-        raise TwigVLMError(f"--resume: no checkpoint-N folder in {out} was finished ({TRAINER_STATE_NAME} missing)")
-    newest = max(done)
+def _checkpoints(out: Path) -> dict[int, Path]:
+    """The checkpoint-N folders under out by step (named as the Trainer names them)."""
+    found = (re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-([0-9]+)", p.name) for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    return {int(m.group(1)): out / m.group(0) for m in found if m and (out / m.group(0)).is_dir()}
+
+
+def _finished(folder: Path) -> bool:
+    """Whether the Trainer finished writing a checkpoint: its trainer state (written last) is there and whole."""
+    try:
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def clear_unfinished(out: Path) -> bool:
+    """Remove the checkpoint-N folders under out after the newest finished one (a process killed while saving; the
+    steps they held run again), saying so; whether a finished one is left to resume from. Only the first process of
+    a distributed run removes anything."""
+    steps = _checkpoints(out) if out.is_dir() else {}
+    done = [n for n, p in steps.items() if _finished(p)]
+    newest = max(done, default=-1)
     for n in sorted(n for n in steps if n > newest):
-        print(f"{steps[n].name} was not finished ({TRAINER_STATE_NAME} missing): removed, resuming from step {newest}")
-        shutil.rmtree(steps[n])
-    return str(steps[newest])
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{steps[n].name} was not finished ({TRAINER_STATE_NAME} missing or cut): removed", flush=True)
+            shutil.rmtree(steps[n], ignore_errors=True)
+    return bool(done)
+
+
+def _last_complete(out: Path) -> str:
+    """The newest checkpoint-N under out that the Trainer finished writing; the unfinished ones after it go."""
+    if not clear_unfinished(out):
+        raise TwigVLMError(
+            f"--resume: no checkpoint-N folder in {out} was finished ({TRAINER_STATE_NAME} missing): remove them to "
+            "start again"
+        )
+    steps = _checkpoints(out)
+    return str(steps[max(n for n, p in steps.items() if _finished(p))])
 
 
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
