@@ -14,6 +14,17 @@ pytestmark = pytest.mark.xdist_group("demo-e2e")  # one test process loads the d
 N = 8  # questions per set: the first N of each test split (no selection)
 
 
+SHIPPED_BUDGET = {"v1": (26, 8, 144, 16.0), "v2": (23, 37, 576, 1929 / 30)}  # K_f, R', M, R̄ at keep 1/9
+
+
+def shipped_recipe() -> str:
+    """The recipe the shipped vision tower was built with (its file's metadata)."""
+    from twigvlm.demo.model import ASSETS, VISION_WEIGHTS, read_metadata
+    from twigvlm.demo.recipe import recipe_from_metadata
+
+    return recipe_from_metadata(read_metadata(ASSETS / VISION_WEIGHTS)).name
+
+
 @pytest.fixture(scope="module")
 def demo() -> twigvlm.VLM:
     return twigvlm.load("demo", twig="demo")
@@ -43,10 +54,13 @@ def test_demo_answers_with_and_without_ttp_ssd(demo, samples):
     # results), so only easy-VQA is held to a level here: 6 of these 8, as `twigvlm bench` measures them.
     assert _right(samples, fast, "easyvqa") >= N - 2
     assert [o.token_ids for o in fast] == [o.token_ids for o in pruned]  # SSD is exact under pruning
-    # R̄ = 144/9 = 16 on average over the 30 layers: all 144 in layers 1–2, R' = 8 in 3–26 (K_f = 26, which the
-    # shipped twig records), none after
-    assert demo.twig.config.wipe_layer == 26
-    assert [(o.stats.kept, o.stats.visual_tokens, o.stats.avg_kept) for o in fast] == [(8, 144, 16.0)] * len(fast)
+    # R̄ = M/9 on average over the 30 layers: all M in layers 1–2, R' in 3..K_f (the K_f the shipped twig
+    # records), none after. v1: M = 144, R̄ = 16, R' = 8 in 3–26; v2: M = 576, R̄ = 64, R' = ⌈(30·64 − 2·576)/21⌉ =
+    # 37 in 3–23 (an average of 64.3)
+    wipe, kept, visual, avg = SHIPPED_BUDGET[shipped_recipe()]
+    assert demo.twig.config.wipe_layer == wipe
+    for o in fast:
+        assert (o.stats.kept, o.stats.visual_tokens) == (kept, visual) and o.stats.avg_kept == pytest.approx(avg)
 
 
 @pytest.mark.slow
@@ -56,3 +70,23 @@ def test_demo_ssd_equals_greedy_on_a_description(demo):
     ssd = demo.generate(s.prompt, s.image(), max_new_tokens=60, speculative=SpecConfig())
     assert ssd.token_ids == ar.token_ids and ssd.stats.acceptance_rate > 0.5
     assert s.score(ar.text) > 0  # it names real objects of the scene
+
+
+def test_the_shipped_parts_fit_the_package():
+    """The demo's own trained parts (vision, LoRA, twig) stay small: ≤ 50 MB in all, half precision, and from v2 on
+    no file over 16 MiB (v1's twig predates the limit: one 22.6 MB file)."""
+    from safetensors import safe_open
+
+    from twigvlm.demo.build import SHIPPED_FILE_BYTES
+    from twigvlm.demo.model import ASSETS
+
+    files = sorted(ASSETS.rglob("*.safetensors"))
+    names = {f.relative_to(ASSETS).as_posix() for f in files}
+    assert {"vision.safetensors", "decoder_lora.safetensors"} <= names and any(n.startswith("twig/") for n in names)
+    assert sum(f.stat().st_size for f in files) <= 50e6
+    for f in files:
+        with safe_open(str(f), "pt") as tensors:
+            floats = [tensors.get_slice(k).get_dtype() for k in tensors.keys()]
+        assert {d for d in floats if d.startswith(("F", "BF"))} <= {"F16", "BF16"}, f  # half precision
+        if shipped_recipe() != "v1":
+            assert f.stat().st_size <= SHIPPED_FILE_BYTES, f
