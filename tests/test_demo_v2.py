@@ -436,6 +436,31 @@ def test_init_refuses_another_recipes_files(tmp_path):
         parse_args(["--token-dropout", "1.5"])
 
 
+def test_the_default_recipe_is_the_assets_folders(monkeypatch, tmp_path):
+    """A rebuild without --recipe builds what the assets folder holds (v1 where it holds nothing)."""
+    from twigvlm.demo import build, model
+    from twigvlm.demo.train_vision import parse_args
+
+    monkeypatch.setattr(model, "ASSETS", tmp_path)
+    assert model.shipped_recipe() == V1 and parse_args([]).recipe == V1
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "vision.safetensors"), metadata=V2.metadata())
+    assert model.shipped_recipe() == V2 and parse_args([]).recipe == V2
+    assert parse_args(["--recipe", "v1"]).recipe == V1  # given, it wins
+    # a v2 base there: the plain build takes it for its own (v1's default refused it) and goes on to the twig
+    monkeypatch.setattr(build, "ASSETS", tmp_path)
+    monkeypatch.setattr(build, "TWIG_DIR", tmp_path / "twig")
+
+    class TwigStage(Exception):
+        pass
+
+    def twig_stage(*args):
+        raise TwigStage
+
+    monkeypatch.setattr(build, "build_twig_data", twig_stage)
+    with pytest.raises(TwigStage):
+        build.main(["--work", str(tmp_path / "w")])
+
+
 def test_build_refuses_to_grow_a_twig_for_another_recipes_base(monkeypatch, tmp_path, capsys):
     from twigvlm.demo import build
     from twigvlm.errors import module_main

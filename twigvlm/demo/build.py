@@ -30,7 +30,7 @@ from ..train.prune_head import train_prune_head
 from ..train.recipe import clear_unfinished, train_twig
 from ..twig.model import CONFIG_NAME, copy_twig, read_twig_config
 from . import train_vision
-from .model import ASSETS, ASSETS_ENV, TWIG_DIR, VISION_WEIGHTS, read_metadata
+from .model import ASSETS, ASSETS_ENV, TWIG_DIR, VISION_WEIGHTS, read_metadata, shipped_recipe
 from .recipe import RECIPES, V2, recipe_from_metadata
 from .vision.loop import default_workers
 
@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(LAYER_INITS),
         help="where the twig's layers start (the twig ablation in docs/results.md picked 'last' for the demo)",
     )
-    ap.add_argument("--recipe", default="v1", choices=list(RECIPES), help="the vision recipe (train_vision's)")
+    ap.add_argument(
+        "--recipe",
+        default=None,
+        choices=list(RECIPES),
+        help="the vision recipe (train_vision's; default: the assets folder's base, v1 where there is none)",
+    )
     ap.add_argument(
         "--wipe-layer",
         type=int,
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "base: a GPU job writes them while its decoder is still arriving)",
     )
     args, vision_argv = ap.parse_known_args(argv)
+    args.recipe = args.recipe or shipped_recipe().name
     if args.wipe_layer is None:
         args.wipe_layer = TWIG_WIPE[args.recipe]
     if args.head_teacher_layer is None:

@@ -67,7 +67,7 @@ def build_demo(
 
     shipped = use_assets and vision_state is None and (ASSETS / VISION_WEIGHTS).is_file()
     if recipe is None:
-        recipe = recipe_from_metadata(read_metadata(ASSETS / VISION_WEIGHTS)) if shipped else V1
+        recipe = shipped_recipe() if shipped else V1
     decoder, tokenizer = load_decoder(torch.float32, progress)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = LlavaConfig(
@@ -131,6 +131,13 @@ def read_vision_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise TwigVLMError(f"the demo weights {path} are unreadable ({e}): reinstall twigvlm") from None
+
+
+def shipped_recipe() -> VisionRecipe:
+    """The recipe of the vision file in the assets folder (the package's, or $TWIGVLM_DEMO_ASSETS): what a rebuild
+    builds by default; v1 where there is no file."""
+    path = ASSETS / VISION_WEIGHTS
+    return recipe_from_metadata(read_metadata(path)) if path.is_file() else V1
 
 
 def read_metadata(path: Path) -> dict[str, str]:

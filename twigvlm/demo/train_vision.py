@@ -5,8 +5,9 @@ where), `ground` (stage 1b, visual tokens onto word embeddings) and `align` (sta
 frozen decoder, with a decoder LoRA of rank --lora-rank). This command runs them in order and writes the
 result to the package's `demo/assets/` in half precision.
 
-`--recipe` picks the tower's geometry and how the stages train (`twigvlm.demo.recipe`: v1, what ships; v2, LLaVA's
-geometry with context-carrying tokens and the picture wiped from layer K_f on during alignment); the step, batch
+`--recipe` picks the tower's geometry and how the stages train (`twigvlm.demo.recipe`; by default the assets
+folder's base, so a plain run rebuilds what ships: v1, 192-px pictures; v2, LLaVA's geometry with context-carrying
+tokens and the picture wiped from layer K_f on during alignment); the step, batch
 and learning-rate defaults are the recipe's (`DEFAULTS`), any of them can be given. The written vision file
 records the recipe, its geometry and the alignment steps done, so `build_demo` rebuilds the same tower.
 
@@ -39,6 +40,7 @@ from .model import (
     read_lora_weights,
     read_metadata,
     read_vision_weights,
+    shipped_recipe,
     vision_state,
 )
 from .recipe import RECIPES, recipe, recipe_from_metadata
@@ -57,7 +59,12 @@ DEFAULTS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train the demo VLM's vision tower and projector (and decoder LoRA).")
-    ap.add_argument("--recipe", default="v1", choices=list(RECIPES), help="tower geometry and stages (see module doc)")
+    ap.add_argument(
+        "--recipe",
+        default=None,
+        choices=list(RECIPES),
+        help="tower geometry and stages (see module doc; default: the assets folder's base, v1 where there is none)",
+    )
     ap.add_argument("--work", type=Path, default=Path("runs/demo-vision"), help="checkpoints (resumable)")
     ap.add_argument("--out", type=Path, default=ASSETS, help="folder for the half-precision weights")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="default: the recipe's")
@@ -128,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    args.recipe = recipe(args.recipe)
+    args.recipe = recipe(args.recipe) if args.recipe else shipped_recipe()
     for key, value in DEFAULTS[args.recipe.name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
