@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Re-run the demo's published tables (README's headline and speed, docs/results.md's head, budget, wipe and source
-# ablations) on one demo base, with the commands those pages give: test split, CPU, fp32, the first 100 questions of
-# each short-answer set and 10 descriptions. Each table goes to $WORK/<table>/ (the bench's results.json and
-# table.md); a table whose results.json exists is skipped, so a re-run after an interruption goes on with the next.
+# Re-run the demo's published tables (README's headline and speed, docs/results.md's peers and head at 3M/9 too,
+# the budget, wipe and source ablations, and the FinalWipe layer's sweep: one run per K_f in $WIPE_LAYERS) on one
+# demo base, with the commands those pages give: test split, CPU, fp32, the first 100 questions of each short-answer
+# set and 10 descriptions. Each table goes to $WORK/<table>/ (the bench's results.json and table.md); a table whose
+# results.json exists is skipped, so a re-run after an interruption goes on with the next.
 #
 #   TWIGVLM_DEMO_ASSETS=runs/demo-v2/assets WORK=runs/tables-v2 bash scripts/demo_tables.sh
 #   TABLES="headline speed" bash scripts/demo_tables.sh        # some of them (default: all, in the order below)
@@ -14,8 +15,8 @@
 # Needs twigvlm's virtual environment first on PATH (`make install`).
 set -euo pipefail
 WORK=$(realpath -m "${WORK:-runs/tables}")
-TABLES=${TABLES:-headline speed head budget wipe source}
 LIMIT=${LIMIT:-100}
+WIPE_LAYERS=${WIPE_LAYERS:-23 26 28 30}
 DESCRIBE=${DESCRIBE:-10}
 SPLIT=${SPLIT:-test}
 DEVICE=${DEVICE:-cpu}
@@ -27,7 +28,15 @@ declare -A ARGS=(
   [budget]="--tasks easyvqa,scenes --limit $LIMIT --ablation budget"
   [wipe]="--tasks easyvqa,scenes --limit $LIMIT --ablation wipe"
   [source]="--tasks easyvqa,scenes --limit $LIMIT --ablation source"
+  [headline-3]="--tasks easyvqa,scenes --limit $LIMIT --methods hf,fastv,visionzip,cdpruner,dart,twig --keep-ratio 0.3333"
+  [head-3]="--tasks easyvqa,scenes --limit $LIMIT --ablation head --keep-ratio 0.3333"
 )
+sweep=""
+for layer in $WIPE_LAYERS; do
+  ARGS[wipe-at-$layer]="--tasks easyvqa,scenes --limit $LIMIT --methods hf,fastv,twig --wipe-layer $layer"
+  sweep="$sweep wipe-at-$layer"
+done
+TABLES=${TABLES:-headline speed head budget wipe source headline-3 head-3$sweep}
 for table in $TABLES; do
   if [ -z "${ARGS[$table]:-}" ]; then
     echo "demo_tables.sh: unknown table $table (${!ARGS[*]})" >&2
