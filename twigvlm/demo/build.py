@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             precision=args.precision,
             num_workers=args.workers,
             draft_vocab=args.draft_vocab,
-            resume=clear_unfinished(out),  # a checkpoint left half-written by a stopped session goes
+            resume=clear_unfinished(out),  # (a checkpoint half-written by a stopped session is removed first)
             seed=args.seed,
         )
         result = train_twig(cfg)
