@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from twigvlm.data.examples import easyvqa_question, eval_set, group_stream, scene_group
-from twigvlm.data.scenes import SceneObject
+from twigvlm.data.scenes import SHAPES, SceneObject, make_scene, scene_seed
 from twigvlm.demo.lora import DecoderLoRA, layer_of
 from twigvlm.demo.recipe import V1, V2, recipe, recipe_from_metadata
 from twigvlm.demo.vision.align import _batch, packed_batch
-from twigvlm.demo.vision.pretrain import BAG, AuxHeads, _loss, scene_bag
+from twigvlm.demo.vision.pretrain import BAG, CELL_SPLITS, AuxHeads, _loss, cell_tally, cell_targets, probe, scene_bag
 from twigvlm.demo.vision.wiped import _dropped, answer_loss, packed_mask, row_parts, scored_tokens
 from twigvlm.errors import TwigVLMError
 from twigvlm.runtime import sdpa
@@ -352,6 +352,70 @@ def test_context_targets_ask_every_token(grid):
             return (_loss(Tower(feats), heads, b, 1.0) - _loss(Tower(feats), heads, b, 0.0)).item()
 
     assert context(noisy) > context(same)
+
+
+def _one_hot_cells(targets: torch.Tensor) -> torch.Tensor:
+    """Cell-head logits [..., 9, 17] whose argmaxes are `targets` [..., 9, 3]."""
+    parts = [torch.nn.functional.one_hot(targets[..., k], p.stop - p.start) for k, p in enumerate(CELL_SPLITS)]
+    return torch.cat(parts, -1).float()
+
+
+def test_cell_tally_counts_by_hand():
+    objects = [SceneObject("circle", "red", "large", 0), SceneObject("square", "blue", "small", 4)]
+    truth = cell_targets(objects)[None]  # [1, 9, 3]
+    guess = truth.clone()
+    guess[0, 4, 1] = 1  # the square read as a circle
+    guess[0, :, 2] = 0  # no size read anywhere: both sizes wrong, the empty cells' sizes right (not counted)
+    guess[0, 8] = torch.tensor([3, 2, 1])  # an empty cell read as an object
+    tally = cell_tally(_one_hot_cells(guess), truth)
+    assert tally.tolist() == [[2, 2], [1, 2], [0, 2], [6, 7]]  # colour, shape, size over 2 objects; empty over 7
+
+
+def test_probe_scores_the_val_scenes_in_order():
+    """A read-out that is the truth scores 1 everywhere; one that swaps every shape scores 0 on shapes only."""
+
+    def truth(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scenes = [make_scene(scene_seed("val", i)) for i in range(start, start + count)]
+        cells = torch.stack([cell_targets(list(sc.objects)) for sc in scenes])
+        return cells, torch.stack([scene_bag(list(sc.objects)) for sc in scenes])
+
+    class Tower(torch.nn.Module):  # "features" = the read-outs' logits for the scenes in probe's order
+        def __init__(self, swap: bool):
+            super().__init__()
+            self.w, self.seen, self.swap = torch.nn.Parameter(torch.zeros(1)), 0, swap
+
+        def forward(self, pixel_values, output_hidden_states):
+            cells, bag = truth(self.seen, len(pixel_values))
+            self.seen += len(pixel_values)
+            if self.swap:
+                full = cells[..., 1] > 0
+                cells[..., 1][full] = cells[..., 1][full] % len(SHAPES) + 1  # every shape another
+            logits = torch.cat([_one_hot_cells(cells), (10 * bag - 5)[:, None].expand(-1, 9, -1)], -1)
+            return argparse.Namespace(hidden_states=[logits])  # [b, 9 tokens, 17 + BAG]
+
+    class Heads:
+        def cells(self, feats):
+            return feats[..., :17]
+
+        def bag(self, feats):
+            return feats[..., 17:]
+
+    class Processor:
+        def image_processor(self, images, return_tensors):
+            assert all(im.size == (192, 192) for im in images)
+            return {"pixel_values": torch.zeros(len(images), 3)}
+
+    right = probe(Tower(False), Heads(), Processor(), n=40, batch=16)
+    assert right == {
+        "colour": 1.0,
+        "shape": 1.0,
+        "size": 1.0,
+        "empty": 1.0,
+        "bag F1 pooled": 1.0,
+        "bag F1 a token": 1.0,
+    }
+    swapped = probe(Tower(True), Heads(), Processor(), n=40, batch=16)
+    assert swapped["shape"] == 0.0 and swapped["colour"] == swapped["size"] == swapped["empty"] == 1.0
 
 
 def test_recipes_and_their_metadata():
