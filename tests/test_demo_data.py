@@ -119,3 +119,22 @@ def test_the_demo_built_without_initialising_is_the_same_model(monkeypatch):
     fast, full = everything(fast), everything(full)
     assert fast.keys() == full.keys() and any(k.startswith("buffer") for k in fast)
     assert [k for k in fast if not torch.equal(fast[k], full[k])] == []
+
+
+def test_a_fresh_tower_can_start_from_sincos_positions():
+    """position_init="sincos" puts 2-D sin-cos position embeddings in a freshly built tower; HF's random init
+    stays the default."""
+    import dataclasses
+
+    import torch
+
+    from twigvlm.demo.model import build_demo, sincos_positions
+    from twigvlm.demo.recipe import V1
+
+    def positions(recipe) -> torch.Tensor:
+        model, _ = build_demo(use_assets=False, recipe=recipe, progress=False)
+        return model.model.vision_tower.embeddings.position_embedding.weight
+
+    want = sincos_positions(V1.grid, V1.hidden_size)
+    assert torch.equal(positions(dataclasses.replace(V1, position_init="sincos")), want)
+    assert not torch.allclose(positions(V1), want, atol=0.1)

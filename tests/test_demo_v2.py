@@ -7,17 +7,28 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from twigvlm.data.examples import easyvqa_question, eval_set, group_stream, scene_group
-from twigvlm.data.scenes import SHAPES, SceneObject, make_scene, scene_seed
+from twigvlm.data.scenes import SHAPES, Scene, SceneObject, make_scene, scene_seed
 from twigvlm.demo.lora import DecoderLoRA, layer_of
 from twigvlm.demo.recipe import V1, V2, recipe, recipe_from_metadata
 from twigvlm.demo.vision.align import _batch, packed_batch
-from twigvlm.demo.vision.pretrain import BAG, CELL_SPLITS, AuxHeads, _loss, cell_tally, cell_targets, probe, scene_bag
+from twigvlm.demo.vision.pretrain import (
+    BAG,
+    CELL_SPLITS,
+    AuxHeads,
+    _loss,
+    cell_tally,
+    cell_targets,
+    patch_targets,
+    probe,
+    scene_bag,
+)
 from twigvlm.demo.vision.wiped import _dropped, answer_loss, packed_mask, row_parts, scored_tokens
 from twigvlm.errors import TwigVLMError
 from twigvlm.runtime import sdpa
@@ -416,6 +427,69 @@ def test_probe_scores_the_val_scenes_in_order():
     }
     swapped = probe(Tower(True), Heads(), Processor(), n=40, batch=16)
     assert swapped["shape"] == 0.0 and swapped["colour"] == swapped["size"] == swapped["empty"] == 1.0
+
+
+def test_patch_targets_name_the_object_on_each_patch():
+    """A large square alone in the centre cell (where its seed jitters it): the patches it
+    covers carry its classes, the others none; their count is the square's area in patches."""
+    square = SceneObject("square", "blue", "large", 4)
+    scene = Scene(seed=1, objects=(square,), background=(200, 200, 200), texture=0)
+    t = patch_targets(scene, 24)  # [576, 3]
+    inside = t[:, 0] > 0
+    assert (t[inside] == cell_targets([square])[4]).all() and (t[~inside] == 0).all()
+    (_, cx, cy, r), side = scene.placements()[0], 192 / 24
+    half = r * 0.85 / side  # the drawn square's half side, in patches
+    assert abs(int(inside.sum()) - (2 * half) ** 2) <= 4 * 2 * half  # within a ring of partly covered patches
+    idx = torch.nonzero(inside).flatten()
+    rows, cols = idx // 24, idx % 24
+    assert (
+        abs(cols.float().mean() * side + side / 2 - cx) < side
+        and abs(rows.float().mean() * side + side / 2 - cy) < side
+    )
+
+
+def test_patch_weight_adds_each_tokens_own_classes():
+    """The patch term is the cell head's three cross-entropies on every scene token against its patch's classes."""
+    torch.manual_seed(0)
+    heads = AuxHeads(8)
+    feats = torch.randn(3, 36, 8)  # 2 scenes and an easy-VQA picture, 6×6 patches
+
+    class Tower(torch.nn.Module):
+        def forward(self, pixel_values, output_hidden_states):
+            return argparse.Namespace(hidden_states=[feats])
+
+    b = {"pixel_values": None, "half": 2, "cells": torch.randint(0, 3, (2, 9, 3)), "whole": torch.zeros(1, 2).long()}
+    b["patches"] = torch.randint(0, 3, (2, 36, 3))
+    logits = heads.cell(feats[:2])  # [2, 36, 17]
+    want = sum(
+        torch.nn.functional.cross_entropy(
+            logits[..., part].reshape(-1, part.stop - part.start), b["patches"][..., k].flatten()
+        )
+        for k, part in enumerate(CELL_SPLITS)
+    )
+    with torch.no_grad():
+        extra = _loss(Tower(), heads, b, patch_weight=0.5) - _loss(Tower(), heads, b)
+    torch.testing.assert_close(extra, 0.5 * want.detach())
+
+
+def test_sincos_positions_by_hand():
+    """Entry (patch at row r, column c; channel j) is sin/cos(pos · 10000^(-k/(W/4))) with pos = r in the first half
+    of the channels and c in the second; a patch's nearer neighbours have the more similar embeddings."""
+    from twigvlm.demo.model import sincos_positions
+
+    grid, width = 6, 16
+    p = sincos_positions(grid, width)  # [36, 16]
+    r, c, q = 2, 5, width // 4
+    for k in range(q):
+        w = 10000 ** (-k / q)
+        assert p[r * grid + c, k].item() == pytest.approx(math.sin(r * w), abs=1e-6)
+        assert p[r * grid + c, q + k].item() == pytest.approx(math.cos(r * w), abs=1e-6)
+        assert p[r * grid + c, 2 * q + k].item() == pytest.approx(math.sin(c * w), abs=1e-6)
+        assert p[r * grid + c, 3 * q + k].item() == pytest.approx(math.cos(c * w), abs=1e-6)
+    p = sincos_positions(24, 256)  # v2's: nearer patches along a row, and a column, are more alike
+    for step in (1, 24):
+        sim = [float(p[0] @ p[d * step]) for d in range(8)]
+        assert sim == sorted(sim, reverse=True)
 
 
 def test_recipes_and_their_metadata():

@@ -85,6 +85,10 @@ def build_demo(
     # tower's and projector's): building without initialising them saves seconds and changes nothing.
     with no_init_weights() if shipped or vision_state is not None else contextlib.nullcontext():
         model = LlavaForConditionalGeneration(config)
+    if not shipped and vision_state is None and recipe.position_init == "sincos":
+        embedding = model.model.vision_tower.embeddings.position_embedding
+        with torch.no_grad():
+            embedding.weight.copy_(sincos_positions(recipe.grid, recipe.hidden_size))
     model.model.language_model.load_state_dict(decoder.model.state_dict())
     model.tie_weights()
     if shipped:
@@ -112,6 +116,21 @@ def build_demo(
         num_additional_image_tokens=0,
     )
     return model.eval(), processor
+
+
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """2-D sin-cos position embeddings [grid², width], rows major (as a ViT's patches): half the channels encode
+    the patch's row, half its column, each as sines and cosines of geometrically spaced frequencies (MAE's
+    initialisation). A tower trained from scratch then starts knowing which patches are neighbours."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [W/4]
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.flatten().double()[:, None] * omega[None]  # [grid², W/4]
+        return torch.cat([angle.sin(), angle.cos()], 1)
+
+    return torch.cat([encode(rows), encode(cols)], 1).float()  # [grid², W]
 
 
 def vision_state(model: Any, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

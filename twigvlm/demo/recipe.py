@@ -40,6 +40,8 @@ class VisionRecipe:
     num_layers: int
     num_heads: int
     context_weight: float = 0.0  # pre-training: weight of the picture-level targets on every token and the pool
+    patch_weight: float = 0.0  # pre-training: weight of each token's own patch's object classes (colour, shape, size)
+    position_init: str = "random"  # a fresh tower's position embeddings: HF's random init, or "sincos" (2-D sin-cos)
     ground: bool = True  # run stage 1b (per-patch word grounding)
     wipe_layer: int | None = None  # alignment: decoder layers ≥ this one run without the visual tokens (None: all)
     wipe_share: float = 1.0  # alignment: the share of steps run with that wipe (the others read it in every layer)

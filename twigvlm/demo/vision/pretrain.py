@@ -24,6 +24,7 @@ from ...data import easyvqa
 from ...data.examples import IMAGE_SIZE, easyvqa_items, easyvqa_pool
 from ...data.scenes import COLORS, POSITIONS, SHAPES, SIZES, make_scene, scene_seed
 from .evaluation import format_scores
+from .ground import patch_cover
 from .loop import autocast, batches, checkpoint, due, optimize, out_of_time, schedule, to_device
 
 MAX_OBJECTS = 6
@@ -85,8 +86,18 @@ def scene_bag(objects: list) -> torch.Tensor:
     return bits
 
 
-def _batch(step: int, batch: int, processor: Any, labels: dict) -> dict[str, torch.Tensor]:
-    """Step `step`'s pictures: half scenes (per-cell targets), half easy-VQA (shape and colour, -100 if unknown)."""
+def patch_targets(scene: Any, grid: int) -> torch.Tensor:
+    """[grid², 3] class ids per patch: the colour, shape and size of the object covering more than 0.3 of it
+    (0 = none, as the cells' ids)."""
+    t = torch.zeros(grid * grid, 3, dtype=torch.long)
+    for o, mask in zip(scene.objects, scene.object_masks(IMAGE_SIZE), strict=True):
+        t[patch_cover(mask, grid) > 0.3] = cell_targets([o])[o.cell]
+    return t
+
+
+def _batch(step: int, batch: int, processor: Any, labels: dict, grid: int = 0) -> dict[str, torch.Tensor]:
+    """Step `step`'s pictures: half scenes (per-cell targets; per-patch ones too where `grid` names the tower's
+    patches a side), half easy-VQA (shape and colour, -100 if unknown)."""
     rng = random.Random(10_007 * step + 3)
     half = batch // 2
     scene_ids = [rng.randrange(10**7) for _ in range(half)]
@@ -101,13 +112,16 @@ def _batch(step: int, batch: int, processor: Any, labels: dict) -> dict[str, tor
             whole[k, 0] = easyvqa.SHAPES.index(shape)
         if color:
             whole[k, 1] = easyvqa.COLORS.index(color)
-    return {
+    out = {
         "pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"],
         "cells": torch.stack([cell_targets(list(sc.objects)) for sc in scenes]),
         "bag": torch.stack([scene_bag(list(sc.objects)) for sc in scenes]),
         "whole": whole,
         "half": half,
     }
+    if grid:
+        out["patches"] = torch.stack([patch_targets(sc, grid) for sc in scenes])  # [half, grid², 3]
+    return out
 
 
 def _whole_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -121,16 +135,25 @@ def _whole_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _loss(tower: nn.Module, heads: AuxHeads, b: dict, context_weight: float = 0.0) -> torch.Tensor:
+def _classes_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cell head's three cross-entropies (colour, shape, size): logits [..., 17], targets [..., 3]."""
+    return sum(
+        F.cross_entropy(logits[..., part].reshape(-1, part.stop - part.start), targets[..., k].reshape(-1))
+        for k, part in enumerate(CELL_SPLITS)
+    )
+
+
+def _loss(
+    tower: nn.Module, heads: AuxHeads, b: dict, context_weight: float = 0.0, patch_weight: float = 0.0
+) -> torch.Tensor:
     """Stage 1's loss on a batch whose first b["half"] pictures are scenes; context_weight > 0 adds the
-    picture-level targets asked of every token and of the pooled tokens."""
+    picture-level targets asked of every token and of the pooled tokens, patch_weight > 0 the classes of the
+    object on each token's own patch (b["patches"]), read by the cell head from the token alone."""
     feats = tower(pixel_values=b["pixel_values"], output_hidden_states=True).hidden_states[-1]  # [B, N, W]
     h = b["half"]
-    cell = heads.cells(feats[:h])  # [h, 9, 17]
-    splits = [cell[..., part] for part in CELL_SPLITS]
-    loss = sum(
-        F.cross_entropy(x.reshape(-1, x.shape[-1]), b["cells"][..., k].reshape(-1)) for k, x in enumerate(splits)
-    )
+    loss = _classes_loss(heads.cells(feats[:h]), b["cells"])  # [h, 9, 17] against [h, 9, 3]
+    if patch_weight:
+        loss = loss + patch_weight * _classes_loss(heads.cell(feats[:h]), b["patches"])  # [h, N, 17], [h, N, 3]
     easy = feats.shape[0] > h  # easy-VQA rows follow the scenes
     if easy:
         loss = loss + _whole_loss(heads.whole(feats[h:].mean(1)), b["whole"])
@@ -217,13 +240,19 @@ def pretrain(model: Any, processor: Any, args: argparse.Namespace) -> bool:
     labels = easyvqa.image_labels(easyvqa.load("train"))
     tower.train()
     bar = tqdm(range(start, args.pretrain_steps), initial=start, total=args.pretrain_steps, desc="pretrain")
-    data = batches(lambda step: _batch(step, args.pretrain_batch, processor, labels), start, args.pretrain_steps, args)
+    r = args.recipe
+    grid = r.grid if r.patch_weight else 0
+
+    def batch_of(step: int) -> dict:
+        return _batch(step, args.pretrain_batch, processor, labels, grid)
+
+    data = batches(batch_of, start, args.pretrain_steps, args)
     done = start
     for step, batch in zip(bar, data, strict=False):
         if out_of_time(args):
             break
         with autocast(args):
-            loss = _loss(tower, heads, to_device(batch, args.device), args.recipe.context_weight)
+            loss = _loss(tower, heads, to_device(batch, args.device), r.context_weight, r.patch_weight)
         optimize(loss, opt, sched, params, bar)
         done = step + 1
         if due(done, args.save_every, args.pretrain_steps) or out_of_time(args):
