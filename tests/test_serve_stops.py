@@ -233,7 +233,8 @@ def test_a_wait_owed_to_rows_that_left_does_not_hold_newcomers_back(adapters):
         worker._debt = 1e6  # (owed to rows that have left: `_owed` holds none of the batch's rows)
         newcomers = [_submit(worker, _job(LONG)) for _ in range(2)]
         _until(lambda: all(job.started for job in newcomers), timeout=20)
-        assert worker._debt == 0.0
+        # the debt set by hand is gone; what may be left is the newcomers' own prefill, owed to `running`
+        assert worker._debt < 20
     finally:
         for job in [running, *newcomers]:
             job.cancel()
@@ -280,8 +281,8 @@ def test_a_failed_batched_step_fails_its_rows_with_a_500_or_a_retryable_503(adap
     worker = _worker(adapters, max_batch=2)
     real, failures = BatchSession.step, iter([failure])
 
-    def fails_once(self):
-        e = next(failures, None)
+    def fails_once(self):  # the first step that holds both rows (the second may join a step or more later)
+        e = next(failures, None) if len(self.active) == 2 else None
         if e is not None:
             raise e
         return real(self)
