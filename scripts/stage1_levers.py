@@ -10,7 +10,7 @@ A setting is `name` or `name:key=value,...` over the recipe's fields (`patch_wei
     python scripts/stage1_levers.py --steps 250 --batch 32 \\
         --settings v2 patch:patch_weight=1 cells-only:context_weight=0 --out runs/stage1-levers.json
 
-Each setting trains in WORK/<name> (checkpoints every 10 steps: a re-run continues).
+Each setting trains in WORK/<name> (checkpoints every 100 steps: a re-run continues).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from twigvlm.runtime.machine import speed_flags
 def parse_setting(text: str, base: str) -> tuple[str, object, float | None]:
     """'name:key=value,...' → (name, the base recipe with those fields replaced, lr or None)."""
     name, _, rest = text.partition(":")
-    r, lr, fields = recipe(base), None, {f.name: f for f in dataclasses.fields(recipe(base))}
+    r, lr, fields = recipe(base), None, [f.name for f in dataclasses.fields(recipe(base))]
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key == "lr":
@@ -69,12 +69,10 @@ def main() -> None:
         torch.manual_seed(0)
         model, processor = build_demo(use_assets=False, recipe=r, progress=False)
         t = time.perf_counter()
-        stage1.pretrain(model, processor, args)  # prints the probe when it finishes
+        scores = stage1.pretrain(model, processor, args)  # its closing probe (the run has no time budget)
         row = {"train_s": round(time.perf_counter() - t), "lr": args.pretrain_lr}
         row |= {k: v for k, v in dataclasses.asdict(r).items() if v != getattr(recipe(a.recipe), k)}
-        heads = stage1.AuxHeads(r.hidden_size, context=r.context_weight > 0)
-        heads.load_state_dict(torch.load(args.work / "pretrain.pt", weights_only=False)["heads"])
-        row["probe"] = {k: round(v, 3) for k, v in stage1.probe(model.model.vision_tower, heads, processor).items()}
+        row["probe"] = {k: round(v, 3) for k, v in scores.items()}
         report["settings"][name] = row
         print(f"{name}: {format_scores(row['probe'])} ({row['train_s']} s)", flush=True)
     if a.out:

@@ -34,6 +34,7 @@ BAG = len(PAIRS) + len(COLORS) + len(SHAPES) + len(SIZES) + len(POSITIONS) + MAX
 # The cell head's logits [17]: colour (8 + none), shape (4 + none), size (2 + none), as slices.
 _C, _S = len(COLORS) + 1, len(SHAPES) + 1
 CELL_SPLITS = (slice(0, _C), slice(_C, _C + _S), slice(_C + _S, _C + _S + len(SIZES) + 1))
+PROBE_SCENES = 128  # val scenes stage 1's closing probe reads
 BAG_SCALE = 16  # the bag's mean-over-bits BCE × about the bits a scene sets: a loss on the cells' CE's scale
 
 
@@ -199,9 +200,8 @@ def probe(
     shape and size of each occupied cell, "empty" for the others, and with the context head the F1 of the picture's
     bits read from each token alone and from the pooled tokens. Shapes the decoder cannot tell apart later are
     visible here first, minutes into the run instead of hours."""
-    cells, token, pooled = torch.zeros(4, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long), None
-    if heads.bag is not None:
-        pooled = torch.zeros(3, dtype=torch.long)
+    cells, token = torch.zeros(4, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    pooled = torch.zeros(3, dtype=torch.long) if heads.bag is not None else None
     device = next(tower.parameters()).device
     for start in range(0, n, batch):
         scenes = [make_scene(scene_seed(split, i)) for i in range(start, min(n, start + batch))]
@@ -221,9 +221,10 @@ def probe(
     return out
 
 
-def pretrain(model: Any, processor: Any, args: argparse.Namespace) -> bool:
-    """Stage 1: the ViT and aux heads on per-cell / per-picture labels (checkpoint: WORK/pretrain.pt). Whether it
-    finished (False: the run's budget ran out first; checkpointed)."""
+def pretrain(model: Any, processor: Any, args: argparse.Namespace) -> dict[str, float] | None:
+    """Stage 1: the ViT and aux heads on per-cell / per-picture labels (checkpoint: WORK/pretrain.pt). When it
+    finished, its read-outs' `probe` on PROBE_SCENES val scenes (also printed); None when the run's budget ran out
+    first (checkpointed)."""
     tower = model.model.vision_tower
     heads = AuxHeads(tower.config.hidden_size, context=args.recipe.context_weight > 0).to(args.device)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -265,8 +266,8 @@ def pretrain(model: Any, processor: Any, args: argparse.Namespace) -> bool:
                 step=done,
             )
     tower.eval()
-    finished = done >= args.pretrain_steps
-    if finished:
-        scores = probe(tower, heads, processor, split="val")
-        print(f"stage 1's read-outs on 128 val scenes: {format_scores(scores)}", flush=True)
-    return finished
+    if done < args.pretrain_steps:
+        return None
+    scores = probe(tower, heads, processor, n=PROBE_SCENES, split="val")
+    print(f"stage 1's read-outs on {PROBE_SCENES} val scenes: {format_scores(scores)}", flush=True)
+    return scores
